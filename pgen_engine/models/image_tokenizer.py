@@ -1,0 +1,58 @@
+"""The ``ImageTokenizer`` interface: images <-> discrete codes.
+
+Two implementations exist: :class:`pgen_engine.models.image_tokenizer.VQImageTokenizer`
+(the checkpoint's own VQ model) and
+:class:`pgen_engine.models.patch_kmeans.PatchKMeansTokenizer` (a k-means codebook over
+image patches, fit in seconds on CPU). Everything downstream (data cache, prompts,
+generation, rewards) talks to this interface only.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+
+class ImageTokenizer(abc.ABC):
+    """Maps uint8 RGB images ``[N, H, W, 3]`` to codes ``[N, T]`` and back.
+
+    Attributes:
+        image_size: side of the square images it accepts and produces (pixels).
+        num_tokens: T, the number of codes per image (a square grid, row-major).
+        codebook_size: K, codes are in ``[0, K)``.
+    """
+
+    image_size: int
+    num_tokens: int
+    codebook_size: int
+
+    @abc.abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[N, H, W, 3]`` (H = W = image_size) -> int64 codes ``[N, T]``."""
+
+    @abc.abstractmethod
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """int64 codes ``[N, T]`` -> uint8 images ``[N, image_size, image_size, 3]``."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> str:
+        """A short string that changes whenever ``encode`` would give other codes.
+
+        Caches key their contents by it, so a cache built with another tokenizer is
+        detected and refused.
+        """
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+            raise TypeError(f"images must be a uint8 tensor [N,H,W,3], got {getattr(images, 'dtype', type(images))}")
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] != self.image_size or images.shape[2] != self.image_size:
+            raise ValueError(
+                f"images must have shape [N,{self.image_size},{self.image_size},3], got {tuple(images.shape)}"
+            )
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if codes.ndim != 2 or codes.shape[1] != self.num_tokens:
+            raise ValueError(f"codes must have shape [N,{self.num_tokens}], got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0,{self.codebook_size}), got range "
+                             f"[{int(codes.min())},{int(codes.max())}]")
