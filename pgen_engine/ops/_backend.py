@@ -1,0 +1,82 @@
+"""Backend selection shared by every op family.
+
+``backend="auto"`` resolves once per call from the tensors' device: CUDA tensors use the
+CUDA kernel from ``pgen_engine._C`` when the op has one, else the Triton kernel; CPU
+tensors use the in-package torch reference (or the C++ CPU path where an op has one).
+Tests force a backend by passing it explicitly, or globally with the environment variable
+``PGEN_OPS_BACKEND`` (e.g. ``PGEN_OPS_BACKEND=triton`` under ``TRITON_INTERPRET=1``).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when Triton imports and can run here (a GPU, or the CPU interpreter)."""
+    try:
+        importlib.import_module("triton")
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled ``pgen_engine._C`` module, or None when it was not built."""
+    try:
+        return importlib.import_module("pgen_engine._C")
+    except ImportError:
+        return None
+
+
+def has_ext_function(name: str) -> bool:
+    """True when ``pgen_engine._C`` is built and exports ``name``."""
+    ext = extension()
+    return ext is not None and hasattr(ext, name)
+
+
+def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ...], op: str) -> str:
+    """Turn ``backend`` (possibly "auto") into a concrete backend for ``op`` on ``device``.
+
+    Args:
+        backend: one of :data:`BACKENDS`.
+        device: device of the op's main input.
+        supported: the concrete backends ``op`` implements, e.g. ``("torch", "triton")``.
+        op: op name, for error messages.
+    Raises:
+        ValueError: unknown backend, or one ``op`` does not implement.
+        RuntimeError: a requested backend that cannot run here.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "auto":
+        forced = os.environ.get("PGEN_OPS_BACKEND", "").strip()
+        if forced and forced != "auto":
+            if forced in supported:
+                return resolve_backend(forced, device, supported, op)
+            return "torch"
+        if device.type == "cuda":
+            if "cuda" in supported and has_ext_function(f"{op}_cuda"):
+                return "cuda"
+            if "triton" in supported and triton_available():
+                return "triton"
+            return "torch"
+        if "cpp" in supported and has_ext_function(f"{op}_cpu"):
+            return "cpp"
+        return "torch"
+    if backend not in supported:
+        raise ValueError(f"{op}: backend {backend!r} is not implemented; available: {supported}")
+    if backend == "triton" and not triton_available():
+        raise RuntimeError(f"{op}: backend 'triton' needs a CUDA GPU or TRITON_INTERPRET=1")
+    if backend == "cuda" and (device.type != "cuda" or not has_ext_function(f"{op}_cuda")):
+        raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors and pgen_engine._C built with CUDA")
+    if backend == "cpp" and not has_ext_function(f"{op}_cpu"):
+        raise RuntimeError(f"{op}: backend 'cpp' needs pgen_engine._C (run `make build`)")
+    return backend
