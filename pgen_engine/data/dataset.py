@@ -1,0 +1,434 @@
+"""The native dataset layout, its loader and validator.
+
+A dataset is a folder holding::
+
+    interactions.csv   header ``user_id,item_id,timestamp`` (+ any extra columns, kept);
+                       one row per interaction. ``timestamp`` is unix seconds (int or
+                       float) or ISO-8601 (``2018-03-01T12:00:00``, ``...Z``, offsets;
+                       naive times are read as UTC). Within one user, rows must appear in
+                       non-decreasing time order (rows of different users may
+                       interleave); equal timestamps are ordered by file order, which is
+                       the tie-break every downstream step (splits, windows) relies on.
+    items.jsonl        one JSON object per line: ``item_id`` (string or int, stored as
+                       string), ``title`` (string, may be empty), ``image`` (path relative
+                       to the dataset folder, or null), any extra fields (kept in
+                       ``Item.extra``).
+    images/            the item images (any format PIL reads).
+
+Bad input (malformed lines, unknown or duplicate ids, missing images, unparsable or
+decreasing timestamps, empty ids) raises :class:`DataError` naming the file and line;
+with ``on_error="skip"`` the offending row/item is dropped instead and one warning with
+per-kind counts is emitted (also available as ``Dataset.skipped``).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+INTERACTIONS_FILE = "interactions.csv"
+ITEMS_FILE = "items.jsonl"
+IMAGES_DIR = "images"
+REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
+ON_ERROR = ("raise", "skip")
+
+
+class DataError(ValueError):
+    """Bad dataset input; the message names the file (and line) and what was expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One catalogue item.
+
+    Attributes:
+        item_id: the id, as a string.
+        title: the title ("" when absent).
+        image_path: absolute path of the image, or None when the item has no image.
+        extra: every other field of its items.jsonl object.
+    """
+
+    item_id: str
+    title: str
+    image_path: Path | None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Interaction:
+    """One (user, item, time) event; ``line`` is its 1-based line in interactions.csv."""
+
+    item_id: str
+    timestamp: float
+    line: int
+    extra: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A loaded dataset.
+
+    Attributes:
+        root: the dataset folder.
+        items: item id -> :class:`Item`, in items.jsonl order.
+        interactions: user id -> that user's interactions in time order (ties in file
+            order), users in order of first appearance.
+        skipped: kind of problem -> number of rows/items dropped (``on_error="skip"``).
+    """
+
+    root: Path
+    items: dict[str, Item]
+    interactions: dict[str, list[Interaction]]
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return len(self.interactions)
+
+    @property
+    def num_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def num_interactions(self) -> int:
+        return sum(len(v) for v in self.interactions.values())
+
+    def time_span(self) -> tuple[float, float] | None:
+        """(earliest, latest) timestamp in unix seconds, or None when there is none."""
+        ts = [x.timestamp for seq in self.interactions.values() for x in seq]
+        return (min(ts), max(ts)) if ts else None
+
+    def item_sequence(self, user_id: str) -> list[str]:
+        """The user's item ids in time order."""
+        return [x.item_id for x in self.interactions[user_id]]
+
+
+def parse_timestamp(text: str) -> float:
+    """Unix seconds (``"964980499"``, ``"1.5e9"``) or ISO-8601 -> float unix seconds.
+
+    Raises ValueError for anything else (including NaN/inf).
+    """
+    s = text.strip()
+    if not s:
+        raise ValueError("empty timestamp")
+    try:
+        v = float(s)
+    except ValueError:
+        iso = s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s
+        d = _dt.datetime.fromisoformat(iso)  # raises ValueError with its own message
+        if d.tzinfo is None:
+            d = d.replace(tzinfo=_dt.timezone.utc)
+        return d.timestamp()
+    if not math.isfinite(v):
+        raise ValueError(f"timestamp {s!r} is not finite")
+    return v
+
+
+class _Problems:
+    """Raises on the first problem, or counts problems per kind (``on_error="skip"``)."""
+
+    def __init__(self, on_error: str):
+        if on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.skip = on_error == "skip"
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, str] = {}
+
+    def __call__(self, kind: str, message: str) -> None:
+        if not self.skip:
+            raise DataError(message)
+        self.counts[kind] += 1
+        self.examples.setdefault(kind, message)
+
+    def warn(self, where: Path) -> None:
+        if self.counts:
+            detail = "; ".join(f"{k}: {n} (first: {self.examples[k]})" for k, n in sorted(self.counts.items()))
+            warnings.warn(f"{where}: skipped bad input -- {detail}", stacklevel=3)
+
+
+def _load_items(root: Path, problems: _Problems, check_images: bool) -> dict[str, Item]:
+    path = root / ITEMS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: missing (expected one JSON object per line with item_id, title, image)")
+    items: dict[str, Item] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                problems("malformed_item_line", f"{where}: malformed JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict):
+                problems("malformed_item_line", f"{where}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            iid = obj.pop("item_id", None)
+            if isinstance(iid, bool) or not isinstance(iid, (str, int)) or str(iid).strip() == "":
+                problems("missing_item_id", f"{where}: 'item_id' must be a non-empty string or int, got {iid!r}")
+                continue
+            iid = str(iid).strip()
+            if iid in items:
+                problems("duplicate_item_id", f"{where}: duplicate item_id {iid!r}")
+                continue
+            title = obj.pop("title", "")
+            if title is None:
+                title = ""
+            if not isinstance(title, str):
+                problems("bad_title", f"{where}: 'title' must be a string, got {type(title).__name__}")
+                continue
+            image = obj.pop("image", None)
+            image_path = None
+            if image is not None:
+                if not isinstance(image, str) or not image.strip():
+                    problems("bad_image_field", f"{where}: 'image' must be a relative path string or null, got {image!r}")
+                    continue
+                image_path = (root / image).resolve() if not os.path.isabs(image) else Path(image)
+                if check_images and not image_path.is_file():
+                    problems("missing_image", f"{where}: image file {image_path} of item {iid!r} does not exist")
+                    continue
+            items[iid] = Item(iid, title, image_path, obj)
+    return items
+
+
+def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) -> dict[str, list[Interaction]]:
+    path = root / INTERACTIONS_FILE
+    if not path.is_file():
+        raise DataError(f"{path}: missing (expected a CSV with header {','.join(REQUIRED_COLUMNS)})")
+    out: dict[str, list[Interaction]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise DataError(f"{path}:1: empty file (expected header {','.join(REQUIRED_COLUMNS)})") from None
+        header = [h.strip() for h in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise DataError(f"{path}:1: header {header} lacks column(s) {missing}")
+        if len(set(header)) != len(header):
+            raise DataError(f"{path}:1: duplicate column names in header {header}")
+        iu, ii, it = (header.index(c) for c in REQUIRED_COLUMNS)
+        extra_cols = [(j, h) for j, h in enumerate(header) if h not in REQUIRED_COLUMNS]
+        for row in reader:
+            lineno = reader.line_num
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            where = f"{path}:{lineno}"
+            if len(row) != len(header):
+                problems("malformed_interaction_line", f"{where}: expected {len(header)} fields, got {len(row)}")
+                continue
+            uid, iid = row[iu].strip(), row[ii].strip()
+            if not uid:
+                problems("empty_user_id", f"{where}: empty user_id")
+                continue
+            if iid not in items:
+                problems("unknown_item_id", f"{where}: item_id {iid!r} is not in {ITEMS_FILE} (or was dropped)")
+                continue
+            try:
+                ts = parse_timestamp(row[it])
+            except ValueError as e:
+                problems("bad_timestamp", f"{where}: unparsable timestamp {row[it]!r} "
+                         f"(expected unix seconds or ISO-8601): {e}")
+                continue
+            seq = out.setdefault(uid, [])
+            if seq and ts < seq[-1].timestamp:
+                problems("non_monotonic_timestamp", f"{where}: timestamp {row[it]!r} of user {uid!r} is earlier than "
+                         f"the user's previous row (line {seq[-1].line}); rows of a user must be in time order")
+                continue
+            seq.append(Interaction(iid, ts, lineno, {h: row[j] for j, h in extra_cols}))
+    # A user whose every row was dropped would otherwise linger as an empty history.
+    return {u: s for u, s in out.items() if s}
+
+
+def load_dataset(root: str | os.PathLike, *, on_error: str = "raise", check_images: bool = True) -> Dataset:
+    """Load a dataset folder in the native layout (see the module docstring).
+
+    Args:
+        root: the dataset folder.
+        on_error: "raise" -> the first bad row raises :class:`DataError`; "skip" -> bad
+            rows/items are dropped, counted in ``Dataset.skipped`` and warned about once.
+        check_images: check that every item's image file exists (cheap; does not decode).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory (expected a dataset folder with {INTERACTIONS_FILE}, {ITEMS_FILE})")
+    problems = _Problems(on_error)
+    items = _load_items(root, problems, check_images)
+    interactions = _load_interactions(root, items, problems)
+    problems.warn(root)
+    return Dataset(root, items, interactions, dict(problems.counts))
+
+
+# ---------------------------------------------------------------------------- images
+
+def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
+    """Read an image as RGB uint8 ``[H, W, 3]``.
+
+    With ``size``, the shorter side is resized to ``size`` (bicubic) and the centre
+    ``size x size`` square is cropped, giving ``[size, size, 3]``. Raises
+    :class:`DataError` naming the file when it is missing or cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if size is not None:
+                w, h = im.size
+                scale = size / min(w, h)
+                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                if (nw, nh) != (w, h):
+                    im = im.resize((nw, nh), Image.BICUBIC)
+                left, top = (nw - size) // 2, (nh - size) // 2
+                im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file does not exist") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: corrupt or unreadable image ({e})") from None
+    return arr.copy()
+
+
+# ---------------------------------------------------------------------------- writing
+
+def write_dataset(
+    out: str | os.PathLike,
+    items: Iterable[dict[str, Any]],
+    interactions: Iterable[tuple[str, str, float | int | str]],
+    *,
+    image_files: dict[str, tuple[str, bytes | os.PathLike]] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write a dataset in the native layout, atomically (the folder appears complete or not at all).
+
+    Args:
+        out: the dataset folder to create (replaced if it exists).
+        items: JSON-able dicts with at least ``item_id``, ``title``, ``image`` (relative path or None).
+        interactions: (user_id, item_id, timestamp) rows, already in time order per user.
+        image_files: relative path -> (``"bytes"``, data) or (``"copy"``, source path).
+        extra_files: relative path -> text content (e.g. ground_truth.jsonl).
+    """
+    import shutil
+
+    from ..io_utils import atomic_dir
+
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
+            for obj in items:
+                f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        with open(tmp / INTERACTIONS_FILE, "w", encoding="utf-8", newline="") as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(REQUIRED_COLUMNS)
+            for row in interactions:
+                w.writerow(row)
+        (tmp / IMAGES_DIR).mkdir(exist_ok=True)
+        for rel, (how, src) in (image_files or {}).items():
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if how == "bytes":
+                dst.write_bytes(src)  # type: ignore[arg-type]
+            elif how == "copy":
+                shutil.copyfile(src, dst)
+            else:
+                raise ValueError(f"image_files[{rel!r}]: mode must be 'bytes' or 'copy', got {how!r}")
+        for rel, text in (extra_files or {}).items():
+            (tmp / rel).write_text(text, encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------- validation
+
+@dataclasses.dataclass
+class ValidationReport:
+    """What ``pgen data validate`` prints; ``usable`` is False when anything is wrong."""
+
+    root: Path
+    users: int = 0
+    items: int = 0
+    interactions: int = 0
+    images_found: int = 0
+    images_missing: int = 0
+    images_corrupt: int = 0
+    items_without_image: int = 0
+    time_span: tuple[float, float] | None = None
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    problems: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def usable(self) -> bool:
+        return not self.problems and self.interactions > 0
+
+    def summary(self) -> str:
+        def iso(t: float) -> str:
+            return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).strftime("%Y-%m-%d")
+
+        span = f"{iso(self.time_span[0])} .. {iso(self.time_span[1])}" if self.time_span else "n/a"
+        lines = [
+            f"dataset:       {self.root}",
+            f"users:         {self.users}",
+            f"items:         {self.items}",
+            f"interactions:  {self.interactions}",
+            f"images:        {self.images_found} found, {self.images_missing} missing, "
+            f"{self.images_corrupt} corrupt, {self.items_without_image} items without image",
+            f"time span:     {span}",
+        ]
+        for kind, n in sorted(self.skipped.items()):
+            lines.append(f"bad input:     {kind}: {n}")
+        lines += [f"problem:       {p}" for p in self.problems[:20]]
+        if len(self.problems) > 20:
+            lines.append(f"problem:       ... and {len(self.problems) - 20} more")
+        lines.append(f"status:        {'OK' if self.usable else 'UNUSABLE'}")
+        return "\n".join(lines)
+
+
+def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> ValidationReport:
+    """Load ``root`` leniently and check everything; never raises for bad content.
+
+    Every image is opened (and decoded when ``decode_images``) so corrupt files are found.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    rep = ValidationReport(root)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = load_dataset(root, on_error="skip", check_images=False)
+    except DataError as e:
+        rep.problems.append(str(e))
+        return rep
+    rep.users, rep.items, rep.interactions = ds.num_users, ds.num_items, ds.num_interactions
+    rep.time_span, rep.skipped = ds.time_span(), dict(ds.skipped)
+    for kind, n in ds.skipped.items():
+        rep.problems.append(f"{n} bad row(s)/item(s) of kind {kind}")
+    for item in ds.items.values():
+        if item.image_path is None:
+            rep.items_without_image += 1
+            continue
+        if not item.image_path.is_file():
+            rep.images_missing += 1
+            rep.problems.append(f"{item.image_path}: missing image of item {item.item_id!r}")
+            continue
+        try:
+            with Image.open(item.image_path) as im:
+                im.load() if decode_images else im.verify()
+            rep.images_found += 1
+        except Exception as e:  # PIL raises many types for broken files
+            rep.images_corrupt += 1
+            rep.problems.append(f"{item.image_path}: corrupt image of item {item.item_id!r} ({type(e).__name__})")
+    if rep.interactions == 0:
+        rep.problems.append(f"{root / INTERACTIONS_FILE}: no usable interactions")
+    return rep

@@ -1,0 +1,201 @@
+"""Strict loading and atomic saving of Hugging Face Janus checkpoints.
+
+One loader for every caller (CLI, trainer, tests): every tensor in the files must be
+consumed, every parameter must be found, every shape must match — never ``strict=False``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from pgen_engine.io_utils import atomic_dir
+
+from .janus import JanusModel
+from .janus_config import CheckpointError, JanusModelConfig
+from .special_tokens import SpecialTokens
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Files that travel with a checkpoint but are not weights (tokenizer, processor).
+SIDECAR_GLOBS = ("tokenizer*", "special_tokens_map.json", "*.model", "preprocessor_config.json",
+                 "processor_config.json", "chat_template*")
+
+
+def _hf_key(name: str) -> str:
+    """Engine parameter name -> checkpoint key."""
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: invalid index file ({e!r}); expected a JSON object with 'weight_map'")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (path / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{index}: references missing shard file(s): {', '.join(missing)}")
+        return [path / f for f in files]
+    if (path / SINGLE_NAME).is_file():
+        return [path / SINGLE_NAME]
+    found = sorted(path.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    raise CheckpointError(
+        f"{path}: no weights found (expected {SINGLE_NAME}, or {INDEX_NAME} with shards)"
+        + (f"; found {len(found)} *.safetensors files without an index" if found else "")
+    )
+
+
+def _read_tensors(files: list[Path]) -> dict[str, tuple[Path, object]]:
+    """key -> (file, open safetensors handle). Raises CheckpointError on unreadable files."""
+    from safetensors import safe_open
+
+    where: dict[str, tuple[Path, object]] = {}
+    for f in files:
+        try:
+            handle = safe_open(str(f), framework="pt")
+            keys = list(handle.keys())
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt headers
+            raise CheckpointError(f"{f}: cannot read safetensors file ({e}); the file may be truncated or corrupt")
+        for k in keys:
+            if k in where:
+                raise CheckpointError(f"{f}: tensor {k!r} also present in {where[k][0].name}")
+            where[k] = (f, handle)
+    return where
+
+
+def _reset_buffers(model: JanusModel, device: torch.device) -> None:
+    # Non-persistent buffers are not in checkpoints; recompute them after meta construction.
+    lm = model.language_model
+    t = model.config.text
+    inv = 1.0 / (t.rope_theta ** (torch.arange(0, t.head_dim, 2, dtype=torch.int64).float() / t.head_dim))
+    lm.rotary.inv_freq = (inv / t.rope_scaling_factor).to(device)
+    emb = model.vision_model.embeddings
+    emb.position_ids = torch.arange(emb.num_patches, device=device).expand((1, -1))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+               ) -> JanusModel:
+    """Load a Hugging Face Janus checkpoint directory strictly.
+
+    Args:
+        path: directory with ``config.json`` and ``model.safetensors`` (or a sharded
+            ``model.safetensors.index.json``), as written by ``transformers``'
+            ``JanusForConditionalGeneration.save_pretrained`` or :meth:`JanusModel.save_pretrained`.
+        device: where the weights go.
+        dtype: parameter dtype (fp32, bf16 or fp16).
+    Returns:
+        the model in eval mode.
+    Raises:
+        CheckpointError: missing/unexpected key, shape mismatch, wrong ``model_type``,
+            truncated file or unsupported dtype — the message names the file and key.
+    """
+    path = Path(path)
+    if dtype not in LOADABLE_DTYPES:
+        raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")
+    cfg = JanusModelConfig.from_dir(path)
+    special = SpecialTokens.from_checkpoint(path)
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = JanusModel(cfg, special)
+    tensors = _read_tensors(_shard_files(path))
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = {}
+    for name, p in params.items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        expected[_hf_key(name)] = (name, p)
+    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - optional)
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} missing tensor(s) in the checkpoint: "
+                              + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        f = tensors[unexpected[0]][0]
+        raise CheckpointError(f"{f}: {len(unexpected)} unexpected tensor(s) not used by the Janus model: "
+                              + ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""))
+
+    model.to_empty(device=device)
+    model.to(dtype)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for key, (name, _) in expected.items():
+            f, handle = tensors[key]
+            try:
+                t = handle.get_tensor(key)
+            except Exception as e:
+                raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); the file may be truncated")
+            p = params[name]
+            if t.dtype not in LOADABLE_DTYPES:
+                raise CheckpointError(f"{f}: tensor {key!r} has dtype {t.dtype}; expected one of "
+                                      "float32/float16/bfloat16")
+            if tuple(t.shape) != tuple(p.shape):
+                raise CheckpointError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, the config implies "
+                                      f"{tuple(p.shape)}")
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{f}: tensor {key!r} contains NaN or Inf")
+            p.copy_(t.to(device=device, dtype=dtype))
+    _reset_buffers(model, device)
+    model.source_dir = path
+    return model.eval()
+
+
+def save_checkpoint(model: JanusModel, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
+    """Write ``model`` as a Hugging Face Janus checkpoint at ``path``, atomically.
+
+    Produces ``config.json``, ``generation_config.json`` and ``model.safetensors`` (or shards +
+    index when larger than ``max_shard_bytes``); tokenizer files of the source checkpoint are
+    copied along. An existing ``path`` is replaced only once the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    cfg = dict(model.config.raw)
+    cfg["dtype"] = str(model.dtype).replace("torch.", "")
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        state[_hf_key(name)] = p.detach().to("cpu").contiguous()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k in sorted(state):
+        n = state[k].numel() * state[k].element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = state[k]
+        size += n
+    gen_cfg = model.special_tokens.generation_config_dict()
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            total = 0
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / name), metadata={"format": "pt"})
+                for k, t in shard.items():
+                    weight_map[k] = name
+                    total += t.numel() * t.element_size()
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2) + "\n")
+        src = getattr(model, "source_dir", None)
+        if src is not None and Path(src).is_dir():
+            for pattern in SIDECAR_GLOBS:
+                for f in Path(src).glob(pattern):
+                    if f.is_file():
+                        shutil.copy2(f, tmp / f.name)

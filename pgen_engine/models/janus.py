@@ -1,0 +1,270 @@
+"""The engine's Janus / Janus-Pro model.
+
+Parts (parameter names = the Hugging Face checkpoint's, minus the leading ``model.``):
+
+* ``language_model`` — the engine's own Llama decoder (:mod:`.decoder`);
+* ``lm_head`` — text head;
+* ``vision_model`` + ``aligner`` — understanding path: history images -> features that
+  replace image-placeholder tokens (SigLIP-style tower from ``transformers``);
+* ``generation_embeddings`` + ``generation_aligner`` — VQ code -> LM input embedding;
+* ``generation_head`` — LM hidden -> logits over the VQ codebook;
+* ``vqmodel`` — the VQ image tokenizer (``transformers``' ``JanusVQVAE``).
+
+Entry points (separate, never one overloaded ``forward``): :meth:`embed_inputs`,
+:meth:`forward_train`, :meth:`prefill`, :meth:`decode_step`, :meth:`image_token_logprobs`,
+and the public API :meth:`text_logits`, :meth:`image_logits`, :meth:`decode_images`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .decoder import KVCache, LanguageModel
+from .janus_config import JanusModelConfig
+from .special_tokens import SpecialTokens
+
+
+def _act(name: str):
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
+
+
+class AlignerMLP(nn.Module):
+    """``fc1`` then (act, linear) x (depth-1): maps encoder features to LM width."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.hidden_layers = nn.ModuleList(nn.Linear(out_dim, out_dim) for _ in range(1, depth))
+        self.activation_fn = _act(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        for layer in self.hidden_layers:
+            x = layer(self.activation_fn(x))
+        return x
+
+
+class GenerationHead(nn.Module):
+    """LM hidden ``[..., H]`` -> codebook logits ``[..., K]`` via ``proj_out``, act, ``vision_head``."""
+
+    def __init__(self, hidden: int, proj: int, codebook: int, act: str):
+        super().__init__()
+        self.proj_out = nn.Linear(hidden, proj)
+        self.activation_fn = _act(act)
+        self.vision_head = nn.Linear(proj, codebook)
+
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """The input of the final linear layer (what fused log-prob kernels consume)."""
+        return self.activation_fn(self.proj_out(h))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.vision_head(self.features(h))
+
+
+class JanusModel(nn.Module):
+    """A Janus checkpoint as the engine runs it. Build with :func:`pgen_engine.load_model`."""
+
+    def __init__(self, config: JanusModelConfig, special_tokens: SpecialTokens | None = None):
+        super().__init__()
+        from transformers import JanusVisionConfig, JanusVisionModel, JanusVQVAE, JanusVQVAEConfig
+
+        self.config = config
+        self.special_tokens = special_tokens or SpecialTokens.builtin()
+        t = config.text
+        vcfg = JanusVisionConfig(**config.vision_config_dict)
+        qcfg = JanusVQVAEConfig(**config.vq_config_dict)
+        self.vision_model = JanusVisionModel(vcfg)
+        self.aligner = AlignerMLP(vcfg.hidden_size, vcfg.projection_dim, vcfg.depth, vcfg.hidden_act)
+        self.vqmodel = JanusVQVAE(qcfg)
+        self.generation_embeddings = nn.Embedding(qcfg.num_embeddings, qcfg.embed_dim)
+        self.generation_aligner = AlignerMLP(qcfg.embed_dim, qcfg.projection_dim, qcfg.num_hidden_layers,
+                                             qcfg.hidden_act)
+        self.generation_head = GenerationHead(qcfg.image_token_embed_dim, qcfg.projection_dim, qcfg.num_embeddings,
+                                              qcfg.hidden_act)
+        self.language_model = LanguageModel(t)
+        self.lm_head = nn.Linear(t.hidden_size, t.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def num_image_tokens(self) -> int:
+        """T: codes per generated image."""
+        return self.config.num_image_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        """K: size of the VQ codebook (generation head width)."""
+        return self.config.codebook_size
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    def num_parameters(self) -> int:
+        """Unique parameters (tied matrices counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    # ------------------------------------------------------------------ embeddings
+    def embed_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """VQ codes int64 ``[...]`` -> LM input embeddings ``[..., H]`` (generation path)."""
+        return self.generation_aligner(self.generation_embeddings(codes))
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values ``[N,3,S,S]`` (normalised to [-1,1]) -> features ``[N, T_img, H]``."""
+        out = self.vision_model(pixel_values.to(self.dtype))
+        return self.aligner(out.last_hidden_state)
+
+    def embed_inputs(self, input_ids: torch.Tensor, gen_code_mask: torch.Tensor | None = None,
+                     pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt ids -> LM input embeddings ``[B,S,H]``.
+
+        Args:
+            input_ids: int64 ``[B,S]``: text ids; at ``gen_code_mask`` positions, VQ codes.
+            gen_code_mask: bool ``[B,S]`` or None; True where ``input_ids`` holds a VQ code that
+                enters through the generation embedding (history images as codes, or the
+                image being generated, teacher-forced).
+            pixel_values: ``[N_img,3,S,S]`` or None; their vision features replace the
+                ``image_token_id`` placeholders in reading order (``transformers`` convention:
+                exactly ``num_image_tokens`` placeholders per image).
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [B,S], got shape {tuple(input_ids.shape)}")
+        emb_layer = self.language_model.embed_tokens
+        if gen_code_mask is None:
+            x = emb_layer(input_ids)
+        else:
+            text_ids = input_ids.masked_fill(gen_code_mask, 0)
+            code_ids = input_ids.masked_fill(~gen_code_mask, 0)
+            x = torch.where(gen_code_mask[..., None], self.embed_image_codes(code_ids), emb_layer(text_ids))
+        if pixel_values is not None:
+            feats = self.vision_features(pixel_values).reshape(-1, x.shape[-1]).to(x.dtype)
+            slots = input_ids == self.config.image_token_id
+            if gen_code_mask is not None:
+                slots = slots & ~gen_code_mask
+            n_slots = int(slots.sum())
+            if n_slots != feats.shape[0]:
+                raise ValueError(
+                    f"pixel_values give {pixel_values.shape[0]} image(s) = {feats.shape[0]} features, but input_ids "
+                    f"hold {n_slots} image placeholder tokens (id {self.config.image_token_id}); expected "
+                    f"{self.num_image_tokens} placeholders per image"
+                )
+            x = x.masked_scatter(slots[..., None], feats)
+        return x
+
+    # ------------------------------------------------------------------ decoder entry points
+    def forward_train(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence causal forward (training, log-probs): -> hidden ``[B,S,H]``."""
+        return self.language_model.forward_train(inputs_embeds, attention_mask, position_ids)
+
+    def prefill(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache,
+                slot_mapping: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt forward writing K/V into ``cache`` -> hidden ``[B,S,H]``. See ``LanguageModel.prefill``."""
+        return self.language_model.prefill(inputs_embeds, attention_mask, cache, slot_mapping, position_ids)
+
+    def decode_step(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                    slot_mapping: torch.Tensor, cache_seqlens: torch.Tensor,
+                    block_table: torch.Tensor | None = None) -> torch.Tensor:
+        """One cached step -> hidden ``[B,H]``. See ``LanguageModel.decode_step``."""
+        return self.language_model.decode_step(inputs_embeds, positions, cache, slot_mapping, cache_seqlens,
+                                                block_table)
+
+    def allocate_cache(self, num_blocks: int, block_size: int, *, dtype: torch.dtype | None = None) -> KVCache:
+        """A zeroed paged KV cache for this model on its device."""
+        return KVCache.allocate(self.config.text, num_blocks, block_size, dtype=dtype or self.dtype,
+                                device=self.device)
+
+    def image_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden ``[..., H]`` -> codebook logits ``[..., K]``."""
+        return self.generation_head(hidden)
+
+    def image_token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob and entropy of VQ targets under the generation head.
+
+        Args:
+            hidden: ``[N,H]`` LM hidden states at the positions that predict ``targets``.
+            targets: int64 ``[N]`` codes.
+            temperature: logits are divided by it (RL uses the sampling temperature).
+        Returns:
+            (logprobs ``[N]``, entropy ``[N]``), fp32; the ``[N,K]`` logits are not materialised
+            on the fused path.
+        """
+        from pgen_engine.ops.logprobs import token_logprobs
+
+        head = self.generation_head
+        return token_logprobs(head.features(hidden), head.vision_head.weight, targets,
+                              bias=head.vision_head.bias, temperature=temperature)
+
+    # ------------------------------------------------------------------ public API
+    @torch.no_grad()
+    def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Text-head logits ``[B,S,V_text]`` for (left-padded) prompts, with optional history images."""
+        x = self.embed_inputs(input_ids, None, pixel_values)
+        return self.lm_head(self.forward_train(x, attention_mask)).float()
+
+    @torch.no_grad()
+    def image_logits(self, input_ids: torch.Tensor, image_tokens: torch.Tensor,
+                     attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Teacher-forced generation-head logits ``[B,T,K]``.
+
+        ``input_ids`` ``[B,S]`` is a prompt ending with begin-of-image; row t predicts
+        ``image_tokens[:, t]`` from the prompt and ``image_tokens[:, :t]``.
+        """
+        hidden = self._image_hidden(input_ids, image_tokens, attention_mask, pixel_values)
+        return self.image_head_logits(hidden).float()
+
+    def _image_hidden(self, input_ids, image_tokens, attention_mask, pixel_values) -> torch.Tensor:
+        # hidden states [B,T,H] at the positions predicting each image token
+        B, S = input_ids.shape
+        T = image_tokens.shape[1]
+        prompt = self.embed_inputs(input_ids, None, pixel_values)
+        codes = self.embed_image_codes(image_tokens[:, : T - 1])
+        x = torch.cat([prompt, codes], dim=1)
+        mask = None
+        if attention_mask is not None:
+            mask = torch.cat([attention_mask, attention_mask.new_ones(B, T - 1)], dim=1)
+        h = self.forward_train(x, mask)
+        return h[:, S - 1:]
+
+    @torch.no_grad()
+    def decode_images(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        """VQ codes int64 ``[N,T]`` -> uint8 RGB images ``[N,H,W,3]``."""
+        if image_tokens.ndim != 2 or image_tokens.shape[1] != self.num_image_tokens:
+            raise ValueError(f"image_tokens must be [N,{self.num_image_tokens}], got {tuple(image_tokens.shape)}")
+        if image_tokens.numel() and (int(image_tokens.min()) < 0 or int(image_tokens.max()) >= self.codebook_size):
+            raise ValueError(f"image_tokens must lie in [0,{self.codebook_size})")
+        pix = self.vqmodel.decode(image_tokens.to(self.device))
+        return pixels_to_uint8(pix.permute(0, 2, 3, 1))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
+        """Write a Hugging Face Janus checkpoint (``transformers`` loads it) atomically."""
+        from .checkpoint import save_checkpoint
+
+        save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def pixels_to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (any float dtype) -> uint8 in [0, 255], rounded."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def uint8_to_pixels(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 ``[N,H,W,3]`` -> ``[N,3,H,W]`` in [-1, 1] (Janus normalisation, mean = std = 0.5)."""
+    return (images.permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0)

@@ -1,0 +1,173 @@
+"""Typed view of a Hugging Face Janus ``config.json``.
+
+The engine keeps the original config dict (so ``save_pretrained`` writes back exactly what
+``transformers`` expects) and validates the fields its own decoder needs up front, so an
+incompatible checkpoint fails at load time with the offending field named.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded; the message names the file/key."""
+
+
+SUPPORTED_ROPE_TYPES = ("default", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """The Llama-style language model's geometry."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling_factor: float
+    max_position_embeddings: int
+    attention_bias: bool
+    mlp_bias: bool
+    hidden_act: str
+
+
+@dataclasses.dataclass(frozen=True)
+class JanusModelConfig:
+    """Everything the engine needs from a Janus config, plus the raw dict.
+
+    Attributes:
+        text: language-model geometry.
+        image_token_id: the understanding placeholder id in prompts.
+        image_size: pixel side of images (vision input and VQ output).
+        num_image_tokens: T, codes per generated image (= VQ grid size squared).
+        codebook_size: K, VQ codebook entries (= generation head outputs).
+        tie_word_embeddings: lm_head shares the text embedding matrix.
+        raw: the config.json dict as read (written back by save_pretrained).
+    """
+
+    text: TextConfig
+    image_token_id: int
+    image_size: int
+    num_image_tokens: int
+    codebook_size: int
+    vq_embed_dim: int
+    tie_word_embeddings: bool
+    raw: dict
+
+    @property
+    def vision_config_dict(self) -> dict:
+        return dict(self.raw["vision_config"])
+
+    @property
+    def vq_config_dict(self) -> dict:
+        return dict(self.raw["vq_config"])
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config.json") -> "JanusModelConfig":
+        """Validate a Janus config dict. Raises CheckpointError naming the bad field."""
+        if cfg.get("model_type") != "janus":
+            raise CheckpointError(
+                f"{source}: model_type is {cfg.get('model_type')!r}, expected 'janus' (a Janus / Janus-Pro checkpoint)"
+            )
+        for sub in ("text_config", "vision_config", "vq_config"):
+            if not isinstance(cfg.get(sub), dict):
+                raise CheckpointError(f"{source}: missing or invalid '{sub}' section")
+        t = cfg["text_config"]
+        if t.get("model_type", "llama") != "llama":
+            raise CheckpointError(f"{source}: text_config.model_type is {t.get('model_type')!r}, expected 'llama'")
+
+        def req(d: dict, key: str, section: str, typ=int) -> Any:
+            if key not in d or d[key] is None:
+                raise CheckpointError(f"{source}: missing {section}.{key}")
+            try:
+                return typ(d[key])
+            except (TypeError, ValueError):
+                raise CheckpointError(f"{source}: {section}.{key}={d[key]!r} is not a valid {typ.__name__}") from None
+
+        hidden = req(t, "hidden_size", "text_config")
+        heads = req(t, "num_attention_heads", "text_config")
+        kv_heads = int(t.get("num_key_value_heads") or heads)
+        head_dim = int(t.get("head_dim") or hidden // heads)
+        if heads % kv_heads:
+            raise CheckpointError(
+                f"{source}: text_config.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
+            )
+        rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise CheckpointError(
+                f"{source}: text_config rope_type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
+            )
+        theta = float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
+        factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        act = t.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"{source}: text_config.hidden_act={act!r} is not supported (expected 'silu')")
+        text = TextConfig(
+            vocab_size=req(t, "vocab_size", "text_config"),
+            hidden_size=hidden,
+            intermediate_size=req(t, "intermediate_size", "text_config"),
+            num_layers=req(t, "num_hidden_layers", "text_config"),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling_factor=factor,
+            max_position_embeddings=int(t.get("max_position_embeddings", 4096)),
+            attention_bias=bool(t.get("attention_bias", False)),
+            mlp_bias=bool(t.get("mlp_bias", False)),
+            hidden_act=act,
+        )
+        v, q = cfg["vision_config"], cfg["vq_config"]
+        image_size = req(v, "image_size", "vision_config")
+        patch = req(v, "patch_size", "vision_config")
+        grid = image_size // patch
+        n_img = int(v.get("num_image_tokens", grid * grid))
+        if n_img != grid * grid:
+            raise CheckpointError(
+                f"{source}: vision_config.num_image_tokens={n_img} but (image_size/patch_size)^2={grid * grid}"
+            )
+        if int(q.get("image_token_embed_dim", hidden)) != hidden:
+            raise CheckpointError(
+                f"{source}: vq_config.image_token_embed_dim={q.get('image_token_embed_dim')} != text hidden_size={hidden}"
+            )
+        if int(v.get("projection_dim", hidden)) != hidden:
+            raise CheckpointError(
+                f"{source}: vision_config.projection_dim={v.get('projection_dim')} != text hidden_size={hidden}"
+            )
+        return cls(
+            text=text,
+            image_token_id=req(cfg, "image_token_id", "config"),
+            image_size=image_size,
+            num_image_tokens=n_img,
+            codebook_size=req(q, "num_embeddings", "vq_config"),
+            vq_embed_dim=req(q, "embed_dim", "vq_config"),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            raw=cfg,
+        )
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> "JanusModelConfig":
+        """Read and validate ``path/config.json``."""
+        path = Path(path)
+        f = path / "config.json"
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a directory (expected a Hugging Face checkpoint directory)")
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (expected a Hugging Face checkpoint directory with config.json)")
+        try:
+            cfg = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{f}: expected a JSON object")
+        return cls.from_dict(cfg, source=str(f))

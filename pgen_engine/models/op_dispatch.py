@@ -1,0 +1,87 @@
+"""The decoder's calls into ``pgen_engine.ops``, in one place.
+
+On CUDA tensors the fused kernels (Triton / CUDA) run; on CPU the ops' torch references
+run, except attention over a full prompt, which uses ``torch.nn.functional.
+scaled_dot_product_attention`` directly (the fastest exact CPU path; the op's own torch
+reference is a readable definition, not a fast path).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama RMSNorm over the last dim; fp32 math, result in ``x.dtype``."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[..., H, D]``, cos/sin ``[..., D]`` -> rotated x (HF rotate_half convention)."""
+    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    return x * cos + _rotate_half(x) * sin
+
+
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Causal attention over full sequences.
+
+    q ``[B,S,Hq,D]``, k/v ``[B,S,Hkv,D]``, key_mask bool ``[B,S]`` (True = real token) or
+    None -> ``[B,S,Hq,D]``. Padded query rows attend to themselves only, so they stay
+    finite (their outputs are never used).
+    """
+    B, S, Hq, D = q.shape
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = Hq != k.shape[2]
+    if key_mask is None:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        causal = torch.ones(S, S, dtype=torch.bool, device=q.device).tril()
+        mask = causal & key_mask[:, None, :]
+        mask = mask | torch.eye(S, dtype=torch.bool, device=q.device)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask[:, None], scale=scale, enable_gqa=gqa)
+    return o.transpose(1, 2)
+
+
+def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor, *, may_skip: bool = True) -> None:
+    """Write k/v ``[N,Hkv,D]`` into flat slots ``[N]`` of caches ``[NB,BS,Hkv,D]``.
+
+    With ``may_skip`` slots equal to -1 are skipped (prefill: padding); this filters on
+    the host, so the decode loop passes ``may_skip=False`` (every slot valid, no sync).
+    """
+    kf = k_cache.view(-1, *k_cache.shape[2:])
+    vf = v_cache.view(-1, *v_cache.shape[2:])
+    if may_skip:
+        keep = (slot_mapping >= 0).nonzero().squeeze(1)
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    kf.index_copy_(0, slot_mapping, k.to(kf.dtype))
+    vf.index_copy_(0, slot_mapping, v.to(vf.dtype))
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+                     block_table: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """One query per row over its cached keys.
+
+    q ``[B,Hq,D]``; caches ``[NB,BS,Hkv,D]``; cache_seqlens int32 ``[B]``; block_table
+    int32 ``[B,max_blocks]`` or None (contiguous: row b = block b) -> ``[B,Hq,D]``.
+    """
+    B, Hq, D = q.shape
+    if block_table is None:
+        k, v = k_cache[:B], v_cache[:B]
+    else:
+        nb = block_table.shape[1]
+        k = k_cache[block_table.long()].reshape(B, nb * k_cache.shape[1], *k_cache.shape[2:])
+        v = v_cache[block_table.long()].reshape(B, nb * v_cache.shape[1], *v_cache.shape[2:])
+    L = k.shape[1]
+    mask = torch.arange(L, device=q.device)[None, :] < cache_seqlens[:, None].to(torch.long)
+    o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=Hq != k.shape[2])
+    return o[:, :, 0, :]
