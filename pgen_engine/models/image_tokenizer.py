@@ -56,3 +56,48 @@ class ImageTokenizer(abc.ABC):
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
             raise ValueError(f"codes must lie in [0,{self.codebook_size}), got range "
                              f"[{int(codes.min())},{int(codes.max())}]")
+
+
+class VQImageTokenizer(ImageTokenizer):
+    """The checkpoint's own VQ model (``JanusModel.vqmodel``) as an :class:`ImageTokenizer`.
+
+    Args:
+        model: a loaded :class:`pgen_engine.models.janus.JanusModel`.
+        batch_size: images per VQ forward in :meth:`encode`.
+    """
+
+    def __init__(self, model, batch_size: int = 16):
+        self.model = model
+        self.image_size = model.image_size
+        self.num_tokens = model.num_image_tokens
+        self.codebook_size = model.codebook_size
+        self.batch_size = batch_size
+        self._fingerprint: str | None = None
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        from .janus import uint8_to_pixels
+
+        self._check_images(images)
+        out = []
+        vq = self.model.vqmodel
+        for i in range(0, images.shape[0], self.batch_size):
+            pix = uint8_to_pixels(images[i:i + self.batch_size], vq.quant_conv.weight.dtype).to(self.model.device)
+            codes = vq.encode(pix).image_tokens
+            out.append(codes.view(pix.shape[0], -1).cpu())
+        return torch.cat(out) if out else torch.empty(0, self.num_tokens, dtype=torch.long)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        self._check_codes(codes)
+        return self.model.decode_images(codes).cpu()
+
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            import hashlib
+
+            h = hashlib.sha256(f"vq:{self.image_size}:{self.num_tokens}:{self.codebook_size}".encode())
+            for name, t in sorted(self.model.vqmodel.state_dict().items()):
+                h.update(name.encode())
+                h.update(t.detach().float().cpu().numpy().tobytes())
+            self._fingerprint = "vq-" + h.hexdigest()[:16]
+        return self._fingerprint

@@ -1,0 +1,196 @@
+"""Strict checkpoint loading and atomic HF-format saving."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import JanusForConditionalGeneration
+
+import pgen_engine as pg
+from pgen_engine.models.checkpoint import INDEX_NAME
+from pgen_engine.models.tiny import make_tiny_checkpoint
+
+
+@pytest.fixture()
+def ckpt(tmp_path, tiny_ckpt):
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpt, d)
+    return d
+
+
+def _edit_weights(d, fn):
+    f = d / "model.safetensors"
+    sd = load_file(f)
+    fn(sd)
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def test_loads_and_counts_parameters(tiny_ckpt, tiny_hf):
+    m = pg.load_model(tiny_ckpt)
+    assert m.num_parameters() == tiny_hf.num_parameters()
+    assert not m.training
+    assert all(not p.is_meta for p in m.parameters())
+
+
+def test_missing_key_is_named(ckpt):
+    _edit_weights(ckpt, lambda sd: sd.pop("model.language_model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(pg.CheckpointError, match=r"missing.*layers\.1\.mlp\.up_proj\.weight"):
+        pg.load_model(ckpt)
+
+
+def test_unexpected_key_is_named(ckpt):
+    _edit_weights(ckpt, lambda sd: sd.__setitem__("model.extra.weight", torch.zeros(2)))
+    with pytest.raises(pg.CheckpointError, match=r"unexpected.*model\.extra\.weight"):
+        pg.load_model(ckpt)
+
+
+def test_shape_mismatch_is_named(ckpt):
+    def f(sd):
+        sd["model.generation_head.vision_head.bias"] = torch.zeros(3)
+    _edit_weights(ckpt, f)
+    with pytest.raises(pg.CheckpointError, match=r"vision_head\.bias.*shape"):
+        pg.load_model(ckpt)
+
+
+def test_unsupported_dtype_is_named(ckpt):
+    def f(sd):
+        sd["model.language_model.norm.weight"] = sd["model.language_model.norm.weight"].to(torch.int32)
+    _edit_weights(ckpt, f)
+    with pytest.raises(pg.CheckpointError, match=r"norm\.weight.*dtype"):
+        pg.load_model(ckpt)
+
+
+def test_nan_weights_are_refused(ckpt):
+    def f(sd):
+        sd["model.language_model.norm.weight"][0] = float("nan")
+    _edit_weights(ckpt, f)
+    with pytest.raises(pg.CheckpointError, match="NaN"):
+        pg.load_model(ckpt)
+
+
+def test_wrong_model_type(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "llava"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pg.CheckpointError, match="model_type"):
+        pg.load_model(ckpt)
+
+
+def test_truncated_file(ckpt):
+    f = ckpt / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(pg.CheckpointError, match="model.safetensors"):
+        pg.load_model(ckpt)
+
+
+def test_missing_dir_and_config(tmp_path):
+    with pytest.raises(pg.CheckpointError, match="not a directory"):
+        pg.load_model(tmp_path / "nope")
+    with pytest.raises(pg.CheckpointError, match="config.json"):
+        pg.load_model(tmp_path)
+
+
+def test_sharded_checkpoint_loads(tmp_path, tiny_model):
+    out = tmp_path / "sharded"
+    tiny_model.save_pretrained(out, max_shard_bytes=200_000)
+    assert (out / INDEX_NAME).is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    m = pg.load_model(out)
+    for (n1, p1), (n2, p2) in zip(tiny_model.state_dict().items(), m.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    hf = JanusForConditionalGeneration.from_pretrained(out)
+    assert hf.num_parameters() == m.num_parameters()
+
+
+def test_sharded_index_with_missing_shard(tmp_path, tiny_model):
+    out = tmp_path / "sharded"
+    tiny_model.save_pretrained(out, max_shard_bytes=200_000)
+    next(iter(sorted(out.glob("model-*.safetensors")))).unlink()
+    with pytest.raises(pg.CheckpointError, match="missing shard"):
+        pg.load_model(out)
+
+
+def test_round_trip_through_transformers(tmp_path, tiny_model, tiny_hf):
+    out = tmp_path / "rt"
+    tiny_model.save_pretrained(out)
+    hf = JanusForConditionalGeneration.from_pretrained(out).eval()
+    ids = torch.randint(6, 200, (2, 8))
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=ids).logits, tiny_hf(input_ids=ids).logits)
+    again = pg.load_model(out)
+    assert torch.equal(again.text_logits(ids), tiny_model.text_logits(ids))
+    assert again.special_tokens == tiny_model.special_tokens
+
+
+def test_save_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch):
+    out = tmp_path / "good"
+    tiny_model.save_pretrained(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import safetensors.torch as st
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(st, "save_file", boom)
+    with pytest.raises(OSError):
+        tiny_model.save_pretrained(out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".good")]
+
+
+def test_tied_embeddings_checkpoint(tmp_path):
+    from transformers import JanusForConditionalGeneration
+    from pgen_engine.models.tiny import tiny_janus_config
+
+    cfg = tiny_janus_config()
+    cfg.tie_word_embeddings = True
+    hf = JanusForConditionalGeneration(cfg).eval()
+    hf.save_pretrained(tmp_path / "tied")
+    m = pg.load_model(tmp_path / "tied")
+    assert m.lm_head.weight is m.language_model.embed_tokens.weight
+    ids = torch.randint(6, 200, (1, 6))
+    with torch.no_grad():
+        assert (m.text_logits(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
+    m.save_pretrained(tmp_path / "tied2")
+    assert (JanusForConditionalGeneration.from_pretrained(tmp_path / "tied2").num_parameters()
+            == hf.num_parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_load(tiny_ckpt, dtype):
+    m = pg.load_model(tiny_ckpt, dtype=dtype)
+    assert all(p.dtype == dtype for p in m.parameters())
+    logits = m.text_logits(torch.randint(6, 200, (1, 5)))
+    assert torch.isfinite(logits).all()
+
+
+def test_rejects_int_dtype(tiny_ckpt):
+    with pytest.raises(pg.CheckpointError, match="dtype"):
+        pg.load_model(tiny_ckpt, dtype=torch.int8)
+
+
+@pytest.mark.slow
+def test_janus_pro_1b_geometry_parameter_count(tmp_path):
+    """Real-size Janus-Pro-1B config with random weights: saved by transformers, loaded by the engine."""
+    from transformers import JanusConfig
+
+    cfg = JanusConfig(
+        text_config=dict(model_type="llama", hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                         num_attention_heads=16, num_key_value_heads=16, vocab_size=102400,
+                         max_position_embeddings=16384),
+        vision_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=384,
+                           patch_size=16, projection_dim=2048, intermediate_size=4096, num_image_tokens=576),
+        vq_config=dict(projection_dim=2048, image_token_embed_dim=2048),
+        image_token_id=100581, tie_word_embeddings=False,
+    )
+    hf = JanusForConditionalGeneration(cfg).to(torch.bfloat16)
+    expected = hf.num_parameters()
+    hf.save_pretrained(tmp_path / "1b")
+    del hf
+    m = pg.load_model(tmp_path / "1b", dtype=torch.bfloat16)
+    assert m.num_parameters() == expected
+    assert 1.9e9 < expected < 2.2e9
+    assert m.num_image_tokens == 576 and m.codebook_size == 16384 and m.image_size == 384

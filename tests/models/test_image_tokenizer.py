@@ -1,0 +1,41 @@
+"""The checkpoint's VQ model behind the ImageTokenizer interface."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import JanusForConditionalGeneration
+
+from pgen_engine.models.image_tokenizer import VQImageTokenizer
+
+
+def test_encode_matches_transformers_vq(tiny_model, tiny_hf):
+    tok = VQImageTokenizer(tiny_model, batch_size=2)
+    imgs = torch.randint(0, 256, (3, tiny_model.image_size, tiny_model.image_size, 3), dtype=torch.uint8)
+    codes = tok.encode(imgs)
+    assert codes.shape == (3, tok.num_tokens) and codes.dtype == torch.long
+    pix = imgs.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        ref = tiny_hf.model.vqmodel.encode(pix).image_tokens.view(3, -1)
+    assert torch.equal(codes, ref)
+    out = tok.decode(codes)
+    assert out.shape == imgs.shape and out.dtype == torch.uint8
+
+
+def test_fingerprint_changes_with_weights(tiny_ckpt):
+    import pgen_engine as pg
+
+    m1, m2 = pg.load_model(tiny_ckpt), pg.load_model(tiny_ckpt)
+    assert VQImageTokenizer(m1).fingerprint() == VQImageTokenizer(m2).fingerprint()
+    with torch.no_grad():
+        m2.vqmodel.quantize.embedding.weight[0, 0] += 1
+    assert VQImageTokenizer(m1).fingerprint() != VQImageTokenizer(m2).fingerprint()
+
+
+def test_bad_inputs(tiny_model):
+    tok = VQImageTokenizer(tiny_model)
+    with pytest.raises(TypeError):
+        tok.encode(torch.zeros(1, tiny_model.image_size, tiny_model.image_size, 3))
+    with pytest.raises(ValueError):
+        tok.encode(torch.zeros(1, 7, 7, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        tok.decode(torch.zeros(1, 3, dtype=torch.long))

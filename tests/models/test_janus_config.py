@@ -1,0 +1,42 @@
+"""Config validation names the offending field."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from pgen_engine.models.janus_config import CheckpointError, JanusModelConfig
+
+
+@pytest.fixture()
+def raw(tiny_ckpt):
+    return json.loads((tiny_ckpt / "config.json").read_text())
+
+
+def test_parses_tiny(raw):
+    c = JanusModelConfig.from_dict(raw)
+    assert c.num_image_tokens == 16 and c.text.num_kv_heads == 2 and c.text.head_dim == 16
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda r: r.__setitem__("model_type", "chameleon"), "model_type"),
+    (lambda r: r.pop("vq_config"), "vq_config"),
+    (lambda r: r["text_config"].__setitem__("num_key_value_heads", 3), "num_key_value_heads"),
+    (lambda r: r["text_config"].pop("vocab_size"), "vocab_size"),
+    (lambda r: r["text_config"].__setitem__("hidden_size", "big"), "hidden_size"),
+    (lambda r: r["text_config"].__setitem__("rope_parameters", {"rope_type": "yarn", "rope_theta": 1.0}), "rope_type"),
+    (lambda r: r["vision_config"].__setitem__("num_image_tokens", 7), "num_image_tokens"),
+    (lambda r: r["vq_config"].__setitem__("image_token_embed_dim", 5), "image_token_embed_dim"),
+])
+def test_rejects_bad_fields(raw, mutate, match):
+    r = copy.deepcopy(raw)
+    mutate(r)
+    with pytest.raises(CheckpointError, match=match):
+        JanusModelConfig.from_dict(r)
+
+
+def test_invalid_json(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="invalid JSON"):
+        JanusModelConfig.from_dir(tmp_path)

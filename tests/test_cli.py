@@ -1,0 +1,37 @@
+"""The `pgen` command: help, info, clear one-line errors with non-zero exit codes."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from pgen_engine.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "info" in out
+
+
+def test_info_reports_geometry(tiny_ckpt, tiny_model, capsys):
+    assert main(["info", str(tiny_ckpt), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["parameters"] == tiny_model.num_parameters()
+    assert info["image_tokens_per_image"] == tiny_model.num_image_tokens
+    assert info["image_size"] == tiny_model.image_size
+    assert info["image_codebook_size"] == tiny_model.codebook_size
+
+
+def test_info_bad_path_exits_nonzero_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pgen_engine", "info", str(tmp_path / "missing")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l]
+    assert len(lines) == 1 and "not a directory" in lines[0]
+
+
+def test_info_non_janus_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    r = subprocess.run([sys.executable, "-m", "pgen_engine", "info", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode != 0 and "model_type" in r.stderr and "Traceback" not in r.stderr

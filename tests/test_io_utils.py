@@ -1,0 +1,40 @@
+"""Atomic writes never leave a half-written file in place of a good one."""
+from __future__ import annotations
+
+import pytest
+
+from pgen_engine.io_utils import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+
+
+def test_atomic_write_replaces(tmp_path):
+    f = tmp_path / "a.txt"
+    atomic_write_text(f, "one")
+    atomic_write_text(f, "two")
+    assert f.read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_atomic_path_keeps_old_on_error(tmp_path):
+    f = tmp_path / "a.json"
+    atomic_write_json(f, {"x": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(f) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("crash")
+    assert f.read_text().strip().startswith("{") and '"x": 1' in f.read_text()
+    assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_atomic_dir_swaps_and_keeps_old_on_error(tmp_path):
+    d = tmp_path / "ckpt"
+    with atomic_dir(d) as tmp:
+        (tmp / "w").write_text("v1")
+    with atomic_dir(d) as tmp:
+        (tmp / "w").write_text("v2")
+    assert (d / "w").read_text() == "v2"
+    with pytest.raises(ValueError):
+        with atomic_dir(d) as tmp:
+            (tmp / "w").write_text("v3")
+            raise ValueError("boom")
+    assert (d / "w").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
