@@ -1,0 +1,144 @@
+"""Converters from public dataset formats to the native layout (see ``dataset.py``).
+
+* Amazon Reviews 2023: a reviews JSONL (``user_id``, ``parent_asin``, ``timestamp`` in
+  milliseconds) and a meta JSONL (``parent_asin``, ``title``, ``images`` list); item
+  images are local files named by asin (``<asin>.jpg|.jpeg|.png|.webp``) in a folder.
+* MicroLens / PixelRec: an interactions CSV with ``user,item,timestamp`` and a cover
+  folder with ``<item>.jpg``.
+
+Items without a local image and interactions on such items are dropped (counted in the
+returned stats). Interactions are sorted per user by time (stable: ties keep input
+order). Output is written atomically.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from .dataset import DataError, parse_timestamp, write_dataset
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _find_image(folder: Path, key: str) -> Path | None:
+    for ext in IMAGE_EXTS:
+        p = folder / f"{key}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_jsonl(path: Path):
+    if not path.is_file():
+        raise DataError(f"{path}: file does not exist")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            yield lineno, obj
+
+
+def _finish(out: Path, items: dict[str, dict], events: list[tuple[str, str, float, int]],
+            images: dict[str, Path]) -> dict[str, int]:
+    events.sort(key=lambda e: (e[0], e[2], e[3]))
+    used = {e[1] for e in events}
+    items_out = [obj for iid, obj in items.items() if iid in used]
+    rows = [(u, i, int(t) if float(t).is_integer() else t) for u, i, t, _ in events]
+    files = {obj["image"]: ("copy", images[obj["item_id"]]) for obj in items_out}
+    write_dataset(out, items_out, rows, image_files=files)
+    return {"users": len({e[0] for e in events}), "items": len(items_out), "interactions": len(rows)}
+
+
+def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, images: str | os.PathLike,
+                       out: str | os.PathLike) -> dict[str, int]:
+    """Amazon Reviews 2023 -> native layout at ``out``; returns counts (incl. dropped)."""
+    reviews, meta, images, out = Path(reviews), Path(meta), Path(images), Path(out)
+    if not images.is_dir():
+        raise DataError(f"{images}: image folder does not exist")
+    items: dict[str, dict] = {}
+    paths: dict[str, Path] = {}
+    dropped_items = 0
+    for lineno, obj in _read_jsonl(meta):
+        asin = obj.get("parent_asin")
+        if not isinstance(asin, str) or not asin:
+            raise DataError(f"{meta}:{lineno}: missing 'parent_asin'")
+        if asin in items:
+            raise DataError(f"{meta}:{lineno}: duplicate parent_asin {asin!r}")
+        img = _find_image(images, asin)
+        if img is None:
+            dropped_items += 1
+            continue
+        paths[asin] = img
+        extra = {k: v for k, v in obj.items() if k in ("main_category", "categories", "store", "average_rating")}
+        items[asin] = {"item_id": asin, "title": str(obj.get("title") or ""), "image": f"images/{asin}{img.suffix}",
+                       **extra}
+    events: list[tuple[str, str, float, int]] = []
+    dropped = 0
+    for lineno, obj in _read_jsonl(reviews):
+        for k in ("user_id", "parent_asin", "timestamp"):
+            if k not in obj:
+                raise DataError(f"{reviews}:{lineno}: missing field {k!r}")
+        try:
+            ts = float(obj["timestamp"]) / 1000.0
+        except (TypeError, ValueError):
+            raise DataError(f"{reviews}:{lineno}: timestamp {obj['timestamp']!r} is not milliseconds") from None
+        if obj["parent_asin"] not in items:
+            dropped += 1
+            continue
+        events.append((str(obj["user_id"]), obj["parent_asin"], ts, lineno))
+    stats = _finish(out, items, events, paths)
+    return {**stats, "dropped_items": dropped_items, "dropped_interactions": dropped}
+
+
+def convert_microlens(interactions: str | os.PathLike, covers: str | os.PathLike,
+                      out: str | os.PathLike) -> dict[str, int]:
+    """MicroLens/PixelRec ``user,item,timestamp`` CSV + cover folder -> native layout."""
+    interactions, covers, out = Path(interactions), Path(covers), Path(out)
+    if not interactions.is_file():
+        raise DataError(f"{interactions}: file does not exist")
+    if not covers.is_dir():
+        raise DataError(f"{covers}: cover folder does not exist")
+    items: dict[str, dict] = {}
+    paths: dict[str, Path] = {}
+    missing: set[str] = set()
+    events: list[tuple[str, str, float, int]] = []
+    dropped = 0
+    with open(interactions, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        if header[:3] != ["user", "item", "timestamp"]:
+            raise DataError(f"{interactions}:1: header must start with user,item,timestamp, got {header}")
+        for row in reader:
+            lineno = reader.line_num
+            if not row:
+                continue
+            if len(row) < 3:
+                raise DataError(f"{interactions}:{lineno}: expected >= 3 fields, got {len(row)}")
+            u, i = row[0].strip(), row[1].strip()
+            try:
+                ts = parse_timestamp(row[2])
+            except ValueError as e:
+                raise DataError(f"{interactions}:{lineno}: bad timestamp {row[2]!r} ({e})") from None
+            if ts > 1e11:  # MicroLens stores milliseconds
+                ts /= 1000.0
+            if i not in items and i not in missing:
+                img = _find_image(covers, i)
+                if img is None:
+                    missing.add(i)
+                else:
+                    paths[i] = img
+                    items[i] = {"item_id": i, "title": "", "image": f"images/{i}{img.suffix}"}
+            if i in missing:
+                dropped += 1
+                continue
+            events.append((u, i, ts, lineno))
+    stats = _finish(out, items, events, paths)
+    return {**stats, "dropped_items": len(missing), "dropped_interactions": dropped}

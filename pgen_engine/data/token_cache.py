@@ -1,0 +1,266 @@
+"""Image-token cache: every item image tokenized once, stored memory-mapped.
+
+Folder layout (``cache_dir``)::
+
+    codes.bin    int16 (K <= 32767) or int32 codes, C-order ``[num_items, T]``
+    done.bin     uint8 ``[num_items]``: 0 not yet, 1 done, 2 skipped (missing/corrupt image)
+    index.json   fingerprint, dtype, num_tokens, codebook_size, image_size, item_ids,
+                 skipped {item_id: reason}, complete
+
+While building, everything lives in a sibling staging folder ``.<name>.partial``; codes
+are flushed before their done-bits, so a crash loses at most one batch and a rerun with
+the same items and tokenizer continues where it stopped. Only a complete build is moved
+into ``cache_dir`` (old cache renamed aside first), so a failed run never touches an
+existing cache.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..io_utils import atomic_write_json
+from ..models.image_tokenizer import ImageTokenizer
+from .dataset import DataError, Dataset, load_image
+
+FORMAT = "pgen-token-cache"
+VERSION = 1
+PENDING, DONE, SKIPPED = 0, 1, 2
+
+
+def _staging(cache_dir: Path) -> Path:
+    return cache_dir.parent / f".{cache_dir.name}.partial"
+
+
+def _code_dtype(codebook_size: int) -> str:
+    return "int16" if codebook_size <= np.iinfo(np.int16).max + 1 else "int32"
+
+
+def _index(tokenizer: ImageTokenizer, item_ids: list[str]) -> dict:
+    return {"format": FORMAT, "version": VERSION, "fingerprint": tokenizer.fingerprint(),
+            "dtype": _code_dtype(tokenizer.codebook_size), "num_tokens": tokenizer.num_tokens,
+            "codebook_size": tokenizer.codebook_size, "image_size": tokenizer.image_size,
+            "item_ids": item_ids, "skipped": {}, "complete": False}
+
+
+def _read_index(d: Path) -> dict | None:
+    try:
+        return json.loads((d / "index.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def build_token_cache(
+    dataset: Dataset,
+    tokenizer: ImageTokenizer,
+    cache_dir: str | os.PathLike,
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+    on_error: str = "raise",
+    item_ids: Sequence[str] | None = None,
+    _stop_after_batches: int | None = None,
+) -> "TokenCache":
+    """Tokenize every item image once (resized/centre-cropped to ``tokenizer.image_size``, RGB).
+
+    Args:
+        dataset: the loaded dataset (items without an image are errors / skipped).
+        tokenizer: any :class:`ImageTokenizer`; its ``fingerprint()`` keys the cache.
+        cache_dir: the cache folder (created or replaced on success).
+        batch_size: images per ``tokenizer.encode`` call.
+        progress: show a tqdm bar.
+        on_error: "raise" -> a missing/corrupt image raises :class:`DataError` naming it;
+            "skip" -> the item is marked skipped, counted and warned about.
+        item_ids: restrict to these items (default: all items, in dataset order).
+        _stop_after_batches: testing hook that simulates a crash after that many batches.
+
+    Returns the opened cache. An existing complete cache with the same fingerprint and
+    items is reused as is.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cache_dir = Path(cache_dir)
+    ids = list(dataset.items) if item_ids is None else [str(i) for i in item_ids]
+    unknown = [i for i in ids if i not in dataset.items]
+    if unknown:
+        raise KeyError(f"item ids not in the dataset: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    if len(set(ids)) != len(ids):
+        raise ValueError("item_ids contains duplicates")
+    fp = tokenizer.fingerprint()
+    existing = _read_index(cache_dir)
+    if existing and existing.get("complete") and existing.get("fingerprint") == fp and existing.get("item_ids") == ids:
+        return TokenCache.open(cache_dir, fp)
+
+    stage = _staging(cache_dir)
+    want = _index(tokenizer, ids)
+    idx = _read_index(stage)
+    keys = ("format", "version", "fingerprint", "dtype", "num_tokens", "item_ids")
+    n, t = len(ids), tokenizer.num_tokens
+    if idx is None or any(idx.get(k) != want[k] for k in keys) \
+            or not (stage / "codes.bin").is_file() or not (stage / "done.bin").is_file():
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+        np.memmap(stage / "codes.bin", dtype=want["dtype"], mode="w+", shape=(max(n, 1), t)).flush()
+        np.memmap(stage / "done.bin", dtype=np.uint8, mode="w+", shape=(max(n, 1),)).flush()
+        atomic_write_json(stage / "index.json", want)
+        idx = want
+    codes = np.memmap(stage / "codes.bin", dtype=want["dtype"], mode="r+", shape=(max(n, 1), t))
+    done = np.memmap(stage / "done.bin", dtype=np.uint8, mode="r+", shape=(max(n, 1),))
+    skipped: dict[str, str] = dict(idx.get("skipped", {}))
+    todo = [j for j in range(n) if done[j] == PENDING]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=n - len(todo), desc="tokenizing images", unit="img")
+    batches = 0
+    try:
+        for s in range(0, len(todo), batch_size):
+            chunk = todo[s:s + batch_size]
+            imgs, rows = [], []
+            for j in chunk:
+                item = dataset.items[ids[j]]
+                try:
+                    if item.image_path is None:
+                        raise DataError(f"item {item.item_id!r} has no image")
+                    imgs.append(load_image(item.image_path, tokenizer.image_size))
+                    rows.append(j)
+                except DataError as e:
+                    if on_error == "raise":
+                        raise
+                    skipped[ids[j]] = str(e)
+                    done[j] = SKIPPED
+            if rows:
+                out = tokenizer.encode(torch.from_numpy(np.stack(imgs)))
+                codes[rows] = out.numpy().astype(want["dtype"])
+                codes.flush()  # codes reach the file before their done-bits
+                done[rows] = DONE
+            done.flush()
+            if skipped != idx.get("skipped", {}):
+                idx = {**idx, "skipped": skipped}
+                atomic_write_json(stage / "index.json", idx)
+            if bar is not None:
+                bar.update(len(chunk))
+            batches += 1
+            if _stop_after_batches is not None and batches >= _stop_after_batches:
+                raise KeyboardInterrupt("simulated crash (_stop_after_batches)")
+    finally:
+        if bar is not None:
+            bar.close()
+        del codes, done
+    if skipped:
+        warnings.warn(f"{cache_dir}: skipped {len(skipped)} item(s) with missing/corrupt images "
+                      f"(first: {next(iter(skipped.values()))})", stacklevel=2)
+    atomic_write_json(stage / "index.json", {**idx, "skipped": skipped, "complete": True})
+    _swap_in(stage, cache_dir)
+    return TokenCache.open(cache_dir, fp)
+
+
+def _swap_in(stage: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        old.rmdir()
+        os.replace(target, old)
+    os.replace(stage, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+class TokenCache:
+    """Read-only view of a complete cache; ``codes(item_ids) -> LongTensor [N, T]``."""
+
+    def __init__(self, root: Path, index: dict):
+        self.root = root
+        self.index = index
+        self.fingerprint: str = index["fingerprint"]
+        self.num_tokens: int = int(index["num_tokens"])
+        self.codebook_size: int = int(index["codebook_size"])
+        self.image_size: int = int(index["image_size"])
+        self.item_ids: list[str] = list(index["item_ids"])
+        self.skipped: dict[str, str] = dict(index.get("skipped", {}))
+        self._row = {iid: j for j, iid in enumerate(self.item_ids)}
+        n = max(len(self.item_ids), 1)
+        self._codes = np.memmap(root / "codes.bin", dtype=index["dtype"], mode="r", shape=(n, self.num_tokens))
+        self._done = np.memmap(root / "done.bin", dtype=np.uint8, mode="r", shape=(n,))
+
+    @classmethod
+    def open(cls, cache_dir: str | os.PathLike, tokenizer_fingerprint: str) -> "TokenCache":
+        """Open ``cache_dir``; refuses a cache built by another tokenizer or left incomplete."""
+        root = Path(cache_dir)
+        idx = _read_index(root)
+        if idx is None or idx.get("format") != FORMAT:
+            raise DataError(f"{root}: not a token cache (no valid index.json)")
+        if idx.get("version") != VERSION:
+            raise DataError(f"{root}: token cache version {idx.get('version')} is not supported (expected {VERSION})")
+        if idx["fingerprint"] != tokenizer_fingerprint:
+            raise DataError(f"{root}: cache was built by tokenizer {idx['fingerprint']}, not by the requested "
+                            f"tokenizer {tokenizer_fingerprint}; rebuild it (pgen data tokenize) or point elsewhere")
+        if not idx.get("complete"):
+            raise DataError(f"{root}: token cache is incomplete; rerun the build to finish it")
+        n = max(len(idx["item_ids"]), 1)
+        expect = n * int(idx["num_tokens"]) * np.dtype(idx["dtype"]).itemsize
+        size = (root / "codes.bin").stat().st_size if (root / "codes.bin").is_file() else -1
+        if size != expect:
+            raise DataError(f"{root}/codes.bin: size {size} bytes, expected {expect}; the cache is corrupt")
+        return cls(root, idx)
+
+    def __len__(self) -> int:
+        return len(self.item_ids) - len(self.skipped)
+
+    def __contains__(self, item_id: str) -> bool:
+        j = self._row.get(item_id)
+        return j is not None and self._done[j] == DONE
+
+    def codes(self, item_ids: Sequence[str]) -> torch.Tensor:
+        """int64 ``[len(item_ids), T]``; KeyError naming the item when absent or skipped."""
+        rows = []
+        for iid in item_ids:
+            j = self._row.get(iid)
+            if j is None:
+                raise KeyError(f"item {iid!r} is not in the token cache {self.root}")
+            if self._done[j] != DONE:
+                raise KeyError(f"item {iid!r} has no codes in {self.root}: {self.skipped.get(iid, 'not tokenized')}")
+            rows.append(j)
+        if not rows:
+            return torch.empty(0, self.num_tokens, dtype=torch.long)
+        return torch.from_numpy(np.asarray(self._codes[rows], dtype=np.int64))
+
+
+def cache_features(
+    dataset: Dataset,
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    path: str | os.PathLike,
+    *,
+    image_size: int,
+    batch_size: int = 32,
+    item_ids: Sequence[str] | None = None,
+) -> None:
+    """Optional: store vision-encoder features of every item image in one safetensors file.
+
+    ``encoder`` maps uint8 ``[B, S, S, 3]`` -> float ``[B, ...]``; the file holds
+    ``features [N, ...]`` and metadata ``item_ids`` (JSON list). Written atomically.
+    """
+    from safetensors.torch import save_file
+
+    from ..io_utils import atomic_path
+
+    ids = list(dataset.items) if item_ids is None else list(item_ids)
+    no_image = [i for i in ids if dataset.items[i].image_path is None]
+    if no_image:
+        raise DataError(f"items without an image cannot be encoded: {no_image[:5]}")
+    feats = []
+    for s in range(0, len(ids), batch_size):
+        imgs = [load_image(dataset.items[i].image_path, image_size) for i in ids[s:s + batch_size]]
+        feats.append(encoder(torch.from_numpy(np.stack(imgs))).detach().cpu())
+    with atomic_path(path) as tmp:
+        save_file({"features": torch.cat(feats).contiguous()}, str(tmp), metadata={"item_ids": json.dumps(ids)})

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+from PIL import Image
+
+from pgen_engine.data.convert import convert_amazon2023, convert_microlens
+from pgen_engine.data.dataset import DataError, load_dataset
+
+
+def _img(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (6, 9), color).save(path)
+
+
+def test_amazon2023(tmp_path):
+    imgs = tmp_path / "imgs"
+    for a in ("A1", "A2"):
+        _img(imgs / f"{a}.jpg", (10, 20, 30))
+    meta = [{"parent_asin": "A1", "title": "Mug", "images": [{"large": "x"}], "store": "s"},
+            {"parent_asin": "A2", "title": None, "images": []},
+            {"parent_asin": "A3", "title": "no image", "images": []}]
+    reviews = [{"user_id": "U1", "parent_asin": "A2", "timestamp": 3000},
+               {"user_id": "U1", "parent_asin": "A1", "timestamp": 1000},
+               {"user_id": "U2", "parent_asin": "A3", "timestamp": 2000},
+               {"user_id": "U2", "parent_asin": "A1", "timestamp": 1500}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(m) + "\n" for m in meta))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reviews))
+    stats = convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", imgs, tmp_path / "out")
+    assert stats == {"users": 2, "items": 2, "interactions": 3, "dropped_items": 1, "dropped_interactions": 1}
+    ds = load_dataset(tmp_path / "out")
+    assert ds.item_sequence("U1") == ["A1", "A2"]
+    assert ds.interactions["U1"][0].timestamp == 1.0
+    assert ds.items["A1"].title == "Mug" and ds.items["A1"].extra["store"] == "s"
+    (tmp_path / "r.jsonl").write_text('{"user_id": "U1"}\n')
+    with pytest.raises(DataError, match="r.jsonl:1"):
+        convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", imgs, tmp_path / "out")
+    assert load_dataset(tmp_path / "out").num_interactions == 3  # failed run left the old output intact
+
+
+def test_microlens(tmp_path):
+    covers = tmp_path / "covers"
+    for i in ("10", "11"):
+        _img(covers / f"{i}.jpg", (200, 0, 0))
+    (tmp_path / "i.csv").write_text("user,item,timestamp\n1,11,1700000000500\n1,10,1600000000000\n2,99,5\n2,10,7\n")
+    stats = convert_microlens(tmp_path / "i.csv", covers, tmp_path / "out")
+    assert stats["interactions"] == 3 and stats["dropped_items"] == 1
+    ds = load_dataset(tmp_path / "out")
+    assert ds.item_sequence("1") == ["10", "11"] and ds.interactions["1"][0].timestamp == 1600000000.0
+    (tmp_path / "j.csv").write_text("uid,iid,ts\n")
+    with pytest.raises(DataError, match="header"):
+        convert_microlens(tmp_path / "j.csv", covers, tmp_path / "o2")

@@ -1,0 +1,128 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pgen_engine.data.dataset import (DataError, load_dataset, load_image, parse_timestamp, validate_dataset,
+                                      write_dataset)
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "ds"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _append_row(d, row):
+    with open(d / "interactions.csv", "a") as f:
+        f.write(row + "\n")
+
+
+def test_load_synth(synth_dir):
+    ds = load_dataset(synth_dir)
+    assert ds.num_users == 23 and ds.num_items == 57
+    for seq in ds.interactions.values():
+        ts = [x.timestamp for x in seq]
+        assert ts == sorted(ts)
+        assert all(x.item_id in ds.items for x in seq)
+    assert all(it.image_path.is_file() for it in ds.items.values())
+    assert "attr_shape" in next(iter(ds.items.values())).extra
+
+
+def test_parse_timestamp():
+    assert parse_timestamp("964980499") == 964980499.0
+    assert parse_timestamp("1970-01-02T00:00:00Z") == 86400.0
+    assert parse_timestamp("1970-01-01T01:00:00+01:00") == 0.0
+    for bad in ("", "yesterday", "nan", "2020-13-45"):
+        with pytest.raises(ValueError):
+            parse_timestamp(bad)
+
+
+@pytest.mark.parametrize("row,needle", [
+    ("u0000,i0000", "expected 3 fields"),
+    ("u0000,nope,1700000000", "not in items.jsonl"),
+    ("u0000,i0000,notatime", "unparsable timestamp"),
+    ("u0000,i0000,5", "earlier than"),
+    (",i0000,1700000000", "empty user_id"),
+])
+def test_bad_interaction_rows(synth_dir, tmp_path, row, needle):
+    d = _copy(synth_dir, tmp_path)
+    _append_row(d, row)
+    nlines = len((d / "interactions.csv").read_text().splitlines())
+    with pytest.raises(DataError, match=needle) as e:
+        load_dataset(d)
+    assert f"interactions.csv:{nlines}" in str(e.value)
+    with pytest.warns(UserWarning, match="skipped bad input"):
+        ds = load_dataset(d, on_error="skip")
+    assert sum(ds.skipped.values()) == 1
+    assert ds.num_interactions == load_dataset(synth_dir).num_interactions
+
+
+@pytest.mark.parametrize("line,needle", [
+    ("{not json", "malformed JSON"),
+    ('{"title": "x"}', "item_id"),
+    ('{"item_id": "i0001", "title": "dup", "image": null}', "duplicate item_id"),
+    ('{"item_id": "zz", "title": "x", "image": "images/none.png"}', "does not exist"),
+])
+def test_bad_item_lines(synth_dir, tmp_path, line, needle):
+    d = _copy(synth_dir, tmp_path)
+    with open(d / "items.jsonl", "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(DataError, match=needle) as e:
+        load_dataset(d)
+    assert "items.jsonl:58" in str(e.value)
+    with pytest.warns(UserWarning):
+        ds = load_dataset(d, on_error="skip")
+    assert ds.num_items == 57
+
+
+def test_missing_files_and_header(tmp_path, synth_dir):
+    with pytest.raises(DataError, match="not a directory"):
+        load_dataset(tmp_path / "nope")
+    d = _copy(synth_dir, tmp_path)
+    (d / "interactions.csv").write_text("user,item,timestamp\n")
+    with pytest.raises(DataError, match="lacks column"):
+        load_dataset(d)
+    with pytest.raises(ValueError, match="on_error"):
+        load_dataset(synth_dir, on_error="ignore")
+
+
+def test_ties_keep_file_order_and_iso(tmp_path):
+    src = tmp_path / "src.png"
+    from PIL import Image
+    Image.new("RGB", (5, 7), (1, 2, 3)).save(src)
+    items = [{"item_id": f"a{j}", "title": f"t{j}", "image": "images/a.png", "genre": "x"} for j in range(3)]
+    rows = [("u", "a2", "2020-01-01T00:00:00"), ("u", "a0", "2020-01-01T00:00:00"), ("u", "a1", "2020-01-02T00:00:00")]
+    d = write_dataset(tmp_path / "ds", items, rows, image_files={"images/a.png": ("copy", src)})
+    ds = load_dataset(d)
+    assert ds.item_sequence("u") == ["a2", "a0", "a1"]
+    assert ds.items["a1"].extra == {"genre": "x"}
+    img = load_image(ds.items["a0"].image_path, 4)
+    assert img.shape == (4, 4, 3) and img.dtype == np.uint8 and (img == [1, 2, 3]).all()
+
+
+def test_validate_reports_corrupt_and_missing(synth_dir, tmp_path):
+    d = _copy(synth_dir, tmp_path)
+    rep = validate_dataset(d)
+    assert rep.usable and rep.images_found == 57 and rep.users == 23
+    first = json.loads((d / "items.jsonl").read_text().splitlines()[0])
+    (d / first["image"]).write_bytes(b"not an image")
+    second = json.loads((d / "items.jsonl").read_text().splitlines()[1])
+    (d / second["image"]).unlink()
+    rep = validate_dataset(d)
+    assert not rep.usable
+    assert (rep.images_corrupt, rep.images_missing, rep.images_found) == (1, 1, 55)
+    assert "UNUSABLE" in rep.summary()
+    with pytest.raises(DataError, match="corrupt"):
+        load_image(d / first["image"], 32)
+
+
+def test_movielens_load_and_stats(movielens):
+    ds = load_dataset(movielens)
+    assert (ds.num_users, ds.num_items, ds.num_interactions) == (597, 2943, 58461)
+    lo, hi = ds.time_span()
+    assert lo < hi
+    assert min(len(s) for s in ds.interactions.values()) >= 5
+    img = load_image(next(iter(ds.items.values())).image_path, 64)
+    assert img.shape == (64, 64, 3)

@@ -1,0 +1,110 @@
+import json
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pgen_engine.data.dataset import DataError, load_dataset, load_image
+from pgen_engine.data.token_cache import TokenCache, build_token_cache
+from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+
+
+def _tok(ds, size=32, k=23, seed=0):
+    imgs = torch.from_numpy(np.stack([load_image(it.image_path, size) for it in list(ds.items.values())[:20]]))
+    return PatchKMeansTokenizer.fit(imgs, patch_size=8, codebook_size=k, iters=3, seed=seed)
+
+
+def test_build_lookup_and_refuse_other_tokenizer(synth_dir, tmp_path):
+    ds = load_dataset(synth_dir)
+    tok = _tok(ds)
+    cache = build_token_cache(ds, tok, tmp_path / "c", batch_size=7, progress=False)
+    ids = list(ds.items)[::-1][:13]
+    want = tok.encode(torch.from_numpy(np.stack([load_image(ds.items[i].image_path, 32) for i in ids])))
+    got = cache.codes(ids)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert len(cache) == 57 and ids[0] in cache
+    other = _tok(ds, k=19)
+    with pytest.raises(DataError, match="built by tokenizer"):
+        TokenCache.open(tmp_path / "c", other.fingerprint())
+    with pytest.raises(KeyError, match="nope"):
+        cache.codes(["nope"])
+    assert TokenCache.open(tmp_path / "c", tok.fingerprint()).codes(ids).equal(want)
+
+
+def test_resume_after_crash_and_existing_cache_untouched(synth_dir, tmp_path):
+    ds = load_dataset(synth_dir)
+    tok = _tok(ds)
+    good = build_token_cache(ds, tok, tmp_path / "c", batch_size=10, progress=False)
+    before = (tmp_path / "c" / "codes.bin").read_bytes()
+    tok2 = _tok(ds, k=31, seed=1)
+    calls = []
+    orig = tok2.encode
+
+    def counting(x):
+        calls.append(x.shape[0])
+        return orig(x)
+
+    tok2.encode = counting
+    with pytest.raises(KeyboardInterrupt):
+        build_token_cache(ds, tok2, tmp_path / "c", batch_size=10, progress=False, _stop_after_batches=3)
+    # the old cache is intact and still opens with its own tokenizer
+    assert (tmp_path / "c" / "codes.bin").read_bytes() == before
+    assert TokenCache.open(tmp_path / "c", tok.fingerprint()).codes(["i0000"]).equal(good.codes(["i0000"]))
+    done_before = sum(calls)
+    assert done_before == 30
+    cache = build_token_cache(ds, tok2, tmp_path / "c", batch_size=10, progress=False)
+    assert sum(calls) == 57  # resumed: only the remaining 27 images were encoded
+    ids = list(ds.items)
+    full = orig(torch.from_numpy(np.stack([load_image(ds.items[i].image_path, 32) for i in ids])))
+    assert torch.equal(cache.codes(ids), full)
+    assert cache.fingerprint == tok2.fingerprint()
+    # unchanged inputs -> reused without encoding
+    build_token_cache(ds, tok2, tmp_path / "c", batch_size=10, progress=False)
+    assert sum(calls) == 57
+
+
+def test_corrupt_image_raise_and_skip(synth_dir, tmp_path):
+    d = tmp_path / "ds"
+    shutil.copytree(synth_dir, d)
+    ds = load_dataset(d)
+    tok = _tok(ds)
+    bad = ds.items["i0003"].image_path
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataError, match="i0003.png"):
+        build_token_cache(ds, tok, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+    with pytest.warns(UserWarning, match="skipped 1"):
+        cache = build_token_cache(ds, tok, tmp_path / "c", progress=False, on_error="skip")
+    assert "i0003" not in cache and len(cache) == 56
+    with pytest.raises(KeyError, match="i0003"):
+        cache.codes(["i0003"])
+    assert json.loads((tmp_path / "c" / "index.json").read_text())["complete"]
+
+
+def test_movielens_subset(movielens, tmp_path):
+    ds = load_dataset(movielens)
+    ids = list(ds.items)[:200]
+    imgs = torch.from_numpy(np.stack([load_image(ds.items[i].image_path, 32) for i in ids[:30]]))
+    tok = PatchKMeansTokenizer.fit(imgs, patch_size=4, codebook_size=64, iters=3, seed=0)
+    cache = build_token_cache(ds, tok, tmp_path / "ml", item_ids=ids, batch_size=64, progress=False)
+    c = cache.codes(ids[:5])
+    assert c.shape == (5, 64) and len(cache) == 200
+    assert torch.equal(c, tok.encode(imgs[:5]))
+
+
+def test_cache_features(synth_dir, tmp_path):
+    from safetensors import safe_open
+
+    from pgen_engine.data.token_cache import cache_features
+
+    ds = load_dataset(synth_dir)
+    ids = list(ds.items)[:9]
+    cache_features(ds, lambda x: x.float().mean((1, 2)), tmp_path / "f.safetensors", image_size=32,
+                   batch_size=4, item_ids=ids)
+    with safe_open(str(tmp_path / "f.safetensors"), framework="pt") as f:
+        feats = f.get_tensor("features")
+        assert json.loads(f.metadata()["item_ids"]) == ids
+    want = torch.from_numpy(load_image(ds.items[ids[5]].image_path, 32)).float().mean((0, 1))
+    assert feats.shape == (9, 3) and torch.allclose(feats[5], want)
