@@ -8,8 +8,6 @@ Tests force a backend by passing it explicitly, or globally with the environment
 """
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 
 import torch
@@ -17,23 +15,27 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 
-@functools.lru_cache(maxsize=None)
+try:  # plain imports (not importlib) so torch.compile can trace callers of these helpers
+    import triton as _triton  # noqa: F401
+
+    _TRITON_IMPORTS = True
+except Exception:  # pragma: no cover - triton is optional
+    _TRITON_IMPORTS = False
+
+try:
+    from pgen_engine import _C as _EXT
+except ImportError:
+    _EXT = None
+
+
 def triton_available() -> bool:
     """True when Triton imports and can run here (a GPU, or the CPU interpreter)."""
-    try:
-        importlib.import_module("triton")
-    except Exception:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return _TRITON_IMPORTS and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-@functools.lru_cache(maxsize=None)
 def extension():
     """The compiled ``pgen_engine._C`` module, or None when it was not built."""
-    try:
-        return importlib.import_module("pgen_engine._C")
-    except ImportError:
-        return None
+    return _EXT
 
 
 def has_ext_function(name: str) -> bool:

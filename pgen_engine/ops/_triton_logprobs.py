@@ -18,7 +18,7 @@ import triton.language as tl
 def _lp_fwd_kernel(
     h_ptr, w_ptr, b_ptr, tgt_ptr, lp_ptr, ent_ptr, lse_ptr,
     N, V, H, inv_t,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -40,7 +40,7 @@ def _lp_fwd_kernel(
                         mask=rmask[:, None] & kmask[None, :], other=0.0)
             b = tl.load(w_ptr + cols[None, :].to(tl.int64) * H + kk[:, None],
                         mask=cmask[None, :] & kmask[:, None], other=0.0)
-            acc = tl.dot(a, b, acc)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         z = acc * inv_t
@@ -96,7 +96,7 @@ def lp_fwd_triton(hidden, weight, bias, targets, temperature):
     b = bias if bias is not None else lp
     _lp_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         hidden, weight, b, targets.contiguous(), lp, ent, lse, N, V, H, 1.0 / temperature,
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
+        HAS_BIAS=bias is not None, PREC="ieee" if hidden.dtype == torch.float32 else "tf32", BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
         num_warps=8 if hidden.is_cuda else 4,
     )
     return lp, ent, lse
