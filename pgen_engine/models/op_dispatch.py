@@ -10,23 +10,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pgen_engine.ops.norm import rms_norm as _rms_norm
+from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama RMSNorm over the last dim; fp32 math, result in ``x.dtype``."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return _rms_norm(x, weight, eps)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[..., H, D]``, cos/sin ``[..., D]`` -> rotated x (HF rotate_half convention)."""
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-    return x * cos + _rotate_half(x) * sin
+    """x ``[B,S,H,D]`` or ``[N,H,D]``, cos/sin ``[B,S,D]`` / ``[N,D]`` -> rotated x (HF rotate_half)."""
+    return _apply_rotary(x, cos, sin)
 
 
 def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
