@@ -1,15 +1,16 @@
 """The decoder's calls into ``pgen_engine.ops``, in one place.
 
 On CUDA tensors the fused kernels (Triton / CUDA) run; on CPU the ops' torch references
-run, except attention over a full prompt, which uses ``torch.nn.functional.
-scaled_dot_product_attention`` directly (the fastest exact CPU path; the op's own torch
-reference is a readable definition, not a fast path).
+run, except attention and the KV write, which use ``torch.nn.functional.
+scaled_dot_product_attention`` and ``index_copy_`` directly: the fastest exact CPU paths
+(the ops' own torch references are readable definitions, not fast paths).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from pgen_engine.ops import attention as _attn
 from pgen_engine.ops.norm import rms_norm as _rms_norm
 from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
 
@@ -32,6 +33,8 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     None -> ``[B,S,Hq,D]``. Padded query rows attend to themselves only, so they stay
     finite (their outputs are never used).
     """
+    if q.is_cuda:
+        return _attn.prefill_attention(q, k, v, causal=True, key_padding_mask=key_mask, scale=scale)
     B, S, Hq, D = q.shape
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = Hq != k.shape[2]
@@ -52,6 +55,9 @@ def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     With ``may_skip`` slots equal to -1 are skipped (prefill: padding); this filters on
     the host, so the decode loop passes ``may_skip=False`` (every slot valid, no sync).
     """
+    if k_cache.is_cuda:  # fused kernel skips -1 slots on the device, no host sync
+        _attn.paged_kv_write(k_cache, v_cache, k, v, slot_mapping)
+        return
     kf = k_cache.view(-1, *k_cache.shape[2:])
     vf = v_cache.view(-1, *v_cache.shape[2:])
     if may_skip:
@@ -68,6 +74,8 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q ``[B,Hq,D]``; caches ``[NB,BS,Hkv,D]``; cache_seqlens int32 ``[B]``; block_table
     int32 ``[B,max_blocks]`` or None (contiguous: row b = block b) -> ``[B,Hq,D]``.
     """
+    if q.is_cuda:
+        return _attn.decode_attention(q, k_cache, v_cache, cache_seqlens.int(), block_table=block_table, scale=scale)
     B, Hq, D = q.shape
     if block_table is None:
         k, v = k_cache[:B], v_cache[:B]
