@@ -7,12 +7,23 @@ scaled_dot_product_attention`` and ``index_copy_`` directly: the fastest exact C
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from pgen_engine.ops import attention as _attn
 from pgen_engine.ops.norm import rms_norm as _rms_norm
 from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
+
+
+# Set PGEN_FUSED_OPS=1 to take the fused-op path on CPU too (tests run it there with the
+# ops' torch references or, under TRITON_INTERPRET=1, the Triton kernels).
+_FORCE_FUSED = os.environ.get("PGEN_FUSED_OPS") == "1"
+
+
+def _fused(t: torch.Tensor) -> bool:
+    return t.is_cuda or _FORCE_FUSED
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,7 +44,7 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
     None -> ``[B,S,Hq,D]``. Padded query rows attend to themselves only, so they stay
     finite (their outputs are never used).
     """
-    if q.is_cuda:
+    if _fused(q):
         return _attn.prefill_attention(q, k, v, causal=True, key_padding_mask=key_mask, scale=scale)
     B, S, Hq, D = q.shape
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -55,7 +66,7 @@ def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     With ``may_skip`` slots equal to -1 are skipped (prefill: padding); this filters on
     the host, so the decode loop passes ``may_skip=False`` (every slot valid, no sync).
     """
-    if k_cache.is_cuda:  # fused kernel skips -1 slots on the device, no host sync
+    if _fused(k_cache):  # fused kernel skips -1 slots on the device, no host sync
         _attn.paged_kv_write(k_cache, v_cache, k, v, slot_mapping)
         return
     kf = k_cache.view(-1, *k_cache.shape[2:])
@@ -74,7 +85,7 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q ``[B,Hq,D]``; caches ``[NB,BS,Hkv,D]``; cache_seqlens int32 ``[B]``; block_table
     int32 ``[B,max_blocks]`` or None (contiguous: row b = block b) -> ``[B,Hq,D]``.
     """
-    if q.is_cuda:
+    if _fused(q):
         return _attn.decode_attention(q, k_cache, v_cache, cache_seqlens.int(), block_table=block_table, scale=scale)
     B, Hq, D = q.shape
     if block_table is None:
