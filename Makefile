@@ -1,0 +1,49 @@
+# pgen_engine — the two commands: `make demo` and `make test` (each works on a fresh clone).
+# A local virtual environment gets the pinned CPU torch first, so pip never resolves a
+# multi-GB CUDA build on CPU machines; on a GPU machine set TORCH_SPEC to a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+DEMO_OUT ?= runs/demo
+
+.PHONY: demo test test-slow build bench bench-gpu clean venv
+
+$(VENV)/.stamp-deps: requirements-dev.txt setup.py
+	@echo "== creating $(VENV) and installing pinned dependencies"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -r requirements-dev.txt "$(TORCH_SPEC)"
+	touch $@
+
+venv: $(VENV)/.stamp-deps
+
+# Builds pgen_engine._C (C++; plus CUDA kernels when torch has CUDA and nvcc is present)
+# and installs the package in editable mode with the `pgen` command.
+$(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(wildcard csrc/*) $(wildcard kernels/*)
+	@echo "== building pgen_engine._C"
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.stamp-build
+
+demo: build
+	$(PY) -m pgen_engine demo --out $(DEMO_OUT)
+
+test: build
+	PGEN_REQUIRE_EXT=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: build
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=mean,stddev,rounds $(PYTEST_ARGS)
+
+bench-gpu: build
+	$(PY) -m benchmarks.gpu
+
+clean:
+	rm -rf build *.egg-info pgen_engine/_C*.so $(VENV)

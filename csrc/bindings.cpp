@@ -1,0 +1,224 @@
+// pybind11 module pgen_engine._C: the only host translation unit that includes torch.
+// Everything else in csrc/ is plain C++ so it compiles fast and can be unit-checked alone.
+#include <torch/extension.h>
+
+#include <cstring>
+#include <vector>
+
+#include "block_manager.h"
+#include "errors.h"
+#include "sampler_cpu.h"
+#include "scheduler.h"
+
+namespace py = pybind11;
+
+#ifdef PGEN_WITH_CUDA
+namespace pgen {
+void register_cuda_ops(py::module_& m);  // csrc/cuda_ops.cpp
+}
+#endif
+
+namespace {
+
+torch::Tensor i64_tensor(const std::vector<int64_t>& v) {
+  auto t = torch::empty({static_cast<int64_t>(v.size())}, torch::kInt64);
+  if (!v.empty()) std::memcpy(t.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
+  return t;
+}
+
+torch::Tensor i32_tensor(const std::vector<int32_t>& v, std::vector<int64_t> shape) {
+  auto t = torch::empty(shape, torch::kInt32);
+  if (!v.empty()) std::memcpy(t.data_ptr<int32_t>(), v.data(), v.size() * sizeof(int32_t));
+  return t;
+}
+
+// Float32 contiguous view of a [B, V] floating CPU tensor (bf16/fp16 logits and strided
+// views are converted, which is what the ops-level dispatcher passes through).
+torch::Tensor as_f32_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "sample_cpu: ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.is_floating_point(), "sample_cpu: ", name,
+              " must be a floating tensor (float32/bfloat16/float16), got ", t.scalar_type());
+  TORCH_CHECK(t.dim() == 2, "sample_cpu: ", name, " must be 2-D [B, V], got shape ", t.sizes());
+  return t.to(torch::kFloat32).contiguous();
+}
+
+torch::Tensor sample_cpu(const torch::Tensor& logits, const c10::optional<torch::Tensor>& uncond,
+                         double guidance_scale, double temperature, int64_t top_k, double top_p,
+                         const torch::Tensor& seeds) {
+  const torch::Tensor lg = as_f32_rows(logits, "logits");
+  const int64_t B = lg.size(0), V = lg.size(1);
+  torch::Tensor un;
+  if (uncond.has_value()) {
+    TORCH_CHECK(uncond->sizes() == logits.sizes(), "sample_cpu: uncond_logits shape ",
+                uncond->sizes(), " != logits shape ", logits.sizes());
+    un = as_f32_rows(*uncond, "uncond_logits");
+  }
+  TORCH_CHECK(seeds.device().is_cpu() && seeds.scalar_type() == torch::kInt64 &&
+                  seeds.dim() == 1 && seeds.size(0) == B,
+              "sample_cpu: seeds must be a CPU int64 tensor of shape [", B, "], got ",
+              seeds.scalar_type(), " ", seeds.sizes(), " on ", seeds.device());
+  const torch::Tensor sd = seeds.contiguous();
+  auto out = torch::empty({B}, torch::kInt64);
+  {
+    py::gil_scoped_release no_gil;
+    pgen::sample_rows_cpu(lg.data_ptr<float>(), un.defined() ? un.data_ptr<float>() : nullptr, B,
+                          V, static_cast<float>(guidance_scale),
+                          static_cast<float>(temperature), top_k, static_cast<float>(top_p),
+                          sd.data_ptr<int64_t>(), out.data_ptr<int64_t>());
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "pgen_engine host extension: paged KV block manager, continuous-batching "
+            "scheduler, CPU sampler (and CUDA kernels when built with CUDA).";
+
+  // Python exception types: OutOfKVBlocksError is a MemoryError (pool exhausted),
+  // UnknownIdError a KeyError (bad sequence/request id), SchedulerStateError a RuntimeError.
+  py::register_exception<pgen::OutOfBlocksError>(m, "OutOfKVBlocksError", PyExc_MemoryError);
+  py::register_exception<pgen::UnknownIdError>(m, "UnknownIdError", PyExc_KeyError);
+  py::register_exception<pgen::StateError>(m, "SchedulerStateError", PyExc_RuntimeError);
+
+  m.attr("with_cuda") =
+#ifdef PGEN_WITH_CUDA
+      true;
+#else
+      false;
+#endif
+
+  m.def("uniform_from_seed", &pgen::uniform_from_seed, py::arg("seed"),
+        "splitmix64(seed) -> float in [0, 1) with 24 random bits.");
+  m.def("sample_cpu", &sample_cpu, py::arg("logits"), py::arg("uncond_logits"),
+        py::arg("guidance_scale"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+        py::arg("seeds"),
+        "CFG + temperature + top-k + top-p sampling of [B, V] logits (computed in float32) with "
+        "int64 [B] seeds "
+        "seeds -> int64 [B] token ids (rows in parallel).");
+
+  py::class_<pgen::AppendResult>(m, "AppendResult")
+      .def_readonly("slot", &pgen::AppendResult::slot)
+      .def_readonly("cow_src", &pgen::AppendResult::cow_src)
+      .def_readonly("cow_dst", &pgen::AppendResult::cow_dst)
+      .def("__repr__", [](const pgen::AppendResult& r) {
+        return "AppendResult(slot=" + std::to_string(r.slot) + ", cow_src=" +
+               std::to_string(r.cow_src) + ", cow_dst=" + std::to_string(r.cow_dst) + ")";
+      });
+
+  py::class_<pgen::BlockManager>(m, "BlockManager")
+      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
+      .def_property_readonly("num_blocks", &pgen::BlockManager::num_blocks)
+      .def_property_readonly("block_size", &pgen::BlockManager::block_size)
+      .def("num_free_blocks", &pgen::BlockManager::num_free_blocks)
+      .def("num_seqs", &pgen::BlockManager::num_seqs)
+      .def("blocks_for_tokens", &pgen::BlockManager::blocks_for_tokens, py::arg("num_tokens"))
+      .def("can_allocate", &pgen::BlockManager::can_allocate, py::arg("num_tokens"))
+      .def("allocate", &pgen::BlockManager::allocate, py::arg("seq"), py::arg("num_tokens"))
+      .def("append_slot", &pgen::BlockManager::append_slot, py::arg("seq"))
+      .def("fork", &pgen::BlockManager::fork, py::arg("parent"), py::arg("child"))
+      .def("free", &pgen::BlockManager::free, py::arg("seq"))
+      .def("has_seq", &pgen::BlockManager::has_seq, py::arg("seq"))
+      .def("seq_len", &pgen::BlockManager::seq_len, py::arg("seq"))
+      .def("block_table", &pgen::BlockManager::block_table, py::arg("seq"))
+      .def("refcount", &pgen::BlockManager::refcount, py::arg("block"))
+      .def("seq_ids", &pgen::BlockManager::seq_ids)
+      .def(
+          "slot_mapping",
+          [](const pgen::BlockManager& bm, int64_t seq, int64_t start, int64_t end) {
+            if (end < 0) end = bm.seq_len(seq);
+            TORCH_CHECK(end >= start && start >= 0, "slot_mapping: bad range [", start, ", ",
+                        end, ")");
+            auto t = torch::empty({end - start}, torch::kInt64);
+            bm.slot_mapping_into(seq, start, end, t.data_ptr<int64_t>());
+            return t;
+          },
+          py::arg("seq"), py::arg("start") = 0, py::arg("end") = -1)
+      .def(
+          "block_tables_tensor",
+          [](const pgen::BlockManager& bm, const std::vector<int64_t>& seqs, int64_t max_blocks) {
+            TORCH_CHECK(max_blocks >= 0, "block_tables_tensor: max_blocks must be >= 0");
+            auto t = torch::empty({static_cast<int64_t>(seqs.size()), max_blocks}, torch::kInt32);
+            bm.block_tables_into(seqs, max_blocks, t.data_ptr<int32_t>());
+            return t;
+          },
+          py::arg("seqs"), py::arg("max_blocks"));
+
+  py::class_<pgen::PrefillItem>(m, "PrefillItem")
+      .def_readonly("request_id", &pgen::PrefillItem::request_id)
+      .def_readonly("prompt_len", &pgen::PrefillItem::prompt_len)
+      .def_readonly("seq_id", &pgen::PrefillItem::seq_id)
+      .def_readonly("uncond_seq_id", &pgen::PrefillItem::uncond_seq_id)
+      .def_readonly("sample_seq_ids", &pgen::PrefillItem::sample_seq_ids)
+      .def_readonly("uncond_sample_seq_ids", &pgen::PrefillItem::uncond_sample_seq_ids);
+
+  py::class_<pgen::BatchPlan>(m, "BatchPlan")
+      .def_readonly("prefill", &pgen::BatchPlan::prefill)
+      .def_readonly("prefill_seq_ids", &pgen::BatchPlan::prefill_seq_ids)
+      .def_readonly("prefill_lens", &pgen::BatchPlan::prefill_lens)
+      .def_property_readonly("prefill_slot_mapping",
+                             [](const pgen::BatchPlan& p) { return i64_tensor(p.prefill_slot_mapping); })
+      .def_readonly("decode_sample_ids", &pgen::BatchPlan::decode_sample_ids)
+      .def_readonly("decode_seq_ids", &pgen::BatchPlan::decode_seq_ids)
+      .def_property_readonly("decode_slot_mapping",
+                             [](const pgen::BatchPlan& p) { return i64_tensor(p.decode_slot_mapping); })
+      .def_property_readonly("decode_context_lens",
+                             [](const pgen::BatchPlan& p) {
+                               return i32_tensor(p.decode_context_lens,
+                                                 {static_cast<int64_t>(p.decode_context_lens.size())});
+                             })
+      .def_property_readonly("decode_block_tables",
+                             [](const pgen::BatchPlan& p) {
+                               return i32_tensor(p.decode_block_tables,
+                                                 {static_cast<int64_t>(p.decode_seq_ids.size()),
+                                                  p.decode_max_blocks});
+                             })
+      .def_readonly("decode_max_blocks", &pgen::BatchPlan::decode_max_blocks)
+      .def_property_readonly("copies", [](const pgen::BatchPlan& p) {
+        auto t = torch::empty({static_cast<int64_t>(p.copies.size()), 2}, torch::kInt64);
+        auto a = t.accessor<int64_t, 2>();
+        for (size_t i = 0; i < p.copies.size(); ++i) {
+          a[i][0] = p.copies[i].first;
+          a[i][1] = p.copies[i].second;
+        }
+        return t;
+      });
+
+  py::class_<pgen::SchedulerStats>(m, "SchedulerStats")
+      .def_readonly("num_blocks", &pgen::SchedulerStats::num_blocks)
+      .def_readonly("num_free_blocks", &pgen::SchedulerStats::num_free_blocks)
+      .def_readonly("reserved_blocks", &pgen::SchedulerStats::reserved_blocks)
+      .def_readonly("num_waiting", &pgen::SchedulerStats::num_waiting)
+      .def_readonly("num_running_requests", &pgen::SchedulerStats::num_running_requests)
+      .def_readonly("num_running_rows", &pgen::SchedulerStats::num_running_rows)
+      .def_readonly("num_pending_samples", &pgen::SchedulerStats::num_pending_samples);
+
+  py::class_<pgen::SampleInfo>(m, "SampleInfo")
+      .def_readonly("request_id", &pgen::SampleInfo::request_id)
+      .def_readonly("sample_index", &pgen::SampleInfo::sample_index)
+      .def_readonly("uncond_seq_id", &pgen::SampleInfo::uncond_seq_id)
+      .def_readonly("num_generated", &pgen::SampleInfo::num_generated);
+
+  py::class_<pgen::Scheduler>(m, "Scheduler")
+      .def(py::init<int64_t, int64_t, int64_t, bool>(), py::arg("num_blocks"),
+           py::arg("block_size"), py::arg("max_batch_rows"), py::arg("cfg"))
+      .def("worst_case_blocks", &pgen::Scheduler::worst_case_blocks, py::arg("prompt_len"),
+           py::arg("num_samples"), py::arg("max_new_tokens"))
+      .def("add_request", &pgen::Scheduler::add_request, py::arg("request_id"),
+           py::arg("prompt_len"), py::arg("num_samples"), py::arg("max_new_tokens"))
+      .def("schedule", &pgen::Scheduler::schedule)
+      .def("step_done", &pgen::Scheduler::step_done, py::arg("sample_ids"), py::arg("finished"))
+      .def("abort", &pgen::Scheduler::abort, py::arg("request_id"))
+      .def("stats", &pgen::Scheduler::stats)
+      .def("sample_info", &pgen::Scheduler::sample_info, py::arg("sample_id"))
+      .def("has_unfinished", &pgen::Scheduler::has_unfinished)
+      .def_property_readonly("cfg", &pgen::Scheduler::cfg)
+      .def_property_readonly("max_batch_rows", &pgen::Scheduler::max_batch_rows)
+      .def_property_readonly("block_manager", &pgen::Scheduler::block_manager,
+                             py::return_value_policy::reference_internal);
+
+#ifdef PGEN_WITH_CUDA
+  pgen::register_cuda_ops(m);
+#endif
+}
