@@ -1,0 +1,199 @@
+"""GRPO / critic-free PPO objective: pure functions on per-token log-probs.
+
+Shapes used throughout: ``N`` sampled sequences (images), ``T`` image tokens each.
+``mask`` (bool ``[N,T]``) marks the tokens that count; for fixed-length images it is all
+True, but the functions never assume it.
+
+Which distribution the ratio uses: the *policy's conditional distribution at the
+sampling temperature*, i.e. ``log_softmax(cond_logits / T)``. Rollouts sample from the
+CFG-mixed distribution ``u + s (c - u)``; the CFG mix is a fixed transformation of the
+policy's two forward passes, and optimising the conditional branch is what LlamaGen-style
+RL for AR image models does (the unconditional branch is kept meaningful by condition
+dropout during SFT). The ratio is therefore ``exp(logp_new - logp_old)`` with both terms
+from the conditional distribution, ``logp_old`` recomputed with the training numerics
+right after the rollout.
+
+Objective per token (DeepSeekMath GRPO, PPO-clip):
+
+    ratio  = exp(logp - logp_old)
+    pg     = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A)
+    kl_k3  = exp(ref - logp) - (ref - logp) - 1          (Schulman's k3, >= 0, unbiased for KL(pi||ref))
+    loss   = pg + beta * kl_k3
+
+aggregated either per token (mean over all valid tokens of the batch) or per sequence
+(mean over tokens of each sequence, then mean over sequences).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Aggregation = Literal["token", "sequence"]
+AGGREGATIONS = ("token", "sequence")
+ALGORITHMS = ("grpo", "ppo")
+
+
+def _check_1d(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 1 or not x.is_floating_point():
+        raise ValueError(f"{name}: expected a float tensor [N], got "
+                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: rewards normalised within each group of ``group_size`` samples.
+
+    Args:
+        rewards: float ``[N]``, ``N = num_prompts * group_size``; rows ``i*G .. i*G+G-1``
+            are the G samples of prompt ``i`` (the Generator's row order).
+        group_size: G >= 1.
+        scale_by_std: divide by the group's population std (+ ``eps``); False gives the
+            "Dr. GRPO" mean-centred variant.
+        eps: keeps all-equal groups (std 0) finite: their advantages are exactly 0.
+    Returns:
+        float32 ``[N]`` ``(r - mean_g) / (std_g + eps)``.
+    """
+    _check_1d(rewards, "group_advantages: rewards")
+    if group_size < 1 or rewards.shape[0] % group_size:
+        raise ValueError(f"group_advantages: {rewards.shape[0]} rewards are not a whole number of groups of "
+                         f"group_size={group_size}")
+    r = rewards.float().reshape(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def batch_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free PPO advantages: rewards whitened over the whole batch, float32 ``[N]``.
+
+    The batch mean is the baseline (no value network); with one sample per prompt this
+    is the usual REINFORCE-with-baseline estimator that PPO-clip then optimises.
+    """
+    _check_1d(rewards, "batch_advantages: rewards")
+    r = rewards.float()
+    return (r - r.mean()) / (r.std(unbiased=False) + eps)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi || ref): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0).
+
+    Args: ``logp``, ``ref_logp``: float ``[...]`` log-probs of the sampled tokens under the
+    policy and the frozen reference. Returns the same shape, float32.
+    """
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"k3_kl: logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ in shape")
+    d = ref_logp.float() - logp.float()
+    return torch.exp(d) - d - 1.0
+
+
+def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, *,
+                        clip_eps: float = 0.2, clip_eps_high: float | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO-clip surrogate per token.
+
+    Args:
+        logp: float ``[N,T]`` current policy log-probs (carries the gradient).
+        old_logp: float ``[N,T]`` log-probs of the policy that sampled (no gradient).
+        advantages: float ``[N]`` (broadcast over tokens) or ``[N,T]``.
+        clip_eps: lower clip ``1 - clip_eps``; also the upper one unless ``clip_eps_high``.
+        clip_eps_high: upper clip ``1 + clip_eps_high`` ("clip-higher"); None = ``clip_eps``.
+    Returns:
+        (loss ``[N,T]`` = ``-min(r A, clip(r) A)``, ratio ``[N,T]``, clipped bool ``[N,T]``
+        where the clipped branch was the active minimum and differs from the unclipped one).
+    """
+    if logp.shape != old_logp.shape or logp.ndim != 2:
+        raise ValueError(f"clipped_policy_loss: logp {tuple(logp.shape)} and old_logp {tuple(old_logp.shape)} "
+                         f"must both be [N,T]")
+    if not clip_eps > 0 or (clip_eps_high is not None and not clip_eps_high > 0):
+        raise ValueError(f"clipped_policy_loss: clip_eps={clip_eps}, clip_eps_high={clip_eps_high} must be > 0")
+    hi = clip_eps if clip_eps_high is None else clip_eps_high
+    adv = advantages.float()
+    if adv.ndim == 1:
+        if adv.shape[0] != logp.shape[0]:
+            raise ValueError(f"clipped_policy_loss: advantages [{adv.shape[0]}] vs logp rows {logp.shape[0]}")
+        adv = adv[:, None]
+    elif adv.shape != logp.shape:
+        raise ValueError(f"clipped_policy_loss: advantages {tuple(adv.shape)} must be [N] or {tuple(logp.shape)}")
+    ratio = torch.exp(logp.float() - old_logp.float().detach())
+    unclipped = ratio * adv
+    clipped_val = ratio.clamp(1.0 - clip_eps, 1.0 + hi) * adv
+    loss = -torch.minimum(unclipped, clipped_val)
+    was_clipped = clipped_val < unclipped
+    return loss, ratio, was_clipped
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: Aggregation = "token") -> torch.Tensor:
+    """Reduce a per-token quantity ``[N,T]`` to a scalar over the ``mask`` ed tokens.
+
+    ``"token"``: sum over all valid tokens / number of valid tokens (long sequences weigh
+    more). ``"sequence"``: each sequence's token mean, then the mean over sequences that
+    have at least one valid token.
+    """
+    if per_token.shape != mask.shape:
+        raise ValueError(f"aggregate: values {tuple(per_token.shape)} and mask {tuple(mask.shape)} differ")
+    m = mask.to(per_token.dtype)
+    if mode == "token":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    if mode == "sequence":
+        n_tok = m.sum(dim=1)
+        seq = (per_token * m).sum(dim=1) / n_tok.clamp(min=1.0)
+        has = (n_tok > 0).to(per_token.dtype)
+        return (seq * has).sum() / has.sum().clamp(min=1.0)
+    raise ValueError(f"aggregate: mode must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                ref_logp: torch.Tensor | None = None, beta: float = 0.0, clip_eps: float = 0.2,
+                clip_eps_high: float | None = None, aggregation: Aggregation = "token"
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The full GRPO/PPO loss (scalar) and detached statistics.
+
+    Args:
+        logp, old_logp, mask: ``[N,T]`` (see :func:`clipped_policy_loss`, :func:`aggregate`).
+        advantages: ``[N]`` or ``[N,T]``.
+        ref_logp: ``[N,T]`` reference log-probs; required when ``beta > 0``.
+        beta: KL coefficient (k3 estimator). ``beta == 0`` skips the KL term entirely.
+    Returns:
+        (loss, stats) with stats ``pg_loss``, ``kl`` (k3 mean; 0 without ``ref_logp``),
+        ``clip_frac``, ``ratio_mean``, ``ratio_max`` as 0-d detached tensors.
+    """
+    if beta < 0:
+        raise ValueError(f"policy_loss: beta={beta} must be >= 0")
+    if beta > 0 and ref_logp is None:
+        raise ValueError("policy_loss: beta > 0 needs ref_logp")
+    pg, ratio, clipped = clipped_policy_loss(logp, old_logp, advantages, clip_eps=clip_eps,
+                                             clip_eps_high=clip_eps_high)
+    pg_loss = aggregate(pg, mask, aggregation)
+    loss = pg_loss
+    if ref_logp is not None:
+        kl_tok = k3_kl(logp, ref_logp.detach())
+        kl = aggregate(kl_tok, mask, aggregation)
+        if beta > 0:
+            loss = loss + beta * kl
+    else:
+        kl = pg_loss.new_zeros(())
+    valid = mask.bool()
+    n = valid.sum().clamp(min=1)
+    stats = {
+        "pg_loss": pg_loss.detach(),
+        "kl": kl.detach(),
+        "clip_frac": (clipped & valid).sum().float().div(n).detach(),
+        "ratio_mean": (ratio * valid).sum().div(n).detach(),
+        "ratio_max": ratio.masked_fill(~valid, 0.0).max().detach() if valid.any() else ratio.new_zeros(()),
+    }
+    return loss, stats
+
+
+def logprob_gap(rollout_logp: torch.Tensor, trainer_logp: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[float, float]:
+    """(max, mean) of ``|rollout - trainer|`` log-prob over valid tokens (floats; host sync)."""
+    if rollout_logp.shape != trainer_logp.shape:
+        raise ValueError(f"logprob_gap: shapes {tuple(rollout_logp.shape)} vs {tuple(trainer_logp.shape)}")
+    d = (rollout_logp.double() - trainer_logp.double()).abs()
+    if mask is not None:
+        d = d[mask.bool()]
+    if d.numel() == 0:
+        return 0.0, 0.0
+    return float(d.max()), float(d.mean())

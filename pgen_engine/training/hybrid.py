@@ -1,0 +1,333 @@
+"""Hybrid engine: the ZeRO-3 policy's own weights serve RL rollouts.
+
+One RL step switches the same parameters between two uses:
+
+1. **rollout** — :meth:`HybridEngine.rollout` gathers every ZeRO-3 shard *once* for the
+   whole phase (``deepspeed.zero.GatheredParameters``), detaches DeepSpeed's per-module
+   fetch/release hooks so the many small decode forwards do not re-partition and re-gather
+   the weights token by token, and runs :class:`pgen_engine.generation.Generator` on the
+   module in place (no second copy of the weights). Optionally the optimizer states are
+   moved off the device first (``engine.offload_states()``) to make room for the gathered
+   weights and the KV cache. On exit the Generator (and its KV cache) is dropped, the
+   hooks are re-registered, the shards are re-partitioned and the optimizer states
+   reloaded — so the update phase sees exactly the training layout again.
+2. **update** — ordinary ZeRO-3 training forwards/backwards (:mod:`.rl`).
+
+Rollout log-probs: the Generator samples from the CFG-mixed distribution; the hybrid
+engine records, at every step, the *conditional* logits the Generator computed and
+returns ``log_softmax(cond_logits / temperature)`` of the sampled tokens. That is the
+distribution the GRPO ratio uses (see :mod:`.grpo`); comparing it with the trainer's
+recomputation (``forward_train`` + ``image_token_logprobs``) gives the logged
+``logprob_gap``.
+
+The recording works through a thin proxy around the model that the Generator drives
+(``image_head_logits`` to get logits, ``embed_image_codes`` to feed the sampled token
+back); the proxy checks that the tokens it saw are exactly the returned ones, so a
+change in the Generator's call pattern fails loudly instead of corrupting log-probs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .memory_ledger import MemoryLedger, module_param_bytes, optimizer_state_bytes
+
+
+# ----------------------------------------------------------------------------- ZeRO-3 helpers
+def is_zero3(module: torch.nn.Module) -> bool:
+    """True when ``module``'s parameters are ZeRO-3 partitioned (they carry ``ds_id``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _param_offload(engine):
+    """The engine's ZeRO-3 ``DeepSpeedZeRoOffload`` (holds the module hooks), or None."""
+    opt = getattr(engine, "optimizer", None)
+    po = getattr(opt, "parameter_offload", None)
+    if po is not None:
+        return po
+    if opt is not None and hasattr(opt, "forward_hooks") and hasattr(opt, "_register_deepspeed_module"):
+        return opt  # inference-only ZeRO-3 engine: the optimizer slot holds the offload object
+    return None
+
+
+@contextlib.contextmanager
+def gathered_module(module: torch.nn.Module, engine=None) -> Iterator[torch.nn.Module]:
+    """Yield ``module`` with all parameters materialised, once, for many forwards.
+
+    Without ZeRO-3 this is a no-op. With ZeRO-3 the shards are all-gathered on entry
+    (read-only: ``modifier_rank=None``) and re-partitioned on exit; DeepSpeed's
+    per-module hooks are detached in between (they would otherwise release each
+    sub-module's weights after every forward) and re-attached afterwards.
+    """
+    if not is_zero3(module):
+        yield module
+        return
+    import deepspeed
+
+    po = _param_offload(engine) if engine is not None else None
+    if engine is not None and po is None:
+        raise RuntimeError("gathered_module: ZeRO-3 parameters but the DeepSpeed engine exposes no parameter "
+                           "offload object (engine.optimizer.parameter_offload); unsupported DeepSpeed version?")
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if po is not None:
+            for p in params:
+                p.ds_active_sub_modules.clear()
+            for h in (*po.forward_hooks, *po.backward_hooks):
+                h.remove()
+            po.forward_hooks, po.backward_hooks = [], []
+        try:
+            yield module
+        finally:
+            if po is not None:
+                po._register_deepspeed_module(po.module)
+
+
+# ----------------------------------------------------------------------------- log-prob recording
+class _RecordingModel:
+    """Delegates to a JanusModel; records the conditional log-prob of each sampled token.
+
+    The Generator calls ``image_head_logits(hidden)`` for the rows of one step (the first
+    half are conditional rows when CFG is on) and then ``embed_image_codes(tokens [R])``
+    with the tokens it drew; the second call tells us which entries to keep, so only
+    ``[R]`` values per step are stored, never ``[R, T, K]`` logits.
+    """
+
+    def __init__(self, model, *, cfg: bool, temperature: float):
+        self._model = model
+        self._cfg = cfg
+        self._temperature = temperature
+        self._pending: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []
+        self.tokens: list[torch.Tensor] = []
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def image_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self._model.image_head_logits(hidden)
+        rows = logits.shape[0] // 2 if self._cfg else logits.shape[0]
+        self._pending = F.log_softmax(logits[:rows].float() / self._temperature, dim=-1)
+        return logits
+
+    def embed_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        if self._pending is not None and codes.ndim == 1 and codes.shape[0] == self._pending.shape[0]:
+            self._take(codes)
+        return self._model.embed_image_codes(codes)
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self.logprobs.append(self._pending.gather(1, tokens[:, None].to(self._pending.device)).squeeze(1))
+        self.tokens.append(tokens.clone())
+        self._pending = None
+
+    def finish(self, out: torch.Tensor) -> torch.Tensor:
+        """Close the last step with the returned tokens ``out [R,T]``; -> log-probs ``[R,T]`` fp32."""
+        T = out.shape[1]
+        if self._pending is None or len(self.logprobs) != T - 1:
+            raise RuntimeError(f"rollout log-prob recording saw {len(self.logprobs)} fed-back steps for T={T}; the "
+                               f"Generator's call pattern (image_head_logits -> embed_image_codes) changed")
+        self._take(out[:, -1])
+        toks = torch.stack(self.tokens, 1)
+        if not torch.equal(toks.to(out.device), out):
+            raise RuntimeError("rollout log-prob recording: recorded tokens differ from the Generator's output "
+                               "(row order or call pattern changed)")
+        return torch.stack(self.logprobs, 1)
+
+
+# ----------------------------------------------------------------------------- rollout
+@dataclasses.dataclass
+class SamplingParams:
+    """Rollout sampling settings (see :meth:`pgen_engine.generation.Generator.generate`)."""
+
+    num_samples: int = 8
+    guidance_scale: float = 5.0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    uncond_mode: str = "pad"
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"SamplingParams.num_samples={self.num_samples}: expected >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"SamplingParams.temperature={self.temperature}: expected > 0")
+        if self.guidance_scale <= 0:
+            raise ValueError(f"SamplingParams.guidance_scale={self.guidance_scale}: expected > 0")
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Result of one rollout phase.
+
+    Attributes:
+        tokens: int64 ``[B*G, T]``; row ``i*G + j`` is sample ``j`` of prompt ``i``.
+        logprobs: float32 ``[B*G, T]`` rollout log-probs (conditional logits / temperature).
+        kv_bytes: bytes of the KV cache the Generator held (released when this returns).
+        gathered_bytes: parameter bytes materialised on this rank during the rollout.
+    """
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor
+    kv_bytes: int
+    gathered_bytes: int
+
+
+class HybridEngine:
+    """Switches one policy between ZeRO-3 training and KV-cached generation.
+
+    Args:
+        module: the policy (``engine.module`` under DeepSpeed).
+        engine: the DeepSpeed engine, or None (plain module).
+        max_batch_size: rows decoded at once; prompts are chunked so each Generator call
+            is one wave of whole prompt groups.
+        max_seq_len: longest prompt + image tokens.
+        offload_optimizer_states: call ``engine.offload_states()`` / ``reload_states()``
+            around the rollout (frees device memory for gathered weights + KV cache).
+        ledger: optional :class:`MemoryLedger` receiving rollout bytes.
+    """
+
+    def __init__(self, module: torch.nn.Module, engine=None, *, max_batch_size: int = 64,
+                 max_seq_len: int | None = None, offload_optimizer_states: bool = False,
+                 ledger: MemoryLedger | None = None, sample_backend: str = "auto"):
+        if max_batch_size < 1:
+            raise ValueError(f"HybridEngine: max_batch_size={max_batch_size} must be >= 1")
+        self.module = module
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.offload_optimizer_states = offload_optimizer_states
+        self.ledger = ledger
+        self.sample_backend = sample_backend
+        if offload_optimizer_states and (engine is None or not hasattr(engine, "offload_states")):
+            raise ValueError("HybridEngine: offload_optimizer_states=True needs a DeepSpeed engine with offload_states()")
+
+    @contextlib.contextmanager
+    def _optimizer_states_off_device(self) -> Iterator[None]:
+        if not self.offload_optimizer_states:
+            yield
+            return
+        self.engine.offload_states()
+        try:
+            yield
+        finally:
+            self.engine.reload_states()
+
+    def rollout(self, prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
+                params: SamplingParams, seeds: Sequence[int]) -> Rollout:
+        """Sample ``params.num_samples`` images per prompt with the policy's own weights.
+
+        Args:
+            prompts: B token-id lists (no padding), each ending with begin-of-image.
+            code_masks: B bool lists (True where the id is a history VQ code) or None.
+            params: sampling settings.
+            seeds: B request seeds (results of a prompt do not depend on its batch mates).
+        Returns:
+            :class:`Rollout`; the KV cache is already released when this returns.
+        """
+        from pgen_engine.generation.generator import Generator
+
+        B, G = len(prompts), params.num_samples
+        if B == 0:
+            raise ValueError("HybridEngine.rollout: no prompts")
+        if len(seeds) != B or (code_masks is not None and len(code_masks) != B):
+            raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(seeds)} seeds / "
+                             f"{None if code_masks is None else len(code_masks)} code masks")
+        per_call = max(1, self.max_batch_size // G)
+        if G > self.max_batch_size:
+            raise ValueError(f"HybridEngine.rollout: num_samples={G} exceeds max_batch_size={self.max_batch_size}")
+        m = self.module
+        was_training = m.training
+        T = m.num_image_tokens
+        max_len = self.max_seq_len or (max(len(p) for p in prompts) + T)
+        cfg = float(params.guidance_scale) != 1.0
+        toks, lps = [], []
+        kv_bytes = gathered = 0
+        with self._optimizer_states_off_device(), gathered_module(m, self.engine):
+            gathered = module_param_bytes(m)
+            m.eval()
+            try:
+                gen = Generator(m, max_batch_size=min(self.max_batch_size, per_call * G), max_seq_len=max_len,
+                                uncond_mode=params.uncond_mode, sample_backend=self.sample_backend)
+                kv_bytes = gen.cache_nbytes()
+                for lo in range(0, B, per_call):
+                    hi = min(B, lo + per_call)
+                    rec = _RecordingModel(m, cfg=cfg, temperature=float(params.temperature))
+                    gen.model = rec
+                    out = gen.generate([list(p) for p in prompts[lo:hi]], None,
+                                       gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
+                                       num_samples=G, guidance_scale=float(params.guidance_scale),
+                                       temperature=float(params.temperature), top_k=int(params.top_k),
+                                       top_p=float(params.top_p), seed=[int(s) for s in seeds[lo:hi]])
+                    lps.append(rec.finish(out))
+                    toks.append(out)
+                del gen, rec  # drops the KV cache before the update phase
+            finally:
+                m.train(was_training)
+            if self.ledger is not None:
+                self.ledger.record("rollout", "gathered_weights", gathered)
+                self.ledger.record("rollout", "kv", kv_bytes)
+                if self.engine is not None and not self.offload_optimizer_states:
+                    self.ledger.record("rollout", "optimizer_states", optimizer_state_bytes(self.engine.optimizer))
+        return Rollout(torch.cat(toks), torch.cat(lps), kv_bytes, gathered)
+
+
+# ----------------------------------------------------------------------------- reference policy
+class ReferencePolicy:
+    """Frozen reference model for the KL term.
+
+    Modes:
+        ``"cpu"``: a frozen copy kept on the CPU; its forward runs on the CPU (cheap for
+            small models, never occupies device memory).
+        ``"device"``: a frozen copy on the policy's device (small models, fastest).
+        ``"partitioned"``: a ZeRO-3 inference engine (no optimizer): each rank holds only a
+            shard; DeepSpeed gathers layer by layer during the forward.
+    Build with :meth:`from_policy` *before* the policy is wrapped by DeepSpeed.
+    """
+
+    MODES = ("cpu", "device", "partitioned")
+
+    def __init__(self, module: torch.nn.Module, mode: str, engine=None):
+        if mode not in self.MODES:
+            raise ValueError(f"ReferencePolicy: mode must be one of {self.MODES}, got {mode!r}")
+        self.module, self.mode, self.engine = module, mode, engine
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_policy(cls, policy: torch.nn.Module, mode: str, *, device: torch.device | str | None = None,
+                    ds_config: dict | None = None) -> "ReferencePolicy":
+        """Copy ``policy`` (not yet DeepSpeed-wrapped) into a frozen reference."""
+        import copy
+
+        if mode not in cls.MODES:
+            raise ValueError(f"ReferencePolicy: mode must be one of {cls.MODES}, got {mode!r}")
+        ref = copy.deepcopy(policy)
+        if mode == "cpu":
+            return cls(ref.to("cpu"), mode)
+        if mode == "device":
+            return cls(ref.to(device or policy.device), mode)
+        if ds_config is None:
+            raise ValueError("ReferencePolicy: mode 'partitioned' needs the DeepSpeed config (ds_config)")
+        import deepspeed
+
+        cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+        cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 3}
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=ref, config=cfg)
+        return cls(engine.module, mode, engine)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu") if self.mode == "cpu" else self.module.device
+
+    def nbytes(self) -> int:
+        """Bytes this rank holds for the reference (shards only when partitioned)."""
+        from .memory_ledger import zero3_shard_bytes
+
+        return zero3_shard_bytes(self.module) if self.mode == "partitioned" else module_param_bytes(self.module)

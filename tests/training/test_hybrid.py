@@ -1,0 +1,105 @@
+"""Hybrid engine: rollouts through the Generator on the policy's own weights."""
+import gc
+import weakref
+
+import pytest
+import torch
+
+import pgen_engine as pg
+from pgen_engine.models.tiny import make_tiny_checkpoint
+from pgen_engine.training.hybrid import HybridEngine, ReferencePolicy, SamplingParams, gathered_module, is_zero3
+from pgen_engine.training.memory_ledger import MemoryLedger, live_tensor_bytes
+from pgen_engine.training.rl import build_sequences, policy_logprobs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=11, init_std=0.1, hidden_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, codebook_size=37, image_size=16, patch_size=4)
+    return pg.load_model(d, device="cpu", dtype=torch.float32)
+
+
+def _prompts(model, B, g):
+    sp = model.special_tokens
+    prompts, masks = [], []
+    for _ in range(B):
+        n_txt = int(torch.randint(2, 9, (), generator=g))
+        n_code = int(torch.randint(0, 7, (), generator=g))
+        txt = torch.randint(6, 200, (n_txt,), generator=g).tolist()
+        codes = torch.randint(0, model.codebook_size, (n_code,), generator=g).tolist()
+        prompts.append([sp.bos] + txt + [sp.boi] + codes + [sp.eoi, sp.boi])
+        masks.append([False] * (2 + n_txt) + [True] * n_code + [False, False])
+    return prompts, masks
+
+
+@pytest.mark.parametrize("guidance,temperature,mode", [(3.0, 0.7, "pad"), (1.0, 1.3, "pad"), (4.0, 1.0, "short")])
+def test_rollout_logprob_gap_fp32(tiny, guidance, temperature, mode):
+    g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
+    B, G = 3, 4
+    prompts, masks = _prompts(tiny, B, g)
+    hy = HybridEngine(tiny, max_batch_size=8)  # 2 prompts per Generator call: exercises chunking
+    ro = hy.rollout(prompts, masks, SamplingParams(G, guidance, temperature, 0, 1.0, mode), seeds=[5, 6, 7])
+    T = tiny.num_image_tokens
+    assert ro.tokens.shape == (B * G, T) and ro.logprobs.shape == (B * G, T)
+    assert (ro.logprobs <= 0).all() and ro.kv_bytes > 0
+    seqs = build_sequences(prompts, masks, ro.tokens, G, tiny.special_tokens.pad)
+    with torch.no_grad():
+        lp, _ = policy_logprobs(tiny, *seqs, ro.tokens, temperature)
+    gap = (lp - ro.logprobs).abs()
+    assert float(gap.max()) <= 1e-5, float(gap.max())
+    # samples of one prompt differ (they are sampled, not copies)
+    assert not torch.equal(ro.tokens[0], ro.tokens[1])
+
+
+def test_rollout_is_deterministic_and_batch_independent(tiny):
+    g = torch.Generator().manual_seed(1)
+    prompts, masks = _prompts(tiny, 3, g)
+    p = SamplingParams(2, 2.0, 1.0)
+    a = HybridEngine(tiny, max_batch_size=6).rollout(prompts, masks, p, seeds=[1, 2, 3])
+    b = HybridEngine(tiny, max_batch_size=2).rollout(prompts[1:], masks[1:], p, seeds=[2, 3])
+    assert torch.equal(a.tokens[2:], b.tokens)
+    assert torch.allclose(a.logprobs[2:], b.logprobs, atol=1e-6)
+
+
+def test_rollout_releases_kv_cache_and_restores_mode(tiny):
+    g = torch.Generator().manual_seed(2)
+    prompts, masks = _prompts(tiny, 2, g)
+    hy = HybridEngine(tiny, max_batch_size=4, ledger=MemoryLedger())
+    tiny.train()
+    hy.rollout(prompts, masks, SamplingParams(2, 2.0, 1.0), seeds=[0, 1])  # warm-up (lazy imports, caches)
+    base = live_tensor_bytes()
+    ro = hy.rollout(prompts, masks, SamplingParams(2, 2.0, 1.0), seeds=[0, 1])
+    del ro
+    assert tiny.training  # the policy is back in training mode
+    gc.collect()
+    # nothing the size of the KV cache survived the rollout
+    assert live_tensor_bytes() - base < 4096
+    m = hy.ledger.metrics()
+    assert m["mem/rollout_kv_bytes"] > 0 and m["mem/rollout_gathered_weights_bytes"] > 0
+
+
+def test_rollout_bad_input(tiny):
+    hy = HybridEngine(tiny, max_batch_size=4)
+    with pytest.raises(ValueError, match="seeds"):
+        hy.rollout([[1, 3]], None, SamplingParams(2, 2.0, 1.0), seeds=[1, 2])
+    with pytest.raises(ValueError, match="exceeds max_batch_size"):
+        hy.rollout([[1, 3]], None, SamplingParams(8, 2.0, 1.0), seeds=[1])
+    with pytest.raises(ValueError, match="offload_states"):
+        HybridEngine(tiny, offload_optimizer_states=True)
+
+
+def test_gathered_module_noop_without_zero3(tiny):
+    assert not is_zero3(tiny)
+    with gathered_module(tiny) as m:
+        assert m is tiny
+
+
+def test_reference_policy_is_frozen_copy(tiny):
+    ref = ReferencePolicy.from_policy(tiny, "cpu")
+    assert all(not p.requires_grad for p in ref.module.parameters())
+    p0 = next(tiny.parameters())
+    r0 = next(ref.module.parameters())
+    assert r0.data_ptr() != p0.data_ptr() and torch.equal(r0, p0)
+    assert ref.nbytes() == sum(p.numel() * 4 for p in {id(p): p for p in tiny.parameters()}.values())
+    with pytest.raises(ValueError, match="mode"):
+        ReferencePolicy.from_policy(tiny, "gpu")
