@@ -1,0 +1,220 @@
+"""Atomic, resumable training checkpoints and the Hugging Face export.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    step00000020/          one resumable checkpoint (DeepSpeed's own files: partitioned
+      zero_pp_rank_*...     model + optimizer + scheduler states, our client state with
+      rng_rank{r}.pt        the step and data position; per-rank RNG states)
+      pgen_checkpoint.json  written last: step, world size, ZeRO stage
+    latest                 text file naming the newest complete checkpoint
+
+Atomicity: DeepSpeed writes into a hidden temporary tag ``.tmp-step...``; only when every
+rank has finished does rank 0 add ``pgen_checkpoint.json``, rename the folder into place
+and then rewrite ``latest`` atomically. A crash at any point leaves the previous
+checkpoint and ``latest`` untouched; a folder without ``pgen_checkpoint.json`` is never
+resumed from. The HF export gathers ZeRO-3 partitions module by module on every rank and
+rank 0 writes ``final/`` through the model's atomic ``save_checkpoint``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pgen_engine.io_utils import atomic_write_json, atomic_write_text
+
+from .distributed import DistInfo, barrier
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "pgen_checkpoint.json"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed from; the message names the folder and the reason."""
+
+
+def checkpoint_tag(step: int) -> str:
+    """Folder name of the checkpoint after ``step`` optimizer steps."""
+    return f"step{step:08d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) RNG states of this process."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoint folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step") and (p / META).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The checkpoint named by ``root/latest`` (or the newest complete one), or None."""
+    root = Path(root)
+    pointer = root / LATEST
+    if pointer.is_file():
+        cand = root / pointer.read_text().strip()
+        if (cand / META).is_file():
+            return cand
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dict[str, Any], dist_info: DistInfo,
+                   *, keep: int, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Write a resumable checkpoint after ``step`` steps (collective: call on every rank).
+
+    Args:
+        engine: the DeepSpeed engine.
+        root: the checkpoints folder.
+        step: optimizer steps done.
+        client_state: small picklable state (data position, ...) stored with DeepSpeed's.
+        dist_info: this process.
+        keep: complete checkpoints kept; older ones are deleted after the new one is in place.
+        extra_meta: JSON-able fields added to ``pgen_checkpoint.json``.
+    Returns:
+        the checkpoint folder.
+    """
+    root = Path(root)
+    tag = checkpoint_tag(step)
+    tmp_tag = f".tmp-{tag}"
+    tmp = root / tmp_tag
+    if dist_info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={**client_state, "step": step}, save_latest=False)
+    torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
+    barrier()
+    final = root / tag
+    if dist_info.is_main:
+        meta = {"step": step, "world_size": dist_info.world_size, "zero_stage": engine.zero_optimization_stage(),
+                **(extra_meta or {})}
+        atomic_write_json(tmp / META, meta)
+        if final.exists():
+            # Same step saved again (e.g. re-run after resume): move the old one aside first.
+            old = root / f".old-{tag}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        atomic_write_text(root / LATEST, tag + "\n")
+        for old in complete_checkpoints(root)[:-keep]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNG from ``ckpt``; returns the client state.
+
+    Raises:
+        ResumeError: incomplete folder, or saved with another world size (ZeRO partitions
+            are per rank).
+    """
+    ckpt = Path(ckpt)
+    meta_path = ckpt / META
+    if not meta_path.is_file():
+        raise ResumeError(f"{ckpt}: not a complete checkpoint (no {META})")
+    meta = json.loads(meta_path.read_text())
+    if int(meta["world_size"]) != dist_info.world_size:
+        raise ResumeError(f"{ckpt}: saved with world_size={meta['world_size']}, this run has "
+                          f"{dist_info.world_size}; resume with the same number of ranks")
+    if int(meta.get("zero_stage", -1)) != engine.zero_optimization_stage():
+        raise ResumeError(f"{ckpt}: saved with ZeRO stage {meta.get('zero_stage')}, this run uses "
+                          f"{engine.zero_optimization_stage()}")
+    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise ResumeError(f"{ckpt}: DeepSpeed could not load this checkpoint")
+    rng_file = ckpt / f"rng_rank{dist_info.rank}.pt"
+    if not rng_file.is_file():
+        raise ResumeError(f"{rng_file}: missing RNG state for rank {dist_info.rank}")
+    set_rng_state(torch.load(rng_file, weights_only=False))
+    return dict(client or {})
+
+
+def gather_state_dict(module: torch.nn.Module, dist_info: DistInfo) -> dict[str, torch.Tensor] | None:
+    """Full (un-partitioned) parameters of ``module`` on CPU, on rank 0 (None elsewhere).
+
+    Collective under ZeRO-3: parameters are gathered one top-level child at a time, so
+    peak extra device memory is the largest child, not the whole model.
+    """
+    import deepspeed
+
+    out: dict[str, torch.Tensor] = {}
+    groups: list[tuple[str, torch.nn.Module]] = list(module.named_children())
+    own = [(n, p) for n, p in module.named_parameters(recurse=False, remove_duplicate=False)]
+    for prefix, child in groups:
+        params = list(child.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            if dist_info.is_main:
+                for n, p in child.named_parameters(remove_duplicate=False):
+                    out[f"{prefix}.{n}"] = p.detach().to("cpu", copy=True)
+    if own:
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+            if dist_info.is_main:
+                for n, p in own:
+                    out[n] = p.detach().to("cpu", copy=True)
+    return out if dist_info.is_main else None
+
+
+def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: DistInfo) -> Path | None:
+    """Write the model as a Hugging Face Janus checkpoint at ``out_dir`` (collective; rank 0 writes).
+
+    ``module`` is the trained :class:`pgen_engine.models.JanusModel` (``engine.module``);
+    under ZeRO-3 its parameters are gathered first. The folder appears atomically.
+    """
+    from pgen_engine.models.checkpoint import save_checkpoint
+    from pgen_engine.models.janus import JanusModel
+
+    state = gather_state_dict(module, dist_info)
+    if dist_info.is_main:
+        with torch.device("meta"):
+            clone = JanusModel(module.config, module.special_tokens)
+        _assign_parameters(clone, state)
+        if module.config.tie_word_embeddings:
+            clone.lm_head.weight = clone.language_model.embed_tokens.weight
+        clone.source_dir = getattr(module, "source_dir", None)
+        save_checkpoint(clone, out_dir)
+    barrier()
+    return Path(out_dir) if dist_info.is_main else None
+
+
+def _assign_parameters(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    # Parameters only (buffers are recomputed by the loader); every name must match exactly.
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    if names != set(state):
+        missing, extra = sorted(names - set(state)), sorted(set(state) - names)
+        raise RuntimeError(f"export: parameter names differ from the model's (missing {missing[:3]}, "
+                           f"unexpected {extra[:3]})")
+    for name, t in state.items():
+        owner, _, leaf = name.rpartition(".")
+        sub = model.get_submodule(owner) if owner else model
+        setattr(sub, leaf, torch.nn.Parameter(t, requires_grad=False))

@@ -1,0 +1,120 @@
+"""Training observability: ``metrics.jsonl``, the rank-0 progress bar, optional TensorBoard,
+throughput and model-FLOPs utilisation (MFU).
+
+``metrics.jsonl`` holds one JSON object per logged step; each line is written with one
+``write`` + flush, so a crash leaves at most a truncated last line, which :func:`read_metrics`
+skips. On resume, rows after the resumed step are dropped (atomic rewrite), so the file
+always describes one consistent trajectory.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgen_engine.io_utils import atomic_write_text
+
+METRICS_NAME = "metrics.jsonl"
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name substring; MFU is reported only
+# for devices listed here.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "L4": 121e12}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Rows of a metrics.jsonl file (an incomplete last line from a crash is ignored)."""
+    rows = []
+    p = Path(path)
+    if not p.is_file():
+        return rows
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of a CUDA device, or None when unknown / not a GPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def train_flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
+    """Forward+backward FLOPs per token of a decoder: 6·N for the matmuls plus 12·L·H·S for attention."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
+
+
+class MetricsLogger:
+    """Writes metrics on rank 0 (other ranks: every call is a no-op).
+
+    Args:
+        output_dir: run folder; ``metrics.jsonl`` (and ``tensorboard/``) go there.
+        is_main: this process is rank 0.
+        total_steps: for the progress bar.
+        start_step: steps already done (resume); later rows in metrics.jsonl are dropped.
+        progress: show a tqdm bar.
+        tensorboard: also write TensorBoard scalars (needs the ``tensorboard`` package).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, *, is_main: bool, total_steps: int, start_step: int = 0,
+                 progress: bool = True, tensorboard: bool = False):
+        self.is_main = is_main
+        self.path = Path(output_dir) / METRICS_NAME
+        self._bar = None
+        self._tb = None
+        self._file = None
+        if not is_main:
+            return
+        rows = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= start_step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise RuntimeError(f"logging.tensorboard=true needs the 'tensorboard' package ({e}); "
+                                   "install it or set logging.tensorboard=false") from None
+            self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Append one row (must contain ``step``) and update the bar/TensorBoard."""
+        if not self.is_main:
+            return
+        clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, clean["step"])
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{clean[k]:.4g}" for k in ("loss", "lr") if k in clean}, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar by ``n`` steps."""
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None

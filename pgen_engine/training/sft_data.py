@@ -1,0 +1,186 @@
+"""Everything a run needs from ``data:`` — made on rank 0, reused when present.
+
+Order (rank 0; other ranks wait and then open the results read-only):
+
+1. the dataset folder (``data.dataset_dir``); with ``data.synth`` set and the folder
+   missing, the synthetic dataset is generated there;
+2. the image tokenizer: ``patch_kmeans`` is fit on the dataset's images and saved under
+   ``<work_dir>/tokenizer.safetensors`` (reused next time), or ``checkpoint_vq`` uses the
+   model checkpoint's VQ;
+3. the model directory: ``model.checkpoint``, or a tiny random Janus created for the
+   tokenizer under ``<output_dir>/init_model`` (:mod:`pgen_engine.training.init`);
+4. the image-token cache under ``<work_dir>/token_cache_<fingerprint>``.
+
+Any failure on rank 0 is broadcast, so every rank stops with the same one-line error.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgen_engine.config import RunConfig
+
+from .distributed import DistInfo, barrier, broadcast_object
+
+
+class DataPrepError(RuntimeError):
+    """Data preparation failed; the message is one line naming the path/key."""
+
+
+@dataclasses.dataclass
+class SFTData:
+    """Prepared inputs of a run.
+
+    Attributes:
+        model_dir: the Hugging Face checkpoint directory the model is loaded from.
+        dataset: the SFT torch dataset over training windows (``pgen_engine.data.prompts.SFTDataset``).
+        special: special token ids (of the model).
+        splits: the splits (RL reuses them for future-interest rewards).
+        tokenizer: the image tokenizer.
+    """
+
+    model_dir: Path
+    dataset: object
+    special: object
+    splits: object
+    tokenizer: object
+
+
+def work_dir(cfg: RunConfig) -> Path:
+    """Where the tokenizer and token cache live (``data.work_dir`` or ``<output_dir>/data_work``)."""
+    return Path(cfg.data.work_dir) if cfg.data.work_dir else Path(cfg.output_dir) / "data_work"
+
+
+def ensure_dataset(cfg: RunConfig) -> Path:
+    """The dataset folder, generating the synthetic dataset when configured and missing."""
+    root = Path(cfg.data.dataset_dir)
+    if (root / "interactions.csv").is_file():
+        return root
+    if cfg.data.synth is None:
+        raise DataPrepError(f"data.dataset_dir={root}: dataset not found (no interactions.csv there); "
+                            "point data.dataset_dir at a native-layout dataset or set data.synth to generate one")
+    from pgen_engine.data.synth import SynthConfig, generate_synthetic
+
+    s = cfg.data.synth
+    if root.exists() and any(root.iterdir()):
+        raise DataPrepError(f"data.dataset_dir={root}: folder exists but holds no interactions.csv; "
+                            "refusing to generate the synthetic dataset over it")
+    generate_synthetic(root, SynthConfig(num_users=s.users, num_items=s.items, image_size=s.image_size, seed=s.seed))
+    return root
+
+
+def _item_images(dataset, size: int) -> torch.Tensor:
+    from pgen_engine.data.dataset import load_image
+
+    imgs = [load_image(it.image_path, size) for it in dataset.items.values() if it.image_path is not None]
+    if not imgs:
+        raise DataPrepError(f"{dataset.root}: no item images to fit the image tokenizer on")
+    return torch.from_numpy(np.stack(imgs))
+
+
+def load_or_fit_tokenizer(cfg: RunConfig, dataset, *, fit: bool):
+    """The PatchKMeans tokenizer at ``<work_dir>/tokenizer.safetensors`` (fit and saved when missing and ``fit``)."""
+    from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+
+    d = cfg.data
+    path = work_dir(cfg) / "tokenizer.safetensors"
+    if path.is_file():
+        tok = PatchKMeansTokenizer.load(path)
+        if (tok.image_size, tok.patch_size, tok.codebook_size) == (d.tokenizer_image_size, d.patch_size,
+                                                                   d.codebook_size):
+            return tok
+        if not fit:
+            raise DataPrepError(f"{path}: tokenizer geometry changed while preparing data")
+    if not fit:
+        raise DataPrepError(f"{path}: tokenizer missing")
+    tok = PatchKMeansTokenizer.fit(_item_images(dataset, d.tokenizer_image_size), patch_size=d.patch_size,
+                                   codebook_size=d.codebook_size, iters=d.kmeans_iters, seed=cfg.seed)
+    tok.save(path)
+    return tok
+
+
+def _tokenizer(cfg: RunConfig, dataset, *, fit: bool):
+    if cfg.data.tokenizer == "patch_kmeans":
+        return load_or_fit_tokenizer(cfg, dataset, fit=fit)
+    if cfg.model.checkpoint is None:
+        raise DataPrepError("data.tokenizer=checkpoint_vq needs model.checkpoint (a checkpoint with a VQ model)")
+    from pgen_engine.models import load_model
+    from pgen_engine.models.image_tokenizer import VQImageTokenizer
+
+    return VQImageTokenizer(load_model(cfg.model.checkpoint))
+
+
+def _model_dir(cfg: RunConfig, tokenizer) -> Path:
+    if cfg.model.checkpoint is not None:
+        p = Path(cfg.model.checkpoint)
+        if not (p / "config.json").is_file():
+            raise DataPrepError(f"model.checkpoint={p}: not a Hugging Face checkpoint directory (no config.json)")
+        return p
+    from .init import init_model_for_tokenizer
+
+    return init_model_for_tokenizer(Path(cfg.output_dir) / "init_model", tokenizer, cfg.model.init)
+
+
+def _cache_dir(cfg: RunConfig, tokenizer) -> Path:
+    return work_dir(cfg) / f"token_cache_{tokenizer.fingerprint()[:16]}"
+
+
+def _prepare_on_main(cfg: RunConfig) -> str | None:
+    """Rank-0 side effects; returns an error line or None."""
+    from pgen_engine.data.dataset import DataError, load_dataset
+    from pgen_engine.data.token_cache import build_token_cache
+
+    try:
+        root = ensure_dataset(cfg)
+        dataset = load_dataset(root)
+        tok = _tokenizer(cfg, dataset, fit=True)
+        _model_dir(cfg, tok)
+        build_token_cache(dataset, tok, _cache_dir(cfg, tok), progress=False)
+    except (DataPrepError, DataError, ValueError, KeyError, OSError) as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    return None
+
+
+def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
+    """Prepare (rank 0) and open (every rank) the SFT inputs of ``cfg``.
+
+    Raises:
+        DataPrepError: missing dataset, unusable tokenizer/model geometry, bad data —
+            on every rank, with rank 0's message.
+    """
+    from pgen_engine.data.dataset import load_dataset
+    from pgen_engine.data.prompts import PromptBuilder, SFTDataset
+    from pgen_engine.data.splits import build_splits
+    from pgen_engine.data.text_tokenizer import load_text_tokenizer
+    from pgen_engine.data.token_cache import TokenCache
+    from pgen_engine.models.janus_config import JanusModelConfig
+    from pgen_engine.models.special_tokens import SpecialTokens
+
+    err = _prepare_on_main(cfg) if dist_info.is_main else None
+    err = broadcast_object(err)
+    if err is not None:
+        raise DataPrepError(err)
+    barrier()
+    d = cfg.data
+    dataset = load_dataset(d.dataset_dir, check_images=False)
+    tok = _tokenizer(cfg, dataset, fit=False)
+    model_dir = _model_dir(cfg, tok)
+    mcfg = JanusModelConfig.from_dir(model_dir)
+    if (mcfg.num_image_tokens, mcfg.codebook_size) != (tok.num_tokens, tok.codebook_size):
+        raise DataPrepError(f"{model_dir}: model has {mcfg.num_image_tokens} image tokens x {mcfg.codebook_size} "
+                            f"codes, the image tokenizer gives {tok.num_tokens} x {tok.codebook_size}")
+    cache = TokenCache.open(_cache_dir(cfg, tok), tok.fingerprint())
+    splits = build_splits(dataset, k=d.history_k, stride=d.stride, max_windows_per_user=d.max_windows_per_user,
+                          min_interactions=d.min_interactions)
+    if not splits.train:
+        raise DataPrepError(f"data.dataset_dir={d.dataset_dir}: no training windows (users need >= "
+                            f"data.min_interactions={d.min_interactions} interactions)")
+    special = SpecialTokens.from_checkpoint(model_dir)
+    text_tok = load_text_tokenizer(model_dir, special)
+    builder = PromptBuilder(text_tok, special, tok.num_tokens, mode="codes", with_titles=d.with_titles,
+                            instruction=d.instruction)
+    titles = {k: v.title for k, v in dataset.items.items()}
+    return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles), special, splits, tok)

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Training entry point.
+
+    python train.py --config configs/demo_sft.yaml [key=value ...] [--resume auto|PATH]
+    deepspeed --num_gpus 8 train.py --config configs/janus_pro_1b_sft.yaml output_dir=runs/x
+
+The stage (``sft``, ``rl``) comes from the config's ``stage`` key. Overrides are dotted
+``section.key=value`` pairs, parsed as YAML. Any configuration or input problem prints
+one line (``error: ...``) to stderr and exits with status 2 (config) or 1 (run).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="pgen_engine trainer (DeepSpeed)")
+    p.add_argument("--config", required=True, help="YAML run config")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (latest checkpoint in output_dir, if any) or a checkpoint folder")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 output_dir=/tmp/run")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from pgen_engine.config import ConfigError, load_config, stage_module
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        module = stage_module(cfg.stage)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        module.run(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # one readable line for known input/run errors; full trace otherwise
+        from pgen_engine.training.errors import is_user_error
+
+        if not is_user_error(e):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
