@@ -1,0 +1,206 @@
+"""Image generation throughput on CPU: pgen ``Generator`` vs ``transformers`` Janus ``generate``.
+
+    python -m pytest benchmarks/test_bench_generation.py -q -s
+    PGEN_BENCH_GEOMETRY=all python -m pytest benchmarks/test_bench_generation.py -q -s
+    (GPU: see benchmarks/README.md; knobs PGEN_BENCH_{GEOMETRY,BATCHES,DEVICE,DTYPE,ROUNDS,PROMPT_LEN})
+
+Same random checkpoint and prompts for both: hidden 256, 4 layers, 4 heads, 64 image
+tokens (image 64 px, patch 8), 128-token prompts, CFG 5 (pad unconditional prompt),
+sampling with top-k 100 / top-p 0.95; batch 1, 8, 32. Geometry "spec" keeps the tiny
+factory's defaults for everything the issue does not fix (codebook 64, MLP 96); "janus-ratio"
+(opt-in) scales Janus-Pro's proportions down (MLP 688 = 2.69x hidden, codebook 16384), where
+the generation head dominates a decode step.
+
+Each round runs pgen then transformers on the same prompts (paired, so drifting machine load
+hits both); the speed-up is the median per-round ratio of wall (and of process CPU) time.
+Per case (``extra_info``): images/s and decode tokens/s from the best round's wall time,
+prefill / decode seconds reported separately (transformers: time inside its language model's
+first call vs the later ones), and process CPU seconds — this machine's 2 cores are shared,
+so CPU time is the steadier comparison. A greedy check asserts identical tokens at batch 8.
+The module ends with a ratio table and one JSON line.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+import pgen_engine as pg
+from pgen_engine.generation import Generator
+from pgen_engine.models.tiny import make_tiny_checkpoint
+
+BASE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, image_size=64, patch_size=8,
+            max_position_embeddings=512)
+GEOMETRIES = {
+    "spec": dict(BASE),
+    "janus-ratio": dict(BASE, intermediate_size=688, codebook_size=16384, vocab_size=1024),
+    # GPU only: Janus-Pro-1B's language model + generation head geometry with random weights
+    "janus-pro-1b": dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16, intermediate_size=5504,
+                         vocab_size=102400, image_size=384, patch_size=16, codebook_size=16384,
+                         max_position_embeddings=4096),
+}
+SELECTED = ["spec", "janus-ratio"] if os.environ.get("PGEN_BENCH_GEOMETRY") == "all" else \
+    [g for g in os.environ.get("PGEN_BENCH_GEOMETRY", "spec").split(",") if g]
+BATCHES = tuple(int(b) for b in os.environ.get("PGEN_BENCH_BATCHES", "1,8,32").split(","))
+DEVICE = os.environ.get("PGEN_BENCH_DEVICE", "cpu")
+DTYPE = getattr(torch, os.environ.get("PGEN_BENCH_DTYPE", "float32"))
+PROMPT_LEN = int(os.environ.get("PGEN_BENCH_PROMPT_LEN", "128"))
+GUIDANCE, TOP_K, TOP_P = 5.0, 100, 0.95
+ROUNDS = int(os.environ.get("PGEN_BENCH_ROUNDS", "3"))
+RESULTS: dict[tuple[str, int, str], dict] = {}
+
+
+@pytest.fixture(scope="module", params=SELECTED)
+def setup(request, tmp_path_factory):
+    name = request.param
+    if name not in GEOMETRIES:
+        raise ValueError(f"PGEN_BENCH_GEOMETRY: unknown geometry {name!r}; expected {list(GEOMETRIES)} or 'all'")
+    from transformers import JanusForConditionalGeneration
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("bench_gen") / name, seed=0, **GEOMETRIES[name])
+    hf = JanusForConditionalGeneration.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+    special = pg.SpecialTokens.builtin()
+    hf.generation_config.generation_kwargs = {"boi_token_id": special.boi}  # dropped by from_pretrained
+    model = pg.load_model(path, device=DEVICE, dtype=DTYPE)
+    gen = Generator(model, max_batch_size=max(BATCHES), max_seq_len=PROMPT_LEN + model.num_image_tokens)
+    vocab = model.config.text.vocab_size
+    g = torch.Generator().manual_seed(17)
+    ids = torch.randint(6, vocab, (max(BATCHES), PROMPT_LEN), generator=g)
+    ids[:, 0], ids[:, -1] = special.bos, special.boi
+    return name, model, hf, gen, ids.to(DEVICE)
+
+
+def _sync():
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _lm_params(model) -> int:
+    """Parameters touched per generated token: decoder + generation head + code embedding path."""
+    parts = (model.language_model, model.generation_head, model.generation_aligner)
+    return sum(p.numel() for m in parts for p in m.parameters())
+
+
+class _LMTimer:
+    """Times transformers' language-model calls: the first (multi-token) one is prefill."""
+
+    def __init__(self, hf):
+        self.lm = hf.model.language_model
+        self.orig = self.lm.forward
+        self.prefill = self.decode = 0.0
+        self.lm.forward = self._fwd
+
+    def _fwd(self, *args, **kwargs):
+        _sync()
+        t = time.perf_counter()
+        out = self.orig(*args, **kwargs)
+        _sync()
+        dt = time.perf_counter() - t
+        if kwargs["inputs_embeds"].shape[1] > 1:
+            self.prefill += dt
+        else:
+            self.decode += dt
+        return out
+
+    def close(self):
+        del self.lm.forward  # back to the class method
+
+
+def _run_pgen(gen: Generator, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, float, float]:
+    out = gen.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P, seed=seed)
+    return out, gen.last_stats["prefill_s"], gen.last_stats["decode_s"]
+
+
+def _run_hf(hf, ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, float, float]:
+    torch.manual_seed(seed)
+    timer = _LMTimer(hf)
+    try:
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", guidance_scale=GUIDANCE,
+                          do_sample=True, top_k=TOP_K, top_p=TOP_P, temperature=1.0)
+    finally:
+        timer.close()
+    return out, timer.prefill, None  # decode = everything after prefill (head + sampling included)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_generation_throughput(benchmark, setup, batch):
+    """One benchmark round = one pgen call then one transformers call on the same prompts.
+
+    Pairing the two inside every round keeps the comparison fair on a shared machine whose
+    load drifts over minutes; the speed-up is the median of the per-round ratios.
+    """
+    name, model, hf, gen, ids = setup
+    x = ids[:batch]
+    T = model.num_image_tokens
+    rounds: list[dict] = []
+
+    def timed(impl: str, seed: int) -> dict:
+        _sync()
+        c0, w0 = time.process_time(), time.perf_counter()
+        with torch.inference_mode():
+            out, pre, dec = _run_pgen(gen, x, seed) if impl == "pgen" else _run_hf(hf, x, seed)
+        _sync()
+        wall = time.perf_counter() - w0
+        assert out.shape == (batch, T)
+        return dict(wall=wall, cpu=time.process_time() - c0, prefill=pre, decode=wall - pre if dec is None else dec)
+
+    def one_round():
+        seed = len(rounds)
+        rounds.append({"pgen": timed("pgen", seed), "transformers": timed("transformers", seed)})
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    measured = rounds[1:]  # rounds[0] is the warm-up
+    for impl in ("pgen", "transformers"):
+        best = min((r[impl] for r in measured), key=lambda r: r["wall"])
+        info = dict(geometry=name, impl=impl, batch=batch, images_per_s=batch / best["wall"],
+                    decode_tokens_per_s=batch * T / best["decode"] if best["decode"] else float("nan"),
+                    prefill_s=best["prefill"], decode_s=best["decode"], wall_s=best["wall"],
+                    cpu_s=min(r[impl]["cpu"] for r in measured), threads=torch.get_num_threads(), device=DEVICE,
+                    # roofline numerator: 2 FLOPs per parameter per token, doubled for CFG rows
+                    tflops=4 * _lm_params(model) * (PROMPT_LEN + T) * batch / best["wall"] / 1e12)
+        benchmark.extra_info.update({f"{impl}_{k}": v for k, v in info.items() if k not in ("geometry", "batch")})
+        RESULTS[(name, batch, impl)] = info
+    ratios = sorted(r["transformers"]["wall"] / r["pgen"]["wall"] for r in measured)
+    cpu_ratios = sorted(r["transformers"]["cpu"] / r["pgen"]["cpu"] for r in measured)
+    RESULTS[(name, batch, "pgen")]["speedup_wall"] = ratios[len(ratios) // 2]
+    RESULTS[(name, batch, "pgen")]["speedup_cpu"] = cpu_ratios[len(cpu_ratios) // 2]
+    benchmark.extra_info.update(geometry=name, batch=batch, speedup_wall=ratios[len(ratios) // 2],
+                                speedup_cpu=cpu_ratios[len(cpu_ratios) // 2])
+
+
+def test_greedy_tokens_identical(setup):
+    name, model, hf, gen, ids = setup
+    x = ids[:8]
+    if DTYPE != torch.float32:
+        pytest.skip("bitwise greedy parity is checked in float32 only")
+    with torch.inference_mode():
+        ours = gen.generate(x, guidance_scale=GUIDANCE, greedy=True)
+        ref = hf.generate(x, attention_mask=torch.ones_like(x), generation_mode="image", guidance_scale=GUIDANCE,
+                          do_sample=False)
+    assert torch.equal(ours, ref), f"{name}: {(ours != ref).sum()} of {ref.numel()} greedy tokens differ"
+    RESULTS[(name, 8, "greedy_identical")] = {"value": True}
+
+
+def teardown_module(module):
+    rows = []
+    for (name, batch, impl), info in sorted(RESULTS.items()):
+        if impl != "pgen" or (name, batch, "transformers") not in RESULTS:
+            continue
+        ref = RESULTS[(name, batch, "transformers")]
+        rows.append(dict(geometry=name, batch=batch, pgen_images_per_s=round(info["images_per_s"], 3),
+                         hf_images_per_s=round(ref["images_per_s"], 3),
+                         speedup_wall=round(info["speedup_wall"], 2), speedup_cpu=round(info["speedup_cpu"], 2),
+                         pgen_prefill_s=round(info["prefill_s"], 3), hf_prefill_s=round(ref["prefill_s"], 3),
+                         pgen_decode_tok_s=round(info["decode_tokens_per_s"], 1),
+                         hf_decode_tok_s=round(ref["decode_tokens_per_s"], 1)))
+    if not rows:
+        return
+    cols = list(rows[0])
+    print("\n" + " | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+    greedy = {k[0]: v["value"] for k, v in RESULTS.items() if k[2] == "greedy_identical"}
+    print(json.dumps({"bench": "generation", "rows": rows, "greedy_identical": greedy}))

@@ -1,0 +1,449 @@
+"""Batched image-token generation with a static KV cache and classifier-free guidance.
+
+:class:`Generator` turns prompts (left-padded token ids, optional history images as
+``pixel_values`` or as VQ codes under ``gen_code_mask``) into ``T = model.num_image_tokens``
+VQ codes per sample:
+
+* **one static KV cache**, allocated once per :class:`Generator` as flat per-layer buffers
+  for ``2 * max_batch_size`` rows (conditional + unconditional) of ``max_seq_len`` tokens;
+  each call views a prefix of it as a contiguous ``[rows, L, Hkv, D]`` cache (row ``b`` =
+  block ``b``), so nothing is reallocated between calls and attention reads only ``L``
+  positions per row;
+* **shared prefill**: each prompt is prefilled once and its KV copied to the rows of its
+  other samples; identical unconditional prompts are prefilled once (in ``"pad"`` mode all
+  prompts of one length share one; in ``"short"`` mode every row shares ``[bos, boi]``);
+* **no host synchronisation inside the decode loop**: per-row lengths, positions, slots
+  and sampling seeds are tensors prepared before the loop;
+* **CFG by batch doubling**: rows ``[0, R)`` are conditional, ``[R, 2R)`` their
+  unconditional partners; logits are mixed as ``u + s * (c - u)`` inside
+  :func:`pgen_engine.ops.sample` (or before ``argmax`` for greedy decoding);
+* **per-request seeds**: the token of sample ``j`` of a prompt with request seed ``r`` at
+  step ``t`` uses the seed ``mix_seed(mix_seed(r, j), t)``, so a request's samples never
+  depend on which other requests share the batch or on how the batch is split into waves.
+
+Batches larger than ``max_batch_size`` rows run in waves of at most that many rows (a
+prompt's samples may straddle two waves; seeds make that invisible). Every image has exactly
+``T`` tokens, so all rows of a wave finish together and a wave boundary is where finished
+rows are refilled. :attr:`Generator.last_stats` holds the prefill / decode wall times of
+the last call (for benchmarks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import torch
+
+from pgen_engine.models.decoder import KVCache
+from pgen_engine.ops.rng import mix_seed
+from pgen_engine.ops.sampling import sample
+
+UNCOND_MODES = ("pad", "short")
+_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prompt:
+    """One validated prompt: real tokens only (padding stripped)."""
+
+    ids: list[int]
+    code_mask: list[bool] | None
+    num_images: int  # vision placeholders / num_image_tokens, i.e. images in pixel_values it consumes
+
+
+@dataclasses.dataclass(frozen=True)
+class _WaveItem:
+    """Samples ``[first, first + count)`` of prompt ``prompt``."""
+
+    prompt: int
+    first: int
+    count: int
+
+
+def _as_int64_seed(x: int, what: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{what}: expected an int, got {type(x).__name__}")
+    if not _INT64_MIN <= x < 2 ** 64:
+        raise ValueError(f"{what}: {x} does not fit in 64 bits")
+    return x - 2 ** 64 if x > _INT64_MAX else x
+
+
+class Generator:
+    """KV-cached batched image generation for a :class:`pgen_engine.JanusModel`.
+
+    Args:
+        model: the model (any device/dtype; put it in eval mode).
+        max_batch_size: most output rows (prompts x samples) decoded at once; the cache
+            holds twice as many rows for CFG. Larger requests run in waves.
+        max_seq_len: longest prompt + ``num_image_tokens`` a row may hold; default
+            ``num_image_tokens + 512``.
+        uncond_mode: ``"pad"`` (the prompt with every token except BOS / begin-of-image
+            replaced by padding, same length — ``transformers``' Janus rule) or ``"short"``
+            (``[bos, boi]`` shared by every row).
+        cache_dtype: KV cache dtype (default: the model's).
+        sample_backend: backend for :func:`pgen_engine.ops.sample` ("auto", "torch", ...).
+    """
+
+    def __init__(self, model, *, max_batch_size: int = 32, max_seq_len: int | None = None,
+                 uncond_mode: str = "pad", cache_dtype: torch.dtype | None = None,
+                 sample_backend: str = "auto"):
+        if uncond_mode not in UNCOND_MODES:
+            raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        T = int(model.num_image_tokens)
+        max_seq_len = T + 512 if max_seq_len is None else max_seq_len
+        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < T + 1:
+            raise ValueError(f"max_seq_len must be an int >= num_image_tokens + 1 = {T + 1}, got {max_seq_len!r}")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.uncond_mode = uncond_mode
+        self.sample_backend = sample_backend
+        self.special = model.special_tokens
+        self.num_image_tokens = T
+        cfg = model.config.text
+        self._kv_shape = (cfg.num_kv_heads, cfg.head_dim)
+        dtype = cache_dtype or model.dtype
+        n = 2 * max_batch_size * max_seq_len
+        # Flat per-layer storage: any [rows, L] prefix view of it is a contiguous cache.
+        self._k = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
+        self._v = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
+        self.last_stats: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ public API
+    def cache_nbytes(self) -> int:
+        """Bytes held by the preallocated KV cache."""
+        return sum(t.numel() * t.element_size() for t in (*self._k, *self._v))
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, *, gen_code_mask=None, num_samples: int = 1,
+                 guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 greedy: bool = False, seed: int | Sequence[int] | torch.Tensor = 0,
+                 progress: bool = False) -> torch.Tensor:
+        """Generate ``num_image_tokens`` VQ codes per sample.
+
+        Args:
+            input_ids: int64 ``[B,S]`` left-padded prompts, or ``B`` lists of token ids.
+            attention_mask: ``[B,S]`` (1 = token, 0 = left padding) or None (all tokens real).
+            pixel_values: ``[N_img,3,H,W]`` history images filling the ``image`` placeholder
+                tokens in reading order (``num_image_tokens`` placeholders per image).
+            gen_code_mask: bool ``[B,S]`` (or lists), True where ``input_ids`` holds a VQ code
+                of a history image (generation embedding); unconditional rows carry no codes.
+            num_samples: samples per prompt; output row ``i * num_samples + j`` is sample ``j``
+                of prompt ``i``.
+            guidance_scale: CFG scale ``s``; 1 turns CFG off (no unconditional rows).
+            temperature, top_k, top_p: sampling filters (see :func:`pgen_engine.ops.sample`).
+            greedy: take the argmax of the CFG-mixed logits instead of sampling.
+            seed: an int (prompt ``i`` gets request seed ``mix_seed(seed, i)``) or ``B`` ints
+                (request seeds used as given: results then do not depend on batch composition).
+            progress: show a tqdm bar over decode steps.
+        Returns:
+            int64 ``[B * num_samples, T]`` codes on the model's device.
+        """
+        prompts = self._parse_prompts(input_ids, attention_mask, gen_code_mask)
+        B = len(prompts)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        req_seeds = self._request_seeds(seed, B)
+        pixel_chunks = self._split_pixels(prompts, pixel_values)
+        T = self.num_image_tokens
+        longest = max(len(p.ids) for p in prompts)
+        if longest + T > self.max_seq_len:
+            raise ValueError(f"a prompt of {longest} tokens + {T} image tokens exceeds max_seq_len={self.max_seq_len}")
+        out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
+        waves = list(self._plan_waves(prompts, num_samples))
+        self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0, "waves": float(len(waves)),
+                           "rows": float(B * num_samples)}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(waves) * T, desc="generate", unit="tok")
+        try:
+            for wave in waves:
+                toks = self._run_wave(wave, prompts, pixel_chunks, req_seeds, float(guidance_scale), float(temperature),
+                                      top_k, float(top_p), bool(greedy), bar)
+                rows = torch.cat([torch.arange(it.prompt * num_samples + it.first,
+                                               it.prompt * num_samples + it.first + it.count) for it in wave])
+                out[rows.to(out.device)] = toks
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    @torch.inference_mode()
+    def generate_images(self, input_ids, attention_mask=None, pixel_values=None, *, decode_batch_size: int = 16,
+                        **kwargs) -> torch.Tensor:
+        """:meth:`generate`, then VQ-decode: -> uint8 ``[B * num_samples, H, W, 3]`` (same row order)."""
+        codes = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
+        return torch.cat([self.model.decode_images(c) for c in codes.split(decode_batch_size)])
+
+    # ------------------------------------------------------------------ input handling
+    def _parse_prompts(self, input_ids, attention_mask, gen_code_mask) -> list[_Prompt]:
+        img_id = self.model.config.image_token_id
+        T_img = self.model.num_image_tokens
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"input_ids must be an integer [B,S] tensor, got {input_ids.dtype} "
+                                 f"{tuple(input_ids.shape)}")
+            B, S = input_ids.shape
+            if attention_mask is None:
+                mask = torch.ones(B, S, dtype=torch.bool)
+            else:
+                if tuple(attention_mask.shape) != (B, S):
+                    raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, S)}")
+                mask = attention_mask.detach().cpu().bool()
+                # left padding only: once a row starts, it never stops
+                if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
+                    raise ValueError("attention_mask must be left padding (each row 0..0 then 1..1)")
+            if gen_code_mask is not None and tuple(gen_code_mask.shape) != (B, S):
+                raise ValueError(f"gen_code_mask shape {tuple(gen_code_mask.shape)} != input_ids shape {(B, S)}")
+            ids_rows = input_ids.detach().cpu().long().tolist()
+            cm_rows = None if gen_code_mask is None else gen_code_mask.detach().cpu().bool().tolist()
+            mask_rows = mask.tolist()
+            rows = []
+            for b in range(B):
+                start = S - sum(mask_rows[b])
+                rows.append((ids_rows[b][start:], None if cm_rows is None else cm_rows[b][start:]))
+        else:
+            if attention_mask is not None:
+                raise ValueError("attention_mask is only accepted with a tensor input_ids (lists are unpadded)")
+            rows = []
+            ids_list = list(input_ids)
+            if gen_code_mask is not None and len(gen_code_mask) != len(ids_list):
+                raise ValueError(f"gen_code_mask has {len(gen_code_mask)} rows, input_ids {len(ids_list)}")
+            for b, r in enumerate(ids_list):
+                ids = [int(t) for t in r]
+                cm = None
+                if gen_code_mask is not None:
+                    cm = [bool(c) for c in gen_code_mask[b]]
+                    if len(cm) != len(ids):
+                        raise ValueError(f"prompt {b}: gen_code_mask has {len(cm)} entries, input_ids {len(ids)}")
+                rows.append((ids, cm))
+        if not rows:
+            raise ValueError("input_ids holds no prompt")
+        vocab = self.model.config.text.vocab_size
+        K = self.model.codebook_size
+        prompts = []
+        for b, (ids, cm) in enumerate(rows):
+            if not ids:
+                raise ValueError(f"prompt {b} is empty (no attended token)")
+            for pos, t in enumerate(ids):
+                is_code = cm is not None and cm[pos]
+                hi = K if is_code else vocab
+                if not 0 <= t < hi:
+                    kind = "VQ code" if is_code else "token id"
+                    raise ValueError(f"prompt {b}, position {pos}: {kind} {t} outside [0, {hi})")
+            n_ph = sum(1 for pos, t in enumerate(ids) if t == img_id and not (cm is not None and cm[pos]))
+            if n_ph % T_img:
+                raise ValueError(f"prompt {b} holds {n_ph} image placeholders (id {img_id}), not a multiple of "
+                                 f"{T_img} per image")
+            prompts.append(_Prompt(ids, cm if cm is not None and any(cm) else None, n_ph // T_img))
+        return prompts
+
+    def _split_pixels(self, prompts: list[_Prompt], pixel_values) -> list[torch.Tensor | None]:
+        need = sum(p.num_images for p in prompts)
+        if pixel_values is None:
+            if need:
+                raise ValueError(f"the prompts hold placeholders for {need} image(s) but pixel_values is None")
+            return [None] * len(prompts)
+        if pixel_values.ndim != 4 or pixel_values.shape[0] != need:
+            raise ValueError(f"pixel_values must be [N_img,3,H,W] with N_img = {need} (images whose placeholders the "
+                             f"prompts hold), got {tuple(pixel_values.shape)}")
+        out, i = [], 0
+        for p in prompts:
+            out.append(pixel_values[i:i + p.num_images] if p.num_images else None)
+            i += p.num_images
+        return out
+
+    @staticmethod
+    def _request_seeds(seed, B: int) -> torch.Tensor:
+        if isinstance(seed, torch.Tensor):
+            seed = seed.detach().cpu().tolist()
+            seed = seed if isinstance(seed, list) else int(seed)
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            return mix_seed(_as_int64_seed(seed, "seed"), torch.arange(B, dtype=torch.int64))
+        seeds = list(seed)
+        if len(seeds) != B:
+            raise ValueError(f"seed: expected one int or {B} ints (one per prompt), got {len(seeds)}")
+        return torch.tensor([_as_int64_seed(s, f"seed[{i}]") for i, s in enumerate(seeds)], dtype=torch.int64)
+
+    def _uncond_ids(self, p: _Prompt) -> tuple[int, ...]:
+        sp = self.special
+        if self.uncond_mode == "short":
+            return (sp.bos, sp.boi)
+        cm = p.code_mask
+        return tuple(t if (t == sp.bos or t == sp.boi) and not (cm is not None and cm[i]) else sp.pad
+                     for i, t in enumerate(p.ids))
+
+    # ------------------------------------------------------------------ waves
+    def _plan_waves(self, prompts: list[_Prompt], num_samples: int) -> Iterator[list[_WaveItem]]:
+        """Groups of (prompt, sample range) with at most ``max_batch_size`` rows each."""
+        cap = self.max_batch_size
+        wave: list[_WaveItem] = []
+        used = 0
+        for i in range(len(prompts)):
+            first = 0
+            while first < num_samples:
+                n = min(num_samples - first, cap - used)
+                wave.append(_WaveItem(i, first, n))
+                used += n
+                first += n
+                if used == cap:
+                    yield wave
+                    wave, used = [], 0
+        if wave:
+            yield wave
+
+    # ------------------------------------------------------------------ one wave
+    def _cache_view(self, rows: int, L: int) -> KVCache:
+        n = rows * L
+        return KVCache(k=[k[:n].view(rows, L, *self._kv_shape) for k in self._k],
+                       v=[v[:n].view(rows, L, *self._kv_shape) for v in self._v])
+
+    def _prefill_rows(self, cache: KVCache, leaders: list[int], seqs: list[list[int]],
+                      code_masks: list[list[bool] | None], pixels: list[torch.Tensor | None]) -> torch.Tensor:
+        """Prefill ``seqs`` into cache rows ``leaders`` (row-local positions 0..len-1).
+
+        Returns the final hidden state of each sequence, ``[len(seqs), H]``.
+        """
+        m = self.model
+        dev = m.device
+        L = cache.block_size
+        S = max(len(s) for s in seqs)
+        n = len(seqs)
+        ids = torch.full((n, S), self.special.pad, dtype=torch.long)
+        mask = torch.zeros((n, S), dtype=torch.long)
+        cmask = torch.zeros((n, S), dtype=torch.bool)
+        slots = torch.full((n, S), -1, dtype=torch.long)
+        for r, (s, cm) in enumerate(zip(seqs, code_masks)):
+            pad = S - len(s)
+            ids[r, pad:] = torch.tensor(s, dtype=torch.long)
+            mask[r, pad:] = 1
+            if cm is not None:
+                cmask[r, pad:] = torch.tensor(cm, dtype=torch.bool)
+            slots[r, pad:] = leaders[r] * L + torch.arange(len(s))
+        px = [p for p in pixels if p is not None]
+        pixel_values = torch.cat(px).to(dev) if px else None
+        emb = m.embed_inputs(ids.to(dev), cmask.to(dev) if bool(cmask.any()) else None, pixel_values)
+        all_real = bool(mask.all())
+        # no mask when nothing is padded: the causal fast path of scaled_dot_product_attention
+        h = m.prefill(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
+        return h[:, -1]
+
+    @staticmethod
+    def _copy_rows(cache: KVCache, src: list[int], dst: list[int], length: int) -> None:
+        if not dst:
+            return
+        dev = cache.k[0].device
+        s = torch.tensor(src, dtype=torch.long, device=dev)
+        d = torch.tensor(dst, dtype=torch.long, device=dev)
+        for buf in (*cache.k, *cache.v):
+            view = buf[:, :length]
+            view.index_copy_(0, d, view.index_select(0, s))
+
+    def _run_wave(self, wave: list[_WaveItem], prompts: list[_Prompt], pixel_chunks, req_seeds: torch.Tensor,
+                  s: float, temperature: float, top_k: int, top_p: float, greedy: bool, bar) -> torch.Tensor:
+        t_start = time.perf_counter()
+        m = self.model
+        dev = m.device
+        T = self.num_image_tokens
+        cfg = s != 1.0
+        R = sum(it.count for it in wave)
+        rows = 2 * R if cfg else R
+        # cond rows [0, R): wave order; uncond rows [R, 2R): their partners
+        cond_len, row_prompt, row_sample = [], [], []
+        for it in wave:
+            for j in range(it.first, it.first + it.count):
+                cond_len.append(len(prompts[it.prompt].ids))
+                row_prompt.append(it.prompt)
+                row_sample.append(j)
+        unc_keys = [self._uncond_ids(prompts[i]) for i in row_prompt] if cfg else []
+        L = max(cond_len + [len(k) for k in unc_keys]) + T
+        cache = self._cache_view(rows, L)
+
+        # --- prefill: one leader row per distinct prompt, then copy to the rows sharing it
+        leaders, seqs, cms, pix = [], [], [], []
+        leader_of_row: list[int] = []
+        seq_of_row: list[int] = []  # index into seqs (the prefill batch) of each cond row
+        r = 0
+        for it in wave:
+            seq_of_row += [len(seqs)] * it.count
+            p = prompts[it.prompt]
+            leaders.append(r)
+            seqs.append(p.ids)
+            cms.append(p.code_mask)
+            pix.append(pixel_chunks[it.prompt])
+            leader_of_row += [r] * it.count
+            r += it.count
+        h_cond = self._prefill_rows(cache, leaders, seqs, cms, pix)
+        h_rows = h_cond.index_select(0, torch.tensor(seq_of_row, device=dev))
+        src = [leader_of_row[i] for i in range(R) if leader_of_row[i] != i]
+        dst = [i for i in range(R) if leader_of_row[i] != i]
+        lens = list(cond_len)
+        if cfg:
+            uniq: dict[tuple[int, ...], int] = {}
+            u_leader_of_row = []
+            for i, key in enumerate(unc_keys):
+                u_leader_of_row.append(uniq.setdefault(key, R + i))
+            ukeys = list(uniq)
+            h_unc = self._prefill_rows(cache, [uniq[k] for k in ukeys], [list(k) for k in ukeys],
+                                       [None] * len(ukeys), [None] * len(ukeys))
+            order = {uniq[k]: n for n, k in enumerate(ukeys)}
+            h_rows = torch.cat([h_rows, h_unc.index_select(
+                0, torch.tensor([order[x] for x in u_leader_of_row], device=dev))])
+            src += [u_leader_of_row[i] for i in range(R) if u_leader_of_row[i] != R + i]
+            dst += [R + i for i in range(R) if u_leader_of_row[i] != R + i]
+            lens += [len(k) for k in unc_keys]
+        self._copy_rows(cache, src, dst, max(lens))
+        self._sync()
+        t_prefill = time.perf_counter()
+
+        # --- decode: everything the loop needs is a tensor prepared here
+        base = torch.tensor(lens, dtype=torch.long, device=dev)
+        slot0 = torch.arange(rows, dtype=torch.long, device=dev) * L + base
+        sample_seeds = mix_seed(req_seeds[row_prompt], torch.tensor(row_sample, dtype=torch.long))
+        step_seeds = mix_seed(sample_seeds[None, :], torch.arange(T, dtype=torch.long)[:, None]).to(dev)  # [T,R]
+        out = torch.empty((R, T), dtype=torch.long, device=dev)
+
+        def pick(hidden: torch.Tensor, t: int) -> torch.Tensor:
+            logits = m.image_head_logits(hidden).float()
+            c, u = (logits[:R], logits[R:]) if cfg else (logits, None)
+            if greedy:
+                return (c if u is None else u + (c - u) * s).argmax(-1)
+            return sample(c, uncond_logits=u, guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=step_seeds[t], backend=self.sample_backend)
+
+        tok = pick(h_rows, 0)
+        out[:, 0] = tok
+        if bar is not None:
+            bar.update(1)
+        for t in range(1, T):
+            emb = m.embed_image_codes(tok)
+            if cfg:
+                emb = torch.cat([emb, emb])
+            pos = base + (t - 1)
+            h = m.decode_step(emb, pos, cache, slot0 + (t - 1), (pos + 1).to(torch.int32), None)
+            tok = pick(h, t)
+            out[:, t] = tok
+            if bar is not None:
+                bar.update(1)
+        self._sync()
+        self.last_stats["prefill_s"] += t_prefill - t_start
+        self.last_stats["decode_s"] += time.perf_counter() - t_prefill
+        return out
+
+    def _sync(self) -> None:
+        # wave boundaries only (never inside the decode loop): makes last_stats honest on GPUs
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
