@@ -57,15 +57,28 @@ class Prompt:
         return int(self.input_ids.shape[0])
 
 
+def uncond_pad_ids(input_ids: torch.Tensor, gen_code_mask: torch.Tensor | None, special: SpecialTokens
+                   ) -> torch.Tensor:
+    """The "pad" unconditional ids: ``transformers``' Janus rule, the one rule used everywhere.
+
+    Every text token except ``bos`` and ``boi`` becomes ``special.pad``; VQ codes of history
+    images (``gen_code_mask``) become ``pad`` too, whatever their value. Same shape as
+    ``input_ids`` (``[S]`` or ``[B, S]``).
+    """
+    keep = (input_ids == special.bos) | (input_ids == special.boi)
+    if gen_code_mask is not None:
+        keep &= ~gen_code_mask
+    return torch.where(keep, input_ids, torch.full_like(input_ids, special.pad))
+
+
 def unconditional(prompt: Prompt, special: SpecialTokens, mode: str = "pad") -> Prompt:
     """The classifier-free-guidance counterpart of ``prompt``.
 
-    "pad": same length; every token except the first (bos) and the last (boi) becomes
-    ``special.pad``, ``gen_code_mask`` all False, no vision images. "short": ``[bos, boi]``.
+    "pad": same length, :func:`uncond_pad_ids` (every token except bos/boi becomes pad),
+    ``gen_code_mask`` all False, no vision images. "short": ``[bos, boi]``.
     """
     if mode == "pad":
-        ids = torch.full_like(prompt.input_ids, special.pad)
-        ids[0], ids[-1] = special.bos, special.boi
+        ids = uncond_pad_ids(prompt.input_ids, prompt.gen_code_mask, special)
         return Prompt(ids, torch.zeros_like(prompt.gen_code_mask), 0)
     if mode == "short":
         return Prompt(torch.tensor([special.bos, special.boi], dtype=torch.long), torch.zeros(2, dtype=torch.bool), 0)

@@ -35,6 +35,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from pgen_engine.data.prompts import uncond_pad_ids
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
@@ -281,9 +282,8 @@ class Generator:
         sp = self.special
         if self.uncond_mode == "short":
             return (sp.bos, sp.boi)
-        cm = p.code_mask
-        return tuple(t if (t == sp.bos or t == sp.boi) and not (cm is not None and cm[i]) else sp.pad
-                     for i, t in enumerate(p.ids))
+        cm = None if p.code_mask is None else torch.tensor(p.code_mask, dtype=torch.bool)
+        return tuple(uncond_pad_ids(torch.tensor(p.ids, dtype=torch.long), cm, sp).tolist())
 
     # ------------------------------------------------------------------ waves
     def _plan_waves(self, prompts: list[_Prompt], num_samples: int) -> Iterator[list[_WaveItem]]:

@@ -48,7 +48,10 @@ def test_unconditional():
     p = _builder(3).build(torch.randint(0, 9, (2, 3)))
     u = unconditional(p, SP, "pad")
     assert len(u) == len(p) and u.input_ids[0] == SP.bos and u.input_ids[-1] == SP.boi
-    assert (u.input_ids[1:-1] == SP.pad).all() and not u.gen_code_mask.any()
+    # every history item's <boi> survives (transformers' Janus rule); all else, codes included, is pad
+    keep = ((p.input_ids == SP.bos) | (p.input_ids == SP.boi)) & ~p.gen_code_mask
+    assert torch.equal(u.input_ids == SP.pad, ~keep) and not u.gen_code_mask.any()
+    assert int((u.input_ids == SP.boi).sum()) == 3  # 2 history images + the final boi
     assert unconditional(p, SP, "short").input_ids.tolist() == [SP.bos, SP.boi]
     with pytest.raises(ValueError):
         unconditional(p, SP, "zero")
@@ -139,3 +142,16 @@ def test_vision_dataset(sft_setup):
     n_img = sum(len(e.history) for e in sp.valid[:4])
     assert batch["pixel_values"].shape == (n_img, 3, 32, 32)
     assert (batch["input_ids"] == SP.image).sum() == 16 * n_img
+
+
+def test_uncond_pad_rule_matches_transformers_janus():
+    """Every bos/boi kept (also each history item's boi), everything else — codes included — padded."""
+    from pgen_engine.data.prompts import uncond_pad_ids
+    from pgen_engine.models.special_tokens import SpecialTokens
+
+    sp = SpecialTokens.builtin()
+    ids = torch.tensor([sp.bos, 40, 41, sp.boi, sp.boi, 7, sp.eoi, 50, sp.boi])
+    codes = torch.tensor([False, False, False, False, False, True, False, False, False])
+    codes[4] = True  # a VQ code whose value equals boi is still a code
+    out = uncond_pad_ids(ids, codes, sp)
+    assert out.tolist() == [sp.bos, sp.pad, sp.pad, sp.boi, sp.pad, sp.pad, sp.pad, sp.pad, sp.boi]
