@@ -559,8 +559,9 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, device_type: str) ->
         "optimizer": {
             "type": "AdamW",
             "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-                       # torch's AdamW avoids a JIT-built fused kernel when states stay on device.
-                       **({} if d.offload_optimizer else {"torch_adam": True})},
+                       # torch's AdamW avoids a JIT-built fused kernel when states stay on device;
+                       # RL's offload_states around rollouts needs DeepSpeed's FusedAdam instead.
+                       **({} if d.offload_optimizer or _offloads_states(cfg) else {"torch_adam": True})},
         },
         "steps_per_print": 10 ** 9,
         "wall_clock_breakdown": False,
@@ -569,6 +570,11 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int, device_type: str) ->
         # bf16 without ZeRO: keep fp32 master weights/grad accumulation.
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds
+
+
+def _offloads_states(cfg: RunConfig) -> bool:
+    """True when the stage moves optimizer states off the device between phases (RL rollouts)."""
+    return bool(getattr(cfg.stage_config, "offload_optimizer_states", False))
 
 
 def lr_lambda(train: TrainConfig) -> typing.Callable[[int], float]:

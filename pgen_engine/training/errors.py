@@ -1,8 +1,13 @@
-"""Which exceptions are user-facing (bad input, non-finite training) rather than bugs.
+"""Errors shared by the training stages, and which exceptions are user-facing.
 
-``train.py`` prints these as one line and exits non-zero; anything else keeps its traceback.
+``train.py`` prints user-facing errors (bad input, non-finite training) as one line and
+exits non-zero; anything else keeps its traceback.
 """
 from __future__ import annotations
+
+
+class NonFiniteError(RuntimeError):
+    """Loss, gradient norm or reward became NaN/Inf; training stopped without writing a checkpoint."""
 
 
 def is_user_error(e: BaseException) -> bool:
@@ -11,7 +16,6 @@ def is_user_error(e: BaseException) -> bool:
     from pgen_engine.models.janus_config import CheckpointError
 
     from .checkpoints import ResumeError
-    from .sft import NonFiniteError
     from .sft_data import DataPrepError
 
     return isinstance(e, (DataPrepError, DataError, CheckpointError, ResumeError, NonFiniteError,

@@ -283,9 +283,12 @@ class ReferencePolicy:
         ``"cpu"``: a frozen copy kept on the CPU; its forward runs on the CPU (cheap for
             small models, never occupies device memory).
         ``"device"``: a frozen copy on the policy's device (small models, fastest).
-        ``"partitioned"``: a ZeRO-3 inference engine (no optimizer): each rank holds only a
-            shard; DeepSpeed gathers layer by layer during the forward.
-    Build with :meth:`from_policy` *before* the policy is wrapped by DeepSpeed.
+        ``"partitioned"``: a ZeRO-3 inference engine (no optimizer) around an
+            :class:`~pgen_engine.training.sft.ObjectiveModule`: each rank holds only a shard;
+            DeepSpeed gathers layer by layer during :meth:`forward`.
+    Build with :meth:`from_checkpoint` (or :meth:`from_policy`) *before* the policy is
+    wrapped by DeepSpeed. Run objectives with :meth:`forward` (``fn(model, *args)``), which
+    goes through the engine when partitioned.
     """
 
     MODES = ("cpu", "device", "partitioned")
@@ -293,10 +296,52 @@ class ReferencePolicy:
     def __init__(self, module: torch.nn.Module, mode: str, engine=None):
         if mode not in self.MODES:
             raise ValueError(f"ReferencePolicy: mode must be one of {self.MODES}, got {mode!r}")
+        if mode == "partitioned" and engine is None:
+            raise ValueError("ReferencePolicy: mode 'partitioned' needs its DeepSpeed engine")
         self.module, self.mode, self.engine = module, mode, engine
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
+
+    def forward(self, fn, *args):
+        """``fn(reference_model, *args)`` — through the ZeRO-3 engine when partitioned."""
+        if self.engine is not None:
+            return self.engine(fn, *args)
+        return fn(self.module, *args)
+
+    @classmethod
+    def from_checkpoint(cls, model_dir, mode: str, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", ds_config: dict | None = None) -> "ReferencePolicy":
+        """Load a frozen reference from a Hugging Face Janus directory (e.g. the SFT run's ``final/``)."""
+        from pgen_engine.models import load_model
+
+        if mode not in cls.MODES:
+            raise ValueError(f"ReferencePolicy: mode must be one of {cls.MODES}, got {mode!r}")
+        if mode == "cpu":
+            # the CPU copy computes in fp32 (bf16 matmuls on CPU are slow and add error)
+            return cls(load_model(model_dir, device="cpu", dtype=torch.float32), mode)
+        model = load_model(model_dir, device="cpu", dtype=dtype)
+        if mode == "device":
+            return cls(model.to(device), mode)
+        return cls._partitioned(model, ds_config)
+
+    @classmethod
+    def _partitioned(cls, model: torch.nn.Module, ds_config: dict | None) -> "ReferencePolicy":
+        if ds_config is None:
+            raise ValueError("ReferencePolicy: mode 'partitioned' needs the DeepSpeed config (ds_config)")
+        import deepspeed
+
+        from .sft import ObjectiveModule, register_zero3_external_params
+
+        cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
+        zero = {k: v for k, v in cfg.get("zero_optimization", {}).items() if k != "offload_optimizer"}
+        cfg["zero_optimization"] = {**zero, "stage": 3}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        wrapper = ObjectiveModule(model)
+        engine, *_ = deepspeed.initialize(model=wrapper, config=cfg)
+        register_zero3_external_params(engine.module)
+        return cls(engine.module.model, "partitioned", engine)
 
     @classmethod
     def from_policy(cls, policy: torch.nn.Module, mode: str, *, device: torch.device | str | None = None,
@@ -311,16 +356,7 @@ class ReferencePolicy:
             return cls(ref.to("cpu"), mode)
         if mode == "device":
             return cls(ref.to(device or policy.device), mode)
-        if ds_config is None:
-            raise ValueError("ReferencePolicy: mode 'partitioned' needs the DeepSpeed config (ds_config)")
-        import deepspeed
-
-        cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
-        cfg["zero_optimization"] = {**cfg.get("zero_optimization", {}), "stage": 3}
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        engine, *_ = deepspeed.initialize(model=ref, config=cfg)
-        return cls(engine.module, mode, engine)
+        return cls._partitioned(ref, ds_config)
 
     @property
     def device(self) -> torch.device:

@@ -36,6 +36,8 @@ import torch
 from pgen_engine.config import ConfigError, register_stage_section
 
 from . import grpo
+from .distributed import all_ranks_true
+from .errors import NonFiniteError
 from .hybrid import HybridEngine, ReferencePolicy, SamplingParams
 from .memory_ledger import MemoryLedger, SavedTensorMeter, optimizer_state_bytes
 
@@ -67,7 +69,15 @@ class RLConfig:
         embedder: ``make_embedder`` spec for embedding-based rewards.
         future_horizon: at most this many future items per user (null = all).
         ledger_scan_every: every N steps log ``mem/live_tensor_bytes`` (0 = off; slow).
-        save_every: export ``checkpoints/stepNNNNNN`` (HF layout) every N steps (0 = end only).
+        eval_prompts: held-out (valid-split) prompts scored before the first step and after
+            the last one (``eval/reward``, ``eval/reward/<component>``; 0 = off). Fixed
+            prompts and seeds, so the before/after numbers compare the same requests.
+        eval_every: also evaluate every N steps (0 = only before and after).
+
+    Resumable checkpoints follow ``train.save_every`` / ``train.keep_checkpoints``; the
+    schedule's ``train.max_steps`` / ``train.warmup_steps`` count RL steps (each RL step
+    makes ``ppo_epochs * prompts_per_step * group_size / train.global_batch_size``
+    optimizer steps, the LR schedule is stretched accordingly).
     """
 
     algorithm: Literal["grpo", "ppo"] = "grpo"
@@ -91,7 +101,8 @@ class RLConfig:
     embedder: Any = dataclasses.field(default_factory=lambda: {"type": "pixel_stats"})
     future_horizon: Optional[int] = None
     ledger_scan_every: int = 0
-    save_every: int = 0
+    eval_prompts: int = 0
+    eval_every: int = 0
 
     def __post_init__(self) -> None:
         def bad(key: str, expect: str) -> RLConfigError:
@@ -121,8 +132,9 @@ class RLConfig:
             raise bad("embedder", "a mapping with 'type' (e.g. {type: pixel_stats})")
         if self.future_horizon is not None and self.future_horizon < 1:
             raise bad("future_horizon", ">= 1 or null")
-        if self.ledger_scan_every < 0 or self.save_every < 0:
-            raise RLConfigError("rl.ledger_scan_every and rl.save_every must be >= 0")
+        for key in ("ledger_scan_every", "eval_prompts", "eval_every"):
+            if getattr(self, key) < 0:
+                raise bad(key, ">= 0")
 
     @property
     def sampling(self) -> SamplingParams:
@@ -229,6 +241,9 @@ class TorchOptimizerEngine:
     def get_lr(self) -> list[float]:
         return [g["lr"] for g in self.optimizer.param_groups]
 
+    def get_global_grad_norm(self) -> None:
+        return None  # not tracked; DeepSpeed's engine reports it
+
 
 # ----------------------------------------------------------------------------- prompts and reward context
 @dataclasses.dataclass
@@ -311,7 +326,10 @@ class RLTrainer:
     """The RL loop over one policy (DeepSpeed engine or :class:`TorchOptimizerEngine`).
 
     Args:
-        engine: has ``module``, ``backward(loss)``, ``step()``, ``optimizer``, ``get_lr()``.
+        engine: has ``module``, ``backward(loss)``, ``step()``, ``optimizer``, ``get_lr()``. When
+            ``engine.module`` is an :class:`~pgen_engine.training.sft.ObjectiveModule` (the
+            DeepSpeed runs), every policy forward goes through ``engine(fn, ...)`` so ZeRO-3
+            gathers what the objective touches; otherwise ``engine.module`` is the JanusModel.
         rl: the :class:`RLConfig`.
         reward_env: scores rollouts.
         reference: frozen reference policy, or None (beta must be 0).
@@ -329,18 +347,38 @@ class RLTrainer:
             raise ValueError("RLTrainer: rl.beta > 0 needs a reference policy")
         if minibatch_size % micro_batch_size:
             raise ValueError(f"RLTrainer: minibatch {minibatch_size} not a multiple of micro-batch {micro_batch_size}")
+        from .sft import ObjectiveModule
+
         self.engine, self.rl, self.reward_env, self.reference = engine, rl, reward_env, reference
         self.micro, self.minibatch, self.world_size = micro_batch_size, minibatch_size, world_size
-        self.module = engine.module
+        wrapped = isinstance(engine.module, ObjectiveModule)
+        self.module = engine.module.model if wrapped else engine.module
+        self._wrapped = wrapped
         self.ledger = ledger or MemoryLedger(self.module.device, scan_every=rl.ledger_scan_every)
         self.hybrid = HybridEngine(self.module, zero3_engine, max_batch_size=rl.rollout_batch_size,
                                    offload_optimizer_states=rl.offload_optimizer_states, ledger=self.ledger)
         self.pad_id = pad_id
 
     # -- pieces (public so tests and benchmarks can time/verify them) -------------
+    def policy_forward(self, fn: Callable[..., Any], *args) -> Any:
+        """``fn(policy_model, *args)``, through the DeepSpeed engine's forward when there is one."""
+        return self.engine(fn, *args) if self._wrapped else fn(self.module, *args)
+
+    def _forward_for(self, model) -> Callable[..., Any]:
+        if model is self.module:
+            return self.policy_forward
+        if self.reference is not None and model is self.reference.module:
+            return self.reference.forward
+        return lambda fn, *args: fn(model, *args)
+
     @torch.no_grad()
     def score_logprobs(self, model, seqs, tokens: torch.Tensor) -> torch.Tensor:
-        """No-grad training-numerics log-probs ``[N,T]`` of ``tokens`` under ``model``, in micro-batches."""
+        """No-grad training-numerics log-probs ``[N,T]`` of ``tokens`` under ``model``, in micro-batches.
+
+        ``model`` is the policy (``self.module``), the reference (``self.reference.module``) or
+        any plain JanusModel; the first two run through their engines (ZeRO-3 gathering).
+        """
+        forward = self._forward_for(model)
         was = model.training
         model.eval()
         dev = model.device
@@ -348,8 +386,8 @@ class RLTrainer:
         try:
             for lo in range(0, tokens.shape[0], self.micro):
                 sl = slice(lo, lo + self.micro)
-                lp, _ = policy_logprobs(model, seqs[0][sl].to(dev), seqs[1][sl].to(dev), seqs[2][sl].to(dev),
-                                        tokens[sl].to(dev), self.rl.temperature)
+                lp, _ = forward(policy_logprobs, seqs[0][sl].to(dev), seqs[1][sl].to(dev), seqs[2][sl].to(dev),
+                                tokens[sl].to(dev), self.rl.temperature)
                 out.append(lp.cpu())
         finally:
             model.train(was)
@@ -387,17 +425,21 @@ class RLTrainer:
             for lo in range(0, N, self.micro):
                 sl = slice(lo, lo + self.micro)
                 with SavedTensorMeter(exclude=params) as meter:
-                    lp, ent = policy_logprobs(m, seqs[0][sl].to(dev), seqs[1][sl].to(dev), seqs[2][sl].to(dev),
-                                              tokens[sl].to(dev), rl.temperature)
+                    lp, ent = self.policy_forward(policy_logprobs, seqs[0][sl].to(dev), seqs[1][sl].to(dev),
+                                                  seqs[2][sl].to(dev), tokens[sl].to(dev), rl.temperature)
                     loss, st = grpo.policy_loss(
                         lp, old_lp[sl].to(dev), adv[sl].to(dev), mask[sl].to(dev),
                         ref_logp=None if ref_lp is None else ref_lp[sl].to(dev), beta=rl.beta,
                         clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, aggregation=rl.aggregation)
                 act_bytes = max(act_bytes, meter.bytes)
+                value = float(loss.detach())
+                # collective check: every rank must stop together, before backward's collectives
+                if not all_ranks_true(math.isfinite(value)):
+                    raise NonFiniteError(f"RL update: loss is not finite ({value}) — stopping without a checkpoint")
                 self.engine.backward(loss)
                 self.engine.step()
                 st = {k: float(v) for k, v in st.items()}
-                st["loss"] = float(loss.detach())
+                st["loss"] = value
                 st["entropy"] = float(ent.detach().mean())
                 for k, v in st.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -405,6 +447,19 @@ class RLTrainer:
         self.ledger.record("update", "activations", act_bytes)
         self.ledger.record("update", "optimizer_states", optimizer_state_bytes(self.engine.optimizer))
         return {k: v / count for k, v in sums.items()}
+
+    @torch.no_grad()
+    def evaluate(self, batch: PromptBatch) -> dict[str, float]:
+        """Mean rollout reward of the current policy on ``batch`` (no update), averaged over ranks.
+
+        Returns ``{"eval/reward": mean total, "eval/reward/<component>": mean}``; the
+        samples use the run's sampling settings and the batch's own seeds.
+        """
+        ro = self.hybrid.rollout(batch.prompts, batch.code_masks, self.rl.sampling, batch.seeds)
+        total, comps = self.reward_env(batch, ro.tokens.cpu(), self.rl.group_size)
+        row = {"eval/reward": float(total.mean())}
+        row.update({f"eval/reward/{k}": float(v.mean()) for k, v in comps.items()})
+        return reduce_row(row, self.world_size)
 
     # -- one step -----------------------------------------------------------------
     def step(self, step: int, batch: PromptBatch) -> dict[str, Any]:
@@ -500,12 +555,29 @@ class RLPromptSource:
         return list(attributes_to_codes(steps[ex.position]["preferred"]))
 
     def batch(self, step: int, prompts_per_step: int, rank: int = 0, world: int = 1) -> PromptBatch:
-        from pgen_engine.ops.rng import mix_seed
-
+        """This rank's share of step ``step``'s prompts (drawn with replacement)."""
         if prompts_per_step % world:
             raise ValueError(f"rl.prompts_per_step={prompts_per_step} is not divisible by world size {world}")
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         idx = torch.randint(0, len(self.examples), (prompts_per_step,), generator=g).tolist()[rank::world]
+        return self._make(idx, step)
+
+    def fixed_batch(self, n: int, rank: int = 0, world: int = 1) -> PromptBatch:
+        """The same ``n`` distinct prompts (and sampling seeds) on every call: this rank's share.
+
+        Used for before/after evaluation; ``n`` is capped at the number of examples and
+        rounded down to a multiple of ``world``.
+        """
+        n = min(n, len(self.examples)) // world * world
+        if n < 1:
+            raise ValueError(f"fixed_batch: need >= {world} examples for {world} ranks, have {len(self.examples)}")
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
+        idx = torch.randperm(len(self.examples), generator=g)[:n].tolist()[rank::world]
+        return self._make(idx, -1)
+
+    def _make(self, idx: list[int], step: int) -> PromptBatch:
+        from pgen_engine.ops.rng import mix_seed
+
         prompts, masks, hist, fut, attrs = [], [], [], [], []
         for i in idx:
             ex = self.examples[i]
@@ -555,3 +627,203 @@ def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, it
                     embedder if reward.needs_embeddings else None,
                     catalogue=item_ids if needs_cat else None, read_attributes=read_attrs)
     return env, gt
+
+
+# ----------------------------------------------------------------------------- stage entry point
+def updates_per_step(cfg) -> int:
+    """Optimizer steps one RL step makes: ``ppo_epochs * prompts_per_step * group_size / global_batch``.
+
+    Raises ConfigError when the rollout is not a whole number of optimizer batches.
+    """
+    rl, t = cfg.stage_config, cfg.train
+    n = rl.prompts_per_step * rl.group_size
+    if n % t.global_batch_size:
+        raise RLConfigError(f"rl.prompts_per_step={rl.prompts_per_step} x rl.group_size={rl.group_size} = {n} "
+                            f"sequences per step is not a multiple of train.global_batch_size={t.global_batch_size}")
+    return rl.ppo_epochs * (n // t.global_batch_size)
+
+
+def _check_world(cfg, world_size: int) -> None:
+    rl = cfg.stage_config
+    if rl.prompts_per_step % world_size:
+        raise RLConfigError(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the {world_size} ranks")
+    cfg.train.grad_accum_steps(world_size)  # raises ConfigError on impossible batch arithmetic
+
+
+def _schedule_cfg(cfg, k: int):
+    """``cfg`` with the LR schedule counted in optimizer steps (``k`` per RL step)."""
+    t = cfg.train
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, max_steps=t.max_steps * k,
+                                                              warmup_steps=t.warmup_steps * k))
+
+
+def sft_tokenizer_path(checkpoint: str | Path) -> Path | None:
+    """The image-tokenizer file of the SFT run that exported ``checkpoint`` (``<run>/final``), if known.
+
+    Reads ``<checkpoint>/../config.resolved.yaml``; None when there is none (a checkpoint not
+    made by this engine) or its tokenizer is not ``patch_kmeans``.
+    """
+    import yaml
+
+    resolved = Path(checkpoint).parent / "config.resolved.yaml"
+    if not resolved.is_file():
+        return None
+    tree = yaml.safe_load(resolved.read_text()) or {}
+    data = tree.get("data") or {}
+    if data.get("tokenizer", "patch_kmeans") != "patch_kmeans":
+        return None
+    work = data.get("work_dir") or str(Path(tree.get("output_dir", Path(checkpoint).parent)) / "data_work")
+    return Path(work) / "tokenizer.safetensors"
+
+
+def check_tokenizer_matches_checkpoint(cfg, tokenizer) -> None:
+    """Fail when the RL run's image tokenizer is not the one its SFT checkpoint was trained with.
+
+    A different PatchKMeans fit gives the same geometry but different codes, which would
+    silently make the SFT policy's images meaningless; the run must reuse the SFT run's
+    ``data.work_dir`` (and data settings).
+    """
+    from .sft_data import DataPrepError
+
+    if cfg.model.checkpoint is None:
+        return
+    path = sft_tokenizer_path(cfg.model.checkpoint)
+    if path is None or not path.is_file():
+        return
+    from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+
+    theirs = PatchKMeansTokenizer.load(path).fingerprint()
+    if theirs != tokenizer.fingerprint():
+        from .sft_data import work_dir
+
+        raise DataPrepError(f"model.checkpoint={cfg.model.checkpoint}: trained with the image tokenizer {path}, "
+                            f"but this run's data.work_dir={work_dir(cfg)} holds a different one; set data.* "
+                            "(work_dir, codebook_size, ...) as in the SFT run")
+
+
+def run(cfg, resume: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` (stage rl) for ``train.max_steps`` RL steps; returns the summary (rank 0's view).
+
+    Starts from ``model.checkpoint`` (an SFT run's ``final/``; null = a fresh tiny model,
+    only useful for smoke tests) and reuses that run's data settings (dataset, tokenizer
+    and token cache under ``data.work_dir``). Writes ``output_dir/{config.resolved.yaml,
+    metrics.jsonl, checkpoints/, final/, summary.json}``; ``summary["final"]`` is the
+    exported Hugging Face checkpoint, ``summary["eval_before"/"eval_after"]`` the held-out
+    rewards when ``rl.eval_prompts`` > 0.
+
+    Raises:
+        NonFiniteError: loss or gradient norm not finite.
+        DataPrepError, ConfigError, ResumeError: bad inputs, with one-line messages.
+    """
+    from pgen_engine.config import build_deepspeed_config, dump_config, resolve_precision
+    from pgen_engine.data.dataset import load_dataset
+    from pgen_engine.io_utils import atomic_write_json, atomic_write_text
+
+    from .checkpoints import CHECKPOINTS, export_hf, load_resumable, save_resumable
+    from .distributed import init_distributed
+    from .engine import build_engine
+    from .metrics import MetricsLogger
+    from .sft import ObjectiveModule, register_zero3_external_params, resolve_resume
+    from .sft_data import prepare_sft_data
+
+    rl: RLConfig = cfg.stage_config
+    if not isinstance(rl, RLConfig):
+        raise RLConfigError("stage rl needs its rl: section (RLConfig)")
+    k = updates_per_step(cfg)
+    dist = init_distributed()
+    _check_world(cfg, dist.world_size)
+    if rl.offload_optimizer_states and (dist.device.type != "cuda" or cfg.deepspeed.zero_stage != 3
+                                        or cfg.deepspeed.offload_optimizer):
+        raise RLConfigError("rl.offload_optimizer_states=true needs a CUDA device, deepspeed.zero_stage=3 and "
+                            "deepspeed.offload_optimizer=false (DeepSpeed offload_states moves FusedAdam states)")
+    out = Path(cfg.output_dir)
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.resolved.yaml", dump_config(cfg))
+    torch.manual_seed(cfg.seed + dist.rank)
+    data = prepare_sft_data(cfg, dist)
+    check_tokenizer_matches_checkpoint(cfg, data.tokenizer)
+
+    # the reference is loaded before the policy is wrapped, so ZeRO-3 never holds two full copies at once
+    precision = resolve_precision(cfg.deepspeed, dist.device.type)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    sched_cfg = _schedule_cfg(cfg, k)
+    reference = None
+    if rl.reference != "none":
+        reference = ReferencePolicy.from_checkpoint(
+            data.model_dir, rl.reference, dtype=dtype, device=dist.device,
+            ds_config=build_deepspeed_config(sched_cfg, dist.world_size, dist.device.type))
+    te = build_engine(sched_cfg, data.model_dir, dist, wrap=ObjectiveModule)
+    engine = te.engine
+    zero3 = engine.zero_optimization_stage() == 3
+    if zero3:
+        register_zero3_external_params(engine.module)
+    model = engine.module.model
+
+    ckpt = resolve_resume(resume, out)
+    start_step, client = 0, {}
+    if ckpt is not None:
+        client = load_resumable(engine, ckpt, dist)
+        start_step = int(client["step"])
+
+    ds = data.dataset  # SFTDataset: its cache / prompt builder / titles are what SFT trained on
+    dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
+    reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items))
+    source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
+                            ground_truth=gt, future_horizon=rl.future_horizon, seed=cfg.seed)
+    eval_batch = None
+    if rl.eval_prompts:
+        held_out = data.splits.valid or data.splits.train
+        eval_batch = RLPromptSource(held_out, data.splits, ds.cache, ds.builder, titles=ds.titles, ground_truth=gt,
+                                    seed=cfg.seed).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
+    t = cfg.train
+    trainer = RLTrainer(engine, rl, reward_env, reference, micro_batch_size=t.micro_batch_size,
+                        minibatch_size=t.global_batch_size // dist.world_size, world_size=dist.world_size,
+                        zero3_engine=engine if zero3 else None, pad_id=data.special.pad)
+    logger = MetricsLogger(out, is_main=dist.is_main, total_steps=t.max_steps, start_step=start_step,
+                           progress=cfg.logging.progress, tensorboard=cfg.logging.tensorboard)
+    ckpt_root = out / CHECKPOINTS
+    last_saved: Path | None = ckpt
+    eval_before = client.get("eval_before")
+    eval_after = None
+    row: dict[str, Any] = {}
+    try:
+        if eval_batch is not None and start_step == 0:
+            eval_before = trainer.evaluate(eval_batch)
+            logger.log({"step": 0, **eval_before})
+        for step in range(start_step, t.max_steps):
+            done = step + 1
+            batch = source.batch(step, rl.prompts_per_step, dist.rank, dist.world_size)
+            row = reduce_row(trainer.step(done, batch), dist.world_size)
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+                if not math.isfinite(row["grad_norm"]):
+                    raise NonFiniteError(f"step {done}: gradient norm is not finite ({grad_norm}) — stopping; "
+                                         f"last good checkpoint: {last_saved or 'none'} (left untouched)")
+            if eval_batch is not None and (done == t.max_steps or (rl.eval_every and done % rl.eval_every == 0)):
+                ev = trainer.evaluate(eval_batch)
+                row.update(ev)
+                if done == t.max_steps:
+                    eval_after = ev
+            if done % t.log_every == 0 or done == t.max_steps or "eval/reward" in row:
+                logger.log(row)
+            logger.advance()
+            if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+                last_saved = save_resumable(engine, ckpt_root, done, {"eval_before": eval_before}, dist,
+                                            keep=t.keep_checkpoints, extra_meta={"stage": "rl"})
+        if start_step < t.max_steps or last_saved is None:
+            last_saved = save_resumable(engine, ckpt_root, t.max_steps, {"eval_before": eval_before}, dist,
+                                        keep=t.keep_checkpoints, extra_meta={"stage": "rl"})
+        export_hf(model, out / "final", dist)
+    finally:
+        logger.close()
+    summary = {"stage": "rl", "steps": t.max_steps, "resumed_from": start_step, "world_size": dist.world_size,
+               "algorithm": rl.algorithm, "optimizer_steps_per_rl_step": k, "grad_accum": te.grad_accum,
+               "precision": te.precision, "trainable_params": te.trainable_params,
+               "final_reward": row.get("reward"), "final_kl": row.get("kl"),
+               "eval_before": eval_before, "eval_after": eval_after,
+               "init_checkpoint": str(data.model_dir), "checkpoint": str(last_saved), "final": str(out / "final")}
+    if dist.is_main:
+        atomic_write_json(out / "summary.json", summary)
+    return summary

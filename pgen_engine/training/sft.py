@@ -27,15 +27,12 @@ from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 
 from .checkpoints import CHECKPOINTS, export_hf, latest_checkpoint, load_resumable, save_resumable
 from .distributed import DistInfo, all_ranks_true, init_distributed, mean_over_ranks
+from .errors import NonFiniteError  # noqa: F401  (re-exported: sft.NonFiniteError is public)
 from .metrics import MetricsLogger, device_peak_flops, train_flops_per_token
 
 register_stage_section("sft", None)
 
 BATCH_KEYS = ("input_ids", "gen_code_mask", "attention_mask", "position_ids", "loss_mask", "labels")
-
-
-class NonFiniteError(RuntimeError):
-    """Loss or gradient norm became NaN/Inf; training stopped without writing a checkpoint."""
 
 
 class ObjectiveModule(nn.Module):
