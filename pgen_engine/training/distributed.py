@@ -36,8 +36,13 @@ def _free_port() -> int:
 
 def init_distributed() -> DistInfo:
     """Initialise (once) the default process group and return this process's DistInfo."""
+    import warnings
+
     import deepspeed
     import torch.distributed as dist
+
+    # DeepSpeed still calls torch.distributed APIs that torch deprecates (reduce_scatter_tensor, ...).
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")

@@ -1,0 +1,131 @@
+"""Reports: ``report.md`` + ``report.html`` with the metric table, per-user image grids
+(history row -> generated rows -> true next item) and training curves, all PNG."""
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from pgen_engine.io_utils import atomic_write_bytes, atomic_write_text
+
+
+def _png_bytes(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_grid(rows: Sequence[tuple[str, torch.Tensor]], *, scale: int = 3, pad: int = 4,
+               label_width: int = 150) -> np.ndarray:
+    """Stack labelled rows of uint8 images ``[n_i, H, W, 3]`` into one RGB array.
+
+    Each row starts with its label; small images are upscaled ``scale``x (nearest) so a
+    32-px render stays readable.
+    """
+    from PIL import Image, ImageDraw
+
+    if not rows:
+        raise ValueError("image_grid needs at least one row")
+    H, W = rows[0][1].shape[1:3]
+    h, w = H * scale, W * scale
+    ncol = max(r[1].shape[0] for r in rows)
+    canvas = Image.new("RGB", (label_width + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (label, imgs) in enumerate(rows):
+        y = pad + i * (h + pad)
+        draw.text((pad, y + h // 2 - 6), label, fill=(0, 0, 0))
+        for j in range(imgs.shape[0]):
+            tile = Image.fromarray(imgs[j].cpu().numpy()).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (label_width + pad + j * (w + pad), y))
+    return np.asarray(canvas)
+
+
+def save_png(path: str | Path, arr: np.ndarray) -> None:
+    """Write an RGB uint8 array as PNG, atomically."""
+    atomic_write_bytes(path, _png_bytes(arr))
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a ``metrics.jsonl`` (missing file -> [])."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{lineno}: malformed metrics line ({e})") from None
+    return rows
+
+
+def plot_curves(path: str | Path, series: dict[str, list[dict]], keys: Sequence[str], title: str) -> bool:
+    """Plot ``keys`` vs ``step`` for each run in ``series`` into one PNG; False if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in r for rows in series.values() for r in rows)]
+    if not present:
+        return False
+    fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], present):
+        for run, rows in series.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r and "step" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=run, lw=1.5)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def write_report(out_dir: str | Path, *, title: str, table_md: str, notes: Sequence[str],
+                 figures: Sequence[tuple[str, str]], meta: dict) -> Path:
+    """Write ``report.md`` and ``report.html`` into ``out_dir``.
+
+    Args:
+        table_md: the metric table in Markdown.
+        notes: paragraphs printed under the table (what the numbers mean, honest caveats).
+        figures: (caption, PNG path relative to ``out_dir``).
+        meta: run facts (device, wall time, sizes) listed at the end.
+    """
+    out = Path(out_dir)
+    md = [f"# {title}", "", table_md, ""]
+    md += [n + "\n" for n in notes]
+    for cap, rel in figures:
+        md += [f"## {cap}", "", f"![{cap}]({rel})", ""]
+    md += ["## Run", ""] + [f"- **{k}**: {v}" for k, v in meta.items()] + [""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    rows = [r for r in table_md.splitlines() if r.startswith("|") and not r.startswith("|---")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows]
+    tab = "<table>" + "".join(
+        "<tr>" + "".join(f"<{'th' if i == 0 else 'td'}>{html.escape(c)}</{'th' if i == 0 else 'td'}>" for c in row)
+        + "</tr>" for i, row in enumerate(cells)) + "</table>"
+    body = [f"<h1>{html.escape(title)}</h1>", tab] + [f"<p>{html.escape(n)}</p>" for n in notes]
+    body += [f"<h2>{html.escape(c)}</h2><img src='{html.escape(r)}'>" for c, r in figures]
+    body += ["<h2>Run</h2><ul>"] + [f"<li><b>{html.escape(str(k))}</b>: {html.escape(str(v))}</li>"
+                                     for k, v in meta.items()] + ["</ul>"]
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}" \
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+    atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
+                      f"{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
+    return out / "report.md"
