@@ -42,6 +42,11 @@ class ConfigError(ValueError):
 class ModelInitConfig:
     """Geometry of a freshly initialised tiny Janus (used when ``model.checkpoint`` is null).
 
+    ``init_std`` re-draws every weight matrix from N(0, init_std) (null keeps transformers'
+    0.02). Tiny models learn to use their history much faster with a wider init and a
+    wider VQ embedding (``vq_embed_dim``): with 0.02 and 8 dims, the code embeddings of a
+    prompt are nearly identical and attention gets almost no gradient.
+
     ``codebook_size``, ``image_size`` and ``patch_size`` are not set here: they come from
     the image tokenizer, so the model's image tokens are exactly the tokenizer's codes.
     """
@@ -57,12 +62,15 @@ class ModelInitConfig:
     vision_layers: int = 1
     vision_heads: int = 2
     max_position_embeddings: int = 1024
+    init_std: Optional[float] = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name != "seed" and getattr(self, f.name) < 1:
+            if f.name not in ("seed", "init_std") and getattr(self, f.name) < 1:
                 raise ConfigError(f"model.init.{f.name}={getattr(self, f.name)}: expected a positive integer")
+        if self.init_std is not None and not 0 < self.init_std < 1:
+            raise ConfigError(f"model.init.init_std={self.init_std}: expected a float in (0, 1) or null")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.init: hidden_size={self.hidden_size} must be a multiple of num_heads="
                               f"{self.num_heads}, which must be a multiple of num_kv_heads={self.num_kv_heads}")
