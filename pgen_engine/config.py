@@ -92,16 +92,25 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class SynthSection:
-    """Synthetic dataset generated into ``data.dataset_dir`` when that folder is missing."""
+    """Synthetic dataset generated into ``data.dataset_dir`` when that folder is missing.
+
+    ``drift``: per-step probability that a user's preferred value of an attribute changes;
+    ``fidelity``: probability that an interaction follows the preferred value (see
+    :mod:`pgen_engine.data.synth`).
+    """
 
     users: int = 200
     items: int = 120
     image_size: int = 32
     seed: int = 0
+    drift: float = 0.08
+    fidelity: float = 0.85
 
     def __post_init__(self) -> None:
         if self.users < 1 or self.items < 1:
             raise ConfigError(f"data.synth: users={self.users} and items={self.items} must be >= 1")
+        if not (0 <= self.drift <= 1 and 0 <= self.fidelity <= 1):
+            raise ConfigError(f"data.synth: drift={self.drift} and fidelity={self.fidelity} must be in [0, 1]")
         if not 32 <= self.image_size <= 64:
             raise ConfigError(f"data.synth.image_size={self.image_size}: expected 32..64")
 

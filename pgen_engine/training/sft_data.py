@@ -68,7 +68,8 @@ def ensure_dataset(cfg: RunConfig) -> Path:
     if root.exists() and any(root.iterdir()):
         raise DataPrepError(f"data.dataset_dir={root}: folder exists but holds no interactions.csv; "
                             "refusing to generate the synthetic dataset over it")
-    generate_synthetic(root, SynthConfig(num_users=s.users, num_items=s.items, image_size=s.image_size, seed=s.seed))
+    generate_synthetic(root, SynthConfig(num_users=s.users, num_items=s.items, image_size=s.image_size, seed=s.seed,
+                                         drift=s.drift, fidelity=s.fidelity))
     return root
 
 
