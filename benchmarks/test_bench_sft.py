@@ -33,7 +33,7 @@ def _run(ranks: int, root: Path) -> dict:
     out = root / f"ranks{ranks}"
     args = ["--config", str(REPO / "configs" / "demo_sft.yaml"), f"output_dir={out}",
             f"data.dataset_dir={root / 'synth'}", f"data.work_dir={root / 'work'}", f"train.max_steps={STEPS}",
-            "train.save_every=0", "logging.progress=false"]
+            "train.save_every=0", "logging.progress=false", "train.micro_batch_size=16"]  # 2 ranks x 16 = 32
     if ranks == 1:
         cmd = [sys.executable, str(REPO / "train.py"), *args]
     else:
