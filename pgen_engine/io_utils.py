@@ -78,11 +78,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 folders
+    replace_dir(tmp, target)
+
+
+def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Put the complete folder ``new`` at ``target`` (same filesystem), replacing any old one.
+
+    The old folder is renamed aside first and deleted only after ``new`` is in place, so
+    ``target`` is never missing half its files.
+    """
+    new, target = Path(new), Path(target)
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         old.rmdir()
         os.replace(target, old)
-    os.replace(tmp, target)
+    os.replace(new, target)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

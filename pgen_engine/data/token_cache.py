@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..io_utils import atomic_write_json
+from ..io_utils import atomic_write_json, replace_dir
 from ..models.image_tokenizer import ImageTokenizer
 from .dataset import DataError, Dataset, load_image
 
@@ -161,19 +160,8 @@ def build_token_cache(
         warnings.warn(f"{cache_dir}: skipped {len(skipped)} item(s) with missing/corrupt images "
                       f"(first: {next(iter(skipped.values()))})", stacklevel=2)
     atomic_write_json(stage / "index.json", {**idx, "skipped": skipped, "complete": True})
-    _swap_in(stage, cache_dir)
+    replace_dir(stage, cache_dir)
     return TokenCache.open(cache_dir, fp)
-
-
-def _swap_in(stage: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        old.rmdir()
-        os.replace(target, old)
-    os.replace(stage, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class TokenCache:
