@@ -10,6 +10,7 @@ import argparse
 import datetime
 import importlib
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pgen_engine._C: {'built' if ext is not None else 'not built'}; CUDA kernels: {cuda_ext}")
     tests_rc = None
     if gpu:
-        tests_rc = subprocess.call([sys.executable, "-m", "pytest", "tests/ops", "-q"])
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PGEN_TEST_DEVICE"] = "cuda"  # compiled kernels, not the CPU interpreter
+        tests_rc = subprocess.call([sys.executable, "-m", "pytest", "tests/ops", "-q"], env=env)
     rows: list[dict] = []
     for name in SUITES:
         try:

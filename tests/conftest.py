@@ -4,11 +4,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
+# Triton decides at @triton.jit time whether a kernel runs in its CPU interpreter, so the
+# switch must be set before anything imports pgen_engine.ops (conftest runs first). On a
+# GPU machine the variable is left alone and the compiled kernels are tested.
+if os.environ.get("PGEN_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton imports: kernels run on the CPU interpreter
+if os.environ.get("PGEN_TEST_DEVICE", "cpu") == "cpu":  # before triton imports: CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random  # noqa: E402
 
