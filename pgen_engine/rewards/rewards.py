@@ -199,6 +199,9 @@ def _owned_similarity(e: torch.Tensor, user_index: torch.Tensor, packed: _Packed
     if packed.embeds.shape[0] and packed.embeds.shape[1] != e.shape[1]:
         raise ValueError(f"embedding width mismatch: images have D={e.shape[1]}, user embeddings have D={packed.embeds.shape[1]}")
     user_index = user_index.to(e.device)
+    if packed.embeds.shape[0] == 0:  # nobody has rows (e.g. no future items on valid/test prompts)
+        zeros = torch.zeros(e.shape[0], dtype=e.dtype, device=e.device)
+        return zeros, torch.zeros(e.shape[0], dtype=torch.bool, device=e.device)
     sims = e @ packed.embeds.T  # [N, T]; one matmul for all users, then mask to own rows
     mine = packed.owner.unsqueeze(0) == user_index.unsqueeze(1)
     counts = packed.counts[user_index]

@@ -232,3 +232,16 @@ def test_context_validation():
         _hand_ctx(target_attributes=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="width mismatch"):
         PreferenceReward()(_imgs(3), _hand_ctx(image_embeds=torch.randn(3, 5)))
+
+
+def test_future_interest_when_no_user_has_future_items():
+    """Valid/test prompts have no train-split future: the reward is 0, never a shape error."""
+    from pgen_engine.rewards import FutureInterestReward, PixelStatsEmbedder, RewardContext
+
+    emb = PixelStatsEmbedder()
+    imgs = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    ctx = RewardContext(user_index=torch.tensor([0, 0, 1, 1]), group_index=torch.tensor([0, 0, 1, 1]),
+                        history_embeds=[emb.embed(imgs[:1]), emb.embed(imgs[1:2])],
+                        future_embeds=[torch.zeros(0, emb.dim), torch.zeros(0, emb.dim)])
+    out = FutureInterestReward(embedder=emb)(imgs, ctx)
+    assert torch.equal(out, torch.zeros(4))
