@@ -35,9 +35,9 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
             continue
         try:
             st = t.untyped_storage()
-        except (RuntimeError, NotImplementedError):  # meta / sparse tensors hold no plain storage
+            key = (st.data_ptr(), st.nbytes())
+        except (RuntimeError, NotImplementedError):  # meta / sparse / fake tensors hold no plain storage
             continue
-        key = (st.data_ptr(), st.nbytes())
         if key[0] == 0 or key in seen:
             continue
         seen.add(key)
