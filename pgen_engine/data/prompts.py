@@ -216,7 +216,7 @@ class SFTCollator:
         for b, s in enumerate(samples):
             if s.target.ndim != 1:
                 raise ValueError(f"target codes must be 1-D [T], got {tuple(s.target.shape)}")
-            S, T, off = len(s.prompt), s.target.shape[0], L - lens[b]
+            S, off = len(s.prompt), L - lens[b]
             ids[b, off:off + S] = s.prompt.input_ids
             ids[b, off + S:] = s.target
             gmask[b, off:off + S] = s.prompt.gen_code_mask

@@ -26,7 +26,7 @@ from pgen_engine.config import RunConfig, dump_config, register_stage_section
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 
 from .checkpoints import CHECKPOINTS, export_hf, latest_checkpoint, load_resumable, save_resumable
-from .distributed import DistInfo, all_ranks_true, init_distributed, mean_over_ranks
+from .distributed import all_ranks_true, init_distributed, mean_over_ranks
 from .errors import NonFiniteError  # noqa: F401  (re-exported: sft.NonFiniteError is public)
 from .metrics import MetricsLogger, device_peak_flops, train_flops_per_token
 
