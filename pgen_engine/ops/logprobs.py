@@ -127,7 +127,7 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
         T, chunk = ctx.temperature, ctx.chunk
         cd = lse.dtype
-        _N, V = hidden.shape[0], weight.shape[0]
+        V = weight.shape[0]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.to(cd).contiguous()
         g_ent = torch.zeros_like(lse) if g_ent is None else g_ent.to(cd).contiguous()
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
