@@ -307,8 +307,12 @@ class Generator:
     # ------------------------------------------------------------------ one wave
     def _cache_view(self, rows: int, L: int) -> KVCache:
         n = rows * L
-        return KVCache(k=[k[:n].view(rows, L, *self._kv_shape) for k in self._k],
-                       v=[v[:n].view(rows, L, *self._kv_shape) for v in self._v])
+        hkv, d = self._kv_shape
+        if self.model.device.type == "cpu":  # head-major: the fast one-query attention on CPU
+            return KVCache(k=[k[:n].view(rows, hkv, L, d) for k in self._k],
+                           v=[v[:n].view(rows, hkv, L, d) for v in self._v], layout="bhsd")
+        return KVCache(k=[k[:n].view(rows, L, hkv, d) for k in self._k],
+                       v=[v[:n].view(rows, L, hkv, d) for v in self._v])
 
     def _prefill_rows(self, cache: KVCache, leaders: list[int], seqs: list[list[int]],
                       code_masks: list[list[bool] | None], pixels: list[torch.Tensor | None]) -> torch.Tensor:
@@ -348,7 +352,7 @@ class Generator:
         s = torch.tensor(src, dtype=torch.long, device=dev)
         d = torch.tensor(dst, dtype=torch.long, device=dev)
         for buf in (*cache.k, *cache.v):
-            view = buf[:, :length]
+            view = buf[:, :, :length] if cache.layout == "bhsd" else buf[:, :length]
             view.index_copy_(0, d, view.index_select(0, s))
 
     def _run_wave(self, wave: list[_WaveItem], prompts: list[_Prompt], pixel_chunks, req_seeds: torch.Tensor,

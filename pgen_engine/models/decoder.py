@@ -25,13 +25,21 @@ from . import op_dispatch as K
 class KVCache:
     """Per-layer paged K/V storage.
 
-    ``k[l]`` and ``v[l]`` are ``[num_blocks, block_size, Hkv, D]``. A contiguous cache is
-    the special case ``num_blocks = rows, block_size = max_len`` used with
-    ``block_table=None`` (row ``b`` owns block ``b``); slots are ``block * block_size + offset``.
+    ``k[l]`` and ``v[l]`` are ``[num_blocks, block_size, Hkv, D]`` (``layout="bshd"``, the
+    flash-attn / paged-kernel layout). A contiguous cache is the special case
+    ``num_blocks = rows, block_size = max_len`` used with ``block_table=None`` (row ``b`` owns
+    block ``b``); slots are ``block * block_size + offset``. ``layout="bhsd"`` stores a
+    contiguous cache head-major, ``[rows, Hkv, max_len, D]`` (same slots): the CPU decode path
+    then reads each head's keys contiguously (about 3x faster one-query attention on CPU).
     """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
+    layout: str = "bshd"
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("bshd", "bhsd"):
+            raise ValueError(f"KVCache.layout must be 'bshd' or 'bhsd', got {self.layout!r}")
 
     @property
     def num_blocks(self) -> int:
@@ -39,7 +47,7 @@ class KVCache:
 
     @property
     def block_size(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2 if self.layout == "bhsd" else 1]
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
@@ -109,11 +117,11 @@ class Attention(nn.Module):
         o = K.prompt_attention(q, k, v, key_mask, self.scale)
         return self.o_proj(o.flatten(-2)), k, v
 
-    def forward_cached(self, x, cos, sin, k_cache, v_cache, slot_mapping, cache_seqlens, block_table):
+    def forward_cached(self, x, cos, sin, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, layout):
         """x ``[B,H]`` (one token per row) -> out ``[B,H]``; writes this token's K/V first."""
         q, k, v = self._qkv(x, cos, sin)
-        K.kv_write(k_cache, v_cache, k, v, slot_mapping, may_skip=False)
-        o = K.cached_attention(q, k_cache, v_cache, cache_seqlens, block_table, self.scale)
+        K.kv_write(k_cache, v_cache, k, v, slot_mapping, may_skip=False, layout=layout)
+        o = K.cached_attention(q, k_cache, v_cache, cache_seqlens, block_table, self.scale, layout=layout)
         return self.o_proj(o.flatten(-2))
 
 
@@ -144,9 +152,9 @@ class DecoderLayer(nn.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k, v
 
-    def forward_cached(self, h, cos, sin, k_cache, v_cache, slot_mapping, cache_seqlens, block_table):
+    def forward_cached(self, h, cos, sin, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, layout):
         h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, k_cache, v_cache,
-                                              slot_mapping, cache_seqlens, block_table)
+                                              slot_mapping, cache_seqlens, block_table, layout)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -222,7 +230,7 @@ class LanguageModel(nn.Module):
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h, k, v = layer.forward_full(h, cos, sin, key_mask)
-            K.kv_write(cache.k[i], cache.v[i], k.flatten(0, 1), v.flatten(0, 1), flat_slots)
+            K.kv_write(cache.k[i], cache.v[i], k.flatten(0, 1), v.flatten(0, 1), flat_slots, layout=cache.layout)
         return self.norm(h)
 
     def decode_step(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,
@@ -243,5 +251,6 @@ class LanguageModel(nn.Module):
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            h = layer.forward_cached(h, cos, sin, cache.k[i], cache.v[i], slot_mapping, cache_seqlens, block_table)
+            h = layer.forward_cached(h, cos, sin, cache.k[i], cache.v[i], slot_mapping, cache_seqlens, block_table,
+                                     cache.layout)
         return self.norm(h)

@@ -60,12 +60,22 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask
 
 
 def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor, *, may_skip: bool = True) -> None:
-    """Write k/v ``[N,Hkv,D]`` into flat slots ``[N]`` of caches ``[NB,BS,Hkv,D]``.
+             slot_mapping: torch.Tensor, *, may_skip: bool = True, layout: str = "bshd") -> None:
+    """Write k/v ``[N,Hkv,D]`` into flat slots ``[N]`` of caches ``[NB,BS,Hkv,D]``
+    (``layout="bhsd"``: contiguous head-major ``[rows,Hkv,L,D]``, slot = row * L + position).
 
     With ``may_skip`` slots equal to -1 are skipped (prefill: padding); this filters on
     the host, so the decode loop passes ``may_skip=False`` (every slot valid, no sync).
     """
+    if layout == "bhsd":
+        if may_skip:
+            keep = (slot_mapping >= 0).nonzero().squeeze(1)
+            slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+        L = k_cache.shape[2]
+        row, pos = slot_mapping // L, slot_mapping % L
+        k_cache[row, :, pos] = k.to(k_cache.dtype)
+        v_cache[row, :, pos] = v.to(v_cache.dtype)
+        return
     if _fused(k_cache):  # fused kernel skips -1 slots on the device, no host sync
         _attn.paged_kv_write(k_cache, v_cache, k, v, slot_mapping)
         return
@@ -79,12 +89,17 @@ def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                     block_table: torch.Tensor | None, scale: float) -> torch.Tensor:
+                     block_table: torch.Tensor | None, scale: float, *, layout: str = "bshd") -> torch.Tensor:
     """One query per row over its cached keys.
 
-    q ``[B,Hq,D]``; caches ``[NB,BS,Hkv,D]``; cache_seqlens int32 ``[B]``; block_table
-    int32 ``[B,max_blocks]`` or None (contiguous: row b = block b) -> ``[B,Hq,D]``.
+    q ``[B,Hq,D]``; caches ``[NB,BS,Hkv,D]`` (or head-major ``[rows,Hkv,L,D]`` with
+    ``layout="bhsd"``, contiguous only); cache_seqlens int32 ``[B]``; block_table int32
+    ``[B,max_blocks]`` or None (contiguous: row b = block b) -> ``[B,Hq,D]``.
     """
+    if layout == "bhsd":
+        if block_table is not None:
+            raise ValueError("cached_attention: layout 'bhsd' is a contiguous cache; block_table must be None")
+        return _cached_attention_head_major(q, k_cache, v_cache, cache_seqlens, scale)
     if _fused(q):
         return _attn.decode_attention(q, k_cache, v_cache, cache_seqlens.int(), block_table=block_table, scale=scale)
     B, Hq, D = q.shape
@@ -99,3 +114,18 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=Hq != k.shape[2])
     return o[:, :, 0, :]
+
+
+def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 cache_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+    # Two batched matmuls over contiguous per-head keys: on CPU this beats SDPA's flash kernel,
+    # which pays for strided keys and a boolean mask at every one-query step.
+    B, Hq, D = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    k, v = k_cache[:B], v_cache[:B]
+    qg = q.view(B, Hkv, Hq // Hkv, D)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, L]
+    dead = torch.arange(L, device=q.device)[None, :] >= cache_seqlens[:, None].to(torch.long)
+    scores = scores.masked_fill(dead[:, None, None, :], float("-inf"))
+    p = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(p, v).view(B, Hq, D)

@@ -68,3 +68,23 @@ def test_cached_attention_matches_full_softmax():
         v = vc[b, :n].repeat_interleave(Hq // Hkv, 1)
         w = torch.softmax(torch.einsum("hd,nhd->hn", q[b], k) * D ** -0.5, -1)
         assert torch.allclose(out[b], torch.einsum("hn,nhd->hd", w, v), atol=1e-5)
+
+
+def test_head_major_layout_matches_flash_layout():
+    """layout='bhsd' (the CPU Generator's cache) writes and attends exactly like 'bshd', incl. GQA."""
+    rows, L, Hq, Hkv, D = 3, 7, 6, 2, 8
+    kc, vc = torch.zeros(rows, L, Hkv, D), torch.zeros(rows, L, Hkv, D)
+    kh, vh = torch.zeros(rows, Hkv, L, D), torch.zeros(rows, Hkv, L, D)
+    slots = torch.tensor([0, 1, 2, -1, 7, 8, 14, 15, 16, 17])
+    k, v = torch.randn(len(slots), Hkv, D), torch.randn(len(slots), Hkv, D)
+    K.kv_write(kc, vc, k, v, slots)
+    K.kv_write(kh, vh, k, v, slots, layout="bhsd")
+    assert torch.equal(kh.transpose(1, 2), kc) and torch.equal(vh.transpose(1, 2), vc)
+    q = torch.randn(rows, Hq, D)
+    lens = torch.tensor([3, 2, 4], dtype=torch.int32)
+    a = K.cached_attention(q, kc, vc, lens, None, D ** -0.5)
+    b = K.cached_attention(q, kh, vh, lens, None, D ** -0.5, layout="bhsd")
+    assert (a - b).abs().max() <= 1e-6
+    import pytest
+    with pytest.raises(ValueError, match="block_table"):
+        K.cached_attention(q, kh, vh, lens, torch.zeros(rows, 1, dtype=torch.int32), 1.0, layout="bhsd")
