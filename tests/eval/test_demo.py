@@ -31,10 +31,11 @@ def test_demo_rejects_bad_data_dir(tmp_path):
     assert r.returncode != 0 and "interactions.csv" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_full_demo_personalization_order(tmp_path):
-    """The full synthetic demo (~3 min on 2 cores): SFT+RL > SFT > non-personalized on
-    future-attribute accuracy, and generation beats retrieve-and-rank on it.
+    """The full synthetic demo (~3.5 min on 2 cores, fixed seed 0): after SFT, 40 GRPO steps
+    raise future-attribute accuracy by a clear margin; SFT+RL > SFT > non-personalized, and
+    generation beats retrieve-and-rank on it (the demo is deterministic on a given machine).
 
     Measured at seed 0: 0.527 > 0.469 > 0.227 and 0.527 vs 0.405 (README "Results").
     """
