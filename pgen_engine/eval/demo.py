@@ -141,15 +141,11 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
 
 def _read_sampling(resolved: Path) -> dict:
     """The RL run's rollout sampling settings, so eval samples the way the policy was trained."""
-    import yaml
+    from pgen_engine.config import load_config, stage_module
 
-    cfg = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
-    r = (cfg or {}).get("rl", {}) or {}
-    out = {"guidance_scale": float(r.get("guidance_scale", 5.0)), "temperature": float(r.get("temperature", 1.0)),
-           "top_k": int(r.get("top_k", 0))}
-    if "top_p" in r:
-        out["top_p"] = float(r["top_p"])
-    return out
+    stage_module("rl")  # registers the rl section with the config loader
+    r = load_config(resolved).stage_config
+    return {"guidance_scale": r.guidance_scale, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
 
 
 def _device_name() -> str:
