@@ -1,5 +1,6 @@
-// pybind11 module pgen_engine._C: the only host translation unit that includes torch.
-// Everything else in csrc/ is plain C++ so it compiles fast and can be unit-checked alone.
+// pybind11 module pgen_engine._C. Only the glue units (this file, decode_ops.cpp and
+// cuda_ops.cpp) include torch; the cores in csrc/ are plain C++ so they compile fast and can
+// be unit-checked alone.
 #include <torch/extension.h>
 
 #include <cstring>
@@ -12,11 +13,12 @@
 
 namespace py = pybind11;
 
-#ifdef PGEN_WITH_CUDA
 namespace pgen {
+void register_decode_ops(py::module_& m);  // csrc/decode_ops.cpp
+#ifdef PGEN_WITH_CUDA
 void register_cuda_ops(py::module_& m);  // csrc/cuda_ops.cpp
-}
 #endif
+}  // namespace pgen
 
 namespace {
 
@@ -74,7 +76,7 @@ torch::Tensor sample_cpu(const torch::Tensor& logits, const c10::optional<torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pgen_engine host extension: paged KV block manager, continuous-batching "
-            "scheduler, CPU sampler (and CUDA kernels when built with CUDA).";
+            "scheduler, CPU sampler, CPU decode step (and CUDA kernels when built with CUDA).";
 
   // Python exception types: OutOfKVBlocksError is a MemoryError (pool exhausted),
   // UnknownIdError a KeyError (bad sequence/request id), SchedulerStateError a RuntimeError.
@@ -218,6 +220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("block_manager", &pgen::Scheduler::block_manager,
                              py::return_value_policy::reference_internal);
 
+  pgen::register_decode_ops(m);
 #ifdef PGEN_WITH_CUDA
   pgen::register_cuda_ops(m);
 #endif

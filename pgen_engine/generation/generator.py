@@ -408,7 +408,14 @@ class Generator:
             src += [u_leader_of_row[i] for i in range(R) if u_leader_of_row[i] != R + i]
             dst += [R + i for i in range(R) if u_leader_of_row[i] != R + i]
             lens += [len(k) for k in unc_keys]
-        self._copy_rows(cache, src, dst, max(lens))
+        if cache.layout == "bhsd":  # rows read their prompt from the leader's row: no copies
+            prow = torch.arange(rows, dtype=torch.int32)
+            plen = torch.zeros(rows, dtype=torch.int32)
+            prow[dst] = torch.tensor(src, dtype=torch.int32)
+            plen[dst] = torch.tensor([lens[d] for d in dst], dtype=torch.int32)
+            cache = dataclasses.replace(cache, prefix_row=prow.to(dev), prefix_len=plen.to(dev))
+        else:
+            self._copy_rows(cache, src, dst, max(lens))
         self._sync()
         t_prefill = time.perf_counter()
 

@@ -31,15 +31,26 @@ class KVCache:
     block ``b``); slots are ``block * block_size + offset``. ``layout="bhsd"`` stores a
     contiguous cache head-major, ``[rows, Hkv, max_len, D]`` (same slots): the CPU decode path
     then reads each head's keys contiguously (about 3x faster one-query attention on CPU).
+
+    Shared prefixes (``layout="bhsd"`` only): with ``prefix_row`` / ``prefix_len`` (int32
+    ``[rows]``), row ``b`` reads positions ``[0, prefix_len[b])`` from row ``prefix_row[b]``
+    instead of its own, so rows with the same prompt keep one copy of its K/V (their own
+    tokens still go to their own row, at positions ``>= prefix_len[b]``).
     """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
     layout: str = "bshd"
+    prefix_row: torch.Tensor | None = None
+    prefix_len: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("bshd", "bhsd"):
             raise ValueError(f"KVCache.layout must be 'bshd' or 'bhsd', got {self.layout!r}")
+        if (self.prefix_row is None) != (self.prefix_len is None):
+            raise ValueError("KVCache: prefix_row and prefix_len go together")
+        if self.prefix_row is not None and self.layout != "bhsd":
+            raise ValueError("KVCache: shared prefixes need layout='bhsd'")
 
     @property
     def num_blocks(self) -> int:
@@ -117,11 +128,13 @@ class Attention(nn.Module):
         o = K.prompt_attention(q, k, v, key_mask, self.scale)
         return self.o_proj(o.flatten(-2)), k, v
 
-    def forward_cached(self, x, cos, sin, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, layout):
+    def forward_cached(self, x, cos, sin, cache: "KVCache", layer: int, slot_mapping, cache_seqlens, block_table):
         """x ``[B,H]`` (one token per row) -> out ``[B,H]``; writes this token's K/V first."""
         q, k, v = self._qkv(x, cos, sin)
-        K.kv_write(k_cache, v_cache, k, v, slot_mapping, may_skip=False, layout=layout)
-        o = K.cached_attention(q, k_cache, v_cache, cache_seqlens, block_table, self.scale, layout=layout)
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        K.kv_write(k_cache, v_cache, k, v, slot_mapping, may_skip=False, layout=cache.layout)
+        o = K.cached_attention(q, k_cache, v_cache, cache_seqlens, block_table, self.scale, layout=cache.layout,
+                               prefix_row=cache.prefix_row, prefix_len=cache.prefix_len)
         return self.o_proj(o.flatten(-2))
 
 
@@ -152,9 +165,9 @@ class DecoderLayer(nn.Module):
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, k, v
 
-    def forward_cached(self, h, cos, sin, k_cache, v_cache, slot_mapping, cache_seqlens, block_table, layout):
-        h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, k_cache, v_cache,
-                                              slot_mapping, cache_seqlens, block_table, layout)
+    def forward_cached(self, h, cos, sin, cache: "KVCache", layer: int, slot_mapping, cache_seqlens, block_table):
+        h = h + self.self_attn.forward_cached(self.input_layernorm(h), cos, sin, cache, layer,
+                                              slot_mapping, cache_seqlens, block_table)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -249,8 +262,10 @@ class LanguageModel(nn.Module):
             final-normed hidden states ``[B,H]``.
         """
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
+        if block_table is None and K.cpu_decode_applies(self, inputs_embeds, cache):
+            # whole step in C++ (float32 CPU, head-major cache): same math, no per-op dispatch
+            return K.decode_layers_cpu(self, inputs_embeds, cos, sin, cache, slot_mapping, cache_seqlens)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
-            h = layer.forward_cached(h, cos, sin, cache.k[i], cache.v[i], slot_mapping, cache_seqlens, block_table,
-                                     cache.layout)
+            h = layer.forward_cached(h, cos, sin, cache, i, slot_mapping, cache_seqlens, block_table)
         return self.norm(h)

@@ -3,7 +3,10 @@
 On CUDA tensors the fused kernels (Triton / CUDA) run; on CPU the ops' torch references
 run, except attention and the KV write, which use ``torch.nn.functional.
 scaled_dot_product_attention`` and ``index_copy_`` directly: the fastest exact CPU paths
-(the ops' own torch references are readable definitions, not fast paths).
+(the ops' own torch references are readable definitions, not fast paths). A float32 decode
+step on CPU with a head-major cache runs whole in C++ (``pgen_engine._C.decode_layers_cpu``):
+the projections through the BLAS, the norms, rotary, cache write and attention in one pass
+each, instead of ~40 eager ops per layer. ``PGEN_CPU_DECODE=0`` turns that off.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pgen_engine.ops import attention as _attn
+from pgen_engine.ops._backend import extension as _extension
 from pgen_engine.ops.norm import rms_norm as _rms_norm
 from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
 
@@ -20,6 +24,9 @@ from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
 # Set PGEN_FUSED_OPS=1 to take the fused-op path on CPU too (tests run it there with the
 # ops' torch references or, under TRITON_INTERPRET=1, the Triton kernels).
 _FORCE_FUSED = os.environ.get("PGEN_FUSED_OPS") == "1"
+
+
+_CPU_DECODE = os.environ.get("PGEN_CPU_DECODE", "1") != "0"
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -89,17 +96,29 @@ def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-                     block_table: torch.Tensor | None, scale: float, *, layout: str = "bshd") -> torch.Tensor:
+                     block_table: torch.Tensor | None, scale: float, *, layout: str = "bshd",
+                     prefix_row: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row over its cached keys.
 
     q ``[B,Hq,D]``; caches ``[NB,BS,Hkv,D]`` (or head-major ``[rows,Hkv,L,D]`` with
     ``layout="bhsd"``, contiguous only); cache_seqlens int32 ``[B]``; block_table int32
     ``[B,max_blocks]`` or None (contiguous: row b = block b) -> ``[B,Hq,D]``.
+    ``prefix_row`` / ``prefix_len`` (int32 ``[>=B]``, ``bhsd`` only): row b reads positions
+    ``[0, prefix_len[b])`` from cache row ``prefix_row[b]`` (see :class:`KVCache`).
     """
     if layout == "bhsd":
         if block_table is not None:
             raise ValueError("cached_attention: layout 'bhsd' is a contiguous cache; block_table must be None")
-        return _cached_attention_head_major(q, k_cache, v_cache, cache_seqlens, scale)
+        B = q.shape[0]
+        if prefix_row is not None:
+            prefix_row, prefix_len = prefix_row[:B], prefix_len[:B]
+        ext = _extension()
+        if ext is not None and q.dtype == torch.float32 and q.device.type == "cpu" and not _needs_grad(q, k_cache):
+            return ext.cached_attention_cpu(q.contiguous(), k_cache, v_cache, cache_seqlens.int().contiguous(),
+                                            prefix_row, prefix_len, scale)
+        return _cached_attention_head_major(q, k_cache, v_cache, cache_seqlens, scale, prefix_row, prefix_len)
+    if prefix_row is not None:
+        raise ValueError("cached_attention: shared prefixes need the head-major 'bhsd' layout")
     if _fused(q):
         return _attn.decode_attention(q, k_cache, v_cache, cache_seqlens.int(), block_table=block_table, scale=scale)
     B, Hq, D = q.shape
@@ -116,16 +135,65 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return o[:, :, 0, :]
 
 
+def _needs_grad(*ts: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                                 cache_seqlens: torch.Tensor, scale: float) -> torch.Tensor:
+                                 cache_seqlens: torch.Tensor, scale: float, prefix_row: torch.Tensor | None = None,
+                                 prefix_len: torch.Tensor | None = None) -> torch.Tensor:
     # Two batched matmuls over contiguous per-head keys: on CPU this beats SDPA's flash kernel,
     # which pays for strided keys and a boolean mask at every one-query step.
     B, Hq, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     k, v = k_cache[:B], v_cache[:B]
+    if prefix_row is not None:  # reference path: materialise each row's keys (shared prefix + own tail)
+        shared = (torch.arange(L, device=q.device)[None, :] < prefix_len[:, None].long())[:, None, :, None]
+        rows = prefix_row.long()
+        k = torch.where(shared, k_cache[rows], k)
+        v = torch.where(shared, v_cache[rows], v)
     qg = q.view(B, Hkv, Hq // Hkv, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, L]
     dead = torch.arange(L, device=q.device)[None, :] >= cache_seqlens[:, None].to(torch.long)
     scores = scores.masked_fill(dead[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(p, v).view(B, Hq, D)
+
+
+def cpu_decode_applies(lm, h: torch.Tensor, cache) -> bool:
+    """True when :func:`decode_layers_cpu` can run this step of ``lm`` (a ``LanguageModel``):
+    float32 CPU, head-major cache, no gradients, Llama layers without biases, extension built."""
+    if not _CPU_DECODE or h.device.type != "cpu" or h.dtype != torch.float32 or cache.layout != "bhsd":
+        return False
+    cfg = lm.cfg
+    if cfg.attention_bias or cfg.mlp_bias or cfg.head_dim % 2 or cfg.head_dim > 1024:
+        return False
+    if torch.is_grad_enabled() and any(p.requires_grad for p in lm.parameters()):
+        return False
+    ext = _extension()
+    return ext is not None and hasattr(ext, "decode_layers_cpu")
+
+
+def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot_mapping: torch.Tensor,
+                      cache_seqlens: torch.Tensor) -> torch.Tensor:
+    """Every layer of ``lm`` plus its final norm for one token per row, in C++.
+
+    h ``[B,H]``, cos/sin ``[B,D]``, slot_mapping int64 ``[B]``, cache_seqlens int32 ``[B]`` ->
+    final-normed hidden ``[B,H]``; writes each layer's K/V at ``slot_mapping``. Same math as
+    the eager layers (float32; sums may round in another order).
+    """
+    weights = []
+    for layer in lm.layers:
+        a, m = layer.self_attn, layer.mlp
+        weights += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                    a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
+                    m.down_proj.weight]
+    B = h.shape[0]
+    prow = plen = None
+    if cache.prefix_row is not None:
+        prow, plen = cache.prefix_row[:B].contiguous(), cache.prefix_len[:B].contiguous()
+    cfg = lm.cfg
+    return _extension().decode_layers_cpu(
+        h.contiguous(), cos.contiguous(), sin.contiguous(), [w.detach() for w in weights],
+        lm.norm.weight.detach(), cache.k, cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(),
+        prow, plen, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim ** -0.5)

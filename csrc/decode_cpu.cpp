@@ -1,0 +1,249 @@
+#include "decode_cpu.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (GCC function multi-versioning), so one build runs fast on whichever CPU imports it.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PGEN_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define PGEN_CLONES
+#endif
+// Helpers of a cloned function must be inlined into it to be compiled for its ISA.
+#if defined(__GNUC__)
+#define PGEN_INLINE inline __attribute__((always_inline))
+#else
+#define PGEN_INLINE inline
+#endif
+
+namespace pgen {
+namespace decode_detail {
+
+// exp(x) for x <= 0 as a branch-free polynomial (Cephes-style range reduction, degree-5
+// minimax on [-ln2/2, ln2/2]; about 1 ulp), so softmax loops vectorise: libm's expf does not
+// without -ffast-math. Inputs below -87 (exp underflows float) give 0.
+PGEN_INLINE float exp_nonpos(float x) {
+  const float under = x < -87.0f ? 0.0f : 1.0f;
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f - 0.5f;  // x <= 0: round-to-nearest of x*log2(e)
+  const int32_t ni = static_cast<int32_t>(t);       // truncation toward 0 == ceil for t < 0
+  const float n = static_cast<float>(ni);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (ni + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale * under;
+}
+
+PGEN_CLONES void rms_norm_row(const float* x, const float* w, float* y, int64_t H, float eps) {
+  float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < H; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < H; ++i) y[i] = w[i] * (x[i] * inv);
+}
+
+PGEN_CLONES void rotate_heads(float* x, const float* cos, const float* sin, int64_t heads, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* p = x + h * D;
+    float tmp[512];  // D <= 1024 checked by the caller; rotate_half needs the original values
+    std::memcpy(tmp, p, sizeof(float) * half);
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) p[i] = p[i] * cos[i] + (-p[i + half]) * sin[i];
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) p[i + half] = p[i + half] * cos[i + half] + tmp[i] * sin[i + half];
+  }
+}
+
+// Scores of query q ([D]) against keys [lo, hi) of one head's cache rows k ([L, D]).
+// DD > 0 fixes the head dim at compile time (fully unrolled, registers only); 0 = runtime D.
+template <int DD>
+PGEN_INLINE void score_keys(const float* q, const float* k, int64_t lo, int64_t hi, int64_t D, float scale,
+                       float* scores) {
+  if constexpr (DD > 0 && DD % 16 == 0) {
+    // 16 lane-wise partial sums, then a halving tree: an in-order reduction (what
+    // `omp simd reduction` emits without -ffast-math) is a 16-add chain per key.
+    for (int64_t l = lo; l < hi; ++l) {
+      const float* kl = k + l * DD;
+      float part[16];
+#pragma omp simd
+      for (int i = 0; i < 16; ++i) part[i] = q[i] * kl[i];
+      for (int c = 16; c < DD; c += 16) {
+#pragma omp simd
+        for (int i = 0; i < 16; ++i) part[i] += q[c + i] * kl[c + i];
+      }
+#pragma omp simd
+      for (int i = 0; i < 8; ++i) part[i] += part[i + 8];
+#pragma omp simd
+      for (int i = 0; i < 4; ++i) part[i] += part[i + 4];
+      scores[l] = ((part[0] + part[2]) + (part[1] + part[3])) * scale;
+    }
+  } else {
+    for (int64_t l = lo; l < hi; ++l) {
+      const float* kl = k + l * D;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t d = 0; d < D; ++d) acc += q[d] * kl[d];
+      scores[l] = acc * scale;
+    }
+  }
+}
+
+// out ([D]) += sum over keys [lo, hi) of p[l] * v[l], accumulated in registers.
+template <int DD>
+PGEN_INLINE void accumulate_keys(const float* p, const float* v, int64_t lo, int64_t hi, int64_t D, float* out) {
+  if constexpr (DD > 0) {
+    float acc[DD];
+#pragma omp simd
+    for (int d = 0; d < DD; ++d) acc[d] = out[d];
+    for (int64_t l = lo; l < hi; ++l) {
+      const float w = p[l];
+      const float* vl = v + l * DD;
+#pragma omp simd
+      for (int d = 0; d < DD; ++d) acc[d] += w * vl[d];
+    }
+#pragma omp simd
+    for (int d = 0; d < DD; ++d) out[d] = acc[d];
+  } else {
+    for (int64_t l = lo; l < hi; ++l) {
+      const float w = p[l];
+      const float* vl = v + l * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) out[d] += w * vl[d];
+    }
+  }
+}
+
+PGEN_INLINE void softmax_row(float* s, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t l = 0; l < n; ++l) m = std::max(m, s[l]);
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t l = 0; l < n; ++l) {
+    s[l] = exp_nonpos(s[l] - m);
+    sum += s[l];
+  }
+  const float inv = 1.0f / sum;
+#pragma omp simd
+  for (int64_t l = 0; l < n; ++l) s[l] *= inv;
+}
+
+// One (row, KV head) item: G query heads over the shared prefix [0, plen) of (kp, vp) and the
+// row's own keys [plen, n) of (ko, vo). scores: scratch [n].
+template <int DD>
+PGEN_INLINE void attend_item(const float* q, const float* kp, const float* vp, const float* ko, const float* vo,
+                        int64_t plen, int64_t n, int64_t G, int64_t D, float scale, float* scores, float* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    const float* qg = q + g * D;
+    float* og = out + g * D;
+    score_keys<DD>(qg, kp, 0, plen, D, scale, scores);
+    score_keys<DD>(qg, ko, plen, n, D, scale, scores);
+    softmax_row(scores, n);
+    std::fill(og, og + D, 0.0f);
+    accumulate_keys<DD>(scores, vp, 0, plen, D, og);
+    accumulate_keys<DD>(scores, vo, plen, n, D, og);
+  }
+}
+
+PGEN_CLONES void attend_item_any(const float* q, const float* kp, const float* vp, const float* ko,
+                                 const float* vo, int64_t plen, int64_t n, int64_t G, int64_t D, float scale,
+                                 float* scores, float* out) {
+  switch (D) {  // the common head dims get unrolled register-resident loops
+    case 64: attend_item<64>(q, kp, vp, ko, vo, plen, n, G, D, scale, scores, out); break;
+    case 128: attend_item<128>(q, kp, vp, ko, vo, plen, n, G, D, scale, scores, out); break;
+    default: attend_item<0>(q, kp, vp, ko, vo, plen, n, G, D, scale, scores, out); break;
+  }
+}
+
+PGEN_CLONES void silu_mul_range(float* g, const float* u, int64_t lo, int64_t hi) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) {
+    const float x = g[i];
+    // silu(x) = x * sigmoid(x); exp of -|x| keeps the polynomial in its x <= 0 domain
+    const float e = exp_nonpos(-std::fabs(x));
+    const float sig = x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
+    g[i] = x * sig * u[i];
+  }
+}
+
+}  // namespace decode_detail
+
+using namespace decode_detail;
+
+void rms_norm_rows_f32(const float* x, const float* w, float* y, int64_t B, int64_t H, float eps) {
+#pragma omp parallel for schedule(static) if (B * H > 16384)
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(x + b * H, w, y + b * H, H, eps);
+}
+
+void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, const float* sin,
+                         int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float* k_cache,
+                         float* v_cache, int64_t cache_rows, int64_t L, const int64_t* slot) {
+#pragma omp parallel for schedule(static) if (B * Hq * D > 16384)
+  for (int64_t b = 0; b < B; ++b) {
+    rotate_heads(q + b * Hq * D, cos + b * D, sin + b * D, Hq, D);
+    rotate_heads(k + b * Hkv * D, cos + b * D, sin + b * D, Hkv, D);
+    const int64_t row = slot[b] / L, pos = slot[b] % L;
+    for (int64_t h = 0; h < Hkv; ++h) {
+      const int64_t dst = ((row * Hkv + h) * L + pos) * D;
+      std::memcpy(k_cache + dst, k + (b * Hkv + h) * D, sizeof(float) * D);
+      std::memcpy(v_cache + dst, v + (b * Hkv + h) * D, sizeof(float) * D);
+    }
+  }
+  (void)cache_rows;
+}
+
+void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
+                          int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
+                          int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
+                          const int32_t* prefix_len, float scale, float* out) {
+  const int64_t G = Hq / Hkv;
+  (void)cache_rows;
+  // (row, kv head) items in row-major order: rows sharing a prefix are usually adjacent, so
+  // the shared keys are still in cache when the next row reads them.
+#pragma omp parallel
+  {
+    std::vector<float> scores(static_cast<size_t>(L));
+    // round-robin items: the rows that share a prefix (often a contiguous block, e.g. all
+    // unconditional rows) are cheap, so contiguous halves would leave one thread idle
+#pragma omp for schedule(static, 1)
+    for (int64_t item = 0; item < B * Hkv; ++item) {
+      const int64_t b = item / Hkv, h = item % Hkv;
+      const int64_t n = seqlen[b];
+      const float* qb = q + (b * Hq + h * G) * D;
+      float* ob = out + (b * Hq + h * G) * D;
+      if (n <= 0) {
+        std::fill(ob, ob + G * D, 0.0f);
+        continue;
+      }
+      const int64_t src = prefix_row ? prefix_row[b] : b;
+      const int64_t plen = prefix_row ? std::min<int64_t>(prefix_len[b], n) : 0;
+      attend_item_any(qb, k_cache + (src * Hkv + h) * L * D, v_cache + (src * Hkv + h) * L * D,
+                      k_cache + (b * Hkv + h) * L * D, v_cache + (b * Hkv + h) * L * D, plen, n, G, D,
+                      scale, scores.data(), ob);
+    }
+  }
+}
+
+void silu_mul_f32(float* g, const float* u, int64_t n) {
+  const int64_t chunk = 4096;
+  const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) silu_mul_range(g, u, c * chunk, std::min(n, (c + 1) * chunk));
+}
+
+}  // namespace pgen

@@ -1,0 +1,36 @@
+// Float32 CPU kernels of one cached decode step (plain C++, no torch): the elementwise and
+// attention parts of a Llama layer. The projections stay in the BLAS (torch::mm); these fill
+// the gaps between them so a whole layer is 7 BLAS calls plus 4 passes over small buffers,
+// instead of ~40 eager torch ops.
+//
+// Shapes (row-major, contiguous): B rows (one new token each), H hidden, Hq/Hkv heads, D head
+// dim, caches head-major [rows, Hkv, L, D]. Rows run in parallel (OpenMP when available).
+#pragma once
+
+#include <cstdint>
+
+namespace pgen {
+
+// y[b] = w * (x[b] * 1/sqrt(mean(x[b]^2) + eps)); x, y [B, H] (may alias), w [H].
+void rms_norm_rows_f32(const float* x, const float* w, float* y, int64_t B, int64_t H, float eps);
+
+// Rotates q [B, Hq, D] and k [B, Hkv, D] in place (rotate_half convention, cos/sin [B, D]),
+// then stores k and v [B, Hkv, D] into the caches at row slot[b] / L, position slot[b] % L.
+void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, const float* sin,
+                         int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float* k_cache,
+                         float* v_cache, int64_t cache_rows, int64_t L, const int64_t* slot);
+
+// One query per row over its cached keys, with optional prefix sharing:
+// row b attends to positions [0, prefix_len[b]) of cache row prefix_row[b] and positions
+// [prefix_len[b], seqlen[b]) of cache row b (prefix_row == nullptr: prefix_len ignored, all
+// positions from row b). q [B, Hq, D] -> out [B, Hq, D]; scores in fp32, softmax with the
+// row max subtracted. Rows whose seqlen is 0 get zeros.
+void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
+                          int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
+                          int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
+                          const int32_t* prefix_len, float scale, float* out);
+
+// g = silu(g) * u over [n] elements (the SwiGLU gate).
+void silu_mul_f32(float* g, const float* u, int64_t n);
+
+}  // namespace pgen

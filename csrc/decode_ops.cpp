@@ -1,0 +1,211 @@
+// Torch glue of the float32 CPU decode step (csrc/decode_cpu.*): validates the inputs once,
+// then runs every layer of one cached decode step in C++ — projections through torch::mm
+// (MKL / oneDNN), everything between them in the plain kernels — with the GIL released.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#include "decode_cpu.h"
+
+namespace py = pybind11;
+
+namespace pgen {
+namespace {
+
+constexpr int kPerLayer = 9;  // ln1, q, k, v, o, ln2, gate, up, down
+
+void check_f32(const torch::Tensor& t, const std::string& name, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32,
+              "decode_layers_cpu: ", name, " must be a float32 CPU tensor, got ", t.scalar_type(),
+              " on ", t.device());
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), "decode_layers_cpu: ", name, " has shape ",
+              t.sizes(), ", expected ", c10::IntArrayRef(shape));
+  TORCH_CHECK(t.is_contiguous(), "decode_layers_cpu: ", name, " must be contiguous");
+}
+
+void check_i32_rows(const torch::Tensor& t, const char* name, int64_t B) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt32 && t.dim() == 1 &&
+                  t.size(0) == B && t.is_contiguous(),
+              "decode_layers_cpu: ", name, " must be a contiguous int32 CPU tensor of shape [", B,
+              "], got ", t.scalar_type(), " ", t.sizes());
+}
+
+torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor& cos,
+                                const torch::Tensor& sin, const std::vector<torch::Tensor>& weights,
+                                const torch::Tensor& final_norm,
+                                const std::vector<torch::Tensor>& k_caches,
+                                const std::vector<torch::Tensor>& v_caches,
+                                const torch::Tensor& slot_mapping, const torch::Tensor& seqlens,
+                                const c10::optional<torch::Tensor>& prefix_row,
+                                const c10::optional<torch::Tensor>& prefix_len, int64_t num_heads,
+                                int64_t num_kv_heads, double eps, double scale) {
+  TORCH_CHECK(hidden.dim() == 2, "decode_layers_cpu: hidden must be [B, H], got ", hidden.sizes());
+  TORCH_CHECK(final_norm.dim() == 1, "decode_layers_cpu: final norm weight must be [H], got ",
+              final_norm.sizes());
+  const int64_t B = hidden.size(0), H = final_norm.size(0);  // H from the model, not the input
+  const int64_t nl = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(nl >= 1 && static_cast<int64_t>(v_caches.size()) == nl &&
+                  static_cast<int64_t>(weights.size()) == kPerLayer * nl,
+              "decode_layers_cpu: expected ", kPerLayer, " weights per layer and one K and V cache per "
+              "layer, got ", weights.size(), " weights, ", k_caches.size(), " K and ", v_caches.size(),
+              " V caches");
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+              "decode_layers_cpu: num_heads (", num_heads, ") must be a multiple of num_kv_heads (",
+              num_kv_heads, ")");
+  const torch::Tensor& k0 = k_caches[0];
+  TORCH_CHECK(k0.dim() == 4, "decode_layers_cpu: caches must be head-major [rows, Hkv, L, D], got ",
+              k0.sizes());
+  const int64_t rows = k0.size(0), L = k0.size(2), D = k0.size(3);
+  TORCH_CHECK(k0.size(1) == num_kv_heads, "decode_layers_cpu: cache has ", k0.size(1),
+              " KV heads, config says ", num_kv_heads);
+  TORCH_CHECK(D % 2 == 0 && D <= 1024, "decode_layers_cpu: head_dim must be even and <= 1024, got ", D);
+  TORCH_CHECK(rows >= B, "decode_layers_cpu: cache has ", rows, " rows for a batch of ", B);
+  const int64_t Hq = num_heads, Hkv = num_kv_heads, I = weights[6].size(0);
+  check_f32(hidden, "hidden", {B, H});
+  check_f32(cos, "cos", {B, D});
+  check_f32(sin, "sin", {B, D});
+  check_f32(final_norm, "final norm weight", {H});
+  for (int64_t l = 0; l < nl; ++l) {
+    const std::string p = "layer " + std::to_string(l) + " ";
+    const torch::Tensor* w = &weights[kPerLayer * l];
+    check_f32(w[0], p + "input_layernorm.weight", {H});
+    check_f32(w[1], p + "q_proj.weight", {Hq * D, H});
+    check_f32(w[2], p + "k_proj.weight", {Hkv * D, H});
+    check_f32(w[3], p + "v_proj.weight", {Hkv * D, H});
+    check_f32(w[4], p + "o_proj.weight", {H, Hq * D});
+    check_f32(w[5], p + "post_attention_layernorm.weight", {H});
+    check_f32(w[6], p + "gate_proj.weight", {I, H});
+    check_f32(w[7], p + "up_proj.weight", {I, H});
+    check_f32(w[8], p + "down_proj.weight", {H, I});
+    check_f32(k_caches[l], p + "K cache", {rows, Hkv, L, D});
+    check_f32(v_caches[l], p + "V cache", {rows, Hkv, L, D});
+  }
+  TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == torch::kInt64 &&
+                  slot_mapping.dim() == 1 && slot_mapping.size(0) == B && slot_mapping.is_contiguous(),
+              "decode_layers_cpu: slot_mapping must be a contiguous int64 CPU tensor of shape [", B,
+              "], got ", slot_mapping.scalar_type(), " ", slot_mapping.sizes());
+  check_i32_rows(seqlens, "cache_seqlens", B);
+  // Bounds are checked here, once, so the kernels can index without checks.
+  {
+    const int64_t* s = slot_mapping.data_ptr<int64_t>();
+    const int32_t* n = seqlens.data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(s[b] >= 0 && s[b] < rows * L, "decode_layers_cpu: slot_mapping[", b, "] = ", s[b],
+                  " is outside the cache (", rows, " rows x ", L, " positions)");
+      TORCH_CHECK(n[b] >= 0 && n[b] <= L, "decode_layers_cpu: cache_seqlens[", b, "] = ", n[b],
+                  " is outside [0, ", L, "]");
+    }
+  }
+  TORCH_CHECK(prefix_row.has_value() == prefix_len.has_value(),
+              "decode_layers_cpu: prefix_row and prefix_len go together");
+  const int32_t* prow = nullptr;
+  const int32_t* plen = nullptr;
+  if (prefix_row.has_value()) {
+    check_i32_rows(*prefix_row, "prefix_row", B);
+    check_i32_rows(*prefix_len, "prefix_len", B);
+    prow = prefix_row->data_ptr<int32_t>();
+    plen = prefix_len->data_ptr<int32_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(prow[b] >= 0 && prow[b] < rows && plen[b] >= 0 && plen[b] <= L,
+                  "decode_layers_cpu: prefix of row ", b, " (row ", prow[b], ", length ", plen[b],
+                  ") is outside the cache");
+    }
+  }
+
+  py::gil_scoped_release no_gil;
+  torch::Tensor h = hidden.clone();
+  torch::Tensor x = torch::empty_like(h);
+  torch::Tensor attn = torch::empty({B, Hq * D}, h.options());
+  const float* c = cos.data_ptr<float>();
+  const float* s = sin.data_ptr<float>();
+  for (int64_t l = 0; l < nl; ++l) {
+    const torch::Tensor* w = &weights[kPerLayer * l];
+    rms_norm_rows_f32(h.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), B, H,
+                      static_cast<float>(eps));
+    torch::Tensor q = torch::mm(x, w[1].t());
+    torch::Tensor k = torch::mm(x, w[2].t());
+    torch::Tensor v = torch::mm(x, w[3].t());
+    rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), c, s, B, Hq,
+                        Hkv, D, k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), rows,
+                        L, slot_mapping.data_ptr<int64_t>());
+    cached_attention_f32(q.data_ptr<float>(), k_caches[l].data_ptr<float>(),
+                         v_caches[l].data_ptr<float>(), B, Hq, Hkv, D, rows, L,
+                         seqlens.data_ptr<int32_t>(), prow, plen, static_cast<float>(scale),
+                         attn.data_ptr<float>());
+    h.add_(torch::mm(attn, w[4].t()));
+    rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), B, H,
+                      static_cast<float>(eps));
+    torch::Tensor g = torch::mm(x, w[6].t());
+    torch::Tensor u = torch::mm(x, w[7].t());
+    silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
+    h.add_(torch::mm(g, w[8].t()));
+  }
+  rms_norm_rows_f32(h.data_ptr<float>(), final_norm.data_ptr<float>(), x.data_ptr<float>(), B, H,
+                    static_cast<float>(eps));
+  return x;
+}
+
+torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                   const torch::Tensor& v_cache, const torch::Tensor& seqlens,
+                                   const c10::optional<torch::Tensor>& prefix_row,
+                                   const c10::optional<torch::Tensor>& prefix_len, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4,
+              "cached_attention_cpu: q must be [B, Hq, D] and the caches [rows, Hkv, L, D], got ",
+              q.sizes(), " and ", k_cache.sizes());
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t rows = k_cache.size(0), Hkv = k_cache.size(1), L = k_cache.size(2);
+  TORCH_CHECK(Hq % Hkv == 0, "cached_attention_cpu: ", Hq, " query heads is not a multiple of ", Hkv,
+              " KV heads");
+  TORCH_CHECK(rows >= B, "cached_attention_cpu: cache has ", rows, " rows for a batch of ", B);
+  check_f32(q, "q", {B, Hq, D});
+  check_f32(k_cache, "k_cache", {rows, Hkv, L, D});
+  check_f32(v_cache, "v_cache", {rows, Hkv, L, D});
+  check_i32_rows(seqlens, "cache_seqlens", B);
+  TORCH_CHECK(prefix_row.has_value() == prefix_len.has_value(),
+              "cached_attention_cpu: prefix_row and prefix_len go together");
+  const int32_t* n = seqlens.data_ptr<int32_t>();
+  const int32_t* prow = nullptr;
+  const int32_t* plen = nullptr;
+  if (prefix_row.has_value()) {
+    check_i32_rows(*prefix_row, "prefix_row", B);
+    check_i32_rows(*prefix_len, "prefix_len", B);
+    prow = prefix_row->data_ptr<int32_t>();
+    plen = prefix_len->data_ptr<int32_t>();
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(n[b] >= 0 && n[b] <= L, "cached_attention_cpu: cache_seqlens[", b, "] = ", n[b],
+                " is outside [0, ", L, "]");
+    if (prow) {
+      TORCH_CHECK(prow[b] >= 0 && prow[b] < rows && plen[b] >= 0 && plen[b] <= L,
+                  "cached_attention_cpu: prefix of row ", b, " (row ", prow[b], ", length ",
+                  plen[b], ") is outside the cache");
+    }
+  }
+  auto out = torch::empty_like(q);
+  py::gil_scoped_release no_gil;
+  cached_attention_f32(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), B,
+                       Hq, Hkv, D, rows, L, n, prow, plen, static_cast<float>(scale),
+                       out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+void register_decode_ops(py::module_& m) {
+  m.def("decode_layers_cpu", &decode_layers_cpu, py::arg("hidden"), py::arg("cos"), py::arg("sin"),
+        py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"), py::arg("v_caches"),
+        py::arg("slot_mapping"), py::arg("cache_seqlens"), py::arg("prefix_row"),
+        py::arg("prefix_len"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("eps"),
+        py::arg("scale"),
+        "One float32 cached decode step through every Llama layer and the final norm: hidden "
+        "[B, H] -> [B, H]. weights: 9 per layer (ln1, q, k, v, o, ln2, gate, up, down); caches "
+        "head-major [rows, Hkv, L, D], written at slot_mapping (row * L + position).");
+  m.def("cached_attention_cpu", &cached_attention_cpu, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("prefix_row"), py::arg("prefix_len"),
+        py::arg("scale"),
+        "One-query float32 attention over a head-major cache [rows, Hkv, L, D] with optional "
+        "shared prefixes: q [B, Hq, D] -> [B, Hq, D].");
+}
+
+}  // namespace pgen
