@@ -41,6 +41,7 @@ from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
 UNCOND_MODES = ("pad", "short")
+SCHEDULERS = ("waves", "continuous")
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
@@ -84,13 +85,23 @@ class Generator:
             (``[bos, boi]`` shared by every row).
         cache_dtype: KV cache dtype (default: the model's).
         sample_backend: backend for :func:`pgen_engine.ops.sample` ("auto", "torch", ...).
+        scheduler: ``"waves"`` (default: groups of ``max_batch_size`` rows that start and end
+            together in a contiguous cache — every row makes exactly ``num_image_tokens``
+            codes, so nothing is wasted) or ``"continuous"`` (the C++ continuous-batching
+            scheduler over a paged cache: a finished request's rows are refilled from the
+            queue while the others decode; ``uncond_mode="pad"`` only). Same tokens either way.
     """
 
     def __init__(self, model, *, max_batch_size: int = 32, max_seq_len: int | None = None,
                  uncond_mode: str = "pad", cache_dtype: torch.dtype | None = None,
-                 sample_backend: str = "auto"):
+                 sample_backend: str = "auto", scheduler: str = "waves"):
         if uncond_mode not in UNCOND_MODES:
             raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        if scheduler == "continuous" and uncond_mode != "pad":
+            raise ValueError("scheduler='continuous' needs uncond_mode='pad' (the scheduler gives each "
+                             "unconditional prompt the length of its conditional prompt)")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
         T = int(model.num_image_tokens)
@@ -102,6 +113,7 @@ class Generator:
         self.max_seq_len = max_seq_len
         self.uncond_mode = uncond_mode
         self.sample_backend = sample_backend
+        self.scheduler = scheduler
         self.special = model.special_tokens
         self.num_image_tokens = T
         cfg = model.config.text
@@ -161,6 +173,9 @@ class Generator:
         if longest + T > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {T} image tokens exceeds max_seq_len={self.max_seq_len}")
         out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
+        if self.scheduler == "continuous":
+            return self._generate_continuous(prompts, pixel_chunks, req_seeds, num_samples, float(guidance_scale),
+                                             float(temperature), top_k, float(top_p), bool(greedy), progress, out)
         waves = list(self._plan_waves(prompts, num_samples))
         self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0, "waves": float(len(waves)),
                            "rows": float(B * num_samples)}
@@ -179,6 +194,26 @@ class Generator:
         finally:
             if bar is not None:
                 bar.close()
+        return out
+
+    def _generate_continuous(self, prompts, pixel_chunks, req_seeds, num_samples, s, temperature, top_k, top_p,
+                             greedy, progress, out) -> torch.Tensor:
+        from .continuous import generate_continuous
+
+        B, T = len(prompts), self.num_image_tokens
+        self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0, "steps": 0.0, "rows": float(B * num_samples)}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=B * num_samples * T, desc="generate", unit="tok")
+        try:
+            generate_continuous(self, prompts, pixel_chunks, req_seeds, num_samples, s, temperature, top_k, top_p,
+                                greedy, bar, out)
+        finally:
+            if bar is not None:
+                bar.close()
+        self._sync()
         return out
 
     @torch.inference_mode()
@@ -316,13 +351,20 @@ class Generator:
 
     def _prefill_rows(self, cache: KVCache, leaders: list[int], seqs: list[list[int]],
                       code_masks: list[list[bool] | None], pixels: list[torch.Tensor | None]) -> torch.Tensor:
-        """Prefill ``seqs`` into cache rows ``leaders`` (row-local positions 0..len-1).
+        """Prefill ``seqs`` into contiguous cache rows ``leaders`` (row-local positions 0..len-1).
 
         Returns the final hidden state of each sequence, ``[len(seqs), H]``.
         """
+        L = cache.block_size
+        return self._prefill_slots(cache, seqs, code_masks, pixels,
+                                   [[r * L + i for i in range(len(s))] for r, s in zip(leaders, seqs)])
+
+    def _prefill_slots(self, cache: KVCache, seqs: list[list[int]], code_masks: list[list[bool] | None],
+                       pixels: list[torch.Tensor | None], slots_of: list[list[int]]) -> torch.Tensor:
+        """Prefill ``seqs`` (positions 0..len-1 each), token ``i`` of sequence ``r`` into cache
+        slot ``slots_of[r][i]``. Returns the final hidden state of each sequence, ``[len(seqs), H]``."""
         m = self.model
         dev = m.device
-        L = cache.block_size
         S = max(len(s) for s in seqs)
         n = len(seqs)
         ids = torch.full((n, S), self.special.pad, dtype=torch.long)
@@ -335,7 +377,7 @@ class Generator:
             mask[r, pad:] = 1
             if cm is not None:
                 cmask[r, pad:] = torch.tensor(cm, dtype=torch.bool)
-            slots[r, pad:] = leaders[r] * L + torch.arange(len(s))
+            slots[r, pad:] = torch.tensor(slots_of[r], dtype=torch.long)
         px = [p for p in pixels if p is not None]
         pixel_values = torch.cat(px).to(dev) if px else None
         emb = m.embed_inputs(ids.to(dev), cmask.to(dev) if bool(cmask.any()) else None, pixel_values)
@@ -343,6 +385,18 @@ class Generator:
         # no mask when nothing is padded: the causal fast path of scaled_dot_product_attention
         h = m.prefill(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
         return h[:, -1]
+
+    def _pick(self, hidden: torch.Tensor, R: int, seeds: torch.Tensor, s: float, temperature: float, top_k: int,
+              top_p: float, greedy: bool) -> torch.Tensor:
+        """hidden ``[R or 2R, H]`` (cond rows, then their uncond partners with CFG) -> int64 ``[R]``
+        tokens: argmax of the CFG-mixed logits, or one seeded draw per row (``seeds`` ``[R]``)."""
+        logits = self.model.image_head_logits(hidden).float()
+        cfg = hidden.shape[0] == 2 * R
+        c, u = (logits[:R], logits[R:]) if cfg else (logits, None)
+        if greedy:
+            return (c if u is None else u + (c - u) * s).argmax(-1)
+        return sample(c, uncond_logits=u, guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seeds, backend=self.sample_backend)
 
     @staticmethod
     def _copy_rows(cache: KVCache, src: list[int], dst: list[int], length: int) -> None:
@@ -427,12 +481,7 @@ class Generator:
         out = torch.empty((R, T), dtype=torch.long, device=dev)
 
         def pick(hidden: torch.Tensor, t: int) -> torch.Tensor:
-            logits = m.image_head_logits(hidden).float()
-            c, u = (logits[:R], logits[R:]) if cfg else (logits, None)
-            if greedy:
-                return (c if u is None else u + (c - u) * s).argmax(-1)
-            return sample(c, uncond_logits=u, guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=step_seeds[t], backend=self.sample_backend)
+            return self._pick(hidden, R, step_seeds[t], s, temperature, top_k, top_p, greedy)
 
         tok = pick(h_rows, 0)
         out[:, 0] = tok
