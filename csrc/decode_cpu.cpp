@@ -6,6 +6,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 // The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
 // (GCC function multi-versioning), so one build runs fast on whichever CPU imports it.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -185,15 +189,28 @@ PGEN_CLONES void silu_mul_range(float* g, const float* u, int64_t lo, int64_t hi
 
 using namespace decode_detail;
 
+namespace {
+// Fork only for enough work and never from inside a parallel region (the decode step already
+// runs one thread per group of rows; nested teams would oversubscribe the cores).
+bool fork_for(int64_t work) {
+#ifdef _OPENMP
+  return work > 16384 && !omp_in_parallel();
+#else
+  (void)work;
+  return false;
+#endif
+}
+}  // namespace
+
 void rms_norm_rows_f32(const float* x, const float* w, float* y, int64_t B, int64_t H, float eps) {
-#pragma omp parallel for schedule(static) if (B * H > 16384)
+#pragma omp parallel for schedule(static) if (fork_for(B * H))
   for (int64_t b = 0; b < B; ++b) rms_norm_row(x + b * H, w, y + b * H, H, eps);
 }
 
 void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, const float* sin,
                          int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float* k_cache,
                          float* v_cache, int64_t cache_rows, int64_t L, const int64_t* slot) {
-#pragma omp parallel for schedule(static) if (B * Hq * D > 16384)
+#pragma omp parallel for schedule(static) if (fork_for(B * Hq * D))
   for (int64_t b = 0; b < B; ++b) {
     rotate_heads(q + b * Hq * D, cos + b * D, sin + b * D, Hq, D);
     rotate_heads(k + b * Hkv * D, cos + b * D, sin + b * D, Hkv, D);
@@ -210,12 +227,12 @@ void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, c
 void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
                           int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
-                          const int32_t* prefix_len, float scale, float* out) {
+                          const int32_t* prefix_len, float scale, float* out, int64_t row0) {
   const int64_t G = Hq / Hkv;
   (void)cache_rows;
   // (row, kv head) items in row-major order: rows sharing a prefix are usually adjacent, so
   // the shared keys are still in cache when the next row reads them.
-#pragma omp parallel
+#pragma omp parallel if (fork_for(B * Hkv * L * D))
   {
     std::vector<float> scores(static_cast<size_t>(L));
     // round-robin items: the rows that share a prefix (often a contiguous block, e.g. all
@@ -230,10 +247,11 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
         std::fill(ob, ob + G * D, 0.0f);
         continue;
       }
-      const int64_t src = prefix_row ? prefix_row[b] : b;
+      const int64_t own = row0 + b;
+      const int64_t src = prefix_row ? prefix_row[b] : own;
       const int64_t plen = prefix_row ? std::min<int64_t>(prefix_len[b], n) : 0;
       attend_item_any(qb, k_cache + (src * Hkv + h) * L * D, v_cache + (src * Hkv + h) * L * D,
-                      k_cache + (b * Hkv + h) * L * D, v_cache + (b * Hkv + h) * L * D, plen, n, G, D,
+                      k_cache + (own * Hkv + h) * L * D, v_cache + (own * Hkv + h) * L * D, plen, n, G, D,
                       scale, scores.data(), ob);
     }
   }
@@ -242,7 +260,7 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
 void silu_mul_f32(float* g, const float* u, int64_t n) {
   const int64_t chunk = 4096;
   const int64_t chunks = (n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static) if (chunks > 1)
+#pragma omp parallel for schedule(static) if (chunks > 1 && fork_for(n))
   for (int64_t c = 0; c < chunks; ++c) silu_mul_range(g, u, c * chunk, std::min(n, (c + 1) * chunk));
 }
 

@@ -3,6 +3,9 @@
 // (MKL / oneDNN), everything between them in the plain kernels — with the GIL released.
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -115,35 +118,50 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
 
   py::gil_scoped_release no_gil;
   torch::Tensor h = hidden.clone();
-  torch::Tensor x = torch::empty_like(h);
-  torch::Tensor attn = torch::empty({B, Hq * D}, h.options());
+  torch::Tensor y = torch::empty_like(h);
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
-  for (int64_t l = 0; l < nl; ++l) {
-    const torch::Tensor* w = &weights[kPerLayer * l];
-    rms_norm_rows_f32(h.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), B, H,
-                      static_cast<float>(eps));
-    torch::Tensor q = torch::mm(x, w[1].t());
-    torch::Tensor k = torch::mm(x, w[2].t());
-    torch::Tensor v = torch::mm(x, w[3].t());
-    rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), c, s, B, Hq,
-                        Hkv, D, k_caches[l].data_ptr<float>(), v_caches[l].data_ptr<float>(), rows,
-                        L, slot_mapping.data_ptr<int64_t>());
-    cached_attention_f32(q.data_ptr<float>(), k_caches[l].data_ptr<float>(),
-                         v_caches[l].data_ptr<float>(), B, Hq, Hkv, D, rows, L,
-                         seqlens.data_ptr<int32_t>(), prow, plen, static_cast<float>(scale),
-                         attn.data_ptr<float>());
-    h.add_(torch::mm(attn, w[4].t()));
-    rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), B, H,
-                      static_cast<float>(eps));
-    torch::Tensor g = torch::mm(x, w[6].t());
-    torch::Tensor u = torch::mm(x, w[7].t());
-    silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
-    h.add_(torch::mm(g, w[8].t()));
-  }
-  rms_norm_rows_f32(h.data_ptr<float>(), final_norm.data_ptr<float>(), x.data_ptr<float>(), B, H,
-                    static_cast<float>(eps));
-  return x;
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int32_t* lens = seqlens.data_ptr<int32_t>();
+  // Rows never interact within a step (a shared prefix is read-only while decoding), so each
+  // thread takes a group of rows through every layer: one fork per step instead of one per
+  // op, and the BLAS calls inside run single-threaded on their group.
+  auto run_rows = [&](int64_t b0, int64_t b1) {
+    // grad / inference mode are thread-local and workers do not inherit the caller's; in-place
+    // updates of the caller's (possibly inference) tensors are allowed inside InferenceMode
+    c10::InferenceMode inference;
+    const int64_t n = b1 - b0;
+    torch::Tensor hb = h.narrow(0, b0, n);
+    torch::Tensor x = torch::empty_like(hb);
+    torch::Tensor attn = torch::empty({n, Hq * D}, h.options());
+    for (int64_t l = 0; l < nl; ++l) {
+      const torch::Tensor* w = &weights[kPerLayer * l];
+      rms_norm_rows_f32(hb.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), n, H,
+                        static_cast<float>(eps));
+      torch::Tensor q = torch::mm(x, w[1].t());
+      torch::Tensor k = torch::mm(x, w[2].t());
+      torch::Tensor v = torch::mm(x, w[3].t());
+      rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), c + b0 * D,
+                          s + b0 * D, n, Hq, Hkv, D, k_caches[l].data_ptr<float>(),
+                          v_caches[l].data_ptr<float>(), rows, L, slots + b0);
+      cached_attention_f32(q.data_ptr<float>(), k_caches[l].data_ptr<float>(),
+                           v_caches[l].data_ptr<float>(), n, Hq, Hkv, D, rows, L, lens + b0,
+                           prow ? prow + b0 : nullptr, plen ? plen + b0 : nullptr,
+                           static_cast<float>(scale), attn.data_ptr<float>(), b0);
+      hb.add_(torch::mm(attn, w[4].t()));
+      rms_norm_rows_f32(hb.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), n, H,
+                        static_cast<float>(eps));
+      torch::Tensor g = torch::mm(x, w[6].t());
+      torch::Tensor u = torch::mm(x, w[7].t());
+      silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
+      hb.add_(torch::mm(g, w[8].t()));
+    }
+    rms_norm_rows_f32(hb.data_ptr<float>(), final_norm.data_ptr<float>(),
+                      y.data_ptr<float>() + b0 * H, n, H, static_cast<float>(eps));
+  };
+  const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+  at::parallel_for(0, B, (B + groups - 1) / groups, run_rows);
+  return y;
 }
 
 torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -186,7 +204,7 @@ torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
   py::gil_scoped_release no_gil;
   cached_attention_f32(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), B,
                        Hq, Hkv, D, rows, L, n, prow, plen, static_cast<float>(scale),
-                       out.data_ptr<float>());
+                       out.data_ptr<float>(), 0);
   return out;
 }
 

@@ -103,7 +103,8 @@ def test_decode_step_in_cpp_equals_eager_layers(which, tiny_model, model64, monk
         cache = KVCache(k=[t.clone() for t in k0], v=[t.clone() for t in v0], layout="bhsd")
         if shared:
             cache = dataclasses.replace(cache, prefix_row=prow, prefix_len=plen)
-        with torch.inference_mode():
+        # inference mode and plain no_grad (the C++ step's worker threads set their own mode)
+        with torch.inference_mode() if shared else torch.no_grad():
             assert K.cpu_decode_applies(m.language_model, h, cache) == cpp
             return m.decode_step(h, pos, cache, slots, lens), cache
 
