@@ -17,5 +17,9 @@ def test_gpu_suite_check_mode_runs_and_ends_with_json():
     last = json.loads(out.stdout.strip().splitlines()[-1])
     ops = {r["op"] for r in last["rows"]}
     assert {"sample_cfg_topp", "token_logprobs_fwd", "rms_norm", "apply_rotary"} <= ops
-    assert all(r["ms"] > 0 for r in last["rows"])
+    assert all(r["ms"] > 0 for r in last["rows"] if r["op"] != "check")
+    checks = [r for r in last["rows"] if r["op"] == "check"]
+    assert checks and all(r["ok"] for r in checks)  # graph-ready decode == eager == transformers tokens
+    backends = {r["backend"] for r in last["rows"] if r["op"] == "generate"}
+    assert {"transformers", "pgen-static", "pgen-eager"} <= backends
     assert (results.read_text() if results.exists() else None) == before  # check mode never appends

@@ -13,7 +13,8 @@ VQ codes per sample:
   other samples; identical unconditional prompts are prefilled once (in ``"pad"`` mode all
   prompts of one length share one; in ``"short"`` mode every row shares ``[bos, boi]``);
 * **no host synchronisation inside the decode loop**: per-row lengths, positions, slots
-  and sampling seeds are tensors prepared before the loop;
+  and sampling seeds are tensors prepared before the loop; on CUDA the step is captured
+  once as a CUDA graph and replayed (:mod:`pgen_engine.generation.decode_graph`);
 * **CFG by batch doubling**: rows ``[0, R)`` are conditional, ``[R, 2R)`` their
   unconditional partners; logits are mixed as ``u + s * (c - u)`` inside
   :func:`pgen_engine.ops.sample` (or before ``argmax`` for greedy decoding);
@@ -39,6 +40,8 @@ from pgen_engine.data.prompts import uncond_pad_ids
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
+
+from .decode_graph import StaticDecode, resolve_decode_mode
 
 UNCOND_MODES = ("pad", "short")
 SCHEDULERS = ("waves", "continuous")
@@ -90,11 +93,15 @@ class Generator:
             codes, so nothing is wasted) or ``"continuous"`` (the C++ continuous-batching
             scheduler over a paged cache: a finished request's rows are refilled from the
             queue while the others decode; ``uncond_mode="pad"`` only). Same tokens either way.
+        decode_mode: how a wave's decode loop runs (``"waves"`` scheduler): ``"auto"``
+            (CUDA graph on CUDA, eager elsewhere), ``"eager"``, ``"static"`` (the graph-ready
+            step run eagerly, any device) or ``"graph"`` (CUDA only). See
+            :mod:`pgen_engine.generation.decode_graph`. Same tokens in every mode.
     """
 
     def __init__(self, model, *, max_batch_size: int = 32, max_seq_len: int | None = None,
                  uncond_mode: str = "pad", cache_dtype: torch.dtype | None = None,
-                 sample_backend: str = "auto", scheduler: str = "waves"):
+                 sample_backend: str = "auto", scheduler: str = "waves", decode_mode: str = "auto"):
         if uncond_mode not in UNCOND_MODES:
             raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
         if scheduler not in SCHEDULERS:
@@ -123,6 +130,8 @@ class Generator:
         # Flat per-layer storage: any [rows, L] prefix view of it is a contiguous cache.
         self._k = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
         self._v = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
+        self.decode_mode = resolve_decode_mode(decode_mode, model.device)
+        self._static = StaticDecode(graphs=self.decode_mode == "graph")
         self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public API
@@ -484,9 +493,18 @@ class Generator:
             return self._pick(hidden, R, step_seeds[t], s, temperature, top_k, top_p, greedy)
 
         tok = pick(h_rows, 0)
-        out[:, 0] = tok
         if bar is not None:
             bar.update(1)
+        if self.decode_mode != "eager":
+            key = (rows, R, L, cache.layout, cfg, s, temperature, top_k, top_p, greedy, self._weights_key())
+            out = self._static.run(key, m, cache, cfg,
+                                   lambda hid, sd: self._pick(hid, R, sd, s, temperature, top_k, top_p, greedy),
+                                   tok, base, slot0, step_seeds, None if bar is None else lambda: bar.update(1))
+            self._sync()
+            self.last_stats["prefill_s"] += t_prefill - t_start
+            self.last_stats["decode_s"] += time.perf_counter() - t_prefill
+            return out
+        out[:, 0] = tok
         for t in range(1, T):
             emb = m.embed_image_codes(tok)
             if cfg:
@@ -501,6 +519,14 @@ class Generator:
         self.last_stats["prefill_s"] += t_prefill - t_start
         self.last_stats["decode_s"] += time.perf_counter() - t_prefill
         return out
+
+    def _weights_key(self) -> tuple[int, ...]:
+        # A captured graph reads parameters at fixed addresses: re-capture if any moved.
+        return tuple(p.data_ptr() for p in self.model.parameters())
+
+    def reset_graphs(self) -> None:
+        """Drop captured decode graphs (they are re-captured on the next wave)."""
+        self._static.clear()
 
     def _sync(self) -> None:
         # wave boundaries only (never inside the decode loop): makes last_stats honest on GPUs

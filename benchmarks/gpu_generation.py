@@ -1,0 +1,285 @@
+"""GPU generation benchmark: ``pg.Generator`` (CUDA-graph decode) vs ``transformers`` Janus generate.
+
+    python -m benchmarks.gpu_generation            # on a GPU machine (also part of python -m benchmarks.gpu)
+    python -m benchmarks.gpu_generation --check    # tiny shapes on CPU: proves the code paths only
+
+``run(check_only)`` returns rows for :mod:`benchmarks.gpu`'s table and does two things:
+
+1. **correctness** on a small float32 model (hidden 256, 4 layers, 4 query / 2 KV heads,
+   64 image tokens, peaky random weights): greedy CFG tokens of the CUDA-graph decode, the
+   eager decode and ``transformers``' ``generate`` must be identical, and sampled tokens of
+   graph and eager decode too (same seeds). Mismatches are reported in the rows
+   (``ok=False``) and make :func:`main` exit non-zero.
+2. **speed** at Janus-Pro-1B geometry (hidden 2048, 24 layers, 16 heads, MLP 5504, codebook
+   16384, 576 image tokens) with random bf16 weights, 128-token prompts, CFG 5, top-k 100 /
+   top-p 0.95: images/s of pgen with graph decode (batches ``PGEN_BENCH_BATCHES``, default
+   64,256), pgen eager decode and ``transformers`` (``PGEN_BENCH_HF_BATCHES``, default 64);
+   prefill and decode seconds separately; achieved TFLOP/s counting 2 FLOPs per touched
+   parameter (decoder + generation head + code aligner) per token (prompt + image), doubled
+   for the CFG rows, and that as a percent of the card's dense bf16 peak and of a measured
+   8192^3 bf16 matmul.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+import pgen_engine as pg
+from pgen_engine.generation import Generator
+from pgen_engine.models.tiny import make_tiny_checkpoint, tiny_janus_config
+
+GUIDANCE, TOP_K, TOP_P = 5.0, 100, 0.95
+JANUS_PRO_1B = dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16, intermediate_size=5504,
+                    vocab_size=102400, image_size=384, patch_size=16, codebook_size=16384,
+                    max_position_embeddings=4096)
+CHECK_GEOMETRY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
+                      vocab_size=300, image_size=32, patch_size=8, codebook_size=64)
+# dense bf16 tensor-core peaks (SXM parts), TFLOP/s
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _lm_params(model) -> int:
+    parts = (model.language_model, model.generation_head, model.generation_aligner)
+    return sum(p.numel() for m in parts for p in m.parameters())
+
+
+def _peak(dev: torch.device) -> float | None:
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(dev)
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def _matmul_tflops(dev: torch.device) -> float | None:
+    if dev.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(dev)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    _sync(dev)
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12
+
+
+def _hf_generate(hf, ids: torch.Tensor, *, greedy: bool, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    kw = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=TOP_K, top_p=TOP_P, temperature=1.0)
+    return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image",
+                       guidance_scale=GUIDANCE, **kw)
+
+
+def _prompts(vocab: int, batch: int, length: int, dev: torch.device, seed: int = 17) -> torch.Tensor:
+    special = pg.SpecialTokens.builtin()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(6, vocab, (batch, length), generator=g)
+    ids[:, 0], ids[:, -1] = special.bos, special.boi
+    return ids.to(dev)
+
+
+def _hf_model(path, dev: torch.device, dtype: torch.dtype):
+    from transformers import JanusForConditionalGeneration
+
+    hf = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
+    hf.generation_config.generation_kwargs = {"boi_token_id": pg.SpecialTokens.builtin().boi}
+    return hf
+
+
+def check_correctness(dev: torch.device, check_only: bool) -> list[dict]:
+    """Graph vs eager vs transformers tokens on a small float32 model -> one row per comparison."""
+    geo = CHECK_GEOMETRY if check_only else dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+                                                 intermediate_size=688, vocab_size=1024, image_size=64,
+                                                 patch_size=8, codebook_size=1024)
+    graph_mode = "graph" if dev.type == "cuda" else "static"
+    with tempfile.TemporaryDirectory() as d:
+        path = make_tiny_checkpoint(d, seed=3, init_std=0.2, **geo)
+        model = pg.load_model(path, device=dev)
+        hf = _hf_model(path, dev, torch.float32)
+    ids = _prompts(model.config.text.vocab_size, 8, 32, dev)
+    T = model.num_image_tokens
+    g_graph = Generator(model, max_batch_size=8, max_seq_len=32 + T, decode_mode=graph_mode)
+    g_eager = Generator(model, max_batch_size=8, max_seq_len=32 + T, decode_mode="eager")
+    rows = []
+    with torch.inference_mode():
+        a = g_graph.generate(ids, guidance_scale=GUIDANCE, greedy=True)
+        a2 = g_graph.generate(ids, guidance_scale=GUIDANCE, greedy=True)  # replay of the cached graph
+        b = g_eager.generate(ids, guidance_scale=GUIDANCE, greedy=True)
+        ref = _hf_generate(hf, ids, greedy=True)
+        s_graph = g_graph.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P, seed=9)
+        s_eager = g_eager.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P, seed=9)
+    for what, x, y in (("greedy graph vs transformers", a, ref), ("greedy graph replay vs transformers", a2, ref),
+                       ("greedy eager vs transformers", b, ref), ("sampled graph vs eager", s_graph, s_eager)):
+        bad = int((x != y).sum())
+        rows.append(dict(op="check", shape=what, backend=graph_mode, ok=bad == 0, mismatches=bad,
+                         tokens=x.numel()))
+    return rows
+
+
+def _time_pgen(gen: Generator, ids: torch.Tensor, rounds: int) -> dict:
+    dev = ids.device
+    best = None
+    for r in range(rounds + 1):  # round 0 warms up (Triton compiles, graph capture)
+        _sync(dev)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            gen.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P, seed=r)
+        _sync(dev)
+        wall = time.perf_counter() - t
+        if r and (best is None or wall < best["wall"]):
+            best = dict(wall=wall, prefill=gen.last_stats["prefill_s"], decode=gen.last_stats["decode_s"])
+    return best
+
+
+def _time_hf(hf, ids: torch.Tensor) -> dict:
+    from benchmarks.test_bench_generation import _LMTimer
+
+    dev = ids.device
+    with torch.inference_mode():  # warm-up: one short forward (a full generate would take minutes)
+        hf.model.language_model(input_ids=ids[:1, :8])
+    _sync(dev)
+    timer = _LMTimer(hf)
+    t = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            _hf_generate(hf, ids, greedy=False)
+    finally:
+        timer.close()
+    _sync(dev)
+    wall = time.perf_counter() - t
+    return dict(wall=wall, prefill=timer.prefill, decode=wall - timer.prefill)
+
+
+def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
+    """Throughput rows (see the module docstring)."""
+    env = os.environ.get
+    batches = [int(b) for b in env("PGEN_BENCH_BATCHES", "2" if check_only else "64,256").split(",") if b]
+    hf_batches = {int(b) for b in env("PGEN_BENCH_HF_BATCHES", "2" if check_only else "64").split(",") if b}
+    prompt_len = int(env("PGEN_BENCH_PROMPT_LEN", "16" if check_only else "128"))
+    rounds = int(env("PGEN_BENCH_ROUNDS", "1" if check_only else "2"))
+    dtype = torch.float32 if check_only else torch.bfloat16
+    geo = CHECK_GEOMETRY if check_only else JANUS_PRO_1B
+    graph_mode = "graph" if dev.type == "cuda" else "static"
+    from transformers import JanusForConditionalGeneration
+
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as d:
+        cfg = tiny_janus_config(**geo)
+        torch.manual_seed(0)
+        with torch.device(dev):  # random init on the GPU: seconds, not minutes
+            hf = JanusForConditionalGeneration(cfg).to(dtype).eval()
+        for k, v in pg.SpecialTokens.builtin().generation_config_dict().items():
+            setattr(hf.generation_config, k, v)
+        hf.save_pretrained(d)
+        model = pg.load_model(d, device=dev, dtype=dtype)  # the engine's real loader, same weights
+    hf.generation_config.generation_kwargs = {"boi_token_id": pg.SpecialTokens.builtin().boi}
+    print(f"[gpu_generation] built {geo['num_layers']}-layer model in {time.perf_counter() - t0:.1f}s", flush=True)
+    T = model.num_image_tokens
+    flops_per_image = 2 * 2 * _lm_params(model) * (prompt_len + T)
+    peak, mm = _peak(dev), _matmul_tflops(dev)
+    ids_all = _prompts(model.config.text.vocab_size, max(batches + list(hf_batches)), prompt_len, dev)
+    shape = lambda b: f"b{b} p{prompt_len} t{T}"  # noqa: E731
+    rows: list[dict] = []
+    hf_wall: dict[int, float] = {}
+
+    def attempt(backend: str, b: int, fn) -> None:
+        # one failing configuration (say, out of memory at batch 256) must not lose the others
+        try:
+            r = fn()
+        except Exception as e:  # reported as a row, and as a failed check
+            traceback.print_exc()
+            rows.append(dict(op="generate", shape=shape(b), backend=backend, ok=False, error=repr(e)[:300]))
+        else:
+            if backend == "transformers":
+                hf_wall[b] = r["wall"]
+            rows.append(_row(shape(b), backend, b, T, r, flops_per_image, peak, mm, hf_wall.get(b)))
+            print(f"[gpu_generation] {backend} b{b}: {b / r['wall']:.2f} img/s, prefill {r['prefill']:.3f}s, "
+                  f"decode {r['decode']:.3f}s", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        if on_row is not None:
+            on_row(rows)
+
+    for b in sorted(hf_batches):
+        attempt("transformers", b, lambda: _time_hf(hf, ids_all[:b]))
+    hf = None  # frees its weights before the big pgen batches
+    for b in batches:
+        for mode in [graph_mode] + (["eager"] if b in hf_batches else []):
+            def timed():
+                gen = Generator(model, max_batch_size=b, max_seq_len=prompt_len + T, decode_mode=mode)
+                try:
+                    return _time_pgen(gen, ids_all[:b], rounds)
+                finally:
+                    del gen
+            attempt(f"pgen-{mode}", b, timed)
+    return rows
+
+
+def _row(shape: str, backend: str, b: int, T: int, r: dict, flops_per_image: float, peak, mm, hf_wall) -> dict:
+    tflops = flops_per_image * b / r["wall"] / 1e12
+    return dict(op="generate", shape=shape, backend=backend, ms=r["wall"] * 1e3, tflops=tflops,
+                images_per_s=b / r["wall"], decode_tokens_per_s=b * T / r["decode"], prefill_s=r["prefill"],
+                decode_s=r["decode"], speedup_vs_transformers=None if hf_wall is None else hf_wall / r["wall"],
+                pct_of_ref=None if hf_wall is None else 100 * hf_wall / r["wall"],
+                pct_of_peak=None if peak is None else 100 * tflops / peak,
+                pct_of_matmul=None if mm is None else 100 * tflops / mm, matmul_tflops=mm)
+
+
+def run(check_only: bool, on_rows=None) -> list[dict]:
+    """Correctness rows then throughput rows (CPU + tiny shapes when ``check_only`` or no CUDA).
+
+    ``on_rows(rows)`` is called after each throughput row (partial results survive a timeout).
+    """
+    dev = torch.device("cuda" if torch.cuda.is_available() and not check_only else "cpu")
+    check_only = check_only or dev.type != "cuda"
+    try:
+        checks = check_correctness(dev, check_only)
+    except Exception as e:
+        traceback.print_exc()
+        checks = [dict(op="check", shape="graph/eager/transformers tokens", backend="", ok=False, error=repr(e)[:300])]
+    print(f"[gpu_generation] checks: {[(r['shape'], r['ok']) for r in checks]}", flush=True)
+    return checks + benchmark(dev, check_only, None if on_rows is None else lambda rows: on_rows(checks + rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="tiny shapes on CPU (code paths only)")
+    ap.add_argument("--json", help="also write the rows to this JSON file")
+    args = ap.parse_args(argv)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.check else "cpu (check mode)"
+
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            from pgen_engine.io_utils import atomic_write_text
+
+            atomic_write_text(args.json, json.dumps({"bench": "gpu_generation", "device": device, "rows": rows},
+                                                    indent=1))
+
+    rows = run(args.check, save)
+    save(rows)
+    keys = ("op", "shape", "backend", "ok", "mismatches", "images_per_s", "decode_tokens_per_s", "prefill_s",
+            "decode_s", "speedup_vs_transformers", "tflops", "pct_of_peak", "pct_of_matmul")
+    print(" | ".join(keys))
+    for r in rows:
+        print(" | ".join("" if r.get(k) is None else (f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k]))
+                         for k in keys))
+    print(json.dumps({"bench": "gpu_generation", "device": device, "rows": rows}))
+    return 0 if all(r.get("ok", True) for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
