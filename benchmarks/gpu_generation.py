@@ -84,6 +84,23 @@ def _hf_generate(hf, ids: torch.Tensor, *, greedy: bool, seed: int = 0) -> torch
                        guidance_scale=GUIDANCE, **kw)
 
 
+def _fix_hf_static_cache(hf) -> None:
+    """Some transformers 5.x releases (5.17 seen) call ``_prepare_static_cache`` from Janus' image
+    ``generate`` without its ``prefill_chunk_size`` argument; default it to None (no chunking)."""
+    import inspect
+
+    orig = hf._prepare_static_cache
+    if "prefill_chunk_size" not in inspect.signature(orig).parameters:
+        return
+
+    def call(*args, **kwargs):
+        if len(args) < 4:
+            kwargs.setdefault("prefill_chunk_size", None)
+        return orig(*args, **kwargs)
+
+    hf._prepare_static_cache = call
+
+
 def _prompts(vocab: int, batch: int, length: int, dev: torch.device, seed: int = 17) -> torch.Tensor:
     special = pg.SpecialTokens.builtin()
     g = torch.Generator().manual_seed(seed)
@@ -97,6 +114,7 @@ def _hf_model(path, dev: torch.device, dtype: torch.dtype):
 
     hf = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
     hf.generation_config.generation_kwargs = {"boi_token_id": pg.SpecialTokens.builtin().boi}
+    _fix_hf_static_cache(hf)
     return hf
 
 
@@ -187,6 +205,7 @@ def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
         hf.save_pretrained(d)
         model = pg.load_model(d, device=dev, dtype=dtype)  # the engine's real loader, same weights
     hf.generation_config.generation_kwargs = {"boi_token_id": pg.SpecialTokens.builtin().boi}
+    _fix_hf_static_cache(hf)
     print(f"[gpu_generation] built {geo['num_layers']}-layer model in {time.perf_counter() - t0:.1f}s", flush=True)
     T = model.num_image_tokens
     flops_per_image = 2 * 2 * _lm_params(model) * (prompt_len + T)
@@ -222,11 +241,25 @@ def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
             def timed():
                 gen = Generator(model, max_batch_size=b, max_seq_len=prompt_len + T, decode_mode=mode)
                 try:
-                    return _time_pgen(gen, ids_all[:b], rounds)
+                    return _time_pgen(gen, ids_all[:b], rounds if mode != "eager" else 1)
                 finally:
                     del gen
             attempt(f"pgen-{mode}", b, timed)
+    if env("PGEN_BENCH_PROFILE") == "1" and dev.type == "cuda":
+        _profile_kernels(model, ids_all[:min(batches)], prompt_len + T)
     return rows
+
+
+def _profile_kernels(model, ids: torch.Tensor, max_seq_len: int) -> None:
+    """Print the GPU kernels of one eager-decode generate, heaviest first (where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = Generator(model, max_batch_size=ids.shape[0], max_seq_len=max_seq_len, decode_mode="eager")
+    with torch.inference_mode():
+        gen.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            gen.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70), flush=True)
 
 
 def _row(shape: str, backend: str, b: int, T: int, r: dict, flops_per_image: float, peak, mm, hf_wall) -> dict:

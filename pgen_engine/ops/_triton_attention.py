@@ -27,6 +27,9 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+# Compiled kernels may only read module globals that are constexpr (the interpreter is laxer).
+LOG2E_K = tl.constexpr(LOG2E)
+LN2_K = tl.constexpr(LN2)
 
 # Test hook: when True every buffer the launchers allocate is pre-filled with NaN, so a
 # test fails if any element a kernel should write is left unwritten.
@@ -132,7 +135,7 @@ def _prefill_fwd_kernel(
         out = acc / tl.where(empty_row, 1.0, l_i)[:, None]
         o_ptrs = O + (start + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
-        lse = tl.where(empty_row, float("inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * LN2)
+        lse = tl.where(empty_row, float("inf"), (m_i + tl.log2(tl.where(empty_row, 1.0, l_i))) * LN2_K)
         tl.store(LSE + h * total_tokens + start + offs_m, lse, mask=m_valid)
 
 
@@ -257,7 +260,7 @@ def _prefill_bwd_dkdv_kernel(
                     else:
                         q_hi = qm + 1
                     allowed = allowed & (offs_n[None, :] < q_hi[:, None])
-                p = tl.where(allowed, tl.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+                p = tl.where(allowed, tl.exp2(s - (lse * LOG2E_K)[:, None]), 0.0)
                 dv += _mma(tl.trans(p.to(do.dtype)), do, DOT_PREC, UPCAST)
                 dp = _mma(do, tl.trans(v), DOT_PREC, UPCAST)
                 ds = p * (dp - delta[:, None])
@@ -324,7 +327,7 @@ def _prefill_bwd_dq_kernel(
             if HAS_KPM:
                 kp = tl.load(KPM + start + kn, mask=n_valid, other=0)
                 allowed = allowed & (kp != 0)[None, :]
-            p = tl.where(allowed, tl.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+            p = tl.where(allowed, tl.exp2(s - (lse * LOG2E_K)[:, None]), 0.0)
             dp = _mma(do, tl.trans(v), DOT_PREC, UPCAST)
             ds = p * (dp - delta[:, None])
             dq += _mma(ds.to(k.dtype), k, DOT_PREC, UPCAST)
