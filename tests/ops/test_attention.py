@@ -24,6 +24,7 @@ if "pgen_engine.ops._triton_attention" in sys.modules:  # jitted before the env 
 
 from pgen_engine.ops import _triton_attention as T  # noqa: E402
 from pgen_engine.ops import attention as A  # noqa: E402
+from tests.ops._device import CPU, DEV  # noqa: E402
 
 # Absolute floor, relative to the largest reference magnitude. For fp32 a tiny 1e-6. For
 # 16-bit outputs half an ulp of the largest value: the error of merely rounding an exact
@@ -51,6 +52,11 @@ def assert_within_rule(out: torch.Tensor, ref64: torch.Tensor, ref_low: torch.Te
 
 def _rand(*shape, dtype, gen):
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
+
+
+def _to(dev, kw: dict) -> dict:
+    """``kw`` with every tensor moved to ``dev`` (ints, bools and None unchanged)."""
+    return {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
 
 
 def _gen():
@@ -147,7 +153,7 @@ def _prefill_inputs(case, gen, requires_grad=False):
 def test_prefill_forward_matches_reference(case):
     gen = _gen()
     q, k, v, kw = _prefill_inputs(case, gen)
-    out = A.prefill_attention(q, k, v, backend="triton", **kw)
+    out = A.prefill_attention(q.to(DEV), k.to(DEV), v.to(DEV), backend="triton", **_to(DEV, kw)).cpu()
     ref64 = A.prefill_attention_ref(q.double(), k.double(), v.double(), **kw)
     ref_low = A.prefill_attention_ref(q, k, v, **kw)
     assert out.dtype == q.dtype
@@ -160,7 +166,8 @@ def test_prefill_fully_masked_rows_are_zero_not_nan():
     k = _rand(2, 19, 3, 32, dtype=torch.float32, gen=gen)
     v = _rand(2, 19, 3, 32, dtype=torch.float32, gen=gen)
     kpm = _left_padding_mask([11, 0], 19)  # row 1 is padding only
-    out = A.prefill_attention(q, k, v, key_padding_mask=kpm, backend="triton")
+    out = A.prefill_attention(q.to(DEV), k.to(DEV), v.to(DEV), key_padding_mask=kpm.to(DEV),
+                              backend="triton").cpu()
     assert not torch.isnan(out).any()
     assert torch.all(out[1] == 0)
     assert torch.all(out[0, :8] == 0)  # causal left padding: queries before the first real key
@@ -172,7 +179,7 @@ def test_prefill_fully_masked_rows_are_zero_not_nan():
 def test_prefill_default_scale_and_explicit_scale():
     gen = _gen()
     q, k, v = (_rand(1, 33, 2, 48, dtype=torch.float32, gen=gen) for _ in range(3))
-    a = A.prefill_attention(q, k, v, backend="triton", scale=0.3)
+    a = A.prefill_attention(q.to(DEV), k.to(DEV), v.to(DEV), backend="triton", scale=0.3).cpu()
     b = A.prefill_attention_ref(q, k, v, scale=0.3)
     torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
     assert not torch.allclose(a, A.prefill_attention_ref(q, k, v), atol=1e-3)
@@ -195,13 +202,13 @@ def test_prefill_backward_matches_reference_autograd(case):
     q, k, v, kw = _prefill_inputs(case, gen)
     dout = _rand(*q.shape, dtype=q.dtype, gen=gen)
 
-    def grads(fn, tensors, **extra):
-        leaves = [t.detach().clone().requires_grad_(True) for t in tensors]
-        out = fn(*leaves, **kw, **extra)
-        out.backward(dout.to(out.dtype))
-        return out, [t.grad for t in leaves]
+    def grads(fn, tensors, dev=CPU, **extra):
+        leaves = [t.detach().to(dev).clone().requires_grad_(True) for t in tensors]
+        out = fn(*leaves, **_to(dev, kw), **extra)
+        out.backward(dout.to(device=dev, dtype=out.dtype))
+        return out.cpu(), [t.grad.cpu() for t in leaves]
 
-    out, g_kernel = grads(A.prefill_attention, (q, k, v), backend="triton")
+    out, g_kernel = grads(A.prefill_attention, (q, k, v), dev=DEV, backend="triton")
     _, g64 = grads(A.prefill_attention_ref, (q.double(), k.double(), v.double()))
     _, g_low = grads(A.prefill_attention_ref, (q, k, v))
     for name, a, b, c in zip(("dq", "dk", "dv"), g_kernel, g64, g_low):
@@ -238,7 +245,8 @@ def test_decode_paged_matches_reference(dtype):
     q = _rand(batch, hq, d, dtype=dtype, gen=gen)
     ref64 = A.decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), seqlens, block_table=table)
     ref_low = A.decode_attention_ref(q, k_cache, v_cache, seqlens, block_table=table)
-    out = A.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, backend="triton")
+    out = A.decode_attention(q.to(DEV), k_cache.to(DEV), v_cache.to(DEV), seqlens.to(DEV),
+                             block_table=table.to(DEV), backend="triton").cpu()
     assert_within_rule(out, ref64, ref_low, "decode paged")
     assert torch.all(out[2] == 0)
 
@@ -252,11 +260,12 @@ def test_decode_contiguous_split_k(num_splits):
     seqlens = torch.tensor([113, 1, 64], dtype=torch.int32)
     q = _rand(batch, hq, d, dtype=torch.float32, gen=gen)
     table = torch.arange(batch, dtype=torch.int32)[:, None]
-    out = T.decode(q, k_cache, v_cache, seqlens, table, d**-0.5, num_splits=num_splits)
+    qd, kd, vd, sd = (t.to(DEV) for t in (q, k_cache, v_cache, seqlens))
+    out = T.decode(qd, kd, vd, sd, table.to(DEV), d**-0.5, num_splits=num_splits).cpu()
     ref64 = A.decode_attention_ref(q.double(), k_cache.double(), v_cache.double(), seqlens)
     ref_low = A.decode_attention_ref(q, k_cache, v_cache, seqlens)
     assert_within_rule(out, ref64, ref_low, f"decode splits={num_splits}")
-    public = A.decode_attention(q, k_cache, v_cache, seqlens, backend="triton")
+    public = A.decode_attention(qd, kd, vd, sd, backend="triton").cpu()
     assert_within_rule(public, ref64, ref_low, "decode public")
 
 
@@ -265,7 +274,8 @@ def test_decode_single_token_equals_value():
     k_cache, v_cache, table = _paged_cache(gen, torch.float32, 6, 8, 2, 40, 2, 3)
     q = _rand(2, 4, 40, dtype=torch.float32, gen=gen)
     seqlens = torch.tensor([1, 1], dtype=torch.int32)
-    out = A.decode_attention(q, k_cache, v_cache, seqlens, block_table=table, backend="triton")
+    out = A.decode_attention(q.to(DEV), k_cache.to(DEV), v_cache.to(DEV), seqlens.to(DEV),
+                             block_table=table.to(DEV), backend="triton").cpu()
     expect = v_cache[table[:, 0].long(), 0].repeat_interleave(2, dim=1)  # softmax over one key = 1
     torch.testing.assert_close(out, expect, atol=1e-6, rtol=1e-6)
 
@@ -285,8 +295,9 @@ def test_kv_write_paged_matches_reference(dtype):
     slots[8] = n_blocks * bs + 2  # out of range: dropped
     k_new = _rand(n, hkv, d, dtype=dtype, gen=gen)
     v_new = _rand(n, hkv, d, dtype=dtype, gen=gen)
-    k1, v1, k2, v2 = k_cache.clone(), v_cache.clone(), k_cache.clone(), v_cache.clone()
-    A.paged_kv_write(k1, v1, k_new, v_new, slots, backend="triton")
+    k1, v1, k2, v2 = k_cache.clone().to(DEV), v_cache.clone().to(DEV), k_cache.clone(), v_cache.clone()
+    A.paged_kv_write(k1, v1, k_new.to(DEV), v_new.to(DEV), slots.to(DEV), backend="triton")
+    k1, v1 = k1.cpu(), v1.cpu()
     A.paged_kv_write_ref(k2, v2, k_new, v_new, slots)
     assert torch.equal(k1, k2) and torch.equal(v1, v2)
     for i in range(n):
@@ -301,13 +312,14 @@ def test_kv_write_paged_matches_reference(dtype):
 def test_kv_write_contiguous_cache_then_decode():
     gen = _gen()
     batch, smax, hkv, d = 2, 11, 1, 32
-    k_cache = torch.zeros(batch, smax, hkv, d)
-    v_cache = torch.zeros(batch, smax, hkv, d)
+    k_cache = torch.zeros(batch, smax, hkv, d, device=DEV)
+    v_cache = torch.zeros(batch, smax, hkv, d, device=DEV)
     pos = torch.tensor([4, 9])
     slots = torch.arange(batch) * smax + pos
     k_new = _rand(batch, hkv, d, dtype=torch.float32, gen=gen)
     v_new = _rand(batch, hkv, d, dtype=torch.float32, gen=gen)
-    A.paged_kv_write(k_cache, v_cache, k_new, v_new, slots, backend="triton")
+    A.paged_kv_write(k_cache, v_cache, k_new.to(DEV), v_new.to(DEV), slots.to(DEV), backend="triton")
+    k_cache, v_cache = k_cache.cpu(), v_cache.cpu()
     assert torch.equal(k_cache[0, 4], k_new[0]) and torch.equal(v_cache[1, 9], v_new[1])
     assert k_cache.abs().sum() == k_new.abs().sum()
 
@@ -320,8 +332,9 @@ def test_opcheck_registered_ops():
     q, k, v = _rand(9, 2, 32, dtype=torch.float32, gen=gen), _rand(9, 1, 32, dtype=torch.float32, gen=gen), _rand(
         9, 1, 32, dtype=torch.float32, gen=gen
     )
-    cu = torch.tensor([0, 4, 9], dtype=torch.int32)
-    q_hi, k_lo = A.span_limits(cu, 9, torch.tensor([[[1, 3]], [[-1, -1]]], dtype=torch.int32))
+    q, k, v = q.to(DEV), k.to(DEV), v.to(DEV)
+    cu = torch.tensor([0, 4, 9], dtype=torch.int32, device=DEV)
+    q_hi, k_lo = A.span_limits(cu, 9, torch.tensor([[[1, 3]], [[-1, -1]]], dtype=torch.int32, device=DEV))
     for backend in ("torch", "triton"):
         q.requires_grad_(True)
         torch.library.opcheck(
@@ -329,11 +342,11 @@ def test_opcheck_registered_ops():
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
         q.requires_grad_(False)
-        kc, vc, table = _paged_cache(gen, torch.float32, 4, 4, 1, 32, 2, 2)
-        seqlens = torch.tensor([3, 7], dtype=torch.int32)
+        kc, vc, table = (t.to(DEV) for t in _paged_cache(gen, torch.float32, 4, 4, 1, 32, 2, 2))
+        seqlens = torch.tensor([3, 7], dtype=torch.int32, device=DEV)
         torch.library.opcheck(A._decode_op, (q[:2], kc, vc, seqlens, table, 0.2, backend),
                               test_utils=("test_schema", "test_faketensor"))
-        slots = torch.tensor([0, -1, 5], dtype=torch.int64)
+        slots = torch.tensor([0, -1, 5], dtype=torch.int64, device=DEV)
         torch.library.opcheck(A._kv_write_op, (kc.clone(), vc.clone(), k[:3], v[:3], slots, backend),
                               test_utils=("test_schema", "test_faketensor"))
 
@@ -343,13 +356,15 @@ def test_torch_compile_fullgraph_traces_ops():
     q = _rand(1, 17, 2, 32, dtype=torch.float32, gen=gen)
     k = _rand(1, 17, 2, 32, dtype=torch.float32, gen=gen)
     v = _rand(1, 17, 2, 32, dtype=torch.float32, gen=gen)
+    q, k, v = q.to(DEV), k.to(DEV), v.to(DEV)
 
     def step(q, k, v):
         out = A.prefill_attention(q, k, v, backend="triton")
-        kc = torch.zeros(2, 16, 2, 32)
-        A.paged_kv_write(kc, kc.clone(), k[0, :3], v[0, :3], torch.arange(3), backend="triton")
-        dec = A.decode_attention(q[:, -1], kc, kc, torch.tensor([3], dtype=torch.int32),
-                                 block_table=torch.tensor([[1, 0]], dtype=torch.int32), backend="triton")
+        kc = torch.zeros(2, 16, 2, 32, device=q.device)
+        A.paged_kv_write(kc, kc.clone(), k[0, :3], v[0, :3], torch.arange(3, device=q.device), backend="triton")
+        dec = A.decode_attention(q[:, -1], kc, kc, torch.tensor([3], dtype=torch.int32, device=q.device),
+                                 block_table=torch.tensor([[1, 0]], dtype=torch.int32, device=q.device),
+                                 backend="triton")
         return out, dec
 
     compiled = torch.compile(step, backend="eager", fullgraph=True)
@@ -367,7 +382,7 @@ def test_dispatch_torch_backend_and_auto_on_cpu(monkeypatch):
     monkeypatch.delenv("PGEN_OPS_BACKEND", raising=False)
     assert torch.equal(A.prefill_attention(q, k, v), ref)  # auto on CPU -> torch reference
     monkeypatch.setenv("PGEN_OPS_BACKEND", "triton")
-    forced = A.prefill_attention(q, k, v)
+    forced = A.prefill_attention(q.to(DEV), k.to(DEV), v.to(DEV)).cpu()  # the Triton part runs on DEV
     torch.testing.assert_close(forced, ref, atol=2e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="not implemented"):
         A.decode_attention(q[:, 0], k, v, torch.tensor([3, 4], dtype=torch.int32), backend="cuda")

@@ -8,6 +8,7 @@ import torch  # noqa: E402
 
 from pgen_engine.ops._backend import triton_available  # noqa: E402
 from pgen_engine.ops.logprobs import _reference_naive, token_logprobs  # noqa: E402
+from tests.ops._device import CPU, DEV  # noqa: E402
 
 BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
 
@@ -20,20 +21,21 @@ def _inputs(N, H, V, dtype):
     return h, w, b, t
 
 
-def _grads(fn, h, w, b, t, dtype, **kw):
-    hh, ww, bb = (x.detach().to(dtype).requires_grad_() for x in (h, w, b))
-    lp, ent = fn(hh, ww, t, bb, **kw)
-    gl = torch.linspace(-1, 1, len(t), dtype=torch.float64)
-    ge = torch.cos(torch.arange(len(t), dtype=torch.float64) * 1.7)  # same upstream grads for every call
+def _grads(fn, h, w, b, t, dtype, dev=CPU, **kw):
+    """Runs ``fn`` on ``dev`` (inputs drawn on the CPU are moved there); results come back on the CPU."""
+    hh, ww, bb = (x.detach().to(device=dev, dtype=dtype).requires_grad_() for x in (h, w, b))
+    lp, ent = fn(hh, ww, t.to(dev), bb, **kw)
+    gl = torch.linspace(-1, 1, len(t), dtype=torch.float64).to(dev)
+    ge = torch.cos(torch.arange(len(t), dtype=torch.float64) * 1.7).to(dev)  # same upstream grads for every call
     ((lp.double() * gl).sum() + (ent.double() * ge).sum()).backward()
-    return [lp.double(), ent.double(), hh.grad.double(), ww.grad.double(), bb.grad.double()]
+    return [x.cpu() for x in (lp.double(), ent.double(), hh.grad.double(), ww.grad.double(), bb.grad.double())]
 
 
 def test_chunked_torch_matches_autograd_fp64():
     h, w, b, t = _inputs(11, 40, 37, torch.float64)
     ref = _grads(lambda *a, **k: _reference_naive(*a, temperature=0.7), h, w, b, t, torch.float64)
     got = _grads(lambda hh, ww, tt, bb: token_logprobs(hh, ww, tt, bias=bb, temperature=0.7, chunk_size=8,
-                                                       backend="torch"), h, w, b, t, torch.float64)
+                                                       backend="torch"), h, w, b, t, torch.float64, dev=DEV)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
@@ -45,7 +47,7 @@ def test_fp32_tolerance_vs_fp64(backend, N, H, V, chunk):
     ref64 = _grads(lambda *a, **k: _reference_naive(*a, temperature=1.3), h, w, b, t, torch.float64)
     ref32 = _grads(lambda *a, **k: _reference_naive(*a, temperature=1.3), h, w, b, t, torch.float32)
     got = _grads(lambda hh, ww, tt, bb: token_logprobs(hh, ww, tt, bias=bb, temperature=1.3, chunk_size=chunk,
-                                                       backend=backend), h, w, b, t, torch.float32)
+                                                       backend=backend), h, w, b, t, torch.float32, dev=DEV)
     for name, r64, r32, g in zip(("lp", "ent", "dh", "dw", "db"), ref64, ref32, got):
         assert not torch.isnan(g).any(), name
         err, ref_err = (g - r64).abs().max().item(), (r32 - r64).abs().max().item()
@@ -79,8 +81,8 @@ def test_chunked_peak_memory_far_below_naive():
             return out
 
     N, H, V = 256, 32, 8192
-    h, w = torch.randn(N, H), torch.randn(V, H)
-    t = torch.randint(0, V, (N,))
+    h, w = torch.randn(N, H).to(DEV), torch.randn(V, H).to(DEV)
+    t = torch.randint(0, V, (N,)).to(DEV)
 
     def peak(fn):
         with LiveBytes() as m:
@@ -106,6 +108,6 @@ def test_bad_inputs():
 
 @pytest.mark.skipif(not triton_available(), reason="Triton not importable")
 def test_opcheck_forward_op():
-    h, w, t = torch.randn(5, 16), torch.randn(33, 16), torch.randint(0, 33, (5,))
+    h, w, t = torch.randn(5, 16).to(DEV), torch.randn(33, 16).to(DEV), torch.randint(0, 33, (5,)).to(DEV)
     torch.library.opcheck(torch.ops.pgen.token_logprobs_fwd_triton, (h, w, None, t, 1.0),
                           test_utils=("test_schema", "test_faketensor"))

@@ -8,6 +8,7 @@ import torch  # noqa: E402
 
 from pgen_engine.ops._backend import triton_available  # noqa: E402
 from pgen_engine.ops.norm import rms_norm  # noqa: E402
+from tests.ops._device import CPU, DEV  # noqa: E402
 
 BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
 
@@ -21,7 +22,8 @@ def test_matches_llama_rmsnorm(backend, dtype):
     ref = LlamaRMSNorm(D, eps=1e-5).to(dtype)
     with torch.no_grad():
         ref.weight.copy_(torch.randn(D))
-    x = torch.randn(3, 7, D).to(dtype)
+    ref = ref.to(DEV)
+    x = torch.randn(3, 7, D).to(dtype).to(DEV)
     y = rms_norm(x, ref.weight.detach(), 1e-5, backend=backend)
     expect = ref(x).detach()
     assert y.dtype == expect.dtype
@@ -39,14 +41,14 @@ def test_fused_residual_forward_backward(backend):
         torch.randn(D, dtype=torch.float64)
     gy, gh = torch.randn(5, 3, D, dtype=torch.float64), torch.randn(5, 3, D, dtype=torch.float64)
 
-    def run(dtype, be):
-        x, r, w = (t.to(dtype).clone().requires_grad_() for t in (x64, r64, w64))
+    def run(dtype, be, dev=CPU):
+        x, r, w = (t.to(device=dev, dtype=dtype).clone().requires_grad_() for t in (x64, r64, w64))
         y, h = rms_norm(x, w, 1e-6, residual=r, backend=be)
-        ((y.double() * gy).sum() + (h.double() * gh).sum()).backward()
-        return [y.double(), h.double(), x.grad.double(), r.grad.double(), w.grad.double()]
+        ((y.double() * gy.to(dev)).sum() + (h.double() * gh.to(dev)).sum()).backward()
+        return [t.cpu() for t in (y.double(), h.double(), x.grad.double(), r.grad.double(), w.grad.double())]
 
     ref64, ref32 = run(torch.float64, "torch"), run(torch.float32, "torch")
-    got = run(torch.float32, backend)
+    got = run(torch.float32, backend, DEV)
     for name, a, b, g in zip(("y", "h", "dx", "dr", "dw"), ref64, ref32, got):
         assert not torch.isnan(g).any()
         err, ref_err = (g - a).abs().max().item(), (b - a).abs().max().item()
@@ -62,6 +64,8 @@ def test_bad_inputs():
 
 @pytest.mark.skipif(not triton_available(), reason="Triton not importable")
 def test_opcheck():
-    x, r, w = torch.randn(3, 24, requires_grad=True), torch.randn(3, 24), torch.randn(24, requires_grad=True)
+    x, r, w = torch.randn(3, 24).to(DEV), torch.randn(3, 24).to(DEV), torch.randn(24).to(DEV)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
     torch.library.opcheck(torch.ops.pgen.rms_norm_triton, (x, r, w, 1e-6),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 from pgen_engine.ops._backend import triton_available  # noqa: E402
 
 from pgen_engine.ops.rng import mix_seed, row_seeds, splitmix64, uniform_from_seed  # noqa: E402
+from tests.ops._device import DEV  # noqa: E402
 
 M = (1 << 64) - 1
 
@@ -81,6 +82,6 @@ if triton_available():
 @pytest.mark.skipif(not triton_available(), reason="Triton not importable")
 def test_triton_uniform_matches():
     s = torch.randint(-(2 ** 63), 2 ** 63 - 1, (16,), dtype=torch.int64)
-    out = torch.full((16,), float("nan"))
-    _uniform_kernel[(1,)](s, out, N=16)
-    assert torch.equal(out, uniform_from_seed(s))
+    out = torch.full((16,), float("nan"), device=DEV)
+    _uniform_kernel[(1,)](s.to(DEV), out, N=16)
+    assert torch.equal(out.cpu(), uniform_from_seed(s))

@@ -8,6 +8,7 @@ import torch  # noqa: E402
 
 from pgen_engine.ops._backend import triton_available  # noqa: E402
 from pgen_engine.ops.rotary import apply_rotary  # noqa: E402
+from tests.ops._device import CPU, DEV  # noqa: E402
 
 BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
 
@@ -30,17 +31,17 @@ def test_matches_hf_and_backward(backend, xshape):
     x64 = torch.randn(xshape, dtype=torch.float64)
     gy = torch.randn(xshape, dtype=torch.float64)
 
-    def run(dtype, be):
-        x = x64.to(dtype).clone().requires_grad_()
-        y = apply_rotary(x, cos.to(dtype), sin.to(dtype), backend=be)
-        (y.double() * gy).sum().backward()
-        return y.double(), x.grad.double()
+    def run(dtype, be, dev=CPU):
+        x = x64.to(device=dev, dtype=dtype).clone().requires_grad_()
+        y = apply_rotary(x, cos.to(device=dev, dtype=dtype), sin.to(device=dev, dtype=dtype), backend=be)
+        (y.double() * gy.to(dev)).sum().backward()
+        return y.double().cpu(), x.grad.double().cpu()
 
     # HF reference: [B, H, S, D] layout with cos/sin unsqueezed on the head dim
     hf, _ = apply_rotary_pos_emb(x64.transpose(-2, -3), x64.transpose(-2, -3), cos, sin, unsqueeze_dim=-3)
     ref64 = run(torch.float64, "torch")
     torch.testing.assert_close(ref64[0], hf.transpose(-2, -3))
-    ref32, got = run(torch.float32, "torch"), run(torch.float32, backend)
+    ref32, got = run(torch.float32, "torch"), run(torch.float32, backend, DEV)
     for a, b, g in zip(ref64, ref32, got):
         assert not torch.isnan(g).any()
         assert (g - a).abs().max() <= 2 * (b - a).abs().max() + 1e-6
@@ -55,6 +56,6 @@ def test_bad_inputs():
 
 @pytest.mark.skipif(not triton_available(), reason="Triton not importable")
 def test_compile_fullgraph():
-    x, c, s = torch.randn(4, 2, 8), torch.randn(4, 8), torch.randn(4, 8)
+    x, c, s = torch.randn(4, 2, 8).to(DEV), torch.randn(4, 8).to(DEV), torch.randn(4, 8).to(DEV)
     fn = torch.compile(lambda a: torch.ops.pgen.apply_rotary_triton(a, c, s, False), fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x), apply_rotary(x, c, s, backend="torch"))

@@ -10,8 +10,8 @@ from scipy import stats  # noqa: E402
 
 from pgen_engine.ops._backend import has_ext_function, triton_available  # noqa: E402
 from pgen_engine.ops.sampling import sample  # noqa: E402
+from tests.ops._device import CPU, DEV  # noqa: E402
 
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch"] + (["triton"] if triton_available() else []) + (
     ["cpp"] if has_ext_function("sample_cpu") else [])
 
@@ -43,9 +43,9 @@ def test_chi_square_against_exact_distribution(top_k, top_p):
     mixed = (u.float() + s * (x.float() - u.float())) / T
     q = _filtered_probs(mixed.double().numpy(), top_k, top_p)
     seeds = torch.randint(-(2 ** 62), 2 ** 62, (n,), dtype=torch.int64)
-    tok = sample(x.float().expand(n, V), uncond_logits=u.float().expand(n, V), guidance_scale=s,
-                 temperature=T, top_k=top_k, top_p=top_p, seed=seeds, backend="torch")
-    counts = np.bincount(tok.numpy(), minlength=V)
+    tok = sample(x.float().to(DEV).expand(n, V), uncond_logits=u.float().to(DEV).expand(n, V), guidance_scale=s,
+                 temperature=T, top_k=top_k, top_p=top_p, seed=seeds.to(DEV), backend="torch")
+    counts = np.bincount(tok.cpu().numpy(), minlength=V)
     assert counts[q == 0].sum() == 0, "sampled a filtered-out token"
     # pool bins with expected count < 5 so the chi-square approximation holds
     big = q * n >= 5
@@ -60,18 +60,19 @@ def test_chi_square_against_exact_distribution(top_k, top_p):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_deterministic_argmax_and_row_independence(backend):
     B, V = 5, 1000
-    x = torch.randn(B, V, device=DEV) * 2
+    dev = CPU if backend == "cpp" else DEV  # the C++ backend is the CPU path
+    x = (torch.randn(B, V) * 2).to(dev)  # drawn on the CPU, as in a CPU run
     a = sample(x, top_p=0.9, seed=123, backend=backend)
     b = sample(x, top_p=0.9, seed=123, backend=backend)
     assert torch.equal(a, b) and a.dtype == torch.int64 and a.shape == (B,)
     assert torch.equal(sample(x, top_k=1, seed=9, backend=backend), x.argmax(-1))
-    seeds = torch.randint(-(2 ** 62), 2 ** 62, (B,), dtype=torch.int64, device=DEV)
+    seeds = torch.randint(-(2 ** 62), 2 ** 62, (B,), dtype=torch.int64).to(dev)
     full = sample(x, temperature=1.3, seed=seeds, backend=backend)
     for i in (0, 3):
         one = sample(x[i:i + 1], temperature=1.3, seed=seeds[i:i + 1], backend=backend)
         assert one.item() == full[i].item()
     # a different batch around row 3 must not change its token
-    other = torch.cat([torch.randn(2, V, device=DEV), x[3:4]])
+    other = torch.cat([torch.randn(2, V).to(dev), x[3:4]])
     got = sample(other, temperature=1.3, seed=torch.stack([seeds[0], seeds[1], seeds[3]]), backend=backend)
     assert got[2].item() == full[3].item()
 
@@ -126,4 +127,4 @@ def test_compile_traces_registered_op():
     # the registered op itself (backend resolution happens outside compiled regions)
     fn = torch.compile(lambda t, s: torch.ops.pgen.sample_triton(t, None, 1.0, 1.0, 0, 0.9, s),
                        fullgraph=True, backend="eager")
-    assert torch.equal(fn(x, seeds), sample(x, top_p=0.9, seed=seeds, backend="torch"))
+    assert torch.equal(fn(x.to(DEV), seeds.to(DEV)).cpu(), sample(x, top_p=0.9, seed=seeds, backend="torch"))
