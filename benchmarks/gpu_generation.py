@@ -14,10 +14,11 @@
    16384, 576 image tokens) with random bf16 weights, 128-token prompts, CFG 5, top-k 100 /
    top-p 0.95: images/s of pgen with graph decode (batches ``PGEN_BENCH_BATCHES``, default
    64,256), pgen eager decode and ``transformers`` (``PGEN_BENCH_HF_BATCHES``, default 64);
-   prefill and decode seconds separately; achieved TFLOP/s counting 2 FLOPs per touched
-   parameter (decoder + generation head + code aligner) per token (prompt + image), doubled
-   for the CFG rows, and that as a percent of the card's dense bf16 peak and of a measured
-   8192^3 bf16 matmul.
+   prefill and decode seconds separately; achieved TFLOP/s counting 2 FLOPs per matrix
+   parameter (decoder layers + generation head + code aligner; not the embedding table) per
+   token (prompt + image), doubled for the CFG rows, and that as a percent of the card's
+   dense bf16 peak and of a measured 8192^3 bf16 matmul. ``PGEN_BENCH_PROFILE=1`` adds a
+   table of the GPU kernels of one eager-decode call, heaviest first.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def _sync(dev: torch.device) -> None:
 
 def _lm_params(model) -> int:
     parts = (model.language_model, model.generation_head, model.generation_aligner)
-    return sum(p.numel() for m in parts for p in m.parameters())
+    # the token-embedding table is a lookup, not matrix work
+    return sum(p.numel() for m in parts for p in m.parameters()) - model.language_model.embed_tokens.weight.numel()
 
 
 def _peak(dev: torch.device) -> float | None:

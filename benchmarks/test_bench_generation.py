@@ -81,7 +81,8 @@ def _sync():
 def _lm_params(model) -> int:
     """Parameters touched per generated token: decoder + generation head + code embedding path."""
     parts = (model.language_model, model.generation_head, model.generation_aligner)
-    return sum(p.numel() for m in parts for p in m.parameters())
+    # the token-embedding table is a lookup, not matrix work
+    return sum(p.numel() for m in parts for p in m.parameters()) - model.language_model.embed_tokens.weight.numel()
 
 
 class _LMTimer:
