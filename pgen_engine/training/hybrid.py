@@ -250,8 +250,11 @@ class HybridEngine:
             gathered = module_param_bytes(m)
             m.eval()
             try:
+                # eager decode: _RecordingModel records log-probs in Python at every step, which a
+                # replayed CUDA graph would skip
                 gen = Generator(m, max_batch_size=min(self.max_batch_size, per_call * G), max_seq_len=max_len,
-                                uncond_mode=params.uncond_mode, sample_backend=self.sample_backend)
+                                uncond_mode=params.uncond_mode, sample_backend=self.sample_backend,
+                                decode_mode="eager")
                 kv_bytes = gen.cache_nbytes()
                 for lo in range(0, B, per_call):
                     hi = min(B, lo + per_call)
