@@ -56,21 +56,27 @@ class DecodeState:
     slot0: torch.Tensor       # int64 [rows]: cache slot of each row's first image token
     step_seeds: torch.Tensor  # int64 [T, R]: sampling seed of row r at step t
     out: torch.Tensor         # int64 [R, T]: the codes
+    lp: torch.Tensor | None = None  # float32 [R, T]: their log-probs, when the wave records them
 
     @classmethod
-    def empty(cls, R: int, rows: int, T: int, device: torch.device) -> "DecodeState":
+    def empty(cls, R: int, rows: int, T: int, device: torch.device, with_lp: bool = False) -> "DecodeState":
         z = dict(dtype=torch.long, device=device)
         return cls(tok=torch.zeros(R, **z), t=torch.ones(1, **z), base=torch.zeros(rows, **z),
-                   slot0=torch.zeros(rows, **z), step_seeds=torch.zeros(T, R, **z), out=torch.zeros(R, T, **z))
+                   slot0=torch.zeros(rows, **z), step_seeds=torch.zeros(T, R, **z), out=torch.zeros(R, T, **z),
+                   lp=torch.zeros(R, T, dtype=torch.float32, device=device) if with_lp else None)
 
-    def load(self, first: torch.Tensor, base: torch.Tensor, slot0: torch.Tensor, step_seeds: torch.Tensor) -> None:
-        """Start a wave: ``first`` ``[R]`` is code 0 (from the prefill's last hidden state)."""
+    def load(self, first: torch.Tensor, base: torch.Tensor, slot0: torch.Tensor, step_seeds: torch.Tensor,
+             first_lp: torch.Tensor | None = None) -> None:
+        """Start a wave: ``first`` ``[R]`` is code 0 (from the prefill's last hidden state),
+        ``first_lp`` its log-prob (required when the state records log-probs)."""
         self.tok.copy_(first)
         self.t.fill_(1)
         self.base.copy_(base)
         self.slot0.copy_(slot0)
         self.step_seeds.copy_(step_seeds)
         self.out[:, 0] = first
+        if self.lp is not None:
+            self.lp[:, 0] = first_lp
 
 
 def decode_step(model, cache, state: DecodeState, cfg: bool,
@@ -78,8 +84,9 @@ def decode_step(model, cache, state: DecodeState, cfg: bool,
     """One static step: code ``t - 1`` in, code ``t`` out (``state.out[:, t]``), ``t += 1``.
 
     ``pick(hidden [rows, H], seeds [R]) -> int64 [R]`` turns the final hidden states into
-    codes (CFG mix + sampling or argmax). No host synchronisation, no allocation that
-    depends on ``t``: safe to capture in a CUDA graph.
+    codes (CFG mix + sampling or argmax); when ``state.lp`` is set it returns
+    ``(codes, float32 [R] log-probs)`` and the log-probs go to ``state.lp[:, t]``. No host
+    synchronisation, no allocation that depends on ``t``: safe to capture in a CUDA graph.
     """
     emb = model.embed_image_codes(state.tok)
     if cfg:
@@ -87,7 +94,12 @@ def decode_step(model, cache, state: DecodeState, cfg: bool,
     prev = state.t - 1
     pos = state.base + prev
     h = model.decode_step(emb, pos, cache, state.slot0 + prev, (pos + 1).to(torch.int32), None)
-    tok = pick(h, state.step_seeds.index_select(0, state.t).view(-1))
+    picked = pick(h, state.step_seeds.index_select(0, state.t).view(-1))
+    if state.lp is not None:
+        tok, lp = picked
+        state.lp.index_copy_(1, state.t, lp[:, None])
+    else:
+        tok = picked
     state.out.index_copy_(1, state.t, tok[:, None])
     state.tok.copy_(tok)
     state.t.add_(1)
@@ -106,22 +118,26 @@ class StaticDecode:
         self._cache.clear()
 
     def run(self, key: tuple, model, cache, cfg: bool, pick, first: torch.Tensor, base: torch.Tensor,
-            slot0: torch.Tensor, step_seeds: torch.Tensor, on_step: Callable[[], None] | None = None
-            ) -> torch.Tensor:
-        """Decode codes ``1..T-1`` of one wave -> int64 ``[R, T]`` (a fresh tensor).
+            slot0: torch.Tensor, step_seeds: torch.Tensor, on_step: Callable[[], None] | None = None,
+            first_lp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Decode codes ``1..T-1`` of one wave -> (int64 ``[R, T]`` codes, float32 ``[R, T]``
+        log-probs or None), fresh tensors.
 
         ``key`` must change whenever anything the step bakes in changes (shapes, cache view,
-        sampling settings); ``first`` ``[R]`` is code 0, ``step_seeds`` ``[T, R]``.
+        sampling settings, whether log-probs are recorded); ``first`` ``[R]`` is code 0 and
+        ``first_lp`` its log-prob (given iff ``pick`` returns log-probs), ``step_seeds`` ``[T, R]``.
         """
         R, T = step_seeds.shape[1], step_seeds.shape[0]
         entry = self._cache.get(key)
         if entry is None:
-            state = DecodeState.empty(R, base.shape[0], T, first.device)
+            state = DecodeState.empty(R, base.shape[0], T, first.device, with_lp=first_lp is not None)
             entry = (state, None)
         else:
             self._cache.move_to_end(key)
         state, graph = entry
-        state.load(first, base, slot0, step_seeds)
+        if (state.lp is None) != (first_lp is None):
+            raise ValueError("StaticDecode.run: the graph key must say whether log-probs are recorded")
+        state.load(first, base, slot0, step_seeds, first_lp)
 
         def step() -> None:
             decode_step(model, cache, state, cfg, pick)
@@ -143,7 +159,7 @@ class StaticDecode:
                 step()
             if on_step is not None:
                 on_step()
-        return state.out.clone()
+        return state.out.clone(), None if state.lp is None else state.lp.clone()
 
     @staticmethod
     def _capture(step: Callable[[], None]) -> torch.cuda.CUDAGraph:

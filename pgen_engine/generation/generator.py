@@ -144,7 +144,8 @@ class Generator:
                  pixel_values: torch.Tensor | None = None, *, gen_code_mask=None, num_samples: int = 1,
                  guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  greedy: bool = False, seed: int | Sequence[int] | torch.Tensor = 0,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, return_logprobs: bool = False
+                 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate ``num_image_tokens`` VQ codes per sample.
 
         Args:
@@ -162,8 +163,13 @@ class Generator:
             seed: an int (prompt ``i`` gets request seed ``mix_seed(seed, i)``) or ``B`` ints
                 (request seeds used as given: results then do not depend on batch composition).
             progress: show a tqdm bar over decode steps.
+            return_logprobs: also return, per code, its log-probability under the
+                *conditional* distribution at ``temperature`` (``log_softmax(c / T)``, before
+                CFG and the top-k / top-p filters: what an RL objective differentiates),
+                computed inside the decode step (CUDA-graph safe). ``scheduler="waves"`` only.
         Returns:
-            int64 ``[B * num_samples, T]`` codes on the model's device.
+            int64 ``[B * num_samples, T]`` codes on the model's device; with
+            ``return_logprobs`` a pair ``(codes, float32 [B * num_samples, T] log-probs)``.
         """
         prompts = self._parse_prompts(input_ids, attention_mask, gen_code_mask)
         B = len(prompts)
@@ -182,7 +188,11 @@ class Generator:
         if longest + T > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {T} image tokens exceeds max_seq_len={self.max_seq_len}")
         out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
+        out_lp = torch.empty((B * num_samples, T), dtype=torch.float32, device=self.model.device) \
+            if return_logprobs else None
         if self.scheduler == "continuous":
+            if return_logprobs:
+                raise ValueError("return_logprobs needs scheduler='waves'")
             return self._generate_continuous(prompts, pixel_chunks, req_seeds, num_samples, float(guidance_scale),
                                              float(temperature), top_k, float(top_p), bool(greedy), progress, out)
         waves = list(self._plan_waves(prompts, num_samples))
@@ -195,15 +205,18 @@ class Generator:
             bar = tqdm(total=len(waves) * T, desc="generate", unit="tok")
         try:
             for wave in waves:
-                toks = self._run_wave(wave, prompts, pixel_chunks, req_seeds, float(guidance_scale), float(temperature),
-                                      top_k, float(top_p), bool(greedy), bar)
+                toks, lps = self._run_wave(wave, prompts, pixel_chunks, req_seeds, float(guidance_scale),
+                                           float(temperature), top_k, float(top_p), bool(greedy), bar,
+                                           return_logprobs)
                 rows = torch.cat([torch.arange(it.prompt * num_samples + it.first,
                                                it.prompt * num_samples + it.first + it.count) for it in wave])
                 out[rows.to(out.device)] = toks
+                if out_lp is not None:
+                    out_lp[rows.to(out.device)] = lps
         finally:
             if bar is not None:
                 bar.close()
-        return out
+        return (out, out_lp) if return_logprobs else out
 
     def _generate_continuous(self, prompts, pixel_chunks, req_seeds, num_samples, s, temperature, top_k, top_p,
                              greedy, progress, out) -> torch.Tensor:
@@ -396,16 +409,21 @@ class Generator:
         return h[:, -1]
 
     def _pick(self, hidden: torch.Tensor, R: int, seeds: torch.Tensor, s: float, temperature: float, top_k: int,
-              top_p: float, greedy: bool) -> torch.Tensor:
+              top_p: float, greedy: bool, with_logprobs: bool = False):
         """hidden ``[R or 2R, H]`` (cond rows, then their uncond partners with CFG) -> int64 ``[R]``
-        tokens: argmax of the CFG-mixed logits, or one seeded draw per row (``seeds`` ``[R]``)."""
+        tokens: argmax of the CFG-mixed logits, or one seeded draw per row (``seeds`` ``[R]``).
+        With ``with_logprobs`` -> ``(tokens, float32 [R] log_softmax(cond / temperature)[token])``."""
         logits = self.model.image_head_logits(hidden).float()
         cfg = hidden.shape[0] == 2 * R
         c, u = (logits[:R], logits[R:]) if cfg else (logits, None)
         if greedy:
-            return (c if u is None else u + (c - u) * s).argmax(-1)
-        return sample(c, uncond_logits=u, guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seeds, backend=self.sample_backend)
+            tok = (c if u is None else u + (c - u) * s).argmax(-1)
+        else:
+            tok = sample(c, uncond_logits=u, guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
+                         seed=seeds, backend=self.sample_backend)
+        if not with_logprobs:
+            return tok
+        return tok, torch.log_softmax(c / temperature, dim=-1).gather(1, tok[:, None]).squeeze(1)
 
     @staticmethod
     def _copy_rows(cache: KVCache, src: list[int], dst: list[int], length: int) -> None:
@@ -419,7 +437,9 @@ class Generator:
             view.index_copy_(0, d, view.index_select(0, s))
 
     def _run_wave(self, wave: list[_WaveItem], prompts: list[_Prompt], pixel_chunks, req_seeds: torch.Tensor,
-                  s: float, temperature: float, top_k: int, top_p: float, greedy: bool, bar) -> torch.Tensor:
+                  s: float, temperature: float, top_k: int, top_p: float, greedy: bool, bar,
+                  want_lp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prefill and decode one wave -> codes int64 ``[R, T]`` and (``want_lp``) log-probs ``[R, T]``."""
         t_start = time.perf_counter()
         m = self.model
         dev = m.device
@@ -488,22 +508,30 @@ class Generator:
         sample_seeds = mix_seed(req_seeds[row_prompt], torch.tensor(row_sample, dtype=torch.long))
         step_seeds = mix_seed(sample_seeds[None, :], torch.arange(T, dtype=torch.long)[:, None]).to(dev)  # [T,R]
         out = torch.empty((R, T), dtype=torch.long, device=dev)
+        out_lp = torch.empty((R, T), dtype=torch.float32, device=dev) if want_lp else None
+
+        def pick_any(hidden: torch.Tensor, seeds: torch.Tensor):
+            return self._pick(hidden, R, seeds, s, temperature, top_k, top_p, greedy, want_lp)
 
         def pick(hidden: torch.Tensor, t: int) -> torch.Tensor:
-            return self._pick(hidden, R, step_seeds[t], s, temperature, top_k, top_p, greedy)
+            picked = pick_any(hidden, step_seeds[t])
+            if not want_lp:
+                return picked
+            out_lp[:, t] = picked[1]
+            return picked[0]
 
         tok = pick(h_rows, 0)
         if bar is not None:
             bar.update(1)
         if self.decode_mode != "eager":
-            key = (rows, R, L, cache.layout, cfg, s, temperature, top_k, top_p, greedy, self._weights_key())
-            out = self._static.run(key, m, cache, cfg,
-                                   lambda hid, sd: self._pick(hid, R, sd, s, temperature, top_k, top_p, greedy),
-                                   tok, base, slot0, step_seeds, None if bar is None else lambda: bar.update(1))
+            key = (rows, R, L, cache.layout, cfg, s, temperature, top_k, top_p, greedy, want_lp, self._weights_key())
+            out, lps = self._static.run(key, m, cache, cfg, pick_any, tok, base, slot0, step_seeds,
+                                        None if bar is None else lambda: bar.update(1),
+                                        first_lp=None if out_lp is None else out_lp[:, 0])
             self._sync()
             self.last_stats["prefill_s"] += t_prefill - t_start
             self.last_stats["decode_s"] += time.perf_counter() - t_prefill
-            return out
+            return out, lps
         out[:, 0] = tok
         for t in range(1, T):
             emb = m.embed_image_codes(tok)
@@ -518,7 +546,7 @@ class Generator:
         self._sync()
         self.last_stats["prefill_s"] += t_prefill - t_start
         self.last_stats["decode_s"] += time.perf_counter() - t_prefill
-        return out
+        return out, out_lp
 
     def _weights_key(self) -> tuple[int, ...]:
         # A captured graph reads parameters at fixed addresses: re-capture if any moved.

@@ -13,17 +13,12 @@ One RL step switches the same parameters between two uses:
    reloaded — so the update phase sees exactly the training layout again.
 2. **update** — ordinary ZeRO-3 training forwards/backwards (:mod:`.rl`).
 
-Rollout log-probs: the Generator samples from the CFG-mixed distribution; the hybrid
-engine records, at every step, the *conditional* logits the Generator computed and
-returns ``log_softmax(cond_logits / temperature)`` of the sampled tokens. That is the
-distribution the GRPO ratio uses (see :mod:`.grpo`); comparing it with the trainer's
-recomputation (``forward_train`` + ``image_token_logprobs``) gives the logged
+Rollout log-probs: the Generator samples from the CFG-mixed distribution and, with
+``return_logprobs=True``, also returns ``log_softmax(cond_logits / temperature)`` of each
+sampled token, computed inside its decode step (so rollouts keep the CUDA-graph decode on
+GPUs). That is the distribution the GRPO ratio uses (see :mod:`.grpo`); comparing it with
+the trainer's recomputation (``forward_train`` + ``image_token_logprobs``) gives the logged
 ``logprob_gap``.
-
-The recording works through a thin proxy around the model that the Generator drives
-(``image_head_logits`` to get logits, ``embed_image_codes`` to feed the sampled token
-back); the proxy checks that the tokens it saw are exactly the returned ones, so a
-change in the Generator's call pattern fails loudly instead of corrupting log-probs.
 """
 from __future__ import annotations
 
@@ -32,7 +27,6 @@ import dataclasses
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .memory_ledger import MemoryLedger, module_param_bytes, optimizer_state_bytes
 
@@ -88,56 +82,6 @@ def gathered_module(module: torch.nn.Module, engine=None) -> Iterator[torch.nn.M
 
 
 # ----------------------------------------------------------------------------- log-prob recording
-class _RecordingModel:
-    """Delegates to a JanusModel; records the conditional log-prob of each sampled token.
-
-    The Generator calls ``image_head_logits(hidden)`` for the rows of one step (the first
-    half are conditional rows when CFG is on) and then ``embed_image_codes(tokens [R])``
-    with the tokens it drew; the second call tells us which entries to keep, so only
-    ``[R]`` values per step are stored, never ``[R, T, K]`` logits.
-    """
-
-    def __init__(self, model, *, cfg: bool, temperature: float):
-        self._model = model
-        self._cfg = cfg
-        self._temperature = temperature
-        self._pending: torch.Tensor | None = None
-        self.logprobs: list[torch.Tensor] = []
-        self.tokens: list[torch.Tensor] = []
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def image_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self._model.image_head_logits(hidden)
-        rows = logits.shape[0] // 2 if self._cfg else logits.shape[0]
-        self._pending = F.log_softmax(logits[:rows].float() / self._temperature, dim=-1)
-        return logits
-
-    def embed_image_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if self._pending is not None and codes.ndim == 1 and codes.shape[0] == self._pending.shape[0]:
-            self._take(codes)
-        return self._model.embed_image_codes(codes)
-
-    def _take(self, tokens: torch.Tensor) -> None:
-        self.logprobs.append(self._pending.gather(1, tokens[:, None].to(self._pending.device)).squeeze(1))
-        self.tokens.append(tokens.clone())
-        self._pending = None
-
-    def finish(self, out: torch.Tensor) -> torch.Tensor:
-        """Close the last step with the returned tokens ``out [R,T]``; -> log-probs ``[R,T]`` fp32."""
-        T = out.shape[1]
-        if self._pending is None or len(self.logprobs) != T - 1:
-            raise RuntimeError(f"rollout log-prob recording saw {len(self.logprobs)} fed-back steps for T={T}; the "
-                               f"Generator's call pattern (image_head_logits -> embed_image_codes) changed")
-        self._take(out[:, -1])
-        toks = torch.stack(self.tokens, 1)
-        if not torch.equal(toks.to(out.device), out):
-            raise RuntimeError("rollout log-prob recording: recorded tokens differ from the Generator's output "
-                               "(row order or call pattern changed)")
-        return torch.stack(self.logprobs, 1)
-
-
 # ----------------------------------------------------------------------------- rollout
 @dataclasses.dataclass
 class SamplingParams:
@@ -243,31 +187,26 @@ class HybridEngine:
         was_training = m.training
         T = m.num_image_tokens
         max_len = self.max_seq_len or (max(len(p) for p in prompts) + T)
-        cfg = float(params.guidance_scale) != 1.0
         toks, lps = [], []
         kv_bytes = gathered = 0
         with self._optimizer_states_off_device(), gathered_module(m, self.engine):
             gathered = module_param_bytes(m)
             m.eval()
             try:
-                # eager decode: _RecordingModel records log-probs in Python at every step, which a
-                # replayed CUDA graph would skip
                 gen = Generator(m, max_batch_size=min(self.max_batch_size, per_call * G), max_seq_len=max_len,
-                                uncond_mode=params.uncond_mode, sample_backend=self.sample_backend,
-                                decode_mode="eager")
+                                uncond_mode=params.uncond_mode, sample_backend=self.sample_backend)
                 kv_bytes = gen.cache_nbytes()
                 for lo in range(0, B, per_call):
                     hi = min(B, lo + per_call)
-                    rec = _RecordingModel(m, cfg=cfg, temperature=float(params.temperature))
-                    gen.model = rec
-                    out = gen.generate([list(p) for p in prompts[lo:hi]], None,
+                    out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None,
                                        gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
                                        num_samples=G, guidance_scale=float(params.guidance_scale),
                                        temperature=float(params.temperature), top_k=int(params.top_k),
-                                       top_p=float(params.top_p), seed=[int(s) for s in seeds[lo:hi]])
-                    lps.append(rec.finish(out))
+                                       top_p=float(params.top_p), seed=[int(s) for s in seeds[lo:hi]],
+                                       return_logprobs=True)
+                    lps.append(lp)
                     toks.append(out)
-                del gen, rec  # drops the KV cache before the update phase
+                del gen  # drops the KV cache (and captured graphs) before the update phase
             finally:
                 m.train(was_training)
             if self.ledger is not None:

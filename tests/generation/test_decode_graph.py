@@ -153,3 +153,34 @@ def test_decode_mode_validation(model):
         Generator(model, decode_mode="fast")
     with pytest.raises(ValueError, match="needs a CUDA model"):
         Generator(model, decode_mode="graph")
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=12, top_p=0.9, temperature=0.7, guidance_scale=5.0),
+                                dict(greedy=True, guidance_scale=1.0, temperature=1.3)])
+def test_logprobs_are_recorded_inside_the_step(model, monkeypatch, kw):
+    """return_logprobs: same codes as without, identical log-probs from eager, static and
+    (recorded) graph decode, and each equals log_softmax(cond logits / T) of its code."""
+    monkeypatch.setattr(dg.StaticDecode, "_capture", staticmethod(_Recorder.capture))
+    rows, px = _prompts(model, [3, 9, 1], seed=4, images=(1, 0))
+    S = max(map(len, rows))
+    gens = {m: Generator(model, max_batch_size=4, max_seq_len=S + model.num_image_tokens, decode_mode=m)
+            for m in ("eager", "static")}
+    gens["graph"] = Generator(model, max_batch_size=4, max_seq_len=S + model.num_image_tokens, decode_mode="static")
+    gens["graph"]._static = dg.StaticDecode(graphs=True)
+    plain = gens["eager"].generate(rows, pixel_values=px, num_samples=2, seed=3, **kw)
+    got = {m: g.generate(rows, pixel_values=px, num_samples=2, seed=3, return_logprobs=True, **kw)
+           for m, g in gens.items()}
+    for m, (codes, lp) in got.items():
+        assert torch.equal(codes, plain), m
+        assert lp.dtype == torch.float32 and lp.shape == codes.shape and bool((lp <= 0).all()), m
+        assert torch.equal(lp, got["eager"][1]), m
+    # teacher-forced reference for sample 0 of prompt 1 (a text-only prompt)
+    codes, lp = got["eager"]
+    r = 2
+    ids = torch.tensor([rows[1]])
+    with torch.no_grad():
+        logits = model.image_logits(ids, codes[r:r + 1])  # [1, T, K] conditional logits
+    ref = torch.log_softmax(logits.float() / kw["temperature"], -1).gather(2, codes[r:r + 1, :, None])[0, :, 0]
+    torch.testing.assert_close(lp[r], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="return_logprobs needs scheduler='waves'"):
+        Generator(model, scheduler="continuous").generate(rows[1:2], return_logprobs=True)
