@@ -2,7 +2,8 @@
 
     python -m pytest benchmarks/test_bench_generation.py -q -s
     PGEN_BENCH_GEOMETRY=all python -m pytest benchmarks/test_bench_generation.py -q -s
-    (GPU: see benchmarks/README.md; knobs PGEN_BENCH_{GEOMETRY,BATCHES,DEVICE,DTYPE,ROUNDS,PROMPT_LEN})
+    (knobs PGEN_BENCH_{GEOMETRY,BATCHES,DEVICE,DTYPE,ROUNDS,PROMPT_LEN}; the GPU suite with CUDA-graph
+    decode and the Janus-Pro-1B geometry is benchmarks/gpu_generation.py, see benchmarks/README.md)
 
 Same random checkpoint and prompts for both: hidden 256, 4 layers, 4 heads, 64 image
 tokens (image 64 px, patch 8), 128-token prompts, CFG 5 (pad unconditional prompt),
