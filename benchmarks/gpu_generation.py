@@ -36,6 +36,8 @@ import pgen_engine as pg
 from pgen_engine.generation import Generator
 from pgen_engine.models.tiny import make_tiny_checkpoint, tiny_janus_config
 
+from benchmarks.test_bench_generation import _LMTimer, _lm_params
+
 GUIDANCE, TOP_K, TOP_P = 5.0, 100, 0.95
 JANUS_PRO_1B = dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16, intermediate_size=5504,
                     vocab_size=102400, image_size=384, patch_size=16, codebook_size=16384,
@@ -49,12 +51,6 @@ PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 225
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _lm_params(model) -> int:
-    parts = (model.language_model, model.generation_head, model.generation_aligner)
-    # the token-embedding table is a lookup, not matrix work
-    return sum(p.numel() for m in parts for p in m.parameters()) - model.language_model.embed_tokens.weight.numel()
 
 
 def _peak(dev: torch.device) -> float | None:
@@ -166,8 +162,6 @@ def _time_pgen(gen: Generator, ids: torch.Tensor, rounds: int) -> dict:
 
 
 def _time_hf(hf, ids: torch.Tensor) -> dict:
-    from benchmarks.test_bench_generation import _LMTimer
-
     dev = ids.device
     with torch.inference_mode():  # warm-up: one short forward (a full generate would take minutes)
         hf.model.language_model(input_ids=ids[:1, :8])

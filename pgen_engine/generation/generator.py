@@ -187,12 +187,12 @@ class Generator:
         longest = max(len(p.ids) for p in prompts)
         if longest + T > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {T} image tokens exceeds max_seq_len={self.max_seq_len}")
+        if return_logprobs and self.scheduler == "continuous":
+            raise ValueError("return_logprobs needs scheduler='waves'")
         out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
         out_lp = torch.empty((B * num_samples, T), dtype=torch.float32, device=self.model.device) \
             if return_logprobs else None
         if self.scheduler == "continuous":
-            if return_logprobs:
-                raise ValueError("return_logprobs needs scheduler='waves'")
             return self._generate_continuous(prompts, pixel_chunks, req_seeds, num_samples, float(guidance_scale),
                                              float(temperature), top_k, float(top_p), bool(greedy), progress, out)
         waves = list(self._plan_waves(prompts, num_samples))
@@ -524,25 +524,26 @@ class Generator:
         if bar is not None:
             bar.update(1)
         if self.decode_mode != "eager":
-            key = (rows, R, L, cache.layout, cfg, s, temperature, top_k, top_p, greedy, want_lp, self._weights_key())
-            out, lps = self._static.run(key, m, cache, cfg, pick_any, tok, base, slot0, step_seeds,
-                                        None if bar is None else lambda: bar.update(1),
-                                        first_lp=None if out_lp is None else out_lp[:, 0])
-            self._sync()
-            self.last_stats["prefill_s"] += t_prefill - t_start
-            self.last_stats["decode_s"] += time.perf_counter() - t_prefill
-            return out, lps
-        out[:, 0] = tok
-        for t in range(1, T):
-            emb = m.embed_image_codes(tok)
-            if cfg:
-                emb = torch.cat([emb, emb])
-            pos = base + (t - 1)
-            h = m.decode_step(emb, pos, cache, slot0 + (t - 1), (pos + 1).to(torch.int32), None)
-            tok = pick(h, t)
-            out[:, t] = tok
-            if bar is not None:
-                bar.update(1)
+            # a graph bakes in shapes, sampling settings and parameter addresses
+            key = (rows, R, L, cache.layout, cfg, s, temperature, top_k, top_p, greedy, want_lp,
+                   self._weights_key() if self._static.graphs else None)
+            out, out_lp = self._static.run(key, m, cache, cfg, pick_any, tok, base, slot0, step_seeds,
+                                           None if bar is None else lambda: bar.update(1),
+                                           first_lp=None if out_lp is None else out_lp[:, 0])
+        else:
+            # the same step as decode_graph.decode_step with a host-side t: on CPU the
+            # device-side counter's index ops cost more than the C++ step saves
+            out[:, 0] = tok
+            for t in range(1, T):
+                emb = m.embed_image_codes(tok)
+                if cfg:
+                    emb = torch.cat([emb, emb])
+                pos = base + (t - 1)
+                h = m.decode_step(emb, pos, cache, slot0 + (t - 1), (pos + 1).to(torch.int32), None)
+                tok = pick(h, t)
+                out[:, t] = tok
+                if bar is not None:
+                    bar.update(1)
         self._sync()
         self.last_stats["prefill_s"] += t_prefill - t_start
         self.last_stats["decode_s"] += time.perf_counter() - t_prefill

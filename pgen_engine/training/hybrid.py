@@ -81,7 +81,6 @@ def gathered_module(module: torch.nn.Module, engine=None) -> Iterator[torch.nn.M
                 po._register_deepspeed_module(po.module)
 
 
-# ----------------------------------------------------------------------------- log-prob recording
 # ----------------------------------------------------------------------------- rollout
 @dataclasses.dataclass
 class SamplingParams:

@@ -14,6 +14,7 @@ import pgen_engine as pg
 from pgen_engine.generation import Generator
 from pgen_engine.generation import decode_graph as dg
 from pgen_engine.models.tiny import make_tiny_checkpoint
+from tests.generation._host_sync import forbid_host_reads
 
 SPECIAL = pg.SpecialTokens.builtin()
 
@@ -129,18 +130,8 @@ def test_static_loop_never_synchronises_with_the_host(model, monkeypatch):
         finally:
             trap["on"] = False
 
-    def guard(name):
-        orig = getattr(torch.Tensor, name)
-
-        def f(self, *a, **k):
-            if trap["on"]:
-                raise AssertionError(f"host sync: Tensor.{name} inside the static decode step")
-            return orig(self, *a, **k)
-        return f
-
     monkeypatch.setattr(dg, "decode_step", step)
-    for name in ("item", "__bool__", "__int__", "__float__", "tolist", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    forbid_host_reads(monkeypatch, lambda: trap["on"], "inside the static decode step")
     out = g.generate([[SPECIAL.bos, 40, 41, SPECIAL.boi]], num_samples=3, top_k=5, top_p=0.9, seed=2)
     assert out.shape == (3, model.num_image_tokens)
     assert trap["steps"] == model.num_image_tokens - 1
