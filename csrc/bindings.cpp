@@ -1,4 +1,4 @@
-// pybind11 module pgen_engine._C. Only the glue units (this file, decode_ops.cpp and
+// pybind11 module pgen_engine._C. Only the glue units (this file, decode_ops.cpp, decode_loop.cpp and
 // cuda_ops.cpp) include torch; the cores in csrc/ are plain C++ so they compile fast and can
 // be unit-checked alone.
 #include <torch/extension.h>
@@ -14,7 +14,8 @@
 namespace py = pybind11;
 
 namespace pgen {
-void register_decode_ops(py::module_& m);  // csrc/decode_ops.cpp
+void register_decode_ops(py::module_& m);   // csrc/decode_ops.cpp
+void register_decode_loop(py::module_& m);  // csrc/decode_loop.cpp
 #ifdef PGEN_WITH_CUDA
 void register_cuda_ops(py::module_& m);  // csrc/cuda_ops.cpp
 #endif
@@ -221,6 +222,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                              py::return_value_policy::reference_internal);
 
   pgen::register_decode_ops(m);
+  pgen::register_decode_loop(m);
 #ifdef PGEN_WITH_CUDA
   pgen::register_cuda_ops(m);
 #endif

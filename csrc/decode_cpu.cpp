@@ -227,7 +227,8 @@ void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, c
 void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
                           int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
-                          const int32_t* prefix_len, float scale, float* out, int64_t row0) {
+                          const int32_t* prefix_len, float scale, float* out, int64_t row0,
+                          const int64_t* own_rows) {
   const int64_t G = Hq / Hkv;
   (void)cache_rows;
   // (row, kv head) items in row-major order: rows sharing a prefix are usually adjacent, so
@@ -247,7 +248,7 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
         std::fill(ob, ob + G * D, 0.0f);
         continue;
       }
-      const int64_t own = row0 + b;
+      const int64_t own = own_rows ? own_rows[b] : row0 + b;
       const int64_t src = prefix_row ? prefix_row[b] : own;
       const int64_t plen = prefix_row ? std::min<int64_t>(prefix_len[b], n) : 0;
       attend_item_any(qb, k_cache + (src * Hkv + h) * L * D, v_cache + (src * Hkv + h) * L * D,

@@ -10,13 +10,12 @@
 #include <vector>
 
 #include "decode_cpu.h"
+#include "decode_stack.h"
 
 namespace py = pybind11;
 
 namespace pgen {
 namespace {
-
-constexpr int kPerLayer = 9;  // ln1, q, k, v, o, ln2, gate, up, down
 
 void check_f32(const torch::Tensor& t, const std::string& name, std::vector<int64_t> shape) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32,
@@ -34,6 +33,96 @@ void check_i32_rows(const torch::Tensor& t, const char* name, int64_t B) {
               "], got ", t.scalar_type(), " ", t.sizes());
 }
 
+}  // namespace
+
+DecodeStack check_stack(const char* fn, const std::vector<torch::Tensor>& weights,
+                        const torch::Tensor& final_norm, const std::vector<torch::Tensor>& k_caches,
+                        const std::vector<torch::Tensor>& v_caches, int64_t num_heads,
+                        int64_t num_kv_heads, double eps, double scale) {
+  TORCH_CHECK(final_norm.dim() == 1, fn, ": final norm weight must be [H], got ", final_norm.sizes());
+  DecodeStack st;
+  st.H = final_norm.size(0);  // H from the model, not the input
+  st.layers = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(st.layers >= 1 && static_cast<int64_t>(v_caches.size()) == st.layers &&
+                  static_cast<int64_t>(weights.size()) == kWeightsPerLayer * st.layers,
+              fn, ": expected ", kWeightsPerLayer, " weights per layer and one K and V cache per "
+              "layer, got ", weights.size(), " weights, ", k_caches.size(), " K and ", v_caches.size(),
+              " V caches");
+  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
+              fn, ": num_heads (", num_heads, ") must be a multiple of num_kv_heads (", num_kv_heads, ")");
+  const torch::Tensor& k0 = k_caches[0];
+  TORCH_CHECK(k0.dim() == 4, fn, ": caches must be head-major [rows, Hkv, L, D], got ", k0.sizes());
+  st.rows = k0.size(0);
+  st.L = k0.size(2);
+  st.D = k0.size(3);
+  TORCH_CHECK(k0.size(1) == num_kv_heads, fn, ": cache has ", k0.size(1), " KV heads, config says ",
+              num_kv_heads);
+  TORCH_CHECK(st.D % 2 == 0 && st.D <= 1024, fn, ": head_dim must be even and <= 1024, got ", st.D);
+  st.Hq = num_heads;
+  st.Hkv = num_kv_heads;
+  TORCH_CHECK(weights[6].dim() == 2, fn, ": layer 0 gate_proj.weight must be 2-D, got ", weights[6].sizes());
+  st.I = weights[6].size(0);
+  const int64_t H = st.H, Hq = st.Hq, Hkv = st.Hkv, D = st.D, I = st.I;
+  const std::string f = fn;
+  check_f32(final_norm, f + ": final norm weight", {H});
+  for (int64_t l = 0; l < st.layers; ++l) {
+    const std::string p = f + ": layer " + std::to_string(l) + " ";
+    const torch::Tensor* w = &weights[kWeightsPerLayer * l];
+    check_f32(w[0], p + "input_layernorm.weight", {H});
+    check_f32(w[1], p + "q_proj.weight", {Hq * D, H});
+    check_f32(w[2], p + "k_proj.weight", {Hkv * D, H});
+    check_f32(w[3], p + "v_proj.weight", {Hkv * D, H});
+    check_f32(w[4], p + "o_proj.weight", {H, Hq * D});
+    check_f32(w[5], p + "post_attention_layernorm.weight", {H});
+    check_f32(w[6], p + "gate_proj.weight", {I, H});
+    check_f32(w[7], p + "up_proj.weight", {I, H});
+    check_f32(w[8], p + "down_proj.weight", {H, I});
+    check_f32(k_caches[l], p + "K cache", {st.rows, Hkv, st.L, D});
+    check_f32(v_caches[l], p + "V cache", {st.rows, Hkv, st.L, D});
+  }
+  st.weights = weights;
+  st.final_norm = final_norm;
+  st.k = k_caches;
+  st.v = v_caches;
+  st.eps = static_cast<float>(eps);
+  st.scale = static_cast<float>(scale);
+  return st;
+}
+
+void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* cos, const float* sin,
+               const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows,
+               const int32_t* prefix_row, const int32_t* prefix_len) {
+  // grad / inference mode are thread-local and workers do not inherit the caller's; in-place
+  // updates of the caller's (possibly inference) tensors are allowed inside InferenceMode
+  c10::InferenceMode inference;
+  SingleThreadedBlas blas;
+  const int64_t n = h.size(0), H = st.H, Hq = st.Hq, Hkv = st.Hkv, D = st.D;
+  torch::Tensor x = torch::empty_like(h);
+  torch::Tensor attn = torch::empty({n, Hq * D}, h.options());
+  for (int64_t l = 0; l < st.layers; ++l) {
+    const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
+    float* kc = st.k[l].data_ptr<float>();
+    float* vc = st.v[l].data_ptr<float>();
+    rms_norm_rows_f32(h.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
+    torch::Tensor q = torch::mm(x, w[1].t());
+    torch::Tensor k = torch::mm(x, w[2].t());
+    torch::Tensor v = torch::mm(x, w[3].t());
+    rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cos, sin, n, Hq,
+                        Hkv, D, kc, vc, st.rows, st.L, slot);
+    cached_attention_f32(q.data_ptr<float>(), kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen, prefix_row,
+                         prefix_len, st.scale, attn.data_ptr<float>(), 0, own_rows);
+    h.add_(torch::mm(attn, w[4].t()));
+    rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
+    torch::Tensor g = torch::mm(x, w[6].t());
+    torch::Tensor u = torch::mm(x, w[7].t());
+    silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
+    h.add_(torch::mm(g, w[8].t()));
+  }
+  rms_norm_rows_f32(h.data_ptr<float>(), st.final_norm.data_ptr<float>(), y, n, H, st.eps);
+}
+
+namespace {
+
 torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor& cos,
                                 const torch::Tensor& sin, const std::vector<torch::Tensor>& weights,
                                 const torch::Tensor& final_norm,
@@ -44,46 +133,13 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
                                 const c10::optional<torch::Tensor>& prefix_len, int64_t num_heads,
                                 int64_t num_kv_heads, double eps, double scale) {
   TORCH_CHECK(hidden.dim() == 2, "decode_layers_cpu: hidden must be [B, H], got ", hidden.sizes());
-  TORCH_CHECK(final_norm.dim() == 1, "decode_layers_cpu: final norm weight must be [H], got ",
-              final_norm.sizes());
-  const int64_t B = hidden.size(0), H = final_norm.size(0);  // H from the model, not the input
-  const int64_t nl = static_cast<int64_t>(k_caches.size());
-  TORCH_CHECK(nl >= 1 && static_cast<int64_t>(v_caches.size()) == nl &&
-                  static_cast<int64_t>(weights.size()) == kPerLayer * nl,
-              "decode_layers_cpu: expected ", kPerLayer, " weights per layer and one K and V cache per "
-              "layer, got ", weights.size(), " weights, ", k_caches.size(), " K and ", v_caches.size(),
-              " V caches");
-  TORCH_CHECK(num_heads > 0 && num_kv_heads > 0 && num_heads % num_kv_heads == 0,
-              "decode_layers_cpu: num_heads (", num_heads, ") must be a multiple of num_kv_heads (",
-              num_kv_heads, ")");
-  const torch::Tensor& k0 = k_caches[0];
-  TORCH_CHECK(k0.dim() == 4, "decode_layers_cpu: caches must be head-major [rows, Hkv, L, D], got ",
-              k0.sizes());
-  const int64_t rows = k0.size(0), L = k0.size(2), D = k0.size(3);
-  TORCH_CHECK(k0.size(1) == num_kv_heads, "decode_layers_cpu: cache has ", k0.size(1),
-              " KV heads, config says ", num_kv_heads);
-  TORCH_CHECK(D % 2 == 0 && D <= 1024, "decode_layers_cpu: head_dim must be even and <= 1024, got ", D);
+  const DecodeStack st = check_stack("decode_layers_cpu", weights, final_norm, k_caches, v_caches,
+                                     num_heads, num_kv_heads, eps, scale);
+  const int64_t B = hidden.size(0), H = st.H, D = st.D, rows = st.rows, L = st.L;
   TORCH_CHECK(rows >= B, "decode_layers_cpu: cache has ", rows, " rows for a batch of ", B);
-  const int64_t Hq = num_heads, Hkv = num_kv_heads, I = weights[6].size(0);
   check_f32(hidden, "hidden", {B, H});
   check_f32(cos, "cos", {B, D});
   check_f32(sin, "sin", {B, D});
-  check_f32(final_norm, "final norm weight", {H});
-  for (int64_t l = 0; l < nl; ++l) {
-    const std::string p = "layer " + std::to_string(l) + " ";
-    const torch::Tensor* w = &weights[kPerLayer * l];
-    check_f32(w[0], p + "input_layernorm.weight", {H});
-    check_f32(w[1], p + "q_proj.weight", {Hq * D, H});
-    check_f32(w[2], p + "k_proj.weight", {Hkv * D, H});
-    check_f32(w[3], p + "v_proj.weight", {Hkv * D, H});
-    check_f32(w[4], p + "o_proj.weight", {H, Hq * D});
-    check_f32(w[5], p + "post_attention_layernorm.weight", {H});
-    check_f32(w[6], p + "gate_proj.weight", {I, H});
-    check_f32(w[7], p + "up_proj.weight", {I, H});
-    check_f32(w[8], p + "down_proj.weight", {H, I});
-    check_f32(k_caches[l], p + "K cache", {rows, Hkv, L, D});
-    check_f32(v_caches[l], p + "V cache", {rows, Hkv, L, D});
-  }
   TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == torch::kInt64 &&
                   slot_mapping.dim() == 1 && slot_mapping.size(0) == B && slot_mapping.is_contiguous(),
               "decode_layers_cpu: slot_mapping must be a contiguous int64 CPU tensor of shape [", B,
@@ -119,6 +175,8 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
   py::gil_scoped_release no_gil;
   torch::Tensor h = hidden.clone();
   torch::Tensor y = torch::empty_like(h);
+  std::vector<int64_t> own(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) own[b] = b;
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
@@ -127,37 +185,9 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
   // thread takes a group of rows through every layer: one fork per step instead of one per
   // op, and the BLAS calls inside run single-threaded on their group.
   auto run_rows = [&](int64_t b0, int64_t b1) {
-    // grad / inference mode are thread-local and workers do not inherit the caller's; in-place
-    // updates of the caller's (possibly inference) tensors are allowed inside InferenceMode
-    c10::InferenceMode inference;
-    const int64_t n = b1 - b0;
-    torch::Tensor hb = h.narrow(0, b0, n);
-    torch::Tensor x = torch::empty_like(hb);
-    torch::Tensor attn = torch::empty({n, Hq * D}, h.options());
-    for (int64_t l = 0; l < nl; ++l) {
-      const torch::Tensor* w = &weights[kPerLayer * l];
-      rms_norm_rows_f32(hb.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), n, H,
-                        static_cast<float>(eps));
-      torch::Tensor q = torch::mm(x, w[1].t());
-      torch::Tensor k = torch::mm(x, w[2].t());
-      torch::Tensor v = torch::mm(x, w[3].t());
-      rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), c + b0 * D,
-                          s + b0 * D, n, Hq, Hkv, D, k_caches[l].data_ptr<float>(),
-                          v_caches[l].data_ptr<float>(), rows, L, slots + b0);
-      cached_attention_f32(q.data_ptr<float>(), k_caches[l].data_ptr<float>(),
-                           v_caches[l].data_ptr<float>(), n, Hq, Hkv, D, rows, L, lens + b0,
-                           prow ? prow + b0 : nullptr, plen ? plen + b0 : nullptr,
-                           static_cast<float>(scale), attn.data_ptr<float>(), b0);
-      hb.add_(torch::mm(attn, w[4].t()));
-      rms_norm_rows_f32(hb.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), n, H,
-                        static_cast<float>(eps));
-      torch::Tensor g = torch::mm(x, w[6].t());
-      torch::Tensor u = torch::mm(x, w[7].t());
-      silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
-      hb.add_(torch::mm(g, w[8].t()));
-    }
-    rms_norm_rows_f32(hb.data_ptr<float>(), final_norm.data_ptr<float>(),
-                      y.data_ptr<float>() + b0 * H, n, H, static_cast<float>(eps));
+    run_stack(st, h.narrow(0, b0, b1 - b0), y.data_ptr<float>() + b0 * H, c + b0 * D, s + b0 * D,
+              slots + b0, lens + b0, own.data() + b0, prow ? prow + b0 : nullptr,
+              plen ? plen + b0 : nullptr);
   };
   const int64_t groups = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
   at::parallel_for(0, B, (B + groups - 1) / groups, run_rows);

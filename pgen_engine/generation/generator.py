@@ -41,6 +41,7 @@ from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
+from . import decode_cpu
 from .decode_graph import StaticDecode, resolve_decode_mode
 
 UNCOND_MODES = ("pad", "short")
@@ -530,6 +531,12 @@ class Generator:
             out, out_lp = self._static.run(key, m, cache, cfg, pick_any, tok, base, slot0, step_seeds,
                                            None if bar is None else lambda: bar.update(1),
                                            first_lp=None if out_lp is None else out_lp[:, 0])
+        elif decode_cpu.applies(m, cache):
+            # float32 CPU: the whole loop in one C++ call (no per-step Python)
+            out[:, 0] = tok
+            decode_cpu.run_decode_loop(m, cache, cfg, out, out_lp, step_seeds, base, slot0, guidance_scale=s,
+                                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                                       progress=None if bar is None else bar.update)
         else:
             # the same step as decode_graph.decode_step with a host-side t: on CPU the
             # device-side counter's index ops cost more than the C++ step saves

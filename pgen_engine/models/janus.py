@@ -39,6 +39,7 @@ class AlignerMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.hidden_layers = nn.ModuleList(nn.Linear(out_dim, out_dim) for _ in range(1, depth))
+        self.act_name = act  # the config's name (the C++ CPU decode loop applies it by name)
         self.activation_fn = _act(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +55,7 @@ class GenerationHead(nn.Module):
     def __init__(self, hidden: int, proj: int, codebook: int, act: str):
         super().__init__()
         self.proj_out = nn.Linear(hidden, proj)
+        self.act_name = act  # the config's name (the C++ CPU decode loop applies it by name)
         self.activation_fn = _act(act)
         self.vision_head = nn.Linear(proj, codebook)
 

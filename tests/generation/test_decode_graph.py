@@ -164,7 +164,10 @@ def test_logprobs_are_recorded_inside_the_step(model, monkeypatch, kw):
     for m, (codes, lp) in got.items():
         assert torch.equal(codes, plain), m
         assert lp.dtype == torch.float32 and lp.shape == codes.shape and bool((lp <= 0).all()), m
-        assert torch.equal(lp, got["eager"][1]), m
+        # eager runs the C++ wave loop on CPU (rows grouped per thread differently from the
+        # static step's decode_layers_cpu): sums may round in another order
+        torch.testing.assert_close(lp, got["eager"][1], rtol=1e-5, atol=1e-5, msg=m)
+    assert torch.equal(got["graph"][1], got["static"][1])  # the same step, recorded
     # teacher-forced reference for sample 0 of prompt 1 (a text-only prompt)
     codes, lp = got["eager"]
     r = 2

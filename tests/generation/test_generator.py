@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pgen_engine as pg
-from pgen_engine.generation import Generator
+from pgen_engine.generation import Generator, decode_cpu
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from tests.generation._host_sync import forbid_host_reads
 
@@ -308,8 +308,10 @@ def test_generate_images_decodes_each_row(peaky):
 
 
 def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
-    """Once decoding starts, no tensor is read back to Python (item/bool/int/tolist/numpy)."""
+    """Once decoding starts, no tensor is read back to Python (item/bool/int/tolist/numpy).
+    (The Python loop; on CPU the C++ wave loop replaces it, see the next test.)"""
     model, _ = peaky
+    monkeypatch.setattr(decode_cpu, "applies", lambda *a: False)
     g = Generator(model, max_batch_size=3, max_seq_len=32)  # 4 rows -> 2 waves
     trap = {"on": False, "calls": 0}
     real_step = model.decode_step
@@ -338,6 +340,7 @@ def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
         trap["on"] = False
     assert trap["calls"] == 3 * (model.num_image_tokens - 1)
     assert out.shape == (4, model.num_image_tokens) and out_greedy.shape == (1, model.num_image_tokens)
+
 
 
 # ---------------------------------------------------------------------------- continuous batching

@@ -1,0 +1,252 @@
+// The decode loop of one generation wave on CPU (float32), whole in C++: for each step, embed
+// the previous codes (generation embedding + aligner), run the layer stack (decode_stack.h),
+// apply the generation head, then take the argmax of the CFG-mixed logits or draw with the CPU
+// sampler, and store the codes (and, optionally, their conditional log-probabilities).
+//
+// Why: on CPU a step of a small model is a few hundred microseconds of work, and the Python
+// loop around it (about 30 eager ops per step) costs as much again. Here a wave's rows are
+// split into one group per thread (a conditional row always with its unconditional partner,
+// so a group can mix and sample on its own); each thread runs all the steps of its group with
+// no synchronisation at all, because rows never interact while decoding. The ops outside the
+// layer stack are the same ATen calls the Python loop makes, so the results match it.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "decode_stack.h"
+#include "sampler_cpu.h"
+
+namespace py = pybind11;
+
+namespace pgen {
+namespace {
+
+enum class Act { kGelu, kGeluTanh, kSilu, kRelu };
+
+Act parse_act(const std::string& name, const char* what) {
+  if (name == "gelu") return Act::kGelu;
+  if (name == "gelu_pytorch_tanh") return Act::kGeluTanh;
+  if (name == "silu" || name == "swish") return Act::kSilu;
+  if (name == "relu") return Act::kRelu;
+  TORCH_CHECK(false, "decode_loop_cpu: unsupported ", what, " activation '", name,
+              "' (supported: gelu, gelu_pytorch_tanh, silu, swish, relu)");
+  return Act::kGelu;
+}
+
+torch::Tensor act(const torch::Tensor& x, Act a) {
+  switch (a) {
+    case Act::kGelu: return at::gelu(x);
+    case Act::kGeluTanh: return at::gelu(x, "tanh");
+    case Act::kSilu: return at::silu(x);
+    case Act::kRelu: return at::relu(x);
+  }
+  return x;
+}
+
+// nn.Linear as F.linear computes it; an empty bias tensor means "no bias".
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  return b.numel() ? at::linear(x, w, b) : at::linear(x, w);
+}
+
+void check_linear(const torch::Tensor& w, const torch::Tensor& b, int64_t in, const std::string& name) {
+  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kFloat32 && w.dim() == 2 && w.size(1) == in,
+              "decode_loop_cpu: ", name, ".weight must be a float32 CPU [out, ", in, "] tensor, got ",
+              w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(b.numel() == 0 || (b.scalar_type() == torch::kFloat32 && b.dim() == 1 && b.size(0) == w.size(0)),
+              "decode_loop_cpu: ", name, ".bias must be empty (no bias) or float32 [", w.size(0), "], got ",
+              b.scalar_type(), " ", b.sizes());
+}
+
+void check_i64(const torch::Tensor& t, const char* name, std::vector<int64_t> shape) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt64 && t.is_contiguous() &&
+                  t.sizes() == c10::IntArrayRef(shape),
+              "decode_loop_cpu: ", name, " must be a contiguous int64 CPU tensor of shape ",
+              c10::IntArrayRef(shape), ", got ", t.scalar_type(), " ", t.sizes());
+}
+
+void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, const torch::Tensor& step_seeds,
+                     const torch::Tensor& base, const torch::Tensor& slot0, int64_t t_begin, int64_t t_end,
+                     const torch::Tensor& embed, const std::vector<torch::Tensor>& aligner_w,
+                     const std::vector<torch::Tensor>& aligner_b, const std::string& aligner_act,
+                     const torch::Tensor& rope_cos, const torch::Tensor& rope_sin,
+                     const std::vector<torch::Tensor>& weights, const torch::Tensor& final_norm,
+                     const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                     const c10::optional<torch::Tensor>& prefix_row,
+                     const c10::optional<torch::Tensor>& prefix_len, int64_t num_heads, int64_t num_kv_heads,
+                     double eps, double scale, const std::vector<torch::Tensor>& head_w,
+                     const std::vector<torch::Tensor>& head_b, const std::string& head_act, bool cfg,
+                     double guidance_scale, double temperature, int64_t top_k, double top_p, bool greedy) {
+  const DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
+                                     num_kv_heads, eps, scale);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kInt64 && out.dim() == 2 && out.is_contiguous(),
+              "decode_loop_cpu: out must be a contiguous int64 CPU [R, T] tensor, got ", out.scalar_type(), " ",
+              out.sizes());
+  const int64_t R = out.size(0), T = out.size(1), rows = cfg ? 2 * R : R;
+  TORCH_CHECK(R >= 1 && rows <= st.rows, "decode_loop_cpu: ", rows, " rows for a cache of ", st.rows);
+  TORCH_CHECK(1 <= t_begin && t_begin <= t_end && t_end <= T, "decode_loop_cpu: steps [", t_begin, ", ", t_end,
+              ") must lie in [1, ", T, "]");
+  if (out_lp.has_value()) {
+    TORCH_CHECK(out_lp->device().is_cpu() && out_lp->scalar_type() == torch::kFloat32 && out_lp->is_contiguous() &&
+                    out_lp->sizes() == out.sizes(),
+                "decode_loop_cpu: out_lp must be a contiguous float32 CPU tensor shaped like out ", out.sizes(),
+                ", got ", out_lp->scalar_type(), " ", out_lp->sizes());
+  }
+  check_i64(step_seeds, "step_seeds", {T, R});
+  check_i64(base, "base", {rows});
+  check_i64(slot0, "slot0", {rows});
+  TORCH_CHECK(rope_cos.scalar_type() == torch::kFloat32 && rope_sin.scalar_type() == torch::kFloat32 &&
+                  rope_cos.dim() == 2 && rope_cos.size(1) == st.D && rope_sin.sizes() == rope_cos.sizes() &&
+                  rope_cos.is_contiguous() && rope_sin.is_contiguous(),
+              "decode_loop_cpu: rope tables must be contiguous float32 [positions, ", st.D, "], got ",
+              rope_cos.sizes(), " and ", rope_sin.sizes());
+  // the embedding, aligner and head must chain: codes -> [e] -> ... -> [H] -> ... -> [K]
+  TORCH_CHECK(embed.scalar_type() == torch::kFloat32 && embed.dim() == 2 && embed.is_contiguous(),
+              "decode_loop_cpu: generation embedding must be a contiguous float32 [K, e] tensor, got ",
+              embed.scalar_type(), " ", embed.sizes());
+  const int64_t K = embed.size(0);
+  TORCH_CHECK(!aligner_w.empty() && aligner_w.size() == aligner_b.size(),
+              "decode_loop_cpu: aligner needs >= 1 linear layer and one bias entry per layer");
+  int64_t width = embed.size(1);
+  for (size_t i = 0; i < aligner_w.size(); ++i) {
+    check_linear(aligner_w[i], aligner_b[i], width, "aligner layer " + std::to_string(i));
+    width = aligner_w[i].size(0);
+  }
+  TORCH_CHECK(width == st.H, "decode_loop_cpu: aligner output width ", width, " != hidden size ", st.H);
+  TORCH_CHECK(head_w.size() == 2 && head_b.size() == 2, "decode_loop_cpu: head needs 2 linear layers");
+  check_linear(head_w[0], head_b[0], st.H, "head proj_out");
+  check_linear(head_w[1], head_b[1], head_w[0].size(0), "head vision_head");
+  TORCH_CHECK(head_w[1].size(0) == K, "decode_loop_cpu: head predicts ", head_w[1].size(0),
+              " codes but the generation embedding holds ", K);
+  const Act a_act = parse_act(aligner_act, "aligner");
+  const Act h_act = parse_act(head_act, "head");
+  TORCH_CHECK(temperature > 0 && top_k >= 0 && top_k < K && top_p > 0 && top_p <= 1,
+              "decode_loop_cpu: need temperature > 0, 0 <= top_k < ", K, " (0 = off), top_p in (0, 1]");
+  // every index the loop will form, checked once
+  const int64_t* bs = base.data_ptr<int64_t>();
+  const int64_t* s0 = slot0.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t last_pos = bs[r] + t_end - 2, last_slot = s0[r] + t_end - 2;
+    TORCH_CHECK(bs[r] >= 0 && last_pos < st.L && last_pos < rope_cos.size(0),
+                "decode_loop_cpu: row ", r, " reaches position ", last_pos, " beyond the cache length ", st.L,
+                " or the rope table (", rope_cos.size(0), ")");
+    TORCH_CHECK(s0[r] >= 0 && s0[r] / st.L == r && last_slot / st.L == r,
+                "decode_loop_cpu: row ", r, " writes slots [", s0[r], ", ", last_slot,
+                "] outside its cache row (slots of row r are [r * ", st.L, ", (r + 1) * ", st.L, "))");
+  }
+  const int64_t* prev = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t c = prev[r * T + t_begin - 1];
+    TORCH_CHECK(c >= 0 && c < K, "decode_loop_cpu: code ", c, " of row ", r, " at step ", t_begin - 1,
+                " is outside [0, ", K, ")");
+  }
+  TORCH_CHECK(prefix_row.has_value() == prefix_len.has_value(),
+              "decode_loop_cpu: prefix_row and prefix_len go together");
+  const int32_t* prow = nullptr;
+  const int32_t* plen = nullptr;
+  if (prefix_row.has_value()) {
+    for (const auto* t : {&*prefix_row, &*prefix_len}) {
+      TORCH_CHECK(t->scalar_type() == torch::kInt32 && t->dim() == 1 && t->size(0) >= rows && t->is_contiguous(),
+                  "decode_loop_cpu: prefix_row / prefix_len must be contiguous int32 [>= ", rows, "], got ",
+                  t->scalar_type(), " ", t->sizes());
+    }
+    prow = prefix_row->data_ptr<int32_t>();
+    plen = prefix_len->data_ptr<int32_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(prow[r] >= 0 && prow[r] < st.rows && plen[r] >= 0 && plen[r] <= bs[r],
+                  "decode_loop_cpu: prefix of row ", r, " (row ", prow[r], ", length ", plen[r],
+                  ") is outside the cache or longer than the row's prompt");
+    }
+  }
+
+  py::gil_scoped_release no_gil;
+  const int64_t D = st.D, H = st.H;
+  const float s = static_cast<float>(guidance_scale);
+  // One group per thread: conditional rows [c0, c1) and (with CFG) their partners R + [c0, c1).
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
+  auto run_group = [&](int64_t g) {
+    c10::InferenceMode inference;
+    SingleThreadedBlas blas;
+    const int64_t c0 = g * R / G, c1 = (g + 1) * R / G, n = c1 - c0, m = cfg ? 2 * n : n;
+    if (n == 0) return;
+    std::vector<int64_t> own(m), slot(m), codes(n);
+    std::vector<int32_t> lens(m), gprow(prow ? m : 0), gplen(prow ? m : 0);
+    for (int64_t i = 0; i < m; ++i) {
+      own[i] = i < n ? c0 + i : R + c0 + (i - n);
+      if (prow) {
+        gprow[i] = prow[own[i]];
+        gplen[i] = plen[own[i]];
+      }
+    }
+    auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+    torch::Tensor cosb = torch::empty({m, D}, opts), sinb = torch::empty({m, D}, opts);
+    torch::Tensor y = torch::empty({m, H}, opts);
+    torch::Tensor tok = torch::empty({n}, torch::kInt64);
+    int64_t* o = out.data_ptr<int64_t>();
+    const float* ct = rope_cos.data_ptr<float>();
+    const float* stb = rope_sin.data_ptr<float>();
+    const int64_t* seeds = step_seeds.data_ptr<int64_t>();
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      for (int64_t i = 0; i < n; ++i) codes[i] = o[(c0 + i) * T + t - 1];
+      torch::Tensor e = at::embedding(embed, torch::from_blob(codes.data(), {n}, torch::kInt64));
+      e = linear(e, aligner_w[0], aligner_b[0]);
+      for (size_t j = 1; j < aligner_w.size(); ++j) e = linear(act(e, a_act), aligner_w[j], aligner_b[j]);
+      torch::Tensor h = cfg ? at::cat({e, e}) : e.contiguous();
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t r = own[i], pos = bs[r] + t - 1;
+        slot[i] = s0[r] + t - 1;
+        lens[i] = static_cast<int32_t>(pos + 1);
+        std::copy(ct + pos * D, ct + (pos + 1) * D, cosb.data_ptr<float>() + i * D);
+        std::copy(stb + pos * D, stb + (pos + 1) * D, sinb.data_ptr<float>() + i * D);
+      }
+      run_stack(st, h, y.data_ptr<float>(), cosb.data_ptr<float>(), sinb.data_ptr<float>(), slot.data(),
+                lens.data(), own.data(), prow ? gprow.data() : nullptr, prow ? gplen.data() : nullptr);
+      torch::Tensor logits = linear(act(linear(y, head_w[0], head_b[0]), h_act), head_w[1], head_b[1]);
+      torch::Tensor c = logits.narrow(0, 0, n);
+      if (greedy) {
+        torch::Tensor mixed = cfg ? at::add(logits.narrow(0, n, n), at::mul(at::sub(c, logits.narrow(0, n, n)), s))
+                                  : c;
+        tok.copy_(mixed.argmax(-1));
+      } else {
+        sample_rows_cpu(c.data_ptr<float>(), cfg ? logits.data_ptr<float>() + n * K : nullptr, n, K, s,
+                        static_cast<float>(temperature), top_k, static_cast<float>(top_p), seeds + t * R + c0,
+                        tok.data_ptr<int64_t>());
+      }
+      const int64_t* tk = tok.data_ptr<int64_t>();
+      for (int64_t i = 0; i < n; ++i) o[(c0 + i) * T + t] = tk[i];
+      if (out_lp.has_value()) {
+        torch::Tensor lp = at::log_softmax(at::div(c, temperature), -1).gather(1, tok.unsqueeze(1));
+        float* lo = out_lp->data_ptr<float>();
+        const float* l = lp.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) lo[(c0 + i) * T + t] = l[i];
+      }
+    }
+  };
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) run_group(g);
+  });
+}
+
+}  // namespace
+
+void register_decode_loop(py::module_& m) {
+  m.def("decode_loop_cpu", &decode_loop_cpu, py::arg("out"), py::arg("out_lp"), py::arg("step_seeds"),
+        py::arg("base"), py::arg("slot0"), py::arg("t_begin"), py::arg("t_end"), py::arg("embed"),
+        py::arg("aligner_w"), py::arg("aligner_b"), py::arg("aligner_act"), py::arg("rope_cos"),
+        py::arg("rope_sin"), py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"),
+        py::arg("v_caches"), py::arg("prefix_row"), py::arg("prefix_len"), py::arg("num_heads"),
+        py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("head_w"), py::arg("head_b"),
+        py::arg("head_act"), py::arg("cfg"), py::arg("guidance_scale"), py::arg("temperature"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"),
+        "Decode steps [t_begin, t_end) of a wave in float32 on CPU: out int64 [R, T] holds the codes "
+        "(column t_begin - 1 must be filled) and receives columns [t_begin, t_end); rows [0, R) are "
+        "conditional, [R, 2R) their unconditional partners when cfg. step_seeds int64 [T, R]; "
+        "base / slot0 int64 [rows]: prompt length and first decode slot of each cache row; rope "
+        "tables [positions, D]. out_lp (optional float32 [R, T]) receives log_softmax(cond / "
+        "temperature)[code].");
+}
+
+}  // namespace pgen

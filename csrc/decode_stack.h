@@ -1,0 +1,66 @@
+// The Llama layer stack of one float32 CPU decode step, shared by the one-step op
+// (decode_ops.cpp: decode_layers_cpu) and the whole-wave loop (decode_loop.cpp).
+// check_stack validates the weights and caches once; run_stack then takes any set of rows
+// (one new token each) through every layer and the final norm without further checks.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <dlfcn.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace pgen {
+
+// MKL's per-thread BLAS thread count, when torch's MKL exports it (looked up at run time so the
+// extension still loads against a torch built without MKL). A group's tiny GEMMs must run on
+// its own thread: forking MKL's team for a 2-row product costs more than the product.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() {
+    using Fn = int (*)(int);
+    static const Fn set_local = reinterpret_cast<Fn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    set_ = set_local;
+    if (set_) prev_ = set_(1);
+  }
+  ~SingleThreadedBlas() {
+    if (set_) set_(prev_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int (*set_)(int) = nullptr;
+  int prev_ = 0;
+};
+
+
+// Validated float32 views of a decoder's weights and its head-major KV caches.
+struct DecodeStack {
+  std::vector<torch::Tensor> weights;  // 9 per layer: ln1, q, k, v, o, ln2, gate, up, down
+  torch::Tensor final_norm;            // [H]
+  std::vector<torch::Tensor> k, v;     // per layer [rows, Hkv, L, D]
+  int64_t layers = 0, H = 0, Hq = 0, Hkv = 0, D = 0, I = 0, rows = 0, L = 0;
+  float eps = 0.0f, scale = 0.0f;
+};
+
+constexpr int kWeightsPerLayer = 9;
+
+// Checks shapes / dtypes / contiguity of everything (errors name the op `fn` and the tensor).
+DecodeStack check_stack(const char* fn, const std::vector<torch::Tensor>& weights,
+                        const torch::Tensor& final_norm, const std::vector<torch::Tensor>& k_caches,
+                        const std::vector<torch::Tensor>& v_caches, int64_t num_heads,
+                        int64_t num_kv_heads, double eps, double scale);
+
+// One token per row through every layer, then the final norm. h [n, H] (contiguous) is the
+// residual stream, updated in place; y ([n, H] floats) receives the final-normed output.
+// Per row b: cos/sin [n, D] rows, slot[b] (= own_row * L + position) where this token's K/V
+// are written, seqlen[b] keys attended (the new one included), own_rows[b] the cache row it
+// owns, and optionally a shared prefix (prefix_row[b], prefix_len[b]); all pre-validated.
+// Single-threaded BLAS when called inside a parallel region.
+void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* cos, const float* sin,
+               const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows,
+               const int32_t* prefix_row, const int32_t* prefix_len);
+
+}  // namespace pgen

@@ -1,0 +1,106 @@
+"""A wave's whole decode loop in C++ on CPU (``pgen_engine._C.decode_loop_cpu``).
+
+On CPU the decode step of a small model costs a few hundred microseconds, and the Python loop
+around it (embedding, rotary tables, head, CFG mix, sampling: about 30 eager ops) costs as
+much again. :func:`run_decode_loop` hands the whole loop to C++: one call runs every step, each
+thread owning a group of conditional rows and their unconditional partners, with no host-side
+work or synchronisation between steps. The ops are those of the Python loop (the layer stack
+of :func:`pgen_engine.models.op_dispatch.decode_layers_cpu`, ATen for the embedding / aligner /
+head / log-probs, the C++ sampler of :func:`pgen_engine.ops.sample`), so the codes match the
+eager and static decode modes. ``PGEN_CPU_DECODE=0`` turns it off (with the C++ layer stack).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from pgen_engine.models import op_dispatch as K
+from pgen_engine.ops._backend import extension
+
+# activation names the C++ loop applies (transformers' ACT2FN names with an ATen equivalent)
+SUPPORTED_ACTS = ("gelu", "gelu_pytorch_tanh", "silu", "swish", "relu")
+
+
+def applies(model, cache) -> bool:
+    """True when :func:`run_decode_loop` can decode ``model`` over ``cache`` here: float32 CPU
+    model and head-major cache, no gradients, the extension built with the loop, and an
+    aligner / head whose activations the loop knows."""
+    lm = model.language_model
+    if model.device.type != "cpu" or model.dtype != torch.float32 or cache.k[0].dtype != torch.float32:
+        return False
+    probe = torch.empty(0, dtype=torch.float32)
+    if not K.cpu_decode_applies(lm, probe, cache):
+        return False
+    ext = extension()
+    if not hasattr(ext, "decode_loop_cpu"):
+        return False
+    if any(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled():
+        return False
+    return (model.generation_aligner.act_name in SUPPORTED_ACTS
+            and model.generation_head.act_name in SUPPORTED_ACTS)
+
+
+def _linear_parts(layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    ws, bs = [], []
+    for lin in layers:
+        ws.append(lin.weight.detach())
+        bs.append(torch.empty(0) if lin.bias is None else lin.bias.detach())
+    return ws, bs
+
+
+def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Tensor | None,
+                    step_seeds: torch.Tensor, base: torch.Tensor, slot0: torch.Tensor, *, guidance_scale: float,
+                    temperature: float, top_k: int, top_p: float, greedy: bool,
+                    progress: Callable[[int], None] | None = None, chunk: int = 8) -> None:
+    """Decode codes ``1 .. T-1`` of a wave in place.
+
+    Args:
+        model: a float32 CPU :class:`pgen_engine.JanusModel` (see :func:`applies`).
+        cache: the wave's head-major cache view (``[rows, Hkv, L, D]`` per layer, optional
+            shared prefixes); rows ``[0, R)`` conditional, ``[R, 2R)`` their partners with CFG.
+        cfg: whether the unconditional rows exist.
+        out: int64 ``[R, T]``, column 0 filled (code 0, from the prefill); columns 1.. written.
+        out_lp: float32 ``[R, T]`` (column 0 filled) for ``log_softmax(cond / T)[code]``, or None.
+        step_seeds: int64 ``[T, R]`` sampling seed of every (step, row).
+        base, slot0: int64 ``[rows]``: prompt length and first decode slot (``row * L + base``)
+            of each cache row.
+        guidance_scale, temperature, top_k, top_p, greedy: as in
+            :meth:`pgen_engine.generation.Generator.generate`.
+        progress: called with the number of steps done after each chunk of ``chunk`` steps
+            (one C++ call runs every step when None).
+    """
+    lm = model.language_model
+    cfg_t = lm.cfg
+    R, T = out.shape
+    L = cache.k[0].shape[2]
+    cos, sin = lm.rotary(torch.arange(L), torch.float32)
+    weights = []
+    for layer in lm.layers:
+        a, m = layer.self_attn, layer.mlp
+        weights += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                    a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
+                    m.down_proj.weight]
+    weights = [w.detach() for w in weights]
+    aligner = model.generation_aligner
+    head = model.generation_head
+    aw, ab = _linear_parts([aligner.fc1, *aligner.hidden_layers])
+    hw, hb = _linear_parts([head.proj_out, head.vision_head])
+    codebook = head.vision_head.weight.shape[0]
+    rows = 2 * R if cfg else R
+    prow = plen = None
+    if cache.prefix_row is not None:
+        prow, plen = cache.prefix_row[:rows].contiguous(), cache.prefix_len[:rows].contiguous()
+    ext = extension()
+    step = T if progress is None else max(1, chunk)
+    for t0 in range(1, T, step):
+        t1 = min(T, t0 + step)
+        ext.decode_loop_cpu(
+            out, out_lp, step_seeds.contiguous(), base.contiguous(), slot0.contiguous(), t0, t1,
+            model.generation_embeddings.weight.detach(), aw, ab, aligner.act_name, cos.contiguous(),
+            sin.contiguous(), weights, lm.norm.weight.detach(), cache.k, cache.v, prow, plen, cfg_t.num_heads,
+            cfg_t.num_kv_heads, cfg_t.rms_norm_eps, cfg_t.head_dim ** -0.5, hw, hb, head.act_name, cfg,
+            float(guidance_scale), float(temperature), 0 if top_k >= codebook else int(top_k), float(top_p),
+            bool(greedy))
+        if progress is not None:
+            progress(t1 - t0)

@@ -1,0 +1,100 @@
+"""The C++ wave decode loop on CPU (``pgen_engine.generation.decode_cpu``)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pgen_engine as pg
+from pgen_engine.generation import Generator, decode_cpu
+from pgen_engine.models.tiny import make_tiny_checkpoint
+from pgen_engine.ops._backend import extension
+
+pytestmark = pytest.mark.skipif(not hasattr(extension(), "decode_loop_cpu"), reason="pgen_engine._C not built")
+PROMPTS = [[1, 40, 41, 3], [1, 9, 3], [1, 7, 8, 9, 10, 3]]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """GQA (4 query / 2 KV heads), a 2-layer generation aligner, 16 image tokens."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("loop") / "m", seed=7, init_std=0.2, image_size=32,
+                                patch_size=8, num_heads=4, num_kv_heads=2)
+    return pg.load_model(path)
+
+
+def _record_calls(monkeypatch, calls: list):
+    ext = extension()
+    real = ext.decode_loop_cpu
+    monkeypatch.setattr(ext, "decode_loop_cpu", lambda *a, **k: calls.append(a[5:7]) or real(*a, **k))
+
+
+@pytest.mark.parametrize("kw", [dict(top_k=5, top_p=0.9), dict(greedy=True), dict(guidance_scale=1.0, top_k=3),
+                                dict(temperature=0.6, return_logprobs=True), dict(uncond_mode="short")])
+def test_one_call_per_wave_with_the_python_loop_codes(model, monkeypatch, kw):
+    """A wave's decode is one C++ call (no per-step Python) and gives the codes (log-probs to
+    rounding) of the Python loop; a progress bar splits it into chunks of 8 steps."""
+    kw = dict(kw, seed=[1, 2, 3], num_samples=2)
+    g = Generator(model, max_batch_size=4, max_seq_len=32, uncond_mode=kw.pop("uncond_mode", "pad"))  # 2 waves
+    T = model.num_image_tokens
+    calls: list = []
+    _record_calls(monkeypatch, calls)
+    monkeypatch.setattr(model, "decode_step", lambda *a, **k: pytest.fail("per-step Python decode on CPU"))
+    fast = g.generate(PROMPTS, **kw)
+    assert calls == [(1, T), (1, T)]
+    monkeypatch.undo()
+    monkeypatch.setattr(decode_cpu, "applies", lambda *a: False)
+    slow = g.generate(PROMPTS, **kw)
+    lp = kw.get("return_logprobs", False)
+    if lp:
+        torch.testing.assert_close(fast[1], slow[1], rtol=1e-5, atol=1e-5)
+        fast, slow = fast[0], slow[0]
+    assert torch.equal(fast, slow)
+    monkeypatch.undo()
+    calls.clear()
+    _record_calls(monkeypatch, calls)
+    with_bar = g.generate(PROMPTS, progress=True, **kw)
+    assert len(calls) == 2 * -(-(T - 1) // 8) and calls[:2] == [(1, 9), (9, min(T, 17))]
+    assert torch.equal(with_bar[0] if lp else with_bar, slow)
+
+
+def test_falls_back_to_python_when_it_does_not_apply(model, monkeypatch):
+    calls: list = []
+    _record_calls(monkeypatch, calls)
+    g = Generator(model, max_batch_size=4, max_seq_len=32)
+    want = g.generate(PROMPTS, seed=4, top_k=5)
+    assert calls
+    calls.clear()
+    monkeypatch.setattr(model.generation_head, "act_name", "quick_gelu")  # no ATen twin: Python loop
+    assert not decode_cpu.applies(model, g._cache_view(2, 20))
+    assert torch.equal(g.generate(PROMPTS, seed=4, top_k=5), want) and not calls
+    bf16 = Generator(model.to(torch.bfloat16), max_batch_size=2, max_seq_len=32)
+    try:
+        assert not decode_cpu.applies(bf16.model, bf16._cache_view(2, 20))
+    finally:
+        model.to(torch.float32)
+
+
+def test_bad_inputs_get_clear_errors(model):
+    g = Generator(model, max_batch_size=2, max_seq_len=32)
+    T = model.num_image_tokens
+    cache = g._cache_view(4, 24)
+    out = torch.zeros(2, T, dtype=torch.long)
+    seeds = torch.zeros(T, 2, dtype=torch.long)
+    base = torch.full((4,), 4, dtype=torch.long)
+    slot0 = torch.arange(4) * 24 + base
+    kw = dict(guidance_scale=3.0, temperature=1.0, top_k=0, top_p=1.0, greedy=False)
+    decode_cpu.run_decode_loop(model, cache, True, out, None, seeds, base, slot0, **kw)  # valid
+    assert bool(((out >= 0) & (out < model.codebook_size)).all())
+    bad = out.clone()
+    bad[1, 0] = model.codebook_size
+    with pytest.raises(RuntimeError, match=r"code 64 of row 1 at step 0 is outside \[0, 64\)"):
+        decode_cpu.run_decode_loop(model, cache, True, bad, None, seeds, base, slot0, **kw)
+    with pytest.raises(RuntimeError, match="outside its cache row"):
+        decode_cpu.run_decode_loop(model, cache, True, out, None, seeds, base, slot0 + 24, **kw)
+    with pytest.raises(RuntimeError, match="beyond the cache length"):
+        decode_cpu.run_decode_loop(model, cache, True, out, None, seeds, base + 10, slot0 + 10, **kw)
+    with pytest.raises(RuntimeError, match=r"step_seeds must be .* shape \[16, 2\]"):
+        decode_cpu.run_decode_loop(model, cache, True, out, None, seeds[:3], base, slot0, **kw)
+    with pytest.raises(RuntimeError, match="rows for a cache of 4"):
+        decode_cpu.run_decode_loop(model, cache, True, torch.zeros(3, T, dtype=torch.long), None,
+                                   torch.zeros(T, 3, dtype=torch.long), torch.zeros(6, dtype=torch.long),
+                                   torch.arange(6) * 24, **kw)
