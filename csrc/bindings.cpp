@@ -1,6 +1,6 @@
-// pybind11 module pgen_engine._C. Only the glue units (this file, decode_ops.cpp, decode_loop.cpp and
-// cuda_ops.cpp) include torch; the cores in csrc/ are plain C++ so they compile fast and can
-// be unit-checked alone.
+// pybind11 module pgen_engine._C. Only the glue units (this file, decode_ops.cpp,
+// decode_loop.cpp, prefill_cpu.cpp and cuda_ops.cpp) include torch; the cores in csrc/ are plain
+// C++ so they compile fast and can be unit-checked alone.
 #include <torch/extension.h>
 
 #include <cstring>
@@ -16,6 +16,7 @@ namespace py = pybind11;
 namespace pgen {
 void register_decode_ops(py::module_& m);   // csrc/decode_ops.cpp
 void register_decode_loop(py::module_& m);  // csrc/decode_loop.cpp
+void register_prefill_ops(py::module_& m);  // csrc/prefill_cpu.cpp
 #ifdef PGEN_WITH_CUDA
 void register_cuda_ops(py::module_& m);  // csrc/cuda_ops.cpp
 #endif
@@ -223,6 +224,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   pgen::register_decode_ops(m);
   pgen::register_decode_loop(m);
+  pgen::register_prefill_ops(m);
 #ifdef PGEN_WITH_CUDA
   pgen::register_cuda_ops(m);
 #endif

@@ -224,6 +224,11 @@ void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, c
   (void)cache_rows;
 }
 
+void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, int64_t heads, int64_t D) {
+#pragma omp parallel for schedule(static) if (fork_for(B * heads * D))
+  for (int64_t b = 0; b < B; ++b) rotate_heads(x + b * heads * D, cos + b * D, sin + b * D, heads, D);
+}
+
 void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
                           int64_t L, const int32_t* seqlen, const int32_t* prefix_row,

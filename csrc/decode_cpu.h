@@ -32,6 +32,9 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
                           const int32_t* prefix_len, float scale, float* out, int64_t row0 = 0,
                           const int64_t* own_rows = nullptr);
 
+// Rotates x [B, heads, D] in place (rotate_half convention, cos/sin [B, D]).
+void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, int64_t heads, int64_t D);
+
 // g = silu(g) * u over [n] elements (the SwiGLU gate).
 void silu_mul_f32(float* g, const float* u, int64_t n);
 

@@ -75,13 +75,7 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
     R, T = out.shape
     L = cache.k[0].shape[2]
     cos, sin = lm.rotary(torch.arange(L), torch.float32)
-    weights = []
-    for layer in lm.layers:
-        a, m = layer.self_attn, layer.mlp
-        weights += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                    a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
-                    m.down_proj.weight]
-    weights = [w.detach() for w in weights]
+    weights = K._stack_weights(lm)
     aligner = model.generation_aligner
     head = model.generation_head
     aw, ab = _linear_parts([aligner.fc1, *aligner.hidden_layers])

@@ -6,7 +6,8 @@ scaled_dot_product_attention`` and ``index_copy_`` directly: the fastest exact C
 (the ops' own torch references are readable definitions, not fast paths). A float32 decode
 step on CPU with a head-major cache runs whole in C++ (``pgen_engine._C.decode_layers_cpu``):
 the projections through the BLAS, the norms, rotary, cache write and attention in one pass
-each, instead of ~40 eager ops per layer. ``PGEN_CPU_DECODE=0`` turns that off.
+each, instead of ~40 eager ops per layer; the prefill into such a cache likewise
+(``prefill_layers_cpu``). ``PGEN_CPU_DECODE=0`` turns both off.
 """
 from __future__ import annotations
 
@@ -174,6 +175,44 @@ def cpu_decode_applies(lm, h: torch.Tensor, cache) -> bool:
     return ext is not None and hasattr(ext, "decode_layers_cpu")
 
 
+def _stack_weights(lm) -> list[torch.Tensor]:
+    """The 9 per-layer weights the C++ layer stack takes, in its order (ln1, q, k, v, o, ln2, gate, up, down)."""
+    weights = []
+    for layer in lm.layers:
+        a, m = layer.self_attn, layer.mlp
+        weights += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
+                    a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
+                    m.down_proj.weight]
+    return [w.detach() for w in weights]
+
+
+def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
+                       cache, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Every layer of ``lm`` plus its final norm over whole prompts, in C++ (the prefill).
+
+    h ``[B,S,H]``, cos/sin ``[B,S,D]``, key_mask bool ``[B,S]`` or None (nothing padded),
+    slot_mapping int64 ``[B,S]`` (-1 = not stored) -> final-normed hidden ``[B,S,H]``; writes
+    every layer's K/V into the head-major cache. Same math as the eager layers (float32; sums
+    may round in another order); the attention mask is built as :func:`prompt_attention` does.
+    """
+    mask = None
+    if key_mask is not None:
+        S = h.shape[1]
+        eye = torch.eye(S, dtype=torch.bool, device=h.device)
+        mask = ((torch.ones(S, S, dtype=torch.bool, device=h.device).tril() & key_mask[:, None, :]) | eye)[:, None]
+    cfg = lm.cfg
+    return _extension().prefill_layers_cpu(
+        h.contiguous(), cos.contiguous(), sin.contiguous(), mask, _stack_weights(lm), lm.norm.weight.detach(),
+        cache.k, cache.v, slot_mapping.contiguous(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
+        cfg.head_dim ** -0.5)
+
+
+def cpu_prefill_applies(lm, h: torch.Tensor, cache) -> bool:
+    """True when :func:`prefill_layers_cpu` can run this prefill (the conditions of
+    :func:`cpu_decode_applies`, and an extension built with the prefill)."""
+    return cpu_decode_applies(lm, h, cache) and hasattr(_extension(), "prefill_layers_cpu")
+
+
 def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot_mapping: torch.Tensor,
                       cache_seqlens: torch.Tensor) -> torch.Tensor:
     """Every layer of ``lm`` plus its final norm for one token per row, in C++.
@@ -182,18 +221,11 @@ def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     final-normed hidden ``[B,H]``; writes each layer's K/V at ``slot_mapping``. Same math as
     the eager layers (float32; sums may round in another order).
     """
-    weights = []
-    for layer in lm.layers:
-        a, m = layer.self_attn, layer.mlp
-        weights += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                    a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
-                    m.down_proj.weight]
     B = h.shape[0]
     prow = plen = None
     if cache.prefix_row is not None:
         prow, plen = cache.prefix_row[:B].contiguous(), cache.prefix_len[:B].contiguous()
     cfg = lm.cfg
     return _extension().decode_layers_cpu(
-        h.contiguous(), cos.contiguous(), sin.contiguous(), [w.detach() for w in weights],
-        lm.norm.weight.detach(), cache.k, cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(),
+        h.contiguous(), cos.contiguous(), sin.contiguous(), _stack_weights(lm), lm.norm.weight.detach(), cache.k, cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(),
         prow, plen, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim ** -0.5)

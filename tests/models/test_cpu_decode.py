@@ -1,5 +1,6 @@
-"""The C++ float32 CPU decode step (``_C.decode_layers_cpu`` / ``_C.cached_attention_cpu``)
-against the eager torch layers, including shared prompt prefixes and bad inputs."""
+"""The C++ float32 CPU decode step (``_C.decode_layers_cpu`` / ``_C.cached_attention_cpu``) and
+prompt pass (``_C.prefill_layers_cpu``) against the eager torch layers, including shared prompt
+prefixes, left padding and bad inputs."""
 from __future__ import annotations
 
 import dataclasses
@@ -115,6 +116,60 @@ def test_decode_step_in_cpp_equals_eager_layers(which, tiny_model, model64, monk
         for x, y in zip(ca.k + ca.v, cb.k + cb.v):
             assert (x - y).abs().max() <= 1e-5  # same K/V written at the same slots, nothing else touched
         assert not torch.equal(ca.k[0], k0[0])
+
+
+@pytest.mark.parametrize("which", ["tiny", "d64"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_in_cpp_equals_eager_layers(which, padded, tiny_model, model64, monkeypatch):
+    """Left-padded prompts (padding not stored: slot -1) into a head-major cache."""
+    m = tiny_model if which == "tiny" else model64
+    cfg = m.config.text
+    B, S, rows, L = 3, 9, 4, 16
+    g = torch.Generator().manual_seed(2)
+    emb = torch.randn(B, S, cfg.hidden_size, generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if padded:
+        mask[1, :4] = 0
+        mask[2, :1] = 0
+    slots = torch.tensor([1, 3, 0])[:, None] * L + (mask.cumsum(1) - 1)  # rows 1, 3, 0 of the cache
+    slots[mask == 0] = -1
+    shape = (rows, cfg.num_kv_heads, L, cfg.head_dim)
+    k0 = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
+    v0 = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
+
+    def run(cpp: bool):
+        monkeypatch.setattr(K, "_CPU_DECODE", cpp)
+        cache = KVCache(k=[t.clone() for t in k0], v=[t.clone() for t in v0], layout="bhsd")
+        with torch.inference_mode():
+            assert K.cpu_prefill_applies(m.language_model, emb, cache) == cpp
+            return m.prefill(emb, mask if padded else None, cache, slots), cache
+
+    a, ca = run(True)
+    b, cb = run(False)
+    real = mask.bool()
+    assert (a[real] - b[real]).abs().max() <= 1e-4 * max(1.0, b.abs().max().item())
+    for x, y, x0 in zip(ca.k + ca.v, cb.k + cb.v, k0 + v0):
+        assert (x - y).abs().max() <= 1e-4  # same K/V at the same slots
+        assert torch.equal(x[2], x0[2])  # a row no prompt owns is untouched
+        if padded:
+            assert torch.equal(x[3, :, 5:], x0[3, :, 5:])  # prompt 1 has 5 real tokens: positions 5.. untouched
+
+
+def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):
+    lm = tiny_model.language_model
+    cfg = lm.cfg
+    cache = KVCache(k=[torch.zeros(2, cfg.num_kv_heads, 8, cfg.head_dim) for _ in range(cfg.num_layers)],
+                    v=[torch.zeros(2, cfg.num_kv_heads, 8, cfg.head_dim) for _ in range(cfg.num_layers)],
+                    layout="bhsd")
+    h = torch.randn(1, 4, cfg.hidden_size)
+    cos, sin = lm.rotary(torch.arange(4)[None], torch.float32)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match=r"slot_mapping\[0, 3\] = 16 is outside the cache"):
+            K.prefill_layers_cpu(lm, h, cos, sin, None, cache, torch.tensor([[0, 1, 2, 16]]))
+        with pytest.raises(RuntimeError, match=r"cos/sin must be contiguous float32 \[1, 4, "):
+            K.prefill_layers_cpu(lm, h, cos[:, :3], sin[:, :3], None, cache, torch.tensor([[0, 1, 2, 3]]))
+        with pytest.raises(RuntimeError, match="hidden width"):
+            K.prefill_layers_cpu(lm, h[..., :-1], cos, sin, None, cache, torch.tensor([[0, 1, 2, 3]]))
 
 
 def test_decode_layers_cpu_rejects_bad_inputs(tiny_model):
