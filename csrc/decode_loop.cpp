@@ -47,9 +47,26 @@ torch::Tensor act(const torch::Tensor& x, Act a) {
   return x;
 }
 
-// nn.Linear as F.linear computes it; an empty bias tensor means "no bias".
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
-  return b.numel() ? at::linear(x, w, b) : at::linear(x, w);
+// One nn.Linear of the aligner / head: weight, bias (empty = none) and, when the packed
+// kernel runs here, the packed weight.
+struct Linear {
+  torch::Tensor w, b, packed;
+};
+
+std::vector<Linear> linears(const std::vector<torch::Tensor>& ws, const std::vector<torch::Tensor>& bs, bool pack) {
+  std::vector<Linear> out;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    out.push_back({ws[i], bs[i], pack ? pack_weight(ws[i].contiguous()) : torch::Tensor()});
+  }
+  return out;
+}
+
+torch::Tensor linear(const torch::Tensor& x, const Linear& l) {
+  if (l.packed.defined()) {
+    torch::Tensor y = packed_mm(x.contiguous(), l.packed, l.w.size(0));
+    return l.b.numel() ? y.add_(l.b) : y;
+  }
+  return l.b.numel() ? at::linear(x, l.w, l.b) : at::linear(x, l.w);  // as F.linear computes it
 }
 
 void check_linear(const torch::Tensor& w, const torch::Tensor& b, int64_t in, const std::string& name) {
@@ -80,7 +97,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
                      double eps, double scale, const std::vector<torch::Tensor>& head_w,
                      const std::vector<torch::Tensor>& head_b, const std::string& head_act, bool cfg,
                      double guidance_scale, double temperature, int64_t top_k, double top_p, bool greedy) {
-  const DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
+  DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
                                      num_kv_heads, eps, scale);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kInt64 && out.dim() == 2 && out.is_contiguous(),
               "decode_loop_cpu: out must be a contiguous int64 CPU [R, T] tensor, got ", out.scalar_type(), " ",
@@ -163,6 +180,9 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
   }
 
   py::gil_scoped_release no_gil;
+  pack_stack(st);  // once per call: every step of every row then skips the BLAS's weight packing
+  const bool pack = !st.packed.empty();
+  const std::vector<Linear> aligner = linears(aligner_w, aligner_b, pack), head = linears(head_w, head_b, pack);
   const int64_t D = st.D, H = st.H;
   const float s = static_cast<float>(guidance_scale);
   // One group per thread: conditional rows [c0, c1) and (with CFG) their partners R + [c0, c1).
@@ -192,8 +212,8 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
     for (int64_t t = t_begin; t < t_end; ++t) {
       for (int64_t i = 0; i < n; ++i) codes[i] = o[(c0 + i) * T + t - 1];
       torch::Tensor e = at::embedding(embed, torch::from_blob(codes.data(), {n}, torch::kInt64));
-      e = linear(e, aligner_w[0], aligner_b[0]);
-      for (size_t j = 1; j < aligner_w.size(); ++j) e = linear(act(e, a_act), aligner_w[j], aligner_b[j]);
+      e = linear(e, aligner[0]);
+      for (size_t j = 1; j < aligner.size(); ++j) e = linear(act(e, a_act), aligner[j]);
       torch::Tensor h = cfg ? at::cat({e, e}) : e.contiguous();
       for (int64_t i = 0; i < m; ++i) {
         const int64_t r = own[i], pos = bs[r] + t - 1;
@@ -204,7 +224,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
       }
       run_stack(st, h, y.data_ptr<float>(), cosb.data_ptr<float>(), sinb.data_ptr<float>(), slot.data(),
                 lens.data(), own.data(), prow ? gprow.data() : nullptr, prow ? gplen.data() : nullptr);
-      torch::Tensor logits = linear(act(linear(y, head_w[0], head_b[0]), h_act), head_w[1], head_b[1]);
+      torch::Tensor logits = linear(act(linear(y, head[0]), h_act), head[1]);
       torch::Tensor c = logits.narrow(0, 0, n);
       if (greedy) {
         torch::Tensor mixed = cfg ? at::add(logits.narrow(0, n, n), at::mul(at::sub(c, logits.narrow(0, n, n)), s))

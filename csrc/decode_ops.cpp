@@ -11,6 +11,7 @@
 
 #include "decode_cpu.h"
 #include "decode_stack.h"
+#include "gemm_cpu.h"
 
 namespace py = pybind11;
 
@@ -89,6 +90,29 @@ DecodeStack check_stack(const char* fn, const std::vector<torch::Tensor>& weight
   return st;
 }
 
+torch::Tensor pack_weight(const torch::Tensor& w) {
+  const int64_t N = w.size(0), K = w.size(1);
+  torch::Tensor p = torch::empty({packed_weight_floats(N, K)}, w.options());
+  pack_weight_f32(w.data_ptr<float>(), N, K, p.data_ptr<float>());
+  return p;
+}
+
+torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t N) {
+  const int64_t M = x.size(0), K = x.size(1);
+  torch::Tensor y = torch::empty({M, N}, x.options());
+  gemm_packed_f32(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), N, y.data_ptr<float>());
+  return y;
+}
+
+void pack_stack(DecodeStack& st) {
+  if (!packed_gemm_available()) return;
+  st.packed.clear();
+  for (int64_t l = 0; l < st.layers; ++l) {
+    const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
+    for (int i : {1, 2, 3, 4, 6, 7, 8}) st.packed.push_back(pack_weight(w[i]));
+  }
+}
+
 void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* cos, const float* sin,
                const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows,
                const int32_t* prefix_row, const int32_t* prefix_len) {
@@ -99,24 +123,30 @@ void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* co
   const int64_t n = h.size(0), H = st.H, Hq = st.Hq, Hkv = st.Hkv, D = st.D;
   torch::Tensor x = torch::empty_like(h);
   torch::Tensor attn = torch::empty({n, Hq * D}, h.options());
+  const bool packed = !st.packed.empty();
   for (int64_t l = 0; l < st.layers; ++l) {
     const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
+    // weight i of this layer (1-4 attention, 6-8 MLP) times the rows of `in`
+    auto proj = [&](const torch::Tensor& in, int i) {
+      static constexpr int kSlot[kWeightsPerLayer] = {-1, 0, 1, 2, 3, -1, 4, 5, 6};
+      return packed ? packed_mm(in, st.packed[7 * l + kSlot[i]], w[i].size(0)) : torch::mm(in, w[i].t());
+    };
     float* kc = st.k[l].data_ptr<float>();
     float* vc = st.v[l].data_ptr<float>();
     rms_norm_rows_f32(h.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
-    torch::Tensor q = torch::mm(x, w[1].t());
-    torch::Tensor k = torch::mm(x, w[2].t());
-    torch::Tensor v = torch::mm(x, w[3].t());
+    torch::Tensor q = proj(x, 1);
+    torch::Tensor k = proj(x, 2);
+    torch::Tensor v = proj(x, 3);
     rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cos, sin, n, Hq,
                         Hkv, D, kc, vc, st.rows, st.L, slot);
     cached_attention_f32(q.data_ptr<float>(), kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen, prefix_row,
                          prefix_len, st.scale, attn.data_ptr<float>(), 0, own_rows);
-    h.add_(torch::mm(attn, w[4].t()));
+    h.add_(proj(attn, 4));
     rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
-    torch::Tensor g = torch::mm(x, w[6].t());
-    torch::Tensor u = torch::mm(x, w[7].t());
+    torch::Tensor g = proj(x, 6);
+    torch::Tensor u = proj(x, 7);
     silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
-    h.add_(torch::mm(g, w[8].t()));
+    h.add_(proj(g, 8));
   }
   rms_norm_rows_f32(h.data_ptr<float>(), st.final_norm.data_ptr<float>(), y, n, H, st.eps);
 }
@@ -241,6 +271,19 @@ torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
 }  // namespace
 
 void register_decode_ops(py::module_& m) {
+  m.def("packed_gemm_available", &packed_gemm_available,
+        "True when the packed small-row float32 GEMM (AVX-512) runs on this CPU.");
+  m.def(
+      "packed_mm_cpu",
+      [](const torch::Tensor& x, const torch::Tensor& w) {
+        TORCH_CHECK(packed_gemm_available(), "packed_mm_cpu: this CPU / build has no AVX-512 packed GEMM");
+        TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == torch::kFloat32 &&
+                        w.scalar_type() == torch::kFloat32 && x.device().is_cpu() && w.device().is_cpu(),
+                    "packed_mm_cpu: need float32 CPU x [M, K] and w [N, K], got ", x.sizes(), " and ", w.sizes());
+        return packed_mm(x.contiguous(), pack_weight(w.contiguous()), w.size(0));
+      },
+      py::arg("x"), py::arg("w"),
+      "x [M, K] . w^T through the decode loop's packed GEMM (packs w first; for tests).");
   m.def("decode_layers_cpu", &decode_layers_cpu, py::arg("hidden"), py::arg("cos"), py::arg("sin"),
         py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"), py::arg("v_caches"),
         py::arg("slot_mapping"), py::arg("cache_seqlens"), py::arg("prefix_row"),

@@ -43,7 +43,21 @@ struct DecodeStack {
   std::vector<torch::Tensor> k, v;     // per layer [rows, Hkv, L, D]
   int64_t layers = 0, H = 0, Hq = 0, Hkv = 0, D = 0, I = 0, rows = 0, L = 0;
   float eps = 0.0f, scale = 0.0f;
+  // Optional (pack_stack): the 7 projection weights of every layer (q, k, v, o, gate, up, down)
+  // packed for gemm_packed_f32 (gemm_cpu.h); empty = the projections go through torch::mm.
+  std::vector<torch::Tensor> packed;
 };
+
+// W [N, K] packed for gemm_packed_f32 (a float32 tensor of packed_weight_floats(N, K)).
+torch::Tensor pack_weight(const torch::Tensor& w);
+
+// x [M, K] . W^T -> [M, N] through the packed kernel (packed = pack_weight(W), N = W.size(0)).
+torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
+
+// Packs st's projection weights when this CPU runs the packed kernel (else leaves it as is).
+// Worth it when the stack then runs many small-row steps (the decode loop); about one copy
+// of the weights.
+void pack_stack(DecodeStack& st);
 
 constexpr int kWeightsPerLayer = 9;
 

@@ -1,0 +1,93 @@
+#include "gemm_cpu.h"
+
+#include <stdexcept>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define PGEN_HAVE_AVX512_GEMM 1
+#include <immintrin.h>
+#endif
+
+namespace pgen {
+
+int64_t packed_weight_floats(int64_t N, int64_t K) { return (N + 15) / 16 * 16 * K; }
+
+void pack_weight_f32(const float* W, int64_t N, int64_t K, float* P) {
+  for (int64_t j0 = 0; j0 < N; j0 += 16) {
+    float* panel = P + j0 * K;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t c = 0; c < 16; ++c) panel[k * 16 + c] = j0 + c < N ? W[(j0 + c) * K + k] : 0.0f;
+    }
+  }
+}
+
+#ifdef PGEN_HAVE_AVX512_GEMM
+namespace {
+
+// MR rows x NP panels of 16 columns, accumulated over all of K in registers.
+template <int MR, int NP>
+__attribute__((target("avx512f"), always_inline)) inline void micro(const float* x, int64_t K, const float* P,
+                                                                     float* y, int64_t ldy, __mmask16 last) {
+  const int64_t ps = 16 * K;  // floats per panel
+  __m512 acc[MR][NP];
+  for (int r = 0; r < MR; ++r) {
+    for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    __m512 w[NP];
+    for (int p = 0; p < NP; ++p) w[p] = _mm512_loadu_ps(P + p * ps + k * 16);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
+      for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(xb, w[p], acc[r][p]);
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    for (int p = 0; p < NP; ++p) {
+      _mm512_mask_storeu_ps(y + r * ldy + p * 16, p == NP - 1 ? last : static_cast<__mmask16>(0xFFFF), acc[r][p]);
+    }
+  }
+}
+
+__mmask16 tail_mask(int64_t cols) {
+  return cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+}
+
+template <int MR>
+__attribute__((target("avx512f"))) void row_block(const float* x, int64_t K, const float* P, int64_t N, float* y) {
+  const int64_t panels = (N + 15) / 16;
+  int64_t p = 0;
+  for (; p + 2 <= panels; p += 2) micro<MR, 2>(x, K, P + p * 16 * K, y + p * 16, N, tail_mask(N - (p + 1) * 16));
+  if (p < panels) micro<MR, 1>(x, K, P + p * 16 * K, y + p * 16, N, tail_mask(N - p * 16));
+}
+
+}  // namespace
+
+bool packed_gemm_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y) {
+  if (!packed_gemm_available()) throw std::runtime_error("gemm_packed_f32: this CPU has no AVX-512F");
+  int64_t r = 0;
+  for (; r + 6 <= M; r += 6) row_block<6>(x + r * K, K, P, N, y + r * N);
+  switch (M - r) {  // 6 x 32 accumulators fill 12 of the 32 vector registers; tails get their own block
+    case 1: row_block<1>(x + r * K, K, P, N, y + r * N); break;
+    case 2: row_block<2>(x + r * K, K, P, N, y + r * N); break;
+    case 3: row_block<3>(x + r * K, K, P, N, y + r * N); break;
+    case 4: row_block<4>(x + r * K, K, P, N, y + r * N); break;
+    case 5: row_block<5>(x + r * K, K, P, N, y + r * N); break;
+    default: break;
+  }
+}
+
+#else  // no AVX-512 build: callers use the BLAS
+
+bool packed_gemm_available() { return false; }
+
+void gemm_packed_f32(const float*, int64_t, int64_t, const float*, int64_t, float*) {
+  throw std::runtime_error("gemm_packed_f32: built without AVX-512 support");
+}
+
+#endif
+
+}  // namespace pgen
