@@ -96,7 +96,8 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
                      const c10::optional<torch::Tensor>& prefix_len, int64_t num_heads, int64_t num_kv_heads,
                      double eps, double scale, const std::vector<torch::Tensor>& head_w,
                      const std::vector<torch::Tensor>& head_b, const std::string& head_act, bool cfg,
-                     double guidance_scale, double temperature, int64_t top_k, double top_p, bool greedy) {
+                     double guidance_scale, double temperature, int64_t top_k, double top_p, bool greedy,
+                     int64_t rows_per_pass) {
   DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
                                      num_kv_heads, eps, scale);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kInt64 && out.dim() == 2 && out.is_contiguous(),
@@ -187,10 +188,9 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
   const float s = static_cast<float>(guidance_scale);
   // One group per thread: conditional rows [c0, c1) and (with CFG) their partners R + [c0, c1).
   const int64_t G = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
-  auto run_group = [&](int64_t g) {
-    c10::InferenceMode inference;
-    SingleThreadedBlas blas;
-    const int64_t c0 = g * R / G, c1 = (g + 1) * R / G, n = c1 - c0, m = cfg ? 2 * n : n;
+  // Conditional rows [c0, c1) (and partners) through every step.
+  auto run_rows = [&](int64_t c0, int64_t c1) {
+    const int64_t n = c1 - c0, m = cfg ? 2 * n : n;
     if (n == 0) return;
     std::vector<int64_t> own(m), slot(m), codes(n);
     std::vector<int32_t> lens(m), gprow(prow ? m : 0), gplen(prow ? m : 0);
@@ -245,8 +245,16 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
       }
     }
   };
+  // A thread's rows run in passes of at most rows_per_pass conditional rows (all steps of one
+  // pass, then the next): the K/V all threads read per step then stays in the last-level cache.
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) run_group(g);
+    c10::InferenceMode inference;
+    SingleThreadedBlas blas;
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t c0 = g * R / G, c1 = (g + 1) * R / G;
+      const int64_t passes = rows_per_pass > 0 ? (c1 - c0 + rows_per_pass - 1) / rows_per_pass : 1;
+      for (int64_t p = 0; p < passes; ++p) run_rows(c0 + p * (c1 - c0) / passes, c0 + (p + 1) * (c1 - c0) / passes);
+    }
   });
 }
 
@@ -260,7 +268,7 @@ void register_decode_loop(py::module_& m) {
         py::arg("v_caches"), py::arg("prefix_row"), py::arg("prefix_len"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("head_w"), py::arg("head_b"),
         py::arg("head_act"), py::arg("cfg"), py::arg("guidance_scale"), py::arg("temperature"),
-        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"),
+        py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("rows_per_pass") = 0,
         "Decode steps [t_begin, t_end) of a wave in float32 on CPU: out int64 [R, T] holds the codes "
         "(column t_begin - 1 must be filled) and receives columns [t_begin, t_end); rows [0, R) are "
         "conditional, [R, 2R) their unconditional partners when cfg. step_seeds int64 [T, R]; "

@@ -98,3 +98,31 @@ def test_bad_inputs_get_clear_errors(model):
         decode_cpu.run_decode_loop(model, cache, True, torch.zeros(3, T, dtype=torch.long), None,
                                    torch.zeros(T, 3, dtype=torch.long), torch.zeros(6, dtype=torch.long),
                                    torch.arange(6) * 24, **kw)
+
+
+def test_rows_per_pass_changes_nothing_but_speed(model, monkeypatch):
+    """Rows decoded in passes of 1 give bitwise the codes and log-probs of one pass."""
+    g = Generator(model, max_batch_size=6, max_seq_len=32)
+    kw = dict(seed=[5, 6, 7], num_samples=2, top_k=6, top_p=0.95, return_logprobs=True)
+    monkeypatch.setenv("PGEN_ROWS_PER_PASS", "0")
+    one = g.generate(PROMPTS, **kw)
+    monkeypatch.setenv("PGEN_ROWS_PER_PASS", "1")
+    many = g.generate(PROMPTS, **kw)
+    assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
+    monkeypatch.setenv("PGEN_ROWS_PER_PASS", "two")
+    with pytest.raises(ValueError, match="PGEN_ROWS_PER_PASS must be an int >= 0"):
+        g.generate(PROMPTS, **kw)
+
+
+def test_rows_per_pass_heuristic_keeps_the_kv_in_cache(model, monkeypatch):
+    monkeypatch.delenv("PGEN_ROWS_PER_PASS", raising=False)
+    monkeypatch.setattr(decode_cpu, "last_level_cache_bytes", lambda: 32 << 20)
+    g = Generator(model, max_batch_size=8, max_seq_len=400)
+    T = model.num_image_tokens
+    small, big = g._cache_view(16, 40), g._cache_view(16, 400)
+    assert decode_cpu.rows_per_pass(model, big, True, T) >= 2
+    assert decode_cpu.rows_per_pass(model, small, True, T) > decode_cpu.rows_per_pass(model, big, True, T)
+    cfg = model.config.text
+    per_row = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 2 * 800  # cond + uncond, no shared prefix
+    want = max(2, (16 << 20) // (torch.get_num_threads() * per_row))
+    assert decode_cpu.rows_per_pass(model, big, True, T) == want
