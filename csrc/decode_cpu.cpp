@@ -185,6 +185,14 @@ PGEN_CLONES void silu_mul_range(float* g, const float* u, int64_t lo, int64_t hi
   }
 }
 
+PGEN_CLONES void causal_softmax_row(float* row, int64_t S, int64_t lo, int64_t hi, float scale) {
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) row[j] *= scale;
+  softmax_row(row + lo, hi - lo);
+  std::fill(row, row + lo, 0.0f);
+  std::fill(row + hi, row + S, 0.0f);
+}
+
 }  // namespace decode_detail
 
 using namespace decode_detail;
@@ -261,6 +269,10 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
                       scale, scores.data(), ob);
     }
   }
+}
+
+void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale) {
+  for (int64_t i = 0; i < S; ++i) causal_softmax_row(s + i * ld, S, i >= pad ? pad : i, i + 1, scale);
 }
 
 void silu_mul_f32(float* g, const float* u, int64_t n) {

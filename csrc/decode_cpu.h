@@ -35,6 +35,11 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
 // Rotates x [B, heads, D] in place (rotate_half convention, cos/sin [B, D]).
 void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, int64_t heads, int64_t D);
 
+// Causal softmax in place over scores [S, S] (row stride ld) of one left-padded prompt with
+// `pad` padding tokens: row i is scaled by `scale` and softmaxed over columns [pad, i] (a
+// padding row, i < pad, over [i, i]: itself only); every other column becomes 0.
+void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale);
+
 // g = silu(g) * u over [n] elements (the SwiGLU gate).
 void silu_mul_f32(float* g, const float* u, int64_t n);
 

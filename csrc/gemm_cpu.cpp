@@ -52,11 +52,12 @@ __mmask16 tail_mask(int64_t cols) {
 }
 
 template <int MR>
-__attribute__((target("avx512f"))) void row_block(const float* x, int64_t K, const float* P, int64_t N, float* y) {
+__attribute__((target("avx512f"))) void row_block(const float* x, int64_t K, const float* P, int64_t N, float* y,
+                                                  int64_t ldy) {
   const int64_t panels = (N + 15) / 16;
   int64_t p = 0;
-  for (; p + 2 <= panels; p += 2) micro<MR, 2>(x, K, P + p * 16 * K, y + p * 16, N, tail_mask(N - (p + 1) * 16));
-  if (p < panels) micro<MR, 1>(x, K, P + p * 16 * K, y + p * 16, N, tail_mask(N - p * 16));
+  for (; p + 2 <= panels; p += 2) micro<MR, 2>(x, K, P + p * 16 * K, y + p * 16, ldy, tail_mask(N - (p + 1) * 16));
+  if (p < panels) micro<MR, 1>(x, K, P + p * 16 * K, y + p * 16, ldy, tail_mask(N - p * 16));
 }
 
 }  // namespace
@@ -66,16 +67,17 @@ bool packed_gemm_available() {
   return ok;
 }
 
-void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y) {
+void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y, int64_t ldy) {
   if (!packed_gemm_available()) throw std::runtime_error("gemm_packed_f32: this CPU has no AVX-512F");
+  if (ldy < 0) ldy = N;
   int64_t r = 0;
-  for (; r + 6 <= M; r += 6) row_block<6>(x + r * K, K, P, N, y + r * N);
+  for (; r + 6 <= M; r += 6) row_block<6>(x + r * K, K, P, N, y + r * ldy, ldy);
   switch (M - r) {  // 6 x 32 accumulators fill 12 of the 32 vector registers; tails get their own block
-    case 1: row_block<1>(x + r * K, K, P, N, y + r * N); break;
-    case 2: row_block<2>(x + r * K, K, P, N, y + r * N); break;
-    case 3: row_block<3>(x + r * K, K, P, N, y + r * N); break;
-    case 4: row_block<4>(x + r * K, K, P, N, y + r * N); break;
-    case 5: row_block<5>(x + r * K, K, P, N, y + r * N); break;
+    case 1: row_block<1>(x + r * K, K, P, N, y + r * ldy, ldy); break;
+    case 2: row_block<2>(x + r * K, K, P, N, y + r * ldy, ldy); break;
+    case 3: row_block<3>(x + r * K, K, P, N, y + r * ldy, ldy); break;
+    case 4: row_block<4>(x + r * K, K, P, N, y + r * ldy, ldy); break;
+    case 5: row_block<5>(x + r * K, K, P, N, y + r * ldy, ldy); break;
     default: break;
   }
 }
@@ -84,7 +86,7 @@ void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64
 
 bool packed_gemm_available() { return false; }
 
-void gemm_packed_f32(const float*, int64_t, int64_t, const float*, int64_t, float*) {
+void gemm_packed_f32(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
   throw std::runtime_error("gemm_packed_f32: built without AVX-512 support");
 }
 

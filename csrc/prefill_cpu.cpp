@@ -25,9 +25,47 @@ namespace pgen {
 namespace {
 
 constexpr int64_t kPackedPrefillRows = 512;
+constexpr int64_t kPackedAttentionMaxLen = 512;  // scores [S, S] per thread stay small
+
+// Causal attention of left-padded prompts through the packed GEMM, one (prompt, query head)
+// per task: scores = Q K^T (key panels past the diagonal skipped), causal softmax, P V.
+// q [B*S, Hq, D], k / v [B*S, Hkv, D] (rotary applied), pad [B] -> [B*S, Hq * D].
+torch::Tensor prompt_attention_packed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                      int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const int64_t* pad,
+                                      float scale) {
+  torch::Tensor out = torch::empty({B * S, Hq * D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t G = Hq / Hkv;
+  at::parallel_for(0, B * Hq, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> qc(S * D), kc(S * D), vt(D * S), pk(packed_weight_floats(S, D)), pv(packed_weight_floats(D, S));
+    std::vector<float> sc(S * S), o(S * D);
+    for (int64_t item = i0; item < i1; ++item) {
+      const int64_t b = item / Hq, h = item % Hq, hk = h / G;
+      for (int64_t i = 0; i < S; ++i) {
+        const int64_t t = b * S + i;
+        std::memcpy(&qc[i * D], qp + (t * Hq + h) * D, sizeof(float) * D);
+        std::memcpy(&kc[i * D], kp + (t * Hkv + hk) * D, sizeof(float) * D);
+        for (int64_t d = 0; d < D; ++d) vt[d * S + i] = vp[(t * Hkv + hk) * D + d];
+      }
+      pack_weight_f32(kc.data(), S, D, pk.data());
+      pack_weight_f32(vt.data(), D, S, pv.data());
+      for (int64_t r0 = 0; r0 < S; r0 += 16) {  // rows [r0, r1) need keys [0, r1) only
+        const int64_t r1 = std::min(S, r0 + 16);
+        gemm_packed_f32(&qc[r0 * D], r1 - r0, D, pk.data(), r1, &sc[r0 * S], S);
+      }
+      causal_softmax_rows_f32(sc.data(), S, S, pad ? pad[b] : 0, scale);
+      gemm_packed_f32(sc.data(), S, S, pv.data(), D, o.data());
+      for (int64_t i = 0; i < S; ++i) std::memcpy(op + ((b * S + i) * Hq + h) * D, &o[i * D], sizeof(float) * D);
+    }
+  });
+  return out;
+}
 
 torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tensor& cos, const torch::Tensor& sin,
-                                 const c10::optional<torch::Tensor>& attn_mask,
+                                 const c10::optional<torch::Tensor>& pad_counts,
                                  const std::vector<torch::Tensor>& weights, const torch::Tensor& final_norm,
                                  const std::vector<torch::Tensor>& k_caches,
                                  const std::vector<torch::Tensor>& v_caches, const torch::Tensor& slot_mapping,
@@ -55,11 +93,22 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
     TORCH_CHECK(slots[i] >= -1 && slots[i] < st.rows * L, "prefill_layers_cpu: slot_mapping[", i / S, ", ", i % S,
                 "] = ", slots[i], " is outside the cache (", st.rows, " rows x ", L, " positions; -1 = skip)");
   }
-  if (attn_mask.has_value()) {
-    TORCH_CHECK(attn_mask->scalar_type() == torch::kBool && attn_mask->dim() == 4 && attn_mask->size(0) == B &&
-                    attn_mask->size(2) == S && attn_mask->size(3) == S,
-                "prefill_layers_cpu: attn_mask must be bool [", B, ", 1, ", S, ", ", S, "], got ",
-                attn_mask->scalar_type(), " ", attn_mask->sizes());
+  const int64_t* pad = nullptr;
+  c10::optional<torch::Tensor> attn_mask;  // for ATen's attention: causal & real keys, or itself
+  if (pad_counts.has_value()) {
+    TORCH_CHECK(pad_counts->scalar_type() == torch::kInt64 && pad_counts->dim() == 1 && pad_counts->size(0) == B &&
+                    pad_counts->is_contiguous(),
+                "prefill_layers_cpu: pad_counts must be a contiguous int64 [", B, "] tensor, got ",
+                pad_counts->scalar_type(), " ", pad_counts->sizes());
+    pad = pad_counts->data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(pad[b] >= 0 && pad[b] < S, "prefill_layers_cpu: pad_counts[", b, "] = ", pad[b],
+                  " must be in [0, ", S, ") (each prompt keeps >= 1 token)");
+    }
+    torch::Tensor pos = torch::arange(S);
+    torch::Tensor real = pos.unsqueeze(0) >= pad_counts->unsqueeze(1);  // [B, S] keys
+    torch::Tensor causal = pos.unsqueeze(1) >= pos.unsqueeze(0);        // [S, S]
+    attn_mask = ((causal.unsqueeze(0) & real.unsqueeze(1)) | torch::eye(S, torch::kBool).unsqueeze(0)).unsqueeze(1);
   }
 
   py::gil_scoped_release no_gil;
@@ -111,10 +160,17 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
     torch::Tensor qt = q.view({B, S, Hq, D}).transpose(1, 2);
     torch::Tensor kt = k.view({B, S, Hkv, D}).transpose(1, 2);
     torch::Tensor vt = v.view({B, S, Hkv, D}).transpose(1, 2);
-    torch::Tensor o = attn_mask.has_value()
-                          ? at::scaled_dot_product_attention(qt, kt, vt, *attn_mask, 0.0, false, st.scale, Hq != Hkv)
-                          : at::scaled_dot_product_attention(qt, kt, vt, {}, 0.0, true, st.scale, Hq != Hkv);
-    h.add_(proj(o.transpose(1, 2).reshape({N, Hq * D}), 4));
+    torch::Tensor o;
+    if (packed && S <= kPackedAttentionMaxLen) {
+      o = prompt_attention_packed(q, k, v, B, S, Hq, Hkv, D, pad, st.scale);
+    } else {
+      o = (attn_mask.has_value()
+               ? at::scaled_dot_product_attention(qt, kt, vt, *attn_mask, 0.0, false, st.scale, Hq != Hkv)
+               : at::scaled_dot_product_attention(qt, kt, vt, {}, 0.0, true, st.scale, Hq != Hkv))
+              .transpose(1, 2)
+              .reshape({N, Hq * D});
+    }
+    h.add_(proj(o, 4));
     rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), N, H, epsf);
     torch::Tensor g = proj(x, 6);
     torch::Tensor u = proj(x, 7);
@@ -130,10 +186,11 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
 
 void register_prefill_ops(py::module_& m) {
   m.def("prefill_layers_cpu", &prefill_layers_cpu, py::arg("hidden"), py::arg("cos"), py::arg("sin"),
-        py::arg("attn_mask"), py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"), py::arg("v_caches"),
+        py::arg("pad_counts"), py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"), py::arg("v_caches"),
         py::arg("slot_mapping"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"),
         "Prompt pass of every Llama layer plus the final norm in float32 on CPU: hidden [B, S, H] -> [B, S, H]. "
-        "attn_mask: None (causal, nothing padded) or bool [B, 1, S, S]; each token's K/V are written to the "
+        "pad_counts: None (nothing padded) or int64 [B] left-padding tokens per prompt (a padding query "
+        "attends to itself only); each token's K/V are written to the "
         "head-major caches [rows, Hkv, L, D] at slot_mapping [B, S] (row * L + position; -1 = skip).");
 }
 

@@ -239,7 +239,7 @@ class LanguageModel(nn.Module):
         pos = self._positions(inputs_embeds, attention_mask, position_ids)
         cos, sin = self.rotary(pos, inputs_embeds.dtype)
         key_mask = None if attention_mask is None else attention_mask.bool()
-        if K.cpu_prefill_applies(self, inputs_embeds, cache):
+        if K.cpu_prefill_applies(self, inputs_embeds, cache) and (key_mask is None or K.is_left_padded(key_mask)):
             # whole prompt pass in C++ (float32 CPU, head-major cache): same math, fewer sweeps
             return K.prefill_layers_cpu(self, inputs_embeds, cos, sin, key_mask, cache, slot_mapping)
         flat_slots = slot_mapping.reshape(-1)

@@ -190,21 +190,27 @@ def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                        cache, slot_mapping: torch.Tensor) -> torch.Tensor:
     """Every layer of ``lm`` plus its final norm over whole prompts, in C++ (the prefill).
 
-    h ``[B,S,H]``, cos/sin ``[B,S,D]``, key_mask bool ``[B,S]`` or None (nothing padded),
-    slot_mapping int64 ``[B,S]`` (-1 = not stored) -> final-normed hidden ``[B,S,H]``; writes
-    every layer's K/V into the head-major cache. Same math as the eager layers (float32; sums
-    may round in another order); the attention mask is built as :func:`prompt_attention` does.
+    h ``[B,S,H]``, cos/sin ``[B,S,D]``, key_mask bool ``[B,S]`` (left padding: see
+    :func:`is_left_padded`) or None (nothing padded), slot_mapping int64 ``[B,S]`` (-1 = not
+    stored) -> final-normed hidden ``[B,S,H]``; writes every layer's K/V into the head-major
+    cache. Same math as the eager layers (float32; sums may round in another order), the
+    attention masked as :func:`prompt_attention` masks it.
     """
-    mask = None
+    pad = None
     if key_mask is not None:
-        S = h.shape[1]
-        eye = torch.eye(S, dtype=torch.bool, device=h.device)
-        mask = ((torch.ones(S, S, dtype=torch.bool, device=h.device).tril() & key_mask[:, None, :]) | eye)[:, None]
+        if not is_left_padded(key_mask):
+            raise ValueError("prefill_layers_cpu: key_mask must be left padding (each row 0..0 then 1..1)")
+        pad = (~key_mask).sum(1).to(torch.int64).contiguous()
     cfg = lm.cfg
     return _extension().prefill_layers_cpu(
-        h.contiguous(), cos.contiguous(), sin.contiguous(), mask, _stack_weights(lm), lm.norm.weight.detach(),
+        h.contiguous(), cos.contiguous(), sin.contiguous(), pad, _stack_weights(lm), lm.norm.weight.detach(),
         cache.k, cache.v, slot_mapping.contiguous(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
         cfg.head_dim ** -0.5)
+
+
+def is_left_padded(key_mask: torch.Tensor) -> bool:
+    """key_mask bool ``[B,S]``: every row is 0..0 then 1..1 with at least one 1 (host sync)."""
+    return bool(key_mask[:, -1].all()) and not bool((key_mask[:, 1:] < key_mask[:, :-1]).any())
 
 
 def cpu_prefill_applies(lm, h: torch.Tensor, cache) -> bool:

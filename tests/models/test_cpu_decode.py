@@ -120,11 +120,12 @@ def test_decode_step_in_cpp_equals_eager_layers(which, tiny_model, model64, monk
 
 @pytest.mark.parametrize("which", ["tiny", "d64"])
 @pytest.mark.parametrize("padded", [False, True])
-def test_prefill_in_cpp_equals_eager_layers(which, padded, tiny_model, model64, monkeypatch):
+@pytest.mark.parametrize("S", [9, 200])  # 3 x 200 tokens: the packed GEMM and attention (>= 512 rows)
+def test_prefill_in_cpp_equals_eager_layers(which, padded, S, tiny_model, model64, monkeypatch):
     """Left-padded prompts (padding not stored: slot -1) into a head-major cache."""
     m = tiny_model if which == "tiny" else model64
     cfg = m.config.text
-    B, S, rows, L = 3, 9, 4, 16
+    B, rows, L = 3, 4, S + 7
     g = torch.Generator().manual_seed(2)
     emb = torch.randn(B, S, cfg.hidden_size, generator=g)
     mask = torch.ones(B, S, dtype=torch.long)
@@ -152,7 +153,7 @@ def test_prefill_in_cpp_equals_eager_layers(which, padded, tiny_model, model64, 
         assert (x - y).abs().max() <= 1e-4  # same K/V at the same slots
         assert torch.equal(x[2], x0[2])  # a row no prompt owns is untouched
         if padded:
-            assert torch.equal(x[3, :, 5:], x0[3, :, 5:])  # prompt 1 has 5 real tokens: positions 5.. untouched
+            assert torch.equal(x[3, :, S - 4:], x0[3, :, S - 4:])  # prompt 1 has S-4 real tokens: the rest untouched
 
 
 def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):
@@ -170,6 +171,9 @@ def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):
             K.prefill_layers_cpu(lm, h, cos[:, :3], sin[:, :3], None, cache, torch.tensor([[0, 1, 2, 3]]))
         with pytest.raises(RuntimeError, match="hidden width"):
             K.prefill_layers_cpu(lm, h[..., :-1], cos, sin, None, cache, torch.tensor([[0, 1, 2, 3]]))
+        with pytest.raises(ValueError, match="key_mask must be left padding"):
+            K.prefill_layers_cpu(lm, h, cos, sin, torch.tensor([[True, False, True, True]]), cache,
+                                 torch.tensor([[0, -1, 2, 3]]))
 
 
 def test_decode_layers_cpu_rejects_bad_inputs(tiny_model):
