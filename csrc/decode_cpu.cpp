@@ -185,6 +185,11 @@ PGEN_CLONES void silu_mul_range(float* g, const float* u, int64_t lo, int64_t hi
   }
 }
 
+PGEN_CLONES void add_range(float* a, const float* b, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] += b[i];
+}
+
 PGEN_CLONES void causal_softmax_row(float* row, int64_t S, int64_t lo, int64_t hi, float scale) {
 #pragma omp simd
   for (int64_t j = lo; j < hi; ++j) row[j] *= scale;
@@ -269,6 +274,12 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
                       scale, scores.data(), ob);
     }
   }
+}
+
+void add_inplace_f32(float* a, const float* b, int64_t n) { add_range(a, b, n); }
+
+void add_bias_rows_f32(float* y, const float* bias, int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) add_range(y + r * n, bias, n);
 }
 
 void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale) {

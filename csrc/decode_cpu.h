@@ -40,6 +40,12 @@ void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, in
 // padding row, i < pad, over [i, i]: itself only); every other column becomes 0.
 void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale);
 
+// a += b over [n] elements (residual adds).
+void add_inplace_f32(float* a, const float* b, int64_t n);
+
+// y[r] += bias over rows of y [rows, n] (a linear layer's bias after its GEMM).
+void add_bias_rows_f32(float* y, const float* bias, int64_t rows, int64_t n);
+
 // g = silu(g) * u over [n] elements (the SwiGLU gate).
 void silu_mul_f32(float* g, const float* u, int64_t n);
 

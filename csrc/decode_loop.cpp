@@ -14,10 +14,13 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstring>
 #include <string>
 #include <vector>
 
+#include "decode_cpu.h"
 #include "decode_stack.h"
+#include "gemm_cpu.h"
 #include "sampler_cpu.h"
 
 namespace py = pybind11;
@@ -47,6 +50,16 @@ torch::Tensor act(const torch::Tensor& x, Act a) {
   return x;
 }
 
+// The same activation in place (the same ATen kernels, so the same values).
+void act_(torch::Tensor& x, Act a) {
+  switch (a) {
+    case Act::kGelu: at::gelu_(x); break;
+    case Act::kGeluTanh: at::gelu_(x, "tanh"); break;
+    case Act::kSilu: at::silu_(x); break;
+    case Act::kRelu: at::relu_(x); break;
+  }
+}
+
 // One nn.Linear of the aligner / head: weight, bias (empty = none) and, when the packed
 // kernel runs here, the packed weight.
 struct Linear {
@@ -59,6 +72,13 @@ std::vector<Linear> linears(const std::vector<torch::Tensor>& ws, const std::vec
     out.push_back({ws[i], bs[i], pack ? pack_weight(ws[i].contiguous()) : torch::Tensor()});
   }
   return out;
+}
+
+// out (contiguous [rows, N]) = x (contiguous [rows, K]) . W^T + b through the packed kernel.
+void linear_into(const torch::Tensor& x, const Linear& l, torch::Tensor& out) {
+  const int64_t rows = x.size(0), N = l.w.size(0);
+  gemm_packed_f32(x.data_ptr<float>(), rows, x.size(1), l.packed.data_ptr<float>(), N, out.data_ptr<float>());
+  if (l.b.numel()) add_bias_rows_f32(out.data_ptr<float>(), l.b.data_ptr<float>(), rows, N);
 }
 
 torch::Tensor linear(const torch::Tensor& x, const Linear& l) {
@@ -209,12 +229,36 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
     const float* ct = rope_cos.data_ptr<float>();
     const float* stb = rope_sin.data_ptr<float>();
     const int64_t* seeds = step_seeds.data_ptr<int64_t>();
+    // packed path: every step writes into these buffers (no per-step allocation or ATen call
+    // but the activations)
+    StackWorkspace ws;
+    ws.reserve(st, m);
+    const int64_t E = embed.size(1), P = head[0].w.size(0);
+    torch::Tensor hbuf = torch::empty({m, H}, opts), hid = torch::empty({m, P}, opts);
+    torch::Tensor logit_buf = torch::empty({m, K}, opts), e0 = torch::empty({n, E}, opts);
+    std::vector<torch::Tensor> abuf;  // aligner layer outputs but the last (that one goes to hbuf)
+    for (size_t j = 0; j + 1 < aligner.size(); ++j) abuf.push_back(torch::empty({n, aligner[j].w.size(0)}, opts));
+    const float* ew = embed.data_ptr<float>();
     for (int64_t t = t_begin; t < t_end; ++t) {
       for (int64_t i = 0; i < n; ++i) codes[i] = o[(c0 + i) * T + t - 1];
-      torch::Tensor e = at::embedding(embed, torch::from_blob(codes.data(), {n}, torch::kInt64));
-      e = linear(e, aligner[0]);
-      for (size_t j = 1; j < aligner.size(); ++j) e = linear(act(e, a_act), aligner[j]);
-      torch::Tensor h = cfg ? at::cat({e, e}) : e.contiguous();
+      torch::Tensor h;
+      if (pack) {
+        for (int64_t i = 0; i < n; ++i) std::memcpy(e0.data_ptr<float>() + i * E, ew + codes[i] * E, sizeof(float) * E);
+        torch::Tensor cur = e0, head_rows = hbuf.narrow(0, 0, n);
+        for (size_t j = 0; j < aligner.size(); ++j) {
+          if (j > 0) act_(cur, a_act);
+          torch::Tensor& dst = j + 1 < aligner.size() ? abuf[j] : head_rows;
+          linear_into(cur, aligner[j], dst);
+          cur = dst;
+        }
+        if (cfg) std::memcpy(hbuf.data_ptr<float>() + n * H, hbuf.data_ptr<float>(), sizeof(float) * n * H);
+        h = hbuf;
+      } else {
+        torch::Tensor e = at::embedding(embed, torch::from_blob(codes.data(), {n}, torch::kInt64));
+        e = linear(e, aligner[0]);
+        for (size_t j = 1; j < aligner.size(); ++j) e = linear(act(e, a_act), aligner[j]);
+        h = cfg ? at::cat({e, e}) : e.contiguous();
+      }
       for (int64_t i = 0; i < m; ++i) {
         const int64_t r = own[i], pos = bs[r] + t - 1;
         slot[i] = s0[r] + t - 1;
@@ -223,8 +267,16 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
         std::copy(stb + pos * D, stb + (pos + 1) * D, sinb.data_ptr<float>() + i * D);
       }
       run_stack(st, h, y.data_ptr<float>(), cosb.data_ptr<float>(), sinb.data_ptr<float>(), slot.data(),
-                lens.data(), own.data(), prow ? gprow.data() : nullptr, prow ? gplen.data() : nullptr);
-      torch::Tensor logits = linear(act(linear(y, head[0]), h_act), head[1]);
+                lens.data(), own.data(), prow ? gprow.data() : nullptr, prow ? gplen.data() : nullptr, &ws);
+      torch::Tensor logits;
+      if (pack) {
+        linear_into(y, head[0], hid);
+        act_(hid, h_act);
+        linear_into(hid, head[1], logit_buf);
+        logits = logit_buf;
+      } else {
+        logits = linear(act(linear(y, head[0]), h_act), head[1]);
+      }
       torch::Tensor c = logits.narrow(0, 0, n);
       if (greedy) {
         torch::Tensor mixed = cfg ? at::add(logits.narrow(0, n, n), at::mul(at::sub(c, logits.narrow(0, n, n)), s))

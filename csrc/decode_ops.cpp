@@ -113,42 +113,68 @@ void pack_stack(DecodeStack& st) {
   }
 }
 
+void StackWorkspace::reserve(const DecodeStack& st, int64_t rows) {
+  if (rows <= capacity) return;
+  auto f = torch::TensorOptions().dtype(torch::kFloat32);
+  x = torch::empty({rows, st.H}, f);
+  tmp = torch::empty({rows, st.H}, f);
+  q = torch::empty({rows, st.Hq * st.D}, f);
+  attn = torch::empty({rows, st.Hq * st.D}, f);
+  k = torch::empty({rows, st.Hkv * st.D}, f);
+  v = torch::empty({rows, st.Hkv * st.D}, f);
+  g = torch::empty({rows, st.I}, f);
+  u = torch::empty({rows, st.I}, f);
+  capacity = rows;
+}
+
 void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* cos, const float* sin,
                const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows,
-               const int32_t* prefix_row, const int32_t* prefix_len) {
+               const int32_t* prefix_row, const int32_t* prefix_len, StackWorkspace* ws) {
   // grad / inference mode are thread-local and workers do not inherit the caller's; in-place
   // updates of the caller's (possibly inference) tensors are allowed inside InferenceMode
   c10::InferenceMode inference;
   SingleThreadedBlas blas;
   const int64_t n = h.size(0), H = st.H, Hq = st.Hq, Hkv = st.Hkv, D = st.D;
-  torch::Tensor x = torch::empty_like(h);
-  torch::Tensor attn = torch::empty({n, Hq * D}, h.options());
+  StackWorkspace local;
+  if (ws == nullptr) ws = &local;
+  ws->reserve(st, n);
+  auto rows = [n](const torch::Tensor& t) { return t.narrow(0, 0, n); };
+  const torch::Tensor x = rows(ws->x), q = rows(ws->q), k = rows(ws->k), v = rows(ws->v), attn = rows(ws->attn);
+  const torch::Tensor tmp = rows(ws->tmp), g = rows(ws->g), u = rows(ws->u);
   const bool packed = !st.packed.empty();
+  float* hp = h.data_ptr<float>();
   for (int64_t l = 0; l < st.layers; ++l) {
     const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
-    // weight i of this layer (1-4 attention, 6-8 MLP) times the rows of `in`
-    auto proj = [&](const torch::Tensor& in, int i) {
+    // out = in . W_i^T for weight i of this layer (1-4 attention, 6-8 MLP)
+    auto proj = [&](const torch::Tensor& in, int i, const torch::Tensor& out) {
       static constexpr int kSlot[kWeightsPerLayer] = {-1, 0, 1, 2, 3, -1, 4, 5, 6};
-      return packed ? packed_mm(in, st.packed[7 * l + kSlot[i]], w[i].size(0)) : torch::mm(in, w[i].t());
+      if (packed) {
+        gemm_packed_f32(in.data_ptr<float>(), n, in.size(1), st.packed[7 * l + kSlot[i]].data_ptr<float>(),
+                        w[i].size(0), out.data_ptr<float>());
+      } else {
+        at::mm_out(const_cast<torch::Tensor&>(out), in, w[i].t());
+      }
     };
     float* kc = st.k[l].data_ptr<float>();
     float* vc = st.v[l].data_ptr<float>();
-    rms_norm_rows_f32(h.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
-    torch::Tensor q = proj(x, 1);
-    torch::Tensor k = proj(x, 2);
-    torch::Tensor v = proj(x, 3);
+    rms_norm_rows_f32(hp, w[0].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
+    proj(x, 1, q);
+    proj(x, 2, k);
+    proj(x, 3, v);
     rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cos, sin, n, Hq,
                         Hkv, D, kc, vc, st.rows, st.L, slot);
     cached_attention_f32(q.data_ptr<float>(), kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen, prefix_row,
                          prefix_len, st.scale, attn.data_ptr<float>(), 0, own_rows);
-    h.add_(proj(attn, 4));
-    rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
-    torch::Tensor g = proj(x, 6);
-    torch::Tensor u = proj(x, 7);
+    proj(attn, 4, tmp);
+    add_inplace_f32(hp, tmp.data_ptr<float>(), n * H);
+    rms_norm_rows_f32(hp, w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
+    proj(x, 6, g);
+    proj(x, 7, u);
     silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
-    h.add_(proj(g, 8));
+    proj(g, 8, tmp);
+    add_inplace_f32(hp, tmp.data_ptr<float>(), n * H);
   }
-  rms_norm_rows_f32(h.data_ptr<float>(), st.final_norm.data_ptr<float>(), y, n, H, st.eps);
+  rms_norm_rows_f32(hp, st.final_norm.data_ptr<float>(), y, n, H, st.eps);
 }
 
 namespace {

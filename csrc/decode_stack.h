@@ -67,6 +67,14 @@ DecodeStack check_stack(const char* fn, const std::vector<torch::Tensor>& weight
                         const std::vector<torch::Tensor>& v_caches, int64_t num_heads,
                         int64_t num_kv_heads, double eps, double scale);
 
+// Scratch buffers of run_stack for up to `capacity` rows, reused across steps (a decode step
+// of a few rows otherwise spends a good part of its time allocating).
+struct StackWorkspace {
+  int64_t capacity = 0;
+  torch::Tensor x, q, k, v, attn, tmp, g, u;
+  void reserve(const DecodeStack& st, int64_t rows);
+};
+
 // One token per row through every layer, then the final norm. h [n, H] (contiguous) is the
 // residual stream, updated in place; y ([n, H] floats) receives the final-normed output.
 // Per row b: cos/sin [n, D] rows, slot[b] (= own_row * L + position) where this token's K/V
@@ -75,6 +83,6 @@ DecodeStack check_stack(const char* fn, const std::vector<torch::Tensor>& weight
 // Single-threaded BLAS when called inside a parallel region.
 void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* cos, const float* sin,
                const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows,
-               const int32_t* prefix_row, const int32_t* prefix_len);
+               const int32_t* prefix_row, const int32_t* prefix_len, StackWorkspace* ws = nullptr);
 
 }  // namespace pgen
