@@ -70,15 +70,26 @@ bool packed_gemm_available() {
 void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y, int64_t ldy) {
   if (!packed_gemm_available()) throw std::runtime_error("gemm_packed_f32: this CPU has no AVX-512F");
   if (ldy < 0) ldy = N;
+  // Row blocks of at most 8 (8 x 32 accumulators: 16 of the 32 vector registers), as equal as
+  // possible: blocks of 4+ rows run at the FMA rate, 2-3-row blocks at half of it (two weight
+  // loads per k for too few FMAs), so 8 rows are one block, not 6 + 2.
+  const int64_t blocks = (M + 7) / 8;
   int64_t r = 0;
-  for (; r + 6 <= M; r += 6) row_block<6>(x + r * K, K, P, N, y + r * ldy, ldy);
-  switch (M - r) {  // 6 x 32 accumulators fill 12 of the 32 vector registers; tails get their own block
-    case 1: row_block<1>(x + r * K, K, P, N, y + r * ldy, ldy); break;
-    case 2: row_block<2>(x + r * K, K, P, N, y + r * ldy, ldy); break;
-    case 3: row_block<3>(x + r * K, K, P, N, y + r * ldy, ldy); break;
-    case 4: row_block<4>(x + r * K, K, P, N, y + r * ldy, ldy); break;
-    case 5: row_block<5>(x + r * K, K, P, N, y + r * ldy, ldy); break;
-    default: break;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t mr = (M - r) / (blocks - b);
+    const float* xb = x + r * K;
+    float* yb = y + r * ldy;
+    switch (mr) {
+      case 1: row_block<1>(xb, K, P, N, yb, ldy); break;
+      case 2: row_block<2>(xb, K, P, N, yb, ldy); break;
+      case 3: row_block<3>(xb, K, P, N, yb, ldy); break;
+      case 4: row_block<4>(xb, K, P, N, yb, ldy); break;
+      case 5: row_block<5>(xb, K, P, N, yb, ldy); break;
+      case 6: row_block<6>(xb, K, P, N, yb, ldy); break;
+      case 7: row_block<7>(xb, K, P, N, yb, ldy); break;
+      default: row_block<8>(xb, K, P, N, yb, ldy); break;
+    }
+    r += mr;
   }
 }
 

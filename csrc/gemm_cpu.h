@@ -3,7 +3,7 @@
 // Why: in a CPU decode step each BLAS call multiplies a handful of rows (2-32) by a weight
 // matrix, and the BLAS re-packs the whole weight every call (as much work as the product
 // at 8 rows). Packing once per generation call and running an AVX-512 register-blocked
-// kernel (6 rows x 32 columns of accumulators, one fused multiply-add per weight element
+// kernel (up to 8 rows x 32 columns of accumulators, one fused multiply-add per weight element
 // and row, k in order) runs these products about 1.3-3x faster. Every output is the same
 // sequential sum over k whatever M is, so a row's result does not depend on its batch.
 #pragma once

@@ -131,8 +131,7 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
       const int64_t Nout = w[i].size(0), K = in.size(1);
       torch::Tensor a = in.contiguous(), y = torch::empty({N, Nout}, in.options());
       const float* P = st.packed[7 * l + kSlot[i]].data_ptr<float>();
-      at::parallel_for(0, (N + 5) / 6, 8, [&](int64_t b0, int64_t b1) {  // blocks of 6 rows (the kernel's)
-        const int64_t r0 = b0 * 6, r1 = std::min(N, b1 * 6);
+      at::parallel_for(0, N, 48, [&](int64_t r0, int64_t r1) {  // each thread its own rows
         gemm_packed_f32(a.data_ptr<float>() + r0 * K, r1 - r0, K, P, Nout, y.data_ptr<float>() + r0 * Nout);
       });
       return y;
