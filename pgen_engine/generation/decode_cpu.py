@@ -63,10 +63,11 @@ def last_level_cache_bytes() -> int:
 def rows_per_pass(model, cache, cfg: bool, T: int) -> int:
     """Conditional rows each thread decodes at once (all steps, then its next rows).
 
-    The K/V every thread reads per step should stay within half the last-level cache: past
-    that, attention streams the cache from DRAM each step (about 2x slower on a 2-core
-    VM with 32 MiB L3 at batch 32). Rows cost the packed GEMM almost nothing to split.
-    ``PGEN_ROWS_PER_PASS`` overrides (0 = all of a thread's rows in one pass).
+    The K/V every thread reads per step should stay within a quarter of the last-level cache
+    (which other processes share): past that, attention streams the cache from DRAM each step
+    (up to 1.5x slower decode on a 2-core VM with 32 MiB L3 at batch 32). Small passes cost
+    little: the packed GEMM runs 4+ rows (2 conditional rows and their partners) at full
+    rate. ``PGEN_ROWS_PER_PASS`` overrides (0 = all of a thread's rows in one pass).
     """
     env = os.environ.get("PGEN_ROWS_PER_PASS")
     if env is not None:
@@ -79,7 +80,7 @@ def rows_per_pass(model, cache, cfg: bool, T: int) -> int:
     shared = cache.prefix_row is not None
     per_row = per_pos * (L + (0 if not cfg else T if shared else L))  # a row and its partner
     threads = max(1, torch.get_num_threads())
-    return max(2, (last_level_cache_bytes() // 2) // (threads * per_row))
+    return max(2, (last_level_cache_bytes() // 4) // (threads * per_row))
 
 
 def _linear_parts(layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -124,5 +124,5 @@ def test_rows_per_pass_heuristic_keeps_the_kv_in_cache(model, monkeypatch):
     assert decode_cpu.rows_per_pass(model, small, True, T) > decode_cpu.rows_per_pass(model, big, True, T)
     cfg = model.config.text
     per_row = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 2 * 800  # cond + uncond, no shared prefix
-    want = max(2, (16 << 20) // (torch.get_num_threads() * per_row))
+    want = max(2, (8 << 20) // (torch.get_num_threads() * per_row))
     assert decode_cpu.rows_per_pass(model, big, True, T) == want
