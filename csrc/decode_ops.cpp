@@ -18,19 +18,19 @@ namespace py = pybind11;
 namespace pgen {
 namespace {
 
+// name: "<op>: <tensor>", as the error messages say it
 void check_f32(const torch::Tensor& t, const std::string& name, std::vector<int64_t> shape) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32,
-              "decode_layers_cpu: ", name, " must be a float32 CPU tensor, got ", t.scalar_type(),
-              " on ", t.device());
-  TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), "decode_layers_cpu: ", name, " has shape ",
-              t.sizes(), ", expected ", c10::IntArrayRef(shape));
-  TORCH_CHECK(t.is_contiguous(), "decode_layers_cpu: ", name, " must be contiguous");
+              name, " must be a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.sizes() == c10::IntArrayRef(shape), name, " has shape ", t.sizes(), ", expected ",
+              c10::IntArrayRef(shape));
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-void check_i32_rows(const torch::Tensor& t, const char* name, int64_t B) {
+void check_i32_rows(const torch::Tensor& t, const char* op, const char* name, int64_t B) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kInt32 && t.dim() == 1 &&
                   t.size(0) == B && t.is_contiguous(),
-              "decode_layers_cpu: ", name, " must be a contiguous int32 CPU tensor of shape [", B,
+              op, ": ", name, " must be a contiguous int32 CPU tensor of shape [", B,
               "], got ", t.scalar_type(), " ", t.sizes());
 }
 
@@ -193,14 +193,14 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
                                      num_heads, num_kv_heads, eps, scale);
   const int64_t B = hidden.size(0), H = st.H, D = st.D, rows = st.rows, L = st.L;
   TORCH_CHECK(rows >= B, "decode_layers_cpu: cache has ", rows, " rows for a batch of ", B);
-  check_f32(hidden, "hidden", {B, H});
-  check_f32(cos, "cos", {B, D});
-  check_f32(sin, "sin", {B, D});
+  check_f32(hidden, "decode_layers_cpu: hidden", {B, H});
+  check_f32(cos, "decode_layers_cpu: cos", {B, D});
+  check_f32(sin, "decode_layers_cpu: sin", {B, D});
   TORCH_CHECK(slot_mapping.device().is_cpu() && slot_mapping.scalar_type() == torch::kInt64 &&
                   slot_mapping.dim() == 1 && slot_mapping.size(0) == B && slot_mapping.is_contiguous(),
               "decode_layers_cpu: slot_mapping must be a contiguous int64 CPU tensor of shape [", B,
               "], got ", slot_mapping.scalar_type(), " ", slot_mapping.sizes());
-  check_i32_rows(seqlens, "cache_seqlens", B);
+  check_i32_rows(seqlens, "decode_layers_cpu", "cache_seqlens", B);
   // Bounds are checked here, once, so the kernels can index without checks.
   {
     const int64_t* s = slot_mapping.data_ptr<int64_t>();
@@ -217,8 +217,8 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
   const int32_t* prow = nullptr;
   const int32_t* plen = nullptr;
   if (prefix_row.has_value()) {
-    check_i32_rows(*prefix_row, "prefix_row", B);
-    check_i32_rows(*prefix_len, "prefix_len", B);
+    check_i32_rows(*prefix_row, "decode_layers_cpu", "prefix_row", B);
+    check_i32_rows(*prefix_len, "decode_layers_cpu", "prefix_len", B);
     prow = prefix_row->data_ptr<int32_t>();
     plen = prefix_len->data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b) {
@@ -262,18 +262,18 @@ torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
   TORCH_CHECK(Hq % Hkv == 0, "cached_attention_cpu: ", Hq, " query heads is not a multiple of ", Hkv,
               " KV heads");
   TORCH_CHECK(rows >= B, "cached_attention_cpu: cache has ", rows, " rows for a batch of ", B);
-  check_f32(q, "q", {B, Hq, D});
-  check_f32(k_cache, "k_cache", {rows, Hkv, L, D});
-  check_f32(v_cache, "v_cache", {rows, Hkv, L, D});
-  check_i32_rows(seqlens, "cache_seqlens", B);
+  check_f32(q, "cached_attention_cpu: q", {B, Hq, D});
+  check_f32(k_cache, "cached_attention_cpu: k_cache", {rows, Hkv, L, D});
+  check_f32(v_cache, "cached_attention_cpu: v_cache", {rows, Hkv, L, D});
+  check_i32_rows(seqlens, "cached_attention_cpu", "cache_seqlens", B);
   TORCH_CHECK(prefix_row.has_value() == prefix_len.has_value(),
               "cached_attention_cpu: prefix_row and prefix_len go together");
   const int32_t* n = seqlens.data_ptr<int32_t>();
   const int32_t* prow = nullptr;
   const int32_t* plen = nullptr;
   if (prefix_row.has_value()) {
-    check_i32_rows(*prefix_row, "prefix_row", B);
-    check_i32_rows(*prefix_len, "prefix_len", B);
+    check_i32_rows(*prefix_row, "cached_attention_cpu", "prefix_row", B);
+    check_i32_rows(*prefix_len, "cached_attention_cpu", "prefix_len", B);
     prow = prefix_row->data_ptr<int32_t>();
     plen = prefix_len->data_ptr<int32_t>();
   }

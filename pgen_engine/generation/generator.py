@@ -14,7 +14,8 @@ VQ codes per sample:
   prompts of one length share one; in ``"short"`` mode every row shares ``[bos, boi]``);
 * **no host synchronisation inside the decode loop**: per-row lengths, positions, slots
   and sampling seeds are tensors prepared before the loop; on CUDA the step is captured
-  once as a CUDA graph and replayed (:mod:`pgen_engine.generation.decode_graph`);
+  once as a CUDA graph and replayed (:mod:`pgen_engine.generation.decode_graph`); in
+  float32 on CPU the whole loop is one C++ call (:mod:`pgen_engine.generation.decode_cpu`);
 * **CFG by batch doubling**: rows ``[0, R)`` are conditional, ``[R, 2R)`` their
   unconditional partners; logits are mixed as ``u + s * (c - u)`` inside
   :func:`pgen_engine.ops.sample` (or before ``argmax`` for greedy decoding);
@@ -95,9 +96,10 @@ class Generator:
             scheduler over a paged cache: a finished request's rows are refilled from the
             queue while the others decode; ``uncond_mode="pad"`` only). Same tokens either way.
         decode_mode: how a wave's decode loop runs (``"waves"`` scheduler): ``"auto"``
-            (CUDA graph on CUDA, eager elsewhere), ``"eager"``, ``"static"`` (the graph-ready
-            step run eagerly, any device) or ``"graph"`` (CUDA only). See
-            :mod:`pgen_engine.generation.decode_graph`. Same tokens in every mode.
+            (CUDA graph on CUDA, eager elsewhere), ``"eager"`` (a float32 CPU model: the C++
+            wave loop of :mod:`pgen_engine.generation.decode_cpu`; else a Python loop),
+            ``"static"`` (the graph-ready step run eagerly, any device) or ``"graph"`` (CUDA
+            only). See :mod:`pgen_engine.generation.decode_graph`. Same tokens in every mode.
     """
 
     def __init__(self, model, *, max_batch_size: int = 32, max_seq_len: int | None = None,

@@ -114,7 +114,8 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         if prefix_row is not None:
             prefix_row, prefix_len = prefix_row[:B], prefix_len[:B]
         ext = _extension()
-        if ext is not None and q.dtype == torch.float32 and q.device.type == "cpu" and not _needs_grad(q, k_cache):
+        if (ext is not None and q.dtype == torch.float32 and k_cache.dtype == torch.float32 and q.device.type == "cpu"
+                and not _needs_grad(q, k_cache)):
             return ext.cached_attention_cpu(q.contiguous(), k_cache, v_cache, cache_seqlens.int().contiguous(),
                                             prefix_row, prefix_len, scale)
         return _cached_attention_head_major(q, k_cache, v_cache, cache_seqlens, scale, prefix_row, prefix_len)
@@ -153,6 +154,7 @@ def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache
         rows = prefix_row.long()
         k = torch.where(shared, k_cache[rows], k)
         v = torch.where(shared, v_cache[rows], v)
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype than the activations
     qg = q.view(B, Hkv, Hq // Hkv, D)
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, L]
     dead = torch.arange(L, device=q.device)[None, :] >= cache_seqlens[:, None].to(torch.long)
@@ -163,8 +165,11 @@ def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache
 
 def cpu_decode_applies(lm, h: torch.Tensor, cache) -> bool:
     """True when :func:`decode_layers_cpu` can run this step of ``lm`` (a ``LanguageModel``):
-    float32 CPU, head-major cache, no gradients, Llama layers without biases, extension built."""
+    float32 CPU activations and cache, head-major cache, no gradients, Llama layers without
+    biases, extension built."""
     if not _CPU_DECODE or h.device.type != "cpu" or h.dtype != torch.float32 or cache.layout != "bhsd":
+        return False
+    if cache.k[0].dtype != torch.float32:  # e.g. a bfloat16 cache under a float32 model: eager layers
         return False
     cfg = lm.cfg
     if cfg.attention_bias or cfg.mlp_bias or cfg.head_dim % 2 or cfg.head_dim > 1024:

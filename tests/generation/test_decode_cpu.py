@@ -126,3 +126,13 @@ def test_rows_per_pass_heuristic_keeps_the_kv_in_cache(model, monkeypatch):
     per_row = cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * 2 * 800  # cond + uncond, no shared prefix
     want = max(2, (8 << 20) // (torch.get_num_threads() * per_row))
     assert decode_cpu.rows_per_pass(model, big, True, T) == want
+
+
+def test_a_bfloat16_cache_under_a_float32_model_takes_the_eager_path(model, monkeypatch):
+    """The C++ stack needs a float32 cache; a bfloat16 one decodes through the torch layers."""
+    calls: list = []
+    _record_calls(monkeypatch, calls)
+    g = Generator(model, max_batch_size=2, max_seq_len=32, cache_dtype=torch.bfloat16)
+    out = g.generate(PROMPTS[:2], seed=3, top_k=5)
+    assert out.shape == (2, model.num_image_tokens) and not calls
+    assert not decode_cpu.applies(model, g._cache_view(2, 20))
