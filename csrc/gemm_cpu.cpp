@@ -1,5 +1,6 @@
 #include "gemm_cpu.h"
 
+#include <algorithm>
 #include <stdexcept>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -74,22 +75,30 @@ void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64
   // possible: blocks of 4+ rows run at the FMA rate, 2-3-row blocks at half of it (two weight
   // loads per k for too few FMAs), so 8 rows are one block, not 6 + 2.
   const int64_t blocks = (M + 7) / 8;
-  int64_t r = 0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t mr = (M - r) / (blocks - b);
-    const float* xb = x + r * K;
-    float* yb = y + r * ldy;
-    switch (mr) {
-      case 1: row_block<1>(xb, K, P, N, yb, ldy); break;
-      case 2: row_block<2>(xb, K, P, N, yb, ldy); break;
-      case 3: row_block<3>(xb, K, P, N, yb, ldy); break;
-      case 4: row_block<4>(xb, K, P, N, yb, ldy); break;
-      case 5: row_block<5>(xb, K, P, N, yb, ldy); break;
-      case 6: row_block<6>(xb, K, P, N, yb, ldy); break;
-      case 7: row_block<7>(xb, K, P, N, yb, ldy); break;
-      default: row_block<8>(xb, K, P, N, yb, ldy); break;
+  // Columns in chunks of 8 panels (K x 128 floats of W: 128 KiB at K = 256, kept in L2 while
+  // every row block uses them), so a wide W (a 16384-code head) streams from memory once per
+  // call, not once per row block.
+  constexpr int64_t kChunk = 128;
+  for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
+    const int64_t nc = std::min(kChunk, N - c0);
+    const float* Pc = P + c0 * K;
+    int64_t r = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t mr = (M - r) / (blocks - b);
+      const float* xb = x + r * K;
+      float* yb = y + r * ldy + c0;
+      switch (mr) {
+        case 1: row_block<1>(xb, K, Pc, nc, yb, ldy); break;
+        case 2: row_block<2>(xb, K, Pc, nc, yb, ldy); break;
+        case 3: row_block<3>(xb, K, Pc, nc, yb, ldy); break;
+        case 4: row_block<4>(xb, K, Pc, nc, yb, ldy); break;
+        case 5: row_block<5>(xb, K, Pc, nc, yb, ldy); break;
+        case 6: row_block<6>(xb, K, Pc, nc, yb, ldy); break;
+        case 7: row_block<7>(xb, K, Pc, nc, yb, ldy); break;
+        default: row_block<8>(xb, K, Pc, nc, yb, ldy); break;
+      }
+      r += mr;
     }
-    r += mr;
   }
 }
 

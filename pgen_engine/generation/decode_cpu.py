@@ -67,20 +67,29 @@ def rows_per_pass(model, cache, cfg: bool, T: int) -> int:
     (which other processes share): past that, attention streams the cache from DRAM each step
     (up to 1.5x slower decode on a 2-core VM with 32 MiB L3 at batch 32). Small passes cost
     little: the packed GEMM runs 4+ rows (2 conditional rows and their partners) at full
-    rate. ``PGEN_ROWS_PER_PASS`` overrides (0 = all of a thread's rows in one pass).
+    rate. But each pass-step reads every weight once, so when the weights alone exceed that
+    budget (Janus-Pro's 16384-code head), one pass. ``PGEN_ROWS_PER_PASS`` overrides (0 = all
+    of a thread's rows in one pass).
     """
     env = os.environ.get("PGEN_ROWS_PER_PASS")
     if env is not None:
         if not env.strip().isdigit():
             raise ValueError(f"PGEN_ROWS_PER_PASS must be an int >= 0, got {env!r}")
         return int(env)
+    budget = last_level_cache_bytes() // 4
+    # every pass-step reads all weights once: when they do not fit the budget anyway, more
+    # passes only re-stream them (a 16384-code head is 16 MiB), so all rows go at once
+    weight_bytes = sum(p.numel() * p.element_size() for p in (*model.language_model.layers.parameters(),
+                                                               *model.generation_head.parameters()))
+    if weight_bytes > budget:
+        return 0
     cfg_t = model.language_model.cfg
     L = cache.k[0].shape[2]
     per_pos = cfg_t.num_layers * cfg_t.num_kv_heads * cfg_t.head_dim * cache.k[0].element_size() * 2  # K and V
     shared = cache.prefix_row is not None
     per_row = per_pos * (L + (0 if not cfg else T if shared else L))  # a row and its partner
     threads = max(1, torch.get_num_threads())
-    return max(2, (last_level_cache_bytes() // 4) // (threads * per_row))
+    return max(2, budget // (threads * per_row))
 
 
 def _linear_parts(layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -136,3 +136,13 @@ def test_a_bfloat16_cache_under_a_float32_model_takes_the_eager_path(model, monk
     out = g.generate(PROMPTS[:2], seed=3, top_k=5)
     assert out.shape == (2, model.num_image_tokens) and not calls
     assert not decode_cpu.applies(model, g._cache_view(2, 20))
+
+
+def test_weights_larger_than_the_budget_decode_in_one_pass(model, monkeypatch):
+    monkeypatch.delenv("PGEN_ROWS_PER_PASS", raising=False)
+    g = Generator(model, max_batch_size=8, max_seq_len=40)
+    cache = g._cache_view(16, 40)
+    monkeypatch.setattr(decode_cpu, "last_level_cache_bytes", lambda: 32 << 20)
+    assert decode_cpu.rows_per_pass(model, cache, True, model.num_image_tokens) >= 2
+    monkeypatch.setattr(decode_cpu, "last_level_cache_bytes", lambda: 4 * 1024)  # weights >> a quarter of it
+    assert decode_cpu.rows_per_pass(model, cache, True, model.num_image_tokens) == 0
