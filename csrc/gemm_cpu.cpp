@@ -24,11 +24,12 @@ void pack_weight_f32(const float* W, int64_t N, int64_t K, float* P) {
 #ifdef PGEN_HAVE_AVX512_GEMM
 namespace {
 
-// MR rows x NP panels of 16 columns, accumulated over all of K in registers.
+// MR rows x NP panels of 16 columns, accumulated over k in [0, K) in registers. x rows are
+// ldx apart; ps = floats per panel (16 x the K the panels were packed with).
 template <int MR, int NP>
-__attribute__((target("avx512f"), always_inline)) inline void micro(const float* x, int64_t K, const float* P,
-                                                                     float* y, int64_t ldy, __mmask16 last) {
-  const int64_t ps = 16 * K;  // floats per panel
+__attribute__((target("avx512f"), always_inline)) inline void micro(const float* x, int64_t ldx, int64_t K,
+                                                                     const float* P, int64_t ps, float* y,
+                                                                     int64_t ldy, __mmask16 last) {
   __m512 acc[MR][NP];
   for (int r = 0; r < MR; ++r) {
     for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_setzero_ps();
@@ -37,7 +38,7 @@ __attribute__((target("avx512f"), always_inline)) inline void micro(const float*
     __m512 w[NP];
     for (int p = 0; p < NP; ++p) w[p] = _mm512_loadu_ps(P + p * ps + k * 16);
     for (int r = 0; r < MR; ++r) {
-      const __m512 xb = _mm512_set1_ps(x[r * K + k]);
+      const __m512 xb = _mm512_set1_ps(x[r * ldx + k]);
       for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(xb, w[p], acc[r][p]);
     }
   }
@@ -53,12 +54,12 @@ __mmask16 tail_mask(int64_t cols) {
 }
 
 template <int MR>
-__attribute__((target("avx512f"))) void row_block(const float* x, int64_t K, const float* P, int64_t N, float* y,
-                                                  int64_t ldy) {
-  const int64_t panels = (N + 15) / 16;
+__attribute__((target("avx512f"))) void row_block(const float* x, int64_t ldx, int64_t K, const float* P,
+                                                  int64_t kp, int64_t N, float* y, int64_t ldy) {
+  const int64_t panels = (N + 15) / 16, ps = 16 * kp;
   int64_t p = 0;
-  for (; p + 2 <= panels; p += 2) micro<MR, 2>(x, K, P + p * 16 * K, y + p * 16, ldy, tail_mask(N - (p + 1) * 16));
-  if (p < panels) micro<MR, 1>(x, K, P + p * 16 * K, y + p * 16, ldy, tail_mask(N - p * 16));
+  for (; p + 2 <= panels; p += 2) micro<MR, 2>(x, ldx, K, P + p * ps, ps, y + p * 16, ldy, tail_mask(N - (p + 1) * 16));
+  if (p < panels) micro<MR, 1>(x, ldx, K, P + p * ps, ps, y + p * 16, ldy, tail_mask(N - p * 16));
 }
 
 }  // namespace
@@ -68,9 +69,12 @@ bool packed_gemm_available() {
   return ok;
 }
 
-void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y, int64_t ldy) {
+void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y, int64_t ldy,
+                     int64_t ldx, int64_t kp) {
   if (!packed_gemm_available()) throw std::runtime_error("gemm_packed_f32: this CPU has no AVX-512F");
   if (ldy < 0) ldy = N;
+  if (ldx < 0) ldx = K;
+  if (kp < 0) kp = K;
   // Row blocks of at most 8 (8 x 32 accumulators: 16 of the 32 vector registers), as equal as
   // possible: blocks of 4+ rows run at the FMA rate, 2-3-row blocks at half of it (two weight
   // loads per k for too few FMAs), so 8 rows are one block, not 6 + 2.
@@ -81,21 +85,21 @@ void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64
   constexpr int64_t kChunk = 128;
   for (int64_t c0 = 0; c0 < N; c0 += kChunk) {
     const int64_t nc = std::min(kChunk, N - c0);
-    const float* Pc = P + c0 * K;
+    const float* Pc = P + c0 * kp;
     int64_t r = 0;
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t mr = (M - r) / (blocks - b);
-      const float* xb = x + r * K;
+      const float* xb = x + r * ldx;
       float* yb = y + r * ldy + c0;
       switch (mr) {
-        case 1: row_block<1>(xb, K, Pc, nc, yb, ldy); break;
-        case 2: row_block<2>(xb, K, Pc, nc, yb, ldy); break;
-        case 3: row_block<3>(xb, K, Pc, nc, yb, ldy); break;
-        case 4: row_block<4>(xb, K, Pc, nc, yb, ldy); break;
-        case 5: row_block<5>(xb, K, Pc, nc, yb, ldy); break;
-        case 6: row_block<6>(xb, K, Pc, nc, yb, ldy); break;
-        case 7: row_block<7>(xb, K, Pc, nc, yb, ldy); break;
-        default: row_block<8>(xb, K, Pc, nc, yb, ldy); break;
+        case 1: row_block<1>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
+        case 2: row_block<2>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
+        case 3: row_block<3>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
+        case 4: row_block<4>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
+        case 5: row_block<5>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
+        case 6: row_block<6>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
+        case 7: row_block<7>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
+        default: row_block<8>(xb, ldx, K, Pc, kp, nc, yb, ldy); break;
       }
       r += mr;
     }
@@ -106,7 +110,7 @@ void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64
 
 bool packed_gemm_available() { return false; }
 
-void gemm_packed_f32(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+void gemm_packed_f32(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t, int64_t, int64_t) {
   throw std::runtime_error("gemm_packed_f32: built without AVX-512 support");
 }
 

@@ -21,9 +21,11 @@ int64_t packed_weight_floats(int64_t N, int64_t K);
 // Packs row-major W [N, K] into P (packed_weight_floats(N, K) floats; padding columns = 0).
 void pack_weight_f32(const float* W, int64_t N, int64_t K, float* P);
 
-// y [M, N] (row-major, row stride ldy; default N) = x [M, K] (row-major, contiguous) . W^T
-// with W packed in P. N may be less than the packed W's rows: the first N outputs. Needs
-// packed_gemm_available(); single-threaded.
-void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y, int64_t ldy = -1);
+// y [M, N] (row-major, row stride ldy; default N) = x [M, K] (row-major, row stride ldx;
+// default K) . W^T with W packed in P. Prefixes of the packed W work: N may be less than W's
+// rows (the first N outputs) and K less than the kp columns W was packed with (default K: the
+// first K terms of each sum). Needs packed_gemm_available(); single-threaded.
+void gemm_packed_f32(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y, int64_t ldy = -1,
+                     int64_t ldx = -1, int64_t kp = -1);
 
 }  // namespace pgen

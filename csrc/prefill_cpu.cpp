@@ -28,7 +28,8 @@ constexpr int64_t kPackedPrefillRows = 512;
 constexpr int64_t kPackedAttentionMaxLen = 512;  // scores [S, S] per thread stay small
 
 // Causal attention of left-padded prompts through the packed GEMM, one (prompt, query head)
-// per task: scores = Q K^T (key panels past the diagonal skipped), causal softmax, P V.
+// per task: scores = Q K^T and P V, both skipping the keys past each row block's diagonal,
+// with the causal softmax between them.
 // q [B*S, Hq, D], k / v [B*S, Hkv, D] (rotary applied), pad [B] -> [B*S, Hq * D].
 torch::Tensor prompt_attention_packed(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                       int64_t B, int64_t S, int64_t Hq, int64_t Hkv, int64_t D, const int64_t* pad,
@@ -57,7 +58,10 @@ torch::Tensor prompt_attention_packed(const torch::Tensor& q, const torch::Tenso
         gemm_packed_f32(&qc[r0 * D], r1 - r0, D, pk.data(), r1, &sc[r0 * S], S);
       }
       causal_softmax_rows_f32(sc.data(), S, S, pad ? pad[b] : 0, scale);
-      gemm_packed_f32(sc.data(), S, S, pv.data(), D, o.data());
+      for (int64_t r0 = 0; r0 < S; r0 += 16) {  // P V for rows [r0, r1): their keys [0, r1) only
+        const int64_t r1 = std::min(S, r0 + 16);
+        gemm_packed_f32(&sc[r0 * S], r1 - r0, r1, pv.data(), D, &o[r0 * D], D, S, S);
+      }
       for (int64_t i = 0; i < S; ++i) std::memcpy(op + ((b * S + i) * Hq + h) * D, &o[i * D], sizeof(float) * D);
     }
   });
