@@ -301,15 +301,24 @@ void register_decode_ops(py::module_& m) {
         "True when the packed small-row float32 GEMM (AVX-512) runs on this CPU.");
   m.def(
       "packed_mm_cpu",
-      [](const torch::Tensor& x, const torch::Tensor& w) {
+      [](const torch::Tensor& x, const torch::Tensor& w, int64_t k) {
         TORCH_CHECK(packed_gemm_available(), "packed_mm_cpu: this CPU / build has no AVX-512 packed GEMM");
         TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == torch::kFloat32 &&
                         w.scalar_type() == torch::kFloat32 && x.device().is_cpu() && w.device().is_cpu(),
                     "packed_mm_cpu: need float32 CPU x [M, K] and w [N, K], got ", x.sizes(), " and ", w.sizes());
-        return packed_mm(x.contiguous(), pack_weight(w.contiguous()), w.size(0));
+        const int64_t K = w.size(1);
+        TORCH_CHECK(k <= K, "packed_mm_cpu: k = ", k, " exceeds K = ", K);
+        if (k < 0) return packed_mm(x.contiguous(), pack_weight(w.contiguous()), w.size(0));
+        // the first k terms: x rows read K apart, panels packed with K columns
+        torch::Tensor xc = x.contiguous(), P = pack_weight(w.contiguous());
+        torch::Tensor y = torch::empty({x.size(0), w.size(0)}, x.options());
+        gemm_packed_f32(xc.data_ptr<float>(), x.size(0), k, P.data_ptr<float>(), w.size(0), y.data_ptr<float>(),
+                        w.size(0), K, K);
+        return y;
       },
-      py::arg("x"), py::arg("w"),
-      "x [M, K] . w^T through the decode loop's packed GEMM (packs w first; for tests).");
+      py::arg("x"), py::arg("w"), py::arg("k") = -1,
+      "x [M, K] . w^T through the decode loop's packed GEMM (packs w first; for tests); k >= 0 sums "
+      "only the first k terms (x[:, :k] . w[:, :k]^T, reading the full-width x and packed w).");
   m.def("decode_layers_cpu", &decode_layers_cpu, py::arg("hidden"), py::arg("cos"), py::arg("sin"),
         py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"), py::arg("v_caches"),
         py::arg("slot_mapping"), py::arg("cache_seqlens"), py::arg("prefix_row"),

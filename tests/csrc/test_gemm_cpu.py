@@ -37,3 +37,15 @@ def test_packed_mm_rejects_bad_shapes():
         _C.packed_mm_cpu(torch.randn(2, 3), torch.randn(4, 5))
     with pytest.raises(RuntimeError, match="need float32"):
         _C.packed_mm_cpu(torch.randn(2, 3).double(), torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("k", [0, 1, 17, 64, 127])
+def test_a_prefix_of_k_reads_the_full_width_operands(k):
+    """k < K: the first k terms of each sum, with x rows and packed panels at their full width."""
+    g = torch.Generator().manual_seed(k)
+    x, w = torch.randn(11, 128, generator=g), torch.randn(40, 128, generator=g)
+    y = _C.packed_mm_cpu(x, w, k)
+    ref = x[:, :k].double() @ w[:, :k].double().T
+    assert (y.double() - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    with pytest.raises(RuntimeError, match="exceeds K"):
+        _C.packed_mm_cpu(x, w, 129)
