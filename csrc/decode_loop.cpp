@@ -208,7 +208,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
   const float s = static_cast<float>(guidance_scale);
   // One group per thread: conditional rows [c0, c1) and (with CFG) their partners R + [c0, c1).
   const int64_t G = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
-  // Conditional rows [c0, c1) (and partners) through every step.
+  // Conditional rows [c0, c1) and their partners through steps [t_begin, t_end).
   auto run_rows = [&](int64_t c0, int64_t c1) {
     const int64_t n = c1 - c0, m = cfg ? 2 * n : n;
     if (n == 0) return;
@@ -229,15 +229,20 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
     const float* ct = rope_cos.data_ptr<float>();
     const float* stb = rope_sin.data_ptr<float>();
     const int64_t* seeds = step_seeds.data_ptr<int64_t>();
-    // packed path: every step writes into these buffers (no per-step allocation or ATen call
-    // but the activations)
     StackWorkspace ws;
     ws.reserve(st, m);
+    // packed path: every step writes into these buffers (no per-step allocation or ATen call
+    // but the activations)
     const int64_t E = embed.size(1), P = head[0].w.size(0);
-    torch::Tensor hbuf = torch::empty({m, H}, opts), hid = torch::empty({m, P}, opts);
-    torch::Tensor logit_buf = torch::empty({m, K}, opts), e0 = torch::empty({n, E}, opts);
+    torch::Tensor hbuf, hid, logit_buf, e0;
     std::vector<torch::Tensor> abuf;  // aligner layer outputs but the last (that one goes to hbuf)
-    for (size_t j = 0; j + 1 < aligner.size(); ++j) abuf.push_back(torch::empty({n, aligner[j].w.size(0)}, opts));
+    if (pack) {
+      hbuf = torch::empty({m, H}, opts);
+      hid = torch::empty({m, P}, opts);
+      logit_buf = torch::empty({m, K}, opts);
+      e0 = torch::empty({n, E}, opts);
+      for (size_t j = 0; j + 1 < aligner.size(); ++j) abuf.push_back(torch::empty({n, aligner[j].w.size(0)}, opts));
+    }
     const float* ew = embed.data_ptr<float>();
     for (int64_t t = t_begin; t < t_end; ++t) {
       for (int64_t i = 0; i < n; ++i) codes[i] = o[(c0 + i) * T + t - 1];
