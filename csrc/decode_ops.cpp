@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -104,9 +105,29 @@ torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& packed, int
   return y;
 }
 
+int64_t pack_limit_bytes() {
+  const char* env = std::getenv("PGEN_CPU_PACK_MAX_MB");
+  int64_t mb = 1024;
+  if (env != nullptr && *env != 0) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK(end != env && *end == 0 && v >= 0, "PGEN_CPU_PACK_MAX_MB must be an integer >= 0, got '", env, "'");
+    mb = v;
+  }
+  return mb << 20;
+}
+
 void pack_stack(DecodeStack& st) {
   if (!packed_gemm_available()) return;
   st.packed.clear();
+  int64_t bytes = 0;  // the packed copy lives next to the weights while the call runs
+  for (int64_t l = 0; l < st.layers; ++l) {
+    for (int i : {1, 2, 3, 4, 6, 7, 8}) {
+      const torch::Tensor& w = st.weights[kWeightsPerLayer * l + i];
+      bytes += packed_weight_floats(w.size(0), w.size(1)) * static_cast<int64_t>(sizeof(float));
+    }
+  }
+  if (bytes > pack_limit_bytes()) return;
   for (int64_t l = 0; l < st.layers; ++l) {
     const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
     for (int i : {1, 2, 3, 4, 6, 7, 8}) st.packed.push_back(pack_weight(w[i]));

@@ -54,9 +54,9 @@ torch::Tensor pack_weight(const torch::Tensor& w);
 // x [M, K] . W^T -> [M, N] through the packed kernel (packed = pack_weight(W), N = W.size(0)).
 torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
 
-// Packs st's projection weights when this CPU runs the packed kernel (else leaves it as is).
-// Worth it when the stack then runs many small-row steps (the decode loop); about one copy
-// of the weights.
+// Packs st's projection weights when this CPU runs the packed kernel and the packed copy
+// (about the weights' size, held for the call) is at most PGEN_CPU_PACK_MAX_MB (default
+// 1024); else leaves st unpacked and the projections go through torch::mm.
 void pack_stack(DecodeStack& st);
 
 constexpr int kWeightsPerLayer = 9;

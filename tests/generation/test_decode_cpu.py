@@ -146,3 +146,15 @@ def test_weights_larger_than_the_budget_decode_in_one_pass(model, monkeypatch):
     assert decode_cpu.rows_per_pass(model, cache, True, model.num_image_tokens) >= 2
     monkeypatch.setattr(decode_cpu, "last_level_cache_bytes", lambda: 4 * 1024)  # weights >> a quarter of it
     assert decode_cpu.rows_per_pass(model, cache, True, model.num_image_tokens) == 0
+
+
+def test_pack_limit_falls_back_to_the_blas(model, monkeypatch):
+    """PGEN_CPU_PACK_MAX_MB caps the packed copy of the weights (0: never pack, use the BLAS)."""
+    g = Generator(model, max_batch_size=6, max_seq_len=32)
+    kw = dict(seed=[1, 2, 3], num_samples=2, top_k=6, top_p=0.95)
+    packed = g.generate(PROMPTS, **kw)
+    monkeypatch.setenv("PGEN_CPU_PACK_MAX_MB", "0")
+    assert torch.equal(g.generate(PROMPTS, **kw), packed)
+    monkeypatch.setenv("PGEN_CPU_PACK_MAX_MB", "lots")
+    with pytest.raises(RuntimeError, match="PGEN_CPU_PACK_MAX_MB must be an integer >= 0"):
+        g.generate(PROMPTS, **kw)
