@@ -321,8 +321,7 @@ void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, in
 void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
                           int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
-                          const int32_t* prefix_len, float scale, float* out, int64_t row0,
-                          const int64_t* own_rows) {
+                          const int32_t* prefix_len, float scale, float* out, const int64_t* own_rows) {
   const int64_t G = Hq / Hkv;
   (void)cache_rows;
   // (row, kv head) items in row-major order: rows sharing a prefix are usually adjacent, so
@@ -342,7 +341,7 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
         std::fill(ob, ob + G * D, 0.0f);
         continue;
       }
-      const int64_t own = own_rows ? own_rows[b] : row0 + b;
+      const int64_t own = own_rows ? own_rows[b] : b;
       const int64_t src = prefix_row ? prefix_row[b] : own;
       const int64_t plen = prefix_row ? std::min<int64_t>(prefix_len[b], n) : 0;
       attend_item_any(qb, k_cache + (src * Hkv + h) * L * D, v_cache + (src * Hkv + h) * L * D,

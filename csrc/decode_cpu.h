@@ -22,14 +22,15 @@ void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, c
                          float* v_cache, int64_t cache_rows, int64_t L, const int64_t* slot);
 
 // One query per row over its cached keys, with optional prefix sharing: query row b owns
-// cache row own_rows[b] (own_rows == nullptr: row0 + b); it attends to positions [0, prefix_len[b]) of cache row prefix_row[b]
-// and positions [prefix_len[b], seqlen[b]) of its own row (prefix_row == nullptr: all
-// positions from its own row). q [B, Hq, D] -> out [B, Hq, D]; scores in fp32, softmax with
-// the row max subtracted. Rows whose seqlen is 0 get zeros.
+// cache row own_rows[b] (own_rows == nullptr: row b); it attends to positions
+// [0, prefix_len[b]) of cache row prefix_row[b] and positions [prefix_len[b], seqlen[b]) of
+// its own row (prefix_row == nullptr: all positions from its own row). q [B, Hq, D] ->
+// out [B, Hq, D]; scores in fp32, softmax with the row max subtracted. Rows whose seqlen is
+// 0 get zeros.
 void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
                           int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
-                          const int32_t* prefix_len, float scale, float* out, int64_t row0 = 0,
+                          const int32_t* prefix_len, float scale, float* out,
                           const int64_t* own_rows = nullptr);
 
 // Rotates x [B, heads, D] in place (rotate_half convention, cos/sin [B, D]).

@@ -7,8 +7,9 @@
 // loop around it (about 30 eager ops per step) costs as much again. Here a wave's rows are
 // split into one group per thread (a conditional row always with its unconditional partner,
 // so a group can mix and sample on its own); each thread runs all the steps of its group with
-// no synchronisation at all, because rows never interact while decoding. The ops outside the
-// layer stack are the same ATen calls the Python loop makes, so the results match it.
+// no synchronisation at all, because rows never interact while decoding. Projections go
+// through the packed GEMM (gemm_cpu.h) when it runs here, else through the ATen calls the
+// Python loop makes; either way the codes match the Python loop's (sums may round apart).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -40,17 +41,7 @@ Act parse_act(const std::string& name, const char* what) {
   return Act::kGelu;
 }
 
-torch::Tensor act(const torch::Tensor& x, Act a) {
-  switch (a) {
-    case Act::kGelu: return at::gelu(x);
-    case Act::kGeluTanh: return at::gelu(x, "tanh");
-    case Act::kSilu: return at::silu(x);
-    case Act::kRelu: return at::relu(x);
-  }
-  return x;
-}
-
-// The same activation in place (the same ATen kernels, so the same values).
+// The activation in place (ATen's kernels: the values of the Python path's out-of-place calls).
 void act_(torch::Tensor& x, Act a) {
   switch (a) {
     case Act::kGelu: at::gelu_(x); break;
@@ -81,12 +72,9 @@ void linear_into(const torch::Tensor& x, const Linear& l, torch::Tensor& out) {
   if (l.b.numel()) add_bias_rows_f32(out.data_ptr<float>(), l.b.data_ptr<float>(), rows, N);
 }
 
+// The unpacked path: as F.linear computes it.
 torch::Tensor linear(const torch::Tensor& x, const Linear& l) {
-  if (l.packed.defined()) {
-    torch::Tensor y = packed_mm(x.contiguous(), l.packed, l.w.size(0));
-    return l.b.numel() ? y.add_(l.b) : y;
-  }
-  return l.b.numel() ? at::linear(x, l.w, l.b) : at::linear(x, l.w);  // as F.linear computes it
+  return l.b.numel() ? at::linear(x, l.w, l.b) : at::linear(x, l.w);
 }
 
 void check_linear(const torch::Tensor& w, const torch::Tensor& b, int64_t in, const std::string& name) {
@@ -119,7 +107,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
                      double guidance_scale, double temperature, int64_t top_k, double top_p, bool greedy,
                      int64_t rows_per_pass) {
   DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
-                                     num_kv_heads, eps, scale);
+                               num_kv_heads, eps, scale);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kInt64 && out.dim() == 2 && out.is_contiguous(),
               "decode_loop_cpu: out must be a contiguous int64 CPU [R, T] tensor, got ", out.scalar_type(), " ",
               out.sizes());
@@ -261,7 +249,10 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
       } else {
         torch::Tensor e = at::embedding(embed, torch::from_blob(codes.data(), {n}, torch::kInt64));
         e = linear(e, aligner[0]);
-        for (size_t j = 1; j < aligner.size(); ++j) e = linear(act(e, a_act), aligner[j]);
+        for (size_t j = 1; j < aligner.size(); ++j) {
+          act_(e, a_act);
+          e = linear(e, aligner[j]);
+        }
         h = cfg ? at::cat({e, e}) : e.contiguous();
       }
       for (int64_t i = 0; i < m; ++i) {
@@ -280,7 +271,9 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
         linear_into(hid, head[1], logit_buf);
         logits = logit_buf;
       } else {
-        logits = linear(act(linear(y, head[0]), h_act), head[1]);
+        torch::Tensor z = linear(y, head[0]);
+        act_(z, h_act);
+        logits = linear(z, head[1]);
       }
       torch::Tensor c = logits.narrow(0, 0, n);
       if (greedy) {

@@ -98,13 +98,6 @@ torch::Tensor pack_weight(const torch::Tensor& w) {
   return p;
 }
 
-torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t N) {
-  const int64_t M = x.size(0), K = x.size(1);
-  torch::Tensor y = torch::empty({M, N}, x.options());
-  gemm_packed_f32(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), N, y.data_ptr<float>());
-  return y;
-}
-
 int64_t pack_limit_bytes() {
   const char* env = std::getenv("PGEN_CPU_PACK_MAX_MB");
   int64_t mb = 1024;
@@ -122,15 +115,14 @@ void pack_stack(DecodeStack& st) {
   st.packed.clear();
   int64_t bytes = 0;  // the packed copy lives next to the weights while the call runs
   for (int64_t l = 0; l < st.layers; ++l) {
-    for (int i : {1, 2, 3, 4, 6, 7, 8}) {
+    for (int i : kProjections) {
       const torch::Tensor& w = st.weights[kWeightsPerLayer * l + i];
       bytes += packed_weight_floats(w.size(0), w.size(1)) * static_cast<int64_t>(sizeof(float));
     }
   }
   if (bytes > pack_limit_bytes()) return;
   for (int64_t l = 0; l < st.layers; ++l) {
-    const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
-    for (int i : {1, 2, 3, 4, 6, 7, 8}) st.packed.push_back(pack_weight(w[i]));
+    for (int i : kProjections) st.packed.push_back(pack_weight(st.weights[kWeightsPerLayer * l + i]));
   }
 }
 
@@ -168,9 +160,8 @@ void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* co
     const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
     // out = in . W_i^T for weight i of this layer (1-4 attention, 6-8 MLP)
     auto proj = [&](const torch::Tensor& in, int i, const torch::Tensor& out) {
-      static constexpr int kSlot[kWeightsPerLayer] = {-1, 0, 1, 2, 3, -1, 4, 5, 6};
       if (packed) {
-        gemm_packed_f32(in.data_ptr<float>(), n, in.size(1), st.packed[7 * l + kSlot[i]].data_ptr<float>(),
+        gemm_packed_f32(in.data_ptr<float>(), n, in.size(1), st.packed_weight(l, i).data_ptr<float>(),
                         w[i].size(0), out.data_ptr<float>());
       } else {
         at::mm_out(const_cast<torch::Tensor&>(out), in, w[i].t());
@@ -185,7 +176,7 @@ void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* co
     rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cos, sin, n, Hq,
                         Hkv, D, kc, vc, st.rows, st.L, slot);
     cached_attention_f32(q.data_ptr<float>(), kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen, prefix_row,
-                         prefix_len, st.scale, attn.data_ptr<float>(), 0, own_rows);
+                         prefix_len, st.scale, attn.data_ptr<float>(), own_rows);
     proj(attn, 4, tmp);
     add_inplace_f32(hp, tmp.data_ptr<float>(), n * H);
     rms_norm_rows_f32(hp, w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
@@ -311,7 +302,7 @@ torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
   py::gil_scoped_release no_gil;
   cached_attention_f32(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), B,
                        Hq, Hkv, D, rows, L, n, prow, plen, static_cast<float>(scale),
-                       out.data_ptr<float>(), 0);
+                       out.data_ptr<float>());
   return out;
 }
 
@@ -327,14 +318,13 @@ void register_decode_ops(py::module_& m) {
         TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == torch::kFloat32 &&
                         w.scalar_type() == torch::kFloat32 && x.device().is_cpu() && w.device().is_cpu(),
                     "packed_mm_cpu: need float32 CPU x [M, K] and w [N, K], got ", x.sizes(), " and ", w.sizes());
-        const int64_t K = w.size(1);
+        const int64_t K = w.size(1), N = w.size(0);
         TORCH_CHECK(k <= K, "packed_mm_cpu: k = ", k, " exceeds K = ", K);
-        if (k < 0) return packed_mm(x.contiguous(), pack_weight(w.contiguous()), w.size(0));
-        // the first k terms: x rows read K apart, panels packed with K columns
         torch::Tensor xc = x.contiguous(), P = pack_weight(w.contiguous());
-        torch::Tensor y = torch::empty({x.size(0), w.size(0)}, x.options());
-        gemm_packed_f32(xc.data_ptr<float>(), x.size(0), k, P.data_ptr<float>(), w.size(0), y.data_ptr<float>(),
-                        w.size(0), K, K);
+        torch::Tensor y = torch::empty({x.size(0), N}, x.options());
+        // the first k terms: x rows read K apart, panels packed with K columns
+        gemm_packed_f32(xc.data_ptr<float>(), x.size(0), k < 0 ? K : k, P.data_ptr<float>(), N, y.data_ptr<float>(),
+                        N, K, K);
         return y;
       },
       py::arg("x"), py::arg("w"), py::arg("k") = -1,

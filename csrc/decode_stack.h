@@ -36,6 +36,10 @@ class SingleThreadedBlas {
 };
 
 
+constexpr int kWeightsPerLayer = 9;
+// The per-layer weights that are projections (q, k, v, o, gate, up, down), in packed order.
+constexpr int kProjections[7] = {1, 2, 3, 4, 6, 7, 8};
+
 // Validated float32 views of a decoder's weights and its head-major KV caches.
 struct DecodeStack {
   std::vector<torch::Tensor> weights;  // 9 per layer: ln1, q, k, v, o, ln2, gate, up, down
@@ -43,23 +47,24 @@ struct DecodeStack {
   std::vector<torch::Tensor> k, v;     // per layer [rows, Hkv, L, D]
   int64_t layers = 0, H = 0, Hq = 0, Hkv = 0, D = 0, I = 0, rows = 0, L = 0;
   float eps = 0.0f, scale = 0.0f;
-  // Optional (pack_stack): the 7 projection weights of every layer (q, k, v, o, gate, up, down)
+  // Optional (pack_stack): the 7 projection weights of every layer (kProjections order)
   // packed for gemm_packed_f32 (gemm_cpu.h); empty = the projections go through torch::mm.
   std::vector<torch::Tensor> packed;
+
+  // Packed weight i (a kProjections entry) of layer l; needs a packed stack.
+  const torch::Tensor& packed_weight(int64_t l, int i) const {
+    static constexpr int kSlot[kWeightsPerLayer] = {-1, 0, 1, 2, 3, -1, 4, 5, 6};
+    return packed[7 * l + kSlot[i]];
+  }
 };
 
 // W [N, K] packed for gemm_packed_f32 (a float32 tensor of packed_weight_floats(N, K)).
 torch::Tensor pack_weight(const torch::Tensor& w);
 
-// x [M, K] . W^T -> [M, N] through the packed kernel (packed = pack_weight(W), N = W.size(0)).
-torch::Tensor packed_mm(const torch::Tensor& x, const torch::Tensor& packed, int64_t N);
-
 // Packs st's projection weights when this CPU runs the packed kernel and the packed copy
 // (about the weights' size, held for the call) is at most PGEN_CPU_PACK_MAX_MB (default
 // 1024); else leaves st unpacked and the projections go through torch::mm.
 void pack_stack(DecodeStack& st);
-
-constexpr int kWeightsPerLayer = 9;
 
 // Checks shapes / dtypes / contiguity of everything (errors name the op `fn` and the tensor).
 DecodeStack check_stack(const char* fn, const std::vector<torch::Tensor>& weights,

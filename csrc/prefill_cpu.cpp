@@ -98,7 +98,6 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
                 "] = ", slots[i], " is outside the cache (", st.rows, " rows x ", L, " positions; -1 = skip)");
   }
   const int64_t* pad = nullptr;
-  c10::optional<torch::Tensor> attn_mask;  // for ATen's attention: causal & real keys, or itself
   if (pad_counts.has_value()) {
     TORCH_CHECK(pad_counts->scalar_type() == torch::kInt64 && pad_counts->dim() == 1 && pad_counts->size(0) == B &&
                     pad_counts->is_contiguous(),
@@ -109,10 +108,6 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
       TORCH_CHECK(pad[b] >= 0 && pad[b] < S, "prefill_layers_cpu: pad_counts[", b, "] = ", pad[b],
                   " must be in [0, ", S, ") (each prompt keeps >= 1 token)");
     }
-    torch::Tensor pos = torch::arange(S);
-    torch::Tensor real = pos.unsqueeze(0) >= pad_counts->unsqueeze(1);  // [B, S] keys
-    torch::Tensor causal = pos.unsqueeze(1) >= pos.unsqueeze(0);        // [S, S]
-    attn_mask = ((causal.unsqueeze(0) & real.unsqueeze(1)) | torch::eye(S, torch::kBool).unsqueeze(0)).unsqueeze(1);
   }
 
   py::gil_scoped_release no_gil;
@@ -127,14 +122,21 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
   // thread on its own blocks of rows, runs above the BLAS's rate on these narrow matrices.
   if (N >= kPackedPrefillRows) pack_stack(st);
   const bool packed = !st.packed.empty();
+  const bool packed_attention = packed && S <= kPackedAttentionMaxLen;
+  c10::optional<torch::Tensor> attn_mask;  // ATen's attention, padded prompts: causal & real keys, or itself
+  if (!packed_attention && pad != nullptr) {
+    torch::Tensor pos = torch::arange(S);
+    torch::Tensor real = pos.unsqueeze(0) >= pad_counts->unsqueeze(1);  // [B, S] keys
+    torch::Tensor causal = pos.unsqueeze(1) >= pos.unsqueeze(0);        // [S, S]
+    attn_mask = ((causal.unsqueeze(0) & real.unsqueeze(1)) | torch::eye(S, torch::kBool).unsqueeze(0)).unsqueeze(1);
+  }
   for (int64_t l = 0; l < st.layers; ++l) {
     const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
     auto proj = [&](const torch::Tensor& in, int i) {
-      static constexpr int kSlot[kWeightsPerLayer] = {-1, 0, 1, 2, 3, -1, 4, 5, 6};
       if (!packed) return torch::mm(in, w[i].t());
       const int64_t Nout = w[i].size(0), K = in.size(1);
       torch::Tensor a = in.contiguous(), y = torch::empty({N, Nout}, in.options());
-      const float* P = st.packed[7 * l + kSlot[i]].data_ptr<float>();
+      const float* P = st.packed_weight(l, i).data_ptr<float>();
       at::parallel_for(0, N, 48, [&](int64_t r0, int64_t r1) {  // each thread its own rows
         gemm_packed_f32(a.data_ptr<float>() + r0 * K, r1 - r0, K, P, Nout, y.data_ptr<float>() + r0 * Nout);
       });
@@ -159,14 +161,14 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
         }
       }
     });
-    // [B, heads, S, D] views, as op_dispatch.prompt_attention passes them
-    torch::Tensor qt = q.view({B, S, Hq, D}).transpose(1, 2);
-    torch::Tensor kt = k.view({B, S, Hkv, D}).transpose(1, 2);
-    torch::Tensor vt = v.view({B, S, Hkv, D}).transpose(1, 2);
     torch::Tensor o;
-    if (packed && S <= kPackedAttentionMaxLen) {
+    if (packed_attention) {
       o = prompt_attention_packed(q, k, v, B, S, Hq, Hkv, D, pad, st.scale);
     } else {
+      // [B, heads, S, D] views, as op_dispatch.prompt_attention passes them
+      torch::Tensor qt = q.view({B, S, Hq, D}).transpose(1, 2);
+      torch::Tensor kt = k.view({B, S, Hkv, D}).transpose(1, 2);
+      torch::Tensor vt = v.view({B, S, Hkv, D}).transpose(1, 2);
       o = (attn_mask.has_value()
                ? at::scaled_dot_product_attention(qt, kt, vt, *attn_mask, 0.0, false, st.scale, Hq != Hkv)
                : at::scaled_dot_product_attention(qt, kt, vt, {}, 0.0, true, st.scale, Hq != Hkv))

@@ -103,7 +103,7 @@ def _linear_parts(layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Tensor | None,
                     step_seeds: torch.Tensor, base: torch.Tensor, slot0: torch.Tensor, *, guidance_scale: float,
                     temperature: float, top_k: int, top_p: float, greedy: bool,
-                    progress: Callable[[int], None] | None = None, chunk: int = 8) -> None:
+                    progress: Callable[[int], None] | None = None, chunk: int = 8, max_chunks: int = 16) -> None:
     """Decode codes ``1 .. T-1`` of a wave in place.
 
     Args:
@@ -118,8 +118,9 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
             of each cache row.
         guidance_scale, temperature, top_k, top_p, greedy: as in
             :meth:`pgen_engine.generation.Generator.generate`.
-        progress: called with the number of steps done after each chunk of ``chunk`` steps
-            (one C++ call runs every step when None).
+        progress: called with the number of steps done after each chunk of steps (one C++
+            call runs every step when None). Each call packs the weights again, so a wave is
+            split into at most ``max_chunks`` calls (chunks of at least ``chunk`` steps).
     """
     lm = model.language_model
     cfg_t = lm.cfg
@@ -137,15 +138,16 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
     if cache.prefix_row is not None:
         prow, plen = cache.prefix_row[:rows].contiguous(), cache.prefix_len[:rows].contiguous()
     ext = extension()
-    step = T if progress is None else max(1, chunk)
+    step_seeds, base, slot0 = step_seeds.contiguous(), base.contiguous(), slot0.contiguous()
+    top_k = 0 if top_k >= codebook else int(top_k)
+    passes = rows_per_pass(model, cache, cfg, T)
+    step = T if progress is None else max(1, chunk, -(-(T - 1) // max(1, max_chunks)))
     for t0 in range(1, T, step):
         t1 = min(T, t0 + step)
         ext.decode_loop_cpu(
-            out, out_lp, step_seeds.contiguous(), base.contiguous(), slot0.contiguous(), t0, t1,
-            model.generation_embeddings.weight.detach(), aw, ab, aligner.act_name, cos.contiguous(),
-            sin.contiguous(), weights, lm.norm.weight.detach(), cache.k, cache.v, prow, plen, cfg_t.num_heads,
-            cfg_t.num_kv_heads, cfg_t.rms_norm_eps, cfg_t.head_dim ** -0.5, hw, hb, head.act_name, cfg,
-            float(guidance_scale), float(temperature), 0 if top_k >= codebook else int(top_k), float(top_p),
-            bool(greedy), rows_per_pass(model, cache, cfg, T))
+            out, out_lp, step_seeds, base, slot0, t0, t1, model.generation_embeddings.weight.detach(), aw, ab,
+            aligner.act_name, cos, sin, weights, lm.norm.weight.detach(), cache.k, cache.v, prow, plen,
+            cfg_t.num_heads, cfg_t.num_kv_heads, cfg_t.rms_norm_eps, cfg_t.head_dim ** -0.5, hw, hb, head.act_name,
+            cfg, float(guidance_scale), float(temperature), top_k, float(top_p), bool(greedy), passes)
         if progress is not None:
             progress(t1 - t0)

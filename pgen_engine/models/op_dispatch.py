@@ -238,5 +238,6 @@ def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         prow, plen = cache.prefix_row[:B].contiguous(), cache.prefix_len[:B].contiguous()
     cfg = lm.cfg
     return _extension().decode_layers_cpu(
-        h.contiguous(), cos.contiguous(), sin.contiguous(), _stack_weights(lm), lm.norm.weight.detach(), cache.k, cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(),
+        h.contiguous(), cos.contiguous(), sin.contiguous(), _stack_weights(lm), lm.norm.weight.detach(), cache.k,
+        cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(),
         prow, plen, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim ** -0.5)
