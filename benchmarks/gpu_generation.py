@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_generation            # on a GPU machine (also part of python -m benchmarks.gpu)
     python -m benchmarks.gpu_generation --check    # tiny shapes on CPU: proves the code paths only
+    python -m benchmarks.gpu_generation --bound    # memory-traffic bound on the decode speed-up (no GPU)
 
 ``run(check_only)`` returns rows for :mod:`benchmarks.gpu`'s table and does two things:
 
@@ -73,6 +74,51 @@ def _matmul_tflops(dev: torch.device) -> float | None:
         a @ b
     _sync(dev)
     return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t) / 1e12
+
+
+def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: float, prefill_seconds: float,
+                         bandwidths_tbs: tuple[float, ...] = (4.8, 3.7)) -> list[dict]:
+    """Lower bound on a CFG decode step from the bytes it must read, and the best speed-up it allows.
+
+    Every step reads each matrix weight once (bf16: 2 B per parameter counted by ``_lm_params``)
+    and, for every one of the ``2 * batch`` rows, its cached K/V: ``layers * 2 * kv_heads *
+    head_dim`` values per cached token. A row holds ``prompt_len + (T + 1) / 2`` tokens on average
+    over the ``T`` steps. Three storage variants: bf16 with one copy per row, bf16 with the
+    ``batch`` identical unconditional ("pad") prompts stored once, and fp8 K/V with that sharing.
+    Compute, launches and sampling cost nothing here, so no implementation can beat the bound.
+
+    Args:
+        geo: :func:`tiny_janus_config` keyword arguments (e.g. :data:`JANUS_PRO_1B`).
+        batch: images per call (rows = 2 * batch with CFG).
+        prompt_len: tokens per prompt.
+        hf_seconds: the baseline's measured wall time for one call of ``batch`` images.
+        prefill_seconds: pgen's measured prefill time for that call (added to the bound).
+        bandwidths_tbs: HBM bandwidths to evaluate, TB/s.
+    Returns:
+        one dict per (variant, bandwidth): bytes per step, step seconds, best speed-up.
+    """
+    from pgen_engine.models.janus import JanusModel
+    from pgen_engine.models.janus_config import JanusModelConfig
+
+    cfg = JanusModelConfig.from_dict(tiny_janus_config(**geo).to_dict())
+    with torch.device("meta"):  # counts parameters without allocating them
+        model = JanusModel(cfg, pg.SpecialTokens.builtin())
+    t, T = cfg.text, cfg.num_image_tokens
+    weight_bytes = 2 * _lm_params(model)
+    kv_per_token = t.num_layers * 2 * t.num_kv_heads * t.head_dim  # values per cached token
+    avg_ctx = prompt_len + (T + 1) / 2
+    own_tokens = batch * avg_ctx + batch * (T + 1) / 2  # cond rows + uncond rows' image tokens
+    variants = (("bf16 K/V, one copy per row", 2 * batch * avg_ctx * kv_per_token * 2),
+                ("bf16 K/V, uncond prompt shared", (own_tokens + prompt_len) * kv_per_token * 2),
+                ("fp8 K/V, uncond prompt shared", (own_tokens + prompt_len) * kv_per_token * 1))
+    rows = []
+    for name, kv_bytes in variants:
+        for bw in bandwidths_tbs:
+            step = (weight_bytes + kv_bytes) / (bw * 1e12)
+            rows.append(dict(variant=name, bandwidth_tbs=bw, bytes_per_step=weight_bytes + kv_bytes,
+                             kv_bytes_per_step=kv_bytes, step_s=step,
+                             best_speedup=hf_seconds / (prefill_seconds + T * step)))
+    return rows
 
 
 def _hf_generate(hf, ids: torch.Tensor, *, greedy: bool, seed: int = 0) -> torch.Tensor:
@@ -288,7 +334,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="tiny shapes on CPU (code paths only)")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--bound", action="store_true",
+                    help="print the memory-traffic bound on the batch decode speed-up (no GPU needed) and exit")
+    ap.add_argument("--bound-batch", type=int, default=64)
+    ap.add_argument("--bound-prompt-len", type=int, default=128)
+    ap.add_argument("--bound-hf-seconds", type=float, default=0.681 + 10.61,
+                    help="transformers' wall time per call (default: the H200 run in RESULTS.md)")
+    ap.add_argument("--bound-prefill-seconds", type=float, default=0.063,
+                    help="pgen's prefill time per call (default: the H200 run in RESULTS.md)")
     args = ap.parse_args(argv)
+    if args.bound:
+        T = (JANUS_PRO_1B["image_size"] // JANUS_PRO_1B["patch_size"]) ** 2
+        need = (args.bound_hf_seconds / 15 - args.bound_prefill_seconds) / T
+        print(f"Janus-Pro-1B geometry, batch {args.bound_batch} (CFG: {2 * args.bound_batch} rows), "
+              f"{args.bound_prompt_len}-token prompts, {T} image tokens; 15x needs a step <= {need * 1e3:.2f} ms")
+        print("variant | TB/s | GB per step | step ms | best speed-up")
+        for r in decode_traffic_bound(JANUS_PRO_1B, args.bound_batch, args.bound_prompt_len,
+                                      hf_seconds=args.bound_hf_seconds, prefill_seconds=args.bound_prefill_seconds):
+            print(f"{r['variant']} | {r['bandwidth_tbs']:.1f} | {r['bytes_per_step'] / 1e9:.2f} | "
+                  f"{r['step_s'] * 1e3:.2f} | {r['best_speedup']:.2f}x")
+        return 0
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and not args.check else "cpu (check mode)"
 
     def save(rows: list[dict]) -> None:
