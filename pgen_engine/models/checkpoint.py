@@ -34,9 +34,16 @@ def _shard_files(path: Path) -> list[Path]:
     index = path / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: invalid index file ({e!r}); expected a JSON object with 'weight_map'")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to shard file names")
+        outside = sorted({v for v in weight_map.values() if Path(v).name != v or v in ("", ".", "..")})
+        if outside:
+            raise CheckpointError(f"{index}: shard file name(s) {', '.join(map(repr, outside[:3]))} are not plain file "
+                                  "names in the checkpoint directory")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
@@ -81,6 +88,76 @@ def _reset_buffers(model: JanusModel, device: torch.device) -> None:
     emb.position_ids = torch.arange(emb.num_patches, device=device).expand((1, -1))
 
 
+def _not_a_checkpoint_hint(path: Path) -> str:
+    """For a folder without config.json: what it looks like instead (a pgen training run...)."""
+    if (path / "final" / "config.json").is_file():
+        return (f"; {path} looks like a pgen training run directory: its exported Hugging Face checkpoint "
+                f"is {path / 'final'}")
+    if (path / "pgen_checkpoint.json").is_file() or (path / "latest").is_file():
+        run = path.parent if (path / "latest").is_file() else path.parent.parent
+        return (f"; {path} is a resumable DeepSpeed training checkpoint (sharded optimizer state), not a "
+                f"Hugging Face checkpoint: use the run's exported model {run / 'final'}")
+    return ""
+
+
+def _positive(source: Path, **fields) -> None:
+    for name, v in fields.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{source}: {name}={v!r} must be a positive integer")
+
+
+def load_config(path: str | Path) -> tuple[JanusModelConfig, SpecialTokens]:
+    """Read and validate a checkpoint's ``config.json`` and ``generation_config.json``, no weights.
+
+    Lets a caller check its inputs (prompt lengths, token ids) against the model before
+    paying for a weight load; :func:`load_model` runs the same checks.
+
+    Raises:
+        CheckpointError: not a checkpoint folder (with a hint when it is a ``pgen train`` run
+            or DeepSpeed checkpoint), invalid JSON, a missing/invalid field, or a special
+            token id outside the text vocabulary — the message names the file and field.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if path.is_dir() and not cfg_file.is_file():
+        hint = _not_a_checkpoint_hint(path)
+        if hint:
+            raise CheckpointError(f"{cfg_file}: missing (expected a Hugging Face checkpoint directory with "
+                                  f"config.json){hint}")
+    try:
+        cfg = JanusModelConfig.from_dir(path)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError, ArithmeticError, KeyError, IndexError) as e:
+        raise CheckpointError(f"{cfg_file}: invalid Janus config ({type(e).__name__}: {e})") from None
+    t = cfg.text
+    _positive(cfg_file, **{f"text_config.{k}": getattr(t, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+        "max_position_embeddings")}, image_size=cfg.image_size, num_image_tokens=cfg.num_image_tokens,
+        **{"vq_config.num_embeddings": cfg.codebook_size, "vq_config.embed_dim": cfg.vq_embed_dim})
+    gen_file = path / "generation_config.json"
+    if gen_file.exists():
+        try:
+            gen = json.loads(gen_file.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
+        if not isinstance(gen, dict) or not isinstance(gen.get("generation_kwargs") or {}, dict):
+            raise CheckpointError(f"{gen_file}: expected a JSON object (with an optional 'generation_kwargs' object)")
+    if not isinstance(cfg.raw.get("pgen_special_tokens") or {}, dict):
+        raise CheckpointError(f"{cfg_file}: 'pgen_special_tokens' must be an object of token ids")
+    try:
+        special = SpecialTokens.from_checkpoint(path)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: invalid special token id in config.json / generation_config.json "
+                              f"({type(e).__name__}: {e})") from None
+    for name, v in special.as_dict().items():
+        if not 0 <= v < t.vocab_size:
+            raise CheckpointError(
+                f"{path}: special token {name}={v} (from config.json image_token_id / pgen_special_tokens or "
+                f"generation_config.json) is outside the text vocabulary [0, {t.vocab_size})")
+    return cfg, special
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
                ) -> JanusModel:
     """Load a Hugging Face Janus checkpoint directory strictly.
@@ -95,16 +172,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         the model in eval mode.
     Raises:
         CheckpointError: missing/unexpected key, shape mismatch, wrong ``model_type``,
-            truncated file or unsupported dtype — the message names the file and key.
+            truncated file, NaN/Inf weights, unsupported dtype or an invalid config (see
+            :func:`load_config`) — the message names the file and key.
     """
     path = Path(path)
     if dtype not in LOADABLE_DTYPES:
         raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")
-    cfg = JanusModelConfig.from_dir(path)
-    special = SpecialTokens.from_checkpoint(path)
+    cfg, special = load_config(path)
     device = torch.device(device)
-    with torch.device("meta"):
-        model = JanusModel(cfg, special)
+    try:
+        with torch.device("meta"):
+            model = JanusModel(cfg, special)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path / 'config.json'}: cannot build the model this config describes ({e})") from None
     tensors = _read_tensors(_shard_files(path))
 
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -11,7 +11,6 @@ from transformers import JanusForConditionalGeneration
 
 import pgen_engine as pg
 from pgen_engine.models.checkpoint import INDEX_NAME
-from pgen_engine.models.tiny import make_tiny_checkpoint
 
 
 @pytest.fixture()
@@ -194,3 +193,65 @@ def test_janus_pro_1b_geometry_parameter_count(tmp_path):
     assert m.num_parameters() == expected
     assert 1.9e9 < expected < 2.2e9
     assert m.num_image_tokens == 576 and m.codebook_size == 16384 and m.image_size == 384
+
+
+def _edit_json(d, name, fn):
+    f = d / name
+    obj = json.loads(f.read_text())
+    obj = fn(obj) or obj
+    f.write_text(json.dumps(obj))
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("{oops", "invalid JSON"),
+    ("[]", "expected a JSON object"),
+    ('{"generation_kwargs": [1]}', "generation_kwargs"),
+])
+def test_bad_generation_config_names_the_file(ckpt, text, expect):
+    (ckpt / "generation_config.json").write_text(text)
+    with pytest.raises(pg.CheckpointError, match="generation_config.json") as e:
+        pg.load_model(ckpt)
+    assert expect in str(e.value)
+
+
+def test_special_token_outside_vocab_or_not_an_int(ckpt):
+    _edit_json(ckpt, "generation_config.json", lambda g: g["generation_kwargs"].__setitem__("boi_token_id", 10 ** 6))
+    with pytest.raises(pg.CheckpointError, match=r"boi=1000000 .*outside the text vocabulary \[0, 300\)"):
+        pg.load_model(ckpt)
+    _edit_json(ckpt, "generation_config.json", lambda g: g["generation_kwargs"].__setitem__("boi_token_id", "x"))
+    with pytest.raises(pg.CheckpointError, match="generation_config.json"):
+        pg.load_model(ckpt)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("vocab_size", -3), ("hidden_size", 0), ("num_key_value_heads", "x"), ("rope_parameters", [1]),
+])
+def test_invalid_text_config_values_name_config_json(ckpt, field, value):
+    _edit_json(ckpt, "config.json", lambda c: c["text_config"].__setitem__(field, value))
+    with pytest.raises(pg.CheckpointError, match="config.json"):
+        pg.load_model(ckpt)
+
+
+@pytest.mark.parametrize("weight_map,expect", [
+    ([1], "weight_map"),
+    ({"model.x": "../../elsewhere.safetensors"}, "plain file"),
+])
+def test_bad_index_file(ckpt, weight_map, expect):
+    (ckpt / INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(pg.CheckpointError, match=INDEX_NAME) as e:
+        pg.load_model(ckpt)
+    assert expect in str(e.value)
+
+
+def test_training_run_layouts_point_at_final(tmp_path, tiny_ckpt):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ckpt, run / "final")
+    step = run / "checkpoints" / "step00000010"
+    step.mkdir(parents=True)
+    (step / "pgen_checkpoint.json").write_text('{"step": 10}')
+    (run / "checkpoints" / "latest").write_text("step00000010")
+    for d in (run, step, run / "checkpoints"):
+        with pytest.raises(pg.CheckpointError) as e:
+            pg.load_model(d)
+        assert "config.json" in str(e.value) and str(run / "final") in str(e.value), str(e.value)
+    assert pg.load_model(run / "final").num_parameters() > 0
