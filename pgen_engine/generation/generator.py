@@ -43,6 +43,7 @@ from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
 from . import decode_cpu
+from .continuous import BLOCK_SIZE
 from .decode_graph import StaticDecode, resolve_decode_mode
 
 UNCOND_MODES = ("pad", "short")
@@ -129,7 +130,12 @@ class Generator:
         cfg = model.config.text
         self._kv_shape = (cfg.num_kv_heads, cfg.head_dim)
         dtype = cache_dtype or model.dtype
-        n = 2 * max_batch_size * max_seq_len
+        # rows of max_seq_len tokens; the continuous path carves the same storage into
+        # BLOCK_SIZE-token blocks, and a row of max_seq_len tokens spans ceil(max_seq_len /
+        # BLOCK_SIZE) of them (a request's worst case is at most that per row), so its rows
+        # are rounded up to whole blocks: else a request the wave path runs could never fit
+        row = max_seq_len if scheduler == "waves" else -(-max_seq_len // BLOCK_SIZE) * BLOCK_SIZE
+        n = 2 * max_batch_size * row
         # Flat per-layer storage: any [rows, L] prefix view of it is a contiguous cache.
         self._k = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
         self._v = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
