@@ -1,24 +1,39 @@
 """``pgen generate``: prompts.jsonl -> PNG images + ``manifest.jsonl``.
 
-Each non-blank line of the prompts file is a JSON object with an ``"id"`` (string or int,
-unique) and either ``"prompt"`` (text; tokenised with the checkpoint's tokenizer and framed
-as ``<bos> text <boi>``) or ``"input_ids"`` (a list of token ids used as given, e.g. a
-prompt built by :mod:`pgen_engine.data.prompts`). Invalid lines are all reported with
-their line numbers before anything is generated.
+Each non-blank line of the prompts file (UTF-8, an optional BOM, LF or CRLF) is a JSON
+object with an ``"id"`` (string or int, unique) and either ``"prompt"`` (text; tokenised with
+the checkpoint's tokenizer and framed as ``<bos> text <boi>``) or ``"input_ids"`` (a list of
+token ids used as given, ending with ``<boi>``); no other field. History images are not
+supported here, so ``<image>`` placeholder ids are refused. Invalid lines are all reported
+with their line numbers before the model is loaded.
 
 Sample ``j`` of the prompt on line ``n`` uses request seed ``mix_seed(--seed, n)``, so an
 image does not change with ``--batch-size`` or with the other prompts in the file.
+
+Outputs are staged in a hidden folder inside ``--out`` and moved into place only once every
+image and the manifest are written: a failed or interrupted run leaves earlier results in
+``--out`` as they were. ``manifest.jsonl`` describes the latest run; PNGs of earlier runs
+that it does not list are left alone.
 """
 from __future__ import annotations
 
 import argparse
+import codecs
 import dataclasses
+import hashlib
 import json
+import math
+import os
 import re
+import shutil
 from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+FIELDS = ("id", "prompt", "input_ids")
+MANIFEST = "manifest.jsonl"
+_MAX_STEM = 80  # characters (ASCII) of an id kept in a file name; longer ids get a hash suffix
+_STAGE_PREFIX = ".pgen-generate."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,145 +46,338 @@ class PromptLine:
     input_ids: list[int]
 
 
-def read_prompts(path: str | Path, tokenizer, special, vocab_size: int) -> list[PromptLine]:
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise _DuplicateKey(k)
+        obj[k] = v
+    return obj
+
+
+def _utf8_error(s: str) -> str | None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not encodable as UTF-8 ({e.reason} at character {e.start})"
+    return None
+
+
+def _parse_line(raw: bytes, where: str, seen: dict[str, int], n: int, tokenizer, special, vocab_size: int,
+                max_positions: int | None, num_image_tokens: int) -> PromptLine | str:
+    """A valid line, or the error message for it."""
+    try:
+        text_line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+    try:
+        obj = json.loads(text_line, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        return f"{where}: duplicate key {e.args[0]!r} in the object"
+    except json.JSONDecodeError as e:
+        return f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return f"{where}: not valid JSON (nested too deeply)"
+    if not isinstance(obj, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(obj), "a number")
+        return f"{where}: expected a JSON object, got {kind}"
+    unknown = [k for k in obj if k not in FIELDS]
+    if unknown:
+        return (f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected 'id' and one of 'prompt' / "
+                "'input_ids' (pgen generate takes no history images or other fields)")
+    pid = obj.get("id")
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
+        return f"{where}: field 'id' must be a non-empty string or int, got {pid!r}"
+    pid = str(pid)
+    bad = _utf8_error(pid)
+    if bad:
+        return f"{where}: field 'id' is {bad}"
+    if pid in seen:
+        return f"{where}: duplicate id {pid!r} (first on line {seen[pid]})"
+    has_text, has_ids = "prompt" in obj, "input_ids" in obj
+    if has_text == has_ids:
+        return f"{where}: exactly one of 'prompt' (text) or 'input_ids' (list of ints) is required"
+    if has_text:
+        text = obj["prompt"]
+        if not isinstance(text, str):
+            return f"{where}: field 'prompt' must be a string, got {type(text).__name__}"
+        bad = _utf8_error(text)
+        if bad:
+            return f"{where}: field 'prompt' is {bad}"
+        try:
+            ids = [special.bos, *tokenizer.encode(text), special.boi]
+        except Exception as e:  # a third-party tokenizer's own error types
+            return f"{where}: field 'prompt' cannot be tokenised ({type(e).__name__}: {e})"
+    else:
+        text = None
+        ids = obj["input_ids"]
+        if (not isinstance(ids, list) or not ids
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
+            return f"{where}: field 'input_ids' must be a non-empty list of ints"
+        bad_ids = [t for t in ids if not 0 <= t < vocab_size]
+        if bad_ids:
+            return f"{where}: input_ids value {bad_ids[0]} outside the vocabulary [0, {vocab_size})"
+        if ids[-1] != special.boi:
+            return (f"{where}: input_ids must end with the begin-of-image id {special.boi} (<boi>), "
+                    f"got {ids[-1]}")
+    n_img = sum(1 for t in ids if t == special.image)
+    if n_img:
+        return (f"{where}: the prompt holds {n_img} <image> placeholder token(s) (id {special.image}); "
+                "pgen generate takes no history images to fill them")
+    if max_positions is not None and len(ids) + num_image_tokens > max_positions:
+        return (f"{where}: the prompt is {len(ids)} tokens; with the {num_image_tokens} image tokens that exceeds "
+                f"the model's max_position_embeddings={max_positions} (at most "
+                f"{max_positions - num_image_tokens} prompt tokens)")
+    seen[pid] = n
+    return PromptLine(n, pid, text, list(ids))
+
+
+def read_prompts(path: str | Path, tokenizer, special, vocab_size: int, *, max_positions: int | None = None,
+                 num_image_tokens: int = 0) -> list[PromptLine]:
     """Parse and validate a prompts.jsonl file.
 
     Args:
-        path: the file.
+        path: the file (UTF-8, optional BOM, LF or CRLF line ends).
         tokenizer: object with ``encode(text) -> list[int]`` (no special tokens).
-        special: :class:`pgen_engine.SpecialTokens` (bos / boi framing of text prompts).
+        special: :class:`pgen_engine.SpecialTokens` (bos / boi framing of text prompts; the
+            ``image`` placeholder id is refused).
         vocab_size: text vocabulary size; ``input_ids`` must lie in ``[0, vocab_size)``.
+        max_positions: the model's ``max_position_embeddings``; a prompt plus
+            ``num_image_tokens`` must fit in it (None: no limit).
+        num_image_tokens: image tokens generated after each prompt.
     Returns:
         the prompts in file order.
     Raises:
         FileNotFoundError: no such file.
-        ValueError: one message per invalid line (``path:line: what is wrong``), or no prompt.
+        ValueError: ``path`` is a directory; one message per invalid line
+            (``path:line: what is wrong``); or no prompt at all.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; expected a prompts .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prompts file does not exist")
+    data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
     errors: list[str] = []
     out: list[PromptLine] = []
     seen: dict[str, int] = {}
-    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    # split on LF only: a JSON string may hold U+2028 and friends, which str.splitlines() splits on
+    for n, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.removesuffix(b"\r")
         if not raw.strip():
             continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            errors.append(f"{where}: not valid JSON ({e.msg})")
-            continue
-        if not isinstance(obj, dict):
-            errors.append(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            continue
-        pid = obj.get("id")
-        if isinstance(pid, bool) or not isinstance(pid, (str, int)) or str(pid) == "":
-            errors.append(f"{where}: field 'id' must be a non-empty string or int, got {pid!r}")
-            continue
-        pid = str(pid)
-        if pid in seen:
-            errors.append(f"{where}: duplicate id {pid!r} (first on line {seen[pid]})")
-            continue
-        has_text, has_ids = "prompt" in obj, "input_ids" in obj
-        if has_text == has_ids:
-            errors.append(f"{where}: exactly one of 'prompt' (text) or 'input_ids' (list of ints) is required")
-            continue
-        if has_text:
-            text = obj["prompt"]
-            if not isinstance(text, str):
-                errors.append(f"{where}: field 'prompt' must be a string, got {type(text).__name__}")
-                continue
-            ids = [special.bos, *tokenizer.encode(text), special.boi]
+        got = _parse_line(raw, f"{path}:{n}", seen, n, tokenizer, special, vocab_size, max_positions,
+                          num_image_tokens)
+        if isinstance(got, str):
+            errors.append(got)
         else:
-            text = None
-            ids = obj["input_ids"]
-            if (not isinstance(ids, list) or not ids
-                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids)):
-                errors.append(f"{where}: field 'input_ids' must be a non-empty list of ints")
-                continue
-            bad = [t for t in ids if not 0 <= t < vocab_size]
-            if bad:
-                errors.append(f"{where}: input_ids value {bad[0]} outside the vocabulary [0, {vocab_size})")
-                continue
-        seen[pid] = n
-        out.append(PromptLine(n, pid, text, list(ids)))
+            out.append(got)
     if errors:
         shown = errors[:20] + ([f"... and {len(errors) - 20} more invalid line(s)"] if len(errors) > 20 else [])
         raise ValueError(f"{len(errors)} invalid prompt line(s):\n" + "\n".join(shown))
     if not out:
-        raise ValueError(f"{path}: no prompts (the file is empty)")
+        raise ValueError(f"{path}: no prompts (the file is empty or holds only blank lines)")
     return out
 
 
 def _file_stem(pid: str, used: set[str]) -> str:
+    """A file-name stem for ``pid``: ASCII ``[A-Za-z0-9._-~]``, at most ``_MAX_STEM + 11`` characters,
+    distinct from every stem in ``used`` even on a case-insensitive file system."""
     stem = _SAFE.sub("_", pid).strip("._") or "prompt"
+    if len(stem) > _MAX_STEM:
+        stem = stem[:_MAX_STEM].rstrip("._") + "-" + hashlib.sha1(pid.encode("utf-8")).hexdigest()[:10]
     base, k = stem, 1
-    while stem in used:  # ids that differ only in unsafe characters
+    while stem.casefold() in used:  # ids that differ only in unsafe characters or in case
         k += 1
         stem = f"{base}~{k}"
-    used.add(stem)
+    used.add(stem.casefold())
     return stem
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    """Implementation of ``pgen generate`` (see :func:`register` for the arguments)."""
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse invalid flag values before anything is loaded; messages name the flag."""
     import torch
-    from PIL import Image
-    from tqdm.auto import tqdm
-
-    from pgen_engine.io_utils import atomic_path, atomic_write_text
-    from pgen_engine.models import load_model
-    from pgen_engine.ops.rng import mix_seed
-
-    from .generator import Generator
 
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    model = load_model(args.checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}")
+    if not math.isfinite(args.guidance_scale):
+        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
+    if not math.isfinite(args.temperature):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    if args.temperature == 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature} (use --greedy for argmax decoding)")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1] (1 disables it), got {args.top_p}")
+    if not -(1 << 63) <= args.seed < (1 << 64):
+        raise ValueError(f"--seed must be a 64-bit integer in [-2**63, 2**64), got {args.seed}")
     try:
-        from pgen_engine.data.text_tokenizer import load_text_tokenizer
+        dev = torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {args.device!r} is not a torch device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_out(out_dir: Path, checkpoint: Path, prompts: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a directory (expected an output directory)")
+    if out_dir.is_dir() and checkpoint.is_dir() and out_dir.resolve() == checkpoint.resolve():
+        raise ValueError(f"--out {out_dir}: is the checkpoint directory; choose another output directory")
+    if prompts.exists() and prompts.resolve() == (out_dir / MANIFEST).resolve():
+        raise ValueError(f"--out {out_dir}: its {MANIFEST} would overwrite the prompts file {prompts}")
+
+
+def _make_out(out_dir: Path) -> tuple[Path, bool]:
+    """Create ``out_dir`` if needed and a staging folder inside it -> (stage, created out_dir)."""
+    import tempfile
+
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"--out {out_dir}: a parent of it is not a directory") from None
+    except OSError as e:
+        raise ValueError(f"--out {out_dir}: cannot create the output directory ({e.strerror or e})") from None
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=_STAGE_PREFIX, suffix=".tmp", dir=out_dir))
+    except OSError as e:
+        if created:
+            _rmdir_quiet(out_dir)
+        raise ValueError(f"--out {out_dir}: not writable ({e.strerror or e})") from None
+    return stage, created
+
+
+def _rmdir_quiet(d: Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:
+        pass
+
+
+def _save_png(array, path: Path) -> None:
+    from PIL import Image
+
+    with open(path, "wb") as f:
+        Image.fromarray(array).save(f, format="PNG")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _load_tokenizer(checkpoint: Path, special):
+    try:
+        from pgen_engine.data.text_tokenizer import HF_TOKENIZER_FILES, load_text_tokenizer
     except ImportError as e:  # the data layer is part of the package; this guards partial installs
         raise RuntimeError(f"text prompts need pgen_engine.data.text_tokenizer: {e}") from e
-    tokenizer = load_text_tokenizer(args.checkpoint, model.special_tokens)
-    prompts = read_prompts(args.prompts, tokenizer, model.special_tokens, model.config.text.vocab_size)
-    T = model.num_image_tokens
-    gen = Generator(model, max_batch_size=args.batch_size * args.num_samples,
-                    max_seq_len=max(len(p.input_ids) for p in prompts) + T, uncond_mode=args.uncond_mode,
-                    scheduler=args.scheduler)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    used: set[str] = set()
-    manifest: list[str] = []
-    bar = tqdm(total=len(prompts) * args.num_samples, desc="pgen generate", unit="img", disable=args.quiet)
     try:
-        for start in range(0, len(prompts), args.batch_size):
-            chunk = prompts[start:start + args.batch_size]
-            seeds = [int(mix_seed(args.seed, p.line)) for p in chunk]
-            images = gen.generate_images([p.input_ids for p in chunk], num_samples=args.num_samples,
-                                         guidance_scale=args.guidance_scale, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=seeds)
-            images = images.cpu().numpy()
-            for i, p in enumerate(chunk):
-                stem = _file_stem(p.id, used)
-                for j in range(args.num_samples):
-                    name = f"{stem}_{j}.png"
-                    with atomic_path(out_dir / name) as tmp:
-                        Image.fromarray(images[i * args.num_samples + j]).save(tmp, format="PNG")
-                    rec = {"id": p.id, "sample": j, "file": name, "line": p.line, "seed": seeds[i],
-                           "num_prompt_tokens": len(p.input_ids), "guidance_scale": args.guidance_scale,
-                           "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                           "greedy": args.greedy, "uncond_mode": args.uncond_mode}
-                    if p.text is not None:
-                        rec["prompt"] = p.text
-                    manifest.append(json.dumps(rec, ensure_ascii=False))
-                    bar.update(1)
+        return load_text_tokenizer(checkpoint, special)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # transformers' tokenizer loaders raise many error types
+        files = [f for f in HF_TOKENIZER_FILES if (checkpoint / f).is_file()]
+        raise ValueError(f"{checkpoint}: cannot load the tokenizer ({', '.join(files)}): "
+                         f"{type(e).__name__}: {e}") from None
+
+
+def _preflight(model, prompt: PromptLine, args: argparse.Namespace) -> None:
+    """One teacher-forced step on the first prompt: finite weights can still overflow (a
+    model trained in bf16 run in float16, exploding weights) and would give garbage PNGs."""
+    import torch
+
+    ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=model.device)
+    logits = model.image_logits(ids, torch.zeros(1, 1, dtype=torch.long, device=model.device))
+    if not bool(torch.isfinite(logits).all()):
+        hint = "; try --dtype float32" if args.dtype != "float32" else ""
+        raise ValueError(f"{args.checkpoint}: the model's image logits for the prompt on line {prompt.line} are "
+                         f"NaN/Inf in {args.dtype} (the weights are finite, the activations overflow){hint}; "
+                         "no image was written")
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Implementation of ``pgen generate`` (see :func:`register` for the arguments)."""
+    _check_args(args)
+    checkpoint, out_dir, prompts_path = Path(args.checkpoint), Path(args.out), Path(args.prompts)
+    _check_out(out_dir, checkpoint, prompts_path)
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from pgen_engine.io_utils import atomic_write_text
+    from pgen_engine.models import load_model
+    from pgen_engine.models.checkpoint import load_config
+    from pgen_engine.ops.rng import mix_seed
+
+    from .generator import Generator
+
+    # everything that can be checked without the weights, before loading them
+    cfg, special = load_config(checkpoint)
+    tokenizer = _load_tokenizer(checkpoint, special)
+    T = cfg.num_image_tokens
+    prompts = read_prompts(prompts_path, tokenizer, special, cfg.text.vocab_size,
+                           max_positions=cfg.text.max_position_embeddings, num_image_tokens=T)
+    stage, created = _make_out(out_dir)
+    published = False
+    try:
+        model = load_model(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+        _preflight(model, prompts[0], args)
+        gen = Generator(model, max_batch_size=args.batch_size * args.num_samples,
+                        max_seq_len=max(len(p.input_ids) for p in prompts) + T, uncond_mode=args.uncond_mode,
+                        scheduler=args.scheduler)
+        used: set[str] = set()
+        names: list[str] = []
+        manifest: list[str] = []
+        bar = tqdm(total=len(prompts) * args.num_samples, desc="pgen generate", unit="img", disable=args.quiet)
+        try:
+            for start in range(0, len(prompts), args.batch_size):
+                chunk = prompts[start:start + args.batch_size]
+                seeds = [int(mix_seed(args.seed, p.line)) for p in chunk]
+                images = gen.generate_images([p.input_ids for p in chunk], num_samples=args.num_samples,
+                                             guidance_scale=args.guidance_scale, temperature=args.temperature,
+                                             top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=seeds)
+                images = images.cpu().numpy()
+                for i, p in enumerate(chunk):
+                    stem = _file_stem(p.id, used)
+                    for j in range(args.num_samples):
+                        name = f"{stem}_{j}.png"
+                        _save_png(images[i * args.num_samples + j], stage / name)
+                        names.append(name)
+                        rec = {"id": p.id, "sample": j, "file": name, "line": p.line, "seed": seeds[i],
+                               "base_seed": args.seed, "num_prompt_tokens": len(p.input_ids),
+                               "guidance_scale": args.guidance_scale, "temperature": args.temperature,
+                               "top_k": args.top_k, "top_p": args.top_p, "greedy": args.greedy,
+                               "uncond_mode": args.uncond_mode}
+                        if p.text is not None:
+                            rec["prompt"] = p.text
+                        manifest.append(json.dumps(rec, ensure_ascii=False))
+                        bar.update(1)
+        finally:
+            bar.close()
+        # the manifest is written (and synced) before anything moves, so a full disk or an
+        # error here leaves --out untouched; the moves below are renames within one folder
+        atomic_write_text(stage / MANIFEST, "\n".join(manifest) + "\n")
+        for name in names:
+            os.replace(stage / name, out_dir / name)
+        os.replace(stage / MANIFEST, out_dir / MANIFEST)
+        published = True
     finally:
-        bar.close()
-    atomic_write_text(out_dir / "manifest.jsonl", "\n".join(manifest) + "\n")
+        shutil.rmtree(stage, ignore_errors=True)
+        if created and not published:
+            _rmdir_quiet(out_dir)
     if not args.quiet:
-        print(f"wrote {len(manifest)} image(s) and manifest.jsonl to {out_dir}")
+        print(f"wrote {len(manifest)} image(s) and {MANIFEST} to {out_dir}")
     return 0
 
 
@@ -180,7 +388,8 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, help="Hugging Face Janus checkpoint directory")
     p.add_argument("--prompts", required=True, help='JSONL: {"id": ..., "prompt": "text"} or {"id": ..., '
                    '"input_ids": [...]} per line')
-    p.add_argument("--out", required=True, help="output directory (PNGs + manifest.jsonl)")
+    p.add_argument("--out", required=True, help="output directory (PNGs + manifest.jsonl); written only when "
+                   "the run completes")
     p.add_argument("--num-samples", type=int, default=1, help="images per prompt (default 1)")
     p.add_argument("--guidance-scale", type=float, default=5.0, help="CFG scale; 1 turns CFG off (default 5)")
     p.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
