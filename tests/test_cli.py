@@ -35,3 +35,22 @@ def test_info_non_janus_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     r = subprocess.run([sys.executable, "-m", "pgen_engine", "info", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode != 0 and "model_type" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_on_a_training_run_points_at_final(tmp_path, tiny_ckpt, capsys):
+    import shutil
+
+    shutil.copytree(tiny_ckpt, tmp_path / "run" / "final")
+    assert main(["info", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path / "run" / "final") in err, err
+
+
+def test_generate_user_errors_have_no_traceback(tmp_path, tiny_ckpt):
+    p = tmp_path / "p.jsonl"
+    p.write_text(json.dumps({"id": "a", "prompt": "x", "history": ["h.png"]}) + "\n{oops\n")
+    r = subprocess.run([sys.executable, "-m", "pgen_engine", "generate", "--checkpoint", str(tiny_ckpt), "--prompts",
+                        str(p), "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{p}:1: unknown field(s) 'history'" in r.stderr and f"{p}:2: not valid JSON" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
