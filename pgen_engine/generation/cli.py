@@ -159,8 +159,10 @@ def read_prompts(path: str | Path, tokenizer, special, vocab_size: int, *, max_p
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; expected a prompts .jsonl file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: prompts file does not exist")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file; expected a prompts .jsonl file")
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8):]

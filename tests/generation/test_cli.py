@@ -83,6 +83,7 @@ def test_missing_prompts_file_and_bad_args(tiny_ckpt, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # bad input: every message names the file / line / flag and what was expected
 
+import os  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402
@@ -138,9 +139,12 @@ def test_undecodable_and_odd_lines_are_reported_by_line(tmp_path):
     assert "11 invalid" not in err and "10 invalid prompt line(s)" in err
 
 
-def test_prompts_path_is_a_directory(tmp_path):
+def test_prompts_path_is_a_directory_or_not_a_file(tmp_path):
     with pytest.raises(ValueError, match="is a directory"):
         _read(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="not a regular file"):  # used to say "does not exist"
+        _read(tmp_path / "fifo")
 
 
 def _gen(ckpt, prompts, out, *extra):
