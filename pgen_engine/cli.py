@@ -61,6 +61,8 @@ def _info(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pgen", description="pgen_engine: personalized image generation "
                                      "with Janus-style models (data, training, generation, evaluation).")
+    parser.add_argument("--debug", action="store_true",
+                        help="re-raise errors with their full traceback instead of a one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("info", help="print a checkpoint's geometry and parameter count")
     p.add_argument("checkpoint", help="Hugging Face Janus checkpoint directory")
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print("pgen: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:
-        if getattr(args, "debug", False):
+        if args.debug:
             raise
         print(f"pgen {args.command}: error: {e}", file=sys.stderr)
         return 1

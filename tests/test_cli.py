@@ -31,6 +31,17 @@ def test_info_bad_path_exits_nonzero_with_one_line(tmp_path):
     assert len(lines) == 1 and "not a directory" in lines[0]
 
 
+def test_debug_flag_reraises_with_traceback(tmp_path):
+    """Without --debug a user error is one line; with it the exception propagates."""
+    import pytest
+
+    from pgen_engine.models.janus_config import CheckpointError
+
+    assert main(["info", str(tmp_path / "missing")]) == 1
+    with pytest.raises(CheckpointError, match="not a directory"):
+        main(["--debug", "info", str(tmp_path / "missing")])
+
+
 def test_info_non_janus_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     r = subprocess.run([sys.executable, "-m", "pgen_engine", "info", str(tmp_path)], capture_output=True, text=True)
