@@ -2,6 +2,7 @@
 // the previous codes (generation embedding + aligner), run the layer stack (decode_stack.h),
 // apply the generation head, then take the argmax of the CFG-mixed logits or draw with the CPU
 // sampler, and store the codes (and, optionally, their conditional log-probabilities).
+// A row whose logits are not all finite at a step gets code -1 there (see mark_non_finite).
 //
 // Why: on CPU a step of a small model is a few hundred microseconds of work, and the Python
 // loop around it (about 30 eager ops per step) costs as much again. Here a wave's rows are
@@ -15,6 +16,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
@@ -75,6 +77,26 @@ void linear_into(const torch::Tensor& x, const Linear& l, torch::Tensor& out) {
 // The unpacked path: as F.linear computes it.
 torch::Tensor linear(const torch::Tensor& x, const Linear& l) {
   return l.b.numel() ? at::linear(x, l.w, l.b) : at::linear(x, l.w);
+}
+
+// Code -1 for every row i whose logits the step picks from hold a NaN or an infinity: a
+// NaN / Inf weight or input (a diverged policy, NaN pixels), or logits / temperature past
+// float32. No code can be picked from them (argmax would return the NaN's index, the sampler
+// finds no kept token), and -1 is a code no valid step produces, so the caller can tell. The
+// values checked are the ones picked from: greedy, `x` holds the (CFG-mixed) logits and `u` is
+// null; sampling, as sample_rows_cpu forms them: (u + s * (c - u)) / T with CFG, c / T without.
+void mark_non_finite(const float* x, const float* u, int64_t n, int64_t K, float s, float T, bool greedy,
+                     int64_t* tok) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* c = x + i * K;
+    const float* ur = u ? u + i * K : nullptr;
+    bool ok = true;
+    for (int64_t j = 0; j < K && ok; ++j) {
+      const float v = greedy ? c[j] : (ur ? ur[j] + s * (c[j] - ur[j]) : c[j]) / T;
+      ok = std::isfinite(v);
+    }
+    if (!ok) tok[i] = -1;
+  }
 }
 
 void check_linear(const torch::Tensor& w, const torch::Tensor& b, int64_t in, const std::string& name) {
@@ -166,8 +188,8 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
   const int64_t* prev = out.data_ptr<int64_t>();
   for (int64_t r = 0; r < R; ++r) {
     const int64_t c = prev[r * T + t_begin - 1];
-    TORCH_CHECK(c >= 0 && c < K, "decode_loop_cpu: code ", c, " of row ", r, " at step ", t_begin - 1,
-                " is outside [0, ", K, ")");
+    TORCH_CHECK(c >= -1 && c < K, "decode_loop_cpu: code ", c, " of row ", r, " at step ", t_begin - 1,
+                " is outside [0, ", K, ") (or -1: a step whose logits were not finite)");
   }
   TORCH_CHECK(prefix_row.has_value() == prefix_len.has_value(),
               "decode_loop_cpu: prefix_row and prefix_len go together");
@@ -233,7 +255,9 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
     }
     const float* ew = embed.data_ptr<float>();
     for (int64_t t = t_begin; t < t_end; ++t) {
-      for (int64_t i = 0; i < n; ++i) codes[i] = o[(c0 + i) * T + t - 1];
+      // a -1 (non-finite logits at the previous step) is embedded as code 0: the row's
+      // codes are void anyway, the others must not read outside the embedding table
+      for (int64_t i = 0; i < n; ++i) codes[i] = std::max<int64_t>(o[(c0 + i) * T + t - 1], 0);
       torch::Tensor h;
       if (pack) {
         for (int64_t i = 0; i < n; ++i) std::memcpy(e0.data_ptr<float>() + i * E, ew + codes[i] * E, sizeof(float) * E);
@@ -278,17 +302,21 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
       torch::Tensor c = logits.narrow(0, 0, n);
       if (greedy) {
         torch::Tensor mixed = cfg ? at::add(logits.narrow(0, n, n), at::mul(at::sub(c, logits.narrow(0, n, n)), s))
-                                  : c;
+                                  : c.contiguous();
         tok.copy_(mixed.argmax(-1));
+        mark_non_finite(mixed.data_ptr<float>(), nullptr, n, K, s, 1.0f, true, tok.data_ptr<int64_t>());
       } else {
+        const float* u = cfg && s != 1.0f ? logits.data_ptr<float>() + n * K : nullptr;
         sample_rows_cpu(c.data_ptr<float>(), cfg ? logits.data_ptr<float>() + n * K : nullptr, n, K, s,
                         static_cast<float>(temperature), top_k, static_cast<float>(top_p), seeds + t * R + c0,
+                        tok.data_ptr<int64_t>());
+        mark_non_finite(c.data_ptr<float>(), u, n, K, s, static_cast<float>(temperature), false,
                         tok.data_ptr<int64_t>());
       }
       const int64_t* tk = tok.data_ptr<int64_t>();
       for (int64_t i = 0; i < n; ++i) o[(c0 + i) * T + t] = tk[i];
       if (out_lp.has_value()) {
-        torch::Tensor lp = at::log_softmax(at::div(c, temperature), -1).gather(1, tok.unsqueeze(1));
+        torch::Tensor lp = at::log_softmax(at::div(c, temperature), -1).gather(1, tok.clamp_min(0).unsqueeze(1));
         float* lo = out_lp->data_ptr<float>();
         const float* l = lp.data_ptr<float>();
         for (int64_t i = 0; i < n; ++i) lo[(c0 + i) * T + t] = l[i];
@@ -320,7 +348,8 @@ void register_decode_loop(py::module_& m) {
         py::arg("head_act"), py::arg("cfg"), py::arg("guidance_scale"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("rows_per_pass") = 0,
         "Decode steps [t_begin, t_end) of a wave in float32 on CPU: out int64 [R, T] holds the codes "
-        "(column t_begin - 1 must be filled) and receives columns [t_begin, t_end); rows [0, R) are "
+        "(column t_begin - 1 must be filled) and receives columns [t_begin, t_end), code -1 where a row's "
+        "logits are not all finite (NaN / Inf); rows [0, R) are "
         "conditional, [R, 2R) their unconditional partners when cfg. step_seeds int64 [T, R]; "
         "base / slot0 int64 [rows]: prompt length and first decode slot of each cache row; rope "
         "tables [positions, D]. out_lp (optional float32 [R, T]) receives log_softmax(cond / "

@@ -107,7 +107,7 @@ def generate_continuous(gen, prompts, pixel_chunks, req_seeds: torch.Tensor, num
             rows = [row_of[x] for x in sids]
             steps = [made[x] for x in sids]
             rows_t = torch.tensor(rows, device=dev)
-            emb = m.embed_image_codes(last[rows_t])
+            emb = m.embed_image_codes(last[rows_t].clamp(min=0))  # -1: non-finite logits (Generator._pick)
             if cfg:
                 emb = torch.cat([emb, emb])
             ctx = plan.decode_context_lens.to(dev)

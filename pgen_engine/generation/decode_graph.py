@@ -88,7 +88,7 @@ def decode_step(model, cache, state: DecodeState, cfg: bool,
     ``(codes, float32 [R] log-probs)`` and the log-probs go to ``state.lp[:, t]``. No host
     synchronisation, no allocation that depends on ``t``: safe to capture in a CUDA graph.
     """
-    emb = model.embed_image_codes(state.tok)
+    emb = model.embed_image_codes(state.tok.clamp(min=0))  # -1: the previous step's logits were not finite
     if cfg:
         emb = torch.cat([emb, emb])
     prev = state.t - 1

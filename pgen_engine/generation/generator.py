@@ -219,6 +219,7 @@ class Generator:
                                            return_logprobs)
                 rows = torch.cat([torch.arange(it.prompt * num_samples + it.first,
                                                it.prompt * num_samples + it.first + it.count) for it in wave])
+                self._check_codes(toks, rows)
                 out[rows.to(out.device)] = toks
                 if out_lp is not None:
                     out_lp[rows.to(out.device)] = lps
@@ -245,7 +246,20 @@ class Generator:
             if bar is not None:
                 bar.close()
         self._sync()
+        self._check_codes(out, torch.arange(out.shape[0]))
         return out
+
+    @staticmethod
+    def _check_codes(codes: torch.Tensor, rows: torch.Tensor) -> None:
+        """Raise if any code is -1: its step's logits were not finite (see :meth:`_pick`).
+        ``codes`` ``[n, T]`` are output rows ``rows``. One host read, after a wave."""
+        bad = (codes < 0).nonzero()
+        if bad.numel():
+            r, t = (int(v) for v in bad[0])
+            raise RuntimeError(
+                f"Generator: non-finite logits (NaN or Inf) for output row {int(rows[r])} at image token {t} "
+                f"({bad.shape[0]} code(s) of this batch affected): the model's weights or inputs (pixel_values) "
+                "hold NaN / Inf, or logits / temperature overflow float32; no code can be picked from them")
 
     @torch.inference_mode()
     def generate_images(self, input_ids, attention_mask=None, pixel_values=None, *, decode_batch_size: int = 16,
@@ -426,13 +440,18 @@ class Generator:
         cfg = hidden.shape[0] == 2 * R
         c, u = (logits[:R], logits[R:]) if cfg else (logits, None)
         if greedy:
-            tok = (c if u is None else u + (c - u) * s).argmax(-1)
+            x = c if u is None else u + (c - u) * s
+            tok = x.argmax(-1)
         else:
             tok = sample(c, uncond_logits=u, guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
                          seed=seeds, backend=self.sample_backend)
+            x = (c if u is None else u + s * (c - u)) / temperature  # what the sampler draws from
+        # no code can be picked from NaN / Inf logits: code -1 marks the row (no host sync
+        # here; generate raises after the wave, and the next step embeds code 0 instead)
+        tok = torch.where(torch.isfinite(x).all(-1), tok, torch.full_like(tok, -1))
         if not with_logprobs:
             return tok
-        return tok, torch.log_softmax(c / temperature, dim=-1).gather(1, tok[:, None]).squeeze(1)
+        return tok, torch.log_softmax(c / temperature, dim=-1).gather(1, tok.clamp(min=0)[:, None]).squeeze(1)
 
     @staticmethod
     def _copy_rows(cache: KVCache, src: list[int], dst: list[int], length: int) -> None:
@@ -550,7 +569,7 @@ class Generator:
             # device-side counter's index ops cost more than the C++ step saves
             out[:, 0] = tok
             for t in range(1, T):
-                emb = m.embed_image_codes(tok)
+                emb = m.embed_image_codes(tok.clamp(min=0))  # -1: non-finite logits, see _pick
                 if cfg:
                     emb = torch.cat([emb, emb])
                 pos = base + (t - 1)
