@@ -132,6 +132,12 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v = v_cache[block_table.long()].reshape(B, nb * v_cache.shape[1], *v_cache.shape[2:])
     L = k.shape[1]
     mask = torch.arange(L, device=q.device)[None, :] < cache_seqlens[:, None].to(torch.long)
+    # Slots past a row's length hold whatever an earlier call left there (the cache is reused):
+    # a masked key still enters its score as NaN + (-inf) and a masked value as 0 * NaN, so a
+    # NaN / Inf once written would leak into every later call. Zero them.
+    live = mask[:, :, None, None]
+    k = torch.where(live, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    v = torch.where(live, v, torch.zeros((), dtype=v.dtype, device=v.device))
     o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=Hq != k.shape[2])
     return o[:, :, 0, :]
@@ -160,6 +166,9 @@ def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     dead = torch.arange(L, device=q.device)[None, :] >= cache_seqlens[:, None].to(torch.long)
     scores = scores.masked_fill(dead[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).to(v.dtype)
+    # positions past a row's length hold what earlier calls left (the cache is reused): their
+    # weight is 0, but 0 * NaN / Inf is NaN, so a non-finite value once written would leak
+    v = v.masked_fill(dead[:, None, :, None], 0)
     return torch.matmul(p, v).view(B, Hq, D)
 
 
