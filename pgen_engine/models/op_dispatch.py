@@ -135,9 +135,11 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     # Slots past a row's length hold whatever an earlier call left there (the cache is reused):
     # a masked key still enters its score as NaN + (-inf) and a masked value as 0 * NaN, so a
     # NaN / Inf once written would leak into every later call. Zero them.
+    # (Cast to the activations' dtype: the cache may be kept in another, as the head-major path allows.)
     live = mask[:, :, None, None]
-    k = torch.where(live, k, torch.zeros((), dtype=k.dtype, device=k.device))
-    v = torch.where(live, v, torch.zeros((), dtype=v.dtype, device=v.device))
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    k = torch.where(live, k.to(q.dtype), zero)
+    v = torch.where(live, v.to(q.dtype), zero)
     o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=Hq != k.shape[2])
     return o[:, :, 0, :]
