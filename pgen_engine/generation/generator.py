@@ -32,6 +32,8 @@ the last call (for benchmarks).
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import time
 from typing import Iterator, Sequence
 
@@ -69,9 +71,27 @@ class _WaveItem:
     count: int
 
 
-def _as_int64_seed(x: int, what: str) -> int:
-    if isinstance(x, bool) or not isinstance(x, int):
-        raise TypeError(f"{what}: expected an int, got {type(x).__name__}")
+def _as_int(x, what: str) -> int:
+    """An integer (Python, NumPy or 0-d integer tensor) as an int; floats, strings, bools refused."""
+    if isinstance(x, (bool, str, bytes)) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
+        raise TypeError(f"{what}: expected an int, got {type(x).__name__} {x!r}")
+    try:
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{what}: expected an int, got {type(x).__name__} {x!r}") from None
+
+
+def _as_float(x, what: str) -> float:
+    if isinstance(x, (bool, str, bytes)):
+        raise TypeError(f"{what}: expected a number, got {type(x).__name__} {x!r}")
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}: expected a number, got {type(x).__name__} {x!r}") from None
+
+
+def _as_int64_seed(x, what: str) -> int:
+    x = _as_int(x, what)
     if not _INT64_MIN <= x < 2 ** 64:
         raise ValueError(f"{what}: {x} does not fit in 64 bits")
     return x - 2 ** 64 if x > _INT64_MAX else x
@@ -184,10 +204,15 @@ class Generator:
         B = len(prompts)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        guidance_scale = _as_float(guidance_scale, "guidance_scale")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
+        temperature = _as_float(temperature, "temperature")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
+        top_p = _as_float(top_p, "top_p")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         req_seeds = self._request_seeds(seed, B)
@@ -280,9 +305,18 @@ class Generator:
             if attention_mask is None:
                 mask = torch.ones(B, S, dtype=torch.bool)
             else:
+                if not isinstance(attention_mask, torch.Tensor):
+                    try:
+                        attention_mask = torch.as_tensor(attention_mask)
+                    except (TypeError, ValueError, RuntimeError) as e:
+                        raise ValueError(f"attention_mask must be a [B,S] tensor of 0 / 1: {e}") from None
                 if tuple(attention_mask.shape) != (B, S):
                     raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, S)}")
-                mask = attention_mask.detach().cpu().bool()
+                am = attention_mask.detach().cpu()
+                mask = am.bool()
+                if not bool((am == mask.to(am.dtype)).all()):  # any value but 0 / 1 (2, 0.5, -1, NaN)
+                    raise ValueError("attention_mask must hold only 0 (left padding) and 1 (token), got values "
+                                     f"{sorted(set(am[am != mask.to(am.dtype)].tolist()))[:5]}")
                 # left padding only: once a row starts, it never stops
                 if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
                     raise ValueError("attention_mask must be left padding (each row 0..0 then 1..1)")
@@ -299,11 +333,22 @@ class Generator:
             if attention_mask is not None:
                 raise ValueError("attention_mask is only accepted with a tensor input_ids (lists are unpadded)")
             rows = []
+            if isinstance(input_ids, (str, bytes)):
+                raise TypeError("input_ids must be token ids ([B,S] tensor or B lists of ints), got a string: "
+                                "tokenize the prompt first")
             ids_list = list(input_ids)
             if gen_code_mask is not None and len(gen_code_mask) != len(ids_list):
                 raise ValueError(f"gen_code_mask has {len(gen_code_mask)} rows, input_ids {len(ids_list)}")
             for b, r in enumerate(ids_list):
-                ids = [int(t) for t in r]
+                if isinstance(r, (str, bytes)):
+                    raise TypeError(f"input_ids: prompt {b} is a string; pass token ids (tokenize the prompt first)")
+                try:
+                    toks = list(r)
+                except TypeError:  # e.g. one flat list of ids: its rows are ints
+                    raise TypeError(f"input_ids: prompt {b} must be a sequence of token ids, got "
+                                    f"{type(r).__name__} {r!r} (pass B prompts as B lists of ints, or a [B,S] "
+                                    "tensor)") from None
+                ids = [_as_int(t, f"input_ids: prompt {b}, position {pos}") for pos, t in enumerate(toks)]
                 cm = None
                 if gen_code_mask is not None:
                     cm = [bool(c) for c in gen_code_mask[b]]
@@ -337,9 +382,20 @@ class Generator:
             if need:
                 raise ValueError(f"the prompts hold placeholders for {need} image(s) but pixel_values is None")
             return [None] * len(prompts)
-        if pixel_values.ndim != 4 or pixel_values.shape[0] != need:
-            raise ValueError(f"pixel_values must be [N_img,3,H,W] with N_img = {need} (images whose placeholders the "
-                             f"prompts hold), got {tuple(pixel_values.shape)}")
+        S = self.model.image_size
+        if not need:
+            raise ValueError(f"pixel_values holds {len(pixel_values)} image(s) but the prompts hold no image "
+                             f"placeholder (id {self.model.config.image_token_id}); pass pixel_values=None")
+        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
+            what = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a floating tensor normalised to [-1, 1], got {what} "
+                             "(uint8 images: pgen_engine.models.janus.uint8_to_pixels)")
+        # the vision tower's patch grid is fixed: a smaller image would give fewer patches and
+        # broadcast them over its position table without an error
+        if tuple(pixel_values.shape) != (need, 3, S, S):
+            raise ValueError(f"pixel_values must be [N_img,3,H,W] = [{need},3,{S},{S}] (N_img: images whose "
+                             f"placeholders the prompts hold; H = W = the model's image_size), got "
+                             f"{tuple(pixel_values.shape)}")
         out, i = [], 0
         for p in prompts:
             out.append(pixel_values[i:i + p.num_images] if p.num_images else None)
@@ -348,10 +404,9 @@ class Generator:
 
     @staticmethod
     def _request_seeds(seed, B: int) -> torch.Tensor:
-        if isinstance(seed, torch.Tensor):
-            seed = seed.detach().cpu().tolist()
-            seed = seed if isinstance(seed, list) else int(seed)
-        if isinstance(seed, int) and not isinstance(seed, bool):
+        if getattr(seed, "ndim", None) == 0:  # 0-d tensor / array: one seed
+            seed = seed.item()
+        if isinstance(seed, (str, bytes)) or not hasattr(seed, "__iter__"):  # one request seed for the call
             return mix_seed(_as_int64_seed(seed, "seed"), torch.arange(B, dtype=torch.int64))
         seeds = list(seed)
         if len(seeds) != B:
