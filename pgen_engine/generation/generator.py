@@ -199,6 +199,15 @@ class Generator:
         Returns:
             int64 ``[B * num_samples, T]`` codes on the model's device; with
             ``return_logprobs`` a pair ``(codes, float32 [B * num_samples, T] log-probs)``.
+        Raises:
+            ValueError / TypeError: malformed inputs or settings (ids out of range or not
+                integers, a mask that is not left padding of 0 / 1, ``pixel_values`` not floating
+                ``[N_img, 3, image_size, image_size]``, non-finite ``guidance_scale`` /
+                ``temperature``, ...), before any work.
+            RuntimeError: "non-finite logits": some step's logits (CFG-mixed; divided by
+                ``temperature`` when sampling) hold NaN / Inf — NaN / Inf weights or
+                ``pixel_values``, or values past float32 — so no code can be picked. Raised when
+                the wave that met them ends; the Generator stays usable.
         """
         prompts = self._parse_prompts(input_ids, attention_mask, gen_code_mask)
         B = len(prompts)
