@@ -111,7 +111,9 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
         cache: the wave's head-major cache view (``[rows, Hkv, L, D]`` per layer, optional
             shared prefixes); rows ``[0, R)`` conditional, ``[R, 2R)`` their partners with CFG.
         cfg: whether the unconditional rows exist.
-        out: int64 ``[R, T]``, column 0 filled (code 0, from the prefill); columns 1.. written.
+        out: int64 ``[R, T]``, column 0 filled (code 0, from the prefill); columns 1.. written,
+            -1 where a row's logits were not all finite (a -1 input is embedded as code 0; the
+            Generator raises on any -1, see ``Generator._pick``).
         out_lp: float32 ``[R, T]`` (column 0 filled) for ``log_softmax(cond / T)[code]``, or None.
         step_seeds: int64 ``[T, R]`` sampling seed of every (step, row).
         base, slot0: int64 ``[rows]``: prompt length and first decode slot (``row * L + base``)
