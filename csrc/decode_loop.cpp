@@ -79,22 +79,15 @@ torch::Tensor linear(const torch::Tensor& x, const Linear& l) {
   return l.b.numel() ? at::linear(x, l.w, l.b) : at::linear(x, l.w);
 }
 
-// Code -1 for every row i whose logits the step picks from hold a NaN or an infinity: a
-// NaN / Inf weight or input (a diverged policy, NaN pixels), or logits / temperature past
-// float32. No code can be picked from them (argmax would return the NaN's index, the sampler
-// finds no kept token), and -1 is a code no valid step produces, so the caller can tell. The
-// values checked are the ones picked from: greedy, `x` holds the (CFG-mixed) logits and `u` is
-// null; sampling, as sample_rows_cpu forms them: (u + s * (c - u)) / T with CFG, c / T without.
-void mark_non_finite(const float* x, const float* u, int64_t n, int64_t K, float s, float T, bool greedy,
-                     int64_t* tok) {
+// Greedy: code -1 for every row i whose (CFG-mixed) logits hold a NaN or an infinity (a NaN /
+// Inf weight or input: a diverged policy, NaN pixels). argmax would return the NaN's index; -1
+// is a code no valid step produces, so the caller can tell. Sampling gets the same rule from
+// sample_rows_cpu itself (ops/sampling.py: a non-finite row draws -1).
+void mark_non_finite(const float* x, int64_t n, int64_t K, int64_t* tok) {
   for (int64_t i = 0; i < n; ++i) {
     const float* c = x + i * K;
-    const float* ur = u ? u + i * K : nullptr;
     bool ok = true;
-    for (int64_t j = 0; j < K && ok; ++j) {
-      const float v = greedy ? c[j] : (ur ? ur[j] + s * (c[j] - ur[j]) : c[j]) / T;
-      ok = std::isfinite(v);
-    }
+    for (int64_t j = 0; j < K && ok; ++j) ok = std::isfinite(c[j]);
     if (!ok) tok[i] = -1;
   }
 }
@@ -304,13 +297,10 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
         torch::Tensor mixed = cfg ? at::add(logits.narrow(0, n, n), at::mul(at::sub(c, logits.narrow(0, n, n)), s))
                                   : c.contiguous();
         tok.copy_(mixed.argmax(-1));
-        mark_non_finite(mixed.data_ptr<float>(), nullptr, n, K, s, 1.0f, true, tok.data_ptr<int64_t>());
+        mark_non_finite(mixed.data_ptr<float>(), n, K, tok.data_ptr<int64_t>());
       } else {
-        const float* u = cfg && s != 1.0f ? logits.data_ptr<float>() + n * K : nullptr;
         sample_rows_cpu(c.data_ptr<float>(), cfg ? logits.data_ptr<float>() + n * K : nullptr, n, K, s,
                         static_cast<float>(temperature), top_k, static_cast<float>(top_p), seeds + t * R + c0,
-                        tok.data_ptr<int64_t>());
-        mark_non_finite(c.data_ptr<float>(), u, n, K, s, static_cast<float>(temperature), false,
                         tok.data_ptr<int64_t>());
       }
       const int64_t* tk = tok.data_ptr<int64_t>();

@@ -102,10 +102,13 @@ int64_t sample_row(const float* c, const float* u, int64_t V, float s, float T, 
                    float top_p, int64_t seed, std::vector<float>& x, std::vector<float>& p,
                    std::vector<float>& scratch, std::vector<float>& cand,
                    std::vector<double>& mass, std::vector<uint32_t>& count) {
+  bool finite = true;
   for (int64_t i = 0; i < V; ++i) {
     float v = u ? u[i] + s * (c[i] - u[i]) : c[i];
     x[i] = v / T;
+    finite = finite && std::isfinite(x[i]);
   }
+  if (!finite) return -1;  // no distribution to draw from (see ops/sampling.py)
   const float m = *std::max_element(x.begin(), x.end());
   double z = 0.0;
   for (int64_t i = 0; i < V; ++i) {

@@ -96,9 +96,18 @@ __global__ void __launch_bounds__(kThreads)
   r.x_thr = 0.f;
   r.p_thr = 0.f;
 
-  // Step 3: softmax statistics.
+  // Step 3: softmax statistics. A row with a NaN / Inf scaled logit gets -1 (ops/sampling.py).
   float lmax = -INFINITY;
-  for (int64_t i = tid; i < V; i += kThreads) lmax = fmaxf(lmax, logit_at(r.c, r.u, i, s, 0.f, T));
+  int lbad = 0;
+  for (int64_t i = tid; i < V; i += kThreads) {
+    const float x = logit_at(r.c, r.u, i, s, 0.f, T);
+    lmax = fmaxf(lmax, x);
+    lbad |= !isfinite(x);
+  }
+  if (__syncthreads_or(lbad)) {  // uniform across the block: every thread leaves together
+    if (tid == 0) out[row] = -1;
+    return;
+  }
   float m = ReduceF(tmp.rf).Reduce(lmax, [](float a, float b) { return fmaxf(a, b); });
   if (tid == 0) bcast_f = m;
   __syncthreads();

@@ -503,16 +503,15 @@ class Generator:
         logits = self.model.image_head_logits(hidden).float()
         cfg = hidden.shape[0] == 2 * R
         c, u = (logits[:R], logits[R:]) if cfg else (logits, None)
+        # No code can be picked from NaN / Inf logits: code -1 marks the row (no host sync here;
+        # generate raises after the wave, and the next step embeds code 0 instead). The
+        # sampler applies that rule itself (ops.sample); argmax needs it here.
         if greedy:
             x = c if u is None else u + (c - u) * s
-            tok = x.argmax(-1)
+            tok = torch.where(torch.isfinite(x).all(-1), x.argmax(-1), -1)
         else:
             tok = sample(c, uncond_logits=u, guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
                          seed=seeds, backend=self.sample_backend)
-            x = (c if u is None else u + s * (c - u)) / temperature  # what the sampler draws from
-        # no code can be picked from NaN / Inf logits: code -1 marks the row (no host sync
-        # here; generate raises after the wave, and the next step embeds code 0 instead)
-        tok = torch.where(torch.isfinite(x).all(-1), tok, torch.full_like(tok, -1))
         if not with_logprobs:
             return tok
         return tok, torch.log_softmax(c / temperature, dim=-1).gather(1, tok.clamp(min=0)[:, None]).squeeze(1)

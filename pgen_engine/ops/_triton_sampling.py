@@ -46,12 +46,14 @@ def _sample_kernel(
     # pass 1: max and min of x (softmax shift and top-k bracket)
     mx = tl.full([BLOCK], NEG, tl.float32)
     mn = tl.full([BLOCK], float("inf"), tl.float32)
+    n_bad = tl.zeros([BLOCK], tl.int32)  # NaN / Inf entries: the row gets -1
     for start in range(0, V, BLOCK):
         offs = start + ar
         m = offs < V
         x = _load_x(c_row, u_row, offs, m, s, temp, HAS_U)
         mx = tl.maximum(mx, tl.where(m, x, NEG))
         mn = tl.minimum(mn, tl.where(m, x, float("inf")))
+        n_bad += (m & ~(tl.abs(x) < float("inf"))).to(tl.int32)
     x_max = tl.max(mx, 0)
     x_min = tl.min(mn, 0)
     # pass 2: softmax normaliser
@@ -151,6 +153,7 @@ def _sample_kernel(
         last = tl.maximum(last, tl.max(tl.where(kept, offs, -1), 0))
         carry += tl.sum(pk, 0)
     tok = tl.where(best == 2147483647, last, best)
+    tok = tl.where(tl.sum(n_bad, 0) > 0, -1, tok)
     tl.store(out_ptr + row, tok.to(tl.int64))
 
 

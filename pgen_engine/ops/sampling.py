@@ -13,6 +13,10 @@ Exact semantics, shared by every backend (torch reference here, Triton kernel in
    smallest kept index whose inclusive prefix sum over kept tokens (vocab order) exceeds
    ``target``, or the largest kept index if rounding leaves none.
 
+A row whose ``x`` (after CFG and temperature) holds a NaN or an infinity gets token ``-1``
+on every backend: no distribution can be drawn from it (a diverged model, or logits / T past
+float32), and callers check for ``-1`` instead of indexing with an arbitrary token.
+
 Each row depends only on its own logits and seed, never on the rest of the batch.
 """
 from __future__ import annotations
@@ -64,7 +68,8 @@ def _sample_torch(
     big = torch.full_like(idx, V)
     tok = torch.where(hit, idx, big).min(-1).values
     last = torch.where(keep, idx, torch.full_like(idx, -1)).max(-1).values
-    return torch.where(tok == V, last, tok)
+    tok = torch.where(tok == V, last, tok)
+    return torch.where(torch.isfinite(x).all(-1), tok, torch.full_like(tok, -1))
 
 
 @torch.library.custom_op("pgen::sample_triton", mutates_args=())
@@ -132,7 +137,8 @@ def sample(
             None (one int drawn from torch's global RNG).
         backend: "auto", "torch", "triton", "cpp" or "cuda".
     Returns:
-        int64 ``[B]`` token indices on ``logits.device``.
+        int64 ``[B]`` token indices on ``logits.device``; ``-1`` for a row whose scaled
+        logits are not all finite.
     """
     _validate(logits, uncond_logits, temperature, top_k, top_p)
     if uncond_logits is not None and float(guidance_scale) == 1.0:

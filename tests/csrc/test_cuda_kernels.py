@@ -37,6 +37,17 @@ def test_sample_cuda_matches_cpu(cfg, s, T, top_k, top_p, V):
     assert mismatches <= 1, (got.cpu(), want)
 
 
+def test_sample_cuda_non_finite_rows_draw_minus_one():
+    B, V = 8, 3000
+    c = torch.randn(B, V) * 3
+    c[2, 5], c[5, V - 1] = float("nan"), float("-inf")
+    seeds = torch.arange(B, dtype=torch.int64) * 31
+    want = _C.sample_cpu(c, None, 1.0, 1.0, 0, 0.9, seeds)
+    got = _C.sample_cuda(c.cuda(), None, 1.0, 1.0, 0, 0.9, seeds.cuda()).cpu()
+    assert want[2] == want[5] == got[2] == got[5] == -1
+    assert ((got >= 0) == (want >= 0)).all() and (got[want >= 0] != want[want >= 0]).sum() <= 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("hkv,d", [(2, 64), (3, 5)])
 def test_paged_kv_write_cuda(dtype, hkv, d):

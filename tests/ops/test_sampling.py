@@ -128,3 +128,28 @@ def test_compile_traces_registered_op():
     fn = torch.compile(lambda t, s: torch.ops.pgen.sample_triton(t, None, 1.0, 1.0, 0, 0.9, s),
                        fullgraph=True, backend="eager")
     assert torch.equal(fn(x.to(DEV), seeds.to(DEV)).cpu(), sample(x, top_p=0.9, seed=seeds, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_rows_draw_minus_one(backend):
+    """A row with a NaN / Inf (after CFG and temperature) gets -1 on every backend; others are untouched."""
+    dev = CPU if backend == "cpp" else DEV
+    B, V = 6, 50
+    x = torch.randn(B, V) * 2
+    u = torch.randn(B, V)
+    x[1, 7] = float("nan")
+    x[2, 0] = float("inf")
+    u[3, 49] = float("-inf")  # only matters with CFG
+    x[4] = 3e38  # finite logits whose quotient by a tiny temperature overflows
+    seeds = torch.arange(B, dtype=torch.int64) * 977 - 5
+    for kw, bad in ((dict(), {1, 2}), (dict(uncond_logits=u, guidance_scale=3.0, top_k=5), {1, 2, 3, 4}),
+                    (dict(top_p=0.8, temperature=1e-3), {1, 2, 4})):
+        kw_dev = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in kw.items()}
+        got = sample(x.to(dev), seed=seeds.to(dev), backend=backend, **kw_dev).cpu()
+        ref = sample(torch.nan_to_num(x).clamp(-10, 10), seed=seeds, backend="torch",
+                     **{k: (v.clamp(-10, 10) if torch.is_tensor(v) else v) for k, v in kw.items()})
+        for i in range(B):
+            if i in bad:
+                assert got[i].item() == -1, (kw, i)
+            else:
+                assert got[i].item() == ref[i].item() and 0 <= got[i].item() < V, (kw, i)
