@@ -74,6 +74,62 @@ torch::Tensor sample_cpu(const torch::Tensor& logits, const c10::optional<torch:
   return out;
 }
 
+
+// Read-only view of a BlockManager owned by someone else (the Scheduler).
+struct BlockManagerView {
+  const pgen::BlockManager* bm;
+};
+
+// The read-only methods of a BlockManager, bound on `cls` whose instances give their
+// BlockManager through `get`. Ranges and widths are checked before any tensor is sized.
+template <class C, class Get>
+void def_block_manager_reads(py::class_<C>& cls, Get get) {
+  cls.def_property_readonly("num_blocks", [get](const C& c) { return get(c).num_blocks(); })
+      .def_property_readonly("block_size", [get](const C& c) { return get(c).block_size(); })
+      .def("num_free_blocks", [get](const C& c) { return get(c).num_free_blocks(); })
+      .def("num_seqs", [get](const C& c) { return get(c).num_seqs(); })
+      .def(
+          "blocks_for_tokens", [get](const C& c, int64_t n) { return get(c).blocks_for_tokens(n); },
+          py::arg("num_tokens"))
+      .def(
+          "can_allocate", [get](const C& c, int64_t n) { return get(c).can_allocate(n); },
+          py::arg("num_tokens"))
+      .def(
+          "has_seq", [get](const C& c, int64_t seq) { return get(c).has_seq(seq); },
+          py::arg("seq"))
+      .def(
+          "seq_len", [get](const C& c, int64_t seq) { return get(c).seq_len(seq); },
+          py::arg("seq"))
+      .def(
+          "block_table", [get](const C& c, int64_t seq) { return get(c).block_table(seq); },
+          py::arg("seq"))
+      .def(
+          "refcount", [get](const C& c, int64_t block) { return get(c).refcount(block); },
+          py::arg("block"))
+      .def("seq_ids", [get](const C& c) { return get(c).seq_ids(); })
+      .def(
+          "slot_mapping",
+          [get](const C& c, int64_t seq, int64_t start, c10::optional<int64_t> end) {
+            const pgen::BlockManager& bm = get(c);
+            const int64_t e = end.has_value() ? *end : bm.seq_len(seq);
+            bm.check_slot_range(seq, start, e);  // before sizing the tensor
+            auto t = torch::empty({e - start}, torch::kInt64);
+            bm.slot_mapping_into(seq, start, e, t.data_ptr<int64_t>());
+            return t;
+          },
+          py::arg("seq"), py::arg("start") = 0, py::arg("end") = py::none())
+      .def(
+          "block_tables_tensor",
+          [get](const C& c, const std::vector<int64_t>& seqs, int64_t max_blocks) {
+            const pgen::BlockManager& bm = get(c);
+            bm.check_block_tables(seqs, max_blocks);  // before sizing the tensor
+            auto t = torch::empty({static_cast<int64_t>(seqs.size()), max_blocks}, torch::kInt32);
+            bm.block_tables_into(seqs, max_blocks, t.data_ptr<int32_t>());
+            return t;
+          },
+          py::arg("seqs"), py::arg("max_blocks"));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -111,43 +167,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                std::to_string(r.cow_src) + ", cow_dst=" + std::to_string(r.cow_dst) + ")";
       });
 
-  py::class_<pgen::BlockManager>(m, "BlockManager")
-      .def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
-      .def_property_readonly("num_blocks", &pgen::BlockManager::num_blocks)
-      .def_property_readonly("block_size", &pgen::BlockManager::block_size)
-      .def("num_free_blocks", &pgen::BlockManager::num_free_blocks)
-      .def("num_seqs", &pgen::BlockManager::num_seqs)
-      .def("blocks_for_tokens", &pgen::BlockManager::blocks_for_tokens, py::arg("num_tokens"))
-      .def("can_allocate", &pgen::BlockManager::can_allocate, py::arg("num_tokens"))
+  py::class_<pgen::BlockManager> bm_cls(m, "BlockManager");
+  bm_cls.def(py::init<int64_t, int64_t>(), py::arg("num_blocks"), py::arg("block_size"))
       .def("allocate", &pgen::BlockManager::allocate, py::arg("seq"), py::arg("num_tokens"))
       .def("append_slot", &pgen::BlockManager::append_slot, py::arg("seq"))
       .def("fork", &pgen::BlockManager::fork, py::arg("parent"), py::arg("child"))
-      .def("free", &pgen::BlockManager::free, py::arg("seq"))
-      .def("has_seq", &pgen::BlockManager::has_seq, py::arg("seq"))
-      .def("seq_len", &pgen::BlockManager::seq_len, py::arg("seq"))
-      .def("block_table", &pgen::BlockManager::block_table, py::arg("seq"))
-      .def("refcount", &pgen::BlockManager::refcount, py::arg("block"))
-      .def("seq_ids", &pgen::BlockManager::seq_ids)
-      .def(
-          "slot_mapping",
-          [](const pgen::BlockManager& bm, int64_t seq, int64_t start, int64_t end) {
-            if (end < 0) end = bm.seq_len(seq);
-            TORCH_CHECK(end >= start && start >= 0, "slot_mapping: bad range [", start, ", ",
-                        end, ")");
-            auto t = torch::empty({end - start}, torch::kInt64);
-            bm.slot_mapping_into(seq, start, end, t.data_ptr<int64_t>());
-            return t;
-          },
-          py::arg("seq"), py::arg("start") = 0, py::arg("end") = -1)
-      .def(
-          "block_tables_tensor",
-          [](const pgen::BlockManager& bm, const std::vector<int64_t>& seqs, int64_t max_blocks) {
-            TORCH_CHECK(max_blocks >= 0, "block_tables_tensor: max_blocks must be >= 0");
-            auto t = torch::empty({static_cast<int64_t>(seqs.size()), max_blocks}, torch::kInt32);
-            bm.block_tables_into(seqs, max_blocks, t.data_ptr<int32_t>());
-            return t;
-          },
-          py::arg("seqs"), py::arg("max_blocks"));
+      .def("free", &pgen::BlockManager::free, py::arg("seq"));
+  def_block_manager_reads(bm_cls, [](const pgen::BlockManager& bm) -> const pgen::BlockManager& {
+    return bm;
+  });
+  // What Scheduler.block_manager returns: the scheduler's pool, read-only (allocating or
+  // freeing behind the scheduler's back would break its reservations and sample table).
+  py::class_<BlockManagerView> view_cls(m, "BlockManagerView");
+  def_block_manager_reads(view_cls, [](const BlockManagerView& v) -> const pgen::BlockManager& {
+    return *v.bm;
+  });
 
   py::class_<pgen::PrefillItem>(m, "PrefillItem")
       .def_readonly("request_id", &pgen::PrefillItem::request_id)
@@ -219,8 +253,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("has_unfinished", &pgen::Scheduler::has_unfinished)
       .def_property_readonly("cfg", &pgen::Scheduler::cfg)
       .def_property_readonly("max_batch_rows", &pgen::Scheduler::max_batch_rows)
-      .def_property_readonly("block_manager", &pgen::Scheduler::block_manager,
-                             py::return_value_policy::reference_internal);
+      .def_property_readonly(
+          "block_manager",
+          // read-only view that keeps the scheduler alive while it is referenced
+          py::cpp_function(
+              [](const pgen::Scheduler& s) { return BlockManagerView{&s.block_manager()}; },
+              py::keep_alive<0, 1>()));
 
   pgen::register_decode_ops(m);
   pgen::register_decode_loop(m);

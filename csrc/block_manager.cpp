@@ -1,6 +1,7 @@
 #include "block_manager.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 
 #include "errors.h"
@@ -17,6 +18,12 @@ BlockManager::BlockManager(int64_t num_blocks, int64_t block_size)
     throw std::invalid_argument("BlockManager: block_size must be >= 1, got " +
                                 std::to_string(block_size));
   }
+  if (block_size > INT64_MAX / num_blocks) {
+    // Flat slot ids (block * block_size + offset) must fit int64, else they wrap negative.
+    throw std::invalid_argument("BlockManager: num_blocks * block_size = " +
+                                std::to_string(num_blocks) + " * " + std::to_string(block_size) +
+                                " slots overflows int64");
+  }
   free_.reserve(static_cast<size_t>(num_blocks));
   // Pushed in reverse so that pop_free hands out 0, 1, 2, ...: deterministic and easy to read
   // in tests and debug dumps.
@@ -28,7 +35,8 @@ int64_t BlockManager::blocks_for_tokens(int64_t num_tokens) const {
   if (num_tokens < 0) {
     throw std::invalid_argument("num_tokens must be >= 0, got " + std::to_string(num_tokens));
   }
-  return (num_tokens + block_size_ - 1) / block_size_;
+  // Not (n + bs - 1) / bs: that wraps negative for n near INT64_MAX.
+  return num_tokens / block_size_ + (num_tokens % block_size_ != 0 ? 1 : 0);
 }
 
 bool BlockManager::can_allocate(int64_t num_tokens) const {
@@ -151,32 +159,54 @@ std::vector<int64_t> BlockManager::seq_ids() const {
   return ids;
 }
 
-void BlockManager::slot_mapping_into(int64_t seq, int64_t start, int64_t end,
-                                     int64_t* out) const {
+void BlockManager::check_slot_range(int64_t seq, int64_t start, int64_t end) const {
   const Seq& s = get(seq);
   if (start < 0 || end < start || end > s.num_tokens) {
     throw std::invalid_argument("slot_mapping: range [" + std::to_string(start) + ", " +
                                 std::to_string(end) + ") is outside sequence " +
                                 std::to_string(seq) + " of length " +
-                                std::to_string(s.num_tokens));
+                                std::to_string(s.num_tokens) +
+                                " (need 0 <= start <= end <= length)");
   }
+}
+
+void BlockManager::slot_mapping_into(int64_t seq, int64_t start, int64_t end,
+                                     int64_t* out) const {
+  check_slot_range(seq, start, end);
+  const Seq& s = get(seq);
   for (int64_t pos = start; pos < end; ++pos) {
     out[pos - start] =
         static_cast<int64_t>(s.blocks[pos / block_size_]) * block_size_ + pos % block_size_;
   }
 }
 
+void BlockManager::check_block_tables(const std::vector<int64_t>& seqs,
+                                      int64_t max_blocks) const {
+  if (max_blocks < 0) {
+    throw std::invalid_argument("block_tables: max_blocks must be >= 0, got " +
+                                std::to_string(max_blocks));
+  }
+  for (int64_t id : seqs) {
+    const int64_t n = static_cast<int64_t>(get(id).blocks.size());
+    if (n > max_blocks) {
+      throw std::invalid_argument("block_tables: sequence " + std::to_string(id) + " has " +
+                                  std::to_string(n) + " blocks > max_blocks " +
+                                  std::to_string(max_blocks));
+    }
+  }
+  const int64_t rows = static_cast<int64_t>(seqs.size());
+  if (rows > 0 && max_blocks > INT64_MAX / static_cast<int64_t>(sizeof(int32_t)) / rows) {
+    throw std::invalid_argument("block_tables: " + std::to_string(rows) + " x max_blocks " +
+                                std::to_string(max_blocks) + " int32 table overflows int64 bytes");
+  }
+}
+
 void BlockManager::block_tables_into(const std::vector<int64_t>& seqs, int64_t max_blocks,
                                      int32_t* out) const {
-  if (max_blocks < 0) throw std::invalid_argument("max_blocks must be >= 0");
+  check_block_tables(seqs, max_blocks);
   for (size_t i = 0; i < seqs.size(); ++i) {
     const Seq& s = get(seqs[i]);
     const int64_t n = static_cast<int64_t>(s.blocks.size());
-    if (n > max_blocks) {
-      throw std::invalid_argument("block_tables: sequence " + std::to_string(seqs[i]) +
-                                  " has " + std::to_string(n) + " blocks > max_blocks " +
-                                  std::to_string(max_blocks));
-    }
     int32_t* row = out + i * max_blocks;
     std::copy(s.blocks.begin(), s.blocks.end(), row);
     std::fill(row + n, row + max_blocks, 0);

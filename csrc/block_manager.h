@@ -27,6 +27,8 @@ struct AppendResult {
 
 class BlockManager {
  public:
+  // num_blocks in [1, 2^31-1], block_size >= 1 and num_blocks * block_size <= INT64_MAX (every
+  // flat slot id fits int64). Throws std::invalid_argument otherwise.
   BlockManager(int64_t num_blocks, int64_t block_size);
 
   int64_t num_blocks() const { return num_blocks_; }
@@ -34,7 +36,8 @@ class BlockManager {
   int64_t num_free_blocks() const { return static_cast<int64_t>(free_.size()); }
   int64_t num_seqs() const { return static_cast<int64_t>(seqs_.size()); }
 
-  // Number of blocks needed to hold `num_tokens` tokens (ceil division).
+  // Number of blocks needed to hold `num_tokens` (>= 0) tokens (ceil division, exact for
+  // every int64 count).
   int64_t blocks_for_tokens(int64_t num_tokens) const;
   // True when a fresh sequence of `num_tokens` tokens fits in the free pool now.
   bool can_allocate(int64_t num_tokens) const;
@@ -55,10 +58,16 @@ class BlockManager {
   int32_t refcount(int64_t block) const;
   std::vector<int64_t> seq_ids() const;
 
-  // Slots of token positions [start, end) of `seq`, appended to `out`.
+  // Throws UnknownIdError for an unknown `seq`, std::invalid_argument unless
+  // 0 <= start <= end <= seq_len(seq). Callers check before sizing an output buffer.
+  void check_slot_range(int64_t seq, int64_t start, int64_t end) const;
+  // Slots of token positions [start, end) of `seq`, appended to `out` (range checked).
   void slot_mapping_into(int64_t seq, int64_t start, int64_t end, int64_t* out) const;
+  // Throws UnknownIdError for an unknown id, std::invalid_argument when max_blocks < 0, a
+  // table is longer than max_blocks, or seqs.size() * max_blocks int32s overflow a byte count.
+  void check_block_tables(const std::vector<int64_t>& seqs, int64_t max_blocks) const;
   // Block tables of `seqs` into a row-major int32 [seqs.size(), max_blocks] buffer, padded
-  // with 0. Throws std::invalid_argument when a table is longer than max_blocks.
+  // with 0. Checks everything (check_block_tables) before writing anything.
   void block_tables_into(const std::vector<int64_t>& seqs, int64_t max_blocks, int32_t* out) const;
 
  private:

@@ -1,12 +1,24 @@
 #include "scheduler.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <unordered_set>
 
 #include "errors.h"
 
 namespace pgen {
+
+namespace {
+// Saturating arithmetic on non-negative int64 (sizes supplied by the caller may be huge; a
+// wrapped product would look small and pass the admission checks).
+int64_t sat_add(int64_t a, int64_t b) { return a > INT64_MAX - b ? INT64_MAX : a + b; }
+int64_t sat_mul(int64_t a, int64_t b) {
+  if (a == 0 || b == 0) return 0;
+  return a > INT64_MAX / b ? INT64_MAX : a * b;
+}
+}  // namespace
 
 Scheduler::Scheduler(int64_t num_blocks, int64_t block_size, int64_t max_batch_rows, bool cfg)
     : bm_(num_blocks, block_size), max_batch_rows_(max_batch_rows), cfg_(cfg) {
@@ -16,15 +28,33 @@ Scheduler::Scheduler(int64_t num_blocks, int64_t block_size, int64_t max_batch_r
   }
 }
 
+void Scheduler::check_sizes(const std::string& who, int64_t prompt_len, int64_t num_samples,
+                            int64_t max_new_tokens) const {
+  if (prompt_len < 1) {
+    throw std::invalid_argument(who + ": prompt_len must be >= 1, got " +
+                                std::to_string(prompt_len));
+  }
+  if (num_samples < 1) {
+    throw std::invalid_argument(who + ": num_samples must be >= 1, got " +
+                                std::to_string(num_samples));
+  }
+  if (max_new_tokens < 1) {
+    throw std::invalid_argument(who + ": max_new_tokens must be >= 1, got " +
+                                std::to_string(max_new_tokens));
+  }
+}
+
 int64_t Scheduler::worst_case_blocks(int64_t prompt_len, int64_t num_samples,
                                      int64_t max_new_tokens) const {
+  check_sizes("worst_case_blocks", prompt_len, num_samples, max_new_tokens);
   const int64_t bs = bm_.block_size();
   // Full prompt blocks are never written again, so they stay shared by every sample; the
   // partial prompt block and everything after it may become private to each sample (the
   // last writer of a shared partial block keeps the original, the others copy it).
   const int64_t shared = prompt_len / bs;
-  const int64_t per_sample = bm_.blocks_for_tokens(prompt_len + max_new_tokens) - shared;
-  return halves() * (shared + num_samples * per_sample);
+  const int64_t per_sample =
+      bm_.blocks_for_tokens(sat_add(prompt_len, max_new_tokens)) - shared;
+  return sat_mul(halves(), sat_add(shared, sat_mul(num_samples, per_sample)));
 }
 
 bool Scheduler::is_known_request(int64_t request_id) const {
@@ -38,20 +68,13 @@ bool Scheduler::is_known_request(int64_t request_id) const {
 void Scheduler::add_request(int64_t request_id, int64_t prompt_len, int64_t num_samples,
                             int64_t max_new_tokens) {
   const std::string who = "add_request(request_id=" + std::to_string(request_id) + ")";
-  if (prompt_len < 1) {
-    throw std::invalid_argument(who + ": prompt_len must be >= 1, got " +
-                                std::to_string(prompt_len));
-  }
-  if (num_samples < 1) {
-    throw std::invalid_argument(who + ": num_samples must be >= 1, got " +
-                                std::to_string(num_samples));
-  }
-  if (max_new_tokens < 1) {
-    throw std::invalid_argument(who + ": max_new_tokens must be >= 1, got " +
-                                std::to_string(max_new_tokens));
-  }
-  if (num_samples * halves() > max_batch_rows_) {
-    throw std::invalid_argument(who + ": needs " + std::to_string(num_samples * halves()) +
+  check_sizes(who, prompt_len, num_samples, max_new_tokens);
+  // num_samples * halves() can wrap for huge num_samples: compare by division.
+  if (num_samples > max_batch_rows_ / halves()) {
+    const std::string rows = num_samples > INT64_MAX / halves()
+                                 ? std::string("more than 2^63-1")
+                                 : std::to_string(num_samples * halves());
+    throw std::invalid_argument(who + ": needs " + rows +
                                 " batch rows (num_samples=" + std::to_string(num_samples) +
                                 (cfg_ ? ", x2 for cfg" : "") + ") but max_batch_rows is " +
                                 std::to_string(max_batch_rows_));
@@ -61,13 +84,22 @@ void Scheduler::add_request(int64_t request_id, int64_t prompt_len, int64_t num_
   }
   const int64_t need = worst_case_blocks(prompt_len, num_samples, max_new_tokens);
   if (need > bm_.num_blocks()) {
-    throw OutOfBlocksError("out of KV blocks: need " + std::to_string(need) + ", free " +
+    throw OutOfBlocksError("out of KV blocks: need " +
+                           (need == INT64_MAX ? std::string(">= 2^63-1") : std::to_string(need)) +
+                           ", free " +
                            std::to_string(bm_.num_blocks()) + " — " + who +
                            " can never fit: its worst case (prompt " +
                            std::to_string(prompt_len) + " + " + std::to_string(max_new_tokens) +
                            " new tokens x " + std::to_string(num_samples) + " samples" +
                            (cfg_ ? " x2 cfg" : "") + ") exceeds the whole pool of " +
                            std::to_string(bm_.num_blocks()) + " blocks");
+  }
+  // A sample's context reaches prompt_len + max_new_tokens - 1 tokens (its last code is
+  // never written back), reported in the int32 decode_context_lens.
+  if (prompt_len > INT32_MAX || max_new_tokens - 1 > INT32_MAX - prompt_len) {
+    throw std::invalid_argument(who + ": prompt_len + max_new_tokens - 1 = " +
+                                std::to_string(sat_add(prompt_len, max_new_tokens - 1)) +
+                                " tokens exceeds the int32 context length limit 2147483647");
   }
   Request r;
   r.id = request_id;
@@ -76,6 +108,7 @@ void Scheduler::add_request(int64_t request_id, int64_t prompt_len, int64_t num_
   r.max_new_tokens = max_new_tokens;
   r.shared_blocks = prompt_len / bm_.block_size();
   r.per_sample_blocks = bm_.blocks_for_tokens(prompt_len + max_new_tokens) - r.shared_blocks;
+  r.need_blocks = need;
   waiting_.push_back(r);
 }
 
@@ -115,8 +148,8 @@ BatchPlan Scheduler::schedule() {
   while (!waiting_.empty()) {
     Request r = waiting_.front();
     const int64_t rows = r.num_samples * h;
-    const int64_t need = h * (r.shared_blocks + r.num_samples * r.per_sample_blocks);
-    if (running_rows_ + rows > max_batch_rows_ || reserved_ + need > bm_.num_blocks()) break;
+    const int64_t need = r.need_blocks;  // <= num_blocks (add_request), so no overflow below
+    if (rows > max_batch_rows_ - running_rows_ || need > bm_.num_blocks() - reserved_) break;
     waiting_.pop_front();
     PrefillItem item;
     item.request_id = r.id;
@@ -185,6 +218,8 @@ std::vector<int64_t> Scheduler::step_done(const std::vector<int64_t>& sample_ids
                                 " finished flags");
   }
   // Validate everything before mutating, so a bad call leaves the scheduler unchanged.
+  std::unordered_set<int64_t> seen;
+  seen.reserve(sample_ids.size());
   for (size_t i = 0; i < sample_ids.size(); ++i) {
     auto it = samples_.find(sample_ids[i]);
     if (it == samples_.end()) {
@@ -195,11 +230,9 @@ std::vector<int64_t> Scheduler::step_done(const std::vector<int64_t>& sample_ids
       throw StateError("step_done: sample id " + std::to_string(sample_ids[i]) +
                        " was not scheduled in the last plan, or was reported twice");
     }
-    for (size_t j = 0; j < i; ++j) {
-      if (sample_ids[j] == sample_ids[i]) {
-        throw StateError("step_done: sample id " + std::to_string(sample_ids[i]) +
-                         " appears twice in one call");
-      }
+    if (!seen.insert(sample_ids[i]).second) {
+      throw StateError("step_done: sample id " + std::to_string(sample_ids[i]) +
+                       " appears twice in one call");
     }
   }
   std::vector<int64_t> completed;

@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <string>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -75,11 +76,14 @@ class Scheduler {
  public:
   Scheduler(int64_t num_blocks, int64_t block_size, int64_t max_batch_rows, bool cfg);
 
-  // Worst-case number of KV blocks of a request (both cfg halves included).
+  // Worst-case number of KV blocks of a request (both cfg halves included), saturated at
+  // INT64_MAX. Throws std::invalid_argument unless every size is >= 1.
   int64_t worst_case_blocks(int64_t prompt_len, int64_t num_samples,
                             int64_t max_new_tokens) const;
-  // Queue a request. Throws std::invalid_argument on bad sizes, StateError on a duplicate
-  // id, OutOfBlocksError when its worst case exceeds the whole pool (it could never run).
+  // Queue a request. Throws std::invalid_argument on bad sizes (non-positive, more rows than
+  // max_batch_rows, or a context longer than the int32 decode_context_lens hold), StateError
+  // on a duplicate id, OutOfBlocksError when its worst case exceeds the whole pool (it could
+  // never run).
   void add_request(int64_t request_id, int64_t prompt_len, int64_t num_samples,
                    int64_t max_new_tokens);
   // Next batch. Throws StateError while samples of the previous plan are not reported.
@@ -107,6 +111,7 @@ class Scheduler {
     int64_t max_new_tokens;
     int64_t shared_blocks;      // full prompt blocks shared by all samples (one cfg half)
     int64_t per_sample_blocks;  // worst-case private blocks of one sample (one cfg half)
+    int64_t need_blocks;        // worst_case_blocks(): what admission reserves (<= pool)
     int64_t alive = 0;
   };
   struct Sample {
@@ -117,6 +122,8 @@ class Scheduler {
     bool pending = false;
   };
   int64_t halves() const { return cfg_ ? 2 : 1; }
+  void check_sizes(const std::string& who, int64_t prompt_len, int64_t num_samples,
+                   int64_t max_new_tokens) const;
   void finish_sample(int64_t sample_id, std::vector<int64_t>& completed);
   bool is_known_request(int64_t request_id) const;
 

@@ -25,9 +25,11 @@ Generator loop (one iteration = one :meth:`BatchScheduler.schedule` call)::
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pgen_engine.ops._backend import extension
@@ -57,6 +59,44 @@ def extension_or_raise():
     return ext
 
 
+def _int(value, name: str) -> int:
+    """``value`` as a Python int: ints, NumPy integers and integer 0-d tensors pass; bools,
+    floats, strings, None raise TypeError (``int()`` would truncate 2.5 or parse "3"), and
+    integers outside int64 ValueError."""
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got a bool ({value!r})")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if not -(2**63) <= v < 2**63:
+        raise ValueError(f"{name} must fit int64, got {v}")
+    return v
+
+
+def _ints(values, name: str) -> list[int]:
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__}")
+    vals = list(values)
+    # fast path (the per-step sample id lists): plain ints within int64
+    if all(type(v) is int for v in vals) and (not vals or (-(2**63) <= min(vals) and max(vals) < 2**63)):
+        return vals
+    return [_int(v, f"{name}[{i}]") for i, v in enumerate(vals)]
+
+
+def _flag(value, name: str) -> bool:
+    """A bool, NumPy bool, or the integers 0 / 1; anything else (a string, None, 0.5, 2) raises."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a bool (or 0 / 1), got {type(value).__name__} {value!r}") from None
+    if v not in (0, 1):
+        raise ValueError(f"{name} must be a bool (or 0 / 1), got {v}")
+    return bool(v)
+
+
 def _exc(name: str, fallback: type[BaseException]) -> type[BaseException]:
     ext = extension()
     return getattr(ext, name) if ext is not None else fallback
@@ -80,7 +120,7 @@ class KVBlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        self._bm = extension_or_raise().BlockManager(int(num_blocks), int(block_size))
+        self._bm = extension_or_raise().BlockManager(_int(num_blocks, "num_blocks"), _int(block_size, "block_size"))
 
     @classmethod
     def _wrap(cls, native) -> "KVBlockManager":
@@ -102,16 +142,16 @@ class KVBlockManager:
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         """``ceil(num_tokens / block_size)``."""
-        return self._bm.blocks_for_tokens(num_tokens)
+        return self._bm.blocks_for_tokens(_int(num_tokens, "num_tokens"))
 
     def can_allocate(self, num_tokens: int) -> bool:
         """True when a new sequence of ``num_tokens`` tokens fits in the free pool now."""
-        return self._bm.can_allocate(num_tokens)
+        return self._bm.can_allocate(_int(num_tokens, "num_tokens"))
 
     def allocate(self, seq: int, num_tokens: int) -> None:
         """Create ``seq`` with ``num_tokens`` tokens. Raises OutOfKVBlocksError when short
         (nothing allocated), SchedulerStateError when ``seq`` exists."""
-        self._bm.allocate(seq, num_tokens)
+        self._bm.allocate(_int(seq, "seq"), _int(num_tokens, "num_tokens"))
 
     def append_slot(self, seq: int) -> tuple[int, tuple[int, int] | None]:
         """Reserve the slot of one more token of ``seq``.
@@ -119,19 +159,19 @@ class KVBlockManager:
         Returns ``(slot, copy)`` where ``copy`` is ``(src_block, dst_block)`` when the last
         block was shared and had to be copied (run it before writing the token), else None.
         """
-        r = self._bm.append_slot(seq)
+        r = self._bm.append_slot(_int(seq, "seq"))
         return r.slot, ((r.cow_src, r.cow_dst) if r.cow_src >= 0 else None)
 
     def fork(self, parent: int, child: int) -> None:
         """``child`` shares all of ``parent``'s blocks (refcounts + 1) and its length."""
-        self._bm.fork(parent, child)
+        self._bm.fork(_int(parent, "parent"), _int(child, "child"))
 
     def free(self, seq: int) -> None:
         """Release ``seq``. Raises UnknownIdError for an unknown id (or a double free)."""
-        self._bm.free(seq)
+        self._bm.free(_int(seq, "seq"))
 
     def has_seq(self, seq: int) -> bool:
-        return self._bm.has_seq(seq)
+        return self._bm.has_seq(_int(seq, "seq"))
 
     def num_seqs(self) -> int:
         """Number of live sequences."""
@@ -143,23 +183,38 @@ class KVBlockManager:
 
     def seq_len(self, seq: int) -> int:
         """Number of tokens of ``seq``."""
-        return self._bm.seq_len(seq)
+        return self._bm.seq_len(_int(seq, "seq"))
 
     def block_table(self, seq: int) -> list[int]:
         """Block ids of ``seq`` in position order."""
-        return self._bm.block_table(seq)
+        return self._bm.block_table(_int(seq, "seq"))
 
     def refcount(self, block: int) -> int:
-        return self._bm.refcount(block)
+        return self._bm.refcount(_int(block, "block"))
 
     def slot_mapping(self, seq: int, start: int = 0, end: int | None = None) -> torch.Tensor:
-        """int64 ``[end - start]`` flat slots of positions ``[start, end)`` (default: all)."""
-        return self._bm.slot_mapping(seq, start, -1 if end is None else end)
+        """int64 ``[end - start]`` flat slots of positions ``[start, end)`` (default: to the
+        end). Raises ValueError unless ``0 <= start <= end <= seq_len(seq)``."""
+        return self._bm.slot_mapping(_int(seq, "seq"), _int(start, "start"),
+                                     None if end is None else _int(end, "end"))
 
     def block_tables_tensor(self, seqs: Sequence[int], max_blocks: int) -> torch.Tensor:
         """int32 ``[len(seqs), max_blocks]`` block tables, padded with 0 (fixed width, e.g.
-        for CUDA-graph capture). Raises ValueError when a table is longer than ``max_blocks``."""
-        return self._bm.block_tables_tensor(list(seqs), max_blocks)
+        for CUDA-graph capture). Raises ValueError when ``max_blocks`` is negative or a table
+        is longer than it, UnknownIdError for an unknown id (checked before anything is built)."""
+        return self._bm.block_tables_tensor(_ints(seqs, "seqs"), _int(max_blocks, "max_blocks"))
+
+
+class _SchedulerBlockManager(KVBlockManager):
+    """The block pool of a :class:`BatchScheduler`, read-only: the scheduler owns every
+    allocation, and one made or freed behind its back would break its reservations."""
+
+    def _read_only(self, *args, **kwargs):
+        raise SchedulerStateError(
+            "BatchScheduler.block_manager is read-only: the scheduler allocates, forks, appends and "
+            "frees its sequences itself (use add_request / step_done / abort)")
+
+    allocate = append_slot = fork = free = _read_only
 
 
 @dataclass(frozen=True)
@@ -251,8 +306,12 @@ class BatchScheduler:
     """
 
     def __init__(self, num_blocks: int, block_size: int, max_batch_rows: int, cfg: bool = False) -> None:
-        self._s = extension_or_raise().Scheduler(int(num_blocks), int(block_size), int(max_batch_rows), bool(cfg))
-        self.block_manager = KVBlockManager._wrap(self._s.block_manager)
+        if not isinstance(cfg, (bool, np.bool_)):
+            raise TypeError(f"cfg must be a bool, got {type(cfg).__name__} {cfg!r}")
+        self._s = extension_or_raise().Scheduler(_int(num_blocks, "num_blocks"), _int(block_size, "block_size"),
+                                                 _int(max_batch_rows, "max_batch_rows"), bool(cfg))
+        #: Read-only view of the scheduler's pool (tables, refcounts, slot mappings).
+        self.block_manager = _SchedulerBlockManager._wrap(self._s.block_manager)
 
     @property
     def cfg(self) -> bool:
@@ -264,17 +323,21 @@ class BatchScheduler:
 
     def worst_case_blocks(self, prompt_len: int, num_samples: int, max_new_tokens: int) -> int:
         """KV blocks a request may need over its lifetime (what admission reserves)."""
-        return self._s.worst_case_blocks(prompt_len, num_samples, max_new_tokens)
+        return self._s.worst_case_blocks(_int(prompt_len, "prompt_len"), _int(num_samples, "num_samples"),
+                                         _int(max_new_tokens, "max_new_tokens"))
 
     def add_request(self, request_id: int, prompt_len: int, num_samples: int, max_new_tokens: int) -> None:
         """Queue a request (FIFO).
 
         Raises:
-            ValueError: non-positive sizes, or more rows than ``max_batch_rows``.
+            TypeError: a non-integer argument.
+            ValueError: non-positive sizes, more rows than ``max_batch_rows``, or
+                ``prompt_len + max_new_tokens - 1`` past the int32 context length limit.
             SchedulerStateError: ``request_id`` is already queued or running.
             OutOfKVBlocksError: its worst case exceeds the whole pool (it could never run).
         """
-        self._s.add_request(request_id, prompt_len, num_samples, max_new_tokens)
+        self._s.add_request(_int(request_id, "request_id"), _int(prompt_len, "prompt_len"),
+                            _int(num_samples, "num_samples"), _int(max_new_tokens, "max_new_tokens"))
 
     def schedule(self) -> StepPlan:
         """Plan the next step: decode every running sample that has a token to write, then
@@ -313,15 +376,25 @@ class BatchScheduler:
         their blocks. Returns the request ids whose last sample finished.
 
         Raises UnknownIdError / SchedulerStateError for ids that are not pending samples of
-        the last plan (nothing is changed then), ValueError on a length mismatch.
+        the last plan (nothing is changed then), ValueError on a length mismatch or a flag
+        other than a bool / 0 / 1, TypeError on a non-integer id.
         """
+        ids = _ints(sample_ids, "sample_ids")
         if isinstance(finished, torch.Tensor):
-            finished = finished.detach().to("cpu", torch.bool).tolist()
-        return self._s.step_done([int(i) for i in sample_ids], [bool(f) for f in finished])
+            if finished.is_floating_point() or finished.is_complex():
+                raise TypeError(f"finished must be a bool (or 0 / 1 integer) tensor, got {finished.dtype}")
+            finished = finished.detach().cpu().tolist()
+        elif isinstance(finished, (str, bytes)):
+            raise TypeError("finished must be a sequence of bools")
+        flags = list(finished)
+        if not all(type(f) is bool for f in flags):  # fast path: plain bools
+            flags = [_flag(f, f"finished[{i}]") for i, f in enumerate(flags)]
+        return self._s.step_done(ids, flags)
 
     def abort(self, request_id: int) -> None:
-        """Drop a queued or running request and free everything it holds."""
-        self._s.abort(request_id)
+        """Drop a queued or running request and free everything it holds. Samples of it that
+        the last plan scheduled are dropped too: leave them out of the ``step_done`` report."""
+        self._s.abort(_int(request_id, "request_id"))
 
     def has_unfinished(self) -> bool:
         """True while any request is queued or running."""
@@ -329,7 +402,7 @@ class BatchScheduler:
 
     def sample_info(self, sample_id: int) -> tuple[int, int, int]:
         """``(request_id, sample_index, num_generated)`` of a live sample."""
-        i = self._s.sample_info(sample_id)
+        i = self._s.sample_info(_int(sample_id, "sample_id"))
         return i.request_id, i.sample_index, i.num_generated
 
     def stats(self) -> SchedulerStats:
