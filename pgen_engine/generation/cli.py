@@ -319,13 +319,13 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from pgen_engine.io_utils import atomic_write_text
     from pgen_engine.models import load_model
-    from pgen_engine.models.checkpoint import load_config
+    from pgen_engine.models.checkpoint import load_checkpoint_config
     from pgen_engine.ops.rng import mix_seed
 
     from .generator import Generator
 
     # everything that can be checked without the weights, before loading them
-    cfg, special = load_config(checkpoint)
+    cfg, special = load_checkpoint_config(checkpoint)
     tokenizer = _load_tokenizer(checkpoint, special)
     T = cfg.num_image_tokens
     prompts = read_prompts(prompts_path, tokenizer, special, cfg.text.vocab_size,

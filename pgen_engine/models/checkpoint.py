@@ -100,22 +100,16 @@ def _not_a_checkpoint_hint(path: Path) -> str:
     return ""
 
 
-def _positive(source: Path, **fields) -> None:
-    for name, v in fields.items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise CheckpointError(f"{source}: {name}={v!r} must be a positive integer")
-
-
-def load_config(path: str | Path) -> tuple[JanusModelConfig, SpecialTokens]:
-    """Read and validate a checkpoint's ``config.json`` and ``generation_config.json``, no weights.
+def load_checkpoint_config(path: str | Path) -> tuple[JanusModelConfig, SpecialTokens]:
+    """Read and validate a checkpoint's ``config.json`` and special token ids, no weights.
 
     Lets a caller check its inputs (prompt lengths, token ids) against the model before
-    paying for a weight load; :func:`load_model` runs the same checks.
+    paying for a weight load; :func:`load_model` starts with it.
 
     Raises:
         CheckpointError: not a checkpoint folder (with a hint when it is a ``pgen train`` run
-            or DeepSpeed checkpoint), invalid JSON, a missing/invalid field, or a special
-            token id outside the text vocabulary — the message names the file and field.
+            or DeepSpeed checkpoint), or what :meth:`JanusModelConfig.from_dir` and
+            :meth:`SpecialTokens.from_checkpoint` refuse — the message names the file and field.
     """
     path = Path(path)
     cfg_file = path / "config.json"
@@ -124,38 +118,7 @@ def load_config(path: str | Path) -> tuple[JanusModelConfig, SpecialTokens]:
         if hint:
             raise CheckpointError(f"{cfg_file}: missing (expected a Hugging Face checkpoint directory with "
                                   f"config.json){hint}")
-    try:
-        cfg = JanusModelConfig.from_dir(path)
-    except CheckpointError:
-        raise
-    except (TypeError, ValueError, AttributeError, ArithmeticError, KeyError, IndexError) as e:
-        raise CheckpointError(f"{cfg_file}: invalid Janus config ({type(e).__name__}: {e})") from None
-    t = cfg.text
-    _positive(cfg_file, **{f"text_config.{k}": getattr(t, k) for k in (
-        "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-        "max_position_embeddings")}, image_size=cfg.image_size, num_image_tokens=cfg.num_image_tokens,
-        **{"vq_config.num_embeddings": cfg.codebook_size, "vq_config.embed_dim": cfg.vq_embed_dim})
-    gen_file = path / "generation_config.json"
-    if gen_file.exists():
-        try:
-            gen = json.loads(gen_file.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-            raise CheckpointError(f"{gen_file}: invalid JSON ({e})") from None
-        if not isinstance(gen, dict) or not isinstance(gen.get("generation_kwargs") or {}, dict):
-            raise CheckpointError(f"{gen_file}: expected a JSON object (with an optional 'generation_kwargs' object)")
-    if not isinstance(cfg.raw.get("pgen_special_tokens") or {}, dict):
-        raise CheckpointError(f"{cfg_file}: 'pgen_special_tokens' must be an object of token ids")
-    try:
-        special = SpecialTokens.from_checkpoint(path)
-    except (TypeError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{path}: invalid special token id in config.json / generation_config.json "
-                              f"({type(e).__name__}: {e})") from None
-    for name, v in special.as_dict().items():
-        if not 0 <= v < t.vocab_size:
-            raise CheckpointError(
-                f"{path}: special token {name}={v} (from config.json image_token_id / pgen_special_tokens or "
-                f"generation_config.json) is outside the text vocabulary [0, {t.vocab_size})")
-    return cfg, special
+    return JanusModelConfig.from_dir(path), SpecialTokens.from_checkpoint(path)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
@@ -173,12 +136,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     Raises:
         CheckpointError: missing/unexpected key, shape mismatch, wrong ``model_type``,
             truncated file, NaN/Inf weights, unsupported dtype or an invalid config (see
-            :func:`load_config`) — the message names the file and key.
+            :func:`load_checkpoint_config`) — the message names the file and key.
     """
     path = Path(path)
     if dtype not in LOADABLE_DTYPES:
         raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")
-    cfg, special = load_config(path)
+    cfg, special = load_checkpoint_config(path)
     device = torch.device(device)
     try:
         with torch.device("meta"):

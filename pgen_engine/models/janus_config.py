@@ -73,6 +73,26 @@ class JanusModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> "JanusModelConfig":
         """Validate a Janus config dict. Raises CheckpointError naming the bad field."""
+        try:
+            out = cls._parse(cfg, source)
+        except CheckpointError:
+            raise
+        except (TypeError, ValueError, AttributeError, ArithmeticError, KeyError, IndexError) as e:
+            # a field of the wrong JSON type (a list where an object goes, "x" for an int, ...)
+            raise CheckpointError(f"{source}: invalid Janus config ({type(e).__name__}: {e})") from None
+        t = out.text
+        sizes = {f"text_config.{k}": getattr(t, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "max_position_embeddings")}
+        sizes.update({"vision_config.image_size": out.image_size, "num_image_tokens": out.num_image_tokens,
+                      "vq_config.num_embeddings": out.codebook_size, "vq_config.embed_dim": out.vq_embed_dim})
+        for name, v in sizes.items():
+            if v < 1:
+                raise CheckpointError(f"{source}: {name}={v!r} must be a positive integer")
+        return out
+
+    @classmethod
+    def _parse(cls, cfg: dict, source: str) -> "JanusModelConfig":
         if cfg.get("model_type") != "janus":
             raise CheckpointError(
                 f"{source}: model_type is {cfg.get('model_type')!r}, expected 'janus' (a Janus / Janus-Pro checkpoint)"

@@ -51,32 +51,63 @@ class SpecialTokens:
 
         Missing generation config fields fall back to the Janus-Pro ids when the vocab is
         Janus-Pro sized, else to the built-in layout.
+
+        Raises:
+            CheckpointError: invalid JSON or structure in either file, an id that is not an
+                integer, or an id outside the text vocabulary; the message names the file.
         """
+        from .janus_config import CheckpointError
+
         path = Path(path)
-        cfg = json.loads((path / "config.json").read_text())
-        text_vocab = int(cfg.get("text_config", {}).get("vocab_size", 0))
+        cfg_file, gen_file = path / "config.json", path / "generation_config.json"
+
+        def read(f: Path) -> dict:
+            try:
+                obj = json.loads(f.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+                raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise CheckpointError(f"{f}: expected a JSON object")
+            return obj
+
+        cfg = read(cfg_file)
+        gen = read(gen_file) if gen_file.exists() else {}
+        kw = gen.get("generation_kwargs") or {}
+        pgen = cfg.get("pgen_special_tokens") or {}
+        if not isinstance(kw, dict):
+            raise CheckpointError(f"{gen_file}: expected a JSON object (with an optional 'generation_kwargs' object)")
+        if not isinstance(pgen, dict):
+            raise CheckpointError(f"{cfg_file}: 'pgen_special_tokens' must be an object of token ids")
+        text = cfg.get("text_config") or {}
+        text_vocab = text.get("vocab_size", 0) if isinstance(text, dict) else 0
+        text_vocab = text_vocab if isinstance(text_vocab, int) else 0
         base = cls.janus_pro() if text_vocab > 100593 else cls.builtin()
-        gen = {}
-        gpath = path / "generation_config.json"
-        if gpath.exists():
-            gen = json.loads(gpath.read_text())
-        kw = gen.get("generation_kwargs", {}) or {}
-        pgen = cfg.get("pgen_special_tokens", {}) or {}
 
         def pick(name: str, *candidates) -> int:
             for c in candidates:
                 if c is not None:
-                    return int(c)
+                    if isinstance(c, bool) or not isinstance(c, int):
+                        raise CheckpointError(f"{path}: special token {name}={c!r} (config.json / "
+                                              "generation_config.json) is not an integer token id")
+                    return c
             return getattr(base, name)
 
-        return cls(
+        eos = gen.get("eos_token_id")
+        out = cls(
             bos=pick("bos", pgen.get("bos"), gen.get("bos_token_id")),
-            eos=pick("eos", pgen.get("eos"), gen.get("eos_token_id") if not isinstance(gen.get("eos_token_id"), list) else None),
+            eos=pick("eos", pgen.get("eos"), eos if not isinstance(eos, list) else None),
             pad=pick("pad", pgen.get("pad"), gen.get("pad_token_id")),
             boi=pick("boi", pgen.get("boi"), kw.get("boi_token_id")),
             eoi=pick("eoi", pgen.get("eoi"), kw.get("eoi_token_id")),
             image=pick("image", pgen.get("image"), cfg.get("image_token_id")),
         )
+        if text_vocab > 0:
+            for name, v in out.as_dict().items():
+                if not 0 <= v < text_vocab:
+                    raise CheckpointError(
+                        f"{path}: special token {name}={v} (from config.json image_token_id / pgen_special_tokens "
+                        f"or generation_config.json) is outside the text vocabulary [0, {text_vocab})")
+        return out
 
     def generation_config_dict(self) -> dict:
         """The generation_config.json fields ``transformers``' Janus image generate needs."""

@@ -255,3 +255,24 @@ def test_training_run_layouts_point_at_final(tmp_path, tiny_ckpt):
             pg.load_model(d)
         assert "config.json" in str(e.value) and str(run / "final") in str(e.value), str(e.value)
     assert pg.load_model(run / "final").num_parameters() > 0
+
+
+def test_config_and_special_token_checks_live_in_their_readers(ckpt):
+    """The checks load_model relies on hold for every reader (e.g. the SFT data prep calls
+    JanusModelConfig.from_dir and SpecialTokens.from_checkpoint directly)."""
+    from pgen_engine.models.janus_config import JanusModelConfig
+
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["text_config"]["num_hidden_layers"] = 0
+    with pytest.raises(pg.CheckpointError, match=r"my.json: text_config.num_layers=0 must be a positive integer"):
+        JanusModelConfig.from_dict(raw, source="my.json")
+    raw["text_config"]["num_hidden_layers"] = 2
+    raw["text_config"]["rope_parameters"] = [1]
+    with pytest.raises(pg.CheckpointError, match=r"my.json: invalid Janus config \(AttributeError"):
+        JanusModelConfig.from_dict(raw, source="my.json")
+    _edit_json(ckpt, "generation_config.json", lambda g: g.__setitem__("pad_token_id", 300))
+    with pytest.raises(pg.CheckpointError, match=r"pad=300 .*outside the text vocabulary \[0, 300\)"):
+        pg.SpecialTokens.from_checkpoint(ckpt)
+    _edit_json(ckpt, "generation_config.json", lambda g: g.__setitem__("pad_token_id", True))
+    with pytest.raises(pg.CheckpointError, match="pad=True .* not an integer"):
+        pg.SpecialTokens.from_checkpoint(ckpt)
