@@ -1,5 +1,5 @@
 """Generation: the batched KV-cached image-token :class:`Generator` (CFG, sampling) and,
 in :mod:`.scheduler`, the C++ continuous-batching scheduler / KV block manager wrapper."""
-from .generator import SCHEDULERS, UNCOND_MODES, Generator
+from .generator import SCHEDULERS, UNCOND_MODES, Generator, NonFiniteLogitsError
 
-__all__ = ["Generator", "SCHEDULERS", "UNCOND_MODES"]
+__all__ = ["Generator", "NonFiniteLogitsError", "SCHEDULERS", "UNCOND_MODES"]

@@ -294,20 +294,6 @@ def _load_tokenizer(checkpoint: Path, special):
                          f"{type(e).__name__}: {e}") from None
 
 
-def _preflight(model, prompt: PromptLine, args: argparse.Namespace) -> None:
-    """One teacher-forced step on the first prompt: finite weights can still overflow (a
-    model trained in bf16 run in float16, exploding weights) and would give garbage PNGs."""
-    import torch
-
-    ids = torch.tensor([prompt.input_ids], dtype=torch.long, device=model.device)
-    logits = model.image_logits(ids, torch.zeros(1, 1, dtype=torch.long, device=model.device))
-    if not bool(torch.isfinite(logits).all()):
-        hint = "; try --dtype float32" if args.dtype != "float32" else ""
-        raise ValueError(f"{args.checkpoint}: the model's image logits for the prompt on line {prompt.line} are "
-                         f"NaN/Inf in {args.dtype} (the weights are finite, the activations overflow){hint}; "
-                         "no image was written")
-
-
 def run_generate(args: argparse.Namespace) -> int:
     """Implementation of ``pgen generate`` (see :func:`register` for the arguments)."""
     _check_args(args)
@@ -322,7 +308,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from pgen_engine.models.checkpoint import load_checkpoint_config
     from pgen_engine.ops.rng import mix_seed
 
-    from .generator import Generator
+    from .generator import Generator, NonFiniteLogitsError
 
     # everything that can be checked without the weights, before loading them
     cfg, special = load_checkpoint_config(checkpoint)
@@ -334,7 +320,6 @@ def run_generate(args: argparse.Namespace) -> int:
     published = False
     try:
         model = load_model(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
-        _preflight(model, prompts[0], args)
         gen = Generator(model, max_batch_size=args.batch_size * args.num_samples,
                         max_seq_len=max(len(p.input_ids) for p in prompts) + T, uncond_mode=args.uncond_mode,
                         scheduler=args.scheduler)
@@ -346,9 +331,19 @@ def run_generate(args: argparse.Namespace) -> int:
             for start in range(0, len(prompts), args.batch_size):
                 chunk = prompts[start:start + args.batch_size]
                 seeds = [int(mix_seed(args.seed, p.line)) for p in chunk]
-                images = gen.generate_images([p.input_ids for p in chunk], num_samples=args.num_samples,
-                                             guidance_scale=args.guidance_scale, temperature=args.temperature,
-                                             top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=seeds)
+                try:
+                    images = gen.generate_images([p.input_ids for p in chunk], num_samples=args.num_samples,
+                                                 guidance_scale=args.guidance_scale, temperature=args.temperature,
+                                                 top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
+                                                 seed=seeds)
+                except NonFiniteLogitsError as e:
+                    # the weights are finite (load_model checks): the activations overflow,
+                    # e.g. a model trained in bf16 run in float16
+                    hint = "; try --dtype float32" if args.dtype != "float32" else ""
+                    line = chunk[e.row // args.num_samples].line
+                    raise ValueError(f"{args.checkpoint}: the model's image logits for the prompt on line {line} are "
+                                     f"NaN/Inf in {args.dtype} at image token {e.token} (the weights are finite, "
+                                     f"the activations overflow){hint}; no image was written") from None
                 images = images.cpu().numpy()
                 for i, p in enumerate(chunk):
                     stem = _file_stem(p.id, used)

@@ -53,6 +53,19 @@ SCHEDULERS = ("waves", "continuous")
 _INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """Some step's logits held NaN / Inf, so no code could be picked (see :meth:`Generator.generate`).
+
+    Attributes:
+        row: the first affected output row (``prompt * num_samples + sample``).
+        token: the image-token index of that row's first affected step.
+    """
+
+    def __init__(self, message: str, row: int, token: int):
+        super().__init__(message)
+        self.row, self.token = row, token
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prompt:
     """One validated prompt: real tokens only (padding stripped)."""
@@ -204,7 +217,7 @@ class Generator:
                 integers, a mask that is not left padding of 0 / 1, ``pixel_values`` not floating
                 ``[N_img, 3, image_size, image_size]``, non-finite ``guidance_scale`` /
                 ``temperature``, ...), before any work.
-            RuntimeError: "non-finite logits": some step's logits (CFG-mixed; divided by
+            NonFiniteLogitsError (a RuntimeError): some step's logits (CFG-mixed; divided by
                 ``temperature`` when sampling) hold NaN / Inf — NaN / Inf weights or
                 ``pixel_values``, or values past float32 — so no code can be picked. Raised when
                 the wave that met them ends; the Generator stays usable.
@@ -290,10 +303,12 @@ class Generator:
         bad = (codes < 0).nonzero()
         if bad.numel():
             r, t = (int(v) for v in bad[0])
-            raise RuntimeError(
-                f"Generator: non-finite logits (NaN or Inf) for output row {int(rows[r])} at image token {t} "
+            row = int(rows[r])
+            raise NonFiniteLogitsError(
+                f"Generator: non-finite logits (NaN or Inf) for output row {row} at image token {t} "
                 f"({bad.shape[0]} code(s) of this batch affected): the model's weights or inputs (pixel_values) "
-                "hold NaN / Inf, or logits / temperature overflow float32; no code can be picked from them")
+                "hold NaN / Inf, or logits / temperature overflow float32; no code can be picked from them",
+                row, t)
 
     @torch.inference_mode()
     def generate_images(self, input_ids, attention_mask=None, pixel_values=None, *, decode_batch_size: int = 16,

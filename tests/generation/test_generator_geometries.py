@@ -292,6 +292,12 @@ def test_nan_pixels_and_overflowing_temperature_raise(odd, monkeypatch, path):
     px = torch.full((1, 3, model.image_size, model.image_size), float("nan"))
     with pytest.raises(RuntimeError, match="non-finite logits"):
         g.generate([hist], pixel_values=px, guidance_scale=3.0)
+    # the error names the first affected output row and token: only the second prompt's history is NaN
+    from pgen_engine.generation import NonFiniteLogitsError
+
+    with pytest.raises(NonFiniteLogitsError, match="output row 1 at image token 0") as e:
+        g.generate([[SPECIAL.bos, 7, SPECIAL.boi], hist], pixel_values=px, guidance_scale=3.0)
+    assert (e.value.row, e.value.token) == (1, 0)
     # logits / temperature overflow float32: no code can be drawn from inf / inf
     with pytest.raises(RuntimeError, match="non-finite logits"):
         g.generate([[SPECIAL.bos, 7, SPECIAL.boi]], temperature=1e-45)
