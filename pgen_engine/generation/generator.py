@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 import time
 from typing import Iterator, Sequence
 
@@ -45,12 +44,12 @@ from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
 from . import decode_cpu
+from .coerce import INT64_MAX, INT64_MIN, as_float, as_int
 from .continuous import BLOCK_SIZE
 from .decode_graph import StaticDecode, resolve_decode_mode
 
 UNCOND_MODES = ("pad", "short")
 SCHEDULERS = ("waves", "continuous")
-_INT64_MIN, _INT64_MAX = -(2 ** 63), 2 ** 63 - 1
 
 
 class NonFiniteLogitsError(RuntimeError):
@@ -84,30 +83,11 @@ class _WaveItem:
     count: int
 
 
-def _as_int(x, what: str) -> int:
-    """An integer (Python, NumPy or 0-d integer tensor) as an int; floats, strings, bools refused."""
-    if isinstance(x, (bool, str, bytes)) or (isinstance(x, torch.Tensor) and x.dtype == torch.bool):
-        raise TypeError(f"{what}: expected an int, got {type(x).__name__} {x!r}")
-    try:
-        return operator.index(x)
-    except TypeError:
-        raise TypeError(f"{what}: expected an int, got {type(x).__name__} {x!r}") from None
-
-
-def _as_float(x, what: str) -> float:
-    if isinstance(x, (bool, str, bytes)):
-        raise TypeError(f"{what}: expected a number, got {type(x).__name__} {x!r}")
-    try:
-        return float(x)
-    except (TypeError, ValueError):
-        raise TypeError(f"{what}: expected a number, got {type(x).__name__} {x!r}") from None
-
-
 def _as_int64_seed(x, what: str) -> int:
-    x = _as_int(x, what)
-    if not _INT64_MIN <= x < 2 ** 64:
+    x = as_int(x, what)
+    if not INT64_MIN <= x < 2 ** 64:
         raise ValueError(f"{what}: {x} does not fit in 64 bits")
-    return x - 2 ** 64 if x > _INT64_MAX else x
+    return x - 2 ** 64 if x > INT64_MAX else x
 
 
 class Generator:
@@ -226,15 +206,15 @@ class Generator:
         B = len(prompts)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        guidance_scale = _as_float(guidance_scale, "guidance_scale")
+        guidance_scale = as_float(guidance_scale, "guidance_scale")
         if not math.isfinite(guidance_scale):
             raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        temperature = _as_float(temperature, "temperature")
+        temperature = as_float(temperature, "temperature")
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
-        top_p = _as_float(top_p, "top_p")
+        top_p = as_float(top_p, "top_p")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         req_seeds = self._request_seeds(seed, B)
@@ -372,7 +352,7 @@ class Generator:
                     raise TypeError(f"input_ids: prompt {b} must be a sequence of token ids, got "
                                     f"{type(r).__name__} {r!r} (pass B prompts as B lists of ints, or a [B,S] "
                                     "tensor)") from None
-                ids = [_as_int(t, f"input_ids: prompt {b}, position {pos}") for pos, t in enumerate(toks)]
+                ids = [as_int(t, f"input_ids: prompt {b}, position {pos}") for pos, t in enumerate(toks)]
                 cm = None
                 if gen_code_mask is not None:
                     cm = [bool(c) for c in gen_code_mask[b]]

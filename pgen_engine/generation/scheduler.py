@@ -25,7 +25,6 @@ Generator loop (one iteration = one :meth:`BatchScheduler.schedule` call)::
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -33,6 +32,8 @@ import numpy as np
 import torch
 
 from pgen_engine.ops._backend import extension
+
+from .coerce import as_flag, as_int64, as_int64_list
 
 __all__ = [
     "BatchScheduler",
@@ -59,44 +60,6 @@ def extension_or_raise():
     return ext
 
 
-def _int(value, name: str) -> int:
-    """``value`` as a Python int: ints, NumPy integers and integer 0-d tensors pass; bools,
-    floats, strings, None raise TypeError (``int()`` would truncate 2.5 or parse "3"), and
-    integers outside int64 ValueError."""
-    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer, got a bool ({value!r})")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
-    if not -(2**63) <= v < 2**63:
-        raise ValueError(f"{name} must fit int64, got {v}")
-    return v
-
-
-def _ints(values, name: str) -> list[int]:
-    if isinstance(values, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__}")
-    vals = list(values)
-    # fast path (the per-step sample id lists): plain ints within int64
-    if all(type(v) is int for v in vals) and (not vals or (-(2**63) <= min(vals) and max(vals) < 2**63)):
-        return vals
-    return [_int(v, f"{name}[{i}]") for i, v in enumerate(vals)]
-
-
-def _flag(value, name: str) -> bool:
-    """A bool, NumPy bool, or the integers 0 / 1; anything else (a string, None, 0.5, 2) raises."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a bool (or 0 / 1), got {type(value).__name__} {value!r}") from None
-    if v not in (0, 1):
-        raise ValueError(f"{name} must be a bool (or 0 / 1), got {v}")
-    return bool(v)
-
-
 def _exc(name: str, fallback: type[BaseException]) -> type[BaseException]:
     ext = extension()
     return getattr(ext, name) if ext is not None else fallback
@@ -120,7 +83,8 @@ class KVBlockManager:
     """
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
-        self._bm = extension_or_raise().BlockManager(_int(num_blocks, "num_blocks"), _int(block_size, "block_size"))
+        self._bm = extension_or_raise().BlockManager(as_int64(num_blocks, "num_blocks"),
+                                                     as_int64(block_size, "block_size"))
 
     @classmethod
     def _wrap(cls, native) -> "KVBlockManager":
@@ -142,16 +106,16 @@ class KVBlockManager:
 
     def blocks_for_tokens(self, num_tokens: int) -> int:
         """``ceil(num_tokens / block_size)``."""
-        return self._bm.blocks_for_tokens(_int(num_tokens, "num_tokens"))
+        return self._bm.blocks_for_tokens(as_int64(num_tokens, "num_tokens"))
 
     def can_allocate(self, num_tokens: int) -> bool:
         """True when a new sequence of ``num_tokens`` tokens fits in the free pool now."""
-        return self._bm.can_allocate(_int(num_tokens, "num_tokens"))
+        return self._bm.can_allocate(as_int64(num_tokens, "num_tokens"))
 
     def allocate(self, seq: int, num_tokens: int) -> None:
         """Create ``seq`` with ``num_tokens`` tokens. Raises OutOfKVBlocksError when short
         (nothing allocated), SchedulerStateError when ``seq`` exists."""
-        self._bm.allocate(_int(seq, "seq"), _int(num_tokens, "num_tokens"))
+        self._bm.allocate(as_int64(seq, "seq"), as_int64(num_tokens, "num_tokens"))
 
     def append_slot(self, seq: int) -> tuple[int, tuple[int, int] | None]:
         """Reserve the slot of one more token of ``seq``.
@@ -159,19 +123,19 @@ class KVBlockManager:
         Returns ``(slot, copy)`` where ``copy`` is ``(src_block, dst_block)`` when the last
         block was shared and had to be copied (run it before writing the token), else None.
         """
-        r = self._bm.append_slot(_int(seq, "seq"))
+        r = self._bm.append_slot(as_int64(seq, "seq"))
         return r.slot, ((r.cow_src, r.cow_dst) if r.cow_src >= 0 else None)
 
     def fork(self, parent: int, child: int) -> None:
         """``child`` shares all of ``parent``'s blocks (refcounts + 1) and its length."""
-        self._bm.fork(_int(parent, "parent"), _int(child, "child"))
+        self._bm.fork(as_int64(parent, "parent"), as_int64(child, "child"))
 
     def free(self, seq: int) -> None:
         """Release ``seq``. Raises UnknownIdError for an unknown id (or a double free)."""
-        self._bm.free(_int(seq, "seq"))
+        self._bm.free(as_int64(seq, "seq"))
 
     def has_seq(self, seq: int) -> bool:
-        return self._bm.has_seq(_int(seq, "seq"))
+        return self._bm.has_seq(as_int64(seq, "seq"))
 
     def num_seqs(self) -> int:
         """Number of live sequences."""
@@ -183,26 +147,26 @@ class KVBlockManager:
 
     def seq_len(self, seq: int) -> int:
         """Number of tokens of ``seq``."""
-        return self._bm.seq_len(_int(seq, "seq"))
+        return self._bm.seq_len(as_int64(seq, "seq"))
 
     def block_table(self, seq: int) -> list[int]:
         """Block ids of ``seq`` in position order."""
-        return self._bm.block_table(_int(seq, "seq"))
+        return self._bm.block_table(as_int64(seq, "seq"))
 
     def refcount(self, block: int) -> int:
-        return self._bm.refcount(_int(block, "block"))
+        return self._bm.refcount(as_int64(block, "block"))
 
     def slot_mapping(self, seq: int, start: int = 0, end: int | None = None) -> torch.Tensor:
         """int64 ``[end - start]`` flat slots of positions ``[start, end)`` (default: to the
         end). Raises ValueError unless ``0 <= start <= end <= seq_len(seq)``."""
-        return self._bm.slot_mapping(_int(seq, "seq"), _int(start, "start"),
-                                     None if end is None else _int(end, "end"))
+        return self._bm.slot_mapping(as_int64(seq, "seq"), as_int64(start, "start"),
+                                     None if end is None else as_int64(end, "end"))
 
     def block_tables_tensor(self, seqs: Sequence[int], max_blocks: int) -> torch.Tensor:
         """int32 ``[len(seqs), max_blocks]`` block tables, padded with 0 (fixed width, e.g.
         for CUDA-graph capture). Raises ValueError when ``max_blocks`` is negative or a table
         is longer than it, UnknownIdError for an unknown id (checked before anything is built)."""
-        return self._bm.block_tables_tensor(_ints(seqs, "seqs"), _int(max_blocks, "max_blocks"))
+        return self._bm.block_tables_tensor(as_int64_list(seqs, "seqs"), as_int64(max_blocks, "max_blocks"))
 
 
 class _SchedulerBlockManager(KVBlockManager):
@@ -308,8 +272,8 @@ class BatchScheduler:
     def __init__(self, num_blocks: int, block_size: int, max_batch_rows: int, cfg: bool = False) -> None:
         if not isinstance(cfg, (bool, np.bool_)):
             raise TypeError(f"cfg must be a bool, got {type(cfg).__name__} {cfg!r}")
-        self._s = extension_or_raise().Scheduler(_int(num_blocks, "num_blocks"), _int(block_size, "block_size"),
-                                                 _int(max_batch_rows, "max_batch_rows"), bool(cfg))
+        self._s = extension_or_raise().Scheduler(as_int64(num_blocks, "num_blocks"), as_int64(block_size, "block_size"),
+                                                 as_int64(max_batch_rows, "max_batch_rows"), bool(cfg))
         #: Read-only view of the scheduler's pool (tables, refcounts, slot mappings).
         self.block_manager = _SchedulerBlockManager._wrap(self._s.block_manager)
 
@@ -323,8 +287,8 @@ class BatchScheduler:
 
     def worst_case_blocks(self, prompt_len: int, num_samples: int, max_new_tokens: int) -> int:
         """KV blocks a request may need over its lifetime (what admission reserves)."""
-        return self._s.worst_case_blocks(_int(prompt_len, "prompt_len"), _int(num_samples, "num_samples"),
-                                         _int(max_new_tokens, "max_new_tokens"))
+        return self._s.worst_case_blocks(as_int64(prompt_len, "prompt_len"), as_int64(num_samples, "num_samples"),
+                                         as_int64(max_new_tokens, "max_new_tokens"))
 
     def add_request(self, request_id: int, prompt_len: int, num_samples: int, max_new_tokens: int) -> None:
         """Queue a request (FIFO).
@@ -336,8 +300,8 @@ class BatchScheduler:
             SchedulerStateError: ``request_id`` is already queued or running.
             OutOfKVBlocksError: its worst case exceeds the whole pool (it could never run).
         """
-        self._s.add_request(_int(request_id, "request_id"), _int(prompt_len, "prompt_len"),
-                            _int(num_samples, "num_samples"), _int(max_new_tokens, "max_new_tokens"))
+        self._s.add_request(as_int64(request_id, "request_id"), as_int64(prompt_len, "prompt_len"),
+                            as_int64(num_samples, "num_samples"), as_int64(max_new_tokens, "max_new_tokens"))
 
     def schedule(self) -> StepPlan:
         """Plan the next step: decode every running sample that has a token to write, then
@@ -379,7 +343,7 @@ class BatchScheduler:
         the last plan (nothing is changed then), ValueError on a length mismatch or a flag
         other than a bool / 0 / 1, TypeError on a non-integer id.
         """
-        ids = _ints(sample_ids, "sample_ids")
+        ids = as_int64_list(sample_ids, "sample_ids")
         if isinstance(finished, torch.Tensor):
             if finished.is_floating_point() or finished.is_complex():
                 raise TypeError(f"finished must be a bool (or 0 / 1 integer) tensor, got {finished.dtype}")
@@ -388,13 +352,13 @@ class BatchScheduler:
             raise TypeError("finished must be a sequence of bools")
         flags = list(finished)
         if not all(type(f) is bool for f in flags):  # fast path: plain bools
-            flags = [_flag(f, f"finished[{i}]") for i, f in enumerate(flags)]
+            flags = [as_flag(f, f"finished[{i}]") for i, f in enumerate(flags)]
         return self._s.step_done(ids, flags)
 
     def abort(self, request_id: int) -> None:
         """Drop a queued or running request and free everything it holds. Samples of it that
         the last plan scheduled are dropped too: leave them out of the ``step_done`` report."""
-        self._s.abort(_int(request_id, "request_id"))
+        self._s.abort(as_int64(request_id, "request_id"))
 
     def has_unfinished(self) -> bool:
         """True while any request is queued or running."""
@@ -402,7 +366,7 @@ class BatchScheduler:
 
     def sample_info(self, sample_id: int) -> tuple[int, int, int]:
         """``(request_id, sample_index, num_generated)`` of a live sample."""
-        i = self._s.sample_info(_int(sample_id, "sample_id"))
+        i = self._s.sample_info(as_int64(sample_id, "sample_id"))
         return i.request_id, i.sample_index, i.num_generated
 
     def stats(self) -> SchedulerStats:

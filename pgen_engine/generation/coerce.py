@@ -1,0 +1,68 @@
+"""Strict conversion of user arguments for the generation API (Generator, scheduler wrappers).
+
+``int()`` / ``bool()`` would silently truncate 2.5, parse "3" or treat "False" as true; these
+helpers accept exactly the values a caller means (Python / NumPy integers, integer 0-d tensors,
+bools for flags) and raise TypeError / ValueError naming the argument otherwise.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+
+INT64_MIN, INT64_MAX = -(2 ** 63), 2 ** 63 - 1
+
+
+def as_int(value, name: str, *, int64: bool = False) -> int:
+    """``value`` as a Python int: ints, NumPy integers and integer 0-d tensors pass; bools,
+    floats, strings and None raise TypeError; with ``int64``, values outside int64 raise ValueError."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (isinstance(value, torch.Tensor)
+                                                           and value.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if int64 and not INT64_MIN <= v <= INT64_MAX:
+        raise ValueError(f"{name} must fit int64, got {v}")
+    return v
+
+
+def as_int64(value, name: str) -> int:
+    """:func:`as_int` that also refuses values outside int64 (ValueError): ids and sizes for C++."""
+    return as_int(value, name, int64=True)
+
+
+def as_int64_list(values, name: str) -> list[int]:
+    """A sequence of integers (each as :func:`as_int64`) as a list of ints."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__}")
+    vals = list(values)
+    # fast path (the per-step sample id lists): plain ints within int64
+    if all(type(v) is int for v in vals) and (not vals or (INT64_MIN <= min(vals) and max(vals) <= INT64_MAX)):
+        return vals
+    return [as_int64(v, f"{name}[{i}]") for i, v in enumerate(vals)]
+
+
+def as_flag(value, name: str) -> bool:
+    """A bool, NumPy bool, or the integers 0 / 1; anything else (a string, None, 0.5, 2) raises."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a bool (or 0 / 1), got {type(value).__name__} {value!r}") from None
+    if v not in (0, 1):
+        raise ValueError(f"{name} must be a bool (or 0 / 1), got {v}")
+    return bool(v)
+
+
+def as_float(value, name: str) -> float:
+    """A real number as a float; bools and strings raise TypeError (``float("1e3")`` would parse)."""
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
