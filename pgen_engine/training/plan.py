@@ -46,8 +46,9 @@ from pgen_engine.config import ConfigError, RunConfig, build_deepspeed_config, r
 GIB = 1 << 30
 # CUDA context (~0.5 GiB), NCCL communicators, CUDA-graph pools and allocator fragmentation.
 RUNTIME_RESERVE_BYTES = 2 * GIB
-# Bytes per history-item title when the dataset cannot be read (movie titles are shorter).
-TITLE_BUDGET_BYTES = 96
+# Bytes per history-item title when the dataset cannot be read (the MovieLens titles are
+# at most 110 bytes; 24 on average).
+TITLE_BUDGET_BYTES = 128
 # DeepSpeed ZeRO-3 optimizer sub-group (its default ``sub_group_size``): the step makes an
 # fp32 copy of this many gradient elements of the rank's partition at a time.
 ZERO3_SUB_GROUP_SIZE = 1_000_000_000

@@ -162,7 +162,9 @@ SHIPPED = ("janus_pro_1b_sft", "janus_pro_7b_sft", "janus_pro_1b_rl", "janus_pro
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_configs_fit_8x80_and_headers_quote_the_plan(name):
+def test_shipped_configs_fit_8x80_and_headers_quote_the_plan(name, tmp_path, monkeypatch):
+    # the headers quote a checkout without checkpoints or dataset (paths resolve against the cwd)
+    monkeypatch.chdir(tmp_path)
     path = REPO / "configs" / f"{name}.yaml"
     plan = P.plan_run(load_config(path), gpus=8, gpu_mem_gib=80, config_name=f"configs/{name}.yaml")
     assert plan.fits, P.format_plan(plan)
