@@ -82,6 +82,23 @@ def gathered_module(module: torch.nn.Module, engine=None) -> Iterator[torch.nn.M
 
 
 # ----------------------------------------------------------------------------- rollout
+def generator_rows(num_prompts: int, group_size: int, max_batch_size: int) -> int:
+    """Output rows the rollout's Generator is sized for on this rank.
+
+    What this rank really generates per Generator call: whole prompt groups, at most
+    ``max_batch_size // group_size`` prompts (at least one) and never more than the
+    ``num_prompts`` this rank holds, times ``group_size`` samples. Sizing by
+    ``max_batch_size`` alone would allocate KV cache for prompts this rank never sees
+    (``rl.rollout_batch_size`` counts rows over the whole decode, not per rank).
+    :mod:`pgen_engine.training.plan` sizes the planned cache with this same function.
+    """
+    if num_prompts < 1 or group_size < 1 or max_batch_size < 1:
+        raise ValueError(f"generator_rows: num_prompts={num_prompts}, group_size={group_size} and "
+                         f"max_batch_size={max_batch_size} must be >= 1")
+    per_call = max(1, max_batch_size // group_size)
+    return min(per_call, num_prompts) * group_size
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """Rollout sampling settings (see :meth:`pgen_engine.generation.Generator.generate`)."""
@@ -197,7 +214,7 @@ class HybridEngine:
             gathered = module_param_bytes(m)
             m.eval()
             try:
-                gen = Generator(m, max_batch_size=min(self.max_batch_size, per_call * G), max_seq_len=max_len,
+                gen = Generator(m, max_batch_size=generator_rows(B, G, self.max_batch_size), max_seq_len=max_len,
                                 uncond_mode=params.uncond_mode, sample_backend=self.sample_backend)
                 kv_bytes = gen.cache_nbytes()
                 for lo in range(0, B, per_call):
