@@ -177,7 +177,8 @@ class HybridEngine:
             self.engine.reload_states()
 
     def rollout(self, prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
-                params: SamplingParams, seeds: Sequence[int]) -> Rollout:
+                params: SamplingParams, seeds: Sequence[int],
+                pixel_values: Sequence[torch.Tensor] | None = None) -> Rollout:
         """Sample ``params.num_samples`` images per prompt with the policy's own weights.
 
         Args:
@@ -185,6 +186,8 @@ class HybridEngine:
             code_masks: B bool lists (True where the id is a history VQ code) or None.
             params: sampling settings.
             seeds: B request seeds (results of a prompt do not depend on its batch mates).
+            pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` history images
+                filling prompt ``i``'s ``<image>`` placeholders; None in codes mode.
         Returns:
             :class:`Rollout`; the KV cache is already released when this returns.
         """
@@ -193,6 +196,8 @@ class HybridEngine:
         B, G = len(prompts), params.num_samples
         if B == 0:
             raise ValueError("HybridEngine.rollout: no prompts")
+        if pixel_values is not None and len(pixel_values) != B:
+            raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(pixel_values)} pixel_values entries")
         if len(seeds) != B or (code_masks is not None and len(code_masks) != B):
             raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(seeds)} seeds / "
                              f"{None if code_masks is None else len(code_masks)} code masks")
@@ -214,7 +219,8 @@ class HybridEngine:
                 kv_bytes = gen.cache_nbytes()
                 for lo in range(0, B, per_call):
                     hi = min(B, lo + per_call)
-                    out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None,
+                    px = None if pixel_values is None else torch.cat(list(pixel_values[lo:hi])).to(m.device)
+                    out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None, px,
                                        gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
                                        num_samples=G, guidance_scale=float(params.guidance_scale),
                                        temperature=float(params.temperature), top_k=int(params.top_k),
