@@ -395,14 +395,28 @@ def _meta_pixels(model, images: int) -> torch.Tensor | None:
     return torch.zeros(images, 3, S, S, dtype=model.dtype, device="meta")
 
 
-def _embed(model, ids: torch.Tensor, code_mask: torch.Tensor, pixels: torch.Tensor | None) -> torch.Tensor:
-    """:meth:`JanusModel.embed_inputs` on meta: the same embedding, vision tower + aligner and
-    ``masked_scatter`` into the ``<image>`` placeholders, without its host-side count check
-    (meta tensors hold no values to count); the placeholders are the first positions."""
+def _meta_tower_outputs(model, images: int) -> torch.Tensor | None:
+    """``[images, T_img, D_vision]`` meta vision-tower outputs (the cached features a frozen
+    tower's run feeds the aligner), or None for none."""
+    if images == 0:
+        return None
+    v = model.config.vision_config_dict
+    return torch.zeros(images, model.num_image_tokens, int(v["hidden_size"]), dtype=model.dtype, device="meta")
+
+
+def _embed(model, ids: torch.Tensor, code_mask: torch.Tensor, pixels: torch.Tensor | None,
+           tower_outputs: torch.Tensor | None = None) -> torch.Tensor:
+    """:meth:`JanusModel.embed_inputs` on meta: the same embedding, vision tower (or its cached
+    outputs) + aligner and ``masked_scatter`` into the ``<image>`` placeholders, without its
+    host-side count check (meta tensors hold no values to count); the placeholders are the
+    first positions."""
     x = model.embed_inputs(ids, code_mask)
-    if pixels is None:
+    if pixels is None and tower_outputs is None:
         return x
-    feats = model.vision_features(pixels).reshape(-1, x.shape[-1]).to(x.dtype)
+    if tower_outputs is not None:
+        feats = model.aligner(tower_outputs).reshape(-1, x.shape[-1]).to(x.dtype)
+    else:
+        feats = model.vision_features(pixels).reshape(-1, x.shape[-1]).to(x.dtype)
     n = feats.shape[0] // ids.shape[0]
     slots = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
     slots[:, :n] = True
@@ -410,7 +424,7 @@ def _embed(model, ids: torch.Tensor, code_mask: torch.Tensor, pixels: torch.Tens
 
 
 def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, train: bool,
-                         history_images: int = 0) -> int:
+                         history_images: int = 0, cached_features: bool = False) -> int:
     """Peak activation bytes of one micro-batch of the training objective on meta.
 
     The objective is :func:`pgen_engine.training.rl.policy_logprobs` (``[rows, seq]``
@@ -419,11 +433,14 @@ def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, tra
     GRPO loss on top is element-wise over ``[rows, T]`` float32 log-probs (kilobytes; it
     reads ``.any()`` on the host, which meta tensors cannot answer), so the mean log-prob
     stands in for it. ``train=False`` is the no-grad scoring pass of the log-probs phase.
-    ``history_images`` per row (pixels history mode) go through the vision tower and aligner.
+    ``history_images`` per row (pixels history mode) go through the vision tower and aligner,
+    or with ``cached_features`` (a frozen tower: the run caches its outputs per item) through
+    the aligner only.
     """
     T = model.num_image_tokens
     ids, cm, att, targets = _meta_batch(rows, seq, T)
-    pixels = _meta_pixels(model, rows * history_images)
+    pixels = None if cached_features else _meta_pixels(model, rows * history_images)
+    tower = _meta_tower_outputs(model, rows * history_images) if cached_features else None
     lm = model.language_model
     was_ckpt, was_training = lm.gradient_checkpointing, model.training
     lm.gradient_checkpointing = checkpointing
@@ -432,7 +449,7 @@ def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, tra
     def run():
         with torch.set_grad_enabled(train):
             # pgen_engine.training.rl.policy_logprobs, with _embed for embed_inputs
-            h = model.forward_train(_embed(model, ids, cm, pixels), att)[:, -T:]
+            h = model.forward_train(_embed(model, ids, cm, pixels, tower), att)[:, -T:]
             lp, _ = model.image_token_logprobs(h.reshape(rows * T, -1), targets.reshape(-1), temperature=1.0)
             return -lp.float().mean() if train else None
 
@@ -566,15 +583,22 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
               "optimizer states": st.optimizer}
     train_work = {"gathered params (working set)": st.gather_working_set, "reduce bucket": st.reduce_bucket,
                   "optimizer step fp32 grads": st.step_fp32_grads}
-    n_img = cfg.data.history_k if history_mode(cfg) == "pixels" else 0
-    notes = [f"sequence: {plen} prompt tokens ({len_note}) + {T} image tokens; history as "
-             f"{'pixels through the vision tower' if n_img else 'VQ codes'} (data.history_mode={history_mode(cfg)})"]
+    from .sft_data import caches_vision_features
+
+    mode = history_mode(cfg)
+    n_img = cfg.data.history_k if mode == "pixels" else 0
+    cached = caches_vision_features(cfg, mode)
+    how = "VQ codes" if not n_img else ("pixels, frozen tower: cached features in training" if cached
+                                        else "pixels through the vision tower")
+    notes = [f"sequence: {plen} prompt tokens ({len_note}) + {T} image tokens; history: {how}"]
     model_desc = f"{model_note}; {n_all / 1e9:.2f} B parameters, {n_train / 1e9:.2f} B trainable"
     phases: list[PhasePlan] = []
     rl = cfg.stage_config if cfg.stage == "rl" else None
     seq = plen + T if rl is None else plen + T - 1
-    act = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=True, history_images=n_img)
-    other = objective_peak_bytes(model, micro, seq, checkpointing=not ckpt, train=True, history_images=n_img)
+    act = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=True, history_images=n_img,
+                               cached_features=cached)
+    other = objective_peak_bytes(model, micro, seq, checkpointing=not ckpt, train=True, history_images=n_img,
+                               cached_features=cached)
     notes.append(f"activations of {micro} x {seq} tokens: {act / GIB:.2f} GiB with activation checkpointing "
                  f"{'on' if ckpt else 'off'}, {other / GIB:.2f} GiB with it {'off' if ckpt else 'on'}")
     act_name = f"activations (checkpointing {'on' if ckpt else 'off'})"
@@ -599,7 +623,8 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
         phases.append(PhasePlan("rollout", {**kept, f"reference ({rl.reference})": ref,
                                             "gathered weights (all)": st.full_weights, "KV cache": kv,
                                             "prefill + logits working set": work, **reserve}))
-        score = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=False, history_images=n_img)
+        score = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=False, history_images=n_img,
+                               cached_features=cached)
         phases.append(PhasePlan("log-probs", {**states, f"reference ({rl.reference})": ref,
                                               "gathered params (working set)": st.gather_working_set,
                                               "reduce bucket": st.reduce_bucket,
