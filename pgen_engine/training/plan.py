@@ -339,11 +339,16 @@ def _gpu_ops_on_meta() -> Iterator[None]:
     measure the GPU path rather than the CPU reference.
     """
     from pgen_engine.models import op_dispatch
+    from pgen_engine.ops._backend import triton_available
 
     saved_env = {k: os.environ.get(k) for k in ("PGEN_OPS_BACKEND", "TRITON_INTERPRET")}
     saved_fused = op_dispatch._FORCE_FUSED
     os.environ["PGEN_OPS_BACKEND"] = "triton"
-    os.environ["TRITON_INTERPRET"] = "1"  # only lets backend resolution pick triton; fakes run, no kernels
+    if not triton_available():
+        # no GPU: lets backend resolution pick "triton" (the fakes run, no kernel does). Never
+        # set on a GPU machine, where a kernel module first imported now would be jitted for
+        # the interpreter for the rest of the run (train.py plans before it trains).
+        os.environ["TRITON_INTERPRET"] = "1"
     op_dispatch._FORCE_FUSED = True
     try:
         yield
@@ -549,7 +554,7 @@ def _dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
     return precision, torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def _reference_bytes(rl, model, states_ref: ZeroStates) -> int:
+def _reference_bytes(rl, states_ref: ZeroStates) -> int:
     if rl.reference == "partitioned":
         return states_ref.param_shards + states_ref.persistent_params
     if rl.reference == "device":
@@ -609,12 +614,15 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
         if rl.prompts_per_step % gpus:
             raise PlanError(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by --gpus={gpus}")
         from .hybrid import generator_rows
+        from .rl import updates_per_step
+
+        updates_per_step(cfg)  # the run's own check: a rollout is whole optimizer batches
 
         prompts_here = rl.prompts_per_step // gpus
         rows = generator_rows(prompts_here, rl.group_size, rl.rollout_batch_size)
         kv = rollout_kv_bytes(model, rows, plen + T, rl.uncond_mode)
         work = rollout_work_bytes(model, rows // rl.group_size, plen, rows, n_img)
-        ref = _reference_bytes(rl, model, st)
+        ref = _reference_bytes(rl, st)
         kept = {} if rl.offload_optimizer_states else {**states, "reduce bucket": st.reduce_bucket}
         if rl.offload_optimizer_states:
             notes.append("rollout: rl.offload_optimizer_states moves the policy's ZeRO states to the host")
