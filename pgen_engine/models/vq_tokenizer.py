@@ -267,6 +267,9 @@ def install_into_checkpoint(tokenizer: JanusVQTokenizer, ckpt_dir: str | os.Path
         raise ValueError(f"{ckpt}: checkpoint geometry (image {mcfg.image_size}, {mcfg.num_image_tokens} codes, "
                          f"codebook {mcfg.codebook_size}) differs from the tokenizer's ({tokenizer.image_size}, "
                          f"{tokenizer.num_tokens}, {tokenizer.codebook_size})")
+    if mcfg.vq_embed_dim != int(tokenizer.config["embed_dim"]):
+        raise ValueError(f"{ckpt}: vq_config.embed_dim={mcfg.vq_embed_dim} (also the generation embedding width) "
+                         f"differs from the tokenizer's code width {tokenizer.config['embed_dim']}")
     files = _shard_files(ckpt)
     new = {CKPT_PREFIX + k[len(PREFIX):]: v for k, v in tokenizer.state_dict().items()}
     for i, f in enumerate(files):

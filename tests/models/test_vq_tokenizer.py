@@ -101,3 +101,16 @@ def test_install_refuses_other_geometry(trained, tmp_path):
     ck = make_tiny_checkpoint(tmp_path / "ck", image_size=16, patch_size=4, codebook_size=64)
     with pytest.raises(ValueError, match="geometry"):
         install_into_checkpoint(tok, ck)
+
+
+def test_init_model_for_vq_tokenizer_carries_the_trained_vq(trained, tmp_path):
+    from pgen_engine.config import ModelInitConfig
+    from pgen_engine.models import load_model
+    from pgen_engine.training.init import init_model_for_tokenizer
+
+    tok, _ = trained
+    ck = init_model_for_tokenizer(tmp_path / "init", tok, ModelInitConfig(vq_embed_dim=64))
+    m = load_model(ck)
+    codes = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(m.decode_images(codes), tok.decode(codes))
+    assert m.generation_embeddings.weight.shape == (32, tok.config["embed_dim"])
