@@ -53,6 +53,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ckpt = Path(a.checkpoint)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
     settings = E.PromptSettings.for_checkpoint(ckpt, a.run_config)
+    if a.history_mode is not None:
+        from pgen_engine.data.history import check_history_mode
+
+        check_history_mode(settings.history_mode, a.history_mode, where=str(a.run_config or ckpt.parent / "config.resolved.yaml"))
     if a.tokenizer:
         settings = dataclasses.replace(settings, tokenizer_path=Path(a.tokenizer))
     tok = settings.tokenizer(model)
@@ -92,6 +96,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     metrics = [m for m in REPORT_METRICS if any(m in r for r in report["systems"].values())]
     table = ci_table(report, metrics)
     print(table)
+    print(f"history mode: {settings.history_mode} (history images "
+          f"{'through the vision tower' if settings.history_mode == 'pixels' else 'as VQ codes'})")
     if not info["independent"]:
         print("WARNING: the evaluation embedder is the run's reward embedder: this evaluation is NOT independent")
     if out:
@@ -103,6 +109,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         figs = [("Paired differences", "paired.png")] if plot_paired(out / "paired.png", report, key) else []
         write_report(out, title=f"pgen eval — {a.name} on {Path(a.data).name} ({a.split})", table_md=table,
                      notes=notes, figures=figs, meta={"checkpoint": str(ckpt), "split": a.split,
+                                                      "history_mode": settings.history_mode,
                                                       "users": len(examples), "images per user": a.num_images,
                                                       "seconds": round(time.time() - t0, 1)})
         print(f"wrote {out / 'report.json'}")
@@ -132,6 +139,8 @@ def register(subparsers) -> None:
     p.add_argument("--cache-dir", default=None, help="token cache folder (built when missing)")
     p.add_argument("--embedder", default="auto", help="auto (the independent evaluator CNN, trained on the "
                    "dataset's train split or loaded from --evaluator), pixel_stats, or clip:PATH / siglip:PATH")
+    p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,
+                   help="refuse to run unless the model was trained with this history mode (default: its run's)")
     p.add_argument("--evaluator", default=None, help="evaluator artifact folder (reused when it holds one, else "
                    "trained there; default OUT/evaluator)")
     p.add_argument("--evaluator-steps", type=int, default=300)

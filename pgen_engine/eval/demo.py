@@ -120,6 +120,9 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     sft_model0 = load_model(first_sft)
     settings = E.PromptSettings.for_checkpoint(first_sft)
     tok = settings.tokenizer(sft_model0)
+    mode_text = (f"{settings.history_mode} (history images "
+                 f"{'through the vision tower + aligner' if settings.history_mode == 'pixels' else 'as VQ codes: this model has no vision tower'})")
+    print(f"[demo] history mode: {mode_text}", flush=True)
     reward_spec = _read_rl(out / f"seed{seeds[0]}" / "rl" / "config.resolved.yaml").embedder
     reference = make_embedder(reward_spec)
     # First pass with the reference embedder only to get splits and catalogue images; the
@@ -203,7 +206,8 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
             "valid users for sampling selection": f"{len(valid)} x {n_val} images, metric {select_metric}",
             "device": _device_name(), "torch": torch.__version__,
             **{k: f"{v:.0f} s" for k, v in timings.items()}, "total": f"{sum(timings.values()):.0f} s",
-            "sampling (chosen on valid)": json.dumps({k: v["chosen"] for k, v in chosen.items()}), "quick": quick}
+            "sampling (chosen on valid)": json.dumps({k: v["chosen"] for k, v in chosen.items()}), "quick": quick,
+            "history mode": mode_text}
     paired_tab = ci_table(report, key, section="paired")
     report_md = write_report(out, title=f"pgen_engine demo — {'synthetic v2 data' if synthetic else data_dir.name}",
                              table_md=table, notes=notes + ["Paired differences (system - baseline):", paired_tab],

@@ -155,12 +155,15 @@ class PromptSettings:
         instruction, with_titles, history_k: the run's ``data`` settings.
         tokenizer_path: the PatchKMeans file whose codes the model speaks, or None when the
             checkpoint's own VQ model is the tokenizer.
+        history_mode: ``data.history_mode`` the model was trained with ("pixels": history
+            images through the vision tower; "codes": VQ codes), see :mod:`pgen_engine.data.history`.
     """
 
     instruction: str
     with_titles: bool
     history_k: int
     tokenizer_path: Path | None
+    history_mode: str = "codes"
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | Path, run_config: str | Path | None = None) -> "PromptSettings":
@@ -178,7 +181,9 @@ class PromptSettings:
             tok = Path(d.work_dir) / "tokenizer.safetensors"
             if not tok.is_file():
                 raise FileNotFoundError(f"{path}: the run's image tokenizer {tok} is missing")
-        return cls(d.instruction, d.with_titles, d.history_k, tok)
+        from pgen_engine.data.history import trained_history_mode
+
+        return cls(d.instruction, d.with_titles, d.history_k, tok, trained_history_mode(ckpt, run_config)[0])
 
     def tokenizer(self, model) -> ImageTokenizer:
         """The image tokenizer matching ``model``'s image vocabulary."""
@@ -197,7 +202,7 @@ class PromptSettings:
         from pgen_engine.data.text_tokenizer import load_text_tokenizer
 
         special = model.special_tokens
-        return PromptBuilder(load_text_tokenizer(checkpoint, special), special, num_tokens, mode="codes",
+        return PromptBuilder(load_text_tokenizer(checkpoint, special), special, num_tokens, mode=self.history_mode,
                              with_titles=self.with_titles, instruction=self.instruction)
 
 
@@ -217,22 +222,40 @@ class SystemOutput:
     settings: dict = dataclasses.field(default_factory=dict)
 
 
-def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, personalized: bool = True):
-    """Prompts (token ids + code masks) for ``examples``.
+def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, personalized: bool = True,
+                  image_size: int | None = None):
+    """Prompts for ``examples``.
 
     ``personalized=False`` gives the unconditional prompt the model was trained with:
-    the "pad" counterpart condition dropout used in SFT (same length, history erased).
+    the "pad" counterpart condition dropout used in SFT (same length, history erased,
+    no history images).
+
+    Returns (ids, code masks, pixels): B id lists, B bool lists, and B float32
+    ``[n_i, 3, image_size, image_size]`` history images (None where a prompt has none) in
+    pixels mode (``builder.mode``; ``image_size`` = the vision tower's), else B Nones.
     """
-    ids, masks = [], []
+    from pgen_engine.data.history import CatalogueImages
+    from pgen_engine.data.prompts import normalize_pixels
+
+    ids, masks, pixels = [], [], []
+    images = CatalogueImages(data.dataset, image_size) if builder.mode == "pixels" else None
+    if images is not None and not image_size:
+        raise ValueError("pixels history mode needs the model's image_size")
     for ex in examples:
-        codes = data.cache.codes(list(ex.history))
-        titles = [data.dataset.items[i].title for i in ex.history]
-        p = builder.build(history_codes=codes, titles=titles if builder.with_titles else None)
+        hist = list(ex.history)
+        titles = [data.dataset.items[i].title for i in hist] if builder.with_titles else None
+        if images is not None:
+            p = builder.build(titles=titles, num_history=len(hist))
+            px = normalize_pixels(images.batch(hist)) if hist else None
+        else:
+            p = builder.build(history_codes=data.cache.codes(hist), titles=titles)
+            px = None
         if not personalized:
-            p = builder.unconditional(p, "pad")
+            p, px = builder.unconditional(p, "pad"), None
         ids.append(p.input_ids.tolist())
         masks.append(p.gen_code_mask.tolist())
-    return ids, masks
+        pixels.append(px)
+    return ids, masks, pixels
 
 
 @torch.no_grad()
@@ -245,7 +268,8 @@ def generate_system(name: str, generator, data: EvalData, builder, examples: Seq
     The non-personal prompt is already unconditional, so CFG cannot change it: it is
     sampled at guidance 1 whatever ``guidance_scale`` says.
     """
-    ids, masks = build_prompts(data, builder, examples, personalized=personalized)
+    ids, masks, pixels = build_prompts(data, builder, examples, personalized=personalized,
+                                       image_size=generator.model.image_size)
     if not personalized:
         guidance_scale = 1.0
     codes = []
@@ -256,7 +280,9 @@ def generate_system(name: str, generator, data: EvalData, builder, examples: Seq
         it = tqdm(it, desc=f"eval {name}", unit="batch")
     for i in it:
         seeds = [seed * 1_000_003 + j for j in range(i, min(i + batch_prompts, len(ids)))]
-        codes.append(generator.generate(ids[i:i + batch_prompts], gen_code_mask=masks[i:i + batch_prompts],
+        px = [p for p in pixels[i:i + batch_prompts] if p is not None]
+        px = torch.cat(px).to(generator.model.device) if px else None
+        codes.append(generator.generate(ids[i:i + batch_prompts], None, px, gen_code_mask=masks[i:i + batch_prompts],
                                         num_samples=n, guidance_scale=guidance_scale, temperature=temperature,
                                         top_k=top_k, top_p=top_p, seed=seeds).cpu())
     codes = torch.cat(codes)

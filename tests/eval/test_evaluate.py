@@ -76,11 +76,12 @@ def test_generate_system_nonpersonal_is_the_pad_prompt(data, tmp_path):
     b = PromptBuilder(load_text_tokenizer(None, m.special_tokens), m.special_tokens, data.tokenizer.num_tokens,
                       instruction="x")
     ex = data.examples("test", 4)
-    ids, masks = E.build_prompts(data, b, ex, personalized=False)
+    ids, masks, px = E.build_prompts(data, b, ex, personalized=False)
+    assert px == [None] * len(ex)
     sp = m.special_tokens
     for row, mask in zip(ids, masks):
         assert set(row) <= {sp.bos, sp.boi, sp.pad} and not any(mask)
-    pers, _ = E.build_prompts(data, b, ex)
+    pers, _, _ = E.build_prompts(data, b, ex)
     assert [len(r) for r in pers] == [len(r) for r in ids]  # same length as training's condition dropout
     out = E.generate_system("m", pg.Generator(m, max_batch_size=8), data, b, ex, 2, seed=1, batch_prompts=4,
                             guidance_scale=3.0, personalized=False)
