@@ -430,6 +430,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--data needs --users (comma-separated user ids)")
     if args.users and args.data is None:
         raise ValueError("--users needs --data DIR")
+    if args.run_config is not None and not Path(args.run_config).is_file():
+        raise ValueError(f"--run-config {args.run_config}: file not found (expected a training run's "
+                         "config.resolved.yaml)")
     checkpoint, out_dir = Path(args.checkpoint), Path(args.out)
     prompts_path = Path(args.prompts) if args.prompts is not None else Path(args.data)
     _check_out(out_dir, checkpoint, prompts_path)
