@@ -6,7 +6,10 @@
 
 The stage (``sft``, ``rl``) comes from the config's ``stage`` key. Overrides are dotted
 ``section.key=value`` pairs, parsed as YAML. Any configuration or input problem prints
-one line (``error: ...``) to stderr and exits with status 2 (config) or 1 (run).
+one line (``error: ...``) to stderr and exits with status 2 (config) or 1 (run). On a GPU
+machine the run's memory plan (``pgen plan``, :mod:`pgen_engine.training.plan`) is checked
+first: a launch that cannot fit its GPUs exits with status 3 and one line naming the phase
+(``PGEN_PLAN=0`` skips the check).
 """
 from __future__ import annotations
 
@@ -31,6 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         module = stage_module(cfg.stage)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from pgen_engine.training.plan import PlanOverflowError, preflight
+
+    try:  # on a GPU machine: refuse a launch whose memory plan does not fit (exit 3)
+        preflight(cfg, args.config)
+    except PlanOverflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

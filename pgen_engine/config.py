@@ -128,6 +128,12 @@ class DataConfig:
             "checkpoint_vq" (the model's own VQ).
         patch_size, codebook_size, kmeans_iters, tokenizer_image_size: PatchKMeans settings.
         history_k, stride, max_windows_per_user, min_interactions: training windows.
+        history_mode: how history images enter the model: "pixels" (vision tower + aligner
+            into ``<image>`` placeholders) or "codes" (VQ codes through the generation
+            embedding). null resolves when the config is built: the mode ``model.checkpoint``
+            was trained with (its run's ``config.resolved.yaml``), else "pixels" when the
+            model has a vision tower (every Janus; the tiny init model too), else "codes".
+            See :mod:`pgen_engine.data.history`.
         with_titles: put item titles in the prompt.
         instruction: the prompt instruction.
         num_workers: DataLoader workers.
@@ -145,6 +151,7 @@ class DataConfig:
     stride: int = 1
     max_windows_per_user: Optional[int] = None
     min_interactions: int = 5
+    history_mode: Optional[Literal["pixels", "codes"]] = None
     with_titles: bool = False
     instruction: str = "Generate the next item this user will like."
     num_workers: int = 0
@@ -298,6 +305,24 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r}: expected one of {sorted(STAGES)}")
+        if self.data.history_mode is None:
+            self.data.history_mode = _default_history_mode(self.model.checkpoint)
+
+
+def _default_history_mode(checkpoint: Optional[str]) -> Optional[str]:
+    """``data.history_mode: null`` -> the checkpoint's trained / architecture default; None
+    while the checkpoint folder does not exist yet (resolved again at data preparation)."""
+    from pgen_engine.data.history import trained_history_mode
+
+    if checkpoint is None:
+        return "pixels"  # the tiny init model has a vision tower
+    if not (Path(checkpoint) / "config.json").is_file():
+        return None
+    try:
+        return trained_history_mode(checkpoint)[0]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.history_mode: cannot resolve the default from model.checkpoint={checkpoint} "
+                          f"({e})") from None
 
 
 # Stages and their optional extra sections. A stage (e.g. rl) registers a dataclass for its

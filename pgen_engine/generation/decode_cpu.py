@@ -25,6 +25,11 @@ from pgen_engine.ops._backend import extension
 SUPPORTED_ACTS = ("gelu", "gelu_pytorch_tanh", "silu", "swish", "relu")
 
 
+# the loop of an extension built from older sources reads shared prefixes from its own cache:
+# checked once, at import (the bound signature names its arguments)
+_LOOP_TAKES_PREFIX_POOL = "prefix_k" in (getattr(extension(), "decode_loop_cpu", None).__doc__ or "")
+
+
 def applies(model, cache) -> bool:
     """True when :func:`run_decode_loop` can decode ``model`` over ``cache`` here: float32 CPU
     model and head-major cache, no gradients, the extension built with the loop, and an
@@ -38,7 +43,7 @@ def applies(model, cache) -> bool:
     if not K.cpu_decode_applies(lm, probe, cache):
         return False
     ext = extension()
-    if not hasattr(ext, "decode_loop_cpu") or "prefix_k" not in (ext.decode_loop_cpu.__doc__ or ""):
+    if not hasattr(ext, "decode_loop_cpu") or not _LOOP_TAKES_PREFIX_POOL:
         return False
     if any(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled():
         return False

@@ -35,9 +35,11 @@ def cascade_extension():
     ``prefix_v``, the cascade layout of :class:`~pgen_engine.models.decoder.KVCache`), else None:
     an extension built from older sources keeps the torch path rather than misreading the cache."""
     ext = _extension()
-    if ext is None or not hasattr(ext, "decode_layers_cpu"):
-        return None
-    return ext if "prefix_k" in (ext.decode_layers_cpu.__doc__ or "") else None
+    return ext if _EXT_TAKES_PREFIX_POOL and hasattr(ext, "decode_layers_cpu") else None
+
+
+# checked once, at import (pybind signatures name their arguments); tests may wrap the ops later
+_EXT_TAKES_PREFIX_POOL = "prefix_k" in (getattr(_extension(), "decode_layers_cpu", None).__doc__ or "")
 
 
 def _fused(t: torch.Tensor) -> bool:

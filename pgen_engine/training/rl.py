@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Sequence
 
+import numpy as np
 import torch
 
 from pgen_engine.config import ConfigError, register_stage_section
@@ -194,8 +195,29 @@ def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Seque
     return ids.to(dev), cm.to(dev), att.to(dev)
 
 
+def row_pixels(pixel_values: Sequence[torch.Tensor | None] | None, group_size: int) -> list[torch.Tensor | None] | None:
+    """Per-prompt history pixels ``[n_i,3,S,S]`` -> per-row (``r = i*G + j``) list, or None (codes mode)."""
+    if pixel_values is None:
+        return None
+    return [pv for pv in pixel_values for _ in range(group_size)]
+
+
+def slice_pixels(seqs, sl: slice, device, which: int = 3) -> torch.Tensor | None:
+    """History images of rows ``sl`` of ``seqs`` = ``build_sequences(...) + (row_pixels(pixel_values),
+    row_pixels(image_features))``: ``which`` 3 -> pixel_values, 4 -> cached vision-tower outputs."""
+    rows = seqs[which][sl] if len(seqs) > which and seqs[which] is not None else []
+    px = [p for p in rows if p is not None]
+    return torch.cat(px).to(device) if px else None
+
+
+def _history_args(seqs, sl: slice, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    feats = slice_pixels(seqs, sl, device, 4)
+    return (None, feats) if feats is not None else (slice_pixels(seqs, sl, device, 3), None)
+
+
 def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor, attention_mask: torch.Tensor,
-                    targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    targets: torch.Tensor, temperature: float, pixel_values: torch.Tensor | None = None,
+                    image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of ``targets`` with the training numerics.
 
     Args:
@@ -204,11 +226,15 @@ def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
         targets: int64 ``[N, T]`` sampled codes.
         temperature: the sampling temperature (the ratio's distribution is the conditional
             policy at that temperature).
+        pixel_values: pixels history mode: ``[sum n_img, 3, S, S]`` of the rows, in row order
+            (the same images the rollout's prompts were built with).
+        image_features: instead of ``pixel_values``: the frozen tower's cached outputs of those
+            images ``[sum n_img, T_img, D_vision]`` (no re-encoding per row / epoch).
     Returns:
         (logprobs fp32 ``[N, T]``, entropy fp32 ``[N, T]``); differentiable when grad is on.
     """
     N, T = targets.shape
-    x = model.embed_inputs(input_ids, gen_code_mask)
+    x = model.embed_inputs(input_ids, gen_code_mask, pixel_values, image_features)
     h = model.forward_train(x, attention_mask)[:, -T:]
     lp, ent = model.image_token_logprobs(h.reshape(N * T, -1), targets.reshape(-1).to(h.device),
                                          temperature=temperature)
@@ -261,6 +287,9 @@ class PromptBatch:
         seeds: B request seeds.
         history: B lists of history item ids; future: B lists of later train items.
         target_attributes: int64 ``[B, A]`` ground truth (synthetic data) or None.
+        pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` history images; None in codes mode.
+        image_features: frozen vision tower: B cached tower outputs ``[n_i, T_img, D_vision]`` of
+            the same images (the trainer's log-probs use them instead of re-encoding), or None.
     """
 
     prompts: list[list[int]]
@@ -269,6 +298,8 @@ class PromptBatch:
     history: list[list[str]]
     future: list[list[str]]
     target_attributes: torch.Tensor | None = None
+    pixel_values: list[torch.Tensor] | None = None
+    image_features: list[torch.Tensor] | None = None
 
 
 class RewardEnv:
@@ -393,7 +424,7 @@ class RLTrainer:
             for lo in range(0, tokens.shape[0], self.micro):
                 sl = slice(lo, lo + self.micro)
                 lp, _ = forward(policy_logprobs, seqs[0][sl].to(dev), seqs[1][sl].to(dev), seqs[2][sl].to(dev),
-                                tokens[sl].to(dev), self.rl.temperature)
+                                tokens[sl].to(dev), self.rl.temperature, *_history_args(seqs, sl, dev))
                 out.append(lp.cpu())
         finally:
             model.train(was)
@@ -432,7 +463,8 @@ class RLTrainer:
                 sl = slice(lo, lo + self.micro)
                 with SavedTensorMeter(exclude=params) as meter:
                     lp, ent = self.policy_forward(policy_logprobs, seqs[0][sl].to(dev), seqs[1][sl].to(dev),
-                                                  seqs[2][sl].to(dev), tokens[sl].to(dev), rl.temperature)
+                                                  seqs[2][sl].to(dev), tokens[sl].to(dev), rl.temperature,
+                                                  *_history_args(seqs, sl, dev))
                     loss, st = grpo.policy_loss(
                         lp, old_lp[sl].to(dev), adv[sl].to(dev), mask[sl].to(dev),
                         ref_logp=None if ref_lp is None else ref_lp[sl].to(dev), beta=rl.beta,
@@ -461,7 +493,8 @@ class RLTrainer:
         Returns ``{"eval/reward": mean total, "eval/reward/<component>": mean}``; the
         samples use the run's sampling settings and the batch's own seeds.
         """
-        ro = self.hybrid.rollout(batch.prompts, batch.code_masks, self.rl.sampling, batch.seeds)
+        ro = self.hybrid.rollout(batch.prompts, batch.code_masks, self.rl.sampling, batch.seeds,
+                                 pixel_values=batch.pixel_values)
         total, comps = self.reward_env(batch, ro.tokens.cpu(), self.rl.group_size)
         row = {"eval/reward": float(total.mean())}
         row.update({f"eval/reward/{k}": float(v.mean()) for k, v in comps.items()})
@@ -476,7 +509,8 @@ class RLTrainer:
         times = {}
         t0 = time.perf_counter()
         with led.phase("rollout"):
-            ro = self.hybrid.rollout(batch.prompts, batch.code_masks, rl.sampling, batch.seeds)
+            ro = self.hybrid.rollout(batch.prompts, batch.code_masks, rl.sampling, batch.seeds,
+                                     pixel_values=batch.pixel_values)
         tokens = ro.tokens.cpu()
         rollout_lp = ro.logprobs.detach().cpu().clone()
         del ro
@@ -487,7 +521,8 @@ class RLTrainer:
         times["time/reward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with led.phase("logprobs"):
-            seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id)
+            seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id) \
+                + (row_pixels(batch.pixel_values, G), row_pixels(batch.image_features, G))
             old_lp = self.score_logprobs(self.module, seqs, tokens)
             ref_lp = None
             if self.reference is not None:
@@ -546,9 +581,12 @@ class RLPromptSource:
     """
 
     def __init__(self, examples, splits, cache, builder, *, titles=None, ground_truth=None,
-                 future_horizon: int | None = None, seed: int = 0):
+                 future_horizon: int | None = None, seed: int = 0, image_loader=None, vision_features=None):
         if not examples:
             raise ValueError("RLPromptSource: no training examples")
+        if builder.mode == "pixels" and image_loader is None:
+            raise ValueError("RLPromptSource: pixels history mode needs an image_loader (item id -> uint8 image)")
+        self.image_loader, self.vision_features = image_loader, vision_features
         self.examples, self.splits, self.cache, self.builder = list(examples), splits, cache, builder
         self.titles, self.gt, self.horizon, self.seed = titles or {}, ground_truth, future_horizon, seed
 
@@ -582,13 +620,21 @@ class RLPromptSource:
         return self._make(idx, -1)
 
     def _make(self, idx: list[int], step: int) -> PromptBatch:
+        from pgen_engine.data.prompts import normalize_pixels
         from pgen_engine.ops.rng import mix_seed
 
-        prompts, masks, hist, fut, attrs = [], [], [], [], []
+        prompts, masks, hist, fut, attrs, pix, feats = [], [], [], [], [], [], []
         for i in idx:
             ex = self.examples[i]
             titles = [self.titles.get(h, "") for h in ex.history] if self.builder.with_titles else None
-            p = self.builder.build(self.cache.codes(list(ex.history)), titles)
+            if self.builder.mode == "pixels":
+                # the same prompt and pixels SFT trained on (SFTDataset.__getitem__)
+                p = self.builder.build(titles=titles, num_history=len(ex.history))
+                pix.append(normalize_pixels(torch.from_numpy(np.stack([self.image_loader(h) for h in ex.history]))))
+                if self.vision_features is not None:
+                    feats.append(self.vision_features(list(ex.history)))
+            else:
+                p = self.builder.build(self.cache.codes(list(ex.history)), titles)
             prompts.append(p.input_ids.tolist())
             masks.append(p.gen_code_mask.tolist())
             hist.append(list(ex.history))
@@ -598,7 +644,8 @@ class RLPromptSource:
         seeds = mix_seed(torch.tensor(self.seed, dtype=torch.long),
                          torch.tensor([step * 1_000_003 + i for i in idx], dtype=torch.long)).tolist()
         return PromptBatch(prompts, masks, seeds, hist, fut,
-                           torch.tensor(attrs, dtype=torch.long) if self.gt is not None else None)
+                           torch.tensor(attrs, dtype=torch.long) if self.gt is not None else None,
+                           pix if self.builder.mode == "pixels" else None, feats or None)
 
 
 def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, item_ids: list[str],
@@ -776,12 +823,14 @@ def run(cfg, resume: str | None = None) -> dict[str, Any]:
     dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
     reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items))
     source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
-                            ground_truth=gt, future_horizon=rl.future_horizon, seed=cfg.seed)
+                            ground_truth=gt, future_horizon=rl.future_horizon, seed=cfg.seed,
+                            image_loader=ds.image_loader, vision_features=ds.vision_features)
     eval_batch = None
     if rl.eval_prompts:
         held_out = data.splits.valid or data.splits.train
         eval_batch = RLPromptSource(held_out, data.splits, ds.cache, ds.builder, titles=ds.titles, ground_truth=gt,
-                                    seed=cfg.seed).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
+                                    seed=cfg.seed, image_loader=ds.image_loader,
+                                    vision_features=ds.vision_features).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
     t = cfg.train
     trainer = RLTrainer(engine, rl, reward_env, reference, micro_batch_size=t.micro_batch_size,
                         minibatch_size=t.global_batch_size // dist.world_size, world_size=dist.world_size,

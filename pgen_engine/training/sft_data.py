@@ -129,20 +129,32 @@ def _cache_dir(cfg: RunConfig, tokenizer) -> Path:
     return work_dir(cfg) / f"token_cache_{tokenizer.fingerprint()[:16]}"
 
 
-def _prepare_on_main(cfg: RunConfig) -> str | None:
-    """Rank-0 side effects; returns an error line or None."""
+def caches_vision_features(cfg: RunConfig, mode: str) -> bool:
+    """Pixels history with a frozen vision tower: its outputs are computed once per item."""
+    return mode == "pixels" and "vision_model" not in cfg.train.trainable
+
+
+def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
+    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None)."""
     from pgen_engine.data.dataset import DataError, load_dataset
+    from pgen_engine.data.history import HistoryModeError, run_history_mode
     from pgen_engine.data.token_cache import build_token_cache
 
     try:
         root = ensure_dataset(cfg)
         dataset = load_dataset(root)
         tok = _tokenizer(cfg, dataset, fit=True)
-        _model_dir(cfg, tok)
+        model_dir = _model_dir(cfg, tok)
         build_token_cache(dataset, tok, _cache_dir(cfg, tok), progress=False)
-    except (DataPrepError, DataError, ValueError, KeyError, OSError) as e:
-        return str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    return None
+        vision = None
+        if caches_vision_features(cfg, run_history_mode(cfg.data.history_mode, cfg.model.checkpoint)):
+            from pgen_engine.data.vision_cache import build_vision_cache
+            from pgen_engine.models import load_model
+
+            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision").root)
+    except (DataPrepError, DataError, HistoryModeError, ValueError, KeyError, OSError) as e:
+        return (str(e).strip().splitlines()[0] if str(e).strip() else repr(e)), None
+    return None, vision
 
 
 def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
@@ -153,6 +165,7 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
             on every rank, with rank 0's message.
     """
     from pgen_engine.data.dataset import load_dataset
+    from pgen_engine.data.history import CatalogueImages, HistoryModeError, run_history_mode
     from pgen_engine.data.prompts import PromptBuilder, SFTDataset
     from pgen_engine.data.splits import build_splits
     from pgen_engine.data.text_tokenizer import load_text_tokenizer
@@ -160,8 +173,8 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
     from pgen_engine.models.janus_config import JanusModelConfig
     from pgen_engine.models.special_tokens import SpecialTokens
 
-    err = _prepare_on_main(cfg) if dist_info.is_main else None
-    err = broadcast_object(err)
+    err, vision_dir = _prepare_on_main(cfg) if dist_info.is_main else (None, None)
+    err, vision_dir = broadcast_object((err, vision_dir))
     if err is not None:
         raise DataPrepError(err)
     barrier()
@@ -181,7 +194,22 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
                             f"data.min_interactions={d.min_interactions} interactions)")
     special = SpecialTokens.from_checkpoint(model_dir)
     text_tok = load_text_tokenizer(model_dir, special)
-    builder = PromptBuilder(text_tok, special, tok.num_tokens, mode="codes", with_titles=d.with_titles,
+    try:
+        mode = run_history_mode(d.history_mode, cfg.model.checkpoint)
+    except (HistoryModeError, OSError, ValueError) as e:
+        raise DataPrepError(str(e)) from None
+    d.history_mode = mode  # what the run trains with (the init model has a vision tower)
+    # T codes (codes mode) or T <image> placeholders (pixels mode): the model's image tokens,
+    # checked above to equal the tokenizer's
+    builder = PromptBuilder(text_tok, special, tok.num_tokens, mode=mode, with_titles=d.with_titles,
                             instruction=d.instruction)
     titles = {k: v.title for k, v in dataset.items.items()}
-    return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles), special, splits, tok)
+    loader = CatalogueImages(dataset, mcfg.image_size) if mode == "pixels" else None
+    features = None
+    if vision_dir is not None:
+        from pgen_engine.data.vision_cache import VisionCache
+
+        vc = VisionCache.open(vision_dir, Path(vision_dir).name.removeprefix("vision_"))
+        features = vc.features
+    return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles, image_loader=loader,
+                                         vision_features=features), special, splits, tok)

@@ -7,7 +7,8 @@ import torch
 
 import pgen_engine as pg
 from pgen_engine.models.tiny import make_tiny_checkpoint
-from pgen_engine.training.hybrid import HybridEngine, ReferencePolicy, SamplingParams, gathered_module, is_zero3
+from pgen_engine.training.hybrid import (HybridEngine, ReferencePolicy, SamplingParams, gathered_module,
+                                         generator_rows, is_zero3)
 from pgen_engine.training.memory_ledger import MemoryLedger, live_tensor_bytes
 from pgen_engine.training.rl import build_sequences, policy_logprobs
 
@@ -59,6 +60,31 @@ def test_rollout_is_deterministic_and_batch_independent(tiny):
     b = HybridEngine(tiny, max_batch_size=2).rollout(prompts[1:], masks[1:], p, seeds=[2, 3])
     assert torch.equal(a.tokens[2:], b.tokens)
     assert torch.allclose(a.logprobs[2:], b.logprobs, atol=1e-6)
+
+
+def test_generator_rows_counts_what_this_rank_generates():
+    assert generator_rows(4, 8, 64) == 32  # 4 prompts on this rank x 8 samples, not the 64-row budget
+    assert generator_rows(16, 8, 64) == 64  # more prompts than one call holds: 8 per call
+    assert generator_rows(3, 8, 12) == 8  # budget below two groups: one whole group per call
+    with pytest.raises(ValueError, match="num_prompts"):
+        generator_rows(0, 8, 64)
+
+
+def test_rollout_cache_is_sized_by_the_prompts_this_rank_holds(tiny):
+    """2 prompts x 2 samples with a 64-row budget: the Generator holds 4 rows, not 64."""
+    g = torch.Generator().manual_seed(3)
+    prompts, masks = _prompts(tiny, 2, g)
+    p = SamplingParams(2, 2.0, 1.0)
+    small = HybridEngine(tiny, max_batch_size=64).rollout(prompts, masks, p, seeds=[0, 1])
+    exact = HybridEngine(tiny, max_batch_size=4).rollout(prompts, masks, p, seeds=[0, 1])
+    assert small.kv_bytes == exact.kv_bytes
+    assert torch.equal(small.tokens, exact.tokens)
+    c = tiny.config.text
+    lens = [len(q) for q in prompts]
+    # shared pool: each prompt once + one pad prompt per distinct length (Lp = longest); then
+    # 4 conditional + 4 unconditional rows of T - 1 own image tokens; fp32
+    tokens = (2 + len(set(lens))) * max(lens) + 8 * (tiny.num_image_tokens - 1)
+    assert small.kv_bytes == tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4
 
 
 def test_rollout_releases_kv_cache_and_restores_mode(tiny):
