@@ -50,6 +50,7 @@ from .decode_graph import StaticDecode, resolve_decode_mode
 from .sampling_params import SamplingParams
 
 UNCOND_MODES = ("pad", "short")
+_UNSET: object = object()  # a loose sampling keyword the caller did not pass (None is a value: refused)
 SCHEDULERS = ("waves", "continuous")
 
 
@@ -302,9 +303,9 @@ class Generator:
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, *, gen_code_mask=None, num_samples: int = 1,
-                 sampling: SamplingParams | None = None, guidance_scale: float | None = None,
-                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 greedy: bool | None = None, seed: int | Sequence[int] | torch.Tensor | None = None,
+                 sampling: SamplingParams | None = None, guidance_scale: float = _UNSET,
+                 temperature: float = _UNSET, top_k: int = _UNSET, top_p: float = _UNSET,
+                 greedy: bool = _UNSET, seed: int | Sequence[int] | torch.Tensor = _UNSET,
                  progress: bool = False, return_logprobs: bool = False
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate ``num_image_tokens`` VQ codes per sample.
@@ -559,7 +560,7 @@ class Generator:
     @staticmethod
     def _sampling(sampling: SamplingParams | None, **loose) -> SamplingParams:
         """``sampling``, or a SamplingParams built from the loose keywords that were set."""
-        given = {k: v for k, v in loose.items() if v is not None}
+        given = {k: v for k, v in loose.items() if v is not _UNSET}
         if sampling is None:
             return SamplingParams(**given)
         if not isinstance(sampling, SamplingParams):
