@@ -108,10 +108,10 @@ def _tokenizer(cfg: RunConfig, dataset, *, fit: bool):
         return load_or_fit_tokenizer(cfg, dataset, fit=fit)
     if cfg.model.checkpoint is None:
         raise DataPrepError("data.tokenizer=checkpoint_vq needs model.checkpoint (a checkpoint with a VQ model)")
-    from pgen_engine.models import load_model
-    from pgen_engine.models.image_tokenizer import VQImageTokenizer
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
-    return VQImageTokenizer(load_model(cfg.model.checkpoint))
+    # only vq_config + model.vqmodel.* are read (not the LM); same fingerprint as VQImageTokenizer
+    return JanusVQTokenizer.from_checkpoint(cfg.model.checkpoint)
 
 
 def _model_dir(cfg: RunConfig, tokenizer) -> Path:
