@@ -80,8 +80,11 @@ def test_rollout_cache_is_sized_by_the_prompts_this_rank_holds(tiny):
     assert small.kv_bytes == exact.kv_bytes
     assert torch.equal(small.tokens, exact.tokens)
     c = tiny.config.text
-    L = max(len(q) for q in prompts) + tiny.num_image_tokens
-    assert small.kv_bytes == 2 * 4 * L * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4  # CFG x rows, fp32
+    lens = [len(q) for q in prompts]
+    # shared pool: each prompt once + one pad prompt per distinct length (Lp = longest); then
+    # 4 conditional + 4 unconditional rows of T - 1 own image tokens; fp32
+    tokens = (2 + len(set(lens))) * max(lens) + 8 * (tiny.num_image_tokens - 1)
+    assert small.kv_bytes == tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4
 
 
 def test_rollout_releases_kv_cache_and_restores_mode(tiny):
