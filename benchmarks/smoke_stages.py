@@ -495,8 +495,8 @@ def stage_rl(out: Path, check: bool, timeout: float) -> dict:
             raise StageFailure(f"step {s}: non-finite reward / loss / kl")
     if not (run / "final" / "config.json").is_file():
         raise StageFailure("the RL run wrote no final/")
-    calls = json.loads(calls_file.read_text()) if calls_file.is_file() else {"calls": []}
-    if not calls["calls"]:
+    calls = json.loads(calls_file.read_text()) if calls_file.is_file() else {"calls": [], "largest": None}
+    if not calls["calls"] or calls.get("largest") is None:
         raise StageFailure("the RL run made no Generator call (rollouts did not go through pg.Generator)")
     big = calls["largest"]
     if not big["generate"]["guidance_scale"] != 1.0:
@@ -640,6 +640,7 @@ def _install_generate_recorder(path: Path) -> None:
     from pgen_engine.generation.decode_graph import resolve_decode_mode
 
     log: dict = {"calls": [], "largest": None}
+    pixels: dict = {"largest": None}
     cls = gmod.Generator
     orig_init, orig_gen = cls.__init__, cls.generate
 
@@ -661,15 +662,24 @@ def _install_generate_recorder(path: Path) -> None:
                  "generate": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in kw.items()
                               if k not in ("gen_code_mask", "progress")}}
         log["calls"].append({k: entry[k] for k in ("rows", "prompts", "decode_mode")})
-        if pixel_values is None and (log["largest"] is None or rows > log["largest"]["rows"]):
-            full = dict(entry, input_ids=as_lists,
+        if log["largest"] is None or rows > log["largest"]["rows"]:
+            full = dict(entry, input_ids=as_lists, pixel_values=None if pixel_values is None else pixel_file.name,
                         gen_code_mask=None if gm is None else [list(map(bool, c)) for c in
                                                                (gm.tolist() if hasattr(gm, "tolist") else gm)])
             log["largest"] = full
+            pixels["largest"] = None if pixel_values is None else pixel_values.detach().cpu().clone()
         return orig_gen(self, input_ids, attention_mask, pixel_values, **kw)
 
+    def write() -> None:
+        import torch
+
+        if pixels["largest"] is not None:
+            torch.save(pixels["largest"], pixel_file)
+        path.write_text(json.dumps(log))
+
+    pixel_file = path.with_name(path.stem + "_pixels.pt")
     cls.__init__, cls.generate = init, generate
-    atexit.register(lambda: path.write_text(json.dumps(log)))
+    atexit.register(write)
 
 
 def probe(argv: list[str]) -> int:
@@ -707,12 +717,15 @@ def genref(argv: list[str]) -> int:
     big = json.loads(a.calls.read_text())["largest"]
     dev = _device(a.check)
     model = pg.load_model(a.checkpoint, device=dev, dtype=torch.float32 if a.check else torch.bfloat16).eval()
+    px = None
+    if big.get("pixel_values"):
+        px = torch.load(a.calls.with_name(big["pixel_values"])).to(dev)
     init = {k: v for k, v in big["init"].items() if k != "cache_dtype"}
     if big["init"].get("cache_dtype"):
         init["cache_dtype"] = getattr(torch, big["init"]["cache_dtype"].removeprefix("torch."))
     gen = Generator(model, **init)
     kw = dict(big["generate"])
-    out = gen.generate(big["input_ids"], gen_code_mask=big["gen_code_mask"], **kw)
+    out = gen.generate(big["input_ids"], None, px, gen_code_mask=big["gen_code_mask"], **kw)
     codes = out[0] if isinstance(out, tuple) else out
     print(f"genref: {tuple(codes.shape)} codes, cache {gen.cache_nbytes()} B")
     return 0

@@ -1,7 +1,7 @@
 """Compile every Triton kernel the ops launch for real GPU targets, on a machine without one.
 
     TRITON_INTERPRET=0 python tools/triton_compile_check.py [--arch 80 --arch 89 --arch 90]
-        [--dtypes fp32,bf16,fp16] [--head-dims 64,80,128] [--all-heads] [--ops prefill,decode]
+        [--dtypes fp32,bf16,fp16] [--head-dims 64,80,128] [--all-heads] [--ops prefill,decode] [--verbose]
 
 The CPU test suite runs the kernels in Triton's interpreter, which accepts code the compiler
 rejects (plain module globals read inside a kernel, loop-carried values that change type, ...)
@@ -43,7 +43,8 @@ class Compiler:
     """Stands in for ``JITFunction.run``: compiles each distinct specialisation once for the
     current target and records its shared memory."""
 
-    def __init__(self):
+    def __init__(self, verbose: bool = False):
+        self.verbose = verbose
         self.target: GPUTarget | None = None
         self.seen: set = set()
         self.failures: list[tuple[str, str, str]] = []
@@ -85,7 +86,7 @@ class Compiler:
             self.failures.append((fn.__name__, spec, str(e)[-2000:]))
             return None
         shared, limit = int(kernel.metadata.shared), _triton_config.smem_limit(arch)
-        if os.environ.get("PGEN_COMPILE_VERBOSE"):
+        if self.verbose:
             print(f"{fn.__name__} {spec}: {shared} B", flush=True)
         self.shared[fn.__name__, arch] = max(shared, self.shared.get((fn.__name__, arch), 0))
         if shared > limit:
@@ -173,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", type=_csv(str), default=OPS, help=f"comma list of {','.join(OPS)}")
     ap.add_argument("--geometry-arch", type=int,
                     help="size the tiles as for this architecture instead of the target (to test the check)")
+    ap.add_argument("--verbose", action="store_true", help="print every specialisation's shared memory")
     args = ap.parse_args(argv)
     bad = [d for d in args.dtypes if d not in _DTYPES]
     if bad:
         ap.error(f"--dtypes: unknown {bad}; expected some of {list(_DTYPES)}")
-    comp = Compiler()
+    comp = Compiler(verbose=args.verbose)
     JITFunction.run = lambda fn, *a, **k: comp.run(fn, *a, **k)
     import pgen_engine.ops._backend as backend
     import pgen_engine.ops.sampling as sampling

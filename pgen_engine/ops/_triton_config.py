@@ -87,29 +87,25 @@ def prefill_blocks(arch: int, dtype: torch.dtype, head_dim: int, backward: bool 
     if arch == INTERPRETER_ARCH or _interpreting():
         return PrefillBlocks(32, 32, 4, 1)
     limit = smem_limit(arch)
-    # Shared memory grows with the padded head dim times the element size; tiers by that
-    # product, in bytes per tile row. The tiles below were sized with the compile check.
-    row_bytes = max(16, 1 << (head_dim - 1).bit_length()) * (4 if dtype == torch.float32 else 2)
-    big = limit >= SMEM_LIMIT[90]
-    mid = limit >= SMEM_LIMIT[80]
-    if backward:
-        if row_bytes <= 128:                       # 16-bit D <= 64
-            return PrefillBlocks(64, 64, 4, 2)
-        if row_bytes <= 256:                       # 16-bit D <= 128, fp32 D <= 64
-            return PrefillBlocks(64, 64, 8, 2) if mid or dtype != torch.float32 else PrefillBlocks(32, 64, 4, 2)
-        if row_bytes <= 512:                       # 16-bit D = 256, fp32 D = 128
-            if big:
-                return PrefillBlocks(64, 64, 8, 1)
-            return PrefillBlocks(32, 64, 8, 1) if mid else PrefillBlocks(32, 32, 4, 1)
-        return PrefillBlocks(32, 32, 8, 1) if mid else PrefillBlocks(16, 32, 4, 1)
-    if row_bytes <= 128:
-        return PrefillBlocks(128, 64, 4, 3)
-    if row_bytes <= 256:
-        return PrefillBlocks(128, 64, 8, 3) if mid or dtype != torch.float32 else PrefillBlocks(64, 64, 4, 2)
-    if row_bytes <= 512:
-        if dtype != torch.float32:                 # 16-bit D = 256
+    big = limit >= SMEM_LIMIT[90]          # H100 / B200 class: 227 KiB
+    mid = limit >= SMEM_LIMIT[80]          # A100 class: 163 KiB (else the 99 KiB parts)
+    fp32 = dtype == torch.float32          # twice the bytes per tile of bf16 / fp16
+    d = max(16, 1 << (head_dim - 1).bit_length())  # the kernels' padded BLOCK_D
+    # 16-bit tiles fit every supported architecture up to D = 128; fp32 tiles shrink where
+    # the H100 geometry overflows. Each configuration is compiled and its shared memory
+    # checked per architecture by tools/triton_compile_check.py (D = 64, 80, 128).
+    if not backward:
+        if d <= 64:
+            return PrefillBlocks(128, 64, 4, 3) if not fp32 or mid else PrefillBlocks(64, 64, 4, 2)
+        if d <= 128:
+            if not fp32 or big:
+                return PrefillBlocks(128, 64, 8, 3)   # fp32: 229,888 B, only sm_90-class parts
+            return PrefillBlocks(128, 32, 8, 3) if mid else PrefillBlocks(64, 32, 4, 2)
+        if not fp32:
             return PrefillBlocks(64, 32, 8, 2) if mid else PrefillBlocks(64, 32, 4, 1)
-        if big:
-            return PrefillBlocks(128, 64, 8, 3)    # 229,888 B: fits only sm_90-class parts
-        return PrefillBlocks(128, 32, 8, 3) if mid else PrefillBlocks(64, 32, 4, 2)
-    return PrefillBlocks(64, 32, 8, 2) if big else PrefillBlocks(32, 32, 4, 1)
+        return PrefillBlocks(64, 32, 8, 2) if big else PrefillBlocks(32, 32, 4, 1)
+    if d <= 64:
+        return PrefillBlocks(64, 64, 4, 2) if not fp32 or mid else PrefillBlocks(32, 64, 4, 2)
+    if d <= 128:   # fp32: 147,968 B on sm_90 / sm_80; the 99 KiB parts take single-stage 32x32
+        return PrefillBlocks(64, 64, 8, 2) if not fp32 or mid else PrefillBlocks(32, 32, 4, 1)
+    return PrefillBlocks(32, 32, 8, 1) if not fp32 or mid else PrefillBlocks(16, 32, 4, 1)

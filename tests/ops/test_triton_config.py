@@ -49,7 +49,8 @@ def test_fp32_head_dim_128_shrinks_below_sm90(monkeypatch):
         h100 = C.prefill_blocks(90, torch.float32, 128, backward)
         a100 = C.prefill_blocks(80, torch.float32, 128, backward)
         l40s = C.prefill_blocks(89, torch.float32, 128, backward)
-        assert _footprint(h100) > _footprint(a100) > _footprint(l40s), (h100, a100, l40s)
+        assert _footprint(h100) >= _footprint(a100) > _footprint(l40s), (h100, a100, l40s)
+        assert backward or _footprint(h100) > _footprint(a100)
         # 16-bit tiles are half the bytes: the same geometry serves every architecture
         assert len({C.prefill_blocks(a, torch.bfloat16, 128, backward) for a in ARCHS}) == 1
     assert C.prefill_blocks(90, torch.float32, 128) == C.PrefillBlocks(128, 64, 8, 3)
