@@ -249,3 +249,31 @@ def plot_paired(path: str | Path, report: dict, metrics: Sequence[str]) -> bool:
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return True
+
+
+def results_markdown(report: dict, metrics: Sequence[str], key_metrics: Sequence[str],
+                     systems: Sequence[str] = ("generate_nonpersonal", "generate_sft", "generate_sft_rl")) -> str:
+    """A README results block from ``report.json``: the CI table, the paired-difference
+    table of ``key_metrics`` and the verdict sentences (claims only what the CIs support)."""
+    ev = report.get("evaluator", {})
+    san = ev.get("sanity", {})
+    head = (f"{report['users']} test users x {report['images_per_user']} images, seeds {report['seeds']}; "
+            f"cells: mean [95 % paired-bootstrap CI over users]. Evaluator: {ev.get('type', '?')}"
+            + (f" (held-out co-consumption recall@10 {san['recall@10']:.3f} vs pixel statistics "
+               f"{san['recall@10_pixel_stats']:.3f}, chance {san['recall@10_chance']:.3f})" if san else "")
+            + (", independent of the reward embedder" if ev.get("independent") else ", NOT independent of the reward"))
+    parts = [head, "", ci_table(report, metrics), "", "Paired differences (system - baseline):", "",
+             ci_table(report, key_metrics, section="paired"), ""]
+    parts += [s + "\n" for s in paired_sentences(report, systems, key_metrics)]
+    return "\n".join(parts)
+
+
+def replace_readme_block(readme: str | Path, name: str, block: str) -> None:
+    """Replace the text between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` (atomically)."""
+    p = Path(readme)
+    text = p.read_text()
+    a, b = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    if a not in text or b not in text:
+        raise ValueError(f"{p}: markers {a} ... {b} not found")
+    i, j = text.index(a) + len(a), text.index(b)
+    atomic_write_text(p, text[:i] + "\n" + block.rstrip() + "\n" + text[j:])

@@ -117,3 +117,19 @@ def test_prompt_settings_read_the_run_config(tmp_path):
     (tmp_path / "w" / "tokenizer.safetensors").write_bytes(b"x")
     s = E.PromptSettings.for_checkpoint(tmp_path / "run" / "final")
     assert (s.instruction, s.with_titles, s.history_k) == ("hi", True, 3)
+
+
+def test_tied_targets_are_found(tmp_path):
+    from PIL import Image
+
+    from pgen_engine.data.dataset import load_dataset, write_dataset
+    from pgen_engine.data.splits import build_splits
+
+    src = tmp_path / "a.png"
+    Image.new("RGB", (4, 4)).save(src)
+    items = [{"item_id": f"a{j}", "title": "t", "image": "images/a.png"} for j in range(6)]
+    rows = [("u", f"a{j}", j) for j in range(5)] + [("v", f"a{j}", j) for j in range(4)] + [("v", "a5", 3)]
+    d = write_dataset(tmp_path / "ds", items, rows, image_files={"images/a.png": ("copy", src)})
+    ds = load_dataset(d)
+    ties = E.tied_targets(ds, build_splits(ds, k=2))
+    assert ties == {"valid": [], "test": ["v"]}  # v's last item shares the previous timestamp
