@@ -77,20 +77,27 @@ def _matmul_tflops(dev: torch.device) -> float | None:
 
 
 def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: float, prefill_seconds: float,
-                         bandwidths_tbs: tuple[float, ...] = (4.8, 3.7)) -> list[dict]:
+                         bandwidths_tbs: tuple[float, ...] = (4.8, 3.7), samples_per_prompt: int = 1) -> list[dict]:
     """Lower bound on a CFG decode step from the bytes it must read, and the best speed-up it allows.
 
     Every step reads each matrix weight once (bf16: 2 B per parameter counted by ``_lm_params``)
     and, for every one of the ``2 * batch`` rows, its cached K/V: ``layers * 2 * kv_heads *
     head_dim`` values per cached token. A row holds ``prompt_len + (T + 1) / 2`` tokens on average
     over the ``T`` steps. Three storage variants: bf16 with one copy per row, bf16 with the
-    ``batch`` identical unconditional ("pad") prompts stored once, and fp8 K/V with that sharing.
+    ``batch`` identical unconditional ("pad") prompts stored once, and fp8 K/V with that sharing;
+    then the Generator's shared-block (cascade) layout read once per group: each of the
+    ``batch / samples_per_prompt`` prompts and the one pad prompt once, plus every row's own
+    image tokens, in bf16 and in fp8 (per-head scales: a few bytes per block, ignored). The
+    shared-block rows assume an attention kernel that reads a shared prefix once per group; the
+    current GPU decode path (torch cascade reference) gathers it per row, so until a Triton
+    cascade kernel lands its traffic is the "one copy per row" line. Unmeasured on a GPU.
     Compute, launches and sampling cost nothing here, so no implementation can beat the bound.
 
     Args:
         geo: :func:`tiny_janus_config` keyword arguments (e.g. :data:`JANUS_PRO_1B`).
         batch: images per call (rows = 2 * batch with CFG).
         prompt_len: tokens per prompt.
+        samples_per_prompt: samples of each prompt in the call (a GRPO group; 1 = distinct prompts).
         hf_seconds: the baseline's measured wall time for one call of ``batch`` images.
         prefill_seconds: pgen's measured prefill time for that call (added to the bound).
         bandwidths_tbs: HBM bandwidths to evaluate, TB/s.
@@ -111,6 +118,11 @@ def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: 
     variants = (("bf16 K/V, one copy per row", 2 * batch * avg_ctx * kv_per_token * 2),
                 ("bf16 K/V, uncond prompt shared", (own_tokens + prompt_len) * kv_per_token * 2),
                 ("fp8 K/V, uncond prompt shared", (own_tokens + prompt_len) * kv_per_token * 1))
+    if batch % samples_per_prompt:
+        raise ValueError(f"batch={batch} is not a multiple of samples_per_prompt={samples_per_prompt}")
+    shared_tokens = (batch // samples_per_prompt + 1) * prompt_len + 2 * batch * (T + 1) / 2
+    variants += (("bf16 K/V, shared blocks read once per group", shared_tokens * kv_per_token * 2),
+                 ("fp8 K/V, shared blocks read once per group", shared_tokens * kv_per_token * 1))
     rows = []
     for name, kv_bytes in variants:
         for bw in bandwidths_tbs:

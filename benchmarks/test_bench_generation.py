@@ -6,11 +6,17 @@
     decode and the Janus-Pro-1B geometry is benchmarks/gpu_generation.py, see benchmarks/README.md)
 
 Same random checkpoint and prompts for both: hidden 256, 4 layers, 4 heads, 64 image
-tokens (image 64 px, patch 8), 128-token prompts, CFG 5 (pad unconditional prompt),
-sampling with top-k 100 / top-p 0.95; batch 1, 8, 32. Geometry "spec" keeps the tiny
-factory's defaults for everything the issue does not fix (codebook 64, MLP 96); "janus-ratio"
-(opt-in) scales Janus-Pro's proportions down (MLP 688 = 2.69x hidden, codebook 16384), where
-the generation head dominates a decode step.
+tokens (image 64 px, patch 8), 128-token prompts, CFG 5 (pad unconditional prompt), plain
+sampling (temperature 1, no top-k / top-p shortcuts); batch 1, 8, 32. The default geometry
+"realistic" has Janus-like proportions: MLP 4 x hidden (1024) and a 1024-code codebook.
+Labelled extras (``PGEN_BENCH_GEOMETRY``): "tiny-codebook64" (the tiny factory's codebook 64 /
+MLP 96, where the decoder is nearly free) and "janus-ratio" (MLP 688 = 2.69x hidden,
+codebook 16384: the generation head dominates a decode step).
+
+Besides images/s the module measures this machine's float32 GEMM peak with one large
+``torch.mm`` in the same run and prints pgen's decode FLOP/s as a fraction of it (decode
+FLOPs: 2 per weight per row, CFG rows included, plus the attention's 4 * context * heads *
+head_dim per row and layer), and the Generator's ``kv_bytes_peak``.
 
 Each round runs pgen then transformers on the same prompts (paired, so drifting machine load
 hits both); the speed-up is the median per-round ratio of wall (and of process CPU) time.
@@ -36,20 +42,21 @@ from pgen_engine.models.tiny import make_tiny_checkpoint
 BASE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, image_size=64, patch_size=8,
             max_position_embeddings=512)
 GEOMETRIES = {
-    "spec": dict(BASE),
+    "realistic": dict(BASE, intermediate_size=4 * BASE["hidden_size"], codebook_size=1024),
+    "tiny-codebook64": dict(BASE),  # labelled extra: codebook 64 / MLP 96, not representative
     "janus-ratio": dict(BASE, intermediate_size=688, codebook_size=16384, vocab_size=1024),
     # GPU only: Janus-Pro-1B's language model + generation head geometry with random weights
     "janus-pro-1b": dict(hidden_size=2048, num_layers=24, num_heads=16, num_kv_heads=16, intermediate_size=5504,
                          vocab_size=102400, image_size=384, patch_size=16, codebook_size=16384,
                          max_position_embeddings=4096),
 }
-SELECTED = ["spec", "janus-ratio"] if os.environ.get("PGEN_BENCH_GEOMETRY") == "all" else \
-    [g for g in os.environ.get("PGEN_BENCH_GEOMETRY", "spec").split(",") if g]
+SELECTED = ["realistic", "tiny-codebook64", "janus-ratio"] if os.environ.get("PGEN_BENCH_GEOMETRY") == "all" else \
+    [g for g in os.environ.get("PGEN_BENCH_GEOMETRY", "realistic").split(",") if g]
 BATCHES = tuple(int(b) for b in os.environ.get("PGEN_BENCH_BATCHES", "1,8,32").split(","))
 DEVICE = os.environ.get("PGEN_BENCH_DEVICE", "cpu")
 DTYPE = getattr(torch, os.environ.get("PGEN_BENCH_DTYPE", "float32"))
 PROMPT_LEN = int(os.environ.get("PGEN_BENCH_PROMPT_LEN", "128"))
-GUIDANCE, TOP_K, TOP_P = 5.0, 100, 0.95
+GUIDANCE, TOP_K, TOP_P = 5.0, 0, 1.0  # no top-k / top-p shortcuts: the full codebook is sampled
 ROUNDS = int(os.environ.get("PGEN_BENCH_ROUNDS", "3"))
 RESULTS: dict[tuple[str, int, str], dict] = {}
 
@@ -72,6 +79,35 @@ def setup(request, tmp_path_factory):
     ids = torch.randint(6, vocab, (max(BATCHES), PROMPT_LEN), generator=g)
     ids[:, 0], ids[:, -1] = special.bos, special.boi
     return name, model, hf, gen, ids.to(DEVICE)
+
+
+_PEAK: list[float] = []
+
+
+def gemm_peak_flops(n: int = 2048, reps: int = 3) -> float:
+    """This machine's float32 GEMM rate now: the best of ``reps`` ``[n, n] @ [n, n]`` torch.mm."""
+    if not _PEAK:
+        a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
+        torch.mm(a, b)  # warm-up (BLAS threads, packing buffers)
+        best = float("inf")
+        for _ in range(reps):
+            _sync()
+            t = time.perf_counter()
+            torch.mm(a, b)
+            _sync()
+            best = min(best, time.perf_counter() - t)
+        _PEAK.append(2 * n ** 3 / best)
+    return _PEAK[0]
+
+
+def decode_flops(model, batch: int, prompt_len: int, cfg: bool) -> float:
+    """FLOPs of a wave's decode steps 1..T-1: weights (2 per weight per row) + attention."""
+    c = model.config.text
+    rows = 2 * batch if cfg else batch
+    T = model.num_image_tokens
+    weights = _lm_params(model)
+    ctx = sum(prompt_len + t for t in range(1, T))  # keys attended over the T-1 steps
+    return 2 * weights * rows * (T - 1) + 4 * rows * c.num_layers * c.num_heads * c.head_dim * ctx
 
 
 def _sync():
@@ -165,6 +201,10 @@ def test_generation_throughput(benchmark, setup, batch):
                     tflops=4 * _lm_params(model) * (PROMPT_LEN + T) * batch / best["wall"] / 1e12)
         benchmark.extra_info.update({f"{impl}_{k}": v for k, v in info.items() if k not in ("geometry", "batch")})
         RESULTS[(name, batch, impl)] = info
+    pg_best = min(measured, key=lambda r: r["pgen"]["wall"])["pgen"]
+    RESULTS[(name, batch, "pgen")]["kv_bytes_peak"] = gen.last_stats["kv_bytes_peak"]
+    RESULTS[(name, batch, "pgen")]["gemm_fraction"] = (
+        decode_flops(model, batch, PROMPT_LEN, GUIDANCE != 1.0) / pg_best["decode"] / gemm_peak_flops())
     ratios = sorted(r["transformers"]["wall"] / r["pgen"]["wall"] for r in measured)
     cpu_ratios = sorted(r["transformers"]["cpu"] / r["pgen"]["cpu"] for r in measured)
     RESULTS[(name, batch, "pgen")]["speedup_wall"] = ratios[len(ratios) // 2]
@@ -197,7 +237,9 @@ def teardown_module(module):
                          speedup_wall=round(info["speedup_wall"], 2), speedup_cpu=round(info["speedup_cpu"], 2),
                          pgen_prefill_s=round(info["prefill_s"], 3), hf_prefill_s=round(ref["prefill_s"], 3),
                          pgen_decode_tok_s=round(info["decode_tokens_per_s"], 1),
-                         hf_decode_tok_s=round(ref["decode_tokens_per_s"], 1)))
+                         hf_decode_tok_s=round(ref["decode_tokens_per_s"], 1),
+                         decode_gemm_fraction=round(info["gemm_fraction"], 3),
+                         kv_bytes_peak=int(info["kv_bytes_peak"])))
     if not rows:
         return
     cols = list(rows[0])
@@ -205,4 +247,6 @@ def teardown_module(module):
     for r in rows:
         print(" | ".join(str(r[c]) for c in cols))
     greedy = {k[0]: v["value"] for k, v in RESULTS.items() if k[2] == "greedy_identical"}
-    print(json.dumps({"bench": "generation", "rows": rows, "greedy_identical": greedy}))
+    peak = _PEAK[0] if _PEAK else float("nan")
+    print(f"fp32 GEMM peak (one {2048}^3 torch.mm, this run): {peak / 1e9:.1f} GFLOP/s")
+    print(json.dumps({"bench": "generation", "rows": rows, "greedy_identical": greedy, "gemm_peak_flops": peak}))

@@ -207,7 +207,7 @@ inline bool have_avx512() {
 }
 #endif
 
-// Scores of q against keys [0, plen) of kp and [plen, n) of ko.
+// Scores of q against keys [0, plen) of kp and keys [0, n - plen) of ko (positions plen..n-1).
 template <int DD>
 PGEN_INLINE void score_prefix_and_own(const float* q, const float* kp, const float* ko, int64_t plen, int64_t n,
                                       int64_t D, float scale, float* scores) {
@@ -215,17 +215,17 @@ PGEN_INLINE void score_prefix_and_own(const float* q, const float* kp, const flo
   if constexpr (DD > 0 && DD % 16 == 0) {
     if (have_avx512()) {
       score_keys_avx512<DD>(q, kp, 0, plen, scale, scores);
-      score_keys_avx512<DD>(q, ko, plen, n, scale, scores);
+      score_keys_avx512<DD>(q, ko, 0, n - plen, scale, scores + plen);
       return;
     }
   }
 #endif
   score_keys<DD>(q, kp, 0, plen, D, scale, scores);
-  score_keys<DD>(q, ko, plen, n, D, scale, scores);
+  score_keys<DD>(q, ko, 0, n - plen, D, scale, scores + plen);
 }
 
 // One (row, KV head) item: G query heads over the shared prefix [0, plen) of (kp, vp) and the
-// row's own keys [plen, n) of (ko, vo). scores: scratch [n].
+// row's own keys (positions [plen, n), stored from index 0 of (ko, vo)). scores: scratch [n].
 template <int DD>
 PGEN_INLINE void attend_item(const float* q, const float* kp, const float* vp, const float* ko, const float* vo,
                         int64_t plen, int64_t n, int64_t G, int64_t D, float scale, float* scores, float* out) {
@@ -236,7 +236,7 @@ PGEN_INLINE void attend_item(const float* q, const float* kp, const float* vp, c
     softmax_row(scores, n);
     std::fill(og, og + D, 0.0f);
     accumulate_keys<DD>(scores, vp, 0, plen, D, og);
-    accumulate_keys<DD>(scores, vo, plen, n, D, og);
+    accumulate_keys<DD>(scores + plen, vo, 0, n - plen, D, og);
   }
 }
 
@@ -320,15 +320,16 @@ void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, in
 
 void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
-                          int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
-                          const int32_t* prefix_len, float scale, float* out, const int64_t* own_rows) {
+                          int64_t L, const int32_t* seqlen, const float* kp_cache, const float* vp_cache,
+                          int64_t Lp, const int32_t* prefix_row, const int32_t* prefix_len, float scale,
+                          float* out, const int64_t* own_rows) {
   const int64_t G = Hq / Hkv;
   (void)cache_rows;
   // (row, kv head) items in row-major order: rows sharing a prefix are usually adjacent, so
   // the shared keys are still in cache when the next row reads them.
-#pragma omp parallel if (fork_for(B * Hkv * L * D))
+#pragma omp parallel if (fork_for(B * Hkv * (L + Lp) * D))
   {
-    std::vector<float> scores(static_cast<size_t>(L));
+    std::vector<float> scores(static_cast<size_t>(L + Lp));
     // round-robin items: the rows that share a prefix (often a contiguous block, e.g. all
     // unconditional rows) are cheap, so contiguous halves would leave one thread idle
 #pragma omp for schedule(static, 1)
@@ -342,9 +343,9 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
         continue;
       }
       const int64_t own = own_rows ? own_rows[b] : b;
-      const int64_t src = prefix_row ? prefix_row[b] : own;
       const int64_t plen = prefix_row ? std::min<int64_t>(prefix_len[b], n) : 0;
-      attend_item_any(qb, k_cache + (src * Hkv + h) * L * D, v_cache + (src * Hkv + h) * L * D,
+      const int64_t pre = prefix_row ? (prefix_row[b] * Hkv + h) * Lp * D : 0;
+      attend_item_any(qb, prefix_row ? kp_cache + pre : nullptr, prefix_row ? vp_cache + pre : nullptr,
                       k_cache + (own * Hkv + h) * L * D, v_cache + (own * Hkv + h) * L * D, plen, n, G, D,
                       scale, scores.data(), ob);
     }

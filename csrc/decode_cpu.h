@@ -21,17 +21,19 @@ void rotary_kv_write_f32(float* q, float* k, const float* v, const float* cos, c
                          int64_t B, int64_t Hq, int64_t Hkv, int64_t D, float* k_cache,
                          float* v_cache, int64_t cache_rows, int64_t L, const int64_t* slot);
 
-// One query per row over its cached keys, with optional prefix sharing: query row b owns
-// cache row own_rows[b] (own_rows == nullptr: row b); it attends to positions
-// [0, prefix_len[b]) of cache row prefix_row[b] and positions [prefix_len[b], seqlen[b]) of
-// its own row (prefix_row == nullptr: all positions from its own row). q [B, Hq, D] ->
-// out [B, Hq, D]; scores in fp32, softmax with the row max subtracted. Rows whose seqlen is
-// 0 get zeros.
+// One query per row over its cached keys, with optional shared prefixes (cascade layout):
+// query row b owns cache row own_rows[b] (own_rows == nullptr: row b). With prefix_row, it
+// attends to positions [0, prefix_len[b]) stored in row prefix_row[b] of the prefix pool
+// (kp/vp [prefix rows, Hkv, Lp, D], written once and shared by every row of its group) and to
+// its own positions [prefix_len[b], seqlen[b]) stored from index 0 of its own cache row
+// (k/v [rows, Hkv, L, D]); prefix_row == nullptr: all positions [0, seqlen[b]) from its own
+// row. q [B, Hq, D] -> out [B, Hq, D]; scores in fp32, softmax with the row max subtracted.
+// Rows whose seqlen is 0 get zeros.
 void cached_attention_f32(const float* q, const float* k_cache, const float* v_cache,
                           int64_t B, int64_t Hq, int64_t Hkv, int64_t D, int64_t cache_rows,
-                          int64_t L, const int32_t* seqlen, const int32_t* prefix_row,
-                          const int32_t* prefix_len, float scale, float* out,
-                          const int64_t* own_rows = nullptr);
+                          int64_t L, const int32_t* seqlen, const float* kp_cache, const float* vp_cache,
+                          int64_t Lp, const int32_t* prefix_row, const int32_t* prefix_len, float scale,
+                          float* out, const int64_t* own_rows = nullptr);
 
 // Rotates x [B, heads, D] in place (rotate_half convention, cos/sin [B, D]).
 void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, int64_t heads, int64_t D);

@@ -115,6 +115,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
                      const torch::Tensor& rope_cos, const torch::Tensor& rope_sin,
                      const std::vector<torch::Tensor>& weights, const torch::Tensor& final_norm,
                      const std::vector<torch::Tensor>& k_caches, const std::vector<torch::Tensor>& v_caches,
+                     const std::vector<torch::Tensor>& prefix_k, const std::vector<torch::Tensor>& prefix_v,
                      const c10::optional<torch::Tensor>& prefix_row,
                      const c10::optional<torch::Tensor>& prefix_len, int64_t num_heads, int64_t num_kv_heads,
                      double eps, double scale, const std::vector<torch::Tensor>& head_w,
@@ -123,6 +124,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
                      int64_t rows_per_pass) {
   DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
                                num_kv_heads, eps, scale);
+  attach_prefix(st, "decode_loop_cpu", prefix_k, prefix_v);
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == torch::kInt64 && out.dim() == 2 && out.is_contiguous(),
               "decode_loop_cpu: out must be a contiguous int64 CPU [R, T] tensor, got ", out.scalar_type(), " ",
               out.sizes());
@@ -166,24 +168,6 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
   const Act h_act = parse_act(head_act, "head");
   TORCH_CHECK(temperature > 0 && top_k >= 0 && top_k < K && top_p > 0 && top_p <= 1,
               "decode_loop_cpu: need temperature > 0, 0 <= top_k < ", K, " (0 = off), top_p in (0, 1]");
-  // every index the loop will form, checked once
-  const int64_t* bs = base.data_ptr<int64_t>();
-  const int64_t* s0 = slot0.data_ptr<int64_t>();
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t last_pos = bs[r] + t_end - 2, last_slot = s0[r] + t_end - 2;
-    TORCH_CHECK(bs[r] >= 0 && last_pos < st.L && last_pos < rope_cos.size(0),
-                "decode_loop_cpu: row ", r, " reaches position ", last_pos, " beyond the cache length ", st.L,
-                " or the rope table (", rope_cos.size(0), ")");
-    TORCH_CHECK(s0[r] >= 0 && s0[r] / st.L == r && last_slot / st.L == r,
-                "decode_loop_cpu: row ", r, " writes slots [", s0[r], ", ", last_slot,
-                "] outside its cache row (slots of row r are [r * ", st.L, ", (r + 1) * ", st.L, "))");
-  }
-  const int64_t* prev = out.data_ptr<int64_t>();
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t c = prev[r * T + t_begin - 1];
-    TORCH_CHECK(c >= -1 && c < K, "decode_loop_cpu: code ", c, " of row ", r, " at step ", t_begin - 1,
-                " is outside [0, ", K, ") (or -1: a step whose logits were not finite)");
-  }
   TORCH_CHECK(prefix_row.has_value() == prefix_len.has_value(),
               "decode_loop_cpu: prefix_row and prefix_len go together");
   const int32_t* prow = nullptr;
@@ -196,13 +180,29 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
     }
     prow = prefix_row->data_ptr<int32_t>();
     plen = prefix_len->data_ptr<int32_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      TORCH_CHECK(prow[r] >= 0 && prow[r] < st.rows && plen[r] >= 0 && plen[r] <= bs[r],
-                  "decode_loop_cpu: prefix of row ", r, " (row ", prow[r], ", length ", plen[r],
-                  ") is outside the cache or longer than the row's prompt");
-    }
+    check_prefix_rows(st, "decode_loop_cpu", prow, plen, rows);
   }
-
+  // every index the loop will form, checked once
+  const int64_t* bs = base.data_ptr<int64_t>();
+  const int64_t* s0 = slot0.data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t last_pos = bs[r] + t_end - 2, last_slot = s0[r] + t_end - 2;
+    const int64_t own_last = last_pos - (prow ? plen[r] : 0);  // own positions start at index 0
+    TORCH_CHECK(prow == nullptr || plen[r] <= bs[r], "decode_loop_cpu: prefix of row ", r, " (length ", plen[r],
+                ") is longer than the row's prompt (", bs[r], ")");
+    TORCH_CHECK(bs[r] >= 0 && own_last < st.L && last_pos < rope_cos.size(0),
+                "decode_loop_cpu: row ", r, " reaches position ", last_pos, " beyond the cache length ", st.L,
+                " or the rope table (", rope_cos.size(0), ")");
+    TORCH_CHECK(s0[r] >= 0 && s0[r] / st.L == r && last_slot / st.L == r,
+                "decode_loop_cpu: row ", r, " writes slots [", s0[r], ", ", last_slot,
+                "] outside its cache row (slots of row r are [r * ", st.L, ", (r + 1) * ", st.L, "))");
+  }
+  const int64_t* prev = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t c = prev[r * T + t_begin - 1];
+    TORCH_CHECK(c >= -1 && c < K, "decode_loop_cpu: code ", c, " of row ", r, " at step ", t_begin - 1,
+                " is outside [0, ", K, ") (or -1: a step whose logits were not finite)");
+  }
   py::gil_scoped_release no_gil;
   pack_stack(st);  // once per call: every step of every row then skips the BLAS's weight packing
   const bool pack = !st.packed.empty();
@@ -333,7 +333,8 @@ void register_decode_loop(py::module_& m) {
         py::arg("base"), py::arg("slot0"), py::arg("t_begin"), py::arg("t_end"), py::arg("embed"),
         py::arg("aligner_w"), py::arg("aligner_b"), py::arg("aligner_act"), py::arg("rope_cos"),
         py::arg("rope_sin"), py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"),
-        py::arg("v_caches"), py::arg("prefix_row"), py::arg("prefix_len"), py::arg("num_heads"),
+        py::arg("v_caches"), py::arg("prefix_k"), py::arg("prefix_v"), py::arg("prefix_row"),
+        py::arg("prefix_len"), py::arg("num_heads"),
         py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("head_w"), py::arg("head_b"),
         py::arg("head_act"), py::arg("cfg"), py::arg("guidance_scale"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("rows_per_pass") = 0,

@@ -140,6 +140,35 @@ void StackWorkspace::reserve(const DecodeStack& st, int64_t rows) {
   capacity = rows;
 }
 
+void attach_prefix(DecodeStack& st, const char* fn, const std::vector<torch::Tensor>& prefix_k,
+                   const std::vector<torch::Tensor>& prefix_v) {
+  if (prefix_k.empty() && prefix_v.empty()) return;
+  TORCH_CHECK(static_cast<int64_t>(prefix_k.size()) == st.layers &&
+                  static_cast<int64_t>(prefix_v.size()) == st.layers,
+              fn, ": expected one prefix K and V cache per layer (", st.layers, "), got ", prefix_k.size(),
+              " and ", prefix_v.size());
+  TORCH_CHECK(prefix_k[0].dim() == 4, fn, ": prefix caches must be head-major [rows, Hkv, Lp, D], got ",
+              prefix_k[0].sizes());
+  st.prows = prefix_k[0].size(0);
+  st.Lp = prefix_k[0].size(2);
+  const std::string f = fn;
+  for (int64_t l = 0; l < st.layers; ++l) {
+    check_f32(prefix_k[l], f + ": layer " + std::to_string(l) + " prefix K cache", {st.prows, st.Hkv, st.Lp, st.D});
+    check_f32(prefix_v[l], f + ": layer " + std::to_string(l) + " prefix V cache", {st.prows, st.Hkv, st.Lp, st.D});
+  }
+  st.pk = prefix_k;
+  st.pv = prefix_v;
+}
+
+void check_prefix_rows(const DecodeStack& st, const char* fn, const int32_t* prow, const int32_t* plen, int64_t n) {
+  TORCH_CHECK(!st.pk.empty(), fn, ": prefix_row needs the prefix caches (prefix_k / prefix_v)");
+  for (int64_t b = 0; b < n; ++b) {
+    TORCH_CHECK(prow[b] >= 0 && prow[b] < st.prows && plen[b] >= 0 && plen[b] <= st.Lp, fn, ": prefix of row ", b,
+                " (pool row ", prow[b], ", length ", plen[b], ") is outside the prefix pool (", st.prows,
+                " rows x ", st.Lp, " positions)");
+  }
+}
+
 void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* cos, const float* sin,
                const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows,
                const int32_t* prefix_row, const int32_t* prefix_len, StackWorkspace* ws) {
@@ -175,8 +204,10 @@ void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* co
     proj(x, 3, v);
     rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cos, sin, n, Hq,
                         Hkv, D, kc, vc, st.rows, st.L, slot);
-    cached_attention_f32(q.data_ptr<float>(), kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen, prefix_row,
-                         prefix_len, st.scale, attn.data_ptr<float>(), own_rows);
+    const float* pkc = st.pk.empty() ? nullptr : st.pk[l].data_ptr<float>();
+    const float* pvc = st.pv.empty() ? nullptr : st.pv[l].data_ptr<float>();
+    cached_attention_f32(q.data_ptr<float>(), kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen, pkc, pvc, st.Lp,
+                         prefix_row, prefix_len, st.scale, attn.data_ptr<float>(), own_rows);
     proj(attn, 4, tmp);
     add_inplace_f32(hp, tmp.data_ptr<float>(), n * H);
     rms_norm_rows_f32(hp, w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
@@ -197,12 +228,15 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
                                 const std::vector<torch::Tensor>& k_caches,
                                 const std::vector<torch::Tensor>& v_caches,
                                 const torch::Tensor& slot_mapping, const torch::Tensor& seqlens,
+                                const std::vector<torch::Tensor>& prefix_k,
+                                const std::vector<torch::Tensor>& prefix_v,
                                 const c10::optional<torch::Tensor>& prefix_row,
                                 const c10::optional<torch::Tensor>& prefix_len, int64_t num_heads,
                                 int64_t num_kv_heads, double eps, double scale) {
   TORCH_CHECK(hidden.dim() == 2, "decode_layers_cpu: hidden must be [B, H], got ", hidden.sizes());
-  const DecodeStack st = check_stack("decode_layers_cpu", weights, final_norm, k_caches, v_caches,
-                                     num_heads, num_kv_heads, eps, scale);
+  DecodeStack st = check_stack("decode_layers_cpu", weights, final_norm, k_caches, v_caches,
+                               num_heads, num_kv_heads, eps, scale);
+  attach_prefix(st, "decode_layers_cpu", prefix_k, prefix_v);
   const int64_t B = hidden.size(0), H = st.H, D = st.D, rows = st.rows, L = st.L;
   TORCH_CHECK(rows >= B, "decode_layers_cpu: cache has ", rows, " rows for a batch of ", B);
   check_f32(hidden, "decode_layers_cpu: hidden", {B, H});
@@ -213,17 +247,6 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
               "decode_layers_cpu: slot_mapping must be a contiguous int64 CPU tensor of shape [", B,
               "], got ", slot_mapping.scalar_type(), " ", slot_mapping.sizes());
   check_i32_rows(seqlens, "decode_layers_cpu", "cache_seqlens", B);
-  // Bounds are checked here, once, so the kernels can index without checks.
-  {
-    const int64_t* s = slot_mapping.data_ptr<int64_t>();
-    const int32_t* n = seqlens.data_ptr<int32_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(s[b] >= 0 && s[b] < rows * L, "decode_layers_cpu: slot_mapping[", b, "] = ", s[b],
-                  " is outside the cache (", rows, " rows x ", L, " positions)");
-      TORCH_CHECK(n[b] >= 0 && n[b] <= L, "decode_layers_cpu: cache_seqlens[", b, "] = ", n[b],
-                  " is outside [0, ", L, "]");
-    }
-  }
   TORCH_CHECK(prefix_row.has_value() == prefix_len.has_value(),
               "decode_layers_cpu: prefix_row and prefix_len go together");
   const int32_t* prow = nullptr;
@@ -233,10 +256,18 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
     check_i32_rows(*prefix_len, "decode_layers_cpu", "prefix_len", B);
     prow = prefix_row->data_ptr<int32_t>();
     plen = prefix_len->data_ptr<int32_t>();
+    check_prefix_rows(st, "decode_layers_cpu", prow, plen, B);
+  }
+  // Bounds are checked here, once, so the kernels can index without checks.
+  {
+    const int64_t* s = slot_mapping.data_ptr<int64_t>();
+    const int32_t* n = seqlens.data_ptr<int32_t>();
     for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(prow[b] >= 0 && prow[b] < rows && plen[b] >= 0 && plen[b] <= L,
-                  "decode_layers_cpu: prefix of row ", b, " (row ", prow[b], ", length ", plen[b],
-                  ") is outside the cache");
+      const int64_t p = plen ? std::min<int64_t>(plen[b], n[b]) : 0;
+      TORCH_CHECK(s[b] >= 0 && s[b] < rows * L, "decode_layers_cpu: slot_mapping[", b, "] = ", s[b],
+                  " is outside the cache (", rows, " rows x ", L, " positions)");
+      TORCH_CHECK(n[b] >= 0 && n[b] - p <= L, "decode_layers_cpu: cache_seqlens[", b, "] = ", n[b],
+                  " leaves ", n[b] - p, " own positions, outside [0, ", L, "]");
     }
   }
 
@@ -264,6 +295,8 @@ torch::Tensor decode_layers_cpu(const torch::Tensor& hidden, const torch::Tensor
 
 torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& k_cache,
                                    const torch::Tensor& v_cache, const torch::Tensor& seqlens,
+                                   const c10::optional<torch::Tensor>& prefix_k,
+                                   const c10::optional<torch::Tensor>& prefix_v,
                                    const c10::optional<torch::Tensor>& prefix_row,
                                    const c10::optional<torch::Tensor>& prefix_len, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4,
@@ -283,25 +316,37 @@ torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
   const int32_t* n = seqlens.data_ptr<int32_t>();
   const int32_t* prow = nullptr;
   const int32_t* plen = nullptr;
+  const float* kp = nullptr;
+  const float* vp = nullptr;
+  int64_t prows = 0, Lp = 0;
   if (prefix_row.has_value()) {
+    TORCH_CHECK(prefix_k.has_value() && prefix_v.has_value() && prefix_k->dim() == 4,
+                "cached_attention_cpu: prefix_row needs 4-D prefix_k / prefix_v [prefix rows, Hkv, Lp, D]");
+    prows = prefix_k->size(0);
+    Lp = prefix_k->size(2);
+    check_f32(*prefix_k, "cached_attention_cpu: prefix_k", {prows, Hkv, Lp, D});
+    check_f32(*prefix_v, "cached_attention_cpu: prefix_v", {prows, Hkv, Lp, D});
+    kp = prefix_k->data_ptr<float>();
+    vp = prefix_v->data_ptr<float>();
     check_i32_rows(*prefix_row, "cached_attention_cpu", "prefix_row", B);
     check_i32_rows(*prefix_len, "cached_attention_cpu", "prefix_len", B);
     prow = prefix_row->data_ptr<int32_t>();
     plen = prefix_len->data_ptr<int32_t>();
   }
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(n[b] >= 0 && n[b] <= L, "cached_attention_cpu: cache_seqlens[", b, "] = ", n[b],
-                " is outside [0, ", L, "]");
+    const int64_t p = prow ? std::min<int64_t>(plen[b], n[b]) : 0;
+    TORCH_CHECK(n[b] >= 0 && n[b] - p <= L, "cached_attention_cpu: cache_seqlens[", b, "] = ", n[b],
+                " leaves ", n[b] - p, " own positions, outside [0, ", L, "]");
     if (prow) {
-      TORCH_CHECK(prow[b] >= 0 && prow[b] < rows && plen[b] >= 0 && plen[b] <= L,
-                  "cached_attention_cpu: prefix of row ", b, " (row ", prow[b], ", length ",
-                  plen[b], ") is outside the cache");
+      TORCH_CHECK(prow[b] >= 0 && prow[b] < prows && plen[b] >= 0 && plen[b] <= Lp,
+                  "cached_attention_cpu: prefix of row ", b, " (pool row ", prow[b], ", length ",
+                  plen[b], ") is outside the prefix pool");
     }
   }
   auto out = torch::empty_like(q);
   py::gil_scoped_release no_gil;
   cached_attention_f32(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), B,
-                       Hq, Hkv, D, rows, L, n, prow, plen, static_cast<float>(scale),
+                       Hq, Hkv, D, rows, L, n, kp, vp, Lp, prow, plen, static_cast<float>(scale),
                        out.data_ptr<float>());
   return out;
 }
@@ -332,17 +377,19 @@ void register_decode_ops(py::module_& m) {
       "only the first k terms (x[:, :k] . w[:, :k]^T, reading the full-width x and packed w).");
   m.def("decode_layers_cpu", &decode_layers_cpu, py::arg("hidden"), py::arg("cos"), py::arg("sin"),
         py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"), py::arg("v_caches"),
-        py::arg("slot_mapping"), py::arg("cache_seqlens"), py::arg("prefix_row"),
-        py::arg("prefix_len"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("eps"),
-        py::arg("scale"),
+        py::arg("slot_mapping"), py::arg("cache_seqlens"), py::arg("prefix_k"), py::arg("prefix_v"),
+        py::arg("prefix_row"), py::arg("prefix_len"), py::arg("num_heads"), py::arg("num_kv_heads"),
+        py::arg("eps"), py::arg("scale"),
         "One float32 cached decode step through every Llama layer and the final norm: hidden "
         "[B, H] -> [B, H]. weights: 9 per layer (ln1, q, k, v, o, ln2, gate, up, down); caches "
-        "head-major [rows, Hkv, L, D], written at slot_mapping (row * L + position).");
+        "head-major [rows, Hkv, L, D] holding each row's own positions, written at slot_mapping "
+        "(row * L + own index); prefix_k / prefix_v (per layer [prefix rows, Hkv, Lp, D], or []) "
+        "hold shared prefixes, row b reading [0, prefix_len[b]) of pool row prefix_row[b].");
   m.def("cached_attention_cpu", &cached_attention_cpu, py::arg("q"), py::arg("k_cache"),
-        py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("prefix_row"), py::arg("prefix_len"),
-        py::arg("scale"),
-        "One-query float32 attention over a head-major cache [rows, Hkv, L, D] with optional "
-        "shared prefixes: q [B, Hq, D] -> [B, Hq, D].");
+        py::arg("v_cache"), py::arg("cache_seqlens"), py::arg("prefix_k"), py::arg("prefix_v"),
+        py::arg("prefix_row"), py::arg("prefix_len"), py::arg("scale"),
+        "One-query float32 attention over a head-major cache [rows, Hkv, L, D] of own positions, "
+        "with optional shared prefixes in a pool [prefix rows, Hkv, Lp, D]: q [B, Hq, D] -> [B, Hq, D].");
 }
 
 }  // namespace pgen

@@ -44,7 +44,12 @@ constexpr int kProjections[7] = {1, 2, 3, 4, 6, 7, 8};
 struct DecodeStack {
   std::vector<torch::Tensor> weights;  // 9 per layer: ln1, q, k, v, o, ln2, gate, up, down
   torch::Tensor final_norm;            // [H]
-  std::vector<torch::Tensor> k, v;     // per layer [rows, Hkv, L, D]
+  std::vector<torch::Tensor> k, v;     // per layer [rows, Hkv, L, D]: each row's own positions
+  // Optional shared-prefix pool (attach_prefix): per layer [prows, Hkv, Lp, D]; a row with a
+  // prefix reads positions [0, prefix_len) from pool row prefix_row and stores its own
+  // positions from index 0 of its own row (see cached_attention_f32).
+  std::vector<torch::Tensor> pk, pv;
+  int64_t prows = 0, Lp = 0;
   int64_t layers = 0, H = 0, Hq = 0, Hkv = 0, D = 0, I = 0, rows = 0, L = 0;
   float eps = 0.0f, scale = 0.0f;
   // Optional (pack_stack): the 7 projection weights of every layer (kProjections order)
@@ -71,6 +76,15 @@ DecodeStack check_stack(const char* fn, const std::vector<torch::Tensor>& weight
                         const torch::Tensor& final_norm, const std::vector<torch::Tensor>& k_caches,
                         const std::vector<torch::Tensor>& v_caches, int64_t num_heads,
                         int64_t num_kv_heads, double eps, double scale);
+
+// Validates and attaches the shared-prefix pool (empty lists: none).
+void attach_prefix(DecodeStack& st, const char* fn, const std::vector<torch::Tensor>& prefix_k,
+                   const std::vector<torch::Tensor>& prefix_v);
+
+// Checks prefix_row / prefix_len ([n] int32 each) against st's prefix pool and each row's
+// seqlen (own positions seqlen - prefix_len must fit the own rows' L); seqlen may be null.
+void check_prefix_rows(const DecodeStack& st, const char* fn, const int32_t* prefix_row,
+                       const int32_t* prefix_len, int64_t n);
 
 // Scratch buffers of run_stack for up to `capacity` rows, reused across steps (a decode step
 // of a few rows otherwise spends a good part of its time allocating).

@@ -58,6 +58,14 @@ def test_decode_traffic_bound_counts_weights_and_kv_bytes():
         assert abs(got["fp8 K/V, uncond prompt shared"]["kv_bytes_per_step"] - shared / 2) < 1e-6 * shared
         r = got["bf16 K/V, one copy per row"]
         assert abs(r["best_speedup"] - 1.0 / (T * r["step_s"])) < 1e-9 * r["best_speedup"]
+        # shared blocks: B distinct prompts + 1 pad prompt once, every row's image tokens
+        blocks = ((B + 1) * P + 2 * B * sum(c - P for c in ctx) / T) * per_tok
+        assert abs(got["bf16 K/V, shared blocks read once per group"]["kv_bytes_per_step"] - 2 * blocks) < 1e-6 * blocks
+        assert abs(got["fp8 K/V, shared blocks read once per group"]["kv_bytes_per_step"] - blocks) < 1e-6 * blocks
+        grp = {r["variant"]: r for r in decode_traffic_bound(geo, 4, P, hf_seconds=1.0, prefill_seconds=0.0,
+                                                             bandwidths_tbs=(1.0,), samples_per_prompt=4)}
+        one = ((1 + 1) * P + 2 * 4 * sum(c - P for c in ctx) / T) * per_tok * 2
+        assert abs(grp["bf16 K/V, shared blocks read once per group"]["kv_bytes_per_step"] - one) < 1e-6 * one
 
 
 # ----------------------------------------------------------------------------- gpu_smoke / wheelhouse

@@ -59,11 +59,11 @@ def test_info_on_a_training_run_points_at_final(tmp_path, tiny_ckpt, capsys):
 
 def test_generate_user_errors_have_no_traceback(tmp_path, tiny_ckpt):
     p = tmp_path / "p.jsonl"
-    p.write_text(json.dumps({"id": "a", "prompt": "x", "history": ["h.png"]}) + "\n{oops\n")
+    p.write_text(json.dumps({"id": "a", "prompt": "x", "colour": "red"}) + "\n{oops\n")
     r = subprocess.run([sys.executable, "-m", "pgen_engine", "generate", "--checkpoint", str(tiny_ckpt), "--prompts",
                         str(p), "--out", str(tmp_path / "o"), "--quiet"], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
-    assert f"{p}:1: unknown field(s) 'history'" in r.stderr and f"{p}:2: not valid JSON" in r.stderr, r.stderr
+    assert f"{p}:1: unknown field(s) 'colour'" in r.stderr and f"{p}:2: not valid JSON" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .prompts import MODES as HISTORY_MODES
-from .prompts import Prompt, PromptBuilder, normalize_pixels
+from .prompts import PromptBuilder, normalize_pixels
 
 ImageSource = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
 
@@ -209,8 +209,10 @@ class HistoryPrompter:
             extra: optional text after the history (inference only).
         """
         b = self.builder
-        t = list(titles) if (b.with_titles and titles is not None) else ([""] * self._n(images, codes)
-                                                                           if b.with_titles else None)
+        t = None
+        if b.with_titles:
+            n = int(images.shape[0] if images is not None else codes.shape[0])
+            t = list(titles) if titles is not None else [""] * n
         if self.mode == "pixels":
             if images is None or images.shape[0] < 1:
                 raise ValueError("a history needs at least one image")
@@ -223,10 +225,6 @@ class HistoryPrompter:
             codes = self.image_tokenizer.encode(images).cpu().long()
         p = b.build(codes, t, extra=extra)
         return HistoryInput(p.input_ids.tolist(), p.gen_code_mask.tolist(), None, int(codes.shape[0]))
-
-    @staticmethod
-    def _n(images, codes) -> int:
-        return int(images.shape[0] if images is not None else codes.shape[0])
 
     def build(self, history: Sequence[tuple[ImageSource, str]] | Sequence[ImageSource],
               extra: str | None = None) -> HistoryInput:

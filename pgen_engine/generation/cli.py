@@ -39,7 +39,6 @@ import codecs
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -275,6 +274,18 @@ def _file_stem(pid: str, used: set[str]) -> str:
     return stem
 
 
+def _sampling_params(args: argparse.Namespace) -> "SamplingParams":
+    """The flags' SamplingParams; its validation errors are re-worded to name the flag."""
+    from .sampling_params import SamplingParams, SamplingParamsError
+
+    try:
+        return SamplingParams(guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, greedy=args.greedy, seed=args.seed)
+    except SamplingParamsError as e:
+        detail = e.detail.replace("use greedy", "use --greedy")
+        raise ValueError(f"--{e.field.replace('_', '-')} {detail}") from None
+
+
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse invalid flag values before anything is loaded; messages name the flag."""
     import torch
@@ -282,20 +293,7 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.top_k < 0:
-        raise ValueError(f"--top-k must be >= 0 (0 disables it), got {args.top_k}")
-    if not math.isfinite(args.guidance_scale):
-        raise ValueError(f"--guidance-scale must be a finite number, got {args.guidance_scale}")
-    if not math.isfinite(args.temperature):
-        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    if args.temperature == 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature} (use --greedy for argmax decoding)")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
-    if not 0.0 < args.top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1] (1 disables it), got {args.top_p}")
-    if not -(1 << 63) <= args.seed < (1 << 64):
-        raise ValueError(f"--seed must be a 64-bit integer in [-2**63, 2**64), got {args.seed}")
+    args.sampling = _sampling_params(args)
     try:
         dev = torch.device(args.device)
     except (RuntimeError, ValueError) as e:
@@ -430,6 +428,9 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ValueError("--data needs --users (comma-separated user ids)")
     if args.users and args.data is None:
         raise ValueError("--users needs --data DIR")
+    if args.run_config is not None and not Path(args.run_config).is_file():
+        raise ValueError(f"--run-config {args.run_config}: file not found (expected a training run's "
+                         "config.resolved.yaml)")
     checkpoint, out_dir = Path(args.checkpoint), Path(args.out)
     prompts_path = Path(args.prompts) if args.prompts is not None else Path(args.data)
     _check_out(out_dir, checkpoint, prompts_path)
@@ -487,9 +488,7 @@ def run_generate(args: argparse.Namespace) -> int:
                     codes = gen.generate([p.input_ids for p in chunk], None,
                                          torch.cat(px).to(model.device) if px else None,
                                          gen_code_mask=masks if any(map(any, masks)) else None,
-                                         num_samples=args.num_samples, guidance_scale=args.guidance_scale,
-                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                         greedy=args.greedy, seed=seeds)
+                                         num_samples=args.num_samples, sampling=args.sampling.replace(seed=seeds))
                 except NonFiniteLogitsError as e:
                     # the weights are finite (load_model checks): the activations overflow,
                     # e.g. a model trained in bf16 run in float16

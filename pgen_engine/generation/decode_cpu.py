@@ -25,6 +25,11 @@ from pgen_engine.ops._backend import extension
 SUPPORTED_ACTS = ("gelu", "gelu_pytorch_tanh", "silu", "swish", "relu")
 
 
+# the loop of an extension built from older sources reads shared prefixes from its own cache:
+# checked once, at import (the bound signature names its arguments)
+_LOOP_TAKES_PREFIX_POOL = "prefix_k" in (getattr(extension(), "decode_loop_cpu", None).__doc__ or "")
+
+
 def applies(model, cache) -> bool:
     """True when :func:`run_decode_loop` can decode ``model`` over ``cache`` here: float32 CPU
     model and head-major cache, no gradients, the extension built with the loop, and an
@@ -32,11 +37,13 @@ def applies(model, cache) -> bool:
     lm = model.language_model
     if model.device.type != "cpu" or model.dtype != torch.float32 or cache.k[0].dtype != torch.float32:
         return False
+    if cache.prefix_k is not None and cache.prefix_k[0].dtype != torch.float32:
+        return False
     probe = torch.empty(0, dtype=torch.float32)
     if not K.cpu_decode_applies(lm, probe, cache):
         return False
     ext = extension()
-    if not hasattr(ext, "decode_loop_cpu"):
+    if not hasattr(ext, "decode_loop_cpu") or not _LOOP_TAKES_PREFIX_POOL:
         return False
     if any(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled():
         return False
@@ -86,8 +93,9 @@ def rows_per_pass(model, cache, cfg: bool, T: int) -> int:
     cfg_t = model.language_model.cfg
     L = cache.k[0].shape[2]
     per_pos = cfg_t.num_layers * cfg_t.num_kv_heads * cfg_t.head_dim * cache.k[0].element_size() * 2  # K and V
-    shared = cache.prefix_row is not None
-    per_row = per_pos * (L + (0 if not cfg else T if shared else L))  # a row and its partner
+    # a row and its partner (own positions; a shared prefix is read by the whole group, so it
+    # counts once per thread rather than per row)
+    per_row = per_pos * L * (2 if cfg else 1)
     threads = max(1, torch.get_num_threads())
     return max(2, budget // (threads * per_row))
 
@@ -127,8 +135,9 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
     lm = model.language_model
     cfg_t = lm.cfg
     R, T = out.shape
-    L = cache.k[0].shape[2]
-    cos, sin = lm.rotary(torch.arange(L), torch.float32)
+    # rotary tables for every position a row reaches (prompt + image tokens; with shared
+    # prefixes the own rows hold only the image tokens)
+    cos, sin = lm.rotary(torch.arange(int(base.max()) + T), torch.float32)
     weights = K._stack_weights(lm)
     aligner = model.generation_aligner
     head = model.generation_head
@@ -148,7 +157,8 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
         t1 = min(T, t0 + step)
         ext.decode_loop_cpu(
             out, out_lp, step_seeds, base, slot0, t0, t1, model.generation_embeddings.weight.detach(), aw, ab,
-            aligner.act_name, cos, sin, weights, lm.norm.weight.detach(), cache.k, cache.v, prow, plen,
+            aligner.act_name, cos, sin, weights, lm.norm.weight.detach(), cache.k, cache.v, cache.prefix_k or [],
+            cache.prefix_v or [], prow, plen,
             cfg_t.num_heads, cfg_t.num_kv_heads, cfg_t.rms_norm_eps, cfg_t.head_dim ** -0.5, hw, hb, head.act_name,
             cfg, float(guidance_scale), float(temperature), top_k, float(top_p), bool(greedy), passes)
         if progress is not None:

@@ -171,6 +171,8 @@ class StaticDecode:
             step()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: a capture right after a ZeRO-3 / NCCL collective on another thread's
+        # stream must not invalidate it (global mode flags any concurrent CUDA call)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             step()
         return graph

@@ -32,7 +32,7 @@ the last call (for benchmarks).
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 import time
 from typing import Iterator, Sequence
 
@@ -47,8 +47,10 @@ from . import decode_cpu
 from .coerce import INT64_MAX, INT64_MIN, as_float, as_int
 from .continuous import BLOCK_SIZE
 from .decode_graph import StaticDecode, resolve_decode_mode
+from .sampling_params import SamplingParams
 
 UNCOND_MODES = ("pad", "short")
+_UNSET: object = object()  # a loose sampling keyword the caller did not pass (None is a value: refused)
 SCHEDULERS = ("waves", "continuous")
 
 
@@ -81,6 +83,112 @@ class _WaveItem:
     prompt: int
     first: int
     count: int
+
+
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_cache_dtype(model, dtype, scheduler: str = "waves") -> None:
+    """Refuse, at construction, a KV-cache dtype some decode path could not run.
+
+    The wave path's cache ops (head-major write, cascade attention, C++ CPU step) cast on
+    write and read, so any of :data:`CACHE_DTYPES` works on every device there (a float32
+    cache is what enables the C++ CPU step). The continuous scheduler's paged kernels on CUDA
+    (or under ``PGEN_FUSED_OPS=1``) take one dtype for activations and cache.
+    """
+    if not isinstance(dtype, torch.dtype) or dtype not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES} (or None: the model's), got {dtype!r}")
+    fused = model.device.type == "cuda" or os.environ.get("PGEN_FUSED_OPS") == "1"
+    if scheduler == "continuous" and fused and dtype != model.dtype:
+        raise ValueError(f"cache_dtype={dtype} differs from the model's {model.dtype}: scheduler='continuous' runs "
+                         "the paged attention kernels, which need both in one dtype (use scheduler='waves')")
+
+
+@dataclasses.dataclass(frozen=True)
+class WaveGeometry:
+    """How one wave's KV is laid out (cascade layout, see :class:`~pgen_engine.models.decoder.KVCache`).
+
+    The pool holds ``P = Pc + len(ukeys)`` prefixes of ``Lp`` positions: the wave's ``Pc``
+    conditional prompts (one per wave item, shared by that prompt's samples), then each
+    distinct unconditional prompt once. Each of the ``rows`` cache rows (``R`` conditional,
+    their ``R`` partners with CFG) owns ``Lo = max(T - 1, 1)`` positions for the image tokens
+    it feeds back (the last code is never fed back).
+    """
+
+    Pc: int
+    ukeys: tuple[tuple[int, ...], ...]
+    item_uncond: tuple[int, ...]  # per wave item: index into ukeys (empty without CFG)
+    Lp: int
+    R: int
+    rows: int
+    Lo: int
+
+    @property
+    def P(self) -> int:
+        return self.Pc + len(self.ukeys)
+
+    @property
+    def tokens(self) -> int:
+        """Positions per layer the wave holds: pool plus own rows."""
+        return self.P * self.Lp + self.rows * self.Lo
+
+
+def wave_geometry(cond_lens: Sequence[int], counts: Sequence[int], uncond_keys: Sequence[tuple[int, ...]] | None,
+                  T: int) -> WaveGeometry:
+    """Geometry of a wave of items (prompt length ``cond_lens[i]``, ``counts[i]`` samples), with
+    ``uncond_keys[i]`` the unconditional prompt of item ``i`` (None: no CFG)."""
+    uniq: dict[tuple[int, ...], int] = {}
+    item_uncond = tuple(uniq.setdefault(tuple(k), len(uniq)) for k in uncond_keys) if uncond_keys is not None else ()
+    R = int(sum(counts))
+    lp = max([*cond_lens, *(len(k) for k in uniq)])
+    return WaveGeometry(Pc=len(cond_lens), ukeys=tuple(uniq), item_uncond=item_uncond, Lp=lp, R=R,
+                        rows=2 * R if uncond_keys is not None else R, Lo=max(T - 1, 1))
+
+
+def plan_waves(num_prompts: int, num_samples: int, cap: int) -> Iterator[list["_WaveItem"]]:
+    """Groups of (prompt, sample range) with at most ``cap`` rows each, in prompt order."""
+    wave: list[_WaveItem] = []
+    used = 0
+    for i in range(num_prompts):
+        first = 0
+        while first < num_samples:
+            n = min(num_samples - first, cap - used)
+            wave.append(_WaveItem(i, first, n))
+            used += n
+            first += n
+            if used == cap:
+                yield wave
+                wave, used = [], 0
+    if wave:
+        yield wave
+
+
+def plan_kv_bytes(text_cfg, num_image_tokens: int, prompt_lens: Sequence[int], *, num_samples: int = 1,
+                  guidance_scale: float = 5.0, uncond_mode: str = "pad", max_batch_size: int = 32,
+                  dtype: torch.dtype = torch.float32) -> int:
+    """Peak KV bytes a wave-scheduled :meth:`Generator.generate` holds for prompts of these
+    lengths: the Generator's own wave plan and :func:`wave_geometry` (the code that sizes its
+    storage). ``"pad"`` unconditional prompts are shared per distinct length; ``"short"`` is
+    one ``[bos, boi]``. No model or device needed (memory planning)."""
+    if uncond_mode not in UNCOND_MODES:
+        raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
+    lens = [int(n) for n in prompt_lens]
+    if not lens or min(lens) < 1:
+        raise ValueError(f"prompt_lens must be non-empty lengths >= 1, got {prompt_lens!r}")
+    cfg = float(guidance_scale) != 1.0
+    T = int(num_image_tokens)
+
+    def ukey(n: int) -> tuple[int, ...]:
+        return (-2, -3) if uncond_mode == "short" else (-1,) * n  # stands for the pad prompt of length n
+
+    peak = 0
+    for w in plan_waves(len(lens), num_samples, max_batch_size):
+        g = wave_geometry([lens[it.prompt] for it in w], [it.count for it in w],
+                          [ukey(lens[it.prompt]) for it in w] if cfg else None, T)
+        peak = max(peak, g.tokens)
+    per_token = 2 * text_cfg.num_layers * text_cfg.num_kv_heads * text_cfg.head_dim * \
+        torch.empty((), dtype=dtype).element_size()
+    return peak * per_token
 
 
 def _as_int64_seed(x, what: str) -> int:
@@ -143,29 +251,61 @@ class Generator:
         cfg = model.config.text
         self._kv_shape = (cfg.num_kv_heads, cfg.head_dim)
         dtype = cache_dtype or model.dtype
-        # rows of max_seq_len tokens; the continuous path carves the same storage into
-        # BLOCK_SIZE-token blocks, and a row of max_seq_len tokens spans ceil(max_seq_len /
-        # BLOCK_SIZE) of them (a request's worst case is at most that per row), so its rows
-        # are rounded up to whole blocks: else a request the wave path runs could never fit
-        row = max_seq_len if scheduler == "waves" else -(-max_seq_len // BLOCK_SIZE) * BLOCK_SIZE
-        n = 2 * max_batch_size * row
-        # Flat per-layer storage: any [rows, L] prefix view of it is a contiguous cache.
-        self._k = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
-        self._v = [torch.zeros((n, *self._kv_shape), dtype=dtype, device=model.device) for _ in range(cfg.num_layers)]
+        check_cache_dtype(model, dtype, scheduler)
+        self.cache_dtype = dtype
+        self._num_layers = cfg.num_layers
+        # Flat per-layer storage [tokens, Hkv, D]. Waves carve it into the shared-prefix pool
+        # and the rows' own image tokens (see _wave_cache) and grow it to what a call actually
+        # needs; the continuous path carves a fixed pool into BLOCK_SIZE-token blocks, a row of
+        # max_seq_len tokens rounded up to whole blocks (else a request the wave path runs
+        # could never fit), so it is allocated here.
+        self._k: list[torch.Tensor] = []
+        self._v: list[torch.Tensor] = []
+        if scheduler == "continuous":
+            self._grow(2 * max_batch_size * -(-max_seq_len // BLOCK_SIZE) * BLOCK_SIZE)
         self.decode_mode = resolve_decode_mode(decode_mode, model.device)
         self._static = StaticDecode(graphs=self.decode_mode == "graph")
         self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public API
     def cache_nbytes(self) -> int:
-        """Bytes held by the preallocated KV cache."""
+        """Bytes of KV storage held now (grown to the largest wave so far; see :meth:`release_cache`)."""
         return sum(t.numel() * t.element_size() for t in (*self._k, *self._v))
+
+    def release_cache(self) -> None:
+        """Free the KV storage (and captured graphs, which point into it); the next call allocates again."""
+        if self.scheduler == "continuous":
+            return  # its block pool is sized once, at construction
+        self._k, self._v = [], []
+        self._static.clear()
+
+    def kv_bytes(self, prompt_lens: Sequence[int], num_samples: int = 1, guidance_scale: float = 5.0) -> int:
+        """Bytes of KV storage :meth:`generate` would hold at its peak for prompts of these
+        lengths (``scheduler="waves"``): the same wave plan and sizing code the call runs,
+        with one unconditional prefix per distinct length (``"pad"``) or one ``[bos, boi]``
+        (``"short"``). For memory planning; works for a model on the meta device."""
+        return plan_kv_bytes(self.model.config.text, self.num_image_tokens, prompt_lens, num_samples=num_samples,
+                             guidance_scale=guidance_scale, uncond_mode=self.uncond_mode,
+                             max_batch_size=self.max_batch_size, dtype=self.cache_dtype)
+
+    def _grow(self, tokens: int) -> None:
+        """Make the flat storage hold at least ``tokens`` positions per layer (contents lost)."""
+        if self._k and self._k[0].shape[0] >= tokens:
+            return
+        dev = self.model.device
+        self._static.clear() if hasattr(self, "_static") else None  # graphs point into the old storage
+        self._k, self._v = [], []  # free first: peak = the new storage, not old + new
+        self._k = [torch.zeros((tokens, *self._kv_shape), dtype=self.cache_dtype, device=dev)
+                   for _ in range(self._num_layers)]
+        self._v = [torch.zeros((tokens, *self._kv_shape), dtype=self.cache_dtype, device=dev)
+                   for _ in range(self._num_layers)]
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, *, gen_code_mask=None, num_samples: int = 1,
-                 guidance_scale: float = 5.0, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 greedy: bool = False, seed: int | Sequence[int] | torch.Tensor = 0,
+                 sampling: SamplingParams | None = None, guidance_scale: float = _UNSET,
+                 temperature: float = _UNSET, top_k: int = _UNSET, top_p: float = _UNSET,
+                 greedy: bool = _UNSET, seed: int | Sequence[int] | torch.Tensor = _UNSET,
                  progress: bool = False, return_logprobs: bool = False
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate ``num_image_tokens`` VQ codes per sample.
@@ -179,6 +319,9 @@ class Generator:
                 of a history image (generation embedding); unconditional rows carry no codes.
             num_samples: samples per prompt; output row ``i * num_samples + j`` is sample ``j``
                 of prompt ``i``.
+            sampling: a :class:`SamplingParams` (validated once, at its construction), or None
+                to build one from the loose keywords below (unset ones take its defaults);
+                passing both is a TypeError.
             guidance_scale: CFG scale ``s``; 1 turns CFG off (no unconditional rows).
             temperature, top_k, top_p: sampling filters (see :func:`pgen_engine.ops.sample`).
             greedy: take the argmax of the CFG-mixed logits instead of sampling.
@@ -206,18 +349,11 @@ class Generator:
         B = len(prompts)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        guidance_scale = as_float(guidance_scale, "guidance_scale")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be finite, got {guidance_scale}")
-        temperature = as_float(temperature, "temperature")
-        if not (temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables), got {top_k!r}")
-        top_p = as_float(top_p, "top_p")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        req_seeds = self._request_seeds(seed, B)
+        sp = self._sampling(sampling, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                            top_p=top_p, greedy=greedy, seed=seed)
+        guidance_scale, temperature, top_k, top_p, greedy = (sp.guidance_scale, sp.temperature, sp.top_k,
+                                                             sp.top_p, sp.greedy)
+        req_seeds = self._request_seeds(sp.request_seeds(B), B)
         pixel_chunks = self._split_pixels(prompts, pixel_values)
         T = self.num_image_tokens
         longest = max(len(p.ids) for p in prompts)
@@ -232,16 +368,22 @@ class Generator:
             return self._generate_continuous(prompts, pixel_chunks, req_seeds, num_samples, float(guidance_scale),
                                              float(temperature), top_k, float(top_p), bool(greedy), progress, out)
         waves = list(self._plan_waves(prompts, num_samples))
+        cfg = guidance_scale != 1.0
+        geoms = [wave_geometry([len(prompts[it.prompt].ids) for it in w], [it.count for it in w],
+                               [self._uncond_ids(prompts[it.prompt]) for it in w] if cfg else None, T)
+                 for w in waves]
+        peak_tokens = max(g.tokens for g in geoms)
+        self._grow(peak_tokens)
         self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0, "waves": float(len(waves)),
-                           "rows": float(B * num_samples)}
+                           "rows": float(B * num_samples), "kv_bytes_peak": float(self._token_bytes() * peak_tokens)}
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(waves) * T, desc="generate", unit="tok")
         try:
-            for wave in waves:
-                toks, lps = self._run_wave(wave, prompts, pixel_chunks, req_seeds, float(guidance_scale),
+            for wave, geom in zip(waves, geoms):
+                toks, lps = self._run_wave(wave, geom, prompts, pixel_chunks, req_seeds, float(guidance_scale),
                                            float(temperature), top_k, float(top_p), bool(greedy), bar,
                                            return_logprobs)
                 rows = torch.cat([torch.arange(it.prompt * num_samples + it.first,
@@ -416,6 +558,18 @@ class Generator:
         return out
 
     @staticmethod
+    def _sampling(sampling: SamplingParams | None, **loose) -> SamplingParams:
+        """``sampling``, or a SamplingParams built from the loose keywords that were set."""
+        given = {k: v for k, v in loose.items() if v is not _UNSET}
+        if sampling is None:
+            return SamplingParams(**given)
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+        if given:
+            raise TypeError(f"pass sampling=SamplingParams(...) or the loose keywords, not both (got {sorted(given)})")
+        return sampling
+
+    @staticmethod
     def _request_seeds(seed, B: int) -> torch.Tensor:
         if getattr(seed, "ndim", None) == 0:  # 0-d tensor / array: one seed
             seed = seed.item()
@@ -436,31 +590,42 @@ class Generator:
     # ------------------------------------------------------------------ waves
     def _plan_waves(self, prompts: list[_Prompt], num_samples: int) -> Iterator[list[_WaveItem]]:
         """Groups of (prompt, sample range) with at most ``max_batch_size`` rows each."""
-        cap = self.max_batch_size
-        wave: list[_WaveItem] = []
-        used = 0
-        for i in range(len(prompts)):
-            first = 0
-            while first < num_samples:
-                n = min(num_samples - first, cap - used)
-                wave.append(_WaveItem(i, first, n))
-                used += n
-                first += n
-                if used == cap:
-                    yield wave
-                    wave, used = [], 0
-        if wave:
-            yield wave
+        return plan_waves(len(prompts), num_samples, self.max_batch_size)
 
     # ------------------------------------------------------------------ one wave
-    def _cache_view(self, rows: int, L: int) -> KVCache:
-        n = rows * L
+    def _token_bytes(self) -> int:
+        """Bytes of K and V for one position across all layers."""
         hkv, d = self._kv_shape
-        if self.model.device.type == "cpu":  # head-major: the fast one-query attention on CPU
-            return KVCache(k=[k[:n].view(rows, hkv, L, d) for k in self._k],
-                           v=[v[:n].view(rows, hkv, L, d) for v in self._v], layout="bhsd")
-        return KVCache(k=[k[:n].view(rows, L, hkv, d) for k in self._k],
-                       v=[v[:n].view(rows, L, hkv, d) for v in self._v])
+        return 2 * self._num_layers * hkv * d * torch.empty((), dtype=self.cache_dtype).element_size()
+
+    def _cache_view(self, rows: int, L: int) -> KVCache:
+        """A plain head-major ``[rows, Hkv, L, D]`` view of the storage (no shared prefixes:
+        row ``b`` holds positions from 0), for tests and direct decode-loop callers."""
+        self._grow(rows * L)
+        hkv, d = self._kv_shape
+        n = rows * L
+        return KVCache(k=[k[:n].view(rows, hkv, L, d) for k in self._k],
+                       v=[v[:n].view(rows, hkv, L, d) for v in self._v], layout="bhsd")
+
+    def _wave_cache(self, g: WaveGeometry, prefix_row: list[int], prefix_len: list[int]) -> KVCache:
+        """The wave's views of the storage: the prefix pool ``[P, Hkv, Lp, D]`` then the own
+        rows ``[rows, Hkv, Lo, D]`` (head-major), with the rows' prefix tables."""
+        hkv, d = self._kv_shape
+        n_pool = g.P * g.Lp
+        n_own = g.rows * g.Lo
+        # fixed buffers: a captured graph reads prefix_row / prefix_len at fixed addresses
+        need = max(g.rows, 2 * self.max_batch_size)
+        if getattr(self, "_prow", None) is None or self._prow.shape[0] < need:
+            self._prow = torch.zeros(need, dtype=torch.int32, device=self.model.device)
+            self._plen = torch.zeros(need, dtype=torch.int32, device=self.model.device)
+            self._static.clear()
+        self._prow[:g.rows].copy_(torch.tensor(prefix_row, dtype=torch.int32))
+        self._plen[:g.rows].copy_(torch.tensor(prefix_len, dtype=torch.int32))
+        return KVCache(k=[k[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for k in self._k],
+                       v=[v[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for v in self._v], layout="bhsd",
+                       prefix_k=[k[:n_pool].view(g.P, hkv, g.Lp, d) for k in self._k],
+                       prefix_v=[v[:n_pool].view(g.P, hkv, g.Lp, d) for v in self._v],
+                       prefix_row=self._prow[:g.rows], prefix_len=self._plen[:g.rows])
 
     def _prefill_rows(self, cache: KVCache, leaders: list[int], seqs: list[list[int]],
                       code_masks: list[list[bool] | None], pixels: list[torch.Tensor | None]) -> torch.Tensor:
@@ -520,19 +685,8 @@ class Generator:
             return tok
         return tok, torch.log_softmax(c / temperature, dim=-1).gather(1, tok.clamp(min=0)[:, None]).squeeze(1)
 
-    @staticmethod
-    def _copy_rows(cache: KVCache, src: list[int], dst: list[int], length: int) -> None:
-        if not dst:
-            return
-        dev = cache.k[0].device
-        s = torch.tensor(src, dtype=torch.long, device=dev)
-        d = torch.tensor(dst, dtype=torch.long, device=dev)
-        for buf in (*cache.k, *cache.v):
-            view = buf[:, :, :length] if cache.layout == "bhsd" else buf[:, :length]
-            view.index_copy_(0, d, view.index_select(0, s))
-
-    def _run_wave(self, wave: list[_WaveItem], prompts: list[_Prompt], pixel_chunks, req_seeds: torch.Tensor,
-                  s: float, temperature: float, top_k: int, top_p: float, greedy: bool, bar,
+    def _run_wave(self, wave: list[_WaveItem], geom: WaveGeometry, prompts: list[_Prompt], pixel_chunks,
+                  req_seeds: torch.Tensor, s: float, temperature: float, top_k: int, top_p: float, greedy: bool, bar,
                   want_lp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prefill and decode one wave -> codes int64 ``[R, T]`` and (``want_lp``) log-probs ``[R, T]``."""
         t_start = time.perf_counter()
@@ -540,66 +694,42 @@ class Generator:
         dev = m.device
         T = self.num_image_tokens
         cfg = s != 1.0
-        R = sum(it.count for it in wave)
-        rows = 2 * R if cfg else R
+        R, rows = geom.R, geom.rows
         # cond rows [0, R): wave order; uncond rows [R, 2R): their partners
-        cond_len, row_prompt, row_sample = [], [], []
-        for it in wave:
+        cond_len, row_prompt, row_sample, item_of_row = [], [], [], []
+        for n_item, it in enumerate(wave):
             for j in range(it.first, it.first + it.count):
                 cond_len.append(len(prompts[it.prompt].ids))
                 row_prompt.append(it.prompt)
                 row_sample.append(j)
-        unc_keys = [self._uncond_ids(prompts[i]) for i in row_prompt] if cfg else []
-        L = max(cond_len + [len(k) for k in unc_keys]) + T
-        cache = self._cache_view(rows, L)
-
-        # --- prefill: one leader row per distinct prompt, then copy to the rows sharing it
-        leaders, seqs, cms, pix = [], [], [], []
-        leader_of_row: list[int] = []
-        seq_of_row: list[int] = []  # index into seqs (the prefill batch) of each cond row
-        r = 0
-        for it in wave:
-            seq_of_row += [len(seqs)] * it.count
-            p = prompts[it.prompt]
-            leaders.append(r)
-            seqs.append(p.ids)
-            cms.append(p.code_mask)
-            pix.append(pixel_chunks[it.prompt])
-            leader_of_row += [r] * it.count
-            r += it.count
-        h_cond = self._prefill_rows(cache, leaders, seqs, cms, pix)
-        h_rows = h_cond.index_select(0, torch.tensor(seq_of_row, device=dev))
-        src = [leader_of_row[i] for i in range(R) if leader_of_row[i] != i]
-        dst = [i for i in range(R) if leader_of_row[i] != i]
+                item_of_row.append(n_item)
+        # pool rows: item i's prompt at i, distinct unconditional prompt j at Pc + j
+        prefix_row = list(item_of_row)
         lens = list(cond_len)
         if cfg:
-            uniq: dict[tuple[int, ...], int] = {}
-            u_leader_of_row = []
-            for i, key in enumerate(unc_keys):
-                u_leader_of_row.append(uniq.setdefault(key, R + i))
-            ukeys = list(uniq)
-            h_unc = self._prefill_rows(cache, [uniq[k] for k in ukeys], [list(k) for k in ukeys],
-                                       [None] * len(ukeys), [None] * len(ukeys))
-            order = {uniq[k]: n for n, k in enumerate(ukeys)}
-            h_rows = torch.cat([h_rows, h_unc.index_select(
-                0, torch.tensor([order[x] for x in u_leader_of_row], device=dev))])
-            src += [u_leader_of_row[i] for i in range(R) if u_leader_of_row[i] != R + i]
-            dst += [R + i for i in range(R) if u_leader_of_row[i] != R + i]
-            lens += [len(k) for k in unc_keys]
-        if cache.layout == "bhsd":  # rows read their prompt from the leader's row: no copies
-            prow = torch.arange(rows, dtype=torch.int32)
-            plen = torch.zeros(rows, dtype=torch.int32)
-            prow[dst] = torch.tensor(src, dtype=torch.int32)
-            plen[dst] = torch.tensor([lens[d] for d in dst], dtype=torch.int32)
-            cache = dataclasses.replace(cache, prefix_row=prow.to(dev), prefix_len=plen.to(dev))
-        else:
-            self._copy_rows(cache, src, dst, max(lens))
+            unc_of_row = [geom.item_uncond[i] for i in item_of_row]
+            prefix_row += [geom.Pc + j for j in unc_of_row]
+            lens += [len(geom.ukeys[j]) for j in unc_of_row]
+        cache = self._wave_cache(geom, prefix_row, lens)
+
+        # --- prefill: each prompt and each distinct unconditional prompt once, into the pool
+        pool = KVCache(k=cache.prefix_k, v=cache.prefix_v, layout="bhsd")
+        h_cond = self._prefill_rows(pool, list(range(geom.Pc)), [prompts[it.prompt].ids for it in wave],
+                                    [prompts[it.prompt].code_mask for it in wave],
+                                    [pixel_chunks[it.prompt] for it in wave])
+        h_rows = h_cond.index_select(0, torch.tensor(item_of_row, device=dev))
+        if cfg:
+            nu = len(geom.ukeys)
+            h_unc = self._prefill_rows(pool, [geom.Pc + j for j in range(nu)], [list(k) for k in geom.ukeys],
+                                       [None] * nu, [None] * nu)
+            h_rows = torch.cat([h_rows, h_unc.index_select(0, torch.tensor(unc_of_row, device=dev))])
         self._sync()
         t_prefill = time.perf_counter()
 
         # --- decode: everything the loop needs is a tensor prepared here
         base = torch.tensor(lens, dtype=torch.long, device=dev)
-        slot0 = torch.arange(rows, dtype=torch.long, device=dev) * L + base
+        # own positions start at index 0 of each row (position base[b] = own index 0)
+        slot0 = torch.arange(rows, dtype=torch.long, device=dev) * geom.Lo
         sample_seeds = mix_seed(req_seeds[row_prompt], torch.tensor(row_sample, dtype=torch.long))
         step_seeds = mix_seed(sample_seeds[None, :], torch.arange(T, dtype=torch.long)[:, None]).to(dev)  # [T,R]
         out = torch.empty((R, T), dtype=torch.long, device=dev)
@@ -620,8 +750,8 @@ class Generator:
             bar.update(1)
         if self.decode_mode != "eager":
             # a graph bakes in shapes, sampling settings and parameter addresses
-            key = (rows, R, L, cache.layout, cfg, s, temperature, top_k, top_p, greedy, want_lp,
-                   self._weights_key() if self._static.graphs else None)
+            key = (rows, R, geom.P, geom.Lp, geom.Lo, self._k[0].data_ptr(), cfg, s, temperature, top_k, top_p,
+                   greedy, want_lp, self._weights_key() if self._static.graphs else None)
             out, out_lp = self._static.run(key, m, cache, cfg, pick_any, tok, base, slot0, step_seeds,
                                            None if bar is None else lambda: bar.update(1),
                                            first_lp=None if out_lp is None else out_lp[:, 0])

@@ -23,19 +23,21 @@ from . import op_dispatch as K
 
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer paged K/V storage.
+    """Per-layer K/V storage.
 
     ``k[l]`` and ``v[l]`` are ``[num_blocks, block_size, Hkv, D]`` (``layout="bshd"``, the
     flash-attn / paged-kernel layout). A contiguous cache is the special case
     ``num_blocks = rows, block_size = max_len`` used with ``block_table=None`` (row ``b`` owns
-    block ``b``); slots are ``block * block_size + offset``. ``layout="bhsd"`` stores a
-    contiguous cache head-major, ``[rows, Hkv, max_len, D]`` (same slots): the CPU decode path
-    then reads each head's keys contiguously (about 3x faster one-query attention on CPU).
+    block ``b``); slots are ``block * block_size + offset``. ``layout="bhsd"`` stores rows
+    head-major, ``[rows, Hkv, max_len, D]`` (same slots): one-query attention then reads each
+    head's keys contiguously (about 3x faster on CPU).
 
-    Shared prefixes (``layout="bhsd"`` only): with ``prefix_row`` / ``prefix_len`` (int32
-    ``[rows]``), row ``b`` reads positions ``[0, prefix_len[b])`` from row ``prefix_row[b]``
-    instead of its own, so rows with the same prompt keep one copy of its K/V (their own
-    tokens still go to their own row, at positions ``>= prefix_len[b]``).
+    Shared prefixes (cascade layout, ``bhsd`` only): ``prefix_k`` / ``prefix_v`` (per layer
+    ``[prefix rows, Hkv, Lp, D]``) hold each distinct prompt once; with ``prefix_row`` /
+    ``prefix_len`` (int32 ``[rows]``) row ``b`` reads positions ``[0, prefix_len[b])`` from pool
+    row ``prefix_row[b]`` and stores its own positions ``p >= prefix_len[b]`` at index
+    ``p - prefix_len[b]`` of its own row (slot ``b * max_len + p - prefix_len[b]``). A GRPO
+    group's samples and identical unconditional prompts therefore keep one copy of their prompt.
     """
 
     k: list[torch.Tensor]
@@ -43,12 +45,14 @@ class KVCache:
     layout: str = "bshd"
     prefix_row: torch.Tensor | None = None
     prefix_len: torch.Tensor | None = None
+    prefix_k: list[torch.Tensor] | None = None
+    prefix_v: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("bshd", "bhsd"):
             raise ValueError(f"KVCache.layout must be 'bshd' or 'bhsd', got {self.layout!r}")
-        if (self.prefix_row is None) != (self.prefix_len is None):
-            raise ValueError("KVCache: prefix_row and prefix_len go together")
+        if len({self.prefix_row is None, self.prefix_len is None, self.prefix_k is None, self.prefix_v is None}) != 1:
+            raise ValueError("KVCache: prefix_row, prefix_len, prefix_k and prefix_v go together")
         if self.prefix_row is not None and self.layout != "bhsd":
             raise ValueError("KVCache: shared prefixes need layout='bhsd'")
 
@@ -61,7 +65,9 @@ class KVCache:
         return self.k[0].shape[2 if self.layout == "bhsd" else 1]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+        """Bytes of K/V this cache views (own rows plus the shared-prefix pool)."""
+        pool = (*self.prefix_k, *self.prefix_v) if self.prefix_k is not None else ()
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *pool))
 
     @classmethod
     def allocate(cls, cfg: TextConfig, num_blocks: int, block_size: int, *, dtype: torch.dtype,
@@ -133,8 +139,11 @@ class Attention(nn.Module):
         q, k, v = self._qkv(x, cos, sin)
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         K.kv_write(k_cache, v_cache, k, v, slot_mapping, may_skip=False, layout=cache.layout)
+        pk = pv = None
+        if cache.prefix_k is not None:
+            pk, pv = cache.prefix_k[layer], cache.prefix_v[layer]
         o = K.cached_attention(q, k_cache, v_cache, cache_seqlens, block_table, self.scale, layout=cache.layout,
-                               prefix_row=cache.prefix_row, prefix_len=cache.prefix_len)
+                               prefix_row=cache.prefix_row, prefix_len=cache.prefix_len, prefix_k=pk, prefix_v=pv)
         return self.o_proj(o.flatten(-2))
 
 

@@ -30,6 +30,18 @@ _FORCE_FUSED = os.environ.get("PGEN_FUSED_OPS") == "1"
 _CPU_DECODE = os.environ.get("PGEN_CPU_DECODE", "1") != "0"
 
 
+def cascade_extension():
+    """``pgen_engine._C`` when its CPU decode ops take the shared-prefix pool (``prefix_k`` /
+    ``prefix_v``, the cascade layout of :class:`~pgen_engine.models.decoder.KVCache`), else None:
+    an extension built from older sources keeps the torch path rather than misreading the cache."""
+    ext = _extension()
+    return ext if _EXT_TAKES_PREFIX_POOL and hasattr(ext, "decode_layers_cpu") else None
+
+
+# checked once, at import (pybind signatures name their arguments); tests may wrap the ops later
+_EXT_TAKES_PREFIX_POOL = "prefix_k" in (getattr(_extension(), "decode_layers_cpu", None).__doc__ or "")
+
+
 def _fused(t: torch.Tensor) -> bool:
     return t.is_cuda or _FORCE_FUSED
 
@@ -98,14 +110,18 @@ def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                      block_table: torch.Tensor | None, scale: float, *, layout: str = "bshd",
-                     prefix_row: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                     prefix_row: torch.Tensor | None = None, prefix_len: torch.Tensor | None = None,
+                     prefix_k: torch.Tensor | None = None, prefix_v: torch.Tensor | None = None) -> torch.Tensor:
     """One query per row over its cached keys.
 
     q ``[B,Hq,D]``; caches ``[NB,BS,Hkv,D]`` (or head-major ``[rows,Hkv,L,D]`` with
     ``layout="bhsd"``, contiguous only); cache_seqlens int32 ``[B]``; block_table int32
     ``[B,max_blocks]`` or None (contiguous: row b = block b) -> ``[B,Hq,D]``.
-    ``prefix_row`` / ``prefix_len`` (int32 ``[>=B]``, ``bhsd`` only): row b reads positions
-    ``[0, prefix_len[b])`` from cache row ``prefix_row[b]`` (see :class:`KVCache`).
+    Shared prefixes (``bhsd`` only, see :class:`~pgen_engine.models.decoder.KVCache`):
+    ``prefix_k`` / ``prefix_v`` ``[P,Hkv,Lp,D]`` and int32 ``prefix_row`` / ``prefix_len``
+    ``[>=B]``: row b reads positions ``[0, prefix_len[b])`` from pool row ``prefix_row[b]`` and
+    positions ``[prefix_len[b], cache_seqlens[b])`` from index 0 of its own row. The cache may
+    be kept in another dtype than ``q`` (it is cast on read).
     """
     if layout == "bhsd":
         if block_table is not None:
@@ -113,12 +129,13 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         B = q.shape[0]
         if prefix_row is not None:
             prefix_row, prefix_len = prefix_row[:B], prefix_len[:B]
-        ext = _extension()
+        ext = cascade_extension()
         if (ext is not None and q.dtype == torch.float32 and k_cache.dtype == torch.float32 and q.device.type == "cpu"
-                and not _needs_grad(q, k_cache)):
+                and (prefix_k is None or prefix_k.dtype == torch.float32) and not _needs_grad(q, k_cache)):
             return ext.cached_attention_cpu(q.contiguous(), k_cache, v_cache, cache_seqlens.int().contiguous(),
-                                            prefix_row, prefix_len, scale)
-        return _cached_attention_head_major(q, k_cache, v_cache, cache_seqlens, scale, prefix_row, prefix_len)
+                                            prefix_k, prefix_v, prefix_row, prefix_len, scale)
+        return _cached_attention_head_major(q, k_cache, v_cache, cache_seqlens, scale, prefix_row, prefix_len,
+                                            prefix_k, prefix_v)
     if prefix_row is not None:
         raise ValueError("cached_attention: shared prefixes need the head-major 'bhsd' layout")
     if _fused(q):
@@ -151,26 +168,34 @@ def _needs_grad(*ts: torch.Tensor) -> bool:
 
 def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  cache_seqlens: torch.Tensor, scale: float, prefix_row: torch.Tensor | None = None,
-                                 prefix_len: torch.Tensor | None = None) -> torch.Tensor:
+                                 prefix_len: torch.Tensor | None = None, prefix_k: torch.Tensor | None = None,
+                                 prefix_v: torch.Tensor | None = None) -> torch.Tensor:
     # Two batched matmuls over contiguous per-head keys: on CPU this beats SDPA's flash kernel,
-    # which pays for strided keys and a boolean mask at every one-query step.
+    # which pays for strided keys and a boolean mask at every one-query step. With shared
+    # prefixes (the torch reference of the cascade layout) each row's keys are its pool row's
+    # prefix followed by its own positions; no host synchronisation (CUDA-graph safe).
     B, Hq, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     k, v = k_cache[:B], v_cache[:B]
-    if prefix_row is not None:  # reference path: materialise each row's keys (shared prefix + own tail)
-        shared = (torch.arange(L, device=q.device)[None, :] < prefix_len[:, None].long())[:, None, :, None]
-        rows = prefix_row.long()
-        k = torch.where(shared, k_cache[rows], k)
-        v = torch.where(shared, v_cache[rows], v)
+    n = cache_seqlens[:B].to(torch.long)
+    ar = torch.arange(L, device=q.device)[None, :]
+    if prefix_row is None:
+        live = ar < n[:, None]
+    else:
+        rows = prefix_row[:B].long()
+        plen = torch.minimum(prefix_len[:B].long(), n)
+        Lp = prefix_k.shape[2]
+        k = torch.cat([prefix_k.index_select(0, rows).to(q.dtype), k.to(q.dtype)], dim=2)
+        v = torch.cat([prefix_v.index_select(0, rows).to(q.dtype), v.to(q.dtype)], dim=2)
+        live = torch.cat([torch.arange(Lp, device=q.device)[None, :] < plen[:, None], ar < (n - plen)[:, None]], 1)
     k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype than the activations
     qg = q.view(B, Hkv, Hq // Hkv, D)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, L]
-    dead = torch.arange(L, device=q.device)[None, :] >= cache_seqlens[:, None].to(torch.long)
-    scores = scores.masked_fill(dead[:, None, None, :], float("-inf"))
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, g, keys]
+    scores = scores.masked_fill(~live[:, None, None, :], float("-inf"))
     p = torch.softmax(scores, dim=-1).to(v.dtype)
     # positions past a row's length hold what earlier calls left (the cache is reused): their
     # weight is 0, but 0 * NaN / Inf is NaN, so a non-finite value once written would leak
-    v = v.masked_fill(dead[:, None, :, None], 0)
+    v = v.masked_fill(~live[:, None, :, None], 0)
     return torch.matmul(p, v).view(B, Hq, D)
 
 
@@ -182,13 +207,14 @@ def cpu_decode_applies(lm, h: torch.Tensor, cache) -> bool:
         return False
     if cache.k[0].dtype != torch.float32:  # e.g. a bfloat16 cache under a float32 model: eager layers
         return False
+    if cache.prefix_k is not None and cache.prefix_k[0].dtype != torch.float32:
+        return False
     cfg = lm.cfg
     if cfg.attention_bias or cfg.mlp_bias or cfg.head_dim % 2 or cfg.head_dim > 1024:
         return False
     if torch.is_grad_enabled() and any(p.requires_grad for p in lm.parameters()):
         return False
-    ext = _extension()
-    return ext is not None and hasattr(ext, "decode_layers_cpu")
+    return cascade_extension() is not None
 
 
 def _stack_weights(lm) -> list[torch.Tensor]:
@@ -250,5 +276,5 @@ def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     cfg = lm.cfg
     return _extension().decode_layers_cpu(
         h.contiguous(), cos.contiguous(), sin.contiguous(), _stack_weights(lm), lm.norm.weight.detach(), cache.k,
-        cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(),
-        prow, plen, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim ** -0.5)
+        cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(), cache.prefix_k or [],
+        cache.prefix_v or [], prow, plen, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim ** -0.5)

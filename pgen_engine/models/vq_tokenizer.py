@@ -208,15 +208,21 @@ class JanusVQTokenizer(ImageTokenizer):
                     tensors[key] = handle.get_tensor(key)
                 except Exception as e:
                     raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); the file may be truncated")
-        return cls._from_tensors(cfg.vq_config_dict, tensors, CKPT_PREFIX, str(path),
-                                 {"checkpoint": str(path)})
+        vq = cfg.vq_config_dict
+        # transformers' JanusConfig derives the code grid from the vision tower; older files may omit it
+        vq.setdefault("num_patches", math.isqrt(cfg.num_image_tokens))
+        return cls._from_tensors(vq, tensors, CKPT_PREFIX, str(path), {"checkpoint": str(path)})
 
     @classmethod
     def _from_tensors(cls, cfg: dict, tensors: dict[str, torch.Tensor], prefix: str, source: str,
                       meta: dict) -> "JanusVQTokenizer":
-        missing_cfg = [k for k in ("embed_dim", "num_embeddings", "channel_multiplier", "num_patches") if k not in cfg]
+        missing_cfg = [k for k in ("embed_dim", "num_embeddings") if k not in cfg]
         if missing_cfg:
             raise ValueError(f"{source}: vq_config lacks {', '.join(missing_cfg)}")
+        from transformers import JanusVQVAEConfig
+
+        defaults = JanusVQVAEConfig().to_dict()  # keys a config may leave out take transformers' defaults
+        cfg = {k: cfg.get(k, defaults[k]) for k in VQ_SHAPE_KEYS}
         try:
             vq = build_vqvae({k: cfg[k] for k in VQ_SHAPE_KEYS if k in cfg})
         except (TypeError, ValueError) as e:

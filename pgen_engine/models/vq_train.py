@@ -11,8 +11,8 @@ replaces only the quantiser step:
   to each code (spherical online k-means), re-normalised after every update;
 * gradients pass the quantiser straight through; the loss is pixel MSE (PSNR is what is
   measured) + ``beta`` x commitment;
-* dead codes (EMA assignment count below ``revive_threshold`` x the mean) are re-seeded
-  from random encoder outputs of the current batch every ``revive_every`` steps, so the
+* dead codes (not assigned in the last ``revive_after`` steps) are re-seeded from random
+  encoder outputs of the current batch, checked every ``revive_every`` steps, so the
   codebook stays in use.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ class VQTrainConfig:
     lr: float = 2e-3
     beta: float = 0.25
     ema_decay: float = 0.99
-    revive_every: int = 20
-    revive_threshold: float = 0.03
+    revive_every: int = 10
+    revive_after: int = 50
     max_steps: int = 100_000
     time_budget_s: float = 600.0
     warmup_steps: int = 30
@@ -59,8 +59,8 @@ class VQTrainConfig:
     def validate(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1 or self.time_budget_s <= 0 or self.lr <= 0:
             raise ValueError("batch_size, max_steps, time_budget_s and lr must be positive")
-        if not 0 < self.ema_decay < 1 or self.revive_every < 1 or self.revive_threshold < 0:
-            raise ValueError("ema_decay must lie in (0,1), revive_every >= 1, revive_threshold >= 0")
+        if not 0 < self.ema_decay < 1 or self.revive_every < 1 or self.revive_after < 1:
+            raise ValueError("ema_decay must lie in (0,1), revive_every and revive_after >= 1")
         self.model_config()  # geometry checks
 
 
@@ -135,6 +135,7 @@ def train_vq(
         emb.copy_(F.normalize(init + 1e-3 * torch.randn(k, d, generator=g), dim=1))
     ema_count = torch.ones(k)
     ema_sum = emb.detach().clone()
+    last_used = torch.zeros(k, dtype=torch.long)  # step at which each code was last assigned
 
     bar = None
     if progress:
@@ -172,13 +173,15 @@ def train_vq(
                 ssum = torch.zeros(k, d).index_add_(0, idx, zd)
                 ema_count.mul_(cfg.ema_decay).add_(cnt, alpha=1 - cfg.ema_decay)
                 ema_sum.mul_(cfg.ema_decay).add_(ssum, alpha=1 - cfg.ema_decay)
+                last_used[cnt > 0] = step
                 if (step + 1) % cfg.revive_every == 0:
-                    dead = (ema_count < cfg.revive_threshold * ema_count.mean()).nonzero().flatten()
+                    dead = (step - last_used >= cfg.revive_after).nonzero().flatten()
                     if dead.numel():
                         src = zd[torch.randint(zd.shape[0], (dead.numel(),), generator=g)]
                         ema_sum[dead] = F.normalize(src + 0.01 * torch.randn(src.shape, generator=g), dim=1) \
                             * ema_count.mean()
                         ema_count[dead] = ema_count.mean()
+                        last_used[dead] = step
                         revived += int(dead.numel())
                 emb.copy_(F.normalize(ema_sum, dim=1))
             step += 1
@@ -194,7 +197,7 @@ def train_vq(
         if bar is not None:
             bar.close()
     vq.eval()
-    used = float((ema_count > cfg.revive_threshold * ema_count.mean()).float().mean())
+    used = float((step - 1 - last_used < cfg.revive_after).float().mean())
     rep = VQTrainReport(steps=step, seconds=time.perf_counter() - t0, rec_mse=rec_v, commit=com_v,
                         revived=revived, train_usage=used)
     emb.requires_grad_(True)

@@ -113,10 +113,16 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.num_samples < 1:
             raise ValueError(f"SamplingParams.num_samples={self.num_samples}: expected >= 1")
-        if not self.temperature > 0:
-            raise ValueError(f"SamplingParams.temperature={self.temperature}: expected > 0")
         if self.guidance_scale <= 0:
             raise ValueError(f"SamplingParams.guidance_scale={self.guidance_scale}: expected > 0")
+        self.generation(0)  # the Generator's rules (temperature, top_k, top_p), checked once here
+
+    def generation(self, seed) -> "GenerationSampling":
+        """These settings as the Generator's :class:`~pgen_engine.generation.SamplingParams`."""
+        from pgen_engine.generation.sampling_params import SamplingParams as GenerationSampling
+
+        return GenerationSampling(guidance_scale=self.guidance_scale, temperature=self.temperature,
+                                  top_k=self.top_k, top_p=self.top_p, seed=seed)
 
 
 @dataclasses.dataclass
@@ -216,18 +222,16 @@ class HybridEngine:
             try:
                 gen = Generator(m, max_batch_size=generator_rows(B, G, self.max_batch_size), max_seq_len=max_len,
                                 uncond_mode=params.uncond_mode, sample_backend=self.sample_backend)
-                kv_bytes = gen.cache_nbytes()
                 for lo in range(0, B, per_call):
                     hi = min(B, lo + per_call)
                     px = None if pixel_values is None else torch.cat(list(pixel_values[lo:hi])).to(m.device)
                     out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None, px,
                                        gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
-                                       num_samples=G, guidance_scale=float(params.guidance_scale),
-                                       temperature=float(params.temperature), top_k=int(params.top_k),
-                                       top_p=float(params.top_p), seed=[int(s) for s in seeds[lo:hi]],
+                                       num_samples=G, sampling=params.generation(seeds[lo:hi]),
                                        return_logprobs=True)
                     lps.append(lp)
                     toks.append(out)
+                kv_bytes = gen.cache_nbytes()  # sized by the calls: their largest wave
                 del gen  # drops the KV cache (and captured graphs) before the update phase
             finally:
                 m.train(was_training)

@@ -465,19 +465,24 @@ def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, tra
         model.train(was_training)
 
 
-def rollout_kv_bytes(model, rows: int, max_seq_len: int, uncond_mode: str) -> int:
-    """KV-cache bytes the rollout's Generator allocates for ``rows`` output rows.
+def rollout_kv_bytes(model, rows: int, max_seq_len: int, uncond_mode: str, num_samples: int = 1,
+                     guidance_scale: float = 5.0) -> int:
+    """KV-cache bytes the rollout's Generator holds for ``rows`` output rows: ``rows //
+    num_samples`` prompts of ``max_seq_len - num_image_tokens`` tokens, ``num_samples`` each.
 
-    Constructs the real :class:`pgen_engine.generation.Generator` on the meta model (the
-    cache is meta tensors: nothing is allocated) and asks it. This is the one place the
-    planner sizes the cache; it calls the Generator exactly as
-    :meth:`pgen_engine.training.hybrid.HybridEngine.rollout` does.
+    Constructs the real :class:`pgen_engine.generation.Generator` on the meta model (nothing
+    is allocated) and asks it (:meth:`~pgen_engine.generation.Generator.kv_bytes`: the wave
+    plan and sizing code its calls run, with a prompt's samples and identical unconditional
+    prompts sharing their K/V). This is the one place the planner sizes the cache; it builds
+    the Generator exactly as :meth:`pgen_engine.training.hybrid.HybridEngine.rollout` does.
     """
     from pgen_engine.generation.generator import Generator
 
     gen = Generator(model, max_batch_size=rows, max_seq_len=max_seq_len, uncond_mode=uncond_mode,
                     decode_mode="eager")
-    return int(gen.cache_nbytes())
+    plen = max_seq_len - model.num_image_tokens
+    return int(gen.kv_bytes([plen] * max(1, rows // num_samples), num_samples=num_samples,
+                            guidance_scale=guidance_scale))
 
 
 def rollout_work_bytes(model, prompts: int, seq: int, rows: int, history_images: int = 0) -> int:
@@ -620,7 +625,7 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
 
         prompts_here = rl.prompts_per_step // gpus
         rows = generator_rows(prompts_here, rl.group_size, rl.rollout_batch_size)
-        kv = rollout_kv_bytes(model, rows, plen + T, rl.uncond_mode)
+        kv = rollout_kv_bytes(model, rows, plen + T, rl.uncond_mode, rl.group_size, rl.guidance_scale)
         work = rollout_work_bytes(model, rows // rl.group_size, plen, rows, n_img)
         ref = _reference_bytes(rl, st)
         kept = {} if rl.offload_optimizer_states else {**states, "reduce bucket": st.reduce_bucket}

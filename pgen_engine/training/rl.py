@@ -124,9 +124,15 @@ class RLConfig:
             raise bad("beta", "a finite number >= 0")
         if self.beta > 0 and self.reference == "none":
             raise RLConfigError(f"rl.reference='none' needs rl.beta=0 (got beta={self.beta})")
-        if not self.temperature > 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.guidance_scale <= 0:
-            raise RLConfigError(f"rl sampling: temperature={self.temperature} (> 0), top_p={self.top_p} (0..1], "
-                                f"top_k={self.top_k} (>= 0), guidance_scale={self.guidance_scale} (> 0)")
+        if self.guidance_scale <= 0:
+            raise bad("guidance_scale", "> 0")
+        from pgen_engine.generation.sampling_params import SamplingParams as GenerationSampling
+
+        try:  # the Generator's own rules for the rollout sampling settings
+            GenerationSampling(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
+                               top_p=self.top_p)
+        except (TypeError, ValueError) as e:
+            raise RLConfigError(f"rl.{getattr(e, 'field', 'sampling')}: {e}") from None
         if not isinstance(self.rewards, dict) or not self.rewards:
             raise bad("rewards", "a non-empty mapping {component: {weight: w, ...}}")
         if not isinstance(self.embedder, dict) or "type" not in self.embedder:

@@ -105,6 +105,8 @@ def test_history_mode_mismatch_names_both_modes(ckpt, posters, capsys):
     assert _run(ckpt, p, root / "m", "--history-mode", "codes") == 1
     err = capsys.readouterr().err
     assert "'pixels'" in err and "'codes'" in err and "trained" in err
+    assert _run(ckpt, p, root / "m", "--run-config", str(root / "nope.yaml")) == 1
+    assert "--run-config" in capsys.readouterr().err and not (root / "m").exists()
 
 
 def test_run_config_fixes_the_mode(ckpt, posters, tmp_path, capsys):

@@ -176,19 +176,84 @@ def test_short_mode_codes_history_samples_and_no_cfg(peaky):
     assert torch.equal(g.generate(rows, gen_code_mask=cms, guidance_scale=1.0, greedy=True), ref1)
 
 
-def test_cache_is_preallocated_and_reused(peaky):
+def test_cache_is_sized_by_the_call_and_reused(peaky):
     model, _ = peaky
     g = Generator(model, max_batch_size=2, max_seq_len=40)
+    assert g.cache_nbytes() == 0  # nothing until a call says what it needs
+    gen = torch.Generator().manual_seed(_fresh_seed())
+    ids, mask = _ragged(gen, [5, 12])
+    g.generate(ids, mask, num_samples=1, top_k=5)
     ptrs = [t.data_ptr() for t in (*g._k, *g._v)]
     nbytes = g.cache_nbytes()
-    gen = torch.Generator().manual_seed(_fresh_seed())
-    for lens in ([5, 9], [12], [3, 4]):
+    cfg, T = model.config.text, model.num_image_tokens
+    per_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    # pool: 2 prompts + 2 distinct pad prompts (lengths 5, 12) of Lp = 12; own: 4 rows x (T - 1)
+    assert nbytes == g.last_stats["kv_bytes_peak"] == (4 * 12 + 4 * (T - 1)) * per_tok
+    assert nbytes == g.kv_bytes([5, 12], num_samples=1, guidance_scale=5.0)
+    for lens in ([5, 9], [12], [3, 4]):  # smaller calls reuse the storage
         ids, mask = _ragged(gen, lens)
         g.generate(ids, mask, num_samples=1, top_k=5)
+        assert g.last_stats["kv_bytes_peak"] <= nbytes
     assert [t.data_ptr() for t in (*g._k, *g._v)] == ptrs and g.cache_nbytes() == nbytes
-    cfg = model.config.text
-    assert nbytes == 2 * cfg.num_layers * (2 * 2 * 40) * cfg.num_kv_heads * cfg.head_dim * 4
-    assert set(g.last_stats) >= {"prefill_s", "decode_s"} and g.last_stats["decode_s"] > 0
+    assert set(g.last_stats) >= {"prefill_s", "decode_s", "kv_bytes_peak"} and g.last_stats["decode_s"] > 0
+    g.release_cache()
+    assert g.cache_nbytes() == 0
+
+
+def test_kv_memory_target_shared_prompts_and_uncond(peaky):
+    """8 prompts x 8 samples, 512-token prompts, CFG with the pad prompt: KV held <= 1.1 x
+    (8 prompt prefixes + 1 unconditional prefix per distinct length + every row's image tokens)."""
+    model, _ = peaky
+    gen = torch.Generator().manual_seed(_fresh_seed())
+    ids, mask = _ragged(gen, [512] * 8)
+    g = Generator(model, max_batch_size=64, max_seq_len=512 + model.num_image_tokens)
+    out = g.generate(ids, mask, num_samples=8, guidance_scale=5.0, greedy=True)
+    assert out.shape == (64, model.num_image_tokens)
+    cfg, T = model.config.text, model.num_image_tokens
+    per_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4
+    target = (8 * 512 + 1 * 512 + 128 * T) * per_tok
+    peak = g.last_stats["kv_bytes_peak"]
+    assert peak <= 1.1 * target, (peak, target)
+    assert peak == g.cache_nbytes() == g.kv_bytes([512] * 8, num_samples=8, guidance_scale=5.0)
+    # the layout before sharing (a copy of the prompt per row) would hold 128 x (512 + T)
+    assert peak < (128 * (512 + T)) * per_tok / 5
+
+
+def test_kv_bytes_plan_needs_no_model():
+    from types import SimpleNamespace
+
+    from pgen_engine.generation.generator import plan_kv_bytes
+
+    text = SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16)  # the fields the sizing reads
+    per_tok = 2 * 2 * 2 * text.head_dim * 2  # bf16
+    # two waves of 4 rows: prompts (10, 10) then (20, 30); pad prompts shared per length
+    got = plan_kv_bytes(text, 5, [10, 10, 20, 30], num_samples=2, guidance_scale=3.0, max_batch_size=4,
+                        dtype=torch.bfloat16)
+    assert got == max(2 * 10 + 1 * 10 + 8 * 4, 2 * 30 + 2 * 30 + 8 * 4) * per_tok
+    no_cfg = plan_kv_bytes(text, 5, [10, 10, 20, 30], num_samples=2, guidance_scale=1.0, max_batch_size=4,
+                           dtype=torch.bfloat16)
+    assert no_cfg == max(2 * 10 + 4 * 4, 2 * 30 + 4 * 4) * per_tok
+    with pytest.raises(ValueError, match="uncond_mode"):
+        plan_kv_bytes(text, 5, [3], uncond_mode="none")
+
+
+def test_cache_dtype_works_or_is_refused_at_construction(peaky, monkeypatch):
+    model, _ = peaky
+    gen = torch.Generator().manual_seed(_fresh_seed())
+    ids, mask = _ragged(gen, [9, 6])
+    ref = Generator(model, max_batch_size=4, max_seq_len=40).generate(ids, mask, guidance_scale=3.0, greedy=True)
+    low = Generator(model, max_batch_size=4, max_seq_len=40, cache_dtype=torch.bfloat16)
+    got = low.generate(ids, mask, guidance_scale=3.0, greedy=True)
+    assert low._k[0].dtype == torch.bfloat16 and got.shape == ref.shape
+    # code 0 comes from the prefill's own attention (not the cache); later codes read the bf16
+    # K/V and may drift after a near-tie, so only their range is checked here
+    assert torch.equal(got[:, 0], ref[:, 0])
+    assert bool(((got >= 0) & (got < model.config.codebook_size)).all())
+    with pytest.raises(ValueError, match="cache_dtype"):
+        Generator(model, cache_dtype=torch.int8)
+    monkeypatch.setenv("PGEN_FUSED_OPS", "1")  # the paged kernels' path: one dtype for both
+    with pytest.raises(ValueError, match="scheduler='continuous'"):
+        Generator(model, cache_dtype=torch.bfloat16, scheduler="continuous")
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -20,8 +20,8 @@ pytestmark = pytest.mark.skipif(_C is None or not hasattr(_C, "decode_layers_cpu
                                 reason="pgen_engine._C not built")
 
 
-def _torch_attention(q, kc, vc, lens, scale, prow=None, plen=None):
-    """Independent oracle: per row, gather its keys (shared prefix + own tail) and softmax."""
+def _torch_attention(q, kc, vc, lens, scale, prow=None, plen=None, pk=None, pv=None):
+    """Independent oracle: per row, gather its keys (pool prefix + own positions) and softmax."""
     B, Hq, D = q.shape
     Hkv = kc.shape[1]
     out = torch.zeros_like(q)
@@ -30,9 +30,10 @@ def _torch_attention(q, kc, vc, lens, scale, prow=None, plen=None):
         if n == 0:
             continue
         p = 0 if prow is None else min(int(plen[b]), n)
-        src = b if prow is None else int(prow[b])
-        k = torch.cat([kc[src, :, :p], kc[b, :, p:n]], dim=1).repeat_interleave(Hq // Hkv, 0)  # [Hq, n, D]
-        v = torch.cat([vc[src, :, :p], vc[b, :, p:n]], dim=1).repeat_interleave(Hq // Hkv, 0)
+        kpre = kc[b, :, :0] if prow is None else pk[int(prow[b]), :, :p]
+        vpre = vc[b, :, :0] if prow is None else pv[int(prow[b]), :, :p]
+        k = torch.cat([kpre, kc[b, :, :n - p]], dim=1).repeat_interleave(Hq // Hkv, 0)  # [Hq, n, D]
+        v = torch.cat([vpre, vc[b, :, :n - p]], dim=1).repeat_interleave(Hq // Hkv, 0)
         w = torch.softmax(torch.einsum("hd,hnd->hn", q[b].double(), k.double()) * scale, -1)
         out[b] = torch.einsum("hn,hnd->hd", w, v.double()).float()
     return out
@@ -47,32 +48,37 @@ def test_cpp_attention_matches_oracle(D, heads):
     kc, vc = torch.randn(rows, Hkv, L, D, generator=g), torch.randn(rows, Hkv, L, D, generator=g)
     q = torch.randn(5, Hq, D, generator=g) * 2
     lens = torch.tensor([37, 1, 0, 20, 33], dtype=torch.int32)
-    out = _C.cached_attention_cpu(q, kc, vc, lens, None, None, D ** -0.5)
+    out = _C.cached_attention_cpu(q, kc, vc, lens, None, None, None, None, D ** -0.5)
     assert (out - _torch_attention(q, kc, vc, lens, D ** -0.5)).abs().max() <= 2e-5
     assert out[2].abs().max() == 0  # an empty row attends to nothing
 
 
 @pytest.mark.parametrize("D", [16, 64])
-def test_shared_prefix_reads_the_leader_row(D):
-    """Rows 2..4 read their first tokens from rows 0 / 1, their own tail from themselves."""
+def test_shared_prefix_reads_the_pool_row(D):
+    """Rows read their first positions from a prefix-pool row, the rest from index 0 of their own row."""
     g = torch.Generator().manual_seed(D)
-    rows, Hq, Hkv, L = 6, 4, 2, 24
+    rows, Hq, Hkv, L, P, Lp = 6, 4, 2, 12, 2, 14
     kc, vc = torch.randn(rows, Hkv, L, D, generator=g), torch.randn(rows, Hkv, L, D, generator=g)
+    pk, pv = torch.randn(P, Hkv, Lp, D, generator=g), torch.randn(P, Hkv, Lp, D, generator=g)
     q = torch.randn(rows, Hq, D, generator=g)
     lens = torch.tensor([12, 15, 14, 20, 9, 24], dtype=torch.int32)
-    prow = torch.tensor([0, 1, 0, 1, 1, 5], dtype=torch.int32)
-    plen = torch.tensor([0, 0, 10, 13, 13, 0], dtype=torch.int32)
-    ref = _torch_attention(q, kc, vc, lens, D ** -0.5, prow, plen)
-    cpp = _C.cached_attention_cpu(q, kc, vc, lens, prow, plen, D ** -0.5)
-    eager = K._cached_attention_head_major(q, kc, vc, lens, D ** -0.5, prow, plen)
+    prow = torch.tensor([0, 1, 0, 1, 1, 0], dtype=torch.int32)
+    plen = torch.tensor([0, 10, 10, 13, 13, 14], dtype=torch.int32)
+    ref = _torch_attention(q, kc, vc, lens, D ** -0.5, prow, plen, pk, pv)
+    cpp = _C.cached_attention_cpu(q, kc, vc, lens, pk, pv, prow, plen, D ** -0.5)
+    eager = K._cached_attention_head_major(q, kc, vc, lens, D ** -0.5, prow, plen, pk, pv)
     assert (cpp - ref).abs().max() <= 2e-5
     assert (eager - ref).abs().max() <= 2e-5
-    # the same answer as physically copying the prefix into each row
-    kcopy, vcopy = kc.clone(), vc.clone()
+    # the same answer as physically copying each row's prefix in front of its own positions
+    kfull, vfull = torch.zeros(rows, Hkv, Lp + L, D), torch.zeros(rows, Hkv, Lp + L, D)
     for b in range(rows):
         p = int(plen[b])
-        kcopy[b, :, :p], vcopy[b, :, :p] = kc[int(prow[b]), :, :p], vc[int(prow[b]), :, :p]
-    assert (_C.cached_attention_cpu(q, kcopy, vcopy, lens, None, None, D ** -0.5) - cpp).abs().max() <= 1e-6
+        kfull[b, :, :p], vfull[b, :, :p] = pk[int(prow[b]), :, :p], pv[int(prow[b]), :, :p]
+        kfull[b, :, p:p + L], vfull[b, :, p:p + L] = kc[b], vc[b]
+    plain = _C.cached_attention_cpu(q, kfull, vfull, lens, None, None, None, None, D ** -0.5)
+    assert (plain - cpp).abs().max() <= 1e-6
+    with pytest.raises(RuntimeError, match="outside the prefix pool"):
+        _C.cached_attention_cpu(q, kc, vc, lens, pk, pv, prow + 1, plen, D ** -0.5)
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +98,22 @@ def test_decode_step_in_cpp_equals_eager_layers(which, tiny_model, model64, monk
     shape = (rows, cfg.num_kv_heads, L, cfg.head_dim)
     k0 = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
     v0 = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
-    prow = torch.tensor([0, 0, 2, 0, 4], dtype=torch.int32)
+    pshape = (2, cfg.num_kv_heads, 16, cfg.head_dim)
+    pk0 = [torch.randn(pshape, generator=g) for _ in range(cfg.num_layers)]
+    pv0 = [torch.randn(pshape, generator=g) for _ in range(cfg.num_layers)]
+    prow = torch.tensor([0, 0, 1, 0, 1], dtype=torch.int32)
     plen = torch.tensor([0, 11, 0, 11, 0], dtype=torch.int32)
     pos = torch.tensor([17, 12, 29, 20, 0])
-    slots = torch.arange(rows) * L + pos
     lens = (pos + 1).to(torch.int32)
     h = torch.randn(rows, cfg.hidden_size, generator=g)
 
     def run(cpp: bool, shared: bool):
         monkeypatch.setattr(K, "_CPU_DECODE", cpp)
         cache = KVCache(k=[t.clone() for t in k0], v=[t.clone() for t in v0], layout="bhsd")
+        # own positions start at index 0 past a shared prefix
+        slots = torch.arange(rows) * L + pos - (plen.long() if shared else 0)
         if shared:
-            cache = dataclasses.replace(cache, prefix_row=prow, prefix_len=plen)
+            cache = dataclasses.replace(cache, prefix_row=prow, prefix_len=plen, prefix_k=pk0, prefix_v=pv0)
         # inference mode and plain no_grad (the C++ step's worker threads set their own mode)
         with torch.inference_mode() if shared else torch.no_grad():
             assert K.cpu_decode_applies(m.language_model, h, cache) == cpp
@@ -197,7 +207,7 @@ def test_decode_layers_cpu_rejects_bad_inputs(tiny_model):
             K.decode_layers_cpu(lm, h, cos, sin, bad, torch.tensor([1, 10]), lens)
         with pytest.raises(RuntimeError, match="hidden has shape"):
             K.decode_layers_cpu(lm, h[:, :-1], cos, sin, cache, torch.tensor([1, 10]), lens)
-    with pytest.raises(ValueError, match="prefix_row and prefix_len go together"):
+    with pytest.raises(ValueError, match="prefix_row, prefix_len, prefix_k and prefix_v go together"):
         dataclasses.replace(cache, prefix_row=torch.zeros(rows, dtype=torch.int32))
 
 

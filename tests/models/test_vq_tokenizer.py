@@ -19,7 +19,7 @@ def _images(n=12, size=16, seed=0):
 def trained():
     torch.set_num_threads(1)  # OpenMP spin-waits make 2 threads far slower on a shared 2-core box
     cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=32, batch_size=4, max_steps=6,
-                        time_budget_s=300, revive_every=2)
+                        time_budget_s=300, revive_every=2, revive_after=2)
     tok, rep = train_vq(_images(), cfg, progress=False)
     return tok, rep
 

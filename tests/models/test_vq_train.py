@@ -24,7 +24,7 @@ def _images(n, size=16, seed=0):
 def test_training_improves_reconstruction_and_revives_codes():
     imgs = _images(24)
     cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=4, lr=3e-3,
-                        max_steps=1, revive_every=1, revive_threshold=0.5, ema_decay=0.7)
+                        max_steps=1, revive_every=1, revive_after=3)
     tok0, _ = train_vq(imgs, cfg, progress=False)
     cfg.max_steps = 40
     tok, rep = train_vq(imgs, cfg, progress=False)

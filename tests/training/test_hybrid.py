@@ -80,8 +80,11 @@ def test_rollout_cache_is_sized_by_the_prompts_this_rank_holds(tiny):
     assert small.kv_bytes == exact.kv_bytes
     assert torch.equal(small.tokens, exact.tokens)
     c = tiny.config.text
-    L = max(len(q) for q in prompts) + tiny.num_image_tokens
-    assert small.kv_bytes == 2 * 4 * L * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4  # CFG x rows, fp32
+    lens = [len(q) for q in prompts]
+    # shared pool: each prompt once + one pad prompt per distinct length (Lp = longest); then
+    # 4 conditional + 4 unconditional rows of T - 1 own image tokens; fp32
+    tokens = (2 + len(set(lens))) * max(lens) + 8 * (tiny.num_image_tokens - 1)
+    assert small.kv_bytes == tokens * c.num_layers * 2 * c.num_kv_heads * c.head_dim * 4
 
 
 def test_rollout_releases_kv_cache_and_restores_mode(tiny):
@@ -126,3 +129,31 @@ def test_reference_policy_is_frozen_copy(tiny):
     assert ref.nbytes() == sum(p.numel() * 4 for p in {id(p): p for p in tiny.parameters()}.values())
     with pytest.raises(ValueError, match="mode"):
         ReferencePolicy.from_policy(tiny, "gpu")
+
+
+def test_pixels_history_rollout_matches_trainer_logprobs(tiny):
+    """Pixels history: the rollout feeds each prompt's images through the vision tower; the
+    trainer's log-probs (per-row pixels, or the tower's cached outputs) match it."""
+    from pgen_engine.training.rl import row_pixels, slice_pixels
+
+    g = torch.Generator().manual_seed(3)
+    sp, T = tiny.special_tokens, tiny.num_image_tokens
+    n_imgs, G = [1, 3, 2], 2
+    prompts = [[sp.bos, 40] + ([sp.boi] + [sp.image] * T + [sp.eoi]) * n + [sp.boi] for n in n_imgs]
+    px = [torch.rand(n, 3, tiny.image_size, tiny.image_size, generator=g) * 2 - 1 for n in n_imgs]
+    hy = HybridEngine(tiny, max_batch_size=4)  # 2 prompts per Generator call: pixels are split per chunk
+    ro = hy.rollout(prompts, None, SamplingParams(G, 3.0, 1.0), seeds=[1, 2, 3], pixel_values=px)
+    with torch.no_grad():
+        feats = [tiny.vision_hidden(p) for p in px]
+    seqs = build_sequences(prompts, None, ro.tokens, G, sp.pad) + (row_pixels(px, G), row_pixels(feats, G))
+    rows = slice(0, len(n_imgs) * G)
+    with torch.no_grad():
+        a, _ = policy_logprobs(tiny, *seqs[:3], ro.tokens, 1.0, slice_pixels(seqs, rows, "cpu", 3))
+        b, _ = policy_logprobs(tiny, *seqs[:3], ro.tokens, 1.0, None, slice_pixels(seqs, rows, "cpu", 4))
+    assert float((a - ro.logprobs).abs().max()) <= 1e-5 and float((b - ro.logprobs).abs().max()) <= 1e-5
+    # the images matter: other pixels give other samples under the same seeds
+    other = hy.rollout(prompts, None, SamplingParams(G, 3.0, 1.0), seeds=[1, 2, 3], 
+                       pixel_values=[p.flip(-1) for p in px])
+    assert not torch.equal(other.tokens, ro.tokens)
+    with pytest.raises(ValueError, match="pixel_values"):
+        hy.rollout(prompts, None, SamplingParams(G, 3.0, 1.0), seeds=[1, 2, 3], pixel_values=px[:2])

@@ -111,9 +111,14 @@ def test_meta_kv_cache_equals_the_real_generators(tiny_ckpt):
 
     real = pg.load_model(tiny_ckpt, dtype=torch.bfloat16)
     meta = P.meta_model(real.config, torch.bfloat16, ["language_model"])
-    for rows, seq in ((4, 40), (12, 100)):
-        want = Generator(real, max_batch_size=rows, max_seq_len=seq).cache_nbytes()
-        assert P.rollout_kv_bytes(meta, rows, seq, "pad") == want
+    T = real.num_image_tokens
+    for rows, seq, samples in ((4, T + 24, 2), (12, T + 30, 4)):
+        gen = Generator(real, max_batch_size=rows, max_seq_len=seq)
+        ids = torch.randint(6, 200, (rows // samples, seq - T))
+        gen.generate(ids, num_samples=samples, guidance_scale=5.0, seed=1)
+        want = gen.last_stats["kv_bytes_peak"]
+        assert want == gen.cache_nbytes() > 0
+        assert P.rollout_kv_bytes(meta, rows, seq, "pad", samples, 5.0) == want
 
 
 def test_rl_plan_sizes_the_cache_by_this_ranks_prompts(tiny_ckpt):
@@ -123,12 +128,15 @@ def test_rl_plan_sizes_the_cache_by_this_ranks_prompts(tiny_ckpt):
         plan = P.plan_run(cfg, gpus=gpus, gpu_mem_gib=80)
         assert [p.name for p in plan.phases] == ["rollout", "log-probs", "update"]
         kv[gpus] = plan.phases[0].items["KV cache"]
-    # 8 prompts x 4 samples on one GPU, 16 rows on two, 8 on four: bytes follow the rows
-    assert kv[1] == 2 * kv[2] == 4 * kv[4]
+    # 8 prompts x 4 samples on one GPU, 16 rows on two, 8 on four: bytes follow the rows (each
+    # prompt once, one shared pad prompt, every row's own image tokens)
+    assert kv[1] > kv[2] > kv[4] and kv[1] < 2 * kv[2]
     mcfg, _ = P.resolve_model_config(cfg)
     meta = P.meta_model(mcfg, torch.bfloat16, cfg.train.trainable)
     plen, _ = P.prompt_tokens(cfg)
-    assert kv[2] == P.rollout_kv_bytes(meta, generator_rows(4, 4, 64), plen + mcfg.num_image_tokens, "pad")
+    rl = cfg.stage_config
+    assert kv[2] == P.rollout_kv_bytes(meta, generator_rows(4, 4, 64), plen + mcfg.num_image_tokens, "pad",
+                                       rl.group_size, rl.guidance_scale)
 
 
 def test_rl_offload_switch_empties_the_rollout_states(tiny_ckpt):

@@ -1,0 +1,89 @@
+"""data.history_mode resolution (config default, trained mode of a checkpoint, mismatch errors)
+and the HistoryPrompter's prompts in both modes."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import pgen_engine as pg
+from pgen_engine.config import ConfigError, RunConfig, config_from_dict
+from pgen_engine.data.history import (HistoryModeError, HistoryPrompter, check_history_mode, default_history_mode,
+                                      run_history_mode, trained_history_mode)
+from pgen_engine.data.prompts import PromptBuilder
+from pgen_engine.data.text_tokenizer import ByteTokenizer
+
+SP = pg.SpecialTokens.builtin()
+
+
+def _ckpt(d, vision: bool = True):
+    d.mkdir(parents=True)
+    cfg = {"vision_config": {"num_hidden_layers": 1}} if vision else {}
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+def test_defaults_and_trained_mode(tmp_path):
+    assert RunConfig().data.history_mode == "pixels"  # the tiny init model has a vision tower
+    assert default_history_mode(_ckpt(tmp_path / "hub")) == "pixels"
+    assert default_history_mode(_ckpt(tmp_path / "novis", vision=False)) == "codes"
+    # a checkpoint of a pgen run: its run config fixes the mode
+    final = _ckpt(tmp_path / "run" / "final")
+    (tmp_path / "run" / "config.resolved.yaml").write_text("data:\n  history_mode: codes\n")
+    assert trained_history_mode(final)[0] == "codes"
+    cfg = config_from_dict({"model": {"checkpoint": str(final)}})
+    assert cfg.data.history_mode == "codes"
+    assert run_history_mode("codes", final) == "codes"
+    with pytest.raises(HistoryModeError, match="trained with data.history_mode='codes'.*'pixels'"):
+        run_history_mode("pixels", final)
+    # a run config written before the setting existed trained with codes
+    (tmp_path / "run" / "config.resolved.yaml").write_text("data:\n  with_titles: true\n")
+    assert trained_history_mode(final)[0] == "codes"
+    (tmp_path / "run" / "config.resolved.yaml").write_text("data:\n  history_mode: vision\n")
+    with pytest.raises(ConfigError, match="history_mode"):
+        config_from_dict({"model": {"checkpoint": str(final)}})
+    # a foreign checkpoint takes the requested mode, a missing one resolves later
+    assert run_history_mode("codes", tmp_path / "hub") == "codes"
+    assert config_from_dict({"model": {"checkpoint": str(tmp_path / "nowhere")}}).data.history_mode is None
+    with pytest.raises(ConfigError, match="data.history_mode"):
+        config_from_dict({"data": {"history_mode": "vision"}})
+    assert check_history_mode("pixels", None, where="x") == "pixels"
+
+
+class _Tok:
+    """A stand-in image tokenizer: codes = mean intensity of each of 4 quadrants // 64."""
+
+    image_size = 8
+    num_tokens = 4
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().mean(-1)
+        q = torch.stack([x[:, :4, :4], x[:, :4, 4:], x[:, 4:, :4], x[:, 4:, 4:]], 1).flatten(2).mean(-1)
+        return (q // 64).long()
+
+
+def test_prompter_builds_both_modes_from_the_same_history():
+    rng = np.random.default_rng(0)
+    hist = [(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8), "A"), (rng.integers(0, 256, (9, 9, 3),
+                                                                                     dtype=np.uint8), "B")]
+    px = HistoryPrompter(PromptBuilder(ByteTokenizer(SP), SP, 4, mode="pixels", with_titles=True), image_size=16)
+    a = px.build(hist)
+    assert a.num_items == 2 and a.pixel_values.shape == (2, 3, 16, 16)
+    assert a.input_ids.count(SP.image) == 8 and not any(a.gen_code_mask) and a.input_ids[-1] == SP.boi
+    cd = HistoryPrompter(PromptBuilder(ByteTokenizer(SP), SP, 4, mode="codes", with_titles=True),
+                         image_tokenizer=_Tok())
+    b = cd.build(hist)
+    assert b.pixel_values is None and sum(b.gen_code_mask) == 8 and SP.image not in b.input_ids
+    # same template: the two prompts differ only in the image slots
+    assert len(a.input_ids) == len(b.input_ids)
+    assert [x for x, m in zip(b.input_ids, b.gen_code_mask) if not m] == \
+        [x for x in a.input_ids if x != SP.image]
+    # extra text goes after the history, before "Assistant:"
+    c = px.build(hist, extra="more")
+    assert len(c.input_ids) == len(a.input_ids) + len("more\n")
+    with pytest.raises(ValueError, match="at least one item"):
+        px.build([])
+    with pytest.raises(ValueError, match="uint8"):
+        px.build([(np.zeros((4, 4), dtype=np.uint8), "x")])
