@@ -26,10 +26,10 @@ QUICK_RL = ["train.max_steps=2", "rl.prompts_per_step=4", "rl.group_size=4", "tr
 
 
 def _stage(config: Path, overrides: list[str]) -> dict:
-    from pgen_engine.config import load_config, stage_module
+    from pgen_engine.config import load_config
+    from pgen_engine.training.stages import run_stage
 
-    cfg = load_config(config, overrides)
-    return stage_module(cfg.stage).run(cfg, resume="auto")
+    return run_stage(load_config(config, overrides), resume="auto")
 
 
 def _grid_rows(data, ex, systems: dict, n_show: int) -> list:
@@ -141,10 +141,9 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
 
 def _read_sampling(resolved: Path) -> dict:
     """The RL run's rollout sampling settings, so eval samples the way the policy was trained."""
-    from pgen_engine.config import load_config, stage_module
+    from pgen_engine.config import load_config
 
-    stage_module("rl")  # registers the rl section with the config loader
-    r = load_config(resolved).stage_config
+    r = load_config(resolved).rl
     return {"guidance_scale": r.guidance_scale, "temperature": r.temperature, "top_k": r.top_k, "top_p": r.top_p}
 
 

@@ -1,4 +1,4 @@
-"""Hybrid engine: rollouts through the Generator on the policy's own weights."""
+"""Rollouts (hybrid engine) through the Generator on the policy's own weights, and the reference policy."""
 import gc
 import weakref
 
@@ -7,7 +7,9 @@ import torch
 
 import pgen_engine as pg
 from pgen_engine.models.tiny import make_tiny_checkpoint
-from pgen_engine.training.hybrid import HybridEngine, ReferencePolicy, SamplingParams, gathered_module, is_zero3
+from pgen_engine.training.engine import gathered_module, is_zero3
+from pgen_engine.training.reference import ReferencePolicy
+from pgen_engine.training.rollout import HybridEngine, SamplingParams
 from pgen_engine.training.memory_ledger import MemoryLedger, live_tensor_bytes
 from pgen_engine.training.rl import build_sequences, policy_logprobs
 
