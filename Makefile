@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 DEMO_OUT ?= runs/demo
 
-.PHONY: demo test test-slow build bench bench-gpu clean venv
+.PHONY: demo test test-slow build bench bench-gpu gpu-smoke wheelhouse clean venv
 
 $(VENV)/.stamp-deps: requirements-dev.txt setup.py
 	@echo "== creating $(VENV) and installing pinned dependencies"
@@ -44,6 +44,19 @@ bench: build
 
 bench-gpu: build
 	$(PY) -m benchmarks.gpu
+
+# On a GPU machine: the Python already there (no venv, no registry, its torch kept); missing
+# pure-Python deps come from wheelhouse/. See README "GPU".
+GPU_PYTHON ?= python3
+GPU_SMOKE_OUT ?= runs/gpu_smoke
+gpu-smoke:
+	$(GPU_PYTHON) -m benchmarks.gpu_smoke --out $(GPU_SMOKE_OUT)
+
+# Here (needs a registry): wheels of DeepSpeed + deps, pytest-benchmark, pytest-xdist, scipy for
+# the GPU machine's Python (never torch / triton / nvidia-*); fails over 60 MiB.
+WHEEL_PYTHON_VERSION ?= 3.12
+wheelhouse: $(VENV)/.stamp-deps
+	$(PY) -m benchmarks.wheelhouse build --dir wheelhouse --python-version $(WHEEL_PYTHON_VERSION)
 
 clean:
 	rm -rf build *.egg-info pgen_engine/_C*.so $(VENV)

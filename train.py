@@ -6,7 +6,10 @@
 
 The stage (``sft``, ``rl``) comes from the config's ``stage`` key. Overrides are dotted
 ``section.key=value`` pairs, parsed as YAML. Any configuration or input problem prints
-one line (``error: ...``) to stderr and exits with status 2 (config) or 1 (run).
+one line (``error: ...``) to stderr and exits with status 2 (config) or 1 (run). On a GPU
+machine the run's memory plan (``pgen plan``, :mod:`pgen_engine.training.plan`) is checked
+first: a launch that cannot fit its GPUs exits with status 3 and one line naming the phase
+(``PGEN_PLAN=0`` skips the check).
 """
 from __future__ import annotations
 
@@ -29,14 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     # late imports: `train.py --help` answers without loading torch / DeepSpeed
     from pgen_engine.config import ConfigError, load_config
     from pgen_engine.errors import PgenUserError, one_line
+    from pgen_engine.training.plan import PlanOverflowError, preflight
     from pgen_engine.training.stages import run_stage
 
     try:
         cfg = load_config(args.config, args.overrides)
+        preflight(cfg, args.config)  # on a GPU machine: refuse a launch whose memory plan does not fit
         run_stage(cfg, resume=args.resume)
     except ConfigError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except PlanOverflowError as e:  # on a GPU machine: the launch's memory plan does not fit
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 3
     except PgenUserError as e:  # one readable line for input/run errors; a traceback for bugs
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1

@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <initializer_list>
+
 #include "paged_kv.cuh"
 #include "sampling.cuh"
 
@@ -76,7 +78,8 @@ void paged_kv_write_cuda(torch::Tensor k_cache, torch::Tensor v_cache,
   const auto dt = k_cache.scalar_type();
   TORCH_CHECK(dt == torch::kFloat32 || dt == torch::kBFloat16 || dt == torch::kFloat16,
               "paged_kv_write_cuda: cache dtype must be float32/bfloat16/float16, got ", dt);
-  for (const torch::Tensor* t : {&v_cache, &k_new, &v_new}) {
+  // Typed list: the caches are non-const, the new rows const, so `{&a, &b}` cannot deduce.
+  for (const torch::Tensor* t : std::initializer_list<const torch::Tensor*>{&v_cache, &k_new, &v_new}) {
     TORCH_CHECK(t->scalar_type() == dt, "paged_kv_write_cuda: dtype mismatch: caches are ", dt,
                 " but got ", t->scalar_type());
   }
@@ -90,7 +93,8 @@ void paged_kv_write_cuda(torch::Tensor k_cache, torch::Tensor v_cache,
                   slot_mapping.size(0) == N,
               "paged_kv_write_cuda: slot_mapping must be int64 [", N, "], got ",
               slot_mapping.scalar_type(), " ", slot_mapping.sizes());
-  for (const torch::Tensor* t : {&k_cache, &v_cache, &k_new, &v_new, &slot_mapping}) {
+  for (const torch::Tensor* t :
+       std::initializer_list<const torch::Tensor*>{&k_cache, &v_cache, &k_new, &v_new, &slot_mapping}) {
     TORCH_CHECK(t->is_cuda() && t->device() == k_cache.device(),
                 "paged_kv_write_cuda: every tensor must be on ", k_cache.device(), ", got ",
                 t->device());

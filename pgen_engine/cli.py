@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "pgen_engine.data.cli",
     "pgen_engine.generation.cli",
     "pgen_engine.eval.cli",
+    "pgen_engine.training.plan",
 )
 
 

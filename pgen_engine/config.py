@@ -34,6 +34,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from pgen_engine.data.history import trained_history_mode
 from pgen_engine.typed_config import ConfigError, build, deepcopy, parse_overrides, set_dotted
 
 __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "SynthSection", "DataConfig",
@@ -133,6 +134,12 @@ class DataConfig:
             "checkpoint_vq" (the model's own VQ).
         patch_size, codebook_size, kmeans_iters, tokenizer_image_size: PatchKMeans settings.
         history_k, stride, max_windows_per_user, min_interactions: training windows.
+        history_mode: how history images enter the model: "pixels" (vision tower + aligner
+            into ``<image>`` placeholders) or "codes" (VQ codes through the generation
+            embedding). null resolves when the config is built: the mode ``model.checkpoint``
+            was trained with (its run's ``config.resolved.yaml``), else "pixels" when the
+            model has a vision tower (every Janus; the tiny init model too), else "codes".
+            See :mod:`pgen_engine.data.history`.
         with_titles: put item titles in the prompt.
         instruction: the prompt instruction.
         num_workers: DataLoader workers.
@@ -150,6 +157,7 @@ class DataConfig:
     stride: int = 1
     max_windows_per_user: Optional[int] = None
     min_interactions: int = 5
+    history_mode: Optional[Literal["pixels", "codes"]] = None
     with_titles: bool = False
     instruction: str = "Generate the next item this user will like."
     num_workers: int = 0
@@ -442,6 +450,22 @@ class RunConfig:
                 raise ConfigError(f"section {name!r} given but stage is {self.stage!r}")
         if self.stage == "rl" and self.rl is None:
             self.rl = RLConfig()
+        if self.data.history_mode is None:
+            self.data.history_mode = _default_history_mode(self.model.checkpoint)
+
+
+def _default_history_mode(checkpoint: Optional[str]) -> Optional[str]:
+    """``data.history_mode: null`` -> the checkpoint's trained / architecture default; None
+    while the checkpoint folder does not exist yet (resolved again at data preparation)."""
+    if checkpoint is None:
+        return "pixels"  # the tiny init model has a vision tower
+    if not (Path(checkpoint) / "config.json").is_file():
+        return None
+    try:
+        return trained_history_mode(checkpoint)[0]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.history_mode: cannot resolve the default from model.checkpoint={checkpoint} "
+                          f"({e})") from None
 
 
 # ----------------------------------------------------------------------------- loading

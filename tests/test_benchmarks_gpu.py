@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -56,3 +58,83 @@ def test_decode_traffic_bound_counts_weights_and_kv_bytes():
         assert abs(got["fp8 K/V, uncond prompt shared"]["kv_bytes_per_step"] - shared / 2) < 1e-6 * shared
         r = got["bf16 K/V, one copy per row"]
         assert abs(r["best_speedup"] - 1.0 / (T * r["step_s"])) < 1e-9 * r["best_speedup"]
+
+
+# ----------------------------------------------------------------------------- gpu_smoke / wheelhouse
+def _fake_wheel(path: Path, name: str, requires: list[str]) -> Path:
+    import zipfile
+
+    whl = path / f"{name}-1.0-py3-none-any.whl"
+    meta = "Metadata-Version: 2.1\nName: {}\nVersion: 1.0\n{}".format(
+        name, "".join(f"Requires-Dist: {r}\n" for r in requires))
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr(f"{name}-1.0.dist-info/METADATA", meta)
+    return whl
+
+
+def test_wheel_requirements_drop_extras_and_foreign_markers(tmp_path):
+    from benchmarks.wheelhouse import EXCLUDED, wheel_requirements
+
+    whl = _fake_wheel(tmp_path, "pkg", ["Py_CPUInfo", "pydantic>=2.0.0", "torch>=2.0.0",
+                                        "pytest<8.4; extra == 'dev'", "colorama; sys_platform == 'win32'",
+                                        "tomli>=1; python_version < '3.11'"])
+    assert wheel_requirements(whl, "3.12") == ["py-cpuinfo", "pydantic", "torch"]
+    assert "tomli" in wheel_requirements(whl, "3.10")
+    assert all(EXCLUDED.match(n) for n in ("torch", "triton", "nvidia-nccl-cu13", "numpy"))
+    assert not any(EXCLUDED.match(n) for n in ("deepspeed", "pydantic", "scipy", "torchmetrics"))
+
+
+def test_wheelhouse_install_needs_wheels_and_installs_nothing_when_complete(tmp_path):
+    from benchmarks.wheelhouse import install, missing_modules
+
+    assert missing_modules({"json": "json"}) == []
+    assert install(tmp_path, {"json": "json"}) == []  # nothing missing: pip is never called
+    with pytest.raises(RuntimeError, match="make wheelhouse"):
+        install(tmp_path, {"no-such-dist": "no_such_module_pgen_smoke"})
+
+
+def test_gpu_smoke_without_gpu_refuses_and_points_at_check():
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_smoke", "--no-results"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--check" in out.stderr
+
+
+def test_gpu_smoke_spent_budget_skips_loudly_and_fails(tmp_path):
+    """No stage passes silently: a stage that cannot run is 'skipped' with a reason and the exit is 1."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_smoke", "--check", "--out", str(tmp_path),
+                          "--stages", "kernels,sft", "--total-budget", "5"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    report = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["kernels", "sft"]
+    assert all(s["status"] == "skipped" and "budget" in s["reason"] for s in report["stages"])
+    assert report["ok"] is False and "NOT ok" in out.stdout
+
+
+@pytest.mark.e2e
+def test_gpu_smoke_check_runs_every_stage_on_cpu(tmp_path):
+    results = ROOT / "benchmarks" / "RESULTS.md"
+    before = results.read_text() if results.exists() else None
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gpu_smoke", "--check", "--out", str(tmp_path)], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=1500)
+    report = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    bad = [(s["stage"], s["status"], s["reason"]) for s in report["stages"] if s["status"] != "ok"]
+    assert out.returncode == 0 and not bad, (bad, out.stdout[-3000:])
+    stages = {s["stage"]: s for s in report["stages"]}
+    assert list(stages) == ["kernels", "ops_tests", "generator", "sft", "rl", "op_bench", "gen_bench"]
+    assert report["device"] == "cpu (check mode)" and report["mode"] == "check"
+    assert stages["ops_tests"]["numbers"]["passed"] > 0
+    g = stages["generator"]["numbers"]
+    assert g["tokens_compared"] > 0 and 0 <= g["logprob_gap_max"] <= g["logprob_gap_tolerance"]
+    s = stages["sft"]["numbers"]
+    assert 1 <= s["killed_after_checkpoint"] < s["steps"] == 8 and s["resumed_from"] == s["killed_after_checkpoint"]
+    r = stages["rl"]["numbers"]
+    assert r["steps"] == 3 and r["guidance_scale"] != 1.0 and r["ledger"]["mem/rollout_kv_bytes"] > 0
+    assert "not_on_cpu" in r  # what the CPU cannot show is named, not skipped silently
+    assert any(row.get("op") == "check" for row in stages["gen_bench"]["numbers"]["rows"])
+    assert all(s["seconds"] > 0 for s in report["stages"])
+    assert (tmp_path / "results.md").read_text().count("| ok |") >= 7
+    assert (results.read_text() if results.exists() else None) == before  # check mode never appends

@@ -65,3 +65,35 @@ def test_generate_user_errors_have_no_traceback(tmp_path, tiny_ckpt):
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"{p}:1: unknown field(s) 'history'" in r.stderr and f"{p}:2: not valid JSON" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- pgen plan
+def test_plan_cli_exit_codes(capsys):
+    """0 when the run fits, 3 when it does not, 2 with one line on a bad key."""
+    import re
+
+    from tests.conftest import REPO
+
+    demo = str(REPO / "configs" / "demo_sft.yaml")
+    assert main(["plan", "--config", demo, "--gpus", "2", "train.micro_batch_size=8"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"peak per GPU: \d+\.\d GiB of 80\.0 GiB", out[-1])
+    assert any(l.startswith("sft step") for l in out)
+    assert main(["plan", "--config", demo, "--gpus", "1", "--gpu-mem", "0.001"]) == 3
+    assert capsys.readouterr().out.strip().splitlines()[-1].endswith("GiB of 0.0 GiB")
+    assert main(["plan", "--config", demo, "--gpus", "1", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.no_such_key" in err[0]
+    assert main(["plan", "--config", demo, "--gpus", "3"]) == 2  # 32 sequences do not split over 3 ranks
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_plan_cli_janus_pro_1b_rl_fits_8x80(capsys):
+    """The README's example: the real-size 1B RL config, planned on the meta device."""
+    from tests.conftest import REPO
+
+    assert main(["plan", "--config", str(REPO / "configs" / "janus_pro_1b_rl.yaml")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert [l.split()[0] for l in out if l.split() and l.split()[0] in ("rollout", "log-probs", "update")] == \
+        ["rollout", "log-probs", "update"]
+    assert out[-1].startswith("peak per GPU: ") and out[-1].endswith(" GiB of 80.0 GiB")

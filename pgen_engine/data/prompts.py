@@ -4,13 +4,13 @@ Prompt format (``<x>`` = special id, ``{...}`` = text tokens)::
 
     <bos> {User: <instruction>\\n}
       per history item: [{title\\n}] <boi> c_1 .. c_T <eoi> {\\n}     ("codes" mode)
-                        [{title\\n}] <boi> <image> x n <eoi> {\\n}    ("vision" mode)
+                        [{title\\n}] <boi> <image> x n <eoi> {\\n}    ("pixels" mode)
     {Assistant:} <boi>
 
 A generation prompt always ends with ``<boi>``. In "codes" mode the history codes are raw
 VQ ids placed in ``input_ids`` with ``gen_code_mask`` True: the model embeds those
 positions with its *generation* (VQ) embedding, every other position with the text
-embedding. In "vision" mode each history image is ``n = image_tokens_per_image``
+embedding. In "pixels" mode each history image is ``n = image_tokens_per_image``
 ``<image>`` placeholders that the model fills, in order of appearance, with the vision
 encoder features of ``pixel_values`` (``[n_img, 3, H, W]`` float, ``(x/255 - 0.5)/0.5``).
 
@@ -36,7 +36,7 @@ from ..models.special_tokens import SpecialTokens
 from .splits import Example
 
 IGNORE_INDEX = -100
-MODES = ("codes", "vision")
+MODES = ("codes", "pixels")  # the values of data.history_mode
 
 
 @dataclasses.dataclass
@@ -98,9 +98,9 @@ class PromptBuilder:
     Args:
         text_tokenizer: object with ``encode(text) -> list[int]``.
         special: special token ids.
-        image_tokens_per_image: T (codes mode: codes per history image; vision mode:
+        image_tokens_per_image: T (codes mode: codes per history image; pixels mode:
             placeholders per history image).
-        mode: "codes" or "vision".
+        mode: "codes" or "pixels" (``data.history_mode``).
         with_titles: put each history item's title before its image.
         instruction: the instruction text after "User: ".
     """
@@ -119,13 +119,16 @@ class PromptBuilder:
         self._tail = list(text_tokenizer.encode("Assistant:")) + [special.boi]
 
     def build(self, history_codes: Sequence[torch.Tensor] | torch.Tensor | None = None,
-              titles: Sequence[str] | None = None, num_history: int | None = None) -> Prompt:
+              titles: Sequence[str] | None = None, num_history: int | None = None,
+              extra: str | None = None) -> Prompt:
         """Build a prompt.
 
         Args:
             history_codes: codes mode: int ``[n, T]`` (or n tensors ``[T]``), oldest first.
             titles: n titles (used when ``with_titles``).
-            num_history: vision mode: number of history images n.
+            num_history: pixels mode: number of history images n.
+            extra: optional text placed after the history, before ``Assistant:`` (inference
+                only; ``None`` gives exactly the training template).
         """
         if self.mode == "codes":
             if history_codes is None:
@@ -136,7 +139,7 @@ class PromptBuilder:
             n = hc.shape[0]
         else:
             if num_history is None:
-                raise ValueError("vision mode needs num_history")
+                raise ValueError("pixels mode needs num_history")
             n = int(num_history)
         if self.with_titles and (titles is None or len(titles) != n):
             raise ValueError(f"with_titles=True needs {n} titles, got {None if titles is None else len(titles)}")
@@ -158,10 +161,14 @@ class PromptBuilder:
                 mask += [False] * self.T
             ids += [sp.eoi] + self._nl
             mask += [False] * (1 + len(self._nl))
+        if extra:
+            t = list(self.tok.encode(f"{extra}\n"))
+            ids += t
+            mask += [False] * len(t)
         ids += self._tail
         mask += [False] * len(self._tail)
         return Prompt(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool),
-                      n if self.mode == "vision" else 0)
+                      n if self.mode == "pixels" else 0)
 
     def unconditional(self, prompt: Prompt, mode: str = "pad") -> Prompt:
         return unconditional(prompt, self.special, mode)
@@ -169,7 +176,7 @@ class PromptBuilder:
 
 @dataclasses.dataclass
 class TrainingSample:
-    """Prompt + target codes ``[T]`` (+ ``pixel_values [n_img, 3, H, W]`` in vision mode)."""
+    """Prompt + target codes ``[T]`` (+ ``pixel_values [n_img, 3, H, W]`` in pixels mode)."""
 
     prompt: Prompt
     target: torch.Tensor
@@ -193,7 +200,7 @@ class SFTCollator:
         input_ids int64 [B, L], gen_code_mask bool [B, L] (code history slots + targets),
         attention_mask bool [B, L], position_ids int64 [B, L] (0 at the first real token),
         loss_mask bool [B, L], labels int64 [B, L] (see the module docstring),
-        pixel_values float32 [sum n_img, 3, H, W] (vision samples, batch order) when any.
+        pixel_values float32 [sum n_img, 3, H, W] (pixels samples, batch order) when any.
     """
 
     def __init__(self, special: SpecialTokens, *, cond_dropout_p: float = 0.0,
@@ -241,15 +248,15 @@ class SFTCollator:
 class SFTDataset(torch.utils.data.Dataset):
     """Examples -> :class:`TrainingSample` s, codes read from a :class:`TokenCache`.
 
-    ``image_loader(item_id) -> uint8 [H, W, 3]`` is required in vision mode; ``titles``
+    ``image_loader(item_id) -> uint8 [H, W, 3]`` is required in pixels mode; ``titles``
     maps item id -> title when the builder uses titles.
     """
 
     def __init__(self, examples: Sequence[Example], cache, builder: PromptBuilder, *,
                  titles: dict[str, str] | None = None,
                  image_loader: Callable[[str], np.ndarray] | None = None):
-        if builder.mode == "vision" and image_loader is None:
-            raise ValueError("vision mode needs an image_loader")
+        if builder.mode == "pixels" and image_loader is None:
+            raise ValueError("pixels mode needs an image_loader")
         if builder.T != cache.num_tokens and builder.mode == "codes":
             raise ValueError(f"builder expects {builder.T} codes per image, cache has {cache.num_tokens}")
         self.examples, self.cache, self.builder = list(examples), cache, builder

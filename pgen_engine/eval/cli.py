@@ -29,6 +29,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ckpt = Path(a.checkpoint)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
     settings = E.PromptSettings.for_checkpoint(ckpt, a.run_config)
+    if a.history_mode is not None:
+        from pgen_engine.data.history import check_history_mode
+
+        check_history_mode(settings.history_mode, a.history_mode, where=str(a.run_config or ckpt.parent / "config.resolved.yaml"))
     if a.tokenizer:
         settings = dataclasses.replace(settings, tokenizer_path=Path(a.tokenizer))
     tok = settings.tokenizer(model)
@@ -53,7 +57,10 @@ def cmd_eval(a: argparse.Namespace) -> int:
     rows = {name: E.compute_metrics(s, data, examples, embedder) for name, s in systems.items()}
     table = E.format_table(rows)
     print(table)
+    print(f"history mode: {settings.history_mode} (history images "
+          f"{'through the vision tower' if settings.history_mode == 'pixels' else 'as VQ codes'})")
     result = {"checkpoint": str(ckpt), "data": str(a.data), "split": a.split, "users": len(examples),
+              "history_mode": settings.history_mode,
               "num_images": a.num_images, "metrics": rows, "seconds": round(time.time() - t0, 1)}
     if out:
         from pgen_engine.io_utils import atomic_write_json
@@ -83,6 +90,8 @@ def register(subparsers) -> None:
                    "checkpoint's VQ model)")
     p.add_argument("--cache-dir", default=None, help="token cache folder (built when missing)")
     p.add_argument("--embedder", default="pixel_stats", help="pixel_stats, or clip:PATH / siglip:PATH / janus:PATH")
+    p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,
+                   help="refuse to run unless the model was trained with this history mode (default: its run's)")
     p.add_argument("--run-config", default=None, help="the training run's config.resolved.yaml (default: "
                    "CHECKPOINT/../config.resolved.yaml) — gives the prompt format and the image tokenizer")
     p.add_argument("--baselines", action="store_true", help="add popularity, recommend and non-personalized rows")

@@ -86,6 +86,9 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     settings = E.PromptSettings.for_checkpoint(sft["final"])
     tok = settings.tokenizer(sft_model)
     builder = settings.prompt_builder(sft_model, sft["final"], tok.num_tokens)
+    print(f"[demo] history mode: {settings.history_mode} ("
+          f"{'history images through the vision tower + aligner' if settings.history_mode == 'pixels' else 'history images as VQ codes: the model has no vision tower'})",
+          flush=True)
     embedder = make_embedder({"type": "pixel_stats"})
     ev = E.prepare_eval_data(data_dir, tok, work / f"eval_cache_{tok.fingerprint()[:16]}", embedder,
                              k=settings.history_k, progress=progress)
@@ -129,7 +132,9 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     meta = {"dataset": str(data_dir), "users evaluated": len(examples), "images per user": n,
             "device": _device_name(), "torch": torch.__version__,
             **{k: f"{v:.0f} s" for k, v in timings.items()}, "total": f"{sum(timings.values()):.0f} s",
-            "sampling": json.dumps(sampling), "quick": quick}
+            "sampling": json.dumps(sampling), "quick": quick,
+            "history mode": f"{settings.history_mode} (history images "
+                            f"{'through the vision tower + aligner' if settings.history_mode == 'pixels' else 'as VQ codes: this model has no vision tower'})"}
     report = write_report(out, title=f"pgen_engine demo — {'synthetic known-answer data' if synthetic else data_dir.name}",
                           table_md=table, notes=notes, figures=figures, meta=meta)
     from pgen_engine.io_utils import atomic_write_json

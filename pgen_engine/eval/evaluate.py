@@ -90,12 +90,15 @@ class PromptSettings:
         instruction, with_titles, history_k: the run's ``data`` settings.
         tokenizer_path: the PatchKMeans file whose codes the model speaks, or None when the
             checkpoint's own VQ model is the tokenizer.
+        history_mode: ``data.history_mode`` the model was trained with ("pixels": history
+            images through the vision tower; "codes": VQ codes), see :mod:`pgen_engine.data.history`.
     """
 
     instruction: str
     with_titles: bool
     history_k: int
     tokenizer_path: Path | None
+    history_mode: str = "codes"
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | Path, run_config: str | Path | None = None) -> "PromptSettings":
@@ -113,7 +116,9 @@ class PromptSettings:
             tok = Path(d.work_dir) / "tokenizer.safetensors"
             if not tok.is_file():
                 raise FileNotFoundError(f"{path}: the run's image tokenizer {tok} is missing")
-        return cls(d.instruction, d.with_titles, d.history_k, tok)
+        from pgen_engine.data.history import trained_history_mode
+
+        return cls(d.instruction, d.with_titles, d.history_k, tok, trained_history_mode(ckpt, run_config)[0])
 
     def tokenizer(self, model) -> ImageTokenizer:
         """The image tokenizer matching ``model``'s image vocabulary."""
@@ -132,7 +137,7 @@ class PromptSettings:
         from pgen_engine.data.text_tokenizer import load_text_tokenizer
 
         special = model.special_tokens
-        return PromptBuilder(load_text_tokenizer(checkpoint, special), special, num_tokens, mode="codes",
+        return PromptBuilder(load_text_tokenizer(checkpoint, special), special, num_tokens, mode=self.history_mode,
                              with_titles=self.with_titles, instruction=self.instruction)
 
 
@@ -154,17 +159,36 @@ class SystemOutput:
     kind: str
 
 
-def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, personalized: bool = True):
-    """Prompts (token ids + code masks) for ``examples``; non-personalized = empty history."""
-    ids, masks = [], []
+def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, personalized: bool = True,
+                  image_size: int | None = None):
+    """Prompts for ``examples``; non-personalized = empty history.
+
+    Returns (ids, code masks, pixels): B id lists, B bool lists, and B float32
+    ``[n_i, 3, image_size, image_size]`` history images (None where a prompt has none) in
+    pixels mode (``builder.mode``; ``image_size`` = the vision tower's), else B Nones.
+    """
+    from pgen_engine.data.history import CatalogueImages
+    from pgen_engine.data.prompts import normalize_pixels
+
+    ids, masks, pixels = [], [], []
     T = data.tokenizer.num_tokens
+    images = CatalogueImages(data.dataset, image_size) if builder.mode == "pixels" else None
+    if images is not None and not image_size:
+        raise ValueError("pixels history mode needs the model's image_size")
     for ex in examples:
-        codes = data.cache.codes(list(ex.history)) if personalized and ex.history else torch.zeros(0, T, dtype=torch.long)
-        titles = [data.dataset.items[i].title for i in ex.history] if personalized else []
-        p = builder.build(history_codes=codes, titles=titles if builder.with_titles else None)
+        hist = list(ex.history) if personalized else []
+        titles = [data.dataset.items[i].title for i in hist]
+        titles = titles if builder.with_titles else None
+        if images is not None:
+            p = builder.build(titles=titles, num_history=len(hist))
+            pixels.append(normalize_pixels(images.batch(hist)) if hist else None)
+        else:
+            codes = data.cache.codes(hist) if hist else torch.zeros(0, T, dtype=torch.long)
+            p = builder.build(history_codes=codes, titles=titles)
+            pixels.append(None)
         ids.append(p.input_ids.tolist())
         masks.append(p.gen_code_mask.tolist())
-    return ids, masks
+    return ids, masks, pixels
 
 
 @torch.no_grad()
@@ -173,7 +197,8 @@ def generate_system(name: str, generator, data: EvalData, builder, examples: Seq
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16,
                     progress: bool = False) -> SystemOutput:
     """Generate ``n`` images per example with ``generator`` (a :class:`pgen_engine.Generator`)."""
-    ids, masks = build_prompts(data, builder, examples, personalized=personalized)
+    ids, masks, pixels = build_prompts(data, builder, examples, personalized=personalized,
+                                       image_size=generator.model.image_size)
     codes = []
     it = range(0, len(ids), batch_prompts)
     if progress:
@@ -182,7 +207,9 @@ def generate_system(name: str, generator, data: EvalData, builder, examples: Seq
         it = tqdm(it, desc=f"eval {name}", unit="batch")
     for i in it:
         seeds = [seed * 1_000_003 + j for j in range(i, min(i + batch_prompts, len(ids)))]
-        codes.append(generator.generate(ids[i:i + batch_prompts], gen_code_mask=masks[i:i + batch_prompts],
+        px = [p for p in pixels[i:i + batch_prompts] if p is not None]
+        px = torch.cat(px).to(generator.model.device) if px else None
+        codes.append(generator.generate(ids[i:i + batch_prompts], None, px, gen_code_mask=masks[i:i + batch_prompts],
                                         num_samples=n, guidance_scale=guidance_scale, temperature=temperature,
                                         top_k=top_k, top_p=top_p, seed=seeds).cpu())
     codes = torch.cat(codes)

@@ -1,14 +1,31 @@
 """``pgen generate``: prompts.jsonl -> PNG images + ``manifest.jsonl``.
 
 Each non-blank line of the prompts file (UTF-8, an optional BOM, LF or CRLF) is a JSON
-object with an ``"id"`` (string or int, unique) and either ``"prompt"`` (text; tokenised with
-the checkpoint's tokenizer and framed as ``<bos> text <boi>``) or ``"input_ids"`` (a list of
-token ids used as given, ending with ``<boi>``); no other field. History images are not
-supported here, so ``<image>`` placeholder ids are refused. Invalid lines are all reported
-with their line numbers before the model is loaded.
+object with an ``"id"`` (string or int, unique) and one of:
 
-Sample ``j`` of the prompt on line ``n`` uses request seed ``mix_seed(--seed, n)``, so an
-image does not change with ``--batch-size`` or with the other prompts in the file.
+* ``"history"``: the user's items, oldest first, each ``{"image": PATH, "title": TEXT}``
+  (``PATH`` relative to the prompts file; ``title`` optional), plus an optional
+  ``"prompt"`` (extra text after the history). The prompt is built exactly as the model's
+  training built it (:mod:`pgen_engine.data.history`: template, titles, history order, the
+  history mode it was trained with — pixels through the vision tower or VQ codes — and the
+  same unconditional prompt for CFG);
+* ``"prompt"`` alone (text; tokenised with the checkpoint's tokenizer and framed as
+  ``<bos> text <boi>``);
+* ``"input_ids"`` (a list of token ids used as given, ending with ``<boi>``; ``<image>``
+  placeholder ids are refused: history images come through ``"history"``).
+
+``--data DIR --users 1,2,3 [--split test]`` instead builds each user's history from a
+dataset in the native layout (the run's ``history_k`` last items before the split's target).
+
+Invalid lines (a missing or corrupt history image, an empty history, a history too long for
+the model's context, ...) are all reported as ``file:line: what is wrong`` before anything
+is generated, and nothing is written.
+
+Sample ``j`` of the prompt with id ``i`` uses request seed
+:func:`~pgen_engine.generation.personal.request_seed_for_id` ``(--seed, i)``: an image depends
+only on ``--seed``, its line's id and content, never on the line's position, ``--batch-size``
+or the other prompts in the file. ``manifest.jsonl`` records, per image, the history items it
+was conditioned on and the history mode.
 
 Outputs are staged in a hidden folder inside ``--out`` and moved into place only once every
 image and the manifest are written: a failed or interrupted run leaves earlier results in
@@ -30,7 +47,7 @@ from pathlib import Path
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-FIELDS = ("id", "prompt", "input_ids")
+FIELDS = ("id", "prompt", "input_ids", "history")
 MANIFEST = "manifest.jsonl"
 _MAX_STEM = 80  # characters (ASCII) of an id kept in a file name; longer ids get a hash suffix
 _STAGE_PREFIX = ".pgen-generate."
@@ -44,6 +61,9 @@ class PromptLine:
     id: str
     text: str | None
     input_ids: list[int]
+    history: list[dict] | None = None  # the items as given ({"image", "title"}; --data adds "item_id")
+    gen_code_mask: list[bool] | None = None
+    pixel_values: object = None  # float32 [n, 3, S, S] (pixels history mode)
 
 
 class _DuplicateKey(ValueError):
@@ -67,8 +87,46 @@ def _utf8_error(s: str) -> str | None:
     return None
 
 
+def _parse_history(obj: dict, where: str, base: Path, prompter) -> tuple[list[dict], object] | str:
+    """The ``"history"`` field -> (items as recorded, HistoryInput), or the error message."""
+    from pgen_engine.data.dataset import DataError
+
+    hist = obj["history"]
+    if not isinstance(hist, list):
+        return f"{where}: field 'history' must be a list of {{\"image\": path, \"title\": text}} objects"
+    if not hist:
+        return f"{where}: field 'history' is empty; a user history needs at least one item"
+    if "input_ids" in obj:
+        return f"{where}: 'history' and 'input_ids' cannot be combined (the history builds the prompt)"
+    extra = obj.get("prompt")
+    if extra is not None and not isinstance(extra, str):
+        return f"{where}: field 'prompt' must be a string, got {type(extra).__name__}"
+    items, srcs = [], []
+    for j, it in enumerate(hist, start=1):
+        if not isinstance(it, dict) or not isinstance(it.get("image"), str) or not it["image"].strip():
+            return f"{where}: field 'history' item {j} must be an object with a non-empty string 'image' path"
+        bad = [k for k in it if k not in ("image", "title", "item_id")]
+        if bad:
+            return f"{where}: field 'history' item {j} has unknown key(s) {', '.join(map(repr, bad))}"
+        title = it.get("title", "")
+        if not isinstance(title, str):
+            return f"{where}: field 'history' item {j}: 'title' must be a string"
+        items.append({k: it[k] for k in ("item_id", "image", "title") if k in it})
+        srcs.append((base / it["image"], title))
+    if prompter is None:
+        return f"{where}: field 'history' needs the checkpoint's history prompt builder"
+    try:
+        built = prompter.build(srcs, extra=extra or None)
+    except DataError as e:  # names the image file
+        return f"{where}: field 'history': {e}"
+    except Exception as e:  # a tokenizer / image tokenizer's own error types
+        return f"{where}: field 'history' cannot be turned into a prompt ({type(e).__name__}: {e})"
+    return items, built
+
+
 def _parse_line(raw: bytes, where: str, seen: dict[str, int], n: int, tokenizer, special, vocab_size: int,
-                max_positions: int | None, num_image_tokens: int) -> PromptLine | str:
+                max_positions: int | None, num_image_tokens: int, base: Path | None = None,
+                prompter=None) -> PromptLine | str:
     """A valid line, or the error message for it."""
     try:
         text_line = raw.decode("utf-8")
@@ -87,8 +145,8 @@ def _parse_line(raw: bytes, where: str, seen: dict[str, int], n: int, tokenizer,
         return f"{where}: expected a JSON object, got {kind}"
     unknown = [k for k in obj if k not in FIELDS]
     if unknown:
-        return (f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected 'id' and one of 'prompt' / "
-                "'input_ids' (pgen generate takes no history images or other fields)")
+        return (f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; expected 'id' and 'history' "
+                "(+ optional 'prompt'), 'prompt' or 'input_ids'")
     pid = obj.get("id")
     if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
         return f"{where}: field 'id' must be a non-empty string or int, got {pid!r}"
@@ -98,6 +156,17 @@ def _parse_line(raw: bytes, where: str, seen: dict[str, int], n: int, tokenizer,
         return f"{where}: field 'id' is {bad}"
     if pid in seen:
         return f"{where}: duplicate id {pid!r} (first on line {seen[pid]})"
+    if "history" in obj:
+        got = _parse_history(obj, where, base or Path("."), prompter)
+        if isinstance(got, str):
+            return got
+        items, h = got
+        if max_positions is not None and len(h.input_ids) + num_image_tokens > max_positions:
+            return (f"{where}: the history of {len(items)} item(s) makes a prompt of {len(h.input_ids)} tokens; with "
+                    f"the {num_image_tokens} image tokens that exceeds the model's max_position_embeddings="
+                    f"{max_positions}; use fewer history items")
+        seen[pid] = n
+        return PromptLine(n, pid, obj.get("prompt"), h.input_ids, items, h.gen_code_mask, h.pixel_values)
     has_text, has_ids = "prompt" in obj, "input_ids" in obj
     if has_text == has_ids:
         return f"{where}: exactly one of 'prompt' (text) or 'input_ids' (list of ints) is required"
@@ -127,7 +196,7 @@ def _parse_line(raw: bytes, where: str, seen: dict[str, int], n: int, tokenizer,
     n_img = sum(1 for t in ids if t == special.image)
     if n_img:
         return (f"{where}: the prompt holds {n_img} <image> placeholder token(s) (id {special.image}); "
-                "pgen generate takes no history images to fill them")
+                "history images come through the 'history' field")
     if max_positions is not None and len(ids) + num_image_tokens > max_positions:
         return (f"{where}: the prompt is {len(ids)} tokens; with the {num_image_tokens} image tokens that exceeds "
                 f"the model's max_position_embeddings={max_positions} (at most "
@@ -137,7 +206,7 @@ def _parse_line(raw: bytes, where: str, seen: dict[str, int], n: int, tokenizer,
 
 
 def read_prompts(path: str | Path, tokenizer, special, vocab_size: int, *, max_positions: int | None = None,
-                 num_image_tokens: int = 0) -> list[PromptLine]:
+                 num_image_tokens: int = 0, prompter=None) -> list[PromptLine]:
     """Parse and validate a prompts.jsonl file.
 
     Args:
@@ -149,6 +218,8 @@ def read_prompts(path: str | Path, tokenizer, special, vocab_size: int, *, max_p
         max_positions: the model's ``max_position_embeddings``; a prompt plus
             ``num_image_tokens`` must fit in it (None: no limit).
         num_image_tokens: image tokens generated after each prompt.
+        prompter: the checkpoint's :class:`~pgen_engine.data.history.HistoryPrompter`
+            (needed by ``"history"`` lines; their images are read relative to ``path``).
     Returns:
         the prompts in file order.
     Raises:
@@ -175,7 +246,7 @@ def read_prompts(path: str | Path, tokenizer, special, vocab_size: int, *, max_p
         if not raw.strip():
             continue
         got = _parse_line(raw, f"{path}:{n}", seen, n, tokenizer, special, vocab_size, max_positions,
-                          num_image_tokens)
+                          num_image_tokens, path.parent, prompter)
         if isinstance(got, str):
             errors.append(got)
         else:
@@ -294,10 +365,70 @@ def _load_tokenizer(checkpoint: Path, special):
                          f"{type(e).__name__}: {e}") from None
 
 
+def dataset_prompts(data_dir: str | Path, users: str, split: str, prompter, *, history_k: int,
+                    min_interactions: int, max_positions: int | None, num_image_tokens: int) -> list[PromptLine]:
+    """``--data DIR --users 1,2,3 --split S``: each user's ``split`` example (its last
+    ``history_k`` items before the target, oldest first) as a history prompt.
+
+    Raises ValueError naming the flag / user / image for an unknown user, a user without a
+    ``split`` example, or a missing / corrupt image.
+    """
+    from pgen_engine.data.dataset import DataError, load_dataset
+    from pgen_engine.data.splits import build_splits
+
+    ids = [u.strip() for u in users.split(",") if u.strip()]
+    if not ids:
+        raise ValueError(f"--users {users!r}: expected a comma-separated list of user ids")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"--users {users!r}: duplicate user id(s)")
+    try:
+        ds = load_dataset(data_dir, check_images=False)
+    except (DataError, OSError) as e:
+        raise ValueError(f"--data {data_dir}: {e}") from None
+    splits = build_splits(ds, k=history_k, min_interactions=min_interactions)
+    by_user = {ex.user_id: ex for ex in getattr(splits, split)}
+    out, errors = [], []
+    for n, uid in enumerate(ids, start=1):
+        where = f"--data {data_dir} --users: user {uid!r}"
+        if uid not in ds.interactions:
+            errors.append(f"{where}: not in the dataset")
+            continue
+        ex = by_user.get(uid)
+        if ex is None or not ex.history:
+            errors.append(f"{where}: no {split} example (users need >= {min_interactions} interactions)")
+            continue
+        items = [{"item_id": i, "image": str(ds.items[i].image_path), "title": ds.items[i].title}
+                 for i in ex.history]
+        if any(ds.items[i].image_path is None for i in ex.history):
+            errors.append(f"{where}: a history item has no image")
+            continue
+        try:
+            h = prompter.build([(Path(it["image"]), it["title"]) for it in items])
+        except DataError as e:
+            errors.append(f"{where}: {e}")
+            continue
+        if max_positions is not None and len(h.input_ids) + num_image_tokens > max_positions:
+            errors.append(f"{where}: the history of {len(items)} item(s) makes a prompt of {len(h.input_ids)} "
+                          f"tokens; with the {num_image_tokens} image tokens that exceeds max_position_embeddings="
+                          f"{max_positions}")
+            continue
+        out.append(PromptLine(n, uid, None, h.input_ids, items, h.gen_code_mask, h.pixel_values))
+    if errors:
+        raise ValueError(f"{len(errors)} invalid user(s):\n" + "\n".join(errors[:20]))
+    return out
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Implementation of ``pgen generate`` (see :func:`register` for the arguments)."""
     _check_args(args)
-    checkpoint, out_dir, prompts_path = Path(args.checkpoint), Path(args.out), Path(args.prompts)
+    if (args.prompts is None) == (args.data is None):
+        raise ValueError("give exactly one of --prompts FILE or --data DIR --users IDS")
+    if args.data is not None and not args.users:
+        raise ValueError("--data needs --users (comma-separated user ids)")
+    if args.users and args.data is None:
+        raise ValueError("--users needs --data DIR")
+    checkpoint, out_dir = Path(args.checkpoint), Path(args.out)
+    prompts_path = Path(args.prompts) if args.prompts is not None else Path(args.data)
     _check_out(out_dir, checkpoint, prompts_path)
 
     import torch
@@ -306,20 +437,36 @@ def run_generate(args: argparse.Namespace) -> int:
     from pgen_engine.io_utils import atomic_write_text
     from pgen_engine.models import load_model
     from pgen_engine.models.checkpoint import load_checkpoint_config
-    from pgen_engine.ops.rng import mix_seed
+
+    from pgen_engine.data.history import prompter_for_checkpoint, trained_history_mode
 
     from .generator import Generator, NonFiniteLogitsError
+    from .personal import decode_codes, request_seed_for_id
 
     # everything that can be checked without the weights, before loading them
     cfg, special = load_checkpoint_config(checkpoint)
     tokenizer = _load_tokenizer(checkpoint, special)
     T = cfg.num_image_tokens
-    prompts = read_prompts(prompts_path, tokenizer, special, cfg.text.vocab_size,
-                           max_positions=cfg.text.max_position_embeddings, num_image_tokens=T)
+    mode, _ = trained_history_mode(checkpoint, args.run_config)
+    model = None
+    if mode == "codes":  # history images are encoded by the run's image tokenizer (maybe the model's VQ)
+        model = load_model(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+    prompter = prompter_for_checkpoint(checkpoint, model, run_config=args.run_config,
+                                       history_mode=args.history_mode)
+    if args.data is not None:
+        run = _run_data_config(checkpoint, args.run_config)
+        prompts = dataset_prompts(args.data, args.users, args.split, prompter, history_k=run.history_k,
+                                  min_interactions=run.min_interactions,
+                                  max_positions=cfg.text.max_position_embeddings, num_image_tokens=T)
+    else:
+        prompts = read_prompts(prompts_path, tokenizer, special, cfg.text.vocab_size,
+                               max_positions=cfg.text.max_position_embeddings, num_image_tokens=T,
+                               prompter=prompter)
     stage, created = _make_out(out_dir)
     published = False
     try:
-        model = load_model(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
+        if model is None:
+            model = load_model(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
         gen = Generator(model, max_batch_size=args.batch_size * args.num_samples,
                         max_seq_len=max(len(p.input_ids) for p in prompts) + T, uncond_mode=args.uncond_mode,
                         scheduler=args.scheduler)
@@ -330,12 +477,16 @@ def run_generate(args: argparse.Namespace) -> int:
         try:
             for start in range(0, len(prompts), args.batch_size):
                 chunk = prompts[start:start + args.batch_size]
-                seeds = [int(mix_seed(args.seed, p.line)) for p in chunk]
+                seeds = [request_seed_for_id(args.seed, p.id) for p in chunk]
+                masks = [p.gen_code_mask or [False] * len(p.input_ids) for p in chunk]
+                px = [p.pixel_values for p in chunk if p.pixel_values is not None]
                 try:
-                    images = gen.generate_images([p.input_ids for p in chunk], num_samples=args.num_samples,
-                                                 guidance_scale=args.guidance_scale, temperature=args.temperature,
-                                                 top_k=args.top_k, top_p=args.top_p, greedy=args.greedy,
-                                                 seed=seeds)
+                    codes = gen.generate([p.input_ids for p in chunk], None,
+                                         torch.cat(px).to(model.device) if px else None,
+                                         gen_code_mask=masks if any(map(any, masks)) else None,
+                                         num_samples=args.num_samples, guidance_scale=args.guidance_scale,
+                                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                         greedy=args.greedy, seed=seeds)
                 except NonFiniteLogitsError as e:
                     # the weights are finite (load_model checks): the activations overflow,
                     # e.g. a model trained in bf16 run in float16
@@ -344,7 +495,7 @@ def run_generate(args: argparse.Namespace) -> int:
                     raise ValueError(f"{args.checkpoint}: the model's image logits for the prompt on line {line} are "
                                      f"NaN/Inf in {args.dtype} at image token {e.token} (the weights are finite, "
                                      f"the activations overflow){hint}; no image was written") from None
-                images = images.cpu().numpy()
+                images = decode_codes(model, prompter, codes).cpu().numpy()
                 for i, p in enumerate(chunk):
                     stem = _file_stem(p.id, used)
                     for j in range(args.num_samples):
@@ -358,6 +509,9 @@ def run_generate(args: argparse.Namespace) -> int:
                                "uncond_mode": args.uncond_mode}
                         if p.text is not None:
                             rec["prompt"] = p.text
+                        if p.history is not None:
+                            rec["history"] = p.history
+                            rec["history_mode"] = prompter.mode
                         manifest.append(json.dumps(rec, ensure_ascii=False))
                         bar.update(1)
         finally:
@@ -378,13 +532,33 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_data_config(checkpoint: Path, run_config: str | None):
+    """The ``data`` section of the checkpoint's training run (defaults when there is none)."""
+    from pgen_engine.config import DataConfig, load_config
+
+    path = Path(run_config) if run_config else checkpoint.parent / "config.resolved.yaml"
+    return load_config(path).data if path.is_file() else DataConfig()
+
+
 def register(subparsers) -> None:
     """Add ``pgen generate`` to the ``pgen`` sub-command parser."""
     p = subparsers.add_parser("generate", help="generate images for the prompts of a JSONL file",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Hugging Face Janus checkpoint directory")
-    p.add_argument("--prompts", required=True, help='JSONL: {"id": ..., "prompt": "text"} or {"id": ..., '
-                   '"input_ids": [...]} per line')
+    p.add_argument("--prompts", default=None, help='JSONL, one per line: {"id": ..., "history": [{"image": '
+                   '"posters/1.jpg", "title": "..."}, ...], "prompt": "optional extra text"} (paths relative to the '
+                   'file), {"id": ..., "prompt": "text"} or {"id": ..., "input_ids": [...]}')
+    p.add_argument("--data", default=None, help="instead of --prompts: a native-layout dataset; with --users, each "
+                   "user's history of the --split example is the prompt")
+    p.add_argument("--users", default=None, help="comma-separated user ids of --data")
+    p.add_argument("--split", choices=("train", "valid", "test"), default="test",
+                   help="which example's history --data uses (default test: the user's last history_k items "
+                   "before the final item)")
+    p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,
+                   help="refuse to run unless the model was trained with this history mode (default: the mode "
+                   "of its run config)")
+    p.add_argument("--run-config", default=None, help="the training run's config.resolved.yaml (default: "
+                   "CHECKPOINT/../config.resolved.yaml): prompt template, history mode, image tokenizer")
     p.add_argument("--out", required=True, help="output directory (PNGs + manifest.jsonl); written only when "
                    "the run completes")
     p.add_argument("--num-samples", type=int, default=1, help="images per prompt (default 1)")

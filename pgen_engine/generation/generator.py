@@ -297,6 +297,15 @@ class Generator:
         codes = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
         return torch.cat([self.model.decode_images(c) for c in codes.split(decode_batch_size)])
 
+    def generate_for_users(self, histories, *, num_samples: int = 1, **kwargs) -> torch.Tensor:
+        """Images (or codes) of the next item for each user history: ``histories`` are lists of
+        ``(PIL image or path, title)``, oldest first. Prompts are built exactly as the model's
+        training built them. See :func:`pgen_engine.generation.personal.generate_for_users`
+        for the arguments and the seeding rules."""
+        from .personal import generate_for_users
+
+        return generate_for_users(self, histories, num_samples=num_samples, **kwargs)
+
     # ------------------------------------------------------------------ input handling
     def _parse_prompts(self, input_ids, attention_mask, gen_code_mask) -> list[_Prompt]:
         img_id = self.model.config.image_token_id

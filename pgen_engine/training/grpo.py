@@ -34,6 +34,16 @@ AGGREGATIONS = ("token", "sequence")
 ALGORITHMS = ("grpo", "ppo")
 
 
+# Rollout-vs-trainer log-prob gap (``logprob_gap_max``) tolerances. The rollout's log-probs
+# come from the Generator's logits in the model dtype; the trainer recomputes them with fp32
+# accumulation. In fp32 both agree to rounding (tested <= 1e-5). In bf16 the logits carry 8
+# mantissa bits (~0.4 % relative error each), so a token's log-prob differs by ~1e-2: measured
+# up to 1.2e-2 per token on the tiny test model (tests/training/test_rollout.py). A gap above
+# the tolerance points to a real mismatch (other weights, prompt or temperature), not rounding.
+FP32_LOGPROB_GAP_TOL = 1e-5
+BF16_LOGPROB_GAP_TOL = 5e-2
+
+
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimator of KL(pi || ref): ``exp(ref - logp) - (ref - logp) - 1`` (>= 0).
 

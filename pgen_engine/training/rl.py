@@ -63,26 +63,44 @@ __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_seque
 class Sequences:
     """Left-padded teacher-forcing inputs of sampled images (see :func:`build_sequences`).
 
-    Attributes (all ``[N, L]`` on one device):
-        input_ids: int64 token ids.
-        gen_code_mask: bool, True where the id is an image code (history or sampled).
-        attention_mask: int64, 1 on real tokens.
+    Attributes:
+        input_ids: int64 ``[N, L]`` token ids.
+        gen_code_mask: bool ``[N, L]``, True where the id is an image code (history or sampled).
+        attention_mask: int64 ``[N, L]``, 1 on real tokens.
+        pixel_values: pixels history mode: per row, float32 ``[n_r, 3, S, S]`` history images
+            filling the row's ``<image>`` placeholders; None in codes mode.
     """
 
     input_ids: torch.Tensor
     gen_code_mask: torch.Tensor
     attention_mask: torch.Tensor
+    pixel_values: list[torch.Tensor] | None = None
 
-    def rows(self, sl: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(input_ids, gen_code_mask, attention_mask) of rows ``sl`` on ``device``."""
-        return self.input_ids[sl].to(device), self.gen_code_mask[sl].to(device), self.attention_mask[sl].to(device)
+    def rows(self, sl: slice, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(input_ids, gen_code_mask, attention_mask, pixel_values ``[sum n_r, 3, S, S]`` or None)
+        of rows ``sl`` on ``device`` — the leading arguments of :func:`policy_logprobs`."""
+        px = None
+        if self.pixel_values is not None:
+            chosen = [p for p in self.pixel_values[sl] if p is not None]
+            px = torch.cat(chosen).to(device) if chosen else None
+        return (self.input_ids[sl].to(device), self.gen_code_mask[sl].to(device), self.attention_mask[sl].to(device),
+                px)
 
     def __iter__(self):
         return iter((self.input_ids, self.gen_code_mask, self.attention_mask))
 
 
+def row_pixels(pixel_values: Sequence[torch.Tensor] | None, group_size: int) -> list[torch.Tensor] | None:
+    """Per-prompt history pixels ``[n_i,3,S,S]`` -> per-row (``r = i*G + j``) list, or None (codes mode)."""
+    if pixel_values is None:
+        return None
+    return [pv for pv in pixel_values for _ in range(group_size)]
+
+
 def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
-                    tokens: torch.Tensor, group_size: int, pad_id: int) -> Sequences:
+                    tokens: torch.Tensor, group_size: int, pad_id: int,
+                    pixel_values: Sequence[torch.Tensor] | None = None) -> Sequences:
     """Left-padded teacher-forcing inputs for sampled images.
 
     Row ``r = i*G + j`` is ``prompts[i] ++ tokens[r, :T-1]``; with left padding the last
@@ -94,6 +112,7 @@ def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Seque
         tokens: int64 ``[B*G, T]``.
         group_size: G.
         pad_id: padding id.
+        pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` (one per prompt), or None.
     Returns:
         :class:`Sequences` (``[B*G, L]`` each) on ``tokens.device``.
     """
@@ -117,11 +136,26 @@ def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Seque
             cm[r, L - T + 1:] = True
             att[r, L - S - T + 1:] = 1
     dev = tokens.device
-    return Sequences(ids.to(dev), cm.to(dev), att.to(dev))
+    return Sequences(ids.to(dev), cm.to(dev), att.to(dev), row_pixels(pixel_values, group_size))
+
+
+def row_pixels(pixel_values: Sequence[torch.Tensor | None] | None, group_size: int) -> list[torch.Tensor | None] | None:
+    """Per-prompt history pixels ``[n_i,3,S,S]`` -> per-row (``r = i*G + j``) list, or None (codes mode)."""
+    if pixel_values is None:
+        return None
+    return [pv for pv in pixel_values for _ in range(group_size)]
+
+
+def slice_pixels(seqs, sl: slice, device) -> torch.Tensor | None:
+    """The ``pixel_values`` of rows ``sl`` of ``seqs`` (``build_sequences(...) + (row_pixels(...),)``)."""
+    rows = seqs[3][sl] if len(seqs) > 3 and seqs[3] is not None else []
+    px = [p for p in rows if p is not None]
+    return torch.cat(px).to(device) if px else None
 
 
 def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor, attention_mask: torch.Tensor,
-                    targets: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    targets: torch.Tensor, temperature: float, pixel_values: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of ``targets`` with the training numerics.
 
     Args:
@@ -130,11 +164,13 @@ def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
         targets: int64 ``[N, T]`` sampled codes.
         temperature: the sampling temperature (the ratio's distribution is the conditional
             policy at that temperature).
+        pixel_values: pixels history mode: ``[sum n_img, 3, S, S]`` of the rows, in row order
+            (the same images the rollout's prompts were built with).
     Returns:
         (logprobs fp32 ``[N, T]``, entropy fp32 ``[N, T]``); differentiable when grad is on.
     """
     N, T = targets.shape
-    x = model.embed_inputs(input_ids, gen_code_mask)
+    x = model.embed_inputs(input_ids, gen_code_mask, pixel_values)
     h = model.forward_train(x, attention_mask)[:, -T:]
     lp, ent = model.image_token_logprobs(h.reshape(N * T, -1), targets.reshape(-1).to(h.device),
                                          temperature=temperature)
@@ -256,7 +292,8 @@ class RLTrainer:
         try:
             for lo in range(0, tokens.shape[0], self.micro):
                 sl = slice(lo, lo + self.micro)
-                lp, _ = forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev), self.rl.temperature)
+                ids, cm, att, px = seqs.rows(sl, dev)
+                lp, _ = forward(policy_logprobs, ids, cm, att, tokens[sl].to(dev), self.rl.temperature, px)
                 out.append(lp.cpu())
         finally:
             model.train(was)
@@ -291,8 +328,9 @@ class RLTrainer:
             for lo in range(0, N, self.micro):
                 sl = slice(lo, lo + self.micro)
                 with SavedTensorMeter(exclude=params) as meter:
-                    lp, ent = self.policy_forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev),
-                                                  rl.temperature)
+                    ids, cm, att, px = seqs.rows(sl, dev)
+                    lp, ent = self.policy_forward(policy_logprobs, ids, cm, att, tokens[sl].to(dev), rl.temperature,
+                                                  px)
                     loss, st = grpo.policy_loss(
                         lp, old_lp[sl].to(dev), adv[sl].to(dev), mask[sl].to(dev),
                         ref_logp=None if ref_lp is None else ref_lp[sl].to(dev), beta=rl.beta,
@@ -320,7 +358,8 @@ class RLTrainer:
         Returns ``{"eval/reward": mean total, "eval/reward/<component>": mean}``; the
         samples use the run's sampling settings and the batch's own seeds.
         """
-        ro = self.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(self.rl), batch.seeds)
+        ro = self.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(self.rl), batch.seeds,
+                                 pixel_values=batch.pixel_values)
         total, comps = self.reward_env(batch, ro.tokens.cpu(), self.rl.group_size)
         row = {"eval/reward": float(total.mean())}
         row.update({f"eval/reward/{k}": float(v.mean()) for k, v in comps.items()})
@@ -335,7 +374,8 @@ class RLTrainer:
         times = {}
         t0 = time.perf_counter()
         with led.phase("rollout"):
-            ro = self.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(rl), batch.seeds)
+            ro = self.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(rl), batch.seeds,
+                                     pixel_values=batch.pixel_values)
         tokens = ro.tokens.cpu()
         rollout_lp = ro.logprobs.detach().cpu().clone()
         del ro
@@ -346,7 +386,7 @@ class RLTrainer:
         times["time/reward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with led.phase("logprobs"):
-            seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id)
+            seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id, batch.pixel_values)
             old_lp = self.score_logprobs(self.module, seqs, tokens)
             ref_lp = None
             if self.reference is not None:
@@ -462,12 +502,13 @@ class RLStage(Stage):
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items))
         self.source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
-                                     ground_truth=gt, future_horizon=rl.future_horizon, seed=cfg.seed)
+                                     ground_truth=gt, future_horizon=rl.future_horizon, seed=cfg.seed,
+                                     image_loader=ds.image_loader)
         if rl.eval_prompts:
             held_out = data.splits.valid or data.splits.train
             self.eval_batch = RLPromptSource(held_out, data.splits, ds.cache, ds.builder, titles=ds.titles,
-                                             ground_truth=gt, seed=cfg.seed).fixed_batch(rl.eval_prompts, dist.rank,
-                                                                                         dist.world_size)
+                                             ground_truth=gt, seed=cfg.seed, image_loader=ds.image_loader
+                                             ).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
         te = trainer.te
         self.policy = RLTrainer(te.engine, rl, reward_env, self.reference, micro_batch_size=te.micro_batch_size,
                                 minibatch_size=cfg.train.global_batch_size // dist.world_size,

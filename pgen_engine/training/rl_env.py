@@ -15,10 +15,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import yaml
 
 from pgen_engine.config import RLConfig, RLConfigError, RunConfig
+from pgen_engine.data.prompts import normalize_pixels
 from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.ops.rng import mix_seed
@@ -47,6 +49,7 @@ class PromptBatch:
         seeds: B request seeds.
         history: B lists of history item ids; future: B lists of later train items.
         target_attributes: int64 ``[B, A]`` ground truth (synthetic data) or None.
+        pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` history images; None in codes mode.
     """
 
     prompts: list[list[int]]
@@ -55,6 +58,7 @@ class PromptBatch:
     history: list[list[str]]
     future: list[list[str]]
     target_attributes: torch.Tensor | None = None
+    pixel_values: list[torch.Tensor] | None = None
 
 
 class RewardEnv:
@@ -173,9 +177,12 @@ class RLPromptSource:
     """
 
     def __init__(self, examples, splits, cache, builder, *, titles=None, ground_truth=None,
-                 future_horizon: int | None = None, seed: int = 0):
+                 future_horizon: int | None = None, seed: int = 0, image_loader=None):
         if not examples:
             raise ValueError("RLPromptSource: no training examples")
+        if builder.mode == "pixels" and image_loader is None:
+            raise ValueError("RLPromptSource: pixels history mode needs an image_loader (item id -> uint8 image)")
+        self.image_loader = image_loader
         self.examples, self.splits, self.cache, self.builder = list(examples), splits, cache, builder
         self.titles, self.gt, self.horizon, self.seed = titles or {}, ground_truth, future_horizon, seed
 
@@ -207,11 +214,16 @@ class RLPromptSource:
         return self._make(idx, -1)
 
     def _make(self, idx: list[int], step: int) -> PromptBatch:
-        prompts, masks, hist, fut, attrs = [], [], [], [], []
+        prompts, masks, hist, fut, attrs, pix = [], [], [], [], [], []
         for i in idx:
             ex = self.examples[i]
             titles = [self.titles.get(h, "") for h in ex.history] if self.builder.with_titles else None
-            p = self.builder.build(self.cache.codes(list(ex.history)), titles)
+            if self.builder.mode == "pixels":
+                # the same prompt and pixels SFT trained on (SFTDataset.__getitem__)
+                p = self.builder.build(titles=titles, num_history=len(ex.history))
+                pix.append(normalize_pixels(torch.from_numpy(np.stack([self.image_loader(h) for h in ex.history]))))
+            else:
+                p = self.builder.build(self.cache.codes(list(ex.history)), titles)
             prompts.append(p.input_ids.tolist())
             masks.append(p.gen_code_mask.tolist())
             hist.append(list(ex.history))
@@ -221,7 +233,8 @@ class RLPromptSource:
         # one seed per (step, example): the same request draws the same samples on any rank
         seeds = mix_seed(torch.tensor(self.seed, dtype=torch.long), torch.tensor([step * 1_000_003 + i for i in idx], dtype=torch.long)).tolist()
         return PromptBatch(prompts, masks, seeds, hist, fut,
-                           torch.tensor(attrs, dtype=torch.long) if self.gt is not None else None)
+                           torch.tensor(attrs, dtype=torch.long) if self.gt is not None else None,
+                           pix if self.builder.mode == "pixels" else None)
 
 
 def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, item_ids: list[str],

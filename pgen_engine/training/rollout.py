@@ -34,6 +34,23 @@ from .memory_ledger import MemoryLedger, module_param_bytes, optimizer_state_byt
 
 
 # ----------------------------------------------------------------------------- rollout
+def generator_rows(num_prompts: int, group_size: int, max_batch_size: int) -> int:
+    """Output rows the rollout's Generator is sized for on this rank.
+
+    What this rank really generates per Generator call: whole prompt groups, at most
+    ``max_batch_size // group_size`` prompts (at least one) and never more than the
+    ``num_prompts`` this rank holds, times ``group_size`` samples. Sizing by
+    ``max_batch_size`` alone would allocate KV cache for prompts this rank never sees
+    (``rl.rollout_batch_size`` counts rows over the whole decode, not per rank).
+    :mod:`pgen_engine.training.plan` sizes the planned cache with this same function.
+    """
+    if num_prompts < 1 or group_size < 1 or max_batch_size < 1:
+        raise ValueError(f"generator_rows: num_prompts={num_prompts}, group_size={group_size} and "
+                         f"max_batch_size={max_batch_size} must be >= 1")
+    per_call = max(1, max_batch_size // group_size)
+    return min(per_call, num_prompts) * group_size
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """Rollout sampling settings (see :meth:`pgen_engine.generation.Generator.generate`)."""
@@ -101,7 +118,8 @@ class HybridEngine:
             raise ValueError("HybridEngine: offload_optimizer_states=True needs a DeepSpeed engine with offload_states()")
 
     def rollout(self, prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
-                params: SamplingParams, seeds: Sequence[int]) -> Rollout:
+                params: SamplingParams, seeds: Sequence[int],
+                pixel_values: Sequence[torch.Tensor] | None = None) -> Rollout:
         """Sample ``params.num_samples`` images per prompt with the policy's own weights.
 
         Args:
@@ -109,12 +127,16 @@ class HybridEngine:
             code_masks: B bool lists (True where the id is a history VQ code) or None.
             params: sampling settings.
             seeds: B request seeds (results of a prompt do not depend on its batch mates).
+            pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` history images
+                filling prompt ``i``'s ``<image>`` placeholders; None in codes mode.
         Returns:
             :class:`Rollout`; the KV cache is already released when this returns.
         """
         B, G = len(prompts), params.num_samples
         if B == 0:
             raise ValueError("HybridEngine.rollout: no prompts")
+        if pixel_values is not None and len(pixel_values) != B:
+            raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(pixel_values)} pixel_values entries")
         if len(seeds) != B or (code_masks is not None and len(code_masks) != B):
             raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(seeds)} seeds / "
                              f"{None if code_masks is None else len(code_masks)} code masks")
@@ -132,12 +154,13 @@ class HybridEngine:
             gathered = module_param_bytes(m)
             m.eval()
             try:
-                gen = Generator(m, max_batch_size=min(self.max_batch_size, per_call * G), max_seq_len=max_len,
+                gen = Generator(m, max_batch_size=generator_rows(B, G, self.max_batch_size), max_seq_len=max_len,
                                 uncond_mode=params.uncond_mode, sample_backend=self.sample_backend)
                 kv_bytes = gen.cache_nbytes()
                 for lo in range(0, B, per_call):
                     hi = min(B, lo + per_call)
-                    out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None,
+                    px = None if pixel_values is None else torch.cat(list(pixel_values[lo:hi])).to(m.device)
+                    out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None, px,
                                        gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
                                        num_samples=G, guidance_scale=float(params.guidance_scale),
                                        temperature=float(params.temperature), top_k=int(params.top_k),

@@ -154,6 +154,7 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
             on every rank, with rank 0's message.
     """
     from pgen_engine.data.dataset import load_dataset
+    from pgen_engine.data.history import CatalogueImages, HistoryModeError, run_history_mode
     from pgen_engine.data.prompts import PromptBuilder, SFTDataset
     from pgen_engine.data.splits import build_splits
     from pgen_engine.data.text_tokenizer import load_text_tokenizer
@@ -182,7 +183,16 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
                             f"data.min_interactions={d.min_interactions} interactions)")
     special = SpecialTokens.from_checkpoint(model_dir)
     text_tok = load_text_tokenizer(model_dir, special)
-    builder = PromptBuilder(text_tok, special, tok.num_tokens, mode="codes", with_titles=d.with_titles,
+    try:
+        mode = run_history_mode(d.history_mode, cfg.model.checkpoint)
+    except (HistoryModeError, OSError, ValueError) as e:
+        raise DataPrepError(str(e)) from None
+    d.history_mode = mode  # what the run trains with (the init model has a vision tower)
+    # T codes (codes mode) or T <image> placeholders (pixels mode): the model's image tokens,
+    # checked above to equal the tokenizer's
+    builder = PromptBuilder(text_tok, special, tok.num_tokens, mode=mode, with_titles=d.with_titles,
                             instruction=d.instruction)
     titles = {k: v.title for k, v in dataset.items.items()}
-    return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles), special, splits, tok)
+    loader = CatalogueImages(dataset, mcfg.image_size) if mode == "pixels" else None
+    return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles, image_loader=loader),
+                   special, splits, tok)

@@ -33,7 +33,7 @@ def test_codes_prompt_format():
 
 
 def test_vision_prompt_and_pixels():
-    b = _builder(4, mode="vision")
+    b = _builder(4, mode="pixels")
     p = b.build(num_history=2)
     assert p.num_vision_images == 2 and (p.input_ids == SP.image).sum() == 8 and not p.gen_code_mask.any()
     x = torch.randint(0, 256, (2, 7, 5, 3), dtype=torch.uint8)
@@ -82,7 +82,7 @@ def test_collator_left_pad_and_shift():
 
 def test_cond_dropout_all_and_vision_pixels():
     T = 3
-    b = _builder(T, mode="vision")
+    b = _builder(T, mode="pixels")
     s = [TrainingSample(b.build(num_history=n), torch.arange(T), torch.zeros(n, 3, 8, 8)) for n in (1, 2)]
     out = SFTCollator(SP)(s)
     assert out["pixel_values"].shape == (3, 3, 8, 8)
@@ -136,7 +136,7 @@ def test_loader_deterministic_resumable_sharded(sft_setup):
 
 def test_vision_dataset(sft_setup):
     ds, cache, sp, titles = sft_setup
-    data = SFTDataset(sp.valid[:4], cache, _builder(16, mode="vision"),
+    data = SFTDataset(sp.valid[:4], cache, _builder(16, mode="pixels"),
                       image_loader=lambda i: load_image(ds.items[i].image_path, 32))
     batch = SFTCollator(SP)([data[j] for j in range(4)])
     n_img = sum(len(e.history) for e in sp.valid[:4])
