@@ -41,6 +41,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from pgen_engine import envs
 from pgen_engine.config import ConfigError, RunConfig
 
 from .engine import build_deepspeed_config, resolve_precision
@@ -642,7 +643,7 @@ def preflight(cfg: RunConfig, config_name: str, *, gpu_bytes: int | None = None)
     this process's GPU). Skipped (None) without CUDA — CPU runs are fp32 demos the plan
     does not describe — and when ``PGEN_PLAN=0`` (to run a config the plan rejects anyway).
     """
-    if os.environ.get("PGEN_PLAN", "1") == "0":
+    if not envs.get("PGEN_PLAN"):
         return None
     if gpu_bytes is None:
         gpu_bytes = launch_gpu_bytes()

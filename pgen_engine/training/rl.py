@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 
@@ -51,130 +51,12 @@ from .memory_ledger import MemoryLedger, SavedTensorMeter, optimizer_state_bytes
 from .reference import ReferencePolicy
 from .rl_env import PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint
 from .rollout import HybridEngine, SamplingParams
+from .sequences import Sequences, build_sequences, policy_logprobs
 from .trainer import Stage, Trainer
 
 __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs",
            "sampling_params", "TorchOptimizerEngine", "RLTrainer", "reduce_row", "updates_per_step", "RLStage",
            "run"]
-
-
-# ----------------------------------------------------------------------------- training numerics
-@dataclasses.dataclass
-class Sequences:
-    """Left-padded teacher-forcing inputs of sampled images (see :func:`build_sequences`).
-
-    Attributes:
-        input_ids: int64 ``[N, L]`` token ids.
-        gen_code_mask: bool ``[N, L]``, True where the id is an image code (history or sampled).
-        attention_mask: int64 ``[N, L]``, 1 on real tokens.
-        pixel_values: pixels history mode: per row, float32 ``[n_r, 3, S, S]`` history images
-            filling the row's ``<image>`` placeholders; None in codes mode.
-    """
-
-    input_ids: torch.Tensor
-    gen_code_mask: torch.Tensor
-    attention_mask: torch.Tensor
-    pixel_values: list[torch.Tensor] | None = None
-
-    def rows(self, sl: slice, device: torch.device
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(input_ids, gen_code_mask, attention_mask, pixel_values ``[sum n_r, 3, S, S]`` or None)
-        of rows ``sl`` on ``device`` — the leading arguments of :func:`policy_logprobs`."""
-        px = None
-        if self.pixel_values is not None:
-            chosen = [p for p in self.pixel_values[sl] if p is not None]
-            px = torch.cat(chosen).to(device) if chosen else None
-        return (self.input_ids[sl].to(device), self.gen_code_mask[sl].to(device), self.attention_mask[sl].to(device),
-                px)
-
-    def __iter__(self):
-        return iter((self.input_ids, self.gen_code_mask, self.attention_mask))
-
-
-def row_pixels(pixel_values: Sequence[torch.Tensor] | None, group_size: int) -> list[torch.Tensor] | None:
-    """Per-prompt history pixels ``[n_i,3,S,S]`` -> per-row (``r = i*G + j``) list, or None (codes mode)."""
-    if pixel_values is None:
-        return None
-    return [pv for pv in pixel_values for _ in range(group_size)]
-
-
-def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
-                    tokens: torch.Tensor, group_size: int, pad_id: int,
-                    pixel_values: Sequence[torch.Tensor] | None = None) -> Sequences:
-    """Left-padded teacher-forcing inputs for sampled images.
-
-    Row ``r = i*G + j`` is ``prompts[i] ++ tokens[r, :T-1]``; with left padding the last
-    ``T`` positions of every row are exactly those predicting ``tokens[r, 0..T-1]``.
-
-    Args:
-        prompts: B id lists (each ends with begin-of-image).
-        code_masks: B bool lists (history VQ codes) or None.
-        tokens: int64 ``[B*G, T]``.
-        group_size: G.
-        pad_id: padding id.
-        pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` (one per prompt), or None.
-    Returns:
-        :class:`Sequences` (``[B*G, L]`` each) on ``tokens.device``.
-    """
-    N, T = tokens.shape
-    if N != len(prompts) * group_size:
-        raise ValueError(f"build_sequences: {N} token rows != {len(prompts)} prompts x group_size {group_size}")
-    L = max(len(p) for p in prompts) + T - 1
-    ids = torch.full((N, L), pad_id, dtype=torch.long)
-    cm = torch.zeros((N, L), dtype=torch.bool)
-    att = torch.zeros((N, L), dtype=torch.long)
-    toks = tokens.cpu()
-    for i, p in enumerate(prompts):
-        S = len(p)
-        row = torch.tensor(list(p), dtype=torch.long)
-        pm = torch.tensor(list(code_masks[i]), dtype=torch.bool) if code_masks is not None else torch.zeros(S, dtype=torch.bool)
-        for j in range(group_size):
-            r = i * group_size + j
-            ids[r, L - S - T + 1:L - T + 1] = row
-            cm[r, L - S - T + 1:L - T + 1] = pm
-            ids[r, L - T + 1:] = toks[r, :T - 1]
-            cm[r, L - T + 1:] = True
-            att[r, L - S - T + 1:] = 1
-    dev = tokens.device
-    return Sequences(ids.to(dev), cm.to(dev), att.to(dev), row_pixels(pixel_values, group_size))
-
-
-def row_pixels(pixel_values: Sequence[torch.Tensor | None] | None, group_size: int) -> list[torch.Tensor | None] | None:
-    """Per-prompt history pixels ``[n_i,3,S,S]`` -> per-row (``r = i*G + j``) list, or None (codes mode)."""
-    if pixel_values is None:
-        return None
-    return [pv for pv in pixel_values for _ in range(group_size)]
-
-
-def slice_pixels(seqs, sl: slice, device) -> torch.Tensor | None:
-    """The ``pixel_values`` of rows ``sl`` of ``seqs`` (``build_sequences(...) + (row_pixels(...),)``)."""
-    rows = seqs[3][sl] if len(seqs) > 3 and seqs[3] is not None else []
-    px = [p for p in rows if p is not None]
-    return torch.cat(px).to(device) if px else None
-
-
-def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor, attention_mask: torch.Tensor,
-                    targets: torch.Tensor, temperature: float, pixel_values: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs and entropies of ``targets`` with the training numerics.
-
-    Args:
-        model: JanusModel (the policy's module or the reference).
-        input_ids, gen_code_mask, attention_mask: ``[N, L]`` from :func:`build_sequences`.
-        targets: int64 ``[N, T]`` sampled codes.
-        temperature: the sampling temperature (the ratio's distribution is the conditional
-            policy at that temperature).
-        pixel_values: pixels history mode: ``[sum n_img, 3, S, S]`` of the rows, in row order
-            (the same images the rollout's prompts were built with).
-    Returns:
-        (logprobs fp32 ``[N, T]``, entropy fp32 ``[N, T]``); differentiable when grad is on.
-    """
-    N, T = targets.shape
-    x = model.embed_inputs(input_ids, gen_code_mask, pixel_values)
-    h = model.forward_train(x, attention_mask)[:, -T:]
-    lp, ent = model.image_token_logprobs(h.reshape(N * T, -1), targets.reshape(-1).to(h.device),
-                                         temperature=temperature)
-    return lp.reshape(N, T).float(), ent.reshape(N, T).float()
 
 
 def sampling_params(rl: RLConfig) -> SamplingParams:

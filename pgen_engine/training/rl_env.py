@@ -196,7 +196,7 @@ class RLPromptSource:
         """This rank's share of step ``step``'s prompts (drawn with replacement)."""
         if prompts_per_step % world:
             raise ValueError(f"rl.prompts_per_step={prompts_per_step} is not divisible by world size {world}")
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        g = torch.Generator().manual_seed(_seed(self.seed, STREAM_DRAW, step))
         idx = torch.randint(0, len(self.examples), (prompts_per_step,), generator=g).tolist()[rank::world]
         return self._make(idx, step)
 
@@ -209,7 +209,7 @@ class RLPromptSource:
         n = min(n, len(self.examples)) // world * world
         if n < 1:
             raise ValueError(f"fixed_batch: need >= {world} examples for {world} ranks, have {len(self.examples)}")
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
+        g = torch.Generator().manual_seed(_seed(self.seed, STREAM_EVAL))
         idx = torch.randperm(len(self.examples), generator=g)[:n].tolist()[rank::world]
         return self._make(idx, -1)
 
@@ -231,7 +231,8 @@ class RLPromptSource:
             if self.gt is not None:
                 attrs.append(self._target_attributes(ex))
         # one seed per (step, example): the same request draws the same samples on any rank
-        seeds = mix_seed(torch.tensor(self.seed, dtype=torch.long), torch.tensor([step * 1_000_003 + i for i in idx], dtype=torch.long)).tolist()
+        # one seed per (step, example): the same request draws the same samples on any rank
+        seeds = [_seed(self.seed, STREAM_REQUEST, step, i) for i in idx]
         return PromptBatch(prompts, masks, seeds, hist, fut,
                            torch.tensor(attrs, dtype=torch.long) if self.gt is not None else None,
                            pix if self.builder.mode == "pixels" else None)

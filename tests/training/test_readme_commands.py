@@ -58,14 +58,14 @@ def test_readme_two_rank_sft_then_rl(tmp_path):
     data = [f"data.dataset_dir={tmp_path / 'synth'}", f"data.work_dir={tmp_path / 'work'}", "data.synth.users=40",
             "data.codebook_size=32", "data.kmeans_iters=5", "logging.progress=false", "train.save_every=0"]
     sft = tmp_path / "sft"
-    _ok(_run(SFT_CMD, [f"output_dir={sft}", "train.max_steps=2", *data]))
+    _ok(_run(SFT_CMD, [f"output_dir={sft}", "train.max_steps=5", *data]))  # 5 = the config's warmup
     summary = json.loads((sft / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["grad_accum"] == 1  # 32 = 16 x 2 ranks
     assert (sft / "final" / "config.json").is_file()
     rl = tmp_path / "rl"
-    _ok(_run(RL_CMD, [f"output_dir={rl}", f"model.checkpoint={sft / 'final'}", "train.max_steps=1",
-                      "rl.eval_prompts=0", *data]))
+    _ok(_run(RL_CMD, [f"output_dir={rl}", f"model.checkpoint={sft / 'final'}", "train.max_steps=2",
+                      "rl.eval_prompts=0", *data]))  # 2 = the config's warmup
     summary = json.loads((rl / "summary.json").read_text())
-    assert summary["world_size"] == 2 and summary["stage"] == "rl" and summary["steps"] == 1
+    assert summary["world_size"] == 2 and summary["stage"] == "rl" and summary["steps"] == 2
     rows = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 1 and 0.0 <= rows[-1]["reward/attribute_match"] <= 1.0
+    assert rows[-1]["step"] == 2 and 0.0 <= rows[-1]["reward/attribute_match"] <= 1.0
