@@ -1,5 +1,5 @@
 // Torch glue of the CUDA kernels in kernels/ (compiled only when PGEN_WITH_CUDA is defined,
-// i.e. setup.py / CMake found a CUDA torch and nvcc). Validates shapes, dtypes and devices,
+// i.e. setup.py found a CUDA torch and nvcc). Validates shapes, dtypes and devices,
 // then enqueues the torch-free launchers on the current stream (no host sync).
 #ifdef PGEN_WITH_CUDA
 

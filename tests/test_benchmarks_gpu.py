@@ -138,3 +138,20 @@ def test_gpu_smoke_check_runs_every_stage_on_cpu(tmp_path):
     assert all(s["seconds"] > 0 for s in report["stages"])
     assert (tmp_path / "results.md").read_text().count("| ok |") >= 7
     assert (results.read_text() if results.exists() else None) == before  # check mode never appends
+
+
+def test_gpu_smoke_build_step_fails_with_one_line(tmp_path, monkeypatch):
+    """A failing build and a build without CUDA kernels are both failures with a reason (no GPU needed)."""
+    import importlib.util
+
+    from benchmarks import gpu_smoke
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "deepspeed" else find_spec(n, *a))
+    monkeypatch.setattr(gpu_smoke, "ROOT", tmp_path)
+    (tmp_path / "setup.py").write_text("import sys\nprint('error: no compiler here')\nsys.exit(1)\n")
+    res = gpu_smoke.build_extension(tmp_path, 60)
+    assert res["status"] == "failed" and "no compiler here" in res["reason"]
+    (tmp_path / "setup.py").write_text("print('built')\n")  # "builds", but the _C that imports has no CUDA kernels
+    res = gpu_smoke.build_extension(tmp_path, 60)
+    assert res["status"] == "failed" and "without CUDA" in res["reason"]

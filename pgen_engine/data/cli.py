@@ -61,38 +61,51 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(a: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
-    from ..models.patch_kmeans import PatchKMeansTokenizer
-    from .dataset import DataError, load_dataset, load_image
+    from ..models.image_quality import quality_line
+    from .dataset import DataError, load_dataset
+    from .fit_tokenizer import TokenizerFitSettings, fit_tokenizer, held_out_quality, load_tokenizer
     from .token_cache import build_token_cache
 
+    # kind-dependent defaults: vq 64 px / 8x8 codes / 1024 entries; patch_kmeans 32 px / 4-px patches / 256
+    vq = a.kind == "vq"
+    a.image_size = a.image_size or (64 if vq else 32)
+    a.codebook_size = a.codebook_size or (1024 if vq else 256)
+    if a.patch_size is None and a.codes_per_side is None and not vq:
+        a.patch_size = 4
+    if a.patch_size is not None:
+        if a.codes_per_side is not None:
+            return _err("give --codes-per-side or --patch-size, not both")
+        if a.patch_size < 1 or a.image_size % a.patch_size:
+            return _err(f"--patch-size {a.patch_size} must divide --image-size {a.image_size}")
+        a.codes_per_side = a.image_size // a.patch_size
+    if a.threads is not None:
+        if a.threads < 1:
+            return _err(f"--threads must be >= 1, got {a.threads}")
+        import torch
+
+        torch.set_num_threads(a.threads)
     try:
         ds = load_dataset(a.dir, on_error=a.on_error)
         if a.fit:
-            rng = np.random.default_rng(a.seed)
-            ids = [i for i, it in ds.items.items() if it.image_path is not None]
-            pick = sorted(rng.choice(len(ids), size=min(a.fit_images, len(ids)), replace=False).tolist())
-            imgs = []
-            for j in pick:
-                try:
-                    imgs.append(load_image(ds.items[ids[j]].image_path, a.image_size))
-                except DataError:
-                    if a.on_error == "raise":
-                        raise
-            tok = PatchKMeansTokenizer.fit(torch.from_numpy(np.stack(imgs)), patch_size=a.patch_size,
-                                           codebook_size=a.codebook_size, iters=a.iters, seed=a.seed)
-            tok.save(a.tokenizer)
-            print(f"fit PatchKMeans ({a.codebook_size} codes, patch {a.patch_size}) on {len(imgs)} images -> "
-                  f"{a.tokenizer} (fingerprint {tok.fingerprint()})")
+            s = TokenizerFitSettings(
+                kind=a.kind, image_size=a.image_size, codes_per_side=a.codes_per_side or 8,
+                codebook=a.codebook_size,
+                seed=a.seed, held_out=a.held_out, fit_images=a.fit_images, time_budget_s=a.time_budget,
+                max_steps=a.max_steps, batch_size=a.train_batch_size, iters=a.iters)
+            tok, quality, reused = fit_tokenizer(ds, a.tokenizer, s, progress=not a.quiet)
+            print(f"{'reusing' if reused else 'wrote'} {a.kind} tokenizer {a.tokenizer} "
+                  f"(fingerprint {tok.fingerprint()}{', same images and settings' if reused else ''})")
         else:
-            tok = PatchKMeansTokenizer.load(a.tokenizer)
+            tok = load_tokenizer(a.kind, a.tokenizer)
+            quality = held_out_quality(ds, tok, a.held_out)
         cache = build_token_cache(ds, tok, a.out, batch_size=a.batch_size, progress=not a.quiet,
                                   on_error=a.on_error)
     except (DataError, ValueError, KeyError, OSError) as e:
         return _err(str(e))
     print(f"token cache {a.out}: {len(cache)} items x {cache.num_tokens} codes ({len(cache.skipped)} skipped)")
+    print(f"codebook usage (held-out): {quality['used']}/{tok.codebook_size} codes used "
+          f"({100 * quality['usage']:.0f}%), perplexity {quality['perplexity']:.1f}, {quality['dead']} dead")
+    print(quality_line(quality))
     return 0
 
 
@@ -123,17 +136,31 @@ def register(subparsers) -> None:
     c.add_argument("--covers", type=Path)
     c.set_defaults(func=cmd_convert)
 
-    t = sub.add_parser("tokenize", help="build the image-token cache (PatchKMeans)")
+    t = sub.add_parser("tokenize", help="fit/load an image tokenizer (Janus VQ or PatchKMeans), build the token cache")
     t.add_argument("dir", type=Path, help="dataset folder")
     t.add_argument("--out", type=Path, required=True, help="cache folder")
     t.add_argument("--tokenizer", type=Path, required=True,
-                   help="PatchKMeans .safetensors file (written with --fit, read otherwise)")
-    t.add_argument("--fit", action="store_true", help="fit a new PatchKMeans tokenizer first")
-    t.add_argument("--image-size", type=int, default=32)
-    t.add_argument("--patch-size", type=int, default=4)
-    t.add_argument("--codebook-size", type=int, default=256)
-    t.add_argument("--iters", type=int, default=15)
-    t.add_argument("--fit-images", type=int, default=1000)
+                   help="tokenizer .safetensors file (written with --fit, read otherwise); with --kind vq "
+                        "also a Janus checkpoint directory (its own VQ)")
+    t.add_argument("--fit", action="store_true",
+                   help="fit the tokenizer on the train split's item images first (reused when the images and "
+                        "settings are unchanged)")
+    t.add_argument("--kind", choices=("vq", "patch_kmeans"), default="patch_kmeans",
+                   help="vq: train a small Janus VQ-VAE; patch_kmeans: k-means over image patches")
+    t.add_argument("--image-size", type=int, default=None, help="pixels (default: vq 64, patch_kmeans 32)")
+    t.add_argument("--codes-per-side", type=int, default=None, help="codes per image side (default: vq 8, patch_kmeans image_size/4)")
+    t.add_argument("--patch-size", type=int, default=None,
+                   help="PatchKMeans patch side (same as --codes-per-side image_size/patch_size)")
+    t.add_argument("--codebook", "--codebook-size", dest="codebook_size", type=int, default=None,
+                   help="codebook entries (default: vq 1024, patch_kmeans 256)")
+    t.add_argument("--time-budget", type=float, default=600.0, help="vq: training seconds (default 600)")
+    t.add_argument("--max-steps", type=int, default=100_000, help="vq: training steps at most")
+    t.add_argument("--train-batch-size", type=int, default=32, help="vq: images per training step")
+    t.add_argument("--iters", type=int, default=15, help="patch_kmeans: Lloyd iterations")
+    t.add_argument("--fit-images", type=int, default=4000, help="fit on at most this many train images")
+    t.add_argument("--held-out", type=int, default=128, help="held-out images scored (at most a tenth of the items)")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 is fastest on a busy shared machine; default: torch's)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--on-error", choices=("raise", "skip"), default="raise")

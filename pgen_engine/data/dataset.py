@@ -85,12 +85,14 @@ class Dataset:
         interactions: user id -> that user's interactions in time order (ties in file
             order), users in order of first appearance.
         skipped: kind of problem -> number of rows/items dropped (``on_error="skip"``).
+        skipped_first: kind of problem -> the first such problem's message ("FILE:LINE: ...").
     """
 
     root: Path
     items: dict[str, Item]
     interactions: dict[str, list[Interaction]]
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped_first: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_users(self) -> int:
@@ -269,10 +271,39 @@ def load_dataset(root: str | os.PathLike, *, on_error: str = "raise", check_imag
     items = _load_items(root, problems, check_images)
     interactions = _load_interactions(root, items, problems)
     problems.warn(root)
-    return Dataset(root, items, interactions, dict(problems.counts))
+    return Dataset(root, items, interactions, dict(problems.counts), dict(problems.examples))
 
 
 # ---------------------------------------------------------------------------- images
+
+def filter_by_rating(dataset: Dataset, min_rating: float, column: str = "rating") -> Dataset:
+    """Keep only interactions whose ``column`` is >= ``min_rating`` (what counts as a positive).
+
+    Raises :class:`DataError` naming interactions.csv when the column is absent or a value
+    is not a number.
+    """
+    path = dataset.root / INTERACTIONS_FILE
+    out: dict[str, list[Interaction]] = {}
+    for uid, seq in dataset.interactions.items():
+        keep = []
+        for x in seq:
+            if column not in x.extra:
+                raise DataError(f"{path}:{x.line}: no {column!r} column (needed for a rating threshold)")
+            try:
+                r = float(x.extra[column])
+            except ValueError:
+                raise DataError(f"{path}:{x.line}: {column} {x.extra[column]!r} is not a number") from None
+            if r >= min_rating:
+                keep.append(x)
+        if keep:
+            out[uid] = keep
+    return dataclasses.replace(dataset, interactions=out)
+
+
+def tied_timestamps(dataset: Dataset) -> list[Interaction]:
+    """Interactions whose timestamp equals the same user's previous interaction's (file order)."""
+    return [x for seq in dataset.interactions.values() for prev, x in zip(seq, seq[1:]) if x.timestamp == prev.timestamp]
+
 
 def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """Read an image as RGB uint8 ``[H, W, 3]``.
@@ -367,7 +398,9 @@ class ValidationReport:
     items_without_image: int = 0
     time_span: tuple[float, float] | None = None
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    skipped_first: dict[str, str] = dataclasses.field(default_factory=dict)
     problems: list[str] = dataclasses.field(default_factory=list)
+    flags: dict[str, tuple[int, str]] = dataclasses.field(default_factory=dict)
 
     @property
     def usable(self) -> bool:
@@ -388,7 +421,10 @@ class ValidationReport:
             f"time span:     {span}",
         ]
         for kind, n in sorted(self.skipped.items()):
-            lines.append(f"bad input:     {kind}: {n}")
+            first = self.skipped_first.get(kind)
+            lines.append(f"bad input:     {kind}: {n}" + (f" (first: {first})" if first else ""))
+        for kind, (n, first) in sorted(self.flags.items()):
+            lines.append(f"flag:          {kind}: {n} (first: {first})")
         lines += [f"problem:       {p}" for p in self.problems[:20]]
         if len(self.problems) > 20:
             lines.append(f"problem:       ... and {len(self.problems) - 20} more")
@@ -413,9 +449,15 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
         rep.problems.append(str(e))
         return rep
     rep.users, rep.items, rep.interactions = ds.num_users, ds.num_items, ds.num_interactions
-    rep.time_span, rep.skipped = ds.time_span(), dict(ds.skipped)
+    rep.time_span, rep.skipped, rep.skipped_first = ds.time_span(), dict(ds.skipped), dict(ds.skipped_first)
     for kind, n in ds.skipped.items():
         rep.problems.append(f"{n} bad row(s)/item(s) of kind {kind}")
+    ties = tied_timestamps(ds)
+    if ties:
+        # Not an error: the order of tied events is file order. Evaluation drops held-out
+        # targets that tie their predecessor (pgen_engine.eval.evaluate.tied_targets).
+        rep.flags["tied_timestamp"] = (len(ties), f"{root / INTERACTIONS_FILE}:{ties[0].line}: same timestamp as "
+                                       "the user's previous interaction (order between them is file order)")
     for item in ds.items.values():
         if item.image_path is None:
             rep.items_without_image += 1

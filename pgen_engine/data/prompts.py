@@ -176,11 +176,13 @@ class PromptBuilder:
 
 @dataclasses.dataclass
 class TrainingSample:
-    """Prompt + target codes ``[T]`` (+ ``pixel_values [n_img, 3, H, W]`` in pixels mode)."""
+    """Prompt + target codes ``[T]`` (+ in pixels mode ``pixel_values [n_img, 3, H, W]``, or the
+    cached vision-tower outputs ``image_features [n_img, T_img, D_vision]`` of a frozen tower)."""
 
     prompt: Prompt
     target: torch.Tensor
     pixel_values: torch.Tensor | None = None
+    image_features: torch.Tensor | None = None
 
 
 def apply_cond_dropout(sample: TrainingSample, special: SpecialTokens, p: float,
@@ -200,7 +202,8 @@ class SFTCollator:
         input_ids int64 [B, L], gen_code_mask bool [B, L] (code history slots + targets),
         attention_mask bool [B, L], position_ids int64 [B, L] (0 at the first real token),
         loss_mask bool [B, L], labels int64 [B, L] (see the module docstring),
-        pixel_values float32 [sum n_img, 3, H, W] (pixels samples, batch order) when any.
+        pixel_values float32 [sum n_img, 3, H, W] (pixels samples, batch order) when any, or
+        image_features float32 [sum n_img, T_img, D_vision] when the samples carry cached features.
     """
 
     def __init__(self, special: SpecialTokens, *, cond_dropout_p: float = 0.0,
@@ -219,7 +222,7 @@ class SFTCollator:
         gmask = torch.zeros(B, L, dtype=torch.bool)
         att = torch.zeros(B, L, dtype=torch.bool)
         lmask = torch.zeros(B, L, dtype=torch.bool)
-        pix = []
+        pix, feats = [], []
         for b, s in enumerate(samples):
             if s.target.ndim != 1:
                 raise ValueError(f"target codes must be 1-D [T], got {tuple(s.target.shape)}")
@@ -230,7 +233,12 @@ class SFTCollator:
             gmask[b, off + S:] = True
             att[b, off:] = True
             lmask[b, off + S - 1:L - 1] = True  # position i predicts i+1: boi .. second-last code
-            if s.prompt.num_vision_images:
+            if s.prompt.num_vision_images and s.image_features is not None:
+                if s.image_features.shape[0] != s.prompt.num_vision_images:
+                    raise ValueError(f"sample {b}: prompt has {s.prompt.num_vision_images} vision images but "
+                                     f"image_features is {tuple(s.image_features.shape)}")
+                feats.append(s.image_features)
+            elif s.prompt.num_vision_images:
                 if s.pixel_values is None or s.pixel_values.shape[0] != s.prompt.num_vision_images:
                     raise ValueError(f"sample {b}: prompt has {s.prompt.num_vision_images} vision images but "
                                      f"pixel_values is {None if s.pixel_values is None else tuple(s.pixel_values.shape)}")
@@ -240,27 +248,34 @@ class SFTCollator:
         pos = (att.long().cumsum(1) - 1).clamp_min(0)
         out = {"input_ids": ids, "gen_code_mask": gmask, "attention_mask": att, "position_ids": pos,
                "loss_mask": lmask, "labels": labels}
+        if pix and feats:
+            raise ValueError("a batch mixes pixel_values and cached image_features")
         if pix:
             out["pixel_values"] = torch.cat(pix)
+        if feats:
+            out["image_features"] = torch.cat(feats)
         return out
 
 
 class SFTDataset(torch.utils.data.Dataset):
     """Examples -> :class:`TrainingSample` s, codes read from a :class:`TokenCache`.
 
-    ``image_loader(item_id) -> uint8 [H, W, 3]`` is required in pixels mode; ``titles``
-    maps item id -> title when the builder uses titles.
+    ``image_loader(item_id) -> uint8 [H, W, 3]`` is required in pixels mode; with
+    ``vision_features(item_ids) -> float32 [n, T_img, D_vision]`` (a frozen tower's cached
+    outputs, :mod:`pgen_engine.data.vision_cache`) samples carry those instead of pixels.
+    ``titles`` maps item id -> title when the builder uses titles.
     """
 
     def __init__(self, examples: Sequence[Example], cache, builder: PromptBuilder, *,
                  titles: dict[str, str] | None = None,
-                 image_loader: Callable[[str], np.ndarray] | None = None):
+                 image_loader: Callable[[str], np.ndarray] | None = None,
+                 vision_features: Callable[[Sequence[str]], torch.Tensor] | None = None):
         if builder.mode == "pixels" and image_loader is None:
             raise ValueError("pixels mode needs an image_loader")
         if builder.T != cache.num_tokens and builder.mode == "codes":
             raise ValueError(f"builder expects {builder.T} codes per image, cache has {cache.num_tokens}")
         self.examples, self.cache, self.builder = list(examples), cache, builder
-        self.titles, self.image_loader = titles or {}, image_loader
+        self.titles, self.image_loader, self.vision_features = titles or {}, image_loader, vision_features
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -272,6 +287,9 @@ class SFTDataset(torch.utils.data.Dataset):
         if self.builder.mode == "codes":
             hist = self.cache.codes(list(ex.history))
             return TrainingSample(self.builder.build(hist, titles), target)
+        if self.vision_features is not None:
+            return TrainingSample(self.builder.build(titles=titles, num_history=len(ex.history)), target,
+                                  image_features=self.vision_features(list(ex.history)))
         imgs = torch.from_numpy(np.stack([self.image_loader(h) for h in ex.history]))
         return TrainingSample(self.builder.build(titles=titles, num_history=len(ex.history)), target,
                               normalize_pixels(imgs))

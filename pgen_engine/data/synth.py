@@ -6,12 +6,23 @@ colour), on one of 4 light backgrounds. Images are lossless PNGs, so
 :func:`read_attributes` recovers all four attributes exactly from the pixels: a
 generated image can be scored against what the user "wants" without any learned model.
 
-Users have latent preferences: per attribute a preferred value, which DRIFTS (with
-probability ``drift`` per step and attribute it jumps to another value). At each step
-the user picks attribute values (the preferred one with probability ``fidelity``, else
-a uniform other value) and interacts with a catalogue item that matches as many of them
-as possible. ``ground_truth.jsonl`` records, per user and step, the preferred values in
-force, so "future interest" is known exactly.
+Users have latent preferences: per attribute a preferred value that drifts.
+
+* Version 2 (default): drift follows **population-level rules** a model can learn from
+  other users. Each attribute has one fixed successor map ``succ`` (a random cycle over
+  its values, the same for every user; :func:`drift_rules`). A user keeps a preferred
+  value for ``dwell`` steps, then moves to ``succ[value]`` with probability
+  ``rule_prob`` (else to a uniform other value); each attribute has its own random
+  phase per user. On top, with probability ``drift`` per step and attribute the
+  preference jumps at random (unpredictable noise). The future is then predictable from
+  data but differs from the present.
+* Version 1: random jumps only (probability ``drift`` per step and attribute).
+
+At each step the user picks attribute values (the preferred one with probability
+``fidelity``, else a uniform other value) and interacts with a catalogue item that
+matches as many of them as possible. ``ground_truth.jsonl`` records, per user and step,
+the preferred values in force, so "future interest" is known exactly. Only evaluation
+reads it: RL rewards must not (they use what real data has).
 
 Layout written (native dataset layout plus): ``attributes.json`` (item id -> attribute
 name -> value name) and ``ground_truth.jsonl`` (one object per user per step:
@@ -171,8 +182,15 @@ class SynthConfig:
     max_interactions: int = 24
     drift: float = 0.08
     fidelity: float = 0.85
+    version: int = 2
+    dwell: int = 4
+    rule_prob: float = 0.9
 
     def __post_init__(self):
+        if self.version not in (1, 2):
+            raise ValueError(f"version must be 1 or 2, got {self.version}")
+        if self.dwell < 1 or not 0 <= self.rule_prob <= 1:
+            raise ValueError(f"dwell must be >= 1 and rule_prob in [0, 1], got {self.dwell}, {self.rule_prob}")
         if self.num_users < 1 or self.num_items < 1:
             raise ValueError(f"num_users and num_items must be >= 1, got {self.num_users}, {self.num_items}")
         if not 32 <= self.image_size <= 256:
@@ -182,6 +200,20 @@ class SynthConfig:
                              f"{self.min_interactions}, {self.max_interactions}")
         if not 0 <= self.drift <= 1 or not 0 <= self.fidelity <= 1:
             raise ValueError(f"drift and fidelity must be in [0, 1], got {self.drift}, {self.fidelity}")
+
+
+def drift_rules(seed: int) -> list[np.ndarray]:
+    """Per attribute, the successor map ``succ[v]`` of version-2 drift: one random cycle
+    through all values (every value moves; same map for every user), from ``seed``."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    out = []
+    for a in ATTRIBUTES:
+        n = len(VALUES[a])
+        order = rng.permutation(n)
+        succ = np.empty(n, dtype=np.int64)
+        succ[order] = np.roll(order, -1)
+        out.append(succ)
+    return out
 
 
 def _png(img: np.ndarray) -> bytes:
@@ -217,6 +249,7 @@ def generate_synthetic(out: str | os.PathLike, config: SynthConfig = SynthConfig
         attributes[iid] = names
 
     rows, gt_lines = [], []
+    succ = drift_rules(cfg.seed)
     uw = max(4, len(str(cfg.num_users - 1)))
     t0 = 1_600_000_000
     for u in range(cfg.num_users):
@@ -224,11 +257,21 @@ def generate_synthetic(out: str | os.PathLike, config: SynthConfig = SynthConfig
         pref = np.array([rng.integers(n) for n in nvals])
         n_steps = int(rng.integers(cfg.min_interactions, cfg.max_interactions + 1))
         ts = t0 + int(rng.integers(0, 86400 * 30))
+        # steps each preferred value has been held (v2 only: v1's random stream is unchanged)
+        age = rng.integers(0, cfg.dwell, size=4) if cfg.version == 2 else np.zeros(4, dtype=np.int64)
         for step in range(n_steps):
             if step:
                 for a in range(4):
+                    if cfg.version == 2:
+                        age[a] += 1
+                        if age[a] >= cfg.dwell:
+                            age[a] = 0
+                            pref[a] = succ[a][pref[a]] if rng.random() < cfg.rule_prob else \
+                                (pref[a] + rng.integers(1, nvals[a])) % nvals[a]
+                            continue
                     if rng.random() < cfg.drift:
                         pref[a] = (pref[a] + rng.integers(1, nvals[a])) % nvals[a]
+                        age[a] = 0
             want = pref.copy()
             for a in range(4):
                 if rng.random() >= cfg.fidelity:

@@ -13,17 +13,41 @@ def _embedder(spec: str):
         return make_embedder({"type": "pixel_stats"})
     kind, _, path = spec.partition(":")
     if not path:
-        raise ValueError(f"--embedder {spec!r}: expected 'pixel_stats' or TYPE:PATH (e.g. clip:/models/clip)")
+        raise ValueError(f"--embedder {spec!r}: expected auto, pixel_stats or TYPE:PATH (e.g. clip:/models/clip)")
     return make_embedder({"type": kind, "path": path})
+
+
+def _reward_embedder_spec(ckpt: Path) -> dict | None:
+    """The training run's ``rl.embedder`` (CHECKPOINT/../config.resolved.yaml), or None."""
+    import yaml
+
+    path = ckpt.parent / "config.resolved.yaml"
+    if not path.is_file():
+        return None
+    cfg = yaml.safe_load(path.read_text()) or {}
+    return (cfg.get("rl") or {}).get("embedder") if cfg.get("stage") == "rl" else None
+
+
+def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:
+    """False when the evaluation embedder is the run's reward embedder (same type, and path if any)."""
+    if reward_spec is None or evaluator.get("type") == "eval_cnn":
+        return True  # rewards cannot load the evaluator (make_embedder refuses it)
+    rtype, rpath = reward_spec.get("type"), reward_spec.get("path")
+    return evaluator["type"] not in ({rtype} if rpath is None else {f"{rtype}:{rpath}"})
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     import torch
 
     from pgen_engine.generation.generator import Generator
+    from pgen_engine.io_utils import atomic_write_json
     from pgen_engine.models import load_model
+    from pgen_engine.rewards.embedders import make_embedder
 
     from . import evaluate as E
+    from .demo import KEY_METRICS, REPORT_METRICS, train_eval_embedder
+    from .evaluator import EvalEmbedder
+    from .report import build_report_json, ci_table, paired_sentences, plot_paired, write_report
 
     t0 = time.time()
     ckpt = Path(a.checkpoint)
@@ -36,11 +60,25 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.tokenizer:
         settings = dataclasses.replace(settings, tokenizer_path=Path(a.tokenizer))
     tok = settings.tokenizer(model)
-    embedder = _embedder(a.embedder)
     out = Path(a.out) if a.out else None
     cache_dir = Path(a.cache_dir) if a.cache_dir else (out or ckpt) / f"token_cache_{tok.fingerprint()[:16]}"
-    data = E.prepare_eval_data(a.data, tok, cache_dir, embedder, k=settings.history_k, progress=not a.quiet)
-    examples = data.examples(a.split, a.max_users)
+    reward_spec = _reward_embedder_spec(ckpt)
+    reference = make_embedder({"type": "pixel_stats"})
+    data = E.prepare_eval_data(a.data, tok, cache_dir, reference, k=settings.history_k, progress=not a.quiet,
+                               min_rating=a.min_rating)
+    if a.embedder == "auto":
+        if a.evaluator and Path(a.evaluator, "evaluator.json").is_file():
+            embedder = EvalEmbedder.load(a.evaluator)
+        else:
+            ev_dir = Path(a.evaluator) if a.evaluator else (out or ckpt.parent) / "evaluator"
+            embedder = train_eval_embedder(data, ev_dir, steps=a.evaluator_steps, progress=not a.quiet)
+        info = embedder.describe()
+    else:
+        embedder = _embedder(a.embedder)
+        info = {"type": a.embedder}
+    info.update({"reward_embedder": reward_spec, "independent": is_independent(reward_spec, info)})
+    data.catalogue_embeds = embedder.embed(data.catalogue_images).cpu()
+    examples = data.examples(a.split, a.max_users, seed=a.seed)
     if not examples:
         raise ValueError(f"{a.data}: no {a.split} examples (too few interactions per user?)")
     builder = settings.prompt_builder(model, ckpt, tok.num_tokens)
@@ -49,31 +87,41 @@ def cmd_eval(a: argparse.Namespace) -> int:
               batch_prompts=a.batch_prompts, progress=not a.quiet)
     systems = {}
     if a.baselines:
-        systems["popularity"] = E.popularity_system(data, examples, a.num_images)
-        systems["recommend"] = E.retrieve_system(data, examples, a.num_images)
-        systems["non-personalized"] = E.generate_system("non-personalized", gen, data, builder, examples,
-                                                        a.num_images, personalized=False, **kw)
+        systems.update(E.baseline_systems(data, examples, a.num_images, seed=a.seed))
+        systems["generate_nonpersonal"] = E.generate_system("generate_nonpersonal", gen, data, builder, examples,
+                                                            a.num_images, personalized=False, **kw)
     systems[a.name] = E.generate_system(a.name, gen, data, builder, examples, a.num_images, **kw)
-    rows = {name: E.compute_metrics(s, data, examples, embedder) for name, s in systems.items()}
-    table = E.format_table(rows)
+    per_user = {name: E.per_user_metrics(s, data, examples, embedder) for name, s in systems.items()}
+    report = build_report_json(str(a.data), [a.seed], a.num_images, info, per_user)
+    metrics = [m for m in REPORT_METRICS if any(m in r for r in report["systems"].values())]
+    table = ci_table(report, metrics)
     print(table)
     print(f"history mode: {settings.history_mode} (history images "
           f"{'through the vision tower' if settings.history_mode == 'pixels' else 'as VQ codes'})")
-    result = {"checkpoint": str(ckpt), "data": str(a.data), "split": a.split, "users": len(examples),
-              "history_mode": settings.history_mode,
-              "num_images": a.num_images, "metrics": rows, "seconds": round(time.time() - t0, 1)}
+    if not info["independent"]:
+        print("WARNING: the evaluation embedder is the run's reward embedder: this evaluation is NOT independent")
     if out:
-        from pgen_engine.io_utils import atomic_write_json
-
-        atomic_write_json(out / "eval.json", result)
-        print(f"wrote {out / 'eval.json'}")
+        key = [m for m in KEY_METRICS if m in metrics]
+        atomic_write_json(out / "report.json", report)
+        notes = ([] if info["independent"] else ["**NOT independent**: the evaluation embedder is the embedder the "
+                                                 "run's RL reward used, so embedding metrics measure the reward."])
+        notes += paired_sentences(report, [a.name, "retrieve"], key)
+        figs = [("Paired differences", "paired.png")] if plot_paired(out / "paired.png", report, key) else []
+        write_report(out, title=f"pgen eval — {a.name} on {Path(a.data).name} ({a.split})", table_md=table,
+                     notes=notes, figures=figs, meta={"checkpoint": str(ckpt), "split": a.split,
+                                                      "history_mode": settings.history_mode,
+                                                      "users": len(examples), "images per user": a.num_images,
+                                                      "seconds": round(time.time() - t0, 1)})
+        print(f"wrote {out / 'report.json'}")
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    report = run_demo(Path(a.out), data=a.data, quick=a.quick, progress=not a.quiet, seed=a.seed)
+    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else None
+    report = run_demo(Path(a.out), data=a.data, quick=a.quick, progress=not a.quiet, seed=a.seed, seeds=seeds,
+                      max_users=a.max_users)
     print(f"report: {report}")
     return 0
 
@@ -89,21 +137,28 @@ def register(subparsers) -> None:
     p.add_argument("--tokenizer", default=None, help="PatchKMeans tokenizer file (default: the run's, else the "
                    "checkpoint's VQ model)")
     p.add_argument("--cache-dir", default=None, help="token cache folder (built when missing)")
-    p.add_argument("--embedder", default="pixel_stats", help="pixel_stats, or clip:PATH / siglip:PATH / janus:PATH")
+    p.add_argument("--embedder", default="auto", help="auto (the independent evaluator CNN, trained on the "
+                   "dataset's train split or loaded from --evaluator), pixel_stats, or clip:PATH / siglip:PATH")
     p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,
                    help="refuse to run unless the model was trained with this history mode (default: its run's)")
+    p.add_argument("--evaluator", default=None, help="evaluator artifact folder (reused when it holds one, else "
+                   "trained there; default OUT/evaluator)")
+    p.add_argument("--evaluator-steps", type=int, default=300)
+    p.add_argument("--min-rating", type=float, default=None, help="only interactions with rating >= this are "
+                   "positives (needs a rating column)")
     p.add_argument("--run-config", default=None, help="the training run's config.resolved.yaml (default: "
                    "CHECKPOINT/../config.resolved.yaml) — gives the prompt format and the image tokenizer")
-    p.add_argument("--baselines", action="store_true", help="add popularity, recommend and non-personalized rows")
-    p.add_argument("--name", default="model", help="row name of the checkpoint in the table")
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--baselines", action="store_true", help="add random, centroid, popularity, copy_last, retrieve, "
+                   "true_next and generate_nonpersonal rows")
+    p.add_argument("--name", default="generate_sft_rl", help="row name of the checkpoint in the table")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-prompts", type=int, default=16, help="prompts per generation batch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default=None, help="write eval.json here")
+    p.add_argument("--out", default=None, help="write report.json / report.md / report.html here")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 
@@ -113,5 +168,8 @@ def register(subparsers) -> None:
                    "(e.g. ../shared/data/movielens-posters)")
     d.add_argument("--quick", action="store_true", help="smaller sizes (CI smoke run)")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seeds", default=None, help="comma-separated training seeds (e.g. 0,1,2); per-user metrics "
+                   "are averaged over seeds before the bootstrap")
+    d.add_argument("--max-users", type=int, default=None, help="evaluate a random sample of N test users")
     d.add_argument("--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)

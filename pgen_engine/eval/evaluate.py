@@ -1,17 +1,32 @@
-""""Generate" measured against "recommend": one table for generators and baselines.
+"""Generators measured against baselines that bracket the truth, per user, with the same code.
 
-Every system produces, for each evaluated user, ``n`` images (generated, or the images
-of the ``n`` catalogue items it recommends) and — for ranking — catalogue scores
-``[U, C]`` (recommenders score items directly; generators score them by the similarity of
-their generated images, :func:`pgen_engine.eval.metrics.generated_item_scores`). The same
-metric code then runs for every row of the table.
+Every system produces, for each evaluated user, ``n`` images: generated ones, or the
+images of ``n`` catalogue items. Metrics are computed **per user** (averaged over that
+user's images) so that systems can be compared user by user with paired bootstrap
+intervals (:mod:`pgen_engine.eval.stats`). Similarities use the *evaluation* embedder
+(for real data the independent CNN of :mod:`pgen_engine.eval.evaluator`); baselines that
+need an embedding to choose items (``retrieve``) use the *reference* embedder (the one
+rewards may use), never the evaluator.
+
+Systems (names as in ``report.json``):
+
+* ``random``: n uniformly drawn catalogue items (the floor);
+* ``centroid``: the n items nearest the catalogue mean in the evaluation embedding, the
+  same for every user (what "closeness to the mean" alone scores);
+* ``popularity``: the n most consumed train-split items;
+* ``copy_last``: the user's last history items (the window the generator sees), cycled;
+* ``retrieve``: catalogue items ranked by cosine to the mean of the same history window
+  (reference embedder), no answer-aware filtering, history items allowed;
+* ``true_next``: the held-out item through the image tokenizer (encode + decode), a ceiling;
+* ``generate_nonpersonal``: the model on the unconditional prompt it was trained with
+  (condition dropout's "pad" prompt), ``generate_sft`` and ``generate_sft_rl``.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -21,6 +36,9 @@ from pgen_engine.data.token_cache import TokenCache, build_token_cache
 from pgen_engine.eval import metrics as M
 from pgen_engine.models.image_tokenizer import ImageTokenizer
 
+BASELINES = ("random", "centroid", "popularity", "copy_last", "retrieve", "true_next")
+GENERATED = ("generate_nonpersonal", "generate_sft", "generate_sft_rl")
+
 
 @dataclasses.dataclass
 class EvalData:
@@ -29,9 +47,13 @@ class EvalData:
     Attributes:
         item_ids: catalogue order (index = item index in every ``[.., C]`` tensor).
         catalogue_images: uint8 ``[C,H,W,3]`` at the tokenizer's image size.
-        catalogue_embeds: float ``[C,D]`` L2-normalised.
+        catalogue_embeds: float ``[C,D]`` L2-normalised, evaluation embedder.
+        reference_embeds: float ``[C,D']`` of the reference (reward-side) embedder, used by
+            ``retrieve``; equals ``catalogue_embeds`` when none was given.
         popularity: float ``[C]`` train-split interaction counts.
         ground_truth: synthetic datasets only: user -> per-step dicts (``preferred``).
+        dropped_ties: valid/test targets dropped because their timestamp ties the previous
+            interaction (their order relative to it is arbitrary), per split.
     """
 
     root: Path
@@ -45,13 +67,25 @@ class EvalData:
     catalogue_embeds: torch.Tensor
     popularity: torch.Tensor
     ground_truth: dict | None
+    reference_embeds: torch.Tensor | None = None
+    dropped_ties: dict = dataclasses.field(default_factory=dict)
 
-    def examples(self, split: str, max_users: int | None = None) -> list[Example]:
-        """The ``split`` examples (one per user for valid/test), first ``max_users``."""
+    def examples(self, split: str, max_users: int | None = None, *, seed: int = 0) -> list[Example]:
+        """The ``split`` examples (one per user for valid/test); with ``max_users``, a
+        random sample of that many users (fixed by ``seed``), in user order."""
         ex = {"train": self.splits.train, "valid": self.splits.valid, "test": self.splits.test}.get(split)
         if ex is None:
             raise ValueError(f"split must be train, valid or test, got {split!r}")
-        return list(ex[:max_users] if max_users else ex)
+        ex = [e for e in ex if (split, e.user_id) not in self._tie_set]
+        if max_users and max_users < len(ex):
+            g = torch.Generator().manual_seed(seed)
+            keep = sorted(torch.randperm(len(ex), generator=g)[:max_users].tolist())
+            ex = [ex[i] for i in keep]
+        return list(ex)
+
+    @property
+    def _tie_set(self) -> set:
+        return {(s, u) for s, users in self.dropped_ties.items() for u in users}
 
     def sequence_before(self, ex: Example) -> list[str]:
         """The user's items strictly before ``ex``'s target (train [+ valid for test])."""
@@ -59,17 +93,47 @@ class EvalData:
         return list(seq[: ex.position])
 
 
+def tied_targets(dataset: Dataset, splits: Splits) -> dict[str, list[str]]:
+    """Per split (valid, test), users whose target's timestamp equals the previous interaction's.
+
+    Such a target's order relative to the item before it is an accident of file order, so
+    "predict the next item" is ill-posed for it.
+    """
+    out: dict[str, list[str]] = {"valid": [], "test": []}
+    for split in ("valid", "test"):
+        for ex in getattr(splits, split):
+            ev = sorted(dataset.interactions[ex.user_id], key=lambda x: (x.timestamp, x.line))
+            if ex.position >= 1 and ev[ex.position].timestamp == ev[ex.position - 1].timestamp:
+                out[split].append(ex.user_id)
+    return out
+
+
 def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: str | Path, embedder, *,
-                      k: int = 4, min_interactions: int = 5, progress: bool = False) -> EvalData:
-    """Load a native dataset, split it, (re)use its token cache and embed the catalogue."""
+                      k: int = 4, min_interactions: int = 5, progress: bool = False,
+                      reference_embedder=None, drop_tied_targets: bool = True,
+                      min_rating: float | None = None) -> EvalData:
+    """Load a native dataset, split it, (re)use its token cache and embed the catalogue.
+
+    Args:
+        embedder: the evaluation embedder (metrics).
+        reference_embedder: the embedder ``retrieve`` ranks with (default: ``embedder``).
+        drop_tied_targets: leave out valid/test users whose target ties the previous
+            interaction's timestamp (:func:`tied_targets`); they are counted in ``dropped_ties``.
+        min_rating: keep only interactions whose ``rating`` column is >= this (positives).
+    """
     root = Path(root)
     ds = load_dataset(root)
+    if min_rating is not None:
+        from pgen_engine.data.dataset import filter_by_rating
+
+        ds = filter_by_rating(ds, min_rating)
     splits = build_splits(ds, k=k, min_interactions=min_interactions)
     cache = build_token_cache(ds, tokenizer, cache_dir, progress=progress)
     item_ids = sorted(ds.items)
     index = {iid: i for i, iid in enumerate(item_ids)}
     imgs = torch.stack([torch.from_numpy(load_image(ds.items[i].image_path, tokenizer.image_size)) for i in item_ids])
     embeds = embedder.embed(imgs).cpu()
+    ref = reference_embedder.embed(imgs).cpu() if reference_embedder is not None else embeds
     pop = torch.zeros(len(item_ids))
     for seq in splits.train_sequences.values():
         for iid in seq:
@@ -79,7 +143,8 @@ def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: st
         from pgen_engine.data.synth import load_ground_truth
 
         gt = load_ground_truth(root)
-    return EvalData(root, ds, splits, tokenizer, cache, item_ids, index, imgs, embeds, pop, gt)
+    ties = tied_targets(ds, splits) if drop_tied_targets else {}
+    return EvalData(root, ds, splits, tokenizer, cache, item_ids, index, imgs, embeds, pop, gt, ref, ties)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,20 +213,22 @@ class SystemOutput:
     Attributes:
         images: uint8 ``[U*n, H, W, 3]``; row ``u*n + j`` belongs to user ``u``.
         gen_user: int64 ``[U*n]`` user index of each image.
-        scores: float ``[U, C]`` catalogue scores for ranking, or None (derive from images).
-        kind: "generate" or "recommend".
+        settings: the sampling settings used (generated systems), else {}.
     """
 
     name: str
     images: torch.Tensor
     gen_user: torch.Tensor
-    scores: torch.Tensor | None
-    kind: str
+    settings: dict = dataclasses.field(default_factory=dict)
 
 
 def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, personalized: bool = True,
                   image_size: int | None = None):
-    """Prompts for ``examples``; non-personalized = empty history.
+    """Prompts for ``examples``.
+
+    ``personalized=False`` gives the unconditional prompt the model was trained with:
+    the "pad" counterpart condition dropout used in SFT (same length, history erased,
+    no history images).
 
     Returns (ids, code masks, pixels): B id lists, B bool lists, and B float32
     ``[n_i, 3, image_size, image_size]`` history images (None where a prompt has none) in
@@ -171,34 +238,40 @@ def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, perso
     from pgen_engine.data.prompts import normalize_pixels
 
     ids, masks, pixels = [], [], []
-    T = data.tokenizer.num_tokens
     images = CatalogueImages(data.dataset, image_size) if builder.mode == "pixels" else None
     if images is not None and not image_size:
         raise ValueError("pixels history mode needs the model's image_size")
     for ex in examples:
-        hist = list(ex.history) if personalized else []
-        titles = [data.dataset.items[i].title for i in hist]
-        titles = titles if builder.with_titles else None
+        hist = list(ex.history)
+        titles = [data.dataset.items[i].title for i in hist] if builder.with_titles else None
         if images is not None:
             p = builder.build(titles=titles, num_history=len(hist))
-            pixels.append(normalize_pixels(images.batch(hist)) if hist else None)
+            px = normalize_pixels(images.batch(hist)) if hist else None
         else:
-            codes = data.cache.codes(hist) if hist else torch.zeros(0, T, dtype=torch.long)
-            p = builder.build(history_codes=codes, titles=titles)
-            pixels.append(None)
+            p = builder.build(history_codes=data.cache.codes(hist), titles=titles)
+            px = None
+        if not personalized:
+            p, px = builder.unconditional(p, "pad"), None
         ids.append(p.input_ids.tolist())
         masks.append(p.gen_code_mask.tolist())
+        pixels.append(px)
     return ids, masks, pixels
 
 
 @torch.no_grad()
 def generate_system(name: str, generator, data: EvalData, builder, examples: Sequence[Example], n: int, *,
-                    personalized: bool = True, guidance_scale: float = 5.0, temperature: float = 1.0,
+                    personalized: bool = True, guidance_scale: float = 1.0, temperature: float = 1.0,
                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_prompts: int = 16,
                     progress: bool = False) -> SystemOutput:
-    """Generate ``n`` images per example with ``generator`` (a :class:`pgen_engine.Generator`)."""
+    """Generate ``n`` images per example with ``generator`` (a :class:`pgen_engine.Generator`).
+
+    The non-personal prompt is already unconditional, so CFG cannot change it: it is
+    sampled at guidance 1 whatever ``guidance_scale`` says.
+    """
     ids, masks, pixels = build_prompts(data, builder, examples, personalized=personalized,
                                        image_size=generator.model.image_size)
+    if not personalized:
+        guidance_scale = 1.0
     codes = []
     it = range(0, len(ids), batch_prompts)
     if progress:
@@ -215,49 +288,75 @@ def generate_system(name: str, generator, data: EvalData, builder, examples: Seq
     codes = torch.cat(codes)
     images = data.tokenizer.decode(codes)
     gen_user = torch.arange(len(examples)).repeat_interleave(n)
-    return SystemOutput(name, images, gen_user, None, "generate")
+    return SystemOutput(name, images, gen_user, {"guidance_scale": guidance_scale, "temperature": temperature,
+                                                 "top_k": top_k, "top_p": top_p})
 
 
-def _exclusions(data: EvalData, examples: Sequence[Example]) -> list[list[int]]:
-    # History items are not recommended back, except the true item itself (repeat interactions).
-    out = []
-    for ex in examples:
-        hist = {data.item_index[i] for i in data.sequence_before(ex)}
-        hist.discard(data.item_index[ex.target])
-        out.append(sorted(hist))
-    return out
+def _from_items(name: str, data: EvalData, items: torch.Tensor) -> SystemOutput:
+    """``items [U, n]`` catalogue indices -> their images."""
+    U, n = items.shape
+    return SystemOutput(name, data.catalogue_images[items.flatten()], torch.arange(U).repeat_interleave(n))
 
 
-def _recommend_from_scores(name: str, data: EvalData, examples, scores: torch.Tensor, n: int) -> SystemOutput:
-    excl = _exclusions(data, examples)
-    s = scores.clone()
-    for u, items in enumerate(excl):
-        if items:
-            s[u, items] = float("-inf")
-    top = s.topk(n, dim=1).indices  # [U, n]
-    images = data.catalogue_images[top.flatten()]
-    return SystemOutput(name, images, torch.arange(len(examples)).repeat_interleave(n), scores, "recommend")
+def random_system(data: EvalData, examples: Sequence[Example], n: int, *, seed: int = 0) -> SystemOutput:
+    """n uniformly random catalogue items per user (with replacement across users)."""
+    g = torch.Generator().manual_seed(seed)
+    C = len(data.item_ids)
+    return _from_items("random", data, torch.stack([torch.randperm(C, generator=g)[:n] for _ in examples]))
+
+
+def centroid_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
+    """The n items nearest the catalogue mean (evaluation embedding), same for every user."""
+    e = data.catalogue_embeds
+    top = M.cosine_matrix(e.mean(0, keepdim=True), e)[0].topk(min(n, e.shape[0])).indices
+    top = top[torch.arange(n) % top.shape[0]]
+    return _from_items("centroid", data, top.expand(len(examples), n))
 
 
 def popularity_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
-    """Recommend the most popular train items (ties broken by catalogue order)."""
+    """The n most consumed train items (ties broken by catalogue order), same for every user."""
     C = len(data.item_ids)
-    # tiny decreasing offset makes ties deterministic without changing the order of counts
-    base = data.popularity - torch.arange(C) * 1e-6
-    return _recommend_from_scores("popularity", data, examples, base.expand(len(examples), C).clone(), n)
+    base = data.popularity - torch.arange(C) * 1e-6  # deterministic ties, same order of counts
+    top = base.topk(min(n, C)).indices
+    top = top[torch.arange(n) % top.shape[0]]
+    return _from_items("popularity", data, top.expand(len(examples), n))
 
 
-def retrieve_system(data: EvalData, examples: Sequence[Example], n: int, *, recent: int | None = None
-                    ) -> SystemOutput:
-    """"Recommend": score catalogue items by cosine to the mean embedding of the user's history."""
+def copy_last_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
+    """The user's history window, most recent first, cycled to n images."""
     rows = []
     for ex in examples:
-        hist = data.sequence_before(ex)
-        if recent:
-            hist = hist[-recent:]
-        e = data.catalogue_embeds[[data.item_index[i] for i in hist]].mean(0, keepdim=True)
-        rows.append(M.cosine_matrix(e, data.catalogue_embeds)[0])
-    return _recommend_from_scores("recommend (retrieve-and-rank)", data, examples, torch.stack(rows), n)
+        h = [data.item_index[i] for i in reversed(ex.history)]
+        if not h:
+            raise ValueError(f"copy_last: user {ex.user_id} has an empty history")
+        rows.append(torch.tensor([h[j % len(h)] for j in range(n)]))
+    return _from_items("copy_last", data, torch.stack(rows))
+
+
+def retrieve_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
+    """Retrieve-and-rank on the generator's history window: the n catalogue items nearest
+    the window's mean (reference embedder). No answer-aware filtering; history items allowed."""
+    ref = data.reference_embeds if data.reference_embeds is not None else data.catalogue_embeds
+    rows = []
+    for ex in examples:
+        e = ref[[data.item_index[i] for i in ex.history]].mean(0, keepdim=True)
+        rows.append(M.cosine_matrix(e, ref)[0].topk(min(n, ref.shape[0])).indices)
+    top = torch.stack(rows)
+    return _from_items("retrieve", data, top[:, torch.arange(n) % top.shape[1]])
+
+
+def true_next_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
+    """The held-out item through the image tokenizer (encode + decode), n copies: a ceiling."""
+    codes = data.cache.codes([ex.target for ex in examples])
+    images = data.tokenizer.decode(codes)
+    return SystemOutput("true_next", images.repeat_interleave(n, dim=0), torch.arange(len(examples)).repeat_interleave(n))
+
+
+def baseline_systems(data: EvalData, examples: Sequence[Example], n: int, *, seed: int = 0) -> dict[str, SystemOutput]:
+    """All six baselines, in :data:`BASELINES` order."""
+    return {"random": random_system(data, examples, n, seed=seed), "centroid": centroid_system(data, examples, n),
+            "popularity": popularity_system(data, examples, n), "copy_last": copy_last_system(data, examples, n),
+            "retrieve": retrieve_system(data, examples, n), "true_next": true_next_system(data, examples, n)}
 
 
 def _attr_targets(data: EvalData, ex: Example) -> tuple[list[int], list[int]]:
@@ -269,46 +368,78 @@ def _attr_targets(data: EvalData, ex: Example) -> tuple[list[int], list[int]]:
     return list(attributes_to_codes(cur)), list(attributes_to_codes(fut))
 
 
-def compute_metrics(out: SystemOutput, data: EvalData, examples: Sequence[Example], embedder,
-                    ks: Sequence[int] = (1, 10)) -> dict[str, float]:
-    """The table row of one system (means over images / users)."""
+def _per_user_mean(values: torch.Tensor, gen_user: torch.Tensor, U: int) -> torch.Tensor:
+    """Mean of per-image ``values [N]`` per user -> ``[U]`` (NaN images skipped; NaN if none)."""
+    v = values.double()
+    ok = ~torch.isnan(v)
+    s = torch.zeros(U, dtype=torch.float64).index_add_(0, gen_user, torch.where(ok, v, torch.zeros_like(v)))
+    c = torch.zeros(U, dtype=torch.float64).index_add_(0, gen_user, ok.double())
+    return torch.where(c > 0, s / c.clamp(min=1), torch.full_like(s, float("nan")))
+
+
+def user_id_ranks(gen_embeds: torch.Tensor, gen_user: torch.Tensor, history_embeds: Sequence[torch.Tensor]
+                  ) -> torch.Tensor:
+    """1-based rank of each image's true user among all users, ``[N]``.
+
+    A user's score for an image is the mean cosine of the image to that user's history
+    window items; ties rank pessimistically (a tie with another user counts above).
+    """
+    e = torch.nn.functional.normalize(gen_embeds.float(), dim=-1)
+    H = torch.stack([torch.nn.functional.normalize(h.float(), dim=-1).mean(0) for h in history_embeds])  # [U, D]
+    s = e @ H.T  # [N, U]
+    true = s.gather(1, gen_user.view(-1, 1))
+    other = torch.ones_like(s, dtype=torch.bool)
+    other.scatter_(1, gen_user.view(-1, 1), False)
+    return ((s > true) | ((s == true) & other)).sum(1) + 1
+
+
+def per_user_metrics(out: SystemOutput, data: EvalData, examples: Sequence[Example], embedder,
+                     k: int = 10) -> dict[str, torch.Tensor]:
+    """Every metric of one system as a per-user float64 tensor ``[U]`` (NaN = undefined)."""
     U = len(examples)
+    gu = out.gen_user.long()
     e = embedder.embed(out.images).cpu()
     hist = [data.catalogue_embeds[[data.item_index[i] for i in data.sequence_before(ex)]] for ex in examples]
+    window = [data.catalogue_embeds[[data.item_index[i] for i in ex.history]] for ex in examples]
     true = torch.tensor([data.item_index[ex.target] for ex in examples])
-    fut = [data.catalogue_embeds[true[u]].unsqueeze(0) for u in range(U)]
-    row: dict[str, float] = {}
-    ha = M.history_alignment(e, out.gen_user, hist, k=5)
-    row["hist_max"] = M.nanmean(ha["max"])
-    row["hist_top5"] = M.nanmean(ha["top5_mean"])
-    row["future_sim"] = M.nanmean(M.future_alignment(e, out.gen_user, fut)["max"])
-    scores = out.scores if out.scores is not None else M.generated_item_scores(e, out.gen_user, data.catalogue_embeds, U)
-    rk = M.rank_metrics(scores, true, ks=ks, exclude=_exclusions(data, examples))
-    for k in ks:
-        row[f"hr@{k}"] = rk[f"hr@{k}"]
-        row[f"ndcg@{k}"] = rk[f"ndcg@{k}"]
-    row["diversity"] = M.nanmean(M.user_diversity(e, out.gen_user, U))
-    nov = M.novelty(e, data.catalogue_embeds)
-    row["novelty"] = M.nanmean(nov)
+    row: dict[str, torch.Tensor] = {}
+    ranks_u = user_id_ranks(e, gu, window).double()
+    row["user_id_acc"] = _per_user_mean((ranks_u == 1).double(), gu, U)
+    row["user_id_mean_rank"] = _per_user_mean(ranks_u, gu, U)
+    ha = M.history_alignment(e, gu, hist, k=5)
+    row["hist_max"] = _per_user_mean(ha["max"], gu, U)
+    row["hist_top5"] = _per_user_mean(ha["top5_mean"], gu, U)
+    fut_sim = M.cosine_matrix(e, data.catalogue_embeds[true])  # [N, U]
+    row["future_sim"] = _per_user_mean(fut_sim.gather(1, gu.view(-1, 1))[:, 0], gu, U)
+    scores = M.generated_item_scores(e, gu, data.catalogue_embeds, U)
+    ranks = M.true_item_ranks(scores, true).double()
+    row[f"hr@{k}"] = (ranks < k).double()
+    row[f"ndcg@{k}"] = torch.where(ranks < k, 1.0 / torch.log2(ranks + 2.0), torch.zeros_like(ranks))
+    row["diversity"] = M.user_diversity(e, gu, U).double()
+    row["novelty"] = _per_user_mean(M.novelty(e, data.catalogue_embeds), gu, U)
     if data.ground_truth is not None:
         from pgen_engine.data.synth import read_attributes
 
         pred = read_attributes(out.images)
         cur, fut_t = zip(*(_attr_targets(data, ex) for ex in examples))
-        cur_t = torch.tensor(cur)[out.gen_user]
-        fut_t = torch.tensor(fut_t)[out.gen_user]
-        row["attr_acc_current"] = float(M.attribute_accuracy(pred, cur_t)["mean"])
-        row["attr_acc_future"] = float(M.attribute_accuracy(pred, fut_t)["mean"])
+        row["attr_acc_current"] = _per_user_mean((pred == torch.tensor(cur)[gu]).double().mean(1), gu, U)
+        row["attr_acc_future"] = _per_user_mean((pred == torch.tensor(fut_t)[gu]).double().mean(1), gu, U)
     return row
 
 
+def compute_metrics(out: SystemOutput, data: EvalData, examples: Sequence[Example], embedder) -> dict[str, float]:
+    """The table row of one system: per-user metrics averaged over users."""
+    return {m: M.nanmean(v) for m, v in per_user_metrics(out, data, examples, embedder).items()}
+
+
 METRIC_HELP = {
+    "user_id_acc": "share of images whose closest user (mean cosine to the history window) is their own user",
+    "user_id_mean_rank": "mean 1-based rank of the true user among all evaluated users (lower is better)",
     "hist_max": "max cosine of an image to the user's history items",
     "hist_top5": "mean of the 5 highest cosines to the history",
     "future_sim": "cosine to the user's held-out next item",
-    "hr@1": "next item ranked first among the catalogue (image-similarity scores)",
-    "hr@10": "next item in the top 10",
-    "ndcg@10": "NDCG@10 of the next item",
+    "hr@10": "next item among the 10 catalogue items most similar to the user's images",
+    "ndcg@10": "NDCG@10 of the next item (same ranking)",
     "diversity": "1 - mean pairwise cosine among a user's images",
     "novelty": "1 - cosine to the nearest catalogue item",
     "attr_acc_current": "synthetic: attributes matching the user's current preference (exact read-out)",
@@ -316,12 +447,23 @@ METRIC_HELP = {
 }
 
 
-def format_table(rows: dict[str, dict[str, float]], digits: int = 3) -> str:
-    """Markdown table: one row per system, one column per metric."""
-    cols = [c for c in METRIC_HELP if any(c in r for r in rows.values())]
-    lines = ["| system | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, r in rows.items():
-        vals = ["—" if c not in r or (isinstance(r[c], float) and math.isnan(r[c])) else f"{r[c]:.{digits}f}"
-                for c in cols]
-        lines.append(f"| {name} | " + " | ".join(vals) + " |")
-    return "\n".join(lines)
+def select_sampling(make_output: Callable[[dict], SystemOutput], data: EvalData, examples: Sequence[Example],
+                    embedder, grid: Sequence[dict], metric: str) -> tuple[dict, dict[str, float]]:
+    """Pick the sampling settings with the best validation ``metric`` (first best wins).
+
+    Args:
+        make_output: settings dict -> that system's output on ``examples`` (validation users).
+        grid: candidate settings, e.g. ``[{"guidance_scale": 1, "temperature": 1}, ...]``.
+    Returns:
+        (best settings, {settings label: validation score}).
+    """
+    if not grid:
+        raise ValueError("select_sampling: empty grid")
+    scores: dict[str, float] = {}
+    best, best_v = None, -math.inf
+    for st in grid:
+        v = M.nanmean(per_user_metrics(make_output(st), data, examples, embedder)[metric])
+        scores[", ".join(f"{k}={x:g}" for k, x in st.items())] = v
+        if not math.isnan(v) and v > best_v:
+            best, best_v = dict(st), v
+    return (best if best is not None else dict(grid[0])), scores

@@ -129,3 +129,123 @@ def write_report(out_dir: str | Path, *, title: str, table_md: str, notes: Seque
     atomic_write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>"
                       f"{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
     return out / "report.md"
+
+
+# ---------------------------------------------------------------------------- report.json
+
+PAIRED_BASELINES = ("generate_nonpersonal", "copy_last")
+
+
+def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, evaluator: dict,
+                      per_user: dict[str, dict[str, torch.Tensor]], *, draws: int = 1000, seed: int = 0) -> dict:
+    """The ``report.json`` object.
+
+    Shape: ``{"dataset", "seeds", "users", "images_per_user", "evaluator",
+    "systems": {system: {metric: {"mean", "ci95"}}},
+    "paired": {"<system> - <baseline>": {metric: {"mean", "ci95"}}}}`` with paired
+    differences against each of :data:`PAIRED_BASELINES` present. ``per_user`` holds each
+    system's per-user metric tensors ``[U]`` (already averaged over seeds); every system
+    must cover the same users in the same order.
+    """
+    from .stats import bootstrap_indices, mean_ci, paired_ci
+
+    sizes = {v.shape[0] for m in per_user.values() for v in m.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"build_report_json: systems cover different numbers of users {sorted(sizes)}")
+    U = sizes.pop()
+    idx = bootstrap_indices(U, draws, seed)
+    systems = {s: {m: mean_ci(v, idx) for m, v in ms.items()} for s, ms in per_user.items()}
+    paired = {}
+    for base in PAIRED_BASELINES:
+        if base not in per_user:
+            continue
+        for s, ms in per_user.items():
+            if s == base:
+                continue
+            paired[f"{s} - {base}"] = {m: paired_ci(v, per_user[base][m], idx) for m, v in ms.items()
+                                       if m in per_user[base]}
+    return {"dataset": str(dataset), "seeds": [int(x) for x in seeds], "users": int(U),
+            "images_per_user": int(images_per_user), "evaluator": evaluator, "systems": systems, "paired": paired}
+
+
+def _fmt(d: dict, digits: int = 3) -> str:
+    m, (lo, hi) = d["mean"], d["ci95"]
+    if m != m:  # NaN
+        return "—"
+    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def ci_table(report: dict, metrics: Sequence[str], section: str = "systems") -> str:
+    """Markdown table of ``report[section]``: rows systems (or pairs), cells ``mean [lo, hi]``."""
+    rows = report[section]
+    cols = [m for m in metrics if any(m in r for r in rows.values())]
+    lines = ["| " + ("system" if section == "systems" else "difference") + " | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    for name, r in rows.items():
+        lines.append(f"| {name} | " + " | ".join(_fmt(r[c]) if c in r else "—" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str]) -> list[str]:
+    """One sentence per (system, baseline): which metrics it beats / loses / ties on.
+
+    "beats" only where the 95 % CI of the paired difference excludes 0 in the good
+    direction; "no difference" where it contains 0.
+    """
+    from .stats import verdict
+
+    out = []
+    for key, ms in report["paired"].items():
+        sys_name, _, base = key.partition(" - ")
+        if sys_name not in systems:
+            continue
+        groups: dict[str, list[str]] = {"better": [], "worse": [], "no difference": []}
+        for m in metrics:
+            if m in ms and ms[m]["mean"] == ms[m]["mean"]:
+                groups[verdict(m, ms[m])].append(f"{m} ({ms[m]['mean']:+.3f} [{ms[m]['ci95'][0]:+.3f}, "
+                                                 f"{ms[m]['ci95'][1]:+.3f}])")
+        parts = []
+        if groups["better"]:
+            parts.append("beats it on " + ", ".join(groups["better"]))
+        if groups["worse"]:
+            parts.append("is worse on " + ", ".join(groups["worse"]))
+        if groups["no difference"]:
+            parts.append("shows no difference on " + ", ".join(groups["no difference"]))
+        out.append(f"**{sys_name} vs {base}** (paired 95 % CI over {report['users']} users): " + "; ".join(parts) + ".")
+    return out
+
+
+def plot_paired(path: str | Path, report: dict, metrics: Sequence[str]) -> bool:
+    """Dot-and-interval plot of every paired difference (one panel per metric); False if none."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(report["paired"])
+    present = [m for m in metrics if any(m in report["paired"][k] for k in keys)]
+    if not keys or not present:
+        return False
+    fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present), 0.35 * len(keys) + 1.2),
+                             squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], present):
+        for y, k in enumerate(keys):
+            d = report["paired"][k].get(m)
+            if d is None or d["mean"] != d["mean"]:
+                continue
+            lo, hi = d["ci95"]
+            ax.plot([lo, hi], [y, y], color="tab:blue", lw=2)
+            ax.plot([d["mean"]], [y], "o", color="tab:red" if lo > 0 or hi < 0 else "grey", ms=4)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(m, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_yticks(range(len(keys)))
+    axes[0][0].set_yticklabels(keys, fontsize=7)
+    fig.suptitle("paired per-user differences, 95 % bootstrap CI (red: CI excludes 0)", fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True

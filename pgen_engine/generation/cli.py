@@ -64,6 +64,7 @@ class PromptLine:
     history: list[dict] | None = None  # the items as given ({"image", "title"}; --data adds "item_id")
     gen_code_mask: list[bool] | None = None
     pixel_values: object = None  # float32 [n, 3, S, S] (pixels history mode)
+    history_files: list[str] | None = None  # the history images' resolved paths (for --grid)
 
 
 class _DuplicateKey(ValueError):
@@ -166,7 +167,8 @@ def _parse_line(raw: bytes, where: str, seen: dict[str, int], n: int, tokenizer,
                     f"the {num_image_tokens} image tokens that exceeds the model's max_position_embeddings="
                     f"{max_positions}; use fewer history items")
         seen[pid] = n
-        return PromptLine(n, pid, obj.get("prompt"), h.input_ids, items, h.gen_code_mask, h.pixel_values)
+        return PromptLine(n, pid, obj.get("prompt"), h.input_ids, items, h.gen_code_mask, h.pixel_values,
+                          [str((base or Path(".")) / it["image"]) for it in items])
     has_text, has_ids = "prompt" in obj, "input_ids" in obj
     if has_text == has_ids:
         return f"{where}: exactly one of 'prompt' (text) or 'input_ids' (list of ints) is required"
@@ -412,7 +414,8 @@ def dataset_prompts(data_dir: str | Path, users: str, split: str, prompter, *, h
                           f"tokens; with the {num_image_tokens} image tokens that exceeds max_position_embeddings="
                           f"{max_positions}")
             continue
-        out.append(PromptLine(n, uid, None, h.input_ids, items, h.gen_code_mask, h.pixel_values))
+        out.append(PromptLine(n, uid, None, h.input_ids, items, h.gen_code_mask, h.pixel_values,
+                              [it["image"] for it in items]))
     if errors:
         raise ValueError(f"{len(errors)} invalid user(s):\n" + "\n".join(errors[:20]))
     return out
@@ -519,6 +522,8 @@ def run_generate(args: argparse.Namespace) -> int:
         # the manifest is written (and synced) before anything moves, so a full disk or an
         # error here leaves --out untouched; the moves below are renames within one folder
         atomic_write_text(stage / MANIFEST, "\n".join(manifest) + "\n")
+        if args.grid:
+            _write_grid(Path(args.grid), prompts, stage, args.num_samples, used_stems=names)
         for name in names:
             os.replace(stage / name, out_dir / name)
         os.replace(stage / MANIFEST, out_dir / MANIFEST)
@@ -530,6 +535,26 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"wrote {len(manifest)} image(s) and {MANIFEST} to {out_dir}")
     return 0
+
+
+def _write_grid(path: Path, prompts: list[PromptLine], stage: Path, num_samples: int, used_stems: list[str]) -> None:
+    """``--grid``: per prompt, a row of its history images (if any) and a row of its samples, one PNG."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from pgen_engine.data.history import load_history_image
+    from pgen_engine.eval.report import image_grid, save_png
+
+    rows = []
+    for i, p in enumerate(prompts):
+        gen = np.stack([np.asarray(Image.open(stage / used_stems[i * num_samples + j])) for j in range(num_samples)])
+        if p.history_files:
+            hist = np.stack([load_history_image(f, gen.shape[1]) for f in p.history_files])
+            rows.append((f"{p.id[:18]}: history", torch.from_numpy(hist)))
+        rows.append((f"{p.id[:18]}: generated", torch.from_numpy(gen)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(path, image_grid(rows))
 
 
 def _run_data_config(checkpoint: Path, run_config: str | None):
@@ -554,6 +579,8 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=("train", "valid", "test"), default="test",
                    help="which example's history --data uses (default test: the user's last history_k items "
                    "before the final item)")
+    p.add_argument("--grid", default=None, help="also write one PNG: per prompt, its history images and its "
+                   "generated samples")
     p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,
                    help="refuse to run unless the model was trained with this history mode (default: the mode "
                    "of its run config)")

@@ -125,13 +125,18 @@ class JanusModel(nn.Module):
         """VQ codes int64 ``[...]`` -> LM input embeddings ``[..., H]`` (generation path)."""
         return self.generation_aligner(self.generation_embeddings(codes))
 
+    def vision_hidden(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values ``[N,3,S,S]`` (normalised to [-1,1]) -> vision-tower output ``[N, T_img, D_vision]``
+        (before the aligner: what :mod:`pgen_engine.data.vision_cache` stores for frozen towers)."""
+        return self.vision_model(pixel_values.to(self.dtype)).last_hidden_state
+
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values ``[N,3,S,S]`` (normalised to [-1,1]) -> features ``[N, T_img, H]``."""
-        out = self.vision_model(pixel_values.to(self.dtype))
-        return self.aligner(out.last_hidden_state)
+        return self.aligner(self.vision_hidden(pixel_values))
 
     def embed_inputs(self, input_ids: torch.Tensor, gen_code_mask: torch.Tensor | None = None,
-                     pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+                     pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+                     ) -> torch.Tensor:
         """Prompt ids -> LM input embeddings ``[B,S,H]``.
 
         Args:
@@ -142,7 +147,12 @@ class JanusModel(nn.Module):
             pixel_values: ``[N_img,3,S,S]`` or None; their vision features replace the
                 ``image_token_id`` placeholders in reading order (``transformers`` convention:
                 exactly ``num_image_tokens`` placeholders per image).
+            image_features: instead of ``pixel_values``: their precomputed vision-tower
+                outputs ``[N_img, T_img, D_vision]`` (:meth:`vision_hidden`; the aligner is
+                still applied here, so it trains).
         """
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("give pixel_values or image_features, not both")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B,S], got shape {tuple(input_ids.shape)}")
         emb_layer = self.language_model.embed_tokens
@@ -152,15 +162,20 @@ class JanusModel(nn.Module):
             text_ids = input_ids.masked_fill(gen_code_mask, 0)
             code_ids = input_ids.masked_fill(~gen_code_mask, 0)
             x = torch.where(gen_code_mask[..., None], self.embed_image_codes(code_ids), emb_layer(text_ids))
-        if pixel_values is not None:
-            feats = self.vision_features(pixel_values).reshape(-1, x.shape[-1]).to(x.dtype)
+        if pixel_values is not None or image_features is not None:
+            if image_features is not None:
+                feats = self.aligner(image_features.to(self.dtype)).reshape(-1, x.shape[-1]).to(x.dtype)
+                n_img = image_features.shape[0]
+            else:
+                feats = self.vision_features(pixel_values).reshape(-1, x.shape[-1]).to(x.dtype)
+                n_img = pixel_values.shape[0]
             slots = input_ids == self.config.image_token_id
             if gen_code_mask is not None:
                 slots = slots & ~gen_code_mask
             n_slots = int(slots.sum())
             if n_slots != feats.shape[0]:
                 raise ValueError(
-                    f"pixel_values give {pixel_values.shape[0]} image(s) = {feats.shape[0]} features, but input_ids "
+                    f"pixel_values give {n_img} image(s) = {feats.shape[0]} features, but input_ids "
                     f"hold {n_slots} image placeholder tokens (id {self.config.image_token_id}); expected "
                     f"{self.num_image_tokens} placeholders per image"
                 )

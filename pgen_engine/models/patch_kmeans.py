@@ -10,6 +10,7 @@ tests, demos and the synthetic known-answer experiments.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -101,6 +102,7 @@ class PatchKMeansTokenizer(ImageTokenizer):
         self.codebook_size = int(codebook.shape[0])
         self._centers = flat.to(torch.float32)
         self._fp: str | None = None
+        self.meta: dict = {}  # free-form JSON-able facts kept by save/load (fit key, held-out scores)
 
     # ------------------------------------------------------------------ fitting
     @classmethod
@@ -200,7 +202,7 @@ class PatchKMeansTokenizer(ImageTokenizer):
 
         meta = {"format": FORMAT, "version": VERSION, "image_size": str(self.image_size),
                 "patch_size": str(self.patch_size), "codebook_size": str(self.codebook_size),
-                "fingerprint": self.fingerprint()}
+                "fingerprint": self.fingerprint(), "meta": json.dumps(self.meta)}
         with atomic_path(path) as tmp:
             save_file({"codebook": self.codebook}, str(tmp), metadata=meta)
 
@@ -220,11 +222,13 @@ class PatchKMeansTokenizer(ImageTokenizer):
                 if meta.get("version") != VERSION:
                     raise ValueError(f"{path}: unsupported PatchKMeans version {meta.get('version')!r}")
                 book = f.get_tensor("codebook")
+                extra = json.loads(meta.get("meta", "{}"))
         except ValueError:
             raise
         except Exception as e:  # safetensors raises its own error types for broken headers
             raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
         tok = cls(book, int(meta["image_size"]))
+        tok.meta = extra if isinstance(extra, dict) else {}
         if "fingerprint" in meta and meta["fingerprint"] != tok.fingerprint():
             raise ValueError(f"{path}: stored fingerprint {meta['fingerprint']} does not match the codebook "
                              f"({tok.fingerprint()}); the file is corrupt")

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pgen_engine.ops import _triton_config as _config
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Compiled kernels may only read module globals that are constexpr (the interpreter is laxer).
@@ -139,23 +141,6 @@ def _prefill_fwd_kernel(
         tl.store(LSE + h * total_tokens + start + offs_m, lse, mask=m_valid)
 
 
-def _prefill_blocks(head_dim: int, backward: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim."""
-    if _interpreting():
-        return 32, 32, 4, 1
-    if backward:
-        if head_dim <= 64:
-            return 64, 64, 4, 2
-        if head_dim <= 128:
-            return 64, 64, 8, 2
-        return 32, 32, 8, 1
-    if head_dim <= 64:
-        return 128, 64, 4, 3
-    if head_dim <= 128:
-        return 128, 64, 8, 3
-    return 64, 32, 8, 2
-
-
 def _dummy(device: torch.device) -> torch.Tensor:
     return torch.zeros(1, dtype=torch.int32, device=device)
 
@@ -175,7 +160,7 @@ def prefill_fwd(
     n_seq = cu_seqlens.numel() - 1
     out = _empty(q.shape, q.dtype, q.device)
     lse = _empty((n_heads_q, total), torch.float32, q.device)
-    block_m, block_n, warps, stages = _prefill_blocks(head_dim, backward=False)
+    block_m, block_n, warps, stages = _config.prefill_blocks(_config.device_arch(q.device), q.dtype, head_dim)
     block_d = max(16, triton.next_power_of_2(head_dim))
     dummy = _dummy(q.device)
     grid = (triton.cdiv(max(max_seqlen, 1), block_m), n_seq * n_heads_q)
@@ -353,7 +338,8 @@ def prefill_bwd(
     dq = _empty(q.shape, q.dtype, q.device)
     dk = _empty(k.shape, k.dtype, k.device)
     dv = _empty(v.shape, v.dtype, v.device)
-    block_m, block_n, warps, stages = _prefill_blocks(head_dim, backward=True)
+    block_m, block_n, warps, stages = _config.prefill_blocks(_config.device_arch(q.device), q.dtype, head_dim,
+                                                             backward=True)
     block_d = max(16, triton.next_power_of_2(head_dim))
     dummy = _dummy(q.device)
     common = dict(

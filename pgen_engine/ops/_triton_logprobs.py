@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pgen_engine.ops import _triton_config as _config
+
 
 @triton.jit
 def _lp_fwd_kernel(
@@ -90,14 +92,15 @@ def lp_fwd_triton(hidden, weight, bias, targets, temperature):
     hidden, weight = hidden.contiguous(), weight.contiguous()
     lp = torch.empty(N, dtype=torch.float32, device=hidden.device)
     ent, lse = torch.empty_like(lp), torch.empty_like(lp)
-    BLOCK_N = 64 if hidden.is_cuda else 16
-    BLOCK_V = 128 if hidden.is_cuda else 32
-    BLOCK_H = 64 if hidden.is_cuda else 32
+    gpu = _config.on_gpu(hidden.device)
+    BLOCK_N = 64 if gpu else 16
+    BLOCK_V = 128 if gpu else 32
+    BLOCK_H = 64 if gpu else 32
     b = bias if bias is not None else lp
     _lp_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         hidden, weight, b, targets.contiguous(), lp, ent, lse, N, V, H, 1.0 / temperature,
         HAS_BIAS=bias is not None, PREC="ieee" if hidden.dtype == torch.float32 else "tf32", BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
-        num_warps=8 if hidden.is_cuda else 4,
+        num_warps=8 if gpu else 4,
     )
     return lp, ent, lse
 

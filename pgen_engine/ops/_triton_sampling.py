@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pgen_engine.ops import _triton_config as _config
 from pgen_engine.ops.rng import triton_uniform
 
 
@@ -174,7 +175,7 @@ def sample_triton(
         uncond_logits = uncond_logits if uncond_logits.stride(1) == 1 else uncond_logits.contiguous()
     u = uncond_logits if has_u else logits
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
-    block = min(triton.next_power_of_2(V), 4096 if logits.is_cuda else 1024)
+    block = min(triton.next_power_of_2(V), 4096 if _config.on_gpu(logits.device) else 1024)
     _sample_kernel[(B,)](
         logits, u, seeds.contiguous(), out,
         V, logits.stride(0), u.stride(0), float(guidance_scale), float(temperature),

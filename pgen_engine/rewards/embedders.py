@@ -409,6 +409,12 @@ def load_vision_tower(path: str | Path, *, dtype: torch.dtype = torch.float32) -
     return model, image_size, mean, std
 
 
+def _is_evaluator(path: str | Path) -> bool:
+    from pgen_engine.eval.evaluator import is_evaluator_artifact
+
+    return is_evaluator_artifact(path)
+
+
 def make_embedder(
     spec: Mapping[str, Any],
     *,
@@ -441,6 +447,11 @@ def make_embedder(
                 raise ValueError(f"embedder spec type={kind!r}: missing required field {r!r}")
         return {**allowed, **spec}
 
+    # The evaluation embedder (pgen_engine.eval.evaluator) judges the policy; a reward that
+    # used it would make the evaluation measure the optimised reward itself.
+    if kind == "eval_cnn" or (isinstance(spec.get("path"), (str, Path)) and _is_evaluator(spec["path"])):
+        raise ValueError(f"embedder spec {dict(spec, type=kind)}: this is the independent evaluation embedder; "
+                         "rewards may not use it (pick pixel_stats or a pretrained encoder)")
     if kind == "pixel_stats":
         a = take({"grid": 4, "bins": 8, "batch_size": 256})
         return PixelStatsEmbedder(int(a["grid"]), int(a["bins"]), batch_size=int(a["batch_size"]), device=dev)

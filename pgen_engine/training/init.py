@@ -53,8 +53,16 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
                 return out
         except json.JSONDecodeError:
             pass
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer, install_into_checkpoint
+
     geometry = {k: v for k, v in dataclasses.asdict(init).items() if k != "seed"}
+    if isinstance(tokenizer, JanusVQTokenizer):
+        # Janus sizes the generation embedding by vq_config.embed_dim, the VQ codebook's width
+        geometry["vq_embed_dim"] = int(tokenizer.config["embed_dim"])
     with atomic_dir(out) as tmp:
         make_tiny_checkpoint(tmp, seed=init.seed, **geometry, **tokenizer_geometry(tokenizer))
+        if isinstance(tokenizer, JanusVQTokenizer):
+            # a trained Janus VQ becomes the checkpoint's own vqmodel.*: decode_images = tokenizer.decode
+            install_into_checkpoint(tokenizer, tmp)
         (tmp / INIT_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
     return out

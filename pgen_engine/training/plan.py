@@ -46,6 +46,7 @@ from pgen_engine.config import ConfigError, RunConfig
 
 from .engine import build_deepspeed_config, resolve_precision
 from .reference import resolve_reference_mode
+from .rl import updates_per_step
 from .rollout import generator_rows
 
 GIB = 1 << 30
@@ -344,11 +345,16 @@ def _gpu_ops_on_meta() -> Iterator[None]:
     measure the GPU path rather than the CPU reference.
     """
     from pgen_engine.models import op_dispatch
+    from pgen_engine.ops._backend import triton_available
 
     saved_env = {k: os.environ.get(k) for k in ("PGEN_OPS_BACKEND", "TRITON_INTERPRET")}
     saved_fused = op_dispatch._FORCE_FUSED
     os.environ["PGEN_OPS_BACKEND"] = "triton"
-    os.environ["TRITON_INTERPRET"] = "1"  # only lets backend resolution pick triton; fakes run, no kernels
+    if not triton_available():
+        # no GPU: lets backend resolution pick "triton" (the fakes run, no kernel does). Never
+        # set on a GPU machine, where a kernel module first imported now would be jitted for
+        # the interpreter for the rest of the run (train.py plans before it trains).
+        os.environ["TRITON_INTERPRET"] = "1"
     op_dispatch._FORCE_FUSED = True
     try:
         yield
@@ -392,7 +398,44 @@ def _meta_batch(rows: int, seq: int, image_tokens: int):
     return ids, code_mask, att, targets
 
 
-def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, train: bool) -> int:
+def _meta_pixels(model, images: int) -> torch.Tensor | None:
+    """``[images, 3, S, S]`` meta history images in the model's dtype (None for none)."""
+    if images == 0:
+        return None
+    S = model.config.image_size
+    return torch.zeros(images, 3, S, S, dtype=model.dtype, device="meta")
+
+
+def _meta_tower_outputs(model, images: int) -> torch.Tensor | None:
+    """``[images, T_img, D_vision]`` meta vision-tower outputs (the cached features a frozen
+    tower's run feeds the aligner), or None for none."""
+    if images == 0:
+        return None
+    v = model.config.vision_config_dict
+    return torch.zeros(images, model.num_image_tokens, int(v["hidden_size"]), dtype=model.dtype, device="meta")
+
+
+def _embed(model, ids: torch.Tensor, code_mask: torch.Tensor, pixels: torch.Tensor | None,
+           tower_outputs: torch.Tensor | None = None) -> torch.Tensor:
+    """:meth:`JanusModel.embed_inputs` on meta: the same embedding, vision tower (or its cached
+    outputs) + aligner and ``masked_scatter`` into the ``<image>`` placeholders, without its
+    host-side count check (meta tensors hold no values to count); the placeholders are the
+    first positions."""
+    x = model.embed_inputs(ids, code_mask)
+    if pixels is None and tower_outputs is None:
+        return x
+    if tower_outputs is not None:
+        feats = model.aligner(tower_outputs).reshape(-1, x.shape[-1]).to(x.dtype)
+    else:
+        feats = model.vision_features(pixels).reshape(-1, x.shape[-1]).to(x.dtype)
+    n = feats.shape[0] // ids.shape[0]
+    slots = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    slots[:, :n] = True
+    return x.masked_scatter(slots[..., None], feats)
+
+
+def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, train: bool,
+                         history_images: int = 0, cached_features: bool = False) -> int:
     """Peak activation bytes of one micro-batch of the training objective on meta.
 
     The objective is :func:`pgen_engine.training.rl.policy_logprobs` (``[rows, seq]``
@@ -401,11 +444,14 @@ def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, tra
     GRPO loss on top is element-wise over ``[rows, T]`` float32 log-probs (kilobytes; it
     reads ``.any()`` on the host, which meta tensors cannot answer), so the mean log-prob
     stands in for it. ``train=False`` is the no-grad scoring pass of the log-probs phase.
+    ``history_images`` per row (pixels history mode) go through the vision tower and aligner,
+    or with ``cached_features`` (a frozen tower: the run caches its outputs per item) through
+    the aligner only.
     """
-    from .rl import policy_logprobs
-
     T = model.num_image_tokens
     ids, cm, att, targets = _meta_batch(rows, seq, T)
+    pixels = None if cached_features else _meta_pixels(model, rows * history_images)
+    tower = _meta_tower_outputs(model, rows * history_images) if cached_features else None
     lm = model.language_model
     was_ckpt, was_training = lm.gradient_checkpointing, model.training
     lm.gradient_checkpointing = checkpointing
@@ -413,8 +459,10 @@ def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, tra
 
     def run():
         with torch.set_grad_enabled(train):
-            lp, _ = policy_logprobs(model, ids, cm, att, targets, 1.0)
-            return -lp.mean() if train else None
+            # pgen_engine.training.rl.policy_logprobs, with _embed for embed_inputs
+            h = model.forward_train(_embed(model, ids, cm, pixels, tower), att)[:, -T:]
+            lp, _ = model.image_token_logprobs(h.reshape(rows * T, -1), targets.reshape(-1), temperature=1.0)
+            return -lp.float().mean() if train else None
 
     try:
         return measure_peak_bytes(model, run, backward=train)
@@ -438,18 +486,20 @@ def rollout_kv_bytes(model, rows: int, max_seq_len: int, uncond_mode: str) -> in
     return int(gen.cache_nbytes())
 
 
-def rollout_work_bytes(model, prompts: int, seq: int, rows: int) -> int:
+def rollout_work_bytes(model, prompts: int, seq: int, rows: int, history_images: int = 0) -> int:
     """Peak transient bytes of a rollout wave besides the cache: the no-grad prefill of
     ``prompts`` distinct prompts of ``seq`` tokens (the Generator prefills each prompt
-    once) and the float32 codebook logits of the ``2 * rows`` decode rows."""
+    once; pixels mode: their ``history_images`` each through the vision tower) and the
+    float32 codebook logits of the ``2 * rows`` decode rows."""
     ids, cm, att, _ = _meta_batch(prompts, seq, 1)
+    pixels = _meta_pixels(model, prompts * history_images)
     h = torch.zeros(2 * rows, model.config.text.hidden_size, dtype=model.dtype, device="meta")
     was = model.training
     model.eval()
 
     def run():
         with torch.inference_mode():
-            model.forward_train(model.embed_inputs(ids, cm), att)
+            model.forward_train(_embed(model, ids, cm, pixels), att)
             return model.image_head_logits(h).float()
 
     try:
@@ -459,10 +509,17 @@ def rollout_work_bytes(model, prompts: int, seq: int, rows: int) -> int:
 
 
 # ----------------------------------------------------------------------------- sequence lengths
+def history_mode(cfg: RunConfig) -> str:
+    """The run's ``data.history_mode``; unresolved (checkpoint not on disk yet) -> "pixels",
+    the default of every model with a vision tower (every Janus)."""
+    return cfg.data.history_mode or "pixels"
+
+
 def prompt_tokens(cfg: RunConfig) -> tuple[int, str]:
     """-> (tokens of the longest prompt the run builds, where the text lengths came from).
 
-    Builds a prompt of ``data.history_k`` history images with the real PromptBuilder.
+    Builds a prompt of ``data.history_k`` history images with the real PromptBuilder in the
+    run's history mode (codes, or ``<image>`` placeholders in pixels mode).
     """
     from pgen_engine.data.prompts import PromptBuilder
     from pgen_engine.data.text_tokenizer import ByteTokenizer, load_text_tokenizer
@@ -489,10 +546,11 @@ def prompt_tokens(cfg: RunConfig) -> tuple[int, str]:
         except Exception:  # dataset not readable here: the documented budget instead
             where += f", titles of {TITLE_BUDGET_BYTES} bytes (dataset not readable)"
     per_image = (d.tokenizer_image_size // d.patch_size) ** 2
-    builder = PromptBuilder(tok, special, per_image, mode="codes", with_titles=d.with_titles,
+    mode = history_mode(cfg)
+    builder = PromptBuilder(tok, special, per_image, mode=mode, with_titles=d.with_titles,
                             instruction=d.instruction)
-    codes = torch.zeros(d.history_k, per_image, dtype=torch.long)
-    p = builder.build(codes, [title] * d.history_k if d.with_titles else None)
+    codes = torch.zeros(d.history_k, per_image, dtype=torch.long) if mode == "codes" else None
+    p = builder.build(codes, [title] * d.history_k if d.with_titles else None, num_history=d.history_k)
     return len(p), where
 
 
@@ -502,7 +560,7 @@ def _dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
     return precision, torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def _reference_bytes(rl, model, states_ref: ZeroStates) -> int:
+def _reference_bytes(rl, states_ref: ZeroStates) -> int:
     mode = resolve_reference_mode(rl.reference, torch.device("cuda"))  # the plan is for GPUs
     if mode == "partitioned":
         return states_ref.param_shards + states_ref.persistent_params
@@ -540,12 +598,21 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
               "optimizer states": st.optimizer}
     train_work = {"gathered params (working set)": st.gather_working_set, "reduce bucket": st.reduce_bucket,
                   "optimizer step fp32 grads": st.step_fp32_grads}
-    notes = [f"sequence: {plen} prompt tokens ({len_note}) + {T} image tokens"]
+    from .sft_data import caches_vision_features
+
+    mode = history_mode(cfg)
+    n_img = cfg.data.history_k if mode == "pixels" else 0
+    cached = caches_vision_features(cfg, mode)
+    how = "VQ codes" if not n_img else ("pixels, frozen tower: cached features in training" if cached
+                                        else "pixels through the vision tower")
+    notes = [f"sequence: {plen} prompt tokens ({len_note}) + {T} image tokens; history: {how}"]
     model_desc = f"{model_note}; {n_all / 1e9:.2f} B parameters, {n_train / 1e9:.2f} B trainable"
     phases: list[PhasePlan] = []
     seq = plen + T if rl is None else plen + T - 1
-    act = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=True)
-    other = objective_peak_bytes(model, micro, seq, checkpointing=not ckpt, train=True)
+    act = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=True, history_images=n_img,
+                               cached_features=cached)
+    other = objective_peak_bytes(model, micro, seq, checkpointing=not ckpt, train=True, history_images=n_img,
+                               cached_features=cached)
     notes.append(f"activations of {micro} x {seq} tokens: {act / GIB:.2f} GiB with activation checkpointing "
                  f"{'on' if ckpt else 'off'}, {other / GIB:.2f} GiB with it {'off' if ckpt else 'on'}")
     act_name = f"activations (checkpointing {'on' if ckpt else 'off'})"
@@ -555,11 +622,13 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
     else:
         if rl.prompts_per_step % gpus:
             raise PlanError(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by --gpus={gpus}")
+        updates_per_step(rl, cfg.train)  # the run's own check: a rollout is whole optimizer batches
+
         prompts_here = rl.prompts_per_step // gpus
         rows = generator_rows(prompts_here, rl.group_size, rl.rollout_batch_size)
         kv = rollout_kv_bytes(model, rows, plen + T, rl.uncond_mode)
-        work = rollout_work_bytes(model, rows // rl.group_size, plen, rows)
-        ref = _reference_bytes(rl, model, st)
+        work = rollout_work_bytes(model, rows // rl.group_size, plen, rows, n_img)
+        ref = _reference_bytes(rl, st)
         kept = {} if rl.offload_optimizer_states else {**states, "reduce bucket": st.reduce_bucket}
         if rl.offload_optimizer_states:
             notes.append("rollout: rl.offload_optimizer_states moves the policy's ZeRO states to the host")
@@ -568,7 +637,8 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
         phases.append(PhasePlan("rollout", {**kept, f"reference ({rl.reference})": ref,
                                             "gathered weights (all)": st.full_weights, "KV cache": kv,
                                             "prefill + logits working set": work, **reserve}))
-        score = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=False)
+        score = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=False, history_images=n_img,
+                               cached_features=cached)
         phases.append(PhasePlan("log-probs", {**states, f"reference ({rl.reference})": ref,
                                               "gathered params (working set)": st.gather_working_set,
                                               "reduce bucket": st.reduce_bucket,

@@ -174,8 +174,8 @@ class RLTrainer:
         try:
             for lo in range(0, tokens.shape[0], self.micro):
                 sl = slice(lo, lo + self.micro)
-                ids, cm, att, px = seqs.rows(sl, dev)
-                lp, _ = forward(policy_logprobs, ids, cm, att, tokens[sl].to(dev), self.rl.temperature, px)
+                lp, _ = forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev), self.rl.temperature,
+                                *seqs.history(sl, dev))
                 out.append(lp.cpu())
         finally:
             model.train(was)
@@ -210,9 +210,8 @@ class RLTrainer:
             for lo in range(0, N, self.micro):
                 sl = slice(lo, lo + self.micro)
                 with SavedTensorMeter(exclude=params) as meter:
-                    ids, cm, att, px = seqs.rows(sl, dev)
-                    lp, ent = self.policy_forward(policy_logprobs, ids, cm, att, tokens[sl].to(dev), rl.temperature,
-                                                  px)
+                    lp, ent = self.policy_forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev),
+                                                  rl.temperature, *seqs.history(sl, dev))
                     loss, st = grpo.policy_loss(
                         lp, old_lp[sl].to(dev), adv[sl].to(dev), mask[sl].to(dev),
                         ref_logp=None if ref_lp is None else ref_lp[sl].to(dev), beta=rl.beta,
@@ -268,7 +267,8 @@ class RLTrainer:
         times["time/reward_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with led.phase("logprobs"):
-            seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id, batch.pixel_values)
+            seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id, batch.pixel_values,
+                                   batch.image_features)
             old_lp = self.score_logprobs(self.module, seqs, tokens)
             ref_lp = None
             if self.reference is not None:
@@ -385,12 +385,12 @@ class RLStage(Stage):
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items))
         self.source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
                                      ground_truth=gt, future_horizon=rl.future_horizon, seed=cfg.seed,
-                                     image_loader=ds.image_loader)
+                                     image_loader=ds.image_loader, vision_features=ds.vision_features)
         if rl.eval_prompts:
             held_out = data.splits.valid or data.splits.train
             self.eval_batch = RLPromptSource(held_out, data.splits, ds.cache, ds.builder, titles=ds.titles,
-                                             ground_truth=gt, seed=cfg.seed, image_loader=ds.image_loader
-                                             ).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
+                                             ground_truth=gt, seed=cfg.seed, image_loader=ds.image_loader,
+                                             vision_features=ds.vision_features).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
         te = trainer.te
         self.policy = RLTrainer(te.engine, rl, reward_env, self.reference, micro_batch_size=te.micro_batch_size,
                                 minibatch_size=cfg.train.global_batch_size // dist.world_size,

@@ -50,6 +50,8 @@ class PromptBatch:
         history: B lists of history item ids; future: B lists of later train items.
         target_attributes: int64 ``[B, A]`` ground truth (synthetic data) or None.
         pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` history images; None in codes mode.
+        image_features: frozen vision tower: B cached tower outputs ``[n_i, T_img, D_vision]`` of
+            the same images (the trainer's log-probs use them instead of re-encoding), or None.
     """
 
     prompts: list[list[int]]
@@ -59,6 +61,7 @@ class PromptBatch:
     future: list[list[str]]
     target_attributes: torch.Tensor | None = None
     pixel_values: list[torch.Tensor] | None = None
+    image_features: list[torch.Tensor] | None = None
 
 
 class RewardEnv:
@@ -177,12 +180,13 @@ class RLPromptSource:
     """
 
     def __init__(self, examples, splits, cache, builder, *, titles=None, ground_truth=None,
-                 future_horizon: int | None = None, seed: int = 0, image_loader=None):
+                 future_horizon: int | None = None, seed: int = 0, image_loader=None,
+                 vision_features=None):
         if not examples:
             raise ValueError("RLPromptSource: no training examples")
         if builder.mode == "pixels" and image_loader is None:
             raise ValueError("RLPromptSource: pixels history mode needs an image_loader (item id -> uint8 image)")
-        self.image_loader = image_loader
+        self.image_loader, self.vision_features = image_loader, vision_features
         self.examples, self.splits, self.cache, self.builder = list(examples), splits, cache, builder
         self.titles, self.gt, self.horizon, self.seed = titles or {}, ground_truth, future_horizon, seed
 
@@ -214,7 +218,7 @@ class RLPromptSource:
         return self._make(idx, -1)
 
     def _make(self, idx: list[int], step: int) -> PromptBatch:
-        prompts, masks, hist, fut, attrs, pix = [], [], [], [], [], []
+        prompts, masks, hist, fut, attrs, pix, feats = [], [], [], [], [], [], []
         for i in idx:
             ex = self.examples[i]
             titles = [self.titles.get(h, "") for h in ex.history] if self.builder.with_titles else None
@@ -222,6 +226,8 @@ class RLPromptSource:
                 # the same prompt and pixels SFT trained on (SFTDataset.__getitem__)
                 p = self.builder.build(titles=titles, num_history=len(ex.history))
                 pix.append(normalize_pixels(torch.from_numpy(np.stack([self.image_loader(h) for h in ex.history]))))
+                if self.vision_features is not None:
+                    feats.append(self.vision_features(list(ex.history)))
             else:
                 p = self.builder.build(self.cache.codes(list(ex.history)), titles)
             prompts.append(p.input_ids.tolist())
@@ -235,7 +241,7 @@ class RLPromptSource:
         seeds = [_seed(self.seed, STREAM_REQUEST, step, i) for i in idx]
         return PromptBatch(prompts, masks, seeds, hist, fut,
                            torch.tensor(attrs, dtype=torch.long) if self.gt is not None else None,
-                           pix if self.builder.mode == "pixels" else None)
+                           pix if self.builder.mode == "pixels" else None, feats or None)
 
 
 def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, item_ids: list[str],

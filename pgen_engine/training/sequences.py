@@ -22,23 +22,29 @@ class Sequences:
         attention_mask: int64 ``[N, L]``, 1 on real tokens.
         pixel_values: pixels history mode: per row, float32 ``[n_r, 3, S, S]`` history images
             filling the row's ``<image>`` placeholders; None in codes mode.
+        image_features: frozen vision tower: per row, the tower's cached outputs
+            ``[n_r, T_img, D_vision]`` of those images (used instead of ``pixel_values``), or None.
     """
 
     input_ids: torch.Tensor
     gen_code_mask: torch.Tensor
     attention_mask: torch.Tensor
     pixel_values: list[torch.Tensor] | None = None
+    image_features: list[torch.Tensor] | None = None
 
-    def rows(self, sl: slice, device: torch.device
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(input_ids, gen_code_mask, attention_mask, pixel_values ``[sum n_r, 3, S, S]`` or None)
-        of rows ``sl`` on ``device`` — the leading arguments of :func:`policy_logprobs`."""
-        px = None
-        if self.pixel_values is not None:
-            chosen = [p for p in self.pixel_values[sl] if p is not None]
-            px = torch.cat(chosen).to(device) if chosen else None
-        return (self.input_ids[sl].to(device), self.gen_code_mask[sl].to(device), self.attention_mask[sl].to(device),
-                px)
+    def rows(self, sl: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, gen_code_mask, attention_mask) of rows ``sl`` on ``device``."""
+        return self.input_ids[sl].to(device), self.gen_code_mask[sl].to(device), self.attention_mask[sl].to(device)
+
+    def history(self, sl: slice, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixel_values ``[sum n_r, 3, S, S]``, image_features ``[sum n_r, T_img, D]``) of rows ``sl``:
+        cached features when present (then pixels are None), else pixels, else (None, None)."""
+        def cat(rows: list[torch.Tensor] | None) -> torch.Tensor | None:
+            chosen = [p for p in (rows[sl] if rows is not None else []) if p is not None]
+            return torch.cat(chosen).to(device) if chosen else None
+
+        feats = cat(self.image_features)
+        return (None, feats) if feats is not None else (cat(self.pixel_values), None)
 
     def __iter__(self):
         return iter((self.input_ids, self.gen_code_mask, self.attention_mask))
@@ -53,7 +59,8 @@ def row_pixels(pixel_values: Sequence[torch.Tensor] | None, group_size: int) -> 
 
 def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
                     tokens: torch.Tensor, group_size: int, pad_id: int,
-                    pixel_values: Sequence[torch.Tensor] | None = None) -> Sequences:
+                    pixel_values: Sequence[torch.Tensor] | None = None,
+                    image_features: Sequence[torch.Tensor] | None = None) -> Sequences:
     """Left-padded teacher-forcing inputs for sampled images.
 
     Row ``r = i*G + j`` is ``prompts[i] ++ tokens[r, :T-1]``; with left padding the last
@@ -66,6 +73,7 @@ def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Seque
         group_size: G.
         pad_id: padding id.
         pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` (one per prompt), or None.
+        image_features: B cached vision-tower outputs of those images, or None.
     Returns:
         :class:`Sequences` (``[B*G, L]`` each) on ``tokens.device``.
     """
@@ -89,7 +97,8 @@ def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Seque
             cm[r, L - T + 1:] = True
             att[r, L - S - T + 1:] = 1
     dev = tokens.device
-    return Sequences(ids.to(dev), cm.to(dev), att.to(dev), row_pixels(pixel_values, group_size))
+    return Sequences(ids.to(dev), cm.to(dev), att.to(dev), row_pixels(pixel_values, group_size),
+                     row_pixels(image_features, group_size))
 
 
 def row_pixels(pixel_values: Sequence[torch.Tensor | None] | None, group_size: int) -> list[torch.Tensor | None] | None:
@@ -107,8 +116,8 @@ def slice_pixels(seqs, sl: slice, device) -> torch.Tensor | None:
 
 
 def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor, attention_mask: torch.Tensor,
-                    targets: torch.Tensor, temperature: float, pixel_values: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    targets: torch.Tensor, temperature: float, pixel_values: torch.Tensor | None = None,
+                    image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of ``targets`` with the training numerics.
 
     Args:
@@ -119,11 +128,13 @@ def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
             policy at that temperature).
         pixel_values: pixels history mode: ``[sum n_img, 3, S, S]`` of the rows, in row order
             (the same images the rollout's prompts were built with).
+        image_features: instead of ``pixel_values``: the frozen tower's cached outputs of those
+            images ``[sum n_img, T_img, D_vision]`` (no re-encoding per row / epoch).
     Returns:
         (logprobs fp32 ``[N, T]``, entropy fp32 ``[N, T]``); differentiable when grad is on.
     """
     N, T = targets.shape
-    x = model.embed_inputs(input_ids, gen_code_mask, pixel_values)
+    x = model.embed_inputs(input_ids, gen_code_mask, pixel_values, image_features)
     h = model.forward_train(x, attention_mask)[:, -T:]
     lp, ent = model.image_token_logprobs(h.reshape(N * T, -1), targets.reshape(-1).to(h.device),
                                          temperature=temperature)

@@ -39,12 +39,14 @@ def sft_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
         model: a JanusModel.
         batch: the collator's dict — ``input_ids``/``labels`` int64 ``[B,L]``, ``gen_code_mask``/
             ``attention_mask``/``loss_mask`` bool ``[B,L]``, ``position_ids`` int64 ``[B,L]``,
-            optional ``pixel_values`` ``[n_img,3,H,W]``.
+            optional ``pixel_values`` ``[n_img,3,H,W]`` or cached ``image_features``
+            ``[n_img,T_img,D_vision]`` (frozen vision tower).
     Returns:
         (loss: fp32 scalar, n_targets: int64 scalar — target tokens in the batch).
     """
     mask = batch["loss_mask"]
-    embeds = model.embed_inputs(batch["input_ids"], batch["gen_code_mask"], batch.get("pixel_values"))
+    embeds = model.embed_inputs(batch["input_ids"], batch["gen_code_mask"], batch.get("pixel_values"),
+                                image_features=batch.get("image_features"))
     hidden = model.forward_train(embeds, batch["attention_mask"], batch.get("position_ids"))
     targets = batch["labels"][mask]
     if targets.numel() == 0:

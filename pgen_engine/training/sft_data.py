@@ -109,10 +109,10 @@ def _tokenizer(cfg: RunConfig, dataset, *, fit: bool):
         return load_or_fit_tokenizer(cfg, dataset, fit=fit)
     if cfg.model.checkpoint is None:
         raise DataPrepError("data.tokenizer=checkpoint_vq needs model.checkpoint (a checkpoint with a VQ model)")
-    from pgen_engine.models import load_model
-    from pgen_engine.models.image_tokenizer import VQImageTokenizer
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
-    return VQImageTokenizer(load_model(cfg.model.checkpoint))
+    # only vq_config + model.vqmodel.* are read (not the LM); same fingerprint as VQImageTokenizer
+    return JanusVQTokenizer.from_checkpoint(cfg.model.checkpoint)
 
 
 def _model_dir(cfg: RunConfig, tokenizer) -> Path:
@@ -130,20 +130,32 @@ def _cache_dir(cfg: RunConfig, tokenizer) -> Path:
     return work_dir(cfg) / f"token_cache_{tokenizer.fingerprint()[:16]}"
 
 
-def _prepare_on_main(cfg: RunConfig) -> str | None:
-    """Rank-0 side effects; returns an error line or None."""
+def caches_vision_features(cfg: RunConfig, mode: str) -> bool:
+    """Pixels history with a frozen vision tower: its outputs are computed once per item."""
+    return mode == "pixels" and "vision_model" not in cfg.train.trainable
+
+
+def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
+    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None)."""
     from pgen_engine.data.dataset import DataError, load_dataset
+    from pgen_engine.data.history import HistoryModeError, run_history_mode
     from pgen_engine.data.token_cache import build_token_cache
 
     try:
         root = ensure_dataset(cfg)
         dataset = load_dataset(root)
         tok = _tokenizer(cfg, dataset, fit=True)
-        _model_dir(cfg, tok)
+        model_dir = _model_dir(cfg, tok)
         build_token_cache(dataset, tok, _cache_dir(cfg, tok), progress=False)
-    except (DataPrepError, DataError, ValueError, KeyError, OSError) as e:
-        return str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-    return None
+        vision = None
+        if caches_vision_features(cfg, run_history_mode(cfg.data.history_mode, cfg.model.checkpoint)):
+            from pgen_engine.data.vision_cache import build_vision_cache
+            from pgen_engine.models import load_model
+
+            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision").root)
+    except (DataPrepError, DataError, HistoryModeError, ValueError, KeyError, OSError) as e:
+        return (str(e).strip().splitlines()[0] if str(e).strip() else repr(e)), None
+    return None, vision
 
 
 def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
@@ -162,8 +174,8 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
     from pgen_engine.models.janus_config import JanusModelConfig
     from pgen_engine.models.special_tokens import SpecialTokens
 
-    err = _prepare_on_main(cfg) if dist_info.is_main else None
-    err = broadcast_object(err)
+    err, vision_dir = _prepare_on_main(cfg) if dist_info.is_main else (None, None)
+    err, vision_dir = broadcast_object((err, vision_dir))
     if err is not None:
         raise DataPrepError(err)
     barrier()
@@ -194,5 +206,11 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
                             instruction=d.instruction)
     titles = {k: v.title for k, v in dataset.items.items()}
     loader = CatalogueImages(dataset, mcfg.image_size) if mode == "pixels" else None
-    return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles, image_loader=loader),
-                   special, splits, tok)
+    features = None
+    if vision_dir is not None:
+        from pgen_engine.data.vision_cache import VisionCache
+
+        vc = VisionCache.open(vision_dir, Path(vision_dir).name.removeprefix("vision_"))
+        features = vc.features
+    return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles, image_loader=loader,
+                                         vision_features=features), special, splits, tok)

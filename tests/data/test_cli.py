@@ -33,3 +33,35 @@ def test_errors_are_one_line(tmp_path, capsys):
     assert "--interactions" in capsys.readouterr().err
     assert main(["data", "tokenize", str(tmp_path), "--out", str(tmp_path / "c"), "--tokenizer",
                  str(tmp_path / "missing.st")]) == 2
+
+
+def test_tokenize_vq_fit_prints_quality_and_reuses(tmp_path, capsys):
+    import re
+
+    import torch
+
+    out = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "7", "--items", "19", "--out", str(out), "--seed", "2"]) == 0
+    capsys.readouterr()
+    n = torch.get_num_threads()
+    args = ["data", "tokenize", str(out), "--out", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "vq.st"),
+            "--fit", "--kind", "vq", "--image-size", "16", "--codes-per-side", "4", "--codebook", "16",
+            "--max-steps", "2", "--train-batch-size", "2", "--threads", "1", "--quiet"]
+    try:
+        assert main(args) == 0
+        first = capsys.readouterr().out.strip().splitlines()
+        assert re.fullmatch(r"reconstruction PSNR: \d+\.\d\d dB, SSIM: -?\d\.\d{3} \(held-out 1 images\)", first[-1])
+        assert any("codebook usage (held-out)" in ln for ln in first)
+        assert any(ln.startswith("wrote vq tokenizer") for ln in first)
+        assert main(args) == 0  # same images and settings: the tokenizer file is reused, nothing trained
+        second = capsys.readouterr().out.strip().splitlines()
+        assert any(ln.startswith("reusing vq tokenizer") for ln in second) and second[-1] == first[-1]
+        # patch_kmeans prints the same line at the same code budget
+        assert main(["data", "tokenize", str(out), "--out", str(tmp_path / "c2"), "--tokenizer",
+                     str(tmp_path / "pk.st"), "--fit", "--kind", "patch_kmeans", "--image-size", "16",
+                     "--codes-per-side", "4", "--codebook", "16", "--iters", "2", "--quiet"]) == 0
+        assert capsys.readouterr().out.strip().splitlines()[-1].startswith("reconstruction PSNR: ")
+        assert main(args[:-1] + ["--codes-per-side", "3"]) == 2
+        assert "--codes-per-side" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(n)

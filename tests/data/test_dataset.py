@@ -126,3 +126,38 @@ def test_movielens_load_and_stats(movielens):
     assert min(len(s) for s in ds.interactions.values()) >= 5
     img = load_image(next(iter(ds.items.values())).image_path, 64)
     assert img.shape == (64, 64, 3)
+
+
+def test_validate_prints_first_file_line_per_problem_kind_and_ties(synth_dir, tmp_path):
+    d = _copy(synth_dir, tmp_path)
+    lines = (d / "interactions.csv").read_text().splitlines()
+    u, i, ts = lines[1].split(",")[:3]
+    lines.insert(2, f"{u},{i},{ts}")             # line 3: ties line 2's timestamp
+    lines.insert(5, "onlytwo,fields")             # line 6: malformed
+    lines.insert(7, f"{u},no_such_item,{ts}")     # line 8: unknown item
+    lines.insert(9, "x,y")                        # line 10: second malformed (not the first)
+    (d / "interactions.csv").write_text("\n".join(lines) + "\n")
+    out = validate_dataset(d).summary()
+    path = d / "interactions.csv"
+    assert f"malformed_interaction_line: 2 (first: {path}:6:" in out
+    assert f"unknown_item_id: 1 (first: {path}:8:" in out
+    assert f"flag:          tied_timestamp: 1 (first: {path}:3:" in out
+
+
+def test_rating_threshold_keeps_positives(tmp_path):
+    from pgen_engine.data.dataset import filter_by_rating, write_dataset
+
+    src = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(src)
+    items = [{"item_id": f"a{j}", "title": "t", "image": "images/a.png"} for j in range(3)]
+    d = write_dataset(tmp_path / "ds", items, [("u", "a0", 1), ("u", "a1", 2), ("u", "a2", 3)],
+                      image_files={"images/a.png": ("copy", src)})
+    csv = d / "interactions.csv"
+    csv.write_text("user_id,item_id,timestamp,rating\nu,a0,1,5\nu,a1,2,2.5\nu,a2,3,4\n")
+    ds = filter_by_rating(load_dataset(d), 4.0)
+    assert ds.item_sequence("u") == ["a0", "a2"]
+    csv.write_text("user_id,item_id,timestamp,rating\nu,a0,1,5\nu,a1,2,good\n")
+    with pytest.raises(DataError, match=r"interactions.csv:3: rating 'good'"):
+        filter_by_rating(load_dataset(d), 4.0)

@@ -85,3 +85,34 @@ def test_generation_time_1000_users(tmp_path):
     dt = time.perf_counter() - t
     print(f"synthetic dataset, 1000 users / 300 items: {dt:.2f}s")
     assert dt < 30
+
+
+def test_v2_drift_follows_population_rules_and_future_differs(tmp_path):
+    """v2: preferences move along one successor map shared by all users, and >= 30 % of
+    test targets carry an attribute value that no history item has."""
+    from pgen_engine.data.dataset import load_dataset
+    from pgen_engine.data.splits import build_splits
+    from pgen_engine.data.synth import drift_rules
+
+    cfg = SynthConfig(num_users=200, num_items=120, seed=0, drift=0.0, fidelity=0.95)
+    root = generate_synthetic(tmp_path / "v2", cfg)
+    gt = load_ground_truth(root)
+    succ = drift_rules(cfg.seed)
+    moves = on_rule = 0
+    for steps in gt.values():
+        for prev, cur in zip(steps, steps[1:]):
+            for a, name in enumerate(ATTRIBUTES):
+                p, c = (VALUES[name].index(s["preferred"][name]) for s in (prev, cur))
+                if p != c:
+                    moves += 1
+                    on_rule += int(succ[a][p] == c)
+    assert moves > 0 and on_rule / moves > 0.85  # rule_prob 0.9, no random drift
+    ds = load_dataset(root)
+    attrs = json.loads((root / "attributes.json").read_text())
+    test = build_splits(ds, k=4).test
+    new = sum(any(all(attrs[h][a] != attrs[ex.target][a] for h in ex.history) for a in ATTRIBUTES) for ex in test)
+    assert new / len(test) >= 0.30
+    # v1 keeps its old behaviour: no rule, random jumps only
+    v1 = load_ground_truth(generate_synthetic(tmp_path / "v1", SynthConfig(num_users=50, seed=0, drift=0.0,
+                                                                           version=1)))
+    assert all(s["preferred"] == steps[0]["preferred"] for steps in v1.values() for s in steps)

@@ -8,9 +8,10 @@ import sys
 import torch
 
 from pgen_engine.cli import main
+from pgen_engine.eval.cli import is_independent
 
 
-def test_pgen_eval_with_baselines(tmp_path, capsys):
+def test_pgen_eval_with_baselines_writes_report_json(tmp_path, capsys):
     from pgen_engine.data.dataset import load_dataset, load_image
     from pgen_engine.data.synth import SynthConfig, generate_synthetic
     from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
@@ -23,14 +24,26 @@ def test_pgen_eval_with_baselines(tmp_path, capsys):
     tok.save(tmp_path / "tok.safetensors")
     ck = make_tiny_checkpoint(tmp_path / "run" / "final", image_size=32, patch_size=16, codebook_size=64)
     rc = main(["eval", "--checkpoint", str(ck), "--data", str(tmp_path / "ds"), "--num-images", "2",
-               "--tokenizer", str(tmp_path / "tok.safetensors"), "--baselines", "--quiet",
+               "--tokenizer", str(tmp_path / "tok.safetensors"), "--baselines", "--quiet", "--embedder", "pixel_stats",
                "--out", str(tmp_path / "ev"), "--name", "tiny"])
     assert rc == 0
     out = capsys.readouterr().out
-    for row in ("popularity", "recommend", "non-personalized", "tiny"):
+    for row in ("random", "centroid", "popularity", "copy_last", "retrieve", "true_next", "generate_nonpersonal",
+                "tiny"):
         assert f"| {row} |" in out
-    res = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    assert res["users"] == 8 and 0 <= res["metrics"]["tiny"]["attr_acc_future"] <= 1
+    res = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert list(res) == ["dataset", "seeds", "users", "images_per_user", "evaluator", "systems", "paired"]
+    assert res["users"] == 8 and 0 <= res["systems"]["tiny"]["attr_acc_future"]["mean"] <= 1
+    assert "tiny - copy_last" in res["paired"] and "tiny - generate_nonpersonal" in res["paired"]
+    assert (tmp_path / "ev" / "report.md").is_file() and (tmp_path / "ev" / "report.html").is_file()
+
+
+def test_independence_rule():
+    assert is_independent({"type": "pixel_stats"}, {"type": "eval_cnn"})
+    assert not is_independent({"type": "pixel_stats"}, {"type": "pixel_stats"})
+    assert not is_independent({"type": "clip", "path": "/m"}, {"type": "clip:/m"})
+    assert is_independent({"type": "clip", "path": "/m"}, {"type": "pixel_stats"})
+    assert is_independent(None, {"type": "pixel_stats"})
 
 
 def test_pgen_eval_bad_checkpoint_is_one_line(tmp_path):

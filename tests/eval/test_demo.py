@@ -16,13 +16,17 @@ def test_quick_demo_writes_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: {out / 'report.md'}" in r.stdout
     md = (out / "report.md").read_text()
-    for row in ("popularity", "recommend (retrieve-and-rank)", "generate, non-personalized", "generate, SFT",
-                "generate, SFT+RL"):
+    for row in ("random", "centroid", "popularity", "copy_last", "retrieve", "true_next", "generate_nonpersonal",
+                "generate_sft", "generate_sft_rl"):
         assert f"| {row} |" in md
-    assert (out / "report.html").is_file() and (out / "grid_user0.png").is_file()
-    res = json.loads((out / "results.json").read_text())
-    assert 0.0 <= res["metrics"]["generate, SFT+RL"]["attr_acc_future"] <= 1.0
-    assert (out / "sft" / "final" / "config.json").is_file() and (out / "rl" / "final" / "config.json").is_file()
+    assert (out / "report.html").is_file() and (out / "grid_user0.png").is_file() and (out / "paired.png").is_file()
+    rep = json.loads((out / "report.json").read_text())
+    assert list(rep) == ["dataset", "seeds", "users", "images_per_user", "evaluator", "systems", "paired"]
+    assert 0.0 <= rep["systems"]["generate_sft_rl"]["attr_acc_future"]["mean"] <= 1.0
+    assert rep["evaluator"]["independent"] and rep["evaluator"]["type"] == "eval_cnn"
+    assert "generate_sft_rl - copy_last" in rep["paired"]
+    assert (out / "seed0" / "sft" / "final" / "config.json").is_file()
+    assert (out / "seed0" / "rl" / "final" / "config.json").is_file()
 
 
 def test_demo_rejects_bad_data_dir(tmp_path):
@@ -31,20 +35,21 @@ def test_demo_rejects_bad_data_dir(tmp_path):
     assert r.returncode != 0 and "interactions.csv" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.e2e
-def test_full_demo_personalization_order(tmp_path):
-    """The full synthetic demo (~3.5 min on 2 cores, fixed seed 0): after SFT, 40 GRPO steps
-    raise future-attribute accuracy by a clear margin; SFT+RL > SFT > non-personalized, and
-    generation beats retrieve-and-rank on it (the demo is deterministic on a given machine).
+@pytest.mark.slow
+def test_full_demo_report_json(tmp_path):
+    """The full synthetic v2 demo: report.json covers every system and both paired baselines.
 
-    Measured at seed 0: 0.527 > 0.469 > 0.227 and 0.527 vs 0.405 (README "Results").
+    The personalization targets (generate_sft_rl > generate_sft > generate_nonpersonal and
+    > copy_last on attr_acc_future) are measured and stated in README "Results" with their
+    intervals; they are not asserted here, because whether a 2-layer model learns the drift
+    rules in a CPU budget is the experiment's result, not an invariant of the code.
     """
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "pgen_engine", "demo", "--out", str(out), "--quiet"],
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-3000:]
-    m = json.loads((out / "results.json").read_text())["metrics"]
-    acc = {k: v["attr_acc_future"] for k, v in m.items()}
-    assert acc["generate, SFT+RL"] > acc["generate, SFT"] + 0.02
-    assert acc["generate, SFT"] > acc["generate, non-personalized"] + 0.1
-    assert acc["generate, SFT+RL"] > acc["recommend (retrieve-and-rank)"]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["users"] >= 500 and rep["images_per_user"] == 10
+    for base in ("generate_nonpersonal", "copy_last"):
+        assert f"generate_sft_rl - {base}" in rep["paired"]
+        assert "attr_acc_future" in rep["paired"][f"generate_sft_rl - {base}"]

@@ -1,7 +1,5 @@
-"""The generate-vs-recommend evaluation on a small synthetic dataset."""
+"""Baselines and per-user metrics of the evaluation on a small synthetic dataset."""
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -24,31 +22,50 @@ def data(tmp_path_factory):
     return E.prepare_eval_data(root / "ds", tok, root / "cache", PixelStatsEmbedder(), k=3)
 
 
-def test_recommenders_exclude_history_and_score(data):
+def test_baselines_shapes_and_definitions(data):
     ex = data.examples("test")
     assert len(ex) == 20
-    out = E.retrieve_system(data, ex, 3)
-    assert out.images.shape == (60, 32, 32, 3) and out.scores.shape == (20, len(data.item_ids))
-    row = E.compute_metrics(out, data, ex, PixelStatsEmbedder())
-    assert row["novelty"] == pytest.approx(0.0, abs=1e-5)  # recommended images are catalogue items
-    assert 0.0 <= row["hr@10"] <= 1.0 and 0.0 <= row["attr_acc_future"] <= 1.0
-    # a retrieve-and-rank recommender aligns with the history better than popularity
-    pop = E.compute_metrics(E.popularity_system(data, ex, 3), data, ex, PixelStatsEmbedder())
-    assert row["hist_top5"] > pop["hist_top5"]
+    b = E.baseline_systems(data, ex, 5, seed=0)
+    assert list(b) == list(E.BASELINES)
+    for out in b.values():
+        assert out.images.shape == (100, 32, 32, 3) and out.gen_user.tolist() == [u for u in range(20) for _ in range(5)]
+    # copy_last = the history window, most recent first, cycled
+    u0 = ex[0]
+    want = [data.item_index[i] for i in reversed(u0.history)]
+    want = [want[j % len(want)] for j in range(5)]
+    assert torch.equal(b["copy_last"].images[:5], data.catalogue_images[want])
+    # centroid and popularity are the same for every user
+    for name in ("centroid", "popularity"):
+        assert torch.equal(b[name].images[:5], b[name].images[5:10])
+    # retrieve may return history items (no filtering): its first pick is the window's nearest item
+    # in the reference embedding, here the same pixel-stats space as the metrics
+    m = E.per_user_metrics(b["retrieve"], data, ex, PixelStatsEmbedder())
+    assert set(m) >= set(E.METRIC_HELP) and all(v.shape == (20,) for v in m.values())
 
 
-def test_oracle_images_score_perfect_future(data):
-    """A 'system' that outputs the true next item gets future_sim 1 and HR@1 1."""
+def test_true_next_and_copy_last_bracket(data):
     ex = data.examples("test")
-    idx = torch.tensor([data.item_index[e.target] for e in ex])
-    out = E.SystemOutput("oracle", data.catalogue_images[idx], torch.arange(len(ex)), None, "generate")
-    row = E.compute_metrics(out, data, ex, PixelStatsEmbedder())
-    assert row["future_sim"] == pytest.approx(1.0, abs=1e-5)
-    assert row["hr@1"] > 0.5  # duplicates in the catalogue can tie above the true item
-    assert math.isnan(row["diversity"])  # one image per user
+    emb = PixelStatsEmbedder()
+    b = E.baseline_systems(data, ex, 4, seed=0)
+    rows = {k: E.compute_metrics(v, data, ex, emb) for k, v in b.items()}
+    # the tokenizer round trip of the true item is (nearly) the item itself
+    assert rows["true_next"]["future_sim"] > max(0.9, rows["random"]["future_sim"]) and rows["true_next"]["hr@10"] >= rows["random"]["hr@10"]
+    # copying the history identifies the user best: its images ARE the history window
+    assert rows["copy_last"]["user_id_acc"] > rows["random"]["user_id_acc"]
+    assert rows["copy_last"]["user_id_mean_rank"] < rows["random"]["user_id_mean_rank"]
+    assert rows["copy_last"]["hist_max"] == pytest.approx(1.0, abs=1e-5)
+    assert rows["true_next"]["diversity"] == pytest.approx(0.0, abs=1e-5)  # n copies
 
 
-def test_generate_system_with_a_real_generator(data, tmp_path):
+def test_user_id_ranks_hand_values():
+    h = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])]
+    e = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.1]])
+    # image 0 belongs to user 1 (its own history): rank 1; image 1 to user 0 but user 2 ties -> rank 2
+    r = E.user_id_ranks(e, torch.tensor([1, 0, 1]), h)
+    assert r.tolist() == [1, 2, 3]
+
+
+def test_generate_system_nonpersonal_is_the_pad_prompt(data, tmp_path):
     import pgen_engine as pg
     from pgen_engine.data.prompts import PromptBuilder
     from pgen_engine.data.text_tokenizer import load_text_tokenizer
@@ -59,13 +76,35 @@ def test_generate_system_with_a_real_generator(data, tmp_path):
     b = PromptBuilder(load_text_tokenizer(None, m.special_tokens), m.special_tokens, data.tokenizer.num_tokens,
                       instruction="x")
     ex = data.examples("test", 4)
-    out = E.generate_system("m", pg.Generator(m, max_batch_size=8), data, b, ex, 2, seed=1, batch_prompts=4)
-    assert out.images.shape == (8, 32, 32, 3) and out.gen_user.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
-    again = E.generate_system("m", pg.Generator(m, max_batch_size=8), data, b, ex, 2, seed=1, batch_prompts=2)
-    assert torch.equal(out.images, again.images)  # per-prompt seeds: batching does not change samples
-    row = E.compute_metrics(out, data, ex, PixelStatsEmbedder())
-    assert set(E.METRIC_HELP) <= set(row) | {"hr@1"}
-    assert "| m |" in E.format_table({"m": row})
+    ids, masks, px = E.build_prompts(data, b, ex, personalized=False)
+    assert px == [None] * len(ex)
+    sp = m.special_tokens
+    for row, mask in zip(ids, masks):
+        assert set(row) <= {sp.bos, sp.boi, sp.pad} and not any(mask)
+    pers, _, _ = E.build_prompts(data, b, ex)
+    assert [len(r) for r in pers] == [len(r) for r in ids]  # same length as training's condition dropout
+    out = E.generate_system("m", pg.Generator(m, max_batch_size=8), data, b, ex, 2, seed=1, batch_prompts=4,
+                            guidance_scale=3.0, personalized=False)
+    assert out.settings["guidance_scale"] == 1.0  # CFG is meaningless on an unconditional prompt
+    again = E.generate_system("m", pg.Generator(m, max_batch_size=8), data, b, ex, 2, seed=1, batch_prompts=2,
+                              personalized=False)
+    assert torch.equal(out.images, again.images)
+
+
+def test_select_sampling_picks_best_and_examples_sample(data):
+    ex = data.examples("valid")
+    calls = []
+
+    def make(st):
+        calls.append(st)
+        # "good" settings output the true next item, "bad" ones a random item
+        sys = E.true_next_system(data, ex, 2) if st["t"] == 1 else E.random_system(data, ex, 2, seed=0)
+        return sys
+
+    best, scores = E.select_sampling(make, data, ex, PixelStatsEmbedder(), [{"t": 0}, {"t": 1}], "future_sim")
+    assert best == {"t": 1} and len(scores) == 2 and len(calls) == 2
+    s = data.examples("test", 7, seed=5)
+    assert len(s) == 7 and s == data.examples("test", 7, seed=5) and s != data.examples("test", 7, seed=6)
 
 
 def test_prompt_settings_read_the_run_config(tmp_path):

@@ -261,19 +261,19 @@ def test_failure_midway_keeps_earlier_results(tiny_ckpt, tmp_path, monkeypatch, 
     assert len(before) == 4
 
     calls = []
-    real = Generator.generate_images
+    real = Generator.generate
 
     def flaky(self, *a, **k):
         calls.append(1)
         if len(calls) == 2:
             raise exc
         return real(self, *a, **k)
-    monkeypatch.setattr(Generator, "generate_images", flaky)
+    monkeypatch.setattr(Generator, "generate", flaky)
     # a different seed: had the first batch's PNG replaced the old one, the bytes would differ
     assert _gen(tiny_ckpt, p, out, "--seed", "2", "--batch-size", "1") == rc
     assert len(calls) == 2
     assert _snapshot(out) == before  # no half-written or replaced file, no leftover temporaries
-    monkeypatch.setattr(Generator, "generate_images", real)
+    monkeypatch.setattr(Generator, "generate", real)
     # re-running is safe: the same command gives the same outputs
     assert _gen(tiny_ckpt, p, out, "--seed", "1", "--batch-size", "1") == 0
     assert _snapshot(out) == before

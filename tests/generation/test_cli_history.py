@@ -49,7 +49,9 @@ def test_history_lines_generate_and_record_their_history(ckpt, posters):
     p = root / "p.jsonl"
     p.write_text("\n".join([_line("u1", [0, 1, 2]), _line("u2", [3], prompt="a sequel"),
                             json.dumps({"id": "txt", "prompt": "plain text"})]) + "\n")
-    assert _run(ckpt, p, root / "a") == 0
+    assert _run(ckpt, p, root / "a", "--grid", str(root / "grid.png")) == 0
+    # --grid: rows u1 history, u1 generated, u2 history, u2 generated, txt generated (32 px x3 + 4 pad)
+    assert _img(root / "grid.png").shape[0] == 5 * (32 * 3 + 4) + 4
     rows = [json.loads(x) for x in (root / "a" / "manifest.jsonl").read_text().splitlines()]
     assert [(r["id"], r["sample"]) for r in rows] == [("u1", 0), ("u1", 1), ("u2", 0), ("u2", 1),
                                                       ("txt", 0), ("txt", 1)]

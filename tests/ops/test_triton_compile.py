@@ -21,13 +21,34 @@ def _compile(*flags: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=1800)
 
 
-@pytest.mark.skipif(os.environ.get("PGEN_TEST_DEVICE", "cpu") != "cpu", reason="a GPU run compiles for real")
-@pytest.mark.parametrize("flags", [pytest.param(("--quick",), id="quick"),
-                                   pytest.param(("--fp16",), id="all", marks=pytest.mark.slow)])
-def test_every_kernel_compiles_for_sm90(flags):
-    out = _compile(*flags)
+CPU_ONLY = pytest.mark.skipif(os.environ.get("PGEN_TEST_DEVICE", "cpu") != "cpu", reason="a GPU run compiles for real")
+KERNELS = ("_prefill_fwd_kernel", "_prefill_bwd_dkdv_kernel", "_prefill_bwd_dq_kernel", "_decode_split_kernel",
+           "_decode_reduce_kernel", "_kv_write_kernel", "_sample_kernel", "_rms_fwd_kernel", "_rotary_kernel",
+           "_lp_fwd_kernel")
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("arch", [80, 89, 90])
+def test_every_kernel_compiles_and_fits(arch):
+    """fp32 / bf16 / fp16, head dims 64, 80, 128, grouped-query heads: the GPU path's geometry."""
+    out = _compile("--arch", str(arch), "--dtypes", "fp32,bf16,fp16", "--head-dims", "64,80,128")
     assert out.returncode == 0, out.stderr[-4000:]
-    kernels = out.stdout.strip().splitlines()[-1]
-    for name in ("_prefill_fwd_kernel", "_prefill_bwd_dq_kernel", "_decode_split_kernel", "_kv_write_kernel",
-                 "_sample_kernel", "_rms_fwd_kernel", "_rotary_kernel", "_lp_fwd_kernel"):
-        assert name in kernels, kernels
+    lines = out.stdout.strip().splitlines()
+    assert lines[-2].startswith(f"sm_{arch}: largest shared memory"), lines
+    for name in KERNELS:
+        assert name in lines[-1], lines[-1]
+
+
+@CPU_ONLY
+@pytest.mark.slow
+def test_every_kernel_compiles_and_fits_all_heads():
+    out = _compile("--all-heads")
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+@CPU_ONLY
+def test_overflow_is_reported():
+    """H100 tiles compiled for an L40S overflow its 99 KiB: the check must say so."""
+    out = _compile("--arch", "89", "--geometry-arch", "90", "--dtypes", "fp32", "--head-dims", "128", "--ops", "prefill")
+    assert out.returncode == 1, out.stdout + out.stderr[-4000:]
+    assert "FAILED _prefill_fwd_kernel" in out.stderr and "sm_89 allows 101376 B" in out.stderr, out.stderr[-4000:]

@@ -82,6 +82,30 @@ def test_activation_checkpointing_is_measured_smaller(sft_cfg):
     assert not any(p.requires_grad and p.grad is not None for p in model.parameters())
 
 
+@pytest.mark.slow  # the Triton interpreter runs forward and backward: minutes on a loaded CPU
+def test_meta_measurement_matches_the_same_ops_on_real_tensors(tiny_ckpt, monkeypatch):
+    """The fused ops' fake kernels on meta give the live bytes their kernels give on real
+    tensors (here the Triton kernels under the CPU interpreter, float32), up to the
+    interpreter's own lag: it keeps the previous kernel's arguments alive until its next
+    launch (op by op the live bytes re-converge at every launch), so the real run's peak is
+    at or a little above the meta one, never below."""
+    groups = ["language_model", "generation_head", "generation_aligner", "generation_embeddings"]
+    real = pg.load_model(tiny_ckpt, dtype=torch.float32)
+    from pgen_engine.training.engine import set_trainable
+
+    set_trainable(real, groups)
+    meta = P.meta_model(real.config, torch.float32, groups)
+    meta_batch = P._meta_batch
+    for ckpt, train in ((False, True), (True, True), (False, False)):
+        want = P.objective_peak_bytes(meta, 2, 40, checkpointing=ckpt, train=train)
+        monkeypatch.setattr(P, "_meta_batch", lambda *a: tuple(torch.zeros_like(t, device="cpu") if t.dtype != torch.long
+                                                               or t.shape[1] != 40 else torch.ones_like(t, device="cpu")
+                                                               for t in meta_batch(*a)))
+        got = P.objective_peak_bytes(real, 2, 40, checkpointing=ckpt, train=train)
+        monkeypatch.setattr(P, "_meta_batch", meta_batch)
+        assert want <= got <= 1.25 * want, (ckpt, train, got, want)
+
+
 def test_meta_kv_cache_equals_the_real_generators(tiny_ckpt):
     """The planner's cache bytes are the real Generator's on a real (CPU) model."""
     from pgen_engine.generation import Generator

@@ -1,0 +1,190 @@
+"""Vision-tower features of catalogue items, computed once per tower weights (pixels history).
+
+In ``pixels`` history mode every history image goes through the vision tower. A frozen
+tower (``vision_model`` not in ``train.trainable``, the default) gives every item the same
+output forever, so its features are computed once, in batches, and kept:
+
+* on disk next to the token cache (:func:`build_vision_cache`, folder
+  ``vision_<fingerprint>``): ``features.bin`` float32 ``[num_items, T_img, D_vision]``
+  (C order, memory-mapped) + ``index.json``. The key is (item, weights version), the
+  version being :func:`vision_fingerprint` of the tower's weights, so a different tower
+  never reads another tower's features;
+* in memory for a live model (:class:`VisionFeatureCache`), keyed by (item, version) where
+  the version changes whenever a trainable tower's weights may have changed (after every
+  optimizer step), so features are recomputed exactly when the tower trains.
+
+What is stored is the tower's output *before* the aligner; the aligner (trainable) is applied
+in :meth:`pgen_engine.models.janus.JanusModel.embed_inputs` (``image_features=``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..io_utils import atomic_write_json, replace_dir
+from .dataset import DataError
+from .prompts import normalize_pixels
+
+FORMAT = "pgen-vision-cache"
+VERSION = 1
+
+
+def vision_fingerprint(vision_model: torch.nn.Module) -> str:
+    """SHA-256 over the tower's parameter names, shapes, dtypes and values (hex, 16 chars)."""
+    h = hashlib.sha256()
+    for name, p in sorted(vision_model.state_dict().items()):
+        t = p.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_items(model, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """uint8 ``[n, S, S, 3]`` -> float32 vision-tower outputs ``[n, T_img, D_vision]`` (batched)."""
+    out = []
+    for lo in range(0, images.shape[0], batch_size):
+        px = normalize_pixels(images[lo:lo + batch_size]).to(model.device)
+        out.append(model.vision_hidden(px).float().cpu())
+    return torch.cat(out)
+
+
+class VisionCache:
+    """Read-only view of a complete on-disk cache: ``features(item_ids) -> float32 [n, T_img, D]``."""
+
+    def __init__(self, root: Path, index: dict):
+        self.root, self.index = root, index
+        self.fingerprint: str = index["fingerprint"]
+        self.item_ids: list[str] = list(index["item_ids"])
+        self.shape = (int(index["num_tokens"]), int(index["dim"]))
+        self._row = {iid: j for j, iid in enumerate(self.item_ids)}
+        n = max(len(self.item_ids), 1)
+        self._x = np.memmap(root / "features.bin", dtype=np.float32, mode="r", shape=(n, *self.shape))
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, fingerprint: str) -> "VisionCache":
+        """Open ``root``; refuses another tower's cache or an incomplete one (DataError naming it)."""
+        root = Path(root)
+        try:
+            idx = json.loads((root / "index.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            raise DataError(f"{root}: not a vision feature cache (no valid index.json)") from None
+        if idx.get("format") != FORMAT or idx.get("version") != VERSION:
+            raise DataError(f"{root}: not a version-{VERSION} vision feature cache")
+        if idx.get("fingerprint") != fingerprint:
+            raise DataError(f"{root}: features of vision tower {idx.get('fingerprint')}, not of {fingerprint}")
+        if not idx.get("complete"):
+            raise DataError(f"{root}: vision feature cache is incomplete; rebuild it")
+        n = max(len(idx["item_ids"]), 1)
+        want = n * int(idx["num_tokens"]) * int(idx["dim"]) * 4
+        if (root / "features.bin").stat().st_size != want:
+            raise DataError(f"{root / 'features.bin'}: size does not match index.json (truncated?)")
+        return cls(root, idx)
+
+    def features(self, item_ids: Sequence[str]) -> torch.Tensor:
+        """float32 ``[n, T_img, D_vision]`` in the given order (KeyError naming an unknown item)."""
+        try:
+            rows = [self._row[i] for i in item_ids]
+        except KeyError as e:
+            raise KeyError(f"{self.root}: item {e.args[0]!r} is not in the vision feature cache") from None
+        return torch.from_numpy(np.ascontiguousarray(self._x[rows]))
+
+
+def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_size: int = 32,
+                       item_ids: Sequence[str] | None = None) -> VisionCache:
+    """Encode every item image once with ``model``'s (frozen) vision tower; reuse a complete
+    cache of the same tower and items.
+
+    Args:
+        dataset: the loaded dataset (items need an image; a missing one is a DataError).
+        model: a :class:`~pgen_engine.models.janus.JanusModel` (its ``image_size`` sets the input side).
+        cache_root: the folder under which ``vision_<fingerprint>`` is written (atomically:
+            staged, then renamed).
+        batch_size: images per tower forward.
+        item_ids: restrict to these items (default: all, in dataset order).
+    """
+    from .dataset import load_image
+
+    fp = vision_fingerprint(model.vision_model)
+    root = Path(cache_root) / f"vision_{fp}"
+    ids = list(dataset.items) if item_ids is None else [str(i) for i in item_ids]
+    try:
+        cache = VisionCache.open(root, fp)
+        if cache.item_ids == ids:
+            return cache
+    except DataError:
+        pass
+    size = int(model.image_size)
+    stage = root.parent / f".{root.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    out = None
+    try:
+        for lo in range(0, len(ids), batch_size):
+            chunk = ids[lo:lo + batch_size]
+            imgs = []
+            for i in chunk:
+                item = dataset.items[i]
+                if item.image_path is None:
+                    raise DataError(f"item {i!r} has no image (pixels history needs every history image)")
+                imgs.append(load_image(item.image_path, size))
+            feats = encode_items(model, torch.from_numpy(np.stack(imgs)), batch_size).numpy()
+            if out is None:
+                out = np.memmap(stage / "features.bin", dtype=np.float32, mode="w+",
+                                shape=(max(len(ids), 1), *feats.shape[1:]))
+            out[lo:lo + len(chunk)] = feats
+        if out is None:
+            raise DataError(f"{dataset.root}: no items to encode")
+        out.flush()
+        shape = out.shape[1:]
+        del out
+        atomic_write_json(stage / "index.json", {"format": FORMAT, "version": VERSION, "fingerprint": fp,
+                                                 "item_ids": ids, "num_tokens": int(shape[0]), "dim": int(shape[1]),
+                                                 "image_size": size, "complete": True})
+        replace_dir(stage, root)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return VisionCache.open(root, fp)
+
+
+class VisionFeatureCache:
+    """In-memory (item, weights version) -> vision-tower output, for a live model.
+
+    ``version`` is a callable returning the tower's current weights version: a constant
+    for a frozen tower, the optimizer step count for a trainable one. :meth:`features`
+    encodes only the items missing for the current version, in one batch, and drops
+    entries of older versions.
+
+    Args:
+        model: the JanusModel whose ``vision_hidden`` encodes.
+        images: ``item ids -> uint8 [n, S, S, 3]`` at the model's ``image_size``.
+        version: weights version callable (default: constant, i.e. frozen tower).
+    """
+
+    def __init__(self, model, images: Callable[[Sequence[str]], torch.Tensor],
+                 version: Callable[[], object] | None = None, batch_size: int = 32):
+        self.model, self.images, self.batch_size = model, images, batch_size
+        self.version = version or (lambda: 0)
+        self._feats: dict[str, torch.Tensor] = {}
+        self._version: object = None
+        self.encoded = 0  # items encoded so far (tests / benchmarks count re-encodes)
+
+    def features(self, item_ids: Sequence[str]) -> torch.Tensor:
+        """float32 ``[n, T_img, D_vision]`` for ``item_ids`` (duplicates encoded once)."""
+        v = self.version()
+        if v != self._version:
+            self._feats.clear()
+            self._version = v
+        missing = [i for i in dict.fromkeys(item_ids) if i not in self._feats]
+        if missing:
+            f = encode_items(self.model, self.images(missing), self.batch_size)
+            self._feats.update(zip(missing, f))
+            self.encoded += len(missing)
+        return torch.stack([self._feats[i] for i in item_ids])

@@ -1,0 +1,201 @@
+"""Train a small Janus VQ-VAE on a dataset's images (CPU scale).
+
+The model is ``transformers``' ``JanusVQVAE`` at reduced width (:func:`vq_config`); the
+training step reuses its encoder, ``quant_conv``, ``post_quant_conv`` and decoder and
+replaces only the quantiser step:
+
+* codes are the codebook rows with the highest cosine to the L2-normalised encoder output
+  (what ``JanusVQVAE.encode`` computes once the rows are unit-norm; see
+  :mod:`pgen_engine.models.vq_tokenizer`);
+* the codebook is an exponential moving average of the normalised encoder outputs assigned
+  to each code (spherical online k-means), re-normalised after every update;
+* gradients pass the quantiser straight through; the loss is pixel MSE (PSNR is what is
+  measured) + ``beta`` x commitment;
+* dead codes (EMA assignment count below ``revive_threshold`` x the mean) are re-seeded
+  from random encoder outputs of the current batch every ``revive_every`` steps, so the
+  codebook stays in use.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .vq_tokenizer import JanusVQTokenizer, build_vqvae, vq_config
+
+
+@dataclasses.dataclass
+class VQTrainConfig:
+    """Settings of :func:`train_vq` (all part of the tokenizer cache key)."""
+
+    image_size: int = 64
+    codes_per_side: int = 8
+    codebook_size: int = 1024
+    embed_dim: int = 8
+    base_channels: int = 32
+    latent_channels: int = 64
+    num_res_blocks: int = 1
+    batch_size: int = 32
+    lr: float = 2e-3
+    beta: float = 0.25
+    ema_decay: float = 0.99
+    revive_every: int = 20
+    revive_threshold: float = 0.03
+    max_steps: int = 100_000
+    time_budget_s: float = 600.0
+    warmup_steps: int = 30
+    seed: int = 0
+
+    def model_config(self) -> dict:
+        return vq_config(image_size=self.image_size, codes_per_side=self.codes_per_side,
+                         codebook_size=self.codebook_size, embed_dim=self.embed_dim,
+                         base_channels=self.base_channels, latent_channels=self.latent_channels,
+                         num_res_blocks=self.num_res_blocks)
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.max_steps < 1 or self.time_budget_s <= 0 or self.lr <= 0:
+            raise ValueError("batch_size, max_steps, time_budget_s and lr must be positive")
+        if not 0 < self.ema_decay < 1 or self.revive_every < 1 or self.revive_threshold < 0:
+            raise ValueError("ema_decay must lie in (0,1), revive_every >= 1, revive_threshold >= 0")
+        self.model_config()  # geometry checks
+
+
+@dataclasses.dataclass
+class VQTrainReport:
+    """What a training run did: steps, seconds, final losses and codes revived in total."""
+
+    steps: int
+    seconds: float
+    rec_mse: float
+    commit: float
+    revived: int
+    train_usage: float
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, S, S, 3]`` -> float32 ``[N, 3, S, S]`` in [-1, 1]."""
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def train_vq(
+    images: torch.Tensor,
+    cfg: VQTrainConfig,
+    *,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> tuple[JanusVQTokenizer, VQTrainReport]:
+    """Train a Janus VQ-VAE on uint8 ``images [N, S, S, 3]`` (S = ``cfg.image_size``).
+
+    Stops after ``cfg.max_steps`` steps or ``cfg.time_budget_s`` seconds, whichever comes
+    first; the learning rate follows a warm-up then a cosine over that horizon. Seeded, so
+    a step-limited run is reproducible.
+
+    Returns the tokenizer (eval mode, unit-norm codebook) and a :class:`VQTrainReport`.
+    """
+    cfg.validate()
+    if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (cfg.image_size,
+                                                                                     cfg.image_size, 3):
+        raise ValueError(f"images must be uint8 [N,{cfg.image_size},{cfg.image_size},3], got "
+                         f"{images.dtype} {tuple(images.shape)}")
+    n = images.shape[0]
+    if n < 2:
+        raise ValueError(f"train_vq needs at least 2 images, got {n}")
+    torch.manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed)
+    mcfg = cfg.model_config()
+    vq = build_vqvae(mcfg).float().train()
+    k, d = cfg.codebook_size, cfg.embed_dim
+    grid = cfg.codes_per_side
+    emb = vq.quantize.embedding.weight
+    emb.requires_grad_(False)  # the codebook is an EMA, not a gradient parameter
+    params = [p for p in vq.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99))
+    bs = min(cfg.batch_size, n)
+
+    def batch() -> torch.Tensor:
+        x = _pixels(images[torch.randint(n, (bs,), generator=g)])
+        flip = torch.rand(bs, generator=g) < 0.5  # posters are not mirror-symmetric, textures are
+        return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        z = vq.quant_conv(vq.encoder(x))  # [B, D, g, g]
+        return F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)
+
+    # codebook init: random normalised encoder outputs of the untrained encoder
+    with torch.no_grad():
+        seeds = torch.cat([encode(batch()) for _ in range(max(1, math.ceil(k / (bs * grid * grid))))])
+        pick = torch.randperm(seeds.shape[0], generator=g)[:k]
+        init = seeds[pick]
+        if init.shape[0] < k:
+            init = torch.cat([init, torch.randn(k - init.shape[0], d, generator=g)])
+        emb.copy_(F.normalize(init + 1e-3 * torch.randn(k, d, generator=g), dim=1))
+    ema_count = torch.ones(k)
+    ema_sum = emb.detach().clone()
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_steps if cfg.max_steps < 100_000 else None, desc="training VQ", unit="step")
+    t0 = time.perf_counter()
+    step = revived = 0
+    rec_v = com_v = float("nan")
+    try:
+        while step < cfg.max_steps:
+            elapsed = time.perf_counter() - t0
+            if elapsed >= cfg.time_budget_s:
+                break
+            frac = max(step / cfg.max_steps, elapsed / cfg.time_budget_s)
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for pg in opt.param_groups:
+                pg["lr"] = lr
+            x = batch()
+            zf = encode(x)
+            with torch.no_grad():
+                idx = (zf @ emb.T).argmax(1)
+            q = emb[idx]
+            commit = F.mse_loss(zf, q)
+            q_st = zf + (q - zf).detach()
+            rec = vq.decoder(vq.post_quant_conv(q_st.view(-1, grid, grid, d).permute(0, 3, 1, 2)))
+            rec_mse = F.mse_loss(rec, x)
+            loss = rec_mse + cfg.beta * commit
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                zd = zf.detach()
+                cnt = torch.bincount(idx, minlength=k).float()
+                ssum = torch.zeros(k, d).index_add_(0, idx, zd)
+                ema_count.mul_(cfg.ema_decay).add_(cnt, alpha=1 - cfg.ema_decay)
+                ema_sum.mul_(cfg.ema_decay).add_(ssum, alpha=1 - cfg.ema_decay)
+                if (step + 1) % cfg.revive_every == 0:
+                    dead = (ema_count < cfg.revive_threshold * ema_count.mean()).nonzero().flatten()
+                    if dead.numel():
+                        src = zd[torch.randint(zd.shape[0], (dead.numel(),), generator=g)]
+                        ema_sum[dead] = F.normalize(src + 0.01 * torch.randn(src.shape, generator=g), dim=1) \
+                            * ema_count.mean()
+                        ema_count[dead] = ema_count.mean()
+                        revived += int(dead.numel())
+                emb.copy_(F.normalize(ema_sum, dim=1))
+            step += 1
+            rec_v, com_v = float(rec_mse.detach()), float(commit.detach())
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(psnr=f"{10 * math.log10(4.0 / max(rec_v, 1e-12)):.1f}", revived=revived)
+            if log is not None and step % 100 == 0:
+                log(f"step {step} rec_mse {rec_v:.4f} commit {com_v:.4f} revived {revived} "
+                    f"({time.perf_counter() - t0:.0f}s)")
+    finally:
+        if bar is not None:
+            bar.close()
+    vq.eval()
+    used = float((ema_count > cfg.revive_threshold * ema_count.mean()).float().mean())
+    rep = VQTrainReport(steps=step, seconds=time.perf_counter() - t0, rec_mse=rec_v, commit=com_v,
+                        revived=revived, train_usage=used)
+    emb.requires_grad_(True)
+    return JanusVQTokenizer(vq, mcfg), rep

@@ -1,0 +1,90 @@
+"""Vision-tower feature cache (pixels history): once per (item, weights version), same numbers
+as encoding the pixels, and the trainer paths give the same logits / log-probs with it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import pgen_engine as pg
+from pgen_engine.data.dataset import load_dataset, load_image
+from pgen_engine.data.history import CatalogueImages
+from pgen_engine.data.prompts import normalize_pixels
+from pgen_engine.data.vision_cache import (VisionCache, VisionFeatureCache, build_vision_cache, encode_items,
+                                           vision_fingerprint)
+from pgen_engine.models.tiny import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from pgen_engine.data.synth import SynthConfig, generate_synthetic
+
+    d = tmp_path_factory.mktemp("vc")
+    ds = load_dataset(generate_synthetic(d / "ds", SynthConfig(num_users=4, num_items=10, seed=2)))
+    model = pg.load_model(make_tiny_checkpoint(d / "ckpt", seed=1, init_std=0.1))
+    return ds, model, d
+
+
+def test_disk_cache_matches_encoding_and_is_reused(setup):
+    ds, model, d = setup
+    cache = build_vision_cache(ds, model, d / "vision", batch_size=3)
+    ids = list(ds.items)
+    imgs = torch.from_numpy(np.stack([load_image(ds.items[i].image_path, model.image_size) for i in ids]))
+    with torch.no_grad():
+        want = model.vision_hidden(normalize_pixels(imgs))
+    got = cache.features(ids[::-1])
+    assert got.shape == (len(ids), model.num_image_tokens, want.shape[-1])
+    assert torch.equal(got, want.flip(0))  # batching does not change the numbers here (fp32, same ops)
+    stamp = (cache.root / "features.bin").stat().st_mtime_ns
+    again = build_vision_cache(ds, model, d / "vision")
+    assert again.root == cache.root and (cache.root / "features.bin").stat().st_mtime_ns == stamp
+    with pytest.raises(Exception, match="not of"):
+        VisionCache.open(cache.root, "0" * 16)
+    with pytest.raises(KeyError, match="nope"):
+        cache.features(["nope"])
+    # another tower -> another key
+    other = pg.load_model(make_tiny_checkpoint(d / "ckpt2", seed=2, init_std=0.1))
+    assert vision_fingerprint(other.vision_model) != cache.fingerprint
+    # cached features give the same prompt embedding as the pixels (aligner applied in the model)
+    ids_t = torch.tensor([[1] + [model.config.image_token_id] * model.num_image_tokens + [3]])
+    with torch.no_grad():
+        a = model.embed_inputs(ids_t, None, normalize_pixels(imgs[:1]))
+        b = model.embed_inputs(ids_t, None, image_features=cache.features(ids[:1]))
+    assert torch.allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_memory_cache_encodes_each_item_once_per_version(setup):
+    ds, model, _ = setup
+    imgs = CatalogueImages(ds, model.image_size)
+    version = [0]
+    fc = VisionFeatureCache(model, imgs.batch, version=lambda: version[0])
+    ids = list(ds.items)
+    f1 = fc.features([ids[0], ids[1], ids[0], ids[0]])
+    assert fc.encoded == 2 and torch.equal(f1[0], f1[2])
+    fc.features(ids[:2])
+    assert fc.encoded == 2  # same version: nothing re-encoded
+    version[0] += 1  # a trainable tower stepped: features are recomputed
+    fc.features(ids[:2])
+    assert fc.encoded == 4
+    assert torch.equal(fc.features(ids[:1]), encode_items(model, imgs.batch(ids[:1])))
+
+
+def test_trainer_logprobs_with_cached_features_equal_pixels(setup):
+    ds, model, d = setup
+    from pgen_engine.training.rl import build_sequences, policy_logprobs, row_pixels, slice_pixels
+
+    cache = build_vision_cache(ds, model, d / "vision")
+    ids = list(ds.items)
+    T = model.num_image_tokens
+    img = model.config.image_token_id
+    prompts = [[1] + [2, img] + [img] * (T - 1) + [4, 3], [1] + ([2] + [img] * T + [4]) * 2 + [3]]
+    hist = [ids[:1], ids[2:4]]
+    px = [normalize_pixels(CatalogueImages(ds, model.image_size).batch(h)) for h in hist]
+    ft = [cache.features(h) for h in hist]
+    toks = torch.randint(0, model.codebook_size, (4, T), generator=torch.Generator().manual_seed(0))
+    seqs = build_sequences(prompts, None, toks, 2, 0) + (row_pixels(px, 2), row_pixels(ft, 2))
+    sl = slice(0, 4)
+    with torch.no_grad():
+        a, _ = policy_logprobs(model, *seqs[:3], toks, 1.0, slice_pixels(seqs, sl, "cpu", 3))
+        b, _ = policy_logprobs(model, *seqs[:3], toks, 1.0, None, slice_pixels(seqs, sl, "cpu", 4))
+    assert (a - b).abs().max().item() <= 1e-5

@@ -1,0 +1,65 @@
+"""The independent evaluation embedder: trains on co-consumption, is hashed, refused by rewards."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pgen_engine.eval.evaluator import (EvalEmbedder, EvaluatorConfig, co_consumption_pairs, is_evaluator_artifact,
+                                        metadata_groups, recall_at_k, train_evaluator)
+
+
+def _toy(n_groups=4, per=6, seed=0):
+    """Items of n_groups colours; users consume items of one colour group in a row."""
+    rng = np.random.default_rng(seed)
+    cols = rng.integers(0, 255, size=(n_groups, 3))
+    imgs, group = [], []
+    for g in range(n_groups):
+        for _ in range(per):
+            im = np.full((32, 32, 3), cols[g], dtype=np.uint8)
+            im[rng.integers(0, 24):, rng.integers(0, 24):] = rng.integers(0, 255, 3)  # item-specific patch
+            imgs.append(im)
+            group.append(g)
+    group = np.array(group)
+    seqs = [list(rng.choice(np.nonzero(group == (u % n_groups))[0], size=6)) for u in range(60)]
+    return torch.from_numpy(np.stack(imgs)), seqs, group
+
+
+def test_pairs_groups_and_recall_hand_values():
+    assert co_consumption_pairs([[0, 1, 2], [3, 3]], 1).tolist() == [[0, 1], [1, 2]]
+    assert co_consumption_pairs([[0, 1, 2]], 2).tolist() == [[0, 1], [0, 2], [1, 2]]
+    g = metadata_groups([{"genres": ["a", "b"]}, {"genres": ["a"]}, {"genres": "b"}, {}], "genres", {0, 1, 2})
+    assert sorted(map(sorted, g)) == [[0, 1], [0, 2]]
+    e = torch.eye(3)
+    e[1] = torch.tensor([0.9, 0.1, 0.0])
+    assert recall_at_k(e, np.array([[0, 1], [0, 2]]), k=1) == 0.5
+
+
+def test_train_save_load_hash_and_reward_refusal(tmp_path):
+    imgs, seqs, group = _toy()
+    cfg = EvaluatorConfig(steps=40, batch_size=32, image_size=32, width=8, dim=16, metadata_frac=0.0)
+    ev = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg)
+    meta = json.loads((tmp_path / "ev" / "evaluator.json").read_text())
+    assert meta["kind"] == "pgen_eval_embedder" and len(meta["data_hash"]) == 64
+    assert 0 <= meta["sanity"]["recall@10"] <= 1 and meta["sanity"]["heldout_users"] == 6
+    # co-consumed items (same colour group) end up closer than other items
+    e = ev.embed(imgs)
+    sims = e @ e.T
+    same = torch.from_numpy(group[:, None] == group[None, :])
+    off = ~torch.eye(len(imgs), dtype=torch.bool)
+    assert sims[same & off].mean() > sims[~same].mean() + 0.1
+    # reload gives the same embedding; an unchanged dataset reuses the artifact
+    again = EvalEmbedder.load(tmp_path / "ev")
+    assert torch.allclose(again.embed(imgs), e, atol=1e-5)
+    assert train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg).meta["data_hash"] == meta["data_hash"]
+    # a different train split is a different hash
+    other = train_evaluator(imgs, seqs[:-1], [{}] * len(imgs), tmp_path / "ev2", cfg)
+    assert other.meta["data_hash"] != meta["data_hash"]
+    assert is_evaluator_artifact(tmp_path / "ev") and not is_evaluator_artifact(tmp_path)
+    from pgen_engine.rewards.embedders import make_embedder
+
+    for spec in ({"type": "clip", "path": str(tmp_path / "ev")}, {"type": "eval_cnn", "path": str(tmp_path / "ev")}):
+        with pytest.raises(ValueError, match="rewards may not use it"):
+            make_embedder(spec)

@@ -1,0 +1,51 @@
+"""train_vq: learns, keeps the codebook in use, respects its limits."""
+import pytest
+import torch
+
+from pgen_engine.models.image_quality import evaluate_tokenizer
+from pgen_engine.models.vq_train import VQTrainConfig, train_vq
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # OpenMP threads spin-wait; on a shared 2-core box one thread is many times faster
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _images(n, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256, (n, 2, 2, 3), generator=g, dtype=torch.uint8)
+    return base.repeat_interleave(size // 2, 1).repeat_interleave(size // 2, 2).contiguous()
+
+
+def test_training_improves_reconstruction_and_revives_codes():
+    imgs = _images(24)
+    cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=4, lr=3e-3,
+                        max_steps=1, revive_every=1, revive_threshold=0.5, ema_decay=0.7)
+    tok0, _ = train_vq(imgs, cfg, progress=False)
+    cfg.max_steps = 40
+    tok, rep = train_vq(imgs, cfg, progress=False)
+    q0, q = evaluate_tokenizer(tok0, imgs), evaluate_tokenizer(tok, imgs)
+    assert rep.steps == 40 and rep.revived > 0
+    assert q["psnr"] > q0["psnr"] + 0.5
+    assert q["used"] >= 2
+
+
+def test_time_budget_stops_training():
+    cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=2, max_steps=10_000,
+                        time_budget_s=0.5)
+    _, rep = train_vq(_images(4), cfg, progress=False)
+    assert rep.steps < 10_000 and rep.seconds < 60
+
+
+def test_bad_inputs():
+    cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16)
+    with pytest.raises(ValueError, match="uint8"):
+        train_vq(torch.zeros(4, 32, 32, 3, dtype=torch.uint8), cfg, progress=False)
+    with pytest.raises(ValueError, match="at least 2"):
+        train_vq(_images(1), cfg, progress=False)
+    with pytest.raises(ValueError, match="ema_decay"):
+        train_vq(_images(4), VQTrainConfig(image_size=16, codes_per_side=4, ema_decay=1.0), progress=False)
