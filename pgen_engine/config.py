@@ -201,7 +201,7 @@ class TrainConfig:
         log_every: metrics every N steps.
     """
 
-    micro_batch_size: Optional[int] = 4
+    micro_batch_size: Optional[int] = None
     global_batch_size: int = 8
     max_micro_batch_size: int = 32
     max_steps: int = 100

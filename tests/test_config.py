@@ -168,8 +168,11 @@ def test_micro_batch_memory_hint_and_errors():
 
 
 def test_demo_configs_work_unchanged_on_one_and_two_ranks():
-    for name in ("demo_sft.yaml", "demo_rl.yaml"):
+    want = {"demo_sft.yaml": {1: 32, 2: 16}, "demo_rl.yaml": {1: 16, 2: 16}}  # derived micro-batch per world size
+    for name, micro in want.items():
         cfg = load_config(REPO / "configs" / name)
+        assert cfg.train.micro_batch_size is None  # omitted: derived
         for world in (1, 2):
             ds = _ds(cfg, world, "cpu")
             assert ds["train_batch_size"] == cfg.train.global_batch_size
+            assert ds["train_micro_batch_size_per_gpu"] == micro[world]

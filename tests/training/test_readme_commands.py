@@ -9,6 +9,7 @@ configs, which is what the 2-rank arithmetic depends on.
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -68,4 +69,6 @@ def test_readme_two_rank_sft_then_rl(tmp_path):
     summary = json.loads((rl / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["stage"] == "rl" and summary["steps"] == 2
     rows = [json.loads(x) for x in (rl / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 2 and 0.0 <= rows[-1]["reward/attribute_match"] <= 1.0
+    last = rows[-1]
+    assert last["step"] == 2 and math.isfinite(last["reward"]) and math.isfinite(last["loss"])
+    assert any(k.startswith("reward/") for k in last)  # the config's reward components were scored
