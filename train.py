@@ -29,36 +29,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from pgen_engine.config import ConfigError, load_config, stage_module
+    # late imports: `train.py --help` answers without loading torch / DeepSpeed
+    from pgen_engine.config import ConfigError, load_config
+    from pgen_engine.errors import PgenUserError, one_line
+    from pgen_engine.training.plan import PlanOverflowError, preflight
+    from pgen_engine.training.stages import run_stage
 
     try:
         cfg = load_config(args.config, args.overrides)
-        module = stage_module(cfg.stage)
+        preflight(cfg, args.config)  # on a GPU machine: refuse a launch whose memory plan does not fit
+        run_stage(cfg, resume=args.resume)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
-    from pgen_engine.training.plan import PlanOverflowError, preflight
-
-    try:  # on a GPU machine: refuse a launch whose memory plan does not fit (exit 3)
-        preflight(cfg, args.config)
-    except PlanOverflowError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except PlanOverflowError as e:  # on a GPU machine: the launch's memory plan does not fit
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 3
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        module.run(cfg, resume=args.resume)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # one readable line for known input/run errors; full trace otherwise
-        from pgen_engine.training.errors import is_user_error
-
-        if not is_user_error(e):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+    except PgenUserError as e:  # one readable line for input/run errors; a traceback for bugs
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -1,9 +1,8 @@
-"""Typed run configuration: dataclasses loaded from YAML, dotted overrides, validation,
-and the one function that turns them into a DeepSpeed config dict.
+"""Typed run configuration: the dataclass schema of a run, loaded from YAML with dotted overrides.
 
 A run config is one YAML file with the sections of :class:`RunConfig`::
 
-    stage: sft                  # which trainer runs (sft; rl registers itself)
+    stage: sft                  # which trainer runs: sft or rl
     output_dir: runs/demo_sft
     seed: 0
     model: {...}                # ModelConfig
@@ -11,30 +10,38 @@ A run config is one YAML file with the sections of :class:`RunConfig`::
     train: {...}                # TrainConfig
     deepspeed: {...}            # DeepSpeedSection
     logging: {...}              # LoggingConfig
-    rl: {...}                   # only for stages that registered a section (see register_stage_section)
+    sft: {...}                  # SFTConfig (optional, stage sft only)
+    rl: {...}                   # RLConfig (stage rl; defaults when omitted)
 
 Command-line overrides are ``section.key=value`` (``train.max_steps=20``,
 ``output_dir=/tmp/run``); the value is parsed as YAML and then type-checked exactly like
-the file. Every problem raises :class:`ConfigError` with one line naming the file and the
-dotted key, and what was expected.
+the file (:mod:`pgen_engine.typed_config`). Every problem raises :class:`ConfigError` with
+one line naming the file and the dotted key, and what was expected.
 
 Batch arithmetic: ``train.global_batch_size`` is fixed by the config, so one config gives
-the same optimisation on any number of ranks; gradient accumulation is derived as
-``global / (micro * world_size)`` and must be a positive integer.
+the same optimisation on any number of ranks. ``train.micro_batch_size`` is either given
+(then ``global / (micro * world_size)`` must be a positive integer: the gradient
+accumulation) or omitted, in which case :meth:`TrainConfig.micro_batch_for` derives it
+from the global batch, the world size and the memory hint ``train.max_micro_batch_size``.
+The DeepSpeed JSON and the LR schedule are built by :mod:`pgen_engine.training.engine`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
+from pgen_engine.data.history import trained_history_mode
+from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
+from pgen_engine.typed_config import ConfigError, build, deepcopy, parse_overrides, set_dotted
 
-class ConfigError(ValueError):
-    """An invalid run config; the message is one line naming the source and key."""
+__all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "SynthSection", "DataConfig",
+           "TrainConfig", "DeepSpeedSection", "LoggingConfig", "SFTConfig", "RLConfig", "RunConfig", "STAGES",
+           "PARAMETER_GROUPS", "DEFAULT_TRAINABLE", "config_from_dict", "load_config", "config_to_dict",
+           "dump_config", "parse_overrides"]
 
 
 # ----------------------------------------------------------------------------- sections
@@ -177,8 +184,11 @@ class TrainConfig:
     """Optimisation, schedule, checkpointing.
 
     Attributes:
-        micro_batch_size: examples per rank per forward.
+        micro_batch_size: examples per rank per forward; null (or omitted) = derived per
+            world size by :meth:`micro_batch_for`.
         global_batch_size: examples per optimizer step over all ranks (fixed across world sizes).
+        max_micro_batch_size: memory hint for a derived micro-batch: the most examples one
+            rank's forward may hold (ignored when ``micro_batch_size`` is set).
         max_steps: optimizer steps.
         lr, min_lr_ratio, warmup_steps: linear warmup to ``lr`` then cosine to ``lr*min_lr_ratio``.
         weight_decay, betas, eps: AdamW.
@@ -191,8 +201,9 @@ class TrainConfig:
         log_every: metrics every N steps.
     """
 
-    micro_batch_size: int = 4
+    micro_batch_size: Optional[int] = None
     global_batch_size: int = 8
+    max_micro_batch_size: int = 32
     max_steps: int = 100
     lr: float = 1e-3
     min_lr_ratio: float = 0.1
@@ -208,10 +219,12 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+        if (self.micro_batch_size is not None and self.micro_batch_size < 1) or self.global_batch_size < 1:
             raise ConfigError(f"train: micro_batch_size={self.micro_batch_size} and global_batch_size="
                               f"{self.global_batch_size} must be >= 1")
-        if self.global_batch_size % self.micro_batch_size:
+        if self.max_micro_batch_size < 1:
+            raise ConfigError(f"train.max_micro_batch_size={self.max_micro_batch_size}: expected >= 1")
+        if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
         if self.max_steps < 1:
@@ -235,16 +248,34 @@ class TrainConfig:
             raise ConfigError(f"train: save_every={self.save_every} (>= 0), keep_checkpoints={self.keep_checkpoints} "
                               f"(>= 1), log_every={self.log_every} (>= 1)")
 
+    def micro_batch_for(self, world_size: int) -> int:
+        """Examples per rank per forward for ``world_size`` ranks.
+
+        The configured ``micro_batch_size`` when set; otherwise the largest divisor of
+        ``global_batch_size / world_size`` that is at most ``max_micro_batch_size`` (fewest
+        accumulation steps within the memory hint).
+
+        Raises ConfigError when the global batch cannot be split over ``world_size`` ranks.
+        """
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        if world_size < 1 or self.global_batch_size % world_size:
+            raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
+                              f"world_size={world_size}")
+        per_rank = self.global_batch_size // world_size
+        return max(d for d in range(1, min(per_rank, self.max_micro_batch_size) + 1) if per_rank % d == 0)
+
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank for ``world_size`` ranks.
 
         Raises ConfigError when ``global_batch_size`` is not divisible by
-        ``micro_batch_size * world_size``.
+        ``micro_batch_size * world_size`` (or by ``world_size`` when the micro-batch is derived).
         """
-        per_step = self.micro_batch_size * world_size
+        micro = self.micro_batch_for(world_size)
+        per_step = micro * world_size
         if world_size < 1 or self.global_batch_size % per_step:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not divisible by "
-                              f"train.micro_batch_size={self.micro_batch_size} x world_size={world_size}")
+                              f"train.micro_batch_size={micro} x world_size={world_size}")
         return self.global_batch_size // per_step
 
 
@@ -288,11 +319,19 @@ class LoggingConfig:
     tensorboard: bool = False
 
 
+# The stages and the top-level section each one reads (a plain table: no registration).
+STAGES: dict[str, str] = {"sft": "sft", "rl": "rl"}
+
+
 @dataclasses.dataclass
 class RunConfig:
-    """A whole run. ``stage_config`` holds the parsed section of a registered stage (e.g. ``rl``)."""
+    """A whole run: the shared sections plus the section of its stage (``sft`` or ``rl``).
 
-    stage: str = "sft"
+    Exactly the running stage's section may be set; for stage ``rl`` an omitted ``rl:``
+    section means the :class:`RLConfig` defaults.
+    """
+
+    stage: Literal["sft", "rl"] = "sft"
     output_dir: str = "runs/run"
     seed: int = 0
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -300,11 +339,17 @@ class RunConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     deepspeed: DeepSpeedSection = dataclasses.field(default_factory=DeepSpeedSection)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
-    stage_config: Any = None
+    sft: Optional[SFTConfig] = None
+    rl: Optional[RLConfig] = None
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r}: expected one of {sorted(STAGES)}")
+        for name in STAGES.values():
+            if getattr(self, name) is not None and name != STAGES[self.stage]:
+                raise ConfigError(f"section {name!r} given but stage is {self.stage!r}")
+        if self.stage == "rl" and self.rl is None:
+            self.rl = RLConfig()
         if self.data.history_mode is None:
             self.data.history_mode = _default_history_mode(self.model.checkpoint)
 
@@ -312,8 +357,6 @@ class RunConfig:
 def _default_history_mode(checkpoint: Optional[str]) -> Optional[str]:
     """``data.history_mode: null`` -> the checkpoint's trained / architecture default; None
     while the checkpoint folder does not exist yet (resolved again at data preparation)."""
-    from pgen_engine.data.history import trained_history_mode
-
     if checkpoint is None:
         return "pixels"  # the tiny init model has a vision tower
     if not (Path(checkpoint) / "config.json").is_file():
@@ -325,187 +368,18 @@ def _default_history_mode(checkpoint: Optional[str]) -> Optional[str]:
                           f"({e})") from None
 
 
-# Stages and their optional extra sections. A stage (e.g. rl) registers a dataclass for its
-# own top-level section instead of editing RunConfig, so stages stay independent.
-STAGES: dict[str, Optional[type]] = {"sft": None}
-# Module implementing each stage: it exposes ``run(cfg, resume) -> dict`` and, on import,
-# calls register_stage_section for its config section.
-STAGE_MODULES = {"sft": "pgen_engine.training.sft", "rl": "pgen_engine.training.rl"}
-
-
-def stage_module(stage: str):
-    """Import and return the module implementing ``stage`` (registers its config section)."""
-    import importlib
-
-    if stage not in STAGE_MODULES:
-        raise ConfigError(f"stage={stage!r}: expected one of {sorted(STAGE_MODULES)}")
-    try:
-        return importlib.import_module(STAGE_MODULES[stage])
-    except ModuleNotFoundError as e:
-        if e.name == STAGE_MODULES[stage]:
-            raise ConfigError(f"stage={stage!r}: not available in this installation ({STAGE_MODULES[stage]} "
-                              "is missing)") from None
-        raise
-
-
-def register_stage_section(stage: str, section: Optional[type]) -> None:
-    """Declare a stage; ``section`` (a dataclass or None) parses the top-level key named ``stage``."""
-    if section is not None and not dataclasses.is_dataclass(section):
-        raise TypeError(f"section for stage {stage!r} must be a dataclass, got {section!r}")
-    STAGES[stage] = section
-
-
-# ----------------------------------------------------------------------------- parsing
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin in (list, tuple):
-        return str(tp).replace("typing.", "")
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; returns the typed value or raises ConfigError."""
-    def fail() -> typing.NoReturn:
-        raise ConfigError(f"{source}: {key}={value!r}: expected {_type_name(tp)}")
-
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        if value is None and type(None) in typing.get_args(tp):
-            return None
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            if value is None:
-                fail()
-            return _coerce(value, args[0], key, source)
-        fail()
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            fail()
-        return value
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if not isinstance(value, list):
-            fail()
-        return [_coerce(v, inner, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            fail()
-        return tuple(_coerce(v, a, f"{key}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail()
-        return _build(tp, value, key, source)
-    if tp is bool:
-        if not isinstance(value, bool):
-            fail()
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            fail()
-        return value
-    if tp is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "2e-4" (no dot) as a string; accept numeric text for float fields.
-            try:
-                return float(value)
-            except ValueError:
-                fail()
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            fail()
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            fail()
-        return value
-    if tp is Any:
-        return value
-    raise ConfigError(f"{source}: {key}: unsupported annotation {tp!r}")
-
-
-def _build(cls: type, values: dict, prefix: str, source: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "stage_config"}
-    kwargs = {}
-    for k, v in values.items():
-        dotted = f"{prefix}.{k}" if prefix else str(k)
-        if k not in fields:
-            raise ConfigError(f"{source}: unknown key {dotted!r} (known keys here: {', '.join(sorted(fields))})")
-        kwargs[k] = _coerce(v, hints[k], dotted, source)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
-    parts = dotted.split(".")
-    if not all(parts):
-        raise ConfigError(f"{source}: bad override key {dotted!r}: expected section.key=value")
-    node = tree
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{source}: override {dotted!r}: {p!r} is not a section")
-        node = nxt
-    node[parts[-1]] = value
-
-
-def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
-    """``["train.max_steps=20", ...]`` -> ``[("train.max_steps", 20), ...]`` (values parsed as YAML)."""
-    out = []
-    for ov in overrides:
-        if "=" not in ov:
-            raise ConfigError(f"command line: override {ov!r}: expected key=value (e.g. train.max_steps=20)")
-        key, text = ov.split("=", 1)
-        try:
-            value = yaml.safe_load(text) if text != "" else ""
-        except yaml.YAMLError:
-            value = text
-        out.append((key.strip(), value))
-    return out
-
-
+# ----------------------------------------------------------------------------- loading
 def config_from_dict(tree: dict, source: str = "<dict>", overrides: list[str] | None = None) -> RunConfig:
     """Build and validate a RunConfig from a nested dict plus dotted overrides."""
     if not isinstance(tree, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level")
-    tree = _deepcopy(tree)
+    tree = deepcopy(tree)
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(tree, key, value, "command line")
+        set_dotted(tree, key, value, "command line")
     stage = tree.get("stage", "sft")
-    if isinstance(stage, str) and stage not in STAGES and stage in STAGE_MODULES:
-        stage_module(stage)
     if stage not in STAGES:
         raise ConfigError(f"{source}: stage={stage!r}: expected one of {sorted(STAGES)}")
-    stage_values = None
-    section_cls = STAGES[stage]
-    for name, cls in STAGES.items():
-        if cls is not None and name in tree:
-            if name != stage:
-                raise ConfigError(f"{source}: section {name!r} given but stage is {stage!r}")
-            stage_values = tree.pop(name)
-    cfg = _build(RunConfig, tree, "", source)
-    if section_cls is not None:
-        cfg.stage_config = _coerce(stage_values or {}, section_cls, stage, source)
-    return cfg
-
-
-def _deepcopy(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _deepcopy(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_deepcopy(v) for v in x]
-    return x
+    return build(RunConfig, tree, "", source)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -532,106 +406,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 
 def config_to_dict(cfg: RunConfig) -> dict:
-    """The resolved config as plain YAML-able data (stage section under its stage name)."""
+    """The resolved config as plain YAML-able data (unset stage sections left out)."""
     def plain(x: Any) -> Any:
         if dataclasses.is_dataclass(x):
-            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.name != "stage_config"}
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)
+                    if not (f.name in STAGES.values() and getattr(x, f.name) is None)}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
 
-    out = plain(cfg)
-    if cfg.stage_config is not None:
-        out[cfg.stage] = plain(cfg.stage_config)
-    return out
+    return plain(cfg)
 
 
 def dump_config(cfg: RunConfig) -> str:
     """YAML text of the resolved config; :func:`load_config` reads it back to an equal config."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-
-
-# ----------------------------------------------------------------------------- DeepSpeed
-def resolve_precision(section: DeepSpeedSection, device_type: str) -> str:
-    """"bf16" or "fp32" for the run: "auto" means bf16 on CUDA and fp32 elsewhere."""
-    if section.precision == "auto":
-        return "bf16" if device_type == "cuda" else "fp32"
-    return section.precision
-
-
-def build_deepspeed_config(cfg: RunConfig, world_size: int, device_type: str) -> dict:
-    """The DeepSpeed config dict for this run — the only place it is built.
-
-    Args:
-        cfg: the run config.
-        world_size: number of data-parallel ranks.
-        device_type: "cuda" or "cpu" (decides "auto" precision).
-    Returns:
-        a dict for ``deepspeed.initialize(config=...)``: batch sizes, ZeRO stage and
-        offload, precision, clipping and AdamW
-        (the schedule itself is :func:`lr_lambda`, handed to DeepSpeed as a client
-        ``LambdaLR`` so that the first step already trains at ``lr / warmup_steps``;
-        DeepSpeed's ``WarmupCosineLR`` spends step 1 at lr 0).
-    Raises:
-        ConfigError: impossible batch arithmetic for ``world_size``.
-    """
-    t, d = cfg.train, cfg.deepspeed
-    accum = t.grad_accum_steps(world_size)
-    precision = resolve_precision(d, device_type)
-    zero: dict[str, Any] = {"stage": d.zero_stage}
-    if d.zero_stage >= 2:
-        zero.update(overlap_comm=device_type == "cuda", contiguous_gradients=True,
-                    reduce_bucket_size=d.reduce_bucket_size)
-    if d.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=d.stage3_prefetch_bucket_size,
-                    stage3_param_persistence_threshold=d.stage3_param_persistence_threshold,
-                    stage3_gather_16bit_weights_on_model_save=False)
-    if d.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
-    if d.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
-    ds: dict[str, Any] = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": t.grad_clip,
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": False},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": t.lr, "betas": list(t.betas), "eps": t.eps, "weight_decay": t.weight_decay,
-                       # torch's AdamW avoids a JIT-built fused kernel when states stay on device;
-                       # RL's offload_states around rollouts needs DeepSpeed's FusedAdam instead.
-                       **({} if d.offload_optimizer or _offloads_states(cfg) else {"torch_adam": True})},
-        },
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-    if d.zero_stage == 0 and precision == "bf16":
-        # bf16 without ZeRO: keep fp32 master weights/grad accumulation.
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
-    return ds
-
-
-def _offloads_states(cfg: RunConfig) -> bool:
-    """True when the stage moves optimizer states off the device between phases (RL rollouts)."""
-    return bool(getattr(cfg.stage_config, "offload_optimizer_states", False))
-
-
-def lr_lambda(train: TrainConfig) -> typing.Callable[[int], float]:
-    """Multiplier of ``train.lr`` for 0-based optimizer step ``s``.
-
-    Linear warmup ``(s+1)/warmup_steps`` for ``s < warmup_steps``, then cosine from 1 to
-    ``min_lr_ratio`` reached at the last step (``max_steps - 1``), constant after.
-    """
-    warm, total, floor = train.warmup_steps, train.max_steps, train.min_lr_ratio
-
-    def fn(s: int) -> float:
-        if s < warm:
-            return (s + 1) / warm
-        span = max(total - 1 - warm, 1)
-        progress = min(max(s - warm, 0) / span, 1.0)
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn

@@ -8,10 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from pgen_engine.config import (ConfigError, RunConfig, STAGES, build_deepspeed_config, config_from_dict,
-                                dump_config, load_config, lr_lambda, register_stage_section)
+from pgen_engine.config import ConfigError, RLConfig, RunConfig, SFTConfig, config_from_dict, dump_config, load_config
+from pgen_engine.training.engine import build_deepspeed_config, lr_lambda
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _ds(cfg: RunConfig, world: int, device: str) -> dict:
+    return build_deepspeed_config(cfg.train, cfg.deepspeed, world, device)
 SHIPPED = sorted((REPO / "configs").glob("*_sft.yaml"))
 
 
@@ -26,9 +30,9 @@ def test_shipped_configs_load_and_round_trip(tmp_path):
         assert load_config(again) == cfg
     for name in ("janus_pro_1b_sft.yaml", "janus_pro_7b_sft.yaml"):
         cfg = load_config(REPO / "configs" / name)
-        ds = build_deepspeed_config(cfg, 8, "cuda")
+        ds = _ds(cfg, 8, "cuda")
         assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
-        assert "peak per GPU: " in (REPO / "configs" / name).read_text()  # quoted from pgen plan
+        assert "peak per GPU:" in (REPO / "configs" / name).read_text()  # the header quotes pgen plan
 
 
 def test_overrides_are_typed_and_applied():
@@ -80,27 +84,27 @@ def test_grad_accum_arithmetic_random():
     for _ in range(50):
         micro, world, accum = rng.randint(1, 7), rng.randint(1, 9), rng.randint(1, 5)
         cfg = config_from_dict({"train": {"micro_batch_size": micro, "global_batch_size": micro * world * accum}})
-        ds = build_deepspeed_config(cfg, world, "cpu")
+        ds = _ds(cfg, world, "cpu")
         assert ds["gradient_accumulation_steps"] == accum
         assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * accum * world
         # one more rank than the global batch can be split over
         bad = config_from_dict({"train": {"micro_batch_size": micro, "global_batch_size": micro * world}})
         with pytest.raises(ConfigError, match=f"world_size={world + 1}"):
-            build_deepspeed_config(bad, world + 1, "cpu")
+            _ds(bad, world + 1, "cpu")
 
 
 def test_deepspeed_json_switches():
     cfg = config_from_dict({}, overrides=["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true",
                                           "deepspeed.offload_params=true", "train.grad_clip=0.5"])
-    ds = build_deepspeed_config(cfg, 1, "cpu")
+    ds = _ds(cfg, 1, "cpu")
     z = ds["zero_optimization"]
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     assert ds["bf16"]["enabled"] is False and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and "torch_adam" not in ds["optimizer"]["params"]
-    gpu = build_deepspeed_config(config_from_dict({}, overrides=["deepspeed.zero_stage=0"]), 1, "cuda")
+    gpu = _ds(config_from_dict({}, overrides=["deepspeed.zero_stage=0"]), 1, "cuda")
     assert gpu["bf16"]["enabled"] is True and gpu["zero_optimization"] == {"stage": 0}
     assert gpu["optimizer"]["params"]["torch_adam"] is True
-    fp32 = build_deepspeed_config(config_from_dict({}, overrides=["deepspeed.precision=fp32"]), 1, "cuda")
+    fp32 = _ds(config_from_dict({}, overrides=["deepspeed.precision=fp32"]), 1, "cuda")
     assert fp32["bf16"]["enabled"] is False
 
 
@@ -116,20 +120,59 @@ def test_lr_schedule_warmup_then_cosine():
     assert no_warm(0) == pytest.approx(1.0) and math.isfinite(no_warm(10))
 
 
-def test_registered_stage_section():
-    @dataclasses.dataclass
-    class ToySection:
-        group_size: int = 4
-
-    register_stage_section("toy", ToySection)
-    try:
-        cfg = config_from_dict({"stage": "toy", "toy": {"group_size": 8}})
-        assert cfg.stage_config == ToySection(8)
-        assert "toy:" in dump_config(cfg)
-        with pytest.raises(ConfigError, match="toy.group_size"):
-            config_from_dict({"stage": "toy", "toy": {"group_size": "big"}})
-        with pytest.raises(ConfigError, match="section 'toy' given but stage is 'sft'"):
-            config_from_dict({"stage": "sft", "toy": {}})
-    finally:
-        STAGES.pop("toy")
+def test_stage_sections_are_typed_fields():
+    cfg = config_from_dict({"stage": "rl", "rl": {"group_size": 8}})
+    assert cfg.rl == RLConfig(group_size=8) and cfg.sft is None
+    assert "rl:" in dump_config(cfg) and "sft:" not in dump_config(cfg)
+    assert config_from_dict({"stage": "rl"}).rl == RLConfig()  # omitted section = defaults
+    assert config_from_dict({"sft": {}}).sft == SFTConfig()
+    with pytest.raises(ConfigError, match="rl.group_size='big': expected int"):
+        config_from_dict({"stage": "rl", "rl": {"group_size": "big"}})
+    with pytest.raises(ConfigError, match="section 'rl' given but stage is 'sft'"):
+        config_from_dict({"stage": "sft", "rl": {}})
+    with pytest.raises(ConfigError, match="unknown key 'rl.groupsize'"):
+        config_from_dict({"stage": "rl"}, overrides=["rl.groupsize=3"])
     assert isinstance(config_from_dict({}), RunConfig)
+
+
+def test_importing_the_trainers_changes_no_config_state():
+    before = dump_config(config_from_dict({"stage": "rl"}))
+    import pgen_engine.training.stages  # noqa: F401
+
+    assert dump_config(config_from_dict({"stage": "rl"})) == before
+
+
+@pytest.mark.parametrize("glob, world, micro, accum", [
+    (32, 1, 32, 1), (32, 2, 16, 1), (32, 4, 8, 1), (128, 8, 16, 1), (96, 1, 32, 3), (48, 2, 24, 1), (7, 1, 7, 1),
+])
+def test_micro_batch_derived_from_global_world_and_memory_hint(glob, world, micro, accum):
+    cfg = config_from_dict({"train": {"micro_batch_size": None, "global_batch_size": glob}})
+    assert cfg.train.micro_batch_for(world) == micro and cfg.train.grad_accum_steps(world) == accum
+    ds = _ds(cfg, world, "cpu")
+    assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == glob
+
+
+def test_micro_batch_memory_hint_and_errors():
+    cfg = config_from_dict({"train": {"micro_batch_size": None, "global_batch_size": 24, "max_micro_batch_size": 5}})
+    assert cfg.train.micro_batch_for(1) == 4 and cfg.train.grad_accum_steps(1) == 6  # largest divisor of 24 <= 5
+    assert cfg.train.micro_batch_for(2) == 4 and cfg.train.grad_accum_steps(2) == 3
+    with pytest.raises(ConfigError, match="global_batch_size=24 is not divisible by world_size=5"):
+        cfg.train.grad_accum_steps(5)
+    with pytest.raises(ConfigError, match="max_micro_batch_size=0"):
+        config_from_dict({"train": {"max_micro_batch_size": 0}})
+    # an explicit micro-batch is used as given, and checked against the world size
+    given = config_from_dict({"train": {"micro_batch_size": 32, "global_batch_size": 32}})
+    with pytest.raises(ConfigError, match="global_batch_size=32 is not divisible by train.micro_batch_size=32 x "
+                                          "world_size=2"):
+        given.train.grad_accum_steps(2)
+
+
+def test_demo_configs_work_unchanged_on_one_and_two_ranks():
+    want = {"demo_sft.yaml": {1: 32, 2: 16}, "demo_rl.yaml": {1: 16, 2: 16}}  # derived micro-batch per world size
+    for name, micro in want.items():
+        cfg = load_config(REPO / "configs" / name)
+        assert cfg.train.micro_batch_size is None  # omitted: derived
+        for world in (1, 2):
+            ds = _ds(cfg, world, "cpu")
+            assert ds["train_batch_size"] == cfg.train.global_batch_size
+            assert ds["train_micro_batch_size_per_gpu"] == micro[world]

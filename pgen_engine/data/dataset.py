@@ -35,6 +35,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from pgen_engine.errors import PgenUserError
+
 INTERACTIONS_FILE = "interactions.csv"
 ITEMS_FILE = "items.jsonl"
 IMAGES_DIR = "images"
@@ -42,7 +44,7 @@ REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
 ON_ERROR = ("raise", "skip")
 
 
-class DataError(ValueError):
+class DataError(PgenUserError, ValueError):
     """Bad dataset input; the message names the file (and line) and what was expected."""
 
 

@@ -25,10 +25,10 @@ QUICK_RL = ["train.max_steps=2", "rl.prompts_per_step=4", "rl.group_size=4", "tr
 
 
 def _stage(config: Path, overrides: list[str]) -> dict:
-    from pgen_engine.config import load_config, stage_module
+    from pgen_engine.config import load_config
+    from pgen_engine.training.stages import run_stage
 
-    cfg = load_config(config, overrides)
-    return stage_module(cfg.stage).run(cfg, resume="auto")
+    return run_stage(load_config(config, overrides), resume="auto")
 
 
 def _grid_rows(data, ex, systems: dict, u: int, n_show: int) -> list:
@@ -233,10 +233,9 @@ def builder_for(model, checkpoint):
 
 
 def _read_rl(resolved: Path):
-    from pgen_engine.config import load_config, stage_module
+    from pgen_engine.config import load_config
 
-    stage_module("rl")  # registers the rl section with the config loader
-    return load_config(resolved).stage_config
+    return load_config(resolved).rl
 
 
 def _notes(report: dict, ev, evaluator, synthetic: bool, examples, key) -> list[str]:

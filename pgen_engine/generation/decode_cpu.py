@@ -12,12 +12,12 @@ eager and static decode modes. ``PGEN_CPU_DECODE=0`` turns it off (with the C++ 
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from pgen_engine import envs
 from pgen_engine.models import op_dispatch as K
 from pgen_engine.ops._backend import extension
 
@@ -78,11 +78,9 @@ def rows_per_pass(model, cache, cfg: bool, T: int) -> int:
     budget (Janus-Pro's 16384-code head), one pass. ``PGEN_ROWS_PER_PASS`` overrides (0 = all
     of a thread's rows in one pass).
     """
-    env = os.environ.get("PGEN_ROWS_PER_PASS")
-    if env is not None:
-        if not env.strip().isdigit():
-            raise ValueError(f"PGEN_ROWS_PER_PASS must be an int >= 0, got {env!r}")
-        return int(env)
+    forced = envs.get("PGEN_ROWS_PER_PASS")
+    if forced is not None:
+        return forced
     budget = last_level_cache_bytes() // 4
     # every pass-step reads all weights once: when they do not fit the budget anyway, more
     # passes only re-stream them (a 16384-code head is 16 MiB), so all rows go at once

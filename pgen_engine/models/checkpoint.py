@@ -6,28 +6,18 @@ consumed, every parameter must be found, every shape must match — never ``stri
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 
-from pgen_engine.io_utils import atomic_dir
-
+from .checkpoint_writer import INDEX_NAME, SIDECAR_GLOBS, SINGLE_NAME, hf_key as _hf_key, save_checkpoint
 from .janus import JanusModel
 from .janus_config import CheckpointError, JanusModelConfig
 from .special_tokens import SpecialTokens
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "SIDECAR_GLOBS", "load_checkpoint_config", "load_model",
+           "save_checkpoint"]
 LOADABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Files that travel with a checkpoint but are not weights (tokenizer, processor).
-SIDECAR_GLOBS = ("tokenizer*", "special_tokens_map.json", "*.model", "preprocessor_config.json",
-                 "processor_config.json", "chat_template*")
-
-
-def _hf_key(name: str) -> str:
-    """Engine parameter name -> checkpoint key."""
-    return name if name.startswith("lm_head.") else "model." + name
 
 
 def _shard_files(path: Path) -> list[Path]:
@@ -192,53 +182,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     _reset_buffers(model, device)
     model.source_dir = path
     return model.eval()
-
-
-def save_checkpoint(model: JanusModel, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
-    """Write ``model`` as a Hugging Face Janus checkpoint at ``path``, atomically.
-
-    Produces ``config.json``, ``generation_config.json`` and ``model.safetensors`` (or shards +
-    index when larger than ``max_shard_bytes``); tokenizer files of the source checkpoint are
-    copied along. An existing ``path`` is replaced only once the new one is complete.
-    """
-    from safetensors.torch import save_file
-
-    cfg = dict(model.config.raw)
-    cfg["dtype"] = str(model.dtype).replace("torch.", "")
-    state = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if model.config.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        state[_hf_key(name)] = p.detach().to("cpu").contiguous()
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for k in sorted(state):
-        n = state[k].numel() * state[k].element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = state[k]
-        size += n
-    gen_cfg = model.special_tokens.generation_config_dict()
-    with atomic_dir(path) as tmp:
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            total = 0
-            for i, shard in enumerate(shards):
-                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                for k, t in shard.items():
-                    weight_map[k] = name
-                    total += t.numel() * t.element_size()
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2) + "\n")
-        src = getattr(model, "source_dir", None)
-        if src is not None and Path(src).is_dir():
-            for pattern in SIDECAR_GLOBS:
-                for f in Path(src).glob(pattern):
-                    if f.is_file():
-                        shutil.copy2(f, tmp / f.name)

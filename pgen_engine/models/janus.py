@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint_writer import save_checkpoint
 from .decoder import KVCache, LanguageModel
 from .janus_config import JanusModelConfig
 from .special_tokens import SpecialTokens
@@ -272,8 +273,6 @@ class JanusModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
         """Write a Hugging Face Janus checkpoint (``transformers`` loads it) atomically."""
-        from .checkpoint import save_checkpoint
-
         save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)
 
 

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pgen_engine.errors import PgenUserError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(PgenUserError, ValueError):
     """A checkpoint directory that cannot be loaded; the message names the file/key."""
 
 

@@ -11,11 +11,11 @@ each, instead of ~40 eager ops per layer; the prefill into such a cache likewise
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as F
 
+from pgen_engine import envs
 from pgen_engine.ops import attention as _attn
 from pgen_engine.ops._backend import extension as _extension
 from pgen_engine.ops.norm import rms_norm as _rms_norm
@@ -24,10 +24,10 @@ from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
 
 # Set PGEN_FUSED_OPS=1 to take the fused-op path on CPU too (tests run it there with the
 # ops' torch references or, under TRITON_INTERPRET=1, the Triton kernels).
-_FORCE_FUSED = os.environ.get("PGEN_FUSED_OPS") == "1"
+_FORCE_FUSED = envs.get("PGEN_FUSED_OPS")
 
 
-_CPU_DECODE = os.environ.get("PGEN_CPU_DECODE", "1") != "0"
+_CPU_DECODE = envs.get("PGEN_CPU_DECODE")
 
 
 def cascade_extension():

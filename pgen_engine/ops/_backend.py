@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from pgen_engine import envs
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
 
 
@@ -59,7 +61,7 @@ def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ..
     if backend not in BACKENDS:
         raise ValueError(f"{op}: unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        forced = os.environ.get("PGEN_OPS_BACKEND", "").strip()
+        forced = envs.get("PGEN_OPS_BACKEND")
         if forced and forced != "auto":
             if forced in supported:
                 return resolve_backend(forced, device, supported, op)

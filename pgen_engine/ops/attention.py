@@ -1,6 +1,6 @@
 """Attention ops: prefill (fwd + bwd), paged/contiguous decode, paged KV-cache write.
 
-Three layers per op (see DESIGN.md):
+Three layers per op:
   1. Triton kernels in :mod:`pgen_engine.ops._triton_attention` (CUDA ``paged_kv_write_cuda``
      from ``pgen_engine._C`` for the KV write when built);
   2. registered ops ``pgen::prefill_attention_fwd`` / ``pgen::prefill_attention_bwd``

@@ -27,16 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from pgen_engine.errors import PgenUserError
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
+from pgen_engine.models.checkpoint import save_checkpoint
+from pgen_engine.models.janus import JanusModel
 
 from .distributed import DistInfo, barrier
+from .engine import gathered_parameters
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "pgen_checkpoint.json"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(PgenUserError, RuntimeError):
     """A checkpoint cannot be resumed from; the message names the folder and the reason."""
 
 
@@ -81,6 +85,23 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
             return cand
     done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """``--resume`` value -> a checkpoint folder or None.
+
+    "auto": the latest complete checkpoint under ``output_dir/checkpoints`` (None when there
+    is none); a path: that checkpoint (FileNotFoundError when it is not a complete one).
+    """
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(output_dir / CHECKPOINTS)
+    p = Path(resume)
+    found = latest_checkpoint(p) if (p / LATEST).is_file() else p
+    if found is None or not (found / META).is_file():
+        raise ResumeError(f"--resume {resume}: not a complete checkpoint folder")
+    return found
 
 
 def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dict[str, Any], dist_info: DistInfo,
@@ -166,19 +187,17 @@ def gather_state_dict(module: torch.nn.Module, dist_info: DistInfo) -> dict[str,
     Collective under ZeRO-3: parameters are gathered one top-level child at a time, so
     peak extra device memory is the largest child, not the whole model.
     """
-    import deepspeed
-
     out: dict[str, torch.Tensor] = {}
     groups: list[tuple[str, torch.nn.Module]] = list(module.named_children())
     own = [(n, p) for n, p in module.named_parameters(recurse=False, remove_duplicate=False)]
     for prefix, child in groups:
         params = list(child.parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        with gathered_parameters(params):
             if dist_info.is_main:
                 for n, p in child.named_parameters(remove_duplicate=False):
                     out[f"{prefix}.{n}"] = p.detach().to("cpu", copy=True)
     if own:
-        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+        with gathered_parameters([p for _, p in own]):
             if dist_info.is_main:
                 for n, p in own:
                     out[n] = p.detach().to("cpu", copy=True)
@@ -191,9 +210,6 @@ def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: Di
     ``module`` is the trained :class:`pgen_engine.models.JanusModel` (``engine.module``);
     under ZeRO-3 its parameters are gathered first. The folder appears atomically.
     """
-    from pgen_engine.models.checkpoint import save_checkpoint
-    from pgen_engine.models.janus import JanusModel
-
     state = gather_state_dict(module, dist_info)
     if dist_info.is_main:
         with torch.device("meta"):

@@ -1,17 +1,28 @@
-"""Process-group setup and small collective helpers for DeepSpeed runs.
+"""Process-group setup and every collective the package makes, in one place.
 
 ``deepspeed train.py`` exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
 ``python train.py`` runs one process without a launcher, so those are filled in here
 (DeepSpeed would otherwise try MPI discovery). On CUDA the NCCL backend is used; on CPU
 gloo (DeepSpeed's CPU accelerator adds its shared-memory all-reduce on top).
+
+Communication device: a NCCL group accepts only CUDA tensors, gloo accepts CPU tensors.
+Every helper here builds its tensor on :func:`comm_device` (the device the default
+group's backend serves, parsed from ``torch.distributed.get_backend()``, e.g. ``"nccl"``
+-> CUDA, ``"gloo"`` -> CPU, ``"cuda:gloo"`` -> CUDA) and hands results back on the
+caller's device or as Python numbers. No other module of the package calls
+``torch.distributed`` collectives (``tests/training/test_distributed.py`` scans for it).
+Without a process group every helper is the identity for one rank.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import socket
+import warnings
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,12 +46,11 @@ def _free_port() -> int:
 
 
 def init_distributed() -> DistInfo:
-    """Initialise (once) the default process group and return this process's DistInfo."""
-    import warnings
+    """Initialise (once) the default process group and return this process's DistInfo.
 
-    import deepspeed
-    import torch.distributed as dist
-
+    The group is a plain ``torch.distributed`` one (``env://``); DeepSpeed's engine build
+    adopts an existing default group instead of creating its own.
+    """
     # DeepSpeed still calls torch.distributed APIs that torch deprecates (reduce_scatter_tensor, ...).
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
@@ -56,50 +66,94 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        dist.init_process_group(backend=backend, init_method="env://", rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def initialized() -> bool:
+    """True when a default process group exists."""
+    return dist.is_available() and dist.is_initialized()
 
 
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from rank ``src`` on every rank (identity without a process group)."""
-    import torch.distributed as dist
+def world_size() -> int:
+    """Ranks in the default group (1 without one)."""
+    return dist.get_world_size() if initialized() else 1
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+
+def comm_device_type() -> str:
+    """The device type collective tensors must live on for the default group's backend.
+
+    ``"nccl"`` -> ``"cuda"``; ``"gloo"`` / ``"mpi"`` -> ``"cpu"``; a device-mapped backend
+    string (``"cpu:gloo,cuda:nccl"``, ``"cuda:gloo"``) -> ``"cpu"`` when it maps CPU, else
+    the device type it maps. ``"cpu"`` without a process group.
+    """
+    if not initialized():
+        return "cpu"
+    backend = str(dist.get_backend()).lower()
+    if ":" in backend:
+        devices = [part.split(":", 1)[0].strip() for part in backend.split(",")]
+        return "cpu" if "cpu" in devices else devices[0]
+    return "cuda" if backend == "nccl" else "cpu"
+
+
+def comm_device() -> torch.device:
+    """The device for collective tensors: the current CUDA device when :func:`comm_device_type`
+    is ``"cuda"``, else that device type."""
+    kind = comm_device_type()
+    if kind == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(kind)
+
+
+ReduceOp = Literal["sum", "max", "min"]
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_reduce(t: torch.Tensor, op: ReduceOp = "sum") -> torch.Tensor:
+    """``t`` reduced element-wise over all ranks, returned as a new tensor on ``t``'s device.
+
+    ``t`` (any shape and device) is copied to :func:`comm_device`, reduced there, and
+    copied back; ``t`` itself is not modified. Identity (a copy) without a process group.
+    """
+    if op not in _OPS:
+        raise ValueError(f"all_reduce: op must be one of {sorted(_OPS)}, got {op!r}")
+    if not initialized():
+        return t.clone()
+    buf = t.detach().to(comm_device(), copy=True)
+    dist.all_reduce(buf, op=_OPS[op])
+    return buf.to(t.device)
 
 
 def all_ranks_true(flag: bool) -> bool:
     """True only when ``flag`` is True on every rank (a MIN all-reduce)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+    return bool(all_reduce(torch.tensor([1 if flag else 0], dtype=torch.int32), "min").item())
 
 
 def mean_over_ranks(value: float) -> float:
     """The mean of a Python float over all ranks (the value itself without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
+    if not initialized():
         return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return float(all_reduce(torch.tensor([value], dtype=torch.float64)).item()) / world_size()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if initialized():
+        # on NCCL the barrier runs on the comm device; device_ids avoids torch guessing it
+        if comm_device_type() == "cuda":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (identity without a process group)."""
+    if not initialized():
+        return obj
+    box = [obj]
+    # broadcast_object_list pickles into a tensor: it must go on the group's device
+    dist.broadcast_object_list(box, src=src, device=comm_device() if comm_device_type() != "cpu" else None)
+    return box[0]

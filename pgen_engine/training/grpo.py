@@ -34,46 +34,14 @@ AGGREGATIONS = ("token", "sequence")
 ALGORITHMS = ("grpo", "ppo")
 
 
-def _check_1d(x: torch.Tensor, name: str) -> None:
-    if not isinstance(x, torch.Tensor) or x.ndim != 1 or not x.is_floating_point():
-        raise ValueError(f"{name}: expected a float tensor [N], got "
-                         f"{getattr(x, 'dtype', type(x))} {tuple(getattr(x, 'shape', ()))}")
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_by_std: bool = True,
-                     eps: float = 1e-6) -> torch.Tensor:
-    """GRPO advantages: rewards normalised within each group of ``group_size`` samples.
-
-    Args:
-        rewards: float ``[N]``, ``N = num_prompts * group_size``; rows ``i*G .. i*G+G-1``
-            are the G samples of prompt ``i`` (the Generator's row order).
-        group_size: G >= 1.
-        scale_by_std: divide by the group's population std (+ ``eps``); False gives the
-            "Dr. GRPO" mean-centred variant.
-        eps: keeps all-equal groups (std 0) finite: their advantages are exactly 0.
-    Returns:
-        float32 ``[N]`` ``(r - mean_g) / (std_g + eps)``.
-    """
-    _check_1d(rewards, "group_advantages: rewards")
-    if group_size < 1 or rewards.shape[0] % group_size:
-        raise ValueError(f"group_advantages: {rewards.shape[0]} rewards are not a whole number of groups of "
-                         f"group_size={group_size}")
-    r = rewards.float().reshape(-1, group_size)
-    centred = r - r.mean(dim=1, keepdim=True)
-    if scale_by_std:
-        centred = centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return centred.reshape(-1)
-
-
-def batch_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
-    """Critic-free PPO advantages: rewards whitened over the whole batch, float32 ``[N]``.
-
-    The batch mean is the baseline (no value network); with one sample per prompt this
-    is the usual REINFORCE-with-baseline estimator that PPO-clip then optimises.
-    """
-    _check_1d(rewards, "batch_advantages: rewards")
-    r = rewards.float()
-    return (r - r.mean()) / (r.std(unbiased=False) + eps)
+# Rollout-vs-trainer log-prob gap (``logprob_gap_max``) tolerances. The rollout's log-probs
+# come from the Generator's logits in the model dtype; the trainer recomputes them with fp32
+# accumulation. In fp32 both agree to rounding (tested <= 1e-5). In bf16 the logits carry 8
+# mantissa bits (~0.4 % relative error each), so a token's log-prob differs by ~1e-2: measured
+# up to 1.2e-2 per token on the tiny test model (tests/training/test_rollout.py). A gap above
+# the tolerance points to a real mismatch (other weights, prompt or temperature), not rounding.
+FP32_LOGPROB_GAP_TOL = 1e-5
+BF16_LOGPROB_GAP_TOL = 5e-2
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from pathlib import Path
 from pgen_engine.config import ModelInitConfig
 from pgen_engine.io_utils import atomic_dir
 from pgen_engine.models.image_tokenizer import ImageTokenizer
+from pgen_engine.models.tiny import make_tiny_checkpoint
 
 INIT_MARKER = "pgen_init.json"
 
@@ -43,8 +44,6 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
     Returns:
         ``out_dir`` as a Path (a Hugging Face Janus directory).
     """
-    from pgen_engine.models.tiny import make_tiny_checkpoint
-
     out = Path(out_dir)
     spec = {"init": dataclasses.asdict(init), "tokenizer": tokenizer.fingerprint(), **tokenizer_geometry(tokenizer)}
     marker = out / INIT_MARKER

@@ -23,6 +23,8 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .engine import zero3_shards, zero_master_tensors
+
 PHASES = ("rollout", "reward", "logprobs", "update")
 
 
@@ -57,7 +59,7 @@ def module_param_bytes(module: torch.nn.Module) -> int:
 
 def zero3_shard_bytes(module: torch.nn.Module) -> int:
     """Bytes of this rank's ZeRO-3 parameter shards (0 for non-ZeRO-3 parameters)."""
-    return tensor_bytes(getattr(p, "ds_tensor", None) for p in module.parameters())
+    return tensor_bytes(zero3_shards(module))
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -76,8 +78,7 @@ def optimizer_state_bytes(optimizer) -> int:
             for s in state.values():
                 if isinstance(s, dict):
                     tensors += [v for v in s.values() if isinstance(v, torch.Tensor)]
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        tensors += [t for t in getattr(optimizer, name, []) or [] if isinstance(t, torch.Tensor)]
+    tensors += zero_master_tensors(optimizer)
     return tensor_bytes(tensors)
 
 

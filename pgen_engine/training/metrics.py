@@ -80,14 +80,14 @@ class MetricsLogger:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            try:
+            try:  # late: tensorboard is an optional dependency, needed only when switched on
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise RuntimeError(f"logging.tensorboard=true needs the 'tensorboard' package ({e}); "
                                    "install it or set logging.tensorboard=false") from None
             self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # late: rank 0 with logging.progress only
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 

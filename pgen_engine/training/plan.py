@@ -9,12 +9,12 @@ and dtypes, no storage):
   (or a reference geometry, see :func:`resolve_model_config`), cast to the run's precision,
   with the trainable groups set by :func:`pgen_engine.training.engine.set_trainable`.
 * **ZeRO states** — per parameter, from the DeepSpeed config the run builds
-  (:func:`pgen_engine.config.build_deepspeed_config`): stage, ``offload_optimizer`` /
+  (:func:`pgen_engine.training.engine.build_deepspeed_config`): stage, ``offload_optimizer`` /
   ``offload_param``, bucket sizes and the persistence threshold; see :func:`zero_states`.
-* **rollout** — all weights gathered (:func:`pgen_engine.training.hybrid.gathered_module`
+* **rollout** — all weights gathered (:func:`pgen_engine.training.engine.gathered_module`
   materialises every parameter), plus the KV cache the rollout's
   :class:`pgen_engine.generation.Generator` allocates for the rows this rank generates
-  (:func:`pgen_engine.training.hybrid.generator_rows`), constructed on ``meta``
+  (:func:`pgen_engine.training.rollout.generator_rows`), constructed on ``meta``
   (:func:`rollout_kv_bytes`), plus the measured prefill / decode-logits working set.
 * **activations** — the training objective's forward and backward run on ``meta``
   tensors at the real micro-batch and sequence length, through the fused GPU ops' fake
@@ -41,7 +41,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from pgen_engine.config import ConfigError, RunConfig, build_deepspeed_config, resolve_precision
+from pgen_engine import envs
+from pgen_engine.config import ConfigError, RunConfig
+
+from .engine import build_deepspeed_config, resolve_precision
+from .reference import resolve_reference_mode
+from .rl import updates_per_step
+from .rollout import generator_rows
 
 GIB = 1 << 30
 # CUDA context (~0.5 GiB), NCCL communicators, CUDA-graph pools and allocator fragmentation.
@@ -474,7 +480,7 @@ def rollout_kv_bytes(model, rows: int, max_seq_len: int, uncond_mode: str, num_s
     is allocated) and asks it (:meth:`~pgen_engine.generation.Generator.kv_bytes`: the wave
     plan and sizing code its calls run, with a prompt's samples and identical unconditional
     prompts sharing their K/V). This is the one place the planner sizes the cache; it builds
-    the Generator exactly as :meth:`pgen_engine.training.hybrid.HybridEngine.rollout` does.
+    the Generator exactly as :meth:`pgen_engine.training.rollout.HybridEngine.rollout` does.
     """
     from pgen_engine.generation.generator import Generator
 
@@ -560,9 +566,10 @@ def _dtype(cfg: RunConfig) -> tuple[str, torch.dtype]:
 
 
 def _reference_bytes(rl, states_ref: ZeroStates) -> int:
-    if rl.reference == "partitioned":
+    mode = resolve_reference_mode(rl.reference, torch.device("cuda"))  # the plan is for GPUs
+    if mode == "partitioned":
         return states_ref.param_shards + states_ref.persistent_params
-    if rl.reference == "device":
+    if mode == "device":
         return states_ref.full_weights
     return 0  # "cpu" keeps it on the host, "none" has none
 
@@ -578,7 +585,10 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
         raise PlanError(f"--gpus={gpus}: expected >= 1")
     if not (gpu_mem_gib > 0 and math.isfinite(gpu_mem_gib)):
         raise PlanError(f"--gpu-mem={gpu_mem_gib}: expected a positive number of GiB")
-    ds = build_deepspeed_config(cfg, gpus, "cuda")  # checks the batch arithmetic for `gpus` ranks
+    rl = cfg.rl if cfg.stage == "rl" else None
+    # checks the batch arithmetic for `gpus` ranks
+    ds = build_deepspeed_config(cfg.train, cfg.deepspeed, gpus, "cuda",
+                                offload_states=rl is not None and rl.offload_optimizer_states)
     precision, dtype = _dtype(cfg)
     mcfg, model_note = resolve_model_config(cfg)
     model = meta_model(mcfg, dtype, cfg.train.trainable)
@@ -588,7 +598,7 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
     plen, len_note = prompt_tokens(cfg)
     T = mcfg.num_image_tokens
     ckpt = cfg.deepspeed.activation_checkpointing
-    micro = cfg.train.micro_batch_size
+    micro = cfg.train.micro_batch_for(gpus)
     states = {"param shards": st.param_shards, "persistent params": st.persistent_params, "gradients": st.grads,
               "optimizer states": st.optimizer}
     train_work = {"gathered params (working set)": st.gather_working_set, "reduce bucket": st.reduce_bucket,
@@ -603,7 +613,6 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
     notes = [f"sequence: {plen} prompt tokens ({len_note}) + {T} image tokens; history: {how}"]
     model_desc = f"{model_note}; {n_all / 1e9:.2f} B parameters, {n_train / 1e9:.2f} B trainable"
     phases: list[PhasePlan] = []
-    rl = cfg.stage_config if cfg.stage == "rl" else None
     seq = plen + T if rl is None else plen + T - 1
     act = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=True, history_images=n_img,
                                cached_features=cached)
@@ -618,10 +627,7 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
     else:
         if rl.prompts_per_step % gpus:
             raise PlanError(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by --gpus={gpus}")
-        from .hybrid import generator_rows
-        from .rl import updates_per_step
-
-        updates_per_step(cfg)  # the run's own check: a rollout is whole optimizer batches
+        updates_per_step(rl, cfg.train)  # the run's own check: a rollout is whole optimizer batches
 
         prompts_here = rl.prompts_per_step // gpus
         rows = generator_rows(prompts_here, rl.group_size, rl.rollout_batch_size)
@@ -712,7 +718,7 @@ def preflight(cfg: RunConfig, config_name: str, *, gpu_bytes: int | None = None)
     this process's GPU). Skipped (None) without CUDA — CPU runs are fp32 demos the plan
     does not describe — and when ``PGEN_PLAN=0`` (to run a config the plan rejects anyway).
     """
-    if os.environ.get("PGEN_PLAN", "1") == "0":
+    if not envs.get("PGEN_PLAN"):
         return None
     if gpu_bytes is None:
         gpu_bytes = launch_gpu_bytes()

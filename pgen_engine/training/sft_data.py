@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgen_engine.errors import PgenUserError
 from pgen_engine.config import RunConfig
 
 from .distributed import DistInfo, barrier, broadcast_object
 
 
-class DataPrepError(RuntimeError):
+class DataPrepError(PgenUserError, RuntimeError):
     """Data preparation failed; the message is one line naming the path/key."""
 
 

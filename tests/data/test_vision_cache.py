@@ -71,7 +71,7 @@ def test_memory_cache_encodes_each_item_once_per_version(setup):
 
 def test_trainer_logprobs_with_cached_features_equal_pixels(setup):
     ds, model, d = setup
-    from pgen_engine.training.rl import build_sequences, policy_logprobs, row_pixels, slice_pixels
+    from pgen_engine.training.sequences import build_sequences, policy_logprobs
 
     cache = build_vision_cache(ds, model, d / "vision")
     ids = list(ds.items)
@@ -82,9 +82,11 @@ def test_trainer_logprobs_with_cached_features_equal_pixels(setup):
     px = [normalize_pixels(CatalogueImages(ds, model.image_size).batch(h)) for h in hist]
     ft = [cache.features(h) for h in hist]
     toks = torch.randint(0, model.codebook_size, (4, T), generator=torch.Generator().manual_seed(0))
-    seqs = build_sequences(prompts, None, toks, 2, 0) + (row_pixels(px, 2), row_pixels(ft, 2))
-    sl = slice(0, 4)
+    by_pixels = build_sequences(prompts, None, toks, 2, 0, pixel_values=px)
+    by_features = build_sequences(prompts, None, toks, 2, 0, pixel_values=px, image_features=ft)
+    sl, dev = slice(0, 4), torch.device("cpu")
+    assert by_pixels.history(sl, dev)[1] is None and by_features.history(sl, dev)[0] is None
     with torch.no_grad():
-        a, _ = policy_logprobs(model, *seqs[:3], toks, 1.0, slice_pixels(seqs, sl, "cpu", 3))
-        b, _ = policy_logprobs(model, *seqs[:3], toks, 1.0, None, slice_pixels(seqs, sl, "cpu", 4))
+        a, _ = policy_logprobs(model, *by_pixels.rows(sl, dev), toks, 1.0, *by_pixels.history(sl, dev))
+        b, _ = policy_logprobs(model, *by_features.rows(sl, dev), toks, 1.0, *by_features.history(sl, dev))
     assert (a - b).abs().max().item() <= 1e-5

@@ -110,7 +110,7 @@ def test_rows_per_pass_changes_nothing_but_speed(model, monkeypatch):
     many = g.generate(PROMPTS, **kw)
     assert torch.equal(one[0], many[0]) and torch.equal(one[1], many[1])
     monkeypatch.setenv("PGEN_ROWS_PER_PASS", "two")
-    with pytest.raises(ValueError, match="PGEN_ROWS_PER_PASS must be an int >= 0"):
+    with pytest.raises(ValueError, match="PGEN_ROWS_PER_PASS='two': expected an integer >= 0"):
         g.generate(PROMPTS, **kw)
 
 

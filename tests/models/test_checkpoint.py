@@ -129,11 +129,11 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch):
     out = tmp_path / "good"
     tiny_model.save_pretrained(out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import safetensors.torch as st
+    from pgen_engine.models import checkpoint_writer
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(st, "save_file", boom)
+    monkeypatch.setattr(checkpoint_writer, "save_file", boom)
     with pytest.raises(OSError):
         tiny_model.save_pretrained(out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

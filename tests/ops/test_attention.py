@@ -1,6 +1,6 @@
 """Attention ops: Triton kernels (CPU interpreter) vs the torch references, dispatch, errors.
 
-Tolerance rule (DESIGN.md): kernel error vs an fp64 reference <= 2x the error of the
+Tolerance rule: kernel error vs an fp64 reference <= 2x the error of the
 reference computed in the kernel's dtype, plus a tiny floor; NaN never passes.
 """
 from __future__ import annotations

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import pgen_engine as pg
-from pgen_engine.config import build_deepspeed_config, config_from_dict, load_config
+from pgen_engine.config import config_from_dict, load_config
 from pgen_engine.training import plan as P
-from pgen_engine.training.hybrid import generator_rows
+from pgen_engine.training.engine import build_deepspeed_config
+from pgen_engine.training.rollout import generator_rows
 
 from tests.conftest import REPO
 
@@ -57,7 +58,7 @@ def test_zero3_states_follow_the_deepspeed_config(sft_cfg):
     mcfg, _ = P.resolve_model_config(sft_cfg)
     model = P.meta_model(mcfg, torch.bfloat16, sft_cfg.train.trainable)
     params = [p for _, p in P.unique_params(model)]
-    ds = build_deepspeed_config(sft_cfg, 1, "cuda")
+    ds = build_deepspeed_config(sft_cfg.train, sft_cfg.deepspeed, 1, "cuda")
     for world in (1, 3, 8):
         st = P.zero_states(model, ds, world)
         assert st.param_shards == sum(-(-p.numel() // world) for p in params) * 2
@@ -65,7 +66,7 @@ def test_zero3_states_follow_the_deepspeed_config(sft_cfg):
         assert st.grads == trainable * 2 and st.optimizer == trainable * 12
         assert st.full_weights == sum(p.numel() for p in params) * 2
     off = config_from_dict({"deepspeed": {"offload_optimizer": True, "offload_params": True}}, "t")
-    st = P.zero_states(model, build_deepspeed_config(off, 1, "cuda"), 4)
+    st = P.zero_states(model, build_deepspeed_config(off.train, off.deepspeed, 1, "cuda"), 4)
     assert st.optimizer == st.grads == st.param_shards == st.step_fp32_grads == 0
 
 
@@ -134,7 +135,7 @@ def test_rl_plan_sizes_the_cache_by_this_ranks_prompts(tiny_ckpt):
     mcfg, _ = P.resolve_model_config(cfg)
     meta = P.meta_model(mcfg, torch.bfloat16, cfg.train.trainable)
     plen, _ = P.prompt_tokens(cfg)
-    rl = cfg.stage_config
+    rl = cfg.rl
     assert kv[2] == P.rollout_kv_bytes(meta, generator_rows(4, 4, 64), plen + mcfg.num_image_tokens, "pad",
                                        rl.group_size, rl.guidance_scale)
 

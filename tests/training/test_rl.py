@@ -7,10 +7,10 @@ import torch
 import pgen_engine as pg
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.training import grpo
-from pgen_engine.training.hybrid import ReferencePolicy
 from pgen_engine.training.memory_ledger import MemoryLedger
+from pgen_engine.training.reference import ReferencePolicy
 from pgen_engine.training.rl import (PromptBatch, RLConfig, RLConfigError, RLTrainer, TorchOptimizerEngine,
-                                     build_sequences, policy_logprobs)
+                                     build_sequences, policy_logprobs, sampling_params)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def _trainer(model, rl, opt_cls=torch.optim.SGD, lr=0.05, ref=True, ledger=None,
 
 
 def _rollout_inputs(tr, batch):
-    ro = tr.hybrid.rollout(batch.prompts, batch.code_masks, tr.rl.sampling, batch.seeds)
+    ro = tr.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(tr.rl), batch.seeds)
     seqs = build_sequences(batch.prompts, batch.code_masks, ro.tokens, tr.rl.group_size, tr.pad_id)
     old = tr.score_logprobs(tr.module, seqs, ro.tokens)
     ref = tr.score_logprobs(tr.reference.module, seqs, ro.tokens) if tr.reference else None

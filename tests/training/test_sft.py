@@ -17,7 +17,9 @@ from pgen_engine.training.checkpoints import META
 from pgen_engine.training.engine import parameter_group, set_trainable
 from pgen_engine.training.init import init_model_for_tokenizer, tokenizer_geometry
 from pgen_engine.training.metrics import MetricsLogger, read_metrics
-from pgen_engine.training.sft import ObjectiveModule, resolve_resume, sft_loss
+from pgen_engine.training.checkpoints import ResumeError, resolve_resume
+from pgen_engine.training.engine import ObjectiveModule
+from pgen_engine.training.sft import sft_loss
 
 K, T = 37, 16  # odd codebook; 32 px / 8 px -> 16 codes
 
@@ -138,7 +140,7 @@ def test_resolve_resume(tmp_path):
     (ck / "latest").write_text("step00000003\n")
     assert resolve_resume("auto", tmp_path).name == "step00000003"
     assert resolve_resume(str(ck / "step00000006"), tmp_path).name == "step00000006"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+    with pytest.raises(ResumeError, match="not a complete checkpoint"):
         resolve_resume(str(ck / "step00000009"), tmp_path)
 
 

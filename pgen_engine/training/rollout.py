@@ -1,9 +1,9 @@
-"""Hybrid engine: the ZeRO-3 policy's own weights serve RL rollouts.
+"""Rollouts through the hybrid engine: the ZeRO-3 policy's own weights serve RL generation.
 
 One RL step switches the same parameters between two uses:
 
 1. **rollout** — :meth:`HybridEngine.rollout` gathers every ZeRO-3 shard *once* for the
-   whole phase (``deepspeed.zero.GatheredParameters``), detaches DeepSpeed's per-module
+   whole phase (:func:`pgen_engine.training.engine.gathered_module`), detaches DeepSpeed's per-module
    fetch/release hooks so the many small decode forwards do not re-partition and re-gather
    the weights token by token, and runs :class:`pgen_engine.generation.Generator` on the
    module in place (no second copy of the weights). Optionally the optimizer states are
@@ -22,63 +22,15 @@ the trainer's recomputation (``forward_train`` + ``image_token_logprobs``) gives
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
+from pgen_engine.generation.generator import Generator
+
+from .engine import can_offload_states, gathered_module, optimizer_states_offloaded
 from .memory_ledger import MemoryLedger, module_param_bytes, optimizer_state_bytes
-
-
-# ----------------------------------------------------------------------------- ZeRO-3 helpers
-def is_zero3(module: torch.nn.Module) -> bool:
-    """True when ``module``'s parameters are ZeRO-3 partitioned (they carry ``ds_id``)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def _param_offload(engine):
-    """The engine's ZeRO-3 ``DeepSpeedZeRoOffload`` (holds the module hooks), or None."""
-    opt = getattr(engine, "optimizer", None)
-    po = getattr(opt, "parameter_offload", None)
-    if po is not None:
-        return po
-    if opt is not None and hasattr(opt, "forward_hooks") and hasattr(opt, "_register_deepspeed_module"):
-        return opt  # inference-only ZeRO-3 engine: the optimizer slot holds the offload object
-    return None
-
-
-@contextlib.contextmanager
-def gathered_module(module: torch.nn.Module, engine=None) -> Iterator[torch.nn.Module]:
-    """Yield ``module`` with all parameters materialised, once, for many forwards.
-
-    Without ZeRO-3 this is a no-op. With ZeRO-3 the shards are all-gathered on entry
-    (read-only: ``modifier_rank=None``) and re-partitioned on exit; DeepSpeed's
-    per-module hooks are detached in between (they would otherwise release each
-    sub-module's weights after every forward) and re-attached afterwards.
-    """
-    if not is_zero3(module):
-        yield module
-        return
-    import deepspeed
-
-    po = _param_offload(engine) if engine is not None else None
-    if engine is not None and po is None:
-        raise RuntimeError("gathered_module: ZeRO-3 parameters but the DeepSpeed engine exposes no parameter "
-                           "offload object (engine.optimizer.parameter_offload); unsupported DeepSpeed version?")
-    params = list(module.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if po is not None:
-            for p in params:
-                p.ds_active_sub_modules.clear()
-            for h in (*po.forward_hooks, *po.backward_hooks):
-                h.remove()
-            po.forward_hooks, po.backward_hooks = [], []
-        try:
-            yield module
-        finally:
-            if po is not None:
-                po._register_deepspeed_module(po.module)
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -168,19 +120,8 @@ class HybridEngine:
         self.offload_optimizer_states = offload_optimizer_states
         self.ledger = ledger
         self.sample_backend = sample_backend
-        if offload_optimizer_states and (engine is None or not hasattr(engine, "offload_states")):
+        if offload_optimizer_states and not can_offload_states(engine):
             raise ValueError("HybridEngine: offload_optimizer_states=True needs a DeepSpeed engine with offload_states()")
-
-    @contextlib.contextmanager
-    def _optimizer_states_off_device(self) -> Iterator[None]:
-        if not self.offload_optimizer_states:
-            yield
-            return
-        self.engine.offload_states()
-        try:
-            yield
-        finally:
-            self.engine.reload_states()
 
     def rollout(self, prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
                 params: SamplingParams, seeds: Sequence[int],
@@ -197,8 +138,6 @@ class HybridEngine:
         Returns:
             :class:`Rollout`; the KV cache is already released when this returns.
         """
-        from pgen_engine.generation.generator import Generator
-
         B, G = len(prompts), params.num_samples
         if B == 0:
             raise ValueError("HybridEngine.rollout: no prompts")
@@ -216,7 +155,8 @@ class HybridEngine:
         max_len = self.max_seq_len or (max(len(p) for p in prompts) + T)
         toks, lps = [], []
         kv_bytes = gathered = 0
-        with self._optimizer_states_off_device(), gathered_module(m, self.engine):
+        with optimizer_states_offloaded(self.engine, self.offload_optimizer_states), \
+                gathered_module(m, self.engine):
             gathered = module_param_bytes(m)
             m.eval()
             try:
@@ -241,97 +181,3 @@ class HybridEngine:
                 if self.engine is not None and not self.offload_optimizer_states:
                     self.ledger.record("rollout", "optimizer_states", optimizer_state_bytes(self.engine.optimizer))
         return Rollout(torch.cat(toks), torch.cat(lps), kv_bytes, gathered)
-
-
-# ----------------------------------------------------------------------------- reference policy
-class ReferencePolicy:
-    """Frozen reference model for the KL term.
-
-    Modes:
-        ``"cpu"``: a frozen copy kept on the CPU; its forward runs on the CPU (cheap for
-            small models, never occupies device memory).
-        ``"device"``: a frozen copy on the policy's device (small models, fastest).
-        ``"partitioned"``: a ZeRO-3 inference engine (no optimizer) around an
-            :class:`~pgen_engine.training.sft.ObjectiveModule`: each rank holds only a shard;
-            DeepSpeed gathers layer by layer during :meth:`forward`.
-    Build with :meth:`from_checkpoint` (or :meth:`from_policy`) *before* the policy is
-    wrapped by DeepSpeed. Run objectives with :meth:`forward` (``fn(model, *args)``), which
-    goes through the engine when partitioned.
-    """
-
-    MODES = ("cpu", "device", "partitioned")
-
-    def __init__(self, module: torch.nn.Module, mode: str, engine=None):
-        if mode not in self.MODES:
-            raise ValueError(f"ReferencePolicy: mode must be one of {self.MODES}, got {mode!r}")
-        if mode == "partitioned" and engine is None:
-            raise ValueError("ReferencePolicy: mode 'partitioned' needs its DeepSpeed engine")
-        self.module, self.mode, self.engine = module, mode, engine
-        module.eval()
-        for p in module.parameters():
-            p.requires_grad_(False)
-
-    def forward(self, fn, *args):
-        """``fn(reference_model, *args)`` — through the ZeRO-3 engine when partitioned."""
-        if self.engine is not None:
-            return self.engine(fn, *args)
-        return fn(self.module, *args)
-
-    @classmethod
-    def from_checkpoint(cls, model_dir, mode: str, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", ds_config: dict | None = None) -> "ReferencePolicy":
-        """Load a frozen reference from a Hugging Face Janus directory (e.g. the SFT run's ``final/``)."""
-        from pgen_engine.models import load_model
-
-        if mode not in cls.MODES:
-            raise ValueError(f"ReferencePolicy: mode must be one of {cls.MODES}, got {mode!r}")
-        if mode == "cpu":
-            # the CPU copy computes in fp32 (bf16 matmuls on CPU are slow and add error)
-            return cls(load_model(model_dir, device="cpu", dtype=torch.float32), mode)
-        model = load_model(model_dir, device="cpu", dtype=dtype)
-        if mode == "device":
-            return cls(model.to(device), mode)
-        return cls._partitioned(model, ds_config)
-
-    @classmethod
-    def _partitioned(cls, model: torch.nn.Module, ds_config: dict | None) -> "ReferencePolicy":
-        if ds_config is None:
-            raise ValueError("ReferencePolicy: mode 'partitioned' needs the DeepSpeed config (ds_config)")
-        import deepspeed
-
-        from .sft import ObjectiveModule, register_zero3_external_params
-
-        cfg = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler", "gradient_clipping")}
-        zero = {k: v for k, v in cfg.get("zero_optimization", {}).items() if k != "offload_optimizer"}
-        cfg["zero_optimization"] = {**zero, "stage": 3}
-        for p in model.parameters():
-            p.requires_grad_(False)
-        wrapper = ObjectiveModule(model)
-        engine, *_ = deepspeed.initialize(model=wrapper, config=cfg)
-        register_zero3_external_params(engine.module)
-        return cls(engine.module.model, "partitioned", engine)
-
-    @classmethod
-    def from_policy(cls, policy: torch.nn.Module, mode: str, *, device: torch.device | str | None = None,
-                    ds_config: dict | None = None) -> "ReferencePolicy":
-        """Copy ``policy`` (not yet DeepSpeed-wrapped) into a frozen reference."""
-        import copy
-
-        if mode not in cls.MODES:
-            raise ValueError(f"ReferencePolicy: mode must be one of {cls.MODES}, got {mode!r}")
-        ref = copy.deepcopy(policy)
-        if mode == "cpu":
-            return cls(ref.to("cpu"), mode)
-        if mode == "device":
-            return cls(ref.to(device or policy.device), mode)
-        return cls._partitioned(ref, ds_config)
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu") if self.mode == "cpu" else self.module.device
-
-    def nbytes(self) -> int:
-        """Bytes this rank holds for the reference (shards only when partitioned)."""
-        from .memory_ledger import zero3_shard_bytes
-
-        return zero3_shard_bytes(self.module) if self.mode == "partitioned" else module_param_bytes(self.module)

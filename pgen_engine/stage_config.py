@@ -1,0 +1,118 @@
+"""The stage sections of a run config: ``sft:`` (:class:`SFTConfig`) and ``rl:`` (:class:`RLConfig`).
+
+Plain typed fields of :class:`pgen_engine.config.RunConfig` (no registration): the YAML
+loader type-checks them like every other section.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, Optional
+
+from pgen_engine.generation.sampling_params import SamplingParams as GenerationSampling
+from pgen_engine.typed_config import ConfigError
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """The ``sft:`` section (stage sft). SFT is configured by ``train`` and ``data`` alone today;
+    the section exists so that stage-specific settings have a typed home, and ``sft: {}`` is valid."""
+
+
+class RLConfigError(ConfigError):
+    """Invalid ``rl:`` section (one line naming the key)."""
+
+
+@dataclasses.dataclass
+class RLConfig:
+    """The ``rl:`` section of a run config.
+
+    Attributes:
+        algorithm: "grpo" (group-normalised advantages) or "ppo" (batch-whitened, no critic).
+        group_size: G samples per prompt (GRPO needs >= 2).
+        prompts_per_step: prompts per RL step over all ranks (divisible by world size).
+        ppo_epochs: passes over each rollout.
+        clip_eps, clip_eps_high: ratio clip ``[1 - eps, 1 + eps_high]`` (eps_high null = eps).
+        beta: KL coefficient (k3 estimator) to the frozen reference; 0 disables it.
+        aggregation: "token" or "sequence" loss aggregation.
+        scale_adv_by_std: GRPO divides by the group std.
+        temperature, top_k, top_p, guidance_scale, uncond_mode: rollout sampling.
+        reference: where the frozen reference runs: "auto" (the training device: the GPU
+            when there is one, else the CPU), "cpu", "device", "partitioned" (ZeRO-3, no
+            optimizer) or "none" (only with beta == 0; KL is then not measured).
+        offload_optimizer_states: DeepSpeed ``offload_states`` around the rollout.
+        rollout_batch_size: rows decoded at once by the Generator.
+        rewards: ``{component: {weight: w, ...}}`` for ``CompositeReward.from_config``.
+        embedder: ``make_embedder`` spec for embedding-based rewards.
+        future_horizon: at most this many future items per user (null = all).
+        ledger_scan_every: every N steps log ``mem/live_tensor_bytes`` (0 = off; slow).
+        eval_prompts: held-out (valid-split) prompts scored before the first step and after
+            the last one (``eval/reward``, ``eval/reward/<component>``; 0 = off). Fixed
+            prompts and seeds, so the before/after numbers compare the same requests.
+        eval_every: also evaluate every N steps (0 = only before and after).
+
+    Resumable checkpoints follow ``train.save_every`` / ``train.keep_checkpoints``; the
+    schedule's ``train.max_steps`` / ``train.warmup_steps`` count RL steps (each RL step
+    makes ``ppo_epochs * prompts_per_step * group_size / train.global_batch_size``
+    optimizer steps, the LR schedule is stretched accordingly).
+    """
+
+    algorithm: Literal["grpo", "ppo"] = "grpo"
+    group_size: int = 8
+    prompts_per_step: int = 8
+    ppo_epochs: int = 1
+    clip_eps: float = 0.2
+    clip_eps_high: Optional[float] = None
+    beta: float = 0.04
+    aggregation: Literal["token", "sequence"] = "token"
+    scale_adv_by_std: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    guidance_scale: float = 5.0
+    uncond_mode: Literal["pad", "short"] = "pad"
+    reference: Literal["auto", "cpu", "device", "partitioned", "none"] = "auto"
+    offload_optimizer_states: bool = False
+    rollout_batch_size: int = 64
+    rewards: Any = dataclasses.field(default_factory=lambda: {"preference": {"weight": 1.0, "agg": "mean"}})
+    embedder: Any = dataclasses.field(default_factory=lambda: {"type": "pixel_stats"})
+    future_horizon: Optional[int] = None
+    ledger_scan_every: int = 0
+    eval_prompts: int = 0
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(key: str, expect: str) -> RLConfigError:
+            return RLConfigError(f"rl.{key}={getattr(self, key)!r}: expected {expect}")
+
+        if self.group_size < 1 or (self.algorithm == "grpo" and self.group_size < 2):
+            raise bad("group_size", ">= 2 for grpo (>= 1 for ppo)")
+        for key in ("prompts_per_step", "ppo_epochs", "rollout_batch_size"):
+            if getattr(self, key) < 1:
+                raise bad(key, ">= 1")
+        if self.group_size > self.rollout_batch_size:
+            raise bad("rollout_batch_size", f">= rl.group_size={self.group_size}")
+        if not 0 < self.clip_eps < 1:
+            raise bad("clip_eps", "a value in (0, 1)")
+        if self.clip_eps_high is not None and not self.clip_eps_high > 0:
+            raise bad("clip_eps_high", "> 0 or null")
+        if not (self.beta >= 0 and math.isfinite(self.beta)):
+            raise bad("beta", "a finite number >= 0")
+        if self.beta > 0 and self.reference == "none":
+            raise RLConfigError(f"rl.reference='none' needs rl.beta=0 (got beta={self.beta})")
+        if self.guidance_scale <= 0:
+            raise bad("guidance_scale", "> 0")
+        try:  # the Generator's own rules for the rollout sampling settings
+            GenerationSampling(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
+                               top_p=self.top_p)
+        except (TypeError, ValueError) as e:
+            raise RLConfigError(f"rl.{getattr(e, 'field', 'sampling')}: {e}") from None
+        if not isinstance(self.rewards, dict) or not self.rewards:
+            raise bad("rewards", "a non-empty mapping {component: {weight: w, ...}}")
+        if not isinstance(self.embedder, dict) or "type" not in self.embedder:
+            raise bad("embedder", "a mapping with 'type' (e.g. {type: pixel_stats})")
+        if self.future_horizon is not None and self.future_horizon < 1:
+            raise bad("future_horizon", ">= 1 or null")
+        for key in ("ledger_scan_every", "eval_prompts", "eval_every"):
+            if getattr(self, key) < 0:
+                raise bad(key, ">= 0")

@@ -1,0 +1,127 @@
+"""Teacher-forcing inputs of sampled images and their log-probs with the training numerics.
+
+:func:`build_sequences` turns prompts + sampled codes into left-padded :class:`Sequences`;
+:func:`policy_logprobs` scores them (``forward_train`` + ``image_token_logprobs``), the
+same numerics the update's loss differentiates.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+
+@dataclasses.dataclass
+class Sequences:
+    """Left-padded teacher-forcing inputs of sampled images (see :func:`build_sequences`).
+
+    Attributes:
+        input_ids: int64 ``[N, L]`` token ids.
+        gen_code_mask: bool ``[N, L]``, True where the id is an image code (history or sampled).
+        attention_mask: int64 ``[N, L]``, 1 on real tokens.
+        pixel_values: pixels history mode: per row, float32 ``[n_r, 3, S, S]`` history images
+            filling the row's ``<image>`` placeholders; None in codes mode.
+        image_features: frozen vision tower: per row, the tower's cached outputs
+            ``[n_r, T_img, D_vision]`` of those images (used instead of ``pixel_values``), or None.
+    """
+
+    input_ids: torch.Tensor
+    gen_code_mask: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: list[torch.Tensor] | None = None
+    image_features: list[torch.Tensor] | None = None
+
+    def rows(self, sl: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, gen_code_mask, attention_mask) of rows ``sl`` on ``device``."""
+        return self.input_ids[sl].to(device), self.gen_code_mask[sl].to(device), self.attention_mask[sl].to(device)
+
+    def history(self, sl: slice, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(pixel_values ``[sum n_r, 3, S, S]``, image_features ``[sum n_r, T_img, D]``) of rows ``sl``:
+        cached features when present (then pixels are None), else pixels, else (None, None)."""
+        def cat(rows: list[torch.Tensor] | None) -> torch.Tensor | None:
+            chosen = [p for p in (rows[sl] if rows is not None else []) if p is not None]
+            return torch.cat(chosen).to(device) if chosen else None
+
+        feats = cat(self.image_features)
+        return (None, feats) if feats is not None else (cat(self.pixel_values), None)
+
+    def __iter__(self):
+        return iter((self.input_ids, self.gen_code_mask, self.attention_mask))
+
+
+def row_pixels(pixel_values: Sequence[torch.Tensor] | None, group_size: int) -> list[torch.Tensor] | None:
+    """Per-prompt history pixels ``[n_i,3,S,S]`` -> per-row (``r = i*G + j``) list, or None (codes mode)."""
+    if pixel_values is None:
+        return None
+    return [pv for pv in pixel_values for _ in range(group_size)]
+
+
+def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
+                    tokens: torch.Tensor, group_size: int, pad_id: int,
+                    pixel_values: Sequence[torch.Tensor] | None = None,
+                    image_features: Sequence[torch.Tensor] | None = None) -> Sequences:
+    """Left-padded teacher-forcing inputs for sampled images.
+
+    Row ``r = i*G + j`` is ``prompts[i] ++ tokens[r, :T-1]``; with left padding the last
+    ``T`` positions of every row are exactly those predicting ``tokens[r, 0..T-1]``.
+
+    Args:
+        prompts: B id lists (each ends with begin-of-image).
+        code_masks: B bool lists (history VQ codes) or None.
+        tokens: int64 ``[B*G, T]``.
+        group_size: G.
+        pad_id: padding id.
+        pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` (one per prompt), or None.
+        image_features: B cached vision-tower outputs of those images, or None.
+    Returns:
+        :class:`Sequences` (``[B*G, L]`` each) on ``tokens.device``.
+    """
+    N, T = tokens.shape
+    if N != len(prompts) * group_size:
+        raise ValueError(f"build_sequences: {N} token rows != {len(prompts)} prompts x group_size {group_size}")
+    L = max(len(p) for p in prompts) + T - 1
+    ids = torch.full((N, L), pad_id, dtype=torch.long)
+    cm = torch.zeros((N, L), dtype=torch.bool)
+    att = torch.zeros((N, L), dtype=torch.long)
+    toks = tokens.cpu()
+    for i, p in enumerate(prompts):
+        S = len(p)
+        row = torch.tensor(list(p), dtype=torch.long)
+        pm = torch.tensor(list(code_masks[i]), dtype=torch.bool) if code_masks is not None else torch.zeros(S, dtype=torch.bool)
+        for j in range(group_size):
+            r = i * group_size + j
+            ids[r, L - S - T + 1:L - T + 1] = row
+            cm[r, L - S - T + 1:L - T + 1] = pm
+            ids[r, L - T + 1:] = toks[r, :T - 1]
+            cm[r, L - T + 1:] = True
+            att[r, L - S - T + 1:] = 1
+    dev = tokens.device
+    return Sequences(ids.to(dev), cm.to(dev), att.to(dev), row_pixels(pixel_values, group_size),
+                     row_pixels(image_features, group_size))
+
+
+def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor, attention_mask: torch.Tensor,
+                    targets: torch.Tensor, temperature: float, pixel_values: torch.Tensor | None = None,
+                    image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of ``targets`` with the training numerics.
+
+    Args:
+        model: JanusModel (the policy's module or the reference).
+        input_ids, gen_code_mask, attention_mask: ``[N, L]`` from :func:`build_sequences`.
+        targets: int64 ``[N, T]`` sampled codes.
+        temperature: the sampling temperature (the ratio's distribution is the conditional
+            policy at that temperature).
+        pixel_values: pixels history mode: ``[sum n_img, 3, S, S]`` of the rows, in row order
+            (the same images the rollout's prompts were built with).
+        image_features: instead of ``pixel_values``: the frozen tower's cached outputs of those
+            images ``[sum n_img, T_img, D_vision]`` (no re-encoding per row / epoch).
+    Returns:
+        (logprobs fp32 ``[N, T]``, entropy fp32 ``[N, T]``); differentiable when grad is on.
+    """
+    N, T = targets.shape
+    x = model.embed_inputs(input_ids, gen_code_mask, pixel_values, image_features)
+    h = model.forward_train(x, attention_mask)[:, -T:]
+    lp, ent = model.image_token_logprobs(h.reshape(N * T, -1), targets.reshape(-1).to(h.device),
+                                         temperature=temperature)
+    return lp.reshape(N, T).float(), ent.reshape(N, T).float()

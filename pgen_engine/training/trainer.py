@@ -1,0 +1,176 @@
+"""One training lifecycle for every stage: the :class:`Trainer`.
+
+``Trainer(cfg, stage).run(resume)`` does, once for all stages and in this order:
+
+1. distributed init (:func:`.distributed.init_distributed`) and the stage's world checks;
+2. ``output_dir/config.resolved.yaml`` (rank 0) and the per-rank torch seed;
+3. data preparation (dataset, image tokenizer, token cache, initial model);
+4. engine build (:mod:`.engine`; the stage may build things that must exist before it,
+   e.g. the RL reference model, in :meth:`Stage.before_engine`);
+5. resume from ``--resume`` (checkpoint + the stage's client state);
+6. the step loop: ``stage.before_step`` (optional), ``stage.train_step`` -> a metrics row,
+   the non-finite guard on the gradient norm, ``metrics.jsonl`` + progress, periodic
+   resumable checkpoints;
+7. the final checkpoint, the Hugging Face export ``final/`` and ``summary.json``.
+
+A stage (:class:`pgen_engine.training.sft.SFTStage`, :class:`pgen_engine.training.rl.RLStage`)
+supplies only what differs: its ``train_step`` and its setup. Losses are checked with
+:meth:`Trainer.check_finite` before backward, a collective check so that every rank
+stops together; the run then stops with :class:`NonFiniteError` naming the last good
+checkpoint, which is left untouched.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pgen_engine.config import RunConfig, TrainConfig, dump_config
+from pgen_engine.io_utils import atomic_write_json, atomic_write_text
+
+from .checkpoints import CHECKPOINTS, export_hf, load_resumable, resolve_resume, save_resumable
+from .distributed import DistInfo, all_ranks_true, init_distributed
+from .engine import TrainEngine, build_engine, require_deepspeed
+from .errors import NonFiniteError
+from .metrics import MetricsLogger
+from .sft_data import SFTData, prepare_sft_data
+
+
+class Stage:
+    """What a training stage supplies to the :class:`Trainer` (override the hooks it needs).
+
+    Attributes:
+        name: the config's ``stage`` value.
+        checkpoint_meta: extra fields written into every checkpoint's ``pgen_checkpoint.json``.
+    """
+
+    name = "stage"
+    checkpoint_meta: dict[str, Any] = {}
+
+    def check_world(self, cfg: RunConfig, dist: DistInfo) -> None:
+        """Refuse impossible batch arithmetic / device requirements for this world (ConfigError)."""
+        cfg.train.grad_accum_steps(dist.world_size)
+
+    def engine_train_config(self, cfg: RunConfig) -> TrainConfig:
+        """The ``train`` section the engine (batch sizes, LR schedule) is built from."""
+        return cfg.train
+
+    def offloads_states(self, cfg: RunConfig) -> bool:
+        """True when the stage moves optimizer states off the device between phases."""
+        return False
+
+    def before_engine(self, trainer: "Trainer") -> None:
+        """Called after data preparation, before the policy engine is built."""
+
+    def setup(self, trainer: "Trainer", client: dict[str, Any]) -> None:
+        """Called once the engine exists (and was resumed: ``client`` is the saved client state)."""
+
+    def before_run(self, trainer: "Trainer") -> None:
+        """Called before the first step of this invocation (after the metrics logger exists)."""
+
+    def before_step(self, step: int) -> None:
+        """Called before ``train_step(step)`` (0-based ``step``)."""
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        """One optimizer (SFT) or RL step; returns the metrics row (reduced over ranks)."""
+        raise NotImplementedError(f"stage {self.name!r} does not implement train_step")
+
+    def client_state(self) -> dict[str, Any]:
+        """JSON/pickle-able state saved with each checkpoint and handed back to :meth:`setup`."""
+        return {}
+
+    def summary(self) -> dict[str, Any]:
+        """Stage-specific fields of ``summary.json``."""
+        return {}
+
+
+class Trainer:
+    """Runs one stage of ``cfg`` to ``train.max_steps`` (see the module docstring).
+
+    Attributes available to the stage after the corresponding lifecycle point:
+        cfg, dist, out (``output_dir``), data (:class:`SFTData`), te (:class:`TrainEngine`),
+        logger (:class:`MetricsLogger`), start_step, last_saved (last checkpoint folder or None).
+    """
+
+    def __init__(self, cfg: RunConfig, stage: Stage):
+        self.cfg, self.stage = cfg, stage
+        self.dist: DistInfo | None = None
+        self.out = Path(cfg.output_dir)
+        self.data: SFTData | None = None
+        self.te: TrainEngine | None = None
+        self.logger: MetricsLogger | None = None
+        self.start_step = 0
+        self.last_saved: Path | None = None
+
+    # -- the guard, written once --------------------------------------------------
+    def check_finite(self, value: float, what: str, step: int) -> None:
+        """Raise NonFiniteError on every rank when ``value`` is not finite on any rank (collective)."""
+        if not all_ranks_true(math.isfinite(value)):
+            raise NonFiniteError(f"step {step}: {what} is not finite ({value}) — stopping; last good "
+                                 f"checkpoint: {self.last_saved or 'none'} (left untouched)")
+
+    def _save(self, step: int) -> None:
+        self.last_saved = save_resumable(self.te.engine, self.out / CHECKPOINTS, step, self.stage.client_state(),
+                                         self.dist, keep=self.cfg.train.keep_checkpoints,
+                                         extra_meta=self.stage.checkpoint_meta or None)
+
+    # -- lifecycle ------------------------------------------------------------------
+    def run(self, resume: str | None = None) -> dict[str, Any]:
+        """Train; returns the summary (rank 0's view), also written to ``output_dir/summary.json``.
+
+        Raises:
+            NonFiniteError: loss or gradient norm not finite (no checkpoint written for that step).
+            DataPrepError, ConfigError, ResumeError: bad inputs, with one-line messages.
+        """
+        cfg, stage = self.cfg, self.stage
+        require_deepspeed()  # before any work: a missing DeepSpeed is one line, not a late traceback
+        self.dist = dist = init_distributed()
+        stage.check_world(cfg, dist)
+        if dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))
+        torch.manual_seed(cfg.seed + dist.rank)
+        self.data = prepare_sft_data(cfg, dist)
+        stage.before_engine(self)
+        self.te = build_engine(stage.engine_train_config(cfg), cfg.deepspeed, self.data.model_dir, dist,
+                               offload_states=stage.offloads_states(cfg))
+        ckpt = resolve_resume(resume, self.out)
+        client: dict[str, Any] = {}
+        if ckpt is not None:
+            client = load_resumable(self.te.engine, ckpt, dist)
+            self.start_step = int(client["step"])
+        self.last_saved = ckpt
+        stage.setup(self, client)
+        t = cfg.train
+        self.logger = MetricsLogger(self.out, is_main=dist.is_main, total_steps=t.max_steps,
+                                    start_step=self.start_step, progress=cfg.logging.progress,
+                                    tensorboard=cfg.logging.tensorboard)
+        try:
+            stage.before_run(self)
+            for step in range(self.start_step, t.max_steps):
+                done = step + 1
+                stage.before_step(step)
+                row = stage.train_step(step)
+                grad_norm = self.te.engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                self.check_finite(row.get("grad_norm", 0.0), "gradient norm", done)
+                if done % t.log_every == 0 or done == t.max_steps or any(k.startswith("eval/") for k in row):
+                    self.logger.log(row)
+                self.logger.advance()
+                if t.save_every and done % t.save_every == 0 and done < t.max_steps:
+                    self._save(done)
+            if self.start_step < t.max_steps or self.last_saved is None:
+                self._save(t.max_steps)
+            export_hf(self.te.model, self.out / "final", dist)
+        finally:
+            self.logger.close()
+        summary = {"stage": stage.name, "steps": t.max_steps, "resumed_from": self.start_step,
+                   "world_size": dist.world_size, "grad_accum": self.te.grad_accum, "precision": self.te.precision,
+                   "trainable_params": self.te.trainable_params, **stage.summary(),
+                   "checkpoint": str(self.last_saved), "final": str(self.out / "final")}
+        if dist.is_main:
+            atomic_write_json(self.out / "summary.json", summary)
+        return summary

@@ -1,0 +1,160 @@
+"""Collectives in one place: the helpers' device contract, and no collective outside distributed.py.
+
+NCCL accepts only CUDA tensors. A 1-rank ``"cuda:gloo"`` group reproduces that rule on a
+CPU machine (a CPU tensor fails with "No backend type associated with device type cpu"),
+so the tests below check that the helpers never hand the group a CPU tensor under it.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pgen_engine.training import distributed as D
+
+PKG = Path(D.__file__).resolve().parents[1]
+NCCL_RULE = "No backend type associated with device type cpu"
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into_tensor", "reduce_scatter",
+               "reduce_scatter_tensor", "broadcast", "broadcast_object_list", "barrier", "reduce", "gather",
+               "scatter", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "monitored_barrier",
+               "init_process_group", "new_group", "destroy_process_group"}
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture
+def group(request, monkeypatch):
+    """A 1-rank process group with the backend string ``request.param``."""
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", _port())
+    dist.init_process_group(request.param, rank=0, world_size=1)
+    try:
+        yield request.param
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("group", ["cuda:gloo"], indirect=True)
+def test_cuda_gloo_group_reproduces_the_nccl_device_rule(group):
+    with pytest.raises(RuntimeError, match=NCCL_RULE):
+        dist.all_reduce(torch.ones(1))  # what the RL metrics reduce used to do
+    assert D.comm_device_type() == "cuda"
+
+
+@pytest.mark.parametrize("group", ["cuda:gloo"], indirect=True)
+@pytest.mark.parametrize("call", [
+    lambda: D.all_reduce(torch.ones(3)), lambda: D.all_ranks_true(True), lambda: D.mean_over_ranks(2.0),
+    lambda: D.all_reduce(torch.ones(2, dtype=torch.float64), "max"),
+])
+def test_helpers_never_hand_a_cuda_group_a_cpu_tensor(group, call):
+    if torch.cuda.is_available():
+        call()  # the real contract: it works, because the tensor went to the GPU
+        return
+    # Without a GPU the helper must fail trying to reach CUDA, not with the NCCL device rule:
+    # that proves the tensor was moved to the communication device before the collective.
+    with pytest.raises((RuntimeError, AssertionError)) as e:
+        call()
+    assert NCCL_RULE not in str(e.value)
+
+
+@pytest.mark.parametrize("group", ["gloo"], indirect=True)
+def test_helpers_on_a_cpu_group(group):
+    assert D.comm_device() == torch.device("cpu") and D.comm_device_type() == "cpu" and D.world_size() == 1
+    x = torch.tensor([1.0, -2.0, 3.5])
+    out = D.all_reduce(x)
+    assert torch.equal(out, x) and out is not x and out.device == x.device
+    assert D.all_reduce(x, "max").tolist() == x.tolist()
+    assert D.all_ranks_true(True) and not D.all_ranks_true(False)
+    assert D.mean_over_ranks(2.5) == 2.5
+    assert D.broadcast_object({"a": 1}) == {"a": 1}
+    D.barrier()
+    with pytest.raises(ValueError, match="op must be one of"):
+        D.all_reduce(x, "prod")
+
+
+def test_helpers_without_a_group_are_the_one_rank_identity():
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    assert D.comm_device() == torch.device("cpu") and D.world_size() == 1
+    assert D.all_reduce(torch.ones(2)).tolist() == [1.0, 1.0]
+    assert D.all_ranks_true(False) is False and D.mean_over_ranks(3.0) == 3.0
+
+
+def _two_ranks(rank: int, port: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from pgen_engine.training.advantages import global_batch_advantages
+        from pgen_engine.training.rl import reduce_row
+
+        row = reduce_row({"step": 3, "reward": float(rank), "logprob_gap_max": 1.0 + rank, "mem/kv": 10.0 * rank},
+                         2)
+        adv = global_batch_advantages(torch.tensor([1.0, 2.0]) if rank == 0 else torch.tensor([3.0, 6.0]))
+        res = {"row": row, "adv": adv.tolist(), "all_true": D.all_ranks_true(rank == 0),
+               "mean": D.mean_over_ranks(float(rank))}
+        torch.save(res, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_rank_reductions(tmp_path):
+    mp.start_processes(_two_ranks, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert r0["row"] == r1["row"] == {"step": 3, "reward": 0.5, "logprob_gap_max": 2.0, "mem/kv": 10.0}
+    every = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    want = ((every - every.mean()) / (every.std(unbiased=False) + 1e-6)).tolist()
+    assert r0["adv"] + r1["adv"] == pytest.approx(want, abs=1e-6)
+    assert r0["all_true"] is False and r1["all_true"] is False
+    assert r0["mean"] == r1["mean"] == 0.5
+
+
+def _collective_calls(path: Path) -> list[str]:
+    """``file:line name`` of every torch.distributed collective called in ``path``."""
+    tree = ast.parse(path.read_text())
+    aliases = {"torch.distributed"}  # names bound to torch.distributed in this file
+    direct = set()  # collectives imported by name
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases |= {a.asname for a in node.names if a.name == "torch.distributed" and a.asname}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch.distributed":
+            direct |= {a.asname or a.name for a in node.names if a.name in COLLECTIVES}
+        elif isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "distributed"
+                                                                                  for a in node.names):
+            aliases |= {a.asname or a.name for a in node.names if a.name == "distributed"}
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        f = node.func
+        if isinstance(f, ast.Attribute) and f.attr in COLLECTIVES and ast.unparse(f.value) in aliases:
+            found.append(f"{path}:{node.lineno} {ast.unparse(f)}")
+        elif isinstance(f, ast.Name) and f.id in direct:
+            found.append(f"{path}:{node.lineno} {f.id}")
+    return found
+
+
+def test_scanner_finds_a_direct_collective(tmp_path):
+    bad = tmp_path / "probe.py"
+    bad.write_text("import torch.distributed as td\nfrom torch.distributed import barrier\n"
+                   "def f(t):\n    td.all_reduce(t)\n    barrier()\n    t.all_reduce()\n")
+    assert [x.split(" ", 1)[1] for x in _collective_calls(bad)] == ["td.all_reduce", "barrier"]
+
+
+def test_no_module_but_distributed_py_calls_a_collective():
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        if path != Path(D.__file__).resolve():
+            offenders += _collective_calls(path)
+    assert not offenders, "collectives outside pgen_engine/training/distributed.py:\n" + "\n".join(offenders)
