@@ -632,6 +632,23 @@ def _install_peak_tracker(path: Path) -> None:
     atexit.register(write)
 
 
+def _json_generate_kwargs(kw: dict) -> dict:
+    """``Generator.generate`` keywords as JSON: a ``SamplingParams`` becomes its loose fields
+    (which ``generate`` also accepts), so the replay can pass them back unchanged."""
+    import dataclasses
+
+    out = {}
+    for k, v in kw.items():
+        if k in ("gen_code_mask", "progress"):
+            continue
+        if k == "sampling" and dataclasses.is_dataclass(v):
+            out.update({f.name: getattr(v, f.name) for f in dataclasses.fields(v)})
+            continue
+        out[k] = v.tolist() if hasattr(v, "tolist") else v
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in out.items()}
+    return out
+
+
 def _install_generate_recorder(path: Path) -> None:
     """Record every Generator.generate call (size), and in full the one with the most rows."""
     import atexit
@@ -659,8 +676,7 @@ def _install_generate_recorder(path: Path) -> None:
                  "decode_mode": resolve_decode_mode(getattr(self, "_smoke_init", {}).get("decode_mode", "auto"),
                                                     self.model.device),
                  "init": getattr(self, "_smoke_init", {}),
-                 "generate": {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in kw.items()
-                              if k not in ("gen_code_mask", "progress")}}
+                 "generate": _json_generate_kwargs(kw)}
         log["calls"].append({k: entry[k] for k in ("rows", "prompts", "decode_mode")})
         if log["largest"] is None or rows > log["largest"]["rows"]:
             full = dict(entry, input_ids=as_lists, pixel_values=None if pixel_values is None else pixel_file.name,

@@ -32,12 +32,12 @@ the last call (for benchmarks).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Iterator, Sequence
 
 import torch
 
+from pgen_engine import envs
 from pgen_engine.data.prompts import uncond_pad_ids
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops.rng import mix_seed
@@ -98,7 +98,7 @@ def check_cache_dtype(model, dtype, scheduler: str = "waves") -> None:
     """
     if not isinstance(dtype, torch.dtype) or dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES} (or None: the model's), got {dtype!r}")
-    fused = model.device.type == "cuda" or os.environ.get("PGEN_FUSED_OPS") == "1"
+    fused = model.device.type == "cuda" or bool(envs.get("PGEN_FUSED_OPS"))
     if scheduler == "continuous" and fused and dtype != model.dtype:
         raise ValueError(f"cache_dtype={dtype} differs from the model's {model.dtype}: scheduler='continuous' runs "
                          "the paged attention kernels, which need both in one dtype (use scheduler='waves')")

@@ -30,8 +30,11 @@ KERNELS = ("_prefill_fwd_kernel", "_prefill_bwd_dkdv_kernel", "_prefill_bwd_dq_k
 @CPU_ONLY
 @pytest.mark.parametrize("arch", [80, 89, 90])
 def test_every_kernel_compiles_and_fits(arch):
-    """fp32 / bf16 / fp16, head dims 64, 80, 128, grouped-query heads: the GPU path's geometry."""
-    out = _compile("--arch", str(arch), "--dtypes", "fp32,bf16,fp16", "--head-dims", "64,80,128")
+    """fp32 / bf16, head dims 64, 80, 128, grouped-query heads: the GPU path's geometry.
+
+    fp16 is left to the slow all-heads run: tiles are keyed on element size, so fp16 gets bf16's
+    block sizes and shared memory, and dropping it keeps CI's compile time about a third lower."""
+    out = _compile("--arch", str(arch), "--dtypes", "fp32,bf16", "--head-dims", "64,80,128")
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-2].startswith(f"sm_{arch}: largest shared memory"), lines
