@@ -305,28 +305,33 @@ def tied_timestamps(dataset: Dataset) -> list[Interaction]:
     return [x for seq in dataset.interactions.values() for prev, x in zip(seq, seq[1:]) if x.timestamp == prev.timestamp]
 
 
+def fit_square(im, size: int) -> np.ndarray:
+    """PIL image -> RGB uint8 ``[size, size, 3]``: the shorter side resized to ``size``
+    (bicubic), then the centre square cropped. The one resize rule for dataset and history images."""
+    from PIL import Image
+
+    im = im.convert("RGB")
+    w, h = im.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
+
+
 def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     """Read an image as RGB uint8 ``[H, W, 3]``.
 
-    With ``size``, the shorter side is resized to ``size`` (bicubic) and the centre
-    ``size x size`` square is cropped, giving ``[size, size, 3]``. Raises
-    :class:`DataError` naming the file when it is missing or cannot be decoded.
+    With ``size``, :func:`fit_square` gives ``[size, size, 3]``. Raises :class:`DataError`
+    naming the file when it is missing or cannot be decoded.
     """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            if size is not None:
-                w, h = im.size
-                scale = size / min(w, h)
-                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-                if (nw, nh) != (w, h):
-                    im = im.resize((nw, nh), Image.BICUBIC)
-                left, top = (nw - size) // 2, (nh - size) // 2
-                im = im.crop((left, top, left + size, top + size))
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = fit_square(im, size) if size is not None else np.asarray(im.convert("RGB"), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:

@@ -31,6 +31,7 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 
+from .dataset import fit_square
 from .prompts import MODES as HISTORY_MODES
 from .prompts import PromptBuilder, normalize_pixels
 
@@ -107,21 +108,6 @@ def trained_history_mode(checkpoint: str | os.PathLike, run_config: str | os.Pat
                 raise HistoryModeError(f"{path}: data.history_mode={mode!r}; expected one of {list(HISTORY_MODES)}")
             return mode, str(path)
     return default_history_mode(ckpt), f"{ckpt / 'config.json'} (no run config with data.history_mode)"
-
-
-def fit_square(im, size: int) -> np.ndarray:
-    """PIL image -> RGB uint8 ``[size, size, 3]``: shorter side resized to ``size`` (bicubic),
-    centre crop. The same rule as :func:`pgen_engine.data.dataset.load_image`."""
-    from PIL import Image
-
-    im = im.convert("RGB")
-    w, h = im.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BICUBIC)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
 
 
 def load_history_image(src: ImageSource, size: int) -> np.ndarray:

@@ -118,60 +118,6 @@ class RewardEnv:
         return total.float().cpu(), {k: v.float().cpu() for k, v in comps.items()}
 
 
-class RewardEnv:
-    """Turns codes into scored images for a batch of prompts.
-
-    Args:
-        reward: a ``CompositeReward``.
-        decode: ``codes int64 [N, T] -> uint8 [N, H, W, 3]``.
-        item_images: ``item_ids -> uint8 [n, H, W, 3]`` in the same image space as ``decode``
-            (history / future / catalogue items are embedded from these, cached).
-        embedder: the reward embedder (None when no component needs embeddings).
-        catalogue: item ids of the catalogue (novelty), or None.
-        read_attributes: synthetic read-out, or None.
-    """
-
-    def __init__(self, reward, decode: Callable[[torch.Tensor], torch.Tensor],
-                 item_images: Callable[[list[str]], torch.Tensor], embedder=None, *,
-                 catalogue: list[str] | None = None, read_attributes=None):
-        self.reward, self.decode, self.item_images = reward, decode, item_images
-        self.embedder, self.catalogue, self.read_attributes = embedder, catalogue, read_attributes
-        self._emb: dict[str, torch.Tensor] = {}
-        self._cat: torch.Tensor | None = None
-
-    def _embed_items(self, ids: list[str]) -> torch.Tensor:
-        missing = [i for i in dict.fromkeys(ids) if i not in self._emb]
-        if missing:
-            e = self.embedder.embed(self.item_images(missing)).cpu()
-            self._emb.update(zip(missing, e))
-        dim = self.embedder.dim
-        return torch.stack([self._emb[i] for i in ids]) if ids else torch.zeros(0, dim)
-
-    def __call__(self, batch: PromptBatch, tokens: torch.Tensor, group_size: int
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (total float32 ``[B*G]``, {component: float32 ``[B*G]``}) on CPU."""
-        B = len(batch.prompts)
-        images = self.decode(tokens)
-        user_index = torch.arange(B).repeat_interleave(group_size)
-        needs = self.embedder is not None
-        dim = self.embedder.dim if needs else 1
-        hist = [self._embed_items(h) if needs else torch.zeros(0, dim) for h in batch.history]
-        fut = [self._embed_items(f) if needs else torch.zeros(0, dim) for f in batch.future]
-        cat = None
-        if needs and self.catalogue is not None:
-            if self._cat is None:
-                self._cat = self._embed_items(self.catalogue)
-            cat = self._cat
-        tgt = None
-        if batch.target_attributes is not None:
-            tgt = batch.target_attributes.repeat_interleave(group_size, dim=0)
-        ctx = RewardContext(user_index=user_index, group_index=user_index.clone(), history_embeds=hist,
-                            future_embeds=fut, catalogue_embeds=cat, target_attributes=tgt,
-                            read_attributes=self.read_attributes)
-        total, comps = self.reward(images, ctx)
-        return total.float().cpu(), {k: v.float().cpu() for k, v in comps.items()}
-
-
 class RLPromptSource:
     """Deterministic per-step prompt batches from the training windows.
 
