@@ -112,7 +112,10 @@ def _tokenizer(cfg: RunConfig, dataset, *, fit: bool):
     from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
     # only vq_config + model.vqmodel.* are read (not the LM); same fingerprint as VQImageTokenizer
-    return JanusVQTokenizer.from_checkpoint(cfg.model.checkpoint)
+    tok = JanusVQTokenizer.from_checkpoint(cfg.model.checkpoint)
+    if torch.cuda.is_available():  # encode data / decode reward images on this rank's GPU, not the host
+        tok.vqvae.to(torch.device("cuda", torch.cuda.current_device()))
+    return tok
 
 
 def _model_dir(cfg: RunConfig, tokenizer) -> Path:
