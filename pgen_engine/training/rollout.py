@@ -28,6 +28,7 @@ from typing import Sequence
 import torch
 
 from pgen_engine.generation.generator import Generator
+from pgen_engine.generation.sampling_params import SamplingParams as GenerationSampling
 
 from .engine import can_offload_states, gathered_module, optimizer_states_offloaded
 from .memory_ledger import MemoryLedger, module_param_bytes, optimizer_state_bytes
@@ -69,10 +70,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.guidance_scale={self.guidance_scale}: expected > 0")
         self.generation(0)  # the Generator's rules (temperature, top_k, top_p), checked once here
 
-    def generation(self, seed) -> "GenerationSampling":
+    def generation(self, seed) -> GenerationSampling:
         """These settings as the Generator's :class:`~pgen_engine.generation.SamplingParams`."""
-        from pgen_engine.generation.sampling_params import SamplingParams as GenerationSampling
-
         return GenerationSampling(guidance_scale=self.guidance_scale, temperature=self.temperature,
                                   top_k=self.top_k, top_p=self.top_p, seed=seed)
 
