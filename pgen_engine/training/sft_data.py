@@ -138,8 +138,9 @@ def caches_vision_features(cfg: RunConfig, mode: str) -> bool:
     return mode == "pixels" and "vision_model" not in cfg.train.trainable
 
 
-def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
-    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None)."""
+def _prepare_on_main(cfg: RunConfig, feature_dtype: torch.dtype = torch.float32) -> tuple[str | None, str | None]:
+    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None).
+    ``feature_dtype``: the dtype the run trains in (the vision feature cache is stored in it)."""
     from pgen_engine.data.dataset import DataError, load_dataset
     from pgen_engine.data.history import HistoryModeError, run_history_mode
     from pgen_engine.data.token_cache import build_token_cache
@@ -155,7 +156,8 @@ def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
             from pgen_engine.data.vision_cache import build_vision_cache
             from pgen_engine.models import load_model
 
-            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision").root)
+            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision",
+                                            dtype=feature_dtype).root)
     except (DataPrepError, DataError, HistoryModeError, ValueError, KeyError, OSError) as e:
         return (str(e).strip().splitlines()[0] if str(e).strip() else repr(e)), None
     return None, vision
@@ -177,7 +179,10 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
     from pgen_engine.models.janus_config import JanusModelConfig
     from pgen_engine.models.special_tokens import SpecialTokens
 
-    err, vision_dir = _prepare_on_main(cfg) if dist_info.is_main else (None, None)
+    from .engine import model_dtype
+
+    feature_dtype = model_dtype(cfg.deepspeed, dist_info.device)  # a bf16 run stores bf16 features (half the bytes)
+    err, vision_dir = _prepare_on_main(cfg, feature_dtype) if dist_info.is_main else (None, None)
     err, vision_dir = broadcast_object((err, vision_dir))
     if err is not None:
         raise DataPrepError(err)
