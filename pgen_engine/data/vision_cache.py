@@ -164,13 +164,21 @@ class VisionFeatureCache:
 
     Args:
         model: the JanusModel whose ``vision_hidden`` encodes.
-        images: ``item ids -> uint8 [n, S, S, 3]`` at the model's ``image_size``.
+        images: ``item ids -> uint8 [n, S, S, 3]`` at the model's ``image_size`` (or, with
+            ``encode``, whatever ``encode`` takes).
         version: weights version callable (default: constant, i.e. frozen tower).
+        batch_size: images per tower forward.
+        encode: ``images(ids)[chunk] -> [n, T_img, D_vision]`` instead of :func:`encode_items`
+            on ``model`` (e.g. through a ZeRO-3 engine's forward, which gathers the tower's
+            shards). Called without grad; its outputs are stored float32 on the CPU.
     """
 
     def __init__(self, model, images: Callable[[Sequence[str]], torch.Tensor],
-                 version: Callable[[], object] | None = None, batch_size: int = 32):
-        self.model, self.images, self.batch_size = model, images, batch_size
+                 version: Callable[[], object] | None = None, batch_size: int = 32,
+                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"VisionFeatureCache: batch_size={batch_size} must be >= 1")
+        self.model, self.images, self.batch_size, self.encode = model, images, batch_size, encode
         self.version = version or (lambda: 0)
         self._feats: dict[str, torch.Tensor] = {}
         self._version: object = None
@@ -184,7 +192,16 @@ class VisionFeatureCache:
             self._version = v
         missing = [i for i in dict.fromkeys(item_ids) if i not in self._feats]
         if missing:
-            f = encode_items(self.model, self.images(missing), self.batch_size)
+            imgs = self.images(missing)
+            if self.encode is None:
+                f = encode_items(self.model, imgs, self.batch_size)
+            else:
+                with torch.no_grad():
+                    f = torch.cat([self.encode(imgs[lo:lo + self.batch_size]).float().cpu()
+                                   for lo in range(0, len(missing), self.batch_size)])
+                if f.shape[0] != len(missing) or f.ndim != 3:
+                    raise ValueError(f"VisionFeatureCache: encode gave {tuple(f.shape)} for {len(missing)} images, "
+                                     "expected [n, T_img, D_vision]")
             self._feats.update(zip(missing, f))
             self.encoded += len(missing)
         return torch.stack([self._feats[i] for i in item_ids])

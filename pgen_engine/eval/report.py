@@ -133,7 +133,22 @@ def write_report(out_dir: str | Path, *, title: str, table_md: str, notes: Seque
 
 # ---------------------------------------------------------------------------- report.json
 
-PAIRED_BASELINES = ("generate_nonpersonal", "copy_last")
+# Every system is compared user by user with each of these baselines (where present).
+PAIRED_BASELINES = ("generate_nonpersonal", "copy_last", "retrieve")
+# Further pairs the report makes claims about: does RL improve on the SFT model it starts from?
+PAIRED_CLAIMS = (("generate_sft_rl", "generate_sft"),)
+
+
+def paired_keys(systems: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(system, baseline)`` pairs ``report.json["paired"]`` holds for these systems.
+
+    Every system against each present baseline of :data:`PAIRED_BASELINES` (in that order),
+    then each pair of :data:`PAIRED_CLAIMS` whose two systems are present and not listed yet.
+    """
+    names = list(systems)
+    pairs = [(s, base) for base in PAIRED_BASELINES if base in names for s in names if s != base]
+    pairs += [p for p in PAIRED_CLAIMS if p[0] in names and p[1] in names and p not in pairs]
+    return pairs
 
 
 def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, evaluator: dict,
@@ -142,10 +157,11 @@ def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, 
 
     Shape: ``{"dataset", "seeds", "users", "images_per_user", "evaluator",
     "systems": {system: {metric: {"mean", "ci95"}}},
-    "paired": {"<system> - <baseline>": {metric: {"mean", "ci95"}}}}`` with paired
-    differences against each of :data:`PAIRED_BASELINES` present. ``per_user`` holds each
-    system's per-user metric tensors ``[U]`` (already averaged over seeds); every system
-    must cover the same users in the same order.
+    "paired": {"<system> - <baseline>": {metric: {"mean", "ci95"}}}}`` with the pairs of
+    :func:`paired_keys` (every system against each of :data:`PAIRED_BASELINES`, plus
+    :data:`PAIRED_CLAIMS`). ``per_user`` holds each system's per-user metric tensors
+    ``[U]`` (already averaged over seeds); every system must cover the same users in the
+    same order. One bootstrap draw set is shared by every system and pair.
     """
     from .stats import bootstrap_indices, mean_ci, paired_ci
 
@@ -155,15 +171,9 @@ def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, 
     U = sizes.pop()
     idx = bootstrap_indices(U, draws, seed)
     systems = {s: {m: mean_ci(v, idx) for m, v in ms.items()} for s, ms in per_user.items()}
-    paired = {}
-    for base in PAIRED_BASELINES:
-        if base not in per_user:
-            continue
-        for s, ms in per_user.items():
-            if s == base:
-                continue
-            paired[f"{s} - {base}"] = {m: paired_ci(v, per_user[base][m], idx) for m, v in ms.items()
-                                       if m in per_user[base]}
+    paired = {f"{s} - {base}": {m: paired_ci(v, per_user[base][m], idx) for m, v in per_user[s].items()
+                                if m in per_user[base]}
+              for s, base in paired_keys(per_user)}
     return {"dataset": str(dataset), "seeds": [int(x) for x in seeds], "users": int(U),
             "images_per_user": int(images_per_user), "evaluator": evaluator, "systems": systems, "paired": paired}
 

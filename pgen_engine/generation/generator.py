@@ -308,7 +308,8 @@ class Generator:
                  sampling: SamplingParams | None = None, guidance_scale: float = _UNSET,
                  temperature: float = _UNSET, top_k: int = _UNSET, top_p: float = _UNSET,
                  greedy: bool = _UNSET, seed: int | Sequence[int] | torch.Tensor = _UNSET,
-                 progress: bool = False, return_logprobs: bool = False
+                 progress: bool = False, return_logprobs: bool = False,
+                 image_embeds: Sequence[torch.Tensor | None] | None = None
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate ``num_image_tokens`` VQ codes per sample.
 
@@ -334,6 +335,13 @@ class Generator:
                 *conditional* distribution at ``temperature`` (``log_softmax(c / T)``, before
                 CFG and the top-k / top-p filters: what an RL objective differentiates),
                 computed inside the decode step (CUDA-graph safe). ``scheduler="waves"`` only.
+            image_embeds: instead of ``pixel_values``: the history images' *aligned* features,
+                one entry per prompt — floating ``[n_i, num_image_tokens, hidden_size]``
+                (what ``model.vision_features(pixels)`` gives: vision tower + aligner) for a
+                prompt with ``n_i`` images, None for a prompt without image placeholders.
+                Lets a caller that already holds the features (a frozen tower's feature
+                cache, or one encoding per distinct item) skip the vision tower here; they are
+                cast to the model's dtype.
         Returns:
             int64 ``[B * num_samples, T]`` codes on the model's device; with
             ``return_logprobs`` a pair ``(codes, float32 [B * num_samples, T] log-probs)``.
@@ -356,7 +364,12 @@ class Generator:
         guidance_scale, temperature, top_k, top_p, greedy = (sp.guidance_scale, sp.temperature, sp.top_k,
                                                              sp.top_p, sp.greedy)
         req_seeds = self._request_seeds(sp.request_seeds(B), B)
-        pixel_chunks = self._split_pixels(prompts, pixel_values)
+        if image_embeds is not None:
+            if pixel_values is not None:
+                raise ValueError("give pixel_values or image_embeds, not both")
+            pixel_chunks = self._split_embeds(prompts, image_embeds)
+        else:
+            pixel_chunks = self._split_pixels(prompts, pixel_values)
         T = self.num_image_tokens
         longest = max(len(p.ids) for p in prompts)
         if longest + T > self.max_seq_len:
@@ -559,6 +572,35 @@ class Generator:
             i += p.num_images
         return out
 
+    def _split_embeds(self, prompts: list[_Prompt], image_embeds) -> list[torch.Tensor | None]:
+        """Check per-prompt aligned features against each prompt's placeholders -> the chunks
+        (3-D ``[n_i, T_img, H]``; :meth:`_prefill_slots` tells them from 4-D pixels)."""
+        if isinstance(image_embeds, torch.Tensor) or not hasattr(image_embeds, "__len__"):
+            raise ValueError(f"image_embeds must be a sequence of {len(prompts)} entries (one per prompt: a "
+                             f"[n_i, T_img, H] tensor or None), got {type(image_embeds).__name__}")
+        if len(image_embeds) != len(prompts):
+            raise ValueError(f"image_embeds has {len(image_embeds)} entries but there are {len(prompts)} prompts "
+                             "(one entry per prompt)")
+        T_img = self.model.num_image_tokens
+        H = self.model.config.text.hidden_size
+        out = []
+        for i, (p, e) in enumerate(zip(prompts, image_embeds)):
+            if e is None:
+                if p.num_images:
+                    raise ValueError(f"image_embeds[{i}] is None but prompt {i} holds placeholders for "
+                                     f"{p.num_images} image(s)")
+                out.append(None)
+                continue
+            if not isinstance(e, torch.Tensor) or not e.is_floating_point():
+                what = e.dtype if isinstance(e, torch.Tensor) else type(e).__name__
+                raise ValueError(f"image_embeds[{i}] must be a floating tensor (aligned vision features), got {what}")
+            if tuple(e.shape) != (p.num_images, T_img, H):
+                raise ValueError(f"image_embeds[{i}] must be [n_img, T_img, H] = [{p.num_images}, {T_img}, {H}] "
+                                 f"(prompt {i} holds {p.num_images * T_img} image placeholders = {p.num_images} "
+                                 f"image(s); H = the model's hidden size), got {tuple(e.shape)}")
+            out.append(e if p.num_images else None)
+        return out
+
     @staticmethod
     def _sampling(sampling: SamplingParams | None, **loose) -> SamplingParams:
         """``sampling``, or a SamplingParams built from the loose keywords that were set."""
@@ -658,9 +700,13 @@ class Generator:
             if cm is not None:
                 cmask[r, pad:] = torch.tensor(cm, dtype=torch.bool)
             slots[r, pad:] = torch.tensor(slots_of[r], dtype=torch.long)
+        # history chunks of one call are all pixels [n,3,S,S] or all aligned features [n,T_img,H]
+        # (generate() takes one kind); features skip the vision tower
         px = [p for p in pixels if p is not None]
-        pixel_values = torch.cat(px).to(dev) if px else None
-        emb = m.embed_inputs(ids.to(dev), cmask.to(dev) if bool(cmask.any()) else None, pixel_values)
+        hist = torch.cat(px).to(dev) if px else None
+        embeds = hist is not None and hist.ndim == 3
+        emb = m.embed_inputs(ids.to(dev), cmask.to(dev) if bool(cmask.any()) else None,
+                             None if embeds else hist, image_embeds=hist if embeds else None)
         all_real = bool(mask.all())
         # no mask when nothing is padded: the causal fast path of scaled_dot_product_attention
         h = self._backend.prefill(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
