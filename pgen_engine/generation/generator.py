@@ -43,10 +43,10 @@ from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
-from . import decode_cpu
 from .coerce import INT64_MAX, INT64_MIN, as_float, as_int
 from .continuous import BLOCK_SIZE
-from .decode_graph import StaticDecode, resolve_decode_mode
+from .backends import DecodeBackend, WaveDecode, make_backend
+from .decode_graph import resolve_decode_mode
 from .sampling_params import SamplingParams
 
 UNCOND_MODES = ("pad", "short")
@@ -264,7 +264,8 @@ class Generator:
         if scheduler == "continuous":
             self._grow(2 * max_batch_size * -(-max_seq_len // BLOCK_SIZE) * BLOCK_SIZE)
         self.decode_mode = resolve_decode_mode(decode_mode, model.device)
-        self._static = StaticDecode(graphs=self.decode_mode == "graph")
+        # chosen once, from device and dtypes: C++ float32 CPU, static step / CUDA graph, or eager torch
+        self._backend: DecodeBackend = make_backend(model, dtype, self.decode_mode)
         self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ public API
@@ -277,7 +278,7 @@ class Generator:
         if self.scheduler == "continuous":
             return  # its block pool is sized once, at construction
         self._k, self._v = [], []
-        self._static.clear()
+        self._backend.reset()
 
     def kv_bytes(self, prompt_lens: Sequence[int], num_samples: int = 1, guidance_scale: float = 5.0) -> int:
         """Bytes of KV storage :meth:`generate` would hold at its peak for prompts of these
@@ -293,7 +294,8 @@ class Generator:
         if self._k and self._k[0].shape[0] >= tokens:
             return
         dev = self.model.device
-        self._static.clear() if hasattr(self, "_static") else None  # graphs point into the old storage
+        if hasattr(self, "_backend"):
+            self._backend.reset()  # captured graphs point into the old storage
         self._k, self._v = [], []  # free first: peak = the new storage, not old + new
         self._k = [torch.zeros((tokens, *self._kv_shape), dtype=self.cache_dtype, device=dev)
                    for _ in range(self._num_layers)]
@@ -660,7 +662,7 @@ class Generator:
         if getattr(self, "_prow", None) is None or self._prow.shape[0] < need:
             self._prow = torch.zeros(need, dtype=torch.int32, device=self.model.device)
             self._plen = torch.zeros(need, dtype=torch.int32, device=self.model.device)
-            self._static.clear()
+            self._backend.reset()
         self._prow[:g.rows].copy_(torch.tensor(prefix_row, dtype=torch.int32))
         self._plen[:g.rows].copy_(torch.tensor(prefix_len, dtype=torch.int32))
         return KVCache(k=[k[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for k in self._k],
@@ -707,7 +709,7 @@ class Generator:
                              None if embeds else hist, image_embeds=hist if embeds else None)
         all_real = bool(mask.all())
         # no mask when nothing is padded: the causal fast path of scaled_dot_product_attention
-        h = m.prefill(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
+        h = self._backend.prefill(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
         return h[:, -1]
 
     def _pick(self, hidden: torch.Tensor, R: int, seeds: torch.Tensor, s: float, temperature: float, top_k: int,
@@ -778,61 +780,45 @@ class Generator:
         slot0 = torch.arange(rows, dtype=torch.long, device=dev) * geom.Lo
         sample_seeds = mix_seed(req_seeds[row_prompt], torch.tensor(row_sample, dtype=torch.long))
         step_seeds = mix_seed(sample_seeds[None, :], torch.arange(T, dtype=torch.long)[:, None]).to(dev)  # [T,R]
-        out = torch.empty((R, T), dtype=torch.long, device=dev)
-        out_lp = torch.empty((R, T), dtype=torch.float32, device=dev) if want_lp else None
 
-        def pick_any(hidden: torch.Tensor, seeds: torch.Tensor):
+        def pick(hidden: torch.Tensor, seeds: torch.Tensor):
             return self._pick(hidden, R, seeds, s, temperature, top_k, top_p, greedy, want_lp)
 
-        def pick(hidden: torch.Tensor, t: int) -> torch.Tensor:
-            picked = pick_any(hidden, step_seeds[t])
-            if not want_lp:
-                return picked
-            out_lp[:, t] = picked[1]
-            return picked[0]
-
-        tok = pick(h_rows, 0)
+        first = pick(h_rows, step_seeds[0])
+        first, first_lp = first if want_lp else (first, None)
         if bar is not None:
             bar.update(1)
-        if self.decode_mode != "eager":
-            # a graph bakes in shapes, sampling settings and parameter addresses
-            key = (rows, R, geom.P, geom.Lp, geom.Lo, self._k[0].data_ptr(), cfg, s, temperature, top_k, top_p,
-                   greedy, want_lp, self._weights_key() if self._static.graphs else None)
-            out, out_lp = self._static.run(key, m, cache, cfg, pick_any, tok, base, slot0, step_seeds,
-                                           None if bar is None else lambda: bar.update(1),
-                                           first_lp=None if out_lp is None else out_lp[:, 0])
-        elif decode_cpu.applies(m, cache):
-            # float32 CPU: the whole loop in one C++ call (no per-step Python)
-            out[:, 0] = tok
-            decode_cpu.run_decode_loop(m, cache, cfg, out, out_lp, step_seeds, base, slot0, guidance_scale=s,
-                                       temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                                       progress=None if bar is None else bar.update)
-        else:
-            # the same step as decode_graph.decode_step with a host-side t: on CPU the
-            # device-side counter's index ops cost more than the C++ step saves
-            out[:, 0] = tok
-            for t in range(1, T):
-                emb = m.embed_image_codes(tok.clamp(min=0))  # -1: non-finite logits, see _pick
-                if cfg:
-                    emb = torch.cat([emb, emb])
-                pos = base + (t - 1)
-                h = m.decode_step(emb, pos, cache, slot0 + (t - 1), (pos + 1).to(torch.int32), None)
-                tok = pick(h, t)
-                out[:, t] = tok
-                if bar is not None:
-                    bar.update(1)
+        wave_in = WaveDecode(first=first, first_lp=first_lp, base=base, slot0=slot0, step_seeds=step_seeds, cfg=cfg,
+                             pick=pick, sampling=(s, temperature, top_k, top_p, greedy),
+                             key=(rows, R, geom.P, geom.Lp, geom.Lo, self._k[0].data_ptr(), cfg, s, temperature,
+                                  top_k, top_p, greedy, want_lp),
+                             on_steps=None if bar is None else bar.update)
+        out, out_lp = self._backend.decode_wave(cache, wave_in)
         self._sync()
         self.last_stats["prefill_s"] += t_prefill - t_start
         self.last_stats["decode_s"] += time.perf_counter() - t_prefill
         return out, out_lp
 
-    def _weights_key(self) -> tuple[int, ...]:
-        # A captured graph reads parameters at fixed addresses: re-capture if any moved.
-        return tuple(p.data_ptr() for p in self.model.parameters())
-
     def reset_graphs(self) -> None:
         """Drop captured decode graphs (they are re-captured on the next wave)."""
-        self._static.clear()
+        self._backend.reset()
+
+    @property
+    def backend(self) -> str:
+        """Name of the decode backend chosen at construction: ``"cpp"``, ``"graph"``, ``"static"`` or ``"eager"``."""
+        return self._backend.name
+
+    @property
+    def _static(self):
+        """The static backend's step runner (:class:`~.decode_graph.StaticDecode`; tests swap in one
+        that records captures), or None for the other backends."""
+        return getattr(self._backend, "runner", None)
+
+    @_static.setter
+    def _static(self, runner) -> None:
+        if not hasattr(self._backend, "runner"):
+            raise AttributeError(f"the {self._backend.name!r} decode backend runs no static step")
+        self._backend.runner = runner
 
     def _sync(self) -> None:
         # wave boundaries only (never inside the decode loop): makes last_stats honest on GPUs

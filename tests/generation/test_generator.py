@@ -374,12 +374,13 @@ def test_generate_images_decodes_each_row(peaky):
 
 def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
     """Once decoding starts, no tensor is read back to Python (item/bool/int/tolist/numpy).
-    (The Python loop; on CPU the C++ wave loop replaces it, see the next test.)"""
+    (The Python loop; on CPU the C++ wave loop replaces it, see the next test. Its steps are
+    the decode backend's: the C++ layer stack for a float32 CPU model.)"""
     model, _ = peaky
     monkeypatch.setattr(decode_cpu, "applies", lambda *a: False)
     g = Generator(model, max_batch_size=3, max_seq_len=32)  # 4 rows -> 2 waves
     trap = {"on": False, "calls": 0}
-    real_step = model.decode_step
+    real_step = g._backend.step
 
     def step(*args, **kwargs):
         trap["on"] = True
@@ -395,7 +396,7 @@ def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
         finally:
             trap["on"] = False
 
-    monkeypatch.setattr(model, "decode_step", step)
+    monkeypatch.setattr(g._backend, "step", step)
     monkeypatch.setattr(g, "_run_wave", wave)
     forbid_host_reads(monkeypatch, lambda: trap["on"], "inside the decode loop")
     try:
