@@ -47,6 +47,7 @@ from .coerce import INT64_MAX, INT64_MIN, as_float, as_int
 from .continuous import BLOCK_SIZE
 from .backends import DecodeBackend, WaveDecode, make_backend
 from .decode_graph import resolve_decode_mode
+from .history_inputs import split_image_embeds, split_pixels
 from .sampling_params import SamplingParams
 
 UNCOND_MODES = ("pad", "short")
@@ -335,13 +336,9 @@ class Generator:
                 *conditional* distribution at ``temperature`` (``log_softmax(c / T)``, before
                 CFG and the top-k / top-p filters: what an RL objective differentiates),
                 computed inside the decode step (CUDA-graph safe). ``scheduler="waves"`` only.
-            image_embeds: instead of ``pixel_values``: the history images' *aligned* features,
-                one entry per prompt — floating ``[n_i, num_image_tokens, hidden_size]``
-                (what ``model.vision_features(pixels)`` gives: vision tower + aligner) for a
-                prompt with ``n_i`` images, None for a prompt without image placeholders.
-                Lets a caller that already holds the features (a frozen tower's feature
-                cache, or one encoding per distinct item) skip the vision tower here; they are
-                cast to the model's dtype.
+            image_embeds: instead of ``pixel_values``: per prompt, its images' aligned features
+                ``[n_i, num_image_tokens, hidden_size]`` (``model.vision_features``; any float
+                dtype) or None: the vision tower is skipped (see :mod:`.history_inputs`).
         Returns:
             int64 ``[B * num_samples, T]`` codes on the model's device; with
             ``return_logprobs`` a pair ``(codes, float32 [B * num_samples, T] log-probs)``.
@@ -364,12 +361,13 @@ class Generator:
         guidance_scale, temperature, top_k, top_p, greedy = (sp.guidance_scale, sp.temperature, sp.top_k,
                                                              sp.top_p, sp.greedy)
         req_seeds = self._request_seeds(sp.request_seeds(B), B)
+        n_img, m = [p.num_images for p in prompts], self.model
         if image_embeds is not None:
             if pixel_values is not None:
                 raise ValueError("give pixel_values or image_embeds, not both")
-            pixel_chunks = self._split_embeds(prompts, image_embeds)
+            pixel_chunks = split_image_embeds(n_img, image_embeds, m.num_image_tokens, m.config.text.hidden_size)
         else:
-            pixel_chunks = self._split_pixels(prompts, pixel_values)
+            pixel_chunks = split_pixels(n_img, pixel_values, m.image_size, m.config.image_token_id)
         T = self.num_image_tokens
         longest = max(len(p.ids) for p in prompts)
         if longest + T > self.max_seq_len:
@@ -545,61 +543,6 @@ class Generator:
                                  f"{T_img} per image")
             prompts.append(_Prompt(ids, cm if cm is not None and any(cm) else None, n_ph // T_img))
         return prompts
-
-    def _split_pixels(self, prompts: list[_Prompt], pixel_values) -> list[torch.Tensor | None]:
-        need = sum(p.num_images for p in prompts)
-        if pixel_values is None:
-            if need:
-                raise ValueError(f"the prompts hold placeholders for {need} image(s) but pixel_values is None")
-            return [None] * len(prompts)
-        S = self.model.image_size
-        if not need:
-            raise ValueError(f"pixel_values holds {len(pixel_values)} image(s) but the prompts hold no image "
-                             f"placeholder (id {self.model.config.image_token_id}); pass pixel_values=None")
-        if not isinstance(pixel_values, torch.Tensor) or not pixel_values.is_floating_point():
-            what = pixel_values.dtype if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must be a floating tensor normalised to [-1, 1], got {what} "
-                             "(uint8 images: pgen_engine.models.janus.uint8_to_pixels)")
-        # the vision tower's patch grid is fixed: a smaller image would give fewer patches and
-        # broadcast them over its position table without an error
-        if tuple(pixel_values.shape) != (need, 3, S, S):
-            raise ValueError(f"pixel_values must be [N_img,3,H,W] = [{need},3,{S},{S}] (N_img: images whose "
-                             f"placeholders the prompts hold; H = W = the model's image_size), got "
-                             f"{tuple(pixel_values.shape)}")
-        out, i = [], 0
-        for p in prompts:
-            out.append(pixel_values[i:i + p.num_images] if p.num_images else None)
-            i += p.num_images
-        return out
-
-    def _split_embeds(self, prompts: list[_Prompt], image_embeds) -> list[torch.Tensor | None]:
-        """Check per-prompt aligned features against each prompt's placeholders -> the chunks
-        (3-D ``[n_i, T_img, H]``; :meth:`_prefill_slots` tells them from 4-D pixels)."""
-        if isinstance(image_embeds, torch.Tensor) or not hasattr(image_embeds, "__len__"):
-            raise ValueError(f"image_embeds must be a sequence of {len(prompts)} entries (one per prompt: a "
-                             f"[n_i, T_img, H] tensor or None), got {type(image_embeds).__name__}")
-        if len(image_embeds) != len(prompts):
-            raise ValueError(f"image_embeds has {len(image_embeds)} entries but there are {len(prompts)} prompts "
-                             "(one entry per prompt)")
-        T_img = self.model.num_image_tokens
-        H = self.model.config.text.hidden_size
-        out = []
-        for i, (p, e) in enumerate(zip(prompts, image_embeds)):
-            if e is None:
-                if p.num_images:
-                    raise ValueError(f"image_embeds[{i}] is None but prompt {i} holds placeholders for "
-                                     f"{p.num_images} image(s)")
-                out.append(None)
-                continue
-            if not isinstance(e, torch.Tensor) or not e.is_floating_point():
-                what = e.dtype if isinstance(e, torch.Tensor) else type(e).__name__
-                raise ValueError(f"image_embeds[{i}] must be a floating tensor (aligned vision features), got {what}")
-            if tuple(e.shape) != (p.num_images, T_img, H):
-                raise ValueError(f"image_embeds[{i}] must be [n_img, T_img, H] = [{p.num_images}, {T_img}, {H}] "
-                                 f"(prompt {i} holds {p.num_images * T_img} image placeholders = {p.num_images} "
-                                 f"image(s); H = the model's hidden size), got {tuple(e.shape)}")
-            out.append(e if p.num_images else None)
-        return out
 
     @staticmethod
     def _sampling(sampling: SamplingParams | None, **loose) -> SamplingParams:
