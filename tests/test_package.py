@@ -8,8 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "pgen_engine"
 MAX_LINES = 500
 # Known debts (to split, not to grow): the pinned size is today's, so any growth fails.
-OVER_LIMIT = {"pgen_engine/generation/generator.py": 795,
-              "pgen_engine/generation/cli.py": 605}
+OVER_LIMIT = {"pgen_engine/generation/cli.py": 605}
 
 
 def _module_name(path: Path) -> str:
