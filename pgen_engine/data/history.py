@@ -30,12 +30,18 @@ from typing import Sequence, Union
 
 import numpy as np
 import torch
+import yaml
+from PIL import Image
 
-from .dataset import fit_square
-from .prompts import MODES as HISTORY_MODES
-from .prompts import PromptBuilder, normalize_pixels
+from pgen_engine.models.checkpoint import load_checkpoint_config
+from pgen_engine.models.image_tokenizer import VQImageTokenizer
+from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 
-ImageSource = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
+from .dataset import DataError, fit_square, load_image
+from .prompts import MODES as HISTORY_MODES, PromptBuilder, normalize_pixels
+from .text_tokenizer import load_text_tokenizer
+
+ImageSource = Union[str, os.PathLike, np.ndarray, Image.Image]
 
 
 class HistoryModeError(ValueError):
@@ -91,8 +97,6 @@ def trained_history_mode(checkpoint: str | os.PathLike, run_config: str | os.Pat
     a run config without the key predates the setting and trained with ``"codes"``; no run
     config -> the default for the checkpoint's architecture (:func:`default_history_mode`).
     """
-    import yaml
-
     ckpt = Path(checkpoint)
     path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
     if path.is_file():
@@ -116,10 +120,6 @@ def load_history_image(src: ImageSource, size: int) -> np.ndarray:
     Raises :class:`pgen_engine.data.dataset.DataError` naming the file for a missing or
     corrupt image, ValueError for an array of the wrong type/shape.
     """
-    from PIL import Image
-
-    from .dataset import load_image
-
     if isinstance(src, (str, os.PathLike)):
         return load_image(src, size)
     if isinstance(src, Image.Image):
@@ -243,10 +243,7 @@ def prompter_for_checkpoint(checkpoint: str | os.PathLike, model=None, *, run_co
 
     Raises HistoryModeError when ``history_mode`` is given and differs from the trained mode.
     """
-    from pgen_engine.config import load_config
-    from pgen_engine.models.checkpoint import load_checkpoint_config
-
-    from .text_tokenizer import load_text_tokenizer
+    from pgen_engine.config import load_config  # late import: import cycle (pgen_engine.config imports this module)
 
     ckpt = Path(checkpoint)
     mode, where = trained_history_mode(ckpt, run_config)
@@ -265,7 +262,7 @@ def prompter_for_checkpoint(checkpoint: str | os.PathLike, model=None, *, run_co
 
 
 def run_data_defaults():
-    from pgen_engine.config import DataConfig
+    from pgen_engine.config import DataConfig  # late import: import cycle (pgen_engine.config imports this module)
 
     return DataConfig()
 
@@ -275,8 +272,6 @@ def run_image_tokenizer(run, model, *, where: str):
     checkpoint): the run's PatchKMeans file (``<work_dir>/tokenizer.safetensors``), else the
     model's VQ (None when ``model`` is None)."""
     if run is not None and run.data.tokenizer == "patch_kmeans":
-        from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
-
         wd = Path(run.data.work_dir) if run.data.work_dir else Path(run.output_dir) / "data_work"
         tok = wd / "tokenizer.safetensors"
         if not tok.is_file():
@@ -287,8 +282,6 @@ def run_image_tokenizer(run, model, *, where: str):
 
 
 def _vq(model):
-    from pgen_engine.models.image_tokenizer import VQImageTokenizer
-
     return VQImageTokenizer(model)
 
 
@@ -327,7 +320,6 @@ class CatalogueImages:
         got = self._cache.get(item_id)
         if got is not None:
             return got
-        from .dataset import DataError, load_image
 
         item = self.dataset.items.get(item_id)
         if item is None:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..io_utils import atomic_write_json, replace_dir
-from .dataset import DataError
+from .dataset import DataError, load_image
 from .prompts import normalize_pixels
 
 FORMAT = "pgen-vision-cache"
@@ -110,8 +110,6 @@ def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_s
         batch_size: images per tower forward.
         item_ids: restrict to these items (default: all, in dataset order).
     """
-    from .dataset import load_image
-
     fp = vision_fingerprint(model.vision_model)
     root = Path(cache_root) / f"vision_{fp}"
     ids = list(dataset.items) if item_ids is None else [str(i) for i in item_ids]

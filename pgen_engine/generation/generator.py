@@ -227,7 +227,7 @@ class Generator:
                            "rows": float(B * num_samples), "kv_bytes_peak": float(self._kv.token_bytes() * peak_tokens)}
         bar = None
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # late import: it probes for notebook widgets; only a progress bar needs it
 
             bar = tqdm(total=len(waves) * T, desc="generate", unit="tok")
         try:
@@ -272,6 +272,7 @@ class Generator:
         ``(PIL image or path, title)``, oldest first. Prompts are built exactly as the model's
         training built them. See :func:`pgen_engine.generation.personal.generate_for_users`
         for the arguments and the seeding rules."""
+        # late import: keeps data.history (PIL, tokenizers) off the Generator's import path
         from .personal import generate_for_users
 
         return generate_for_users(self, histories, num_samples=num_samples, **kwargs)

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pgen_engine.ops.logprobs import token_logprobs
+
 from .checkpoint_writer import save_checkpoint
 from .decoder import KVCache, LanguageModel
 from .janus_config import JanusModelConfig
@@ -28,6 +30,7 @@ from .special_tokens import SpecialTokens
 
 
 def _act(name: str):
+    # late import: transformers takes seconds to import and `pgen` imports this module at start-up
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]
@@ -73,6 +76,7 @@ class JanusModel(nn.Module):
 
     def __init__(self, config: JanusModelConfig, special_tokens: SpecialTokens | None = None):
         super().__init__()
+        # late import: transformers takes seconds to import and `pgen` imports this module at start-up
         from transformers import JanusVisionConfig, JanusVisionModel, JanusVQVAE, JanusVQVAEConfig
 
         self.config = config
@@ -227,8 +231,6 @@ class JanusModel(nn.Module):
             (logprobs ``[N]``, entropy ``[N]``), fp32; the ``[N,K]`` logits are not materialised
             on the fused path.
         """
-        from pgen_engine.ops.logprobs import token_logprobs
-
         head = self.generation_head
         return token_logprobs(head.features(hidden), head.vision_head.weight, targets,
                               bias=head.vision_head.bias, temperature=temperature)

@@ -14,7 +14,6 @@ def resolve(backend: str, device: torch.device, supported: tuple[str, ...], op: 
 
 
 def triton_kernels():
-    # Imported lazily: importing triton must not be a requirement of importing the package.
-    from pgen_engine.ops import _triton_attention
+    from pgen_engine.ops import _triton_attention  # late import: triton is optional (extra 'kernels')
 
     return _triton_attention
