@@ -9,12 +9,12 @@ REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "pgen_engine"
 MAX_LINES = 500
 # Known debts (to split, not to grow): the pinned size is today's, so any growth fails.
-OVER_LIMIT = {"pgen_engine/generation/generator.py": 795}
+OVER_LIMIT: dict[str, int] = {}
 # A function-body import needs a reason (an optional dependency, an import cycle, a slow import kept
 # off `pgen`'s start-up path), written as this comment on the import or on the comment lines above it.
 LATE_IMPORT_MARK = "# late import:"
 # Known debts (to sort out, not to grow): unmarked function-body imports per file.
-LATE_IMPORT_DEBTS = {"pgen_engine/generation/generator.py": 4}
+LATE_IMPORT_DEBTS: dict[str, int] = {}
 
 
 def _module_name(path: Path) -> str:

@@ -140,8 +140,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if model is None:
             model = models.load_model(checkpoint, device=args.device, dtype=getattr(torch, args.dtype))
         gen = Generator(model, max_batch_size=args.batch_size * args.num_samples,
-                        max_seq_len=max(len(p.input_ids) for p in prompts) + T, uncond_mode=args.uncond_mode,
-                        scheduler=args.scheduler)
+                        max_seq_len=max(len(p.input_ids) for p in prompts) + T, uncond_mode=args.uncond_mode)
         used: set[str] = set()
         names: list[str] = []
         manifest: list[str] = []
@@ -241,8 +240,6 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="1 disables (default)")
     p.add_argument("--greedy", action="store_true", help="argmax of the CFG-mixed logits instead of sampling")
     p.add_argument("--uncond-mode", choices=("pad", "short"), default="pad")
-    p.add_argument("--scheduler", choices=("waves", "continuous"), default="waves",
-                   help="waves (default) or the C++ continuous-batching scheduler over a paged cache (pad mode)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=_DTYPES, default="float32")

@@ -39,6 +39,7 @@ from pgen_engine.models.special_tokens import SpecialTokens
 from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
 from .distributed import DistInfo, barrier, broadcast_object
+from .engine import model_dtype
 from .init import init_model_for_tokenizer
 
 
@@ -145,8 +146,9 @@ def caches_vision_features(cfg: RunConfig, mode: str) -> bool:
     return mode == "pixels" and "vision_model" not in cfg.train.trainable
 
 
-def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
-    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None)."""
+def _prepare_on_main(cfg: RunConfig, feature_dtype: torch.dtype = torch.float32) -> tuple[str | None, str | None]:
+    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None).
+    ``feature_dtype``: the dtype the run trains in (the vision feature cache is stored in it)."""
     try:
         root = ensure_dataset(cfg)
         dataset = load_dataset(root)
@@ -155,7 +157,8 @@ def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
         build_token_cache(dataset, tok, _cache_dir(cfg, tok), progress=False)
         vision = None
         if caches_vision_features(cfg, run_history_mode(cfg.data.history_mode, cfg.model.checkpoint)):
-            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision").root)
+            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision",
+                                            dtype=feature_dtype).root)
     except (DataPrepError, DataError, HistoryModeError, ValueError, KeyError, OSError) as e:
         return (str(e).strip().splitlines()[0] if str(e).strip() else repr(e)), None
     return None, vision
@@ -168,7 +171,8 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
         DataPrepError: missing dataset, unusable tokenizer/model geometry, bad data —
             on every rank, with rank 0's message.
     """
-    err, vision_dir = _prepare_on_main(cfg) if dist_info.is_main else (None, None)
+    feature_dtype = model_dtype(cfg.deepspeed, dist_info.device)  # a bf16 run stores bf16 features (half the bytes)
+    err, vision_dir = _prepare_on_main(cfg, feature_dtype) if dist_info.is_main else (None, None)
     err, vision_dir = broadcast_object((err, vision_dir))
     if err is not None:
         raise DataPrepError(err)
