@@ -23,7 +23,8 @@ import torch
 
 from pgen_engine.config import RunConfig
 from pgen_engine.data.dataset import DataError, load_dataset, load_image
-from pgen_engine.data.history import CatalogueImages, HistoryModeError, run_history_mode
+from pgen_engine.data.history import CatalogueImages
+from pgen_engine.data.history_mode import HistoryModeError, run_history_mode
 from pgen_engine.data.prompts import PromptBuilder, SFTDataset
 from pgen_engine.data.splits import build_splits
 from pgen_engine.data.synth import SynthConfig, generate_synthetic
