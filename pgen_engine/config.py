@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from pgen_engine.data.history import trained_history_mode
+from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
 from pgen_engine.typed_config import ConfigError, build, deepcopy, parse_overrides, set_dotted
 

@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .vq_tokenizer import JanusVQTokenizer, build_vqvae, vq_config
 
@@ -197,8 +198,6 @@ def train_vq(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.max_steps if cfg.max_steps < 100_000 else None, desc="training VQ", unit="step")
     t0 = time.perf_counter()
     step = revived = 0
