@@ -5,8 +5,10 @@ Order (rank 0; other ranks wait and then open the results read-only):
 1. the dataset folder (``data.dataset_dir``); with ``data.synth`` set and the folder
    missing, the synthetic dataset is generated there;
 2. the image tokenizer: ``patch_kmeans`` is fit on the dataset's images and saved under
-   ``<work_dir>/tokenizer.safetensors`` (reused next time), or ``checkpoint_vq`` uses the
-   model checkpoint's VQ;
+   ``<work_dir>/tokenizer.safetensors`` (reused next time); ``vq`` trains a small Janus
+   VQ-VAE on the train split's item images into ``<work_dir>/vq_tokenizer.safetensors``
+   (reused while images and settings are unchanged; the init model gets it as its
+   ``vqmodel.*``); ``checkpoint_vq`` uses the model checkpoint's VQ;
 3. the model directory: ``model.checkpoint``, or a tiny random Janus created for the
    tokenizer under ``<output_dir>/init_model`` (:mod:`pgen_engine.training.init`);
 4. the image-token cache under ``<work_dir>/token_cache_<fingerprint>``.
@@ -115,9 +117,42 @@ def load_or_fit_tokenizer(cfg: RunConfig, dataset, *, fit: bool):
     return tok
 
 
+# The VQ tokenizer is data preparation shared by every run seed (SFT and RL of all seeds
+# must speak the same codes), so it is trained with this fixed seed, not ``cfg.seed``.
+VQ_FIT_SEED = 0
+
+
+def load_or_fit_vq(cfg: RunConfig, dataset, *, fit: bool):
+    """The Janus VQ tokenizer at ``<work_dir>/vq_tokenizer.safetensors``.
+
+    With ``fit``: trained on the train split's item images (:func:`pgen_engine.data.fit_tokenizer.fit_tokenizer`,
+    ``data.vq_time_budget_s`` / ``data.vq_max_steps``), or reused when the file was fit on
+    the same images and settings; its held-out reconstruction line is printed. Without
+    ``fit`` (other ranks): the file rank 0 wrote.
+    """
+    from pgen_engine.data.fit_tokenizer import TokenizerFitSettings, fit_tokenizer
+    from pgen_engine.models.image_quality import quality_line
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
+
+    d = cfg.data
+    path = work_dir(cfg) / "vq_tokenizer.safetensors"
+    if fit:
+        s = TokenizerFitSettings(kind="vq", image_size=d.tokenizer_image_size,
+                                 codes_per_side=d.tokenizer_image_size // d.patch_size, codebook=d.codebook_size,
+                                 seed=VQ_FIT_SEED, time_budget_s=d.vq_time_budget_s, max_steps=d.vq_max_steps)
+        tok, quality, reused = fit_tokenizer(dataset, path, s, progress=cfg.logging.progress)
+        print(f"[data] {'reusing' if reused else 'trained'} VQ tokenizer {path}: {quality_line(quality)}", flush=True)
+        return tok
+    if not path.is_file():
+        raise DataPrepError(f"{path}: VQ tokenizer missing")
+    return JanusVQTokenizer.load(path)
+
+
 def _tokenizer(cfg: RunConfig, dataset, *, fit: bool):
     if cfg.data.tokenizer == "patch_kmeans":
         return load_or_fit_tokenizer(cfg, dataset, fit=fit)
+    if cfg.data.tokenizer == "vq":
+        return load_or_fit_vq(cfg, dataset, fit=fit)
     if cfg.model.checkpoint is None:
         raise DataPrepError("data.tokenizer=checkpoint_vq needs model.checkpoint (a checkpoint with a VQ model)")
 
