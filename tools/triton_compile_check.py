@@ -35,7 +35,7 @@ _DT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", tor
        torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
 _LAUNCH_OPTS = ("num_warps", "num_stages", "num_ctas")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPS = ("norm", "rotary", "prefill", "decode", "kv_write", "sample", "logprobs")
+OPS = ("norm", "rotary", "prefill", "decode", "kv_write", "sample", "logprobs", "decode_shared")
 DEFAULT_ARCHS = (80, 89, 90)
 
 
@@ -146,6 +146,8 @@ def drive_ops(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, 
                                      torch.tensor([5, 20, 32], dtype=torch.int32), block_table=bt, backend=t)
                     decode_attention(torch.randn(6, hq, d, dtype=dt), kc, vc, torch.full((6,), 9, dtype=torch.int32),
                                      backend=t)
+                if "decode_shared" in ops:
+                    _drive_decode_shared(dt, hq, hkv, d)
         if "sample" in ops:
             # Janus' image vocabulary: the kernel's tile is min(next_pow2(V), 4096) on a GPU
             logits = torch.randn(3, 16384, dtype=dt)
@@ -157,6 +159,26 @@ def drive_ops(dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, 
             head = torch.randn(300, 32, dtype=dt, requires_grad=True)
             lp, ent = token_logprobs(hid, head, torch.tensor([0, 5, 299, 7, 1]), backend=t)
             (lp.sum() + ent.sum()).backward()
+
+
+def _drive_decode_shared(dt: torch.dtype, hq: int, hkv: int, d: int) -> None:
+    """The shared-prefix decode kernels with caches in ``dt`` and (16-bit activations) float8."""
+    from pgen_engine.ops.decode_shared import shared_prefix_decode
+    from pgen_engine.ops.kv_quant import FP8_DTYPE
+
+    q = torch.randn(4, hq, d, dtype=dt)
+    idx = dict(seqlens=torch.tensor([9, 7, 5, 6], dtype=torch.int32),
+               prefix_row=torch.tensor([0, 0, 1, 1], dtype=torch.int32),
+               prefix_len=torch.tensor([6, 6, 3, 3], dtype=torch.int32))
+    caches = [dt] if dt == torch.float32 else [dt, FP8_DTYPE]
+    for cd in caches:
+        own = torch.zeros(4, hkv, 4, d, dtype=cd)
+        pool = torch.zeros(2, hkv, 8, d, dtype=cd)
+        sc = {}
+        if cd == FP8_DTYPE:
+            sc = dict(k_scale=torch.ones(4, hkv), v_scale=torch.ones(4, hkv), prefix_k_scale=torch.ones(2, hkv),
+                      prefix_v_scale=torch.ones(2, hkv))
+        shared_prefix_decode(q, own, own, prefix_k=pool, prefix_v=pool, backend="triton", **idx, **sc)
 
 
 def _csv(kind):

@@ -10,13 +10,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from pgen_engine.io_utils import atomic_write_bytes, atomic_write_text
 
+from .stats import bootstrap_indices, mean_ci, paired_ci, verdict
+
 
 def _png_bytes(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -29,8 +30,6 @@ def image_grid(rows: Sequence[tuple[str, torch.Tensor]], *, scale: int = 3, pad:
     Each row starts with its label; small images are upscaled ``scale``x (nearest) so a
     32-px render stays readable.
     """
-    from PIL import Image, ImageDraw
-
     if not rows:
         raise ValueError("image_grid needs at least one row")
     H, W = rows[0][1].shape[1:3]
@@ -69,10 +68,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_curves(path: str | Path, series: dict[str, list[dict]], keys: Sequence[str], title: str) -> bool:
     """Plot ``keys`` vs ``step`` for each run in ``series`` into one PNG; False if nothing to plot."""
-    import matplotlib
+    import matplotlib  # late import: matplotlib is optional (not an install requirement), only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: after matplotlib.use("Agg") picks the file-only backend
 
     present = [k for k in keys if any(k in r for rows in series.values() for r in rows)]
     if not present:
@@ -163,8 +162,6 @@ def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, 
     ``[U]`` (already averaged over seeds); every system must cover the same users in the
     same order. One bootstrap draw set is shared by every system and pair.
     """
-    from .stats import bootstrap_indices, mean_ci, paired_ci
-
     sizes = {v.shape[0] for m in per_user.values() for v in m.values()}
     if len(sizes) != 1:
         raise ValueError(f"build_report_json: systems cover different numbers of users {sorted(sizes)}")
@@ -202,8 +199,6 @@ def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str
     "beats" only where the 95 % CI of the paired difference excludes 0 in the good
     direction; "no difference" where it contains 0.
     """
-    from .stats import verdict
-
     out = []
     for key, ms in report["paired"].items():
         sys_name, _, base = key.partition(" - ")
@@ -227,10 +222,10 @@ def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str
 
 def plot_paired(path: str | Path, report: dict, metrics: Sequence[str]) -> bool:
     """Dot-and-interval plot of every paired difference (one panel per metric); False if none."""
-    import matplotlib
+    import matplotlib  # late import: matplotlib is optional (not an install requirement), only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: after matplotlib.use("Agg") picks the file-only backend
 
     keys = list(report["paired"])
     present = [m for m in metrics if any(m in report["paired"][k] for k in keys)]

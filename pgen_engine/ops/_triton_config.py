@@ -109,3 +109,39 @@ def prefill_blocks(arch: int, dtype: torch.dtype, head_dim: int, backward: bool 
     if d <= 128:   # fp32: 147,968 B on sm_90 / sm_80; the 99 KiB parts take single-stage 32x32
         return PrefillBlocks(64, 64, 8, 2) if not fp32 or mid else PrefillBlocks(32, 32, 4, 1)
     return PrefillBlocks(32, 32, 8, 1) if not fp32 or mid else PrefillBlocks(16, 32, 4, 1)
+
+
+class SharedDecodeBlocks(NamedTuple):
+    """Launch geometry of the shared-prefix decode kernels (:mod:`pgen_engine.ops._triton_decode_shared`):
+    query vectors per tile of a group (``block_m``), keys per tile (``block_n``), warps and
+    stages, and the prefix positions one program covers (``split_len``, at most ``max_splits``
+    programs per pool row and KV head)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    split_len: int
+    max_splits: int
+
+
+def shared_decode_blocks(arch: int, dtype: torch.dtype, head_dim: int) -> SharedDecodeBlocks:
+    """Block sizes for the shared-prefix decode kernels on compute capability ``arch``.
+
+    Decode reads every cached byte once and does little math per byte, so tiles only need to
+    be large enough for ``tl.dot`` (16) and to keep a few loads in flight. A program holds a
+    ``[block_m, D]`` query tile and ``[block_n, D]`` key / value tiles per stage. Checked per architecture by
+    ``tools/triton_compile_check.py`` (op ``decode_shared``)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"shared_decode_blocks: dtype must be float32/bfloat16/float16, got {dtype}")
+    if head_dim < 1:
+        raise ValueError(f"shared_decode_blocks: head_dim must be >= 1, got {head_dim}")
+    if arch == INTERPRETER_ARCH or _interpreting():
+        # small tiles: several tiles, splits and member tiles are exercised at test sizes
+        return SharedDecodeBlocks(16, 16, 4, 1, 32, 8)
+    d = max(16, 1 << (head_dim - 1).bit_length())
+    fp32 = dtype == torch.float32
+    # compiled sizes (tools/triton_compile_check.py, sm_89): 16-bit D=128 with 2 stages 28,672 B,
+    # fp32 D=64 with 64-key tiles 49,152 B; the 163 / 227 KiB parts take a third stage
+    stages = 2 if fp32 or smem_limit(arch) < SMEM_LIMIT[80] else 3
+    return SharedDecodeBlocks(32, 32 if fp32 and d > 64 else 64, 4, stages, 128, 16)

@@ -25,6 +25,9 @@ CPU_ONLY = pytest.mark.skipif(os.environ.get("PGEN_TEST_DEVICE", "cpu") != "cpu"
 KERNELS = ("_prefill_fwd_kernel", "_prefill_bwd_dkdv_kernel", "_prefill_bwd_dq_kernel", "_decode_split_kernel",
            "_decode_reduce_kernel", "_kv_write_kernel", "_sample_kernel", "_rms_fwd_kernel", "_rotary_kernel",
            "_lp_fwd_kernel")
+# The shared-prefix decode kernels are compiled in their own, cheaper test (below); the
+# slow all-heads run compiles them with everything else.
+PER_ARCH_OPS = "norm,rotary,prefill,decode,kv_write,sample,logprobs"
 
 
 @CPU_ONLY
@@ -34,12 +37,23 @@ def test_every_kernel_compiles_and_fits(arch):
 
     fp16 is left to the slow all-heads run: tiles are keyed on element size, so fp16 gets bf16's
     block sizes and shared memory, and dropping it keeps CI's compile time about a third lower."""
-    out = _compile("--arch", str(arch), "--dtypes", "fp32,bf16", "--head-dims", "64,80,128")
+    out = _compile("--arch", str(arch), "--dtypes", "fp32,bf16", "--head-dims", "64,80,128", "--ops", PER_ARCH_OPS)
     assert out.returncode == 0, out.stderr[-4000:]
     lines = out.stdout.strip().splitlines()
     assert lines[-2].startswith(f"sm_{arch}: largest shared memory"), lines
     for name in KERNELS:
         assert name in lines[-1], lines[-1]
+
+
+@CPU_ONLY
+def test_shared_prefix_decode_compiles_and_fits():
+    """Shared-prefix decode (float, and float8 caches with bf16 activations) at head dim 128 on
+    sm_89: the largest tiles on the part with the least shared memory (99 KiB)."""
+    out = _compile("--arch", "89", "--dtypes", "fp32,bf16", "--head-dims", "128", "--ops", "decode_shared")
+    assert out.returncode == 0, out.stderr[-4000:]
+    lines = out.stdout.strip().splitlines()
+    assert "_prefix_partial_kernel" in lines[-1] and "_own_merge_kernel" in lines[-1], lines[-1]
+    assert "compiled 6 specialisations" in lines[-1], lines[-1]  # fp32, bf16, bf16 + fp8 caches
 
 
 @CPU_ONLY
