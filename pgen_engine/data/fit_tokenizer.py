@@ -49,7 +49,7 @@ class TokenizerFitSettings:
     held_out: int = 128
     fit_images: int = 4000
     # vq only
-    time_budget_s: float = 600.0
+    time_budget_s: float = 780.0
     max_steps: int = 100_000
     batch_size: int = 32
     # patch_kmeans only

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from pgen_engine.data.history import check_history_mode
+from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
 from pgen_engine.io_utils import atomic_write_json
 from pgen_engine.models import load_model

@@ -4,6 +4,12 @@ The stages are the same code users run: ``train.py``'s SFT and RL stages (in-pro
 one rank) with the shipped configs, then :mod:`pgen_engine.eval.evaluate`. The synthetic
 known-answer dataset is the default; ``--data DIR`` runs the same pipeline on a native
 dataset (e.g. the MovieLens posters), where attribute metrics are absent.
+
+Image tokenizers: the synthetic demo keeps PatchKMeans (``configs/demo_*.yaml``: its flat
+renders round-trip exactly through 4 codes of a 512-entry codebook, so it measures the
+models, not the tokenizer); ``--data`` uses ``configs/movielens_*.yaml``, whose tokenizer is
+a small Janus VQ-VAE trained on the dataset's train-split images (``data.tokenizer: vq``,
+64 px, 8 x 8 codes, 1024 entries), installed as the tiny model's own ``vqmodel.*``.
 """
 from __future__ import annotations
 
@@ -105,6 +111,9 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
         raise FileNotFoundError(f"--data {data_dir}: no interactions.csv (expected the native dataset layout)")
     work = out / "data_work"
     common = [f"data.dataset_dir={data_dir}", f"data.work_dir={work}"]
+    print("[demo] image tokenizer: " + ("PatchKMeans (exact on the synthetic renders)" if synthetic else
+                                        "Janus VQ-VAE trained on the dataset's train-split images (data.tokenizer=vq; "
+                                        "reused from data_work/ when present)"), flush=True)
     timings: dict[str, float] = {}
     runs = {}
     for s in seeds:

@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from pgen_engine.config import DataConfig, load_config
 from pgen_engine.data.dataset import Dataset, filter_by_rating, load_dataset, load_image
-from pgen_engine.data.history import CatalogueImages, trained_history_mode
+from pgen_engine.data.history import CatalogueImages
+from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.data.prompts import PromptBuilder, normalize_pixels
 from pgen_engine.data.splits import Example, Splits, build_splits
 from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes

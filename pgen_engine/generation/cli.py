@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from pgen_engine import models
 from pgen_engine.config import DataConfig, load_config
-from pgen_engine.data.history import prompter_for_checkpoint, trained_history_mode
+from pgen_engine.data.history import prompter_for_checkpoint
+from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.data.text_tokenizer import HF_TOKENIZER_FILES, load_text_tokenizer
 from pgen_engine.generation.dataset_prompts import dataset_prompts
 from pgen_engine.generation.generator import Generator, NonFiniteLogitsError

@@ -121,7 +121,8 @@ class JanusVQTokenizer(ImageTokenizer):
         dev = self.vqvae.quant_conv.weight.device
         out = []
         for i in range(0, images.shape[0], self.batch_size):
-            pix = uint8_to_pixels(images[i:i + self.batch_size], torch.float32).to(dev)
+            # contiguous NCHW: the permuted view would run the encoder channels-last (slower on CPU)
+            pix = uint8_to_pixels(images[i:i + self.batch_size], torch.float32).contiguous().to(dev)
             out.append(self.vqvae.encode(pix).image_tokens.view(pix.shape[0], -1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.num_tokens, dtype=torch.long)
 
