@@ -133,9 +133,9 @@ class Generator:
 
     def kv_bytes(self, prompt_lens: Sequence[int], num_samples: int = 1, guidance_scale: float = 5.0) -> int:
         """Bytes of KV storage :meth:`generate` would hold at its peak for prompts of these
-        lengths: the same wave plan and sizing code the call runs,
-        with one unconditional prefix per distinct length (``"pad"``) or one ``[bos, boi]``
-        (``"short"``). For memory planning; works for a model on the meta device."""
+        lengths: the same wave plan and sizing code the call runs, with one unconditional
+        prefix per distinct length (``"pad"``) or one ``[bos, boi]`` (``"short"``). For memory
+        planning; works for a model on the meta device."""
         return plan_kv_bytes(self.model.config.text, self.num_image_tokens, prompt_lens, num_samples=num_samples,
                              guidance_scale=guidance_scale, uncond_mode=self.uncond_mode,
                              max_batch_size=self.max_batch_size, dtype=self.cache_dtype)
