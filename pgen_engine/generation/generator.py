@@ -40,6 +40,7 @@ import torch
 from pgen_engine import envs
 from pgen_engine.data.prompts import uncond_pad_ids
 from pgen_engine.models.decoder import KVCache
+from pgen_engine.ops import kv_quant
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
@@ -85,7 +86,7 @@ class _WaveItem:
     count: int
 
 
-CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, kv_quant.FP8_DTYPE)
 
 
 def check_cache_dtype(model, dtype, scheduler: str = "waves") -> None:
@@ -98,6 +99,8 @@ def check_cache_dtype(model, dtype, scheduler: str = "waves") -> None:
     """
     if not isinstance(dtype, torch.dtype) or dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES} (or None: the model's), got {dtype!r}")
+    if kv_quant.is_fp8(dtype) and scheduler != "waves":
+        raise ValueError(f"cache_dtype={dtype} (float8 with per-head scales) needs scheduler='waves'")
     fused = model.device.type == "cuda" or bool(envs.get("PGEN_FUSED_OPS"))
     if scheduler == "continuous" and fused and dtype != model.dtype:
         raise ValueError(f"cache_dtype={dtype} differs from the model's {model.dtype}: scheduler='continuous' runs "
@@ -210,7 +213,9 @@ class Generator:
         uncond_mode: ``"pad"`` (the prompt with every token except BOS / begin-of-image
             replaced by padding, same length — ``transformers``' Janus rule) or ``"short"``
             (``[bos, boi]`` shared by every row).
-        cache_dtype: KV cache dtype (default: the model's).
+        cache_dtype: KV cache dtype (default: the model's). ``torch.float8_e4m3fn`` keeps K/V
+            as float8 with float32 per-(row, KV head) scales (:mod:`pgen_engine.ops.kv_quant`;
+            ``scheduler="waves"`` only; not the C++ CPU step, which takes float32).
         sample_backend: backend for :func:`pgen_engine.ops.sample` ("auto", "torch", ...).
         scheduler: ``"waves"`` (default: groups of ``max_batch_size`` rows that start and end
             together in a contiguous cache — every row makes exactly ``num_image_tokens``
@@ -263,6 +268,11 @@ class Generator:
         self._v: list[torch.Tensor] = []
         if scheduler == "continuous":
             self._grow(2 * max_batch_size * -(-max_seq_len // BLOCK_SIZE) * BLOCK_SIZE)
+        # float8: per-(row, KV head) scales beside the cache, fixed addresses (graphs read them):
+        # rows [0, 2 * max_batch_size) for a wave's prefix pool (at most one conditional and one
+        # unconditional prompt per wave item), the next 2 * max_batch_size for its own rows
+        self._scales = kv_quant.ScaleStore(cfg.num_layers, 4 * max_batch_size, cfg.num_kv_heads, model.device) \
+            if kv_quant.is_fp8(dtype) else None
         self.decode_mode = resolve_decode_mode(decode_mode, model.device)
         self._static = StaticDecode(graphs=self.decode_mode == "graph")
         self.last_stats: dict[str, float] = {}
@@ -604,8 +614,11 @@ class Generator:
         self._grow(rows * L)
         hkv, d = self._kv_shape
         n = rows * L
+        ks = vs = None
+        if self._scales is not None:
+            ks, vs = self._scales.views(0, rows)
         return KVCache(k=[k[:n].view(rows, hkv, L, d) for k in self._k],
-                       v=[v[:n].view(rows, hkv, L, d) for v in self._v], layout="bhsd")
+                       v=[v[:n].view(rows, hkv, L, d) for v in self._v], layout="bhsd", k_scale=ks, v_scale=vs)
 
     def _wave_cache(self, g: WaveGeometry, prefix_row: list[int], prefix_len: list[int]) -> KVCache:
         """The wave's views of the storage: the prefix pool ``[P, Hkv, Lp, D]`` then the own
@@ -621,11 +634,17 @@ class Generator:
             self._static.clear()
         self._prow[:g.rows].copy_(torch.tensor(prefix_row, dtype=torch.int32))
         self._plen[:g.rows].copy_(torch.tensor(prefix_len, dtype=torch.int32))
+        sc = {}
+        if self._scales is not None:
+            cap = 2 * self.max_batch_size
+            pks, pvs = self._scales.views(0, g.P)
+            ks, vs = self._scales.views(cap, g.rows)
+            sc = dict(k_scale=ks, v_scale=vs, prefix_k_scale=pks, prefix_v_scale=pvs)
         return KVCache(k=[k[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for k in self._k],
                        v=[v[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for v in self._v], layout="bhsd",
                        prefix_k=[k[:n_pool].view(g.P, hkv, g.Lp, d) for k in self._k],
                        prefix_v=[v[:n_pool].view(g.P, hkv, g.Lp, d) for v in self._v],
-                       prefix_row=self._prow[:g.rows], prefix_len=self._plen[:g.rows])
+                       prefix_row=self._prow[:g.rows], prefix_len=self._plen[:g.rows], **sc)
 
     def _prefill_rows(self, cache: KVCache, leaders: list[int], seqs: list[list[int]],
                       code_masks: list[list[bool] | None], pixels: list[torch.Tensor | None]) -> torch.Tensor:
@@ -713,7 +732,8 @@ class Generator:
         cache = self._wave_cache(geom, prefix_row, lens)
 
         # --- prefill: each prompt and each distinct unconditional prompt once, into the pool
-        pool = KVCache(k=cache.prefix_k, v=cache.prefix_v, layout="bhsd")
+        pool = KVCache(k=cache.prefix_k, v=cache.prefix_v, layout="bhsd", k_scale=cache.prefix_k_scale,
+                       v_scale=cache.prefix_v_scale)
         h_cond = self._prefill_rows(pool, list(range(geom.Pc)), [prompts[it.prompt].ids for it in wave],
                                     [prompts[it.prompt].code_mask for it in wave],
                                     [pixel_chunks[it.prompt] for it in wave])
