@@ -11,6 +11,10 @@ import importlib
 import json
 import sys
 
+import torch
+
+from pgen_engine.models import load_model
+
 # Modules that contribute sub-commands, in the order `pgen --help` lists them.
 COMMAND_MODULES = (
     "pgen_engine.data.cli",
@@ -21,10 +25,6 @@ COMMAND_MODULES = (
 
 
 def _info(args: argparse.Namespace) -> int:
-    import torch
-
-    from pgen_engine.models import load_model
-
     model = load_model(args.checkpoint, device="cpu", dtype=torch.float32 if args.dtype == "float32" else
                        getattr(torch, args.dtype))
     c = model.config

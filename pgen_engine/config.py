@@ -34,7 +34,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from pgen_engine.data.history import trained_history_mode
+from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
 from pgen_engine.typed_config import ConfigError, build, deepcopy, parse_overrides, set_dotted
 
@@ -131,9 +131,15 @@ class DataConfig:
             config file's directory's parent, i.e. the repository root for configs/).
         synth: if set, the synthetic dataset is generated into ``dataset_dir`` when missing.
         work_dir: where the fitted tokenizer and the token cache live (reused across runs).
-        tokenizer: "patch_kmeans" (fit on the dataset's images when missing) or
-            "checkpoint_vq" (the model's own VQ).
-        patch_size, codebook_size, kmeans_iters, tokenizer_image_size: PatchKMeans settings.
+        tokenizer: "patch_kmeans" (fit on the dataset's images when missing), "vq" (a small
+            Janus VQ-VAE trained on the train split's item images when missing, saved under
+            ``work_dir`` and installed as the init model's ``vqmodel.*``) or "checkpoint_vq"
+            (the model checkpoint's own VQ).
+        tokenizer_image_size, patch_size, codebook_size: the code geometry of "patch_kmeans"
+            and "vq": ``(tokenizer_image_size / patch_size)^2`` codes per image from
+            ``codebook_size`` entries (for "vq", ``patch_size`` is the pixels per code side).
+        kmeans_iters: PatchKMeans Lloyd iterations.
+        vq_time_budget_s, vq_max_steps: "vq" training stops at whichever comes first.
         history_k, stride, max_windows_per_user, min_interactions: training windows.
         history_mode: how history images enter the model: "pixels" (vision tower + aligner
             into ``<image>`` placeholders) or "codes" (VQ codes through the generation
@@ -149,11 +155,13 @@ class DataConfig:
     dataset_dir: str = "data/synth"
     synth: Optional[SynthSection] = None
     work_dir: Optional[str] = None
-    tokenizer: Literal["patch_kmeans", "checkpoint_vq"] = "patch_kmeans"
+    tokenizer: Literal["patch_kmeans", "vq", "checkpoint_vq"] = "patch_kmeans"
     tokenizer_image_size: int = 32
     patch_size: int = 8
     codebook_size: int = 64
     kmeans_iters: int = 20
+    vq_time_budget_s: float = 780.0
+    vq_max_steps: int = 100_000
     history_k: int = 4
     stride: int = 1
     max_windows_per_user: Optional[int] = None
@@ -167,7 +175,9 @@ class DataConfig:
         if self.tokenizer_image_size % self.patch_size or self.patch_size & (self.patch_size - 1):
             raise ConfigError(f"data.patch_size={self.patch_size}: expected a power of two dividing "
                               f"data.tokenizer_image_size={self.tokenizer_image_size}")
-        for name in ("codebook_size", "history_k", "stride", "kmeans_iters"):
+        if self.vq_time_budget_s <= 0:
+            raise ConfigError(f"data.vq_time_budget_s={self.vq_time_budget_s}: expected > 0")
+        for name in ("codebook_size", "history_k", "stride", "kmeans_iters", "vq_max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}={getattr(self, name)}: expected >= 1")
         if self.num_workers < 0:

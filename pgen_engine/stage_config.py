@@ -36,7 +36,10 @@ class RLConfig:
         beta: KL coefficient (k3 estimator) to the frozen reference; 0 disables it.
         aggregation: "token" or "sequence" loss aggregation.
         scale_adv_by_std: GRPO divides by the group std.
-        temperature, top_k, top_p, guidance_scale, uncond_mode: rollout sampling.
+        temperature, top_k, top_p, guidance_scale: rollout sampling, as one
+            :class:`pgen_engine.generation.SamplingParams` in :attr:`sampling` (the same
+            rules as ``pgen generate``); flat keys, as in earlier configs.
+        uncond_mode: the CFG unconditional prompt of the rollout ("pad" or "short").
         reference: where the frozen reference runs: "auto" (the training device: the GPU
             when there is one, else the CPU), "cpu", "device", "partitioned" (ZeRO-3, no
             optimizer) or "none" (only with beta == 0; KL is then not measured).
@@ -103,8 +106,7 @@ class RLConfig:
         if self.guidance_scale <= 0:
             raise bad("guidance_scale", "> 0")
         try:  # the Generator's own rules for the rollout sampling settings
-            GenerationSampling(guidance_scale=self.guidance_scale, temperature=self.temperature, top_k=self.top_k,
-                               top_p=self.top_p)
+            self.sampling
         except (TypeError, ValueError) as e:
             raise RLConfigError(f"rl.{getattr(e, 'field', 'sampling')}: {e}") from None
         if not isinstance(self.rewards, dict) or not self.rewards:
@@ -116,3 +118,10 @@ class RLConfig:
         for key in ("ledger_scan_every", "eval_prompts", "eval_every"):
             if getattr(self, key) < 0:
                 raise bad(key, ">= 0")
+
+    @property
+    def sampling(self) -> GenerationSampling:
+        """The rollout's sampling settings as the Generator's SamplingParams (built from the
+        flat keys; raises its SamplingParamsError naming the field when one is out of range)."""
+        return GenerationSampling(guidance_scale=self.guidance_scale, temperature=self.temperature,
+                                  top_k=self.top_k, top_p=self.top_p)

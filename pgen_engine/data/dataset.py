@@ -28,14 +28,18 @@ import datetime as _dt
 import json
 import math
 import os
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from pgen_engine.errors import PgenUserError
+
+from ..io_utils import atomic_dir
 
 INTERACTIONS_FILE = "interactions.csv"
 ITEMS_FILE = "items.jsonl"
@@ -308,8 +312,6 @@ def tied_timestamps(dataset: Dataset) -> list[Interaction]:
 def fit_square(im, size: int) -> np.ndarray:
     """PIL image -> RGB uint8 ``[size, size, 3]``: the shorter side resized to ``size``
     (bicubic), then the centre square cropped. The one resize rule for dataset and history images."""
-    from PIL import Image
-
     im = im.convert("RGB")
     w, h = im.size
     scale = size / min(w, h)
@@ -326,8 +328,6 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     With ``size``, :func:`fit_square` gives ``[size, size, 3]``. Raises :class:`DataError`
     naming the file when it is missing or cannot be decoded.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -358,10 +358,6 @@ def write_dataset(
         image_files: relative path -> (``"bytes"``, data) or (``"copy"``, source path).
         extra_files: relative path -> text content (e.g. ground_truth.jsonl).
     """
-    import shutil
-
-    from ..io_utils import atomic_dir
-
     out = Path(out)
     with atomic_dir(out) as tmp:
         with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
@@ -442,8 +438,6 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
 
     Every image is opened (and decoded when ``decode_images``) so corrupt files are found.
     """
-    from PIL import Image
-
     root = Path(root)
     rep = ValidationReport(root)
     try:

@@ -24,10 +24,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..models.image_quality import evaluate_tokenizer
 from ..models.image_tokenizer import ImageTokenizer
+from ..models.patch_kmeans import PatchKMeansTokenizer
+from ..models.vq_tokenizer import JanusVQTokenizer
+from ..models.vq_train import VQTrainConfig, train_vq
 from .dataset import DataError, Dataset, load_image
+from .splits import build_splits
 
 KINDS = ("vq", "patch_kmeans")
 
@@ -44,7 +49,7 @@ class TokenizerFitSettings:
     held_out: int = 128
     fit_images: int = 4000
     # vq only
-    time_budget_s: float = 600.0
+    time_budget_s: float = 780.0
     max_steps: int = 100_000
     batch_size: int = 32
     # patch_kmeans only
@@ -68,8 +73,6 @@ def split_items(dataset: Dataset, held_out: int) -> tuple[list[str], list[str]]:
     with train items in sha1(item id) order until ``min(held_out, n // 10)`` (at least 1);
     the rest of the train items are fitted on.
     """
-    from .splits import build_splits
-
     with_image = [i for i, it in dataset.items.items() if it.image_path is not None]
     if len(with_image) < 3:
         raise DataError(f"{dataset.root}: need at least 3 items with images to fit a tokenizer, got {len(with_image)}")
@@ -99,19 +102,13 @@ def _fit_key(dataset: Dataset, fit_ids: list[str], held_ids: list[str], s: Token
 def _load(dataset: Dataset, ids: list[str], size: int, progress: bool, desc: str) -> torch.Tensor:
     it = ids
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(ids, desc=desc, unit="img")
     return torch.from_numpy(np.stack([load_image(dataset.items[i].image_path, size) for i in it]))
 
 
 def _load_kind(kind: str, path: Path) -> ImageTokenizer:
     if kind == "vq":
-        from ..models.vq_tokenizer import JanusVQTokenizer
-
         return JanusVQTokenizer.load(path)
-    from ..models.patch_kmeans import PatchKMeansTokenizer
-
     return PatchKMeansTokenizer.load(path)
 
 
@@ -153,8 +150,6 @@ def fit_tokenizer(
     fit_imgs = _load(dataset, fit_ids, settings.image_size, progress, "loading fit images")
     held_imgs = _load(dataset, held_ids, settings.image_size, progress, "loading held-out images")
     if settings.kind == "vq":
-        from ..models.vq_train import VQTrainConfig, train_vq
-
         cfg = VQTrainConfig(image_size=settings.image_size, codes_per_side=settings.codes_per_side,
                             codebook_size=settings.codebook, batch_size=settings.batch_size,
                             max_steps=settings.max_steps, time_budget_s=settings.time_budget_s, seed=settings.seed)
@@ -163,8 +158,6 @@ def fit_tokenizer(
             f"per image) on {len(fit_ids)} images: {rep.steps} steps in {rep.seconds:.0f}s, "
             f"{rep.revived} dead codes revived")
     else:
-        from ..models.patch_kmeans import PatchKMeansTokenizer
-
         tok = PatchKMeansTokenizer.fit(fit_imgs, patch_size=settings.image_size // settings.codes_per_side,
                                        codebook_size=settings.codebook, iters=settings.iters, seed=settings.seed)
         log(f"fit PatchKMeans ({settings.codebook} codes, patch {tok.patch_size}) on {len(fit_ids)} images")

@@ -17,97 +17,31 @@ every history slot becomes ``pad``, no images) are the same everywhere.
 
 The mode a model was trained with is saved in its run's ``config.resolved.yaml``
 (``data.history_mode``, resolved from ``null`` when the config was loaded);
-:func:`trained_history_mode` reads it back and :func:`check_history_mode` refuses a run
-that asks for the other mode.
+:func:`~pgen_engine.data.history_mode.trained_history_mode` reads it back and
+:func:`~pgen_engine.data.history_mode.check_history_mode` refuses a run that asks for the other mode.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Sequence, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
-from .dataset import fit_square
-from .prompts import MODES as HISTORY_MODES
+from pgen_engine.config import DataConfig, load_config
+from pgen_engine.models.checkpoint import load_checkpoint_config
+from pgen_engine.models.image_tokenizer import VQImageTokenizer
+from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+
+from .dataset import DataError, fit_square, load_image
+from .history_mode import check_history_mode, trained_history_mode
 from .prompts import PromptBuilder, normalize_pixels
+from .text_tokenizer import load_text_tokenizer
 
-ImageSource = Union[str, os.PathLike, np.ndarray, "PIL.Image.Image"]  # noqa: F821
-
-
-class HistoryModeError(ValueError):
-    """A model is run with another history mode than it was trained with."""
-
-
-def checkpoint_has_vision_tower(model_dir: str | os.PathLike) -> bool:
-    """True when ``model_dir/config.json`` describes a vision tower (``vision_config`` with >= 1 layer).
-
-    Raises FileNotFoundError / ValueError naming the file when it is missing or not JSON.
-    """
-    path = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: model config not found") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable model config ({e})") from None
-    v = cfg.get("vision_config") if isinstance(cfg, dict) else None
-    return isinstance(v, dict) and int(v.get("num_hidden_layers", 1) or 0) >= 1
-
-
-def default_history_mode(model_dir: str | os.PathLike | None) -> str:
-    """``"pixels"`` when the model has a vision tower, else ``"codes"``.
-
-    ``model_dir=None`` is the freshly initialised tiny Janus of a run without
-    ``model.checkpoint``, which always has one.
-    """
-    if model_dir is None:
-        return "pixels"
-    return "pixels" if checkpoint_has_vision_tower(model_dir) else "codes"
-
-
-def check_history_mode(trained: str, requested: str | None, *, where: str) -> str:
-    """The mode to run with: ``trained``, or an error when ``requested`` differs.
-
-    Raises:
-        HistoryModeError: naming both modes and ``where`` the trained mode came from.
-    """
-    if trained not in HISTORY_MODES:
-        raise HistoryModeError(f"{where}: data.history_mode={trained!r}; expected one of {list(HISTORY_MODES)}")
-    if requested is not None and requested != trained:
-        raise HistoryModeError(f"{where}: the model was trained with data.history_mode={trained!r} but is being run "
-                               f"with history_mode={requested!r}; history images must enter the model the way it "
-                               "was trained")
-    return trained
-
-
-def trained_history_mode(checkpoint: str | os.PathLike, run_config: str | os.PathLike | None = None
-                         ) -> tuple[str, str]:
-    """(mode, where) for a checkpoint: ``data.history_mode`` of its run's ``config.resolved.yaml``
-    (default ``CHECKPOINT/../config.resolved.yaml``, written by training next to ``final/``);
-    a run config without the key predates the setting and trained with ``"codes"``; no run
-    config -> the default for the checkpoint's architecture (:func:`default_history_mode`).
-    """
-    import yaml
-
-    ckpt = Path(checkpoint)
-    path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
-    if path.is_file():
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: unreadable run config ({e})") from None
-        data = tree.get("data") if isinstance(tree, dict) else None
-        data = data if isinstance(data, dict) else {}
-        mode = data.get("history_mode", "codes")
-        if mode is not None:
-            if mode not in HISTORY_MODES:
-                raise HistoryModeError(f"{path}: data.history_mode={mode!r}; expected one of {list(HISTORY_MODES)}")
-            return mode, str(path)
-    return default_history_mode(ckpt), f"{ckpt / 'config.json'} (no run config with data.history_mode)"
+ImageSource = Union[str, os.PathLike, np.ndarray, Image.Image]
 
 
 def load_history_image(src: ImageSource, size: int) -> np.ndarray:
@@ -116,10 +50,6 @@ def load_history_image(src: ImageSource, size: int) -> np.ndarray:
     Raises :class:`pgen_engine.data.dataset.DataError` naming the file for a missing or
     corrupt image, ValueError for an array of the wrong type/shape.
     """
-    from PIL import Image
-
-    from .dataset import load_image
-
     if isinstance(src, (str, os.PathLike)):
         return load_image(src, size)
     if isinstance(src, Image.Image):
@@ -243,11 +173,6 @@ def prompter_for_checkpoint(checkpoint: str | os.PathLike, model=None, *, run_co
 
     Raises HistoryModeError when ``history_mode`` is given and differs from the trained mode.
     """
-    from pgen_engine.config import load_config
-    from pgen_engine.models.checkpoint import load_checkpoint_config
-
-    from .text_tokenizer import load_text_tokenizer
-
     ckpt = Path(checkpoint)
     mode, where = trained_history_mode(ckpt, run_config)
     mode = check_history_mode(mode, history_mode, where=where)
@@ -265,8 +190,6 @@ def prompter_for_checkpoint(checkpoint: str | os.PathLike, model=None, *, run_co
 
 
 def run_data_defaults():
-    from pgen_engine.config import DataConfig
-
     return DataConfig()
 
 
@@ -275,8 +198,6 @@ def run_image_tokenizer(run, model, *, where: str):
     checkpoint): the run's PatchKMeans file (``<work_dir>/tokenizer.safetensors``), else the
     model's VQ (None when ``model`` is None)."""
     if run is not None and run.data.tokenizer == "patch_kmeans":
-        from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
-
         wd = Path(run.data.work_dir) if run.data.work_dir else Path(run.output_dir) / "data_work"
         tok = wd / "tokenizer.safetensors"
         if not tok.is_file():
@@ -287,26 +208,8 @@ def run_image_tokenizer(run, model, *, where: str):
 
 
 def _vq(model):
-    from pgen_engine.models.image_tokenizer import VQImageTokenizer
-
     return VQImageTokenizer(model)
 
-
-
-def run_history_mode(requested: str | None, checkpoint: str | os.PathLike | None) -> str:
-    """The history mode of a training run starting from ``checkpoint``.
-
-    A checkpoint written by an earlier pgen run (a ``config.resolved.yaml`` beside it) fixes
-    the mode: ``requested`` must agree (:class:`HistoryModeError` otherwise). A foreign
-    checkpoint (e.g. Janus-Pro from the Hub) takes ``requested``, else its architecture
-    default; no checkpoint (the tiny init model) -> ``requested`` or ``"pixels"``.
-    """
-    if checkpoint is None:
-        return requested or "pixels"
-    if (Path(checkpoint).parent / "config.resolved.yaml").is_file():
-        trained, where = trained_history_mode(checkpoint)
-        return check_history_mode(trained, requested, where=where)
-    return requested or default_history_mode(checkpoint)
 
 
 class CatalogueImages:
@@ -327,7 +230,6 @@ class CatalogueImages:
         got = self._cache.get(item_id)
         if got is not None:
             return got
-        from .dataset import DataError, load_image
 
         item = self.dataset.items.get(item_id)
         if item is None:

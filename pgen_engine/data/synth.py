@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .dataset import write_dataset
 
@@ -217,8 +218,6 @@ def drift_rules(seed: int) -> list[np.ndarray]:
 
 
 def _png(img: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", optimize=False, compress_level=1)
     return buf.getvalue()

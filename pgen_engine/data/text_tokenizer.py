@@ -73,6 +73,7 @@ def load_text_tokenizer(checkpoint_dir: str | os.PathLike | None, special: Speci
         if not d.is_dir():
             raise FileNotFoundError(f"{d}: checkpoint folder does not exist")
         if any((d / f).is_file() for f in HF_TOKENIZER_FILES):
+            # late import: transformers takes seconds to import; only tokenizer files need it
             from transformers import AutoTokenizer
 
             tok = HFTokenizer(AutoTokenizer.from_pretrained(str(d)), special)

@@ -24,8 +24,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from ..io_utils import atomic_write_json, replace_dir
+from ..io_utils import atomic_path, atomic_write_json, replace_dir
 from ..models.image_tokenizer import ImageTokenizer
 from .dataset import DataError, Dataset, load_image
 
@@ -118,8 +120,6 @@ def build_token_cache(
     todo = [j for j in range(n) if done[j] == PENDING]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=n, initial=n - len(todo), desc="tokenizing images", unit="img")
     batches = 0
     try:
@@ -238,10 +238,6 @@ def cache_features(
     ``encoder`` maps uint8 ``[B, S, S, 3]`` -> float ``[B, ...]``; the file holds
     ``features [N, ...]`` and metadata ``item_ids`` (JSON list). Written atomically.
     """
-    from safetensors.torch import save_file
-
-    from ..io_utils import atomic_path
-
     ids = list(dataset.items) if item_ids is None else list(item_ids)
     no_image = [i for i in ids if dataset.items[i].image_path is None]
     if no_image:

@@ -5,8 +5,10 @@ tower (``vision_model`` not in ``train.trainable``, the default) gives every ite
 output forever, so its features are computed once, in batches, and kept:
 
 * on disk next to the token cache (:func:`build_vision_cache`, folder
-  ``vision_<fingerprint>``): ``features.bin`` float32 ``[num_items, T_img, D_vision]``
-  (C order, memory-mapped) + ``index.json``. The key is (item, weights version), the
+  ``vision_<fingerprint>``): ``features.bin`` ``[num_items, T_img, D_vision]`` in the dtype
+  the model trains in (float32, or bfloat16 / float16: half the bytes, and exactly what
+  :meth:`~pgen_engine.models.janus.JanusModel.embed_inputs` casts float32 features to before
+  the aligner, so a bf16 run sees the same numbers) (C order, memory-mapped) + ``index.json``. The key is (item, weights version), the
   version being :func:`vision_fingerprint` of the tower's weights, so a different tower
   never reads another tower's features;
 * in memory for a live model (:class:`VisionFeatureCache`), keyed by (item, version) where
@@ -29,11 +31,32 @@ import numpy as np
 import torch
 
 from ..io_utils import atomic_write_json, replace_dir
-from .dataset import DataError
+from .dataset import DataError, load_image
 from .prompts import normalize_pixels
 
 FORMAT = "pgen-vision-cache"
 VERSION = 1
+
+# torch dtype name -> (numpy storage dtype, torch dtype); bfloat16 is stored as its raw 16 bits
+_STORAGE = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
+            "bfloat16": (np.uint16, torch.bfloat16)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _STORAGE:
+        raise ValueError(f"vision feature cache dtype must be one of {sorted(_STORAGE)}, got {dtype}")
+    return name
+
+
+def _to_numpy(x: torch.Tensor, name: str) -> np.ndarray:
+    x = x.to(_STORAGE[name][1]).contiguous()
+    return x.view(torch.int16).numpy().view(np.uint16) if name == "bfloat16" else x.numpy()
+
+
+def _from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.int16).view(torch.bfloat16) if name == "bfloat16" else t
 
 
 def vision_fingerprint(vision_model: torch.nn.Module) -> str:
@@ -57,16 +80,20 @@ def encode_items(model, images: torch.Tensor, batch_size: int = 32) -> torch.Ten
 
 
 class VisionCache:
-    """Read-only view of a complete on-disk cache: ``features(item_ids) -> float32 [n, T_img, D]``."""
+    """Read-only view of a complete on-disk cache: ``features(item_ids) -> [n, T_img, D]`` in
+    :attr:`dtype` (float32 for caches written before the dtype was recorded)."""
 
     def __init__(self, root: Path, index: dict):
         self.root, self.index = root, index
         self.fingerprint: str = index["fingerprint"]
         self.item_ids: list[str] = list(index["item_ids"])
         self.shape = (int(index["num_tokens"]), int(index["dim"]))
+        self.dtype_name: str = index.get("dtype", "float32")
+        self.dtype: torch.dtype = _STORAGE[self.dtype_name][1]
         self._row = {iid: j for j, iid in enumerate(self.item_ids)}
         n = max(len(self.item_ids), 1)
-        self._x = np.memmap(root / "features.bin", dtype=np.float32, mode="r", shape=(n, *self.shape))
+        self._x = np.memmap(root / "features.bin", dtype=_STORAGE[self.dtype_name][0], mode="r",
+                            shape=(n, *self.shape))
 
     @classmethod
     def open(cls, root: str | os.PathLike, fingerprint: str) -> "VisionCache":
@@ -82,23 +109,26 @@ class VisionCache:
             raise DataError(f"{root}: features of vision tower {idx.get('fingerprint')}, not of {fingerprint}")
         if not idx.get("complete"):
             raise DataError(f"{root}: vision feature cache is incomplete; rebuild it")
+        if idx.get("dtype", "float32") not in _STORAGE:
+            raise DataError(f"{root}: unknown feature dtype {idx.get('dtype')!r} (expected one of {sorted(_STORAGE)})")
         n = max(len(idx["item_ids"]), 1)
-        want = n * int(idx["num_tokens"]) * int(idx["dim"]) * 4
+        itemsize = np.dtype(_STORAGE[idx.get("dtype", "float32")][0]).itemsize
+        want = n * int(idx["num_tokens"]) * int(idx["dim"]) * itemsize
         if (root / "features.bin").stat().st_size != want:
             raise DataError(f"{root / 'features.bin'}: size does not match index.json (truncated?)")
         return cls(root, idx)
 
     def features(self, item_ids: Sequence[str]) -> torch.Tensor:
-        """float32 ``[n, T_img, D_vision]`` in the given order (KeyError naming an unknown item)."""
+        """``[n, T_img, D_vision]`` (:attr:`dtype`) in the given order (KeyError naming an unknown item)."""
         try:
             rows = [self._row[i] for i in item_ids]
         except KeyError as e:
             raise KeyError(f"{self.root}: item {e.args[0]!r} is not in the vision feature cache") from None
-        return torch.from_numpy(np.ascontiguousarray(self._x[rows]))
+        return _from_numpy(self._x[rows], self.dtype_name)
 
 
 def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_size: int = 32,
-                       item_ids: Sequence[str] | None = None) -> VisionCache:
+                       item_ids: Sequence[str] | None = None, dtype: torch.dtype = torch.float32) -> VisionCache:
     """Encode every item image once with ``model``'s (frozen) vision tower; reuse a complete
     cache of the same tower and items.
 
@@ -109,15 +139,18 @@ def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_s
             staged, then renamed).
         batch_size: images per tower forward.
         item_ids: restrict to these items (default: all, in dataset order).
+        dtype: storage dtype: the dtype the model trains in (float32, bfloat16 or float16).
+            The tower's outputs (computed in ``model``'s dtype) are rounded to it once here,
+            as :meth:`~pgen_engine.models.janus.JanusModel.embed_inputs` would round them
+            before the aligner; a cache of another dtype is rebuilt.
     """
-    from .dataset import load_image
-
     fp = vision_fingerprint(model.vision_model)
     root = Path(cache_root) / f"vision_{fp}"
     ids = list(dataset.items) if item_ids is None else [str(i) for i in item_ids]
+    name = _dtype_name(dtype)
     try:
         cache = VisionCache.open(root, fp)
-        if cache.item_ids == ids:
+        if cache.item_ids == ids and cache.dtype_name == name:
             return cache
     except DataError:
         pass
@@ -135,9 +168,9 @@ def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_s
                 if item.image_path is None:
                     raise DataError(f"item {i!r} has no image (pixels history needs every history image)")
                 imgs.append(load_image(item.image_path, size))
-            feats = encode_items(model, torch.from_numpy(np.stack(imgs)), batch_size).numpy()
+            feats = _to_numpy(encode_items(model, torch.from_numpy(np.stack(imgs)), batch_size), name)
             if out is None:
-                out = np.memmap(stage / "features.bin", dtype=np.float32, mode="w+",
+                out = np.memmap(stage / "features.bin", dtype=_STORAGE[name][0], mode="w+",
                                 shape=(max(len(ids), 1), *feats.shape[1:]))
             out[lo:lo + len(chunk)] = feats
         if out is None:
@@ -147,6 +180,7 @@ def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_s
         del out
         atomic_write_json(stage / "index.json", {"format": FORMAT, "version": VERSION, "fingerprint": fp,
                                                  "item_ids": ids, "num_tokens": int(shape[0]), "dim": int(shape[1]),
+                                                 "dtype": name,
                                                  "image_size": size, "complete": True})
         replace_dir(stage, root)
     finally:
@@ -164,13 +198,21 @@ class VisionFeatureCache:
 
     Args:
         model: the JanusModel whose ``vision_hidden`` encodes.
-        images: ``item ids -> uint8 [n, S, S, 3]`` at the model's ``image_size``.
+        images: ``item ids -> uint8 [n, S, S, 3]`` at the model's ``image_size`` (or, with
+            ``encode``, whatever ``encode`` takes).
         version: weights version callable (default: constant, i.e. frozen tower).
+        batch_size: images per tower forward.
+        encode: ``images(ids)[chunk] -> [n, T_img, D_vision]`` instead of :func:`encode_items`
+            on ``model`` (e.g. through a ZeRO-3 engine's forward, which gathers the tower's
+            shards). Called without grad; its outputs are stored float32 on the CPU.
     """
 
     def __init__(self, model, images: Callable[[Sequence[str]], torch.Tensor],
-                 version: Callable[[], object] | None = None, batch_size: int = 32):
-        self.model, self.images, self.batch_size = model, images, batch_size
+                 version: Callable[[], object] | None = None, batch_size: int = 32,
+                 encode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if batch_size < 1:
+            raise ValueError(f"VisionFeatureCache: batch_size={batch_size} must be >= 1")
+        self.model, self.images, self.batch_size, self.encode = model, images, batch_size, encode
         self.version = version or (lambda: 0)
         self._feats: dict[str, torch.Tensor] = {}
         self._version: object = None
@@ -184,7 +226,16 @@ class VisionFeatureCache:
             self._version = v
         missing = [i for i in dict.fromkeys(item_ids) if i not in self._feats]
         if missing:
-            f = encode_items(self.model, self.images(missing), self.batch_size)
+            imgs = self.images(missing)
+            if self.encode is None:
+                f = encode_items(self.model, imgs, self.batch_size)
+            else:
+                with torch.no_grad():
+                    f = torch.cat([self.encode(imgs[lo:lo + self.batch_size]).float().cpu()
+                                   for lo in range(0, len(missing), self.batch_size)])
+                if f.shape[0] != len(missing) or f.ndim != 3:
+                    raise ValueError(f"VisionFeatureCache: encode gave {tuple(f.shape)} for {len(missing)} images, "
+                                     "expected [n, T_img, D_vision]")
             self._feats.update(zip(missing, f))
             self.encoded += len(missing)
         return torch.stack([self._feats[i] for i in item_ids])

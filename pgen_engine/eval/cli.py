@@ -6,9 +6,22 @@ import dataclasses
 import time
 from pathlib import Path
 
-def _embedder(spec: str):
-    from pgen_engine.rewards.embedders import make_embedder
+import torch
+import yaml
 
+from pgen_engine.data.history_mode import check_history_mode
+from pgen_engine.generation.generator import Generator
+from pgen_engine.io_utils import atomic_write_json
+from pgen_engine.models import load_model
+from pgen_engine.rewards.embedders import make_embedder
+
+from . import evaluate as E
+from .demo import KEY_METRICS, REPORT_METRICS, run_demo, train_eval_embedder
+from .evaluator import EvalEmbedder
+from .report import build_report_json, ci_table, paired_sentences, plot_paired, write_report
+
+
+def _embedder(spec: str):
     if spec == "pixel_stats":
         return make_embedder({"type": "pixel_stats"})
     kind, _, path = spec.partition(":")
@@ -19,8 +32,6 @@ def _embedder(spec: str):
 
 def _reward_embedder_spec(ckpt: Path) -> dict | None:
     """The training run's ``rl.embedder`` (CHECKPOINT/../config.resolved.yaml), or None."""
-    import yaml
-
     path = ckpt.parent / "config.resolved.yaml"
     if not path.is_file():
         return None
@@ -37,25 +48,11 @@ def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
-    import torch
-
-    from pgen_engine.generation.generator import Generator
-    from pgen_engine.io_utils import atomic_write_json
-    from pgen_engine.models import load_model
-    from pgen_engine.rewards.embedders import make_embedder
-
-    from . import evaluate as E
-    from .demo import KEY_METRICS, REPORT_METRICS, train_eval_embedder
-    from .evaluator import EvalEmbedder
-    from .report import build_report_json, ci_table, paired_sentences, plot_paired, write_report
-
     t0 = time.time()
     ckpt = Path(a.checkpoint)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
     settings = E.PromptSettings.for_checkpoint(ckpt, a.run_config)
     if a.history_mode is not None:
-        from pgen_engine.data.history import check_history_mode
-
         check_history_mode(settings.history_mode, a.history_mode, where=str(a.run_config or ckpt.parent / "config.resolved.yaml"))
     if a.tokenizer:
         settings = dataclasses.replace(settings, tokenizer_path=Path(a.tokenizer))
@@ -117,8 +114,6 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else None
     report = run_demo(Path(a.out), data=a.data, quick=a.quick, progress=not a.quiet, seed=a.seed, seeds=seeds,
                       max_users=a.max_users)

@@ -4,6 +4,12 @@ The stages are the same code users run: ``train.py``'s SFT and RL stages (in-pro
 one rank) with the shipped configs, then :mod:`pgen_engine.eval.evaluate`. The synthetic
 known-answer dataset is the default; ``--data DIR`` runs the same pipeline on a native
 dataset (e.g. the MovieLens posters), where attribute metrics are absent.
+
+Image tokenizers: the synthetic demo keeps PatchKMeans (``configs/demo_*.yaml``: its flat
+renders round-trip exactly through 4 codes of a 512-entry codebook, so it measures the
+models, not the tokenizer); ``--data`` uses ``configs/movielens_*.yaml``, whose tokenizer is
+a small Janus VQ-VAE trained on the dataset's train-split images (``data.tokenizer: vq``,
+64 px, 8 x 8 codes, 1024 entries), installed as the tiny model's own ``vqmodel.*``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,18 @@ from pathlib import Path
 
 import torch
 
+from pgen_engine.config import load_config
+from pgen_engine.generation.generator import Generator
+from pgen_engine.io_utils import atomic_write_json
+from pgen_engine.models import load_model
+from pgen_engine.rewards.embedders import make_embedder
+from pgen_engine.training.stages import run_stage
+
+from . import evaluate as E
+from .evaluator import EvaluatorConfig, train_evaluator
+from .report import (build_report_json, ci_table, image_grid, paired_sentences, plot_curves, plot_paired, read_metrics,
+                     save_png, write_report)
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 
@@ -25,9 +43,6 @@ QUICK_RL = ["train.max_steps=2", "rl.prompts_per_step=4", "rl.group_size=4", "tr
 
 
 def _stage(config: Path, overrides: list[str]) -> dict:
-    from pgen_engine.config import load_config
-    from pgen_engine.training.stages import run_stage
-
     return run_stage(load_config(config, overrides), resume="auto")
 
 
@@ -52,8 +67,6 @@ KEY_METRICS = ("attr_acc_future", "user_id_acc", "future_sim", "hr@10", "diversi
 def train_eval_embedder(ev, out_dir: Path, *, steps: int = 300, progress: bool = False):
     """Train (or reuse) the independent evaluator on ``ev``'s train split (catalogue images
     at the evaluation resolution)."""
-    from .evaluator import EvaluatorConfig, train_evaluator
-
     seqs = [[ev.item_index[i] for i in s] for s in ev.splits.train_sequences.values()]
     meta = [ev.dataset.items[i].extra for i in ev.item_ids]
     # The evaluator sees images at the resolution they are compared at (the catalogue's, i.e.
@@ -87,14 +100,6 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
 
     Returns the path of ``report.md``; ``report.json`` and ``report.html`` lie next to it.
     """
-    from pgen_engine.generation.generator import Generator
-    from pgen_engine.models import load_model
-    from pgen_engine.rewards.embedders import make_embedder
-
-    from . import evaluate as E
-    from .report import (build_report_json, ci_table, image_grid, paired_sentences, plot_curves, plot_paired,
-                         read_metrics, save_png, write_report)
-
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     seeds = list(seeds) if seeds else [seed]
     out = Path(out).resolve()
@@ -106,6 +111,9 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
         raise FileNotFoundError(f"--data {data_dir}: no interactions.csv (expected the native dataset layout)")
     work = out / "data_work"
     common = [f"data.dataset_dir={data_dir}", f"data.work_dir={work}"]
+    print("[demo] image tokenizer: " + ("PatchKMeans (exact on the synthetic renders)" if synthetic else
+                                        "Janus VQ-VAE trained on the dataset's train-split images (data.tokenizer=vq; "
+                                        "reused from data_work/ when present)"), flush=True)
     timings: dict[str, float] = {}
     runs = {}
     for s in seeds:
@@ -175,7 +183,6 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
                  "independent": True,
                  "note": "rewards use the reward embedder; make_embedder refuses evaluator artifacts"}
     report = build_report_json(str(data_dir), seeds, n, eval_info, per_user)
-    from pgen_engine.io_utils import atomic_write_json
 
     atomic_write_json(out / "report.json", report)
 
@@ -223,8 +230,6 @@ _BUILDERS: dict = {}
 
 def builder_for(model, checkpoint):
     """The prompt builder of ``checkpoint`` (cached per checkpoint path)."""
-    from . import evaluate as E
-
     key = str(checkpoint)
     if key not in _BUILDERS:
         st = E.PromptSettings.for_checkpoint(checkpoint)
@@ -233,8 +238,6 @@ def builder_for(model, checkpoint):
 
 
 def _read_rl(resolved: Path):
-    from pgen_engine.config import load_config
-
     return load_config(resolved).rl
 
 
@@ -265,9 +268,7 @@ def _notes(report: dict, ev, evaluator, synthetic: bool, examples, key) -> list[
 
 def _new_value_share(ev, examples) -> float:
     """Share of examples whose target has an attribute value no history item has (synthetic data)."""
-    import json as _json
-
-    attrs = _json.loads((ev.root / "attributes.json").read_text())
+    attrs = json.loads((ev.root / "attributes.json").read_text())
     hits = 0
     for ex in examples:
         t = attrs[ex.target]

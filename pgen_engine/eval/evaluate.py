@@ -29,12 +29,20 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
-from pgen_engine.data.dataset import Dataset, load_dataset, load_image
+from pgen_engine.config import DataConfig, load_config
+from pgen_engine.data.dataset import Dataset, filter_by_rating, load_dataset, load_image
+from pgen_engine.data.history import CatalogueImages
+from pgen_engine.data.history_mode import trained_history_mode
+from pgen_engine.data.prompts import PromptBuilder, normalize_pixels
 from pgen_engine.data.splits import Example, Splits, build_splits
+from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes
+from pgen_engine.data.text_tokenizer import load_text_tokenizer
 from pgen_engine.data.token_cache import TokenCache, build_token_cache
 from pgen_engine.eval import metrics as M
-from pgen_engine.models.image_tokenizer import ImageTokenizer
+from pgen_engine.models.image_tokenizer import ImageTokenizer, VQImageTokenizer
+from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 
 BASELINES = ("random", "centroid", "popularity", "copy_last", "retrieve", "true_next")
 GENERATED = ("generate_nonpersonal", "generate_sft", "generate_sft_rl")
@@ -124,8 +132,6 @@ def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: st
     root = Path(root)
     ds = load_dataset(root)
     if min_rating is not None:
-        from pgen_engine.data.dataset import filter_by_rating
-
         ds = filter_by_rating(ds, min_rating)
     splits = build_splits(ds, k=k, min_interactions=min_interactions)
     cache = build_token_cache(ds, tokenizer, cache_dir, progress=progress)
@@ -140,8 +146,6 @@ def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: st
             pop[index[iid]] += 1
     gt = None
     if (root / "ground_truth.jsonl").is_file():
-        from pgen_engine.data.synth import load_ground_truth
-
         gt = load_ground_truth(root)
     ties = tied_targets(ds, splits) if drop_tied_targets else {}
     return EvalData(root, ds, splits, tokenizer, cache, item_ids, index, imgs, embeds, pop, gt, ref, ties)
@@ -169,8 +173,6 @@ class PromptSettings:
     def for_checkpoint(cls, checkpoint: str | Path, run_config: str | Path | None = None) -> "PromptSettings":
         """Read the training run's resolved config (default: ``CHECKPOINT/../config.resolved.yaml``,
         which ``train.py`` writes next to ``final/``); defaults when there is none."""
-        from pgen_engine.config import DataConfig, load_config
-
         ckpt = Path(checkpoint)
         path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
         if run_config and not path.is_file():
@@ -181,15 +183,11 @@ class PromptSettings:
             tok = Path(d.work_dir) / "tokenizer.safetensors"
             if not tok.is_file():
                 raise FileNotFoundError(f"{path}: the run's image tokenizer {tok} is missing")
-        from pgen_engine.data.history import trained_history_mode
 
         return cls(d.instruction, d.with_titles, d.history_k, tok, trained_history_mode(ckpt, run_config)[0])
 
     def tokenizer(self, model) -> ImageTokenizer:
         """The image tokenizer matching ``model``'s image vocabulary."""
-        from pgen_engine.models.image_tokenizer import VQImageTokenizer
-        from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
-
         tok = PatchKMeansTokenizer.load(self.tokenizer_path) if self.tokenizer_path else VQImageTokenizer(model)
         if (tok.num_tokens, tok.codebook_size) != (model.num_image_tokens, model.codebook_size):
             raise ValueError(f"image tokenizer {self.tokenizer_path or 'vq'} gives {tok.num_tokens} codes/image from "
@@ -198,9 +196,6 @@ class PromptSettings:
         return tok
 
     def prompt_builder(self, model, checkpoint: str | Path, num_tokens: int):
-        from pgen_engine.data.prompts import PromptBuilder
-        from pgen_engine.data.text_tokenizer import load_text_tokenizer
-
         special = model.special_tokens
         return PromptBuilder(load_text_tokenizer(checkpoint, special), special, num_tokens, mode=self.history_mode,
                              with_titles=self.with_titles, instruction=self.instruction)
@@ -234,9 +229,6 @@ def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, perso
     ``[n_i, 3, image_size, image_size]`` history images (None where a prompt has none) in
     pixels mode (``builder.mode``; ``image_size`` = the vision tower's), else B Nones.
     """
-    from pgen_engine.data.history import CatalogueImages
-    from pgen_engine.data.prompts import normalize_pixels
-
     ids, masks, pixels = [], [], []
     images = CatalogueImages(data.dataset, image_size) if builder.mode == "pixels" else None
     if images is not None and not image_size:
@@ -275,8 +267,6 @@ def generate_system(name: str, generator, data: EvalData, builder, examples: Seq
     codes = []
     it = range(0, len(ids), batch_prompts)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc=f"eval {name}", unit="batch")
     for i in it:
         seeds = [seed * 1_000_003 + j for j in range(i, min(i + batch_prompts, len(ids)))]
@@ -360,8 +350,6 @@ def baseline_systems(data: EvalData, examples: Sequence[Example], n: int, *, see
 
 
 def _attr_targets(data: EvalData, ex: Example) -> tuple[list[int], list[int]]:
-    from pgen_engine.data.synth import attributes_to_codes
-
     steps = data.ground_truth[ex.user_id]
     cur = steps[max(ex.position - 1, 0)]["preferred"]
     fut = steps[ex.position]["preferred"]
@@ -418,8 +406,6 @@ def per_user_metrics(out: SystemOutput, data: EvalData, examples: Sequence[Examp
     row["diversity"] = M.user_diversity(e, gu, U).double()
     row["novelty"] = _per_user_mean(M.novelty(e, data.catalogue_embeds), gu, U)
     if data.ground_truth is not None:
-        from pgen_engine.data.synth import read_attributes
-
         pred = read_attributes(out.images)
         cur, fut_t = zip(*(_attr_targets(data, ex) for ex in examples))
         row["attr_acc_current"] = _per_user_mean((pred == torch.tensor(cur)[gu]).double().mean(1), gu, U)

@@ -36,9 +36,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save as safetensors_bytes
+from tqdm.auto import tqdm
 
 from pgen_engine.io_utils import atomic_write_bytes, atomic_write_json
-from pgen_engine.rewards.embedders import ImageEmbedder
+from pgen_engine.rewards.embedders import ImageEmbedder, PixelStatsEmbedder
 
 META_FILE = "evaluator.json"
 WEIGHTS_FILE = "evaluator.safetensors"
@@ -128,8 +130,6 @@ class EvalEmbedder(ImageEmbedder):
 
     @classmethod
     def load(cls, directory: str | Path) -> "EvalEmbedder":
-        from safetensors.torch import load_file
-
         d = Path(directory)
         meta_path = d / META_FILE
         if not meta_path.is_file():
@@ -257,8 +257,6 @@ def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int
     net.train()
     it = range(cfg.steps)
     if progress:
-        from tqdm.auto import tqdm
-
         it = tqdm(it, desc="evaluator", unit="step")
     for _ in it:
         sel = pairs[rng.integers(0, len(pairs), size=B - n_meta)]
@@ -290,7 +288,6 @@ def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int
     emb = EvalEmbedder(net, cfg, {})
     with torch.no_grad():
         cat = emb.embed(images)
-    from pgen_engine.rewards.embedders import PixelStatsEmbedder
 
     C = images.shape[0]
     sanity = {"heldout_users": len(held_seqs), "heldout_pairs": int(len(held_pairs)),
@@ -300,9 +297,8 @@ def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int
     meta = {"kind": KIND, "config": dataclasses.asdict(cfg), "data_hash": digest, "items": C,
             "train_users": len(fit_seqs), "train_pairs": int(len(pairs)), "metadata_groups": len(groups),
             "sanity": sanity, "train_seconds": round(time.time() - t0, 1)}
-    from safetensors.torch import save
 
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / WEIGHTS_FILE, save({k: v.contiguous() for k, v in net.state_dict().items()}))
+    atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()}))
     atomic_write_json(out / META_FILE, meta)
     return EvalEmbedder(net, cfg, meta)

@@ -10,13 +10,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
 
 from pgen_engine.io_utils import atomic_write_bytes, atomic_write_text
 
+from .stats import bootstrap_indices, mean_ci, paired_ci, verdict
+
 
 def _png_bytes(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
@@ -29,8 +30,6 @@ def image_grid(rows: Sequence[tuple[str, torch.Tensor]], *, scale: int = 3, pad:
     Each row starts with its label; small images are upscaled ``scale``x (nearest) so a
     32-px render stays readable.
     """
-    from PIL import Image, ImageDraw
-
     if not rows:
         raise ValueError("image_grid needs at least one row")
     H, W = rows[0][1].shape[1:3]
@@ -69,10 +68,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_curves(path: str | Path, series: dict[str, list[dict]], keys: Sequence[str], title: str) -> bool:
     """Plot ``keys`` vs ``step`` for each run in ``series`` into one PNG; False if nothing to plot."""
-    import matplotlib
+    import matplotlib  # late import: matplotlib is optional (not an install requirement), only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: after matplotlib.use("Agg") picks the file-only backend
 
     present = [k for k in keys if any(k in r for rows in series.values() for r in rows)]
     if not present:
@@ -133,7 +132,22 @@ def write_report(out_dir: str | Path, *, title: str, table_md: str, notes: Seque
 
 # ---------------------------------------------------------------------------- report.json
 
-PAIRED_BASELINES = ("generate_nonpersonal", "copy_last")
+# Every system is compared user by user with each of these baselines (where present).
+PAIRED_BASELINES = ("generate_nonpersonal", "copy_last", "retrieve")
+# Further pairs the report makes claims about: does RL improve on the SFT model it starts from?
+PAIRED_CLAIMS = (("generate_sft_rl", "generate_sft"),)
+
+
+def paired_keys(systems: Sequence[str]) -> list[tuple[str, str]]:
+    """The ``(system, baseline)`` pairs ``report.json["paired"]`` holds for these systems.
+
+    Every system against each present baseline of :data:`PAIRED_BASELINES` (in that order),
+    then each pair of :data:`PAIRED_CLAIMS` whose two systems are present and not listed yet.
+    """
+    names = list(systems)
+    pairs = [(s, base) for base in PAIRED_BASELINES if base in names for s in names if s != base]
+    pairs += [p for p in PAIRED_CLAIMS if p[0] in names and p[1] in names and p not in pairs]
+    return pairs
 
 
 def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, evaluator: dict,
@@ -142,28 +156,21 @@ def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, 
 
     Shape: ``{"dataset", "seeds", "users", "images_per_user", "evaluator",
     "systems": {system: {metric: {"mean", "ci95"}}},
-    "paired": {"<system> - <baseline>": {metric: {"mean", "ci95"}}}}`` with paired
-    differences against each of :data:`PAIRED_BASELINES` present. ``per_user`` holds each
-    system's per-user metric tensors ``[U]`` (already averaged over seeds); every system
-    must cover the same users in the same order.
+    "paired": {"<system> - <baseline>": {metric: {"mean", "ci95"}}}}`` with the pairs of
+    :func:`paired_keys` (every system against each of :data:`PAIRED_BASELINES`, plus
+    :data:`PAIRED_CLAIMS`). ``per_user`` holds each system's per-user metric tensors
+    ``[U]`` (already averaged over seeds); every system must cover the same users in the
+    same order. One bootstrap draw set is shared by every system and pair.
     """
-    from .stats import bootstrap_indices, mean_ci, paired_ci
-
     sizes = {v.shape[0] for m in per_user.values() for v in m.values()}
     if len(sizes) != 1:
         raise ValueError(f"build_report_json: systems cover different numbers of users {sorted(sizes)}")
     U = sizes.pop()
     idx = bootstrap_indices(U, draws, seed)
     systems = {s: {m: mean_ci(v, idx) for m, v in ms.items()} for s, ms in per_user.items()}
-    paired = {}
-    for base in PAIRED_BASELINES:
-        if base not in per_user:
-            continue
-        for s, ms in per_user.items():
-            if s == base:
-                continue
-            paired[f"{s} - {base}"] = {m: paired_ci(v, per_user[base][m], idx) for m, v in ms.items()
-                                       if m in per_user[base]}
+    paired = {f"{s} - {base}": {m: paired_ci(v, per_user[base][m], idx) for m, v in per_user[s].items()
+                                if m in per_user[base]}
+              for s, base in paired_keys(per_user)}
     return {"dataset": str(dataset), "seeds": [int(x) for x in seeds], "users": int(U),
             "images_per_user": int(images_per_user), "evaluator": evaluator, "systems": systems, "paired": paired}
 
@@ -192,8 +199,6 @@ def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str
     "beats" only where the 95 % CI of the paired difference excludes 0 in the good
     direction; "no difference" where it contains 0.
     """
-    from .stats import verdict
-
     out = []
     for key, ms in report["paired"].items():
         sys_name, _, base = key.partition(" - ")
@@ -217,10 +222,10 @@ def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str
 
 def plot_paired(path: str | Path, report: dict, metrics: Sequence[str]) -> bool:
     """Dot-and-interval plot of every paired difference (one panel per metric); False if none."""
-    import matplotlib
+    import matplotlib  # late import: matplotlib is optional (not an install requirement), only plots need it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # late import: after matplotlib.use("Agg") picks the file-only backend
 
     keys = list(report["paired"])
     present = [m for m in metrics if any(m in report["paired"][k] for k in keys)]

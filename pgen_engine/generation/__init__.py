@@ -1,7 +1,6 @@
-"""Generation: the batched KV-cached image-token :class:`Generator` (CFG, sampling) and,
-in :mod:`.scheduler`, the C++ continuous-batching scheduler / KV block manager wrapper."""
-from .generator import SCHEDULERS, UNCOND_MODES, Generator, NonFiniteLogitsError
+"""Generation: the batched KV-cached image-token :class:`Generator` (CFG, sampling, waves over a
+shared-prefix KV cache, decode backends chosen once in :mod:`.backends`)."""
+from .generator import UNCOND_MODES, Generator, NonFiniteLogitsError
 from .sampling_params import SamplingParams, SamplingParamsError
 
-__all__ = ["Generator", "NonFiniteLogitsError", "SamplingParams", "SamplingParamsError", "SCHEDULERS",
-           "UNCOND_MODES"]
+__all__ = ["Generator", "NonFiniteLogitsError", "SamplingParams", "SamplingParamsError", "UNCOND_MODES"]

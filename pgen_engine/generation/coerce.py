@@ -1,4 +1,4 @@
-"""Strict conversion of user arguments for the generation API (Generator, scheduler wrappers).
+"""Strict conversion of user arguments for the generation API (Generator, SamplingParams).
 
 ``int()`` / ``bool()`` would silently truncate 2.5, parse "3" or treat "False" as true; these
 helpers accept exactly the values a caller means (Python / NumPy integers, integer 0-d tensors,
@@ -27,22 +27,6 @@ def as_int(value, name: str, *, int64: bool = False) -> int:
     if int64 and not INT64_MIN <= v <= INT64_MAX:
         raise ValueError(f"{name} must fit int64, got {v}")
     return v
-
-
-def as_int64(value, name: str) -> int:
-    """:func:`as_int` that also refuses values outside int64 (ValueError): ids and sizes for C++."""
-    return as_int(value, name, int64=True)
-
-
-def as_int64_list(values, name: str) -> list[int]:
-    """A sequence of integers (each as :func:`as_int64`) as a list of ints."""
-    if isinstance(values, (str, bytes)):
-        raise TypeError(f"{name} must be a sequence of integers, got {type(values).__name__}")
-    vals = list(values)
-    # fast path (the per-step sample id lists): plain ints within int64
-    if all(type(v) is int for v in vals) and (not vals or (INT64_MIN <= min(vals) and max(vals) <= INT64_MAX)):
-        return vals
-    return [as_int64(v, f"{name}[{i}]") for i, v in enumerate(vals)]
 
 
 def as_flag(value, name: str) -> bool:

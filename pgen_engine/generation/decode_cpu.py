@@ -5,7 +5,7 @@ around it (embedding, rotary tables, head, CFG mix, sampling: about 30 eager ops
 much again. :func:`run_decode_loop` hands the whole loop to C++: one call runs every step, each
 thread owning a group of conditional rows and their unconditional partners, with no host-side
 work or synchronisation between steps. The ops are those of the Python loop (the layer stack
-of :func:`pgen_engine.models.op_dispatch.decode_layers_cpu`, ATen for the embedding / aligner /
+of :func:`pgen_engine.generation.layers_cpu.decode_layers_cpu`, ATen for the embedding / aligner /
 head / log-probs, the C++ sampler of :func:`pgen_engine.ops.sample`), so the codes match the
 eager and static decode modes. ``PGEN_CPU_DECODE=0`` turns it off (with the C++ layer stack).
 """
@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from pgen_engine import envs
-from pgen_engine.models import op_dispatch as K
 from pgen_engine.ops._backend import extension
+
+from . import layers_cpu
 
 # activation names the C++ loop applies (transformers' ACT2FN names with an ATen equivalent)
 SUPPORTED_ACTS = ("gelu", "gelu_pytorch_tanh", "silu", "swish", "relu")
@@ -40,7 +41,7 @@ def applies(model, cache) -> bool:
     if cache.prefix_k is not None and cache.prefix_k[0].dtype != torch.float32:
         return False
     probe = torch.empty(0, dtype=torch.float32)
-    if not K.cpu_decode_applies(lm, probe, cache):
+    if not layers_cpu.cpu_decode_applies(lm, probe, cache):
         return False
     ext = extension()
     if not hasattr(ext, "decode_loop_cpu") or not _LOOP_TAKES_PREFIX_POOL:
@@ -136,7 +137,7 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
     # rotary tables for every position a row reaches (prompt + image tokens; with shared
     # prefixes the own rows hold only the image tokens)
     cos, sin = lm.rotary(torch.arange(int(base.max()) + T), torch.float32)
-    weights = K._stack_weights(lm)
+    weights = layers_cpu.stack_weights(lm)
     aligner = model.generation_aligner
     head = model.generation_head
     aw, ab = _linear_parts([aligner.fc1, *aligner.hidden_layers])

@@ -8,9 +8,10 @@ itself increments), the per-row prompt lengths and slots, the ``[T, R]`` seed ta
 ``[R, T]`` output — so the whole step can be captured once as a CUDA graph and replayed
 ``T - 1`` times with no host work but the replay call.
 
-Modes (``Generator(decode_mode=...)``):
+Modes (``Generator(decode_mode=...)``; the backend each picks: :mod:`.backends`):
 
-* ``"eager"``: the plain Python loop (CPU default: the C++ CPU step is already one call);
+* ``"eager"``: no static step (the C++ wave loop for a float32 CPU model, else the plain
+  Python loop);
 * ``"static"``: this module's static step run eagerly — exactly what a graph captures, on
   any device (tests compare it with ``"eager"`` on CPU);
 * ``"graph"``: the static step captured as a ``torch.cuda.CUDAGraph`` (CUDA default). The
@@ -80,8 +81,11 @@ class DecodeState:
 
 
 def decode_step(model, cache, state: DecodeState, cfg: bool,
-                pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+                pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], layers: Callable | None = None) -> None:
     """One static step: code ``t - 1`` in, code ``t`` out (``state.out[:, t]``), ``t += 1``.
+
+    ``layers(embeds, positions, cache, slot_mapping, cache_seqlens) -> hidden`` runs the layer
+    stack (default ``model.decode_step``; a decode backend passes its own).
 
     ``pick(hidden [rows, H], seeds [R]) -> int64 [R]`` turns the final hidden states into
     codes (CFG mix + sampling or argmax); when ``state.lp`` is set it returns
@@ -93,7 +97,7 @@ def decode_step(model, cache, state: DecodeState, cfg: bool,
         emb = torch.cat([emb, emb])
     prev = state.t - 1
     pos = state.base + prev
-    h = model.decode_step(emb, pos, cache, state.slot0 + prev, (pos + 1).to(torch.int32), None)
+    h = (layers or model.decode_step)(emb, pos, cache, state.slot0 + prev, (pos + 1).to(torch.int32))
     picked = pick(h, state.step_seeds.index_select(0, state.t).view(-1))
     if state.lp is not None:
         tok, lp = picked
@@ -119,13 +123,15 @@ class StaticDecode:
 
     def run(self, key: tuple, model, cache, cfg: bool, pick, first: torch.Tensor, base: torch.Tensor,
             slot0: torch.Tensor, step_seeds: torch.Tensor, on_step: Callable[[], None] | None = None,
-            first_lp: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+            first_lp: torch.Tensor | None = None, layers: Callable | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decode codes ``1..T-1`` of one wave -> (int64 ``[R, T]`` codes, float32 ``[R, T]``
         log-probs or None), fresh tensors.
 
         ``key`` must change whenever anything the step bakes in changes (shapes, cache view,
         sampling settings, whether log-probs are recorded); ``first`` ``[R]`` is code 0 and
-        ``first_lp`` its log-prob (given iff ``pick`` returns log-probs), ``step_seeds`` ``[T, R]``.
+        ``first_lp`` its log-prob (given iff ``pick`` returns log-probs), ``step_seeds`` ``[T, R]``,
+        ``layers`` the step's layer stack (see :func:`decode_step`).
         """
         R, T = step_seeds.shape[1], step_seeds.shape[0]
         entry = self._cache.get(key)
@@ -140,7 +146,7 @@ class StaticDecode:
         state.load(first, base, slot0, step_seeds, first_lp)
 
         def step() -> None:
-            decode_step(model, cache, state, cfg, pick)
+            decode_step(model, cache, state, cfg, pick, layers)
 
         done = 1
         if self.graphs and graph is None and T > 2:

@@ -18,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from pgen_engine.data.history import batch_inputs, prompter_for_checkpoint
 from pgen_engine.ops.rng import mix_seed
 
 _MASK63 = (1 << 63) - 1
@@ -52,8 +53,6 @@ def generate_for_users(gen, histories: Sequence[Sequence], *, num_samples: int =
     Returns:
         int64 codes ``[U * num_samples, T]`` or uint8 images.
     """
-    from pgen_engine.data.history import batch_inputs, prompter_for_checkpoint
-
     if len(histories) == 0:
         raise ValueError("generate_for_users: no histories")
     if prompter is None:

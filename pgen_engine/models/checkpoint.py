@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from .checkpoint_writer import INDEX_NAME, SIDECAR_GLOBS, SINGLE_NAME, hf_key as _hf_key, save_checkpoint
 from .janus import JanusModel
@@ -52,8 +53,6 @@ def _shard_files(path: Path) -> list[Path]:
 
 def _read_tensors(files: list[Path]) -> dict[str, tuple[Path, object]]:
     """key -> (file, open safetensors handle). Raises CheckpointError on unreadable files."""
-    from safetensors import safe_open
-
     where: dict[str, tuple[Path, object]] = {}
     for f in files:
         try:

@@ -256,9 +256,6 @@ class LanguageModel(nn.Module):
         pos = self._positions(inputs_embeds, attention_mask, position_ids)
         cos, sin = self.rotary(pos, inputs_embeds.dtype)
         key_mask = None if attention_mask is None else attention_mask.bool()
-        if K.cpu_prefill_applies(self, inputs_embeds, cache) and (key_mask is None or K.is_left_padded(key_mask)):
-            # whole prompt pass in C++ (float32 CPU, head-major cache): same math, fewer sweeps
-            return K.prefill_layers_cpu(self, inputs_embeds, cos, sin, key_mask, cache, slot_mapping)
         flat_slots = slot_mapping.reshape(-1)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
@@ -282,9 +279,6 @@ class LanguageModel(nn.Module):
             final-normed hidden states ``[B,H]``.
         """
         cos, sin = self.rotary(positions, inputs_embeds.dtype)
-        if block_table is None and K.cpu_decode_applies(self, inputs_embeds, cache):
-            # whole step in C++ (float32 CPU, head-major cache): same math, no per-op dispatch
-            return K.decode_layers_cpu(self, inputs_embeds, cos, sin, cache, slot_mapping, cache_seqlens)
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h = layer.forward_cached(h, cos, sin, cache, i, slot_mapping, cache_seqlens, block_table)

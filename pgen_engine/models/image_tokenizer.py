@@ -9,8 +9,11 @@ generation, rewards) talks to this interface only.
 from __future__ import annotations
 
 import abc
+import hashlib
 
 import torch
+
+from .janus import uint8_to_pixels
 
 
 class ImageTokenizer(abc.ABC):
@@ -76,8 +79,6 @@ class VQImageTokenizer(ImageTokenizer):
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        from .janus import uint8_to_pixels
-
         self._check_images(images)
         out = []
         vq = self.model.vqmodel
@@ -93,8 +94,6 @@ class VQImageTokenizer(ImageTokenizer):
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:
-            import hashlib
-
             h = hashlib.sha256(f"vq:{self.image_size}:{self.num_tokens}:{self.codebook_size}".encode())
             for name, t in sorted(self.model.vqmodel.state_dict().items()):
                 h.update(name.encode())

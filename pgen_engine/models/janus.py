@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pgen_engine.ops.logprobs import token_logprobs
+
 from .checkpoint_writer import save_checkpoint
 from .decoder import KVCache, LanguageModel
 from .janus_config import JanusModelConfig
@@ -28,6 +30,7 @@ from .special_tokens import SpecialTokens
 
 
 def _act(name: str):
+    # late import: transformers takes seconds to import and `pgen` imports this module at start-up
     from transformers.activations import ACT2FN
 
     return ACT2FN[name]
@@ -73,6 +76,7 @@ class JanusModel(nn.Module):
 
     def __init__(self, config: JanusModelConfig, special_tokens: SpecialTokens | None = None):
         super().__init__()
+        # late import: transformers takes seconds to import and `pgen` imports this module at start-up
         from transformers import JanusVisionConfig, JanusVisionModel, JanusVQVAE, JanusVQVAEConfig
 
         self.config = config
@@ -135,8 +139,8 @@ class JanusModel(nn.Module):
         return self.aligner(self.vision_hidden(pixel_values))
 
     def embed_inputs(self, input_ids: torch.Tensor, gen_code_mask: torch.Tensor | None = None,
-                     pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     pixel_values: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                     image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Prompt ids -> LM input embeddings ``[B,S,H]``.
 
         Args:
@@ -150,9 +154,12 @@ class JanusModel(nn.Module):
             image_features: instead of ``pixel_values``: their precomputed vision-tower
                 outputs ``[N_img, T_img, D_vision]`` (:meth:`vision_hidden`; the aligner is
                 still applied here, so it trains).
+            image_embeds: instead of either: the aligned features ``[N_img, T_img, H]``
+                (:meth:`vision_features`, i.e. tower + aligner already applied; what
+                :meth:`pgen_engine.generation.Generator.generate` takes as ``image_embeds``).
         """
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("give pixel_values or image_features, not both")
+        if sum(x is not None for x in (pixel_values, image_features, image_embeds)) > 1:
+            raise ValueError("give one of pixel_values, image_features or image_embeds, not several")
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [B,S], got shape {tuple(input_ids.shape)}")
         emb_layer = self.language_model.embed_tokens
@@ -162,8 +169,11 @@ class JanusModel(nn.Module):
             text_ids = input_ids.masked_fill(gen_code_mask, 0)
             code_ids = input_ids.masked_fill(~gen_code_mask, 0)
             x = torch.where(gen_code_mask[..., None], self.embed_image_codes(code_ids), emb_layer(text_ids))
-        if pixel_values is not None or image_features is not None:
-            if image_features is not None:
+        if pixel_values is not None or image_features is not None or image_embeds is not None:
+            if image_embeds is not None:
+                feats = image_embeds.reshape(-1, x.shape[-1]).to(x.dtype)
+                n_img = image_embeds.shape[0]
+            elif image_features is not None:
                 feats = self.aligner(image_features.to(self.dtype)).reshape(-1, x.shape[-1]).to(x.dtype)
                 n_img = image_features.shape[0]
             else:
@@ -175,7 +185,7 @@ class JanusModel(nn.Module):
             n_slots = int(slots.sum())
             if n_slots != feats.shape[0]:
                 raise ValueError(
-                    f"pixel_values give {n_img} image(s) = {feats.shape[0]} features, but input_ids "
+                    f"the history images give {n_img} image(s) = {feats.shape[0]} features, but input_ids "
                     f"hold {n_slots} image placeholder tokens (id {self.config.image_token_id}); expected "
                     f"{self.num_image_tokens} placeholders per image"
                 )
@@ -221,8 +231,6 @@ class JanusModel(nn.Module):
             (logprobs ``[N]``, entropy ``[N]``), fp32; the ``[N,K]`` logits are not materialised
             on the fused path.
         """
-        from pgen_engine.ops.logprobs import token_logprobs
-
         head = self.generation_head
         return token_logprobs(head.features(hidden), head.vision_head.weight, targets,
                               bias=head.vision_head.bias, temperature=temperature)

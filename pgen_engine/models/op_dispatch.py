@@ -3,11 +3,9 @@
 On CUDA tensors the fused kernels (Triton / CUDA) run; on CPU the ops' torch references
 run, except attention and the KV write, which use ``torch.nn.functional.
 scaled_dot_product_attention`` and ``index_copy_`` directly: the fastest exact CPU paths
-(the ops' own torch references are readable definitions, not fast paths). A float32 decode
-step on CPU with a head-major cache runs whole in C++ (``pgen_engine._C.decode_layers_cpu``):
-the projections through the BLAS, the norms, rotary, cache write and attention in one pass
-each, instead of ~40 eager ops per layer; the prefill into such a cache likewise
-(``prefill_layers_cpu``). ``PGEN_CPU_DECODE=0`` turns both off.
+(the ops' own torch references are readable definitions, not fast paths). The C++ float32
+CPU layer stack is not dispatched here: it is a decode backend of the Generator
+(:mod:`pgen_engine.generation.layers_cpu`), so the model always runs these ops.
 """
 from __future__ import annotations
 
@@ -19,7 +17,6 @@ from pgen_engine import envs
 from pgen_engine.ops import attention as _attn
 from pgen_engine.ops import kv_quant as _kvq
 from pgen_engine.ops.decode_shared import shared_prefix_decode as _shared_prefix_decode
-from pgen_engine.ops._backend import extension as _extension
 from pgen_engine.ops.norm import rms_norm as _rms_norm
 from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
 
@@ -27,21 +24,6 @@ from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
 # Set PGEN_FUSED_OPS=1 to take the fused-op path on CPU too (tests run it there with the
 # ops' torch references or, under TRITON_INTERPRET=1, the Triton kernels).
 _FORCE_FUSED = envs.get("PGEN_FUSED_OPS")
-
-
-_CPU_DECODE = envs.get("PGEN_CPU_DECODE")
-
-
-def cascade_extension():
-    """``pgen_engine._C`` when its CPU decode ops take the shared-prefix pool (``prefix_k`` /
-    ``prefix_v``, the cascade layout of :class:`~pgen_engine.models.decoder.KVCache`), else None:
-    an extension built from older sources keeps the torch path rather than misreading the cache."""
-    ext = _extension()
-    return ext if _EXT_TAKES_PREFIX_POOL and hasattr(ext, "decode_layers_cpu") else None
-
-
-# checked once, at import (pybind signatures name their arguments); tests may wrap the ops later
-_EXT_TAKES_PREFIX_POOL = "prefix_k" in (getattr(_extension(), "decode_layers_cpu", None).__doc__ or "")
 
 
 def _fused(t: torch.Tensor) -> bool:
@@ -131,11 +113,6 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         B = q.shape[0]
         if prefix_row is not None:
             prefix_row, prefix_len = prefix_row[:B], prefix_len[:B]
-        ext = cascade_extension()
-        if (ext is not None and q.dtype == torch.float32 and k_cache.dtype == torch.float32 and q.device.type == "cpu"
-                and (prefix_k is None or prefix_k.dtype == torch.float32) and not _needs_grad(q, k_cache)):
-            return ext.cached_attention_cpu(q.contiguous(), k_cache, v_cache, cache_seqlens.int().contiguous(),
-                                            prefix_k, prefix_v, prefix_row, prefix_len, scale)
         return _cached_attention_head_major(q, k_cache, v_cache, cache_seqlens, scale, prefix_row, prefix_len,
                                             prefix_k, prefix_v)
     if prefix_row is not None:
@@ -225,10 +202,6 @@ def cache_attention(q: torch.Tensor, cache, layer: int, cache_seqlens: torch.Ten
                             prefix_row=cache.prefix_row, prefix_len=cache.prefix_len, prefix_k=pk, prefix_v=pv)
 
 
-def _needs_grad(*ts: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
 def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  cache_seqlens: torch.Tensor, scale: float, prefix_row: torch.Tensor | None = None,
                                  prefix_len: torch.Tensor | None = None, prefix_k: torch.Tensor | None = None,
@@ -260,84 +233,3 @@ def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache
     # weight is 0, but 0 * NaN / Inf is NaN, so a non-finite value once written would leak
     v = v.masked_fill(~live[:, None, :, None], 0)
     return torch.matmul(p, v).view(B, Hq, D)
-
-
-def cpu_decode_applies(lm, h: torch.Tensor, cache) -> bool:
-    """True when :func:`decode_layers_cpu` can run this step of ``lm`` (a ``LanguageModel``):
-    float32 CPU activations and cache, head-major cache, no gradients, Llama layers without
-    biases, extension built."""
-    if not _CPU_DECODE or h.device.type != "cpu" or h.dtype != torch.float32 or cache.layout != "bhsd":
-        return False
-    if cache.k[0].dtype != torch.float32:  # e.g. a bfloat16 cache under a float32 model: eager layers
-        return False
-    if cache.prefix_k is not None and cache.prefix_k[0].dtype != torch.float32:
-        return False
-    cfg = lm.cfg
-    if cfg.attention_bias or cfg.mlp_bias or cfg.head_dim % 2 or cfg.head_dim > 1024:
-        return False
-    if torch.is_grad_enabled() and any(p.requires_grad for p in lm.parameters()):
-        return False
-    return cascade_extension() is not None
-
-
-def _stack_weights(lm) -> list[torch.Tensor]:
-    """The 9 per-layer weights the C++ layer stack takes, in its order (ln1, q, k, v, o, ln2, gate, up, down)."""
-    weights = []
-    for layer in lm.layers:
-        a, m = layer.self_attn, layer.mlp
-        weights += [layer.input_layernorm.weight, a.q_proj.weight, a.k_proj.weight, a.v_proj.weight,
-                    a.o_proj.weight, layer.post_attention_layernorm.weight, m.gate_proj.weight, m.up_proj.weight,
-                    m.down_proj.weight]
-    return [w.detach() for w in weights]
-
-
-def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
-                       cache, slot_mapping: torch.Tensor) -> torch.Tensor:
-    """Every layer of ``lm`` plus its final norm over whole prompts, in C++ (the prefill).
-
-    h ``[B,S,H]``, cos/sin ``[B,S,D]``, key_mask bool ``[B,S]`` (left padding: see
-    :func:`is_left_padded`) or None (nothing padded), slot_mapping int64 ``[B,S]`` (-1 = not
-    stored) -> final-normed hidden ``[B,S,H]``; writes every layer's K/V into the head-major
-    cache. Same math as the eager layers (float32; sums may round in another order), the
-    attention masked as :func:`prompt_attention` masks it.
-    """
-    pad = None
-    if key_mask is not None:
-        if not is_left_padded(key_mask):
-            raise ValueError("prefill_layers_cpu: key_mask must be left padding (each row 0..0 then 1..1)")
-        pad = (~key_mask).sum(1).to(torch.int64).contiguous()
-    cfg = lm.cfg
-    return _extension().prefill_layers_cpu(
-        h.contiguous(), cos.contiguous(), sin.contiguous(), pad, _stack_weights(lm), lm.norm.weight.detach(),
-        cache.k, cache.v, slot_mapping.contiguous(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
-        cfg.head_dim ** -0.5)
-
-
-def is_left_padded(key_mask: torch.Tensor) -> bool:
-    """key_mask bool ``[B,S]``: every row is 0..0 then 1..1 with at least one 1 (host sync)."""
-    return bool(key_mask[:, -1].all()) and not bool((key_mask[:, 1:] < key_mask[:, :-1]).any())
-
-
-def cpu_prefill_applies(lm, h: torch.Tensor, cache) -> bool:
-    """True when :func:`prefill_layers_cpu` can run this prefill (the conditions of
-    :func:`cpu_decode_applies`, and an extension built with the prefill)."""
-    return cpu_decode_applies(lm, h, cache) and hasattr(_extension(), "prefill_layers_cpu")
-
-
-def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot_mapping: torch.Tensor,
-                      cache_seqlens: torch.Tensor) -> torch.Tensor:
-    """Every layer of ``lm`` plus its final norm for one token per row, in C++.
-
-    h ``[B,H]``, cos/sin ``[B,D]``, slot_mapping int64 ``[B]``, cache_seqlens int32 ``[B]`` ->
-    final-normed hidden ``[B,H]``; writes each layer's K/V at ``slot_mapping``. Same math as
-    the eager layers (float32; sums may round in another order).
-    """
-    B = h.shape[0]
-    prow = plen = None
-    if cache.prefix_row is not None:
-        prow, plen = cache.prefix_row[:B].contiguous(), cache.prefix_len[:B].contiguous()
-    cfg = lm.cfg
-    return _extension().decode_layers_cpu(
-        h.contiguous(), cos.contiguous(), sin.contiguous(), _stack_weights(lm), lm.norm.weight.detach(), cache.k,
-        cache.v, slot_mapping.contiguous(), cache_seqlens.int().contiguous(), cache.prefix_k or [],
-        cache.prefix_v or [], prow, plen, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps, cfg.head_dim ** -0.5)

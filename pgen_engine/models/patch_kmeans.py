@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..io_utils import atomic_path
 from .image_tokenizer import ImageTokenizer
@@ -198,8 +200,6 @@ class PatchKMeansTokenizer(ImageTokenizer):
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write the codebook and geometry to a safetensors file, atomically."""
-        from safetensors.torch import save_file
-
         meta = {"format": FORMAT, "version": VERSION, "image_size": str(self.image_size),
                 "patch_size": str(self.patch_size), "codebook_size": str(self.codebook_size),
                 "fingerprint": self.fingerprint(), "meta": json.dumps(self.meta)}
@@ -209,8 +209,6 @@ class PatchKMeansTokenizer(ImageTokenizer):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PatchKMeansTokenizer":
         """Read a file written by :meth:`save`; raises ValueError naming the file when it is not one."""
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: PatchKMeans tokenizer file does not exist")

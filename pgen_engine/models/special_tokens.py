@@ -11,6 +11,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from .janus_config import CheckpointError
+
 
 @dataclasses.dataclass(frozen=True)
 class SpecialTokens:
@@ -56,8 +58,6 @@ class SpecialTokens:
             CheckpointError: invalid JSON or structure in either file, an id that is not an
                 integer, or an id outside the text vocabulary; the message names the file.
         """
-        from .janus_config import CheckpointError
-
         path = Path(path)
         cfg_file, gen_file = path / "config.json", path / "generation_config.json"
 

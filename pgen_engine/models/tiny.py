@@ -38,6 +38,7 @@ def tiny_janus_config(
     image tokens per image = ``(image_size // patch_size) ** 2`` for both the vision
     placeholders and the generated codes, as in Janus-Pro (384 / 16 -> 576).
     """
+    # late import: transformers takes seconds to import and `pgen` imports this module at start-up
     from transformers import JanusConfig
 
     if vocab_size < SpecialTokens.BUILTIN_VOCAB_MIN:
@@ -85,6 +86,7 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, init_std: float | N
     Returns:
         ``path`` as a Path.
     """
+    # late import: transformers takes seconds to import and `pgen` imports this module at start-up
     from transformers import JanusForConditionalGeneration
 
     cfg = tiny_janus_config(**config_kwargs)

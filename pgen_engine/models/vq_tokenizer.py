@@ -29,8 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..io_utils import atomic_path, atomic_write_json
+from .checkpoint import CheckpointError, _read_tensors, _shard_files, load_checkpoint_config
 from .image_tokenizer import ImageTokenizer
+from .janus import pixels_to_uint8, uint8_to_pixels
 
 FORMAT = "pgen-janus-vq"
 VERSION = "1"
@@ -77,6 +82,7 @@ def vq_config(
 
 def build_vqvae(cfg: dict[str, Any]):
     """A freshly initialised ``transformers.JanusVQVAE`` for ``cfg`` (see :func:`vq_config`)."""
+    # late import: transformers takes seconds to import and `pgen` imports this module at start-up
     from transformers import JanusVQVAE, JanusVQVAEConfig
 
     return JanusVQVAE(JanusVQVAEConfig(**cfg))
@@ -111,21 +117,18 @@ class JanusVQTokenizer(ImageTokenizer):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 ``[N, S, S, 3]`` -> int64 codes ``[N, grid*grid]`` (row-major)."""
-        from .janus import uint8_to_pixels
-
         self._check_images(images)
         dev = self.vqvae.quant_conv.weight.device
         out = []
         for i in range(0, images.shape[0], self.batch_size):
-            pix = uint8_to_pixels(images[i:i + self.batch_size], torch.float32).to(dev)
+            # contiguous NCHW: the permuted view would run the encoder channels-last (slower on CPU)
+            pix = uint8_to_pixels(images[i:i + self.batch_size], torch.float32).contiguous().to(dev)
             out.append(self.vqvae.encode(pix).image_tokens.view(pix.shape[0], -1).cpu())
         return torch.cat(out) if out else torch.empty(0, self.num_tokens, dtype=torch.long)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """int64 codes ``[N, grid*grid]`` -> uint8 ``[N, S, S, 3]``."""
-        from .janus import pixels_to_uint8
-
         if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.int64, torch.int32, torch.int16):
             raise TypeError(f"codes must be an integer tensor [N,{self.num_tokens}], got "
                             f"{getattr(codes, 'dtype', type(codes))}")
@@ -152,10 +155,6 @@ class JanusVQTokenizer(ImageTokenizer):
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write weights + config (+ ``meta``) to one safetensors file, atomically."""
-        from safetensors.torch import save_file
-
-        from ..io_utils import atomic_path
-
         md = {"format": FORMAT, "version": VERSION, "vq_config": json.dumps(self.config),
               "meta": json.dumps(self.meta), "fingerprint": self.fingerprint()}
         with atomic_path(path) as tmp:
@@ -164,8 +163,6 @@ class JanusVQTokenizer(ImageTokenizer):
     @classmethod
     def load(cls, path: str | os.PathLike) -> "JanusVQTokenizer":
         """Read a tokenizer file (:meth:`save`) or a Janus checkpoint directory (:meth:`from_checkpoint`)."""
-        from safetensors import safe_open
-
         path = Path(path)
         if path.is_dir():
             return cls.from_checkpoint(path)
@@ -196,8 +193,6 @@ class JanusVQTokenizer(ImageTokenizer):
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike) -> "JanusVQTokenizer":
         """Only ``vq_config`` and the ``model.vqmodel.*`` tensors of a Janus checkpoint directory."""
-        from .checkpoint import CheckpointError, _read_tensors, _shard_files, load_checkpoint_config
-
         path = Path(path)
         cfg, _ = load_checkpoint_config(path)
         where = _read_tensors(_shard_files(path))
@@ -219,6 +214,7 @@ class JanusVQTokenizer(ImageTokenizer):
         missing_cfg = [k for k in ("embed_dim", "num_embeddings") if k not in cfg]
         if missing_cfg:
             raise ValueError(f"{source}: vq_config lacks {', '.join(missing_cfg)}")
+        # late import: transformers takes seconds to import and `pgen` imports this module at start-up
         from transformers import JanusVQVAEConfig
 
         defaults = JanusVQVAEConfig().to_dict()  # keys a config may leave out take transformers' defaults
@@ -260,12 +256,6 @@ def install_into_checkpoint(tokenizer: JanusVQTokenizer, ckpt_dir: str | os.Path
     ``vq_config`` shape keys are set to the tokenizer's and every ``model.vqmodel.*`` tensor
     is replaced. Files are rewritten atomically.
     """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from ..io_utils import atomic_path, atomic_write_json
-    from .checkpoint import _shard_files, load_checkpoint_config
-
     ckpt = Path(ckpt_dir)
     mcfg, _ = load_checkpoint_config(ckpt)
     if (mcfg.image_size, mcfg.num_image_tokens, mcfg.codebook_size) != (

@@ -7,13 +7,20 @@ replaces only the quantiser step:
 * codes are the codebook rows with the highest cosine to the L2-normalised encoder output
   (what ``JanusVQVAE.encode`` computes once the rows are unit-norm; see
   :mod:`pgen_engine.models.vq_tokenizer`);
-* the codebook is an exponential moving average of the normalised encoder outputs assigned
-  to each code (spherical online k-means), re-normalised after every update;
+* the first ``ae_warmup_steps`` steps train a plain autoencoder through the normalised
+  latent (no quantisation); the codebook is then set by spherical k-means over encoder
+  outputs (far fewer dead codes than seeding from an untrained encoder);
+* after that the codebook is an exponential moving average of the normalised encoder
+  outputs assigned to each code (spherical online k-means), re-normalised every update;
 * gradients pass the quantiser straight through; the loss is pixel MSE (PSNR is what is
-  measured) + ``beta`` x commitment;
+  measured), optionally + ``l1_weight`` x L1, + ``beta`` x commitment;
 * dead codes (not assigned in the last ``revive_after`` steps) are re-seeded from random
   encoder outputs of the current batch, checked every ``revive_every`` steps, so the
-  codebook stays in use.
+  codebook stays in use;
+* encoder and decoder run under bf16 autocast on CPU (``bf16``; about 2x per step where
+  the CPU has bf16 units), the quantiser and losses in fp32; activations are kept
+  contiguous NCHW (a permuted NHWC view makes every convolution run channels-last, which
+  measured 2-4x slower per step on CPU).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .vq_tokenizer import JanusVQTokenizer, build_vqvae, vq_config
 
@@ -40,14 +48,23 @@ class VQTrainConfig:
     latent_channels: int = 64
     num_res_blocks: int = 1
     batch_size: int = 32
-    lr: float = 2e-3
+    lr: float = 4e-3
     beta: float = 0.25
     ema_decay: float = 0.99
     revive_every: int = 10
     revive_after: int = 50
     max_steps: int = 100_000
-    time_budget_s: float = 600.0
+    time_budget_s: float = 780.0
     warmup_steps: int = 30
+    min_lr_frac: float = 0.1
+    l1_weight: float = 0.0
+    # steps trained as a plain autoencoder (no quantisation) before the codebook is set by
+    # spherical k-means over encoder outputs; 0 = quantise from step 0 (random-output init).
+    # Measured: far fewer dead codes and a lower loss at equal steps than the random init.
+    ae_warmup_steps: int = 50
+    kmeans_batches: int = 8
+    kmeans_iters: int = 10
+    bf16: bool = True
     seed: int = 0
 
     def model_config(self) -> dict:
@@ -78,7 +95,40 @@ class VQTrainReport:
 
 def _pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, S, S, 3]`` -> float32 ``[N, 3, S, S]`` in [-1, 1]."""
-    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    # contiguous NCHW (a permuted view would make every conv run channels-last, 2-3x slower on CPU)
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def _autocast(enabled: bool):
+    """bf16 autocast on CPU: convolutions run on the bf16 units (about 2x per step on AVX-512/AMX)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _sample_rows(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """``k`` distinct rows of ``x`` [n, d] (random unit rows fill up when n < k), jittered, unit-norm."""
+    init = x[torch.randperm(x.shape[0], generator=g)[:k]]
+    if init.shape[0] < k:
+        init = torch.cat([init, torch.randn(k - init.shape[0], x.shape[1], generator=g)])
+    return F.normalize(init + 1e-3 * torch.randn(init.shape, generator=g), dim=1)
+
+
+def spherical_kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) -> torch.Tensor:
+    """``k`` unit-norm centroids [k, d] of unit rows ``x`` [n, d] (cosine k-means, Lloyd steps).
+
+    Empty clusters are re-seeded from the points worst served by their centroid.
+    """
+    c = _sample_rows(x, k, g)
+    for _ in range(iters):
+        sim = x @ c.T
+        best, idx = sim.max(1)
+        sums = torch.zeros_like(c).index_add_(0, idx, x)
+        cnt = torch.bincount(idx, minlength=k)
+        empty = (cnt == 0).nonzero().flatten()
+        c = torch.where((cnt > 0)[:, None], F.normalize(sums, dim=1), c)
+        if empty.numel():
+            worst = best.argsort()[:empty.numel()]
+            c[empty[:worst.numel()]] = x[worst]
+    return c
 
 
 def train_vq(
@@ -122,36 +172,49 @@ def train_vq(
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
     def encode(x: torch.Tensor) -> torch.Tensor:
-        z = vq.quant_conv(vq.encoder(x))  # [B, D, g, g]
+        with _autocast(cfg.bf16):
+            h = vq.encoder(x)
+        z = vq.quant_conv(h.float())  # [B, D, g, g]; fp32 from here, as code lookup runs at inference
         return F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=1)
 
-    # codebook init: random normalised encoder outputs of the untrained encoder
-    with torch.no_grad():
-        seeds = torch.cat([encode(batch()) for _ in range(max(1, math.ceil(k / (bs * grid * grid))))])
-        pick = torch.randperm(seeds.shape[0], generator=g)[:k]
-        init = seeds[pick]
-        if init.shape[0] < k:
-            init = torch.cat([init, torch.randn(k - init.shape[0], d, generator=g)])
-        emb.copy_(F.normalize(init + 1e-3 * torch.randn(k, d, generator=g), dim=1))
+    def set_codebook(vecs: torch.Tensor) -> None:
+        """Codebook := ``vecs`` [k, d] (unit rows); EMA state restarted from it."""
+        emb.copy_(vecs)
+        ema_count.fill_(1.0)
+        ema_sum.copy_(vecs)
+
     ema_count = torch.ones(k)
-    ema_sum = emb.detach().clone()
+    ema_sum = torch.zeros(k, d)
     last_used = torch.zeros(k, dtype=torch.long)  # step at which each code was last assigned
+
+    def outputs(nb: int) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([encode(batch()) for _ in range(nb)])
+
+    # codebook init: random normalised encoder outputs of the untrained encoder (replaced by
+    # k-means over trained encoder outputs after an autoencoder warm-up, when there is one)
+    seeds = outputs(max(1, math.ceil(k / (bs * grid * grid))))
+    set_codebook(_sample_rows(seeds, k, g))
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.max_steps if cfg.max_steps < 100_000 else None, desc="training VQ", unit="step")
     t0 = time.perf_counter()
     step = revived = 0
     rec_v = com_v = float("nan")
+    quantise = cfg.ae_warmup_steps == 0
     try:
         while step < cfg.max_steps:
             elapsed = time.perf_counter() - t0
             if elapsed >= cfg.time_budget_s:
                 break
+            if not quantise and (step >= cfg.ae_warmup_steps or elapsed >= cfg.time_budget_s / 4):
+                set_codebook(spherical_kmeans(outputs(cfg.kmeans_batches), k, cfg.kmeans_iters, g))
+                last_used.fill_(step)
+                quantise = True
             frac = max(step / cfg.max_steps, elapsed / cfg.time_budget_s)
-            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (
+                cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
             for pg in opt.param_groups:
                 pg["lr"] = lr
             x = batch()
@@ -160,42 +223,51 @@ def train_vq(
                 idx = (zf @ emb.T).argmax(1)
             q = emb[idx]
             commit = F.mse_loss(zf, q)
-            q_st = zf + (q - zf).detach()
-            rec = vq.decoder(vq.post_quant_conv(q_st.view(-1, grid, grid, d).permute(0, 3, 1, 2)))
+            q_st = zf + (q - zf).detach() if quantise else zf
+            # contiguous NCHW: a permuted view would run the whole decoder channels-last (2-3x slower on CPU)
+            h = vq.post_quant_conv(q_st.view(-1, grid, grid, d).permute(0, 3, 1, 2).contiguous())
+            with _autocast(cfg.bf16):
+                rec = vq.decoder(h).float()
             rec_mse = F.mse_loss(rec, x)
-            loss = rec_mse + cfg.beta * commit
+            loss = rec_mse + (cfg.beta * commit if quantise else 0.0)
+            if cfg.l1_weight:
+                loss = loss + cfg.l1_weight * F.l1_loss(rec, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                zd = zf.detach()
-                cnt = torch.bincount(idx, minlength=k).float()
-                ssum = torch.zeros(k, d).index_add_(0, idx, zd)
-                ema_count.mul_(cfg.ema_decay).add_(cnt, alpha=1 - cfg.ema_decay)
-                ema_sum.mul_(cfg.ema_decay).add_(ssum, alpha=1 - cfg.ema_decay)
-                last_used[cnt > 0] = step
-                if (step + 1) % cfg.revive_every == 0:
-                    dead = (step - last_used >= cfg.revive_after).nonzero().flatten()
-                    if dead.numel():
-                        src = zd[torch.randint(zd.shape[0], (dead.numel(),), generator=g)]
-                        ema_sum[dead] = F.normalize(src + 0.01 * torch.randn(src.shape, generator=g), dim=1) \
-                            * ema_count.mean()
-                        ema_count[dead] = ema_count.mean()
-                        last_used[dead] = step
-                        revived += int(dead.numel())
-                emb.copy_(F.normalize(ema_sum, dim=1))
+            if quantise:
+                with torch.no_grad():
+                    zd = zf.detach()
+                    cnt = torch.bincount(idx, minlength=k).float()
+                    ssum = torch.zeros(k, d).index_add_(0, idx, zd)
+                    ema_count.mul_(cfg.ema_decay).add_(cnt, alpha=1 - cfg.ema_decay)
+                    ema_sum.mul_(cfg.ema_decay).add_(ssum, alpha=1 - cfg.ema_decay)
+                    last_used[cnt > 0] = step
+                    if (step + 1) % cfg.revive_every == 0:
+                        dead = (step - last_used >= cfg.revive_after).nonzero().flatten()
+                        if dead.numel():
+                            src = zd[torch.randint(zd.shape[0], (dead.numel(),), generator=g)]
+                            ema_sum[dead] = F.normalize(src + 0.01 * torch.randn(src.shape, generator=g), dim=1) \
+                                * ema_count.mean()
+                            ema_count[dead] = ema_count.mean()
+                            last_used[dead] = step
+                            revived += int(dead.numel())
+                    emb.copy_(F.normalize(ema_sum, dim=1))
             step += 1
             rec_v, com_v = float(rec_mse.detach()), float(commit.detach())
             if bar is not None:
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(psnr=f"{10 * math.log10(4.0 / max(rec_v, 1e-12)):.1f}", revived=revived)
-            if log is not None and step % 100 == 0:
+            if log is not None and step % 50 == 0:
                 log(f"step {step} rec_mse {rec_v:.4f} commit {com_v:.4f} revived {revived} "
                     f"({time.perf_counter() - t0:.0f}s)")
     finally:
         if bar is not None:
             bar.close()
+    if not quantise:  # budget ran out inside the warm-up: the codebook still has to fit the encoder
+        set_codebook(spherical_kmeans(outputs(cfg.kmeans_batches), k, cfg.kmeans_iters, g))
+        last_used.fill_(max(step - 1, 0))
     vq.eval()
     used = float((step - 1 - last_used < cfg.revive_after).float().mean())
     rep = VQTrainReport(steps=step, seconds=time.perf_counter() - t0, rec_mse=rec_v, commit=com_v,

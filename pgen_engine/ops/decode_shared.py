@@ -167,7 +167,7 @@ def shared_prefix_decode(
                          f"{_MAX_HEAD_DIM}, got {q.dtype} D={q.shape[-1]} (use backend='torch')")
     if any(t.stride(-1) != 1 for t in (k, v, prefix_k, prefix_v)):
         raise ValueError("shared_prefix_decode: caches must be contiguous in the head dim (stride(-1) == 1)")
-    from pgen_engine.ops import _triton_decode_shared  # lazily: importing triton is optional
+    from pgen_engine.ops import _triton_decode_shared  # late import: triton is optional (extra 'kernels')
 
     B = q.shape[0]
     group_ptr, group_rows = groups if groups is not None else prefix_groups(prefix_row[:B], prefix_k.shape[0])

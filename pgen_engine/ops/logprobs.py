@@ -84,7 +84,7 @@ def _fwd_triton_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from pgen_engine.ops._triton_logprobs import lp_fwd_triton
+    from pgen_engine.ops._triton_logprobs import lp_fwd_triton  # late import: triton is optional
 
     return lp_fwd_triton(hidden, weight, bias, targets, temperature)
 
@@ -100,7 +100,7 @@ def _dz_triton_op(
     z: torch.Tensor, v0: int, lse: torch.Tensor, ent: torch.Tensor, targets: torch.Tensor,
     g_lp: torch.Tensor, g_ent: torch.Tensor, temperature: float,
 ) -> None:
-    from pgen_engine.ops._triton_logprobs import lp_dz_triton
+    from pgen_engine.ops._triton_logprobs import lp_dz_triton  # late import: triton is optional
 
     lp_dz_triton(z, v0, lse, ent, targets, g_lp, g_ent, temperature)
 

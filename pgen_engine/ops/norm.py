@@ -22,7 +22,7 @@ def _rms_torch(x, weight, eps, residual):
 @torch.library.custom_op("pgen::rms_norm_triton", mutates_args=())
 def _rms_fwd_op(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                 eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from pgen_engine.ops._triton_norm import rms_fwd_triton
+    from pgen_engine.ops._triton_norm import rms_fwd_triton  # late import: triton is optional
 
     D = x.shape[-1]
     r2 = residual.reshape(-1, D).contiguous() if residual is not None else None
@@ -42,7 +42,7 @@ def _(x, residual, weight, eps):
 @torch.library.custom_op("pgen::rms_norm_bwd_triton", mutates_args=())
 def _rms_bwd_op(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                 rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    from pgen_engine.ops._triton_norm import rms_bwd_triton
+    from pgen_engine.ops._triton_norm import rms_bwd_triton  # late import: triton is optional
 
     D = h.shape[-1]
     dx, dw = rms_bwd_triton(dy.reshape(-1, D), h.reshape(-1, D).contiguous(), weight.contiguous(), rstd)

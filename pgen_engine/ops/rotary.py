@@ -33,7 +33,7 @@ def _flat(x, cos, sin):
 
 @torch.library.custom_op("pgen::apply_rotary_triton", mutates_args=())
 def _rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-    from pgen_engine.ops._triton_rotary import rotary_triton
+    from pgen_engine.ops._triton_rotary import rotary_triton  # late import: triton is optional
 
     return rotary_triton(*_flat(x, cos, sin), backward=backward).reshape(x.shape)
 

@@ -82,7 +82,7 @@ def _sample_triton_op(
     top_p: float,
     seeds: torch.Tensor,
 ) -> torch.Tensor:
-    from pgen_engine.ops._triton_sampling import sample_triton
+    from pgen_engine.ops._triton_sampling import sample_triton  # late import: triton is optional
 
     return sample_triton(logits, uncond_logits, guidance_scale, temperature, top_k, top_p, seeds)
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 __all__ = [
     "ImageEmbedder",
@@ -295,8 +296,6 @@ class VisionTowerEmbedder(ImageEmbedder):
 
 def _safetensors_keys(path: Path) -> dict[str, str]:
     """Map every tensor name in a local safetensors checkpoint to the file holding it."""
-    from safetensors import safe_open
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -317,8 +316,6 @@ def _load_prefixed(path: Path, model: torch.nn.Module, prefixes: Sequence[str]) 
     vision tower is stored under different names by a full CLIP/SigLIP/Janus model, a
     standalone vision model, and older/newer ``transformers`` versions.
     """
-    from safetensors import safe_open
-
     files = _safetensors_keys(path)
     expected = model.state_dict()
     # position_ids buffers are derived, not learned; checkpoints may omit them.
@@ -354,7 +351,7 @@ def load_vision_tower(path: str | Path, *, dtype: torch.dtype = torch.float32) -
 
     Returns ``(model, image_size, mean, std)``. See :meth:`VisionTowerEmbedder.from_pretrained_local`.
     """
-    import transformers
+    import transformers  # late import: transformers takes seconds to import and `pgen` imports this module at start-up
 
     path = Path(path)
     if not path.is_dir():
@@ -410,6 +407,7 @@ def load_vision_tower(path: str | Path, *, dtype: torch.dtype = torch.float32) -
 
 
 def _is_evaluator(path: str | Path) -> bool:
+    # late import: import cycle (pgen_engine.eval.evaluator builds on this module's embedders)
     from pgen_engine.eval.evaluator import is_evaluator_artifact
 
     return is_evaluator_artifact(path)

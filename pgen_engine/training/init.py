@@ -15,6 +15,7 @@ from pgen_engine.config import ModelInitConfig
 from pgen_engine.io_utils import atomic_dir
 from pgen_engine.models.image_tokenizer import ImageTokenizer
 from pgen_engine.models.tiny import make_tiny_checkpoint
+from pgen_engine.models.vq_tokenizer import JanusVQTokenizer, install_into_checkpoint
 
 INIT_MARKER = "pgen_init.json"
 
@@ -53,7 +54,6 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
                 return out
         except json.JSONDecodeError:
             pass
-    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer, install_into_checkpoint
 
     geometry = {k: v for k, v in dataclasses.asdict(init).items() if k != "seed"}
     if isinstance(tokenizer, JanusVQTokenizer):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from pgen_engine.io_utils import atomic_write_text
 
@@ -80,15 +81,14 @@ class MetricsLogger:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            try:  # late: tensorboard is an optional dependency, needed only when switched on
+            try:
+                # late import: tensorboard is optional, needed only when logging.tensorboard is on
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise RuntimeError(f"logging.tensorboard=true needs the 'tensorboard' package ({e}); "
                                    "install it or set logging.tensorboard=false") from None
             self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         if progress:
-            from tqdm import tqdm  # late: rank 0 with logging.progress only
-
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def log(self, row: dict[str, Any]) -> None:

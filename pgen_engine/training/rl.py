@@ -47,11 +47,12 @@ from .advantages import compute_advantages
 from .distributed import all_ranks_true, all_reduce
 from .engine import ObjectiveModule, build_deepspeed_config, model_dtype
 from .errors import NonFiniteError
+from .history_features import RLHistoryFeatures, tower_trains
 from .memory_ledger import MemoryLedger, SavedTensorMeter, optimizer_state_bytes
 from .reference import ReferencePolicy
 from .rl_env import PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint
-from .rollout import HybridEngine, SamplingParams
-from .sequences import Sequences, build_sequences, policy_logprobs
+from .rollout import HybridEngine, RolloutParams
+from .sequences import Sequences, build_sequences, policy_logprobs, row_pixels
 from .trainer import Stage, Trainer
 
 __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs",
@@ -59,9 +60,10 @@ __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_seque
            "run"]
 
 
-def sampling_params(rl: RLConfig) -> SamplingParams:
-    """The rollout sampling settings of an ``rl:`` section."""
-    return SamplingParams(rl.group_size, rl.guidance_scale, rl.temperature, rl.top_k, rl.top_p, rl.uncond_mode)
+def sampling_params(rl: RLConfig) -> RolloutParams:
+    """The rollout sampling settings of an ``rl:`` section: its :attr:`RLConfig.sampling` plus
+    the group size and unconditional-prompt mode."""
+    return RolloutParams(rl.group_size, rl.sampling, rl.uncond_mode)
 
 
 # ----------------------------------------------------------------------------- optimisation adapter
@@ -146,6 +148,10 @@ class RLTrainer:
                                    offload_optimizer_states=rl.offload_optimizer_states, ledger=self.ledger)
         self.pad_id = pad_id
         self.check_finite = check_finite or _stop_if_not_finite
+        ref = reference
+        self.history_features = RLHistoryFeatures(
+            self.module, self.policy_forward, reference_module=None if ref is None else ref.module,
+            reference_forward=None if ref is None else ref.forward)
 
     # -- pieces (public so tests and benchmarks can time/verify them) -------------
     def policy_forward(self, fn: Callable[..., Any], *args) -> Any:
@@ -206,28 +212,35 @@ class RLTrainer:
         m.train()
         act_bytes = 0
         params = [p for p in m.parameters()]
-        for _ in range(rl.ppo_epochs):
-            for lo in range(0, N, self.micro):
-                sl = slice(lo, lo + self.micro)
-                with SavedTensorMeter(exclude=params) as meter:
-                    lp, ent = self.policy_forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev),
-                                                  rl.temperature, *seqs.history(sl, dev))
-                    loss, st = grpo.policy_loss(
-                        lp, old_lp[sl].to(dev), adv[sl].to(dev), mask[sl].to(dev),
-                        ref_logp=None if ref_lp is None else ref_lp[sl].to(dev), beta=rl.beta,
-                        clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, aggregation=rl.aggregation)
-                act_bytes = max(act_bytes, meter.bytes)
-                value = float(loss.detach())
-                # collective check: every rank must stop together, before backward's collectives
-                self.check_finite(value, "loss", step)
-                self.engine.backward(loss)
-                self.engine.step()
-                st = {k: float(v) for k, v in st.items()}
-                st["loss"] = value
-                st["entropy"] = float(ent.detach().mean())
-                for k, v in st.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
+        # a trainable tower needs gradients: each distinct item of a micro-batch is encoded once
+        # with grad (not seqs' no-grad features); a frozen tower's features are read as they are
+        grad_tower = tower_trains(m)
+        try:
+            for _ in range(rl.ppo_epochs):
+                for lo in range(0, N, self.micro):
+                    sl = slice(lo, lo + self.micro)
+                    hist = seqs.tower_history(sl, dev) if grad_tower else seqs.history(sl, dev)
+                    with SavedTensorMeter(exclude=params) as meter:
+                        lp, ent = self.policy_forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev),
+                                                      rl.temperature, *hist)
+                        loss, st = grpo.policy_loss(
+                            lp, old_lp[sl].to(dev), adv[sl].to(dev), mask[sl].to(dev),
+                            ref_logp=None if ref_lp is None else ref_lp[sl].to(dev), beta=rl.beta,
+                            clip_eps=rl.clip_eps, clip_eps_high=rl.clip_eps_high, aggregation=rl.aggregation)
+                    act_bytes = max(act_bytes, meter.bytes)
+                    value = float(loss.detach())
+                    # collective check: every rank must stop together, before backward's collectives
+                    self.check_finite(value, "loss", step)
+                    self.engine.backward(loss)
+                    self.engine.step()
+                    st = {k: float(v) for k, v in st.items()}
+                    st["loss"] = value
+                    st["entropy"] = float(ent.detach().mean())
+                    for k, v in st.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+        finally:
+            self.history_features.weights_changed()  # cached tower outputs are stale from here on
         self.ledger.record("update", "activations", act_bytes)
         self.ledger.record("update", "optimizer_states", optimizer_state_bytes(self.engine.optimizer))
         return {k: v / count for k, v in sums.items()}
@@ -239,12 +252,17 @@ class RLTrainer:
         Returns ``{"eval/reward": mean total, "eval/reward/<component>": mean}``; the
         samples use the run's sampling settings and the batch's own seeds.
         """
-        ro = self.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(self.rl), batch.seeds,
-                                 pixel_values=batch.pixel_values)
+        ro = self._rollout(batch, self.history_features.for_policy(batch))
         total, comps = self.reward_env(batch, ro.tokens.cpu(), self.rl.group_size)
         row = {"eval/reward": float(total.mean())}
         row.update({f"eval/reward/{k}": float(v.mean()) for k, v in comps.items()})
         return reduce_row(row, self.world_size)
+
+    def _rollout(self, batch: PromptBatch, features: list[torch.Tensor] | None):
+        """The hybrid engine's rollout of ``batch``, from the tower outputs ``features`` when
+        there are any (pixels history: the Generator then skips the vision tower)."""
+        history = {"image_features": features} if features is not None else {"pixel_values": batch.pixel_values}
+        return self.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(self.rl), batch.seeds, **history)
 
     # -- one step -----------------------------------------------------------------
     def step(self, step: int, batch: PromptBatch) -> dict[str, Any]:
@@ -255,8 +273,10 @@ class RLTrainer:
         times = {}
         t0 = time.perf_counter()
         with led.phase("rollout"):
-            ro = self.hybrid.rollout(batch.prompts, batch.code_masks, sampling_params(rl), batch.seeds,
-                                     pixel_values=batch.pixel_values)
+            # pixels history: each distinct item's tower output once (cached or encoded here),
+            # shared by the rollout and the policy's log-prob pass (same weights)
+            feats = self.history_features.for_policy(batch)
+            ro = self._rollout(batch, feats)
         tokens = ro.tokens.cpu()
         rollout_lp = ro.logprobs.detach().cpu().clone()
         del ro
@@ -268,11 +288,14 @@ class RLTrainer:
         t0 = time.perf_counter()
         with led.phase("logprobs"):
             seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id, batch.pixel_values,
-                                   batch.image_features)
+                                   feats, batch.history if batch.pixel_values is not None else None)
             old_lp = self.score_logprobs(self.module, seqs, tokens)
             ref_lp = None
             if self.reference is not None:
-                ref_lp = self.score_logprobs(self.reference.module, seqs, tokens)
+                ref_feats = self.history_features.for_reference(batch, feats)
+                ref_seqs = seqs if ref_feats is feats else dataclasses.replace(
+                    seqs, image_features=row_pixels(ref_feats, G))
+                ref_lp = self.score_logprobs(self.reference.module, ref_seqs, tokens)
                 led.record("logprobs", "reference_weights", self.reference.nbytes())
             gap_max, gap_mean = grpo.logprob_gap(rollout_lp, old_lp)
             adv = self.advantages(total)

@@ -28,13 +28,28 @@ from typing import Sequence
 import torch
 
 from pgen_engine.generation.generator import Generator
-from pgen_engine.generation.sampling_params import SamplingParams as GenerationSampling
+from pgen_engine.generation.sampling_params import SamplingParams
 
 from .engine import can_offload_states, gathered_module, optimizer_states_offloaded
 from .memory_ledger import MemoryLedger, module_param_bytes, optimizer_state_bytes
 
 
 # ----------------------------------------------------------------------------- rollout
+@torch.no_grad()
+def _aligned(model, features: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Per-prompt tower outputs ``[n_i, T_img, D_vision]`` -> aligned ``[n_i, T_img, H]`` on the
+    model's device (the aligner, as :meth:`JanusModel.embed_inputs` applies it to ``image_features``)."""
+    out = []
+    for f in features:
+        if f is None or f.shape[0] == 0:
+            out.append(None)
+            continue
+        if f.ndim != 3:
+            raise ValueError(f"image_features entries must be [n_img, T_img, D_vision], got {tuple(f.shape)}")
+        out.append(model.aligner(f.to(model.device, model.dtype)))
+    return out
+
+
 def generator_rows(num_prompts: int, group_size: int, max_batch_size: int) -> int:
     """Output rows the rollout's Generator is sized for on this rank.
 
@@ -52,28 +67,42 @@ def generator_rows(num_prompts: int, group_size: int, max_batch_size: int) -> in
     return min(per_call, num_prompts) * group_size
 
 
-@dataclasses.dataclass
-class SamplingParams:
-    """Rollout sampling settings (see :meth:`pgen_engine.generation.Generator.generate`)."""
+UNCOND_MODES = ("pad", "short")
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutParams:
+    """How a rollout samples: the Generator's :class:`~pgen_engine.generation.SamplingParams`
+    plus the two settings only RL has.
+
+    Attributes:
+        num_samples: G samples per prompt (the GRPO group), >= 1.
+        sampling: guidance scale, temperature, top-k / top-p (the generation rules, checked
+            once when it was built); its ``seed`` is ignored (each rollout call passes one
+            request seed per prompt). RL samples: ``greedy`` and ``guidance_scale <= 0`` are refused.
+        uncond_mode: the CFG unconditional prompt, ``"pad"`` or ``"short"``.
+    """
 
     num_samples: int = 8
-    guidance_scale: float = 5.0
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    sampling: SamplingParams = SamplingParams()
     uncond_mode: str = "pad"
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"SamplingParams.num_samples={self.num_samples}: expected >= 1")
-        if self.guidance_scale <= 0:
-            raise ValueError(f"SamplingParams.guidance_scale={self.guidance_scale}: expected > 0")
-        self.generation(0)  # the Generator's rules (temperature, top_k, top_p), checked once here
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"RolloutParams.num_samples={self.num_samples!r}: expected an int >= 1")
+        if not isinstance(self.sampling, SamplingParams):
+            raise TypeError(f"RolloutParams.sampling must be a pgen_engine.generation.SamplingParams, "
+                            f"got {type(self.sampling).__name__}")
+        if self.sampling.guidance_scale <= 0:
+            raise ValueError(f"RolloutParams: guidance_scale={self.sampling.guidance_scale}: expected > 0")
+        if self.sampling.greedy:
+            raise ValueError("RolloutParams: greedy=True would make a group's samples identical; RL rollouts sample")
+        if self.uncond_mode not in UNCOND_MODES:
+            raise ValueError(f"RolloutParams.uncond_mode={self.uncond_mode!r}: expected one of {UNCOND_MODES}")
 
-    def generation(self, seed) -> GenerationSampling:
-        """These settings as the Generator's :class:`~pgen_engine.generation.SamplingParams`."""
-        return GenerationSampling(guidance_scale=self.guidance_scale, temperature=self.temperature,
-                                  top_k=self.top_k, top_p=self.top_p, seed=seed)
+    def generation(self, seeds: Sequence[int]) -> SamplingParams:
+        """The Generator's settings for one call, with its per-prompt request ``seeds``."""
+        return self.sampling.replace(seed=seeds)
 
 
 @dataclasses.dataclass
@@ -123,8 +152,9 @@ class HybridEngine:
             raise ValueError("HybridEngine: offload_optimizer_states=True needs a DeepSpeed engine with offload_states()")
 
     def rollout(self, prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
-                params: SamplingParams, seeds: Sequence[int],
-                pixel_values: Sequence[torch.Tensor] | None = None) -> Rollout:
+                params: RolloutParams, seeds: Sequence[int],
+                pixel_values: Sequence[torch.Tensor] | None = None,
+                image_features: Sequence[torch.Tensor] | None = None) -> Rollout:
         """Sample ``params.num_samples`` images per prompt with the policy's own weights.
 
         Args:
@@ -134,14 +164,25 @@ class HybridEngine:
             seeds: B request seeds (results of a prompt do not depend on its batch mates).
             pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` history images
                 filling prompt ``i``'s ``<image>`` placeholders; None in codes mode.
+            image_features: instead of ``pixel_values``: B vision-tower outputs ``[n_i, T_img, D_vision]``
+                of those images (:meth:`~pgen_engine.models.janus.JanusModel.vision_hidden`, e.g. a
+                frozen tower's feature cache). Only the aligner runs here (once per prompt, with
+                the gathered weights); the Generator gets the aligned features as ``image_embeds``
+                and never calls the vision tower.
         Returns:
             :class:`Rollout`; the KV cache is already released when this returns.
         """
         B, G = len(prompts), params.num_samples
         if B == 0:
             raise ValueError("HybridEngine.rollout: no prompts")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("HybridEngine.rollout: give pixel_values or image_features, not both")
         if pixel_values is not None and len(pixel_values) != B:
             raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(pixel_values)} pixel_values entries")
+        if image_features is not None and len(image_features) != B:
+            raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(image_features)} image_features entries")
+        if not isinstance(params, RolloutParams):
+            raise TypeError(f"HybridEngine.rollout: params must be a RolloutParams, got {type(params).__name__}")
         if len(seeds) != B or (code_masks is not None and len(code_masks) != B):
             raise ValueError(f"HybridEngine.rollout: {B} prompts but {len(seeds)} seeds / "
                              f"{None if code_masks is None else len(code_masks)} code masks")
@@ -164,10 +205,11 @@ class HybridEngine:
                 for lo in range(0, B, per_call):
                     hi = min(B, lo + per_call)
                     px = None if pixel_values is None else torch.cat(list(pixel_values[lo:hi])).to(m.device)
+                    emb = None if image_features is None else _aligned(m, image_features[lo:hi])
                     out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None, px,
-                                       gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
-                                       num_samples=G, sampling=params.generation(seeds[lo:hi]),
-                                       return_logprobs=True)
+                                           gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
+                                           num_samples=G, sampling=params.generation(seeds[lo:hi]),
+                                           return_logprobs=True, image_embeds=emb)
                     lps.append(lp)
                     toks.append(out)
                 kv_bytes = gen.cache_nbytes()  # sized by the calls: their largest wave

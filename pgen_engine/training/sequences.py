@@ -22,8 +22,11 @@ class Sequences:
         attention_mask: int64 ``[N, L]``, 1 on real tokens.
         pixel_values: pixels history mode: per row, float32 ``[n_r, 3, S, S]`` history images
             filling the row's ``<image>`` placeholders; None in codes mode.
-        image_features: frozen vision tower: per row, the tower's cached outputs
-            ``[n_r, T_img, D_vision]`` of those images (used instead of ``pixel_values``), or None.
+        image_features: per row, the tower's outputs ``[n_r, T_img, D_vision]`` of those images
+            (a frozen tower's feature cache, or a trainable tower's features for the current
+            weights), used instead of ``pixel_values`` by the no-grad passes; or None.
+        items: per row, the ids of its history items (the identity :meth:`tower_history`
+            de-duplicates by), or None.
     """
 
     input_ids: torch.Tensor
@@ -31,6 +34,7 @@ class Sequences:
     attention_mask: torch.Tensor
     pixel_values: list[torch.Tensor] | None = None
     image_features: list[torch.Tensor] | None = None
+    items: list[list[str]] | None = None
 
     def rows(self, sl: slice, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, gen_code_mask, attention_mask) of rows ``sl`` on ``device``."""
@@ -46,6 +50,38 @@ class Sequences:
         feats = cat(self.image_features)
         return (None, feats) if feats is not None else (cat(self.pixel_values), None)
 
+    def tower_history(self, sl: slice, device: torch.device
+                      ) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+        """``(pixel_values [U, 3, S, S], None, pixel_index int64 [sum n_r])`` of rows ``sl`` for a
+        pass with gradients through a trainable vision tower (:func:`policy_logprobs`
+        arguments 7-9): each distinct history item of the rows once (by :attr:`items`; every
+        image of a row counts as distinct when items are unknown), ``pixel_index`` mapping
+        each row image, in row order, to its entry. (None, None, None) without pixels."""
+        if self.pixel_values is None:
+            return None, None, None
+        rows = self.pixel_values[sl]
+        names = self.items[sl] if self.items is not None else [None] * len(rows)
+        first: dict[str, int] = {}
+        picked: list[torch.Tensor] = []
+        index: list[int] = []
+        for r, (px, ids) in enumerate(zip(rows, names)):
+            if px is None or px.shape[0] == 0:
+                continue
+            if ids is not None and len(ids) != px.shape[0]:
+                raise ValueError(f"Sequences: row {r} has {px.shape[0]} history images but {len(ids)} item ids")
+            for k in range(px.shape[0]):
+                key = ids[k] if ids is not None else None
+                if key is None or key not in first:
+                    if key is not None:
+                        first[key] = len(picked)
+                    index.append(len(picked))
+                    picked.append(px[k])
+                else:
+                    index.append(first[key])
+        if not picked:
+            return None, None, None
+        return (torch.stack(picked).to(device), None, torch.tensor(index, dtype=torch.long, device=device))
+
     def __iter__(self):
         return iter((self.input_ids, self.gen_code_mask, self.attention_mask))
 
@@ -60,7 +96,8 @@ def row_pixels(pixel_values: Sequence[torch.Tensor] | None, group_size: int) -> 
 def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None,
                     tokens: torch.Tensor, group_size: int, pad_id: int,
                     pixel_values: Sequence[torch.Tensor] | None = None,
-                    image_features: Sequence[torch.Tensor] | None = None) -> Sequences:
+                    image_features: Sequence[torch.Tensor] | None = None,
+                    history_items: Sequence[Sequence[str]] | None = None) -> Sequences:
     """Left-padded teacher-forcing inputs for sampled images.
 
     Row ``r = i*G + j`` is ``prompts[i] ++ tokens[r, :T-1]``; with left padding the last
@@ -73,7 +110,9 @@ def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Seque
         group_size: G.
         pad_id: padding id.
         pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` (one per prompt), or None.
-        image_features: B cached vision-tower outputs of those images, or None.
+        image_features: B vision-tower outputs of those images (one per prompt), or None.
+        history_items: B lists of the history item ids behind ``pixel_values`` (lets a
+            trainable tower encode each distinct item once per micro-batch), or None.
     Returns:
         :class:`Sequences` (``[B*G, L]`` each) on ``tokens.device``.
     """
@@ -97,13 +136,15 @@ def build_sequences(prompts: Sequence[Sequence[int]], code_masks: Sequence[Seque
             cm[r, L - T + 1:] = True
             att[r, L - S - T + 1:] = 1
     dev = tokens.device
+    items = None if history_items is None else [list(h) for h in history_items for _ in range(group_size)]
     return Sequences(ids.to(dev), cm.to(dev), att.to(dev), row_pixels(pixel_values, group_size),
-                     row_pixels(image_features, group_size))
+                     row_pixels(image_features, group_size), items)
 
 
 def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor, attention_mask: torch.Tensor,
                     targets: torch.Tensor, temperature: float, pixel_values: torch.Tensor | None = None,
-                    image_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    image_features: torch.Tensor | None = None, pixel_index: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and entropies of ``targets`` with the training numerics.
 
     Args:
@@ -116,10 +157,20 @@ def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
             (the same images the rollout's prompts were built with).
         image_features: instead of ``pixel_values``: the frozen tower's cached outputs of those
             images ``[sum n_img, T_img, D_vision]`` (no re-encoding per row / epoch).
+        pixel_index: with ``pixel_values`` holding each distinct image once (``[U, 3, S, S]``,
+            :meth:`Sequences.tower_history`): int64 ``[sum n_img]`` picking each row image's
+            entry. The tower encodes the U images once and the features are indexed, not
+            detached, so gradients reach the tower summed over every use (as re-encoding per
+            row would give them).
     Returns:
         (logprobs fp32 ``[N, T]``, entropy fp32 ``[N, T]``); differentiable when grad is on.
     """
     N, T = targets.shape
+    if pixel_index is not None:
+        if pixel_values is None or image_features is not None:
+            raise ValueError("policy_logprobs: pixel_index needs pixel_values (the distinct images) and no image_features")
+        image_features = model.vision_hidden(pixel_values).index_select(0, pixel_index.to(pixel_values.device))
+        pixel_values = None
     x = model.embed_inputs(input_ids, gen_code_mask, pixel_values, image_features)
     h = model.forward_train(x, attention_mask)[:, -T:]
     lp, ent = model.image_token_logprobs(h.reshape(N * T, -1), targets.reshape(-1).to(h.device),

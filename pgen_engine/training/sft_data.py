@@ -5,8 +5,10 @@ Order (rank 0; other ranks wait and then open the results read-only):
 1. the dataset folder (``data.dataset_dir``); with ``data.synth`` set and the folder
    missing, the synthetic dataset is generated there;
 2. the image tokenizer: ``patch_kmeans`` is fit on the dataset's images and saved under
-   ``<work_dir>/tokenizer.safetensors`` (reused next time), or ``checkpoint_vq`` uses the
-   model checkpoint's VQ;
+   ``<work_dir>/tokenizer.safetensors`` (reused next time); ``vq`` trains a small Janus
+   VQ-VAE on the train split's item images into ``<work_dir>/vq_tokenizer.safetensors``
+   (reused while images and settings are unchanged; the init model gets it as its
+   ``vqmodel.*``); ``checkpoint_vq`` uses the model checkpoint's VQ;
 3. the model directory: ``model.checkpoint``, or a tiny random Janus created for the
    tokenizer under ``<output_dir>/init_model`` (:mod:`pgen_engine.training.init`);
 4. the image-token cache under ``<work_dir>/token_cache_<fingerprint>``.
@@ -21,10 +23,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgen_engine.errors import PgenUserError
 from pgen_engine.config import RunConfig
+from pgen_engine.data.dataset import DataError, load_dataset, load_image
+from pgen_engine.data.history import CatalogueImages
+from pgen_engine.data.history_mode import HistoryModeError, run_history_mode
+from pgen_engine.data.prompts import PromptBuilder, SFTDataset
+from pgen_engine.data.splits import build_splits
+from pgen_engine.data.synth import SynthConfig, generate_synthetic
+from pgen_engine.data.text_tokenizer import load_text_tokenizer
+from pgen_engine.data.token_cache import TokenCache, build_token_cache
+from pgen_engine.data.vision_cache import VisionCache, build_vision_cache
+from pgen_engine.errors import PgenUserError
+from pgen_engine.models import load_model
+from pgen_engine.models.janus_config import JanusModelConfig
+from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+from pgen_engine.models.special_tokens import SpecialTokens
+from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
 from .distributed import DistInfo, barrier, broadcast_object
+from .engine import model_dtype
+from .init import init_model_for_tokenizer
 
 
 class DataPrepError(PgenUserError, RuntimeError):
@@ -63,7 +81,6 @@ def ensure_dataset(cfg: RunConfig) -> Path:
     if cfg.data.synth is None:
         raise DataPrepError(f"data.dataset_dir={root}: dataset not found (no interactions.csv there); "
                             "point data.dataset_dir at a native-layout dataset or set data.synth to generate one")
-    from pgen_engine.data.synth import SynthConfig, generate_synthetic
 
     s = cfg.data.synth
     if root.exists() and any(root.iterdir()):
@@ -75,8 +92,6 @@ def ensure_dataset(cfg: RunConfig) -> Path:
 
 
 def _item_images(dataset, size: int) -> torch.Tensor:
-    from pgen_engine.data.dataset import load_image
-
     imgs = [load_image(it.image_path, size) for it in dataset.items.values() if it.image_path is not None]
     if not imgs:
         raise DataPrepError(f"{dataset.root}: no item images to fit the image tokenizer on")
@@ -85,8 +100,6 @@ def _item_images(dataset, size: int) -> torch.Tensor:
 
 def load_or_fit_tokenizer(cfg: RunConfig, dataset, *, fit: bool):
     """The PatchKMeans tokenizer at ``<work_dir>/tokenizer.safetensors`` (fit and saved when missing and ``fit``)."""
-    from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
-
     d = cfg.data
     path = work_dir(cfg) / "tokenizer.safetensors"
     if path.is_file():
@@ -104,12 +117,44 @@ def load_or_fit_tokenizer(cfg: RunConfig, dataset, *, fit: bool):
     return tok
 
 
+# The VQ tokenizer is data preparation shared by every run seed (SFT and RL of all seeds
+# must speak the same codes), so it is trained with this fixed seed, not ``cfg.seed``.
+VQ_FIT_SEED = 0
+
+
+def load_or_fit_vq(cfg: RunConfig, dataset, *, fit: bool):
+    """The Janus VQ tokenizer at ``<work_dir>/vq_tokenizer.safetensors``.
+
+    With ``fit``: trained on the train split's item images (:func:`pgen_engine.data.fit_tokenizer.fit_tokenizer`,
+    ``data.vq_time_budget_s`` / ``data.vq_max_steps``), or reused when the file was fit on
+    the same images and settings; its held-out reconstruction line is printed. Without
+    ``fit`` (other ranks): the file rank 0 wrote.
+    """
+    from pgen_engine.data.fit_tokenizer import TokenizerFitSettings, fit_tokenizer
+    from pgen_engine.models.image_quality import quality_line
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
+
+    d = cfg.data
+    path = work_dir(cfg) / "vq_tokenizer.safetensors"
+    if fit:
+        s = TokenizerFitSettings(kind="vq", image_size=d.tokenizer_image_size,
+                                 codes_per_side=d.tokenizer_image_size // d.patch_size, codebook=d.codebook_size,
+                                 seed=VQ_FIT_SEED, time_budget_s=d.vq_time_budget_s, max_steps=d.vq_max_steps)
+        tok, quality, reused = fit_tokenizer(dataset, path, s, progress=cfg.logging.progress)
+        print(f"[data] {'reusing' if reused else 'trained'} VQ tokenizer {path}: {quality_line(quality)}", flush=True)
+        return tok
+    if not path.is_file():
+        raise DataPrepError(f"{path}: VQ tokenizer missing")
+    return JanusVQTokenizer.load(path)
+
+
 def _tokenizer(cfg: RunConfig, dataset, *, fit: bool):
     if cfg.data.tokenizer == "patch_kmeans":
         return load_or_fit_tokenizer(cfg, dataset, fit=fit)
+    if cfg.data.tokenizer == "vq":
+        return load_or_fit_vq(cfg, dataset, fit=fit)
     if cfg.model.checkpoint is None:
         raise DataPrepError("data.tokenizer=checkpoint_vq needs model.checkpoint (a checkpoint with a VQ model)")
-    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
     # only vq_config + model.vqmodel.* are read (not the LM); same fingerprint as VQImageTokenizer
     tok = JanusVQTokenizer.from_checkpoint(cfg.model.checkpoint)
@@ -124,8 +169,6 @@ def _model_dir(cfg: RunConfig, tokenizer) -> Path:
         if not (p / "config.json").is_file():
             raise DataPrepError(f"model.checkpoint={p}: not a Hugging Face checkpoint directory (no config.json)")
         return p
-    from .init import init_model_for_tokenizer
-
     return init_model_for_tokenizer(Path(cfg.output_dir) / "init_model", tokenizer, cfg.model.init)
 
 
@@ -138,12 +181,9 @@ def caches_vision_features(cfg: RunConfig, mode: str) -> bool:
     return mode == "pixels" and "vision_model" not in cfg.train.trainable
 
 
-def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
-    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None)."""
-    from pgen_engine.data.dataset import DataError, load_dataset
-    from pgen_engine.data.history import HistoryModeError, run_history_mode
-    from pgen_engine.data.token_cache import build_token_cache
-
+def _prepare_on_main(cfg: RunConfig, feature_dtype: torch.dtype = torch.float32) -> tuple[str | None, str | None]:
+    """Rank-0 side effects; returns (error line or None, vision feature cache folder or None).
+    ``feature_dtype``: the dtype the run trains in (the vision feature cache is stored in it)."""
     try:
         root = ensure_dataset(cfg)
         dataset = load_dataset(root)
@@ -152,10 +192,8 @@ def _prepare_on_main(cfg: RunConfig) -> tuple[str | None, str | None]:
         build_token_cache(dataset, tok, _cache_dir(cfg, tok), progress=False)
         vision = None
         if caches_vision_features(cfg, run_history_mode(cfg.data.history_mode, cfg.model.checkpoint)):
-            from pgen_engine.data.vision_cache import build_vision_cache
-            from pgen_engine.models import load_model
-
-            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision").root)
+            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision",
+                                            dtype=feature_dtype).root)
     except (DataPrepError, DataError, HistoryModeError, ValueError, KeyError, OSError) as e:
         return (str(e).strip().splitlines()[0] if str(e).strip() else repr(e)), None
     return None, vision
@@ -168,16 +206,8 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
         DataPrepError: missing dataset, unusable tokenizer/model geometry, bad data —
             on every rank, with rank 0's message.
     """
-    from pgen_engine.data.dataset import load_dataset
-    from pgen_engine.data.history import CatalogueImages, HistoryModeError, run_history_mode
-    from pgen_engine.data.prompts import PromptBuilder, SFTDataset
-    from pgen_engine.data.splits import build_splits
-    from pgen_engine.data.text_tokenizer import load_text_tokenizer
-    from pgen_engine.data.token_cache import TokenCache
-    from pgen_engine.models.janus_config import JanusModelConfig
-    from pgen_engine.models.special_tokens import SpecialTokens
-
-    err, vision_dir = _prepare_on_main(cfg) if dist_info.is_main else (None, None)
+    feature_dtype = model_dtype(cfg.deepspeed, dist_info.device)  # a bf16 run stores bf16 features (half the bytes)
+    err, vision_dir = _prepare_on_main(cfg, feature_dtype) if dist_info.is_main else (None, None)
     err, vision_dir = broadcast_object((err, vision_dir))
     if err is not None:
         raise DataPrepError(err)
@@ -211,8 +241,6 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
     loader = CatalogueImages(dataset, mcfg.image_size) if mode == "pixels" else None
     features = None
     if vision_dir is not None:
-        from pgen_engine.data.vision_cache import VisionCache
-
         vc = VisionCache.open(vision_dir, Path(vision_dir).name.removeprefix("vision_"))
         features = vc.features
     return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles, image_loader=loader,

@@ -10,8 +10,9 @@ import torch
 
 import pgen_engine as pg
 from pgen_engine.config import ConfigError, RunConfig, config_from_dict
-from pgen_engine.data.history import (HistoryModeError, HistoryPrompter, check_history_mode, default_history_mode,
-                                      run_history_mode, trained_history_mode)
+from pgen_engine.data.history import HistoryPrompter
+from pgen_engine.data.history_mode import (HistoryModeError, check_history_mode, default_history_mode, run_history_mode,
+                                           trained_history_mode)
 from pgen_engine.data.prompts import PromptBuilder
 from pgen_engine.data.text_tokenizer import ByteTokenizer
 

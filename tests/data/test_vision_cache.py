@@ -90,3 +90,32 @@ def test_trainer_logprobs_with_cached_features_equal_pixels(setup):
         a, _ = policy_logprobs(model, *by_pixels.rows(sl, dev), toks, 1.0, *by_pixels.history(sl, dev))
         b, _ = policy_logprobs(model, *by_features.rows(sl, dev), toks, 1.0, *by_features.history(sl, dev))
     assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_cache_is_what_a_half_model_consumes(setup, dtype):
+    """A bf16 / fp16 run stores its features in that dtype: half the bytes of float32, and the
+    same numbers the model's aligner gets from float32 features (embed_inputs casts them first)."""
+    ds, model, d = setup
+    ids = list(ds.items)
+    f32 = build_vision_cache(ds, model, d / "vision")
+    stamp = (f32.root / "features.bin").stat().st_mtime_ns
+    half = build_vision_cache(ds, model, d / f"vision_{dtype}", dtype=dtype)
+    assert half.fingerprint == f32.fingerprint and half.dtype == dtype and f32.dtype == torch.float32
+    assert (half.root / "features.bin").stat().st_size * 2 == (f32.root / "features.bin").stat().st_size
+    got = half.features(ids[::-1])
+    assert got.dtype == dtype and torch.equal(got, f32.features(ids[::-1]).to(dtype))
+    m_half = pg.load_model(d / "ckpt", dtype=dtype)
+    ids_t = torch.tensor([[1] + [model.config.image_token_id] * model.num_image_tokens + [3]])
+    with torch.no_grad():
+        a = m_half.embed_inputs(ids_t, None, image_features=f32.features(ids[:1]))
+        b = m_half.embed_inputs(ids_t, None, image_features=half.features(ids[:1]))
+    assert torch.equal(a, b)
+    # reopened as written; a float32 request rebuilds nothing of the float32 cache, a dtype change rebuilds
+    assert VisionCache.open(half.root, half.fingerprint).dtype == dtype
+    assert build_vision_cache(ds, model, d / "vision").dtype == torch.float32
+    assert (f32.root / "features.bin").stat().st_mtime_ns == stamp
+    rebuilt = build_vision_cache(ds, model, d / f"vision_{dtype}", dtype=torch.float32)
+    assert rebuilt.dtype == torch.float32 and torch.equal(rebuilt.features(ids), f32.features(ids))
+    with pytest.raises(ValueError, match="dtype"):
+        build_vision_cache(ds, model, d / "bad", dtype=torch.int8)

@@ -37,3 +37,17 @@ def test_nan_users_skipped_and_all_nan():
     r = mean_ci(v, bootstrap_indices(3, 200, 0))
     assert r["mean"] == 2.0 and 1.0 <= r["ci95"][0] <= r["ci95"][1] <= 3.0
     assert math.isnan(mean_ci(torch.full((3,), float("nan")), bootstrap_indices(3, 10, 0))["mean"])
+
+
+def test_paired_ci_coverage_is_near_nominal():
+    """Over many simulated studies the 95 % paired CI covers the true mean difference ~95 % of the time."""
+    g = torch.Generator().manual_seed(3)
+    idx = bootstrap_indices(80, 400, 0)
+    covered = 0
+    trials = 300
+    for _ in range(trials):
+        base = torch.rand(80, generator=g, dtype=torch.float64)
+        other = base + 0.03 + 0.1 * torch.randn(80, generator=g, dtype=torch.float64)
+        lo, hi = paired_ci(other, base, idx)["ci95"]
+        covered += lo <= 0.03 <= hi
+    assert 0.88 <= covered / trials <= 0.99, covered / trials

@@ -42,12 +42,6 @@ def test_generate_writes_pngs_and_manifest(tiny_ckpt, tmp_path, capsys):
         a = np.asarray(Image.open(tmp_path / "a" / r["file"]))
         b = np.asarray(Image.open(tmp_path / "b" / r["file"]))
         assert np.array_equal(a, b), r["file"]
-    # the continuous-batching scheduler writes the same images
-    assert main(common + ["--out", str(tmp_path / "c"), "--batch-size", "2", "--scheduler", "continuous"]) == 0
-    for r in rows:
-        a = np.asarray(Image.open(tmp_path / "a" / r["file"]))
-        c = np.asarray(Image.open(tmp_path / "c" / r["file"]))
-        assert np.array_equal(a, c), r["file"]
 
 
 def test_invalid_lines_are_reported_by_line_number(tiny_ckpt, tmp_path, capsys):

@@ -176,5 +176,3 @@ def test_logprobs_are_recorded_inside_the_step(model, monkeypatch, kw):
         logits = model.image_logits(ids, codes[r:r + 1])  # [1, T, K] conditional logits
     ref = torch.log_softmax(logits.float() / kw["temperature"], -1).gather(2, codes[r:r + 1, :, None])[0, :, 0]
     torch.testing.assert_close(lp[r], ref, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="return_logprobs needs scheduler='waves'"):
-        Generator(model, scheduler="continuous").generate(rows[1:2], return_logprobs=True)

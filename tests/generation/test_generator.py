@@ -237,7 +237,7 @@ def test_kv_bytes_plan_needs_no_model():
         plan_kv_bytes(text, 5, [3], uncond_mode="none")
 
 
-def test_cache_dtype_works_or_is_refused_at_construction(peaky, monkeypatch):
+def test_cache_dtype_works_or_is_refused_at_construction(peaky):
     model, _ = peaky
     gen = torch.Generator().manual_seed(_fresh_seed())
     ids, mask = _ragged(gen, [9, 6])
@@ -251,9 +251,6 @@ def test_cache_dtype_works_or_is_refused_at_construction(peaky, monkeypatch):
     assert bool(((got >= 0) & (got < model.config.codebook_size)).all())
     with pytest.raises(ValueError, match="cache_dtype"):
         Generator(model, cache_dtype=torch.int8)
-    monkeypatch.setenv("PGEN_FUSED_OPS", "1")  # the paged kernels' path: one dtype for both
-    with pytest.raises(ValueError, match="scheduler='continuous'"):
-        Generator(model, cache_dtype=torch.bfloat16, scheduler="continuous")
 
 
 # ---------------------------------------------------------------------------- sampling
@@ -374,12 +371,13 @@ def test_generate_images_decodes_each_row(peaky):
 
 def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
     """Once decoding starts, no tensor is read back to Python (item/bool/int/tolist/numpy).
-    (The Python loop; on CPU the C++ wave loop replaces it, see the next test.)"""
+    (The Python loop; on CPU the C++ wave loop replaces it, see the next test. Its steps are
+    the decode backend's: the C++ layer stack for a float32 CPU model.)"""
     model, _ = peaky
     monkeypatch.setattr(decode_cpu, "applies", lambda *a: False)
     g = Generator(model, max_batch_size=3, max_seq_len=32)  # 4 rows -> 2 waves
     trap = {"on": False, "calls": 0}
-    real_step = model.decode_step
+    real_step = g._backend.step
 
     def step(*args, **kwargs):
         trap["on"] = True
@@ -395,7 +393,7 @@ def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
         finally:
             trap["on"] = False
 
-    monkeypatch.setattr(model, "decode_step", step)
+    monkeypatch.setattr(g._backend, "step", step)
     monkeypatch.setattr(g, "_run_wave", wave)
     forbid_host_reads(monkeypatch, lambda: trap["on"], "inside the decode loop")
     try:
@@ -405,40 +403,3 @@ def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
         trap["on"] = False
     assert trap["calls"] == 3 * (model.num_image_tokens - 1)
     assert out.shape == (4, model.num_image_tokens) and out_greedy.shape == (1, model.num_image_tokens)
-
-
-
-# ---------------------------------------------------------------------------- continuous batching
-@pytest.mark.parametrize("greedy", [True, False])
-def test_continuous_scheduler_gives_the_wave_tokens(peaky, greedy):
-    """The C++ continuous-batching path (paged cache, requests refilled as rows finish) yields
-    the wave path's tokens: ragged prompts, history images, a prompt's samples split over
-    several requests (num_samples > max_batch_size), with and without CFG."""
-    model, _ = peaky
-    seed = _fresh_seed()
-    g = torch.Generator().manual_seed(seed)
-    n_img = model.num_image_tokens
-    rows = []
-    for k, extra in [(1, 3), (0, 9), (2, 1), (0, 4), (0, 12)]:
-        r = [SPECIAL.bos] + torch.randint(6, 300, (extra,), generator=g).tolist()
-        for _ in range(k):
-            r += [SPECIAL.boi] + [SPECIAL.image] * n_img + [SPECIAL.eoi]
-        rows.append(r + [SPECIAL.boi])
-    px = torch.rand(3, 3, model.image_size, model.image_size, generator=g) * 2 - 1
-    S = max(map(len, rows))
-    for scale in (4.0, 1.0):
-        kw = dict(num_samples=3, guidance_scale=scale, greedy=greedy, seed=seed, top_k=20, top_p=0.9)
-        waves = Generator(model, max_batch_size=2, max_seq_len=S + n_img)
-        cont = Generator(model, max_batch_size=2, max_seq_len=S + n_img, scheduler="continuous")
-        a = waves.generate(rows, pixel_values=px, **kw)
-        b = cont.generate(rows, pixel_values=px, **kw)
-        assert torch.equal(a, b), f"seed={seed} scale={scale}: {(a != b).sum()} of {a.numel()} tokens differ"
-        assert cont.last_stats["steps"] > 0 and cont.last_stats["rows"] == len(rows) * 3
-
-
-def test_continuous_scheduler_rejects_short_mode_and_unknown_names(peaky):
-    model, _ = peaky
-    with pytest.raises(ValueError, match="needs uncond_mode='pad'"):
-        Generator(model, scheduler="continuous", uncond_mode="short")
-    with pytest.raises(ValueError, match="scheduler must be one of"):
-        Generator(model, scheduler="paged")

@@ -5,8 +5,7 @@
   1 and 3 layers, 4 / 9 / 16 / 25 image tokens, CFG scales 1 / 2.5 / 7, ragged batches in waves;
 * prompts long enough for the packed prefill (>= 512 prompt tokens per call) and for ATen's
   prompt attention (one prompt > 512 tokens);
-* sampling: every decode path (C++ wave loop, Python loop, static step, continuous scheduler)
-  gives the same codes; extreme top-k / top-p / temperature equal greedy;
+* sampling: every decode path (C++ wave loop, Python loop, static step) gives the same codes; extreme top-k / top-p / temperature equal greedy;
 * bad inputs (NaN/Inf weights or pixels, overflowing temperature, malformed ids / masks / pixels
   / seeds): a clear error, never silent garbage codes or an out-of-range read.
 """
@@ -140,39 +139,19 @@ def test_prompt_exactly_filling_max_seq_len(odd):
         g.generate(long)
 
 
-@pytest.mark.parametrize("extra", [1, 5, 16, 17])
-def test_continuous_runs_every_request_the_waves_run(odd, extra):
-    """The continuous path carves the same cache into 16-token blocks: a request of
-    max_batch_size samples whose prompt fills max_seq_len must fit its block pool
-    (rows rounded up to whole blocks), not fail as 'can never fit'."""
-    model, _ = odd
-    T = model.num_image_tokens
-    L = T + extra
-    prompts = [[SPECIAL.bos] + [7 + i] * (extra - 2) + [SPECIAL.boi] if extra >= 2 else [SPECIAL.boi]
-               for i in range(3)]
-    for mbs in (1, 2):
-        kw = dict(num_samples=2, guidance_scale=3.0, seed=[1, 2, 3], top_k=5)
-        waves = Generator(model, max_batch_size=mbs, max_seq_len=L).generate(prompts, **kw)
-        cont = Generator(model, max_batch_size=mbs, max_seq_len=L, scheduler="continuous").generate(prompts, **kw)
-        assert torch.equal(waves, cont), (mbs, L)
-
-
 # ---------------------------------------------------------------------------- sampling
 def _all_paths(model, prompts, mbs: int, **kw) -> dict[str, torch.Tensor]:
     T = model.num_image_tokens
     L = max(map(len, prompts)) + T
     out = {"cpp": Generator(model, max_batch_size=mbs, max_seq_len=L).generate(prompts, **kw),
            "static": Generator(model, max_batch_size=mbs, max_seq_len=L, decode_mode="static").generate(prompts, **kw)}
-    if not kw.get("return_logprobs"):
-        out["continuous"] = Generator(model, max_batch_size=mbs, max_seq_len=L,
-                                      scheduler="continuous").generate(prompts, **kw)
     return out
 
 
 @pytest.mark.parametrize("kw", [dict(top_k=3, top_p=0.8), dict(temperature=0.6, guidance_scale=1.0),
                                 dict(top_k=1000, return_logprobs=True)])
 def test_sampling_paths_agree_on_odd_geometries(geom, kw):
-    """C++ wave loop, static Python step and continuous scheduler: same codes; a request's
+    """C++ wave loop and static Python step: same codes; a request's
     samples do not depend on its batch or on how waves split it (num_samples > max_batch_size)."""
     model, _ = geom
     ids, mask = _ragged(3, [9, 5, 12])
@@ -229,15 +208,13 @@ def test_low_precision_model_on_cpu_runs_every_path(odd):
 @pytest.mark.parametrize("model_dtype,cache_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
                                                      (torch.bfloat16, torch.float32)])
 def test_cache_dtype_other_than_the_model_on_every_path(odd, model_dtype, cache_dtype):
-    """cache_dtype may differ from the model's: the continuous path's paged attention casts the
-    cache like the others (it raised 'Expected query, key, and value to have the same dtype')."""
+    """cache_dtype may differ from the model's: every decode path casts the cache on read."""
     model, _ = odd
     m = copy.deepcopy(model).to(model_dtype)
     prompts = [[SPECIAL.bos, 7, 8, 9, SPECIAL.boi], [SPECIAL.bos, 10, SPECIAL.boi]]
     kw = dict(guidance_scale=3.0, num_samples=2, greedy=True)
     out = {name: Generator(m, max_batch_size=2, max_seq_len=16, cache_dtype=cache_dtype, **extra).generate(prompts, **kw)
-           for name, extra in (("waves", {}), ("static", dict(decode_mode="static")),
-                               ("continuous", dict(scheduler="continuous")))}
+           for name, extra in (("waves", {}), ("static", dict(decode_mode="static")))}
     for name, got in out.items():
         assert got.shape == (4, m.num_image_tokens) and 0 <= int(got.min()) and int(got.max()) < m.codebook_size
         if model_dtype == torch.float32:  # float32 attention either way: the same codes
@@ -256,14 +233,12 @@ def _poison(model, where: str):
     return m
 
 
-DECODE_PATHS = ["cpp", "python", "static", "continuous"]
+DECODE_PATHS = ["cpp", "python", "static"]
 
 
 def _generator(model, path: str, monkeypatch, **kw) -> Generator:
     if path == "python":
         monkeypatch.setattr(decode_cpu, "applies", lambda *a: False)
-    if path == "continuous":
-        return Generator(model, scheduler="continuous", **kw)
     return Generator(model, decode_mode="static" if path == "static" else "eager", **kw)
 
 
@@ -306,16 +281,16 @@ def test_nan_pixels_and_overflowing_temperature_raise(odd, monkeypatch, path):
     assert 0 <= int(ok.min()) and int(ok.max()) < model.codebook_size
 
 
-@pytest.mark.parametrize("path", DECODE_PATHS + ["bf16", "bf16-continuous"])
+@pytest.mark.parametrize("path", DECODE_PATHS + ["bf16"])
 def test_a_non_finite_call_does_not_poison_the_reused_cache(odd, monkeypatch, path):
     """NaN pixels write NaN K/V into the Generator's cache; that call fails, and the next clean
     call must give a fresh Generator's codes. Slots past a row's length keep what earlier calls
     left there, and 0 * NaN in the attention's P . V is NaN: every attention path must ignore them."""
     model, _ = odd
     T = model.num_image_tokens
-    if path.startswith("bf16"):
+    if path == "bf16":
         model = copy.deepcopy(model).to(torch.bfloat16)
-        path = "continuous" if path == "bf16-continuous" else "cpp"
+        path = "cpp"
     kw = dict(max_batch_size=2, max_seq_len=32)
     hist = [SPECIAL.bos, 7, SPECIAL.boi] + [SPECIAL.image] * T + [SPECIAL.eoi, SPECIAL.boi]
     clean = [[SPECIAL.bos, 7, 8, SPECIAL.boi], [SPECIAL.bos, 9, SPECIAL.boi]]

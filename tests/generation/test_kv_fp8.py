@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import pgen_engine as pg
-from pgen_engine.generation import Generator
+from pgen_engine.generation import Generator, layers_cpu
 from pgen_engine.models import op_dispatch
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.ops import kv_quant
@@ -52,7 +52,8 @@ def test_fp8_cache_decode_modes_agree_and_hold_a_quarter_of_the_bytes(model):
         g32.kv_bytes([len(p) for p in PROMPTS], num_samples=2, guidance_scale=3.0)
     # the last wave's pool scales (rows [0, P)) were set by its prefill, its own rows' (from row
     # 2 * max_batch_size on) by its first decode write
-    ks = eager._scales.k[0]
+    assert eager.backend == "eager"
+    ks = eager._kv.scales.k[0]
     assert bool((ks[0] > 0).all()) and bool((ks[8:12] > 0).all())
 
 
@@ -75,11 +76,6 @@ def test_fp8_decode_step_never_reads_back_to_the_host(model, monkeypatch):
     assert trap["calls"] == model.num_image_tokens - 1
 
 
-def test_fp8_needs_the_wave_scheduler(model):
-    with pytest.raises(ValueError, match="scheduler='waves'"):
-        Generator(model, cache_dtype=FP8, scheduler="continuous")
-
-
 @pytest.mark.parametrize("cache_dtype", [torch.float32, FP8])
 def test_triton_shared_prefix_kernel_inside_the_generator(model, monkeypatch, cache_dtype):
     """The fused-op path (CUDA's) with the Triton kernel under the CPU interpreter gives the
@@ -91,7 +87,7 @@ def test_triton_shared_prefix_kernel_inside_the_generator(model, monkeypatch, ca
 
     if not _backend.triton_available():
         pytest.skip("Triton cannot run here")
-    monkeypatch.setattr(op_dispatch, "_CPU_DECODE", False)  # the layers in Python, not the C++ step
+    monkeypatch.setattr(layers_cpu, "_CPU_DECODE", False)  # the model's torch layers, not the C++ backend
     T = model.num_image_tokens
     kw = dict(num_samples=2, guidance_scale=3.0, greedy=True)
     torch_path = Generator(model, max_batch_size=6, max_seq_len=7 + T, cache_dtype=cache_dtype,

@@ -167,3 +167,43 @@ def test_generate_for_users_inputs(tiny, tmp_path):
         g.generate_for_users([[]], **kw)
     with pytest.raises(Exception, match="does not exist"):
         g.generate_for_users([[(str(tmp_path / "missing.png"), "t")]], **kw)
+
+
+def test_image_embeds_equal_pixels_and_skip_the_vision_tower(tiny):
+    """``generate(image_embeds=...)``: per-prompt aligned features give the same codes and
+    log-probs as the pixels they came from, without one vision-tower call; bad ones are refused."""
+    model, _ = tiny
+    rng = np.random.default_rng(5)
+    pr = _prompter(model)
+    users = [pr.build(_history(rng, n)) for n in (2, 5, 1)]
+    rows, _, px = batch_inputs(users)
+    counts = [u.pixel_values.shape[0] for u in users]
+    with torch.no_grad():
+        embeds = list(model.vision_features(px).split(counts))
+    g = Generator(model, max_batch_size=6, max_seq_len=max(map(len, rows)) + model.num_image_tokens)
+    kw = dict(num_samples=2, guidance_scale=3.0, temperature=0.9, seed=[4, 5, 6], return_logprobs=True)
+    a, lp_a = g.generate(rows, None, px, **kw)
+    calls = []
+    hook = model.vision_model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    try:
+        b, lp_b = g.generate(rows, None, image_embeds=embeds, **kw)
+        c = g.generate(rows, None, image_embeds=[e.double() for e in embeds], num_samples=2, guidance_scale=3.0,
+                       temperature=0.9, seed=[4, 5, 6])  # any floating dtype: cast to the model's
+    finally:
+        hook.remove()
+    assert calls == []
+    assert torch.equal(a, b) and torch.equal(b, c)
+    assert float((lp_a - lp_b).abs().max()) <= 1e-5
+    bad = [
+        (dict(image_embeds=embeds[:2]), "3 prompts"),
+        (dict(image_embeds=[embeds[0], embeds[1][:4], embeds[2]]), r"image_embeds\[1\] must be \[n_img, T_img, H\]"),
+        (dict(image_embeds=[embeds[0], None, embeds[2]]), r"image_embeds\[1\] is None"),
+        (dict(image_embeds=[embeds[0], (embeds[1] * 100).long(), embeds[2]]), "floating"),
+        (dict(image_embeds=[embeds[0], embeds[1][..., :-1], embeds[2]]), "hidden size"),
+        (dict(image_embeds=torch.cat(embeds)), "sequence of 3 entries"),
+    ]
+    for extra, match in bad:
+        with pytest.raises(ValueError, match=match):
+            g.generate(rows, None, num_samples=1, **extra)
+    with pytest.raises(ValueError, match="not both"):
+        g.generate(rows, None, px, image_embeds=embeds)

@@ -24,7 +24,7 @@ def _images(n, size=16, seed=0):
 def test_training_improves_reconstruction_and_revives_codes():
     imgs = _images(24)
     cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=4, lr=3e-3,
-                        max_steps=1, revive_every=1, revive_after=3)
+                        max_steps=1, revive_every=1, revive_after=3, ae_warmup_steps=0)  # random init: dead codes
     tok0, _ = train_vq(imgs, cfg, progress=False)
     cfg.max_steps = 40
     tok, rep = train_vq(imgs, cfg, progress=False)
@@ -49,3 +49,40 @@ def test_bad_inputs():
         train_vq(_images(1), cfg, progress=False)
     with pytest.raises(ValueError, match="ema_decay"):
         train_vq(_images(4), VQTrainConfig(image_size=16, codes_per_side=4, ema_decay=1.0), progress=False)
+
+
+def test_spherical_kmeans_finds_unit_centroids_of_clusters():
+    from pgen_engine.models.vq_train import spherical_kmeans
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    x = torch.nn.functional.normalize(centres.repeat_interleave(50, 0) + 0.05 * torch.randn(200, 8, generator=g), dim=1)
+    g1 = torch.Generator().manual_seed(1)
+    c = spherical_kmeans(x, 12, 10, g1)
+    assert c.shape == (12, 8) and torch.allclose(c.norm(dim=1), torch.ones(12), atol=1e-5)
+    # every true centre has a centroid within a small angle, and Lloyd steps beat the seeding
+    assert float((centres @ c.T).max(1).values.min()) > 0.98
+    seeded = spherical_kmeans(x, 12, 0, torch.Generator().manual_seed(1))
+    assert float((x @ c.T).max(1).values.mean()) > float((x @ seeded.T).max(1).values.mean())
+
+
+@pytest.mark.parametrize("warmup, steps", [(3, 8), (1000, 4)])
+def test_autoencoder_warmup_then_kmeans_codebook(warmup, steps):
+    # (1000, 4): the run ends inside the warm-up; the codebook is still fit to the encoder
+    imgs = _images(24)
+    cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=4, max_steps=steps,
+                        ae_warmup_steps=warmup)
+    tok, rep = train_vq(imgs, cfg, progress=False)
+    emb = tok.vqvae.quantize.embedding.weight
+    assert rep.steps == steps
+    assert torch.allclose(emb.norm(dim=1), torch.ones(16), atol=1e-5)
+    assert evaluate_tokenizer(tok, imgs)["used"] >= 4  # k-means centroids of real encoder outputs are used
+
+
+def test_bf16_and_fp32_steps_both_learn():
+    imgs = _images(24)
+    for bf16 in (True, False):
+        cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=4, max_steps=30,
+                            bf16=bf16, ae_warmup_steps=5)
+        tok, rep = train_vq(imgs, cfg, progress=False)
+        assert rep.rec_mse < 0.5 and torch.isfinite(torch.tensor(rep.rec_mse))

@@ -19,11 +19,21 @@ from pgen_engine.ops import _backend  # noqa: E402
 
 if hasattr(_backend.triton_available, "cache_clear"):  # older _backend cached the answer
     _backend.triton_available.cache_clear()
-if "pgen_engine.ops._triton_attention" in sys.modules:  # jitted before the env var was set
+# Kernels jitted before the env var was set: reload the kernel modules (helpers first, the
+# package last, so every module re-binds the reloaded objects).
+for _name in sorted((m for m in sys.modules if m.startswith("pgen_engine.ops._triton_attention.")),
+                    key=lambda m: m != "pgen_engine.ops._triton_attention.common"):
+    importlib.reload(sys.modules[_name])
+if "pgen_engine.ops._triton_attention" in sys.modules:
     importlib.reload(sys.modules["pgen_engine.ops._triton_attention"])
 
 from pgen_engine.ops import _triton_attention as T  # noqa: E402
 from pgen_engine.ops import attention as A  # noqa: E402
+from pgen_engine.ops._triton_attention import common as TC  # noqa: E402
+from pgen_engine.ops.attention import decode as A_decode  # noqa: E402
+from pgen_engine.ops.attention import kv_write as A_kv_write  # noqa: E402
+from pgen_engine.ops.attention import prefill as A_prefill  # noqa: E402
+from pgen_engine.ops.attention import reference as A_ref  # noqa: E402
 from tests.ops._device import CPU, DEV  # noqa: E402
 
 # Absolute floor, relative to the largest reference magnitude. For fp32 a tiny 1e-6. For
@@ -36,7 +46,7 @@ _FLOOR = {torch.float32: 1e-6, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     """Every buffer a launcher allocates starts as NaN, so unwritten elements fail the test."""
-    monkeypatch.setattr(T, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(TC, "POISON_OUTPUTS", True)
 
 
 def assert_within_rule(out: torch.Tensor, ref64: torch.Tensor, ref_low: torch.Tensor, what: str = "") -> None:
@@ -91,7 +101,7 @@ def test_span_limits_match_naive_mask():
     q_hi, k_lo = A.span_limits(cu, sum(lens), spans)
     for b, n in enumerate(lens):
         lo = cu[b].item()
-        allowed = A._allowed_mask(1, n, True, spans[b : b + 1], None, torch.device("cpu"))[0]
+        allowed = A_ref._allowed_mask(1, n, True, spans[b : b + 1], None, torch.device("cpu"))[0]
         pos = torch.arange(n)
         assert torch.equal(allowed, pos[None, :] < q_hi[lo : lo + n, None].long())
         assert torch.equal(allowed, pos[:, None] >= k_lo[None, lo : lo + n].long())
@@ -338,16 +348,16 @@ def test_opcheck_registered_ops():
     for backend in ("torch", "triton"):
         q.requires_grad_(True)
         torch.library.opcheck(
-            A._prefill_fwd_op, (q, k, v, cu, q_hi, k_lo, None, 5, True, 32**-0.5, backend),
+            A_prefill._prefill_fwd_op, (q, k, v, cu, q_hi, k_lo, None, 5, True, 32**-0.5, backend),
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )
         q.requires_grad_(False)
         kc, vc, table = (t.to(DEV) for t in _paged_cache(gen, torch.float32, 4, 4, 1, 32, 2, 2))
         seqlens = torch.tensor([3, 7], dtype=torch.int32, device=DEV)
-        torch.library.opcheck(A._decode_op, (q[:2], kc, vc, seqlens, table, 0.2, backend),
+        torch.library.opcheck(A_decode._decode_op, (q[:2], kc, vc, seqlens, table, 0.2, backend),
                               test_utils=("test_schema", "test_faketensor"))
         slots = torch.tensor([0, -1, 5], dtype=torch.int64, device=DEV)
-        torch.library.opcheck(A._kv_write_op, (kc.clone(), vc.clone(), k[:3], v[:3], slots, backend),
+        torch.library.opcheck(A_kv_write._kv_write_op, (kc.clone(), vc.clone(), k[:3], v[:3], slots, backend),
                               test_utils=("test_schema", "test_faketensor"))
 
 

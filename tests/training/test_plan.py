@@ -9,6 +9,8 @@ import torch
 import pgen_engine as pg
 from pgen_engine.config import config_from_dict, load_config
 from pgen_engine.training import plan as P
+from pgen_engine.training.plan import activations as P_act
+from pgen_engine.training.plan import startup as P_startup
 from pgen_engine.training.engine import build_deepspeed_config
 from pgen_engine.training.rollout import generator_rows
 
@@ -95,14 +97,14 @@ def test_meta_measurement_matches_the_same_ops_on_real_tensors(tiny_ckpt, monkey
 
     set_trainable(real, groups)
     meta = P.meta_model(real.config, torch.float32, groups)
-    meta_batch = P._meta_batch
+    meta_batch = P_act._meta_batch
     for ckpt, train in ((False, True), (True, True), (False, False)):
         want = P.objective_peak_bytes(meta, 2, 40, checkpointing=ckpt, train=train)
-        monkeypatch.setattr(P, "_meta_batch", lambda *a: tuple(torch.zeros_like(t, device="cpu") if t.dtype != torch.long
+        monkeypatch.setattr(P_act, "_meta_batch", lambda *a: tuple(torch.zeros_like(t, device="cpu") if t.dtype != torch.long
                                                                or t.shape[1] != 40 else torch.ones_like(t, device="cpu")
                                                                for t in meta_batch(*a)))
         got = P.objective_peak_bytes(real, 2, 40, checkpointing=ckpt, train=train)
-        monkeypatch.setattr(P, "_meta_batch", meta_batch)
+        monkeypatch.setattr(P_act, "_meta_batch", meta_batch)
         assert want <= got <= 1.25 * want, (ckpt, train, got, want)
 
 
@@ -169,7 +171,7 @@ def test_unknown_checkpoint_is_a_plan_error(tmp_path, sft_cfg):
 def test_train_refuses_a_launch_that_cannot_fit(monkeypatch, capsys):
     import train
 
-    monkeypatch.setattr(P, "launch_gpu_bytes", lambda: 1 << 20)  # a 1 MiB "GPU"
+    monkeypatch.setattr(P_startup, "launch_gpu_bytes", lambda: 1 << 20)  # a 1 MiB "GPU"
     rc = train.main(["--config", str(REPO / "configs" / "demo_sft.yaml"), "output_dir=/nonexistent/never"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3 and len(err) == 1
@@ -177,7 +179,7 @@ def test_train_refuses_a_launch_that_cannot_fit(monkeypatch, capsys):
 
 
 def test_preflight_is_skipped_on_cpu_and_with_pgen_plan_0(monkeypatch, sft_cfg):
-    monkeypatch.setattr(P, "launch_gpu_bytes", lambda: None)
+    monkeypatch.setattr(P_startup, "launch_gpu_bytes", lambda: None)
     assert P.preflight(sft_cfg, "x") is None  # no CUDA: skipped
     monkeypatch.setenv("PGEN_PLAN", "0")
     assert P.preflight(sft_cfg, "x", gpu_bytes=1) is None

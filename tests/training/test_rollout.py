@@ -10,7 +10,8 @@ from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.training.engine import gathered_module, is_zero3
 from pgen_engine.training.grpo import FP32_LOGPROB_GAP_TOL
 from pgen_engine.training.reference import ReferencePolicy
-from pgen_engine.training.rollout import HybridEngine, SamplingParams, generator_rows
+from pgen_engine.generation import SamplingParams
+from pgen_engine.training.rollout import HybridEngine, RolloutParams, generator_rows
 from pgen_engine.training.memory_ledger import MemoryLedger, live_tensor_bytes
 from pgen_engine.training.rl import build_sequences, policy_logprobs
 
@@ -24,6 +25,10 @@ def tiny_ckpt_path(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tiny(tiny_ckpt_path):
     return pg.load_model(tiny_ckpt_path, device="cpu", dtype=torch.float32)
+
+
+def _params(G: int, guidance: float, temperature: float, mode: str = "pad") -> RolloutParams:
+    return RolloutParams(G, SamplingParams(guidance_scale=guidance, temperature=temperature), mode)
 
 
 def _prompts(model, B, g):
@@ -45,7 +50,7 @@ def test_rollout_logprob_gap_fp32(tiny, guidance, temperature, mode):
     B, G = 3, 4
     prompts, masks = _prompts(tiny, B, g)
     hy = HybridEngine(tiny, max_batch_size=8)  # 2 prompts per Generator call: exercises chunking
-    ro = hy.rollout(prompts, masks, SamplingParams(G, guidance, temperature, 0, 1.0, mode), seeds=[5, 6, 7])
+    ro = hy.rollout(prompts, masks, _params(G, guidance, temperature, mode), seeds=[5, 6, 7])
     T = tiny.num_image_tokens
     assert ro.tokens.shape == (B * G, T) and ro.logprobs.shape == (B * G, T)
     assert (ro.logprobs <= 0).all() and ro.kv_bytes > 0
@@ -61,7 +66,7 @@ def test_rollout_logprob_gap_fp32(tiny, guidance, temperature, mode):
 def test_rollout_is_deterministic_and_batch_independent(tiny):
     g = torch.Generator().manual_seed(1)
     prompts, masks = _prompts(tiny, 3, g)
-    p = SamplingParams(2, 2.0, 1.0)
+    p = _params(2, 2.0, 1.0)
     a = HybridEngine(tiny, max_batch_size=6).rollout(prompts, masks, p, seeds=[1, 2, 3])
     b = HybridEngine(tiny, max_batch_size=2).rollout(prompts[1:], masks[1:], p, seeds=[2, 3])
     assert torch.equal(a.tokens[2:], b.tokens)
@@ -80,7 +85,7 @@ def test_rollout_cache_is_sized_by_the_prompts_this_rank_holds(tiny):
     """2 prompts x 2 samples with a 64-row budget: the Generator holds 4 rows, not 64."""
     g = torch.Generator().manual_seed(3)
     prompts, masks = _prompts(tiny, 2, g)
-    p = SamplingParams(2, 2.0, 1.0)
+    p = _params(2, 2.0, 1.0)
     small = HybridEngine(tiny, max_batch_size=64).rollout(prompts, masks, p, seeds=[0, 1])
     exact = HybridEngine(tiny, max_batch_size=4).rollout(prompts, masks, p, seeds=[0, 1])
     assert small.kv_bytes == exact.kv_bytes
@@ -98,9 +103,9 @@ def test_rollout_releases_kv_cache_and_restores_mode(tiny):
     prompts, masks = _prompts(tiny, 2, g)
     hy = HybridEngine(tiny, max_batch_size=4, ledger=MemoryLedger())
     tiny.train()
-    hy.rollout(prompts, masks, SamplingParams(2, 2.0, 1.0), seeds=[0, 1])  # warm-up (lazy imports, caches)
+    hy.rollout(prompts, masks, _params(2, 2.0, 1.0), seeds=[0, 1])  # warm-up (lazy imports, caches)
     base = live_tensor_bytes()
-    ro = hy.rollout(prompts, masks, SamplingParams(2, 2.0, 1.0), seeds=[0, 1])
+    ro = hy.rollout(prompts, masks, _params(2, 2.0, 1.0), seeds=[0, 1])
     del ro
     assert tiny.training  # the policy is back in training mode
     gc.collect()
@@ -113,9 +118,9 @@ def test_rollout_releases_kv_cache_and_restores_mode(tiny):
 def test_rollout_bad_input(tiny):
     hy = HybridEngine(tiny, max_batch_size=4)
     with pytest.raises(ValueError, match="seeds"):
-        hy.rollout([[1, 3]], None, SamplingParams(2, 2.0, 1.0), seeds=[1, 2])
+        hy.rollout([[1, 3]], None, _params(2, 2.0, 1.0), seeds=[1, 2])
     with pytest.raises(ValueError, match="exceeds max_batch_size"):
-        hy.rollout([[1, 3]], None, SamplingParams(8, 2.0, 1.0), seeds=[1])
+        hy.rollout([[1, 3]], None, _params(8, 2.0, 1.0), seeds=[1])
     with pytest.raises(ValueError, match="offload_states"):
         HybridEngine(tiny, offload_optimizer_states=True)
 
@@ -146,7 +151,7 @@ def test_pixels_history_rollout_matches_trainer_logprobs(tiny):
     prompts = [[sp.bos, 40] + ([sp.boi] + [sp.image] * T + [sp.eoi]) * n + [sp.boi] for n in n_imgs]
     px = [torch.rand(n, 3, tiny.image_size, tiny.image_size, generator=g) * 2 - 1 for n in n_imgs]
     hy = HybridEngine(tiny, max_batch_size=4)  # 2 prompts per Generator call: pixels are split per chunk
-    ro = hy.rollout(prompts, None, SamplingParams(G, 3.0, 1.0), seeds=[1, 2, 3], pixel_values=px)
+    ro = hy.rollout(prompts, None, _params(G, 3.0, 1.0), seeds=[1, 2, 3], pixel_values=px)
     with torch.no_grad():
         feats = [tiny.vision_hidden(p) for p in px]
     by_pixels = build_sequences(prompts, None, ro.tokens, G, sp.pad, pixel_values=px)
@@ -156,12 +161,26 @@ def test_pixels_history_rollout_matches_trainer_logprobs(tiny):
         a, _ = policy_logprobs(tiny, *by_pixels.rows(rows, dev), ro.tokens, 1.0, *by_pixels.history(rows, dev))
         b, _ = policy_logprobs(tiny, *by_features.rows(rows, dev), ro.tokens, 1.0, *by_features.history(rows, dev))
     assert float((a - ro.logprobs).abs().max()) <= 1e-5 and float((b - ro.logprobs).abs().max()) <= 1e-5
+    # the same rollout from the tower's cached outputs: same tokens, same log-probs, no tower call
+    calls = []
+    hook = tiny.vision_model.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+    try:
+        cached = hy.rollout(prompts, None, _params(G, 3.0, 1.0), seeds=[1, 2, 3], image_features=feats)
+    finally:
+        hook.remove()
+    assert calls == []
+    assert torch.equal(cached.tokens, ro.tokens)
+    assert float((cached.logprobs - ro.logprobs).abs().max()) <= 1e-5
+    with pytest.raises(ValueError, match="not both"):
+        hy.rollout(prompts, None, _params(G, 3.0, 1.0), seeds=[1, 2, 3], pixel_values=px, image_features=feats)
+    with pytest.raises(ValueError, match="image_features entries"):
+        hy.rollout(prompts, None, _params(G, 3.0, 1.0), seeds=[1, 2, 3], image_features=feats[:2])
     # the images matter: other pixels give other samples under the same seeds
-    other = hy.rollout(prompts, None, SamplingParams(G, 3.0, 1.0), seeds=[1, 2, 3],
+    other = hy.rollout(prompts, None, _params(G, 3.0, 1.0), seeds=[1, 2, 3],
                        pixel_values=[p.flip(-1) for p in px])
     assert not torch.equal(other.tokens, ro.tokens)
     with pytest.raises(ValueError, match="pixel_values"):
-        hy.rollout(prompts, None, SamplingParams(G, 3.0, 1.0), seeds=[1, 2, 3], pixel_values=px[:2])
+        hy.rollout(prompts, None, _params(G, 3.0, 1.0), seeds=[1, 2, 3], pixel_values=px[:2])
 
 
 def test_bf16_rollout_logprob_gap_within_documented_tolerance(tiny_ckpt_path):
@@ -171,9 +190,23 @@ def test_bf16_rollout_logprob_gap_within_documented_tolerance(tiny_ckpt_path):
     m = pg.load_model(tiny_ckpt_path, device="cpu", dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(int(torch.randint(0, 10**6, ())))
     prompts, masks = _prompts(m, 3, g)
-    ro = HybridEngine(m, max_batch_size=8).rollout(prompts, masks, SamplingParams(4, 1.0, 1.0), seeds=[1, 2, 3])
+    ro = HybridEngine(m, max_batch_size=8).rollout(prompts, masks, _params(4, 1.0, 1.0), seeds=[1, 2, 3])
     seqs = build_sequences(prompts, masks, ro.tokens, 4, m.special_tokens.pad)
     with torch.no_grad():
         lp, _ = policy_logprobs(m, *seqs, ro.tokens, 1.0)
     gap = float((lp - ro.logprobs.float()).abs().max())
     assert FP32_LOGPROB_GAP_TOL < gap <= BF16_LOGPROB_GAP_TOL, gap
+
+
+def test_rollout_params_wrap_the_generation_sampling_params():
+    """One SamplingParams: the rollout's settings are the Generator's, plus G and the uncond mode."""
+    sp = SamplingParams(guidance_scale=2.0, temperature=0.8, top_k=5, top_p=0.9, seed=3)
+    p = RolloutParams(4, sp, "short")
+    assert p.sampling is sp and p.generation([7, 8]) == sp.replace(seed=(7, 8))
+    for bad, match in [(dict(num_samples=0), "num_samples"), (dict(uncond_mode="blank"), "uncond_mode"),
+                       (dict(sampling=SamplingParams(greedy=True)), "greedy"),
+                       (dict(sampling=SamplingParams(guidance_scale=-1.0)), "guidance_scale")]:
+        with pytest.raises(ValueError, match=match):
+            RolloutParams(**{"num_samples": 2, "sampling": sp, **bad})
+    with pytest.raises(TypeError, match="SamplingParams"):
+        RolloutParams(2, {"temperature": 1.0})

@@ -1,5 +1,6 @@
-"""The C++ float32 CPU decode step (``_C.decode_layers_cpu`` / ``_C.cached_attention_cpu``) and
-prompt pass (``_C.prefill_layers_cpu``) against the eager torch layers, including shared prompt
+"""The C++ float32 CPU layer stack of the C++ decode backend (``generation.layers_cpu``: the
+decode step ``_C.decode_layers_cpu`` / ``_C.cached_attention_cpu`` and the prompt pass
+``_C.prefill_layers_cpu``) against the eager torch layers of the model, including shared prompt
 prefixes, left padding and bad inputs."""
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 import pgen_engine as pg
-from pgen_engine.generation import Generator
+from pgen_engine.generation import Generator, layers_cpu
+from pgen_engine.generation.backends import make_backend
 from pgen_engine.models import op_dispatch as K
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.models.tiny import make_tiny_checkpoint
@@ -108,7 +110,7 @@ def test_decode_step_in_cpp_equals_eager_layers(which, tiny_model, model64, monk
     h = torch.randn(rows, cfg.hidden_size, generator=g)
 
     def run(cpp: bool, shared: bool):
-        monkeypatch.setattr(K, "_CPU_DECODE", cpp)
+        monkeypatch.setattr(layers_cpu, "_CPU_DECODE", cpp)
         cache = KVCache(k=[t.clone() for t in k0], v=[t.clone() for t in v0], layout="bhsd")
         # own positions start at index 0 past a shared prefix
         slots = torch.arange(rows) * L + pos - (plen.long() if shared else 0)
@@ -116,8 +118,10 @@ def test_decode_step_in_cpp_equals_eager_layers(which, tiny_model, model64, monk
             cache = dataclasses.replace(cache, prefix_row=prow, prefix_len=plen, prefix_k=pk0, prefix_v=pv0)
         # inference mode and plain no_grad (the C++ step's worker threads set their own mode)
         with torch.inference_mode() if shared else torch.no_grad():
-            assert K.cpu_decode_applies(m.language_model, h, cache) == cpp
-            return m.decode_step(h, pos, cache, slots, lens), cache
+            assert layers_cpu.cpu_decode_applies(m.language_model, h, cache) == cpp
+            backend = make_backend(m, torch.float32)
+            assert backend.name == ("cpp" if cpp else "eager")
+            return backend.step(h, pos, cache, slots, lens), cache
 
     for shared in (False, True):
         a, ca = run(True, shared)
@@ -149,11 +153,11 @@ def test_prefill_in_cpp_equals_eager_layers(which, padded, S, tiny_model, model6
     v0 = [torch.randn(shape, generator=g) for _ in range(cfg.num_layers)]
 
     def run(cpp: bool):
-        monkeypatch.setattr(K, "_CPU_DECODE", cpp)
+        monkeypatch.setattr(layers_cpu, "_CPU_DECODE", cpp)
         cache = KVCache(k=[t.clone() for t in k0], v=[t.clone() for t in v0], layout="bhsd")
         with torch.inference_mode():
-            assert K.cpu_prefill_applies(m.language_model, emb, cache) == cpp
-            return m.prefill(emb, mask if padded else None, cache, slots), cache
+            assert layers_cpu.cpu_prefill_applies(m.language_model, emb, cache) == cpp
+            return make_backend(m, torch.float32).prefill(emb, mask if padded else None, cache, slots), cache
 
     a, ca = run(True)
     b, cb = run(False)
@@ -176,13 +180,13 @@ def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):
     cos, sin = lm.rotary(torch.arange(4)[None], torch.float32)
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match=r"slot_mapping\[0, 3\] = 16 is outside the cache"):
-            K.prefill_layers_cpu(lm, h, cos, sin, None, cache, torch.tensor([[0, 1, 2, 16]]))
+            layers_cpu.prefill_layers_cpu(lm, h, cos, sin, None, cache, torch.tensor([[0, 1, 2, 16]]))
         with pytest.raises(RuntimeError, match=r"cos/sin must be contiguous float32 \[1, 4, "):
-            K.prefill_layers_cpu(lm, h, cos[:, :3], sin[:, :3], None, cache, torch.tensor([[0, 1, 2, 3]]))
+            layers_cpu.prefill_layers_cpu(lm, h, cos[:, :3], sin[:, :3], None, cache, torch.tensor([[0, 1, 2, 3]]))
         with pytest.raises(RuntimeError, match="hidden width"):
-            K.prefill_layers_cpu(lm, h[..., :-1], cos, sin, None, cache, torch.tensor([[0, 1, 2, 3]]))
+            layers_cpu.prefill_layers_cpu(lm, h[..., :-1], cos, sin, None, cache, torch.tensor([[0, 1, 2, 3]]))
         with pytest.raises(ValueError, match="key_mask must be left padding"):
-            K.prefill_layers_cpu(lm, h, cos, sin, torch.tensor([[True, False, True, True]]), cache,
+            layers_cpu.prefill_layers_cpu(lm, h, cos, sin, torch.tensor([[True, False, True, True]]), cache,
                                  torch.tensor([[0, -1, 2, 3]]))
 
 
@@ -199,14 +203,14 @@ def test_decode_layers_cpu_rejects_bad_inputs(tiny_model):
     lens = torch.tensor([2, 3], dtype=torch.int32)
     with torch.inference_mode():
         with pytest.raises(RuntimeError, match=r"slot_mapping\[1\] = 16 is outside the cache"):
-            K.decode_layers_cpu(lm, h, cos, sin, cache, torch.tensor([1, 16]), lens)
+            layers_cpu.decode_layers_cpu(lm, h, cos, sin, cache, torch.tensor([1, 16]), lens)
         with pytest.raises(RuntimeError, match=r"cache_seqlens\[0\] = 9"):
-            K.decode_layers_cpu(lm, h, cos, sin, cache, torch.tensor([1, 10]), torch.tensor([9, 3], dtype=torch.int32))
+            layers_cpu.decode_layers_cpu(lm, h, cos, sin, cache, torch.tensor([1, 10]), torch.tensor([9, 3], dtype=torch.int32))
         bad = dataclasses.replace(cache, v=[t.double() for t in cache.v])
         with pytest.raises(RuntimeError, match="layer 0 V cache must be a float32 CPU tensor"):
-            K.decode_layers_cpu(lm, h, cos, sin, bad, torch.tensor([1, 10]), lens)
+            layers_cpu.decode_layers_cpu(lm, h, cos, sin, bad, torch.tensor([1, 10]), lens)
         with pytest.raises(RuntimeError, match="hidden has shape"):
-            K.decode_layers_cpu(lm, h[:, :-1], cos, sin, cache, torch.tensor([1, 10]), lens)
+            layers_cpu.decode_layers_cpu(lm, h[:, :-1], cos, sin, cache, torch.tensor([1, 10]), lens)
     with pytest.raises(ValueError, match="prefix_row, prefix_len, prefix_k and prefix_v go together"):
         dataclasses.replace(cache, prefix_row=torch.zeros(rows, dtype=torch.int32))
 
@@ -219,8 +223,9 @@ def test_generator_tokens_do_not_depend_on_the_decode_path(model64, monkeypatch)
     ids[:, 0], ids[:, -1] = sp.bos, sp.boi
     outs = []
     for cpp in (True, False):
-        monkeypatch.setattr(K, "_CPU_DECODE", cpp)
+        monkeypatch.setattr(layers_cpu, "_CPU_DECODE", cpp)
         gen = Generator(m := model64, max_batch_size=8)
+        assert gen.backend == ("cpp" if cpp else "eager")
         with torch.inference_mode():
             outs.append(gen.generate(ids, num_samples=2, guidance_scale=3.0, greedy=True))
         assert outs[-1].shape == (6, m.num_image_tokens)

@@ -1,0 +1,98 @@
+"""Which history mode (``data.history_mode``: ``"pixels"`` or ``"codes"``) a model was trained with,
+read back from its run's ``config.resolved.yaml`` or defaulted from its architecture, and the check
+that refuses running it with the other one. See :mod:`pgen_engine.data.history` for the modes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from .prompts import MODES as HISTORY_MODES
+
+
+class HistoryModeError(ValueError):
+    """A model is run with another history mode than it was trained with."""
+
+
+def checkpoint_has_vision_tower(model_dir: str | os.PathLike) -> bool:
+    """True when ``model_dir/config.json`` describes a vision tower (``vision_config`` with >= 1 layer).
+
+    Raises FileNotFoundError / ValueError naming the file when it is missing or not JSON.
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: model config not found") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable model config ({e})") from None
+    v = cfg.get("vision_config") if isinstance(cfg, dict) else None
+    return isinstance(v, dict) and int(v.get("num_hidden_layers", 1) or 0) >= 1
+
+
+def default_history_mode(model_dir: str | os.PathLike | None) -> str:
+    """``"pixels"`` when the model has a vision tower, else ``"codes"``.
+
+    ``model_dir=None`` is the freshly initialised tiny Janus of a run without
+    ``model.checkpoint``, which always has one.
+    """
+    if model_dir is None:
+        return "pixels"
+    return "pixels" if checkpoint_has_vision_tower(model_dir) else "codes"
+
+
+def check_history_mode(trained: str, requested: str | None, *, where: str) -> str:
+    """The mode to run with: ``trained``, or an error when ``requested`` differs.
+
+    Raises:
+        HistoryModeError: naming both modes and ``where`` the trained mode came from.
+    """
+    if trained not in HISTORY_MODES:
+        raise HistoryModeError(f"{where}: data.history_mode={trained!r}; expected one of {list(HISTORY_MODES)}")
+    if requested is not None and requested != trained:
+        raise HistoryModeError(f"{where}: the model was trained with data.history_mode={trained!r} but is being run "
+                               f"with history_mode={requested!r}; history images must enter the model the way it "
+                               "was trained")
+    return trained
+
+
+def trained_history_mode(checkpoint: str | os.PathLike, run_config: str | os.PathLike | None = None
+                         ) -> tuple[str, str]:
+    """(mode, where) for a checkpoint: ``data.history_mode`` of its run's ``config.resolved.yaml``
+    (default ``CHECKPOINT/../config.resolved.yaml``, written by training next to ``final/``);
+    a run config without the key predates the setting and trained with ``"codes"``; no run
+    config -> the default for the checkpoint's architecture (:func:`default_history_mode`).
+    """
+    ckpt = Path(checkpoint)
+    path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
+    if path.is_file():
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: unreadable run config ({e})") from None
+        data = tree.get("data") if isinstance(tree, dict) else None
+        data = data if isinstance(data, dict) else {}
+        mode = data.get("history_mode", "codes")
+        if mode is not None:
+            if mode not in HISTORY_MODES:
+                raise HistoryModeError(f"{path}: data.history_mode={mode!r}; expected one of {list(HISTORY_MODES)}")
+            return mode, str(path)
+    return default_history_mode(ckpt), f"{ckpt / 'config.json'} (no run config with data.history_mode)"
+
+
+def run_history_mode(requested: str | None, checkpoint: str | os.PathLike | None) -> str:
+    """The history mode of a training run starting from ``checkpoint``.
+
+    A checkpoint written by an earlier pgen run (a ``config.resolved.yaml`` beside it) fixes
+    the mode: ``requested`` must agree (:class:`HistoryModeError` otherwise). A foreign
+    checkpoint (e.g. Janus-Pro from the Hub) takes ``requested``, else its architecture
+    default; no checkpoint (the tiny init model) -> ``requested`` or ``"pixels"``.
+    """
+    if checkpoint is None:
+        return requested or "pixels"
+    if (Path(checkpoint).parent / "config.resolved.yaml").is_file():
+        trained, where = trained_history_mode(checkpoint)
+        return check_history_mode(trained, requested, where=where)
+    return requested or default_history_mode(checkpoint)
