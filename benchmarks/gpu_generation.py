@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -209,7 +210,22 @@ def check_correctness(dev: torch.device, check_only: bool) -> list[dict]:
         bad = int((x != y).sum())
         rows.append(dict(op="check", shape=what, backend=graph_mode, ok=bad == 0, mismatches=bad,
                          tokens=x.numel()))
+    rows.append(_fp8_quality_row(dev, check_only))
     return rows
+
+
+def _fp8_quality_row(dev: torch.device, check_only: bool) -> dict:
+    """float8 KV vs a float32 cache on a fixed greedy rollout (:mod:`benchmarks.kv_quality`): numbers
+    reported, ``ok`` = they are finite (the quality bound is asserted by tests/test_benchmarks_kv_quality.py)."""
+    from benchmarks.kv_quality import fp8_quality, quality_model, quality_prompts
+
+    geo = dict(CHECK_GEOMETRY) if check_only else {}
+    lens = [8, 12] if check_only else [40, 56]
+    with tempfile.TemporaryDirectory() as d:
+        model = quality_model(d, device=str(dev), **geo)
+        res = fp8_quality(model, quality_prompts(model, lens), num_samples=2, guidance_scale=GUIDANCE)
+    return dict(op="check", shape="fp8 KV vs fp32 cache (teacher-forced rollout)", backend="fp8",
+                ok=all(map(math.isfinite, res.values())), **res)
 
 
 def _time_pgen(gen: Generator, ids: torch.Tensor, rounds: int) -> dict:
