@@ -48,6 +48,10 @@ class RLConfig:
         rewards: ``{component: {weight: w, ...}}`` for ``CompositeReward.from_config``.
         embedder: ``make_embedder`` spec for embedding-based rewards.
         future_horizon: at most this many future items per user (null = all).
+        future_includes_target: the future items of a training window start with the
+            window's own target (the next train-split item) instead of the item after it.
+            The next item is the one the user's drifting interest is closest to; items
+            further ahead have drifted further. Valid/test targets are never included.
         ledger_scan_every: every N steps log ``mem/live_tensor_bytes`` (0 = off; slow).
         eval_prompts: held-out (valid-split) prompts scored before the first step and after
             the last one (``eval/reward``, ``eval/reward/<component>``; 0 = off). Fixed
@@ -80,6 +84,7 @@ class RLConfig:
     rewards: Any = dataclasses.field(default_factory=lambda: {"preference": {"weight": 1.0, "agg": "mean"}})
     embedder: Any = dataclasses.field(default_factory=lambda: {"type": "pixel_stats"})
     future_horizon: Optional[int] = None
+    future_includes_target: bool = False
     ledger_scan_every: int = 0
     eval_prompts: int = 0
     eval_every: int = 0

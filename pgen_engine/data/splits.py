@@ -16,8 +16,9 @@ timestamps keep file order, so "later" always means "later in that order". Then:
 * no leakage: a window's history is strictly before its target in the order above, and
   a train window never targets the user's valid or test item (such windows are dropped,
   relevant only when a user re-interacts with the same item);
-* ``future_items(example)`` are the user's train items after the example's target — the
-  "future interest" an RL reward can score against (empty for valid/test examples).
+* ``future_items(example)`` are the user's train items after the example's target (with
+  ``include_target``, from the target on) — the "future interest" an RL reward can score
+  against (empty for valid/test examples).
 """
 from __future__ import annotations
 
@@ -55,10 +56,17 @@ class Splits:
     train_sequences: dict[str, list[str]]
     k: int
 
-    def future_items(self, example: Example, horizon: int | None = None) -> list[str]:
-        """The user's train-split items strictly after ``example``'s target (up to ``horizon``)."""
+    def future_items(self, example: Example, horizon: int | None = None, *,
+                     include_target: bool = False) -> list[str]:
+        """The user's train-split items after ``example``'s history window (up to ``horizon``).
+
+        By default strictly after the example's target; with ``include_target`` the target
+        itself comes first. Only a train window's target is a train-split item: for valid /
+        test examples both forms are empty, so the held-out targets are never returned.
+        """
         seq = self.train_sequences.get(example.user_id, [])
-        fut = seq[example.position + 1:] if example.position + 1 <= len(seq) else []
+        start = example.position if include_target else example.position + 1
+        fut = seq[start:] if start < len(seq) else []
         return fut if horizon is None else fut[:horizon]
 
     def stats(self) -> dict[str, int]:

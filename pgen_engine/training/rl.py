@@ -407,7 +407,8 @@ class RLStage(Stage):
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items))
         self.source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
-                                     ground_truth=gt, future_horizon=rl.future_horizon, seed=cfg.seed,
+                                     ground_truth=gt, future_horizon=rl.future_horizon,
+                                     future_includes_target=rl.future_includes_target, seed=cfg.seed,
                                      image_loader=ds.image_loader, vision_features=ds.vision_features)
         if rl.eval_prompts:
             held_out = data.splits.valid or data.splits.train

@@ -47,7 +47,8 @@ class PromptBatch:
     Attributes:
         prompts / code_masks: B id lists / bool lists.
         seeds: B request seeds.
-        history: B lists of history item ids; future: B lists of later train items.
+        history: B lists of history item ids; future: B lists of later train items (from the
+            window's own target on when ``future_includes_target``).
         target_attributes: int64 ``[B, A]`` ground truth (synthetic data) or None.
         pixel_values: pixels history mode: B float32 ``[n_i, 3, S, S]`` history images; None in codes mode.
         image_features: frozen vision tower: B cached tower outputs ``[n_i, T_img, D_vision]`` of
@@ -126,8 +127,8 @@ class RLPromptSource:
     """
 
     def __init__(self, examples, splits, cache, builder, *, titles=None, ground_truth=None,
-                 future_horizon: int | None = None, seed: int = 0, image_loader=None,
-                 vision_features=None):
+                 future_horizon: int | None = None, future_includes_target: bool = False, seed: int = 0,
+                 image_loader=None, vision_features=None):
         if not examples:
             raise ValueError("RLPromptSource: no training examples")
         if builder.mode == "pixels" and image_loader is None:
@@ -135,6 +136,7 @@ class RLPromptSource:
         self.image_loader, self.vision_features = image_loader, vision_features
         self.examples, self.splits, self.cache, self.builder = list(examples), splits, cache, builder
         self.titles, self.gt, self.horizon, self.seed = titles or {}, ground_truth, future_horizon, seed
+        self.include_target = future_includes_target
 
     def _target_attributes(self, ex) -> list[int]:
         steps = self.gt.get(ex.user_id)
@@ -179,10 +181,9 @@ class RLPromptSource:
             prompts.append(p.input_ids.tolist())
             masks.append(p.gen_code_mask.tolist())
             hist.append(list(ex.history))
-            fut.append(self.splits.future_items(ex, self.horizon))
+            fut.append(self.splits.future_items(ex, self.horizon, include_target=self.include_target))
             if self.gt is not None:
                 attrs.append(self._target_attributes(ex))
-        # one seed per (step, example): the same request draws the same samples on any rank
         # one seed per (step, example): the same request draws the same samples on any rank
         seeds = [_seed(self.seed, STREAM_REQUEST, step, i) for i in idx]
         return PromptBatch(prompts, masks, seeds, hist, fut,

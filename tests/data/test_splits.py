@@ -87,3 +87,19 @@ def test_movielens_splits(movielens):
     assert 0 < len(sp.train) <= 597 * 20
     test_targets = {(e.user_id, e.target) for e in sp.test}
     assert not any((e.user_id, e.target) in test_targets for e in sp.train)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_future_items_include_target_starts_at_the_windows_own_target(seed):
+    """RL's next-item reward: a train window's future from its target on; held-out targets never."""
+    ds = _random_dataset(seed)
+    sp = build_splits(ds, k=3, min_interactions=4)
+    assert sp.train
+    for ex in sp.train:
+        train_seq = sp.train_sequences[ex.user_id]
+        fut = sp.future_items(ex, include_target=True)
+        assert fut[0] == ex.target and fut == train_seq[ex.position:]
+        assert fut[1:] == sp.future_items(ex)
+        assert sp.future_items(ex, 1, include_target=True) == [ex.target]
+    for ex in sp.valid + sp.test:  # the valid / test target is not a train-split item
+        assert sp.future_items(ex, include_target=True) == []
