@@ -14,7 +14,9 @@
 2. **speed** at Janus-Pro-1B geometry (hidden 2048, 24 layers, 16 heads, MLP 5504, codebook
    16384, 576 image tokens) with random bf16 weights, 128-token prompts, CFG 5, top-k 100 /
    top-p 0.95: images/s of pgen with graph decode (batches ``PGEN_BENCH_BATCHES``, default
-   64,256), pgen eager decode and ``transformers`` (``PGEN_BENCH_HF_BATCHES``, default 64);
+   64,256) with a bf16 and a float8 e4m3 KV cache (``PGEN_BENCH_KV``, default ``bf16,fp8``:
+   rows ``pgen-graph`` / ``pgen-graph-fp8``; both read shared prompts through the Triton
+   shared-prefix decode kernel), pgen eager decode and ``transformers`` (``PGEN_BENCH_HF_BATCHES``, default 64);
    prefill and decode seconds separately; achieved TFLOP/s counting 2 FLOPs per matrix
    parameter (decoder layers + generation head + code aligner; not the embedding table) per
    token (prompt + image), doubled for the CFG rows, and that as a percent of the card's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -87,11 +90,13 @@ def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: 
     ``batch`` identical unconditional ("pad") prompts stored once, and fp8 K/V with that sharing;
     then the Generator's shared-block (cascade) layout read once per group: each of the
     ``batch / samples_per_prompt`` prompts and the one pad prompt once, plus every row's own
-    image tokens, in bf16 and in fp8 (per-head scales: a few bytes per block, ignored). The
-    shared-block rows assume an attention kernel that reads a shared prefix once per group; the
-    current GPU decode path (torch cascade reference) gathers it per row, so until a Triton
-    cascade kernel lands its traffic is the "one copy per row" line. Unmeasured on a GPU.
-    Compute, launches and sampling cost nothing here, so no implementation can beat the bound.
+    image tokens, in bf16 and in fp8. The shared-block rows are what the Triton shared-prefix
+    kernel (:mod:`pgen_engine.ops._triton_decode_shared`, the CUDA decode path) reads: each
+    pool row once per KV head, every row's own tokens, plus its extra traffic, counted here: the
+    split-softmax partials it writes and reads back (``rows x Hq x splits x (D + 2)`` float32
+    per layer, splits = ``ceil(prompt_len / 128)``) and, for fp8, the float32 per-(row, KV head)
+    scales of K and V. Unmeasured on a GPU. Compute, launches and sampling cost nothing here,
+    so no implementation can beat the bound.
 
     Args:
         geo: :func:`tiny_janus_config` keyword arguments (e.g. :data:`JANUS_PRO_1B`).
@@ -120,9 +125,13 @@ def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: 
                 ("fp8 K/V, uncond prompt shared", (own_tokens + prompt_len) * kv_per_token * 1))
     if batch % samples_per_prompt:
         raise ValueError(f"batch={batch} is not a multiple of samples_per_prompt={samples_per_prompt}")
-    shared_tokens = (batch // samples_per_prompt + 1) * prompt_len + 2 * batch * (T + 1) / 2
-    variants += (("bf16 K/V, shared blocks read once per group", shared_tokens * kv_per_token * 2),
-                 ("fp8 K/V, shared blocks read once per group", shared_tokens * kv_per_token * 1))
+    pool_rows = batch // samples_per_prompt + 1
+    shared_tokens = pool_rows * prompt_len + 2 * batch * (T + 1) / 2
+    splits = -(-prompt_len // 128)  # _triton_config.shared_decode_blocks: 128 prefix positions a program
+    partials = t.num_layers * 2 * (2 * batch) * t.num_heads * splits * (t.head_dim + 2) * 4  # written + read
+    scales = t.num_layers * 2 * (2 * batch + pool_rows) * t.num_kv_heads * 4  # fp8: K and V, float32
+    variants += (("bf16 K/V, shared blocks read once per group", shared_tokens * kv_per_token * 2 + partials),
+                 ("fp8 K/V, shared blocks read once per group", shared_tokens * kv_per_token * 1 + partials + scales))
     rows = []
     for name, kv_bytes in variants:
         for bw in bandwidths_tbs:
@@ -201,7 +210,22 @@ def check_correctness(dev: torch.device, check_only: bool) -> list[dict]:
         bad = int((x != y).sum())
         rows.append(dict(op="check", shape=what, backend=graph_mode, ok=bad == 0, mismatches=bad,
                          tokens=x.numel()))
+    rows.append(_fp8_quality_row(dev, check_only))
     return rows
+
+
+def _fp8_quality_row(dev: torch.device, check_only: bool) -> dict:
+    """float8 KV vs a float32 cache on a fixed greedy rollout (:mod:`benchmarks.kv_quality`): numbers
+    reported, ``ok`` = they are finite (the quality bound is asserted by tests/test_benchmarks_kv_quality.py)."""
+    from benchmarks.kv_quality import fp8_quality, quality_model, quality_prompts
+
+    geo = dict(CHECK_GEOMETRY) if check_only else {}
+    lens = [8, 12] if check_only else [40, 56]
+    with tempfile.TemporaryDirectory() as d:
+        model = quality_model(d, device=str(dev), **geo)
+        res = fp8_quality(model, quality_prompts(model, lens), num_samples=2, guidance_scale=GUIDANCE)
+    return dict(op="check", shape="fp8 KV vs fp32 cache (teacher-forced rollout)", backend="fp8",
+                ok=all(map(math.isfinite, res.values())), **res)
 
 
 def _time_pgen(gen: Generator, ids: torch.Tensor, rounds: int) -> dict:
@@ -290,15 +314,23 @@ def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
     for b in sorted(hf_batches):
         attempt("transformers", b, lambda: _time_hf(hf, ids_all[:b]))
     hf = None  # frees its weights before the big pgen batches
+    kv_dtypes = {"bf16": None, "fp8": torch.float8_e4m3fn}
+    kvs = [k for k in env("PGEN_BENCH_KV", "bf16,fp8").split(",") if k]
+    if set(kvs) - set(kv_dtypes):
+        raise ValueError(f"PGEN_BENCH_KV: expected a comma list of {list(kv_dtypes)}, got {kvs}")
     for b in batches:
-        for mode in [graph_mode] + (["eager"] if b in hf_batches else []):
+        runs = [(graph_mode, k) for k in kvs] + ([("eager", kvs[0])] if b in hf_batches else [])
+        for mode, kv in runs:
             def timed():
-                gen = Generator(model, max_batch_size=b, max_seq_len=prompt_len + T, decode_mode=mode)
+                # the model's dtype (bf16 on a GPU) or float8 K/V with per-head scales; on CUDA
+                # attention over the shared prompts is the Triton shared-prefix kernel either way
+                gen = Generator(model, max_batch_size=b, max_seq_len=prompt_len + T, decode_mode=mode,
+                                cache_dtype=kv_dtypes[kv])
                 try:
                     return _time_pgen(gen, ids_all[:b], rounds if mode != "eager" else 1)
                 finally:
                     del gen
-            attempt(f"pgen-{mode}", b, timed)
+            attempt(f"pgen-{mode}" + ("-fp8" if kv == "fp8" else ""), b, timed)
     if env("PGEN_BENCH_PROFILE") == "1" and dev.type == "cuda":
         _profile_kernels(model, ids_all[:min(batches)], prompt_len + T)
     return rows

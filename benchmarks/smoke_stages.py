@@ -78,7 +78,8 @@ def _env(**extra: str) -> dict:
 
 # ----------------------------------------------------------------------------- 1. kernels
 def stage_kernels(out: Path, check: bool) -> dict:
-    """The extension's sampler and KV-write kernels against torch references, eagerly and inside a CUDA graph."""
+    """The extension's sampler and KV-write kernels against torch references, eagerly and inside a CUDA
+    graph; the Triton shared-prefix decode kernel against its reference (float and float8 caches)."""
     import torch
 
     from pgen_engine.ops import paged_kv_write, sample
@@ -134,6 +135,7 @@ def stage_kernels(out: Path, check: bool) -> dict:
     paged_kv_write(kc, vc, kn, vn, slots, backend=kv_be)
     if not (torch.equal(kc.view(-1, hkv, d), kr) and torch.equal(vc.view(-1, hkv, d), vr)):
         raise StageFailure(f"paged_kv_write({kv_be}) != torch index assignment")
+    nums.update(_check_shared_prefix_decode(dev, check))
     if check:
         nums["not_on_cpu"] = ["cuda graph capture / replay of sample + paged_kv_write"]
         return {"status": "ok", "reason": "CPU sampler and KV write match torch (CUDA graph: needs a GPU)",
@@ -176,6 +178,63 @@ def stage_kernels(out: Path, check: bool) -> dict:
     nums["graph_replays"] = 3
     return {"status": "ok", "reason": "sample_cuda / paged_kv_write_cuda match torch, eager and in a CUDA graph",
             "numbers": nums}
+
+
+def _check_shared_prefix_decode(dev, check: bool) -> dict:
+    """The shared-prefix decode kernel (Triton on a GPU; the torch path in check mode) against its
+    float64 reference, with bf16 and float8 caches, eagerly and (GPU) replayed from a CUDA graph."""
+    import torch
+
+    from pgen_engine.ops.decode_shared import shared_prefix_decode, shared_prefix_decode_ref
+    from pgen_engine.ops.kv_quant import FP8_DTYPE, quantize
+
+    be = "torch" if check else "triton"
+    dt = torch.float32 if check else torch.bfloat16
+    g = torch.Generator().manual_seed(7)
+    B, P, hq, hkv, d, lp, lo = 12, 3, 8, 4, 128, 70, 9
+    q = torch.randn(B, hq, d, generator=g)
+    pk, pv = torch.randn(P, hkv, lp, d, generator=g), torch.randn(P, hkv, lp, d, generator=g)
+    k, v = torch.randn(B, hkv, lo, d, generator=g), torch.randn(B, hkv, lo, d, generator=g)
+    prow = torch.tensor([0, 1, 0, 2, 0, 1, 2, 2, 0, 1, 0, 2], dtype=torch.int32)
+    plen = torch.tensor([70, 31, 2], dtype=torch.int32)[prow.long()]
+    seqlens = plen + torch.tensor([1, 9, 4, 2, 9, 5, 3, 7, 6, 8, 1, 2], dtype=torch.int32)
+    nums: dict = {"shared_prefix_decode_backend": be}
+    for kind in ("float", "fp8"):
+        if kind == "float":
+            args = dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv)
+            scales: dict = {}
+        else:  # per-(row, head) amax scales, as the cache write sets them
+            sc = lambda x: x.abs().amax(dim=(2, 3)) / 448.0  # noqa: E731
+            scales = dict(k_scale=sc(k), v_scale=sc(v), prefix_k_scale=sc(pk), prefix_v_scale=sc(pv))
+            args = dict(q=q, k=quantize(k, scales["k_scale"]), v=quantize(v, scales["v_scale"]),
+                        prefix_k=quantize(pk, scales["prefix_k_scale"]), prefix_v=quantize(pv, scales["prefix_v_scale"]))
+        idx = dict(seqlens=seqlens, prefix_row=prow, prefix_len=plen)
+        cast = {n: (t.to(dt) if t.dtype != FP8_DTYPE else t) for n, t in args.items()}
+        # the reference sees exactly the kernel's (rounded) inputs, in float64
+        ref = shared_prefix_decode_ref(**{n: (t.double() if t.dtype != FP8_DTYPE else t) for n, t in cast.items()},
+                                       **idx, **scales)
+        cast = {n: t.to(dev) for n, t in cast.items()}
+        on_dev = {**cast, **{n: t.to(dev) for n, t in {**idx, **scales}.items()}}
+        out = shared_prefix_decode(**on_dev, backend=be)
+        err = float((out.double().cpu() - ref).abs().max())
+        nums[f"shared_prefix_decode_{kind}_max_err"] = err
+        if not err <= (1e-5 if dt == torch.float32 else 2e-2):
+            raise StageFailure(f"shared_prefix_decode({be}, {kind} cache) differs from its reference by {err:.3g}")
+        if not check:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                shared_prefix_decode(**on_dev, backend=be)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                static = shared_prefix_decode(**on_dev, backend=be)
+            on_dev["q"].mul_(-1)  # new inputs through the captured buffers
+            graph.replay()
+            torch.cuda.synchronize()
+            if not torch.equal(static, shared_prefix_decode(**on_dev, backend=be)):
+                raise StageFailure(f"shared_prefix_decode({be}, {kind}): CUDA graph replay != eager")
+    return nums
 
 
 # ----------------------------------------------------------------------------- 2. tests/ops

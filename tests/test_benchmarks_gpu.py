@@ -23,7 +23,7 @@ def test_gpu_suite_check_mode_runs_and_ends_with_json():
     checks = [r for r in last["rows"] if r["op"] == "check"]
     assert checks and all(r["ok"] for r in checks)  # graph-ready decode == eager == transformers tokens
     backends = {r["backend"] for r in last["rows"] if r["op"] == "generate"}
-    assert {"transformers", "pgen-static", "pgen-eager"} <= backends
+    assert {"transformers", "pgen-static", "pgen-static-fp8", "pgen-eager"} <= backends
     assert (results.read_text() if results.exists() else None) == before  # check mode never appends
 
 
@@ -58,13 +58,19 @@ def test_decode_traffic_bound_counts_weights_and_kv_bytes():
         assert abs(got["fp8 K/V, uncond prompt shared"]["kv_bytes_per_step"] - shared / 2) < 1e-6 * shared
         r = got["bf16 K/V, one copy per row"]
         assert abs(r["best_speedup"] - 1.0 / (T * r["step_s"])) < 1e-9 * r["best_speedup"]
-        # shared blocks: B distinct prompts + 1 pad prompt once, every row's image tokens
+        # shared blocks: B distinct prompts + 1 pad prompt once, every row's image tokens, plus
+        # the shared-prefix kernel's split partials (2B rows x 4 heads x 1 split x (16 + 2) fp32,
+        # written and read, per layer) and, fp8, the K and V scales of 2B own + B + 1 pool rows
         blocks = ((B + 1) * P + 2 * B * sum(c - P for c in ctx) / T) * per_tok
-        assert abs(got["bf16 K/V, shared blocks read once per group"]["kv_bytes_per_step"] - 2 * blocks) < 1e-6 * blocks
-        assert abs(got["fp8 K/V, shared blocks read once per group"]["kv_bytes_per_step"] - blocks) < 1e-6 * blocks
+        partials = 3 * 2 * (2 * B) * 4 * 1 * (16 + 2) * 4
+        scales = 3 * 2 * (2 * B + B + 1) * kv_heads * 4
+        got_bf16 = got["bf16 K/V, shared blocks read once per group"]["kv_bytes_per_step"]
+        assert abs(got_bf16 - (2 * blocks + partials)) < 1e-6 * blocks
+        got_fp8 = got["fp8 K/V, shared blocks read once per group"]["kv_bytes_per_step"]
+        assert abs(got_fp8 - (blocks + partials + scales)) < 1e-6 * blocks
         grp = {r["variant"]: r for r in decode_traffic_bound(geo, 4, P, hf_seconds=1.0, prefill_seconds=0.0,
                                                              bandwidths_tbs=(1.0,), samples_per_prompt=4)}
-        one = ((1 + 1) * P + 2 * 4 * sum(c - P for c in ctx) / T) * per_tok * 2
+        one = ((1 + 1) * P + 2 * 4 * sum(c - P for c in ctx) / T) * per_tok * 2 + 3 * 2 * 8 * 4 * 1 * 18 * 4
         assert abs(grp["bf16 K/V, shared blocks read once per group"]["kv_bytes_per_step"] - one) < 1e-6 * one
 
 

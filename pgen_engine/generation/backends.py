@@ -23,6 +23,10 @@ Every backend has the same two calls (and :meth:`DecodeBackend.reset`):
 The cache is the wave cache of :class:`~pgen_engine.models.decoder.KVCache` (head-major own
 rows behind a shared-prefix pool). All backends give the same codes: they run the same ops
 (the C++ stack's float32 sums may round in another order; the tests pin the codes).
+
+A new backend (say, a Triton shared-prefix attention or an fp8 cache) subclasses
+:class:`DecodeBackend`, overrides ``step`` (one decode step's layers; the loops call it) and,
+where it has its own loop, ``decode_wave``; :func:`make_backend` is the one place that chooses.
 """
 from __future__ import annotations
 

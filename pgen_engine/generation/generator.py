@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from pgen_engine.models.decoder import KVCache
+from pgen_engine.ops import kv_quant
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
@@ -59,14 +60,15 @@ class NonFiniteLogitsError(RuntimeError):
         self.row, self.token = row, token
 
 
-CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, kv_quant.FP8_DTYPE)
 
 
 def check_cache_dtype(dtype) -> None:
     """Refuse, at construction, a KV-cache dtype the decode backends could not run.
 
     The wave path's cache ops cast on write and read, so any of :data:`CACHE_DTYPES` works on
-    every device (a float32 cache with a float32 CPU model is what selects the C++ backend).
+    every device (a float32 cache with a float32 CPU model is what selects the C++ backend);
+    float8 e4m3 quantises on write with per-(row, KV head) scales (:mod:`pgen_engine.ops.kv_quant`).
     """
     if not isinstance(dtype, torch.dtype) or dtype not in CACHE_DTYPES:
         raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES} (or None: the model's), got {dtype!r}")
@@ -84,7 +86,9 @@ class Generator:
         uncond_mode: ``"pad"`` (the prompt with every token except BOS / begin-of-image
             replaced by padding, same length — ``transformers``' Janus rule) or ``"short"``
             (``[bos, boi]`` shared by every row).
-        cache_dtype: KV cache dtype (default: the model's).
+        cache_dtype: KV cache dtype (default: the model's). ``torch.float8_e4m3fn`` keeps K/V
+            as float8 with float32 per-(row, KV head) scales beside them
+            (:mod:`pgen_engine.ops.kv_quant`; the eager / static / graph backends, not the C++ one).
         sample_backend: backend for :func:`pgen_engine.ops.sample` ("auto", "torch", ...).
         decode_mode: which decode backend runs the waves (:func:`.backends.make_backend`):
             ``"auto"`` (CUDA graph on CUDA, eager elsewhere), ``"eager"`` (a float32 CPU model:
@@ -133,9 +137,9 @@ class Generator:
 
     def kv_bytes(self, prompt_lens: Sequence[int], num_samples: int = 1, guidance_scale: float = 5.0) -> int:
         """Bytes of KV storage :meth:`generate` would hold at its peak for prompts of these
-        lengths: the same wave plan and sizing code the call runs,
-        with one unconditional prefix per distinct length (``"pad"``) or one ``[bos, boi]``
-        (``"short"``). For memory planning; works for a model on the meta device."""
+        lengths: the same wave plan and sizing code the call runs, with one unconditional
+        prefix per distinct length (``"pad"``) or one ``[bos, boi]`` (``"short"``). For memory
+        planning; works for a model on the meta device."""
         return plan_kv_bytes(self.model.config.text, self.num_image_tokens, prompt_lens, num_samples=num_samples,
                              guidance_scale=guidance_scale, uncond_mode=self.uncond_mode,
                              max_batch_size=self.max_batch_size, dtype=self.cache_dtype)
@@ -393,7 +397,8 @@ class Generator:
         cache = self._kv.wave_cache(geom, prefix_row, lens, min_rows=2 * self.max_batch_size)
 
         # --- prefill: each prompt and each distinct unconditional prompt once, into the pool
-        pool = KVCache(k=cache.prefix_k, v=cache.prefix_v, layout="bhsd")
+        pool = KVCache(k=cache.prefix_k, v=cache.prefix_v, layout="bhsd", k_scale=cache.prefix_k_scale,
+                       v_scale=cache.prefix_v_scale)
         h_cond = self._prefill_rows(pool, list(range(geom.Pc)), [prompts[it.prompt].ids for it in wave],
                                     [prompts[it.prompt].code_mask for it in wave],
                                     [pixel_chunks[it.prompt] for it in wave])

@@ -6,6 +6,11 @@ Per layer one K and one V buffer ``[tokens, Hkv, D]``. A wave views the first
 :class:`~pgen_engine.models.decoder.KVCache` wave layout; sizes from
 :class:`~pgen_engine.generation.waves.WaveGeometry`). The buffers grow to the largest wave a
 call needs (never shrink on their own) and :meth:`WaveKVStorage.release` frees them.
+
+A float8 storage (:mod:`pgen_engine.ops.kv_quant`) keeps float32 per-(row, KV head) scales
+beside it, in a :class:`~pgen_engine.ops.kv_quant.ScaleStore` at fixed addresses (captured
+graphs read them): pool rows from 0, own rows from the store's half; a wave's views are zeroed
+(unset) when it starts, the prefill and the first decode write set them.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Callable
 import torch
 
 from pgen_engine.models.decoder import KVCache
+from pgen_engine.ops import kv_quant
 
 from .waves import WaveGeometry
 
@@ -33,6 +39,7 @@ class WaveKVStorage:
         self.v: list[torch.Tensor] = []
         self._prow: torch.Tensor | None = None  # int32 prefix tables at fixed addresses (graphs read them)
         self._plen: torch.Tensor | None = None
+        self.scales: kv_quant.ScaleStore | None = None  # float8 only; 2 x the prefix tables' rows
 
     def nbytes(self) -> int:
         """Bytes held now."""
@@ -64,8 +71,20 @@ class WaveKVStorage:
         self.grow(rows * L)
         hkv, d = self.kv_shape
         n = rows * L
+        sc = {}
+        if kv_quant.is_fp8(self.dtype):
+            ks, vs = self._scale_store(rows).views(0, rows)
+            sc = dict(k_scale=ks, v_scale=vs)
         return KVCache(k=[k[:n].view(rows, hkv, L, d) for k in self.k],
-                       v=[v[:n].view(rows, hkv, L, d) for v in self.v], layout="bhsd")
+                       v=[v[:n].view(rows, hkv, L, d) for v in self.v], layout="bhsd", **sc)
+
+    def _scale_store(self, rows: int) -> kv_quant.ScaleStore:
+        """The float8 scale tables, (re)allocated for ``rows`` own rows and as many pool rows (a
+        wave's pool never has more rows than its cache: one per item and distinct uncond prompt)."""
+        if self.scales is None or self.scales.capacity < 2 * rows:
+            self._on_move()
+            self.scales = kv_quant.ScaleStore(self.num_layers, 2 * rows, self.kv_shape[0], self.device)
+        return self.scales
 
     def wave_cache(self, g: WaveGeometry, prefix_row: list[int], prefix_len: list[int], min_rows: int) -> KVCache:
         """The wave's cache: pool ``[P, Hkv, Lp, D]`` then own rows ``[rows, Hkv, Lo, D]``, with
@@ -84,8 +103,14 @@ class WaveKVStorage:
             self._plen = torch.zeros(need, dtype=torch.int32, device=self.device)
         self._prow[:g.rows].copy_(torch.tensor(prefix_row, dtype=torch.int32))
         self._plen[:g.rows].copy_(torch.tensor(prefix_len, dtype=torch.int32))
+        sc = {}
+        if kv_quant.is_fp8(self.dtype):
+            half = self._prow.shape[0]
+            store = self._scale_store(half)
+            (pks, pvs), (ks, vs) = store.views(0, g.P), store.views(store.capacity // 2, g.rows)
+            sc = dict(k_scale=ks, v_scale=vs, prefix_k_scale=pks, prefix_v_scale=pvs)
         return KVCache(k=[k[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for k in self.k],
                        v=[v[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for v in self.v], layout="bhsd",
                        prefix_k=[k[:n_pool].view(g.P, hkv, g.Lp, d) for k in self.k],
                        prefix_v=[v[:n_pool].view(g.P, hkv, g.Lp, d) for v in self.v],
-                       prefix_row=self._prow[:g.rows], prefix_len=self._plen[:g.rows])
+                       prefix_row=self._prow[:g.rows], prefix_len=self._plen[:g.rows], **sc)

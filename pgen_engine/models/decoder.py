@@ -38,6 +38,10 @@ class KVCache:
     row ``prefix_row[b]`` and stores its own positions ``p >= prefix_len[b]`` at index
     ``p - prefix_len[b]`` of its own row (slot ``b * max_len + p - prefix_len[b]``). A GRPO
     group's samples and identical unconditional prompts therefore keep one copy of their prompt.
+
+    float8 caches (:mod:`pgen_engine.ops.kv_quant`, ``bhsd`` only) carry float32 per-(row, KV
+    head) scales beside them: ``k_scale`` / ``v_scale`` (per layer ``[rows, Hkv]``) and, with
+    shared prefixes, ``prefix_k_scale`` / ``prefix_v_scale`` (``[prefix rows, Hkv]``).
     """
 
     k: list[torch.Tensor]
@@ -47,6 +51,10 @@ class KVCache:
     prefix_len: torch.Tensor | None = None
     prefix_k: list[torch.Tensor] | None = None
     prefix_v: list[torch.Tensor] | None = None
+    k_scale: list[torch.Tensor] | None = None
+    v_scale: list[torch.Tensor] | None = None
+    prefix_k_scale: list[torch.Tensor] | None = None
+    prefix_v_scale: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.layout not in ("bshd", "bhsd"):
@@ -55,6 +63,11 @@ class KVCache:
             raise ValueError("KVCache: prefix_row, prefix_len, prefix_k and prefix_v go together")
         if self.prefix_row is not None and self.layout != "bhsd":
             raise ValueError("KVCache: shared prefixes need layout='bhsd'")
+        if self.k and self.k[0].dtype == torch.float8_e4m3fn:
+            if self.layout != "bhsd" or self.k_scale is None or self.v_scale is None:
+                raise ValueError("KVCache: a float8 cache needs layout='bhsd' and k_scale / v_scale")
+            if self.prefix_k is not None and (self.prefix_k_scale is None or self.prefix_v_scale is None):
+                raise ValueError("KVCache: a float8 cache with shared prefixes needs prefix_k_scale / prefix_v_scale")
 
     @property
     def num_blocks(self) -> int:
@@ -137,13 +150,8 @@ class Attention(nn.Module):
     def forward_cached(self, x, cos, sin, cache: "KVCache", layer: int, slot_mapping, cache_seqlens, block_table):
         """x ``[B,H]`` (one token per row) -> out ``[B,H]``; writes this token's K/V first."""
         q, k, v = self._qkv(x, cos, sin)
-        k_cache, v_cache = cache.k[layer], cache.v[layer]
-        K.kv_write(k_cache, v_cache, k, v, slot_mapping, may_skip=False, layout=cache.layout)
-        pk = pv = None
-        if cache.prefix_k is not None:
-            pk, pv = cache.prefix_k[layer], cache.prefix_v[layer]
-        o = K.cached_attention(q, k_cache, v_cache, cache_seqlens, block_table, self.scale, layout=cache.layout,
-                               prefix_row=cache.prefix_row, prefix_len=cache.prefix_len, prefix_k=pk, prefix_v=pv)
+        K.cache_write(cache, layer, k, v, slot_mapping, decode=True)
+        o = K.cache_attention(q, cache, layer, cache_seqlens, block_table, self.scale)
         return self.o_proj(o.flatten(-2))
 
 
@@ -252,7 +260,7 @@ class LanguageModel(nn.Module):
         h = inputs_embeds
         for i, layer in enumerate(self.layers):
             h, k, v = layer.forward_full(h, cos, sin, key_mask)
-            K.kv_write(cache.k[i], cache.v[i], k.flatten(0, 1), v.flatten(0, 1), flat_slots, layout=cache.layout)
+            K.cache_write(cache, i, k.flatten(0, 1), v.flatten(0, 1), flat_slots, decode=False)
         return self.norm(h)
 
     def decode_step(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache,

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from pgen_engine import envs
 from pgen_engine.ops import attention as _attn
+from pgen_engine.ops import kv_quant as _kvq
+from pgen_engine.ops.decode_shared import shared_prefix_decode as _shared_prefix_decode
 from pgen_engine.ops.norm import rms_norm as _rms_norm
 from pgen_engine.ops.rotary import apply_rotary as _apply_rotary
 
@@ -137,6 +139,67 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     o = F.scaled_dot_product_attention(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=Hq != k.shape[2])
     return o[:, :, 0, :]
+
+
+def cache_write(cache, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor, *,
+                decode: bool) -> None:
+    """Write layer ``layer``'s new keys / values ``[N,Hkv,D]`` into ``cache`` (a
+    :class:`~pgen_engine.models.decoder.KVCache`) at flat slots ``[N]``.
+
+    ``decode``: one token per row, every slot valid, no host synchronisation. Else a prefill:
+    ``-1`` slots (padding) are skipped. A float8 cache quantises with its per-(row, head)
+    scales (:mod:`pgen_engine.ops.kv_quant`): a prefill calibrates the scales of the rows it
+    writes; a decode write keeps them, setting a row's unset scale from its first token, no
+    finer than the scale of the row's shared prompt.
+    """
+    kc, vc = cache.k[layer], cache.v[layer]
+    if not _kvq.is_fp8(kc.dtype):
+        kv_write(kc, vc, k, v, slot_mapping, may_skip=not decode, layout=cache.layout)
+        return
+    if not decode:
+        keep = (slot_mapping >= 0).nonzero().squeeze(1)
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    ks, vs = cache.k_scale[layer], cache.v_scale[layer]
+    floor_k = floor_v = None
+    if decode and cache.prefix_row is not None:
+        n = min(ks.shape[0], cache.prefix_row.shape[0])
+        rows = cache.prefix_row[:n].long()
+        floor_k = torch.zeros_like(ks)
+        floor_v = torch.zeros_like(vs)
+        floor_k[:n] = cache.prefix_k_scale[layer].index_select(0, rows)
+        floor_v[:n] = cache.prefix_v_scale[layer].index_select(0, rows)
+    _kvq.write_head_major(kc, vc, k, v, slot_mapping, ks, vs, calibrate=not decode, floor_k=floor_k, floor_v=floor_v)
+
+
+def cache_attention(q: torch.Tensor, cache, layer: int, cache_seqlens: torch.Tensor,
+                    block_table: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q ``[B,Hq,D]`` (one query per row) over layer ``layer`` of ``cache`` -> ``[B,Hq,D]``.
+
+    Shared prefixes go through :func:`pgen_engine.ops.decode_shared.shared_prefix_decode`
+    (the Triton cascade kernel, reading each prompt once per group) on CUDA / under
+    ``PGEN_FUSED_OPS``, and for float8 caches on every device (its torch reference
+    dequantises on CPU); everything else through :func:`cached_attention`.
+    """
+    kc, vc = cache.k[layer], cache.v[layer]
+    fp8 = _kvq.is_fp8(kc.dtype)
+    if cache.prefix_k is not None and (fp8 or _fused(q)):
+        if block_table is not None:
+            raise ValueError("cache_attention: shared prefixes are a contiguous cache; block_table must be None")
+        sc = {}
+        if fp8:
+            sc = dict(k_scale=cache.k_scale[layer], v_scale=cache.v_scale[layer],
+                      prefix_k_scale=cache.prefix_k_scale[layer], prefix_v_scale=cache.prefix_v_scale[layer])
+        return _shared_prefix_decode(q, kc, vc, cache_seqlens.int(), cache.prefix_k[layer], cache.prefix_v[layer],
+                                     cache.prefix_row, cache.prefix_len, scale=scale, **sc)
+    if fp8:  # a plain head-major float8 cache (no shared prefixes): dequantise the rows read
+        B = q.shape[0]
+        kc = _kvq.dequantize(kc[:B], cache.k_scale[layer][:B], q.dtype)
+        vc = _kvq.dequantize(vc[:B], cache.v_scale[layer][:B], q.dtype)
+    pk = pv = None
+    if cache.prefix_k is not None:
+        pk, pv = cache.prefix_k[layer], cache.prefix_v[layer]
+    return cached_attention(q, kc, vc, cache_seqlens, block_table, scale, layout=cache.layout,
+                            prefix_row=cache.prefix_row, prefix_len=cache.prefix_len, prefix_k=pk, prefix_v=pv)
 
 
 def _cached_attention_head_major(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -74,18 +74,20 @@ def row_head_scales(x: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch
 
 def write_head_major(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      slot_mapping: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, *,
-                     calibrate: bool, floor: torch.Tensor | None = None) -> None:
+                     calibrate: bool, floor_k: torch.Tensor | None = None,
+                     floor_v: torch.Tensor | None = None) -> None:
     """Quantise ``k, v [N, Hkv, D]`` into head-major float8 caches ``[rows, Hkv, L, D]`` at
     ``slot = row * L + position`` (every slot valid), updating the scales ``[rows, Hkv]`` in place.
 
     Args:
         calibrate: set each touched row's scale from this write (the prefill); else keep the
             scales already set and set the unset (zero) ones from this write (decode).
-        floor: float32 ``[rows, Hkv]`` lower bound for scales set by a decode write, or None.
+        floor_k, floor_v: float32 ``[rows, Hkv]`` lower bounds for K / V scales set by a decode
+            write (e.g. the scales of each row's shared prompt), or None.
     """
     L = k_cache.shape[2]
     row, pos = slot_mapping // L, slot_mapping % L
-    for cache, x, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
+    for cache, x, scale, floor in ((k_cache, k, k_scale, floor_k), (v_cache, v, v_scale, floor_v)):
         fresh = row_head_scales(x, row, scale.shape[0])
         if calibrate:
             touched = torch.zeros(scale.shape[0], dtype=torch.bool, device=scale.device)
@@ -98,5 +100,32 @@ def write_head_major(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tens
         cache[row, :, pos] = quantize(x, scale.index_select(0, row))
 
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "HEADROOM", "is_fp8", "quantize", "dequantize", "row_head_scales",
+
+
+class ScaleStore:
+    """Per-layer float32 scale tables ``[capacity, Hkv]`` for K and V, allocated once so their
+    addresses stay fixed (a captured decode graph reads and writes them); callers take views."""
+
+    def __init__(self, num_layers: int, capacity: int, num_kv_heads: int, device: torch.device | str):
+        self.k = [torch.zeros(capacity, num_kv_heads, dtype=torch.float32, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(capacity, num_kv_heads, dtype=torch.float32, device=device) for _ in range(num_layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[0]
+
+    def views(self, start: int, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Rows ``[start, start + count)`` of every layer's K and V table, zeroed (unset)."""
+        if start < 0 or start + count > self.capacity:
+            raise ValueError(f"ScaleStore.views: rows [{start}, {start + count}) exceed the capacity {self.capacity}")
+        ks, vs = [t[start:start + count] for t in self.k], [t[start:start + count] for t in self.v]
+        for t in (*ks, *vs):
+            t.zero_()
+        return ks, vs
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
+
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "HEADROOM", "ScaleStore", "is_fp8", "quantize", "dequantize", "row_head_scales",
            "write_head_major"]

@@ -25,9 +25,12 @@ import torch
 
 from pgen_engine.config import RunConfig
 from pgen_engine.data.dataset import DataError, load_dataset, load_image
+from pgen_engine.data.fit_tokenizer import TokenizerFitSettings, fit_tokenizer
 from pgen_engine.data.history import CatalogueImages
 from pgen_engine.data.history_mode import HistoryModeError, run_history_mode
 from pgen_engine.data.prompts import PromptBuilder, SFTDataset
+from pgen_engine.models.image_quality import quality_line
+from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 from pgen_engine.data.splits import build_splits
 from pgen_engine.data.synth import SynthConfig, generate_synthetic
 from pgen_engine.data.text_tokenizer import load_text_tokenizer
@@ -130,10 +133,6 @@ def load_or_fit_vq(cfg: RunConfig, dataset, *, fit: bool):
     the same images and settings; its held-out reconstruction line is printed. Without
     ``fit`` (other ranks): the file rank 0 wrote.
     """
-    from pgen_engine.data.fit_tokenizer import TokenizerFitSettings, fit_tokenizer
-    from pgen_engine.models.image_quality import quality_line
-    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
-
     d = cfg.data
     path = work_dir(cfg) / "vq_tokenizer.safetensors"
     if fit:

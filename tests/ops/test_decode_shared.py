@@ -215,7 +215,7 @@ def test_write_head_major_calibrates_then_keeps_scales():
     before = ks.clone()
     y = 10 * torch.randn(2, 2, 8, generator=gen)
     KQ.write_head_major(k_cache, v_cache, y, y, torch.tensor([3, 5]), ks, vs, calibrate=False,
-                        floor=torch.full((3, 2), 1e3))
+                        floor_k=torch.full((3, 2), 1e3))
     torch.testing.assert_close(ks[0], before[0])
     assert torch.all(ks[1] == 1e3)
 
