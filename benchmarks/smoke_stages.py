@@ -698,7 +698,7 @@ def _json_generate_kwargs(kw: dict) -> dict:
 
     out = {}
     for k, v in kw.items():
-        if k in ("gen_code_mask", "progress"):
+        if k in ("gen_code_mask", "progress", "image_embeds"):  # image_embeds: saved as tensors beside the JSON
             continue
         if k == "sampling" and dataclasses.is_dataclass(v):
             out.update({f.name: getattr(v, f.name) for f in dataclasses.fields(v)})
@@ -741,8 +741,12 @@ def _install_generate_recorder(path: Path) -> None:
             full = dict(entry, input_ids=as_lists, pixel_values=None if pixel_values is None else pixel_file.name,
                         gen_code_mask=None if gm is None else [list(map(bool, c)) for c in
                                                                (gm.tolist() if hasattr(gm, "tolist") else gm)])
+            emb = kw.get("image_embeds")
+            full["image_embeds"] = None if emb is None else embeds_file.name
             log["largest"] = full
             pixels["largest"] = None if pixel_values is None else pixel_values.detach().cpu().clone()
+            # the rollout passes cached history features instead of pixels: keep them for the replay
+            pixels["embeds"] = None if emb is None else [None if e is None else e.detach().cpu().clone() for e in emb]
         return orig_gen(self, input_ids, attention_mask, pixel_values, **kw)
 
     def write() -> None:
@@ -750,9 +754,12 @@ def _install_generate_recorder(path: Path) -> None:
 
         if pixels["largest"] is not None:
             torch.save(pixels["largest"], pixel_file)
+        if pixels.get("embeds") is not None:
+            torch.save(pixels["embeds"], embeds_file)
         path.write_text(json.dumps(log))
 
     pixel_file = path.with_name(path.stem + "_pixels.pt")
+    embeds_file = path.with_name(path.stem + "_image_embeds.pt")
     cls.__init__, cls.generate = init, generate
     atexit.register(write)
 
@@ -800,6 +807,9 @@ def genref(argv: list[str]) -> int:
         init["cache_dtype"] = getattr(torch, big["init"]["cache_dtype"].removeprefix("torch."))
     gen = Generator(model, **init)
     kw = dict(big["generate"])
+    if big.get("image_embeds"):
+        kw["image_embeds"] = [None if e is None else e.to(dev, model.dtype)
+                              for e in torch.load(a.calls.with_name(big["image_embeds"]))]
     out = gen.generate(big["input_ids"], None, px, gen_code_mask=big["gen_code_mask"], **kw)
     codes = out[0] if isinstance(out, tuple) else out
     print(f"genref: {tuple(codes.shape)} codes, cache {gen.cache_nbytes()} B")
