@@ -20,6 +20,7 @@ import torch
 
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops import kv_quant
+from pgen_engine.ops.decode_shared import prefix_groups
 
 from .waves import WaveGeometry
 
@@ -39,6 +40,9 @@ class WaveKVStorage:
         self.v: list[torch.Tensor] = []
         self._prow: torch.Tensor | None = None  # int32 prefix tables at fixed addresses (graphs read them)
         self._plen: torch.Tensor | None = None
+        # the rows of each pool row (CSR, prefix_groups), built once per wave instead of per layer and step
+        self._gptr: torch.Tensor | None = None
+        self._grows: torch.Tensor | None = None
         self.scales: kv_quant.ScaleStore | None = None  # float8 only; 2 x the prefix tables' rows
 
     def nbytes(self) -> int:
@@ -101,8 +105,13 @@ class WaveKVStorage:
             self._on_move()
             self._prow = torch.zeros(need, dtype=torch.int32, device=self.device)
             self._plen = torch.zeros(need, dtype=torch.int32, device=self.device)
+            self._gptr = torch.zeros(need + 1, dtype=torch.int32, device=self.device)  # P <= rows
+            self._grows = torch.zeros(need, dtype=torch.int32, device=self.device)
         self._prow[:g.rows].copy_(torch.tensor(prefix_row, dtype=torch.int32))
         self._plen[:g.rows].copy_(torch.tensor(prefix_len, dtype=torch.int32))
+        gptr, grows = prefix_groups(self._prow[:g.rows], g.P)
+        self._gptr[:g.P + 1].copy_(gptr)
+        self._grows[:g.rows].copy_(grows)
         sc = {}
         if kv_quant.is_fp8(self.dtype):
             half = self._prow.shape[0]
@@ -113,4 +122,5 @@ class WaveKVStorage:
                        v=[v[n_pool:n_pool + n_own].view(g.rows, hkv, g.Lo, d) for v in self.v], layout="bhsd",
                        prefix_k=[k[:n_pool].view(g.P, hkv, g.Lp, d) for k in self.k],
                        prefix_v=[v[:n_pool].view(g.P, hkv, g.Lp, d) for v in self.v],
-                       prefix_row=self._prow[:g.rows], prefix_len=self._plen[:g.rows], **sc)
+                       prefix_row=self._prow[:g.rows], prefix_len=self._plen[:g.rows],
+                       prefix_groups=(self._gptr[:g.P + 1], self._grows[:g.rows]), **sc)

@@ -49,6 +49,9 @@ class KVCache:
     layout: str = "bshd"
     prefix_row: torch.Tensor | None = None
     prefix_len: torch.Tensor | None = None
+    # optional CSR of the rows reading each prefix row (ops.decode_shared.prefix_groups of all
+    # prefix_row), precomputed per wave so the cascade kernel does not rebuild it per layer and step
+    prefix_groups: tuple[torch.Tensor, torch.Tensor] | None = None
     prefix_k: list[torch.Tensor] | None = None
     prefix_v: list[torch.Tensor] | None = None
     k_scale: list[torch.Tensor] | None = None
@@ -61,6 +64,8 @@ class KVCache:
             raise ValueError(f"KVCache.layout must be 'bshd' or 'bhsd', got {self.layout!r}")
         if len({self.prefix_row is None, self.prefix_len is None, self.prefix_k is None, self.prefix_v is None}) != 1:
             raise ValueError("KVCache: prefix_row, prefix_len, prefix_k and prefix_v go together")
+        if self.prefix_groups is not None and self.prefix_row is None:
+            raise ValueError("KVCache: prefix_groups describe prefix_row; give both")
         if self.prefix_row is not None and self.layout != "bhsd":
             raise ValueError("KVCache: shared prefixes need layout='bhsd'")
         if self.k and self.k[0].dtype == torch.float8_e4m3fn:

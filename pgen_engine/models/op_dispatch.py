@@ -189,8 +189,10 @@ def cache_attention(q: torch.Tensor, cache, layer: int, cache_seqlens: torch.Ten
         if fp8:
             sc = dict(k_scale=cache.k_scale[layer], v_scale=cache.v_scale[layer],
                       prefix_k_scale=cache.prefix_k_scale[layer], prefix_v_scale=cache.prefix_v_scale[layer])
+        # the wave's groups cover every cache row: usable only when every row queries
+        groups = cache.prefix_groups if q.shape[0] == cache.prefix_row.shape[0] else None
         return _shared_prefix_decode(q, kc, vc, cache_seqlens.int(), cache.prefix_k[layer], cache.prefix_v[layer],
-                                     cache.prefix_row, cache.prefix_len, scale=scale, **sc)
+                                     cache.prefix_row, cache.prefix_len, scale=scale, groups=groups, **sc)
     if fp8:  # a plain head-major float8 cache (no shared prefixes): dequantise the rows read
         B = q.shape[0]
         kc = _kvq.dequantize(kc[:B], cache.k_scale[layer][:B], q.dtype)
