@@ -430,7 +430,7 @@ def make_embedder(
         wraps ``vision_model`` (e.g. the policy's own understanding encoder).
       * ``{"type": "cocons_cnn", "path": DIR, <training fields>}`` loads the reward CNN trained on
         train-split co-consumption (:mod:`pgen_engine.rewards.cocons`; the RL stage trains it into
-        DIR); the artifact's training config must equal the spec's fields.
+        DIR); training fields given in the spec must match the artifact's.
     Optional for every type: ``"batch_size"``. ``device`` defaults to CPU.
     """
     if not isinstance(spec, Mapping):
@@ -471,11 +471,13 @@ def make_embedder(
         if "path" not in spec:
             raise ValueError("embedder spec type='cocons_cnn': missing required field 'path' (the RL stage fills it "
                              "in after training the reward embedder on the train split)")
-        want = reward_config_from_spec(spec)
+        want = reward_config_from_spec(spec)  # validates the field names
         emb = CoConsumptionEmbedder.load(spec["path"])
-        if emb.config != want:
+        given = {k for k in spec if k != "path"}
+        diff = {k: (getattr(emb.config, k), getattr(want, k)) for k in given if getattr(emb.config, k) != getattr(want, k)}
+        if diff:
             raise ValueError(f"embedder spec {dict(spec, type=kind)}: the artifact in {spec['path']} was trained with "
-                             f"{emb.config}, the spec asks for {want}; retrain it (delete the folder) or fix the spec")
+                             f"other settings (field: (artifact, spec)) {diff}; retrain it (delete the folder) or fix the spec")
         emb.net.to(dev)
         return emb
     raise ValueError(f"embedder spec: unknown type {kind!r}; expected pixel_stats, clip, siglip, janus, pretrained, "
