@@ -252,7 +252,7 @@ def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, it
         except FileNotFoundError as e:
             raise RLConfigError(f"rl.rewards.attribute_match needs a synthetic dataset: {e}") from None
         read_attrs = read_attributes
-    needs_cat = "novelty" in rl.rewards
+    needs_cat = "novelty" in rl.rewards or any(getattr(r, "needs_catalogue", False) for _, r in reward.components.values())
     env = RewardEnv(reward, decode, lambda ids: decode(cache.codes(ids)),
                     embedder if reward.needs_embeddings else None,
                     catalogue=item_ids if needs_cat else None, read_attributes=read_attrs)
