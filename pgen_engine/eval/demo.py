@@ -88,9 +88,12 @@ def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool,
     timings["sft_s"] = time.time() - t
     t = time.time()
     print(f"[demo] seed {seed}: RL ({CONFIGS / f'{kind}_rl.yaml'})", flush=True)
+    quick_rl = QUICK_RL
+    if quick and load_config(CONFIGS / f"{kind}_rl.yaml").rl.embedder.get("type") == "cocons_cnn":
+        quick_rl = QUICK_RL + ["rl.embedder.steps=40"]  # the learned reward CNN, shortened like the rest
     rl = _stage(CONFIGS / f"{kind}_rl.yaml", [c for c in common if not c.startswith("data.synth")]
                 + [f"seed={seed}", f"output_dir={out / 'rl'}", f"model.checkpoint={sft['final']}",
-                   f"logging.progress={str(progress).lower()}"] + (QUICK_RL if quick else []))
+                   f"logging.progress={str(progress).lower()}"] + (quick_rl if quick else []))
     timings["rl_s"] = time.time() - t
     return sft, rl, timings
 
