@@ -144,6 +144,23 @@ def spherical_kmeans(x: torch.Tensor, k: int, iters: int, g: torch.Generator) ->
     return c
 
 
+def ema_codebook_step(ema_count: torch.Tensor, ema_sum: torch.Tensor, idx: torch.Tensor, z: torch.Tensor,
+                      decay: float) -> torch.Tensor:
+    """One EMA codebook step (spherical online k-means), in place.
+
+    ``ema_count [k]`` and ``ema_sum [k, d]`` decay by ``decay`` and take ``1 - decay`` of this
+    batch's per-code counts and sums of the unit vectors ``z [n, d]`` assigned by ``idx [n]``;
+    the codebook is ``normalize(ema_sum)``, so a used code moves toward the mean direction of
+    its outputs and an unused one keeps its direction. Returns the batch's counts ``[k]``.
+    """
+    k, d = ema_sum.shape
+    cnt = torch.bincount(idx, minlength=k).to(ema_count.dtype)
+    ssum = torch.zeros(k, d, dtype=ema_sum.dtype).index_add_(0, idx, z.to(ema_sum.dtype))
+    ema_count.mul_(decay).add_(cnt, alpha=1 - decay)
+    ema_sum.mul_(decay).add_(ssum, alpha=1 - decay)
+    return cnt
+
+
 def fresh_vqvae(cfg: VQTrainConfig):
     """An untrained ``JanusVQVAE`` for ``cfg`` (float32, train mode), convs re-initialised if ``cfg.torch_init``."""
     vq = build_vqvae(cfg.model_config()).float().train()
@@ -261,10 +278,7 @@ def train_vq(
             if quantise:
                 with torch.no_grad():
                     zd = zf.detach()
-                    cnt = torch.bincount(idx, minlength=k).float()
-                    ssum = torch.zeros(k, d).index_add_(0, idx, zd)
-                    ema_count.mul_(cfg.ema_decay).add_(cnt, alpha=1 - cfg.ema_decay)
-                    ema_sum.mul_(cfg.ema_decay).add_(ssum, alpha=1 - cfg.ema_decay)
+                    cnt = ema_codebook_step(ema_count, ema_sum, idx, zd, cfg.ema_decay)
                     last_used[cnt > 0] = step
                     if (step + 1) % cfg.revive_every == 0:
                         dead = (step - last_used >= cfg.revive_after).nonzero().flatten()
