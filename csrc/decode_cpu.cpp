@@ -358,8 +358,8 @@ void add_bias_rows_f32(float* y, const float* bias, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) add_range(y + r * n, bias, n);
 }
 
-void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale) {
-  for (int64_t i = 0; i < S; ++i) causal_softmax_row(s + i * ld, S, i >= pad ? pad : i, i + 1, scale);
+void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale, int64_t row0) {
+  for (int64_t i = row0; i < S; ++i) causal_softmax_row(s + i * ld, S, i >= pad ? pad : i, i + 1, scale);
 }
 
 void silu_mul_f32(float* g, const float* u, int64_t n) {

@@ -170,6 +170,40 @@ def test_prefill_in_cpp_equals_eager_layers(which, padded, S, tiny_model, model6
             assert torch.equal(x[3, :, S - 4:], x0[3, :, S - 4:])  # prompt 1 has S-4 real tokens: the rest untouched
 
 
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("S", [9, 200])  # 200: the packed kernels run and the last layer is trimmed
+def test_prefill_last_only_equals_the_full_pass(padded, S, model64):
+    """last_only returns exactly the full pass's last hidden states and writes the same K/V."""
+    m = model64
+    cfg = m.config.text
+    B, L = 3, S + 2
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(B, S, cfg.hidden_size, generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if padded:
+        mask[0, :3] = 0
+    slots = torch.arange(B)[:, None] * L + (mask.cumsum(1) - 1)
+    slots[mask == 0] = -1
+    shape = (B, cfg.num_kv_heads, L, cfg.head_dim)
+
+    def run(last_only: bool):
+        cache = KVCache(k=[torch.zeros(shape) for _ in range(cfg.num_layers)],
+                        v=[torch.zeros(shape) for _ in range(cfg.num_layers)], layout="bhsd")
+        with torch.inference_mode():
+            h = layers_cpu.prefill(m.language_model, emb, mask if padded else None, cache, slots, last_only=last_only)
+        return h, cache
+
+    full, cf = run(False)
+    last, cl = run(True)
+    assert last.shape == (B, 1, cfg.hidden_size)
+    assert torch.equal(last[:, 0], full[:, -1])
+    for x, y in zip(cf.k + cf.v, cl.k + cl.v):
+        assert torch.equal(x, y)
+    with torch.inference_mode():
+        backend_last = make_backend(m, torch.float32).prefill_last(emb, mask if padded else None, run(False)[1], slots)
+    assert torch.equal(backend_last, full[:, -1])
+
+
 def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):
     lm = tiny_model.language_model
     cfg = lm.cfg
