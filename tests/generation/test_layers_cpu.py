@@ -83,6 +83,29 @@ def test_shared_prefix_reads_the_pool_row(D):
         _C.cached_attention_cpu(q, kc, vc, lens, pk, pv, prow + 1, plen, D ** -0.5)
 
 
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_rows_sharing_a_prefix_attend_as_one_group_with_per_row_values(D):
+    """Rows with the same prefix (pool row and length) are attended together, the prefix read
+    block by block for all of them; each row's output is bitwise what it gets attending alone."""
+    g = torch.Generator().manual_seed(D + 1)
+    rows, Hq, Hkv, L, P, Lp = 7, 4, 2, 9, 2, 70
+    kc, vc = torch.randn(rows, Hkv, L, D, generator=g), torch.randn(rows, Hkv, L, D, generator=g)
+    pk, pv = torch.randn(P, Hkv, Lp, D, generator=g), torch.randn(P, Hkv, Lp, D, generator=g)
+    q = torch.randn(rows, Hq, D, generator=g)
+    # rows 0, 2, 3, 5 share pool row 1's 67 keys (> 2 blocks); row 6 too but its seqlen stops
+    # inside the prefix; rows 1 and 4 share pool row 0's 5 keys
+    prow = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.int32)
+    plen = torch.tensor([67, 5, 67, 67, 5, 67, 67], dtype=torch.int32)
+    lens = torch.tensor([70, 9, 68, 76, 14, 67, 40], dtype=torch.int32)
+    out = _C.cached_attention_cpu(q, kc, vc, lens, pk, pv, prow, plen, D ** -0.5)
+    for b in range(rows):
+        alone = _C.cached_attention_cpu(q[b:b + 1], kc[b:b + 1], vc[b:b + 1], lens[b:b + 1], pk, pv, prow[b:b + 1],
+                                        plen[b:b + 1], D ** -0.5)
+        assert torch.equal(out[b], alone[0]), b
+    ref = _torch_attention(q, kc, vc, lens, D ** -0.5, prow, plen, pk, pv)
+    assert (out - ref).abs().max() <= 2e-5
+
+
 @pytest.fixture(scope="module")
 def model64(tmp_path_factory):
     """GQA checkpoint with head_dim 64 (the unrolled kernel path)."""
