@@ -120,10 +120,7 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
 
   py::gil_scoped_release no_gil;
   c10::InferenceMode inference;
-  torch::Tensor h = hidden.contiguous().clone().view({N, H});
-  torch::Tensor x = torch::empty_like(h);
-  const float* c = cos.data_ptr<float>();
-  const float* s = sin.data_ptr<float>();
+  const torch::Tensor hid = hidden.contiguous();
   const float epsf = st.eps;
   const int64_t grain = 256;  // tokens per task of the cache write
   // Enough rows to repay packing the weights (one copy of them): the packed kernel, each
@@ -136,8 +133,6 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
   // MLP for the last token only (about 20% of a 4-layer prefill). Only with the packed kernels,
   // whose rows are independent of the batch: the values equal the full pass's last rows.
   const bool trim_last = last_only && packed_attention;
-  // rows b * S + S - 1 of t [N, w] -> [B, w]
-  auto last_rows = [&](const torch::Tensor& t) { return t.view({B, S, t.size(1)}).select(1, S - 1).contiguous(); };
   c10::optional<torch::Tensor> attn_mask;  // ATen's attention, padded prompts: causal & real keys, or itself
   if (!packed_attention && pad != nullptr) {
     torch::Tensor pos = torch::arange(S);
@@ -145,75 +140,103 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
     torch::Tensor causal = pos.unsqueeze(1) >= pos.unsqueeze(0);        // [S, S]
     attn_mask = ((causal.unsqueeze(0) & real.unsqueeze(1)) | torch::eye(S, torch::kBool).unsqueeze(0)).unsqueeze(1);
   }
-  for (int64_t l = 0; l < st.layers; ++l) {
-    const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
-    auto proj = [&](const torch::Tensor& in, int i) {
-      if (!packed) return torch::mm(in, w[i].t());
-      const int64_t Nout = w[i].size(0), K = in.size(1), M = in.size(0);
-      torch::Tensor a = in.contiguous(), y = torch::empty({M, Nout}, in.options());
-      const float* P = st.packed_weight(l, i).data_ptr<float>();
-      at::parallel_for(0, M, 48, [&](int64_t r0, int64_t r1) {  // each thread its own rows
-        gemm_packed_f32(a.data_ptr<float>() + r0 * K, r1 - r0, K, P, Nout, y.data_ptr<float>() + r0 * Nout);
-      });
-      return y;
-    };
-    const bool trim = trim_last && l == st.layers - 1;
-    rms_norm_rows_f32(h.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), N, H, epsf);
-    torch::Tensor q = proj(trim ? last_rows(x) : x, 1);
-    torch::Tensor k = proj(x, 2);
-    torch::Tensor v = proj(x, 3);
-    float* kc = st.k[l].data_ptr<float>();
-    float* vc = st.v[l].data_ptr<float>();
-    if (trim) {  // query b is token b * S + S - 1: its rotary angles
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t t = b * S + S - 1;
-        rotary_rows_f32(q.data_ptr<float>() + b * Hq * D, c + t * D, s + t * D, 1, Hq, D);
-      }
-    } else {
-      rotary_rows_f32(q.data_ptr<float>(), c, s, N, Hq, D);
-    }
-    rotary_rows_f32(k.data_ptr<float>(), c, s, N, Hkv, D);
-    at::parallel_for(0, N, grain, [&](int64_t a, int64_t b) {
-      for (int64_t i = a; i < b; ++i) {
-        if (slots[i] < 0) continue;
-        const int64_t row = slots[i] / L, pos = slots[i] % L;
-        for (int64_t hh = 0; hh < Hkv; ++hh) {
-          const int64_t dst = ((row * Hkv + hh) * L + pos) * D;
-          std::memcpy(kc + dst, k.data_ptr<float>() + (i * Hkv + hh) * D, sizeof(float) * D);
-          std::memcpy(vc + dst, v.data_ptr<float>() + (i * Hkv + hh) * D, sizeof(float) * D);
+  torch::Tensor y = torch::empty({B, last_only ? 1 : S, H}, hid.options());
+  // Every layer for prompts [b0, b1) into y[b0:b1] (prompts never interact: a prompt's rows
+  // read and write only their own cache slots).
+  auto run_prompts = [&](int64_t b0, int64_t b1) {
+    const int64_t Bg = b1 - b0, Ng = Bg * S;
+    torch::Tensor h = hid.narrow(0, b0, Bg).clone().view({Ng, H});
+    torch::Tensor x = torch::empty_like(h);
+    const float* c = cos.data_ptr<float>() + b0 * S * D;
+    const float* s = sin.data_ptr<float>() + b0 * S * D;
+    const int64_t* sl = slots + b0 * S;
+    const int64_t* pd = pad ? pad + b0 : nullptr;
+    // rows b * S + S - 1 of t [Ng, w] -> [Bg, w]
+    auto last_rows = [&](const torch::Tensor& t) { return t.view({Bg, S, t.size(1)}).select(1, S - 1).contiguous(); };
+    for (int64_t l = 0; l < st.layers; ++l) {
+      const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
+      auto proj = [&](const torch::Tensor& in, int i) {
+        if (!packed) return torch::mm(in, w[i].t());
+        const int64_t Nout = w[i].size(0), K = in.size(1), M = in.size(0);
+        torch::Tensor a = in.contiguous(), out = torch::empty({M, Nout}, in.options());
+        const float* P = st.packed_weight(l, i).data_ptr<float>();
+        at::parallel_for(0, M, 48, [&](int64_t r0, int64_t r1) {  // each thread its own rows
+          gemm_packed_f32(a.data_ptr<float>() + r0 * K, r1 - r0, K, P, Nout, out.data_ptr<float>() + r0 * Nout);
+        });
+        return out;
+      };
+      const bool trim = trim_last && l == st.layers - 1;
+      rms_norm_rows_f32(h.data_ptr<float>(), w[0].data_ptr<float>(), x.data_ptr<float>(), Ng, H, epsf);
+      torch::Tensor q = proj(trim ? last_rows(x) : x, 1);
+      torch::Tensor k = proj(x, 2);
+      torch::Tensor v = proj(x, 3);
+      float* kc = st.k[l].data_ptr<float>();
+      float* vc = st.v[l].data_ptr<float>();
+      if (trim) {  // query b is token b * S + S - 1: its rotary angles
+        for (int64_t b = 0; b < Bg; ++b) {
+          const int64_t t = b * S + S - 1;
+          rotary_rows_f32(q.data_ptr<float>() + b * Hq * D, c + t * D, s + t * D, 1, Hq, D);
         }
+      } else {
+        rotary_rows_f32(q.data_ptr<float>(), c, s, Ng, Hq, D);
       }
+      rotary_rows_f32(k.data_ptr<float>(), c, s, Ng, Hkv, D);
+      at::parallel_for(0, Ng, grain, [&](int64_t a, int64_t b) {
+        for (int64_t i = a; i < b; ++i) {
+          if (sl[i] < 0) continue;
+          const int64_t row = sl[i] / L, pos = sl[i] % L;
+          for (int64_t hh = 0; hh < Hkv; ++hh) {
+            const int64_t dst = ((row * Hkv + hh) * L + pos) * D;
+            std::memcpy(kc + dst, k.data_ptr<float>() + (i * Hkv + hh) * D, sizeof(float) * D);
+            std::memcpy(vc + dst, v.data_ptr<float>() + (i * Hkv + hh) * D, sizeof(float) * D);
+          }
+        }
+      });
+      torch::Tensor o;
+      if (packed_attention) {
+        o = prompt_attention_packed(q, k, v, Bg, S, Hq, Hkv, D, pd, st.scale, trim);
+      } else {
+        // [B, heads, S, D] views, as op_dispatch.prompt_attention passes them
+        torch::Tensor qt = q.view({Bg, S, Hq, D}).transpose(1, 2);
+        torch::Tensor kt = k.view({Bg, S, Hkv, D}).transpose(1, 2);
+        torch::Tensor vt = v.view({Bg, S, Hkv, D}).transpose(1, 2);
+        o = (attn_mask.has_value()
+                 ? at::scaled_dot_product_attention(qt, kt, vt, attn_mask->narrow(0, b0, Bg), 0.0, false, st.scale,
+                                                    Hq != Hkv)
+                 : at::scaled_dot_product_attention(qt, kt, vt, {}, 0.0, true, st.scale, Hq != Hkv))
+                .transpose(1, 2)
+                .reshape({Ng, Hq * D});
+      }
+      if (trim) {  // from here on, the residual stream of the last tokens only
+        h = last_rows(h);
+        x = torch::empty_like(h);
+      }
+      const int64_t n = h.size(0);
+      h.add_(proj(o, 4));
+      rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, epsf);
+      torch::Tensor g = proj(x, 6);
+      torch::Tensor u = proj(x, 7);
+      silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
+      h.add_(proj(g, 8));
+    }
+    if (last_only && !trim_last) h = last_rows(h);
+    rms_norm_rows_f32(h.data_ptr<float>(), st.final_norm.data_ptr<float>(),
+                      y.data_ptr<float>() + b0 * y.size(1) * H, h.size(0), H, epsf);
+  };
+  // Packed kernels (every value independent of which rows run together): one group of
+  // prompts per thread, each taking its prompts through every layer with no barrier in
+  // between -- a per-op fork / join is ~30 barriers per layer, and one descheduled thread
+  // (a busy or shared machine) stalls them all. Otherwise one pass with per-op parallelism.
+  const int64_t G = packed_attention ? std::min<int64_t>(at::get_num_threads(), B) : 1;
+  if (G > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+      c10::InferenceMode worker_inference;  // thread-local: workers do not inherit the caller's
+      for (int64_t g = g0; g < g1; ++g) run_prompts(g * B / G, (g + 1) * B / G);
     });
-    torch::Tensor o;
-    if (packed_attention) {
-      o = prompt_attention_packed(q, k, v, B, S, Hq, Hkv, D, pad, st.scale, trim);
-    } else {
-      // [B, heads, S, D] views, as op_dispatch.prompt_attention passes them
-      torch::Tensor qt = q.view({B, S, Hq, D}).transpose(1, 2);
-      torch::Tensor kt = k.view({B, S, Hkv, D}).transpose(1, 2);
-      torch::Tensor vt = v.view({B, S, Hkv, D}).transpose(1, 2);
-      o = (attn_mask.has_value()
-               ? at::scaled_dot_product_attention(qt, kt, vt, *attn_mask, 0.0, false, st.scale, Hq != Hkv)
-               : at::scaled_dot_product_attention(qt, kt, vt, {}, 0.0, true, st.scale, Hq != Hkv))
-              .transpose(1, 2)
-              .reshape({N, Hq * D});
-    }
-    if (trim) {  // from here on, the residual stream of the last tokens only
-      h = last_rows(h);
-      x = torch::empty_like(h);
-    }
-    const int64_t n = h.size(0);
-    h.add_(proj(o, 4));
-    rms_norm_rows_f32(h.data_ptr<float>(), w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, epsf);
-    torch::Tensor g = proj(x, 6);
-    torch::Tensor u = proj(x, 7);
-    silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
-    h.add_(proj(g, 8));
+  } else {
+    run_prompts(0, B);
   }
-  if (last_only && !trim_last) h = last_rows(h);
-  torch::Tensor y = torch::empty_like(h);
-  rms_norm_rows_f32(h.data_ptr<float>(), st.final_norm.data_ptr<float>(), y.data_ptr<float>(), h.size(0), H, epsf);
-  return y.view({B, last_only ? 1 : S, H});
+  return y;
 }
 
 }  // namespace

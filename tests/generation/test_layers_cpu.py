@@ -227,6 +227,40 @@ def test_prefill_last_only_equals_the_full_pass(padded, S, model64):
     assert torch.equal(backend_last, full[:, -1])
 
 
+@pytest.mark.parametrize("last_only", [False, True])
+def test_prefill_prompt_groups_per_thread_give_the_one_pass_values(last_only, model64):
+    """With >= 2 threads the packed prefill runs one group of prompts per thread through every
+    layer (no per-op barriers); hidden states and cache are bitwise those of one thread."""
+    m = model64
+    cfg = m.config.text
+    B, S = 5, 130  # 650 rows: the packed kernels
+    L = S + 1
+    g = torch.Generator().manual_seed(9)
+    emb = torch.randn(B, S, cfg.hidden_size, generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[3, :7] = 0
+    slots = torch.arange(B)[:, None] * L + (mask.cumsum(1) - 1)
+    slots[mask == 0] = -1
+    shape = (B, cfg.num_kv_heads, L, cfg.head_dim)
+
+    def run(threads: int):
+        cache = KVCache(k=[torch.zeros(shape) for _ in range(cfg.num_layers)],
+                        v=[torch.zeros(shape) for _ in range(cfg.num_layers)], layout="bhsd")
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                h = layers_cpu.prefill(m.language_model, emb, mask, cache, slots, last_only=last_only)
+        finally:
+            torch.set_num_threads(before)
+        return h, cache
+
+    (h1, c1), (h2, c2) = run(1), run(2)
+    assert torch.equal(h1, h2)
+    for x, y in zip(c1.k + c1.v, c2.k + c2.v):
+        assert torch.equal(x, y)
+
+
 def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):
     lm = tiny_model.language_model
     cfg = lm.cfg
