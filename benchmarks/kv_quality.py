@@ -24,7 +24,8 @@ checkpoint (``--checkpoint DIR``, e.g. the demo SFT model's ``final`` directory,
 distributions are peaked as a real model's are):
 
     python train.py --config configs/demo_sft.yaml output_dir=runs/demo_sft
-    python -m benchmarks.kv_quality --checkpoint runs/demo_sft/final --num-prompts 96
+    python -m benchmarks.kv_quality --checkpoint runs/demo_sft/final --data runs/data/synth_demo \
+        --num-prompts 128 --samples 1 --guidance 2      # the users' history prompts (pixels mode)
 """
 from __future__ import annotations
 
