@@ -44,7 +44,9 @@ def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:
     if reward_spec is None or evaluator.get("type") == "eval_cnn":
         return True  # rewards cannot load the evaluator (make_embedder refuses it)
     rtype, rpath = reward_spec.get("type"), reward_spec.get("path")
-    return evaluator["type"] not in ({rtype} if rpath is None else {f"{rtype}:{rpath}"})
+    if rpath is None:  # e.g. pixel_stats, or a cocons_cnn trained into the run's work dir: compare types
+        return str(evaluator["type"]).partition(":")[0] != rtype
+    return evaluator["type"] != f"{rtype}:{rpath}"
 
 
 def cmd_eval(a: argparse.Namespace) -> int:

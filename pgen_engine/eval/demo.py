@@ -26,6 +26,8 @@ from pgen_engine.generation.generator import Generator
 from pgen_engine.io_utils import atomic_write_json
 from pgen_engine.models import load_model
 from pgen_engine.rewards.embedders import make_embedder
+from pgen_engine.training.rl_env import reward_embedder_spec
+from pgen_engine.training.sft_data import work_dir
 from pgen_engine.training.stages import run_stage
 
 from . import evaluate as E
@@ -86,9 +88,12 @@ def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool,
     timings["sft_s"] = time.time() - t
     t = time.time()
     print(f"[demo] seed {seed}: RL ({CONFIGS / f'{kind}_rl.yaml'})", flush=True)
+    quick_rl = QUICK_RL
+    if quick and load_config(CONFIGS / f"{kind}_rl.yaml").rl.embedder.get("type") == "cocons_cnn":
+        quick_rl = QUICK_RL + ["rl.embedder.steps=40"]  # the learned reward CNN, shortened like the rest
     rl = _stage(CONFIGS / f"{kind}_rl.yaml", [c for c in common if not c.startswith("data.synth")]
                 + [f"seed={seed}", f"output_dir={out / 'rl'}", f"model.checkpoint={sft['final']}",
-                   f"logging.progress={str(progress).lower()}"] + (QUICK_RL if quick else []))
+                   f"logging.progress={str(progress).lower()}"] + (quick_rl if quick else []))
     timings["rl_s"] = time.time() - t
     return sft, rl, timings
 
@@ -131,7 +136,8 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     mode_text = (f"{settings.history_mode} (history images "
                  f"{'through the vision tower + aligner' if settings.history_mode == 'pixels' else 'as VQ codes: this model has no vision tower'})")
     print(f"[demo] history mode: {mode_text}", flush=True)
-    reward_spec = _read_rl(out / f"seed{seeds[0]}" / "rl" / "config.resolved.yaml").embedder
+    rl_cfg = load_config(out / f"seed{seeds[0]}" / "rl" / "config.resolved.yaml")
+    reward_spec = reward_embedder_spec(rl_cfg.rl, work_dir(rl_cfg))  # a learned reward CNN: its artifact folder
     reference = make_embedder(reward_spec)
     # First pass with the reference embedder only to get splits and catalogue images; the
     # evaluator is then trained on those images and the train split.
@@ -235,10 +241,6 @@ def builder_for(model, checkpoint):
         st = E.PromptSettings.for_checkpoint(checkpoint)
         _BUILDERS[key] = st.prompt_builder(model, checkpoint, st.tokenizer(model).num_tokens)
     return _BUILDERS[key]
-
-
-def _read_rl(resolved: Path):
-    return load_config(resolved).rl
 
 
 def _notes(report: dict, ev, evaluator, synthetic: bool, examples, key) -> list[str]:

@@ -212,27 +212,15 @@ def recall_at_k(embeds: torch.Tensor, pairs: np.ndarray, k: int = 10) -> float:
 
 # ---------------------------------------------------------------------------- training
 
-def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], item_meta: Sequence[dict],
-                    out_dir: str | Path, config: EvaluatorConfig = EvaluatorConfig(), *,
-                    progress: bool = False) -> EvalEmbedder:
-    """Train (or reuse, when ``out_dir`` holds one with the same data hash) the evaluator.
+def fit_cocons_cnn(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], item_meta: Sequence[dict],
+                   cfg: EvaluatorConfig, *, progress: bool = False, desc: str = "cnn") -> tuple[SmallCNN, dict]:
+    """Fit a :class:`SmallCNN` contrastively on train-split co-consumption (+ metadata).
 
-    Args:
-        images: uint8 ``[C, H, W, 3]`` catalogue images (item index = row).
-        train_sequences: per user, item indices of the **train split** in time order.
-        item_meta: per item, its extra metadata dict (``metadata_field`` read from it).
-        out_dir: artifact folder.
+    Shared by the evaluator and by the reward-side co-consumption embedder
+    (:mod:`pgen_engine.rewards.cocons`), which are distinct artifacts (own kind, own seed).
+    Returns ``(net in eval mode, info)``; ``info`` holds the sanity numbers, the pair counts
+    and the training time.
     """
-    cfg = config
-    out = Path(out_dir)
-    digest = data_hash(images, train_sequences, item_meta, cfg)
-    if (out / META_FILE).is_file():
-        try:
-            old = EvalEmbedder.load(out)
-            if old.meta.get("data_hash") == digest:
-                return old
-        except (ValueError, OSError, RuntimeError):
-            pass  # stale or broken artifact: retrain below
     t0 = time.time()
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -243,7 +231,7 @@ def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int
     held_seqs = [s for u, s in enumerate(train_sequences) if u in held]
     pairs = co_consumption_pairs(fit_seqs, cfg.window)
     if len(pairs) == 0:
-        raise ValueError("evaluator: no co-consumption pairs in the train split (every user needs >= 2 train items)")
+        raise ValueError(f"{desc}: no co-consumption pairs in the train split (every user needs >= 2 train items)")
     held_pairs = co_consumption_pairs(held_seqs, 1)
     train_items = {int(i) for s in fit_seqs for i in s}
     groups = metadata_groups(item_meta, cfg.metadata_field, train_items) if cfg.metadata_frac > 0 else []
@@ -257,7 +245,7 @@ def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int
     net.train()
     it = range(cfg.steps)
     if progress:
-        it = tqdm(it, desc="evaluator", unit="step")
+        it = tqdm(it, desc=desc, unit="step")
     for _ in it:
         sel = pairs[rng.integers(0, len(pairs), size=B - n_meta)]
         if n_meta:
@@ -285,19 +273,41 @@ def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int
         opt.step()
         sched.step()
     net.eval()
-    emb = EvalEmbedder(net, cfg, {})
-    with torch.no_grad():
-        cat = emb.embed(images)
+    cat = EvalEmbedder(net, cfg, {}).embed(images)  # eval-mode forward, batched, L2-normalised
 
     C = images.shape[0]
     sanity = {"heldout_users": len(held_seqs), "heldout_pairs": int(len(held_pairs)),
               "recall@10": recall_at_k(cat, held_pairs, 10),
               "recall@10_pixel_stats": recall_at_k(PixelStatsEmbedder().embed(images), held_pairs, 10),
               "recall@10_chance": 10.0 / max(C - 1, 1), "final_loss": float(loss.detach())}
-    meta = {"kind": KIND, "config": dataclasses.asdict(cfg), "data_hash": digest, "items": C,
-            "train_users": len(fit_seqs), "train_pairs": int(len(pairs)), "metadata_groups": len(groups),
+    info = {"items": C, "train_users": len(fit_seqs), "train_pairs": int(len(pairs)), "metadata_groups": len(groups),
             "sanity": sanity, "train_seconds": round(time.time() - t0, 1)}
+    return net, info
 
+
+def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], item_meta: Sequence[dict],
+                    out_dir: str | Path, config: EvaluatorConfig = EvaluatorConfig(), *,
+                    progress: bool = False) -> EvalEmbedder:
+    """Train (or reuse, when ``out_dir`` holds one with the same data hash) the evaluator.
+
+    Args:
+        images: uint8 ``[C, H, W, 3]`` catalogue images (item index = row).
+        train_sequences: per user, item indices of the **train split** in time order.
+        item_meta: per item, its extra metadata dict (``metadata_field`` read from it).
+        out_dir: artifact folder.
+    """
+    cfg = config
+    out = Path(out_dir)
+    digest = data_hash(images, train_sequences, item_meta, cfg)
+    if (out / META_FILE).is_file():
+        try:
+            old = EvalEmbedder.load(out)
+            if old.meta.get("data_hash") == digest:
+                return old
+        except (ValueError, OSError, RuntimeError):
+            pass  # stale or broken artifact: retrain below
+    net, info = fit_cocons_cnn(images, train_sequences, item_meta, cfg, progress=progress, desc="evaluator")
+    meta = {"kind": KIND, "config": dataclasses.asdict(cfg), "data_hash": digest, **info}
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()}))
     atomic_write_json(out / META_FILE, meta)

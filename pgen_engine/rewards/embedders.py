@@ -428,6 +428,9 @@ def make_embedder(
         on the checkpoint's own model_type)
       * ``{"type": "model_vision", "image_size": 384, "mean": 0.5, "std": 0.5, "pool": "mean"}``
         wraps ``vision_model`` (e.g. the policy's own understanding encoder).
+      * ``{"type": "cocons_cnn", "path": DIR, <training fields>}`` loads the reward CNN trained on
+        train-split co-consumption (:mod:`pgen_engine.rewards.cocons`; the RL stage trains it into
+        DIR); training fields given in the spec must match the artifact's.
     Optional for every type: ``"batch_size"``. ``device`` defaults to CPU.
     """
     if not isinstance(spec, Mapping):
@@ -461,4 +464,21 @@ def make_embedder(
         if vision_model is None:
             raise ValueError("embedder spec type='model_vision' needs the vision_model argument (the policy's vision encoder)")
         return VisionTowerEmbedder(vision_model, int(a["image_size"]), a["mean"], a["std"], pool=a["pool"], batch_size=int(a["batch_size"]))
-    raise ValueError(f"embedder spec: unknown type {kind!r}; expected pixel_stats, clip, siglip, janus, pretrained or model_vision")
+    if kind == "cocons_cnn":
+        # late import: pgen_engine.rewards.cocons builds on pgen_engine.eval.evaluator, which imports this module
+        from .cocons import CoConsumptionEmbedder, reward_config_from_spec
+
+        if "path" not in spec:
+            raise ValueError("embedder spec type='cocons_cnn': missing required field 'path' (the RL stage fills it "
+                             "in after training the reward embedder on the train split)")
+        want = reward_config_from_spec(spec)  # validates the field names
+        emb = CoConsumptionEmbedder.load(spec["path"])
+        given = {k for k in spec if k != "path"}
+        diff = {k: (getattr(emb.config, k), getattr(want, k)) for k in given if getattr(emb.config, k) != getattr(want, k)}
+        if diff:
+            raise ValueError(f"embedder spec {dict(spec, type=kind)}: the artifact in {spec['path']} was trained with "
+                             f"other settings (field: (artifact, spec)) {diff}; retrain it (delete the folder) or fix the spec")
+        emb.net.to(dev)
+        return emb
+    raise ValueError(f"embedder spec: unknown type {kind!r}; expected pixel_stats, clip, siglip, janus, pretrained, "
+                     "model_vision or cocons_cnn")

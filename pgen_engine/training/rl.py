@@ -53,6 +53,7 @@ from .reference import ReferencePolicy
 from .rl_env import PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint
 from .rollout import HybridEngine, RolloutParams
 from .sequences import Sequences, build_sequences, policy_logprobs, row_pixels
+from .sft_data import work_dir
 from .trainer import Stage, Trainer
 
 __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs",
@@ -405,7 +406,8 @@ class RLStage(Stage):
         self.eval_before = client.get("eval_before")
         ds = data.dataset  # SFTDataset: its cache / prompt builder / titles are what SFT trained on
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
-        reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items))
+        reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
+                                          work=work_dir(cfg), train_sequences=data.splits.train_sequences)
         self.source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
                                      ground_truth=gt, future_horizon=rl.future_horizon,
                                      future_includes_target=rl.future_includes_target, seed=cfg.seed,

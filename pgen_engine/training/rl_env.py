@@ -191,22 +191,60 @@ class RLPromptSource:
                            pix if self.builder.mode == "pixels" else None, feats or None)
 
 
+def reward_embedder_spec(rl: RLConfig, work: str | Path) -> dict:
+    """``rl.embedder`` with, for a learned ``cocons_cnn``, its artifact folder filled in
+    (default ``WORK/reward_embedder``, next to the tokenizer and token cache)."""
+    spec = dict(rl.embedder)
+    if spec.get("type") == "cocons_cnn" and not spec.get("path"):
+        spec["path"] = str(Path(work) / "reward_embedder")
+    return spec
+
+
+def ensure_reward_embedder(spec: dict, decode: Callable[[torch.Tensor], torch.Tensor], cache, item_ids: list[str],
+                           train_sequences: dict[str, list[str]] | None) -> None:
+    """Train (or reuse by data hash) a ``cocons_cnn`` reward embedder at ``spec["path"]``.
+
+    It learns from the catalogue images in the reward's image space (cached codes through
+    ``decode``) and the **train split** sequences only; other embedder types need nothing.
+    """
+    if spec.get("type") != "cocons_cnn":
+        return
+    if train_sequences is None:
+        raise RLConfigError("rl.embedder type cocons_cnn needs the train split's sequences to train on")
+    # late import: cocons pulls in the evaluator module (and tqdm) only for runs that use it
+    from pgen_engine.rewards.cocons import reward_config_from_spec, train_reward_embedder
+
+    try:
+        cfg = reward_config_from_spec(spec)
+    except ValueError as e:
+        raise RLConfigError(f"rl.embedder: {e}") from None
+    index = {iid: n for n, iid in enumerate(item_ids)}
+    images = torch.cat([decode(cache.codes(item_ids[i:i + 256])) for i in range(0, len(item_ids), 256)])
+    seqs = [[index[i] for i in seq] for seq in train_sequences.values()]
+    train_reward_embedder(images, seqs, spec["path"], cfg)
+
+
 def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, item_ids: list[str],
-                     decode_with: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[RewardEnv, Any]:
+                     decode_with: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
+                     work: str | Path | None = None,
+                     train_sequences: dict[str, list[str]] | None = None) -> tuple[RewardEnv, Any]:
     """The reward environment of a run; -> (RewardEnv, ground truth or None).
 
     Images live in the data tokenizer's space: generated codes and every item's cached
-    codes are decoded by the same decoder, so rewards compare like with like.
+    codes are decoded by the same decoder, so rewards compare like with like. A learned
+    ``cocons_cnn`` reward embedder is trained first (into ``work``, on ``train_sequences``).
     """
+    decode = decode_with or tokenizer.decode
+    spec = reward_embedder_spec(rl, work if work is not None else Path(dataset_dir) / "reward_work")
+    ensure_reward_embedder(spec, decode, cache, item_ids, train_sequences)
     try:
-        embedder = make_embedder(rl.embedder)
+        embedder = make_embedder(spec)
     except (ValueError, TypeError, OSError) as e:
         raise RLConfigError(f"rl.embedder: {e}") from None
     try:
         reward = CompositeReward.from_config(rl.rewards, embedder)
     except (ValueError, TypeError) as e:
         raise RLConfigError(f"rl.rewards: {e}") from None
-    decode = decode_with or tokenizer.decode
     gt = read_attrs = None
     if "attribute_match" in rl.rewards:
         try:
@@ -214,7 +252,7 @@ def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, it
         except FileNotFoundError as e:
             raise RLConfigError(f"rl.rewards.attribute_match needs a synthetic dataset: {e}") from None
         read_attrs = read_attributes
-    needs_cat = "novelty" in rl.rewards
+    needs_cat = "novelty" in rl.rewards or any(getattr(r, "needs_catalogue", False) for _, r in reward.components.values())
     env = RewardEnv(reward, decode, lambda ids: decode(cache.codes(ids)),
                     embedder if reward.needs_embeddings else None,
                     catalogue=item_ids if needs_cat else None, read_attributes=read_attrs)

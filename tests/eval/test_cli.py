@@ -44,6 +44,10 @@ def test_independence_rule():
     assert not is_independent({"type": "clip", "path": "/m"}, {"type": "clip:/m"})
     assert is_independent({"type": "clip", "path": "/m"}, {"type": "pixel_stats"})
     assert is_independent(None, {"type": "pixel_stats"})
+    # the learned reward CNN (trained into the run's work dir, no path in the run config) is not the evaluator
+    assert is_independent({"type": "cocons_cnn"}, {"type": "eval_cnn"})
+    assert not is_independent({"type": "cocons_cnn"}, {"type": "cocons_cnn:/w/reward_embedder"})
+    assert not is_independent({"type": "cocons_cnn", "path": "/w/r"}, {"type": "cocons_cnn:/w/r"})
 
 
 def test_pgen_eval_bad_checkpoint_is_one_line(tmp_path):

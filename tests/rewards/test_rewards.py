@@ -55,6 +55,22 @@ def test_future_interest_hand_values_and_empty_future_is_zero():
         FutureInterestReward()(imgs, _hand_ctx(future_embeds=None))
 
 
+def test_future_interest_snap_scores_the_nearest_catalogue_item_minus_its_distance():
+    fut = F.normalize(E[1] + E[2], dim=0)  # not a catalogue item
+    img = torch.stack([torch.tensor([0.6, 0.8, 0.0]), E[2], torch.tensor([0.6, 0.8, 0.0])])
+    ctx = _hand_ctx(image_embeds=img, future_embeds=[fut[None], torch.zeros(0, 3)])
+    torch.testing.assert_close(FutureInterestReward("max")(_imgs(3), ctx),
+                               torch.tensor([0.8 / math.sqrt(2), 0.0, 0.8 / math.sqrt(2)]))
+    # snapped: image 0 depicts e1 (cos 0.8): cos(e1, fut) - (1 - 0.8); user 1 has no future items: 0
+    r = FutureInterestReward("max", snap=True)
+    assert r.needs_catalogue
+    torch.testing.assert_close(r(_imgs(3), ctx), torch.tensor([1 / math.sqrt(2) - 0.2, 0.0, 1 / math.sqrt(2) - 0.2]))
+    with pytest.raises(ValueError, match="catalogue_embeds is None"):
+        r(_imgs(3), _hand_ctx(image_embeds=img, catalogue_embeds=None))
+    with pytest.raises(ValueError, match="snap must be"):
+        FutureInterestReward("max", snap="yes")
+
+
 def test_novelty_penalty_hand_values():
     # user 0's history holds e0, e1; the catalogue holds e0, e1, e2 (e0 copied exactly)
     img = torch.stack([E[0], torch.tensor([0.75, 0.0, math.sqrt(1 - 0.75**2)]), -E[1]])
