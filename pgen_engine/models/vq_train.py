@@ -18,10 +18,10 @@ replaces only the quantiser step:
   encoder outputs of the current batch, checked every ``revive_every`` steps, so the
   codebook stays in use;
 * convolutions start from PyTorch's fan-in scaled init (``torch_init``), not transformers'
-  N(0, 0.02); batches are small (8 images: more updates per second of budget). Measured on
+  N(0, 0.02); batches are small (4 images: more updates per second of budget). Measured on
   the MovieLens posters (64 px, 8 x 8 codes, 1,024 entries, 128 held-out posters, one
-  thread): 300 steps x 32 images 15.29 dB -> 15.45 dB with ``torch_init``; 1,200 steps x 8
-  images (same images seen, same compute) 16.73 dB; wider low-resolution levels
+  thread): 300 steps x 32 images 15.29 dB -> 15.45 dB with ``torch_init``; at the same images
+  seen, 1,200 steps x 8 images 16.73 dB (15.73 dB with seed 1) and 2,400 x 4 17.63 dB; wider low-resolution levels
   (``latent_channels`` 128, +15 % per step) and lr 2e-3 did not pay at batch 8 (15.92 and
   16.35 dB);
 * encoder and decoder run under bf16 autocast on CPU (``bf16``; about 2x per step where
@@ -54,9 +54,10 @@ class VQTrainConfig:
     base_channels: int = 32
     latent_channels: int = 64
     num_res_blocks: int = 1
-    # 8, not 32: a step costs ~linearly in images (0.19 vs 0.78 s at one thread), and at equal
-    # images seen (1,200 x 8 vs 300 x 32) batch 8 measured 16.73 vs 15.45 dB held-out PSNR
-    batch_size: int = 8
+    # 4, not 32: a step costs ~linearly in images (one thread: 0.19 s at 8 vs 0.78 s at 32; 4 costs
+    # ~10 % more per image than 8), and at equal images seen held-out PSNR measured 15.45 dB
+    # (300 x 32), 16.73 / 15.73 dB (1,200 x 8, seeds 0 / 1), 17.63 dB (2,400 x 4)
+    batch_size: int = 4
     lr: float = 4e-3
     beta: float = 0.25
     ema_decay: float = 0.99
@@ -71,7 +72,7 @@ class VQTrainConfig:
     # spherical k-means over encoder outputs; 0 = quantise from step 0 (random-output init).
     # Measured: far fewer dead codes and a lower loss at equal steps than the random init.
     ae_warmup_steps: int = 50
-    kmeans_batches: int = 32  # x batch_size images of encoder outputs for the k-means init
+    kmeans_batches: int = 64  # x batch_size images of encoder outputs for the k-means init
     kmeans_iters: int = 10
     bf16: bool = True
     # re-initialise every conv with PyTorch's default (fan-in scaled) instead of transformers'
