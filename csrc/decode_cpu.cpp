@@ -250,6 +250,65 @@ PGEN_CLONES void attend_item_any(const float* q, const float* kp, const float* v
   }
 }
 
+// Scores of q against keys [lo, hi) of k into scores[lo, hi): the AVX-512 twin where it runs.
+// A key's score does not depend on which block or range it is computed in.
+template <int DD>
+PGEN_INLINE void score_range(const float* q, const float* k, int64_t lo, int64_t hi, int64_t D, float scale,
+                             float* scores) {
+#ifdef PGEN_SCORE16
+  if constexpr (DD > 0 && DD % 16 == 0) {
+    if (have_avx512()) {
+      score_keys_avx512<DD>(q, k, lo, hi, scale, scores);
+      return;
+    }
+  }
+#endif
+  score_keys<DD>(q, k, lo, hi, D, scale, scores);
+}
+
+// m rows that share the prefix [0, plen) of (kp, vp) (a prompt's samples; the unconditional
+// rows of one pad prompt), for one KV head: bitwise what attend_item gives each row, but the
+// prefix is walked in blocks of kGroupKeys keys, each block scored (then accumulated) for all
+// m rows while it sits in L1, instead of re-read per row from L2 or memory. Row i: q[i] /
+// out[i] its G query heads, ko[i] / vo[i] its own keys (positions [plen, n[i]), n[i] >= plen),
+// scores + i * ld its scratch. Per row the sums run in the same order as attend_item's.
+constexpr int64_t kGroupKeys = 32;  // 8 KiB of K (and of V) per block at D = 64
+
+template <int DD>
+PGEN_INLINE void attend_group(const float* const* q, const float* kp, const float* vp, const float* const* ko,
+                              const float* const* vo, int64_t plen, const int64_t* n, int64_t m, int64_t G,
+                              int64_t D, float scale, float* scores, int64_t ld, float* const* out) {
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t j0 = 0; j0 < plen; j0 += kGroupKeys) {
+      const int64_t j1 = std::min(plen, j0 + kGroupKeys);
+      for (int64_t i = 0; i < m; ++i) score_range<DD>(q[i] + g * D, kp, j0, j1, D, scale, scores + i * ld);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      float* si = scores + i * ld;
+      score_range<DD>(q[i] + g * D, ko[i], 0, n[i] - plen, D, scale, si + plen);
+      softmax_row(si, n[i]);
+      std::fill(out[i] + g * D, out[i] + (g + 1) * D, 0.0f);
+    }
+    for (int64_t j0 = 0; j0 < plen; j0 += kGroupKeys) {
+      const int64_t j1 = std::min(plen, j0 + kGroupKeys);
+      for (int64_t i = 0; i < m; ++i) accumulate_keys<DD>(scores + i * ld, vp, j0, j1, D, out[i] + g * D);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      accumulate_keys<DD>(scores + i * ld + plen, vo[i], 0, n[i] - plen, D, out[i] + g * D);
+    }
+  }
+}
+
+PGEN_CLONES void attend_group_any(const float* const* q, const float* kp, const float* vp, const float* const* ko,
+                                  const float* const* vo, int64_t plen, const int64_t* n, int64_t m, int64_t G,
+                                  int64_t D, float scale, float* scores, int64_t ld, float* const* out) {
+  switch (D) {
+    case 64: attend_group<64>(q, kp, vp, ko, vo, plen, n, m, G, D, scale, scores, ld, out); break;
+    case 128: attend_group<128>(q, kp, vp, ko, vo, plen, n, m, G, D, scale, scores, ld, out); break;
+    default: attend_group<0>(q, kp, vp, ko, vo, plen, n, m, G, D, scale, scores, ld, out); break;
+  }
+}
+
 PGEN_CLONES void silu_mul_range(float* g, const float* u, int64_t lo, int64_t hi) {
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) {
@@ -325,16 +384,57 @@ void cached_attention_f32(const float* q, const float* k_cache, const float* v_c
                           float* out, const int64_t* own_rows) {
   const int64_t G = Hq / Hkv;
   (void)cache_rows;
-  // (row, kv head) items in row-major order: rows sharing a prefix are usually adjacent, so
-  // the shared keys are still in cache when the next row reads them.
+  // Units of rows attended together (CSR over `members`): the rows with one shared prefix
+  // (same pool row and length, all of it within their seqlen) form one unit, read block by
+  // block for all of them (attend_group); every other row is a unit of its own.
+  std::vector<int64_t> members(static_cast<size_t>(B)), unit_start;
+  for (int64_t b = 0; b < B; ++b) members[b] = b;
+  auto shares = [&](int64_t b) { return prefix_row != nullptr && prefix_len[b] > 0 && seqlen[b] >= prefix_len[b]; };
+  if (prefix_row != nullptr) {  // group order: sharing rows by (pool row, length), then the rest in row order
+    std::stable_sort(members.begin(), members.end(), [&](int64_t a, int64_t b) {
+      const bool sa = shares(a), sb = shares(b);
+      if (sa != sb) return sa;
+      if (!sa) return false;
+      return prefix_row[a] != prefix_row[b] ? prefix_row[a] < prefix_row[b] : prefix_len[a] < prefix_len[b];
+    });
+  }
+  int64_t widest = 1;
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t a = members[i], p = i > 0 ? members[i - 1] : -1;
+    const bool joins = i > 0 && shares(a) && shares(p) && prefix_row[a] == prefix_row[p] &&
+                       prefix_len[a] == prefix_len[p];
+    if (!joins) unit_start.push_back(i);
+    else widest = std::max<int64_t>(widest, i - unit_start.back() + 1);
+  }
+  unit_start.push_back(B);
+  const int64_t units = static_cast<int64_t>(unit_start.size()) - 1;
 #pragma omp parallel if (fork_for(B * Hkv * (L + Lp) * D))
   {
-    std::vector<float> scores(static_cast<size_t>(L + Lp));
-    // round-robin items: the rows that share a prefix (often a contiguous block, e.g. all
-    // unconditional rows) are cheap, so contiguous halves would leave one thread idle
-#pragma omp for schedule(static, 1)
-    for (int64_t item = 0; item < B * Hkv; ++item) {
-      const int64_t b = item / Hkv, h = item % Hkv;
+    std::vector<float> scores(static_cast<size_t>(widest * (L + Lp)));
+    std::vector<const float*> gq, gko, gvo;
+    std::vector<float*> gout;
+    std::vector<int64_t> gn;
+    // dynamic: a unit of many rows is many times the work of a single row
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < units * Hkv; ++item) {
+      const int64_t u = item / Hkv, h = item % Hkv, m = unit_start[u + 1] - unit_start[u];
+      if (m > 1) {
+        const int64_t* rows = members.data() + unit_start[u];
+        gq.resize(m), gko.resize(m), gvo.resize(m), gout.resize(m), gn.resize(m);
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t b = rows[i], own = own_rows ? own_rows[b] : b;
+          gq[i] = q + (b * Hq + h * G) * D;
+          gout[i] = out + (b * Hq + h * G) * D;
+          gko[i] = k_cache + (own * Hkv + h) * L * D;
+          gvo[i] = v_cache + (own * Hkv + h) * L * D;
+          gn[i] = seqlen[b];
+        }
+        const int64_t pre = (prefix_row[rows[0]] * Hkv + h) * Lp * D;
+        attend_group_any(gq.data(), kp_cache + pre, vp_cache + pre, gko.data(), gvo.data(), prefix_len[rows[0]],
+                         gn.data(), m, G, D, scale, scores.data(), L + Lp, gout.data());
+        continue;
+      }
+      const int64_t b = members[unit_start[u]];
       const int64_t n = seqlen[b];
       const float* qb = q + (b * Hq + h * G) * D;
       float* ob = out + (b * Hq + h * G) * D;
@@ -358,8 +458,8 @@ void add_bias_rows_f32(float* y, const float* bias, int64_t rows, int64_t n) {
   for (int64_t r = 0; r < rows; ++r) add_range(y + r * n, bias, n);
 }
 
-void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale) {
-  for (int64_t i = 0; i < S; ++i) causal_softmax_row(s + i * ld, S, i >= pad ? pad : i, i + 1, scale);
+void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale, int64_t row0) {
+  for (int64_t i = row0; i < S; ++i) causal_softmax_row(s + i * ld, S, i >= pad ? pad : i, i + 1, scale);
 }
 
 void silu_mul_f32(float* g, const float* u, int64_t n) {

@@ -40,8 +40,9 @@ void rotary_rows_f32(float* x, const float* cos, const float* sin, int64_t B, in
 
 // Causal softmax in place over scores [S, S] (row stride ld) of one left-padded prompt with
 // `pad` padding tokens: row i is scaled by `scale` and softmaxed over columns [pad, i] (a
-// padding row, i < pad, over [i, i]: itself only); every other column becomes 0.
-void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale);
+// padding row, i < pad, over [i, i]: itself only); every other column becomes 0. Only rows
+// [row0, S) are touched (row0 = S - 1: the last query alone, as the full pass computes it).
+void causal_softmax_rows_f32(float* s, int64_t S, int64_t ld, int64_t pad, float scale, int64_t row0 = 0);
 
 // a += b over [n] elements (residual adds).
 void add_inplace_f32(float* a, const float* b, int64_t n);

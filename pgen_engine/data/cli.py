@@ -152,7 +152,7 @@ def register(subparsers) -> None:
                    help="vq: training seconds (default 780: with loading, scoring and the token cache a default "
                         "run on ~3,000 posters stays within 15 min on 2 idle CPU cores)")
     t.add_argument("--max-steps", type=int, default=100_000, help="vq: training steps at most")
-    t.add_argument("--train-batch-size", type=int, default=32, help="vq: images per training step")
+    t.add_argument("--train-batch-size", type=int, default=4, help="vq: images per training step")
     t.add_argument("--iters", type=int, default=15, help="patch_kmeans: Lloyd iterations")
     t.add_argument("--fit-images", type=int, default=4000, help="fit on at most this many train images")
     t.add_argument("--held-out", type=int, default=128, help="held-out images scored (at most a tenth of the items)")

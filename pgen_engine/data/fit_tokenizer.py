@@ -51,7 +51,7 @@ class TokenizerFitSettings:
     # vq only
     time_budget_s: float = 780.0
     max_steps: int = 100_000
-    batch_size: int = 32
+    batch_size: int = 4  # VQTrainConfig's default (measured best at a fixed budget)
     # patch_kmeans only
     iters: int = 15
 

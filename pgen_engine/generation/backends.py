@@ -75,6 +75,12 @@ class DecodeBackend:
         ``[B,S,H]``; K/V written at ``slot_mapping`` int64 ``[B,S]`` (-1: not stored)."""
         return self.model.prefill(inputs_embeds, attention_mask, cache, slot_mapping)
 
+    def prefill_last(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache,
+                     slot_mapping: torch.Tensor) -> torch.Tensor:
+        """:meth:`prefill` but returning each prompt's last hidden state only, ``[B,H]`` (what
+        the Generator needs; a backend may skip the other positions' last-layer work)."""
+        return self.prefill(inputs_embeds, attention_mask, cache, slot_mapping)[:, -1]
+
     def step(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache, slot_mapping: torch.Tensor,
              cache_seqlens: torch.Tensor) -> torch.Tensor:
         """One token per cache row (:meth:`pgen_engine.JanusModel.decode_step`) -> hidden ``[rows, H]``."""
@@ -127,6 +133,11 @@ class _CppLayers(DecodeBackend):
     def prefill(self, inputs_embeds, attention_mask, cache, slot_mapping):
         h = layers_cpu.prefill(self.model.language_model, inputs_embeds, attention_mask, cache, slot_mapping)
         return h if h is not None else super().prefill(inputs_embeds, attention_mask, cache, slot_mapping)
+
+    def prefill_last(self, inputs_embeds, attention_mask, cache, slot_mapping):
+        h = layers_cpu.prefill(self.model.language_model, inputs_embeds, attention_mask, cache, slot_mapping,
+                               last_only=True)
+        return h[:, -1] if h is not None else super().prefill_last(inputs_embeds, attention_mask, cache, slot_mapping)
 
     def step(self, inputs_embeds, positions, cache, slot_mapping, cache_seqlens):
         h = layers_cpu.decode_step(self.model.language_model, inputs_embeds, positions, cache, slot_mapping,
@@ -181,6 +192,11 @@ class StaticBackend(DecodeBackend):
         if self._layers is not None:
             return self._layers.prefill(inputs_embeds, attention_mask, cache, slot_mapping)
         return super().prefill(inputs_embeds, attention_mask, cache, slot_mapping)
+
+    def prefill_last(self, inputs_embeds, attention_mask, cache, slot_mapping):
+        if self._layers is not None:
+            return self._layers.prefill_last(inputs_embeds, attention_mask, cache, slot_mapping)
+        return super().prefill_last(inputs_embeds, attention_mask, cache, slot_mapping)
 
     def step(self, inputs_embeds, positions, cache, slot_mapping, cache_seqlens):
         if self._layers is not None:

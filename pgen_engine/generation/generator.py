@@ -344,8 +344,7 @@ class Generator:
                              None if embeds else hist, image_embeds=hist if embeds else None)
         all_real = bool(mask.all())
         # no mask when nothing is padded: the causal fast path of scaled_dot_product_attention
-        h = self._backend.prefill(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
-        return h[:, -1]
+        return self._backend.prefill_last(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
 
     def _pick(self, hidden: torch.Tensor, R: int, seeds: torch.Tensor, s: float, temperature: float, top_k: int,
               top_p: float, greedy: bool, with_logprobs: bool = False):

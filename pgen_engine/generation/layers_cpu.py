@@ -24,6 +24,8 @@ _CPU_DECODE = envs.get("PGEN_CPU_DECODE")
 # an extension built from older sources reads shared prefixes from its own cache: checked once,
 # at import (pybind signatures name their arguments); tests may wrap the ops later
 _EXT_TAKES_PREFIX_POOL = "prefix_k" in (getattr(_extension(), "decode_layers_cpu", None).__doc__ or "")
+# ... and whether its prefill can return the last hidden states only (older builds: full pass + slice)
+_PREFILL_TAKES_LAST_ONLY = "last_only" in (getattr(_extension(), "prefill_layers_cpu", None).__doc__ or "")
 
 
 def cascade_extension():
@@ -79,13 +81,15 @@ def is_left_padded(key_mask: torch.Tensor) -> bool:
 
 
 def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
-                       cache, slot_mapping: torch.Tensor) -> torch.Tensor:
+                       cache, slot_mapping: torch.Tensor, last_only: bool = False) -> torch.Tensor:
     """Every layer of ``lm`` plus its final norm over whole prompts, in C++ (the prefill).
 
     h ``[B,S,H]``, cos/sin ``[B,S,D]``, key_mask bool ``[B,S]`` (left padding: see
     :func:`is_left_padded`) or None (nothing padded), slot_mapping int64 ``[B,S]`` (-1 = not
     stored) -> final-normed hidden ``[B,S,H]``; writes every layer's K/V into the head-major
     cache. The attention is masked as ``op_dispatch.prompt_attention`` masks it.
+    ``last_only``: return ``[B,1,H]``, the last position only (the same values); the last layer
+    then skips its queries, o_proj and MLP for the other positions where the packed kernels run.
     """
     pad = None
     if key_mask is not None:
@@ -93,10 +97,13 @@ def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             raise ValueError("prefill_layers_cpu: key_mask must be left padding (each row 0..0 then 1..1)")
         pad = (~key_mask).sum(1).to(torch.int64).contiguous()
     cfg = lm.cfg
-    return _extension().prefill_layers_cpu(
-        h.contiguous(), cos.contiguous(), sin.contiguous(), pad, stack_weights(lm), lm.norm.weight.detach(),
-        cache.k, cache.v, slot_mapping.contiguous(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
-        cfg.head_dim ** -0.5)
+    args = (h.contiguous(), cos.contiguous(), sin.contiguous(), pad, stack_weights(lm), lm.norm.weight.detach(),
+            cache.k, cache.v, slot_mapping.contiguous(), cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps,
+            cfg.head_dim ** -0.5)
+    if not _PREFILL_TAKES_LAST_ONLY:
+        out = _extension().prefill_layers_cpu(*args)
+        return out[:, -1:] if last_only else out
+    return _extension().prefill_layers_cpu(*args, last_only=last_only)
 
 
 def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot_mapping: torch.Tensor,
@@ -118,9 +125,10 @@ def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
 
 
 def prefill(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, cache,
-            slot_mapping: torch.Tensor) -> torch.Tensor | None:
+            slot_mapping: torch.Tensor, last_only: bool = False) -> torch.Tensor | None:
     """``lm.prefill`` in C++ (positions from the left-padded mask, as the model derives them) ->
-    final-normed hidden ``[B,S,H]``, or None when the C++ prefill does not apply here."""
+    final-normed hidden ``[B,S,H]`` (``last_only``: ``[B,1,H]``, see :func:`prefill_layers_cpu`),
+    or None when the C++ prefill does not apply here."""
     key_mask = None if attention_mask is None else attention_mask.bool()
     if not cpu_prefill_applies(lm, inputs_embeds, cache) or (key_mask is not None and not is_left_padded(key_mask)):
         return None
@@ -128,7 +136,7 @@ def prefill(lm, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
     pos = torch.arange(S, device=inputs_embeds.device).expand(B, S) if attention_mask is None else \
         positions_from_mask(attention_mask)
     cos, sin = lm.rotary(pos, inputs_embeds.dtype)
-    return prefill_layers_cpu(lm, inputs_embeds, cos, sin, key_mask, cache, slot_mapping)
+    return prefill_layers_cpu(lm, inputs_embeds, cos, sin, key_mask, cache, slot_mapping, last_only)
 
 
 def decode_step(lm, inputs_embeds: torch.Tensor, positions: torch.Tensor, cache, slot_mapping: torch.Tensor,

@@ -83,6 +83,29 @@ def test_shared_prefix_reads_the_pool_row(D):
         _C.cached_attention_cpu(q, kc, vc, lens, pk, pv, prow + 1, plen, D ** -0.5)
 
 
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_rows_sharing_a_prefix_attend_as_one_group_with_per_row_values(D):
+    """Rows with the same prefix (pool row and length) are attended together, the prefix read
+    block by block for all of them; each row's output is bitwise what it gets attending alone."""
+    g = torch.Generator().manual_seed(D + 1)
+    rows, Hq, Hkv, L, P, Lp = 7, 4, 2, 9, 2, 70
+    kc, vc = torch.randn(rows, Hkv, L, D, generator=g), torch.randn(rows, Hkv, L, D, generator=g)
+    pk, pv = torch.randn(P, Hkv, Lp, D, generator=g), torch.randn(P, Hkv, Lp, D, generator=g)
+    q = torch.randn(rows, Hq, D, generator=g)
+    # rows 0, 2, 3, 5 share pool row 1's 67 keys (> 2 blocks); row 6 too but its seqlen stops
+    # inside the prefix; rows 1 and 4 share pool row 0's 5 keys
+    prow = torch.tensor([1, 0, 1, 1, 0, 1, 1], dtype=torch.int32)
+    plen = torch.tensor([67, 5, 67, 67, 5, 67, 67], dtype=torch.int32)
+    lens = torch.tensor([70, 9, 68, 76, 14, 67, 40], dtype=torch.int32)
+    out = _C.cached_attention_cpu(q, kc, vc, lens, pk, pv, prow, plen, D ** -0.5)
+    for b in range(rows):
+        alone = _C.cached_attention_cpu(q[b:b + 1], kc[b:b + 1], vc[b:b + 1], lens[b:b + 1], pk, pv, prow[b:b + 1],
+                                        plen[b:b + 1], D ** -0.5)
+        assert torch.equal(out[b], alone[0]), b
+    ref = _torch_attention(q, kc, vc, lens, D ** -0.5, prow, plen, pk, pv)
+    assert (out - ref).abs().max() <= 2e-5
+
+
 @pytest.fixture(scope="module")
 def model64(tmp_path_factory):
     """GQA checkpoint with head_dim 64 (the unrolled kernel path)."""
@@ -168,6 +191,74 @@ def test_prefill_in_cpp_equals_eager_layers(which, padded, S, tiny_model, model6
         assert torch.equal(x[2], x0[2])  # a row no prompt owns is untouched
         if padded:
             assert torch.equal(x[3, :, S - 4:], x0[3, :, S - 4:])  # prompt 1 has S-4 real tokens: the rest untouched
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("S", [9, 200])  # 200: the packed kernels run and the last layer is trimmed
+def test_prefill_last_only_equals_the_full_pass(padded, S, model64):
+    """last_only returns exactly the full pass's last hidden states and writes the same K/V."""
+    m = model64
+    cfg = m.config.text
+    B, L = 3, S + 2
+    g = torch.Generator().manual_seed(5)
+    emb = torch.randn(B, S, cfg.hidden_size, generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    if padded:
+        mask[0, :3] = 0
+    slots = torch.arange(B)[:, None] * L + (mask.cumsum(1) - 1)
+    slots[mask == 0] = -1
+    shape = (B, cfg.num_kv_heads, L, cfg.head_dim)
+
+    def run(last_only: bool):
+        cache = KVCache(k=[torch.zeros(shape) for _ in range(cfg.num_layers)],
+                        v=[torch.zeros(shape) for _ in range(cfg.num_layers)], layout="bhsd")
+        with torch.inference_mode():
+            h = layers_cpu.prefill(m.language_model, emb, mask if padded else None, cache, slots, last_only=last_only)
+        return h, cache
+
+    full, cf = run(False)
+    last, cl = run(True)
+    assert last.shape == (B, 1, cfg.hidden_size)
+    assert torch.equal(last[:, 0], full[:, -1])
+    for x, y in zip(cf.k + cf.v, cl.k + cl.v):
+        assert torch.equal(x, y)
+    with torch.inference_mode():
+        backend_last = make_backend(m, torch.float32).prefill_last(emb, mask if padded else None, run(False)[1], slots)
+    assert torch.equal(backend_last, full[:, -1])
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+def test_prefill_prompt_groups_per_thread_give_the_one_pass_values(last_only, model64):
+    """With >= 2 threads the packed prefill runs one group of prompts per thread through every
+    layer (no per-op barriers); hidden states and cache are bitwise those of one thread."""
+    m = model64
+    cfg = m.config.text
+    B, S = 5, 130  # 650 rows: the packed kernels
+    L = S + 1
+    g = torch.Generator().manual_seed(9)
+    emb = torch.randn(B, S, cfg.hidden_size, generator=g)
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[3, :7] = 0
+    slots = torch.arange(B)[:, None] * L + (mask.cumsum(1) - 1)
+    slots[mask == 0] = -1
+    shape = (B, cfg.num_kv_heads, L, cfg.head_dim)
+
+    def run(threads: int):
+        cache = KVCache(k=[torch.zeros(shape) for _ in range(cfg.num_layers)],
+                        v=[torch.zeros(shape) for _ in range(cfg.num_layers)], layout="bhsd")
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with torch.inference_mode():
+                h = layers_cpu.prefill(m.language_model, emb, mask, cache, slots, last_only=last_only)
+        finally:
+            torch.set_num_threads(before)
+        return h, cache
+
+    (h1, c1), (h2, c2) = run(1), run(2)
+    assert torch.equal(h1, h2)
+    for x, y in zip(c1.k + c1.v, c2.k + c2.v):
+        assert torch.equal(x, y)
 
 
 def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):

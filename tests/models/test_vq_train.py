@@ -86,3 +86,36 @@ def test_bf16_and_fp32_steps_both_learn():
                             bf16=bf16, ae_warmup_steps=5)
         tok, rep = train_vq(imgs, cfg, progress=False)
         assert rep.rec_mse < 0.5 and torch.isfinite(torch.tensor(rep.rec_mse))
+
+
+def test_torch_init_scales_convs_by_fan_in():
+    from pgen_engine.models.vq_train import fresh_vqvae
+
+    base = dict(image_size=16, codes_per_side=4, codebook_size=16)
+    hf = fresh_vqvae(VQTrainConfig(**base, torch_init=False))
+    pt = fresh_vqvae(VQTrainConfig(**base, torch_init=True))
+    w_hf, w_pt = hf.encoder.conv_in.weight, pt.encoder.conv_in.weight  # fan-in 3*3*3 = 27
+    assert abs(float(w_hf.std()) - 0.02) < 0.005  # transformers' N(0, 0.02)
+    bound = 1 / 27 ** 0.5  # kaiming-uniform(a=sqrt(5)) bound
+    assert float(w_pt.abs().max()) <= bound + 1e-6 and float(w_pt.std()) > 0.5 * bound / 3 ** 0.5
+    # same module tree: the checkpoint still loads in transformers' JanusVQVAE
+    assert hf.state_dict().keys() == pt.state_dict().keys()
+
+
+def test_ema_step_moves_used_codes_toward_their_outputs():
+    from pgen_engine.models.vq_train import ema_codebook_step
+
+    g = torch.Generator().manual_seed(0)
+    code = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    count, total = torch.ones(4), code.clone()
+    target = torch.nn.functional.normalize(torch.randn(8, generator=g), dim=0)
+    z = torch.nn.functional.normalize(target + 0.05 * torch.randn(6, 8, generator=g), dim=1)
+    idx = torch.tensor([0, 0, 0, 2, 2, 2])
+    cnt = ema_codebook_step(count, total, idx, z, decay=0.9)
+    new = torch.nn.functional.normalize(total, dim=1)
+    assert cnt.tolist() == [3, 0, 3, 0]
+    assert torch.allclose(count, torch.tensor([0.9 + 0.3, 0.9, 0.9 + 0.3, 0.9]))
+    for c in (0, 2):  # used: closer to the outputs assigned to them
+        assert float(new[c] @ target) > float(code[c] @ target)
+    for c in (1, 3):  # unused: same direction
+        assert torch.allclose(new[c], code[c], atol=1e-6)
