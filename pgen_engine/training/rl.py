@@ -44,13 +44,14 @@ from pgen_engine.rewards import reward_stats
 
 from . import grpo
 from .advantages import compute_advantages
-from .distributed import all_ranks_true, all_reduce
+from .distributed import all_ranks_true, all_reduce, barrier
 from .engine import ObjectiveModule, build_deepspeed_config, model_dtype
 from .errors import NonFiniteError
 from .history_features import RLHistoryFeatures, tower_trains
 from .memory_ledger import MemoryLedger, SavedTensorMeter, optimizer_state_bytes
 from .reference import ReferencePolicy
-from .rl_env import PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint
+from .rl_env import (PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint,
+                     ensure_reward_embedder, reward_embedder_spec)
 from .rollout import HybridEngine, RolloutParams
 from .sequences import Sequences, build_sequences, policy_logprobs, row_pixels
 from .sft_data import work_dir
@@ -406,6 +407,10 @@ class RLStage(Stage):
         self.eval_before = client.get("eval_before")
         ds = data.dataset  # SFTDataset: its cache / prompt builder / titles are what SFT trained on
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
+        if dist.rank == 0:  # a learned reward embedder is trained once, by rank 0; the others reuse it
+            ensure_reward_embedder(reward_embedder_spec(rl, work_dir(cfg)), data.tokenizer.decode, ds.cache,
+                                   list(dataset.items), data.splits.train_sequences)
+        barrier()
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
                                           work=work_dir(cfg), train_sequences=data.splits.train_sequences)
         self.source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,

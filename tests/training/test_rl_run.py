@@ -74,7 +74,8 @@ def _rl(root: Path, out: Path, *extra: str) -> list[str]:
     return [f"output_dir={out}", f"model.checkpoint={root / 'sft' / 'final'}", *_data(root),
             f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.global_batch_size=8",
             "train.warmup_steps=1", "train.save_every=0", "rl.group_size=4", "rl.prompts_per_step=4",
-            "rl.rollout_batch_size=8", "rl.eval_prompts=4", "rl.eval_every=0", *extra]
+            "rl.rollout_batch_size=8", "rl.eval_prompts=4", "rl.eval_every=0",
+            "rl.embedder.steps=20", "rl.embedder.batch_size=16", *extra]  # the learned reward CNN, tiny
 
 
 def _rows(out: Path) -> dict[int, dict]:
