@@ -99,12 +99,21 @@ def _to_input(images: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
-class EvalEmbedder(ImageEmbedder):
-    """The trained evaluator as an :class:`ImageEmbedder` (eval mode, CPU by default).
+class CNNArtifactEmbedder(ImageEmbedder):
+    """A trained :class:`SmallCNN` saved as an artifact folder, used as an :class:`ImageEmbedder`.
+
+    Subclasses name their artifact (``KIND``, ``META_FILE``, ``WEIGHTS_FILE``, ``LABEL``):
+    the evaluator here and the reward embedder in :mod:`pgen_engine.rewards.cocons` share
+    the loading, embedding and train-or-reuse logic but are distinct artifacts.
 
     Attributes:
-        meta: the artifact's ``evaluator.json`` (config, data_hash, sanity).
+        meta: the artifact's metadata JSON (kind, config, data_hash, sanity).
     """
+
+    KIND: str = ""
+    META_FILE: str = ""
+    WEIGHTS_FILE: str = ""
+    LABEL: str = ""
 
     def __init__(self, net: SmallCNN, config: EvaluatorConfig, meta: dict, *, batch_size: int = 256):
         self.net = net.eval()
@@ -121,29 +130,75 @@ class EvalEmbedder(ImageEmbedder):
         return next(self.net.parameters()).device
 
     def _embed_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[n, H, W, 3]`` -> ``[n, dim]`` (unnormalised; :meth:`embed` normalises)."""
         return self.net(_to_input(images, self.config.image_size))
+
+    @classmethod
+    def _missing_hint(cls) -> str:
+        return ""
+
+    @classmethod
+    def load(cls, directory: str | Path):
+        """Load an artifact folder of this class's kind.
+
+        Raises:
+            FileNotFoundError: the metadata or weights file is missing.
+            ValueError: the metadata is malformed or of another kind.
+        """
+        d = Path(directory)
+        meta_path = d / cls.META_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: not a{'n' if cls.LABEL[0] in 'aeiou' else ''} {cls.LABEL} "
+                                    f"artifact (missing {cls.META_FILE}{cls._missing_hint()})")
+        try:
+            meta = json.loads(meta_path.read_text())
+            cfg = EvaluatorConfig(**meta["config"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path}: malformed {cls.LABEL} metadata ({e})") from None
+        if meta.get("kind") != cls.KIND:
+            raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, expected {cls.KIND!r}")
+        if not (d / cls.WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{d / cls.WEIGHTS_FILE}: missing {cls.LABEL} weights")
+        net = SmallCNN(cfg.dim, cfg.width)
+        net.load_state_dict(load_file(str(d / cls.WEIGHTS_FILE)))
+        return cls(net, cfg, meta)
+
+    @classmethod
+    def train_or_reuse(cls, images: torch.Tensor, train_sequences: Sequence[Sequence[int]],
+                       item_meta: Sequence[dict], out_dir: str | Path, cfg: EvaluatorConfig, *,
+                       progress: bool = False):
+        """Reuse ``out_dir``'s artifact when its data hash matches, else train and save it atomically.
+
+        Args: as :func:`fit_cocons_cnn` (images uint8 ``[C, H, W, 3]``, train-split sequences
+        of item indices, per-item metadata dicts).
+        """
+        out = Path(out_dir)
+        digest = data_hash(images, train_sequences, item_meta, cfg)
+        if (out / cls.META_FILE).is_file():
+            try:
+                old = cls.load(out)
+                if old.meta.get("data_hash") == digest:
+                    return old
+            except (ValueError, OSError, RuntimeError):
+                pass  # stale or broken artifact: retrain below
+        net, info = fit_cocons_cnn(images, train_sequences, item_meta, cfg, progress=progress, desc=cls.LABEL)
+        meta = {"kind": cls.KIND, "config": dataclasses.asdict(cfg), "data_hash": digest, **info}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / cls.WEIGHTS_FILE,
+                           safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()}))
+        atomic_write_json(out / cls.META_FILE, meta)
+        return cls(net, cfg, meta)
+
+
+class EvalEmbedder(CNNArtifactEmbedder):
+    """The trained evaluator as an :class:`ImageEmbedder` (eval mode, CPU by default)."""
+
+    KIND, META_FILE, WEIGHTS_FILE, LABEL = KIND, META_FILE, WEIGHTS_FILE, "evaluator"
 
     def describe(self) -> dict:
         """The report's ``evaluator`` section."""
         return {"type": "eval_cnn", **{k: self.meta[k] for k in ("data_hash", "sanity", "config", "train_seconds")
                                        if k in self.meta}}
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "EvalEmbedder":
-        d = Path(directory)
-        meta_path = d / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path}: not an evaluator artifact (missing {META_FILE})")
-        try:
-            meta = json.loads(meta_path.read_text())
-            cfg = EvaluatorConfig(**meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{meta_path}: malformed evaluator metadata ({e})") from None
-        if meta.get("kind") != KIND:
-            raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, expected {KIND!r}")
-        net = SmallCNN(cfg.dim, cfg.width)
-        net.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
-        return cls(net, cfg, meta)
 
 
 def is_evaluator_artifact(path: str | Path) -> bool:
@@ -296,19 +351,4 @@ def train_evaluator(images: torch.Tensor, train_sequences: Sequence[Sequence[int
         item_meta: per item, its extra metadata dict (``metadata_field`` read from it).
         out_dir: artifact folder.
     """
-    cfg = config
-    out = Path(out_dir)
-    digest = data_hash(images, train_sequences, item_meta, cfg)
-    if (out / META_FILE).is_file():
-        try:
-            old = EvalEmbedder.load(out)
-            if old.meta.get("data_hash") == digest:
-                return old
-        except (ValueError, OSError, RuntimeError):
-            pass  # stale or broken artifact: retrain below
-    net, info = fit_cocons_cnn(images, train_sequences, item_meta, cfg, progress=progress, desc="evaluator")
-    meta = {"kind": KIND, "config": dataclasses.asdict(cfg), "data_hash": digest, **info}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()}))
-    atomic_write_json(out / META_FILE, meta)
-    return EvalEmbedder(net, cfg, meta)
+    return EvalEmbedder.train_or_reuse(images, train_sequences, item_meta, out_dir, config, progress=progress)

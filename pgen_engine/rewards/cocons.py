@@ -20,19 +20,12 @@ training-data hash, the held-out-user recall@10 sanity number).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save as safetensors_bytes
 
-from pgen_engine.eval.evaluator import (EvaluatorConfig, SmallCNN, _to_input, data_hash, fit_cocons_cnn,
-                                        is_evaluator_artifact)
-from pgen_engine.io_utils import atomic_write_bytes, atomic_write_json
-
-from .embedders import ImageEmbedder
+from pgen_engine.eval.evaluator import CNNArtifactEmbedder, EvaluatorConfig, is_evaluator_artifact
 
 __all__ = ["KIND", "META_FILE", "WEIGHTS_FILE", "RewardEmbedderConfig", "CoConsumptionEmbedder",
            "train_reward_embedder", "reward_config_from_spec"]
@@ -65,30 +58,18 @@ def reward_config_from_spec(spec: Mapping[str, Any]) -> EvaluatorConfig:
     return RewardEmbedderConfig(**{k: v for k, v in spec.items() if k not in ("type", "path")})
 
 
-class CoConsumptionEmbedder(ImageEmbedder):
+class CoConsumptionEmbedder(CNNArtifactEmbedder):
     """The trained reward CNN as an :class:`ImageEmbedder` (eval mode, CPU by default).
 
     Attributes:
         meta: the artifact's ``reward_embedder.json`` (kind, config, data_hash, sanity).
     """
 
-    def __init__(self, net: SmallCNN, config: EvaluatorConfig, meta: dict, *, batch_size: int = 256):
-        self.net = net.eval()
-        self.config = config
-        self.meta = meta
-        self.batch_size = batch_size
+    KIND, META_FILE, WEIGHTS_FILE, LABEL = KIND, META_FILE, WEIGHTS_FILE, "reward-embedder"
 
-    @property
-    def dim(self) -> int:
-        return self.config.dim
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.net.parameters()).device
-
-    def _embed_batch(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[n, H, W, 3]`` -> ``[n, dim]`` (unnormalised; :meth:`embed` normalises)."""
-        return self.net(_to_input(images, self.config.image_size))
+    @classmethod
+    def _missing_hint(cls) -> str:
+        return "; the RL stage trains one into data.work_dir when rl.embedder is {type: cocons_cnn}"
 
     @classmethod
     def load(cls, directory: str | Path) -> "CoConsumptionEmbedder":
@@ -99,26 +80,10 @@ class CoConsumptionEmbedder(ImageEmbedder):
                 or of another kind.
             FileNotFoundError: the metadata or weights file is missing.
         """
-        d = Path(directory)
-        if is_evaluator_artifact(d):
-            raise ValueError(f"{d}: this is the independent evaluation embedder; rewards may not use it "
+        if is_evaluator_artifact(directory):
+            raise ValueError(f"{Path(directory)}: this is the independent evaluation embedder; rewards may not use it "
                              f"(train a reward embedder with rl.embedder: {{type: cocons_cnn}})")
-        meta_path = d / META_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path}: not a reward-embedder artifact (missing {META_FILE}; the RL stage "
-                                    "trains one into data.work_dir when rl.embedder is {type: cocons_cnn})")
-        try:
-            meta = json.loads(meta_path.read_text())
-            cfg = EvaluatorConfig(**meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{meta_path}: malformed reward-embedder metadata ({e})") from None
-        if meta.get("kind") != KIND:
-            raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, expected {KIND!r}")
-        if not (d / WEIGHTS_FILE).is_file():
-            raise FileNotFoundError(f"{d / WEIGHTS_FILE}: missing reward-embedder weights")
-        net = SmallCNN(cfg.dim, cfg.width)
-        net.load_state_dict(load_file(str(d / WEIGHTS_FILE)))
-        return cls(net, cfg, meta)
+        return super().load(directory)
 
 
 def train_reward_embedder(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], out_dir: str | Path,
@@ -133,21 +98,8 @@ def train_reward_embedder(images: torch.Tensor, train_sequences: Sequence[Sequen
         The embedder; ``meta["data_hash"]`` is the sha256 of images, sequences and config.
     """
     cfg = config or RewardEmbedderConfig()
-    out = Path(out_dir)
-    if is_evaluator_artifact(out):
-        raise ValueError(f"{out}: holds the evaluation embedder; the reward embedder needs its own folder")
-    digest = data_hash(images, train_sequences, [], cfg)  # no item metadata: metadata_frac is 0
-    if (out / META_FILE).is_file():
-        try:
-            old = CoConsumptionEmbedder.load(out)
-            if old.meta.get("data_hash") == digest:
-                return old
-        except (ValueError, OSError, RuntimeError):
-            pass  # stale or broken artifact: retrain below
-    net, info = fit_cocons_cnn(images, train_sequences, [{}] * images.shape[0], cfg, progress=progress,
-                               desc="reward embedder")
-    meta = {"kind": KIND, "config": dataclasses.asdict(cfg), "data_hash": digest, **info}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / WEIGHTS_FILE, safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()}))
-    atomic_write_json(out / META_FILE, meta)
-    return CoConsumptionEmbedder(net, cfg, meta)
+    if is_evaluator_artifact(out_dir):
+        raise ValueError(f"{Path(out_dir)}: holds the evaluation embedder; the reward embedder needs its own folder")
+    # no item metadata: metadata_frac is 0
+    return CoConsumptionEmbedder.train_or_reuse(images, train_sequences, [{}] * images.shape[0], out_dir, cfg,
+                                                progress=progress)
