@@ -55,7 +55,9 @@ class RLConfig:
         ledger_scan_every: every N steps log ``mem/live_tensor_bytes`` (0 = off; slow).
         eval_prompts: held-out (valid-split) prompts scored before the first step and after
             the last one (``eval/reward``, ``eval/reward/<component>``; 0 = off). Fixed
-            prompts and seeds, so the before/after numbers compare the same requests.
+            prompts and seeds, so the before/after numbers compare the same requests. Their
+            future-item rewards score each valid prompt against its own valid target (a
+            monitor only: training rewards never see held-out targets).
         eval_every: also evaluate every N steps (0 = only before and after).
 
     Resumable checkpoints follow ``train.save_every`` / ``train.keep_checkpoints``; the

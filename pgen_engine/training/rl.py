@@ -418,10 +418,16 @@ class RLStage(Stage):
                                      future_includes_target=rl.future_includes_target, seed=cfg.seed,
                                      image_loader=ds.image_loader, vision_features=ds.vision_features)
         if rl.eval_prompts:
+            # held-out monitor: valid examples scored against their own (valid) target; with no
+            # valid split, train windows with the training reward's future items
             held_out = data.splits.valid or data.splits.train
             self.eval_batch = RLPromptSource(held_out, data.splits, ds.cache, ds.builder, titles=ds.titles,
                                              ground_truth=gt, seed=cfg.seed, image_loader=ds.image_loader,
-                                             vision_features=ds.vision_features).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
+                                             vision_features=ds.vision_features,
+                                             future_horizon=rl.future_horizon,
+                                             future_includes_target=rl.future_includes_target,
+                                             held_out_targets=bool(data.splits.valid)
+                                             ).fixed_batch(rl.eval_prompts, dist.rank, dist.world_size)
         te = trainer.te
         self.policy = RLTrainer(te.engine, rl, reward_env, self.reference, micro_batch_size=te.micro_batch_size,
                                 minibatch_size=cfg.train.global_batch_size // dist.world_size,

@@ -128,7 +128,7 @@ class RLPromptSource:
 
     def __init__(self, examples, splits, cache, builder, *, titles=None, ground_truth=None,
                  future_horizon: int | None = None, future_includes_target: bool = False, seed: int = 0,
-                 image_loader=None, vision_features=None):
+                 image_loader=None, vision_features=None, held_out_targets: bool = False):
         if not examples:
             raise ValueError("RLPromptSource: no training examples")
         if builder.mode == "pixels" and image_loader is None:
@@ -137,6 +137,13 @@ class RLPromptSource:
         self.examples, self.splits, self.cache, self.builder = list(examples), splits, cache, builder
         self.titles, self.gt, self.horizon, self.seed = titles or {}, ground_truth, future_horizon, seed
         self.include_target = future_includes_target
+        # Validation monitor only: a held-out (valid) example's "future" is its own target.
+        # Why: future_items never returns held-out targets, so without this the in-run eval
+        # reported future_interest as 0.0 for every step. Training batches never set it.
+        if held_out_targets and any(ex.split == "train" for ex in self.examples):
+            raise ValueError("RLPromptSource: held_out_targets is for valid/test examples only "
+                             "(train windows' rewards must use train-split future items)")
+        self.held_out_targets = held_out_targets
 
     def _target_attributes(self, ex) -> list[int]:
         steps = self.gt.get(ex.user_id)
@@ -181,7 +188,8 @@ class RLPromptSource:
             prompts.append(p.input_ids.tolist())
             masks.append(p.gen_code_mask.tolist())
             hist.append(list(ex.history))
-            fut.append(self.splits.future_items(ex, self.horizon, include_target=self.include_target))
+            fut.append([ex.target] if self.held_out_targets else
+                       self.splits.future_items(ex, self.horizon, include_target=self.include_target))
             if self.gt is not None:
                 attrs.append(self._target_attributes(ex))
         # one seed per (step, example): the same request draws the same samples on any rank

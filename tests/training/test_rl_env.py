@@ -54,3 +54,17 @@ def test_prompt_future_from_the_target_on_only_when_asked(include):
 def test_rl_config_future_includes_target_defaults_off():
     assert RLConfig().future_includes_target is False
     assert RLConfig(future_includes_target=True, future_horizon=1).future_includes_target is True
+
+
+def test_held_out_monitor_scores_valid_examples_against_their_own_target():
+    sp = _splits()
+    plain = RLPromptSource(sp.valid, sp, _Cache(), _Builder(), future_horizon=1, future_includes_target=True)
+    assert all(f == [] for f in plain.fixed_batch(4).future)  # future_items never returns held-out targets
+    src = RLPromptSource(sp.valid, sp, _Cache(), _Builder(), future_horizon=1, future_includes_target=True,
+                         held_out_targets=True)
+    batch = src.fixed_batch(4)
+    for h, fut in zip(batch.history, batch.future):
+        (ex,) = [e for e in sp.valid if list(e.history) == h]
+        assert fut == [ex.target] and ex.target not in sp.train_sequences[ex.user_id]
+    with pytest.raises(ValueError, match="valid/test examples only"):
+        RLPromptSource(sp.train, sp, _Cache(), _Builder(), held_out_targets=True)
