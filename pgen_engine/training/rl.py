@@ -412,7 +412,7 @@ class RLStage(Stage):
                                    list(dataset.items), data.splits.train_sequences)
         barrier()
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
-                                          work=work_dir(cfg), train_sequences=data.splits.train_sequences)
+                                          work=work_dir(cfg))
         self.source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
                                      ground_truth=gt, future_horizon=rl.future_horizon,
                                      future_includes_target=rl.future_includes_target, seed=cfg.seed,

@@ -234,17 +234,16 @@ def ensure_reward_embedder(spec: dict, decode: Callable[[torch.Tensor], torch.Te
 
 def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, item_ids: list[str],
                      decode_with: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
-                     work: str | Path | None = None,
-                     train_sequences: dict[str, list[str]] | None = None) -> tuple[RewardEnv, Any]:
+                     work: str | Path | None = None) -> tuple[RewardEnv, Any]:
     """The reward environment of a run; -> (RewardEnv, ground truth or None).
 
     Images live in the data tokenizer's space: generated codes and every item's cached
     codes are decoded by the same decoder, so rewards compare like with like. A learned
-    ``cocons_cnn`` reward embedder is trained first (into ``work``, on ``train_sequences``).
+    ``cocons_cnn`` reward embedder is loaded from ``work`` (:func:`reward_embedder_spec`):
+    train it first with :func:`ensure_reward_embedder` (the RL stage does, on rank 0).
     """
     decode = decode_with or tokenizer.decode
     spec = reward_embedder_spec(rl, work if work is not None else Path(dataset_dir) / "reward_work")
-    ensure_reward_embedder(spec, decode, cache, item_ids, train_sequences)
     try:
         embedder = make_embedder(spec)
     except (ValueError, TypeError, OSError) as e:
