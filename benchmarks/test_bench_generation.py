@@ -18,6 +18,14 @@ Besides images/s the module measures this machine's float32 GEMM peak with one l
 FLOPs: 2 per weight per row, CFG rows included, plus the attention's 4 * context * heads *
 head_dim per row and layer), and the Generator's ``kv_bytes_peak``.
 
+It also measures this machine's read rate for a working set the size of the wave's K/V
+(``torch.sum`` over a warm tensor of ``kv_bytes_peak`` bytes, same run) and prints a roofline for the decode loop in the layout in use: a step cannot take less than
+its matrix FLOPs at the GEMM peak plus the K/V bytes it must read at that bandwidth (sum, not
+max: on CPU the GEMM phase and the attention phase of a layer run one after the other, and
+the attention is bound by memory). ``decode_roofline_fraction`` = that bound / pgen's measured
+decode time, and ``speedup_cap`` = transformers' wall time / (pgen's prefill + the bound): the
+best speed-up any implementation reading float32 K/V in this layout could show in this run.
+
 Each round runs pgen then transformers on the same prompts (paired, so drifting machine load
 hits both); the speed-up is the median per-round ratio of wall (and of process CPU) time.
 Per case (``extra_info``): images/s and decode tokens/s from the best round's wall time,
@@ -98,6 +106,57 @@ def gemm_peak_flops(n: int = 2048, reps: int = 3) -> float:
             best = min(best, time.perf_counter() - t)
         _PEAK.append(2 * n ** 3 / best)
     return _PEAK[0]
+
+
+_BW: dict[int, float] = {}
+
+
+def read_bandwidth(nbytes: int, reps: int = 5) -> float:
+    """This machine's read rate now, bytes/s, for a working set of ``nbytes``: the best of
+    ``reps`` ``torch.sum`` over a warm float32 tensor of that size, with the current threads.
+
+    Sized like the K/V a wave holds, not fixed: a working set that fits a cache level reads
+    several times faster than one that does not (this VM, one thread: ~22 GB/s at 17 MiB,
+    ~6-7 GB/s at 67 MiB and above), and a lower bound must use the rate the cache could get.
+    """
+    key = max(int(nbytes), 2 ** 20)
+    if key not in _BW:
+        x = torch.ones(key // 4, device=DEVICE)
+        x.sum()  # warm-up: pages touched, threads started, cache filled
+        best = float("inf")
+        for _ in range(reps):
+            _sync()
+            t = time.perf_counter()
+            x.sum()
+            _sync()
+            best = min(best, time.perf_counter() - t)
+        _BW[key] = key / best
+    return _BW[key]
+
+
+def decode_kv_bytes(model, batch: int, prompt_len: int, cfg: bool) -> float:
+    """K/V bytes a wave's decode steps 1..T-1 must read in the Generator's cascade layout.
+
+    Each distinct prompt (``batch`` random prompts here) and the one shared unconditional
+    ("pad") prompt are a prefix read once per step (the C++ cascade attention reads a shared
+    prefix once for all rows of its group), plus every row's own image tokens so far; every
+    cached position holds ``layers * 2 * kv_heads * head_dim`` values of the cache dtype.
+    """
+    c = model.config.text
+    rows = 2 * batch if cfg else batch
+    pool_rows = batch + (1 if cfg else 0)
+    per_pos = c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.empty((), dtype=DTYPE).element_size()
+    T = model.num_image_tokens
+    return sum((pool_rows * prompt_len + rows * t) * per_pos for t in range(1, T))
+
+
+def decode_roofline_s(model, batch: int, prompt_len: int, cfg: bool, kv_bytes_peak: int) -> float:
+    """Lower bound on the decode steps 1..T-1, seconds: matrix FLOPs at the measured GEMM peak
+    plus the K/V bytes at the read rate measured for a ``kv_bytes_peak`` working set (see the
+    module docstring)."""
+    rows = 2 * batch if cfg else batch
+    gemm = 2 * _lm_params(model) * rows * (model.num_image_tokens - 1)
+    return gemm / gemm_peak_flops() + decode_kv_bytes(model, batch, prompt_len, cfg) / read_bandwidth(kv_bytes_peak)
 
 
 def decode_flops(model, batch: int, prompt_len: int, cfg: bool) -> float:
@@ -205,6 +264,11 @@ def test_generation_throughput(benchmark, setup, batch):
     RESULTS[(name, batch, "pgen")]["kv_bytes_peak"] = gen.last_stats["kv_bytes_peak"]
     RESULTS[(name, batch, "pgen")]["gemm_fraction"] = (
         decode_flops(model, batch, PROMPT_LEN, GUIDANCE != 1.0) / pg_best["decode"] / gemm_peak_flops())
+    bound = decode_roofline_s(model, batch, PROMPT_LEN, GUIDANCE != 1.0, gen.last_stats["kv_bytes_peak"])
+    RESULTS[(name, batch, "pgen")]["read_bandwidth"] = read_bandwidth(gen.last_stats["kv_bytes_peak"])
+    hf_best = min(r["transformers"]["wall"] for r in measured)
+    RESULTS[(name, batch, "pgen")]["roofline_fraction"] = bound / pg_best["decode"]
+    RESULTS[(name, batch, "pgen")]["speedup_cap"] = hf_best / (pg_best["prefill"] + bound)
     ratios = sorted(r["transformers"]["wall"] / r["pgen"]["wall"] for r in measured)
     cpu_ratios = sorted(r["transformers"]["cpu"] / r["pgen"]["cpu"] for r in measured)
     RESULTS[(name, batch, "pgen")]["speedup_wall"] = ratios[len(ratios) // 2]
@@ -239,6 +303,9 @@ def teardown_module(module):
                          pgen_decode_tok_s=round(info["decode_tokens_per_s"], 1),
                          hf_decode_tok_s=round(ref["decode_tokens_per_s"], 1),
                          decode_gemm_fraction=round(info["gemm_fraction"], 3),
+                         decode_roofline_fraction=round(info["roofline_fraction"], 3),
+                         speedup_cap=round(info["speedup_cap"], 2),
+                         kv_read_gb_s=round(info["read_bandwidth"] / 1e9, 1),
                          kv_bytes_peak=int(info["kv_bytes_peak"])))
     if not rows:
         return
@@ -249,4 +316,5 @@ def teardown_module(module):
     greedy = {k[0]: v["value"] for k, v in RESULTS.items() if k[2] == "greedy_identical"}
     peak = _PEAK[0] if _PEAK else float("nan")
     print(f"fp32 GEMM peak (one {2048}^3 torch.mm, this run): {peak / 1e9:.1f} GFLOP/s")
+    print("kv_read_gb_s: read rate of a warm kv_bytes_peak-sized tensor (one torch.sum, this run)")
     print(json.dumps({"bench": "generation", "rows": rows, "greedy_identical": greedy, "gemm_peak_flops": peak}))
