@@ -1,9 +1,11 @@
 """How well does an RL reward point at what the user wants next? (synthetic data only)
 
     python tools/reward_alignment.py runs/demo/data [--windows 1500]
+        [--reward-embedder runs/demo/data_work/reward_embedder]
 
 For a random sample of train windows, every catalogue item is scored by each candidate
-reward (pixel-statistics cosines, as the demo's RL reward computes them) and compared with
+reward (pixel-statistics cosines, and with ``--reward-embedder`` the learned co-consumption
+CNN the demo's RL reward uses, ``rl.embedder: {type: cocons_cnn}``) and compared with
 the ground-truth preference at the window's target step. Printed per reward: ``top``, the
 attribute match of the item the reward ranks first (what a perfectly optimised policy would
 show); ``spearman``, the rank correlation of reward and attribute match over the catalogue;
@@ -22,6 +24,7 @@ import torch
 from pgen_engine.data.dataset import load_dataset, load_image
 from pgen_engine.data.splits import build_splits
 from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes
+from pgen_engine.rewards.cocons import CoConsumptionEmbedder
 from pgen_engine.rewards.embedders import make_embedder
 
 
@@ -36,6 +39,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=1500)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reward-embedder", default=None,
+                    help="a trained cocons_cnn reward embedder folder (the RL stage writes one into "
+                         "data.work_dir/reward_embedder); adds its candidates to the table")
     a = ap.parse_args()
     ds = load_dataset(a.data, check_images=False)
     sp = build_splits(ds, k=a.k, max_windows_per_user=8)
@@ -46,6 +52,12 @@ def main() -> None:
     attrs = read_attributes(imgs)
     e = make_embedder({"type": "pixel_stats"}).embed(imgs).float()
     sim = e @ e.T  # [C, C] cosines
+    sim_cnn = None
+    if a.reward_embedder:
+        with torch.no_grad():
+            f = CoConsumptionEmbedder.load(a.reward_embedder).embed(imgs).float()
+        f = torch.nn.functional.normalize(f, dim=-1)
+        sim_cnn = f @ f.T  # catalogue items: snap (nearest item) is the identity, so plain cosines rank them
     rng = np.random.default_rng(a.seed)
     pick = rng.choice(len(sp.train), min(a.windows, len(sp.train)), replace=False)
     rows: dict[str, list[tuple[float, float]]] = {}
@@ -65,6 +77,9 @@ def main() -> None:
                  "old demo total (+ 0.2 x history mean)":
                      (sim[:, after].max(1).values if after else 0) + 0.2 * sim[:, hist].mean(1),
                  "next item (future_includes_target, horizon 1)": sim[:, nxt]}
+        if sim_cnn is not None:
+            cands["cocons_cnn: history mean"] = sim_cnn[:, hist].mean(1)
+            cands["cocons_cnn: next item (the demo's RL reward)"] = sim_cnn[:, nxt]
         for name, r in cands.items():
             if r is None:
                 continue
