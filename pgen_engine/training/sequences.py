@@ -203,6 +203,19 @@ def uncond_prompts(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequen
     return out
 
 
+def stack_left_padded(a: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two left-padded row sets ``(ids int64, code_mask bool, attention_mask) [N_a, L_a]`` and
+    ``[N_b, L_b]`` -> one ``[N_a + N_b, max(L_a, L_b)]`` set (rows of ``a`` first), the shorter
+    one left-padded further (id 0, no code, attention 0): the last positions stay aligned."""
+    L = max(a[0].shape[1], b[0].shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (L - t.shape[1], 0), value=0)
+
+    return tuple(torch.cat([pad(x), pad(y).to(x.device)]) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
 def guided_policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
                            attention_mask: torch.Tensor, uncond_ids: torch.Tensor, uncond_code_mask: torch.Tensor,
                            uncond_attention_mask: torch.Tensor, targets: torch.Tensor, temperature: float,
@@ -212,12 +225,16 @@ def guided_policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.
     """Per-token log-probs and entropies of ``targets`` under the CFG-guided distribution
     ``softmax((u + s (c - u)) / T)`` (:func:`pgen_engine.training.grpo.guided_log_softmax`).
 
-    Two forwards of ``model``, both differentiable: the conditional rows (``input_ids``,
-    ``gen_code_mask``, ``attention_mask`` ``[N, L]``, with the history ``pixel_values`` /
-    ``image_features`` / ``pixel_index`` as in :func:`policy_logprobs`) and the unconditional
-    rows (``uncond_*`` ``[N, Lu]``, from :func:`build_sequences` of :func:`uncond_prompts`; no
-    history images). The ``[N, T, K]`` logits of both branches are materialised (the fused
-    conditional path does not), so the activations are about twice the conditional pass's.
+    One differentiable forward of ``model`` over ``2N`` rows: the conditional rows
+    (``input_ids``, ``gen_code_mask``, ``attention_mask`` ``[N, L]``, with the history
+    ``pixel_values`` / ``image_features`` / ``pixel_index`` as in :func:`policy_logprobs`) and
+    the unconditional rows (``uncond_*`` ``[N, Lu]``, from :func:`build_sequences` of
+    :func:`uncond_prompts`; no history images), left-padded to one length and batched. One
+    batched forward, not two: with two forwards in one graph every parameter is used twice,
+    and autograd holds the first use's gradient of every weight until the second arrives (a
+    full extra gradient copy: 12 GiB for Janus-Pro-7B, measured by ``pgen plan``). The
+    ``[N, T, K]`` logits of both branches are materialised (the fused conditional path does
+    not), so the activations are about twice the conditional pass's.
 
     Returns:
         (logprobs fp32 ``[N, T]``, entropy of the guided distribution fp32 ``[N, T]``, no gradient).
@@ -231,11 +248,12 @@ def guided_policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.
         pixel_values = None
     if uncond_ids.shape[0] != N:
         raise ValueError(f"guided_policy_logprobs: {uncond_ids.shape[0]} unconditional rows for {N} targets")
-    x = model.embed_inputs(input_ids, gen_code_mask, pixel_values, image_features)
-    c = model.image_head_logits(model.forward_train(x, attention_mask)[:, -T:])
-    xu = model.embed_inputs(uncond_ids, uncond_code_mask, None, None)
-    u = model.image_head_logits(model.forward_train(xu, uncond_attention_mask)[:, -T:])
-    lsm = guided_log_softmax(c, u, guidance_scale, temperature)
+    ids, cm, att = stack_left_padded((input_ids, gen_code_mask, attention_mask),
+                                     (uncond_ids, uncond_code_mask, uncond_attention_mask))
+    # the history images fill placeholders of the conditional rows only (they come first)
+    x = model.embed_inputs(ids, cm, pixel_values, image_features)
+    logits = model.image_head_logits(model.forward_train(x, att)[:, -T:])
+    lsm = guided_log_softmax(logits[:N], logits[N:], guidance_scale, temperature)
     lp = lsm.gather(-1, targets.to(lsm.device).long().unsqueeze(-1)).squeeze(-1)
     # a statistic, never differentiated: computed off the graph. (A graph kept alive by an
     # un-backwarded output leaks under the ledger's saved-tensor hooks: a [N, T, K] tensor per step.)
