@@ -40,6 +40,11 @@ class RLConfig:
             :class:`pgen_engine.generation.SamplingParams` in :attr:`sampling` (the same
             rules as ``pgen generate``); flat keys, as in earlier configs.
         uncond_mode: the CFG unconditional prompt of the rollout ("pad" or "short").
+        policy_distribution: the distribution of the GRPO ratio and KL (see
+            :mod:`pgen_engine.training.grpo`): "guided" (the CFG mix the rollout samples, two
+            policy forwards per sequence: conditional and unconditional prompt) or
+            "conditional" (the conditional branch only; off-policy when guidance_scale != 1).
+            null (the default) resolves to "guided" when guidance_scale != 1, else "conditional".
         reference: where the frozen reference runs: "auto" (the training device: the GPU
             when there is one, else the CPU), "cpu", "device", "partitioned" (ZeRO-3, no
             optimizer) or "none" (only with beta == 0; KL is then not measured).
@@ -80,6 +85,7 @@ class RLConfig:
     top_p: float = 1.0
     guidance_scale: float = 5.0
     uncond_mode: Literal["pad", "short"] = "pad"
+    policy_distribution: Optional[str] = None
     reference: Literal["auto", "cpu", "device", "partitioned", "none"] = "auto"
     offload_optimizer_states: bool = False
     rollout_batch_size: int = 64
@@ -112,6 +118,10 @@ class RLConfig:
             raise RLConfigError(f"rl.reference='none' needs rl.beta=0 (got beta={self.beta})")
         if self.guidance_scale <= 0:
             raise bad("guidance_scale", "> 0")
+        if self.policy_distribution is None:
+            self.policy_distribution = "guided" if self.guidance_scale != 1 else "conditional"
+        elif self.policy_distribution not in ("guided", "conditional"):
+            raise bad("policy_distribution", "'guided' or 'conditional' (or null: guided when guidance_scale != 1)")
         try:  # the Generator's own rules for the rollout sampling settings
             self.sampling
         except (TypeError, ValueError) as e:

@@ -58,6 +58,9 @@ class WaveDecode:
     sampling: tuple[float, float, int, float, bool]  # guidance_scale, temperature, top_k, top_p, greedy
     key: tuple                       # what a captured step bakes in besides the weights (shapes, storage, sampling)
     on_steps: Callable[[int], None] | None = None  # progress: called with the number of steps just done
+    # which distribution the recorded log-probs are of: "conditional" (log_softmax(c / T)) or
+    # "guided" (log_softmax((u + s (c - u)) / T)); see Generator.generate's logprob_distribution
+    lp_distribution: str = "conditional"
 
 
 class DecodeBackend:
@@ -150,13 +153,17 @@ class CppBackend(_CppLayers):
 
     The loop needs an aligner / head activation it knows (checked per wave, as a model may be
     changed after construction: :func:`.decode_cpu.applies`); without one the wave runs the
-    Python loop over the C++ step, with the same codes.
+    Python loop over the C++ step, with the same codes. So does a CFG wave recording *guided*
+    log-probs (RL on the guided distribution): the C++ loop writes conditional ones only.
     """
 
     name = "cpp"
 
     def decode_wave(self, cache, wave: WaveDecode) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not decode_cpu.applies(self.model, cache):
+        # the C++ loop records conditional log-probs only; a wave that records guided ones
+        # runs the Python loop over the C++ step (same codes, log-probs from wave.pick)
+        guided_lp = wave.first_lp is not None and wave.cfg and wave.lp_distribution == "guided"
+        if guided_lp or not decode_cpu.applies(self.model, cache):
             return super().decode_wave(cache, wave)
         T, R = wave.step_seeds.shape
         out = torch.empty((R, T), dtype=torch.long)

@@ -43,7 +43,11 @@ from .kv_storage import WaveKVStorage
 from .sampling_params import SamplingParams
 from .waves import UNCOND_MODES, WaveGeometry, WaveItem, plan_kv_bytes, plan_waves, wave_geometry
 
-__all__ = ["CACHE_DTYPES", "Generator", "NonFiniteLogitsError", "UNCOND_MODES", "check_cache_dtype", "plan_kv_bytes"]
+__all__ = ["CACHE_DTYPES", "Generator", "LOGPROB_DISTRIBUTIONS", "NonFiniteLogitsError", "UNCOND_MODES",
+           "check_cache_dtype", "plan_kv_bytes"]
+
+#: what ``Generator.generate(return_logprobs=True)`` records: ``log_softmax(c / T)`` or the CFG mix's
+LOGPROB_DISTRIBUTIONS = ("conditional", "guided")
 _UNSET: object = object()  # a loose sampling keyword the caller did not pass (None is a value: refused)
 
 
@@ -151,7 +155,8 @@ class Generator:
                  temperature: float = _UNSET, top_k: int = _UNSET, top_p: float = _UNSET,
                  greedy: bool = _UNSET, seed: int | Sequence[int] | torch.Tensor = _UNSET,
                  progress: bool = False, return_logprobs: bool = False,
-                 image_embeds: Sequence[torch.Tensor | None] | None = None
+                 image_embeds: Sequence[torch.Tensor | None] | None = None,
+                 logprob_distribution: str = "conditional"
                  ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Generate ``num_image_tokens`` VQ codes per sample.
 
@@ -173,10 +178,15 @@ class Generator:
             seed: an int (prompt ``i`` gets request seed ``mix_seed(seed, i)``) or ``B`` ints
                 (request seeds used as given: results then do not depend on batch composition).
             progress: show a tqdm bar over decode steps.
-            return_logprobs: also return, per code, its log-probability under the
-                *conditional* distribution at ``temperature`` (``log_softmax(c / T)``, before
-                CFG and the top-k / top-p filters: what an RL objective differentiates),
-                computed inside the decode step (CUDA-graph safe).
+            return_logprobs: also return, per code, its log-probability (before the top-k /
+                top-p filters), computed inside the decode step (CUDA-graph safe), under
+                ``logprob_distribution``.
+            logprob_distribution: ``"conditional"``: ``log_softmax(c / T)`` (the conditional
+                branch alone); ``"guided"``: ``log_softmax((u + s (c - u)) / T)``, the CFG-mixed
+                distribution the codes are sampled from (what on-policy RL on guided rollouts
+                needs; equal to the conditional one when ``guidance_scale == 1``). On the C++
+                CPU backend a CFG wave recording guided log-probs runs its decode steps from a
+                Python loop (the C++ loop writes conditional log-probs only).
             image_embeds: instead of ``pixel_values``: the history images' *aligned* features,
                 one entry per prompt — floating ``[n_i, num_image_tokens, hidden_size]``
                 (what ``model.vision_features(pixels)`` gives: vision tower + aligner) for a
@@ -197,6 +207,9 @@ class Generator:
                 ``pixel_values``, or values past float32 — so no code can be picked. Raised when
                 the wave that met them ends; the Generator stays usable.
         """
+        if logprob_distribution not in LOGPROB_DISTRIBUTIONS:
+            raise ValueError(f"logprob_distribution must be one of {LOGPROB_DISTRIBUTIONS}, "
+                             f"got {logprob_distribution!r}")
         prompts = inputs.parse_prompts(self.model, input_ids, attention_mask, gen_code_mask)
         B = len(prompts)
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -238,7 +251,7 @@ class Generator:
             for wave, geom in zip(waves, geoms):
                 toks, lps = self._run_wave(wave, geom, prompts, pixel_chunks, req_seeds, float(guidance_scale),
                                            float(temperature), top_k, float(top_p), bool(greedy), bar,
-                                           return_logprobs)
+                                           return_logprobs, logprob_distribution)
                 rows = torch.cat([torch.arange(it.prompt * num_samples + it.first,
                                                it.prompt * num_samples + it.first + it.count) for it in wave])
                 self._check_codes(toks, rows)
@@ -347,10 +360,12 @@ class Generator:
         return self._backend.prefill_last(emb, None if all_real else mask.to(dev), cache, slots.to(dev))
 
     def _pick(self, hidden: torch.Tensor, R: int, seeds: torch.Tensor, s: float, temperature: float, top_k: int,
-              top_p: float, greedy: bool, with_logprobs: bool = False):
+              top_p: float, greedy: bool, with_logprobs: bool = False, lp_distribution: str = "conditional"):
         """hidden ``[R or 2R, H]`` (cond rows, then their uncond partners with CFG) -> int64 ``[R]``
         tokens: argmax of the CFG-mixed logits, or one seeded draw per row (``seeds`` ``[R]``).
-        With ``with_logprobs`` -> ``(tokens, float32 [R] log_softmax(cond / temperature)[token])``."""
+        With ``with_logprobs`` -> ``(tokens, float32 [R] log_softmax(x / temperature)[token])`` with
+        ``x`` the conditional logits (``lp_distribution="conditional"``) or the CFG mix ``u + s (c - u)``
+        (``"guided"``)."""
         logits = self.model.image_head_logits(hidden).float()
         cfg = hidden.shape[0] == 2 * R
         c, u = (logits[:R], logits[R:]) if cfg else (logits, None)
@@ -365,11 +380,15 @@ class Generator:
                          seed=seeds, backend=self.sample_backend)
         if not with_logprobs:
             return tok
-        return tok, torch.log_softmax(c / temperature, dim=-1).gather(1, tok.clamp(min=0)[:, None]).squeeze(1)
+        # the guided mix written exactly as pgen_engine.training.grpo.guided_logprobs writes it, so
+        # rollout and trainer log-probs agree to fp32 rounding
+        x = c if (u is None or lp_distribution == "conditional") else u + s * (c - u)
+        return tok, torch.log_softmax(x / temperature, dim=-1).gather(1, tok.clamp(min=0)[:, None]).squeeze(1)
 
     def _run_wave(self, wave: list[WaveItem], geom: WaveGeometry, prompts: list[inputs.Prompt], pixel_chunks,
                   req_seeds: torch.Tensor, s: float, temperature: float, top_k: int, top_p: float, greedy: bool, bar,
-                  want_lp: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                  want_lp: bool = False, lp_distribution: str = "conditional"
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Prefill and decode one wave -> codes int64 ``[R, T]`` and (``want_lp``) log-probs ``[R, T]``."""
         t_start = time.perf_counter()
         m = self.model
@@ -418,7 +437,7 @@ class Generator:
         step_seeds = mix_seed(sample_seeds[None, :], torch.arange(T, dtype=torch.long)[:, None]).to(dev)  # [T,R]
 
         def pick(hidden: torch.Tensor, seeds: torch.Tensor):
-            return self._pick(hidden, R, seeds, s, temperature, top_k, top_p, greedy, want_lp)
+            return self._pick(hidden, R, seeds, s, temperature, top_k, top_p, greedy, want_lp, lp_distribution)
 
         first = pick(h_rows, step_seeds[0])
         first, first_lp = first if want_lp else (first, None)
@@ -427,8 +446,8 @@ class Generator:
         wave_in = WaveDecode(first=first, first_lp=first_lp, base=base, slot0=slot0, step_seeds=step_seeds, cfg=cfg,
                              pick=pick, sampling=(s, temperature, top_k, top_p, greedy),
                              key=(rows, R, geom.P, geom.Lp, geom.Lo, self._k[0].data_ptr(), cfg, s, temperature,
-                                  top_k, top_p, greedy, want_lp),
-                             on_steps=None if bar is None else bar.update)
+                                  top_k, top_p, greedy, want_lp, lp_distribution),
+                             on_steps=None if bar is None else bar.update, lp_distribution=lp_distribution)
         out, out_lp = self._backend.decode_wave(cache, wave_in)
         self._sync()
         self.last_stats["prefill_s"] += t_prefill - t_start

@@ -8,9 +8,12 @@ One RL step (all ranks in lock-step; ``rl.prompts_per_step`` prompts are split o
 2. **reward** — codes -> images (the data tokenizer's decoder, i.e. the model's image
    space), then :class:`pgen_engine.rewards.CompositeReward` against each user's history /
    train-split future items / the catalogue / (synthetic) ground-truth attributes.
-3. **logprobs** — old log-probs recomputed with the *training* numerics
-   (``forward_train`` + ``image_token_logprobs`` at the sampling temperature), the
-   reference model's log-probs, and the rollout-vs-trainer gap (``logprob_gap_max/mean``).
+3. **logprobs** — old log-probs recomputed with the *training* numerics, on the
+   distribution ``rl.policy_distribution`` names (:mod:`.grpo`): the CFG-guided mix
+   (:func:`.sequences.guided_policy_logprobs`: a conditional and an unconditional-prompt
+   forward) or the conditional branch (:func:`.sequences.policy_logprobs`), at the sampling
+   temperature; the reference model's log-probs of the same distribution, and the
+   rollout-vs-trainer gap (``logprob_gap_max/mean``).
 4. **update** — ``rl.ppo_epochs`` passes over the rollout in minibatches of
    ``train.global_batch_size`` sequences (micro-batches of ``train.micro_batch_size``),
    loss :func:`pgen_engine.training.grpo.policy_loss`.
@@ -53,19 +56,27 @@ from .reference import ReferencePolicy
 from .rl_env import (PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint,
                      ensure_reward_embedder, reward_embedder_spec)
 from .rollout import HybridEngine, RolloutParams
-from .sequences import Sequences, build_sequences, policy_logprobs, row_pixels
+from .sequences import (Sequences, build_sequences, guided_policy_logprobs, policy_logprobs, row_pixels,
+                        uncond_prompts)
 from .sft_data import work_dir
 from .trainer import Stage, Trainer
 
 __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs",
-           "sampling_params", "TorchOptimizerEngine", "RLTrainer", "reduce_row", "updates_per_step", "RLStage",
+           "guided_policy_logprobs", "guided", "sampling_params", "TorchOptimizerEngine", "RLTrainer", "reduce_row", "updates_per_step", "RLStage",
            "run"]
 
 
 def sampling_params(rl: RLConfig) -> RolloutParams:
     """The rollout sampling settings of an ``rl:`` section: its :attr:`RLConfig.sampling` plus
     the group size and unconditional-prompt mode."""
-    return RolloutParams(rl.group_size, rl.sampling, rl.uncond_mode)
+    return RolloutParams(rl.group_size, rl.sampling, rl.uncond_mode, "guided" if guided(rl) else "conditional")
+
+
+def guided(rl: RLConfig) -> bool:
+    """Whether the GRPO ratio / KL use the CFG-guided distribution: ``rl.policy_distribution``
+    is "guided" and guidance is on (at scale 1 the guided mix is the conditional distribution,
+    so the second, unconditional forward is skipped)."""
+    return rl.policy_distribution == "guided" and rl.guidance_scale != 1.0
 
 
 # ----------------------------------------------------------------------------- optimisation adapter
@@ -167,12 +178,31 @@ class RLTrainer:
             return self.reference.forward
         return lambda fn, *args: fn(model, *args)
 
+    def _logprobs(self, forward, seqs: Sequences, useqs: Sequences | None, sl: slice, dev, tokens: torch.Tensor,
+                  hist) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropies) ``[n, T]`` of rows ``sl`` through ``forward``: guided when
+        ``useqs`` (the unconditional-prompt sequences) is given, else conditional."""
+        if useqs is None:
+            return forward(policy_logprobs, *seqs.rows(sl, dev), tokens, self.rl.temperature, *hist)
+        return forward(guided_policy_logprobs, *seqs.rows(sl, dev), *useqs.rows(sl, dev), tokens,
+                       self.rl.temperature, self.rl.guidance_scale, *hist)
+
+    def uncond_sequences(self, batch: PromptBatch, tokens: torch.Tensor) -> Sequences | None:
+        """Teacher-forcing rows of ``tokens`` behind each prompt's unconditional prompt (the one
+        the rollout used, ``rl.uncond_mode``), or None when the ratio is conditional."""
+        if not guided(self.rl):
+            return None
+        ups = uncond_prompts(batch.prompts, batch.code_masks, self.module.special_tokens, self.rl.uncond_mode)
+        return build_sequences(ups, None, tokens, self.rl.group_size, self.pad_id)
+
     @torch.no_grad()
-    def score_logprobs(self, model, seqs, tokens: torch.Tensor) -> torch.Tensor:
+    def score_logprobs(self, model, seqs, tokens: torch.Tensor, useqs: Sequences | None = None) -> torch.Tensor:
         """No-grad training-numerics log-probs ``[N,T]`` of ``tokens`` under ``model``, in micro-batches.
 
         ``model`` is the policy (``self.module``), the reference (``self.reference.module``) or
         any plain JanusModel; the first two run through their engines (ZeRO-3 gathering).
+        ``useqs``: the unconditional-prompt sequences (:meth:`uncond_sequences`) for the guided
+        distribution; None = conditional.
         """
         forward = self._forward_for(model)
         was = model.training
@@ -182,8 +212,7 @@ class RLTrainer:
         try:
             for lo in range(0, tokens.shape[0], self.micro):
                 sl = slice(lo, lo + self.micro)
-                lp, _ = forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev), self.rl.temperature,
-                                *seqs.history(sl, dev))
+                lp, _ = self._logprobs(forward, seqs, useqs, sl, dev, tokens[sl].to(dev), seqs.history(sl, dev))
                 out.append(lp.cpu())
         finally:
             model.train(was)
@@ -194,11 +223,13 @@ class RLTrainer:
         return compute_advantages(rewards, self.rl.algorithm, self.rl.group_size, scale_by_std=self.rl.scale_adv_by_std)
 
     def update(self, seqs: Sequences, tokens: torch.Tensor, old_lp: torch.Tensor, ref_lp: torch.Tensor | None,
-               adv: torch.Tensor, step: int = 0) -> dict[str, float]:
+               adv: torch.Tensor, step: int = 0, useqs: Sequences | None = None) -> dict[str, float]:
         """``rl.ppo_epochs`` passes of minibatch updates; -> mean loss statistics.
 
         Args:
             seqs: :func:`build_sequences` of the rollout; tokens: int64 ``[N, T]``;
+            useqs: the unconditional-prompt sequences (guided ratio; both forwards carry the
+            gradient) or None (conditional ratio);
             old_lp / ref_lp: float32 ``[N, T]`` (ref None without reference); adv: float32 ``[N]``;
             step: the 1-based RL step (for the non-finite message).
         """
@@ -223,8 +254,8 @@ class RLTrainer:
                     sl = slice(lo, lo + self.micro)
                     hist = seqs.tower_history(sl, dev) if grad_tower else seqs.history(sl, dev)
                     with SavedTensorMeter(exclude=params) as meter:
-                        lp, ent = self.policy_forward(policy_logprobs, *seqs.rows(sl, dev), tokens[sl].to(dev),
-                                                      rl.temperature, *hist)
+                        lp, ent = self._logprobs(self.policy_forward, seqs, useqs, sl, dev, tokens[sl].to(dev),
+                                                 hist)
                         loss, st = grpo.policy_loss(
                             lp, old_lp[sl].to(dev), adv[sl].to(dev), mask[sl].to(dev),
                             ref_logp=None if ref_lp is None else ref_lp[sl].to(dev), beta=rl.beta,
@@ -291,20 +322,21 @@ class RLTrainer:
         with led.phase("logprobs"):
             seqs = build_sequences(batch.prompts, batch.code_masks, tokens, G, self.pad_id, batch.pixel_values,
                                    feats, batch.history if batch.pixel_values is not None else None)
-            old_lp = self.score_logprobs(self.module, seqs, tokens)
+            useqs = self.uncond_sequences(batch, tokens)
+            old_lp = self.score_logprobs(self.module, seqs, tokens, useqs)
             ref_lp = None
             if self.reference is not None:
                 ref_feats = self.history_features.for_reference(batch, feats)
                 ref_seqs = seqs if ref_feats is feats else dataclasses.replace(
                     seqs, image_features=row_pixels(ref_feats, G))
-                ref_lp = self.score_logprobs(self.reference.module, ref_seqs, tokens)
+                ref_lp = self.score_logprobs(self.reference.module, ref_seqs, tokens, useqs)
                 led.record("logprobs", "reference_weights", self.reference.nbytes())
             gap_max, gap_mean = grpo.logprob_gap(rollout_lp, old_lp)
             adv = self.advantages(total)
         times["time/logprobs_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with led.phase("update"):
-            st = self.update(seqs, tokens, old_lp, ref_lp, adv, step)
+            st = self.update(seqs, tokens, old_lp, ref_lp, adv, step, useqs)
         times["time/update_s"] = time.perf_counter() - t0
         if ref_lp is None:
             st["kl"] = 0.0

@@ -14,11 +14,14 @@ One RL step switches the same parameters between two uses:
 2. **update** — ordinary ZeRO-3 training forwards/backwards (:mod:`.rl`).
 
 Rollout log-probs: the Generator samples from the CFG-mixed distribution and, with
-``return_logprobs=True``, also returns ``log_softmax(cond_logits / temperature)`` of each
-sampled token, computed inside its decode step (so rollouts keep the CUDA-graph decode on
-GPUs). That is the distribution the GRPO ratio uses (see :mod:`.grpo`); comparing it with
-the trainer's recomputation (``forward_train`` + ``image_token_logprobs``) gives the logged
-``logprob_gap``.
+``return_logprobs=True``, also returns each sampled token's log-prob under the distribution
+the GRPO ratio uses (:attr:`RolloutParams.policy_distribution`, see :mod:`.grpo`): the guided
+mix ``log_softmax((u + s (c - u)) / T)`` (the sampling distribution itself) or the
+conditional branch ``log_softmax(c / T)``, computed inside its decode step (CUDA-graph safe;
+on the C++ CPU backend a guided wave runs its steps from Python, see
+:class:`pgen_engine.generation.backends.CppBackend`). Comparing it with the trainer's
+recomputation (:func:`.sequences.guided_policy_logprobs` / :func:`.sequences.policy_logprobs`)
+gives the logged ``logprob_gap``.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from pgen_engine.generation.generator import Generator
+from pgen_engine.generation.generator import LOGPROB_DISTRIBUTIONS, Generator
 from pgen_engine.generation.sampling_params import SamplingParams
 
 from .engine import can_offload_states, gathered_module, optimizer_states_offloaded
@@ -81,11 +84,15 @@ class RolloutParams:
             once when it was built); its ``seed`` is ignored (each rollout call passes one
             request seed per prompt). RL samples: ``greedy`` and ``guidance_scale <= 0`` are refused.
         uncond_mode: the CFG unconditional prompt, ``"pad"`` or ``"short"``.
+        policy_distribution: which log-probs the rollout records: ``"guided"`` (the CFG mix it
+            samples from) or ``"conditional"`` (the conditional branch; the default here, so
+            direct callers keep their behaviour: ``rl.policy_distribution`` picks it in a run).
     """
 
     num_samples: int = 8
     sampling: SamplingParams = SamplingParams()
     uncond_mode: str = "pad"
+    policy_distribution: str = "conditional"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
@@ -99,6 +106,9 @@ class RolloutParams:
             raise ValueError("RolloutParams: greedy=True would make a group's samples identical; RL rollouts sample")
         if self.uncond_mode not in UNCOND_MODES:
             raise ValueError(f"RolloutParams.uncond_mode={self.uncond_mode!r}: expected one of {UNCOND_MODES}")
+        if self.policy_distribution not in LOGPROB_DISTRIBUTIONS:
+            raise ValueError(f"RolloutParams.policy_distribution={self.policy_distribution!r}: expected one of "
+                             f"{LOGPROB_DISTRIBUTIONS}")
 
     def generation(self, seeds: Sequence[int]) -> SamplingParams:
         """The Generator's settings for one call, with its per-prompt request ``seeds``."""
@@ -111,7 +121,7 @@ class Rollout:
 
     Attributes:
         tokens: int64 ``[B*G, T]``; row ``i*G + j`` is sample ``j`` of prompt ``i``.
-        logprobs: float32 ``[B*G, T]`` rollout log-probs (conditional logits / temperature).
+        logprobs: float32 ``[B*G, T]`` rollout log-probs (of ``params.policy_distribution``).
         kv_bytes: bytes of the KV cache the Generator held (released when this returns).
         gathered_bytes: parameter bytes materialised on this rank during the rollout.
     """
@@ -209,7 +219,8 @@ class HybridEngine:
                     out, lp = gen.generate([list(p) for p in prompts[lo:hi]], None, px,
                                            gen_code_mask=None if code_masks is None else [list(c) for c in code_masks[lo:hi]],
                                            num_samples=G, sampling=params.generation(seeds[lo:hi]),
-                                           return_logprobs=True, image_embeds=emb)
+                                           return_logprobs=True, image_embeds=emb,
+                                           logprob_distribution=params.policy_distribution)
                     lps.append(lp)
                     toks.append(out)
                 kv_bytes = gen.cache_nbytes()  # sized by the calls: their largest wave

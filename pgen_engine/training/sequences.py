@@ -1,8 +1,10 @@
 """Teacher-forcing inputs of sampled images and their log-probs with the training numerics.
 
 :func:`build_sequences` turns prompts + sampled codes into left-padded :class:`Sequences`;
-:func:`policy_logprobs` scores them (``forward_train`` + ``image_token_logprobs``), the
-same numerics the update's loss differentiates.
+:func:`policy_logprobs` scores them on the conditional distribution (``forward_train`` +
+``image_token_logprobs``), :func:`guided_policy_logprobs` on the CFG-guided one (a second
+forward on the rollout's unconditional prompts, :func:`uncond_prompts`): the same numerics
+the update's loss differentiates.
 """
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import dataclasses
 from typing import Sequence
 
 import torch
+
+from pgen_engine.data.prompts import uncond_pad_ids
+
+from .grpo import guided_log_softmax
 
 
 @dataclasses.dataclass
@@ -176,3 +182,82 @@ def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
     lp, ent = model.image_token_logprobs(h.reshape(N * T, -1), targets.reshape(-1).to(h.device),
                                          temperature=temperature)
     return lp.reshape(N, T).float(), ent.reshape(N, T).float()
+
+
+def uncond_prompts(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None, special,
+                   mode: str) -> list[list[int]]:
+    """The unconditional prompt of each prompt, as the rollout's Generator builds it.
+
+    ``"pad"``: same length, every token except BOS / begin-of-image (and every history code)
+    replaced by ``special.pad`` (:func:`pgen_engine.data.prompts.uncond_pad_ids`);
+    ``"short"``: ``[bos, boi]``. No history images or codes remain.
+    """
+    if mode == "short":
+        return [[special.bos, special.boi] for _ in prompts]
+    if mode != "pad":
+        raise ValueError(f"uncond_prompts: mode must be 'pad' or 'short', got {mode!r}")
+    out = []
+    for i, p in enumerate(prompts):
+        cm = None if code_masks is None else torch.tensor(list(code_masks[i]), dtype=torch.bool)
+        out.append(uncond_pad_ids(torch.tensor(list(p), dtype=torch.long), cm, special).tolist())
+    return out
+
+
+def stack_left_padded(a: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two left-padded row sets ``(ids int64, code_mask bool, attention_mask) [N_a, L_a]`` and
+    ``[N_b, L_b]`` -> one ``[N_a + N_b, max(L_a, L_b)]`` set (rows of ``a`` first), the shorter
+    one left-padded further (id 0, no code, attention 0): the last positions stay aligned."""
+    L = max(a[0].shape[1], b[0].shape[1])
+
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (L - t.shape[1], 0), value=0)
+
+    return tuple(torch.cat([pad(x), pad(y).to(x.device)]) for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def guided_policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
+                           attention_mask: torch.Tensor, uncond_ids: torch.Tensor, uncond_code_mask: torch.Tensor,
+                           uncond_attention_mask: torch.Tensor, targets: torch.Tensor, temperature: float,
+                           guidance_scale: float, pixel_values: torch.Tensor | None = None,
+                           image_features: torch.Tensor | None = None, pixel_index: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs and entropies of ``targets`` under the CFG-guided distribution
+    ``softmax((u + s (c - u)) / T)`` (:func:`pgen_engine.training.grpo.guided_log_softmax`).
+
+    One differentiable forward of ``model`` over ``2N`` rows: the conditional rows
+    (``input_ids``, ``gen_code_mask``, ``attention_mask`` ``[N, L]``, with the history
+    ``pixel_values`` / ``image_features`` / ``pixel_index`` as in :func:`policy_logprobs`) and
+    the unconditional rows (``uncond_*`` ``[N, Lu]``, from :func:`build_sequences` of
+    :func:`uncond_prompts`; no history images), left-padded to one length and batched. One
+    batched forward, not two: with two forwards in one graph every parameter is used twice,
+    and autograd holds the first use's gradient of every weight until the second arrives (a
+    full extra gradient copy: 12 GiB for Janus-Pro-7B, measured by ``pgen plan``). The
+    ``[N, T, K]`` logits of both branches are materialised (the fused conditional path does
+    not), so the activations are about twice the conditional pass's.
+
+    Returns:
+        (logprobs fp32 ``[N, T]``, entropy of the guided distribution fp32 ``[N, T]``, no gradient).
+    """
+    N, T = targets.shape
+    if pixel_index is not None:
+        if pixel_values is None or image_features is not None:
+            raise ValueError("guided_policy_logprobs: pixel_index needs pixel_values (the distinct images) and no "
+                             "image_features")
+        image_features = model.vision_hidden(pixel_values).index_select(0, pixel_index.to(pixel_values.device))
+        pixel_values = None
+    if uncond_ids.shape[0] != N:
+        raise ValueError(f"guided_policy_logprobs: {uncond_ids.shape[0]} unconditional rows for {N} targets")
+    ids, cm, att = stack_left_padded((input_ids, gen_code_mask, attention_mask),
+                                     (uncond_ids, uncond_code_mask, uncond_attention_mask))
+    # the history images fill placeholders of the conditional rows only (they come first)
+    x = model.embed_inputs(ids, cm, pixel_values, image_features)
+    logits = model.image_head_logits(model.forward_train(x, att)[:, -T:])
+    lsm = guided_log_softmax(logits[:N], logits[N:], guidance_scale, temperature)
+    lp = lsm.gather(-1, targets.to(lsm.device).long().unsqueeze(-1)).squeeze(-1)
+    # a statistic, never differentiated: computed off the graph. (A graph kept alive by an
+    # un-backwarded output leaks under the ledger's saved-tensor hooks: a [N, T, K] tensor per step.)
+    with torch.no_grad():
+        d = lsm.detach()
+        ent = -(d.exp() * d).sum(-1)
+    return lp, ent

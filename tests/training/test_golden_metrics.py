@@ -54,7 +54,9 @@ def rl_args(root: Path) -> list[str]:
             f"train.max_steps={STEPS}", "train.micro_batch_size=4", "train.global_batch_size=8",
             "train.warmup_steps=1", "train.save_every=10", "rl.group_size=4", "rl.prompts_per_step=4",
             "rl.rollout_batch_size=8", "rl.eval_prompts=4", "rl.eval_every=10",
-            "rl.embedder.steps=20", "rl.embedder.batch_size=16"]  # the learned reward CNN, tiny
+            "rl.embedder.steps=20", "rl.embedder.batch_size=16",  # the learned reward CNN, tiny
+            # recorded before the guided ratio existed: pins the conditional path bitwise
+            "rl.policy_distribution=conditional"]
 
 
 def _train(config: str, args: list[str]) -> None:

@@ -82,3 +82,33 @@ def test_logprob_gap():
     assert mx == pytest.approx(4e-3, rel=1e-4) and mean == pytest.approx(5e-3 / 4, rel=1e-4)
     mx, _ = grpo.logprob_gap(a, b, torch.tensor([[True, True], [True, False]]))
     assert mx == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_guided_logprobs_match_manual_cfg_mix():
+    g = torch.Generator().manual_seed(0)
+    N, T, K = 3, 4, 7
+    c, u = torch.randn(N, T, K, generator=g), torch.randn(N, T, K, generator=g)
+    tok = torch.randint(0, K, (N, T), generator=g)
+    s, temp = 2.5, 0.7
+    lp = grpo.guided_logprobs(c, u, tok, s, temp)
+    assert lp.shape == (N, T) and lp.dtype == torch.float32
+    for n in range(N):
+        for t in range(T):
+            x = [(float(u[n, t, k]) + s * (float(c[n, t, k]) - float(u[n, t, k]))) / temp for k in range(K)]
+            lse = math.log(sum(math.exp(v) for v in x))
+            assert abs(float(lp[n, t]) - (x[int(tok[n, t])] - lse)) < 1e-5
+    # scale 1 is the conditional distribution; scale 0 the unconditional one
+    assert torch.allclose(grpo.guided_logprobs(c, u, tok, 1.0, temp),
+                          torch.log_softmax(c / temp, -1).gather(-1, tok[..., None]).squeeze(-1), atol=1e-6)
+    assert torch.allclose(grpo.guided_logprobs(c, u, tok, 0.0, temp),
+                          torch.log_softmax(u / temp, -1).gather(-1, tok[..., None]).squeeze(-1), atol=1e-6)
+    # the gradient reaches both branches: d lp / d c = s * (onehot - p) / T, d lp / d u = (1 - s) * (...)
+    cg, ug = c.clone().requires_grad_(), u.clone().requires_grad_()
+    grpo.guided_logprobs(cg, ug, tok, s, temp).sum().backward()
+    p = torch.softmax((u + s * (c - u)) / temp, -1)
+    d = (torch.nn.functional.one_hot(tok, K).float() - p) / temp
+    assert torch.allclose(cg.grad, s * d, atol=1e-5) and torch.allclose(ug.grad, (1 - s) * d, atol=1e-5)
+    with pytest.raises(ValueError, match="differ in shape"):
+        grpo.guided_logprobs(c, u[:, :2], tok, s, temp)
+    with pytest.raises(ValueError, match="tokens"):
+        grpo.guided_logprobs(c, u, tok[:, :2], s, temp)

@@ -10,7 +10,7 @@ from pgen_engine.training import grpo
 from pgen_engine.training.memory_ledger import MemoryLedger
 from pgen_engine.training.reference import ReferencePolicy
 from pgen_engine.training.rl import (PromptBatch, RLConfig, RLConfigError, RLTrainer, TorchOptimizerEngine,
-                                     build_sequences, policy_logprobs, sampling_params)
+                                     build_sequences, guided_policy_logprobs, policy_logprobs, sampling_params)
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +170,63 @@ def test_build_sequences_alignment(ckpt):
     assert cm[:, -(T - 1):].all() and not cm[:, :-(T - 1)].any()
     with pytest.raises(ValueError, match="group_size"):
         build_sequences(prompts, None, toks, 3, 0)
+
+
+def test_guided_ratio_is_one_before_the_first_update(ckpt):
+    """rl.policy_distribution="guided" (the default at guidance 2): the rollout's guided
+    log-probs equal the trainer's two-forward recomputation to fp32 rounding, so the first
+    update's ratio is 1; the reference KL is on the guided distribution too."""
+    model = _model(ckpt)
+    rl = RLConfig(group_size=3, prompts_per_step=2, beta=0.05, guidance_scale=2.0, temperature=0.8,
+                  rewards={"preference": {"weight": 1.0}}, rollout_batch_size=6)
+    assert rl.policy_distribution == "guided" and sampling_params(rl).policy_distribution == "guided"
+    tr = _trainer(model, rl, lr=0.05)
+    rows = [tr.step(s, _batch(model, 2, 7 + s)) for s in range(3)]
+    for r in rows:
+        assert r["logprob_gap_max"] <= grpo.FP32_LOGPROB_GAP_TOL, r["logprob_gap_max"]
+        # one minibatch per step: the ratio is taken before the optimizer moves the policy
+        assert abs(r["ratio_max"] - 1.0) <= 1e-5 and abs(r["ratio_mean"] - 1.0) <= 1e-5
+    assert rows[0]["kl"] < 1e-9 < rows[-1]["kl"]  # the policy starts at the reference, then moves
+    # the trainer's old log-probs are the guided ones (not the conditional branch's)
+    b = _batch(model, 2, 50)
+    ro = tr.hybrid.rollout(b.prompts, b.code_masks, sampling_params(rl), b.seeds)
+    seqs = build_sequences(b.prompts, b.code_masks, ro.tokens, 3, tr.pad_id)
+    useqs = tr.uncond_sequences(b, ro.tokens)
+    old = tr.score_logprobs(tr.module, seqs, ro.tokens, useqs)
+    with torch.no_grad():
+        lp, _ = guided_policy_logprobs(model, *seqs, *useqs, ro.tokens, 0.8, 2.0)
+        cond, _ = policy_logprobs(model, *seqs, ro.tokens, 0.8)
+    assert torch.equal(old, lp) and float((old - ro.logprobs).abs().max()) <= grpo.FP32_LOGPROB_GAP_TOL
+    assert float((cond - ro.logprobs).abs().max()) > 1e-3
+    # the update's gradient flows through the unconditional forward as well
+    model.zero_grad()
+    lp_g, _ = guided_policy_logprobs(model, *seqs, *useqs, ro.tokens, 0.8, 2.0)
+    lp_g.sum().backward()
+    assert model.generation_head.vision_head.weight.grad.abs().sum() > 0
+
+
+def test_conditional_policy_distribution_keeps_conditional_logprobs(ckpt):
+    """rl.policy_distribution="conditional" at guidance 2: no unconditional forward, the rollout
+    records log_softmax(c / T) and the trainer scores exactly policy_logprobs."""
+    model = _model(ckpt)
+    rl = RLConfig(group_size=2, prompts_per_step=2, beta=0.05, guidance_scale=2.0, policy_distribution="conditional",
+                  rewards={"preference": {"weight": 1.0}}, rollout_batch_size=4)
+    assert sampling_params(rl).policy_distribution == "conditional"
+    tr = _trainer(model, rl)
+    b = _batch(model, 2, 3)
+    ro = tr.hybrid.rollout(b.prompts, b.code_masks, sampling_params(rl), b.seeds)
+    assert tr.uncond_sequences(b, ro.tokens) is None
+    seqs = build_sequences(b.prompts, b.code_masks, ro.tokens, 2, tr.pad_id)
+    with torch.no_grad():
+        lp, _ = policy_logprobs(model, *seqs, ro.tokens, rl.temperature)
+    assert torch.equal(tr.score_logprobs(tr.module, seqs, ro.tokens), lp)
+    assert float((lp - ro.logprobs).abs().max()) <= grpo.FP32_LOGPROB_GAP_TOL
+    # guidance 1: the guided distribution is the conditional one; no second forward either
+    assert RLConfig(guidance_scale=1.0).policy_distribution == "conditional"
+
+
+def test_rl_config_policy_distribution_validation():
+    assert RLConfig(guidance_scale=3.0).policy_distribution == "guided"
+    assert RLConfig(guidance_scale=3.0, policy_distribution="conditional").policy_distribution == "conditional"
+    with pytest.raises(RLConfigError, match="rl.policy_distribution='cfg'"):
+        RLConfig(policy_distribution="cfg")

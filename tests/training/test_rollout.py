@@ -210,3 +210,69 @@ def test_rollout_params_wrap_the_generation_sampling_params():
             RolloutParams(**{"num_samples": 2, "sampling": sp, **bad})
     with pytest.raises(TypeError, match="SamplingParams"):
         RolloutParams(2, {"temperature": 1.0})
+
+
+@pytest.mark.parametrize("mode", ["pad", "short"])
+def test_guided_rollout_logprob_gap_fp32_on_every_cpu_backend(tiny, mode):
+    """Guided log-probs (the CFG mix the codes are sampled from): every CPU decode backend (the
+    C++ backend, which then steps from Python; the static step; eager torch) records the same
+    codes and log-probs, and the trainer's two-forward recomputation matches them to fp32 rounding."""
+    from pgen_engine.generation import Generator
+    from pgen_engine.generation.backends import EagerBackend
+    from pgen_engine.training.sequences import guided_policy_logprobs, uncond_prompts
+
+    g = torch.Generator().manual_seed(4)
+    B, G, s, temp = 3, 4, 3.0, 0.7
+    prompts, masks = _prompts(tiny, B, g)
+    sp = SamplingParams(guidance_scale=s, temperature=temp, seed=[5, 6, 7])
+    T = tiny.num_image_tokens
+    results = {}
+    for name in ("cpp", "static", "eager"):
+        gen = Generator(tiny, max_batch_size=B * G, max_seq_len=max(map(len, prompts)) + T, uncond_mode=mode,
+                        decode_mode="static" if name == "static" else "eager")
+        if name == "eager":
+            gen._backend = EagerBackend(tiny)
+        assert gen.backend == name
+        results[name] = gen.generate(prompts, gen_code_mask=masks, num_samples=G, sampling=sp, return_logprobs=True,
+                                     logprob_distribution="guided")
+    toks, lp_roll = results["cpp"]
+    for name in ("static", "eager"):
+        assert torch.equal(results[name][0], toks), name
+        assert float((results[name][1] - lp_roll).abs().max()) <= FP32_LOGPROB_GAP_TOL, name
+    seqs = build_sequences(prompts, masks, toks, G, tiny.special_tokens.pad)
+    useqs = build_sequences(uncond_prompts(prompts, masks, tiny.special_tokens, mode), None, toks, G,
+                            tiny.special_tokens.pad)
+    with torch.no_grad():
+        lp, ent = guided_policy_logprobs(tiny, *seqs, *useqs, toks, temp, s)
+        lp_cond, _ = policy_logprobs(tiny, *seqs, toks, temp)
+    assert float((lp - lp_roll).abs().max()) <= FP32_LOGPROB_GAP_TOL
+    assert (ent > 0).all()
+    # the recorded log-probs are the guided ones, not the conditional branch's (which would fail the gap)
+    assert float((lp_cond - lp_roll).abs().max()) > 100 * FP32_LOGPROB_GAP_TOL
+    # the same codes when the conditional log-probs are asked for (sampling does not depend on it)
+    toks_c, lp_c = Generator(tiny, max_batch_size=B * G, max_seq_len=max(map(len, prompts)) + T,
+                             uncond_mode=mode).generate(prompts, gen_code_mask=masks, num_samples=G, sampling=sp,
+                                                        return_logprobs=True)
+    assert torch.equal(toks_c, toks) and float((lp_c - lp_cond).abs().max()) <= FP32_LOGPROB_GAP_TOL
+    with pytest.raises(ValueError, match="logprob_distribution"):
+        Generator(tiny, max_batch_size=4, max_seq_len=64).generate(prompts[:1], gen_code_mask=masks[:1],
+                                                                   sampling=sp.replace(seed=1), return_logprobs=True,
+                                                                   logprob_distribution="cfg")
+
+
+def test_guided_hybrid_rollout_logprobs(tiny):
+    """RolloutParams.policy_distribution="guided" reaches the Generator; a bad value is refused."""
+    from pgen_engine.training.sequences import guided_policy_logprobs, uncond_prompts
+
+    g = torch.Generator().manual_seed(5)
+    prompts, masks = _prompts(tiny, 2, g)
+    p = RolloutParams(3, SamplingParams(guidance_scale=2.0, temperature=0.9), "pad", "guided")
+    ro = HybridEngine(tiny, max_batch_size=3).rollout(prompts, masks, p, seeds=[1, 2])
+    seqs = build_sequences(prompts, masks, ro.tokens, 3, tiny.special_tokens.pad)
+    useqs = build_sequences(uncond_prompts(prompts, masks, tiny.special_tokens, "pad"), None, ro.tokens, 3,
+                            tiny.special_tokens.pad)
+    with torch.no_grad():
+        lp, _ = guided_policy_logprobs(tiny, *seqs, *useqs, ro.tokens, 0.9, 2.0)
+    assert float((lp - ro.logprobs).abs().max()) <= FP32_LOGPROB_GAP_TOL
+    with pytest.raises(ValueError, match="policy_distribution"):
+        RolloutParams(3, SamplingParams(guidance_scale=2.0), "pad", "mixed")

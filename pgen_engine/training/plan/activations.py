@@ -12,6 +12,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from pgen_engine.models import op_dispatch
 from pgen_engine.ops._backend import triton_available
+from pgen_engine.training.grpo import guided_log_softmax
 
 
 class _LiveStorageMode(torch.utils._python_dispatch.TorchDispatchMode):
@@ -136,7 +137,8 @@ def _embed(model, ids: torch.Tensor, code_mask: torch.Tensor, pixels: torch.Tens
 
 
 def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, train: bool,
-                         history_images: int = 0, cached_features: bool = False) -> int:
+                         history_images: int = 0, cached_features: bool = False,
+                         uncond_seq: int | None = None) -> int:
     """Peak activation bytes of one micro-batch of the training objective on meta.
 
     The objective is :func:`pgen_engine.training.rl.policy_logprobs` (``[rows, seq]``
@@ -148,6 +150,13 @@ def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, tra
     ``history_images`` per row (pixels history mode) go through the vision tower and aligner,
     or with ``cached_features`` (a frozen tower: the run caches its outputs per item) through
     the aligner only.
+
+    ``uncond_seq`` (RL with ``rl.policy_distribution: guided``): the objective is
+    :func:`pgen_engine.training.sequences.guided_policy_logprobs` instead: a second forward
+    over ``[rows, uncond_seq]`` unconditional-prompt sequences (no history images), batched
+    with the conditional rows in one forward (left-padded to one length), both branches'
+    ``[rows, T, K]`` float32 logits materialised and mixed; about twice the activations of
+    the conditional objective, plus the logits.
     """
     T = model.num_image_tokens
     ids, cm, att, targets = _meta_batch(rows, seq, T)
@@ -161,8 +170,19 @@ def objective_peak_bytes(model, rows: int, seq: int, *, checkpointing: bool, tra
     def run():
         with torch.set_grad_enabled(train):
             # pgen_engine.training.rl.policy_logprobs, with _embed for embed_inputs
-            h = model.forward_train(_embed(model, ids, cm, pixels, tower), att)[:, -T:]
-            lp, _ = model.image_token_logprobs(h.reshape(rows * T, -1), targets.reshape(-1), temperature=1.0)
+            if uncond_seq is not None:
+                # guided_policy_logprobs: conditional and unconditional rows in one batched
+                # forward (left-padded to one length), both branches' logits mixed
+                L = max(seq, uncond_seq)
+                gids, gcm, gatt, _ = _meta_batch(2 * rows, L, T)
+                x = _embed(model, gids[:rows], gcm[:rows], pixels, tower)
+                x = torch.cat([x, model.embed_inputs(gids[rows:], gcm[rows:])])
+                logits = model.image_head_logits(model.forward_train(x, gatt)[:, -T:])
+                lsm = guided_log_softmax(logits[:rows], logits[rows:], 2.0, 1.0)
+                lp = lsm.gather(-1, targets.unsqueeze(-1))
+            else:
+                h = model.forward_train(_embed(model, ids, cm, pixels, tower), att)[:, -T:]
+                lp, _ = model.image_token_logprobs(h.reshape(rows * T, -1), targets.reshape(-1), temperature=1.0)
             return -lp.float().mean() if train else None
 
     try:

@@ -78,10 +78,16 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
     model_desc = f"{model_note}; {n_all / 1e9:.2f} B parameters, {n_train / 1e9:.2f} B trainable"
     phases: list[PhasePlan] = []
     seq = plen + T if rl is None else plen + T - 1
+    # RL on the guided distribution: a second, unconditional-prompt forward per sequence
+    useq = None
+    if rl is not None and rl.policy_distribution == "guided" and rl.guidance_scale != 1:
+        useq = seq if rl.uncond_mode == "pad" else 2 + T - 1
+        notes.append(f"RL ratio on the guided distribution: each micro-batch also runs {micro} x {useq} "
+                     f"unconditional-prompt tokens (rl.uncond_mode={rl.uncond_mode})")
     act = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=True, history_images=n_img,
-                               cached_features=cached)
+                               cached_features=cached, uncond_seq=useq)
     other = objective_peak_bytes(model, micro, seq, checkpointing=not ckpt, train=True, history_images=n_img,
-                               cached_features=cached)
+                               cached_features=cached, uncond_seq=useq)
     notes.append(f"activations of {micro} x {seq} tokens: {act / GIB:.2f} GiB with activation checkpointing "
                  f"{'on' if ckpt else 'off'}, {other / GIB:.2f} GiB with it {'off' if ckpt else 'on'}")
     act_name = f"activations (checkpointing {'on' if ckpt else 'off'})"
@@ -107,7 +113,7 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_mem_gib: float, config_name: str 
                                             "gathered weights (all)": st.full_weights, "KV cache": kv,
                                             "prefill + logits working set": work, **reserve}))
         score = objective_peak_bytes(model, micro, seq, checkpointing=ckpt, train=False, history_images=n_img,
-                               cached_features=cached)
+                               cached_features=cached, uncond_seq=useq)
         phases.append(PhasePlan("log-probs", {**states, f"reference ({rl.reference})": ref,
                                               "gathered params (working set)": st.gather_working_set,
                                               "reduce bucket": st.reduce_bucket,
