@@ -42,6 +42,9 @@ CONFIGS = REPO / "configs"
 QUICK_SFT = ["train.max_steps=30", "data.synth.users=60", "data.synth.items=60", "train.save_every=0"]
 QUICK_RL = ["train.max_steps=2", "rl.prompts_per_step=4", "rl.group_size=4", "train.global_batch_size=16",
             "train.micro_batch_size=16", "rl.eval_prompts=8"]
+# Data settings both stages must share (the VQ tokenizer's cache key includes its budget: an
+# SFT-only override would make the RL stage re-train and overwrite it).
+QUICK_VQ = ["data.vq_time_budget_s=60"]
 
 
 def _stage(config: Path, overrides: list[str]) -> dict:
@@ -80,6 +83,8 @@ def train_eval_embedder(ev, out_dir: Path, *, steps: int = 300, progress: bool =
 
 def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool, progress: bool) -> tuple[dict, dict, dict]:
     timings = {}
+    if quick and load_config(CONFIGS / f"{kind}_sft.yaml").data.tokenizer == "vq":
+        common = common + QUICK_VQ  # a learned VQ at its full budget would dominate the smoke run
     t = time.time()
     print(f"[demo] seed {seed}: SFT ({CONFIGS / f'{kind}_sft.yaml'})", flush=True)
     sft = _stage(CONFIGS / f"{kind}_sft.yaml", common + [f"seed={seed}", f"output_dir={out / 'sft'}",
