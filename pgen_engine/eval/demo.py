@@ -47,6 +47,13 @@ QUICK_RL = ["train.max_steps=2", "rl.prompts_per_step=4", "rl.group_size=4", "tr
 QUICK_VQ = ["data.vq_time_budget_s=60"]
 
 
+def _quick_overrides(config: Path, quick: list[str]) -> list[str]:
+    """``quick`` plus ``train.warmup_steps`` capped at the quick ``train.max_steps`` (a config's
+    warm-up longer than the shortened run is refused by the config check)."""
+    steps = int(next(o.split("=", 1)[1] for o in quick if o.startswith("train.max_steps=")))
+    return quick + [f"train.warmup_steps={min(load_config(config).train.warmup_steps, steps)}"]
+
+
 def _stage(config: Path, overrides: list[str]) -> dict:
     return run_stage(load_config(config, overrides), resume="auto")
 
@@ -89,7 +96,7 @@ def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool,
     print(f"[demo] seed {seed}: SFT ({CONFIGS / f'{kind}_sft.yaml'})", flush=True)
     sft = _stage(CONFIGS / f"{kind}_sft.yaml", common + [f"seed={seed}", f"output_dir={out / 'sft'}",
                                                          f"logging.progress={str(progress).lower()}"]
-                 + (QUICK_SFT if quick else []))
+                 + (_quick_overrides(CONFIGS / f"{kind}_sft.yaml", QUICK_SFT) if quick else []))
     timings["sft_s"] = time.time() - t
     t = time.time()
     print(f"[demo] seed {seed}: RL ({CONFIGS / f'{kind}_rl.yaml'})", flush=True)
@@ -98,7 +105,8 @@ def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool,
         quick_rl = QUICK_RL + ["rl.embedder.steps=40"]  # the learned reward CNN, shortened like the rest
     rl = _stage(CONFIGS / f"{kind}_rl.yaml", [c for c in common if not c.startswith("data.synth")]
                 + [f"seed={seed}", f"output_dir={out / 'rl'}", f"model.checkpoint={sft['final']}",
-                   f"logging.progress={str(progress).lower()}"] + (quick_rl if quick else []))
+                   f"logging.progress={str(progress).lower()}"]
+                + (_quick_overrides(CONFIGS / f"{kind}_rl.yaml", quick_rl) if quick else []))
     timings["rl_s"] = time.time() - t
     return sft, rl, timings
 
