@@ -175,9 +175,12 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     for s in seeds:
         sft_model = load_model(runs[s][0]["final"])
         rl_model = load_model(runs[s][1]["final"])
-        gens = {"generate_nonpersonal": (Generator(sft_model, max_batch_size=batch * n), False),
-                "generate_sft": (Generator(sft_model, max_batch_size=batch * n), True),
-                "generate_sft_rl": (Generator(rl_model, max_batch_size=batch * n), True)}
+        # sized by the longest prompt (long titles: MovieLens prompts pass the Generator's 512-token default)
+        seq = E.longest_prompt(ev, builder_for(sft_model, runs[s][0]["final"]), list(examples) + list(valid)) \
+            + sft_model.num_image_tokens
+        gens = {"generate_nonpersonal": (Generator(sft_model, max_batch_size=batch * n, max_seq_len=seq), False),
+                "generate_sft": (Generator(sft_model, max_batch_size=batch * n, max_seq_len=seq), True),
+                "generate_sft_rl": (Generator(rl_model, max_batch_size=batch * n, max_seq_len=seq), True)}
         systems = E.baseline_systems(ev, examples, n, seed=s)
         for name, (gen, personal) in gens.items():
             grid = NONPERSONAL_GRID if not personal else (QUICK_GRID if quick else SAMPLING_GRID)
