@@ -42,6 +42,16 @@ CONFIGS = REPO / "configs"
 QUICK_SFT = ["train.max_steps=30", "data.synth.users=60", "data.synth.items=60", "train.save_every=0"]
 QUICK_RL = ["train.max_steps=2", "rl.prompts_per_step=4", "rl.group_size=4", "train.global_batch_size=16",
             "train.micro_batch_size=16", "rl.eval_prompts=8"]
+# Data settings both stages must share (the VQ tokenizer's cache key includes its budget: an
+# SFT-only override would make the RL stage re-train and overwrite it).
+QUICK_VQ = ["data.vq_time_budget_s=60"]
+
+
+def _quick_overrides(config: Path, quick: list[str]) -> list[str]:
+    """``quick`` plus ``train.warmup_steps`` capped at the quick ``train.max_steps`` (a config's
+    warm-up longer than the shortened run is refused by the config check)."""
+    steps = int(next(o.split("=", 1)[1] for o in quick if o.startswith("train.max_steps=")))
+    return quick + [f"train.warmup_steps={min(load_config(config).train.warmup_steps, steps)}"]
 
 
 def _stage(config: Path, overrides: list[str]) -> dict:
@@ -80,11 +90,13 @@ def train_eval_embedder(ev, out_dir: Path, *, steps: int = 300, progress: bool =
 
 def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool, progress: bool) -> tuple[dict, dict, dict]:
     timings = {}
+    if quick and load_config(CONFIGS / f"{kind}_sft.yaml").data.tokenizer == "vq":
+        common = common + QUICK_VQ  # a learned VQ at its full budget would dominate the smoke run
     t = time.time()
     print(f"[demo] seed {seed}: SFT ({CONFIGS / f'{kind}_sft.yaml'})", flush=True)
     sft = _stage(CONFIGS / f"{kind}_sft.yaml", common + [f"seed={seed}", f"output_dir={out / 'sft'}",
                                                          f"logging.progress={str(progress).lower()}"]
-                 + (QUICK_SFT if quick else []))
+                 + (_quick_overrides(CONFIGS / f"{kind}_sft.yaml", QUICK_SFT) if quick else []))
     timings["sft_s"] = time.time() - t
     t = time.time()
     print(f"[demo] seed {seed}: RL ({CONFIGS / f'{kind}_rl.yaml'})", flush=True)
@@ -93,7 +105,8 @@ def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool,
         quick_rl = QUICK_RL + ["rl.embedder.steps=40"]  # the learned reward CNN, shortened like the rest
     rl = _stage(CONFIGS / f"{kind}_rl.yaml", [c for c in common if not c.startswith("data.synth")]
                 + [f"seed={seed}", f"output_dir={out / 'rl'}", f"model.checkpoint={sft['final']}",
-                   f"logging.progress={str(progress).lower()}"] + (quick_rl if quick else []))
+                   f"logging.progress={str(progress).lower()}"]
+                + (_quick_overrides(CONFIGS / f"{kind}_rl.yaml", quick_rl) if quick else []))
     timings["rl_s"] = time.time() - t
     return sft, rl, timings
 
@@ -162,9 +175,12 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     for s in seeds:
         sft_model = load_model(runs[s][0]["final"])
         rl_model = load_model(runs[s][1]["final"])
-        gens = {"generate_nonpersonal": (Generator(sft_model, max_batch_size=batch * n), False),
-                "generate_sft": (Generator(sft_model, max_batch_size=batch * n), True),
-                "generate_sft_rl": (Generator(rl_model, max_batch_size=batch * n), True)}
+        # sized by the longest prompt (long titles: MovieLens prompts pass the Generator's 512-token default)
+        seq = E.longest_prompt(ev, builder_for(sft_model, runs[s][0]["final"]), list(examples) + list(valid)) \
+            + sft_model.num_image_tokens
+        gens = {"generate_nonpersonal": (Generator(sft_model, max_batch_size=batch * n, max_seq_len=seq), False),
+                "generate_sft": (Generator(sft_model, max_batch_size=batch * n, max_seq_len=seq), True),
+                "generate_sft_rl": (Generator(rl_model, max_batch_size=batch * n, max_seq_len=seq), True)}
         systems = E.baseline_systems(ev, examples, n, seed=s)
         for name, (gen, personal) in gens.items():
             grid = NONPERSONAL_GRID if not personal else (QUICK_GRID if quick else SAMPLING_GRID)

@@ -235,19 +235,29 @@ def build_prompts(data: EvalData, builder, examples: Sequence[Example], *, perso
         raise ValueError("pixels history mode needs the model's image_size")
     for ex in examples:
         hist = list(ex.history)
-        titles = [data.dataset.items[i].title for i in hist] if builder.with_titles else None
-        if images is not None:
-            p = builder.build(titles=titles, num_history=len(hist))
-            px = normalize_pixels(images.batch(hist)) if hist else None
-        else:
-            p = builder.build(history_codes=data.cache.codes(hist), titles=titles)
-            px = None
+        p = _prompt(data, builder, ex)
+        px = normalize_pixels(images.batch(hist)) if images is not None and hist else None
         if not personalized:
             p, px = builder.unconditional(p, "pad"), None
         ids.append(p.input_ids.tolist())
         masks.append(p.gen_code_mask.tolist())
         pixels.append(px)
     return ids, masks, pixels
+
+
+def _prompt(data: EvalData, builder, ex: Example):
+    """``ex``'s personalised prompt (pixels mode: image placeholders only, no pixels loaded)."""
+    hist = list(ex.history)
+    titles = [data.dataset.items[i].title for i in hist] if builder.with_titles else None
+    if builder.mode == "pixels":
+        return builder.build(titles=titles, num_history=len(hist))
+    return builder.build(history_codes=data.cache.codes(hist), titles=titles)
+
+
+def longest_prompt(data: EvalData, builder, examples: Sequence[Example]) -> int:
+    """Token length of the longest prompt :func:`build_prompts` gives for ``examples`` (the
+    unconditional "pad" prompt has the same length), to size a Generator's ``max_seq_len``."""
+    return max((len(_prompt(data, builder, ex).input_ids) for ex in examples), default=0)
 
 
 @torch.no_grad()

@@ -53,3 +53,19 @@ def test_full_demo_report_json(tmp_path):
     for base in ("generate_nonpersonal", "copy_last"):
         assert f"generate_sft_rl - {base}" in rep["paired"]
         assert "attr_acc_future" in rep["paired"][f"generate_sft_rl - {base}"]
+
+
+@pytest.mark.parametrize("name", ["movielens", "demo"])
+def test_quick_overrides_make_valid_short_configs(name):
+    """--quick shortens every stage of both demos to configs the config check accepts (the
+    MovieLens RL config's 5 warm-up steps exceed the quick run's 2 steps)."""
+    from pgen_engine.config import load_config
+    from pgen_engine.eval.demo import CONFIGS, QUICK_RL, QUICK_SFT, QUICK_VQ, _quick_overrides
+
+    for stage, quick in (("sft", QUICK_SFT), ("rl", QUICK_RL)):
+        path = CONFIGS / f"{name}_{stage}.yaml"
+        cfg = load_config(path, _quick_overrides(path, quick) + (QUICK_VQ if name == "movielens" else []))
+        assert cfg.train.warmup_steps <= cfg.train.max_steps
+        assert cfg.train.warmup_steps == min(load_config(path).train.warmup_steps, cfg.train.max_steps)
+    if name == "movielens":
+        assert load_config(CONFIGS / "movielens_sft.yaml", QUICK_VQ).data.vq_time_budget_s == 60

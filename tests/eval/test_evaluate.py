@@ -83,6 +83,9 @@ def test_generate_system_nonpersonal_is_the_pad_prompt(data, tmp_path):
         assert set(row) <= {sp.bos, sp.boi, sp.pad} and not any(mask)
     pers, _, _ = E.build_prompts(data, b, ex)
     assert [len(r) for r in pers] == [len(r) for r in ids]  # same length as training's condition dropout
+    # sizes the demo's Generators (MovieLens prompts with titles pass the Generator's 512-token default)
+    assert E.longest_prompt(data, b, ex) == max(len(r) for r in pers) > 0
+    assert E.longest_prompt(data, b, ex[:1]) == len(pers[0]) and E.longest_prompt(data, b, []) == 0
     out = E.generate_system("m", pg.Generator(m, max_batch_size=8), data, b, ex, 2, seed=1, batch_prompts=4,
                             guidance_scale=3.0, personalized=False)
     assert out.settings["guidance_scale"] == 1.0  # CFG is meaningless on an unconditional prompt
