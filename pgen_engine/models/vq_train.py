@@ -31,6 +31,7 @@ replaces only the quantiser step:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -184,12 +185,14 @@ def train_vq(
     *,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    init: JanusVQTokenizer | None = None,
 ) -> tuple[JanusVQTokenizer, VQTrainReport]:
     """Train a Janus VQ-VAE on uint8 ``images [N, S, S, 3]`` (S = ``cfg.image_size``).
 
     Stops after ``cfg.max_steps`` steps or ``cfg.time_budget_s`` seconds, whichever comes
     first; the learning rate follows a warm-up then a cosine over that horizon. Seeded, so
-    a step-limited run is reproducible.
+    a step-limited run is reproducible. ``init``: continue training a copy of this tokenizer
+    (same geometry as ``cfg``; quantised from step 0, its codebook seeds the EMA).
 
     Returns the tokenizer (eval mode, unit-norm codebook) and a :class:`VQTrainReport`.
     """
@@ -204,7 +207,13 @@ def train_vq(
     torch.manual_seed(cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
     mcfg = cfg.model_config()
-    vq = fresh_vqvae(cfg)
+    if init is not None:  # warm start: continue a trained tokenizer (a copy; no warm-up, no k-means)
+        want = {k: v for k, v in mcfg.items() if k in init.config}
+        if want != init.config:
+            raise ValueError(f"init tokenizer geometry {init.config} differs from the config's {want}")
+        vq = copy.deepcopy(init.vqvae).float().train()
+    else:
+        vq = fresh_vqvae(cfg)
     k, d = cfg.codebook_size, cfg.embed_dim
     grid = cfg.codes_per_side
     emb = vq.quantize.embedding.weight
@@ -240,8 +249,11 @@ def train_vq(
 
     # codebook init: random normalised encoder outputs of the untrained encoder (replaced by
     # k-means over trained encoder outputs after an autoencoder warm-up, when there is one)
-    seeds = outputs(max(1, math.ceil(k / (bs * grid * grid))))
-    set_codebook(_sample_rows(seeds, k, g))
+    if init is not None:
+        set_codebook(F.normalize(emb.detach().float(), dim=1))
+    else:
+        seeds = outputs(max(1, math.ceil(k / (bs * grid * grid))))
+        set_codebook(_sample_rows(seeds, k, g))
 
     bar = None
     if progress:
@@ -249,7 +261,7 @@ def train_vq(
     t0 = time.perf_counter()
     step = revived = 0
     rec_v = com_v = float("nan")
-    quantise = cfg.ae_warmup_steps == 0
+    quantise = cfg.ae_warmup_steps == 0 or init is not None
     frozen = False  # decoder-only phase (cfg.decoder_ft_frac)
     try:
         while step < cfg.max_steps:
