@@ -1,6 +1,6 @@
 """Stack a demo's per-user grids into one figure for the README.
 
-    python tools/stack_grids.py OUT.png runs/demo_ml/grid_user0.png runs/demo_ml/grid_user1.png ... [--columns 4] [--scale 0.5]
+    python tools/stack_grids.py OUT.png runs/demo_ml/grid_user0.png runs/demo_ml/grid_user1.png ... [--columns 4] [--scale 0.5] [--colors 256]
 
 Each ``grid_user*.png`` (written by ``pgen demo``: rows history, copy_last, retrieve,
 generate_nonpersonal, generate_sft, generate_sft_rl, true next item) is cropped to its label
@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("grids", nargs="+")
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--scale", type=float, default=0.5)
+    p.add_argument("--colors", type=int, default=256, help="palette size of the PNG (0: full RGB; 256 keeps it small)")
     a = p.parse_args(argv)
     if a.columns < 1 or not 0 < a.scale <= 4:
         p.error("--columns must be >= 1 and --scale in (0, 4]")
@@ -44,6 +45,8 @@ def main(argv: list[str]) -> int:
     for x in parts:
         canvas.paste(x, (0, y))
         y += x.height + 8
+    if a.colors:
+        canvas = canvas.quantize(colors=min(a.colors, 256), method=Image.Quantize.MEDIANCUT)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     atomic_write_bytes(a.out, buf.getvalue())
