@@ -66,7 +66,7 @@ class VQImageTokenizer(ImageTokenizer):
 
     Args:
         model: a loaded :class:`pgen_engine.models.janus.JanusModel`.
-        batch_size: images per VQ forward in :meth:`encode`.
+        batch_size: images per VQ forward in :meth:`encode` and :meth:`decode`.
     """
 
     def __init__(self, model, batch_size: int = 16):
@@ -90,7 +90,13 @@ class VQImageTokenizer(ImageTokenizer):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         self._check_codes(codes)
-        return self.model.decode_images(codes).cpu()
+        # in chunks of batch_size: one VQ decoder pass over thousands of codes holds every
+        # image's full-resolution activations at once (the MovieLens demo's 5,030 images: ~10 GB)
+        out = [self.model.decode_images(codes[i:i + self.batch_size]).cpu()
+               for i in range(0, codes.shape[0], self.batch_size)]
+        if not out:
+            return self.model.decode_images(codes).cpu()
+        return torch.cat(out)
 
     def fingerprint(self) -> str:
         if self._fingerprint is None:

@@ -1,4 +1,6 @@
 """train_vq: learns, keeps the codebook in use, respects its limits."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -157,3 +159,23 @@ def test_decoder_finetune_phase_freezes_encoder_and_codebook(monkeypatch):
     assert all(p.requires_grad for p in tok.vqvae.parameters() if p is not tok.vqvae.quantize.embedding.weight)
     with pytest.raises(ValueError, match="decoder_ft_frac"):
         train_vq(_images(4), VQTrainConfig(image_size=16, codes_per_side=4, decoder_ft_frac=1.0), progress=False)
+
+
+def test_init_continues_a_trained_tokenizer_without_touching_it():
+    imgs = _images(24)
+    cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=4, max_steps=30,
+                        time_budget_s=1e6, ae_warmup_steps=5)
+    tok, _ = train_vq(imgs, cfg, progress=False)
+    before = {k: v.clone() for k, v in tok.state_dict().items()}
+    # a near-zero step continues from exactly the init's encoder, codebook and decoder
+    tiny = dataclasses.replace(cfg, max_steps=1, lr=1e-12, ema_decay=1 - 1e-9, ae_warmup_steps=50)
+    same, rep = train_vq(imgs, tiny, progress=False, init=tok)
+    assert rep.steps == 1
+    assert torch.equal(same.encode(imgs), tok.encode(imgs))
+    assert torch.allclose(same.decode(tok.encode(imgs)).float(), tok.decode(tok.encode(imgs)).float(), atol=1)
+    # more steps keep learning from there; the init tokenizer itself is untouched
+    more, _ = train_vq(imgs, dataclasses.replace(cfg, max_steps=30, lr=1e-3), progress=False, init=tok)
+    assert evaluate_tokenizer(more, imgs)["psnr"] > evaluate_tokenizer(tok, imgs)["psnr"] - 0.5
+    assert all(torch.equal(before[k], v) for k, v in tok.state_dict().items())
+    with pytest.raises(ValueError, match="geometry"):
+        train_vq(imgs, dataclasses.replace(cfg, codebook_size=32), progress=False, init=tok)
