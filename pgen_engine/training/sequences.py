@@ -157,8 +157,9 @@ def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
         model: JanusModel (the policy's module or the reference).
         input_ids, gen_code_mask, attention_mask: ``[N, L]`` from :func:`build_sequences`.
         targets: int64 ``[N, T]`` sampled codes.
-        temperature: the sampling temperature (the ratio's distribution is the conditional
-            policy at that temperature).
+        temperature: the sampling temperature (this is the conditional policy at that
+            temperature: ``rl.policy_distribution: conditional``, or any run at guidance 1;
+            :func:`guided_policy_logprobs` scores the CFG-guided one).
         pixel_values: pixels history mode: ``[sum n_img, 3, S, S]`` of the rows, in row order
             (the same images the rollout's prompts were built with).
         image_features: instead of ``pixel_values``: the frozen tower's cached outputs of those

@@ -55,8 +55,10 @@ def rl_args(root: Path) -> list[str]:
             "train.warmup_steps=1", "train.save_every=10", "rl.group_size=4", "rl.prompts_per_step=4",
             "rl.rollout_batch_size=8", "rl.eval_prompts=4", "rl.eval_every=10",
             "rl.embedder.steps=20", "rl.embedder.batch_size=16",  # the learned reward CNN, tiny
-            # recorded before the guided ratio existed: pins the conditional path bitwise
-            "rl.policy_distribution=conditional"]
+            # the settings the file was recorded with, before demo_rl.yaml moved to the guided
+            # ratio at lr 1.5e-4: this pins the conditional GRPO path bitwise (the guided path
+            # has its own tests: tests/training/test_rl.py, test_rollout.py)
+            "rl.policy_distribution=conditional", "train.lr=5.0e-4"]
 
 
 def _train(config: str, args: list[str]) -> None:
