@@ -5,14 +5,17 @@ Layout under ``<output_dir>/checkpoints/``::
     step00000020/          one resumable checkpoint (DeepSpeed's own files: partitioned
       zero_pp_rank_*...     model + optimizer + scheduler states, our client state with
       rng_rank{r}.pt        the step and data position; per-rank RNG states)
-      pgen_checkpoint.json  written last: step, world size, ZeRO stage
+      pgen_checkpoint.json  written last: step, world size, ZeRO stage, the run's config
     latest                 text file naming the newest complete checkpoint
 
 Atomicity: DeepSpeed writes into a hidden temporary tag ``.tmp-step...``; only when every
 rank has finished does rank 0 add ``pgen_checkpoint.json``, rename the folder into place
 and then rewrite ``latest`` atomically. A crash at any point leaves the previous
 checkpoint and ``latest`` untouched; a folder without ``pgen_checkpoint.json`` is never
-resumed from. The HF export gathers ZeRO-3 partitions module by module on every rank and
+resumed from. Resuming compares the checkpoint's config with the current one
+(:func:`check_resume_config`): a run may continue for more steps, save or log at another
+rate or into another folder, but not with other training settings — those weights would
+otherwise be passed off as a run of the new config. The HF export gathers ZeRO-3 partitions module by module on every rank and
 rank 0 writes ``final/`` through the model's atomic ``save_checkpoint``.
 """
 from __future__ import annotations
@@ -85,6 +88,62 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
             return cand
     done = complete_checkpoints(root)
     return done[-1] if done else None
+
+
+#: config keys (dotted; a key covers everything under it) that may differ between a run and
+#: its resumption: how long, how often, where and how verbosely — not what is trained.
+RESUMABLE_CHANGES = ("output_dir", "logging", "train.max_steps", "train.save_every", "train.keep_checkpoints",
+                     "train.log_every", "train.micro_batch_size", "train.max_micro_batch_size", "data.work_dir",
+                     "rl.eval_every", "rl.eval_prompts")
+CONFIG_KEY = "config"  # the resolved config (config_to_dict) in pgen_checkpoint.json
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: tree}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Training settings that differ between two resolved configs (``config_to_dict`` trees),
+    as ``"key: saved -> current"`` lines, ignoring :data:`RESUMABLE_CHANGES`."""
+    a, b = _flatten(saved), _flatten(current)
+    allowed = lambda k: any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)  # noqa: E731
+    missing = object()
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k, missing), b.get(k, missing)
+        if allowed(k) or va == vb or (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple))
+                                      and list(va) == list(vb)):
+            continue
+        show = lambda v: "(unset)" if v is missing else repr(v)  # noqa: E731
+        out.append(f"{k}: {show(va)} -> {show(vb)}")
+    return out
+
+
+def check_resume_config(ckpt: Path, current: dict[str, Any]) -> None:
+    """Refuse to resume ``ckpt`` under a config whose training settings differ from its own.
+
+    Args:
+        ckpt: a complete checkpoint folder.
+        current: the run's resolved config (``config_to_dict``).
+    Raises:
+        ResumeError: naming the checkpoint and every differing key (saved -> now). A
+            checkpoint written before configs were recorded is accepted as is.
+    """
+    meta = json.loads((Path(ckpt) / META).read_text())
+    saved = meta.get(CONFIG_KEY)
+    if saved is None:
+        return
+    diff = config_changes(saved, current)
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
+        raise ResumeError(f"{ckpt}: trained with other settings than this config ({shown}); resume with the "
+                          f"checkpoint's settings, or start fresh in another output_dir (or delete "
+                          f"{Path(ckpt).parent})")
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:

@@ -30,7 +30,8 @@ import torch
 from pgen_engine.config import RunConfig, TrainConfig, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 
-from .checkpoints import CHECKPOINTS, export_hf, load_resumable, resolve_resume, save_resumable
+from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_resume_config, export_hf, load_resumable, resolve_resume,
+                          save_resumable)
 from .distributed import DistInfo, all_ranks_true, init_distributed
 from .engine import TrainEngine, build_engine, require_deepspeed
 from .errors import NonFiniteError
@@ -114,7 +115,7 @@ class Trainer:
     def _save(self, step: int) -> None:
         self.last_saved = save_resumable(self.te.engine, self.out / CHECKPOINTS, step, self.stage.client_state(),
                                          self.dist, keep=self.cfg.train.keep_checkpoints,
-                                         extra_meta=self.stage.checkpoint_meta or None)
+                                         extra_meta={**self.stage.checkpoint_meta, CONFIG_KEY: config_to_dict(self.cfg)})
 
     # -- lifecycle ------------------------------------------------------------------
     def run(self, resume: str | None = None) -> dict[str, Any]:
@@ -128,6 +129,9 @@ class Trainer:
         require_deepspeed()  # before any work: a missing DeepSpeed is one line, not a late traceback
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
+        ckpt = resolve_resume(resume, self.out)
+        if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
+            check_resume_config(ckpt, config_to_dict(cfg))
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))
@@ -136,7 +140,6 @@ class Trainer:
         stage.before_engine(self)
         self.te = build_engine(stage.engine_train_config(cfg), cfg.deepspeed, self.data.model_dir, dist,
                                offload_states=stage.offloads_states(cfg))
-        ckpt = resolve_resume(resume, self.out)
         client: dict[str, Any] = {}
         if ckpt is not None:
             client = load_resumable(self.te.engine, ckpt, dist)

@@ -116,3 +116,46 @@ def test_export_hf_round_trips(dist_info, tmp_path):
     back = pg.load_model(tmp_path / "final")
     for (n, a), (_, b) in zip(model.named_parameters(), back.named_parameters()):
         assert torch.equal(a, b), n
+
+
+# ---------------------------------------------------------------- resuming under another config
+def _saved(tmp_path, config):
+    import json
+    ck = tmp_path / "checkpoints" / "step00000010"
+    ck.mkdir(parents=True)
+    meta = {"step": 10, "world_size": 1, "zero_stage": 3}
+    if config is not None:
+        meta["config"] = config
+    (ck / META).write_text(json.dumps(meta))
+    return ck
+
+
+def test_resume_refuses_other_training_settings_and_names_them(tmp_path):
+    from pgen_engine.training.checkpoints import check_resume_config
+    saved = {"output_dir": "a", "train": {"lr": 5e-4, "max_steps": 100}, "rl": {"beta": 0.02, "rewards": {"x": 1}}}
+    ck = _saved(tmp_path, saved)
+    now = {"output_dir": "a", "train": {"lr": 1.5e-4, "max_steps": 100},
+           "rl": {"beta": 0.02, "rewards": {"x": 1}, "policy_distribution": "guided"}}
+    with pytest.raises(ResumeError) as e:
+        check_resume_config(ck, now)
+    msg = str(e.value)
+    assert str(ck) in msg and "train.lr: 0.0005 -> 0.00015" in msg
+    assert "rl.policy_distribution: (unset) -> 'guided'" in msg and "beta" not in msg
+
+
+def test_resume_allows_longer_runs_other_folders_and_rates(tmp_path):
+    from pgen_engine.training.checkpoints import check_resume_config, config_changes
+    saved = {"output_dir": "a", "logging": {"progress": True}, "data": {"work_dir": "w", "history_k": 4},
+             "train": {"lr": 1e-3, "max_steps": 100, "save_every": 20, "micro_batch_size": 8},
+             "model": {"init": {"sizes": [1, 2]}}}
+    now = {"output_dir": "b", "logging": {"progress": False}, "data": {"work_dir": "w2", "history_k": 4},
+           "train": {"lr": 1e-3, "max_steps": 300, "save_every": 2, "micro_batch_size": 4},
+           "model": {"init": {"sizes": (1, 2)}}}  # a tuple read back from JSON is a list
+    assert config_changes(saved, now) == []
+    check_resume_config(_saved(tmp_path, saved), now)
+    assert config_changes(saved, {**now, "data": {"work_dir": "w", "history_k": 8}}) == ["data.history_k: 4 -> 8"]
+
+
+def test_resume_accepts_checkpoints_written_before_configs_were_recorded(tmp_path):
+    from pgen_engine.training.checkpoints import check_resume_config
+    check_resume_config(_saved(tmp_path, None), {"train": {"lr": 1.0}})
