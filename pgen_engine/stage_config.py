@@ -137,6 +137,13 @@ class RLConfig:
                 raise bad(key, ">= 0")
 
     @property
+    def guided_ratio(self) -> bool:
+        """Whether the GRPO ratio / KL use the CFG-guided distribution: ``policy_distribution`` is
+        "guided" and guidance is on (at scale 1 the guided mix is the conditional distribution,
+        so the trainer skips the second, unconditional forward)."""
+        return self.policy_distribution == "guided" and self.guidance_scale != 1.0
+
+    @property
     def sampling(self) -> GenerationSampling:
         """The rollout's sampling settings as the Generator's SamplingParams (built from the
         flat keys; raises its SamplingParamsError naming the field when one is out of range)."""

@@ -8,11 +8,9 @@ One RL step (all ranks in lock-step; ``rl.prompts_per_step`` prompts are split o
 2. **reward** — codes -> images (the data tokenizer's decoder, i.e. the model's image
    space), then :class:`pgen_engine.rewards.CompositeReward` against each user's history /
    train-split future items / the catalogue / (synthetic) ground-truth attributes.
-3. **logprobs** — old log-probs recomputed with the *training* numerics, on the
-   distribution ``rl.policy_distribution`` names (:mod:`.grpo`): the CFG-guided mix
-   (:func:`.sequences.guided_policy_logprobs`: a conditional and an unconditional-prompt
-   forward) or the conditional branch (:func:`.sequences.policy_logprobs`), at the sampling
-   temperature; the reference model's log-probs of the same distribution, and the
+3. **logprobs** — old and reference log-probs with the *training* numerics at the sampling
+   temperature, of the distribution ``rl.policy_distribution`` names (:mod:`.grpo`: the CFG mix,
+   :func:`.sequences.guided_policy_logprobs`, or the conditional branch), and the
    rollout-vs-trainer gap (``logprob_gap_max/mean``).
 4. **update** — ``rl.ppo_epochs`` passes over the rollout in minibatches of
    ``train.global_batch_size`` sequences (micro-batches of ``train.micro_batch_size``),
@@ -62,21 +60,14 @@ from .sft_data import work_dir
 from .trainer import Stage, Trainer
 
 __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs",
-           "guided_policy_logprobs", "guided", "sampling_params", "TorchOptimizerEngine", "RLTrainer", "reduce_row", "updates_per_step", "RLStage",
-           "run"]
+           "guided_policy_logprobs", "sampling_params", "TorchOptimizerEngine", "RLTrainer", "reduce_row",
+           "updates_per_step", "RLStage", "run"]
 
 
 def sampling_params(rl: RLConfig) -> RolloutParams:
     """The rollout sampling settings of an ``rl:`` section: its :attr:`RLConfig.sampling` plus
     the group size and unconditional-prompt mode."""
-    return RolloutParams(rl.group_size, rl.sampling, rl.uncond_mode, "guided" if guided(rl) else "conditional")
-
-
-def guided(rl: RLConfig) -> bool:
-    """Whether the GRPO ratio / KL use the CFG-guided distribution: ``rl.policy_distribution``
-    is "guided" and guidance is on (at scale 1 the guided mix is the conditional distribution,
-    so the second, unconditional forward is skipped)."""
-    return rl.policy_distribution == "guided" and rl.guidance_scale != 1.0
+    return RolloutParams(rl.group_size, rl.sampling, rl.uncond_mode, "guided" if rl.guided_ratio else "conditional")
 
 
 # ----------------------------------------------------------------------------- optimisation adapter
@@ -190,7 +181,7 @@ class RLTrainer:
     def uncond_sequences(self, batch: PromptBatch, tokens: torch.Tensor) -> Sequences | None:
         """Teacher-forcing rows of ``tokens`` behind each prompt's unconditional prompt (the one
         the rollout used, ``rl.uncond_mode``), or None when the ratio is conditional."""
-        if not guided(self.rl):
+        if not self.rl.guided_ratio:
             return None
         ups = uncond_prompts(batch.prompts, batch.code_masks, self.module.special_tokens, self.rl.uncond_mode)
         return build_sequences(ups, None, tokens, self.rl.group_size, self.pad_id)
@@ -201,8 +192,7 @@ class RLTrainer:
 
         ``model`` is the policy (``self.module``), the reference (``self.reference.module``) or
         any plain JanusModel; the first two run through their engines (ZeRO-3 gathering).
-        ``useqs``: the unconditional-prompt sequences (:meth:`uncond_sequences`) for the guided
-        distribution; None = conditional.
+        ``useqs``: :meth:`uncond_sequences` (guided distribution) or None (conditional).
         """
         forward = self._forward_for(model)
         was = model.training
@@ -228,8 +218,7 @@ class RLTrainer:
 
         Args:
             seqs: :func:`build_sequences` of the rollout; tokens: int64 ``[N, T]``;
-            useqs: the unconditional-prompt sequences (guided ratio; both forwards carry the
-            gradient) or None (conditional ratio);
+            useqs: :meth:`uncond_sequences` (guided ratio: both forwards carry the gradient) or None;
             old_lp / ref_lp: float32 ``[N, T]`` (ref None without reference); adv: float32 ``[N]``;
             step: the 1-based RL step (for the non-finite message).
         """

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pgen_engine.config import RunConfig, TrainConfig, dump_config
+from pgen_engine.config import RunConfig, TrainConfig, config_to_dict, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_resume_config, export_hf, load_resumable, resolve_resume,
