@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from pgen_engine.data.prompts import uncond_pad_ids
+from pgen_engine.generation.inputs import Prompt, uncond_ids
 
 from .grpo import guided_log_softmax
 
@@ -187,21 +187,15 @@ def policy_logprobs(model, input_ids: torch.Tensor, gen_code_mask: torch.Tensor,
 
 def uncond_prompts(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequence[bool]] | None, special,
                    mode: str) -> list[list[int]]:
-    """The unconditional prompt of each prompt, as the rollout's Generator builds it.
-
-    ``"pad"``: same length, every token except BOS / begin-of-image (and every history code)
-    replaced by ``special.pad`` (:func:`pgen_engine.data.prompts.uncond_pad_ids`);
-    ``"short"``: ``[bos, boi]``. No history images or codes remain.
+    """The unconditional prompt of each prompt, exactly as the rollout's Generator builds it
+    (:func:`pgen_engine.generation.inputs.uncond_ids`): ``"pad"`` keeps the length and BOS /
+    begin-of-image, every other token (and every history code) becomes ``special.pad``;
+    ``"short"`` is ``[bos, boi]``. No history images or codes remain.
     """
-    if mode == "short":
-        return [[special.bos, special.boi] for _ in prompts]
-    if mode != "pad":
+    if mode not in ("pad", "short"):
         raise ValueError(f"uncond_prompts: mode must be 'pad' or 'short', got {mode!r}")
-    out = []
-    for i, p in enumerate(prompts):
-        cm = None if code_masks is None else torch.tensor(list(code_masks[i]), dtype=torch.bool)
-        out.append(uncond_pad_ids(torch.tensor(list(p), dtype=torch.long), cm, special).tolist())
-    return out
+    return [list(uncond_ids(Prompt(list(p), None if code_masks is None else list(code_masks[i]), 0), special, mode))
+            for i, p in enumerate(prompts)]
 
 
 def stack_left_padded(a: tuple[torch.Tensor, torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
