@@ -37,9 +37,10 @@ Tried on 2026-12-06 (same 2,815 fit / 128 held-out posters, one thread each, the
 * ``embed_dim`` 32 instead of 8 (cosine codebook): higher reconstruction loss at equal steps
   (train rec_mse 0.216 vs 0.159 at step 350 of a 2,000-step horizon, run side by side; the
   runs were stopped there for CPU, so this is an early-training indication only);
-* a decoder-only phase (``decoder_ft_frac``, kept as an option, default off): continuing the
-  demo's 600-s VQ (16.70 dB) for 400 s, decoder-only ran 29 % more steps (310 vs 241) but
-  gained the same as training everything (16.93 vs 16.94 dB, lr 4e-4, ``init=``).
+* a decoder-only phase (encoder, quant_conv and codebook frozen for the last part of the
+  budget; removed again): continuing the demo's 600-s VQ (16.70 dB) for 400 s, decoder-only
+  ran 29 % more steps (310 vs 241) but gained the same as training everything (16.93 vs
+  16.94 dB, lr 4e-4, ``init=``).
 
 At this scale the VQ is compute-bound: the demo's 600-s budget under that load gave 1,799
 steps and 16.70 dB, below PatchKMeans' 17.81 dB on the same posters; 3,431 steps (780 s,
@@ -92,10 +93,6 @@ class VQTrainConfig:
     ae_warmup_steps: int = 50
     kmeans_batches: int = 64  # x batch_size images of encoder outputs for the k-means init
     kmeans_iters: int = 10
-    # last fraction of the budget (time or steps) spent training only post_quant_conv + decoder,
-    # with encoder, quant_conv and codebook frozen: the codes stop moving, so the decoder fits
-    # exactly the codes it will decode, and a step skips the encoder backward
-    decoder_ft_frac: float = 0.0
     bf16: bool = True
     # re-initialise every conv with PyTorch's default (fan-in scaled) instead of transformers'
     # N(0, 0.02), which shrinks each stride/conv-in layer's output ~3-10x and makes lr 4e-3 a
@@ -114,8 +111,6 @@ class VQTrainConfig:
             raise ValueError("batch_size, max_steps, time_budget_s and lr must be positive")
         if not 0 < self.ema_decay < 1 or self.revive_every < 1 or self.revive_after < 1:
             raise ValueError("ema_decay must lie in (0,1), revive_every and revive_after >= 1")
-        if not 0 <= self.decoder_ft_frac < 1:
-            raise ValueError(f"decoder_ft_frac must lie in [0, 1), got {self.decoder_ft_frac}")
         self.model_config()  # geometry checks
 
 
@@ -279,7 +274,6 @@ def train_vq(
     step = revived = 0
     rec_v = com_v = float("nan")
     quantise = cfg.ae_warmup_steps == 0 or init is not None
-    frozen = False  # decoder-only phase (cfg.decoder_ft_frac)
     try:
         while step < cfg.max_steps:
             elapsed = time.perf_counter() - t0
@@ -290,20 +284,12 @@ def train_vq(
                 last_used.fill_(step)
                 quantise = True
             frac = max(step / cfg.max_steps, elapsed / cfg.time_budget_s)
-            if quantise and not frozen and cfg.decoder_ft_frac and frac >= 1 - cfg.decoder_ft_frac:
-                frozen = True
-                for mod in (vq.encoder, vq.quant_conv):
-                    mod.requires_grad_(False)
             lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * (
                 cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
             for pg in opt.param_groups:
                 pg["lr"] = lr
             x = batch()
-            if frozen:
-                with torch.no_grad():
-                    zf = encode(x)
-            else:
-                zf = encode(x)
+            zf = encode(x)
             with torch.no_grad():
                 idx = (zf @ emb.T).argmax(1)
             q = emb[idx]
@@ -314,13 +300,13 @@ def train_vq(
             with _autocast(cfg.bf16):
                 rec = vq.decoder(h).float()
             rec_mse = F.mse_loss(rec, x)
-            loss = rec_mse + (cfg.beta * commit if quantise and not frozen else 0.0)
+            loss = rec_mse + (cfg.beta * commit if quantise else 0.0)
             if cfg.l1_weight:
                 loss = loss + cfg.l1_weight * F.l1_loss(rec, x)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if quantise and not frozen:
+            if quantise:
                 with torch.no_grad():
                     zd = zf.detach()
                     cnt = ema_codebook_step(ema_count, ema_sum, idx, zd, cfg.ema_decay)
@@ -350,7 +336,6 @@ def train_vq(
     if not quantise:  # budget ran out inside the warm-up: the codebook still has to fit the encoder
         set_codebook(spherical_kmeans(outputs(cfg.kmeans_batches), k, cfg.kmeans_iters, g))
         last_used.fill_(max(step - 1, 0))
-    vq.requires_grad_(True)
     vq.eval()
     used = float((step - 1 - last_used < cfg.revive_after).float().mean())
     rep = VQTrainReport(steps=step, seconds=time.perf_counter() - t0, rec_mse=rec_v, commit=com_v,
