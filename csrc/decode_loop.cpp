@@ -1,7 +1,8 @@
 // The decode loop of one generation wave on CPU (float32), whole in C++: for each step, embed
 // the previous codes (generation embedding + aligner), run the layer stack (decode_stack.h),
 // apply the generation head, then take the argmax of the CFG-mixed logits or draw with the CPU
-// sampler, and store the codes (and, optionally, their conditional log-probabilities).
+// sampler, and store the codes (and, optionally, their log-probabilities under the conditional
+// branch or under the CFG-guided mix the codes are drawn from).
 // A row whose logits are not all finite at a step gets code -1 there (see mark_non_finite).
 //
 // Why: on CPU a step of a small model is a few hundred microseconds of work, and the Python
@@ -121,7 +122,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
                      double eps, double scale, const std::vector<torch::Tensor>& head_w,
                      const std::vector<torch::Tensor>& head_b, const std::string& head_act, bool cfg,
                      double guidance_scale, double temperature, int64_t top_k, double top_p, bool greedy,
-                     int64_t rows_per_pass) {
+                     int64_t rows_per_pass, bool lp_guided) {
   DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
                                num_kv_heads, eps, scale);
   attach_prefix(st, "decode_loop_cpu", prefix_k, prefix_v);
@@ -306,7 +307,15 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
       const int64_t* tk = tok.data_ptr<int64_t>();
       for (int64_t i = 0; i < n; ++i) o[(c0 + i) * T + t] = tk[i];
       if (out_lp.has_value()) {
-        torch::Tensor lp = at::log_softmax(at::div(c, temperature), -1).gather(1, tok.clamp_min(0).unsqueeze(1));
+        // the distribution the log-probs are of: the conditional branch c, or (lp_guided, with
+        // CFG) the guided mix written as the Python pick and the trainer write it, u + s * (c - u),
+        // so rollout and trainer log-probs agree to fp32 rounding
+        torch::Tensor x = c;
+        if (cfg && lp_guided) {
+          const torch::Tensor u = logits.narrow(0, n, n);
+          x = at::add(u, at::mul(at::sub(c, u), guidance_scale));
+        }
+        torch::Tensor lp = at::log_softmax(at::div(x, temperature), -1).gather(1, tok.clamp_min(0).unsqueeze(1));
         float* lo = out_lp->data_ptr<float>();
         const float* l = lp.data_ptr<float>();
         for (int64_t i = 0; i < n; ++i) lo[(c0 + i) * T + t] = l[i];
@@ -338,13 +347,15 @@ void register_decode_loop(py::module_& m) {
         py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("head_w"), py::arg("head_b"),
         py::arg("head_act"), py::arg("cfg"), py::arg("guidance_scale"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("rows_per_pass") = 0,
+        py::arg("lp_guided") = false,
         "Decode steps [t_begin, t_end) of a wave in float32 on CPU: out int64 [R, T] holds the codes "
         "(column t_begin - 1 must be filled) and receives columns [t_begin, t_end), code -1 where a row's "
         "logits are not all finite (NaN / Inf); rows [0, R) are "
         "conditional, [R, 2R) their unconditional partners when cfg. step_seeds int64 [T, R]; "
         "base / slot0 int64 [rows]: prompt length and first decode slot of each cache row; rope "
         "tables [positions, D]. out_lp (optional float32 [R, T]) receives log_softmax(cond / "
-        "temperature)[code].");
+        "temperature)[code], or with lp_guided and cfg the guided log_softmax((uncond + "
+        "guidance_scale * (cond - uncond)) / temperature)[code].");
 }
 
 }  // namespace pgen

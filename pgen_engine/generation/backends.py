@@ -153,17 +153,14 @@ class CppBackend(_CppLayers):
 
     The loop needs an aligner / head activation it knows (checked per wave, as a model may be
     changed after construction: :func:`.decode_cpu.applies`); without one the wave runs the
-    Python loop over the C++ step, with the same codes. So does a CFG wave recording *guided*
-    log-probs (RL on the guided distribution): the C++ loop writes conditional ones only.
+    Python loop over the C++ step, with the same codes. The loop writes the log-probs of either
+    distribution (``wave.lp_distribution``: conditional, or the CFG-guided mix RL samples).
     """
 
     name = "cpp"
 
     def decode_wave(self, cache, wave: WaveDecode) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # the C++ loop records conditional log-probs only; a wave that records guided ones
-        # runs the Python loop over the C++ step (same codes, log-probs from wave.pick)
-        guided_lp = wave.first_lp is not None and wave.cfg and wave.lp_distribution == "guided"
-        if guided_lp or not decode_cpu.applies(self.model, cache):
+        if not decode_cpu.applies(self.model, cache):
             return super().decode_wave(cache, wave)
         T, R = wave.step_seeds.shape
         out = torch.empty((R, T), dtype=torch.long)
@@ -175,7 +172,7 @@ class CppBackend(_CppLayers):
         s, temperature, top_k, top_p, greedy = wave.sampling
         decode_cpu.run_decode_loop(self.model, cache, wave.cfg, out, out_lp, wave.step_seeds, wave.base, wave.slot0,
                                    guidance_scale=s, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   greedy=greedy, progress=wave.on_steps)
+                                   greedy=greedy, lp_distribution=wave.lp_distribution, progress=wave.on_steps)
         return out, out_lp
 
 

@@ -26,9 +26,11 @@ from . import layers_cpu
 SUPPORTED_ACTS = ("gelu", "gelu_pytorch_tanh", "silu", "swish", "relu")
 
 
-# the loop of an extension built from older sources reads shared prefixes from its own cache:
-# checked once, at import (the bound signature names its arguments)
-_LOOP_TAKES_PREFIX_POOL = "prefix_k" in (getattr(extension(), "decode_loop_cpu", None).__doc__ or "")
+# the loop of an extension built from older sources reads shared prefixes from its own cache,
+# or writes conditional log-probs only: checked once, at import (the bound signature names its
+# arguments); such a build runs the Python loop over the C++ step instead (rebuild: setup.py)
+_LOOP_DOC = getattr(extension(), "decode_loop_cpu", None).__doc__ or ""
+_LOOP_IS_CURRENT = "prefix_k" in _LOOP_DOC and "lp_guided" in _LOOP_DOC
 
 
 def applies(model, cache) -> bool:
@@ -44,7 +46,7 @@ def applies(model, cache) -> bool:
     if not layers_cpu.cpu_decode_applies(lm, probe, cache):
         return False
     ext = extension()
-    if not hasattr(ext, "decode_loop_cpu") or not _LOOP_TAKES_PREFIX_POOL:
+    if not hasattr(ext, "decode_loop_cpu") or not _LOOP_IS_CURRENT:
         return False
     if any(p.requires_grad for p in model.parameters()) and torch.is_grad_enabled():
         return False
@@ -109,7 +111,7 @@ def _linear_parts(layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
 
 def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Tensor | None,
                     step_seeds: torch.Tensor, base: torch.Tensor, slot0: torch.Tensor, *, guidance_scale: float,
-                    temperature: float, top_k: int, top_p: float, greedy: bool,
+                    temperature: float, top_k: int, top_p: float, greedy: bool, lp_distribution: str = "conditional",
                     progress: Callable[[int], None] | None = None, chunk: int = 8, max_chunks: int = 16) -> None:
     """Decode codes ``1 .. T-1`` of a wave in place.
 
@@ -121,16 +123,21 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
         out: int64 ``[R, T]``, column 0 filled (code 0, from the prefill); columns 1.. written,
             -1 where a row's logits were not all finite (a -1 input is embedded as code 0; the
             Generator raises on any -1, see ``Generator._pick``).
-        out_lp: float32 ``[R, T]`` (column 0 filled) for ``log_softmax(cond / T)[code]``, or None.
+        out_lp: float32 ``[R, T]`` (column 0 filled) for the codes' log-probs, or None.
         step_seeds: int64 ``[T, R]`` sampling seed of every (step, row).
         base, slot0: int64 ``[rows]``: prompt length and first decode slot (``row * L + base``)
             of each cache row.
         guidance_scale, temperature, top_k, top_p, greedy: as in
             :meth:`pgen_engine.generation.Generator.generate`.
+        lp_distribution: what ``out_lp`` holds: ``"conditional"``, ``log_softmax(c / T)[code]``;
+            ``"guided"``, ``log_softmax((u + s (c - u)) / T)[code]`` (with CFG; without it the
+            two are the same), as :func:`pgen_engine.training.grpo.guided_log_softmax` writes it.
         progress: called with the number of steps done after each chunk of steps (one C++
             call runs every step when None). Each call packs the weights again, so a wave is
             split into at most ``max_chunks`` calls (chunks of at least ``chunk`` steps).
     """
+    if lp_distribution not in ("conditional", "guided"):
+        raise ValueError(f"run_decode_loop: lp_distribution={lp_distribution!r}; expected 'conditional' or 'guided'")
     lm = model.language_model
     cfg_t = lm.cfg
     R, T = out.shape
@@ -159,6 +166,7 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
             aligner.act_name, cos, sin, weights, lm.norm.weight.detach(), cache.k, cache.v, cache.prefix_k or [],
             cache.prefix_v or [], prow, plen,
             cfg_t.num_heads, cfg_t.num_kv_heads, cfg_t.rms_norm_eps, cfg_t.head_dim ** -0.5, hw, hb, head.act_name,
-            cfg, float(guidance_scale), float(temperature), top_k, float(top_p), bool(greedy), passes)
+            cfg, float(guidance_scale), float(temperature), top_k, float(top_p), bool(greedy), passes,
+            lp_distribution == "guided")
         if progress is not None:
             progress(t1 - t0)

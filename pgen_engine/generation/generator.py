@@ -184,9 +184,8 @@ class Generator:
             logprob_distribution: ``"conditional"``: ``log_softmax(c / T)`` (the conditional
                 branch alone); ``"guided"``: ``log_softmax((u + s (c - u)) / T)``, the CFG-mixed
                 distribution the codes are sampled from (what on-policy RL on guided rollouts
-                needs; equal to the conditional one when ``guidance_scale == 1``). On the C++
-                CPU backend a CFG wave recording guided log-probs runs its decode steps from a
-                Python loop (the C++ loop writes conditional log-probs only).
+                needs; equal to the conditional one when ``guidance_scale == 1``). Every
+                backend writes either inside its decode loop (the C++ CPU loop included).
             image_embeds: instead of ``pixel_values``: the history images' *aligned* features,
                 one entry per prompt — floating ``[n_i, num_image_tokens, hidden_size]``
                 (what ``model.vision_features(pixels)`` gives: vision tower + aligner) for a

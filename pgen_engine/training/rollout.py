@@ -18,10 +18,9 @@ Rollout log-probs: the Generator samples from the CFG-mixed distribution and, wi
 the GRPO ratio uses (:attr:`RolloutParams.policy_distribution`, see :mod:`.grpo`): the guided
 mix ``log_softmax((u + s (c - u)) / T)`` (the sampling distribution itself) or the
 conditional branch ``log_softmax(c / T)``, computed inside its decode step (CUDA-graph safe;
-on the C++ CPU backend a guided wave runs its steps from Python, see
-:class:`pgen_engine.generation.backends.CppBackend`). Comparing it with the trainer's
-recomputation (:func:`.sequences.guided_policy_logprobs` / :func:`.sequences.policy_logprobs`)
-gives the logged ``logprob_gap``.
+on CPU inside the C++ wave loop, see :class:`pgen_engine.generation.backends.CppBackend`).
+Comparing it with the trainer's recomputation (:func:`.sequences.guided_policy_logprobs` /
+:func:`.sequences.policy_logprobs`) gives the logged ``logprob_gap``.
 """
 from __future__ import annotations
 

@@ -56,6 +56,61 @@ def test_one_call_per_wave_with_the_python_loop_codes(model, monkeypatch, kw):
     assert torch.equal(with_bar[0] if lp else with_bar, slow)
 
 
+@pytest.fixture(scope="module")
+def rl_model(tmp_path_factory):
+    """A shape no other test decodes: hidden 40, 3 layers, 4 query / 2 KV heads, 53 codes, 9
+    image tokens; weights at RL-policy scale (std 0.1: the rollout tests' scale)."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("guided") / "m", seed=3, init_std=0.1, hidden_size=40,
+                                num_layers=3, num_heads=4, num_kv_heads=2, codebook_size=53, image_size=24,
+                                patch_size=8)
+    return pg.load_model(path)
+
+
+@pytest.mark.parametrize("uncond_mode", ["pad", "short"])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_guided_logprobs_come_from_the_cpp_loop_and_match_static_and_eager(rl_model, monkeypatch, uncond_mode,
+                                                                           greedy):
+    """A CFG wave recording guided log-probs (RL on the guided distribution) runs as one C++ call
+    per wave, never the Python loop, and gives the codes and log_softmax((u + s (c - u)) / T)[code]
+    of the Python loop over the same C++ step (the former path), the static step and eager torch
+    (to 1e-5); 10 rows in waves of 6 and 4, T 0.8, s 3."""
+    from pgen_engine.generation.backends import DecodeBackend, EagerBackend
+    from pgen_engine.training.grpo import FP32_LOGPROB_GAP_TOL
+
+    model = rl_model
+    prompts = [[1, 40, 41, 42, 3], [1, 9, 3], [1, 7, 8, 9, 10, 11, 12, 3], [1, 30, 3], [1, 15, 16, 3]]
+    kw = dict(seed=[11, 12, 13, 14, 15], num_samples=2, guidance_scale=3.0, temperature=0.8, greedy=greedy,
+              return_logprobs=True)
+    T = model.num_image_tokens
+
+    def gen(mode="eager"):
+        return Generator(model, max_batch_size=6, max_seq_len=40, uncond_mode=uncond_mode, decode_mode=mode)
+
+    calls: list = []
+    _record_calls(monkeypatch, calls)
+    monkeypatch.setattr(DecodeBackend, "decode_wave", lambda *a, **k: pytest.fail("guided wave ran the Python loop"))
+    g = gen()
+    assert g.backend == "cpp"
+    toks, lp = g.generate(prompts, logprob_distribution="guided", **kw)
+    assert calls == [(1, T), (1, T)]
+    toks_c, lp_c = g.generate(prompts, **kw)  # the conditional branch's, from the same loop
+    monkeypatch.undo()
+    assert torch.equal(toks_c, toks)
+    # the guided log-probs are not the conditional ones (a loop writing those would fail below)
+    assert float((lp - lp_c).abs().max()) > 100 * FP32_LOGPROB_GAP_TOL
+    py_loop = gen()  # what a guided wave ran before: the Python loop over the C++ step
+    monkeypatch.setattr(py_loop._backend, "decode_wave",
+                        lambda cache, wave: DecodeBackend.decode_wave(py_loop._backend, cache, wave))
+    eager = gen()
+    eager._backend = EagerBackend(model)
+    # (bitwise equal to the Python loop on one thread; with more, each thread's rows go through
+    # the head GEMM as their own block, which may round apart)
+    for other in (py_loop, gen("static"), eager):
+        o_toks, o_lp = other.generate(prompts, logprob_distribution="guided", **kw)
+        assert torch.equal(o_toks, toks), other.backend
+        assert float((o_lp - lp).abs().max()) <= FP32_LOGPROB_GAP_TOL, other.backend
+
+
 def test_falls_back_to_python_when_it_does_not_apply(model, monkeypatch):
     calls: list = []
     _record_calls(monkeypatch, calls)

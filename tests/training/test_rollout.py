@@ -215,7 +215,7 @@ def test_rollout_params_wrap_the_generation_sampling_params():
 @pytest.mark.parametrize("mode", ["pad", "short"])
 def test_guided_rollout_logprob_gap_fp32_on_every_cpu_backend(tiny, mode):
     """Guided log-probs (the CFG mix the codes are sampled from): every CPU decode backend (the
-    C++ backend, which then steps from Python; the static step; eager torch) records the same
+    C++ wave loop, the static step, eager torch) records the same
     codes and log-probs, and the trainer's two-forward recomputation matches them to fp32 rounding."""
     from pgen_engine.generation import Generator
     from pgen_engine.generation.backends import EagerBackend
