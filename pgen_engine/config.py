@@ -45,6 +45,9 @@ __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "Sy
 
 
 # ----------------------------------------------------------------------------- sections
+CODE_INITS = ("random", "tokenizer")  # the values of model.init.code_init
+
+
 @dataclasses.dataclass
 class ModelInitConfig:
     """Geometry of a freshly initialised tiny Janus (used when ``model.checkpoint`` is null).
@@ -53,6 +56,14 @@ class ModelInitConfig:
     0.02). Tiny models learn to use their history much faster with a wider init and a
     wider VQ embedding (``vq_embed_dim``): with 0.02 and 8 dims, the code embeddings of a
     prompt are nearly identical and attention gets almost no gradient.
+
+    ``code_init: tokenizer`` starts the image-code embedding and the image head's output
+    rows from what each code looks like (the whitened principal components of the
+    tokenizer's decoded codes, see ``training.init.code_init_weights``) instead of noise,
+    the role pretrained code embeddings play in a released Janus. Measured on the
+    synthetic demo (1,500 SFT steps, seed 1): final loss 0.867 vs 1.115 and validation
+    attr_acc_future 0.601 vs 0.330 with ``random``; seeds 0-2 all learn to read the history,
+    where with ``random`` only seed 0 did within the budget.
 
     ``codebook_size``, ``image_size`` and ``patch_size`` are not set here: they come from
     the image tokenizer, so the model's image tokens are exactly the tokenizer's codes.
@@ -70,14 +81,17 @@ class ModelInitConfig:
     vision_heads: int = 2
     max_position_embeddings: int = 1024
     init_std: Optional[float] = None
+    code_init: str = "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name not in ("seed", "init_std") and getattr(self, f.name) < 1:
+            if f.name not in ("seed", "init_std", "code_init") and getattr(self, f.name) < 1:
                 raise ConfigError(f"model.init.{f.name}={getattr(self, f.name)}: expected a positive integer")
         if self.init_std is not None and not 0 < self.init_std < 1:
             raise ConfigError(f"model.init.init_std={self.init_std}: expected a float in (0, 1) or null")
+        if self.code_init not in CODE_INITS:
+            raise ConfigError(f"model.init.code_init={self.code_init!r}: expected one of {CODE_INITS}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.init: hidden_size={self.hidden_size} must be a multiple of num_heads="
                               f"{self.num_heads}, which must be a multiple of num_kv_heads={self.num_kv_heads}")

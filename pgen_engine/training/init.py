@@ -11,6 +11,9 @@ import json
 import math
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file, save_file
+
 from pgen_engine.config import ModelInitConfig
 from pgen_engine.io_utils import atomic_dir
 from pgen_engine.models.image_tokenizer import ImageTokenizer
@@ -55,7 +58,7 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
         except json.JSONDecodeError:
             pass
 
-    geometry = {k: v for k, v in dataclasses.asdict(init).items() if k != "seed"}
+    geometry = {k: v for k, v in dataclasses.asdict(init).items() if k not in ("seed", "code_init")}
     if isinstance(tokenizer, JanusVQTokenizer):
         # Janus sizes the generation embedding by vq_config.embed_dim, the VQ codebook's width
         geometry["vq_embed_dim"] = int(tokenizer.config["embed_dim"])
@@ -64,5 +67,69 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
         if isinstance(tokenizer, JanusVQTokenizer):
             # a trained Janus VQ becomes the checkpoint's own vqmodel.*: decode_images = tokenizer.decode
             install_into_checkpoint(tokenizer, tmp)
+        if init.code_init == "tokenizer":
+            _install_code_init(tmp, tokenizer, init)
         (tmp / INIT_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
     return out
+
+
+# transformers' JanusConfig.initializer_range: the scale of the weights code_init replaces
+_DEFAULT_STD = 0.02
+_EMBED_KEY = "model.generation_embeddings.weight"
+_HEAD_KEY = "model.generation_head.vision_head.weight"
+
+
+def code_pixel_features(tokenizer: ImageTokenizer, chunk: int = 128) -> torch.Tensor:
+    """What each code looks like: the tokenizer's decode of an image whose every token is that code.
+
+    Returns:
+        float32 ``[K, image_size * image_size * 3]`` in [0, 1], row ``c`` for code ``c``.
+    """
+    rows = []
+    for start in range(0, tokenizer.codebook_size, chunk):
+        codes = torch.arange(start, min(start + chunk, tokenizer.codebook_size))
+        images = tokenizer.decode(codes[:, None].expand(-1, tokenizer.num_tokens).contiguous())
+        rows.append(images.reshape(len(codes), -1).float() / 255.0)
+    return torch.cat(rows)
+
+
+def code_init_weights(features: torch.Tensor, embed_dim: int, hidden_size: int, std: float,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code embedding and image-head rows that put similar-looking codes close together.
+
+    The embedding is the codes' top ``embed_dim`` principal components, whitened (unit
+    variance per component) and scaled to ``std``, the spread of a random init; the head's
+    row for code ``c`` is that vector through a fixed random map to ``hidden_size``, so a
+    hidden state that scores one code high also scores the codes that look like it high.
+    Components past the features' rank are filled with noise of the same scale.
+
+    Args:
+        features: ``[K, D]`` per-code features (:func:`code_pixel_features`).
+    Returns:
+        (embedding ``[K, embed_dim]``, head ``[K, hidden_size]``), float32.
+    """
+    if features.ndim != 2 or not torch.isfinite(features).all():
+        raise ValueError(f"code features must be a finite [K, D] matrix, got shape {tuple(features.shape)}")
+    k = features.shape[0]
+    centred = features.double() - features.double().mean(0)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    rank = int((s > s[0] * 1e-6).sum()) if s.numel() and s[0] > 0 else 0
+    g = torch.Generator().manual_seed(seed)
+    comps = u[:, :min(rank, embed_dim)] * math.sqrt(k)
+    if comps.shape[1] < embed_dim:
+        comps = torch.cat([comps, torch.randn(k, embed_dim - comps.shape[1], generator=g, dtype=comps.dtype)], 1)
+    proj = torch.randn(embed_dim, hidden_size, generator=g, dtype=comps.dtype) / math.sqrt(embed_dim)
+    return (comps * std).float().contiguous(), (comps @ proj * std).float().contiguous()
+
+
+def _install_code_init(ckpt: Path, tokenizer: ImageTokenizer, init: ModelInitConfig) -> None:
+    path = ckpt / "model.safetensors"
+    tensors = load_file(str(path))
+    for key in (_EMBED_KEY, _HEAD_KEY):
+        if key not in tensors:
+            raise KeyError(f"{path}: no {key}; model.init.code_init=tokenizer needs a Janus checkpoint")
+    emb, head = tensors[_EMBED_KEY], tensors[_HEAD_KEY]
+    new_emb, new_head = code_init_weights(code_pixel_features(tokenizer), emb.shape[1], head.shape[1],
+                                          init.init_std or _DEFAULT_STD, init.seed)
+    tensors[_EMBED_KEY], tensors[_HEAD_KEY] = new_emb.to(emb.dtype), new_head.to(head.dtype)
+    save_file(tensors, str(path), metadata={"format": "pt"})  # inside the caller's atomic_dir
