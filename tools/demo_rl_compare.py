@@ -10,7 +10,7 @@ For tuning RL without re-running the whole demo::
         --rl runs/demo/seed0/rl/final --split test --users 0 --images 10 --select --seed 0
 
 ``--users 0`` = every user of the split; ``--select`` = the demo's validation selection
-(64 valid users x 2 images over SAMPLING_GRID); otherwise ``--sampling G,T`` is used for every
+(SELECT_USERS valid users x 2 images over SAMPLING_GRID); otherwise ``--sampling G,T`` is used for every
 generated system. Prints one JSON object (also written to ``--out`` when given).
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 from pgen_engine.config import load_config
 from pgen_engine.eval import evaluate as E
-from pgen_engine.eval.demo import SAMPLING_GRID, builder_for
+from pgen_engine.eval.demo import SAMPLING_GRID, SELECT_USERS, builder_for
 from pgen_engine.eval.evaluator import EvalEmbedder
 from pgen_engine.eval.stats import bootstrap_indices, mean_ci, paired_ci
 from pgen_engine.generation.generator import Generator
@@ -68,7 +68,7 @@ def main() -> int:
     ev.catalogue_embeds = evaluator.embed(ev.catalogue_images).cpu()
     ev.reference_embeds = reference.embed(ev.catalogue_images).cpu()
     examples = ev.examples(a.split, a.users or None, seed=0)
-    valid = ev.examples("valid", 64, seed=1)
+    valid = ev.examples("valid", SELECT_USERS, seed=1)
     n, batch = a.images, max(1, 64 // a.images)
     builder = builder_for(sft_model, sft_ckpt)
     g, t = (float(x) for x in a.sampling.split(","))

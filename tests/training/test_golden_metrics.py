@@ -46,8 +46,9 @@ def sft_args(root: Path) -> list[str]:
     """Overrides of configs/demo_sft.yaml: 20 tiny steps (~15 s on one CPU core)."""
     return [f"output_dir={root / 'sft'}", *_data(root), f"train.max_steps={STEPS}", "train.micro_batch_size=4",
             "train.global_batch_size=8", "train.warmup_steps=2", "train.save_every=10",
-            # recorded before demo_sft.yaml moved to code_init: tokenizer (tests/training/test_init.py)
-            "model.init.code_init=random"]
+            # recorded before demo_sft.yaml moved to code_init: tokenizer and codes history
+            # (tests/training/test_init.py); the RL run inherits the SFT's history mode
+            "model.init.code_init=random", "data.history_mode=pixels"]
 
 
 def rl_args(root: Path) -> list[str]:
@@ -60,7 +61,7 @@ def rl_args(root: Path) -> list[str]:
             # the settings the file was recorded with, before demo_rl.yaml moved to the guided
             # ratio at lr 1.5e-4: this pins the conditional GRPO path bitwise (the guided path
             # has its own tests: tests/training/test_rl.py, test_rollout.py)
-            "rl.policy_distribution=conditional", "train.lr=5.0e-4"]
+            "rl.policy_distribution=conditional", "train.lr=5.0e-4", "rl.guidance_scale=2.0"]
 
 
 def _train(config: str, args: list[str]) -> None:
