@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from pgen_engine.generation.generator import LOGPROB_DISTRIBUTIONS, Generator
+from pgen_engine.generation.generator import LOGPROB_DISTRIBUTIONS, UNCOND_MODES, Generator
 from pgen_engine.generation.sampling_params import SamplingParams
 
 from .engine import can_offload_states, gathered_module, optimizer_states_offloaded
@@ -67,9 +67,6 @@ def generator_rows(num_prompts: int, group_size: int, max_batch_size: int) -> in
                          f"max_batch_size={max_batch_size} must be >= 1")
     per_call = max(1, max_batch_size // group_size)
     return min(per_call, num_prompts) * group_size
-
-
-UNCOND_MODES = ("pad", "short")
 
 
 @dataclasses.dataclass(frozen=True)
