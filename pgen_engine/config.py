@@ -46,6 +46,7 @@ __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "Sy
 
 # ----------------------------------------------------------------------------- sections
 CODE_INITS = ("random", "tokenizer")  # the values of model.init.code_init
+_INIT_DRAW_FIELDS = ("seed", "init_std", "code_init")  # model.init fields that are not geometry
 
 
 @dataclasses.dataclass
@@ -84,9 +85,13 @@ class ModelInitConfig:
     code_init: str = "random"
     seed: int = 0
 
+    def geometry(self) -> dict[str, int]:
+        """The architecture fields (``tiny_janus_config`` keywords): all but how weights are drawn."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in _INIT_DRAW_FIELDS}
+
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            if f.name not in ("seed", "init_std", "code_init") and getattr(self, f.name) < 1:
+            if f.name not in _INIT_DRAW_FIELDS and getattr(self, f.name) < 1:
                 raise ConfigError(f"model.init.{f.name}={getattr(self, f.name)}: expected a positive integer")
         if self.init_std is not None and not 0 < self.init_std < 1:
             raise ConfigError(f"model.init.init_std={self.init_std}: expected a float in (0, 1) or null")

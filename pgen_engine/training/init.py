@@ -58,7 +58,7 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
         except json.JSONDecodeError:
             pass
 
-    geometry = {k: v for k, v in dataclasses.asdict(init).items() if k not in ("seed", "code_init")}
+    geometry = {**init.geometry(), "init_std": init.init_std}
     if isinstance(tokenizer, JanusVQTokenizer):
         # Janus sizes the generation embedding by vq_config.embed_dim, the VQ codebook's width
         geometry["vq_embed_dim"] = int(tokenizer.config["embed_dim"])

@@ -3,7 +3,6 @@ resolved config, a released model's reference geometry, or the tiny ``model.init
 cast to the run's precision with its trainable groups set."""
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
@@ -68,8 +67,7 @@ def resolve_model_config(cfg: RunConfig):
     """
     if cfg.model.checkpoint is None:
         d, init = cfg.data, cfg.model.init
-        geo = {k: v for k, v in dataclasses.asdict(init).items() if k not in ("seed", "init_std")}
-        tc = tiny_janus_config(**geo, image_size=d.tokenizer_image_size, patch_size=d.patch_size,
+        tc = tiny_janus_config(**init.geometry(), image_size=d.tokenizer_image_size, patch_size=d.patch_size,
                                codebook_size=d.codebook_size)
         return JanusModelConfig.from_dict(tc.to_dict(), "model.init"), "tiny model from model.init"
     path = Path(cfg.model.checkpoint)
