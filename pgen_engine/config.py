@@ -62,8 +62,8 @@ class ModelInitConfig:
     rows from what each code looks like (the whitened principal components of the
     tokenizer's decoded codes, see ``training.init.code_init_weights``) instead of noise,
     the role pretrained code embeddings play in a released Janus. Measured on the
-    synthetic demo (1,500 SFT steps, history as codes): final loss 0.69-0.78 (seeds 0-2), validation
-    attr_acc_future 0.62-0.63 for seeds 0 and 1; with ``random`` code rows the run stays
+    synthetic demo (1,500 SFT steps, history as codes): final loss 0.66-0.81 over training seeds
+    0-2 and init seeds 0-2, validation attr_acc_future 0.60-0.66; with ``random`` code rows the run stays
     on the "ignore the history" plateau (loss 1.13; ~1.2 is the catalogue's entropy per code).
 
     ``codebook_size``, ``image_size`` and ``patch_size`` are not set here: they come from
