@@ -88,3 +88,21 @@ def test_code_init_value_is_checked():
 
     with pytest.raises(ConfigError, match="model.init.code_init"):
         ModelInitConfig(code_init="pca")
+
+
+def test_code_init_with_a_janus_vq_tokenizer(tmp_path):
+    """The same init for the learned tokenizer: codes' looks come from the VQ decoder, and the
+    embedding width is the VQ codebook's (Janus sizes the generation embedding by it)."""
+    import pgen_engine as pg
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer, build_vqvae, vq_config
+
+    torch.manual_seed(0)
+    cfg = vq_config(image_size=16, codes_per_side=4, codebook_size=12, embed_dim=4)
+    tok = JanusVQTokenizer(build_vqvae(cfg), cfg)
+    feats = code_pixel_features(tok, chunk=5)
+    assert feats.shape == (12, 16 * 16 * 3)
+    torch.testing.assert_close(feats[3], tok.decode(torch.full((1, 16), 3)).reshape(-1).float() / 255)
+    m = pg.load_model(init_model_for_tokenizer(tmp_path / "vq", tok, ModelInitConfig(code_init="tokenizer")))
+    emb, head = code_init_weights(feats, 4, m.config.text.hidden_size, 0.02, 0)  # transformers' std
+    torch.testing.assert_close(m.generation_embeddings.weight.detach().float(), emb)
+    torch.testing.assert_close(m.generation_head.vision_head.weight.detach().float(), head)
