@@ -21,6 +21,7 @@ from pgen_engine import envs
 from pgen_engine.ops._backend import extension
 
 from . import layers_cpu
+from .waves import LOGPROB_DISTRIBUTIONS
 
 # activation names the C++ loop applies (transformers' ACT2FN names with an ATen equivalent)
 SUPPORTED_ACTS = ("gelu", "gelu_pytorch_tanh", "silu", "swish", "relu")
@@ -136,8 +137,8 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
             call runs every step when None). Each call packs the weights again, so a wave is
             split into at most ``max_chunks`` calls (chunks of at least ``chunk`` steps).
     """
-    if lp_distribution not in ("conditional", "guided"):
-        raise ValueError(f"run_decode_loop: lp_distribution={lp_distribution!r}; expected 'conditional' or 'guided'")
+    if lp_distribution not in LOGPROB_DISTRIBUTIONS:
+        raise ValueError(f"run_decode_loop: lp_distribution={lp_distribution!r}; expected one of {LOGPROB_DISTRIBUTIONS}")
     lm = model.language_model
     cfg_t = lm.cfg
     R, T = out.shape

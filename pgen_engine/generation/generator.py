@@ -41,13 +41,11 @@ from .backends import DecodeBackend, WaveDecode, make_backend
 from .decode_graph import resolve_decode_mode
 from .kv_storage import WaveKVStorage
 from .sampling_params import SamplingParams
-from .waves import UNCOND_MODES, WaveGeometry, WaveItem, plan_kv_bytes, plan_waves, wave_geometry
+from .waves import LOGPROB_DISTRIBUTIONS, UNCOND_MODES, WaveGeometry, WaveItem, plan_kv_bytes, plan_waves, wave_geometry
 
 __all__ = ["CACHE_DTYPES", "Generator", "LOGPROB_DISTRIBUTIONS", "NonFiniteLogitsError", "UNCOND_MODES",
            "check_cache_dtype", "plan_kv_bytes"]
 
-#: what ``Generator.generate(return_logprobs=True)`` records: ``log_softmax(c / T)`` or the CFG mix's
-LOGPROB_DISTRIBUTIONS = ("conditional", "guided")
 _UNSET: object = object()  # a loose sampling keyword the caller did not pass (None is a value: refused)
 
 

@@ -14,6 +14,9 @@ from typing import Iterator, Sequence
 import torch
 
 UNCOND_MODES = ("pad", "short")
+#: what ``Generator.generate(return_logprobs=True)`` records: the conditional branch's
+#: ``log_softmax(c / T)`` or the CFG mix's ``log_softmax((u + s (c - u)) / T)``
+LOGPROB_DISTRIBUTIONS = ("conditional", "guided")
 
 
 @dataclasses.dataclass(frozen=True)

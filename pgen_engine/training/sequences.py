@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from pgen_engine.generation.inputs import Prompt, uncond_ids
+from pgen_engine.generation.waves import UNCOND_MODES
 
 from .grpo import guided_log_softmax
 
@@ -192,8 +193,8 @@ def uncond_prompts(prompts: Sequence[Sequence[int]], code_masks: Sequence[Sequen
     begin-of-image, every other token (and every history code) becomes ``special.pad``;
     ``"short"`` is ``[bos, boi]``. No history images or codes remain.
     """
-    if mode not in ("pad", "short"):
-        raise ValueError(f"uncond_prompts: mode must be 'pad' or 'short', got {mode!r}")
+    if mode not in UNCOND_MODES:  # uncond_ids reads anything but "short" as "pad"
+        raise ValueError(f"uncond_prompts: mode must be one of {UNCOND_MODES}, got {mode!r}")
     return [list(uncond_ids(Prompt(list(p), None if code_masks is None else list(code_masks[i]), 0), special, mode))
             for i, p in enumerate(prompts)]
 
