@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -74,7 +75,9 @@ def tiny_janus_config(
     )
 
 
-def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, init_std: float | None = None, **config_kwargs) -> Path:
+def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, init_std: float | None = None,
+                         code_rows: Callable[[int, int, float], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                         **config_kwargs) -> Path:
     """Build a random ``JanusForConditionalGeneration`` and ``save_pretrained`` it to ``path``.
 
     Args:
@@ -82,6 +85,9 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, init_std: float | N
         seed: torch seed for the random weights.
         init_std: if set, re-draw every weight matrix from N(0, init_std) (larger values
             make logits peaky, so greedy decoding has no near-ties).
+        code_rows: optional ``(embed_dim, hidden_size, std) -> (embedding [K, embed_dim],
+            head [K, hidden_size])``: the image-code embedding and image-head rows to start from
+            instead of noise (``std``: ``init_std``, else the config's ``initializer_range``).
         **config_kwargs: forwarded to :func:`tiny_janus_config`.
     Returns:
         ``path`` as a Path.
@@ -97,6 +103,16 @@ def make_tiny_checkpoint(path: str | Path, *, seed: int = 0, init_std: float | N
             for name, p in model.named_parameters():
                 if p.ndim >= 2 and "vqmodel" not in name:
                     p.normal_(0.0, init_std)
+    if code_rows is not None:
+        emb, head = model.model.generation_embeddings.weight, model.model.generation_head.vision_head.weight
+        new_emb, new_head = code_rows(emb.shape[1], head.shape[1],
+                                      init_std if init_std is not None else cfg.text_config.initializer_range)
+        if new_emb.shape != emb.shape or new_head.shape != head.shape:
+            raise ValueError(f"code_rows gave {tuple(new_emb.shape)} / {tuple(new_head.shape)}, expected "
+                             f"{tuple(emb.shape)} / {tuple(head.shape)}")
+        with torch.no_grad():
+            emb.copy_(new_emb)
+            head.copy_(new_head)
     special = SpecialTokens.builtin()
     for k, v in special.generation_config_dict().items():
         setattr(model.generation_config, k, v)

@@ -7,12 +7,12 @@ gives ``tokenizer.num_tokens`` codes per image, so cached codes are valid model 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from pgen_engine.config import ModelInitConfig
 from pgen_engine.io_utils import atomic_dir
@@ -62,21 +62,16 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
     if isinstance(tokenizer, JanusVQTokenizer):
         # Janus sizes the generation embedding by vq_config.embed_dim, the VQ codebook's width
         geometry["vq_embed_dim"] = int(tokenizer.config["embed_dim"])
+    code_rows = None  # (embed_dim, hidden_size, std) -> rows, see make_tiny_checkpoint
+    if init.code_init == "tokenizer":
+        code_rows = functools.partial(code_init_weights, code_pixel_features(tokenizer), seed=init.seed)
     with atomic_dir(out) as tmp:
-        make_tiny_checkpoint(tmp, seed=init.seed, **geometry, **tokenizer_geometry(tokenizer))
+        make_tiny_checkpoint(tmp, seed=init.seed, code_rows=code_rows, **geometry, **tokenizer_geometry(tokenizer))
         if isinstance(tokenizer, JanusVQTokenizer):
             # a trained Janus VQ becomes the checkpoint's own vqmodel.*: decode_images = tokenizer.decode
             install_into_checkpoint(tokenizer, tmp)
-        if init.code_init == "tokenizer":
-            _install_code_init(tmp, tokenizer, init)
         (tmp / INIT_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
     return out
-
-
-# transformers' JanusConfig.initializer_range: the scale of the weights code_init replaces
-_DEFAULT_STD = 0.02
-_EMBED_KEY = "model.generation_embeddings.weight"
-_HEAD_KEY = "model.generation_head.vision_head.weight"
 
 
 def code_pixel_features(tokenizer: ImageTokenizer, chunk: int = 128) -> torch.Tensor:
@@ -120,16 +115,3 @@ def code_init_weights(features: torch.Tensor, embed_dim: int, hidden_size: int, 
         comps = torch.cat([comps, torch.randn(k, embed_dim - comps.shape[1], generator=g, dtype=comps.dtype)], 1)
     proj = torch.randn(embed_dim, hidden_size, generator=g, dtype=comps.dtype) / math.sqrt(embed_dim)
     return (comps * std).float().contiguous(), (comps @ proj * std).float().contiguous()
-
-
-def _install_code_init(ckpt: Path, tokenizer: ImageTokenizer, init: ModelInitConfig) -> None:
-    path = ckpt / "model.safetensors"
-    tensors = load_file(str(path))
-    for key in (_EMBED_KEY, _HEAD_KEY):
-        if key not in tensors:
-            raise KeyError(f"{path}: no {key}; model.init.code_init=tokenizer needs a Janus checkpoint")
-    emb, head = tensors[_EMBED_KEY], tensors[_HEAD_KEY]
-    new_emb, new_head = code_init_weights(code_pixel_features(tokenizer), emb.shape[1], head.shape[1],
-                                          init.init_std or _DEFAULT_STD, init.seed)
-    tensors[_EMBED_KEY], tensors[_HEAD_KEY] = new_emb.to(emb.dtype), new_head.to(head.dtype)
-    save_file(tensors, str(path), metadata={"format": "pt"})  # inside the caller's atomic_dir
