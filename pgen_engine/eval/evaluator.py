@@ -8,6 +8,16 @@ the generator never optimises:
   other (train sequences only; valid/test targets never enter) are positives;
 * metadata: two items sharing a value of ``metadata_field`` (e.g. MovieLens ``genres``)
   are positives, for a ``metadata_frac`` share of each batch;
+* instance: an item and an augmented view of itself, for an ``instance_frac`` share of
+  each batch. Why: where co-consumption is barely visible in pixels (real posters), the
+  InfoNCE optimum without this term is a collapsed embedding (loss log B, every image at
+  cosine ~1 to every other), and then every similarity metric reads ~1 for every system.
+  The instance term makes the evaluator tell images apart; the other pairs bend that
+  space towards what users consume together. ``sanity.mean_cosine`` reports the spread.
+  Measured (300 steps): on 2,943 MovieLens posters, instance_frac 0 / 0.25 / 0.5 / 0.65
+  gives mean cosine 0.98 / 0.63 / 0.33 / 0.23 and held-out recall@10 0.0055 / 0.0072 /
+  0.0077 / 0.0069 (pixel statistics 0.0067, chance 0.0034); on the synthetic demo's 120
+  items recall@10 is unchanged (0.31 / 0.32 / 0.31) while the mean cosine drops 0.76 -> 0.22;
 
 with a symmetric InfoNCE loss over in-batch negatives (``tau``). Images are resized to
 ``image_size`` (64 px). What it measures: "would the same kind of user consume these two
@@ -57,6 +67,7 @@ class EvaluatorConfig:
     window: int = 3
     metadata_field: str = "genres"
     metadata_frac: float = 0.25
+    instance_frac: float = 0.5
     steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
@@ -73,6 +84,9 @@ class EvaluatorConfig:
         if not 0 <= self.metadata_frac < 1 or not 0 < self.holdout_users < 1 or self.tau <= 0:
             raise ValueError(f"evaluator: metadata_frac in [0, 1), holdout_users in (0, 1), tau > 0 required, got "
                              f"{self.metadata_frac}, {self.holdout_users}, {self.tau}")
+        if not 0 <= self.instance_frac < 1 or self.metadata_frac + self.instance_frac >= 1:
+            raise ValueError(f"evaluator: instance_frac in [0, 1) and metadata_frac + instance_frac < 1 required "
+                             f"(co-consumption pairs need a share), got {self.instance_frac}, {self.metadata_frac}")
 
 
 class SmallCNN(nn.Module):
@@ -265,6 +279,16 @@ def recall_at_k(embeds: torch.Tensor, pairs: np.ndarray, k: int = 10) -> float:
     return float((rank < k).double().mean())
 
 
+def mean_pairwise_cosine(embeds: torch.Tensor) -> float:
+    """Mean cosine over distinct pairs of ``embeds [C, D]``: ~1 means a collapsed embedding."""
+    C = embeds.shape[0]
+    if C < 2:
+        return float("nan")
+    e = F.normalize(embeds.float(), dim=-1)
+    s = e.sum(0)
+    return float(((s @ s) - C) / (C * (C - 1)))
+
+
 # ---------------------------------------------------------------------------- training
 
 def fit_cocons_cnn(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], item_meta: Sequence[dict],
@@ -297,16 +321,21 @@ def fit_cocons_cnn(images: torch.Tensor, train_sequences: Sequence[Sequence[int]
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     B = cfg.batch_size
     n_meta = int(B * cfg.metadata_frac) if groups else 0
+    n_inst = int(B * cfg.instance_frac)
+    items = np.asarray(sorted(train_items), dtype=np.int64)
     net.train()
     it = range(cfg.steps)
     if progress:
         it = tqdm(it, desc=desc, unit="step")
     for _ in it:
-        sel = pairs[rng.integers(0, len(pairs), size=B - n_meta)]
+        sel = pairs[rng.integers(0, len(pairs), size=B - n_meta - n_inst)]
         if n_meta:
             gs = [groups[g] for g in rng.integers(0, len(groups), size=n_meta)]
             meta_pairs = np.array([rng.choice(g, size=2, replace=False) for g in gs], dtype=np.int64)
             sel = np.concatenate([sel, meta_pairs])
+        if n_inst:
+            own = items[rng.integers(0, len(items), size=n_inst)]
+            sel = np.concatenate([sel, np.stack([own, own], 1)])
         a, b = torch.from_numpy(sel[:, 0]), torch.from_numpy(sel[:, 1])
         xa, xb = x_all[a], x_all[b]
         # light augmentation (flip, small shift) so the net does not memorise exact pixels
@@ -332,6 +361,7 @@ def fit_cocons_cnn(images: torch.Tensor, train_sequences: Sequence[Sequence[int]
 
     C = images.shape[0]
     sanity = {"heldout_users": len(held_seqs), "heldout_pairs": int(len(held_pairs)),
+              "mean_cosine": mean_pairwise_cosine(cat),
               "recall@10": recall_at_k(cat, held_pairs, 10),
               "recall@10_pixel_stats": recall_at_k(PixelStatsEmbedder().embed(images), held_pairs, 10),
               "recall@10_chance": 10.0 / max(C - 1, 1), "final_loss": float(loss.detach())}

@@ -63,3 +63,32 @@ def test_train_save_load_hash_and_reward_refusal(tmp_path):
     for spec in ({"type": "clip", "path": str(tmp_path / "ev")}, {"type": "eval_cnn", "path": str(tmp_path / "ev")}):
         with pytest.raises(ValueError, match="rewards may not use it"):
             make_embedder(spec)
+
+
+def test_instance_pairs_keep_the_embedding_spread_when_co_consumption_is_noise(tmp_path):
+    """Sequences drawn at random carry no signal: plain InfoNCE then collapses every image onto
+    one direction (each similarity metric would read ~1 for every system); the instance pairs
+    keep images apart, and ``sanity.mean_cosine`` reports which happened."""
+    imgs, _, _ = _toy(n_groups=6, per=8, seed=3)
+    rng = np.random.default_rng(0)
+    seqs = [list(rng.integers(0, len(imgs), size=6)) for _ in range(80)]
+    base = dict(steps=60, batch_size=32, image_size=32, width=8, dim=16, metadata_frac=0.0)
+    spread = {}
+    default = EvaluatorConfig().instance_frac
+    assert default > 0
+    for frac in (0.0, default):
+        ev = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / f"ev{frac}",
+                             EvaluatorConfig(instance_frac=frac, **base))
+        spread[frac] = ev.meta["sanity"]["mean_cosine"]
+        e = ev.embed(imgs)
+        off = ~torch.eye(len(imgs), dtype=torch.bool)
+        assert abs(float((e @ e.T)[off].mean()) - spread[frac]) < 1e-4  # the number is the embedding's
+    assert spread[0.0] > 0.8, spread
+    assert spread[default] < spread[0.0] - 0.2, spread
+
+
+def test_instance_frac_is_validated():
+    with pytest.raises(ValueError, match="instance_frac"):
+        EvaluatorConfig(instance_frac=1.0)
+    with pytest.raises(ValueError, match="metadata_frac \\+ instance_frac"):
+        EvaluatorConfig(instance_frac=0.5, metadata_frac=0.5)
