@@ -19,6 +19,9 @@ class SFTConfig:
     the section exists so that stage-specific settings have a typed home, and ``sft: {}`` is valid."""
 
 
+PROMPT_WINDOWS = ("sft", "unseen", "all")
+
+
 class RLConfigError(ConfigError):
     """Invalid ``rl:`` section (one line naming the key)."""
 
@@ -57,6 +60,13 @@ class RLConfig:
             window's own target (the next train-split item) instead of the item after it.
             The next item is the one the user's drifting interest is closest to; items
             further ahead have drifted further. Valid/test targets are never included.
+        prompt_windows: which train-split windows RL prompts are drawn from: "sft" (the
+            windows SFT trained on: the ``data.max_windows_per_user`` most recent per user),
+            "unseen" (the user's older train windows that SFT never trained on) or "all".
+            Why "unseen": after several SFT epochs the model has memorised its windows'
+            targets, so a reward that scores the next item mostly re-rewards memorised answers;
+            on windows SFT did not train on, it rewards predicting the drift. Every window's
+            target and future items are train-split items either way.
         ledger_scan_every: every N steps log ``mem/live_tensor_bytes`` (0 = off; slow).
         eval_prompts: held-out (valid-split) prompts scored before the first step and after
             the last one (``eval/reward``, ``eval/reward/<component>``; 0 = off). Fixed
@@ -93,6 +103,7 @@ class RLConfig:
     embedder: Any = dataclasses.field(default_factory=lambda: {"type": "pixel_stats"})
     future_horizon: Optional[int] = None
     future_includes_target: bool = False
+    prompt_windows: Literal["sft", "unseen", "all"] = "sft"
     ledger_scan_every: int = 0
     eval_prompts: int = 0
     eval_every: int = 0
@@ -132,6 +143,8 @@ class RLConfig:
             raise bad("embedder", "a mapping with 'type' (e.g. {type: pixel_stats})")
         if self.future_horizon is not None and self.future_horizon < 1:
             raise bad("future_horizon", ">= 1 or null")
+        if self.prompt_windows not in PROMPT_WINDOWS:
+            raise bad("prompt_windows", f"one of {list(PROMPT_WINDOWS)}")
         for key in ("ledger_scan_every", "eval_prompts", "eval_every"):
             if getattr(self, key) < 0:
                 raise bad(key, ">= 0")

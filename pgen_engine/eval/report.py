@@ -265,7 +265,9 @@ def results_markdown(report: dict, metrics: Sequence[str], key_metrics: Sequence
     head = (f"{report['users']} test users x {report['images_per_user']} images, seeds {report['seeds']}; "
             f"cells: mean [95 % paired-bootstrap CI over users]. Evaluator: {ev.get('type', '?')}"
             + (f" (held-out co-consumption recall@10 {san['recall@10']:.3f} vs pixel statistics "
-               f"{san['recall@10_pixel_stats']:.3f}, chance {san['recall@10_chance']:.3f})" if san else "")
+               f"{san['recall@10_pixel_stats']:.3f}, chance {san['recall@10_chance']:.3f}"
+               + (f"; mean pairwise cosine {san['mean_cosine']:.2f}" if "mean_cosine" in san else "") + ")"
+               if san else "")
             + (", independent of the reward embedder" if ev.get("independent") else ", NOT independent of the reward"))
     parts = [head, "", ci_table(report, metrics), "", "Paired differences (system - baseline):", "",
              ci_table(report, key_metrics, section="paired"), ""]

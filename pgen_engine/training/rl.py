@@ -52,7 +52,7 @@ from .history_features import RLHistoryFeatures, tower_trains
 from .memory_ledger import MemoryLedger, SavedTensorMeter, optimizer_state_bytes
 from .reference import ReferencePolicy
 from .rl_env import (PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint,
-                     ensure_reward_embedder, reward_embedder_spec)
+                     ensure_reward_embedder, reward_embedder_spec, rl_prompt_windows)
 from .rollout import HybridEngine, RolloutParams
 from .sequences import (Sequences, build_sequences, guided_policy_logprobs, policy_logprobs, row_pixels,
                         uncond_prompts)
@@ -434,7 +434,11 @@ class RLStage(Stage):
         barrier()
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
                                           work=work_dir(cfg))
-        self.source = RLPromptSource(data.splits.train, data.splits, ds.cache, ds.builder, titles=ds.titles,
+        windows = rl_prompt_windows(rl.prompt_windows, data.splits.train, dataset, cfg.data)
+        if dist.rank == 0 and rl.prompt_windows != "sft":
+            print(f"[rl] prompts from {len(windows)} train windows (rl.prompt_windows={rl.prompt_windows}; "
+                  f"SFT trained on {len(data.splits.train)})", flush=True)
+        self.source = RLPromptSource(windows, data.splits, ds.cache, ds.builder, titles=ds.titles,
                                      ground_truth=gt, future_horizon=rl.future_horizon,
                                      future_includes_target=rl.future_includes_target, seed=cfg.seed,
                                      image_loader=ds.image_loader, vision_features=ds.vision_features)

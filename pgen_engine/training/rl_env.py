@@ -21,6 +21,7 @@ import yaml
 
 from pgen_engine.config import RLConfig, RLConfigError, RunConfig
 from pgen_engine.data.prompts import normalize_pixels
+from pgen_engine.data.splits import Example, build_splits
 from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.ops.rng import mix_seed
@@ -117,6 +118,37 @@ class RewardEnv:
                             read_attributes=self.read_attributes)
         total, comps = self.reward(images, ctx)
         return total.float().cpu(), {k: v.float().cpu() for k, v in comps.items()}
+
+
+def rl_prompt_windows(mode: str, sft_windows: list[Example], dataset, data_cfg) -> list[Example]:
+    """The train-split windows RL draws prompts from (``rl.prompt_windows``).
+
+    Args:
+        mode: "sft" (``sft_windows`` as they are), "unseen" (train windows of the same
+            users and window settings that are not in ``sft_windows``) or "all".
+        sft_windows: the windows SFT trained on (``build_splits(..., max_windows_per_user)``).
+        dataset: the loaded dataset the splits come from.
+        data_cfg: the run's ``data`` section (history_k, stride, min_interactions).
+    Returns:
+        train-split :class:`Example` windows in time order per user.
+    Raises:
+        RLConfigError: an unknown mode, or "unseen" when SFT trained on every window.
+    """
+    if mode == "sft":
+        return list(sft_windows)
+    if mode not in ("unseen", "all"):
+        raise RLConfigError(f"rl.prompt_windows={mode!r}: expected 'sft', 'unseen' or 'all'")
+    every = build_splits(dataset, k=data_cfg.history_k, stride=data_cfg.stride, max_windows_per_user=None,
+                         min_interactions=data_cfg.min_interactions).train
+    if mode == "all":
+        return every
+    seen = {(ex.user_id, ex.position) for ex in sft_windows}
+    unseen = [ex for ex in every if (ex.user_id, ex.position) not in seen]
+    if not unseen:
+        raise RLConfigError(f"rl.prompt_windows='unseen': SFT trained on every train window "
+                            f"(data.max_windows_per_user={data_cfg.max_windows_per_user}); use 'sft' or 'all', "
+                            f"or give SFT fewer windows per user")
+    return unseen
 
 
 class RLPromptSource:

@@ -65,3 +65,19 @@ def test_paired_keys_without_sft_or_retrieve():
     assert paired_keys(["generate_sft_rl"]) == []
     assert paired_keys(["generate_sft_rl", "generate_sft"]) == [("generate_sft_rl", "generate_sft")]
     assert paired_keys(["tiny", "retrieve"]) == [("tiny", "retrieve")]
+
+
+def test_results_markdown_names_the_evaluator_sanity_and_spread():
+    from pgen_engine.eval.report import results_markdown
+
+    U = 20
+    per_user = {"copy_last": {"future_sim": torch.linspace(0, 1, U, dtype=torch.float64)},
+                "generate_sft_rl": {"future_sim": torch.linspace(0.1, 1.1, U, dtype=torch.float64)}}
+    san = {"recall@10": 0.0077, "recall@10_pixel_stats": 0.0067, "recall@10_chance": 0.0034}
+    for spread, want in ((None, None), (0.33, "mean pairwise cosine 0.33")):
+        ev = {"type": "eval_cnn", "independent": True,
+              "sanity": dict(san, **({"mean_cosine": spread} if spread is not None else {}))}
+        r = build_report_json("ds", [0], 10, ev, per_user, draws=100)
+        head = results_markdown(r, ["future_sim"], ["future_sim"], systems=["generate_sft_rl"]).splitlines()[0]
+        assert "recall@10 0.008 vs pixel statistics 0.007, chance 0.003" in head
+        assert (want in head) if want else ("cosine" not in head), head

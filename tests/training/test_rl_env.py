@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pgen_engine.config import RLConfig
+from pgen_engine.config import RLConfig, RLConfigError
 from pgen_engine.data.dataset import Dataset, Interaction, Item
 from pgen_engine.data.splits import build_splits
-from pgen_engine.training.rl_env import RLPromptSource
+from pgen_engine.training.rl_env import RLPromptSource, rl_prompt_windows
 
 
 class _Builder:
@@ -28,14 +28,45 @@ class _Cache:
         return [torch.tensor([int(i[1:])]) for i in ids]
 
 
-def _splits():
+def _dataset():
     # every item is consumed once, so a history window names its example
     order = list(range(72))
     random.Random(0).shuffle(order)
     items = {f"i{j}": Item(f"i{j}", "", None) for j in range(72)}
     inter = {f"u{u}": [Interaction(f"i{order[12 * u + t]}", float(t), 2 + 12 * u + t) for t in range(12)]
              for u in range(6)}
-    return build_splits(Dataset(None, items, inter), k=3, min_interactions=4)
+    return Dataset(None, items, inter)
+
+
+def _splits(max_windows=None):
+    return build_splits(_dataset(), k=3, min_interactions=4, max_windows_per_user=max_windows)
+
+
+def test_prompt_windows_unseen_are_the_older_train_windows_sft_skipped():
+    data_cfg = SimpleNamespace(history_k=3, stride=1, min_interactions=4, max_windows_per_user=3)
+    sft = _splits(3).train
+    every = _splits().train
+    assert rl_prompt_windows("sft", sft, _dataset(), data_cfg) == sft
+    assert rl_prompt_windows("all", sft, _dataset(), data_cfg) == every
+    unseen = rl_prompt_windows("unseen", sft, _dataset(), data_cfg)
+    key = lambda e: (e.user_id, e.position)  # noqa: E731
+    assert unseen and {key(e) for e in unseen} | {key(e) for e in sft} == {key(e) for e in every}
+    assert not {key(e) for e in unseen} & {key(e) for e in sft}
+    latest_sft = {}
+    for e in sft:
+        latest_sft[e.user_id] = min(latest_sft.get(e.user_id, e.position), e.position)
+    # older than every window SFT kept for that user, and still train-split windows
+    assert all(e.position < latest_sft[e.user_id] and e.split == "train" for e in unseen)
+    with pytest.raises(RLConfigError, match="SFT trained on every train window"):
+        rl_prompt_windows("unseen", every, _dataset(), data_cfg)
+    with pytest.raises(RLConfigError, match="prompt_windows"):
+        RLConfig(prompt_windows="valid")
+    # a prompt source over the unseen windows scores train-split future items only
+    sp = _splits(3)
+    src = RLPromptSource(unseen, sp, _Cache(), _Builder(), future_horizon=2, future_includes_target=True)
+    held = {e.target for e in sp.valid + sp.test}
+    for fut in src.batch(0, 16).future:
+        assert fut and not set(fut) & held
 
 
 @pytest.mark.parametrize("include", [False, True])
