@@ -447,6 +447,26 @@ def config_to_dict(cfg: RunConfig) -> dict:
     return plain(cfg)
 
 
+def config_defaults(cfg: RunConfig) -> dict[str, Any]:
+    """Flattened ``"section.key" -> default value`` of every field in ``cfg``'s dataclass tree
+    (the defaults the dataclasses declare, before a config file or override sets them)."""
+    out: dict[str, Any] = {}
+
+    def walk(x: Any, prefix: str) -> None:
+        for f in dataclasses.fields(x):
+            key = f"{prefix}.{f.name}" if prefix else f.name
+            value = getattr(x, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, key)
+            elif f.default is not dataclasses.MISSING:
+                out[key] = f.default
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[key] = f.default_factory()  # type: ignore[misc]
+
+    walk(cfg, "")
+    return out
+
+
 def dump_config(cfg: RunConfig) -> str:
     """YAML text of the resolved config; :func:`load_config` reads it back to an equal config."""
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -107,9 +107,16 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: tree}
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def config_changes(saved: dict[str, Any], current: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> list[str]:
     """Training settings that differ between two resolved configs (``config_to_dict`` trees),
-    as ``"key: saved -> current"`` lines, ignoring :data:`RESUMABLE_CHANGES`."""
+    as ``"key: saved -> current"`` lines, ignoring :data:`RESUMABLE_CHANGES`.
+
+    ``defaults`` (flattened ``"section.key" -> default``, :func:`pgen_engine.config.config_defaults`):
+    a key the saved config lacks is a setting added after that run was written; when the
+    current value is that setting's default (which by convention is the earlier behaviour),
+    it is not a change.
+    """
     a, b = _flatten(saved), _flatten(current)
     allowed = lambda k: any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)  # noqa: E731
     missing = object()
@@ -119,17 +126,21 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         if allowed(k) or va == vb or (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple))
                                       and list(va) == list(vb)):
             continue
+        if va is missing and defaults is not None and k in defaults and defaults[k] == vb:
+            continue
         show = lambda v: "(unset)" if v is missing else repr(v)  # noqa: E731
         out.append(f"{k}: {show(va)} -> {show(vb)}")
     return out
 
 
-def check_resume_config(ckpt: Path, current: dict[str, Any]) -> None:
+def check_resume_config(ckpt: Path, current: dict[str, Any], defaults: dict[str, Any] | None = None) -> None:
     """Refuse to resume ``ckpt`` under a config whose training settings differ from its own.
 
     Args:
         ckpt: a complete checkpoint folder.
         current: the run's resolved config (``config_to_dict``).
+        defaults: the config's field defaults (``config_defaults``): settings added since the
+            checkpoint was written pass when they are at their default.
     Raises:
         ResumeError: naming the checkpoint and every differing key (saved -> now). A
             checkpoint written before configs were recorded is accepted as is.
@@ -138,7 +149,7 @@ def check_resume_config(ckpt: Path, current: dict[str, Any]) -> None:
     saved = meta.get(CONFIG_KEY)
     if saved is None:
         return
-    diff = config_changes(saved, current)
+    diff = config_changes(saved, current, defaults)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
         raise ResumeError(f"{ckpt}: trained with other settings than this config ({shown}); resume with the "

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pgen_engine.config import RunConfig, TrainConfig, config_to_dict, dump_config
+from pgen_engine.config import RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_resume_config, export_hf, load_resumable, resolve_resume,
@@ -131,7 +131,7 @@ class Trainer:
         stage.check_world(cfg, dist)
         ckpt = resolve_resume(resume, self.out)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
-            check_resume_config(ckpt, config_to_dict(cfg))
+            check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
         if dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))

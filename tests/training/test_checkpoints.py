@@ -1,8 +1,10 @@
 """Resumable DeepSpeed checkpoints (1 rank, in process) and the Hugging Face export."""
 from __future__ import annotations
 
+import json
 import os
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,3 +161,26 @@ def test_resume_allows_longer_runs_other_folders_and_rates(tmp_path):
 def test_resume_accepts_checkpoints_written_before_configs_were_recorded(tmp_path):
     from pgen_engine.training.checkpoints import check_resume_config
     check_resume_config(_saved(tmp_path, None), {"train": {"lr": 1.0}})
+
+
+def test_resume_accepts_settings_added_later_only_at_their_default(tmp_path):
+    """A run written before a setting existed resumes when the setting is at its default (the
+    earlier behaviour); set to anything else it is a change like any other."""
+    from pgen_engine.config import config_defaults, config_to_dict, load_config
+    from pgen_engine.training.checkpoints import check_resume_config, config_changes
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_rl.yaml")
+    now = config_to_dict(cfg)
+    defaults = config_defaults(cfg)
+    assert defaults["rl.prompt_windows"] == "sft" and defaults["model.init.code_init"] == "random"
+    saved = json.loads(json.dumps(now))
+    del saved["rl"]["prompt_windows"]  # a checkpoint from before rl.prompt_windows
+    assert config_changes(saved, now, defaults) == []
+    check_resume_config(_saved(tmp_path, saved), now, defaults)
+    assert config_changes(saved, now) == ["rl.prompt_windows: (unset) -> 'sft'"]  # without defaults: strict
+    other = json.loads(json.dumps(now))
+    other["rl"]["prompt_windows"] = "unseen"
+    assert config_changes(saved, other, defaults) == ["rl.prompt_windows: (unset) -> 'unseen'"]
+    # a setting whose resolved value is not its declared default stays a change
+    del saved["rl"]["policy_distribution"]
+    assert config_changes(saved, now, defaults) == ["rl.policy_distribution: (unset) -> 'guided'"]
