@@ -15,6 +15,7 @@ this module supplies :class:`SFTStage`, whose ``train_step`` is one optimizer st
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -92,6 +93,9 @@ class SFTStage(Stage):
         cfg, dist, data = self.cfg, trainer.dist, trainer.data
         self.trainer, self.te, self.device = trainer, trainer.te, dist.device
         self.consumed = int(client.get("micro_batches", 0))
+        # a run resumed at max_steps runs no step: its summary reports the checkpoint's last loss
+        # (JSON null for checkpoints written before the loss was recorded), never NaN
+        self.loss = float(client.get("last_loss", float("nan")))
         micro = trainer.te.micro_batch_size
         probe = build_sft_loader(data.dataset, data.special, batch_size=micro, seed=cfg.seed,
                                  rank=dist.rank, world_size=dist.world_size)
@@ -133,10 +137,10 @@ class SFTStage(Stage):
         return row
 
     def client_state(self) -> dict[str, Any]:
-        return {"micro_batches": self.consumed}
+        return {"micro_batches": self.consumed, "last_loss": self.loss}
 
     def summary(self) -> dict[str, Any]:
-        return {"final_loss": self.loss}
+        return {"final_loss": self.loss if math.isfinite(self.loss) else None}
 
 
 def run(cfg: RunConfig, resume: str | None = None) -> dict[str, Any]:

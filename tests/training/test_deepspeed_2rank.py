@@ -125,6 +125,11 @@ def test_kill_and_resume_reproduces_losses(runs):
     for s in after:
         assert abs(ref[s] - got[s]) <= 1e-5, f"step {s}: uninterrupted {ref[s]} vs resumed {got[s]}"
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == resumed_from
+    # resuming the finished run runs no step: the summary keeps the last step's loss (not NaN)
+    _ok(_train(args + ["--resume", "auto"]))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == STEPS and abs(summary["final_loss"] - got[STEPS]) <= 1e-6
+    assert sorted(_losses(out)) == list(range(1, STEPS + 1))
 
 
 def test_exported_checkpoint_loads_in_transformers_with_matching_logits(runs):
