@@ -35,10 +35,12 @@ META_FILE = "reward_embedder.json"
 WEIGHTS_FILE = "reward_embedder.safetensors"
 
 # The reward model's defaults differ from the evaluator's on purpose: another seed (a
-# different network), consecutive items only (window 1: "what comes next"), no metadata and no
-# instance pairs (the evaluator's anti-collapse term; the demo RL runs were measured without it).
+# different network), consecutive items only (window 1: "what comes next"), no metadata and, by
+# default, no instance pairs (the evaluator's anti-collapse term; `rl.embedder.instance_frac`
+# turns them on, the demo RL runs were measured without).
 SPEC_FIELDS = {"steps": 400, "seed": 1, "window": 1, "dim": 64, "width": 32, "image_size": 32, "lr": 2e-3,
-               "tau": 0.1, "batch_size": 128}
+               "tau": 0.1, "batch_size": 128, "instance_frac": 0.0}
+_FLOAT_FIELDS = ("lr", "tau", "instance_frac")
 
 
 def RewardEmbedderConfig(**overrides: Any) -> EvaluatorConfig:
@@ -50,9 +52,9 @@ def RewardEmbedderConfig(**overrides: Any) -> EvaluatorConfig:
     if unknown:
         raise ValueError(f"reward embedder: unknown field(s) {unknown}; allowed: {sorted(SPEC_FIELDS)}")
     vals = {**SPEC_FIELDS, **overrides}
-    ints = {k: int(v) for k, v in vals.items() if k not in ("lr", "tau")}
-    return EvaluatorConfig(**ints, lr=float(vals["lr"]), tau=float(vals["tau"]), metadata_frac=0.0,
-                           instance_frac=0.0)
+    ints = {k: int(v) for k, v in vals.items() if k not in _FLOAT_FIELDS}
+    floats = {k: float(vals[k]) for k in _FLOAT_FIELDS}
+    return EvaluatorConfig(**ints, **floats, metadata_frac=0.0)
 
 
 def reward_config_from_spec(spec: Mapping[str, Any]) -> EvaluatorConfig:

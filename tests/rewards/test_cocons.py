@@ -90,3 +90,11 @@ def test_refuses_bad_artifacts_and_fields(trained, tmp_path):
         make_embedder({"type": "cocons_cnn", "path": str(tmp_path / "ev")})
     with pytest.raises(ValueError, match="evaluation embedder"):
         train_reward_embedder(imgs, seqs, tmp_path / "ev", RewardEmbedderConfig(**SMALL))
+
+
+def test_reward_config_instance_frac_defaults_off_and_is_a_float_field():
+    assert RewardEmbedderConfig().instance_frac == 0.0 and RewardEmbedderConfig().metadata_frac == 0.0
+    cfg = reward_config_from_spec({"type": "cocons_cnn", "instance_frac": "0.5", "steps": "10"})
+    assert cfg.instance_frac == 0.5 and cfg.steps == 10 and isinstance(cfg.steps, int)
+    with pytest.raises(ValueError, match="instance_frac"):
+        RewardEmbedderConfig(instance_frac=1.0)
