@@ -66,7 +66,8 @@ class RLConfig:
             Why "unseen": after several SFT epochs the model has memorised its windows'
             targets, so a reward that scores the next item mostly re-rewards memorised answers;
             on windows SFT did not train on, it rewards predicting the drift. Every window's
-            target and future items are train-split items either way.
+            target and future items are train-split items either way. Measured on the
+            synthetic demo: it raises the held-out reward, not attr_acc_future (README).
         ledger_scan_every: every N steps log ``mem/live_tensor_bytes`` (0 = off; slow).
         eval_prompts: held-out (valid-split) prompts scored before the first step and after
             the last one (``eval/reward``, ``eval/reward/<component>``; 0 = off). Fixed

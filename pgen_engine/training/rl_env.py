@@ -22,6 +22,7 @@ import yaml
 from pgen_engine.config import RLConfig, RLConfigError, RunConfig
 from pgen_engine.data.prompts import normalize_pixels
 from pgen_engine.data.splits import Example, build_splits
+from pgen_engine.stage_config import PROMPT_WINDOWS
 from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.ops.rng import mix_seed
@@ -136,8 +137,8 @@ def rl_prompt_windows(mode: str, sft_windows: list[Example], dataset, data_cfg) 
     """
     if mode == "sft":
         return list(sft_windows)
-    if mode not in ("unseen", "all"):
-        raise RLConfigError(f"rl.prompt_windows={mode!r}: expected 'sft', 'unseen' or 'all'")
+    if mode not in PROMPT_WINDOWS:
+        raise RLConfigError(f"rl.prompt_windows={mode!r}: expected one of {list(PROMPT_WINDOWS)}")
     every = build_splits(dataset, k=data_cfg.history_k, stride=data_cfg.stride, max_windows_per_user=None,
                          min_interactions=data_cfg.min_interactions).train
     if mode == "all":
