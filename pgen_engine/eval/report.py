@@ -134,8 +134,9 @@ def write_report(out_dir: str | Path, *, title: str, table_md: str, notes: Seque
 
 # Every system is compared user by user with each of these baselines (where present).
 PAIRED_BASELINES = ("generate_nonpersonal", "copy_last", "retrieve")
-# Further pairs the report makes claims about: does RL improve on the SFT model it starts from?
-PAIRED_CLAIMS = (("generate_sft_rl", "generate_sft"),)
+# Further pairs the report makes claims about: does RL improve on the SFT model it starts from,
+# and does personalised generation beat random catalogue items (the floor)?
+PAIRED_CLAIMS = (("generate_sft_rl", "generate_sft"), ("generate_sft", "random"), ("generate_sft_rl", "random"))
 
 
 def paired_keys(systems: Sequence[str]) -> list[tuple[str, str]]:

@@ -47,6 +47,11 @@ def test_paired_covers_retrieve_and_rl_vs_sft():
     for s in ("generate_sft_rl", "generate_sft", "generate_nonpersonal", "copy_last"):
         assert f"{s} - retrieve" in keys
     assert len(keys) == len(set(keys)) == 4 * 3 + 1  # 4 others x 3 baselines + the RL-vs-SFT claim
+    # with the random floor present, both personalised rows are paired against it too
+    per_rand = {**per_user, "random": {"attr_acc_future": base - 0.3 + noise()}}
+    keys_r = list(build_report_json("ds", [0], 10, {}, per_rand, draws=50)["paired"])
+    assert {"generate_sft - random", "generate_sft_rl - random"} <= set(keys_r)
+    assert "generate_nonpersonal - random" not in keys_r and "random - generate_nonpersonal" in keys_r
     d = r["paired"]["generate_sft_rl - generate_sft"]
     assert set(d) == {"attr_acc_future"}  # metrics both systems have
     assert abs(d["attr_acc_future"]["mean"] - 0.03) < 0.01 and d["attr_acc_future"]["ci95"][0] > 0
