@@ -434,14 +434,10 @@ class RLStage(Stage):
         barrier()
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
                                           work=work_dir(cfg))
-        windows = rl_prompt_windows(rl.prompt_windows, data.splits.train, dataset, cfg.data)
-        if dist.rank == 0 and rl.prompt_windows != "sft":
-            print(f"[rl] prompts from {len(windows)} train windows (rl.prompt_windows={rl.prompt_windows}; "
-                  f"SFT trained on {len(data.splits.train)})", flush=True)
-        self.source = RLPromptSource(windows, data.splits, ds.cache, ds.builder, titles=ds.titles,
-                                     ground_truth=gt, future_horizon=rl.future_horizon,
-                                     future_includes_target=rl.future_includes_target, seed=cfg.seed,
-                                     image_loader=ds.image_loader, vision_features=ds.vision_features)
+        windows = rl_prompt_windows(rl.prompt_windows, data.splits.train, dataset, cfg.data, log=dist.rank == 0)
+        self.source = RLPromptSource(windows, data.splits, ds.cache, ds.builder, titles=ds.titles, ground_truth=gt,
+                                     future_horizon=rl.future_horizon, future_includes_target=rl.future_includes_target,
+                                     seed=cfg.seed, image_loader=ds.image_loader, vision_features=ds.vision_features)
         if rl.eval_prompts:
             # held-out monitor: valid examples scored against their own (valid) target; with no
             # valid split, train windows with the training reward's future items

@@ -121,7 +121,8 @@ class RewardEnv:
         return total.float().cpu(), {k: v.float().cpu() for k, v in comps.items()}
 
 
-def rl_prompt_windows(mode: str, sft_windows: list[Example], dataset, data_cfg) -> list[Example]:
+def rl_prompt_windows(mode: str, sft_windows: list[Example], dataset, data_cfg, *, log: bool = False
+                      ) -> list[Example]:
     """The train-split windows RL draws prompts from (``rl.prompt_windows``).
 
     Args:
@@ -130,6 +131,7 @@ def rl_prompt_windows(mode: str, sft_windows: list[Example], dataset, data_cfg) 
         sft_windows: the windows SFT trained on (``build_splits(..., max_windows_per_user)``).
         dataset: the loaded dataset the splits come from.
         data_cfg: the run's ``data`` section (history_k, stride, min_interactions).
+        log: print how many windows were chosen (when not "sft").
     Returns:
         train-split :class:`Example` windows in time order per user.
     Raises:
@@ -141,15 +143,16 @@ def rl_prompt_windows(mode: str, sft_windows: list[Example], dataset, data_cfg) 
         raise RLConfigError(f"rl.prompt_windows={mode!r}: expected one of {list(PROMPT_WINDOWS)}")
     every = build_splits(dataset, k=data_cfg.history_k, stride=data_cfg.stride, max_windows_per_user=None,
                          min_interactions=data_cfg.min_interactions).train
-    if mode == "all":
-        return every
     seen = {(ex.user_id, ex.position) for ex in sft_windows}
-    unseen = [ex for ex in every if (ex.user_id, ex.position) not in seen]
-    if not unseen:
+    chosen = every if mode == "all" else [ex for ex in every if (ex.user_id, ex.position) not in seen]
+    if not chosen:
         raise RLConfigError(f"rl.prompt_windows='unseen': SFT trained on every train window "
                             f"(data.max_windows_per_user={data_cfg.max_windows_per_user}); use 'sft' or 'all', "
                             f"or give SFT fewer windows per user")
-    return unseen
+    if log:
+        print(f"[rl] prompts from {len(chosen)} train windows (rl.prompt_windows={mode}; SFT trained on "
+              f"{len(sft_windows)})", flush=True)
+    return chosen
 
 
 class RLPromptSource:
