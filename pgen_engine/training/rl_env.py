@@ -146,8 +146,8 @@ def rl_prompt_windows(mode: str, sft_windows: list[Example], dataset, data_cfg, 
     seen = {(ex.user_id, ex.position) for ex in sft_windows}
     chosen = every if mode == "all" else [ex for ex in every if (ex.user_id, ex.position) not in seen]
     if not chosen:
-        raise RLConfigError(f"rl.prompt_windows='unseen': SFT trained on every train window "
-                            f"(data.max_windows_per_user={data_cfg.max_windows_per_user}); use 'sft' or 'all', "
+        raise RLConfigError(f"rl.prompt_windows={mode!r}: no train window to draw from (SFT trained on every one, "
+                            f"data.max_windows_per_user={data_cfg.max_windows_per_user}); use 'sft' or 'all', "
                             f"or give SFT fewer windows per user")
     if log:
         print(f"[rl] prompts from {len(chosen)} train windows (rl.prompt_windows={mode}; SFT trained on "

@@ -57,7 +57,7 @@ def test_prompt_windows_unseen_are_the_older_train_windows_sft_skipped():
         latest_sft[e.user_id] = min(latest_sft.get(e.user_id, e.position), e.position)
     # older than every window SFT kept for that user, and still train-split windows
     assert all(e.position < latest_sft[e.user_id] and e.split == "train" for e in unseen)
-    with pytest.raises(RLConfigError, match="SFT trained on every train window"):
+    with pytest.raises(RLConfigError, match="prompt_windows='unseen': no train window to draw from"):
         rl_prompt_windows("unseen", every, _dataset(), data_cfg)
     with pytest.raises(RLConfigError, match="prompt_windows"):
         RLConfig(prompt_windows="valid")
