@@ -9,9 +9,13 @@
 // loop around it (about 30 eager ops per step) costs as much again. Here a wave's rows are
 // split into one group per thread (a conditional row always with its unconditional partner,
 // so a group can mix and sample on its own); each thread runs all the steps of its group with
-// no synchronisation at all, because rows never interact while decoding. Projections go
-// through the packed GEMM (gemm_cpu.h) when it runs here, else through the ATen calls the
-// Python loop makes; either way the codes match the Python loop's (sums may round apart).
+// no synchronisation at all, because rows never interact while decoding. With few rows per
+// thread (team = true, chosen by the caller) the threads instead run every step together as
+// one team (decode_team.h): each projection over all groups' rows, split by output columns,
+// the rest per group as before; the codes are bitwise those of the per-thread groups.
+// Projections go through the packed GEMM (gemm_cpu.h) when it runs here, else through the
+// ATen calls the Python loop makes; either way the codes match the Python loop's (sums may
+// round apart).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -19,6 +23,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -26,6 +33,10 @@
 #include "decode_stack.h"
 #include "gemm_cpu.h"
 #include "sampler_cpu.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace py = pybind11;
 
@@ -109,6 +120,275 @@ void check_i64(const torch::Tensor& t, const char* name, std::vector<int64_t> sh
               c10::IntArrayRef(shape), ", got ", t.scalar_type(), " ", t.sizes());
 }
 
+// Everything one call of decode_loop_cpu decodes with, validated by the caller; the methods
+// are the per-step pieces of a group of rows (conditional rows [c0, c1) and, with CFG, their
+// unconditional partners), shared by the two ways a wave runs: one independent group per
+// thread (run_group) or all groups as one team (run_team, decode_team.h).
+struct Wave {
+  torch::Tensor out;
+  c10::optional<torch::Tensor> out_lp;
+  const DecodeStack* st = nullptr;
+  const int64_t* seeds = nullptr;
+  const int64_t* bs = nullptr;
+  const int64_t* s0 = nullptr;
+  const int32_t* prow = nullptr;
+  const int32_t* plen = nullptr;
+  const float* cos_table = nullptr;
+  const float* sin_table = nullptr;
+  torch::Tensor embed;
+  std::vector<Linear> aligner, head;
+  Act a_act = Act::kGelu, h_act = Act::kGelu;
+  int64_t R = 0, T = 0, K = 0, E = 0, P = 0, H = 0, D = 0, top_k = 0;
+  bool cfg = false, greedy = false, lp_guided = false, pack = false;
+  double guidance_scale = 1.0, temperature = 1.0, top_p = 1.0;
+
+  // A group's rows: cache row of each of its m rows (conditional first), its shared prefixes,
+  // and its per-thread scratch for the embedding / aligner and the drawn codes.
+  struct Rows {
+    int64_t c0 = 0, n = 0, m = 0;
+    std::vector<int64_t> own, codes;
+    std::vector<int32_t> gprow, gplen;
+    torch::Tensor e0, tok;
+    std::vector<torch::Tensor> abuf;  // aligner layer outputs but the last (that one is h)
+  };
+
+  Rows rows(int64_t c0, int64_t c1) const {
+    Rows g;
+    g.c0 = c0;
+    g.n = c1 - c0;
+    g.m = cfg ? 2 * g.n : g.n;
+    g.own.resize(g.m);
+    g.codes.resize(g.n);
+    for (int64_t i = 0; i < g.m; ++i) {
+      g.own[i] = i < g.n ? c0 + i : R + c0 + (i - g.n);
+      if (prow) {
+        g.gprow.push_back(prow[g.own[i]]);
+        g.gplen.push_back(plen[g.own[i]]);
+      }
+    }
+    auto f = torch::TensorOptions().dtype(torch::kFloat32);
+    g.tok = torch::empty({g.n}, torch::kInt64);
+    if (pack) {
+      g.e0 = torch::empty({g.n, E}, f);
+      for (size_t j = 0; j + 1 < aligner.size(); ++j) g.abuf.push_back(torch::empty({g.n, aligner[j].w.size(0)}, f));
+    }
+    return g;
+  }
+
+  // h ([m, H], contiguous) = the aligned embeddings of the codes drawn at step t - 1, the
+  // conditional rows' copied to their partners.
+  void embed_step(Rows& g, int64_t t, torch::Tensor h) const {
+    const int64_t* o = out.data_ptr<int64_t>();
+    // a -1 (non-finite logits at the previous step) is embedded as code 0: the row's codes
+    // are void anyway, the others must not read outside the embedding table
+    for (int64_t i = 0; i < g.n; ++i) g.codes[i] = std::max<int64_t>(o[(g.c0 + i) * T + t - 1], 0);
+    torch::Tensor cond = h.narrow(0, 0, g.n);
+    if (pack) {
+      const float* ew = embed.data_ptr<float>();
+      for (int64_t i = 0; i < g.n; ++i) {
+        std::memcpy(g.e0.data_ptr<float>() + i * E, ew + g.codes[i] * E, sizeof(float) * E);
+      }
+      torch::Tensor cur = g.e0;
+      for (size_t j = 0; j < aligner.size(); ++j) {
+        if (j > 0) act_(cur, a_act);
+        torch::Tensor& dst = j + 1 < aligner.size() ? g.abuf[j] : cond;
+        linear_into(cur, aligner[j], dst);
+        cur = dst;
+      }
+    } else {
+      torch::Tensor e = at::embedding(embed, torch::from_blob(g.codes.data(), {g.n}, torch::kInt64));
+      e = linear(e, aligner[0]);
+      for (size_t j = 1; j < aligner.size(); ++j) {
+        act_(e, a_act);
+        e = linear(e, aligner[j]);
+      }
+      cond.copy_(e);
+    }
+    if (cfg) std::memcpy(h.data_ptr<float>() + g.n * H, h.data_ptr<float>(), sizeof(float) * g.n * H);
+  }
+
+  // Per row of g at step t: rotary rows cos / sin ([m, D]), the cache slot its K/V go to and
+  // the number of keys it attends.
+  void positions(const Rows& g, int64_t t, float* cos, float* sin, int64_t* slot, int32_t* lens) const {
+    for (int64_t i = 0; i < g.m; ++i) {
+      const int64_t r = g.own[i], pos = bs[r] + t - 1;
+      slot[i] = s0[r] + t - 1;
+      lens[i] = static_cast<int32_t>(pos + 1);
+      std::copy(cos_table + pos * D, cos_table + (pos + 1) * D, cos + i * D);
+      std::copy(sin_table + pos * D, sin_table + (pos + 1) * D, sin + i * D);
+    }
+  }
+
+  // Draws (or takes the argmax of) step t's codes from logits ([m, K], contiguous) into out,
+  // and their log-probabilities into out_lp.
+  void pick(Rows& g, int64_t t, const torch::Tensor& logits) const {
+    const int64_t n = g.n;
+    const torch::Tensor c = logits.narrow(0, 0, n);
+    if (greedy) {
+      const float s = static_cast<float>(guidance_scale);
+      torch::Tensor mixed = cfg ? at::add(logits.narrow(0, n, n), at::mul(at::sub(c, logits.narrow(0, n, n)), s))
+                                : c.contiguous();
+      g.tok.copy_(mixed.argmax(-1));
+      mark_non_finite(mixed.data_ptr<float>(), n, K, g.tok.data_ptr<int64_t>());
+    } else {
+      sample_rows_cpu(c.data_ptr<float>(), cfg ? logits.data_ptr<float>() + n * K : nullptr, n, K,
+                      static_cast<float>(guidance_scale), static_cast<float>(temperature), top_k,
+                      static_cast<float>(top_p), seeds + t * R + g.c0, g.tok.data_ptr<int64_t>());
+    }
+    int64_t* o = out.data_ptr<int64_t>();
+    const int64_t* tk = g.tok.data_ptr<int64_t>();
+    for (int64_t i = 0; i < n; ++i) o[(g.c0 + i) * T + t] = tk[i];
+    if (out_lp.has_value()) {
+      // the distribution the log-probs are of: the conditional branch c, or (lp_guided, with
+      // CFG) the guided mix written as the Python pick and the trainer write it, u + s * (c - u),
+      // so rollout and trainer log-probs agree to fp32 rounding
+      torch::Tensor x = c;
+      if (cfg && lp_guided) {
+        const torch::Tensor u = logits.narrow(0, n, n);
+        x = at::add(u, at::mul(at::sub(c, u), guidance_scale));
+      }
+      torch::Tensor lp = at::log_softmax(at::div(x, temperature), -1).gather(1, g.tok.clamp_min(0).unsqueeze(1));
+      float* lo = out_lp->data_ptr<float>();
+      const float* l = lp.data_ptr<float>();
+      for (int64_t i = 0; i < n; ++i) lo[(g.c0 + i) * T + t] = l[i];
+    }
+  }
+
+  // Conditional rows [c0, c1) and their partners through steps [t_begin, t_end) on this
+  // thread alone.
+  void run_group(int64_t c0, int64_t c1, int64_t t_begin, int64_t t_end) const {
+    if (c1 <= c0) return;
+    Rows g = rows(c0, c1);
+    const int64_t m = g.m;
+    auto f = torch::TensorOptions().dtype(torch::kFloat32);
+    torch::Tensor cosb = torch::empty({m, D}, f), sinb = torch::empty({m, D}, f);
+    torch::Tensor h = torch::empty({m, H}, f), y = torch::empty({m, H}, f);
+    std::vector<int64_t> slot(m);
+    std::vector<int32_t> lens(m);
+    StackWorkspace ws;
+    ws.reserve(*st, m);
+    torch::Tensor hid, logit_buf;  // packed path: written every step, never reallocated
+    if (pack) {
+      hid = torch::empty({m, P}, f);
+      logit_buf = torch::empty({m, K}, f);
+    }
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      embed_step(g, t, h);
+      positions(g, t, cosb.data_ptr<float>(), sinb.data_ptr<float>(), slot.data(), lens.data());
+      run_stack(*st, h, y.data_ptr<float>(), cosb.data_ptr<float>(), sinb.data_ptr<float>(), slot.data(),
+                lens.data(), g.own.data(), prow ? g.gprow.data() : nullptr, prow ? g.gplen.data() : nullptr, &ws);
+      if (pack) {
+        linear_into(y, head[0], hid);
+        act_(hid, h_act);
+        linear_into(hid, head[1], logit_buf);
+        pick(g, t, logit_buf);
+      } else {
+        torch::Tensor z = linear(y, head[0]);
+        act_(z, h_act);
+        pick(g, t, linear(z, head[1]).contiguous());
+      }
+    }
+  }
+
+  // Columns of out ([M, N], row stride N) += bias, this thread's share (team.columns).
+  static void add_bias_columns(const Team& team, float* out, const torch::Tensor& b, int64_t M, int64_t N) {
+    if (!b.numel()) return;
+    int64_t c0 = 0, c1 = 0;
+    team.columns(N, &c0, &c1);
+    for (int64_t r = 0; r < M; ++r) add_inplace_f32(out + r * N + c0, b.data_ptr<float>() + c0, c1 - c0);
+  }
+
+  // Every thread of an OpenMP team calls this with its Team: G groups (conditional rows
+  // [g R / G, (g + 1) R / G)), group g on thread g, each group's rows in `passes` passes (all
+  // steps of one pass, then the next). The projections of each step run over all groups' rows
+  // at once, split by columns; the rest as run_group does it, on the same rows: same bits.
+  void run_team(const Team& team, int64_t G, int64_t passes, int64_t t_begin, int64_t t_end) const {
+    // the largest pass over all groups, for the shared buffers (made by thread 0)
+    auto group_rows = [&](int64_t g, int64_t p, int64_t* a, int64_t* b) {
+      const int64_t c0 = g * R / G, c1 = (g + 1) * R / G;
+      *a = c0 + p * (c1 - c0) / passes;
+      *b = c0 + (p + 1) * (c1 - c0) / passes;
+    };
+    for (int64_t p = 0; p < passes; ++p) {
+      int64_t M = 0, r0 = 0, a = 0, b = 0;
+      for (int64_t g = 0; g < G; ++g) {
+        group_rows(g, p, &a, &b);
+        if (g == team.tid) r0 = M;
+        M += cfg ? 2 * (b - a) : b - a;
+      }
+      const bool mine = team.tid < G;
+      Rows g;
+      if (mine) {
+        group_rows(team.tid, p, &a, &b);
+        g = rows(a, b);
+      }
+      shared_.reserve(*this, M, team);
+      float* cos = shared_.cos.data_ptr<float>();
+      float* sin = shared_.sin.data_ptr<float>();
+      for (int64_t i = 0; i < g.m; ++i) {
+        shared_.own[r0 + i] = g.own[i];
+        if (prow) {
+          shared_.prow[r0 + i] = g.gprow[i];
+          shared_.plen[r0 + i] = g.gplen[i];
+        }
+      }
+      for (int64_t t = t_begin; t < t_end; ++t) {
+        if (g.m > 0) {
+          embed_step(g, t, shared_.h.narrow(0, r0, g.m));
+          positions(g, t, cos + r0 * D, sin + r0 * D, shared_.slot.data() + r0, shared_.lens.data() + r0);
+        }
+        run_stack_team(*st, shared_.h.data_ptr<float>(), M, shared_.y.data_ptr<float>(), cos, sin,
+                       shared_.slot.data(), shared_.lens.data(), shared_.own.data(),
+                       prow ? shared_.prow.data() : nullptr, prow ? shared_.plen.data() : nullptr, r0, g.m,
+                       shared_.ws, team);
+        float* hid = shared_.hid.data_ptr<float>();
+        float* logits = shared_.logits.data_ptr<float>();
+        team.gemm(shared_.y.data_ptr<float>(), M, H, head[0].packed.data_ptr<float>(), P, hid);
+        add_bias_columns(team, hid, head[0].b, M, P);
+        team.sync();
+        torch::Tensor hid_rows = shared_.hid.narrow(0, r0, g.m);
+        if (g.m > 0) act_(hid_rows, h_act);
+        team.sync();
+        team.gemm(hid, M, P, head[1].packed.data_ptr<float>(), K, logits);
+        add_bias_columns(team, logits, head[1].b, M, K);
+        team.sync();
+        if (g.m > 0) pick(g, t, shared_.logits.narrow(0, r0, g.m));
+      }
+      team.sync();  // the next pass reuses the shared rows
+    }
+  }
+
+  // The team's shared step buffers, sized for the largest pass by thread 0 (the others wait).
+  struct Shared {
+    int64_t capacity = -1;
+    torch::Tensor h, y, hid, logits, cos, sin;
+    std::vector<int64_t> slot, own;
+    std::vector<int32_t> lens, prow, plen;
+    StackWorkspace ws;
+    void reserve(const Wave& w, int64_t M, const Team& team) {
+      team.sync();
+      if (team.tid == 0 && M > capacity) {
+        auto f = torch::TensorOptions().dtype(torch::kFloat32);
+        h = torch::empty({M, w.H}, f);
+        y = torch::empty({M, w.H}, f);
+        hid = torch::empty({M, w.P}, f);
+        logits = torch::empty({M, w.K}, f);
+        cos = torch::empty({M, w.D}, f);
+        sin = torch::empty({M, w.D}, f);
+        slot.assign(M, 0);
+        own.assign(M, 0);
+        lens.assign(M, 0);
+        prow.assign(M, 0);
+        plen.assign(M, 0);
+        ws.reserve(*w.st, M);
+        capacity = M;
+      }
+      team.sync();
+    }
+  };
+  mutable Shared shared_;
+};
+
 void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, const torch::Tensor& step_seeds,
                      const torch::Tensor& base, const torch::Tensor& slot0, int64_t t_begin, int64_t t_end,
                      const torch::Tensor& embed, const std::vector<torch::Tensor>& aligner_w,
@@ -122,7 +402,7 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
                      double eps, double scale, const std::vector<torch::Tensor>& head_w,
                      const std::vector<torch::Tensor>& head_b, const std::string& head_act, bool cfg,
                      double guidance_scale, double temperature, int64_t top_k, double top_p, bool greedy,
-                     int64_t rows_per_pass, bool lp_guided) {
+                     int64_t rows_per_pass, bool lp_guided, bool team) {
   DecodeStack st = check_stack("decode_loop_cpu", weights, final_norm, k_caches, v_caches, num_heads,
                                num_kv_heads, eps, scale);
   attach_prefix(st, "decode_loop_cpu", prefix_k, prefix_v);
@@ -206,131 +486,87 @@ void decode_loop_cpu(torch::Tensor out, c10::optional<torch::Tensor> out_lp, con
   }
   py::gil_scoped_release no_gil;
   pack_stack(st);  // once per call: every step of every row then skips the BLAS's weight packing
-  const bool pack = !st.packed.empty();
-  const std::vector<Linear> aligner = linears(aligner_w, aligner_b, pack), head = linears(head_w, head_b, pack);
-  const int64_t D = st.D, H = st.H;
-  const float s = static_cast<float>(guidance_scale);
-  // One group per thread: conditional rows [c0, c1) and (with CFG) their partners R + [c0, c1).
-  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
-  // Conditional rows [c0, c1) and their partners through steps [t_begin, t_end).
-  auto run_rows = [&](int64_t c0, int64_t c1) {
-    const int64_t n = c1 - c0, m = cfg ? 2 * n : n;
-    if (n == 0) return;
-    std::vector<int64_t> own(m), slot(m), codes(n);
-    std::vector<int32_t> lens(m), gprow(prow ? m : 0), gplen(prow ? m : 0);
-    for (int64_t i = 0; i < m; ++i) {
-      own[i] = i < n ? c0 + i : R + c0 + (i - n);
-      if (prow) {
-        gprow[i] = prow[own[i]];
-        gplen[i] = plen[own[i]];
-      }
+  Wave w;
+  w.out = out;
+  w.out_lp = out_lp;
+  w.st = &st;
+  w.seeds = step_seeds.data_ptr<int64_t>();
+  w.bs = bs;
+  w.s0 = s0;
+  w.prow = prow;
+  w.plen = plen;
+  w.cos_table = rope_cos.data_ptr<float>();
+  w.sin_table = rope_sin.data_ptr<float>();
+  w.embed = embed;
+  w.pack = !st.packed.empty();
+  w.aligner = linears(aligner_w, aligner_b, w.pack);
+  w.head = linears(head_w, head_b, w.pack);
+  w.a_act = a_act;
+  w.h_act = h_act;
+  w.R = R;
+  w.T = T;
+  w.K = K;
+  w.E = embed.size(1);
+  w.P = head_w[0].size(0);
+  w.H = st.H;
+  w.D = st.D;
+  w.top_k = top_k;
+  w.cfg = cfg;
+  w.greedy = greedy;
+  w.lp_guided = lp_guided;
+  w.guidance_scale = guidance_scale;
+  w.temperature = temperature;
+  w.top_p = top_p;
+  // Passes of each group: its rows in slices of at most rows_per_pass conditional rows (all
+  // steps of one slice, then the next), so the K/V all threads read per step stays in the
+  // last-level cache.
+  auto passes_for = [&](int64_t G) {
+    int64_t most = 1;
+    for (int64_t g = 0; g < G && rows_per_pass > 0; ++g) {
+      const int64_t n = (g + 1) * R / G - g * R / G;
+      most = std::max(most, (n + rows_per_pass - 1) / rows_per_pass);
     }
-    auto opts = torch::TensorOptions().dtype(torch::kFloat32);
-    torch::Tensor cosb = torch::empty({m, D}, opts), sinb = torch::empty({m, D}, opts);
-    torch::Tensor y = torch::empty({m, H}, opts);
-    torch::Tensor tok = torch::empty({n}, torch::kInt64);
-    int64_t* o = out.data_ptr<int64_t>();
-    const float* ct = rope_cos.data_ptr<float>();
-    const float* stb = rope_sin.data_ptr<float>();
-    const int64_t* seeds = step_seeds.data_ptr<int64_t>();
-    StackWorkspace ws;
-    ws.reserve(st, m);
-    // packed path: every step writes into these buffers (no per-step allocation or ATen call
-    // but the activations)
-    const int64_t E = embed.size(1), P = head[0].w.size(0);
-    torch::Tensor hbuf, hid, logit_buf, e0;
-    std::vector<torch::Tensor> abuf;  // aligner layer outputs but the last (that one goes to hbuf)
-    if (pack) {
-      hbuf = torch::empty({m, H}, opts);
-      hid = torch::empty({m, P}, opts);
-      logit_buf = torch::empty({m, K}, opts);
-      e0 = torch::empty({n, E}, opts);
-      for (size_t j = 0; j + 1 < aligner.size(); ++j) abuf.push_back(torch::empty({n, aligner[j].w.size(0)}, opts));
-    }
-    const float* ew = embed.data_ptr<float>();
-    for (int64_t t = t_begin; t < t_end; ++t) {
-      // a -1 (non-finite logits at the previous step) is embedded as code 0: the row's
-      // codes are void anyway, the others must not read outside the embedding table
-      for (int64_t i = 0; i < n; ++i) codes[i] = std::max<int64_t>(o[(c0 + i) * T + t - 1], 0);
-      torch::Tensor h;
-      if (pack) {
-        for (int64_t i = 0; i < n; ++i) std::memcpy(e0.data_ptr<float>() + i * E, ew + codes[i] * E, sizeof(float) * E);
-        torch::Tensor cur = e0, head_rows = hbuf.narrow(0, 0, n);
-        for (size_t j = 0; j < aligner.size(); ++j) {
-          if (j > 0) act_(cur, a_act);
-          torch::Tensor& dst = j + 1 < aligner.size() ? abuf[j] : head_rows;
-          linear_into(cur, aligner[j], dst);
-          cur = dst;
-        }
-        if (cfg) std::memcpy(hbuf.data_ptr<float>() + n * H, hbuf.data_ptr<float>(), sizeof(float) * n * H);
-        h = hbuf;
-      } else {
-        torch::Tensor e = at::embedding(embed, torch::from_blob(codes.data(), {n}, torch::kInt64));
-        e = linear(e, aligner[0]);
-        for (size_t j = 1; j < aligner.size(); ++j) {
-          act_(e, a_act);
-          e = linear(e, aligner[j]);
-        }
-        h = cfg ? at::cat({e, e}) : e.contiguous();
-      }
-      for (int64_t i = 0; i < m; ++i) {
-        const int64_t r = own[i], pos = bs[r] + t - 1;
-        slot[i] = s0[r] + t - 1;
-        lens[i] = static_cast<int32_t>(pos + 1);
-        std::copy(ct + pos * D, ct + (pos + 1) * D, cosb.data_ptr<float>() + i * D);
-        std::copy(stb + pos * D, stb + (pos + 1) * D, sinb.data_ptr<float>() + i * D);
-      }
-      run_stack(st, h, y.data_ptr<float>(), cosb.data_ptr<float>(), sinb.data_ptr<float>(), slot.data(),
-                lens.data(), own.data(), prow ? gprow.data() : nullptr, prow ? gplen.data() : nullptr, &ws);
-      torch::Tensor logits;
-      if (pack) {
-        linear_into(y, head[0], hid);
-        act_(hid, h_act);
-        linear_into(hid, head[1], logit_buf);
-        logits = logit_buf;
-      } else {
-        torch::Tensor z = linear(y, head[0]);
-        act_(z, h_act);
-        logits = linear(z, head[1]);
-      }
-      torch::Tensor c = logits.narrow(0, 0, n);
-      if (greedy) {
-        torch::Tensor mixed = cfg ? at::add(logits.narrow(0, n, n), at::mul(at::sub(c, logits.narrow(0, n, n)), s))
-                                  : c.contiguous();
-        tok.copy_(mixed.argmax(-1));
-        mark_non_finite(mixed.data_ptr<float>(), n, K, tok.data_ptr<int64_t>());
-      } else {
-        sample_rows_cpu(c.data_ptr<float>(), cfg ? logits.data_ptr<float>() + n * K : nullptr, n, K, s,
-                        static_cast<float>(temperature), top_k, static_cast<float>(top_p), seeds + t * R + c0,
-                        tok.data_ptr<int64_t>());
-      }
-      const int64_t* tk = tok.data_ptr<int64_t>();
-      for (int64_t i = 0; i < n; ++i) o[(c0 + i) * T + t] = tk[i];
-      if (out_lp.has_value()) {
-        // the distribution the log-probs are of: the conditional branch c, or (lp_guided, with
-        // CFG) the guided mix written as the Python pick and the trainer write it, u + s * (c - u),
-        // so rollout and trainer log-probs agree to fp32 rounding
-        torch::Tensor x = c;
-        if (cfg && lp_guided) {
-          const torch::Tensor u = logits.narrow(0, n, n);
-          x = at::add(u, at::mul(at::sub(c, u), guidance_scale));
-        }
-        torch::Tensor lp = at::log_softmax(at::div(x, temperature), -1).gather(1, tok.clamp_min(0).unsqueeze(1));
-        float* lo = out_lp->data_ptr<float>();
-        const float* l = lp.data_ptr<float>();
-        for (int64_t i = 0; i < n; ++i) lo[(c0 + i) * T + t] = l[i];
-      }
-    }
+    return most;
   };
-  // A thread's rows run in passes of at most rows_per_pass conditional rows (all steps of one
-  // pass, then the next): the K/V all threads read per step then stays in the last-level cache.
+#ifdef _OPENMP
+  if (team && w.pack && at::get_num_threads() > 1) {
+    std::unique_ptr<SpinBarrier> barrier;
+    std::exception_ptr error;
+    std::mutex error_mu;
+#pragma omp parallel
+    {
+      const int size = omp_get_num_threads();
+#pragma omp single
+      barrier = std::make_unique<SpinBarrier>(size);
+      try {
+        c10::InferenceMode inference;
+        SingleThreadedBlas blas;
+        const Team tm{omp_get_thread_num(), size, barrier.get()};
+        const int64_t G = std::min<int64_t>(size, R);
+        w.run_team(tm, G, passes_for(G), t_begin, t_end);
+      } catch (const TeamAborted&) {  // another thread failed: its exception is the one to raise
+      } catch (...) {
+        barrier->fail();
+        std::lock_guard<std::mutex> lock(error_mu);
+        if (!error) error = std::current_exception();
+      }
+    }
+    if (error) std::rethrow_exception(error);
+    return;
+  }
+#endif
+  // One group per thread: conditional rows [c0, c1) and (with CFG) their partners R + [c0, c1),
+  // each decoded with no synchronisation at all (rows never interact while decoding).
+  const int64_t G = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R));
   at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
     c10::InferenceMode inference;
     SingleThreadedBlas blas;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t c0 = g * R / G, c1 = (g + 1) * R / G;
       const int64_t passes = rows_per_pass > 0 ? (c1 - c0 + rows_per_pass - 1) / rows_per_pass : 1;
-      for (int64_t p = 0; p < passes; ++p) run_rows(c0 + p * (c1 - c0) / passes, c0 + (p + 1) * (c1 - c0) / passes);
+      for (int64_t p = 0; p < passes; ++p) {
+        w.run_group(c0 + p * (c1 - c0) / passes, c0 + (p + 1) * (c1 - c0) / passes, t_begin, t_end);
+      }
     }
   });
 }
@@ -347,7 +583,7 @@ void register_decode_loop(py::module_& m) {
         py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"), py::arg("head_w"), py::arg("head_b"),
         py::arg("head_act"), py::arg("cfg"), py::arg("guidance_scale"), py::arg("temperature"),
         py::arg("top_k"), py::arg("top_p"), py::arg("greedy"), py::arg("rows_per_pass") = 0,
-        py::arg("lp_guided") = false,
+        py::arg("lp_guided") = false, py::arg("team") = true,
         "Decode steps [t_begin, t_end) of a wave in float32 on CPU: out int64 [R, T] holds the codes "
         "(column t_begin - 1 must be filled) and receives columns [t_begin, t_end), code -1 where a row's "
         "logits are not all finite (NaN / Inf); rows [0, R) are "
@@ -355,7 +591,9 @@ void register_decode_loop(py::module_& m) {
         "base / slot0 int64 [rows]: prompt length and first decode slot of each cache row; rope "
         "tables [positions, D]. out_lp (optional float32 [R, T]) receives log_softmax(cond / "
         "temperature)[code], or with lp_guided and cfg the guided log_softmax((uncond + "
-        "guidance_scale * (cond - uncond)) / temperature)[code].");
+        "guidance_scale * (cond - uncond)) / temperature)[code]. team (with the packed kernel and > 1 "
+        "thread): the threads decode every step together, each projection split by output columns "
+        "(the same codes as team=False, which runs one independent group of rows per thread).");
 }
 
 }  // namespace pgen

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -121,9 +123,73 @@ void pack_stack(DecodeStack& st) {
     }
   }
   if (bytes > pack_limit_bytes()) return;
+  std::vector<const torch::Tensor*> ws;
   for (int64_t l = 0; l < st.layers; ++l) {
-    for (int i : kProjections) st.packed.push_back(pack_weight(st.weights[kWeightsPerLayer * l + i]));
+    for (int i : kProjections) ws.push_back(&st.weights[kWeightsPerLayer * l + i]);
   }
+  st.pack_lease = PackLease::acquire(bytes / static_cast<int64_t>(sizeof(float)));
+  int64_t off = 0;
+  for (const torch::Tensor* w : ws) {
+    const int64_t n = packed_weight_floats(w->size(0), w->size(1));
+    st.packed.push_back(st.pack_lease->buffer.narrow(0, off, n));
+    off += n;
+  }
+  // weights are packed independently: in parallel, unless already inside a parallel region
+  at::parallel_for(0, static_cast<int64_t>(ws.size()), 1, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      pack_weight_f32(ws[i]->data_ptr<float>(), ws[i]->size(0), ws[i]->size(1), st.packed[i].data_ptr<float>());
+    }
+  });
+}
+
+namespace {
+// The process's buffer for packed weight stacks: reused by the next call once the stack holding
+// it is gone (a call from another thread meanwhile packs into memory of its own).
+std::mutex& arena_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+torch::Tensor& arena_buffer() {
+  static torch::Tensor buf;
+  return buf;
+}
+bool& arena_busy() {
+  static bool busy = false;
+  return busy;
+}
+}  // namespace
+
+std::shared_ptr<PackLease> PackLease::acquire(int64_t floats) {
+  auto lease = std::make_shared<PackLease>();
+  {
+    std::lock_guard<std::mutex> lock(arena_mutex());
+    if (!arena_busy()) {
+      torch::Tensor& buf = arena_buffer();
+      if (!buf.defined() || buf.numel() < floats) {
+        buf = torch::Tensor();  // free the smaller one before allocating
+        buf = torch::empty({floats}, torch::TensorOptions().dtype(torch::kFloat32));
+      }
+      arena_busy() = true;
+      lease->from_arena_ = true;
+      lease->buffer = buf;
+    }
+  }
+  if (!lease->from_arena_) lease->buffer = torch::empty({floats}, torch::TensorOptions().dtype(torch::kFloat32));
+  return lease;
+}
+
+PackLease::~PackLease() {
+  if (!from_arena_) return;
+  std::lock_guard<std::mutex> lock(arena_mutex());
+  arena_busy() = false;
+}
+
+int64_t release_pack_arena() {
+  std::lock_guard<std::mutex> lock(arena_mutex());
+  torch::Tensor& buf = arena_buffer();
+  const int64_t bytes = buf.defined() ? buf.numel() * static_cast<int64_t>(sizeof(float)) : 0;
+  buf = torch::Tensor();  // a stack still packed in it keeps the memory until it is done
+  return bytes;
 }
 
 void StackWorkspace::reserve(const DecodeStack& st, int64_t rows) {
@@ -218,6 +284,65 @@ void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* co
     add_inplace_f32(hp, tmp.data_ptr<float>(), n * H);
   }
   rms_norm_rows_f32(hp, st.final_norm.data_ptr<float>(), y, n, H, st.eps);
+}
+
+void run_stack_team(const DecodeStack& st, float* h, int64_t M, float* y, const float* cos, const float* sin,
+                    const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows, const int32_t* prefix_row,
+                    const int32_t* prefix_len, int64_t r0, int64_t n, StackWorkspace& ws, const Team& team) {
+  const int64_t H = st.H, Hq = st.Hq, Hkv = st.Hkv, D = st.D, I = st.I;
+  float* x = ws.x.data_ptr<float>();
+  float* q = ws.q.data_ptr<float>();
+  float* k = ws.k.data_ptr<float>();
+  float* v = ws.v.data_ptr<float>();
+  float* attn = ws.attn.data_ptr<float>();
+  float* tmp = ws.tmp.data_ptr<float>();
+  float* g = ws.g.data_ptr<float>();
+  float* u = ws.u.data_ptr<float>();
+  // h[:, own columns] += tmp[:, own columns]: the elementwise sums run_stack's add makes
+  auto add_residual = [&]() {
+    int64_t c0 = 0, c1 = 0;
+    team.columns(H, &c0, &c1);
+    if (c1 > c0) {
+      for (int64_t r = 0; r < M; ++r) add_inplace_f32(h + r * H + c0, tmp + r * H + c0, c1 - c0);
+    }
+  };
+  for (int64_t l = 0; l < st.layers; ++l) {
+    const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
+    auto P = [&](int i) { return st.packed_weight(l, i).data_ptr<float>(); };
+    float* kc = st.k[l].data_ptr<float>();
+    float* vc = st.v[l].data_ptr<float>();
+    if (n > 0) rms_norm_rows_f32(h + r0 * H, w[0].data_ptr<float>(), x + r0 * H, n, H, st.eps);
+    team.sync();
+    team.gemm(x, M, H, P(1), Hq * D, q);
+    team.gemm(x, M, H, P(2), Hkv * D, k);
+    team.gemm(x, M, H, P(3), Hkv * D, v);
+    team.sync();
+    if (n > 0) {
+      rotary_kv_write_f32(q + r0 * Hq * D, k + r0 * Hkv * D, v + r0 * Hkv * D, cos + r0 * D, sin + r0 * D, n, Hq,
+                          Hkv, D, kc, vc, st.rows, st.L, slot + r0);
+      const float* pkc = st.pk.empty() ? nullptr : st.pk[l].data_ptr<float>();
+      const float* pvc = st.pv.empty() ? nullptr : st.pv[l].data_ptr<float>();
+      cached_attention_f32(q + r0 * Hq * D, kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen + r0, pkc, pvc, st.Lp,
+                           prefix_row ? prefix_row + r0 : nullptr, prefix_len ? prefix_len + r0 : nullptr, st.scale,
+                           attn + r0 * Hq * D, own_rows + r0);
+    }
+    team.sync();
+    team.gemm(attn, M, Hq * D, P(4), H, tmp);
+    add_residual();
+    team.sync();
+    if (n > 0) rms_norm_rows_f32(h + r0 * H, w[5].data_ptr<float>(), x + r0 * H, n, H, st.eps);
+    team.sync();
+    team.gemm(x, M, H, P(6), I, g);
+    team.gemm(x, M, H, P(7), I, u);
+    team.sync();
+    if (n > 0) silu_mul_f32(g + r0 * I, u + r0 * I, n * I);
+    team.sync();
+    team.gemm(g, M, I, P(8), H, tmp);
+    add_residual();
+    team.sync();
+  }
+  if (n > 0) rms_norm_rows_f32(h + r0 * H, st.final_norm.data_ptr<float>(), y + r0 * H, n, H, st.eps);
+  team.sync();
 }
 
 namespace {
@@ -354,6 +479,9 @@ torch::Tensor cached_attention_cpu(const torch::Tensor& q, const torch::Tensor& 
 }  // namespace
 
 void register_decode_ops(py::module_& m) {
+  m.def("release_pack_arena", &release_pack_arena,
+        "Free the buffer the CPU decode / prefill reuse for packed weights (held between calls, at most "
+        "PGEN_CPU_PACK_MAX_MB); returns the bytes it held.");
   m.def("packed_gemm_available", &packed_gemm_available,
         "True when the packed small-row float32 GEMM (AVX-512) runs on this CPU.");
   m.def(

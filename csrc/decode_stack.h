@@ -9,7 +9,10 @@
 #include <dlfcn.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
+
+#include "decode_team.h"
 
 namespace pgen {
 
@@ -40,6 +43,23 @@ constexpr int kWeightsPerLayer = 9;
 // The per-layer weights that are projections (q, k, v, o, gate, up, down), in packed order.
 constexpr int kProjections[7] = {1, 2, 3, 4, 6, 7, 8};
 
+// The memory a stack's packed weights live in. Packing into fresh memory every call costs a
+// page fault per 4 KiB page (an 18 MB stack: ~4,600 faults, several ms on a VM, as much as the
+// packing itself), so one buffer per process is reused: a call leases it and returns it when
+// its DecodeStack (every copy) is gone; a call made while it is leased gets memory of its own.
+struct PackLease {
+  torch::Tensor buffer;  // at least the floats asked for
+  static std::shared_ptr<PackLease> acquire(int64_t floats);
+  ~PackLease();
+
+ private:
+  bool from_arena_ = false;
+};
+
+// Frees the reused packing buffer (held between calls; at most PGEN_CPU_PACK_MAX_MB); returns
+// the bytes it held. The next packing call allocates it again.
+int64_t release_pack_arena();
+
 // Validated float32 views of a decoder's weights and its head-major KV caches.
 struct DecodeStack {
   std::vector<torch::Tensor> weights;  // 9 per layer: ln1, q, k, v, o, ln2, gate, up, down
@@ -55,6 +75,7 @@ struct DecodeStack {
   // Optional (pack_stack): the 7 projection weights of every layer (kProjections order)
   // packed for gemm_packed_f32 (gemm_cpu.h); empty = the projections go through torch::mm.
   std::vector<torch::Tensor> packed;
+  std::shared_ptr<PackLease> pack_lease;  // the memory `packed` views
 
   // Packed weight i (a kProjections entry) of layer l; needs a packed stack.
   const torch::Tensor& packed_weight(int64_t l, int i) const {
@@ -103,5 +124,16 @@ struct StackWorkspace {
 void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* cos, const float* sin,
                const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows,
                const int32_t* prefix_row, const int32_t* prefix_len, StackWorkspace* ws = nullptr);
+
+// run_stack for a thread team (decode_team.h) decoding one matrix of M rows together: h
+// [M, H] (the residual stream, in place) and y [M, H] span every thread's rows, as do the
+// per-row inputs (cos / sin [M, D], slot, seqlen, own_rows, the optional prefix_row /
+// prefix_len). This thread does the row-wise work of rows [r0, r0 + n) (n may be 0) and its
+// share of every projection's output columns over all M rows; the values are the bits
+// run_stack gives the same rows. Needs a packed stack and ws reserved for M rows; every thread
+// of the team must call it (it synchronises the team between phases and once at the end).
+void run_stack_team(const DecodeStack& st, float* h, int64_t M, float* y, const float* cos, const float* sin,
+                    const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows, const int32_t* prefix_row,
+                    const int32_t* prefix_len, int64_t r0, int64_t n, StackWorkspace& ws, const Team& team);
 
 }  // namespace pgen

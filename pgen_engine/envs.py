@@ -36,6 +36,9 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
            "1: the model's eager CPU path uses the fused ops too (read at import)"),
     EnvVar("PGEN_CPU_DECODE", "bool", True, "package",
            "0: CPU generation uses the eager torch decode instead of the C++ decode loop (read at import)"),
+    EnvVar("PGEN_CPU_DECODE_TEAM", "str", "auto", "package",
+           "C++ CPU decode: 1 = all threads decode every step together (each projection split by output "
+           "columns), 0 = one independent group of rows per thread, auto = team at <= 4 rows per thread"),
     EnvVar("PGEN_ROWS_PER_PASS", "int", None, "package",
            "rows per pass of the C++ CPU decode (0 = all of a thread's rows at once; unset = sized to the cache)"),
     EnvVar("PGEN_CPU_PACK_MAX_MB", "int", 1024, "package (C++)",

@@ -31,7 +31,7 @@ SUPPORTED_ACTS = ("gelu", "gelu_pytorch_tanh", "silu", "swish", "relu")
 # or writes conditional log-probs only: checked once, at import (the bound signature names its
 # arguments); such a build runs the Python loop over the C++ step instead (rebuild: setup.py)
 _LOOP_DOC = getattr(extension(), "decode_loop_cpu", None).__doc__ or ""
-_LOOP_IS_CURRENT = "prefix_k" in _LOOP_DOC and "lp_guided" in _LOOP_DOC
+_LOOP_IS_CURRENT = "prefix_k" in _LOOP_DOC and "lp_guided" in _LOOP_DOC and "team" in _LOOP_DOC
 
 
 def applies(model, cache) -> bool:
@@ -102,6 +102,49 @@ def rows_per_pass(model, cache, cfg: bool, T: int) -> int:
     return max(2, budget // (threads * per_row))
 
 
+# rows per thread (CFG partners included) up to which the team decode is used (team_decode)
+TEAM_MAX_ROWS = 4
+
+
+def team_decode(R: int, cfg: bool, threads: int | None = None) -> bool:
+    """Whether the C++ loop decodes a wave of ``R`` conditional rows as one team of threads
+    (every projection of a step split by output columns over all rows, row-wise work by rows)
+    rather than one independent group of rows per thread. Same codes either way.
+
+    A thread's packed GEMM over few rows is bound by reading the weights, not by its FMAs
+    (one thread, an 18 MB stack out of cache: 110 GFLOP/s at 8 rows, 174 with the weights in
+    L2), and with fewer conditional rows than threads some threads would sit idle. The team
+    streams each weight once between all threads, but its threads meet at ~30 barriers per
+    step, so a thread that loses its core to another process stalls the whole team. Decode
+    of one wave (CFG, 128-token prompts, realistic geometry of
+    ``benchmarks/test_bench_generation.py``) on the 2-core VM, 2 threads, median of 11
+    alternating calls, team vs groups, ms (one run, 2026-12-07):
+
+    ======  ==========  =====================================
+    batch   idle        one other busy process on the cores
+    ======  ==========  =====================================
+    1       46 vs 68    106 vs 261
+    2       50 vs 71    114 vs 118
+    4       50 vs 65    169 vs 105
+    8       82 vs 84    257 vs 154
+    32      314 vs 309  (not measured)
+    ======  ==========  =====================================
+
+    Hence a team only where a thread's group would hold at most :data:`TEAM_MAX_ROWS` rows
+    (at 2 threads: CFG batches up to 4), where it is 20-30 % faster on a machine of its own.
+    Where other processes compete for the cores it can be slower (batch 4 above): set
+    ``PGEN_CPU_DECODE_TEAM=0`` there (``1`` forces the team on).
+    """
+    mode = envs.get("PGEN_CPU_DECODE_TEAM")
+    if mode not in ("auto", "0", "1"):
+        raise envs.EnvError(f"PGEN_CPU_DECODE_TEAM={mode!r}: expected auto, 0 or 1")
+    threads = torch.get_num_threads() if threads is None else threads
+    if mode != "auto":
+        return mode == "1"
+    per_thread = -(-R // max(1, threads)) * (2 if cfg else 1)
+    return threads > 1 and per_thread <= TEAM_MAX_ROWS
+
+
 def _linear_parts(layers) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     ws, bs = [], []
     for lin in layers:
@@ -168,6 +211,6 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
             cache.prefix_v or [], prow, plen,
             cfg_t.num_heads, cfg_t.num_kv_heads, cfg_t.rms_norm_eps, cfg_t.head_dim ** -0.5, hw, hb, head.act_name,
             cfg, float(guidance_scale), float(temperature), top_k, float(top_p), bool(greedy), passes,
-            lp_distribution == "guided")
+            lp_distribution == "guided", team_decode(R, cfg))
         if progress is not None:
             progress(t1 - t0)

@@ -33,6 +33,7 @@ import torch
 
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops import kv_quant
+from pgen_engine.ops._backend import extension
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
@@ -134,8 +135,12 @@ class Generator:
         return self._kv.nbytes()
 
     def release_cache(self) -> None:
-        """Free the KV storage (and captured graphs, which point into it); the next call allocates again."""
+        """Free the KV storage (and captured graphs, which point into it), and on CPU the
+        buffer the C++ decode reuses for packed weights; the next call allocates them again."""
         self._kv.release()
+        ext = extension()
+        if hasattr(ext, "release_pack_arena"):
+            ext.release_pack_arena()
 
     def kv_bytes(self, prompt_lens: Sequence[int], num_samples: int = 1, guidance_scale: float = 5.0) -> int:
         """Bytes of KV storage :meth:`generate` would hold at its peak for prompts of these

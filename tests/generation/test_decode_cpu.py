@@ -213,3 +213,85 @@ def test_pack_limit_falls_back_to_the_blas(model, monkeypatch):
     monkeypatch.setenv("PGEN_CPU_PACK_MAX_MB", "lots")
     with pytest.raises(RuntimeError, match="PGEN_CPU_PACK_MAX_MB must be an integer >= 0"):
         g.generate(PROMPTS, **kw)
+
+
+@pytest.fixture
+def two_threads():
+    """The team decode needs > 1 thread (CI machines have 2 cores; more threads than cores only
+    slows the test down)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("which", ["model", "rl_model"])
+@pytest.mark.parametrize("kw", [dict(top_k=6, top_p=0.95, return_logprobs=True),
+                                dict(greedy=True, return_logprobs=True, logprob_distribution="guided"),
+                                dict(guidance_scale=1.0, temperature=0.7, return_logprobs=True)])
+def test_team_decode_gives_the_codes_and_logprobs_of_per_thread_groups(request, which, kw, monkeypatch,
+                                                                      two_threads):
+    """The team (every projection split by columns between the threads) and one group of rows
+    per thread give bitwise the same codes and log-probs: 1, 3 and 5 prompts x 2 samples (a
+    shared prompt prefix), CFG on and off, passes of 1 row; two geometries (GQA and hidden 40,
+    53 codes: column shares that are not whole 16-column panels)."""
+    model = request.getfixturevalue(which)
+    if not extension().packed_gemm_available():
+        pytest.skip("the team decode runs with the packed AVX-512 GEMM only")
+    g = Generator(model, max_batch_size=10, max_seq_len=32)
+    calls: list = []
+    ext = extension()
+    real = ext.decode_loop_cpu
+    monkeypatch.setattr(ext, "decode_loop_cpu", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    prompts = PROMPTS + [[1, 12, 13, 3], [1, 11, 3]]
+    for n in (1, 3, 5):
+        for passes in ("0", "1"):
+            monkeypatch.setenv("PGEN_ROWS_PER_PASS", passes)
+            out = {}
+            for mode in ("0", "1"):
+                monkeypatch.setenv("PGEN_CPU_DECODE_TEAM", mode)
+                calls.clear()
+                out[mode] = g.generate(prompts[:n], seed=list(range(n)), num_samples=2, **kw)
+                assert calls and all(c == (mode == "1") for c in calls)
+            assert torch.equal(out["0"][0], out["1"][0]) and torch.equal(out["0"][1], out["1"][1])
+
+
+def test_team_decode_policy(monkeypatch):
+    """auto: a team where a thread's group would hold <= TEAM_MAX_ROWS (4) rows, CFG partners
+    included, and there is more than one thread; 1 / 0 force it; anything else is an error."""
+    monkeypatch.delenv("PGEN_CPU_DECODE_TEAM", raising=False)
+    assert decode_cpu.team_decode(1, True, threads=2)
+    assert decode_cpu.team_decode(4, True, threads=2)  # 2 + 2 rows per thread
+    assert not decode_cpu.team_decode(5, True, threads=2)
+    assert decode_cpu.team_decode(8, False, threads=2) and not decode_cpu.team_decode(9, False, threads=2)
+    assert decode_cpu.team_decode(16, True, threads=8)
+    assert not decode_cpu.team_decode(3, True, threads=1)
+    monkeypatch.setenv("PGEN_CPU_DECODE_TEAM", "1")
+    assert decode_cpu.team_decode(64, True, threads=2)
+    monkeypatch.setenv("PGEN_CPU_DECODE_TEAM", "0")
+    assert not decode_cpu.team_decode(1, True, threads=2)
+    monkeypatch.setenv("PGEN_CPU_DECODE_TEAM", "yes")
+    with pytest.raises(ValueError, match="PGEN_CPU_DECODE_TEAM='yes': expected auto, 0 or 1"):
+        decode_cpu.team_decode(1, True, threads=2)
+
+
+def test_packed_weights_buffer_is_reused_and_released(model):
+    """The packed copy of the weights lives in one buffer reused across calls (no fresh pages
+    each call) until release_cache() frees it; a second release frees nothing."""
+    ext = extension()
+    if not ext.packed_gemm_available():
+        pytest.skip("no packed GEMM on this CPU")
+    g = Generator(model, max_batch_size=4, max_seq_len=32)
+    first = g.generate(PROMPTS, seed=[1, 2, 3], top_k=5)
+    g.release_cache()
+    assert ext.release_pack_arena() == 0  # release_cache freed it already
+    again = g.generate(PROMPTS, seed=[1, 2, 3], top_k=5)
+    assert torch.equal(first, again)
+    lm = model.language_model
+    per_layer = sum(-(-w.shape[0] // 16) * 16 * w.shape[1] for w in
+                    (lm.layers[0].self_attn.q_proj.weight, lm.layers[0].self_attn.k_proj.weight,
+                     lm.layers[0].self_attn.v_proj.weight, lm.layers[0].self_attn.o_proj.weight,
+                     lm.layers[0].mlp.gate_proj.weight, lm.layers[0].mlp.up_proj.weight,
+                     lm.layers[0].mlp.down_proj.weight))
+    assert ext.release_pack_arena() == 4 * per_layer * len(lm.layers)
+    assert ext.release_pack_arena() == 0
