@@ -32,7 +32,7 @@ import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -163,13 +163,34 @@ class _Problems:
             warnings.warn(f"{where}: skipped bad input -- {detail}", stacklevel=3)
 
 
+def _text_lines(path: Path, f: Iterable[str]) -> Iterator[str]:
+    """The lines of the open text file ``f``; a byte that is not UTF-8 raises DataError naming ``path``."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start:e.start + 1].hex()
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}, byte 0x{bad}); re-save it as UTF-8") from None
+
+
+def _csv_rows(path: Path, reader) -> Iterator[list[str]]:
+    """The rows of ``reader``; a line the csv module cannot parse raises DataError naming ``path`` and the line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        yield row
+
+
 def _load_items(root: Path, problems: _Problems, check_images: bool) -> dict[str, Item]:
     path = root / ITEMS_FILE
     if not path.is_file():
         raise DataError(f"{path}: missing (expected one JSON object per line with item_id, title, image)")
     items: dict[str, Item] = {}
     with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+        for lineno, raw in enumerate(_text_lines(path, f), start=1):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -215,9 +236,10 @@ def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) 
         raise DataError(f"{path}: missing (expected a CSV with header {','.join(REQUIRED_COLUMNS)})")
     out: dict[str, list[Interaction]] = {}
     with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(_text_lines(path, f))
+        rows = _csv_rows(path, reader)
         try:
-            header = next(reader)
+            header = next(rows)
         except StopIteration:
             raise DataError(f"{path}:1: empty file (expected header {','.join(REQUIRED_COLUMNS)})") from None
         header = [h.strip() for h in header]
@@ -228,7 +250,7 @@ def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) 
             raise DataError(f"{path}:1: duplicate column names in header {header}")
         iu, ii, it = (header.index(c) for c in REQUIRED_COLUMNS)
         extra_cols = [(j, h) for j, h in enumerate(header) if h not in REQUIRED_COLUMNS]
-        for row in reader:
+        for row in rows:
             lineno = reader.line_num
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue

@@ -161,3 +161,19 @@ def test_rating_threshold_keeps_positives(tmp_path):
     csv.write_text("user_id,item_id,timestamp,rating\nu,a0,1,5\nu,a1,2,good\n")
     with pytest.raises(DataError, match=r"interactions.csv:3: rating 'good'"):
         filter_by_rating(load_dataset(d), 4.0)
+
+
+def test_non_utf8_and_unparsable_csv_name_the_file(synth_dir, tmp_path):
+    d = _copy(synth_dir, tmp_path)
+    with open(d / "items.jsonl", "ab") as f:
+        f.write(b'{"item_id": "caf\xe9", "title": "", "image": null}\n')
+    with pytest.raises(DataError, match=r"items\.jsonl: not UTF-8 text .*byte 0xe9"):
+        load_dataset(d)
+    rep = validate_dataset(d)  # validate reports it instead of raising
+    assert not rep.usable and "items.jsonl: not UTF-8 text" in rep.problems[0]
+    shutil.rmtree(d)
+    d = _copy(synth_dir, tmp_path)
+    _append_row(d, 'u0,i0,"' + "x" * 200_000 + '"')  # over the csv module's field limit
+    n = len((d / "interactions.csv").read_text().splitlines())
+    with pytest.raises(DataError, match=rf"interactions\.csv:{n}: malformed CSV \(field larger"):
+        load_dataset(d, on_error="skip")
