@@ -331,10 +331,24 @@ def tied_timestamps(dataset: Dataset) -> list[Interaction]:
     return [x for seq in dataset.interactions.values() for prev, x in zip(seq, seq[1:]) if x.timestamp == prev.timestamp]
 
 
+def _to_rgb(im):
+    """PIL image -> RGB PIL image; 16/32-bit grayscale scaled to 8 bits, not clipped.
+
+    PIL's own ``convert("RGB")`` clips "I;16"/"I" pixels at 255, which turns a 16-bit
+    grayscale PNG almost entirely white.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = np.clip(a, 0, 65535) // 257  # 16-bit range -> 8-bit
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
 def fit_square(im, size: int) -> np.ndarray:
     """PIL image -> RGB uint8 ``[size, size, 3]``: the shorter side resized to ``size``
     (bicubic), then the centre square cropped. The one resize rule for dataset and history images."""
-    im = im.convert("RGB")
+    im = _to_rgb(im)
     w, h = im.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -353,10 +367,10 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as im:
-            arr = fit_square(im, size) if size is not None else np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = fit_square(im, size) if size is not None else np.asarray(_to_rgb(im), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: corrupt or unreadable image ({e})") from None
     return arr.copy()
 

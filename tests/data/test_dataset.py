@@ -163,6 +163,21 @@ def test_rating_threshold_keeps_positives(tmp_path):
         filter_by_rating(load_dataset(d), 4.0)
 
 
+def test_load_image_scales_16bit_grayscale_and_rejects_decompression_bombs(tmp_path, monkeypatch):
+    from PIL import Image
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")  # opens as mode "I;16"
+    img = load_image(tmp_path / "g16.png")
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+    # scaled, not clipped at 255 (PIL's plain convert("RGB") makes this ramp nearly all white)
+    np.testing.assert_array_equal(img[..., 0], (ramp.astype(np.int64) // 257).astype(np.uint8))
+    assert load_image(tmp_path / "g16.png", 8).mean() < 200
+    Image.new("RGB", (32, 32)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1024 px > 2x the limit: PIL raises
+    with pytest.raises(DataError, match=r"big\.png: corrupt or unreadable image"):
+        load_image(tmp_path / "big.png", 8)
+
+
 def test_non_utf8_and_unparsable_csv_name_the_file(synth_dir, tmp_path):
     d = _copy(synth_dir, tmp_path)
     with open(d / "items.jsonl", "ab") as f:
