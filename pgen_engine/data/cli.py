@@ -65,8 +65,15 @@ def cmd_convert(a: argparse.Namespace) -> int:
 def cmd_tokenize(a: argparse.Namespace) -> int:
     # kind-dependent defaults: vq 64 px / 8x8 codes / 1024 entries; patch_kmeans 32 px / 4-px patches / 256
     vq = a.kind == "vq"
-    a.image_size = a.image_size or (64 if vq else 32)
-    a.codebook_size = a.codebook_size or (1024 if vq else 256)
+    for flag, v in (("--image-size", a.image_size), ("--codebook", a.codebook_size), ("--held-out", a.held_out),
+                    ("--fit-images", a.fit_images), ("--iters", a.iters), ("--max-steps", a.max_steps),
+                    ("--train-batch-size", a.train_batch_size)):
+        if v is not None and v < 1:  # 0 must not silently mean "the default"
+            return _err(f"{flag} must be >= 1, got {v}")
+    if not a.time_budget > 0:
+        return _err(f"--time-budget must be > 0 seconds, got {a.time_budget}")
+    a.image_size = a.image_size if a.image_size is not None else (64 if vq else 32)
+    a.codebook_size = a.codebook_size if a.codebook_size is not None else (1024 if vq else 256)
     if a.patch_size is None and a.codes_per_side is None and not vq:
         a.patch_size = 4
     if a.patch_size is not None:

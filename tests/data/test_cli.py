@@ -65,3 +65,14 @@ def test_tokenize_vq_fit_prints_quality_and_reuses(tmp_path, capsys):
         assert "--codes-per-side" in capsys.readouterr().err
     finally:
         torch.set_num_threads(n)
+
+
+def test_tokenize_zero_or_negative_sizes_are_errors_not_defaults(tmp_path, capsys):
+    # "--codebook 0" used to fall back to the 256 default and "--held-out -1" was accepted
+    for flag, value in (("--codebook", "0"), ("--image-size", "0"), ("--held-out", "-1"), ("--iters", "0"),
+                        ("--time-budget", "0")):
+        rc = main(["data", "tokenize", str(tmp_path), "--out", str(tmp_path / "c"), "--tokenizer",
+                   str(tmp_path / "t.st"), "--fit", flag, value])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"pgen data: error: {flag} must be") and value in err, (flag, err)
+    assert not (tmp_path / "c").exists()
