@@ -76,3 +76,15 @@ def test_tokenize_zero_or_negative_sizes_are_errors_not_defaults(tmp_path, capsy
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"pgen data: error: {flag} must be") and value in err, (flag, err)
     assert not (tmp_path / "c").exists()
+
+
+def test_tokenize_out_that_is_a_file_is_an_error_and_the_file_is_kept(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "4", "--items", "9", "--out", str(ds)]) == 0
+    f = tmp_path / "cache.txt"
+    f.write_text("keep me")
+    rc = main(["data", "tokenize", str(ds), "--out", str(f), "--tokenizer", str(tmp_path / "t.st"), "--fit",
+               "--codebook", "4", "--patch-size", "8", "--iters", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cache.txt: exists and is not a folder" in err and err.count("\n") == 1
+    assert f.read_text() == "keep me"
