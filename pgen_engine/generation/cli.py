@@ -114,6 +114,12 @@ def run_generate(args: argparse.Namespace) -> int:
     checkpoint, out_dir = Path(args.checkpoint), Path(args.out)
     prompts_path = Path(args.prompts) if args.prompts is not None else Path(args.data)
     check_out(out_dir, checkpoint, prompts_path)
+    if args.grid is not None:  # checked before any work: the grid is written only after every image
+        grid = Path(args.grid)
+        if grid.is_dir():
+            raise ValueError(f"--grid {grid}: is a directory (expected the path of a PNG file to write)")
+        if grid.exists() and prompts_path.exists() and grid.resolve() == prompts_path.resolve():
+            raise ValueError(f"--grid {grid}: would overwrite the prompts file")
 
     # everything that can be checked without the weights, before loading them
     cfg, special = load_checkpoint_config(checkpoint)

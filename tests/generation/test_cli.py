@@ -228,6 +228,18 @@ def test_bad_out_paths(tiny_ckpt, tmp_path, capsys, no_model_load):
     assert not list(tiny_ckpt.glob("*.png"))
 
 
+
+def test_bad_grid_paths_fail_before_generating(tiny_ckpt, tmp_path, capsys, no_model_load):
+    # a folder used to fail only after generating ("[Errno 21] Is a directory: '.tmp' -> ...");
+    # the prompts file itself used to be overwritten by the grid PNG
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])
+    before = p.read_bytes()
+    for grid, expect in [(tmp_path, "is a directory"), (p, "would overwrite the prompts file")]:
+        assert _gen(tiny_ckpt, p, tmp_path / "o", "--grid", str(grid)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen generate: error: --grid") and expect in err and str(grid) in err, err
+    assert p.read_bytes() == before and not (tmp_path / "o").exists()
+
 def test_unwritable_out_fails_before_generating(tiny_ckpt, tmp_path, capsys, no_model_load, monkeypatch):
     import tempfile
 
