@@ -49,7 +49,18 @@ def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:
     return evaluator["type"] != f"{rtype}:{rpath}"
 
 
+def _check_eval_args(a: argparse.Namespace) -> None:
+    """Flag values that would otherwise fail late with an unrelated message (or not at all)."""
+    for flag, v in (("--num-images", a.num_images), ("--batch-prompts", a.batch_prompts),
+                    ("--max-users", a.max_users), ("--evaluator-steps", a.evaluator_steps)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out}: exists and is not a directory (expected the report folder)")
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
+    _check_eval_args(a)
     t0 = time.time()
     ckpt = Path(a.checkpoint)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
