@@ -276,3 +276,13 @@ def test_config_and_special_token_checks_live_in_their_readers(ckpt):
     _edit_json(ckpt, "generation_config.json", lambda g: g.__setitem__("pad_token_id", True))
     with pytest.raises(pg.CheckpointError, match="pad=True .* not an integer"):
         pg.SpecialTokens.from_checkpoint(ckpt)
+
+
+def test_unusable_device_is_named_before_loading(tiny_ckpt, monkeypatch):
+    # a CUDA device on a machine without one used to surface as torch's bare AssertionError
+    # ("Torch not compiled with CUDA enabled"), a traceback under pgen eval
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(pg.CheckpointError, match=r"device 'cuda:0': CUDA is not available"):
+        pg.load_model(tiny_ckpt, device="cuda:0")
+    with pytest.raises(pg.CheckpointError, match=r"device 'banana' is not a torch device"):
+        pg.load_model(tiny_ckpt, device="banana")
