@@ -169,6 +169,8 @@ class JanusModelConfig:
         v, q = cfg["vision_config"], cfg["vq_config"]
         image_size = req(v, "image_size", "vision_config")
         patch = req(v, "patch_size", "vision_config")
+        if patch < 1:
+            raise CheckpointError(f"{source}: vision_config.patch_size={patch!r} must be a positive integer")
         grid = image_size // patch
         n_img = opt(v, "num_image_tokens", "vision_config", grid * grid)
         if n_img != grid * grid:

@@ -52,6 +52,7 @@ def test_invalid_json(tmp_path):
     ("text_config", "rope_parameters", {"rope_type": "default", "rope_theta": "abc"},
      r"text_config\.rope_parameters\.rope_theta='abc' is not a valid float"),
     ("vision_config", "num_image_tokens", "x", r"vision_config\.num_image_tokens='x' is not a valid int"),
+    ("vision_config", "patch_size", 0, r"vision_config\.patch_size=0 must be a positive integer"),  # ZeroDivisionError
 ])
 def test_optional_fields_are_checked_and_named(raw, section, key, value, match):
     r = copy.deepcopy(raw)
