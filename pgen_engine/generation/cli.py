@@ -125,6 +125,10 @@ def run_generate(args: argparse.Namespace) -> int:
     cfg, special = load_checkpoint_config(checkpoint)
     tokenizer = _load_tokenizer(checkpoint, special)
     T = cfg.num_image_tokens
+    if cfg.text.max_position_embeddings < T + 2:  # <bos> <boi> + the image tokens at the very least
+        raise ValueError(f"{checkpoint / 'config.json'}: text_config.max_position_embeddings="
+                         f"{cfg.text.max_position_embeddings} leaves no room for a prompt before the {T} image "
+                         "tokens; this checkpoint cannot generate images")
     mode, _ = trained_history_mode(checkpoint, args.run_config)
     model = None
     if mode == "codes":  # history images are encoded by the run's image tokenizer (maybe the model's VQ)

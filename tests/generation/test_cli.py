@@ -240,6 +240,20 @@ def test_bad_grid_paths_fail_before_generating(tiny_ckpt, tmp_path, capsys, no_m
         assert err.startswith("pgen generate: error: --grid") and expect in err and str(grid) in err, err
     assert p.read_bytes() == before and not (tmp_path / "o").exists()
 
+
+def test_checkpoint_whose_context_cannot_hold_the_image_is_refused(tiny_ckpt, tmp_path, capsys, no_model_load):
+    # used to report every prompt as too long, "at most -8 prompt tokens"
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 8
+    (ck / "config.json").write_text(json.dumps(cfg))
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])
+    assert _gen(ck, p, tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "max_position_embeddings=8 leaves no room for a prompt before the 16 image tokens" in err, err
+    assert not (tmp_path / "o").exists()
+
 def test_unwritable_out_fails_before_generating(tiny_ckpt, tmp_path, capsys, no_model_load, monkeypatch):
     import tempfile
 
