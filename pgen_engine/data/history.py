@@ -148,6 +148,8 @@ class HistoryPrompter:
 
         Images are paths, PIL images or uint8 ``[H, W, 3]`` arrays.
         """
+        if isinstance(history, (str, bytes, os.PathLike)):  # one path, not a history of its characters
+            raise ValueError(f"a history is a sequence of (image, title) items, got the single path {history!r}")
         if len(history) == 0:
             raise ValueError("a history needs at least one item")
         srcs, titles = [], []

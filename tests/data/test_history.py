@@ -99,5 +99,8 @@ def test_prompter_builds_both_modes_from_the_same_history():
     assert len(c.input_ids) == len(a.input_ids) + len("more\n")
     with pytest.raises(ValueError, match="at least one item"):
         px.build([])
+    # a bare path used to be read as a history of its characters ("a: image file does not exist")
+    with pytest.raises(ValueError, match="a history is a sequence of \\(image, title\\) items, got the single path"):
+        px.build("posters/1.jpg")
     with pytest.raises(ValueError, match="uint8"):
         px.build([(np.zeros((4, 4), dtype=np.uint8), "x")])
