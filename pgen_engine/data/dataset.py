@@ -318,7 +318,9 @@ def filter_by_rating(dataset: Dataset, min_rating: float, column: str = "rating"
             try:
                 r = float(x.extra[column])
             except ValueError:
-                raise DataError(f"{path}:{x.line}: {column} {x.extra[column]!r} is not a number") from None
+                r = math.nan
+            if not math.isfinite(r):  # a NaN rating would silently count as "not positive"
+                raise DataError(f"{path}:{x.line}: {column} {x.extra[column]!r} is not a finite number") from None
             if r >= min_rating:
                 keep.append(x)
         if keep:

@@ -161,6 +161,9 @@ def test_rating_threshold_keeps_positives(tmp_path):
     csv.write_text("user_id,item_id,timestamp,rating\nu,a0,1,5\nu,a1,2,good\n")
     with pytest.raises(DataError, match=r"interactions.csv:3: rating 'good'"):
         filter_by_rating(load_dataset(d), 4.0)
+    csv.write_text("user_id,item_id,timestamp,rating\nu,a0,1,5\nu,a1,2,nan\n")  # used to drop the row silently
+    with pytest.raises(DataError, match=r"interactions.csv:3: rating 'nan' is not a finite number"):
+        filter_by_rating(load_dataset(d), 4.0)
 
 
 def test_load_image_scales_16bit_grayscale_and_rejects_decompression_bombs(tmp_path, monkeypatch):
