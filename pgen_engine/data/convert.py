@@ -34,7 +34,7 @@ def _find_image(folder: Path, key: str) -> Path | None:
 def _read_jsonl(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(_text_lines(path, f), 1):
             if not line.strip():
                 continue
@@ -117,7 +117,7 @@ def convert_microlens(interactions: str | os.PathLike, covers: str | os.PathLike
     missing: set[str] = set()
     events: list[tuple[str, str, float, int]] = []
     dropped = 0
-    with open(interactions, encoding="utf-8", newline="") as f:
+    with open(interactions, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(_text_lines(interactions, f))
         rows = _csv_rows(interactions, reader)
         header = [h.strip() for h in next(rows, [])]

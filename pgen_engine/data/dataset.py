@@ -3,6 +3,7 @@
 A dataset is a folder holding::
 
     interactions.csv   header ``user_id,item_id,timestamp`` (+ any extra columns, kept);
+                       UTF-8 like items.jsonl (a leading byte-order mark, as Excel writes, is fine);
                        one row per interaction. ``timestamp`` is unix seconds (int or
                        float) or ISO-8601 (``2018-03-01T12:00:00``, ``...Z``, offsets;
                        naive times are read as UTC). Within one user, rows must appear in
@@ -189,7 +190,7 @@ def _load_items(root: Path, problems: _Problems, check_images: bool) -> dict[str
     if not path.is_file():
         raise DataError(f"{path}: missing (expected one JSON object per line with item_id, title, image)")
     items: dict[str, Item] = {}
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, raw in enumerate(_text_lines(path, f), start=1):
             if not raw.strip():
                 continue
@@ -235,7 +236,7 @@ def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) 
     if not path.is_file():
         raise DataError(f"{path}: missing (expected a CSV with header {','.join(REQUIRED_COLUMNS)})")
     out: dict[str, list[Interaction]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(_text_lines(path, f))
         rows = _csv_rows(path, reader)
         try:

@@ -195,3 +195,14 @@ def test_non_utf8_and_unparsable_csv_name_the_file(synth_dir, tmp_path):
     n = len((d / "interactions.csv").read_text().splitlines())
     with pytest.raises(DataError, match=rf"interactions\.csv:{n}: malformed CSV \(field larger"):
         load_dataset(d, on_error="skip")
+
+
+def test_byte_order_mark_is_accepted(synth_dir, tmp_path):
+    # an Excel-style UTF-8 BOM used to make the header lack 'user_id' ('\ufeffuser_id')
+    # and items.jsonl's first line malformed JSON
+    d = _copy(synth_dir, tmp_path)
+    for name in ("interactions.csv", "items.jsonl"):
+        (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
+    ds = load_dataset(d)
+    assert ds.num_users == 23 and ds.num_items == 57
+    assert validate_dataset(d).usable
