@@ -18,7 +18,7 @@ import math
 import os
 from pathlib import Path
 
-from .dataset import DataError, _csv_rows, _text_lines, parse_timestamp, write_dataset
+from .dataset import _MAX_UNIX, _MIN_UNIX, DataError, _csv_rows, _text_lines, parse_timestamp, write_dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -94,7 +94,7 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, imag
             ts = float(obj["timestamp"]) / 1000.0
         except (TypeError, ValueError):
             ts = math.nan
-        if isinstance(obj["timestamp"], bool) or not math.isfinite(ts):
+        if isinstance(obj["timestamp"], bool) or not _MIN_UNIX <= ts <= _MAX_UNIX:  # NaN fails this too
             raise DataError(f"{reviews}:{lineno}: timestamp {obj['timestamp']!r} is not milliseconds") from None
         if obj["parent_asin"] not in items:
             dropped += 1
@@ -132,12 +132,16 @@ def convert_microlens(interactions: str | os.PathLike, covers: str | os.PathLike
             u, i = row[0].strip(), row[1].strip()
             if not u or not i:
                 raise DataError(f"{interactions}:{lineno}: empty {'user' if not u else 'item'} id")
+            text = row[2].strip()
             try:
-                ts = parse_timestamp(row[2])
+                if float(text) > 1e11:  # MicroLens stores milliseconds
+                    text = repr(float(text) / 1000.0)
+            except ValueError:
+                pass  # ISO-8601 or garbage: parse_timestamp says which
+            try:
+                ts = parse_timestamp(text)
             except ValueError as e:
                 raise DataError(f"{interactions}:{lineno}: bad timestamp {row[2]!r} ({e})") from None
-            if ts > 1e11:  # MicroLens stores milliseconds
-                ts /= 1000.0
             if i not in items and i not in missing:
                 img = _find_image(covers, i)
                 if img is None:

@@ -121,6 +121,10 @@ class Dataset:
         return [x.item_id for x in self.interactions[user_id]]
 
 
+# unix seconds of 0001-01-01 and 9999-12-31T23:59:59 (datetime's range)
+_MIN_UNIX, _MAX_UNIX = -62135596800.0, 253402300799.0
+
+
 def parse_timestamp(text: str) -> float:
     """Unix seconds (``"964980499"``, ``"1.5e9"``) or ISO-8601 -> float unix seconds.
 
@@ -139,6 +143,9 @@ def parse_timestamp(text: str) -> float:
         return d.timestamp()
     if not math.isfinite(v):
         raise ValueError(f"timestamp {s!r} is not finite")
+    if not _MIN_UNIX <= v <= _MAX_UNIX:  # outside datetime's years 1..9999: reports could not print it
+        raise ValueError(f"timestamp {s!r} is outside the years 1..9999 as unix seconds"
+                         + (" (milliseconds? divide by 1000)" if _MIN_UNIX <= v / 1000 <= _MAX_UNIX else ""))
     return v
 
 

@@ -56,6 +56,7 @@ def test_microlens(tmp_path):
     ({"user_id": "U1", "parent_asin": "A1", "timestamp": "NaN"}, r"r\.jsonl:1: timestamp 'NaN' is not milliseconds"),
     ({"user_id": None, "parent_asin": "A1", "timestamp": 1000}, r"r\.jsonl:1: 'user_id' must be a non-empty string"),
     ({"user_id": " ", "parent_asin": "A1", "timestamp": 1000}, r"r\.jsonl:1: 'user_id' must be a non-empty string"),
+    ({"user_id": "U1", "parent_asin": "A1", "timestamp": 1e300}, r"r\.jsonl:1: timestamp 1e\+300 is not milliseconds"),
 ])
 def test_amazon2023_bad_review_fields(tmp_path, review, needle):
     _img(tmp_path / "imgs" / "A1.jpg", (1, 2, 3))

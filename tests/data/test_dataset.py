@@ -37,6 +37,13 @@ def test_parse_timestamp():
     for bad in ("", "yesterday", "nan", "2020-13-45"):
         with pytest.raises(ValueError):
             parse_timestamp(bad)
+    # beyond datetime's years: used to crash `pgen data validate` ("year 52689 is out of range",
+    # an OverflowError traceback for 1e300) when it printed the time span
+    with pytest.raises(ValueError, match=r"outside the years 1\.\.9999 as unix seconds \(milliseconds\?"):
+        parse_timestamp("1602369734000")
+    with pytest.raises(ValueError, match=r"outside the years 1\.\.9999 as unix seconds$"):
+        parse_timestamp("1e300")
+    assert parse_timestamp("-86400") == -86400.0 and parse_timestamp("0") == 0.0
 
 
 @pytest.mark.parametrize("row,needle", [
