@@ -6,6 +6,7 @@ Each handler returns an exit code; errors print one line to stderr and return no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -15,7 +16,7 @@ import torch
 
 from ..models.image_quality import quality_line
 from .convert import convert_amazon2023, convert_microlens
-from .dataset import DataError, load_dataset, validate_dataset
+from .dataset import DataError, Dataset, load_dataset, load_image, validate_dataset
 from .fit_tokenizer import TokenizerFitSettings, fit_tokenizer, held_out_quality, load_tokenizer
 from .synth import SynthConfig, generate_synthetic
 from .token_cache import build_token_cache
@@ -62,6 +63,24 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _without_unreadable_images(ds: Dataset) -> Dataset:
+    """``--on-error skip``: items whose image does not decode lose it (``image_path`` None), so
+    fitting and the held-out score pass over them as the token cache does (one warning)."""
+    bad: dict[str, str] = {}
+    for iid, item in ds.items.items():
+        if item.image_path is not None:
+            try:
+                load_image(item.image_path)
+            except DataError as e:
+                bad[iid] = str(e)
+    if not bad:
+        return ds
+    print(f"warning: {len(bad)} item image(s) unreadable, skipped (first: {next(iter(bad.values()))})",
+          file=sys.stderr)
+    items = {i: dataclasses.replace(it, image_path=None) if i in bad else it for i, it in ds.items.items()}
+    return dataclasses.replace(ds, items=items)
+
+
 def cmd_tokenize(a: argparse.Namespace) -> int:
     # kind-dependent defaults: vq 64 px / 8x8 codes / 1024 entries; patch_kmeans 32 px / 4-px patches / 256
     vq = a.kind == "vq"
@@ -88,6 +107,8 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     try:
         ds = load_dataset(a.dir, on_error=a.on_error)
+        if a.on_error == "skip":
+            ds = _without_unreadable_images(ds)
         if a.fit:
             s = TokenizerFitSettings(
                 kind=a.kind, image_size=a.image_size, codes_per_side=a.codes_per_side or 8,

@@ -88,3 +88,21 @@ def test_tokenize_out_that_is_a_file_is_an_error_and_the_file_is_kept(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and "cache.txt: exists and is not a folder" in err and err.count("\n") == 1
     assert f.read_text() == "keep me"
+
+
+def test_tokenize_fit_with_on_error_skip_passes_over_a_corrupt_image(tmp_path, capsys):
+    # --fit used to load every fit / held-out image strictly, so one corrupt poster failed the
+    # run even with --on-error skip
+    import json
+
+    ds = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "6", "--items", "12", "--out", str(ds)]) == 0
+    first = json.loads((ds / "items.jsonl").read_text().splitlines()[0])
+    (ds / first["image"]).write_bytes(b"not an image")
+    args = ["data", "tokenize", str(ds), "--out", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "t.st"),
+            "--fit", "--codebook", "4", "--patch-size", "8", "--iters", "1", "--held-out", "2", "--quiet"]
+    assert main(args) == 2
+    assert "corrupt or unreadable image" in capsys.readouterr().err
+    assert main(args + ["--on-error", "skip"]) == 0
+    cap = capsys.readouterr()
+    assert "1 skipped" in cap.out and "1 item image(s) unreadable, skipped" in cap.err
