@@ -188,6 +188,11 @@ def prompter_for_checkpoint(checkpoint: str | os.PathLike, model=None, *, run_co
     tok = run_image_tokenizer(run, model, where=str(path))
     if mode == "codes" and tok is None:
         raise ValueError(f"{ckpt}: codes history needs the run's image tokenizer or the loaded model (its VQ)")
+    if mode == "codes" and (tok.num_tokens, tok.codebook_size) != (cfg.num_image_tokens, cfg.codebook_size):
+        # else every history line fails on its own with "history_codes must be [n, T]"
+        raise ValueError(f"{path}: the run's image tokenizer gives {tok.num_tokens} codes per image from "
+                         f"{tok.codebook_size} entries; the checkpoint {ckpt} expects {cfg.num_image_tokens} "
+                         f"and {cfg.codebook_size}")
     return HistoryPrompter(builder, image_size=cfg.image_size if mode == "pixels" else None, image_tokenizer=tok)
 
 
