@@ -377,6 +377,11 @@ class RunConfig:
         for name in STAGES.values():
             if getattr(self, name) is not None and name != STAGES[self.stage]:
                 raise ConfigError(f"section {name!r} given but stage is {self.stage!r}")
+        for key, value in (("output_dir", self.output_dir), ("data.dataset_dir", self.data.dataset_dir),
+                           ("data.work_dir", self.data.work_dir), ("model.checkpoint", self.model.checkpoint)):
+            if value is not None and not str(value).strip():  # Path("") is the current directory
+                raise ConfigError(f"{key}={value!r}: expected a folder path (an empty one would mean the current "
+                                  "directory)")
         if self.stage == "rl" and self.rl is None:
             self.rl = RLConfig()
         if self.data.history_mode is None:

@@ -180,3 +180,10 @@ def test_demo_configs_work_unchanged_on_one_and_two_ranks():
             ds = _ds(cfg, world, "cpu")
             assert ds["train_batch_size"] == cfg.train.global_batch_size
             assert ds["train_micro_batch_size_per_gpu"] == micro[world]
+
+
+@pytest.mark.parametrize("key", ["output_dir", "data.dataset_dir", "data.work_dir", "model.checkpoint"])
+def test_empty_paths_are_refused(key):
+    # `output_dir=` used to be accepted as "" and training wrote into the current directory
+    with pytest.raises(ConfigError, match=rf"{key}='': expected a folder path"):
+        config_from_dict({}, "cfg.yaml", [f"{key}=''"])
