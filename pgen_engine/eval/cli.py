@@ -127,7 +127,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else None
+    seeds = None
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds {a.seeds!r}: a seed is repeated (each seed is one training run)")
+    if a.max_users is not None and a.max_users < 1:
+        raise ValueError(f"--max-users must be >= 1, got {a.max_users}")
     report = run_demo(Path(a.out), data=a.data, quick=a.quick, progress=not a.quiet, seed=a.seed, seeds=seeds,
                       max_users=a.max_users)
     print(f"report: {report}")

@@ -74,3 +74,17 @@ def test_pgen_eval_bad_flag_values_are_one_line_before_loading(tmp_path, capsys,
         err = capsys.readouterr().err
         assert err.startswith("pgen eval: error: ") and expect in err and err.count("\n") == 1, err
     assert f.read_text() == "keep"
+
+
+def test_pgen_demo_bad_seeds_and_max_users_are_one_line(monkeypatch, capsys):
+    # "--seeds a,b" used to say only "invalid literal for int() ...", "--max-users 0/-3" and
+    # repeated seeds ran
+    import pgen_engine.eval.cli as C
+
+    monkeypatch.setattr(C, "run_demo", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    for extra, expect in ((["--seeds", "a,b"], "--seeds 'a,b': expected comma-separated integers"),
+                          (["--seeds", "1,1"], "--seeds '1,1': a seed is repeated"),
+                          (["--max-users", "0"], "--max-users must be >= 1, got 0")):
+        assert main(["demo", "--quiet", *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen demo: error: ") and expect in err and err.count("\n") == 1, err
