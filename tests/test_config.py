@@ -187,3 +187,17 @@ def test_empty_paths_are_refused(key):
     # `output_dir=` used to be accepted as "" and training wrote into the current directory
     with pytest.raises(ConfigError, match=rf"{key}='': expected a folder path"):
         config_from_dict({}, "cfg.yaml", [f"{key}=''"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    # each used to pass config loading (pgen plan exit 0) and fail only when the RL stage built
+    # its reward, after the data and model were prepared
+    ("rl.rewards.bogus={weight: 1}", "unknown component 'bogus'"),
+    ("rl.rewards={preference: {weight: .nan}}", "weight must be a finite number"),
+    ("rl.rewards={preference: {weight: 1, agg: median}}", "agg must be 'mean' or 'max'"),
+    ("rl.rewards={preference: {weight: 1, wieght: 1}}", "bad option(s) ['wieght']"),
+])
+def test_rl_reward_spec_is_checked_at_load(override, needle):
+    with pytest.raises(ConfigError, match=r"rl\.rewards: ") as e:
+        config_from_dict({"stage": "rl"}, "rl.yaml", [override])
+    assert needle in str(e.value)
