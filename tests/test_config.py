@@ -201,3 +201,8 @@ def test_rl_reward_spec_is_checked_at_load(override, needle):
     with pytest.raises(ConfigError, match=r"rl\.rewards: ") as e:
         config_from_dict({"stage": "rl"}, "rl.yaml", [override])
     assert needle in str(e.value)
+
+
+def test_rl_embedder_type_is_checked_at_load():
+    with pytest.raises(ConfigError, match=r"rl\.embedder\.type='clipp': expected one of \['pixel_stats'"):
+        config_from_dict({"stage": "rl"}, "rl.yaml", ["rl.embedder={type: clipp, path: /m}"])
