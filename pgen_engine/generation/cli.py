@@ -200,6 +200,11 @@ def run_generate(args: argparse.Namespace) -> int:
         atomic_write_text(stage / MANIFEST, "\n".join(manifest) + "\n")
         if args.grid:
             write_grid(Path(args.grid), prompts, stage, args.num_samples, used_stems=names)
+        # a folder in the way would stop the moves half-way (some images replaced, no manifest)
+        blocked = [n for n in (*names, MANIFEST) if (out_dir / n).exists() and not (out_dir / n).is_file()]
+        if blocked:
+            raise ValueError(f"--out {out_dir}: {blocked[0]!r} there is not a file and would be replaced by an "
+                             f"output; move it away (nothing was written)")
         for name in names:
             os.replace(stage / name, out_dir / name)
         os.replace(stage / MANIFEST, out_dir / MANIFEST)

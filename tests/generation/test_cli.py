@@ -254,6 +254,17 @@ def test_checkpoint_whose_context_cannot_hold_the_image_is_refused(tiny_ckpt, tm
     assert "max_position_embeddings=8 leaves no room for a prompt before the 16 image tokens" in err, err
     assert not (tmp_path / "o").exists()
 
+
+def test_folder_named_like_an_output_stops_before_anything_moves(tiny_ckpt, tmp_path, capsys):
+    # used to publish 1_0.png, then fail on 1_1.png ("[Errno 21] Is a directory"): a half-written --out
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])
+    out = tmp_path / "o"
+    (out / "1_1.png").mkdir(parents=True)
+    assert _gen(tiny_ckpt, p, out, "--num-samples", "2") == 1
+    err = capsys.readouterr().err
+    assert "'1_1.png' there is not a file" in err and "nothing was written" in err, err
+    assert sorted(x.name for x in out.iterdir()) == ["1_1.png"]
+
 def test_unwritable_out_fails_before_generating(tiny_ckpt, tmp_path, capsys, no_model_load, monkeypatch):
     import tempfile
 
