@@ -81,6 +81,19 @@ def _without_unreadable_images(ds: Dataset) -> Dataset:
     return dataclasses.replace(ds, items=items)
 
 
+def _check_fit_target(path: Path, kind: str) -> None:
+    """``--fit`` writes ``path``: refuse a folder, and a file that is not a tokenizer of ``kind``
+    (a mistyped path such as the dataset's items.jsonl would otherwise be overwritten)."""
+    if path.is_dir():
+        raise ValueError(f"--tokenizer {path}: is a folder (expected the .safetensors file to write)")
+    if path.exists():
+        try:
+            load_tokenizer(kind, path)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise ValueError(f"--tokenizer {path}: exists and is not a {kind} tokenizer file ({e}); not overwriting "
+                             "it: delete it or choose another path") from None
+
+
 def cmd_tokenize(a: argparse.Namespace) -> int:
     # kind-dependent defaults: vq 64 px / 8x8 codes / 1024 entries; patch_kmeans 32 px / 4-px patches / 256
     vq = a.kind == "vq"
@@ -110,6 +123,7 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         if a.on_error == "skip":
             ds = _without_unreadable_images(ds)
         if a.fit:
+            _check_fit_target(a.tokenizer, a.kind)
             s = TokenizerFitSettings(
                 kind=a.kind, image_size=a.image_size, codes_per_side=a.codes_per_side or 8,
                 codebook=a.codebook_size,

@@ -106,3 +106,21 @@ def test_tokenize_fit_with_on_error_skip_passes_over_a_corrupt_image(tmp_path, c
     assert main(args + ["--on-error", "skip"]) == 0
     cap = capsys.readouterr()
     assert "1 skipped" in cap.out and "1 item image(s) unreadable, skipped" in cap.err
+
+
+def test_tokenize_fit_never_overwrites_a_file_that_is_not_a_tokenizer(tmp_path, capsys):
+    # a mistyped --tokenizer (here the dataset's own items.jsonl) used to be overwritten by the fit
+    ds = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "4", "--items", "9", "--out", str(ds)]) == 0
+    before = (ds / "items.jsonl").read_bytes()
+    base = ["data", "tokenize", str(ds), "--out", str(tmp_path / "c"), "--fit", "--codebook", "4", "--patch-size", "8",
+            "--iters", "1", "--quiet"]
+    assert main(base + ["--tokenizer", str(ds / "items.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "items.jsonl: exists and is not a patch_kmeans tokenizer file" in err and "not overwriting" in err, err
+    assert (ds / "items.jsonl").read_bytes() == before
+    assert main(base + ["--tokenizer", str(ds)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(base + ["--tokenizer", str(tmp_path / "t.st")]) == 0  # a new path, then the same one again: reused
+    assert main(base + ["--tokenizer", str(tmp_path / "t.st")]) == 0
+    assert "reusing" in capsys.readouterr().out
