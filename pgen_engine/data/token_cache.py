@@ -94,7 +94,8 @@ def build_token_cache(
     Args:
         dataset: the loaded dataset (items without an image are errors / skipped).
         tokenizer: any :class:`ImageTokenizer`; its ``fingerprint()`` keys the cache.
-        cache_dir: the cache folder (created or replaced on success).
+        cache_dir: the cache folder (created, or replaced on success when it holds a token cache;
+            any other non-empty folder is refused with DataError).
         batch_size: images per ``tokenizer.encode`` call.
         progress: show a tqdm bar.
         on_error: "raise" -> a missing/corrupt image raises :class:`DataError` naming it;
@@ -116,6 +117,10 @@ def build_token_cache(
         raise KeyError(f"item ids not in the dataset: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     if len(set(ids)) != len(ids):
         raise ValueError("item_ids contains duplicates")
+    if cache_dir.is_dir() and any(cache_dir.iterdir()) and (_read_index(cache_dir) or {}).get("format") != FORMAT:
+        # the cache replaces the folder: never a dataset, its images or any other non-cache folder
+        raise DataError(f"{cache_dir}: exists and is not a token cache (no {FORMAT} index.json); not replacing it: "
+                        "choose an empty or new folder")
     fp = tokenizer.fingerprint()
     images = images_signature(dataset, ids)
     existing = _read_index(cache_dir)

@@ -127,3 +127,20 @@ def test_cache_of_other_images_with_the_same_ids_is_rebuilt_not_reused(synth_dir
     # the same dataset again: reused (nothing re-encoded)
     tok.encode = lambda x: (_ for _ in ()).throw(AssertionError("re-encoded an unchanged dataset"))
     assert torch.equal(build_token_cache(other, tok, tmp_path / "c", progress=False).codes(ids), want)
+
+
+def test_cache_never_replaces_a_folder_that_is_not_a_cache(synth_dir, tmp_path):
+    # `pgen data tokenize DS --out DS` (or DS/images) used to replace the dataset with the cache
+    import shutil
+
+    d = tmp_path / "ds"
+    shutil.copytree(synth_dir, d)
+    ds = load_dataset(d)
+    tok = _tok(ds)
+    for target in (d, d / "images"):
+        with pytest.raises(DataError, match=rf"{target}: exists and is not a token cache"):
+            build_token_cache(ds, tok, target, progress=False)
+    assert load_dataset(d).num_items == 57 and len(list((d / "images").iterdir())) == 57
+    (tmp_path / "empty").mkdir()
+    assert len(build_token_cache(ds, tok, tmp_path / "empty", progress=False)) == 57
+    assert len(build_token_cache(ds, _tok(ds, k=19), tmp_path / "empty", progress=False)) == 57  # a cache: replaced
