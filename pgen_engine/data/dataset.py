@@ -398,13 +398,18 @@ def write_dataset(
     """Write a dataset in the native layout, atomically (the folder appears complete or not at all).
 
     Args:
-        out: the dataset folder to create (replaced if it exists).
+        out: the dataset folder to create (replaced if it holds a dataset; any other non-empty
+            folder is refused with :class:`DataError`).
         items: JSON-able dicts with at least ``item_id``, ``title``, ``image`` (relative path or None).
         interactions: (user_id, item_id, timestamp) rows, already in time order per user.
         image_files: relative path -> (``"bytes"``, data) or (``"copy"``, source path).
         extra_files: relative path -> text content (e.g. ground_truth.jsonl).
     """
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / ITEMS_FILE).is_file():
+        # the new dataset replaces the folder: only ever an earlier dataset
+        raise DataError(f"{out}: exists and is not a dataset (no {ITEMS_FILE}); not replacing it: choose an empty "
+                        "or new folder")
     with atomic_dir(out) as tmp:
         with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
             for obj in items:

@@ -213,3 +213,16 @@ def test_byte_order_mark_is_accepted(synth_dir, tmp_path):
     ds = load_dataset(d)
     assert ds.num_users == 23 and ds.num_items == 57
     assert validate_dataset(d).usable
+
+
+def test_write_dataset_never_replaces_a_folder_that_is_not_a_dataset(tmp_path):
+    # `pgen data synth/convert --out SOME_FOLDER` used to replace any folder with the dataset
+    keep = tmp_path / "docs"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"docs: exists and is not a dataset \(no items\.jsonl\)"):
+        write_dataset(keep, [{"item_id": "a", "title": "", "image": None}], [("u", "a", 1)])
+    assert (keep / "notes.txt").read_text() == "keep me"
+    d = write_dataset(tmp_path / "ds", [{"item_id": "a", "title": "", "image": None}], [("u", "a", 1)])
+    write_dataset(d, [{"item_id": "b", "title": "", "image": None}], [("u", "b", 1)])  # a dataset: replaced
+    assert list(load_dataset(d).items) == ["b"]
