@@ -140,6 +140,20 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".good")]
 
 
+
+def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_model):
+    # save_pretrained("some/folder") used to replace any existing folder with the checkpoint
+    keep = tmp_path / "docs"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me")
+    with pytest.raises(pg.CheckpointError, match=r"docs: exists and is not a checkpoint \(no config.json\)"):
+        tiny_model.save_pretrained(keep)
+    assert sorted(x.name for x in keep.iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    tiny_model.save_pretrained(tmp_path / "empty")
+    tiny_model.save_pretrained(tmp_path / "empty")  # a checkpoint now: replaced
+    assert (tmp_path / "empty" / "config.json").is_file()
+
 def test_tied_embeddings_checkpoint(tmp_path):
     from transformers import JanusForConditionalGeneration
     from pgen_engine.models.tiny import tiny_janus_config
