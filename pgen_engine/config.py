@@ -428,6 +428,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             wrong type, or invalid value.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a YAML run config file (e.g. configs/demo_sft.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:

@@ -77,6 +77,8 @@ def test_yaml_errors_name_file_and_line(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder, expected a YAML run config file"):  # was "not found"
+        load_config(tmp_path)
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes(b"stage: sft\noutput_dir: caf\xe9\n")  # used to raise a bare UnicodeDecodeError
     with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(invalid continuation byte at byte 26\)"):
