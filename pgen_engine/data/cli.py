@@ -98,6 +98,7 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     # kind-dependent defaults: vq 64 px / 8x8 codes / 1024 entries; patch_kmeans 32 px / 4-px patches / 256
     vq = a.kind == "vq"
     for flag, v in (("--image-size", a.image_size), ("--codebook", a.codebook_size), ("--held-out", a.held_out),
+                    ("--codes-per-side", a.codes_per_side),
                     ("--fit-images", a.fit_images), ("--iters", a.iters), ("--max-steps", a.max_steps),
                     ("--train-batch-size", a.train_batch_size)):
         if v is not None and v < 1:  # 0 must not silently mean "the default"

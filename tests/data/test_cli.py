@@ -70,7 +70,7 @@ def test_tokenize_vq_fit_prints_quality_and_reuses(tmp_path, capsys):
 def test_tokenize_zero_or_negative_sizes_are_errors_not_defaults(tmp_path, capsys):
     # "--codebook 0" used to fall back to the 256 default and "--held-out -1" was accepted
     for flag, value in (("--codebook", "0"), ("--image-size", "0"), ("--held-out", "-1"), ("--iters", "0"),
-                        ("--time-budget", "0")):
+                        ("--time-budget", "0"), ("--codes-per-side", "0")):
         rc = main(["data", "tokenize", str(tmp_path), "--out", str(tmp_path / "c"), "--tokenizer",
                    str(tmp_path / "t.st"), "--fit", flag, value])
         err = capsys.readouterr().err
