@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from pgen_engine.errors import PgenUserError
 from pgen_engine.models import load_model
 
 # Modules that contribute sub-commands, in the order `pgen --help` lists them.
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pgen: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:
+    except (PgenUserError, ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:
         if args.debug:
             raise
         print(f"pgen {args.command}: error: {e}", file=sys.stderr)

@@ -377,6 +377,11 @@ class RunConfig:
         for name in STAGES.values():
             if getattr(self, name) is not None and name != STAGES[self.stage]:
                 raise ConfigError(f"section {name!r} given but stage is {self.stage!r}")
+        for key, value in (("output_dir", self.output_dir), ("data.dataset_dir", self.data.dataset_dir),
+                           ("data.work_dir", self.data.work_dir), ("model.checkpoint", self.model.checkpoint)):
+            if value is not None and not str(value).strip():  # Path("") is the current directory
+                raise ConfigError(f"{key}={value!r}: expected a folder path (an empty one would mean the current "
+                                  "directory)")
         if self.stage == "rl" and self.rl is None:
             self.rl = RLConfig()
         if self.data.history_mode is None:
@@ -423,10 +428,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             wrong type, or invalid value.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a YAML run config file (e.g. configs/demo_sft.yaml)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a YAML run config") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
+    try:
+        tree = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -61,6 +61,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def _check_not_file(target: Path) -> None:
+    """A folder output never replaces a file: a mistyped output path must not delete the user's file."""
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target}: exists and is not a folder (expected a new or existing output folder); "
+                              "not replacing a file with a folder")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory next to ``path``; swap it into place on success.
@@ -70,6 +77,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     exception the temporary directory is removed and ``path`` is untouched.
     """
     target = Path(path)
+    _check_not_file(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
@@ -88,6 +96,7 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     ``target`` is never missing half its files.
     """
     new, target = Path(new), Path(target)
+    _check_not_file(target)
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))

@@ -140,8 +140,18 @@ class RLConfig:
             raise RLConfigError(f"rl.{getattr(e, 'field', 'sampling')}: {e}") from None
         if not isinstance(self.rewards, dict) or not self.rewards:
             raise bad("rewards", "a non-empty mapping {component: {weight: w, ...}}")
+        from pgen_engine.rewards.rewards import CompositeReward  # late: rewards imports the embedders
+
+        try:  # names, weights and options now, not after the data and the SFT model are prepared
+            CompositeReward.from_config(self.rewards, None)
+        except (TypeError, ValueError) as e:
+            raise RLConfigError(f"rl.rewards: {e}") from None
         if not isinstance(self.embedder, dict) or "type" not in self.embedder:
             raise bad("embedder", "a mapping with 'type' (e.g. {type: pixel_stats})")
+        from pgen_engine.rewards.embedders import EMBEDDER_TYPES
+
+        if self.embedder["type"] not in EMBEDDER_TYPES:  # else found only when the RL stage builds it
+            raise RLConfigError(f"rl.embedder.type={self.embedder['type']!r}: expected one of {list(EMBEDDER_TYPES)}")
         if self.future_horizon is not None and self.future_horizon < 1:
             raise bad("future_horizon", ">= 1 or null")
         if self.prompt_windows not in PROMPT_WINDOWS:

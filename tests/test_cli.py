@@ -97,3 +97,17 @@ def test_plan_cli_janus_pro_1b_rl_fits_8x80(capsys):
     assert [l.split()[0] for l in out if l.split() and l.split()[0] in ("rollout", "log-probs", "update")] == \
         ["rollout", "log-probs", "update"]
     assert out[-1].startswith("peak per GPU: ") and out[-1].endswith(" GiB of 80.0 GiB")
+
+
+def test_user_errors_outside_the_builtin_types_are_one_line(monkeypatch, capsys):
+    # a PgenUserError that is not also a ValueError/RuntimeError (e.g. DeepSpeedMissingError
+    # from pgen demo) used to escape as a traceback
+    import pgen_engine.eval.cli as C
+    from pgen_engine.errors import PgenUserError
+
+    def fail(a):
+        raise PgenUserError("DeepSpeed is not installed; pip install deepspeed")
+
+    monkeypatch.setattr(C, "run_demo", lambda *a, **k: fail(a))
+    assert main(["demo", "--quick", "--quiet"]) == 1
+    assert capsys.readouterr().err == "pgen demo: error: DeepSpeed is not installed; pip install deepspeed\n"

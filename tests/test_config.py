@@ -77,6 +77,12 @@ def test_yaml_errors_name_file_and_line(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is a folder, expected a YAML run config file"):  # was "not found"
+        load_config(tmp_path)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"stage: sft\noutput_dir: caf\xe9\n")  # used to raise a bare UnicodeDecodeError
+    with pytest.raises(ConfigError, match=r"latin1\.yaml: not UTF-8 text \(invalid continuation byte at byte 26\)"):
+        load_config(latin1)
 
 
 def test_grad_accum_arithmetic_random():
@@ -176,3 +182,29 @@ def test_demo_configs_work_unchanged_on_one_and_two_ranks():
             ds = _ds(cfg, world, "cpu")
             assert ds["train_batch_size"] == cfg.train.global_batch_size
             assert ds["train_micro_batch_size_per_gpu"] == micro[world]
+
+
+@pytest.mark.parametrize("key", ["output_dir", "data.dataset_dir", "data.work_dir", "model.checkpoint"])
+def test_empty_paths_are_refused(key):
+    # `output_dir=` used to be accepted as "" and training wrote into the current directory
+    with pytest.raises(ConfigError, match=rf"{key}='': expected a folder path"):
+        config_from_dict({}, "cfg.yaml", [f"{key}=''"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    # each used to pass config loading (pgen plan exit 0) and fail only when the RL stage built
+    # its reward, after the data and model were prepared
+    ("rl.rewards.bogus={weight: 1}", "unknown component 'bogus'"),
+    ("rl.rewards={preference: {weight: .nan}}", "weight must be a finite number"),
+    ("rl.rewards={preference: {weight: 1, agg: median}}", "agg must be 'mean' or 'max'"),
+    ("rl.rewards={preference: {weight: 1, wieght: 1}}", "bad option(s) ['wieght']"),
+])
+def test_rl_reward_spec_is_checked_at_load(override, needle):
+    with pytest.raises(ConfigError, match=r"rl\.rewards: ") as e:
+        config_from_dict({"stage": "rl"}, "rl.yaml", [override])
+    assert needle in str(e.value)
+
+
+def test_rl_embedder_type_is_checked_at_load():
+    with pytest.raises(ConfigError, match=r"rl\.embedder\.type='clipp': expected one of \['pixel_stats'"):
+        config_from_dict({"stage": "rl"}, "rl.yaml", ["rl.embedder={type: clipp, path: /m}"])

@@ -53,3 +53,18 @@ def test_outputs_get_normal_permissions(tmp_path):
         os.umask(mask)
     assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+def test_folder_outputs_never_replace_a_file(tmp_path):
+    from pgen_engine.io_utils import replace_dir
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"notes\.txt: exists and is not a folder"):
+        with atomic_dir(f) as tmp:
+            (tmp / "w").write_text("x")
+    new = tmp_path / "new"
+    new.mkdir()
+    with pytest.raises(FileExistsError, match=r"notes\.txt: exists and is not a folder"):
+        replace_dir(new, f)
+    assert f.read_text() == "keep me" and new.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "notes.txt"]

@@ -6,6 +6,7 @@ Each handler returns an exit code; errors print one line to stderr and return no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -15,7 +16,7 @@ import torch
 
 from ..models.image_quality import quality_line
 from .convert import convert_amazon2023, convert_microlens
-from .dataset import DataError, load_dataset, validate_dataset
+from .dataset import DataError, Dataset, load_dataset, load_image, validate_dataset
 from .fit_tokenizer import TokenizerFitSettings, fit_tokenizer, held_out_quality, load_tokenizer
 from .synth import SynthConfig, generate_synthetic
 from .token_cache import build_token_cache
@@ -62,11 +63,50 @@ def cmd_convert(a: argparse.Namespace) -> int:
     return 0
 
 
+def _without_unreadable_images(ds: Dataset) -> Dataset:
+    """``--on-error skip``: items whose image does not decode lose it (``image_path`` None), so
+    fitting and the held-out score pass over them as the token cache does (one warning)."""
+    bad: dict[str, str] = {}
+    for iid, item in ds.items.items():
+        if item.image_path is not None:
+            try:
+                load_image(item.image_path)
+            except DataError as e:
+                bad[iid] = str(e)
+    if not bad:
+        return ds
+    print(f"warning: {len(bad)} item image(s) unreadable, skipped (first: {next(iter(bad.values()))})",
+          file=sys.stderr)
+    items = {i: dataclasses.replace(it, image_path=None) if i in bad else it for i, it in ds.items.items()}
+    return dataclasses.replace(ds, items=items)
+
+
+def _check_fit_target(path: Path, kind: str) -> None:
+    """``--fit`` writes ``path``: refuse a folder, and a file that is not a tokenizer of ``kind``
+    (a mistyped path such as the dataset's items.jsonl would otherwise be overwritten)."""
+    if path.is_dir():
+        raise ValueError(f"--tokenizer {path}: is a folder (expected the .safetensors file to write)")
+    if path.exists():
+        try:
+            load_tokenizer(kind, path)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise ValueError(f"--tokenizer {path}: exists and is not a {kind} tokenizer file ({e}); not overwriting "
+                             "it: delete it or choose another path") from None
+
+
 def cmd_tokenize(a: argparse.Namespace) -> int:
     # kind-dependent defaults: vq 64 px / 8x8 codes / 1024 entries; patch_kmeans 32 px / 4-px patches / 256
     vq = a.kind == "vq"
-    a.image_size = a.image_size or (64 if vq else 32)
-    a.codebook_size = a.codebook_size or (1024 if vq else 256)
+    for flag, v in (("--image-size", a.image_size), ("--codebook", a.codebook_size), ("--held-out", a.held_out),
+                    ("--codes-per-side", a.codes_per_side),
+                    ("--fit-images", a.fit_images), ("--iters", a.iters), ("--max-steps", a.max_steps),
+                    ("--train-batch-size", a.train_batch_size)):
+        if v is not None and v < 1:  # 0 must not silently mean "the default"
+            return _err(f"{flag} must be >= 1, got {v}")
+    if not a.time_budget > 0:
+        return _err(f"--time-budget must be > 0 seconds, got {a.time_budget}")
+    a.image_size = a.image_size if a.image_size is not None else (64 if vq else 32)
+    a.codebook_size = a.codebook_size if a.codebook_size is not None else (1024 if vq else 256)
     if a.patch_size is None and a.codes_per_side is None and not vq:
         a.patch_size = 4
     if a.patch_size is not None:
@@ -81,7 +121,10 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     try:
         ds = load_dataset(a.dir, on_error=a.on_error)
+        if a.on_error == "skip":
+            ds = _without_unreadable_images(ds)
         if a.fit:
+            _check_fit_target(a.tokenizer, a.kind)
             s = TokenizerFitSettings(
                 kind=a.kind, image_size=a.image_size, codes_per_side=a.codes_per_side or 8,
                 codebook=a.codebook_size,

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
-from .dataset import DataError, parse_timestamp, write_dataset
+from .dataset import _MAX_UNIX, _MIN_UNIX, DataError, _csv_rows, _text_lines, parse_timestamp, write_dataset
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -33,8 +34,8 @@ def _find_image(folder: Path, key: str) -> Path | None:
 def _read_jsonl(path: Path):
     if not path.is_file():
         raise DataError(f"{path}: file does not exist")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(_text_lines(path, f), 1):
             if not line.strip():
                 continue
             try:
@@ -86,14 +87,19 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, imag
         for k in ("user_id", "parent_asin", "timestamp"):
             if k not in obj:
                 raise DataError(f"{reviews}:{lineno}: missing field {k!r}")
+        user = obj["user_id"]
+        if isinstance(user, bool) or not isinstance(user, (str, int)) or not str(user).strip():
+            raise DataError(f"{reviews}:{lineno}: 'user_id' must be a non-empty string, got {user!r}")
         try:
             ts = float(obj["timestamp"]) / 1000.0
         except (TypeError, ValueError):
+            ts = math.nan
+        if isinstance(obj["timestamp"], bool) or not _MIN_UNIX <= ts <= _MAX_UNIX:  # NaN fails this too
             raise DataError(f"{reviews}:{lineno}: timestamp {obj['timestamp']!r} is not milliseconds") from None
         if obj["parent_asin"] not in items:
             dropped += 1
             continue
-        events.append((str(obj["user_id"]), obj["parent_asin"], ts, lineno))
+        events.append((str(user).strip(), obj["parent_asin"], ts, lineno))
     stats = _finish(out, items, events, paths)
     return {**stats, "dropped_items": dropped_items, "dropped_interactions": dropped}
 
@@ -111,24 +117,31 @@ def convert_microlens(interactions: str | os.PathLike, covers: str | os.PathLike
     missing: set[str] = set()
     events: list[tuple[str, str, float, int]] = []
     dropped = 0
-    with open(interactions, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
+    with open(interactions, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(_text_lines(interactions, f))
+        rows = _csv_rows(interactions, reader)
+        header = [h.strip() for h in next(rows, [])]
         if header[:3] != ["user", "item", "timestamp"]:
             raise DataError(f"{interactions}:1: header must start with user,item,timestamp, got {header}")
-        for row in reader:
+        for row in rows:
             lineno = reader.line_num
             if not row:
                 continue
             if len(row) < 3:
                 raise DataError(f"{interactions}:{lineno}: expected >= 3 fields, got {len(row)}")
             u, i = row[0].strip(), row[1].strip()
+            if not u or not i:
+                raise DataError(f"{interactions}:{lineno}: empty {'user' if not u else 'item'} id")
+            text = row[2].strip()
             try:
-                ts = parse_timestamp(row[2])
+                if float(text) > 1e11:  # MicroLens stores milliseconds
+                    text = repr(float(text) / 1000.0)
+            except ValueError:
+                pass  # ISO-8601 or garbage: parse_timestamp says which
+            try:
+                ts = parse_timestamp(text)
             except ValueError as e:
                 raise DataError(f"{interactions}:{lineno}: bad timestamp {row[2]!r} ({e})") from None
-            if ts > 1e11:  # MicroLens stores milliseconds
-                ts /= 1000.0
             if i not in items and i not in missing:
                 img = _find_image(covers, i)
                 if img is None:

@@ -3,6 +3,7 @@
 A dataset is a folder holding::
 
     interactions.csv   header ``user_id,item_id,timestamp`` (+ any extra columns, kept);
+                       UTF-8 like items.jsonl (a leading byte-order mark, as Excel writes, is fine);
                        one row per interaction. ``timestamp`` is unix seconds (int or
                        float) or ISO-8601 (``2018-03-01T12:00:00``, ``...Z``, offsets;
                        naive times are read as UTC). Within one user, rows must appear in
@@ -32,7 +33,7 @@ import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -120,6 +121,10 @@ class Dataset:
         return [x.item_id for x in self.interactions[user_id]]
 
 
+# unix seconds of 0001-01-01 and 9999-12-31T23:59:59 (datetime's range)
+_MIN_UNIX, _MAX_UNIX = -62135596800.0, 253402300799.0
+
+
 def parse_timestamp(text: str) -> float:
     """Unix seconds (``"964980499"``, ``"1.5e9"``) or ISO-8601 -> float unix seconds.
 
@@ -138,6 +143,9 @@ def parse_timestamp(text: str) -> float:
         return d.timestamp()
     if not math.isfinite(v):
         raise ValueError(f"timestamp {s!r} is not finite")
+    if not _MIN_UNIX <= v <= _MAX_UNIX:  # outside datetime's years 1..9999: reports could not print it
+        raise ValueError(f"timestamp {s!r} is outside the years 1..9999 as unix seconds"
+                         + (" (milliseconds? divide by 1000)" if _MIN_UNIX <= v / 1000 <= _MAX_UNIX else ""))
     return v
 
 
@@ -163,13 +171,34 @@ class _Problems:
             warnings.warn(f"{where}: skipped bad input -- {detail}", stacklevel=3)
 
 
+def _text_lines(path: Path, f: Iterable[str]) -> Iterator[str]:
+    """The lines of the open text file ``f``; a byte that is not UTF-8 raises DataError naming ``path``."""
+    try:
+        yield from f
+    except UnicodeDecodeError as e:
+        bad = e.object[e.start:e.start + 1].hex()
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}, byte 0x{bad}); re-save it as UTF-8") from None
+
+
+def _csv_rows(path: Path, reader) -> Iterator[list[str]]:
+    """The rows of ``reader``; a line the csv module cannot parse raises DataError naming ``path`` and the line."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
+        yield row
+
+
 def _load_items(root: Path, problems: _Problems, check_images: bool) -> dict[str, Item]:
     path = root / ITEMS_FILE
     if not path.is_file():
         raise DataError(f"{path}: missing (expected one JSON object per line with item_id, title, image)")
     items: dict[str, Item] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, raw in enumerate(_text_lines(path, f), start=1):
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -214,10 +243,11 @@ def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) 
     if not path.is_file():
         raise DataError(f"{path}: missing (expected a CSV with header {','.join(REQUIRED_COLUMNS)})")
     out: dict[str, list[Interaction]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f)
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(_text_lines(path, f))
+        rows = _csv_rows(path, reader)
         try:
-            header = next(reader)
+            header = next(rows)
         except StopIteration:
             raise DataError(f"{path}:1: empty file (expected header {','.join(REQUIRED_COLUMNS)})") from None
         header = [h.strip() for h in header]
@@ -228,7 +258,7 @@ def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) 
             raise DataError(f"{path}:1: duplicate column names in header {header}")
         iu, ii, it = (header.index(c) for c in REQUIRED_COLUMNS)
         extra_cols = [(j, h) for j, h in enumerate(header) if h not in REQUIRED_COLUMNS]
-        for row in reader:
+        for row in rows:
             lineno = reader.line_num
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue
@@ -296,7 +326,9 @@ def filter_by_rating(dataset: Dataset, min_rating: float, column: str = "rating"
             try:
                 r = float(x.extra[column])
             except ValueError:
-                raise DataError(f"{path}:{x.line}: {column} {x.extra[column]!r} is not a number") from None
+                r = math.nan
+            if not math.isfinite(r):  # a NaN rating would silently count as "not positive"
+                raise DataError(f"{path}:{x.line}: {column} {x.extra[column]!r} is not a finite number") from None
             if r >= min_rating:
                 keep.append(x)
         if keep:
@@ -309,10 +341,24 @@ def tied_timestamps(dataset: Dataset) -> list[Interaction]:
     return [x for seq in dataset.interactions.values() for prev, x in zip(seq, seq[1:]) if x.timestamp == prev.timestamp]
 
 
+def _to_rgb(im):
+    """PIL image -> RGB PIL image; 16/32-bit grayscale scaled to 8 bits, not clipped.
+
+    PIL's own ``convert("RGB")`` clips "I;16"/"I" pixels at 255, which turns a 16-bit
+    grayscale PNG almost entirely white.
+    """
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)
+        if im.mode.startswith("I;16") or a.max(initial=0) > 255:
+            a = np.clip(a, 0, 65535) // 257  # 16-bit range -> 8-bit
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    return im.convert("RGB")
+
+
 def fit_square(im, size: int) -> np.ndarray:
     """PIL image -> RGB uint8 ``[size, size, 3]``: the shorter side resized to ``size``
     (bicubic), then the centre square cropped. The one resize rule for dataset and history images."""
-    im = im.convert("RGB")
+    im = _to_rgb(im)
     w, h = im.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
@@ -331,10 +377,10 @@ def load_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as im:
-            arr = fit_square(im, size) if size is not None else np.asarray(im.convert("RGB"), dtype=np.uint8)
+            arr = fit_square(im, size) if size is not None else np.asarray(_to_rgb(im), dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: corrupt or unreadable image ({e})") from None
     return arr.copy()
 
@@ -352,13 +398,18 @@ def write_dataset(
     """Write a dataset in the native layout, atomically (the folder appears complete or not at all).
 
     Args:
-        out: the dataset folder to create (replaced if it exists).
+        out: the dataset folder to create (replaced if it holds a dataset; any other non-empty
+            folder is refused with :class:`DataError`).
         items: JSON-able dicts with at least ``item_id``, ``title``, ``image`` (relative path or None).
         interactions: (user_id, item_id, timestamp) rows, already in time order per user.
         image_files: relative path -> (``"bytes"``, data) or (``"copy"``, source path).
         extra_files: relative path -> text content (e.g. ground_truth.jsonl).
     """
     out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / ITEMS_FILE).is_file():
+        # the new dataset replaces the folder: only ever an earlier dataset
+        raise DataError(f"{out}: exists and is not a dataset (no {ITEMS_FILE}); not replacing it: choose an empty "
+                        "or new folder")
     with atomic_dir(out) as tmp:
         with open(tmp / ITEMS_FILE, "w", encoding="utf-8") as f:
             for obj in items:

@@ -148,6 +148,8 @@ class HistoryPrompter:
 
         Images are paths, PIL images or uint8 ``[H, W, 3]`` arrays.
         """
+        if isinstance(history, (str, bytes, os.PathLike)):  # one path, not a history of its characters
+            raise ValueError(f"a history is a sequence of (image, title) items, got the single path {history!r}")
         if len(history) == 0:
             raise ValueError("a history needs at least one item")
         srcs, titles = [], []
@@ -186,6 +188,11 @@ def prompter_for_checkpoint(checkpoint: str | os.PathLike, model=None, *, run_co
     tok = run_image_tokenizer(run, model, where=str(path))
     if mode == "codes" and tok is None:
         raise ValueError(f"{ckpt}: codes history needs the run's image tokenizer or the loaded model (its VQ)")
+    if mode == "codes" and (tok.num_tokens, tok.codebook_size) != (cfg.num_image_tokens, cfg.codebook_size):
+        # else every history line fails on its own with "history_codes must be [n, T]"
+        raise ValueError(f"{path}: the run's image tokenizer gives {tok.num_tokens} codes per image from "
+                         f"{tok.codebook_size} entries; the checkpoint {ckpt} expects {cfg.num_image_tokens} "
+                         f"and {cfg.codebook_size}")
     return HistoryPrompter(builder, image_size=cfg.image_size if mode == "pixels" else None, image_tokenizer=tok)
 
 

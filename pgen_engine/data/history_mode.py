@@ -69,8 +69,15 @@ def trained_history_mode(checkpoint: str | os.PathLike, run_config: str | os.Pat
     path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
     if path.is_file():
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: unreadable run config (not UTF-8 text: {e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:  # one line: the problem and where, not PyYAML's multi-line excerpt
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"{path}:{where} unreadable run config "
+                             f"(invalid YAML: {getattr(e, 'problem', None) or e})") from None
+        except OSError as e:
             raise ValueError(f"{path}: unreadable run config ({e})") from None
         data = tree.get("data") if isinstance(tree, dict) else None
         data = data if isinstance(data, dict) else {}

@@ -201,6 +201,8 @@ class SynthConfig:
                              f"{self.min_interactions}, {self.max_interactions}")
         if not 0 <= self.drift <= 1 or not 0 <= self.fidelity <= 1:
             raise ValueError(f"drift and fidelity must be in [0, 1], got {self.drift}, {self.fidelity}")
+        if self.seed < 0:  # numpy refuses it with "expected non-negative integer", not naming the value
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
 
 
 def drift_rules(seed: int) -> list[np.ndarray]:

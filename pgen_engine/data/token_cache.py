@@ -5,7 +5,7 @@ Folder layout (``cache_dir``)::
     codes.bin    int16 (K <= 32767) or int32 codes, C-order ``[num_items, T]``
     done.bin     uint8 ``[num_items]``: 0 not yet, 1 done, 2 skipped (missing/corrupt image)
     index.json   fingerprint, dtype, num_tokens, codebook_size, image_size, item_ids,
-                 skipped {item_id: reason}, complete
+                 images (:func:`images_signature`), skipped {item_id: reason}, complete
 
 While building, everything lives in a sibling staging folder ``.<name>.partial``; codes
 are flushed before their done-bits, so a crash loses at most one batch and a rerun with
@@ -15,6 +15,7 @@ existing cache.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,11 +45,30 @@ def _code_dtype(codebook_size: int) -> str:
     return "int16" if codebook_size <= np.iinfo(np.int16).max + 1 else "int32"
 
 
-def _index(tokenizer: ImageTokenizer, item_ids: list[str]) -> dict:
+def _index(tokenizer: ImageTokenizer, item_ids: list[str], images: str) -> dict:
     return {"format": FORMAT, "version": VERSION, "fingerprint": tokenizer.fingerprint(),
             "dtype": _code_dtype(tokenizer.codebook_size), "num_tokens": tokenizer.num_tokens,
             "codebook_size": tokenizer.codebook_size, "image_size": tokenizer.image_size,
-            "item_ids": item_ids, "skipped": {}, "complete": False}
+            "item_ids": item_ids, "images": images, "skipped": {}, "complete": False}
+
+
+def images_signature(dataset: Dataset, item_ids: Sequence[str]) -> str:
+    """sha1 over each item's image file (resolved path, size, mtime), in ``item_ids`` order.
+
+    Item ids alone do not identify the images: two datasets (e.g. synthetic ones with other
+    seeds) share ids, and an image can be replaced in place. A cache whose signature differs
+    is rebuilt instead of serving another dataset's codes. Stat only, so reuse stays cheap.
+    """
+    h = hashlib.sha1()
+    for i in item_ids:
+        path = dataset.items[i].image_path
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        size, mtime = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
+        h.update(f"{i}\0{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
 
 
 def _read_index(d: Path) -> dict | None:
@@ -74,7 +94,8 @@ def build_token_cache(
     Args:
         dataset: the loaded dataset (items without an image are errors / skipped).
         tokenizer: any :class:`ImageTokenizer`; its ``fingerprint()`` keys the cache.
-        cache_dir: the cache folder (created or replaced on success).
+        cache_dir: the cache folder (created, or replaced on success when it holds a token cache;
+            any other non-empty folder is refused with DataError).
         batch_size: images per ``tokenizer.encode`` call.
         progress: show a tqdm bar.
         on_error: "raise" -> a missing/corrupt image raises :class:`DataError` naming it;
@@ -96,15 +117,21 @@ def build_token_cache(
         raise KeyError(f"item ids not in the dataset: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     if len(set(ids)) != len(ids):
         raise ValueError("item_ids contains duplicates")
+    if cache_dir.is_dir() and any(cache_dir.iterdir()) and (_read_index(cache_dir) or {}).get("format") != FORMAT:
+        # the cache replaces the folder: never a dataset, its images or any other non-cache folder
+        raise DataError(f"{cache_dir}: exists and is not a token cache (no {FORMAT} index.json); not replacing it: "
+                        "choose an empty or new folder")
     fp = tokenizer.fingerprint()
+    images = images_signature(dataset, ids)
     existing = _read_index(cache_dir)
-    if existing and existing.get("complete") and existing.get("fingerprint") == fp and existing.get("item_ids") == ids:
+    if existing and existing.get("complete") and existing.get("fingerprint") == fp and existing.get("item_ids") == ids \
+            and existing.get("images") == images:
         return TokenCache.open(cache_dir, fp)
 
     stage = _staging(cache_dir)
-    want = _index(tokenizer, ids)
+    want = _index(tokenizer, ids, images)
     idx = _read_index(stage)
-    keys = ("format", "version", "fingerprint", "dtype", "num_tokens", "item_ids")
+    keys = ("format", "version", "fingerprint", "dtype", "num_tokens", "item_ids", "images")
     n, t = len(ids), tokenizer.num_tokens
     if idx is None or any(idx.get(k) != want[k] for k in keys) \
             or not (stage / "codes.bin").is_file() or not (stage / "done.bin").is_file():

@@ -33,6 +33,7 @@ import torch
 from ..io_utils import atomic_write_json, replace_dir
 from .dataset import DataError, load_image
 from .prompts import normalize_pixels
+from .token_cache import images_signature
 
 FORMAT = "pgen-vision-cache"
 VERSION = 1
@@ -148,9 +149,10 @@ def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_s
     root = Path(cache_root) / f"vision_{fp}"
     ids = list(dataset.items) if item_ids is None else [str(i) for i in item_ids]
     name = _dtype_name(dtype)
+    images = images_signature(dataset, ids)  # the same ids may name other images (another dataset)
     try:
         cache = VisionCache.open(root, fp)
-        if cache.item_ids == ids and cache.dtype_name == name:
+        if cache.item_ids == ids and cache.dtype_name == name and cache.index.get("images") == images:
             return cache
     except DataError:
         pass
@@ -179,7 +181,8 @@ def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_s
         shape = out.shape[1:]
         del out
         atomic_write_json(stage / "index.json", {"format": FORMAT, "version": VERSION, "fingerprint": fp,
-                                                 "item_ids": ids, "num_tokens": int(shape[0]), "dim": int(shape[1]),
+                                                 "item_ids": ids, "images": images,
+                                                 "num_tokens": int(shape[0]), "dim": int(shape[1]),
                                                  "dtype": name,
                                                  "image_size": size, "complete": True})
         replace_dir(stage, root)

@@ -49,7 +49,18 @@ def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:
     return evaluator["type"] != f"{rtype}:{rpath}"
 
 
+def _check_eval_args(a: argparse.Namespace) -> None:
+    """Flag values that would otherwise fail late with an unrelated message (or not at all)."""
+    for flag, v in (("--num-images", a.num_images), ("--batch-prompts", a.batch_prompts),
+                    ("--max-users", a.max_users), ("--evaluator-steps", a.evaluator_steps)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} must be >= 1, got {v}")
+    if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out}: exists and is not a directory (expected the report folder)")
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
+    _check_eval_args(a)
     t0 = time.time()
     ckpt = Path(a.checkpoint)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
@@ -116,7 +127,16 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
-    seeds = [int(x) for x in a.seeds.split(",")] if a.seeds else None
+    seeds = None
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds {a.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds {a.seeds!r}: a seed is repeated (each seed is one training run)")
+    if a.max_users is not None and a.max_users < 1:
+        raise ValueError(f"--max-users must be >= 1, got {a.max_users}")
     report = run_demo(Path(a.out), data=a.data, quick=a.quick, progress=not a.quiet, seed=a.seed, seeds=seeds,
                       max_users=a.max_users)
     print(f"report: {report}")

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pgen_engine.config import DataConfig, load_config
-from pgen_engine.data.dataset import Dataset, filter_by_rating, load_dataset, load_image
+from pgen_engine.data.dataset import ITEMS_FILE, DataError, Dataset, filter_by_rating, load_dataset, load_image
 from pgen_engine.data.history import CatalogueImages
 from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.data.prompts import PromptBuilder, normalize_pixels
@@ -131,6 +131,10 @@ def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: st
     """
     root = Path(root)
     ds = load_dataset(root)
+    no_image = [i for i, it in ds.items.items() if it.image_path is None]
+    if no_image:  # every item is a catalogue image (baselines, retrieval) and may be a history image
+        raise DataError(f"{root / ITEMS_FILE}: {len(no_image)} item(s) have no image (first: {no_image[0]!r}); "
+                        "evaluation needs an image for every item")
     if min_rating is not None:
         ds = filter_by_rating(ds, min_rating)
     splits = build_splits(ds, k=k, min_interactions=min_interactions)

@@ -114,11 +114,21 @@ def run_generate(args: argparse.Namespace) -> int:
     checkpoint, out_dir = Path(args.checkpoint), Path(args.out)
     prompts_path = Path(args.prompts) if args.prompts is not None else Path(args.data)
     check_out(out_dir, checkpoint, prompts_path)
+    if args.grid is not None:  # checked before any work: the grid is written only after every image
+        grid = Path(args.grid)
+        if grid.is_dir():
+            raise ValueError(f"--grid {grid}: is a directory (expected the path of a PNG file to write)")
+        if grid.exists() and prompts_path.exists() and grid.resolve() == prompts_path.resolve():
+            raise ValueError(f"--grid {grid}: would overwrite the prompts file")
 
     # everything that can be checked without the weights, before loading them
     cfg, special = load_checkpoint_config(checkpoint)
     tokenizer = _load_tokenizer(checkpoint, special)
     T = cfg.num_image_tokens
+    if cfg.text.max_position_embeddings < T + 2:  # <bos> <boi> + the image tokens at the very least
+        raise ValueError(f"{checkpoint / 'config.json'}: text_config.max_position_embeddings="
+                         f"{cfg.text.max_position_embeddings} leaves no room for a prompt before the {T} image "
+                         "tokens; this checkpoint cannot generate images")
     mode, _ = trained_history_mode(checkpoint, args.run_config)
     model = None
     if mode == "codes":  # history images are encoded by the run's image tokenizer (maybe the model's VQ)
@@ -190,6 +200,11 @@ def run_generate(args: argparse.Namespace) -> int:
         atomic_write_text(stage / MANIFEST, "\n".join(manifest) + "\n")
         if args.grid:
             write_grid(Path(args.grid), prompts, stage, args.num_samples, used_stems=names)
+        # a folder in the way would stop the moves half-way (some images replaced, no manifest)
+        blocked = [n for n in (*names, MANIFEST) if (out_dir / n).exists() and not (out_dir / n).is_file()]
+        if blocked:
+            raise ValueError(f"--out {out_dir}: {blocked[0]!r} there is not a file and would be replaced by an "
+                             f"output; move it away (nothing was written)")
         for name in names:
             os.replace(stage / name, out_dir / name)
         os.replace(stage / MANIFEST, out_dir / MANIFEST)

@@ -8,6 +8,7 @@ gives each prompt its request seed. Every error names the prompt / field and wha
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -15,6 +16,10 @@ from pgen_engine.data.prompts import uncond_pad_ids
 from pgen_engine.ops.rng import mix_seed
 
 from .coerce import INT64_MAX, INT64_MIN, as_int
+
+
+# how far pixel_values may stray outside [-1, 1] (rounding of a resize or a low-precision dtype)
+PIXEL_RANGE_SLACK = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +145,14 @@ def split_pixels(model, prompts: list[Prompt], pixel_values) -> list[torch.Tenso
         raise ValueError(f"pixel_values must be [N_img,3,H,W] = [{need},3,{S},{S}] (N_img: images whose "
                          f"placeholders the prompts hold; H = W = the model's image_size), got "
                          f"{tuple(pixel_values.shape)}")
+    # one reduction before any model work: NaN pixels would otherwise surface only as NaN
+    # logits, and [0, 1] / [0, 255] / ImageNet-normalised pixels would silently condition on garbage
+    lo, hi = (float(v) for v in pixel_values.detach().aminmax())
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError("pixel_values holds NaN or Inf")
+    if lo < -1.0 - PIXEL_RANGE_SLACK or hi > 1.0 + PIXEL_RANGE_SLACK:
+        raise ValueError(f"pixel_values must be normalised to [-1, 1] (mean = std = 0.5), got values in "
+                         f"[{lo:.3g}, {hi:.3g}] (uint8 images: pgen_engine.models.janus.uint8_to_pixels)")
     out, i = [], 0
     for p in prompts:
         out.append(pixel_values[i:i + p.num_images] if p.num_images else None)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from pgen_engine.io_utils import atomic_dir
+from pgen_engine.models.janus_config import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -32,8 +33,14 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes
 
     Produces ``config.json``, ``generation_config.json`` and ``model.safetensors`` (or shards +
     index when larger than ``max_shard_bytes``); tokenizer files of the source checkpoint are
-    copied along. An existing ``path`` is replaced only once the new one is complete.
+    copied along. An existing checkpoint at ``path`` is replaced only once the new one is
+    complete; a non-empty folder without ``config.json`` is refused (CheckpointError).
     """
+    target = Path(path)
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        # the checkpoint replaces the folder: only ever an earlier checkpoint
+        raise CheckpointError(f"{target}: exists and is not a checkpoint (no config.json); not replacing it: choose "
+                              "an empty or new folder")
     cfg = dict(model.config.raw)
     cfg["dtype"] = str(model.dtype).replace("torch.", "")
     state = {}

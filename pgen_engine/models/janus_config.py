@@ -109,27 +109,44 @@ class JanusModelConfig:
         def req(d: dict, key: str, section: str, typ=int) -> Any:
             if key not in d or d[key] is None:
                 raise CheckpointError(f"{source}: missing {section}.{key}")
+            return opt(d, key, section, None, typ)
+
+        def opt(d: dict, key: str, section: str, default: Any, typ=int) -> Any:
+            """``d[key]`` as ``typ`` (``default`` when absent or null); a bool, a fractional
+            number where an int goes or an unparsable value is an error naming the field."""
+            v = d.get(key)
+            if v is None:
+                return default
+            bad = isinstance(v, bool) or (typ is int and isinstance(v, float) and not v.is_integer())
             try:
-                return typ(d[key])
-            except (TypeError, ValueError):
-                raise CheckpointError(f"{source}: {section}.{key}={d[key]!r} is not a valid {typ.__name__}") from None
+                if not bad:
+                    return typ(v)
+            except (TypeError, ValueError, OverflowError):
+                pass
+            raise CheckpointError(f"{source}: {section}.{key}={v!r} is not a valid {typ.__name__}")
 
         hidden = req(t, "hidden_size", "text_config")
         heads = req(t, "num_attention_heads", "text_config")
-        kv_heads = int(t.get("num_key_value_heads") or heads)
-        head_dim = int(t.get("head_dim") or hidden // heads)
+        kv_heads = opt(t, "num_key_value_heads", "text_config", heads)
+        for key, v in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+            if v < 1:
+                raise CheckpointError(f"{source}: text_config.{key}={v!r} must be a positive integer")
+        head_dim = opt(t, "head_dim", "text_config", None) or hidden // heads
         if heads % kv_heads:
             raise CheckpointError(
                 f"{source}: text_config.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
         rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise CheckpointError(f"{source}: text_config.rope_parameters={rope!r} must be an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise CheckpointError(
                 f"{source}: text_config rope_type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})"
             )
-        theta = float(rope.get("rope_theta", t.get("rope_theta", 10000.0)))
-        factor = float(rope.get("factor", 1.0)) if rope_type == "linear" else 1.0
+        theta = opt(rope, "rope_theta", "text_config.rope_parameters", None, float) \
+            or opt(t, "rope_theta", "text_config", 10000.0, float)
+        factor = opt(rope, "factor", "text_config.rope_parameters", 1.0, float) if rope_type == "linear" else 1.0
         act = t.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"{source}: text_config.hidden_act={act!r} is not supported (expected 'silu')")
@@ -141,10 +158,10 @@ class JanusModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(t.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=opt(t, "rms_norm_eps", "text_config", 1e-6, float),
             rope_theta=theta,
             rope_scaling_factor=factor,
-            max_position_embeddings=int(t.get("max_position_embeddings", 4096)),
+            max_position_embeddings=opt(t, "max_position_embeddings", "text_config", 4096),
             attention_bias=bool(t.get("attention_bias", False)),
             mlp_bias=bool(t.get("mlp_bias", False)),
             hidden_act=act,
@@ -152,8 +169,10 @@ class JanusModelConfig:
         v, q = cfg["vision_config"], cfg["vq_config"]
         image_size = req(v, "image_size", "vision_config")
         patch = req(v, "patch_size", "vision_config")
+        if patch < 1:
+            raise CheckpointError(f"{source}: vision_config.patch_size={patch!r} must be a positive integer")
         grid = image_size // patch
-        n_img = int(v.get("num_image_tokens", grid * grid))
+        n_img = opt(v, "num_image_tokens", "vision_config", grid * grid)
         if n_img != grid * grid:
             raise CheckpointError(
                 f"{source}: vision_config.num_image_tokens={n_img} but (image_size/patch_size)^2={grid * grid}"

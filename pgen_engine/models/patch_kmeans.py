@@ -220,12 +220,16 @@ class PatchKMeansTokenizer(ImageTokenizer):
                 if meta.get("version") != VERSION:
                     raise ValueError(f"{path}: unsupported PatchKMeans version {meta.get('version')!r}")
                 book = f.get_tensor("codebook")
-                extra = json.loads(meta.get("meta", "{}"))
         except ValueError:
             raise
         except Exception as e:  # safetensors raises its own error types for broken headers
             raise ValueError(f"{path}: unreadable safetensors file ({e})") from None
-        tok = cls(book, int(meta["image_size"]))
+        try:
+            extra = json.loads(meta.get("meta", "{}"))
+            tok = cls(book, int(meta["image_size"]))
+        except (KeyError, ValueError, TypeError) as e:  # a hand-edited or foreign file: name it
+            what = f"missing metadata {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path}: invalid PatchKMeans tokenizer ({what})") from None
         tok.meta = extra if isinstance(extra, dict) else {}
         if "fingerprint" in meta and meta["fingerprint"] != tok.fingerprint():
             raise ValueError(f"{path}: stored fingerprint {meta['fingerprint']} does not match the codebook "

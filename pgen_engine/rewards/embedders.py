@@ -413,6 +413,10 @@ def _is_evaluator(path: str | Path) -> bool:
     return is_evaluator_artifact(path)
 
 
+#: the ``type`` values :func:`make_embedder` builds
+EMBEDDER_TYPES = ("pixel_stats", "clip", "siglip", "janus", "pretrained", "model_vision", "cocons_cnn")
+
+
 def make_embedder(
     spec: Mapping[str, Any],
     *,

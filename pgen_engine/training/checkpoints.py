@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pgen_engine.errors import PgenUserError
+from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 from pgen_engine.models.checkpoint import save_checkpoint
 from pgen_engine.models.janus import JanusModel
@@ -67,6 +68,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """``ckpt``'s :data:`META` as a dict; a corrupt file is a ResumeError naming it."""
+    path = Path(ckpt) / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ResumeError(f"{path}: unreadable checkpoint metadata ({e}); resume from another checkpoint "
+                          "(--resume PATH) or start fresh") from None
+    if not isinstance(meta, dict):
+        raise ResumeError(f"{path}: checkpoint metadata is not a JSON object")
+    return meta
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -145,7 +159,7 @@ def check_resume_config(ckpt: Path, current: dict[str, Any], defaults: dict[str,
         ResumeError: naming the checkpoint and every differing key (saved -> now). A
             checkpoint written before configs were recorded is accepted as is.
     """
-    meta = json.loads((Path(ckpt) / META).read_text())
+    meta = read_meta(ckpt)
     saved = meta.get(CONFIG_KEY)
     if saved is None:
         return
@@ -233,21 +247,34 @@ def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict
     meta_path = ckpt / META
     if not meta_path.is_file():
         raise ResumeError(f"{ckpt}: not a complete checkpoint (no {META})")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(ckpt)
+    if "world_size" not in meta:
+        raise ResumeError(f"{meta_path}: no world_size recorded; not a checkpoint written by pgen")
     if int(meta["world_size"]) != dist_info.world_size:
         raise ResumeError(f"{ckpt}: saved with world_size={meta['world_size']}, this run has "
                           f"{dist_info.world_size}; resume with the same number of ranks")
     if int(meta.get("zero_stage", -1)) != engine.zero_optimization_stage():
         raise ResumeError(f"{ckpt}: saved with ZeRO stage {meta.get('zero_stage')}, this run uses "
                           f"{engine.zero_optimization_stage()}")
-    path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    # a truncated or corrupt state file surfaces from torch.load as RuntimeError / EOFError /
+    # UnpicklingError (a ValueError... or not): one line naming the checkpoint instead
+    unreadable = (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
+    try:
+        path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    except unreadable as e:
+        raise ResumeError(f"{ckpt}: cannot load the DeepSpeed state ({one_line(e)}); the checkpoint is "
+                          "corrupt or truncated: resume from another one (--resume PATH) or start fresh") from None
     if path is None:
         raise ResumeError(f"{ckpt}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt / f"rng_rank{dist_info.rank}.pt"
     if not rng_file.is_file():
         raise ResumeError(f"{rng_file}: missing RNG state for rank {dist_info.rank}")
-    set_rng_state(torch.load(rng_file, weights_only=False))
+    try:
+        rng = torch.load(rng_file, weights_only=False)
+    except unreadable as e:
+        raise ResumeError(f"{rng_file}: unreadable RNG state ({one_line(e)}); the checkpoint is corrupt") from None
+    set_rng_state(rng)
     return dict(client or {})
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pgen_engine.config import RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
+from pgen_engine.config import ConfigError, RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_resume_config, export_hf, load_resumable, resolve_resume,
@@ -127,6 +127,8 @@ class Trainer:
         """
         cfg, stage = self.cfg, self.stage
         require_deepspeed()  # before any work: a missing DeepSpeed is one line, not a late traceback
+        if self.out.exists() and not self.out.is_dir():  # on every rank, so all of them stop
+            raise ConfigError(f"output_dir={self.out}: exists and is not a folder (expected the run's output folder)")
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
         ckpt = resolve_resume(resume, self.out)

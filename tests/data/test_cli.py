@@ -65,3 +65,62 @@ def test_tokenize_vq_fit_prints_quality_and_reuses(tmp_path, capsys):
         assert "--codes-per-side" in capsys.readouterr().err
     finally:
         torch.set_num_threads(n)
+
+
+def test_tokenize_zero_or_negative_sizes_are_errors_not_defaults(tmp_path, capsys):
+    # "--codebook 0" used to fall back to the 256 default and "--held-out -1" was accepted
+    for flag, value in (("--codebook", "0"), ("--image-size", "0"), ("--held-out", "-1"), ("--iters", "0"),
+                        ("--time-budget", "0"), ("--codes-per-side", "0")):
+        rc = main(["data", "tokenize", str(tmp_path), "--out", str(tmp_path / "c"), "--tokenizer",
+                   str(tmp_path / "t.st"), "--fit", flag, value])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"pgen data: error: {flag} must be") and value in err, (flag, err)
+    assert not (tmp_path / "c").exists()
+
+
+def test_tokenize_out_that_is_a_file_is_an_error_and_the_file_is_kept(tmp_path, capsys):
+    ds = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "4", "--items", "9", "--out", str(ds)]) == 0
+    f = tmp_path / "cache.txt"
+    f.write_text("keep me")
+    rc = main(["data", "tokenize", str(ds), "--out", str(f), "--tokenizer", str(tmp_path / "t.st"), "--fit",
+               "--codebook", "4", "--patch-size", "8", "--iters", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cache.txt: exists and is not a folder" in err and err.count("\n") == 1
+    assert f.read_text() == "keep me"
+
+
+def test_tokenize_fit_with_on_error_skip_passes_over_a_corrupt_image(tmp_path, capsys):
+    # --fit used to load every fit / held-out image strictly, so one corrupt poster failed the
+    # run even with --on-error skip
+    import json
+
+    ds = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "6", "--items", "12", "--out", str(ds)]) == 0
+    first = json.loads((ds / "items.jsonl").read_text().splitlines()[0])
+    (ds / first["image"]).write_bytes(b"not an image")
+    args = ["data", "tokenize", str(ds), "--out", str(tmp_path / "c"), "--tokenizer", str(tmp_path / "t.st"),
+            "--fit", "--codebook", "4", "--patch-size", "8", "--iters", "1", "--held-out", "2", "--quiet"]
+    assert main(args) == 2
+    assert "corrupt or unreadable image" in capsys.readouterr().err
+    assert main(args + ["--on-error", "skip"]) == 0
+    cap = capsys.readouterr()
+    assert "1 skipped" in cap.out and "1 item image(s) unreadable, skipped" in cap.err
+
+
+def test_tokenize_fit_never_overwrites_a_file_that_is_not_a_tokenizer(tmp_path, capsys):
+    # a mistyped --tokenizer (here the dataset's own items.jsonl) used to be overwritten by the fit
+    ds = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "4", "--items", "9", "--out", str(ds)]) == 0
+    before = (ds / "items.jsonl").read_bytes()
+    base = ["data", "tokenize", str(ds), "--out", str(tmp_path / "c"), "--fit", "--codebook", "4", "--patch-size", "8",
+            "--iters", "1", "--quiet"]
+    assert main(base + ["--tokenizer", str(ds / "items.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "items.jsonl: exists and is not a patch_kmeans tokenizer file" in err and "not overwriting" in err, err
+    assert (ds / "items.jsonl").read_bytes() == before
+    assert main(base + ["--tokenizer", str(ds)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(base + ["--tokenizer", str(tmp_path / "t.st")]) == 0  # a new path, then the same one again: reused
+    assert main(base + ["--tokenizer", str(tmp_path / "t.st")]) == 0
+    assert "reusing" in capsys.readouterr().out

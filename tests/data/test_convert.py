@@ -49,3 +49,32 @@ def test_microlens(tmp_path):
     (tmp_path / "j.csv").write_text("uid,iid,ts\n")
     with pytest.raises(DataError, match="header"):
         convert_microlens(tmp_path / "j.csv", covers, tmp_path / "o2")
+
+
+@pytest.mark.parametrize("review,needle", [
+    # a NaN timestamp and a null user_id used to be written out ("nan", "None") and the run exited 0
+    ({"user_id": "U1", "parent_asin": "A1", "timestamp": "NaN"}, r"r\.jsonl:1: timestamp 'NaN' is not milliseconds"),
+    ({"user_id": None, "parent_asin": "A1", "timestamp": 1000}, r"r\.jsonl:1: 'user_id' must be a non-empty string"),
+    ({"user_id": " ", "parent_asin": "A1", "timestamp": 1000}, r"r\.jsonl:1: 'user_id' must be a non-empty string"),
+    ({"user_id": "U1", "parent_asin": "A1", "timestamp": 1e300}, r"r\.jsonl:1: timestamp 1e\+300 is not milliseconds"),
+])
+def test_amazon2023_bad_review_fields(tmp_path, review, needle):
+    _img(tmp_path / "imgs" / "A1.jpg", (1, 2, 3))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"parent_asin": "A1", "title": "x"}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps(review) + "\n")
+    with pytest.raises(DataError, match=needle):
+        convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", tmp_path / "imgs", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("data,needle", [
+    (b"user,item,timestamp\n,A1,5\n", r"i\.csv:2: empty user id"),  # used to be written out as-is
+    (b"user,item,timestamp\nu,A1,caf\xe9\n", r"i\.csv: not UTF-8 text"),  # used to be a bare UnicodeDecodeError
+    (b'user,item,timestamp\nu,A1,"' + b"x" * 200_000 + b'"\n', r"i\.csv:2: malformed CSV"),  # a _csv.Error traceback
+])
+def test_microlens_bad_input(tmp_path, data, needle):
+    _img(tmp_path / "covers" / "A1.jpg", (1, 2, 3))
+    (tmp_path / "i.csv").write_bytes(data)
+    with pytest.raises(DataError, match=needle):
+        convert_microlens(tmp_path / "i.csv", tmp_path / "covers", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -37,6 +37,13 @@ def test_parse_timestamp():
     for bad in ("", "yesterday", "nan", "2020-13-45"):
         with pytest.raises(ValueError):
             parse_timestamp(bad)
+    # beyond datetime's years: used to crash `pgen data validate` ("year 52689 is out of range",
+    # an OverflowError traceback for 1e300) when it printed the time span
+    with pytest.raises(ValueError, match=r"outside the years 1\.\.9999 as unix seconds \(milliseconds\?"):
+        parse_timestamp("1602369734000")
+    with pytest.raises(ValueError, match=r"outside the years 1\.\.9999 as unix seconds$"):
+        parse_timestamp("1e300")
+    assert parse_timestamp("-86400") == -86400.0 and parse_timestamp("0") == 0.0
 
 
 @pytest.mark.parametrize("row,needle", [
@@ -161,3 +168,61 @@ def test_rating_threshold_keeps_positives(tmp_path):
     csv.write_text("user_id,item_id,timestamp,rating\nu,a0,1,5\nu,a1,2,good\n")
     with pytest.raises(DataError, match=r"interactions.csv:3: rating 'good'"):
         filter_by_rating(load_dataset(d), 4.0)
+    csv.write_text("user_id,item_id,timestamp,rating\nu,a0,1,5\nu,a1,2,nan\n")  # used to drop the row silently
+    with pytest.raises(DataError, match=r"interactions.csv:3: rating 'nan' is not a finite number"):
+        filter_by_rating(load_dataset(d), 4.0)
+
+
+def test_load_image_scales_16bit_grayscale_and_rejects_decompression_bombs(tmp_path, monkeypatch):
+    from PIL import Image
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "g16.png")  # opens as mode "I;16"
+    img = load_image(tmp_path / "g16.png")
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+    # scaled, not clipped at 255 (PIL's plain convert("RGB") makes this ramp nearly all white)
+    np.testing.assert_array_equal(img[..., 0], (ramp.astype(np.int64) // 257).astype(np.uint8))
+    assert load_image(tmp_path / "g16.png", 8).mean() < 200
+    Image.new("RGB", (32, 32)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1024 px > 2x the limit: PIL raises
+    with pytest.raises(DataError, match=r"big\.png: corrupt or unreadable image"):
+        load_image(tmp_path / "big.png", 8)
+
+
+def test_non_utf8_and_unparsable_csv_name_the_file(synth_dir, tmp_path):
+    d = _copy(synth_dir, tmp_path)
+    with open(d / "items.jsonl", "ab") as f:
+        f.write(b'{"item_id": "caf\xe9", "title": "", "image": null}\n')
+    with pytest.raises(DataError, match=r"items\.jsonl: not UTF-8 text .*byte 0xe9"):
+        load_dataset(d)
+    rep = validate_dataset(d)  # validate reports it instead of raising
+    assert not rep.usable and "items.jsonl: not UTF-8 text" in rep.problems[0]
+    shutil.rmtree(d)
+    d = _copy(synth_dir, tmp_path)
+    _append_row(d, 'u0,i0,"' + "x" * 200_000 + '"')  # over the csv module's field limit
+    n = len((d / "interactions.csv").read_text().splitlines())
+    with pytest.raises(DataError, match=rf"interactions\.csv:{n}: malformed CSV \(field larger"):
+        load_dataset(d, on_error="skip")
+
+
+def test_byte_order_mark_is_accepted(synth_dir, tmp_path):
+    # an Excel-style UTF-8 BOM used to make the header lack 'user_id' ('\ufeffuser_id')
+    # and items.jsonl's first line malformed JSON
+    d = _copy(synth_dir, tmp_path)
+    for name in ("interactions.csv", "items.jsonl"):
+        (d / name).write_bytes(b"\xef\xbb\xbf" + (d / name).read_bytes())
+    ds = load_dataset(d)
+    assert ds.num_users == 23 and ds.num_items == 57
+    assert validate_dataset(d).usable
+
+
+def test_write_dataset_never_replaces_a_folder_that_is_not_a_dataset(tmp_path):
+    # `pgen data synth/convert --out SOME_FOLDER` used to replace any folder with the dataset
+    keep = tmp_path / "docs"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match=r"docs: exists and is not a dataset \(no items\.jsonl\)"):
+        write_dataset(keep, [{"item_id": "a", "title": "", "image": None}], [("u", "a", 1)])
+    assert (keep / "notes.txt").read_text() == "keep me"
+    d = write_dataset(tmp_path / "ds", [{"item_id": "a", "title": "", "image": None}], [("u", "a", 1)])
+    write_dataset(d, [{"item_id": "b", "title": "", "image": None}], [("u", "b", 1)])  # a dataset: replaced
+    assert list(load_dataset(d).items) == ["b"]

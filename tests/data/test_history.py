@@ -53,6 +53,19 @@ def test_defaults_and_trained_mode(tmp_path):
     assert check_history_mode("pixels", None, where="x") == "pixels"
 
 
+
+def test_unreadable_run_config_is_one_line_naming_the_file(tmp_path):
+    # a YAML error used to carry PyYAML's multi-line excerpt, a non-UTF-8 file a bare UnicodeDecodeError
+    final = _ckpt(tmp_path / "run" / "final")
+    cfg = tmp_path / "run" / "config.resolved.yaml"
+    cfg.write_text("stage: sft\ndata: [\n")
+    with pytest.raises(ValueError, match=r"config\.resolved\.yaml: line 3 unreadable run config \(invalid YAML") as e:
+        trained_history_mode(final)
+    assert "\n" not in str(e.value)
+    cfg.write_bytes(b"data: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"config\.resolved\.yaml: unreadable run config \(not UTF-8 text"):
+        trained_history_mode(final)
+
 class _Tok:
     """A stand-in image tokenizer: codes = mean intensity of each of 4 quadrants // 64."""
 
@@ -86,5 +99,8 @@ def test_prompter_builds_both_modes_from_the_same_history():
     assert len(c.input_ids) == len(a.input_ids) + len("more\n")
     with pytest.raises(ValueError, match="at least one item"):
         px.build([])
+    # a bare path used to be read as a history of its characters ("a: image file does not exist")
+    with pytest.raises(ValueError, match="a history is a sequence of \\(image, title\\) items, got the single path"):
+        px.build("posters/1.jpg")
     with pytest.raises(ValueError, match="uint8"):
         px.build([(np.zeros((4, 4), dtype=np.uint8), "x")])

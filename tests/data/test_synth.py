@@ -41,6 +41,8 @@ def test_bad_inputs():
         render_item((4, 0, 0, 0))
     with pytest.raises(ValueError):
         SynthConfig(image_size=16)
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):  # was numpy's "expected non-negative integer"
+        SynthConfig(seed=-1)
     with pytest.raises(ValueError):
         attributes_to_codes({"shape": "blob"})
     assert attribute_names() == ATTRIBUTES and attribute_values()["color"][0] == "red"

@@ -108,3 +108,39 @@ def test_cache_features(synth_dir, tmp_path):
         assert json.loads(f.metadata()["item_ids"]) == ids
     want = torch.from_numpy(load_image(ds.items[ids[5]].image_path, 32)).float().mean((0, 1))
     assert feats.shape == (9, 3) and torch.allclose(feats[5], want)
+
+
+def test_cache_of_other_images_with_the_same_ids_is_rebuilt_not_reused(synth_dir, tmp_path):
+    # two datasets sharing item ids (synthetic ones with other seeds, or an image replaced in
+    # place) used to get the first one's codes back from the cache
+    from pgen_engine.data.synth import SynthConfig, generate_synthetic
+
+    ds = load_dataset(synth_dir)
+    tok = _tok(ds)
+    build_token_cache(ds, tok, tmp_path / "c", progress=False)
+    other = load_dataset(generate_synthetic(tmp_path / "other", SynthConfig(num_users=23, num_items=57, seed=6)))
+    assert list(other.items) == list(ds.items)
+    ids = list(other.items)
+    want = tok.encode(torch.from_numpy(np.stack([load_image(other.items[i].image_path, 32) for i in ids])))
+    assert not torch.equal(want, TokenCache.open(tmp_path / "c", tok.fingerprint()).codes(ids))
+    assert torch.equal(build_token_cache(other, tok, tmp_path / "c", progress=False).codes(ids), want)
+    # the same dataset again: reused (nothing re-encoded)
+    tok.encode = lambda x: (_ for _ in ()).throw(AssertionError("re-encoded an unchanged dataset"))
+    assert torch.equal(build_token_cache(other, tok, tmp_path / "c", progress=False).codes(ids), want)
+
+
+def test_cache_never_replaces_a_folder_that_is_not_a_cache(synth_dir, tmp_path):
+    # `pgen data tokenize DS --out DS` (or DS/images) used to replace the dataset with the cache
+    import shutil
+
+    d = tmp_path / "ds"
+    shutil.copytree(synth_dir, d)
+    ds = load_dataset(d)
+    tok = _tok(ds)
+    for target in (d, d / "images"):
+        with pytest.raises(DataError, match=rf"{target}: exists and is not a token cache"):
+            build_token_cache(ds, tok, target, progress=False)
+    assert load_dataset(d).num_items == 57 and len(list((d / "images").iterdir())) == 57
+    (tmp_path / "empty").mkdir()
+    assert len(build_token_cache(ds, tok, tmp_path / "empty", progress=False)) == 57
+    assert len(build_token_cache(ds, _tok(ds, k=19), tmp_path / "empty", progress=False)) == 57  # a cache: replaced

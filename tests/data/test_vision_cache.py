@@ -53,6 +53,21 @@ def test_disk_cache_matches_encoding_and_is_reused(setup):
     assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+
+def test_disk_cache_of_other_images_with_the_same_ids_is_rebuilt(setup, tmp_path):
+    # used to serve the first dataset's features for a second one with the same item ids
+    from pgen_engine.data.synth import SynthConfig, generate_synthetic
+
+    ds, model, _ = setup
+    build_vision_cache(ds, model, tmp_path / "vision")
+    other = load_dataset(generate_synthetic(tmp_path / "other", SynthConfig(num_users=4, num_items=10, seed=3)))
+    ids = list(other.items)
+    assert ids == list(ds.items)
+    imgs = torch.from_numpy(np.stack([load_image(other.items[i].image_path, model.image_size) for i in ids]))
+    with torch.no_grad():
+        want = model.vision_hidden(normalize_pixels(imgs))
+    assert torch.equal(build_vision_cache(other, model, tmp_path / "vision").features(ids), want)
+
 def test_memory_cache_encodes_each_item_once_per_version(setup):
     ds, model, _ = setup
     imgs = CatalogueImages(ds, model.image_size)

@@ -54,3 +54,37 @@ def test_pgen_eval_bad_checkpoint_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pgen_engine", "eval", "--checkpoint", str(tmp_path / "nope"),
                         "--data", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1 and "not a directory" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pgen_eval_bad_flag_values_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    # --num-images 0 used to fail as "max_batch_size must be ...", --batch-prompts 0 as
+    # "range() arg 3 must not be zero", --max-users 0 / -1 ran; an --out file failed after the work
+    import pgen_engine.eval.cli as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    f = tmp_path / "report.txt"
+    f.write_text("keep")
+    base = ["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]
+    for extra, expect in ((["--num-images", "0"], "--num-images must be >= 1, got 0"),
+                          (["--batch-prompts", "0"], "--batch-prompts must be >= 1, got 0"),
+                          (["--max-users", "-1"], "--max-users must be >= 1, got -1"),
+                          (["--evaluator-steps", "0"], "--evaluator-steps must be >= 1, got 0"),
+                          (["--out", str(f)], "exists and is not a directory")):
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen eval: error: ") and expect in err and err.count("\n") == 1, err
+    assert f.read_text() == "keep"
+
+
+def test_pgen_demo_bad_seeds_and_max_users_are_one_line(monkeypatch, capsys):
+    # "--seeds a,b" used to say only "invalid literal for int() ...", "--max-users 0/-3" and
+    # repeated seeds ran
+    import pgen_engine.eval.cli as C
+
+    monkeypatch.setattr(C, "run_demo", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    for extra, expect in ((["--seeds", "a,b"], "--seeds 'a,b': expected comma-separated integers"),
+                          (["--seeds", "1,1"], "--seeds '1,1': a seed is repeated"),
+                          (["--max-users", "0"], "--max-users must be >= 1, got 0")):
+        assert main(["demo", "--quiet", *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen demo: error: ") and expect in err and err.count("\n") == 1, err

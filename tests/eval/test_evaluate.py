@@ -136,3 +136,20 @@ def test_tied_targets_are_found(tmp_path):
     ds = load_dataset(d)
     ties = E.tied_targets(ds, build_splits(ds, k=2))
     assert ties == {"valid": [], "test": ["v"]}  # v's last item shares the previous timestamp
+
+
+def test_items_without_an_image_are_a_data_error(tmp_path):
+    # used to die with "TypeError: expected str, bytes or os.PathLike object, not NoneType"
+    import json
+
+    from pgen_engine.data.dataset import DataError
+
+    generate_synthetic(tmp_path / "ds", SynthConfig(num_users=4, num_items=9, seed=0))
+    lines = [json.loads(x) for x in (tmp_path / "ds" / "items.jsonl").read_text().splitlines()]
+    lines[2]["image"] = None
+    (tmp_path / "ds" / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    tok = PatchKMeansTokenizer.fit(torch.zeros(2, 32, 32, 3, dtype=torch.uint8), patch_size=16, codebook_size=2,
+                                   iters=1, seed=0)
+    with pytest.raises(DataError, match=rf"items\.jsonl: 1 item\(s\) have no image \(first: '{lines[2]['item_id']}'\)"):
+        E.prepare_eval_data(tmp_path / "ds", tok, tmp_path / "cache", PixelStatsEmbedder())
+    assert not (tmp_path / "cache").exists()

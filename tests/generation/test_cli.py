@@ -228,6 +228,43 @@ def test_bad_out_paths(tiny_ckpt, tmp_path, capsys, no_model_load):
     assert not list(tiny_ckpt.glob("*.png"))
 
 
+
+def test_bad_grid_paths_fail_before_generating(tiny_ckpt, tmp_path, capsys, no_model_load):
+    # a folder used to fail only after generating ("[Errno 21] Is a directory: '.tmp' -> ...");
+    # the prompts file itself used to be overwritten by the grid PNG
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])
+    before = p.read_bytes()
+    for grid, expect in [(tmp_path, "is a directory"), (p, "would overwrite the prompts file")]:
+        assert _gen(tiny_ckpt, p, tmp_path / "o", "--grid", str(grid)) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen generate: error: --grid") and expect in err and str(grid) in err, err
+    assert p.read_bytes() == before and not (tmp_path / "o").exists()
+
+
+def test_checkpoint_whose_context_cannot_hold_the_image_is_refused(tiny_ckpt, tmp_path, capsys, no_model_load):
+    # used to report every prompt as too long, "at most -8 prompt tokens"
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_ckpt, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["text_config"]["max_position_embeddings"] = 8
+    (ck / "config.json").write_text(json.dumps(cfg))
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])
+    assert _gen(ck, p, tmp_path / "o") == 1
+    err = capsys.readouterr().err
+    assert "max_position_embeddings=8 leaves no room for a prompt before the 16 image tokens" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_folder_named_like_an_output_stops_before_anything_moves(tiny_ckpt, tmp_path, capsys):
+    # used to publish 1_0.png, then fail on 1_1.png ("[Errno 21] Is a directory"): a half-written --out
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])
+    out = tmp_path / "o"
+    (out / "1_1.png").mkdir(parents=True)
+    assert _gen(tiny_ckpt, p, out, "--num-samples", "2") == 1
+    err = capsys.readouterr().err
+    assert "'1_1.png' there is not a file" in err and "nothing was written" in err, err
+    assert sorted(x.name for x in out.iterdir()) == ["1_1.png"]
+
 def test_unwritable_out_fails_before_generating(tiny_ckpt, tmp_path, capsys, no_model_load, monkeypatch):
     import tempfile
 

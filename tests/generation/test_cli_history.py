@@ -134,3 +134,21 @@ def test_data_users(ckpt, tmp_path):
     assert all(len(r["history"]) >= 1 and "item_id" in r["history"][0] for r in rows)
     assert main(["generate", "--checkpoint", str(ckpt), "--data", str(ds), "--users", "nobody",
                  "--out", str(tmp_path / "x"), "--quiet"]) == 1
+
+
+def test_run_tokenizer_of_another_geometry_is_one_error(ckpt, posters, tmp_path, capsys):
+    # used to fail every history line on its own: "history_codes must be [n, 16], got (1, 64)"
+    import torch
+
+    from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+
+    imgs = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8))
+    PatchKMeansTokenizer.fit(imgs, patch_size=4, codebook_size=8, iters=1, seed=0).save(tmp_path / "tokenizer.safetensors")
+    rc = tmp_path / "config.resolved.yaml"
+    rc.write_text(f"data:\n  history_mode: codes\n  tokenizer: patch_kmeans\n  work_dir: {tmp_path}\n")
+    p = posters.parent / "m3.jsonl"
+    p.write_text(_line("u", [0]) + "\n" + _line("v", [1]) + "\n")
+    assert _run(ckpt, p, tmp_path / "o", "--run-config", str(rc)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "image tokenizer gives 64 codes per image from 8 entries" in err, err
+    assert "expects 16 and 64" in err and not (tmp_path / "o").exists()

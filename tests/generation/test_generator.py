@@ -341,6 +341,13 @@ def test_bad_inputs_raise_clear_errors(peaky):
         g.generate([[1] + [7] * 20 + [3]])
     with pytest.raises(ValueError, match="pixel_values"):
         g.generate([[1] + [SPECIAL.image] * model.num_image_tokens + [3]])
+    S = model.image_size
+    with_image = [[1] + [SPECIAL.image] * model.num_image_tokens + [3]]
+    # [0, 255] pixels used to condition silently on garbage; NaN ones failed only at the logits
+    with pytest.raises(ValueError, match=r"pixel_values must be normalised to \[-1, 1\].*\[0, 255\]"):
+        g.generate(with_image, None, torch.linspace(0, 255, 3 * S * S).reshape(1, 3, S, S))
+    with pytest.raises(ValueError, match="pixel_values holds NaN or Inf"):
+        g.generate(with_image, None, torch.full((1, 3, S, S), float("nan")))
     with pytest.raises(ValueError, match="not a multiple"):
         g.generate([[1, SPECIAL.image, 3]])
     with pytest.raises(ValueError, match="one per prompt"):

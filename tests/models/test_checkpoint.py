@@ -140,6 +140,20 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".good")]
 
 
+
+def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_model):
+    # save_pretrained("some/folder") used to replace any existing folder with the checkpoint
+    keep = tmp_path / "docs"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me")
+    with pytest.raises(pg.CheckpointError, match=r"docs: exists and is not a checkpoint \(no config.json\)"):
+        tiny_model.save_pretrained(keep)
+    assert sorted(x.name for x in keep.iterdir()) == ["notes.txt"]
+    (tmp_path / "empty").mkdir()
+    tiny_model.save_pretrained(tmp_path / "empty")
+    tiny_model.save_pretrained(tmp_path / "empty")  # a checkpoint now: replaced
+    assert (tmp_path / "empty" / "config.json").is_file()
+
 def test_tied_embeddings_checkpoint(tmp_path):
     from transformers import JanusForConditionalGeneration
     from pgen_engine.models.tiny import tiny_janus_config
@@ -268,7 +282,7 @@ def test_config_and_special_token_checks_live_in_their_readers(ckpt):
         JanusModelConfig.from_dict(raw, source="my.json")
     raw["text_config"]["num_hidden_layers"] = 2
     raw["text_config"]["rope_parameters"] = [1]
-    with pytest.raises(pg.CheckpointError, match=r"my.json: invalid Janus config \(AttributeError"):
+    with pytest.raises(pg.CheckpointError, match=r"my.json: text_config.rope_parameters=\[1\] must be an object"):
         JanusModelConfig.from_dict(raw, source="my.json")
     _edit_json(ckpt, "generation_config.json", lambda g: g.__setitem__("pad_token_id", 300))
     with pytest.raises(pg.CheckpointError, match=r"pad=300 .*outside the text vocabulary \[0, 300\)"):
@@ -276,3 +290,13 @@ def test_config_and_special_token_checks_live_in_their_readers(ckpt):
     _edit_json(ckpt, "generation_config.json", lambda g: g.__setitem__("pad_token_id", True))
     with pytest.raises(pg.CheckpointError, match="pad=True .* not an integer"):
         pg.SpecialTokens.from_checkpoint(ckpt)
+
+
+def test_unusable_device_is_named_before_loading(tiny_ckpt, monkeypatch):
+    # a CUDA device on a machine without one used to surface as torch's bare AssertionError
+    # ("Torch not compiled with CUDA enabled"), a traceback under pgen eval
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(pg.CheckpointError, match=r"device 'cuda:0': CUDA is not available"):
+        pg.load_model(tiny_ckpt, device="cuda:0")
+    with pytest.raises(pg.CheckpointError, match=r"device 'banana' is not a torch device"):
+        pg.load_model(tiny_ckpt, device="banana")

@@ -40,3 +40,25 @@ def test_invalid_json(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="invalid JSON"):
         JanusModelConfig.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    # each used to be silently truncated / replaced by a default, or reported without the field
+    ("text_config", "hidden_size", 64.7, r"text_config\.hidden_size=64\.7 is not a valid int"),
+    ("text_config", "num_key_value_heads", 0, r"text_config\.num_key_value_heads=0 must be a positive integer"),
+    ("text_config", "num_key_value_heads", "abc", r"text_config\.num_key_value_heads='abc' is not a valid int"),
+    ("text_config", "rms_norm_eps", "tiny", r"text_config\.rms_norm_eps='tiny' is not a valid float"),
+    ("text_config", "max_position_embeddings", True, r"text_config\.max_position_embeddings=True is not a valid int"),
+    ("text_config", "rope_parameters", {"rope_type": "default", "rope_theta": "abc"},
+     r"text_config\.rope_parameters\.rope_theta='abc' is not a valid float"),
+    ("vision_config", "num_image_tokens", "x", r"vision_config\.num_image_tokens='x' is not a valid int"),
+    ("vision_config", "patch_size", 0, r"vision_config\.patch_size=0 must be a positive integer"),  # ZeroDivisionError
+])
+def test_optional_fields_are_checked_and_named(raw, section, key, value, match):
+    r = copy.deepcopy(raw)
+    r[section][key] = value
+    with pytest.raises(CheckpointError, match=match):
+        JanusModelConfig.from_dict(r, source="c.json")
+    r[section][key] = 64.0 if key == "hidden_size" else raw[section].get(key)  # an integral float is fine
+    if key == "hidden_size":
+        assert JanusModelConfig.from_dict(r).text.hidden_size == 64

@@ -76,3 +76,22 @@ def test_bad_inputs():
         PatchKMeansTokenizer.fit(imgs, patch_size=5, codebook_size=4)
     with pytest.raises(ValueError):
         PatchKMeansTokenizer(torch.zeros(2, 4, 4, 3, dtype=torch.uint8), 16)  # duplicate codewords
+
+
+def test_load_of_an_edited_file_names_the_file(tmp_path):
+    # a codebook of the wrong dtype/shape or an image_size the patches do not divide used to be
+    # reported without the file ("codebook must be a uint8 tensor ...")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    tok = PatchKMeansTokenizer.fit(_images(4, 16, seed=1), patch_size=4, codebook_size=6, iters=2, seed=0)
+    tok.save(tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        meta, book = f.metadata(), f.get_tensor("codebook")
+    cases = {"float": ({"codebook": book.float()}, meta, "uint8"),
+             "img": ({"codebook": book}, {**meta, "image_size": "18"}, "multiple of patch_size"),
+             "nosize": ({"codebook": book}, {k: v for k, v in meta.items() if k != "image_size"}, "image_size")}
+    for name, (tensors, md, needle) in cases.items():
+        save_file(tensors, tmp_path / f"{name}.safetensors", metadata=md)
+        with pytest.raises(ValueError, match=rf"{name}\.safetensors: invalid PatchKMeans tokenizer \(.*{needle}"):
+            PatchKMeansTokenizer.load(tmp_path / f"{name}.safetensors")

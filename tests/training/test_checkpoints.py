@@ -184,3 +184,27 @@ def test_resume_accepts_settings_added_later_only_at_their_default(tmp_path):
     # a setting whose resolved value is not its declared default stays a change
     del saved["rl"]["policy_distribution"]
     assert config_changes(saved, now, defaults) == ["rl.policy_distribution: (unset) -> 'guided'"]
+
+
+def test_corrupt_checkpoint_files_are_resume_errors_naming_them(dist_info, tmp_path):
+    # each used to escape train.py as a traceback (JSONDecodeError; torch's RuntimeError
+    # "PytorchStreamReader failed ..." or EOFError "Ran out of input")
+    from pgen_engine.training.checkpoints import check_resume_config
+
+    eng = _engine(5)
+    _step(eng, torch.randn(4, 7))
+    ck = save_resumable(eng, tmp_path / "a", 1, {"micro_batches": 1}, dist_info, keep=1)
+    states = sorted(ck.glob("*model_states.pt"))
+    assert states
+    states[0].write_bytes(states[0].read_bytes()[:200])
+    with pytest.raises(ResumeError, match=rf"{ck}: cannot load the DeepSpeed state .*corrupt or truncated"):
+        load_resumable(eng, ck, dist_info)
+    ck = save_resumable(eng, tmp_path / "b", 1, {"micro_batches": 1}, dist_info, keep=1)
+    (ck / f"rng_rank{dist_info.rank}.pt").write_bytes(b"")
+    with pytest.raises(ResumeError, match=rf"rng_rank{dist_info.rank}\.pt: unreadable RNG state"):
+        load_resumable(eng, ck, dist_info)
+    (ck / META).write_text("{bad")
+    with pytest.raises(ResumeError, match=rf"{META}: unreadable checkpoint metadata"):
+        load_resumable(eng, ck, dist_info)
+    with pytest.raises(ResumeError, match=rf"{META}: unreadable checkpoint metadata"):
+        check_resume_config(ck, {})
