@@ -76,7 +76,13 @@ def load_text_tokenizer(checkpoint_dir: str | os.PathLike | None, special: Speci
             # late import: transformers takes seconds to import; only tokenizer files need it
             from transformers import AutoTokenizer
 
-            tok = HFTokenizer(AutoTokenizer.from_pretrained(str(d)), special)
+            try:
+                hf = AutoTokenizer.from_pretrained(str(d))
+            except Exception as e:  # transformers' loaders raise many types (JSONDecodeError, OSError, ...)
+                files = [f for f in HF_TOKENIZER_FILES if (d / f).is_file()]
+                raise ValueError(f"{d}: cannot load the tokenizer ({', '.join(files)}): {type(e).__name__}: "
+                                 f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+            tok = HFTokenizer(hf, special)
             top = max(special.as_dict().values())
             if top >= tok.vocab_size:
                 raise ValueError(f"{d}: tokenizer vocab size {tok.vocab_size} cannot hold special id {top}")

@@ -35,8 +35,16 @@ def _reward_embedder_spec(ckpt: Path) -> dict | None:
     path = ckpt.parent / "config.resolved.yaml"
     if not path.is_file():
         return None
-    cfg = yaml.safe_load(path.read_text()) or {}
-    return (cfg.get("rl") or {}).get("embedder") if cfg.get("stage") == "rl" else None
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}:{where} unreadable run config ({getattr(e, 'problem', None) or e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    rl = cfg.get("rl") or {}
+    return rl.get("embedder") if cfg.get("stage") == "rl" and isinstance(rl, dict) else None
 
 
 def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:

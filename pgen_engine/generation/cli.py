@@ -91,7 +91,7 @@ def _check_args(args: argparse.Namespace) -> None:
 def _load_tokenizer(checkpoint: Path, special):
     try:
         return load_text_tokenizer(checkpoint, special)
-    except FileNotFoundError:
+    except (FileNotFoundError, ValueError):  # already name the checkpoint and what is wrong
         raise
     except Exception as e:  # transformers' tokenizer loaders raise many error types
         files = [f for f in HF_TOKENIZER_FILES if (checkpoint / f).is_file()]

@@ -20,6 +20,10 @@ def test_errors(tmp_path):
         ByteTokenizer(SpecialTokens.janus_pro())
     with pytest.raises(FileNotFoundError):
         load_text_tokenizer(tmp_path / "missing", SpecialTokens.builtin())
+    # a corrupt tokenizer.json used to surface as transformers' bare JSONDecodeError (pgen eval)
+    (tmp_path / "tokenizer.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"cannot load the tokenizer \(tokenizer\.json\): JSONDecodeError"):
+        load_text_tokenizer(tmp_path, SpecialTokens.builtin())
 
 
 def test_hf_tokenizer_from_folder(tmp_path):

@@ -88,3 +88,18 @@ def test_pgen_demo_bad_seeds_and_max_users_are_one_line(monkeypatch, capsys):
         assert main(["demo", "--quiet", *extra]) == 1
         err = capsys.readouterr().err
         assert err.startswith("pgen demo: error: ") and expect in err and err.count("\n") == 1, err
+
+
+def test_reward_embedder_spec_of_a_broken_run_config_is_one_line(tmp_path):
+    # used to raise PyYAML's multi-line ScannerError/ParserError traceback
+    import pytest
+
+    from pgen_engine.eval.cli import _reward_embedder_spec
+
+    (tmp_path / "final").mkdir()
+    (tmp_path / "config.resolved.yaml").write_text("stage: rl\nrl: [\n")
+    with pytest.raises(ValueError, match=r"config\.resolved\.yaml: line 3 unreadable run config") as e:
+        _reward_embedder_spec(tmp_path / "final")
+    assert "\n" not in str(e.value)
+    (tmp_path / "config.resolved.yaml").write_text("stage: rl\nrl: {embedder: {type: pixel_stats}}\n")
+    assert _reward_embedder_spec(tmp_path / "final") == {"type": "pixel_stats"}
