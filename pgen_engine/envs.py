@@ -57,6 +57,8 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("PGEN_BENCH_HF_BATCHES", "str", None, "benchmarks", "batch sizes of the transformers baseline"),
     EnvVar("PGEN_BENCH_PROMPT_LEN", "int", None, "benchmarks", "prompt length in tokens"),
     EnvVar("PGEN_BENCH_ROUNDS", "int", None, "benchmarks", "timed rounds"),
+    EnvVar("PGEN_BENCH_TEAM_BATCHES", "str", None, "benchmarks",
+           "comma-separated batch sizes of the team-vs-groups CPU decode benchmark"),
     EnvVar("PGEN_BENCH_GUIDED_CASES", "str", None, "benchmarks",
            "cases of the guided-rollout benchmark (demo-rl,realistic)"),
     EnvVar("PGEN_BENCH_PROFILE", "bool", False, "benchmarks", "1: write a torch profiler trace"),

@@ -140,7 +140,9 @@ class RLConfig:
             raise RLConfigError(f"rl.{getattr(e, 'field', 'sampling')}: {e}") from None
         if not isinstance(self.rewards, dict) or not self.rewards:
             raise bad("rewards", "a non-empty mapping {component: {weight: w, ...}}")
-        from pgen_engine.rewards.rewards import CompositeReward  # late: rewards imports the embedders
+        # late import: the rewards package (torch, the embedders) must not load with every config, and
+        # it reaches back to the config through pgen_engine.eval
+        from pgen_engine.rewards.rewards import CompositeReward
 
         try:  # names, weights and options now, not after the data and the SFT model are prepared
             CompositeReward.from_config(self.rewards, None)
@@ -148,7 +150,7 @@ class RLConfig:
             raise RLConfigError(f"rl.rewards: {e}") from None
         if not isinstance(self.embedder, dict) or "type" not in self.embedder:
             raise bad("embedder", "a mapping with 'type' (e.g. {type: pixel_stats})")
-        from pgen_engine.rewards.embedders import EMBEDDER_TYPES
+        from pgen_engine.rewards.embedders import EMBEDDER_TYPES  # late import: as CompositeReward above
 
         if self.embedder["type"] not in EMBEDDER_TYPES:  # else found only when the RL stage builds it
             raise RLConfigError(f"rl.embedder.type={self.embedder['type']!r}: expected one of {list(EMBEDDER_TYPES)}")

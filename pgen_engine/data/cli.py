@@ -16,7 +16,8 @@ import torch
 
 from ..models.image_quality import quality_line
 from .convert import convert_amazon2023, convert_microlens
-from .dataset import DataError, Dataset, load_dataset, load_image, validate_dataset
+from .dataset import DataError, Dataset, load_dataset, load_image
+from .validate import validate_dataset
 from .fit_tokenizer import TokenizerFitSettings, fit_tokenizer, held_out_quality, load_tokenizer
 from .synth import SynthConfig, generate_synthetic
 from .token_cache import build_token_cache

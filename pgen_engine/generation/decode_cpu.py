@@ -130,7 +130,9 @@ def team_decode(R: int, cfg: bool, threads: int | None = None) -> bool:
     32      314 vs 309  (not measured)
     ======  ==========  =====================================
 
-    Hence a team only where a thread's group would hold at most :data:`TEAM_MAX_ROWS` rows
+    ``python -m pytest benchmarks/test_bench_decode_team.py -q -s`` measures the idle column
+    (a later idle run: team / groups median 0.72, 0.73, 0.82, 0.99, 1.07 at batch 1, 2, 4, 8,
+    32). Hence a team only where a thread's group would hold at most :data:`TEAM_MAX_ROWS` rows
     (at 2 threads: CFG batches up to 4), where it is 20-30 % faster on a machine of its own.
     Where other processes compete for the cores it can be slower (batch 4 above): set
     ``PGEN_CPU_DECODE_TEAM=0`` there (``1`` forces the team on).

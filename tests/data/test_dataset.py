@@ -4,8 +4,8 @@ import shutil
 import numpy as np
 import pytest
 
-from pgen_engine.data.dataset import (DataError, load_dataset, load_image, parse_timestamp, validate_dataset,
-                                      write_dataset)
+from pgen_engine.data.dataset import DataError, load_dataset, load_image, parse_timestamp, write_dataset
+from pgen_engine.data.validate import validate_dataset
 
 
 def _copy(src, tmp_path):
