@@ -26,7 +26,7 @@ from pgen_engine.generation import Generator
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.ops._backend import extension
 
-from benchmarks.test_bench_generation import GEOMETRIES, PROMPT_LEN
+from benchmarks.test_bench_generation import GEOMETRIES, PROMPT_LEN, print_rows
 
 BATCHES = tuple(int(b) for b in os.environ.get("PGEN_BENCH_TEAM_BATCHES", "1,2,4,8,32").split(","))
 ROUNDS = int(os.environ.get("PGEN_BENCH_ROUNDS", "11"))
@@ -95,8 +95,5 @@ def test_decode_team_vs_groups(benchmark, gen, batch, monkeypatch):
 def teardown_module(module):
     if not ROWS:
         return
-    cols = list(ROWS[0])
-    print("\n" + " | ".join(cols))
-    for r in ROWS:
-        print(" | ".join(str(r[c]) for c in cols))
+    print_rows(ROWS)
     print(json.dumps({"bench": "decode_team", "rows": ROWS}))

@@ -170,6 +170,14 @@ def decode_flops(model, batch: int, prompt_len: int, cfg: bool) -> float:
     return 2 * weights * rows * (T - 1) + 4 * rows * c.num_layers * c.num_heads * c.head_dim * ctx
 
 
+def print_rows(rows: list[dict]) -> None:
+    """A ``|``-separated table of ``rows`` (the first row's keys as the header) on stdout."""
+    cols = list(rows[0])
+    print("\n" + " | ".join(cols))
+    for r in rows:
+        print(" | ".join(str(r[c]) for c in cols))
+
+
 def _sync():
     if DEVICE.startswith("cuda"):
         torch.cuda.synchronize()
@@ -314,10 +322,7 @@ def teardown_module(module):
                          kv_bytes_peak=int(info["kv_bytes_peak"])))
     if not rows:
         return
-    cols = list(rows[0])
-    print("\n" + " | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
+    print_rows(rows)
     greedy = {k[0]: v["value"] for k, v in RESULTS.items() if k[2] == "greedy_identical"}
     peak = _PEAK[0] if _PEAK else float("nan")
     print(f"fp32 GEMM peak (one {2048}^3 torch.mm, this run): {peak / 1e9:.1f} GFLOP/s")

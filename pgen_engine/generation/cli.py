@@ -56,6 +56,7 @@ from pgen_engine.generation.personal import decode_codes, request_seed_for_id
 from pgen_engine.generation.prompt_file import read_prompts
 from pgen_engine.generation.sampling_params import SamplingParams, SamplingParamsError
 from pgen_engine.io_utils import atomic_write_text
+from pgen_engine.models.checkpoint import checked_device
 from pgen_engine.models.checkpoint import load_checkpoint_config
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -77,15 +78,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.sampling = _sampling_params(args)
-    try:
-        dev = torch.device(args.device)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--device {args.device!r} is not a torch device ({e})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    checked_device(args.device, label=f"--device {args.device!r}")  # before any model work
 
 
 def _load_tokenizer(checkpoint: Path, special):

@@ -110,18 +110,20 @@ def load_checkpoint_config(path: str | Path) -> tuple[JanusModelConfig, SpecialT
     return JanusModelConfig.from_dir(path), SpecialTokens.from_checkpoint(path)
 
 
-def _checked_device(device: str | torch.device) -> torch.device:
-    """``device`` as a torch.device that exists here; otherwise a CheckpointError before any
-    weight is read (torch would fail later with a bare AssertionError / RuntimeError)."""
+def checked_device(device: str | torch.device, label: str | None = None) -> torch.device:
+    """``device`` as a torch.device that exists here; otherwise a CheckpointError (a
+    ValueError) whose message starts with ``label`` (default ``device 'X'``), raised before any
+    weight is read: torch would fail later with a bare AssertionError / RuntimeError."""
+    label = label or f"device {str(device)!r}"
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"device {device!r} is not a torch device ({e})") from None
+        raise CheckpointError(f"{label} is not a torch device ({e})") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise CheckpointError(f"device {device!r}: CUDA is not available on this machine")
+            raise CheckpointError(f"{label}: CUDA is not available on this machine")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise CheckpointError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise CheckpointError(f"{label}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -145,7 +147,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     path = Path(path)
     if dtype not in LOADABLE_DTYPES:
         raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")
-    device = _checked_device(device)
+    device = checked_device(device)
     cfg, special = load_checkpoint_config(path)
     try:
         with torch.device("meta"):
