@@ -12,7 +12,7 @@ DEMO_OUT ?= runs/demo
 .PHONY: demo test test-slow build bench bench-gpu gpu-smoke wheelhouse clean venv
 
 $(VENV)/.stamp-deps: requirements-dev.txt setup.py
-	@echo "== creating $(VENV) and installing pinned dependencies"
+	@echo "== creating $(VENV) and installing pinned dependencies at $$(date -u +%H:%M:%S) UTC"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
@@ -23,9 +23,21 @@ venv: $(VENV)/.stamp-deps
 
 # Builds pgen_engine._C (C++; plus CUDA kernels when torch has CUDA and nvcc is present)
 # and installs the package in editable mode with the `pgen` command.
+# The compiler's output goes to $(BUILD_LOG); on failure, or past BUILD_TIMEOUT seconds, the
+# log's tail and the busiest processes are printed, so a CI log shows which step stalled.
+# MAX_JOBS (read by torch's ninja build) defaults to the cores this process may use, not the
+# host's: each heavy translation unit takes ~2 GB and ~40-60 s.
+BUILD_LOG ?= $(VENV)/build.log
+BUILD_TIMEOUT ?= 2400
+MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+export MAX_JOBS
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(wildcard csrc/*) $(wildcard kernels/*)
-	@echo "== building pgen_engine._C"
-	$(PIP) install -q --no-build-isolation --no-deps -e .
+	@echo "== building pgen_engine._C at $$(date -u +%H:%M:%S) UTC ($(MAX_JOBS) jobs, log: $(BUILD_LOG))"
+	@start=$$(date +%s); \
+	timeout -k 30 $(BUILD_TIMEOUT) $(PIP) install -v --no-build-isolation --no-deps -e . > $(BUILD_LOG) 2>&1 \
+	  || { rc=$$?; echo "== build failed: exit $$rc (124 = past BUILD_TIMEOUT=$(BUILD_TIMEOUT) s); last lines of $(BUILD_LOG):"; \
+	       tail -n 60 $(BUILD_LOG); echo "== busiest processes:"; ps -eo pid,etime,pcpu,rss,args --sort=-pcpu | cut -c1-200 | head -n 12; exit $$rc; }; \
+	echo "== built pgen_engine._C in $$(( $$(date +%s) - start )) s"
 	touch $@
 
 build: $(VENV)/.stamp-build
