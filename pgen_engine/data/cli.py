@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -95,6 +96,19 @@ def _check_fit_target(path: Path, kind: str) -> None:
                              "it: delete it or choose another path") from None
 
 
+def _check_loaded_geometry(tok, path: Path, given: dict[str, int | None]) -> None:
+    """Without --fit the tokenizer is used as it is: a size flag the user set that disagrees
+    with it is an error (it would otherwise be ignored silently), naming flag and file."""
+    side = math.isqrt(tok.num_tokens)
+    have = {"--image-size": tok.image_size, "--codebook": tok.codebook_size, "--codes-per-side": side,
+            "--patch-size": tok.image_size // side if side and tok.image_size % side == 0 else None}
+    for flag, v in given.items():
+        if v is not None and v != have[flag]:
+            raise ValueError(f"{flag} {v} differs from the tokenizer {path} ({flag.lstrip('-')} {have[flag]}); "
+                             "without --fit the tokenizer is used as it is: drop the flag, or add --fit to train "
+                             "one with these settings")
+
+
 def cmd_tokenize(a: argparse.Namespace) -> int:
     # kind-dependent defaults: vq 64 px / 8x8 codes / 1024 entries; patch_kmeans 32 px / 4-px patches / 256
     vq = a.kind == "vq"
@@ -106,6 +120,9 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
             return _err(f"{flag} must be >= 1, got {v}")
     if not a.time_budget > 0:
         return _err(f"--time-budget must be > 0 seconds, got {a.time_budget}")
+    # what the user set explicitly: without --fit these must match the tokenizer that is loaded
+    given = {"--image-size": a.image_size, "--codebook": a.codebook_size, "--codes-per-side": a.codes_per_side,
+             "--patch-size": a.patch_size}
     a.image_size = a.image_size if a.image_size is not None else (64 if vq else 32)
     a.codebook_size = a.codebook_size if a.codebook_size is not None else (1024 if vq else 256)
     if a.patch_size is None and a.codes_per_side is None and not vq:
@@ -136,6 +153,7 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
                   f"(fingerprint {tok.fingerprint()}{', same images and settings' if reused else ''})")
         else:
             tok = load_tokenizer(a.kind, a.tokenizer)
+            _check_loaded_geometry(tok, a.tokenizer, given)
             quality = held_out_quality(ds, tok, a.held_out)
         cache = build_token_cache(ds, tok, a.out, batch_size=a.batch_size, progress=not a.quiet,
                                   on_error=a.on_error)

@@ -23,6 +23,15 @@ from .dataset import _MAX_UNIX, _MIN_UNIX, DataError, _csv_rows, _text_lines, pa
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 
 
+def _check_file_key(key: str, where: str, field: str) -> None:
+    """An item id names its image file (``<id>.jpg``) in the source folder and in the output's
+    ``images/``: one that is not a plain file name (a path separator, ``.`` / ``..``, a NUL, or
+    too long for a file system) could read or write outside those folders, so it is refused."""
+    if key in (".", "..") or any(c in key for c in "/\\\0") or len(key.encode("utf-8", "surrogatepass")) > 250:
+        raise DataError(f"{where}: {field} {key!r} cannot name an image file (expected a plain file name: no '/', "
+                        "'\\', NUL, '.' or '..', at most 250 bytes)")
+
+
 def _find_image(folder: Path, key: str) -> Path | None:
     for ext in IMAGE_EXTS:
         p = folder / f"{key}{ext}"
@@ -73,6 +82,7 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, imag
             raise DataError(f"{meta}:{lineno}: missing 'parent_asin'")
         if asin in items:
             raise DataError(f"{meta}:{lineno}: duplicate parent_asin {asin!r}")
+        _check_file_key(asin, f"{meta}:{lineno}", "parent_asin")
         img = _find_image(images, asin)
         if img is None:
             dropped_items += 1
@@ -143,6 +153,7 @@ def convert_microlens(interactions: str | os.PathLike, covers: str | os.PathLike
             except ValueError as e:
                 raise DataError(f"{interactions}:{lineno}: bad timestamp {row[2]!r} ({e})") from None
             if i not in items and i not in missing:
+                _check_file_key(i, f"{interactions}:{lineno}", "item")
                 img = _find_image(covers, i)
                 if img is None:
                     missing.add(i)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pgen_engine.errors import PgenUserError
 
@@ -341,17 +341,34 @@ def tied_timestamps(dataset: Dataset) -> list[Interaction]:
     return [x for seq in dataset.interactions.values() for prev, x in zip(seq, seq[1:]) if x.timestamp == prev.timestamp]
 
 
-def _to_rgb(im):
-    """PIL image -> RGB PIL image; 16/32-bit grayscale scaled to 8 bits, not clipped.
+# Bumped whenever the pixels an image file decodes to change (the token / vision caches key on
+# it, so they rebuild once instead of serving codes of the old rule).
+# 2: EXIF orientation applied; transparent pixels composited onto white.
+IMAGE_DECODE_RULE = 2
 
-    PIL's own ``convert("RGB")`` clips "I;16"/"I" pixels at 255, which turns a 16-bit
-    grayscale PNG almost entirely white.
+
+def _to_rgb(im):
+    """PIL image -> upright RGB PIL image.
+
+    - EXIF orientation is applied: a phone photo stored sideways with an orientation tag is
+      shown upright by every viewer, so it must be tokenized upright too.
+    - Transparency (RGBA, LA, PA, or a palette / RGB image with a transparent colour) is
+      composited onto white, as a poster or product shot is seen on a page. ``convert("RGB")``
+      would drop the alpha channel and keep whatever colour the transparent pixels happen to
+      store (often black).
+    - 16/32-bit grayscale is scaled to 8 bits, not clipped: PIL's own ``convert("RGB")`` clips
+      "I;16"/"I" pixels at 255, which turns a 16-bit grayscale PNG almost entirely white.
     """
+    im = ImageOps.exif_transpose(im)
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im, dtype=np.int64)
         if im.mode.startswith("I;16") or a.max(initial=0) > 255:
             a = np.clip(a, 0, 65535) // 257  # 16-bit range -> 8-bit
         return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), mode="L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     return im.convert("RGB")
 
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..io_utils import atomic_path, atomic_write_json, replace_dir
 from ..models.image_tokenizer import ImageTokenizer
-from .dataset import DataError, Dataset, load_image
+from .dataset import IMAGE_DECODE_RULE, DataError, Dataset, load_image
 
 FORMAT = "pgen-token-cache"
 VERSION = 1
@@ -53,13 +53,14 @@ def _index(tokenizer: ImageTokenizer, item_ids: list[str], images: str) -> dict:
 
 
 def images_signature(dataset: Dataset, item_ids: Sequence[str]) -> str:
-    """sha1 over each item's image file (resolved path, size, mtime), in ``item_ids`` order.
+    """sha1 over the image decoding rule and each item's image file (resolved path, size,
+    mtime), in ``item_ids`` order.
 
     Item ids alone do not identify the images: two datasets (e.g. synthetic ones with other
     seeds) share ids, and an image can be replaced in place. A cache whose signature differs
     is rebuilt instead of serving another dataset's codes. Stat only, so reuse stays cheap.
     """
-    h = hashlib.sha1()
+    h = hashlib.sha1(f"decode rule {IMAGE_DECODE_RULE}\n".encode())
     for i in item_ids:
         path = dataset.items[i].image_path
         try:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -67,6 +69,20 @@ def _check_eval_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--out {a.out}: exists and is not a directory (expected the report folder)")
 
 
+def default_token_cache_dir(data: str | os.PathLike, fingerprint: str, out: Path | None) -> Path:
+    """Where ``pgen eval`` keeps the dataset's token cache when ``--cache-dir`` is not given:
+    ``OUT/token_cache_<fingerprint>`` with ``--out``, else under the user's cache folder
+    (``$PGEN_CACHE_DIR``, else ``$XDG_CACHE_HOME/pgen_engine``, else ``~/.cache/pgen_engine``),
+    named by tokenizer fingerprint and dataset path. Never inside the checkpoint: a checkpoint
+    folder may be read-only or shared, and must hold only the model."""
+    name = f"token_cache_{fingerprint[:16]}"
+    if out is not None:
+        return out / name
+    root = os.environ.get("PGEN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pgen_engine"
+    where = hashlib.sha1(str(Path(data).resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return Path(root) / f"{name}_{where}"
+
+
 def cmd_eval(a: argparse.Namespace) -> int:
     _check_eval_args(a)
     t0 = time.time()
@@ -79,7 +95,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, tokenizer_path=Path(a.tokenizer))
     tok = settings.tokenizer(model)
     out = Path(a.out) if a.out else None
-    cache_dir = Path(a.cache_dir) if a.cache_dir else (out or ckpt) / f"token_cache_{tok.fingerprint()[:16]}"
+    cache_dir = Path(a.cache_dir) if a.cache_dir else default_token_cache_dir(a.data, tok.fingerprint(), out)
     reward_spec = _reward_embedder_spec(ckpt)
     reference = make_embedder({"type": "pixel_stats"})
     data = E.prepare_eval_data(a.data, tok, cache_dir, reference, k=settings.history_k, progress=not a.quiet,
@@ -161,7 +177,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-users", type=int, default=None, help="evaluate the first N users only")
     p.add_argument("--tokenizer", default=None, help="PatchKMeans tokenizer file (default: the run's, else the "
                    "checkpoint's VQ model)")
-    p.add_argument("--cache-dir", default=None, help="token cache folder (built when missing)")
+    p.add_argument("--cache-dir", default=None,
+                   help="token cache folder (built when missing; default OUT/token_cache_<tokenizer>, or without "
+                        "--out $PGEN_CACHE_DIR / ~/.cache/pgen_engine)")
     p.add_argument("--embedder", default="auto", help="auto (the independent evaluator CNN, trained on the "
                    "dataset's train split or loaded from --evaluator), pixel_stats, or clip:PATH / siglip:PATH")
     p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,

@@ -21,6 +21,15 @@ def test_synth_validate_tokenize(tmp_path, capsys):
     rc = main(["data", "tokenize", str(out), "--out", str(tmp_path / "c2"), "--tokenizer", str(tmp_path / "t.st"),
                "--quiet"])
     assert rc == 0
+    capsys.readouterr()
+    # without --fit the loaded tokenizer (32 px, 4x4 codes of 8-px patches, 9 entries) decides:
+    # matching flags are fine, a differing one is an error naming the flag and the file
+    base = ["data", "tokenize", str(out), "--out", str(tmp_path / "c3"), "--tokenizer", str(tmp_path / "t.st"), "--quiet"]
+    assert main(base + ["--image-size", "32", "--codebook", "9", "--codes-per-side", "4"]) == 0
+    for flag, v in (("--image-size", "64"), ("--codebook", "16"), ("--codes-per-side", "8"), ("--patch-size", "4")):
+        assert main(base + [flag, v]) == 2, flag
+        err = capsys.readouterr().err
+        assert f"{flag} {v} differs from the tokenizer" in err and "t.st" in err, err
 
 
 def test_errors_are_one_line(tmp_path, capsys):

@@ -78,3 +78,19 @@ def test_microlens_bad_input(tmp_path, data, needle):
     with pytest.raises(DataError, match=needle):
         convert_microlens(tmp_path / "i.csv", tmp_path / "covers", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("bad", ["../secret", "a/b", "..", "x\\y", "z" * 300])
+def test_ids_that_are_not_plain_file_names_are_refused(tmp_path, bad):
+    # an id names its image file: "../secret" would read tmp_path/secret.jpg outside the image
+    # folder and write images/../secret.jpg outside the output's images/
+    _img(tmp_path / "secret.jpg", (9, 9, 9))
+    _img(tmp_path / "imgs" / "A1.jpg", (1, 2, 3))
+    (tmp_path / "m.jsonl").write_text(json.dumps({"parent_asin": bad, "title": "x"}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"user_id": "U", "parent_asin": bad, "timestamp": 10**12}) + "\n")
+    with pytest.raises(DataError, match=r"m\.jsonl:1: parent_asin .* cannot name an image file"):
+        convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", tmp_path / "imgs", tmp_path / "out")
+    (tmp_path / "i.csv").write_text(f"user,item,timestamp\nu,A1,5\nu,\"{bad}\",6\n")
+    with pytest.raises(DataError, match=r"i\.csv:3: item .* cannot name an image file"):
+        convert_microlens(tmp_path / "i.csv", tmp_path / "imgs", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

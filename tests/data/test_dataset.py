@@ -188,6 +188,52 @@ def test_load_image_scales_16bit_grayscale_and_rejects_decompression_bombs(tmp_p
         load_image(tmp_path / "big.png", 8)
 
 
+def test_load_image_composites_transparency_onto_white(tmp_path):
+    from PIL import Image
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., :3] = (10, 20, 30)  # colour stored under fully transparent pixels
+    rgba[:, :3, 3] = 255  # left half opaque
+    rgba[:, 3:, 3] = 0
+    rgba[0, 0, 3] = 128  # one half-transparent pixel
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    img = load_image(tmp_path / "a.png").astype(int)
+    assert (img[1:, :3] == (10, 20, 30)).all()  # opaque pixels keep their colour
+    assert (img[:, 3:] == 255).all()  # transparent ones are white, not the stored (10, 20, 30)
+    assert 125 < img[0, 0, 0] < 140  # half of 10 and half of 255
+    la = np.stack([np.full((4, 4), 50, np.uint8), np.zeros((4, 4), np.uint8)], -1)
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    assert (load_image(tmp_path / "la.png") == 255).all()
+    pal = Image.new("P", (4, 4), 0)
+    pal.putpalette([0, 0, 0, 200, 0, 0] + [0] * 762)
+    pal.putpixel((0, 0), 1)
+    pal.save(tmp_path / "p.png", transparency=0)  # palette index 0 (black) is transparent
+    img = load_image(tmp_path / "p.png")
+    assert tuple(img[0, 0]) == (200, 0, 0) and (img[1:] == 255).all()
+
+
+def test_load_image_applies_exif_orientation(tmp_path):
+    from PIL import Image
+    a = np.zeros((2, 4, 3), np.uint8)  # stored landscape 4 wide x 2 high, red left column
+    a[:, 0] = (255, 0, 0)
+    im = Image.fromarray(a)
+    exif = im.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 CW to display
+    im.save(tmp_path / "o.png", exif=exif)
+    img = load_image(tmp_path / "o.png")
+    assert img.shape == (4, 2, 3)  # shown upright: portrait
+    assert (img[0] == (255, 0, 0)).all()  # the red column is now the top row
+    assert (img[1:, :, 0] == 0).all()
+
+
+def test_images_signature_changes_with_the_decode_rule(synth_dir, monkeypatch):
+    from pgen_engine.data import token_cache
+    ds = load_dataset(synth_dir)
+    ids = sorted(ds.items)[:3]
+    before = token_cache.images_signature(ds, ids)
+    monkeypatch.setattr(token_cache, "IMAGE_DECODE_RULE", token_cache.IMAGE_DECODE_RULE + 1)
+    assert token_cache.images_signature(ds, ids) != before
+
+
 def test_non_utf8_and_unparsable_csv_name_the_file(synth_dir, tmp_path):
     d = _copy(synth_dir, tmp_path)
     with open(d / "items.jsonl", "ab") as f:

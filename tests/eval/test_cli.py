@@ -103,3 +103,20 @@ def test_reward_embedder_spec_of_a_broken_run_config_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
     (tmp_path / "config.resolved.yaml").write_text("stage: rl\nrl: {embedder: {type: pixel_stats}}\n")
     assert _reward_embedder_spec(tmp_path / "final") == {"type": "pixel_stats"}
+
+
+def test_default_token_cache_dir_is_never_inside_the_checkpoint(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pgen_engine.eval.cli import default_token_cache_dir
+
+    fp = "ab" * 20
+    assert default_token_cache_dir(tmp_path / "ds", fp, tmp_path / "ev") == tmp_path / "ev" / f"token_cache_{fp[:16]}"
+    monkeypatch.setenv("PGEN_CACHE_DIR", str(tmp_path / "cache"))
+    a = default_token_cache_dir(tmp_path / "ds", fp, None)
+    b = default_token_cache_dir(tmp_path / "other", fp, None)
+    assert a.parent == tmp_path / "cache" and a.name.startswith(f"token_cache_{fp[:16]}_")
+    assert a != b  # two datasets with one tokenizer do not rebuild each other's cache
+    monkeypatch.delenv("PGEN_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_token_cache_dir(tmp_path / "ds", fp, None).parent == Path(tmp_path / "xdg" / "pgen_engine")
