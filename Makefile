@@ -32,11 +32,11 @@ BUILD_TIMEOUT ?= 2400
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
 $(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(wildcard csrc/*) $(wildcard kernels/*)
-	@echo "== building pgen_engine._C at $$(date -u +%H:%M:%S) UTC ($(MAX_JOBS) jobs, log: $(BUILD_LOG))"
+	@echo "== building pgen_engine._C at $$(date -u +%H:%M:%S) UTC ($(MAX_JOBS) jobs; $$(free -m 2>/dev/null | awk '/^Mem/{print $$7 " MiB memory available"}'); log: $(BUILD_LOG))"
 	@start=$$(date +%s); \
 	timeout -k 30 $(BUILD_TIMEOUT) $(PIP) install -v --no-build-isolation --no-deps -e . > $(BUILD_LOG) 2>&1 \
 	  || { rc=$$?; echo "== build failed: exit $$rc (124 = past BUILD_TIMEOUT=$(BUILD_TIMEOUT) s); last lines of $(BUILD_LOG):"; \
-	       tail -n 60 $(BUILD_LOG); echo "== busiest processes:"; ps -eo pid,etime,pcpu,rss,args --sort=-pcpu | cut -c1-200 | head -n 12; exit $$rc; }; \
+	       tail -n 60 $(BUILD_LOG); free -m 2>/dev/null; echo "== busiest processes:"; ps -eo pid,etime,pcpu,rss,args --sort=-pcpu | cut -c1-200 | head -n 12; exit $$rc; }; \
 	echo "== built pgen_engine._C in $$(( $$(date +%s) - start )) s"
 	touch $@
 
