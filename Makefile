@@ -23,21 +23,16 @@ venv: $(VENV)/.stamp-deps
 
 # Builds pgen_engine._C (C++; plus CUDA kernels when torch has CUDA and nvcc is present)
 # and installs the package in editable mode with the `pgen` command.
-# The compiler's output goes to $(BUILD_LOG); on failure, or past BUILD_TIMEOUT seconds, the
-# log's tail and the busiest processes are printed, so a CI log shows which step stalled.
+# tools/build_extension.sh: compiler output to $(BUILD_LOG), a timeout (BUILD_TIMEOUT s), and
+# diagnostics (log tail, memory, busiest processes) when the build fails or stalls.
 # MAX_JOBS (read by torch's ninja build) defaults to the cores this process may use, not the
 # host's: each heavy translation unit takes ~2 GB and ~40-60 s.
 BUILD_LOG ?= $(VENV)/build.log
-BUILD_TIMEOUT ?= 2400
+BUILD_TIMEOUT ?= 1200
 MAX_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 export MAX_JOBS
-$(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py $(wildcard csrc/*) $(wildcard kernels/*)
-	@echo "== building pgen_engine._C at $$(date -u +%H:%M:%S) UTC ($(MAX_JOBS) jobs; $$(free -m 2>/dev/null | awk '/^Mem/{print $$7 " MiB memory available"}'); log: $(BUILD_LOG))"
-	@start=$$(date +%s); \
-	timeout -k 30 $(BUILD_TIMEOUT) $(PIP) install -v --no-build-isolation --no-deps -e . > $(BUILD_LOG) 2>&1 \
-	  || { rc=$$?; echo "== build failed: exit $$rc (124 = past BUILD_TIMEOUT=$(BUILD_TIMEOUT) s); last lines of $(BUILD_LOG):"; \
-	       tail -n 60 $(BUILD_LOG); free -m 2>/dev/null; echo "== busiest processes:"; ps -eo pid,etime,pcpu,rss,args --sort=-pcpu | cut -c1-200 | head -n 12; exit $$rc; }; \
-	echo "== built pgen_engine._C in $$(( $$(date +%s) - start )) s"
+$(VENV)/.stamp-build: $(VENV)/.stamp-deps setup.py tools/build_extension.sh $(wildcard csrc/*) $(wildcard kernels/*)
+	@bash tools/build_extension.sh $(PY) $(BUILD_LOG) $(BUILD_TIMEOUT)
 	touch $@
 
 build: $(VENV)/.stamp-build
