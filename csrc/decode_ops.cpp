@@ -242,54 +242,21 @@ void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* co
   // updates of the caller's (possibly inference) tensors are allowed inside InferenceMode
   c10::InferenceMode inference;
   SingleThreadedBlas blas;
-  const int64_t n = h.size(0), H = st.H, Hq = st.Hq, Hkv = st.Hkv, D = st.D;
+  const int64_t n = h.size(0);
   StackWorkspace local;
   if (ws == nullptr) ws = &local;
   ws->reserve(st, n);
-  auto rows = [n](const torch::Tensor& t) { return t.narrow(0, 0, n); };
-  const torch::Tensor x = rows(ws->x), q = rows(ws->q), k = rows(ws->k), v = rows(ws->v), attn = rows(ws->attn);
-  const torch::Tensor tmp = rows(ws->tmp), g = rows(ws->g), u = rows(ws->u);
-  const bool packed = !st.packed.empty();
-  float* hp = h.data_ptr<float>();
-  for (int64_t l = 0; l < st.layers; ++l) {
-    const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
-    // out = in . W_i^T for weight i of this layer (1-4 attention, 6-8 MLP)
-    auto proj = [&](const torch::Tensor& in, int i, const torch::Tensor& out) {
-      if (packed) {
-        gemm_packed_f32(in.data_ptr<float>(), n, in.size(1), st.packed_weight(l, i).data_ptr<float>(),
-                        w[i].size(0), out.data_ptr<float>());
-      } else {
-        at::mm_out(const_cast<torch::Tensor&>(out), in, w[i].t());
-      }
-    };
-    float* kc = st.k[l].data_ptr<float>();
-    float* vc = st.v[l].data_ptr<float>();
-    rms_norm_rows_f32(hp, w[0].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
-    proj(x, 1, q);
-    proj(x, 2, k);
-    proj(x, 3, v);
-    rotary_kv_write_f32(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cos, sin, n, Hq,
-                        Hkv, D, kc, vc, st.rows, st.L, slot);
-    const float* pkc = st.pk.empty() ? nullptr : st.pk[l].data_ptr<float>();
-    const float* pvc = st.pv.empty() ? nullptr : st.pv[l].data_ptr<float>();
-    cached_attention_f32(q.data_ptr<float>(), kc, vc, n, Hq, Hkv, D, st.rows, st.L, seqlen, pkc, pvc, st.Lp,
-                         prefix_row, prefix_len, st.scale, attn.data_ptr<float>(), own_rows);
-    proj(attn, 4, tmp);
-    add_inplace_f32(hp, tmp.data_ptr<float>(), n * H);
-    rms_norm_rows_f32(hp, w[5].data_ptr<float>(), x.data_ptr<float>(), n, H, st.eps);
-    proj(x, 6, g);
-    proj(x, 7, u);
-    silu_mul_f32(g.data_ptr<float>(), u.data_ptr<float>(), g.numel());
-    proj(g, 8, tmp);
-    add_inplace_f32(hp, tmp.data_ptr<float>(), n * H);
-  }
-  rms_norm_rows_f32(hp, st.final_norm.data_ptr<float>(), y, n, H, st.eps);
+  // a team of one: every row and every column on this thread, no barriers
+  run_stack_team(st, h.data_ptr<float>(), n, y, cos, sin, slot, seqlen, own_rows, prefix_row, prefix_len, 0, n, *ws,
+                 Team{});
 }
 
 void run_stack_team(const DecodeStack& st, float* h, int64_t M, float* y, const float* cos, const float* sin,
                     const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows, const int32_t* prefix_row,
                     const int32_t* prefix_len, int64_t r0, int64_t n, StackWorkspace& ws, const Team& team) {
   const int64_t H = st.H, Hq = st.Hq, Hkv = st.Hkv, D = st.D, I = st.I;
+  const bool packed = !st.packed.empty();
+  TORCH_CHECK(packed || team.size == 1, "run_stack_team: a team of ", team.size, " threads needs packed weights");
   float* x = ws.x.data_ptr<float>();
   float* q = ws.q.data_ptr<float>();
   float* k = ws.k.data_ptr<float>();
@@ -308,14 +275,24 @@ void run_stack_team(const DecodeStack& st, float* h, int64_t M, float* y, const 
   };
   for (int64_t l = 0; l < st.layers; ++l) {
     const torch::Tensor* w = &st.weights[kWeightsPerLayer * l];
-    auto P = [&](int i) { return st.packed_weight(l, i).data_ptr<float>(); };
+    // out [M, N] = in [M, K] . W_i^T for weight i of this layer (1-4 attention, 6-8 MLP): this
+    // thread's columns of the packed GEMM, or (unpacked, a team of one) all of them via the BLAS
+    auto proj = [&](const float* in, int64_t K, int i, int64_t N, float* out) {
+      if (packed) {
+        team.gemm(in, M, K, st.packed_weight(l, i).data_ptr<float>(), N, out);
+      } else {
+        auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+        torch::Tensor o = torch::from_blob(out, {M, N}, f32);
+        at::mm_out(o, torch::from_blob(const_cast<float*>(in), {M, K}, f32), w[i].t());
+      }
+    };
     float* kc = st.k[l].data_ptr<float>();
     float* vc = st.v[l].data_ptr<float>();
     if (n > 0) rms_norm_rows_f32(h + r0 * H, w[0].data_ptr<float>(), x + r0 * H, n, H, st.eps);
     team.sync();
-    team.gemm(x, M, H, P(1), Hq * D, q);
-    team.gemm(x, M, H, P(2), Hkv * D, k);
-    team.gemm(x, M, H, P(3), Hkv * D, v);
+    proj(x, H, 1, Hq * D, q);
+    proj(x, H, 2, Hkv * D, k);
+    proj(x, H, 3, Hkv * D, v);
     team.sync();
     if (n > 0) {
       rotary_kv_write_f32(q + r0 * Hq * D, k + r0 * Hkv * D, v + r0 * Hkv * D, cos + r0 * D, sin + r0 * D, n, Hq,
@@ -327,17 +304,17 @@ void run_stack_team(const DecodeStack& st, float* h, int64_t M, float* y, const 
                            attn + r0 * Hq * D, own_rows + r0);
     }
     team.sync();
-    team.gemm(attn, M, Hq * D, P(4), H, tmp);
+    proj(attn, Hq * D, 4, H, tmp);
     add_residual();
     team.sync();
     if (n > 0) rms_norm_rows_f32(h + r0 * H, w[5].data_ptr<float>(), x + r0 * H, n, H, st.eps);
     team.sync();
-    team.gemm(x, M, H, P(6), I, g);
-    team.gemm(x, M, H, P(7), I, u);
+    proj(x, H, 6, I, g);
+    proj(x, H, 7, I, u);
     team.sync();
     if (n > 0) silu_mul_f32(g + r0 * I, u + r0 * I, n * I);
     team.sync();
-    team.gemm(g, M, I, P(8), H, tmp);
+    proj(g, I, 8, H, tmp);
     add_residual();
     team.sync();
   }

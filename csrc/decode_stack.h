@@ -129,9 +129,10 @@ void run_stack(const DecodeStack& st, torch::Tensor h, float* y, const float* co
 // [M, H] (the residual stream, in place) and y [M, H] span every thread's rows, as do the
 // per-row inputs (cos / sin [M, D], slot, seqlen, own_rows, the optional prefix_row /
 // prefix_len). This thread does the row-wise work of rows [r0, r0 + n) (n may be 0) and its
-// share of every projection's output columns over all M rows; the values are the bits
-// run_stack gives the same rows. Needs a packed stack and ws reserved for M rows; every thread
-// of the team must call it (it synchronises the team between phases and once at the end).
+// share of every projection's output columns over all M rows; the values are the bits a team
+// of one gives the same rows (run_stack is that team of one). Needs ws reserved for M rows, and
+// a packed stack unless the team is one thread; every thread of the team must call it (it
+// synchronises the team between phases and once at the end).
 void run_stack_team(const DecodeStack& st, float* h, int64_t M, float* y, const float* cos, const float* sin,
                     const int64_t* slot, const int32_t* seqlen, const int64_t* own_rows, const int32_t* prefix_row,
                     const int32_t* prefix_len, int64_t r0, int64_t n, StackWorkspace& ws, const Team& team);
