@@ -5,8 +5,9 @@
 // Why: at a few rows per thread a decode step's packed GEMM is bound by reading the weights
 // (8 rows x 2 FLOPs per 4-byte weight), not by the FMA rate. When each thread decodes its own
 // rows, every thread streams all of the weights each step; split by columns, the team streams
-// them once, shared out. The price is a barrier between phases (about 7 per layer), a fraction
-// of a microsecond when the team's threads own their cores.
+// them once, shared out. The price is a barrier between phases (about 7 per layer): 0.2-0.3 us
+// each when the team's threads own their cores (2 threads, 200k back-to-back waits, 2-core VM;
+// a 4-layer, 64-token wave passes ~1,800 of them, ~0.5 ms).
 #pragma once
 
 #include <algorithm>
