@@ -26,6 +26,12 @@ namespace {
 
 constexpr int64_t kPackedPrefillRows = 512;
 constexpr int64_t kPackedAttentionMaxLen = 512;  // scores [S, S] per thread stay small
+// Rows a thread takes through every layer at a time (whole prompts, at least one) on the packed
+// path: a chunk's activations ([rows, I] for the MLP: 2 MB at I = 1024) stay in cache between
+// the passes of a layer. Batch 32 x 128-token prompts, hidden 256 / MLP 1024, 4 layers, 2
+// threads (2,048 rows per thread unchunked), median of 15 interleaved calls: 134 ms unchunked,
+// 112 ms at 1,024 rows, 109 ms at 512, 109 ms at 256 (the weights are read once per chunk).
+constexpr int64_t kPrefillChunkRows = 512;
 
 // Causal attention of left-padded prompts through the packed GEMM, one (prompt, query head)
 // per task: scores = Q K^T and P V, both skipping the keys past each row block's diagonal,
@@ -81,7 +87,7 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
                                  const std::vector<torch::Tensor>& k_caches,
                                  const std::vector<torch::Tensor>& v_caches, const torch::Tensor& slot_mapping,
                                  int64_t num_heads, int64_t num_kv_heads, double eps, double scale,
-                                 bool last_only) {
+                                 bool last_only, int64_t chunk_rows) {
   DecodeStack st = check_stack("prefill_layers_cpu", weights, final_norm, k_caches, v_caches, num_heads,
                                      num_kv_heads, eps, scale);
   TORCH_CHECK(hidden.dim() == 3 && hidden.scalar_type() == torch::kFloat32 && hidden.device().is_cpu(),
@@ -227,14 +233,20 @@ torch::Tensor prefill_layers_cpu(const torch::Tensor& hidden, const torch::Tenso
   // prompts per thread, each taking its prompts through every layer with no barrier in
   // between -- a per-op fork / join is ~30 barriers per layer, and one descheduled thread
   // (a busy or shared machine) stalls them all. Otherwise one pass with per-op parallelism.
+  // On that path a group's prompts also go through the layers in chunks of <= chunk_rows rows
+  // (kPrefillChunkRows; whole prompts; <= 0: one chunk), the same values in fewer cache misses.
+  const int64_t per_chunk = packed_attention && chunk_rows > 0 ? std::max<int64_t>(1, chunk_rows / S) : B;
+  auto run_chunks = [&](int64_t b0, int64_t b1) {
+    for (int64_t c = b0; c < b1; c += per_chunk) run_prompts(c, std::min(b1, c + per_chunk));
+  };
   const int64_t G = packed_attention ? std::min<int64_t>(at::get_num_threads(), B) : 1;
   if (G > 1 && !at::in_parallel_region()) {
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
       c10::InferenceMode worker_inference;  // thread-local: workers do not inherit the caller's
-      for (int64_t g = g0; g < g1; ++g) run_prompts(g * B / G, (g + 1) * B / G);
+      for (int64_t g = g0; g < g1; ++g) run_chunks(g * B / G, (g + 1) * B / G);
     });
   } else {
-    run_prompts(0, B);
+    run_chunks(0, B);
   }
   return y;
 }
@@ -245,12 +257,14 @@ void register_prefill_ops(py::module_& m) {
   m.def("prefill_layers_cpu", &prefill_layers_cpu, py::arg("hidden"), py::arg("cos"), py::arg("sin"),
         py::arg("pad_counts"), py::arg("weights"), py::arg("final_norm"), py::arg("k_caches"), py::arg("v_caches"),
         py::arg("slot_mapping"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("eps"), py::arg("scale"),
-        py::arg("last_only") = false,
+        py::arg("last_only") = false, py::arg("chunk_rows") = kPrefillChunkRows,
         "Prompt pass of every Llama layer plus the final norm in float32 on CPU: hidden [B, S, H] -> [B, S, H]. "
         "pad_counts: None (nothing padded) or int64 [B] left-padding tokens per prompt (a padding query "
         "attends to itself only); each token's K/V are written to the "
         "head-major caches [rows, Hkv, L, D] at slot_mapping [B, S] (row * L + position; -1 = skip). "
-        "last_only: return [B, 1, H], each prompt's last hidden state only (the values of the full pass).");
+        "last_only: return [B, 1, H], each prompt's last hidden state only (the values of the full pass). "
+        "chunk_rows: on the packed path each thread runs its prompts through the layers in chunks of at most "
+        "this many rows (whole prompts; <= 0: all at once); the values do not depend on it.");
 }
 
 }  // namespace pgen

@@ -81,7 +81,8 @@ def is_left_padded(key_mask: torch.Tensor) -> bool:
 
 
 def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_mask: torch.Tensor | None,
-                       cache, slot_mapping: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+                       cache, slot_mapping: torch.Tensor, last_only: bool = False,
+                       chunk_rows: int | None = None) -> torch.Tensor:
     """Every layer of ``lm`` plus its final norm over whole prompts, in C++ (the prefill).
 
     h ``[B,S,H]``, cos/sin ``[B,S,D]``, key_mask bool ``[B,S]`` (left padding: see
@@ -90,6 +91,9 @@ def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     cache. The attention is masked as ``op_dispatch.prompt_attention`` masks it.
     ``last_only``: return ``[B,1,H]``, the last position only (the same values); the last layer
     then skips its queries, o_proj and MLP for the other positions where the packed kernels run.
+    ``chunk_rows``: where the packed kernels run, each thread takes its prompts through the layers
+    in chunks of at most this many rows (whole prompts; <= 0: all at once; None: the extension's
+    default, 512); the values do not depend on it.
     """
     pad = None
     if key_mask is not None:
@@ -103,7 +107,9 @@ def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if not _PREFILL_TAKES_LAST_ONLY:
         out = _extension().prefill_layers_cpu(*args)
         return out[:, -1:] if last_only else out
-    return _extension().prefill_layers_cpu(*args, last_only=last_only)
+    if chunk_rows is None:
+        return _extension().prefill_layers_cpu(*args, last_only=last_only)
+    return _extension().prefill_layers_cpu(*args, last_only=last_only, chunk_rows=chunk_rows)
 
 
 def decode_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, slot_mapping: torch.Tensor,

@@ -13,7 +13,7 @@ import pgen_engine as pg
 from pgen_engine.generation import Generator, layers_cpu
 from pgen_engine.generation.backends import make_backend
 from pgen_engine.models import op_dispatch as K
-from pgen_engine.models.decoder import KVCache
+from pgen_engine.models.decoder import KVCache, positions_from_mask
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.ops._backend import extension
 
@@ -259,6 +259,19 @@ def test_prefill_prompt_groups_per_thread_give_the_one_pass_values(last_only, mo
     assert torch.equal(h1, h2)
     for x, y in zip(c1.k + c1.v, c2.k + c2.v):
         assert torch.equal(x, y)
+
+    # each thread's prompts in chunks of <= chunk_rows rows (whole prompts): the same bits
+    pos = positions_from_mask(mask)
+    cos, sin = m.language_model.rotary(pos, emb.dtype)
+    for chunk_rows in (0, 1, 260, 10_000):
+        cache = KVCache(k=[torch.zeros(shape) for _ in range(cfg.num_layers)],
+                        v=[torch.zeros(shape) for _ in range(cfg.num_layers)], layout="bhsd")
+        with torch.inference_mode():
+            h = layers_cpu.prefill_layers_cpu(m.language_model, emb, cos, sin, mask.bool(), cache, slots,
+                                              last_only=last_only, chunk_rows=chunk_rows)
+        assert torch.equal(h, h2), chunk_rows
+        for x, y in zip(c2.k + c2.v, cache.k + cache.v):
+            assert torch.equal(x, y), chunk_rows
 
 
 def test_prefill_layers_cpu_rejects_bad_inputs(tiny_model):
