@@ -35,6 +35,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pgen_engine.data.history_mode import trained_history_mode
+from pgen_engine.models.special_tokens import SpecialTokens
 from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
 from pgen_engine.typed_config import ConfigError, build, deepcopy, parse_overrides, set_dotted
 
@@ -45,6 +46,26 @@ __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "Sy
 
 
 # ----------------------------------------------------------------------------- sections
+# numpy's generators (synthetic data, tokenizer fit) refuse negative seeds and torch's refuse
+# seeds past 64 bits; the rank is added to the run seed, hence the margin below 2**64
+SEED_RANGE = (0, 2 ** 63 - 1)
+
+
+def check_seed(key: str, value: int) -> None:
+    """Refuse a seed that numpy / torch would reject only after data preparation had run."""
+    lo, hi = SEED_RANGE
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value}: expected a seed in [{lo}, 2**63 - 1]")
+
+
+def check_finite(key: str, value: float, *, positive: bool = False) -> None:
+    """Refuse NaN / Inf (and values <= 0 with ``positive``; < 0 without): the optimizer and
+    DeepSpeed would take them and turn every weight into NaN, or fail deep in their own code."""
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"{key}={value}: expected a finite number {'> 0' if positive else '>= 0'}")
+
+
 CODE_INITS = ("random", "tokenizer")  # the values of model.init.code_init
 _INIT_DRAW_FIELDS = ("seed", "init_std", "code_init")  # model.init fields that are not geometry
 
@@ -93,6 +114,9 @@ class ModelInitConfig:
         for f in dataclasses.fields(self):
             if f.name not in _INIT_DRAW_FIELDS and getattr(self, f.name) < 1:
                 raise ConfigError(f"model.init.{f.name}={getattr(self, f.name)}: expected a positive integer")
+        if self.vocab_size < SpecialTokens.BUILTIN_VOCAB_MIN:  # else refused only after data preparation
+            raise ConfigError(f"model.init.vocab_size={self.vocab_size}: expected >= {SpecialTokens.BUILTIN_VOCAB_MIN} "
+                              "(the built-in tokenizer's bytes and special tokens)")
         if self.init_std is not None and not 0 < self.init_std < 1:
             raise ConfigError(f"model.init.init_std={self.init_std}: expected a float in (0, 1) or null")
         if self.code_init not in CODE_INITS:
@@ -139,6 +163,7 @@ class SynthSection:
             raise ConfigError(f"data.synth: drift={self.drift} and fidelity={self.fidelity} must be in [0, 1]")
         if not 32 <= self.image_size <= 64:
             raise ConfigError(f"data.synth.image_size={self.image_size}: expected 32..64")
+        check_seed("data.synth.seed", self.seed)
 
 
 @dataclasses.dataclass
@@ -194,13 +219,19 @@ class DataConfig:
         if self.tokenizer_image_size % self.patch_size or self.patch_size & (self.patch_size - 1):
             raise ConfigError(f"data.patch_size={self.patch_size}: expected a power of two dividing "
                               f"data.tokenizer_image_size={self.tokenizer_image_size}")
-        if self.vq_time_budget_s <= 0:
+        if not self.vq_time_budget_s > 0:  # NaN too: no elapsed time would ever exceed it
             raise ConfigError(f"data.vq_time_budget_s={self.vq_time_budget_s}: expected > 0")
         for name in ("codebook_size", "history_k", "stride", "kmeans_iters", "vq_max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}={getattr(self, name)}: expected >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers}: expected >= 0")
+        # build_splits' own rules, checked here: it runs only after the dataset and tokenizer are prepared
+        if self.min_interactions < 3:
+            raise ConfigError(f"data.min_interactions={self.min_interactions}: expected >= 3 (one train, one valid "
+                              "and one test item per user)")
+        if self.max_windows_per_user is not None and self.max_windows_per_user < 1:
+            raise ConfigError(f"data.max_windows_per_user={self.max_windows_per_user}: expected >= 1 or null")
 
 
 DEFAULT_TRAINABLE = ("language_model", "aligner", "generation_aligner", "generation_embeddings", "generation_head")
@@ -268,6 +299,9 @@ class TrainConfig:
             raise ConfigError(f"train.betas={list(self.betas)}: expected two values in [0, 1)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"train: grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0")
+        check_finite("train.grad_clip", self.grad_clip)
+        check_finite("train.weight_decay", self.weight_decay)
+        check_finite("train.eps", self.eps, positive=True)
         if not 0.0 <= self.cond_dropout_p < 1.0:
             raise ConfigError(f"train.cond_dropout_p={self.cond_dropout_p}: expected a probability in [0, 1)")
         bad = [g for g in self.trainable if g not in PARAMETER_GROUPS]
@@ -338,6 +372,9 @@ class DeepSpeedSection:
             raise ConfigError("deepspeed.offload_params=true requires deepspeed.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer=true requires deepspeed.zero_stage 2 or 3")
+        for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "reduce_bucket_size"):
+            if getattr(self, key) < 0:  # DeepSpeed fails on them only when the engine starts
+                raise ConfigError(f"deepspeed.{key}={getattr(self, key)}: expected >= 0")
 
 
 @dataclasses.dataclass
@@ -382,6 +419,7 @@ class RunConfig:
             if value is not None and not str(value).strip():  # Path("") is the current directory
                 raise ConfigError(f"{key}={value!r}: expected a folder path (an empty one would mean the current "
                                   "directory)")
+        check_seed("seed", self.seed)
         if self.stage == "rl" and self.rl is None:
             self.rl = RLConfig()
         if self.data.history_mode is None:
