@@ -31,6 +31,7 @@ from typing import Sequence
 
 import torch
 
+from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops import kv_quant
 from pgen_engine.ops._backend import extension
@@ -38,14 +39,15 @@ from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
 from . import inputs
+from .coerce import as_flag, as_int
 from .backends import DecodeBackend, WaveDecode, make_backend
 from .decode_graph import resolve_decode_mode
 from .kv_storage import WaveKVStorage
 from .sampling_params import SamplingParams
 from .waves import LOGPROB_DISTRIBUTIONS, UNCOND_MODES, WaveGeometry, WaveItem, plan_kv_bytes, plan_waves, wave_geometry
 
-__all__ = ["CACHE_DTYPES", "Generator", "LOGPROB_DISTRIBUTIONS", "NonFiniteLogitsError", "UNCOND_MODES",
-           "check_cache_dtype", "plan_kv_bytes"]
+__all__ = ["CACHE_DTYPES", "GenerationMemoryError", "Generator", "LOGPROB_DISTRIBUTIONS", "NonFiniteLogitsError",
+           "UNCOND_MODES", "check_cache_dtype", "plan_kv_bytes"]
 
 _UNSET: object = object()  # a loose sampling keyword the caller did not pass (None is a value: refused)
 
@@ -61,6 +63,25 @@ class NonFiniteLogitsError(RuntimeError):
     def __init__(self, message: str, row: int, token: int):
         super().__init__(message)
         self.row, self.token = row, token
+
+
+class GenerationMemoryError(PgenUserError, MemoryError):
+    """The output and KV buffers one :meth:`Generator.generate` call needs could not be allocated
+    (an absurd ``num_samples`` or batch); raised before any decoding, the Generator stays usable.
+
+    Attributes:
+        nbytes: the bytes the call asked for (output codes + the KV storage of its largest wave).
+    """
+
+    def __init__(self, message: str, nbytes: int):
+        super().__init__(message)
+        self.nbytes = nbytes
+
+
+def is_allocation_failure(e: BaseException) -> bool:
+    """Whether ``e`` is torch's "out of memory": CUDA raises OutOfMemoryError, the CPU allocator
+    a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory ...")."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e))
 
 
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, kv_quant.FP8_DTYPE)
@@ -214,8 +235,16 @@ class Generator:
                              f"got {logprob_distribution!r}")
         prompts = inputs.parse_prompts(self.model, input_ids, attention_mask, gen_code_mask)
         B = len(prompts)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        try:  # NumPy integers are ints too; bools, floats and strings are not
+            n = as_int(num_samples, "num_samples")
+        except TypeError:
+            n = 0
+        if n < 1:
             raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        num_samples = n
+        # a truthy string ("no") would change the return type to a (codes, log-probs) pair
+        return_logprobs = as_flag(return_logprobs, "return_logprobs")
+        progress = as_flag(progress, "progress")
         sp = self._sampling(sampling, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                             top_p=top_p, greedy=greedy, seed=seed)
         guidance_scale, temperature, top_k, top_p, greedy = (sp.guidance_scale, sp.temperature, sp.top_k,
@@ -231,9 +260,17 @@ class Generator:
         longest = max(len(p.ids) for p in prompts)
         if longest + T > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {T} image tokens exceeds max_seq_len={self.max_seq_len}")
-        out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
-        out_lp = torch.empty((B * num_samples, T), dtype=torch.float32, device=self.model.device) \
-            if return_logprobs else None
+        out_bytes = B * num_samples * T * (8 + (4 if return_logprobs else 0))
+        try:
+            out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
+            out_lp = torch.empty((B * num_samples, T), dtype=torch.float32, device=self.model.device) \
+                if return_logprobs else None
+        except RuntimeError as e:
+            # refused here, before planning waves: an absurd num_samples would otherwise surface as
+            # the allocator's own message, which names neither the argument nor the size
+            if not is_allocation_failure(e):
+                raise
+            raise self._memory_error(B, num_samples, out_bytes, "its output codes", e) from None
         waves = list(plan_waves(B, num_samples, self.max_batch_size))
         cfg = guidance_scale != 1.0
         geoms = [wave_geometry([len(prompts[it.prompt].ids) for it in w], [it.count for it in w],
@@ -241,7 +278,14 @@ class Generator:
                                if cfg else None, T)
                  for w in waves]
         peak_tokens = max(g.tokens for g in geoms)
-        self._kv.grow(peak_tokens)
+        try:
+            self._kv.grow(peak_tokens)
+        except RuntimeError as e:
+            if not is_allocation_failure(e):
+                raise
+            self._kv.release()  # a partial grow holds some layers; the next call starts clean
+            raise self._memory_error(B, num_samples, out_bytes + self._kv.token_bytes() * peak_tokens,
+                                     f"a KV cache of {peak_tokens} positions", e) from None
         self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0, "waves": float(len(waves)),
                            "rows": float(B * num_samples), "kv_bytes_peak": float(self._kv.token_bytes() * peak_tokens)}
         bar = None
@@ -265,6 +309,14 @@ class Generator:
                 bar.close()
         return (out, out_lp) if return_logprobs else out
 
+    def _memory_error(self, B: int, num_samples: int, nbytes: int, what: str, e: BaseException
+                      ) -> GenerationMemoryError:
+        """The error of a generate call whose buffers do not fit: names the arguments and the size."""
+        return GenerationMemoryError(
+            f"num_samples={num_samples} for {B} prompt(s) (max_batch_size={self.max_batch_size}) needs {what}, "
+            f"{nbytes / 2 ** 30:.3g} GiB in all on {self.model.device}, which could not be allocated "
+            f"({one_line(e)}); use a smaller num_samples or max_batch_size", nbytes)
+
     @staticmethod
     def _check_codes(codes: torch.Tensor, rows: torch.Tensor) -> None:
         """Raise if any code is -1: its step's logits were not finite (see :meth:`_pick`).
@@ -283,8 +335,15 @@ class Generator:
     def generate_images(self, input_ids, attention_mask=None, pixel_values=None, *, decode_batch_size: int = 16,
                         **kwargs) -> torch.Tensor:
         """:meth:`generate`, then VQ-decode: -> uint8 ``[B * num_samples, H, W, 3]`` (same row order)."""
+        # checked before generating: torch.split(0) fails only after all the decoding work
+        try:
+            n = as_int(decode_batch_size, "decode_batch_size")
+        except TypeError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"decode_batch_size must be an int >= 1, got {decode_batch_size!r}")
         codes = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
-        return torch.cat([self.model.decode_images(c) for c in codes.split(decode_batch_size)])
+        return torch.cat([self.model.decode_images(c) for c in codes.split(n)])
 
     def generate_for_users(self, histories, *, num_samples: int = 1, **kwargs) -> torch.Tensor:
         """Images (or codes) of the next item for each user history: ``histories`` are lists of
