@@ -34,13 +34,13 @@ import torch
 from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops import kv_quant
-from pgen_engine.ops._backend import extension
+from pgen_engine.ops._backend import BACKENDS, extension
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
 from . import inputs
-from .coerce import as_flag, as_int
 from .backends import DecodeBackend, WaveDecode, make_backend
+from .coerce import as_flag, as_int
 from .decode_graph import resolve_decode_mode
 from .kv_storage import WaveKVStorage
 from .sampling_params import SamplingParams
@@ -76,6 +76,17 @@ class GenerationMemoryError(PgenUserError, MemoryError):
     def __init__(self, message: str, nbytes: int):
         super().__init__(message)
         self.nbytes = nbytes
+
+
+def _positive_int(value, name: str, lo: int, lo_text: str = "") -> int:
+    """``value`` as an int >= ``lo`` (NumPy integers too); ValueError naming ``name`` otherwise."""
+    try:
+        v = as_int(value, name)
+    except TypeError:
+        v = None
+    if v is None or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo_text}{lo}, got {value!r}")
+    return v
 
 
 def is_allocation_failure(e: BaseException) -> bool:
@@ -123,14 +134,17 @@ class Generator:
     def __init__(self, model, *, max_batch_size: int = 32, max_seq_len: int | None = None,
                  uncond_mode: str = "pad", cache_dtype: torch.dtype | None = None,
                  sample_backend: str = "auto", decode_mode: str = "auto"):
+        if not all(hasattr(model, a) for a in ("num_image_tokens", "config", "special_tokens")):
+            # else "'str' object has no attribute 'num_image_tokens'"
+            raise TypeError(f"model must be a JanusModel (pgen_engine.load_model), got {type(model).__name__}")
         if uncond_mode not in UNCOND_MODES:
             raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if sample_backend not in BACKENDS:  # else refused only by the first generate call's sampler
+            raise ValueError(f"sample_backend must be one of {BACKENDS}, got {sample_backend!r}")
+        max_batch_size = _positive_int(max_batch_size, "max_batch_size", 1)
         T = int(model.num_image_tokens)
-        max_seq_len = T + 512 if max_seq_len is None else max_seq_len
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < T + 1:
-            raise ValueError(f"max_seq_len must be an int >= num_image_tokens + 1 = {T + 1}, got {max_seq_len!r}")
+        max_seq_len = _positive_int(T + 512 if max_seq_len is None else max_seq_len, "max_seq_len", T + 1,
+                                    "num_image_tokens + 1 = ")
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
@@ -235,13 +249,7 @@ class Generator:
                              f"got {logprob_distribution!r}")
         prompts = inputs.parse_prompts(self.model, input_ids, attention_mask, gen_code_mask)
         B = len(prompts)
-        try:  # NumPy integers are ints too; bools, floats and strings are not
-            n = as_int(num_samples, "num_samples")
-        except TypeError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
-        num_samples = n
+        num_samples = _positive_int(num_samples, "num_samples", 1)  # NumPy integers too; bools, floats, str not
         # a truthy string ("no") would change the return type to a (codes, log-probs) pair
         return_logprobs = as_flag(return_logprobs, "return_logprobs")
         progress = as_flag(progress, "progress")
@@ -336,12 +344,7 @@ class Generator:
                         **kwargs) -> torch.Tensor:
         """:meth:`generate`, then VQ-decode: -> uint8 ``[B * num_samples, H, W, 3]`` (same row order)."""
         # checked before generating: torch.split(0) fails only after all the decoding work
-        try:
-            n = as_int(decode_batch_size, "decode_batch_size")
-        except TypeError:
-            n = 0
-        if n < 1:
-            raise ValueError(f"decode_batch_size must be an int >= 1, got {decode_batch_size!r}")
+        n = _positive_int(decode_batch_size, "decode_batch_size", 1)
         codes = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
         return torch.cat([self.model.decode_images(c) for c in codes.split(n)])
 

@@ -6,6 +6,7 @@ consumed, every parameter must be found, every shape must match — never ``stri
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -144,6 +145,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             truncated file, NaN/Inf weights, unsupported dtype or an invalid config (see
             :func:`load_checkpoint_config`) — the message names the file and key.
     """
+    if not isinstance(path, (str, os.PathLike)):  # Path(None) says only "expected str, bytes or os.PathLike"
+        raise TypeError(f"path must be a checkpoint folder (str or os.PathLike), got {type(path).__name__} {path!r}")
     path = Path(path)
     if dtype not in LOADABLE_DTYPES:
         raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")

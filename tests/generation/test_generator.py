@@ -464,3 +464,16 @@ def test_output_too_large_to_allocate_names_num_samples(peaky):
     assert isinstance(e.value, PgenUserError) and e.value.nbytes == 2 ** 50 * model.num_image_tokens * 8
     # the Generator stays usable
     assert g.generate([[SPECIAL.bos, 7, SPECIAL.boi]], greedy=True).shape == (1, model.num_image_tokens)
+
+
+def test_constructor_arguments_are_checked(peaky):
+    # each used to fail later: an AttributeError on a str model, a sampler error at the first generate call
+    model, _ = peaky
+    with pytest.raises(TypeError, match="model must be a JanusModel .*got str"):
+        Generator("model")
+    with pytest.raises(ValueError, match=r"sample_backend must be one of \('auto', .*got 'bogus'"):
+        Generator(model, sample_backend="bogus")
+    with pytest.raises(ValueError, match=r"max_batch_size must be an int >= 1, got 2\.0"):
+        Generator(model, max_batch_size=2.0)
+    g = Generator(model, max_batch_size=np.int64(2), max_seq_len=np.int32(24))
+    assert (g.max_batch_size, g.max_seq_len) == (2, 24) and type(g.max_seq_len) is int

@@ -300,3 +300,11 @@ def test_unusable_device_is_named_before_loading(tiny_ckpt, monkeypatch):
         pg.load_model(tiny_ckpt, device="cuda:0")
     with pytest.raises(pg.CheckpointError, match=r"device 'banana' is not a torch device"):
         pg.load_model(tiny_ckpt, device="banana")
+
+
+def test_load_model_path_of_the_wrong_type_is_named(tiny_ckpt):
+    # Path(None) used to say only "expected str, bytes or os.PathLike object, not NoneType"
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match=rf"path must be a checkpoint folder .*got {type(bad).__name__} {bad}"):
+            pg.load_model(bad)
+    assert pg.load_model(str(tiny_ckpt)).num_image_tokens > 0
