@@ -37,7 +37,7 @@ import yaml
 from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.models.special_tokens import SpecialTokens
 from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
-from pgen_engine.typed_config import ConfigError, build, deepcopy, parse_overrides, set_dotted
+from pgen_engine.typed_config import ConfigError, build, deepcopy, load_yaml, parse_overrides, set_dotted
 
 __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "SynthSection", "DataConfig",
            "TrainConfig", "DeepSpeedSection", "LoggingConfig", "SFTConfig", "RLConfig", "RunConfig", "STAGES",
@@ -477,7 +477,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

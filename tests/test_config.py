@@ -239,3 +239,21 @@ def test_boundary_values_still_load():
                                             "train.grad_clip=0", "train.weight_decay=0", "model.init.vocab_size=262",
                                             "deepspeed.stage3_param_persistence_threshold=0"])
     assert (cfg.seed, cfg.data.min_interactions, cfg.model.init.vocab_size) == (0, 3, 262)
+
+
+def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path):
+    # plain YAML keeps the last of two equal keys: a second `train:` section silently dropped
+    # train.lr of the first one, and a repeated key inside a section kept only its last value
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("stage: sft\ntrain:\n  lr: 0.5\ntrain:\n  max_steps: 20\n")
+    with pytest.raises(ConfigError, match=r"^.*dup\.yaml: line 4 invalid YAML \(duplicate key 'train' \(first on line "
+                                          r"2\)\)$"):
+        load_config(dup)
+    dup.write_text("train:\n  lr: 0.5\n  max_steps: 20\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"line 4 invalid YAML \(duplicate key 'lr' \(first on line 2\)\)"):
+        load_config(dup)
+    # anchors and merge keys still work: an explicit key after `<<:` overrides the merged one
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train:\n  betas: &bb [0.8, 0.9]\n  <<: {max_steps: 20, lr: 0.5}\n  lr: 0.1\n")
+    cfg = load_config(ok)
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.betas) == (0.1, 20, (0.8, 0.9))
