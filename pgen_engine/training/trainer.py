@@ -30,8 +30,8 @@ import torch
 from pgen_engine.config import ConfigError, RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_problem
 
-from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_resume_config, export_hf, load_resumable, resolve_resume,
-                          save_resumable)
+from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_fresh_start, check_resume_config, export_hf, load_resumable,
+                          resolve_resume, save_resumable)
 from .distributed import DistInfo, all_ranks_true, init_distributed
 from .engine import TrainEngine, build_engine, require_deepspeed
 from .errors import NonFiniteError
@@ -139,6 +139,8 @@ class Trainer:
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
         ckpt = resolve_resume(resume, self.out)
+        if resume is None:  # every rank: the check reads only the file system
+            check_fresh_start(self.out)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
         if dist.is_main:

@@ -40,3 +40,26 @@ def test_output_folders_that_cannot_be_made_are_config_errors_before_any_work(tm
         run_stage(cfg)
     assert f.read_text() == "keep me"
     assert not (tmp_path / "no_data").exists() and not (tmp_path / "out").exists()
+
+
+def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(tmp_path):
+    # a run without --resume used to start over there: config.resolved.yaml was rewritten at once
+    # (the old final/ then described by the new settings) and new checkpoints mixed with the old ones
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step00000005").mkdir(parents=True)
+    (out / "checkpoints" / "step00000005" / "pgen_checkpoint.json").write_text("{}")
+    (out / "config.resolved.yaml").write_text("the old run's config\n")
+    from tests.training.test_deepspeed_2rank import _env  # without the process-group variables of other tests
+
+    env = {**_env(), "PGEN_PLAN": "0"}
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "demo_sft.yaml"),
+                        f"output_dir={out}", f"data.dataset_dir={tmp_path / 'no_data'}", "logging.progress=false"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert p.returncode == 1 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"output_dir={out} already holds a training run" in errors[0] and "--resume auto" in errors[0]
+    assert (out / "config.resolved.yaml").read_text() == "the old run's config\n"
+    assert not (tmp_path / "no_data").exists()
