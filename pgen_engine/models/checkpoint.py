@@ -197,7 +197,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                                       f"{tuple(p.shape)}")
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"{f}: tensor {key!r} contains NaN or Inf")
-            p.copy_(t.to(device=device, dtype=dtype))
+            cast = t.to(device=device, dtype=dtype)
+            # float16 holds at most 65504: larger weights turn Inf in the cast, and generation then
+            # blamed "the activations" of finite weights
+            if dtype == torch.float16 and t.dtype != torch.float16 and not torch.isfinite(cast).all():
+                raise CheckpointError(f"{f}: tensor {key!r} holds values beyond float16's range (largest "
+                                      f"|value| {float(t.abs().max()):.4g} > 65504); load it as float32 or bfloat16")
+            p.copy_(cast)
     _reset_buffers(model, device)
     model.source_dir = path
     return model.eval()
