@@ -37,7 +37,8 @@ import yaml
 from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.models.special_tokens import SpecialTokens
 from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
-from pgen_engine.typed_config import ConfigError, build, deepcopy, load_yaml, parse_overrides, set_dotted
+from pgen_engine.typed_config import (ConfigError, build, check_finite, check_seed, deepcopy, load_yaml,
+                                      parse_overrides, set_dotted)
 
 __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "SynthSection", "DataConfig",
            "TrainConfig", "DeepSpeedSection", "LoggingConfig", "SFTConfig", "RLConfig", "RunConfig", "STAGES",
@@ -46,26 +47,6 @@ __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "Sy
 
 
 # ----------------------------------------------------------------------------- sections
-# numpy's generators (synthetic data, tokenizer fit) refuse negative seeds and torch's refuse
-# seeds past 64 bits; the rank is added to the run seed, hence the margin below 2**64
-SEED_RANGE = (0, 2 ** 63 - 1)
-
-
-def check_seed(key: str, value: int) -> None:
-    """Refuse a seed that numpy / torch would reject only after data preparation had run."""
-    lo, hi = SEED_RANGE
-    if not lo <= value <= hi:
-        raise ConfigError(f"{key}={value}: expected a seed in [{lo}, 2**63 - 1]")
-
-
-def check_finite(key: str, value: float, *, positive: bool = False) -> None:
-    """Refuse NaN / Inf (and values <= 0 with ``positive``; < 0 without): the optimizer and
-    DeepSpeed would take them and turn every weight into NaN, or fail deep in their own code."""
-    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
-    if not ok:
-        raise ConfigError(f"{key}={value}: expected a finite number {'> 0' if positive else '>= 0'}")
-
-
 CODE_INITS = ("random", "tokenizer")  # the values of model.init.code_init
 _INIT_DRAW_FIELDS = ("seed", "init_std", "code_init")  # model.init fields that are not geometry
 
@@ -115,8 +96,7 @@ class ModelInitConfig:
             if f.name not in _INIT_DRAW_FIELDS and getattr(self, f.name) < 1:
                 raise ConfigError(f"model.init.{f.name}={getattr(self, f.name)}: expected a positive integer")
         if self.vocab_size < SpecialTokens.BUILTIN_VOCAB_MIN:  # else refused only after data preparation
-            raise ConfigError(f"model.init.vocab_size={self.vocab_size}: expected >= {SpecialTokens.BUILTIN_VOCAB_MIN} "
-                              "(the built-in tokenizer's bytes and special tokens)")
+            raise ConfigError(f"model.init.vocab_size={self.vocab_size}: expected >= {SpecialTokens.BUILTIN_VOCAB_MIN}")
         if self.init_std is not None and not 0 < self.init_std < 1:
             raise ConfigError(f"model.init.init_std={self.init_std}: expected a float in (0, 1) or null")
         if self.code_init not in CODE_INITS:
@@ -226,10 +206,8 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)}: expected >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers}: expected >= 0")
-        # build_splits' own rules, checked here: it runs only after the dataset and tokenizer are prepared
-        if self.min_interactions < 3:
-            raise ConfigError(f"data.min_interactions={self.min_interactions}: expected >= 3 (one train, one valid "
-                              "and one test item per user)")
+        if self.min_interactions < 3:  # build_splits' rules, which run only after the data is prepared
+            raise ConfigError(f"data.min_interactions={self.min_interactions}: expected >= 3 (train + valid + test)")
         if self.max_windows_per_user is not None and self.max_windows_per_user < 1:
             raise ConfigError(f"data.max_windows_per_user={self.max_windows_per_user}: expected >= 1 or null")
 
@@ -299,9 +277,8 @@ class TrainConfig:
             raise ConfigError(f"train.betas={list(self.betas)}: expected two values in [0, 1)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"train: grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0")
-        check_finite("train.grad_clip", self.grad_clip)
-        check_finite("train.weight_decay", self.weight_decay)
-        check_finite("train.eps", self.eps, positive=True)
+        for key in ("grad_clip", "weight_decay", "eps"):
+            check_finite(f"train.{key}", getattr(self, key), positive=key == "eps")
         if not 0.0 <= self.cond_dropout_p < 1.0:
             raise ConfigError(f"train.cond_dropout_p={self.cond_dropout_p}: expected a probability in [0, 1)")
         bad = [g for g in self.trainable if g not in PARAMETER_GROUPS]

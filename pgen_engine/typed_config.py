@@ -11,6 +11,7 @@ The run-config schema itself is :mod:`pgen_engine.config`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -116,6 +117,26 @@ def build(cls: type, values: dict, prefix: str, source: str) -> Any:
         return cls(**kwargs)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
+
+
+# numpy's generators (synthetic data, tokenizer fit) refuse negative seeds and torch's refuse
+# seeds past 64 bits; the rank is added to the run seed, hence the margin below 2**64
+SEED_RANGE = (0, 2 ** 63 - 1)
+
+
+def check_seed(key: str, value: int) -> None:
+    """Refuse a seed that numpy / torch would reject only after data preparation had run."""
+    lo, hi = SEED_RANGE
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value}: expected a seed in [{lo}, 2**63 - 1]")
+
+
+def check_finite(key: str, value: float, *, positive: bool = False) -> None:
+    """Refuse NaN / Inf (and values <= 0 with ``positive``; < 0 without): the optimizer and
+    DeepSpeed would take them and turn every weight into NaN, or fail deep in their own code."""
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"{key}={value}: expected a finite number {'> 0' if positive else '>= 0'}")
 
 
 def set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:

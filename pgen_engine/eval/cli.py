@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from pgen_engine.config import SEED_RANGE
 from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
 from pgen_engine.io_utils import atomic_write_json
 from pgen_engine.models import load_model
 from pgen_engine.rewards.embedders import make_embedder
+from pgen_engine.typed_config import SEED_RANGE
 
 from . import evaluate as E
 from .demo import KEY_METRICS, REPORT_METRICS, run_demo, train_eval_embedder

@@ -31,7 +31,6 @@ from typing import Sequence
 
 import torch
 
-from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops import kv_quant
 from pgen_engine.ops._backend import BACKENDS, extension
@@ -39,8 +38,9 @@ from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
 from . import inputs
+from .alloc import GenerationMemoryError, allocating
 from .backends import DecodeBackend, WaveDecode, make_backend
-from .coerce import as_flag, as_int
+from .coerce import as_flag, as_positive_int
 from .decode_graph import resolve_decode_mode
 from .kv_storage import WaveKVStorage
 from .sampling_params import SamplingParams
@@ -63,36 +63,6 @@ class NonFiniteLogitsError(RuntimeError):
     def __init__(self, message: str, row: int, token: int):
         super().__init__(message)
         self.row, self.token = row, token
-
-
-class GenerationMemoryError(PgenUserError, MemoryError):
-    """The output and KV buffers one :meth:`Generator.generate` call needs could not be allocated
-    (an absurd ``num_samples`` or batch); raised before any decoding, the Generator stays usable.
-
-    Attributes:
-        nbytes: the bytes the call asked for (output codes + the KV storage of its largest wave).
-    """
-
-    def __init__(self, message: str, nbytes: int):
-        super().__init__(message)
-        self.nbytes = nbytes
-
-
-def _positive_int(value, name: str, lo: int, lo_text: str = "") -> int:
-    """``value`` as an int >= ``lo`` (NumPy integers too); ValueError naming ``name`` otherwise."""
-    try:
-        v = as_int(value, name)
-    except TypeError:
-        v = None
-    if v is None or v < lo:
-        raise ValueError(f"{name} must be an int >= {lo_text}{lo}, got {value!r}")
-    return v
-
-
-def is_allocation_failure(e: BaseException) -> bool:
-    """Whether ``e`` is torch's "out of memory": CUDA raises OutOfMemoryError, the CPU allocator
-    a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory ...")."""
-    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "allocate" in str(e))
 
 
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, kv_quant.FP8_DTYPE)
@@ -141,9 +111,9 @@ class Generator:
             raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
         if sample_backend not in BACKENDS:  # else refused only by the first generate call's sampler
             raise ValueError(f"sample_backend must be one of {BACKENDS}, got {sample_backend!r}")
-        max_batch_size = _positive_int(max_batch_size, "max_batch_size", 1)
+        max_batch_size = as_positive_int(max_batch_size, "max_batch_size", 1)
         T = int(model.num_image_tokens)
-        max_seq_len = _positive_int(T + 512 if max_seq_len is None else max_seq_len, "max_seq_len", T + 1,
+        max_seq_len = as_positive_int(T + 512 if max_seq_len is None else max_seq_len, "max_seq_len", T + 1,
                                     "num_image_tokens + 1 = ")
         self.model = model
         self.max_batch_size = max_batch_size
@@ -249,7 +219,7 @@ class Generator:
                              f"got {logprob_distribution!r}")
         prompts = inputs.parse_prompts(self.model, input_ids, attention_mask, gen_code_mask)
         B = len(prompts)
-        num_samples = _positive_int(num_samples, "num_samples", 1)  # NumPy integers too; bools, floats, str not
+        num_samples = as_positive_int(num_samples, "num_samples", 1)  # NumPy integers too; bools, floats, str not
         # a truthy string ("no") would change the return type to a (codes, log-probs) pair
         return_logprobs = as_flag(return_logprobs, "return_logprobs")
         progress = as_flag(progress, "progress")
@@ -269,16 +239,11 @@ class Generator:
         if longest + T > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {T} image tokens exceeds max_seq_len={self.max_seq_len}")
         out_bytes = B * num_samples * T * (8 + (4 if return_logprobs else 0))
-        try:
+        call = f"num_samples={num_samples} for {B} prompt(s) (max_batch_size={self.max_batch_size})"
+        with allocating(call, "its output codes", out_bytes, self.model.device):  # before planning the waves
             out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
             out_lp = torch.empty((B * num_samples, T), dtype=torch.float32, device=self.model.device) \
                 if return_logprobs else None
-        except RuntimeError as e:
-            # refused here, before planning waves: an absurd num_samples would otherwise surface as
-            # the allocator's own message, which names neither the argument nor the size
-            if not is_allocation_failure(e):
-                raise
-            raise self._memory_error(B, num_samples, out_bytes, "its output codes", e) from None
         waves = list(plan_waves(B, num_samples, self.max_batch_size))
         cfg = guidance_scale != 1.0
         geoms = [wave_geometry([len(prompts[it.prompt].ids) for it in w], [it.count for it in w],
@@ -286,16 +251,13 @@ class Generator:
                                if cfg else None, T)
                  for w in waves]
         peak_tokens = max(g.tokens for g in geoms)
-        try:
+        kv_bytes = self._kv.token_bytes() * peak_tokens
+        # on failure, release: a partial grow holds some layers; the next call starts clean
+        with allocating(call, f"a KV cache of {peak_tokens} positions", out_bytes + kv_bytes, self.model.device,
+                        on_failure=self._kv.release):
             self._kv.grow(peak_tokens)
-        except RuntimeError as e:
-            if not is_allocation_failure(e):
-                raise
-            self._kv.release()  # a partial grow holds some layers; the next call starts clean
-            raise self._memory_error(B, num_samples, out_bytes + self._kv.token_bytes() * peak_tokens,
-                                     f"a KV cache of {peak_tokens} positions", e) from None
         self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0, "waves": float(len(waves)),
-                           "rows": float(B * num_samples), "kv_bytes_peak": float(self._kv.token_bytes() * peak_tokens)}
+                           "rows": float(B * num_samples), "kv_bytes_peak": float(kv_bytes)}
         bar = None
         if progress:
             from tqdm.auto import tqdm  # late import: it probes for notebook widgets; only a progress bar needs it
@@ -317,14 +279,6 @@ class Generator:
                 bar.close()
         return (out, out_lp) if return_logprobs else out
 
-    def _memory_error(self, B: int, num_samples: int, nbytes: int, what: str, e: BaseException
-                      ) -> GenerationMemoryError:
-        """The error of a generate call whose buffers do not fit: names the arguments and the size."""
-        return GenerationMemoryError(
-            f"num_samples={num_samples} for {B} prompt(s) (max_batch_size={self.max_batch_size}) needs {what}, "
-            f"{nbytes / 2 ** 30:.3g} GiB in all on {self.model.device}, which could not be allocated "
-            f"({one_line(e)}); use a smaller num_samples or max_batch_size", nbytes)
-
     @staticmethod
     def _check_codes(codes: torch.Tensor, rows: torch.Tensor) -> None:
         """Raise if any code is -1: its step's logits were not finite (see :meth:`_pick`).
@@ -344,7 +298,7 @@ class Generator:
                         **kwargs) -> torch.Tensor:
         """:meth:`generate`, then VQ-decode: -> uint8 ``[B * num_samples, H, W, 3]`` (same row order)."""
         # checked before generating: torch.split(0) fails only after all the decoding work
-        n = _positive_int(decode_batch_size, "decode_batch_size", 1)
+        n = as_positive_int(decode_batch_size, "decode_batch_size", 1)
         codes = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
         return torch.cat([self.model.decode_images(c) for c in codes.split(n)])
 
