@@ -35,8 +35,10 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pgen_engine.data.history_mode import trained_history_mode
+from pgen_engine.models.special_tokens import SpecialTokens
 from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
-from pgen_engine.typed_config import ConfigError, build, deepcopy, parse_overrides, set_dotted
+from pgen_engine.typed_config import (ConfigError, build, check_finite, check_seed, deepcopy, load_yaml,
+                                      parse_overrides, set_dotted)
 
 __all__ = ["ConfigError", "RLConfigError", "ModelInitConfig", "ModelConfig", "SynthSection", "DataConfig",
            "TrainConfig", "DeepSpeedSection", "LoggingConfig", "SFTConfig", "RLConfig", "RunConfig", "STAGES",
@@ -93,6 +95,8 @@ class ModelInitConfig:
         for f in dataclasses.fields(self):
             if f.name not in _INIT_DRAW_FIELDS and getattr(self, f.name) < 1:
                 raise ConfigError(f"model.init.{f.name}={getattr(self, f.name)}: expected a positive integer")
+        if self.vocab_size < SpecialTokens.BUILTIN_VOCAB_MIN:  # else refused only after data preparation
+            raise ConfigError(f"model.init.vocab_size={self.vocab_size}: expected >= {SpecialTokens.BUILTIN_VOCAB_MIN}")
         if self.init_std is not None and not 0 < self.init_std < 1:
             raise ConfigError(f"model.init.init_std={self.init_std}: expected a float in (0, 1) or null")
         if self.code_init not in CODE_INITS:
@@ -139,6 +143,7 @@ class SynthSection:
             raise ConfigError(f"data.synth: drift={self.drift} and fidelity={self.fidelity} must be in [0, 1]")
         if not 32 <= self.image_size <= 64:
             raise ConfigError(f"data.synth.image_size={self.image_size}: expected 32..64")
+        check_seed("data.synth.seed", self.seed)
 
 
 @dataclasses.dataclass
@@ -194,13 +199,17 @@ class DataConfig:
         if self.tokenizer_image_size % self.patch_size or self.patch_size & (self.patch_size - 1):
             raise ConfigError(f"data.patch_size={self.patch_size}: expected a power of two dividing "
                               f"data.tokenizer_image_size={self.tokenizer_image_size}")
-        if self.vq_time_budget_s <= 0:
+        if not self.vq_time_budget_s > 0:  # NaN too: no elapsed time would ever exceed it
             raise ConfigError(f"data.vq_time_budget_s={self.vq_time_budget_s}: expected > 0")
         for name in ("codebook_size", "history_k", "stride", "kmeans_iters", "vq_max_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name}={getattr(self, name)}: expected >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers}: expected >= 0")
+        if self.min_interactions < 3:  # build_splits' rules, which run only after the data is prepared
+            raise ConfigError(f"data.min_interactions={self.min_interactions}: expected >= 3 (train + valid + test)")
+        if self.max_windows_per_user is not None and self.max_windows_per_user < 1:
+            raise ConfigError(f"data.max_windows_per_user={self.max_windows_per_user}: expected >= 1 or null")
 
 
 DEFAULT_TRAINABLE = ("language_model", "aligner", "generation_aligner", "generation_embeddings", "generation_head")
@@ -268,6 +277,8 @@ class TrainConfig:
             raise ConfigError(f"train.betas={list(self.betas)}: expected two values in [0, 1)")
         if self.grad_clip < 0 or self.weight_decay < 0:
             raise ConfigError(f"train: grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0")
+        for key in ("grad_clip", "weight_decay", "eps"):
+            check_finite(f"train.{key}", getattr(self, key), positive=key == "eps")
         if not 0.0 <= self.cond_dropout_p < 1.0:
             raise ConfigError(f"train.cond_dropout_p={self.cond_dropout_p}: expected a probability in [0, 1)")
         bad = [g for g in self.trainable if g not in PARAMETER_GROUPS]
@@ -338,6 +349,9 @@ class DeepSpeedSection:
             raise ConfigError("deepspeed.offload_params=true requires deepspeed.zero_stage=3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ConfigError("deepspeed.offload_optimizer=true requires deepspeed.zero_stage 2 or 3")
+        for key in ("stage3_prefetch_bucket_size", "stage3_param_persistence_threshold", "reduce_bucket_size"):
+            if getattr(self, key) < 0:  # DeepSpeed fails on them only when the engine starts
+                raise ConfigError(f"deepspeed.{key}={getattr(self, key)}: expected >= 0")
 
 
 @dataclasses.dataclass
@@ -382,6 +396,7 @@ class RunConfig:
             if value is not None and not str(value).strip():  # Path("") is the current directory
                 raise ConfigError(f"{key}={value!r}: expected a folder path (an empty one would mean the current "
                                   "directory)")
+        check_seed("seed", self.seed)
         if self.stage == "rl" and self.rl is None:
             self.rl = RLConfig()
         if self.data.history_mode is None:
@@ -439,7 +454,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     except OSError as e:
         raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     try:
-        tree = yaml.safe_load(text) or {}
+        tree = load_yaml(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -61,6 +61,23 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
+def folder_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be used as an output folder, or None when it is a folder or
+    ``mkdir -p`` can create it. Checked before a run starts: ``mkdir`` would fail only later, with
+    ``[Errno 17] File exists`` / ``[Errno 20] Not a directory`` and no word of which setting is wrong."""
+    target = Path(path)
+    if target.exists():
+        return None if target.is_dir() else "exists and is not a folder"
+    for parent in target.absolute().parents:  # the nearest existing ancestor decides whether mkdir -p can work
+        if parent.exists():
+            if not parent.is_dir():
+                return f"cannot be created: {parent} is a file, not a folder"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"cannot be created: {parent} is not writable"
+            return None
+    return None
+
+
 def _check_not_file(target: Path) -> None:
     """A folder output never replaces a file: a mistyped output path must not delete the user's file."""
     if target.exists() and not target.is_dir():

@@ -11,6 +11,7 @@ The run-config schema itself is :mod:`pgen_engine.config`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any, Literal
@@ -118,6 +119,26 @@ def build(cls: type, values: dict, prefix: str, source: str) -> Any:
         raise ConfigError(f"{source}: {e}") from None
 
 
+# numpy's generators (synthetic data, tokenizer fit) refuse negative seeds and torch's refuse
+# seeds past 64 bits; the rank is added to the run seed, hence the margin below 2**64
+SEED_RANGE = (0, 2 ** 63 - 1)
+
+
+def check_seed(key: str, value: int) -> None:
+    """Refuse a seed that numpy / torch would reject only after data preparation had run."""
+    lo, hi = SEED_RANGE
+    if not lo <= value <= hi:
+        raise ConfigError(f"{key}={value}: expected a seed in [{lo}, 2**63 - 1]")
+
+
+def check_finite(key: str, value: float, *, positive: bool = False) -> None:
+    """Refuse NaN / Inf (and values <= 0 with ``positive``; < 0 without): the optimizer and
+    DeepSpeed would take them and turn every weight into NaN, or fail deep in their own code."""
+    ok = math.isfinite(value) and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise ConfigError(f"{key}={value}: expected a finite number {'> 0' if positive else '>= 0'}")
+
+
 def set_dotted(tree: dict, dotted: str, value: Any, source: str) -> None:
     """Set ``tree[a][b][c] = value`` for ``dotted="a.b.c"`` (missing sections are created)."""
     parts = dotted.split(".")
@@ -147,6 +168,30 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
             value = text
         out.append((key.strip(), value))
     return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key repeated in one mapping is an error: plain YAML
+    keeps the last one, so a second ``train:`` section silently dropped every key of the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges; the keys written after it override
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {seen[key]})", key_node.start_mark)
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that refuses duplicate mapping keys (raises ``yaml.YAMLError`` with the line)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def deepcopy(x: Any) -> Any:

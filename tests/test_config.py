@@ -208,3 +208,52 @@ def test_rl_reward_spec_is_checked_at_load(override, needle):
 def test_rl_embedder_type_is_checked_at_load():
     with pytest.raises(ConfigError, match=r"rl\.embedder\.type='clipp': expected one of \['pixel_stats'"):
         config_from_dict({"stage": "rl"}, "rl.yaml", ["rl.embedder={type: clipp, path: /m}"])
+
+
+@pytest.mark.parametrize("override,needle", [
+    # each used to load (pgen plan exit 0) and fail only after the synthetic data, the tokenizer
+    # fit and the token cache had run: a traceback from numpy / torch / build_splits, or (NaN
+    # grad_clip / weight_decay) a run whose weights all turn NaN
+    ("train.eps=-1", "train.eps=-1.0: expected a finite number > 0"),
+    ("train.eps=.nan", "train.eps=nan: expected a finite number > 0"),
+    ("train.grad_clip=.nan", "train.grad_clip=nan: expected a finite number >= 0"),
+    ("train.weight_decay=.inf", "train.weight_decay=inf: expected a finite number >= 0"),
+    ("data.min_interactions=2", "data.min_interactions=2: expected >= 3"),
+    ("data.max_windows_per_user=0", "data.max_windows_per_user=0: expected >= 1 or null"),
+    ("data.vq_time_budget_s=.nan", "data.vq_time_budget_s=nan: expected > 0"),
+    ("deepspeed.reduce_bucket_size=-5", "deepspeed.reduce_bucket_size=-5: expected >= 0"),
+    ("seed=-1", "seed=-1: expected a seed in [0, 2**63 - 1]"),
+    ("seed=18446744073709551616", "seed=18446744073709551616: expected a seed"),
+    ("data.synth={seed: -2}", "data.synth.seed=-2: expected a seed"),
+    ("model.init.vocab_size=100", "model.init.vocab_size=100: expected >= 262"),
+])
+def test_values_that_fail_late_are_refused_at_load(override, needle):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({}, "cfg.yaml", [override])
+    msg = str(e.value)
+    assert msg.startswith("cfg.yaml: ") and needle in msg and "\n" not in msg
+
+
+def test_boundary_values_still_load():
+    cfg = config_from_dict({}, "cfg.yaml", ["seed=0", "data.min_interactions=3", "data.max_windows_per_user=1",
+                                            "train.grad_clip=0", "train.weight_decay=0", "model.init.vocab_size=262",
+                                            "deepspeed.stage3_param_persistence_threshold=0"])
+    assert (cfg.seed, cfg.data.min_interactions, cfg.model.init.vocab_size) == (0, 3, 262)
+
+
+def test_duplicate_yaml_keys_are_refused_with_both_lines(tmp_path):
+    # plain YAML keeps the last of two equal keys: a second `train:` section silently dropped
+    # train.lr of the first one, and a repeated key inside a section kept only its last value
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("stage: sft\ntrain:\n  lr: 0.5\ntrain:\n  max_steps: 20\n")
+    with pytest.raises(ConfigError, match=r"^.*dup\.yaml: line 4 invalid YAML \(duplicate key 'train' \(first on line "
+                                          r"2\)\)$"):
+        load_config(dup)
+    dup.write_text("train:\n  lr: 0.5\n  max_steps: 20\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"line 4 invalid YAML \(duplicate key 'lr' \(first on line 2\)\)"):
+        load_config(dup)
+    # anchors and merge keys still work: an explicit key after `<<:` overrides the merged one
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train:\n  betas: &bb [0.8, 0.9]\n  <<: {max_steps: 20, lr: 0.5}\n  lr: 0.1\n")
+    cfg = load_config(ok)
+    assert (cfg.train.lr, cfg.train.max_steps, cfg.train.betas) == (0.1, 20, (0.8, 0.9))

@@ -68,3 +68,13 @@ def test_folder_outputs_never_replace_a_file(tmp_path):
         replace_dir(new, f)
     assert f.read_text() == "keep me" and new.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "notes.txt"]
+
+
+def test_folder_problem_says_why_a_folder_cannot_be_made(tmp_path):
+    from pgen_engine.io_utils import folder_problem
+
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    assert folder_problem(tmp_path) is None and folder_problem(tmp_path / "new" / "deeper") is None
+    assert folder_problem(f) == "exists and is not a folder"
+    assert folder_problem(f / "a" / "b") == f"cannot be created: {f} is a file, not a folder"

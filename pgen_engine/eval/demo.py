@@ -124,12 +124,12 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     seeds = list(seeds) if seeds else [seed]
     out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     synthetic = data is None
     kind = "demo" if synthetic else "movielens"
     data_dir = out / "data" if synthetic else Path(data).resolve()
-    if not synthetic and not (data_dir / "interactions.csv").is_file():
+    if not synthetic and not (data_dir / "interactions.csv").is_file():  # before mkdir: no empty run folder left
         raise FileNotFoundError(f"--data {data_dir}: no interactions.csv (expected the native dataset layout)")
+    out.mkdir(parents=True, exist_ok=True)
     work = out / "data_work"
     common = [f"data.dataset_dir={data_dir}", f"data.work_dir={work}"]
     print("[demo] image tokenizer: " + ("PatchKMeans (exact on the synthetic renders)" if synthetic else

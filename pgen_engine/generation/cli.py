@@ -49,7 +49,7 @@ from pgen_engine.data.history import prompter_for_checkpoint
 from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.data.text_tokenizer import HF_TOKENIZER_FILES, load_text_tokenizer
 from pgen_engine.generation.dataset_prompts import dataset_prompts
-from pgen_engine.generation.generator import Generator, NonFiniteLogitsError
+from pgen_engine.generation.generator import GenerationMemoryError, Generator, NonFiniteLogitsError
 from pgen_engine.generation.output_dir import (MANIFEST, check_out, file_stem, make_out, rmdir_quiet, write_grid,
                                                write_png)
 from pgen_engine.generation.personal import decode_codes, request_seed_for_id
@@ -167,6 +167,9 @@ def run_generate(args: argparse.Namespace) -> int:
                     raise ValueError(f"{args.checkpoint}: the model's image logits for the prompt on line {line} are "
                                      f"NaN/Inf in {args.dtype} at image token {e.token} (the weights are finite, "
                                      f"the activations overflow){hint}; no image was written") from None
+                except GenerationMemoryError as e:  # the Generator's message names its arguments, not the flags
+                    raise ValueError(f"--num-samples {args.num_samples} with --batch-size {args.batch_size}: "
+                                     f"{e}; no image was written") from None
                 images = decode_codes(model, prompter, codes).cpu().numpy()
                 for i, p in enumerate(chunk):
                     stem = file_stem(p.id, used)

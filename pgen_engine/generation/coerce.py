@@ -50,3 +50,15 @@ def as_float(value, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}") from None
+
+
+def as_positive_int(value, name: str, lo: int = 1, lo_text: str = "") -> int:
+    """``value`` as an int >= ``lo`` (NumPy integers too); ValueError naming ``name`` otherwise
+    (bools, floats and strings included: the Generator's size arguments always raised ValueError)."""
+    try:
+        v = as_int(value, name)
+    except TypeError:
+        v = None
+    if v is None or v < lo:
+        raise ValueError(f"{name} must be an int >= {lo_text}{lo}, got {value!r}")
+    return v

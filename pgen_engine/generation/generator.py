@@ -33,19 +33,21 @@ import torch
 
 from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops import kv_quant
-from pgen_engine.ops._backend import extension
+from pgen_engine.ops._backend import BACKENDS, extension
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.ops.sampling import sample
 
 from . import inputs
+from .alloc import GenerationMemoryError, allocating
 from .backends import DecodeBackend, WaveDecode, make_backend
+from .coerce import as_flag, as_positive_int
 from .decode_graph import resolve_decode_mode
 from .kv_storage import WaveKVStorage
 from .sampling_params import SamplingParams
 from .waves import LOGPROB_DISTRIBUTIONS, UNCOND_MODES, WaveGeometry, WaveItem, plan_kv_bytes, plan_waves, wave_geometry
 
-__all__ = ["CACHE_DTYPES", "Generator", "LOGPROB_DISTRIBUTIONS", "NonFiniteLogitsError", "UNCOND_MODES",
-           "check_cache_dtype", "plan_kv_bytes"]
+__all__ = ["CACHE_DTYPES", "GenerationMemoryError", "Generator", "LOGPROB_DISTRIBUTIONS", "NonFiniteLogitsError",
+           "UNCOND_MODES", "check_cache_dtype", "plan_kv_bytes"]
 
 _UNSET: object = object()  # a loose sampling keyword the caller did not pass (None is a value: refused)
 
@@ -102,14 +104,17 @@ class Generator:
     def __init__(self, model, *, max_batch_size: int = 32, max_seq_len: int | None = None,
                  uncond_mode: str = "pad", cache_dtype: torch.dtype | None = None,
                  sample_backend: str = "auto", decode_mode: str = "auto"):
+        if not all(hasattr(model, a) for a in ("num_image_tokens", "config", "special_tokens")):
+            # else "'str' object has no attribute 'num_image_tokens'"
+            raise TypeError(f"model must be a JanusModel (pgen_engine.load_model), got {type(model).__name__}")
         if uncond_mode not in UNCOND_MODES:
             raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
-        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be an int >= 1, got {max_batch_size!r}")
+        if sample_backend not in BACKENDS:  # else refused only by the first generate call's sampler
+            raise ValueError(f"sample_backend must be one of {BACKENDS}, got {sample_backend!r}")
+        max_batch_size = as_positive_int(max_batch_size, "max_batch_size", 1)
         T = int(model.num_image_tokens)
-        max_seq_len = T + 512 if max_seq_len is None else max_seq_len
-        if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < T + 1:
-            raise ValueError(f"max_seq_len must be an int >= num_image_tokens + 1 = {T + 1}, got {max_seq_len!r}")
+        max_seq_len = as_positive_int(T + 512 if max_seq_len is None else max_seq_len, "max_seq_len", T + 1,
+                                    "num_image_tokens + 1 = ")
         self.model = model
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
@@ -214,8 +219,10 @@ class Generator:
                              f"got {logprob_distribution!r}")
         prompts = inputs.parse_prompts(self.model, input_ids, attention_mask, gen_code_mask)
         B = len(prompts)
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        num_samples = as_positive_int(num_samples, "num_samples", 1)  # NumPy integers too; bools, floats, str not
+        # a truthy string ("no") would change the return type to a (codes, log-probs) pair
+        return_logprobs = as_flag(return_logprobs, "return_logprobs")
+        progress = as_flag(progress, "progress")
         sp = self._sampling(sampling, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                             top_p=top_p, greedy=greedy, seed=seed)
         guidance_scale, temperature, top_k, top_p, greedy = (sp.guidance_scale, sp.temperature, sp.top_k,
@@ -231,9 +238,12 @@ class Generator:
         longest = max(len(p.ids) for p in prompts)
         if longest + T > self.max_seq_len:
             raise ValueError(f"a prompt of {longest} tokens + {T} image tokens exceeds max_seq_len={self.max_seq_len}")
-        out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
-        out_lp = torch.empty((B * num_samples, T), dtype=torch.float32, device=self.model.device) \
-            if return_logprobs else None
+        out_bytes = B * num_samples * T * (8 + (4 if return_logprobs else 0))
+        call = f"num_samples={num_samples} for {B} prompt(s) (max_batch_size={self.max_batch_size})"
+        with allocating(call, "its output codes", out_bytes, self.model.device):  # before planning the waves
+            out = torch.empty((B * num_samples, T), dtype=torch.long, device=self.model.device)
+            out_lp = torch.empty((B * num_samples, T), dtype=torch.float32, device=self.model.device) \
+                if return_logprobs else None
         waves = list(plan_waves(B, num_samples, self.max_batch_size))
         cfg = guidance_scale != 1.0
         geoms = [wave_geometry([len(prompts[it.prompt].ids) for it in w], [it.count for it in w],
@@ -241,9 +251,13 @@ class Generator:
                                if cfg else None, T)
                  for w in waves]
         peak_tokens = max(g.tokens for g in geoms)
-        self._kv.grow(peak_tokens)
+        kv_bytes = self._kv.token_bytes() * peak_tokens
+        # on failure, release: a partial grow holds some layers; the next call starts clean
+        with allocating(call, f"a KV cache of {peak_tokens} positions", out_bytes + kv_bytes, self.model.device,
+                        on_failure=self._kv.release):
+            self._kv.grow(peak_tokens)
         self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0, "waves": float(len(waves)),
-                           "rows": float(B * num_samples), "kv_bytes_peak": float(self._kv.token_bytes() * peak_tokens)}
+                           "rows": float(B * num_samples), "kv_bytes_peak": float(kv_bytes)}
         bar = None
         if progress:
             from tqdm.auto import tqdm  # late import: it probes for notebook widgets; only a progress bar needs it
@@ -283,8 +297,10 @@ class Generator:
     def generate_images(self, input_ids, attention_mask=None, pixel_values=None, *, decode_batch_size: int = 16,
                         **kwargs) -> torch.Tensor:
         """:meth:`generate`, then VQ-decode: -> uint8 ``[B * num_samples, H, W, 3]`` (same row order)."""
+        # checked before generating: torch.split(0) fails only after all the decoding work
+        n = as_positive_int(decode_batch_size, "decode_batch_size", 1)
         codes = self.generate(input_ids, attention_mask, pixel_values, **kwargs)
-        return torch.cat([self.model.decode_images(c) for c in codes.split(decode_batch_size)])
+        return torch.cat([self.model.decode_images(c) for c in codes.split(n)])
 
     def generate_for_users(self, histories, *, num_samples: int = 1, **kwargs) -> torch.Tensor:
         """Images (or codes) of the next item for each user history: ``histories`` are lists of

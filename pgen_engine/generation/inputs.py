@@ -14,7 +14,7 @@ import torch
 from pgen_engine.data.prompts import uncond_pad_ids
 from pgen_engine.ops.rng import mix_seed
 
-from .coerce import INT64_MAX, INT64_MIN, as_int
+from .coerce import INT64_MAX, INT64_MIN, as_flag, as_int
 
 
 # how far pixel_values may stray outside [-1, 1] (rounding of a resize or a low-precision dtype)
@@ -35,6 +35,24 @@ def as_int64_seed(x, what: str) -> int:
     if not INT64_MIN <= x < 2 ** 64:
         raise ValueError(f"{what}: {x} does not fit in 64 bits")
     return x - 2 ** 64 if x > INT64_MAX else x
+
+
+def code_mask_tensor(gen_code_mask, B: int, S: int) -> torch.Tensor:
+    """``gen_code_mask`` for a ``[B,S]`` tensor ``input_ids``, checked: a ``[B,S]`` tensor (or
+    nested lists) of bools or 0 / 1. ``.bool()`` alone would read 2 or 0.5 as "a VQ code"."""
+    if not isinstance(gen_code_mask, torch.Tensor):
+        try:
+            gen_code_mask = torch.as_tensor(gen_code_mask)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"gen_code_mask must be a [B,S] tensor of bools (or 0 / 1): {e}") from None
+    if tuple(gen_code_mask.shape) != (B, S):
+        raise ValueError(f"gen_code_mask shape {tuple(gen_code_mask.shape)} != input_ids shape {(B, S)}")
+    cm = gen_code_mask.detach().cpu()
+    flags = cm.bool()
+    if not bool((cm == flags.to(cm.dtype)).all()):  # any value but 0 / 1 (2, 0.5, -1, NaN)
+        raise ValueError("gen_code_mask must hold only bools (or 0 / 1), got values "
+                         f"{sorted(set(cm[cm != flags.to(cm.dtype)].tolist()))[:5]}")
+    return flags
 
 
 def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Prompt]:
@@ -65,10 +83,8 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
             # left padding only: once a row starts, it never stops
             if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
                 raise ValueError("attention_mask must be left padding (each row 0..0 then 1..1)")
-        if gen_code_mask is not None and tuple(gen_code_mask.shape) != (B, S):
-            raise ValueError(f"gen_code_mask shape {tuple(gen_code_mask.shape)} != input_ids shape {(B, S)}")
         ids_rows = input_ids.detach().cpu().long().tolist()
-        cm_rows = None if gen_code_mask is None else gen_code_mask.detach().cpu().bool().tolist()
+        cm_rows = None if gen_code_mask is None else code_mask_tensor(gen_code_mask, B, S).tolist()
         mask_rows = mask.tolist()
         rows = []
         for b in range(B):
@@ -81,7 +97,15 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
         if isinstance(input_ids, (str, bytes)):
             raise TypeError("input_ids must be token ids ([B,S] tensor or B lists of ints), got a string: "
                             "tokenize the prompt first")
-        ids_list = list(input_ids)
+        try:
+            ids_list = list(input_ids)
+        except TypeError:  # None, one int: "'NoneType' object is not iterable" named no argument
+            raise TypeError("input_ids must be token ids ([B,S] tensor or B lists of ints), got "
+                            f"{type(input_ids).__name__} {input_ids!r}") from None
+        if gen_code_mask is not None and (isinstance(gen_code_mask, (str, bytes))
+                                          or not hasattr(gen_code_mask, "__len__")):
+            raise TypeError("gen_code_mask must be B lists of bools (one per prompt), got "
+                            f"{type(gen_code_mask).__name__} {gen_code_mask!r}")
         if gen_code_mask is not None and len(gen_code_mask) != len(ids_list):
             raise ValueError(f"gen_code_mask has {len(gen_code_mask)} rows, input_ids {len(ids_list)}")
         for b, r in enumerate(ids_list):
@@ -96,7 +120,14 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
             ids = [as_int(t, f"input_ids: prompt {b}, position {pos}") for pos, t in enumerate(toks)]
             cm = None
             if gen_code_mask is not None:
-                cm = [bool(c) for c in gen_code_mask[b]]
+                row = gen_code_mask[b]
+                if isinstance(row, (str, bytes)) or not hasattr(row, "__iter__"):
+                    raise TypeError(f"gen_code_mask: prompt {b} must be a list of bools, got {type(row).__name__} "
+                                    f"{row!r}")
+                cm = list(row)
+                if not all(c is True or c is False for c in cm):  # the common case costs one pass
+                    # as_flag: bool() would read 2, 0.5 or "no" as "a VQ code"
+                    cm = [as_flag(c, f"gen_code_mask: prompt {b}, position {pos}") for pos, c in enumerate(cm)]
                 if len(cm) != len(ids):
                     raise ValueError(f"prompt {b}: gen_code_mask has {len(cm)} entries, input_ids {len(ids)}")
             rows.append((ids, cm))

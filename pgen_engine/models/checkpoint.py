@@ -6,6 +6,7 @@ consumed, every parameter must be found, every shape must match — never ``stri
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -144,6 +145,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             truncated file, NaN/Inf weights, unsupported dtype or an invalid config (see
             :func:`load_checkpoint_config`) — the message names the file and key.
     """
+    if not isinstance(path, (str, os.PathLike)):  # Path(None) says only "expected str, bytes or os.PathLike"
+        raise TypeError(f"path must be a checkpoint folder (str or os.PathLike), got {type(path).__name__} {path!r}")
     path = Path(path)
     if dtype not in LOADABLE_DTYPES:
         raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")
@@ -194,7 +197,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                                       f"{tuple(p.shape)}")
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"{f}: tensor {key!r} contains NaN or Inf")
-            p.copy_(t.to(device=device, dtype=dtype))
+            cast = t.to(device=device, dtype=dtype)
+            # float16 holds at most 65504: larger weights turn Inf in the cast, and generation then
+            # blamed "the activations" of finite weights
+            if dtype == torch.float16 and t.dtype != torch.float16 and not torch.isfinite(cast).all():
+                raise CheckpointError(f"{f}: tensor {key!r} holds values beyond float16's range (largest "
+                                      f"|value| {float(t.abs().max()):.4g} > 65504); load it as float32 or bfloat16")
+            p.copy_(cast)
     _reset_buffers(model, device)
     model.source_dir = path
     return model.eval()

@@ -271,11 +271,17 @@ class JanusModel(nn.Module):
     @torch.no_grad()
     def decode_images(self, image_tokens: torch.Tensor) -> torch.Tensor:
         """VQ codes int64 ``[N,T]`` -> uint8 RGB images ``[N,H,W,3]``."""
+        if not isinstance(image_tokens, torch.Tensor):
+            raise TypeError(f"image_tokens must be an integer [N,{self.num_image_tokens}] tensor, got "
+                            f"{type(image_tokens).__name__}")
+        if image_tokens.is_floating_point() or image_tokens.is_complex() or image_tokens.dtype == torch.bool:
+            # the VQ embedding lookup would fail deep in torch ("Expected tensor for argument #1 'indices'")
+            raise TypeError(f"image_tokens must be an integer tensor of VQ codes, got {image_tokens.dtype}")
         if image_tokens.ndim != 2 or image_tokens.shape[1] != self.num_image_tokens:
             raise ValueError(f"image_tokens must be [N,{self.num_image_tokens}], got {tuple(image_tokens.shape)}")
         if image_tokens.numel() and (int(image_tokens.min()) < 0 or int(image_tokens.max()) >= self.codebook_size):
             raise ValueError(f"image_tokens must lie in [0,{self.codebook_size})")
-        pix = self.vqmodel.decode(image_tokens.to(self.device))
+        pix = self.vqmodel.decode(image_tokens.to(self.device, torch.long))
         return pixels_to_uint8(pix.permute(0, 2, 3, 1))
 
     # ------------------------------------------------------------------ checkpoints

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,13 @@ class JanusModelConfig:
         theta = opt(rope, "rope_theta", "text_config.rope_parameters", None, float) \
             or opt(t, "rope_theta", "text_config", 10000.0, float)
         factor = opt(rope, "factor", "text_config.rope_parameters", 1.0, float) if rope_type == "linear" else 1.0
+        eps = opt(t, "rms_norm_eps", "text_config", 1e-6, float)
+        # out of range, each turns every activation into NaN, reported only at generation as an
+        # "activation overflow" of finite weights
+        for key, value in (("text_config.rms_norm_eps", eps), ("text_config rope_theta", theta),
+                           ("text_config.rope_parameters.factor", factor)):
+            if not (math.isfinite(value) and value > 0):
+                raise CheckpointError(f"{source}: {key}={value!r} must be a finite number > 0")
         act = t.get("hidden_act", "silu")
         if act != "silu":
             raise CheckpointError(f"{source}: text_config.hidden_act={act!r} is not supported (expected 'silu')")
@@ -158,7 +166,7 @@ class JanusModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=opt(t, "rms_norm_eps", "text_config", 1e-6, float),
+            rms_norm_eps=eps,
             rope_theta=theta,
             rope_scaling_factor=factor,
             max_position_embeddings=opt(t, "max_position_embeddings", "text_config", 4096),

@@ -188,6 +188,25 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return found
 
 
+def check_fresh_start(output_dir: Path) -> None:
+    """Refuse to start a run from scratch in ``output_dir`` when it already holds one (a complete
+    checkpoint or an exported ``final/``).
+
+    Starting over there rewrote ``config.resolved.yaml`` at once, so the old ``final/`` was described
+    by the new settings (wrong history mode / tokenizer for ``pgen generate``) until the new run
+    finished, and the old run's checkpoints stayed mixed with the new one's.
+
+    Raises:
+        ResumeError: naming the folder and what it holds.
+    """
+    held = [str(p) for p in complete_checkpoints(output_dir / CHECKPOINTS)[-1:]]
+    if (output_dir / "final" / "config.json").is_file():
+        held.append(str(output_dir / "final"))
+    if held:
+        raise ResumeError(f"output_dir={output_dir} already holds a training run ({', '.join(held)}); continue it "
+                          "with --resume auto, or start fresh in another output_dir (or delete this one)")
+
+
 def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dict[str, Any], dist_info: DistInfo,
                    *, keep: int, extra_meta: dict[str, Any] | None = None) -> Path:
     """Write a resumable checkpoint after ``step`` steps (collective: call on every rank).

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from pgen_engine.config import ConfigError, RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
-from pgen_engine.io_utils import atomic_write_json, atomic_write_text
+from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_problem
 
-from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_resume_config, export_hf, load_resumable, resolve_resume,
-                          save_resumable)
+from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_fresh_start, check_resume_config, export_hf, load_resumable,
+                          resolve_resume, save_resumable)
 from .distributed import DistInfo, all_ranks_true, init_distributed
 from .engine import TrainEngine, build_engine, require_deepspeed
 from .errors import NonFiniteError
@@ -127,15 +127,27 @@ class Trainer:
         """
         cfg, stage = self.cfg, self.stage
         require_deepspeed()  # before any work: a missing DeepSpeed is one line, not a late traceback
-        if self.out.exists() and not self.out.is_dir():  # on every rank, so all of them stop
-            raise ConfigError(f"output_dir={self.out}: exists and is not a folder (expected the run's output folder)")
+        # on every rank, so all of them stop; before data preparation, which writes under both
+        folders = [("output_dir", self.out)]
+        if cfg.data.work_dir:
+            folders.append(("data.work_dir", Path(cfg.data.work_dir)))
+        for key, folder in folders:
+            problem = folder_problem(folder)
+            if problem:
+                raise ConfigError(f"{key}={folder}: {problem} (expected the run's "
+                                  f"{'output' if key == 'output_dir' else 'data work'} folder)")
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
         ckpt = resolve_resume(resume, self.out)
+        if resume is None:  # every rank: the check reads only the file system
+            check_fresh_start(self.out)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
         if dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # what folder_problem cannot foresee (a read-only or virtual file system)
+                raise ConfigError(f"output_dir={self.out}: cannot be created ({e.strerror or e})") from None
             atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))
         torch.manual_seed(cfg.seed + dist.rank)
         self.data = prepare_sft_data(cfg, dist)

@@ -90,6 +90,24 @@ def test_pgen_demo_bad_seeds_and_max_users_are_one_line(monkeypatch, capsys):
         assert err.startswith("pgen demo: error: ") and expect in err and err.count("\n") == 1, err
 
 
+def test_pgen_demo_bad_seed_and_out_fail_before_any_run(monkeypatch, capsys, tmp_path):
+    # "--seeds 0,-2" used to train seed 0 (SFT + RL) and then stop naming configs/demo_sft.yaml,
+    # "--seed -1" named the config file rather than the flag, "--out FILE" said only "[Errno 17] File exists"
+    import pgen_engine.eval.cli as C
+
+    monkeypatch.setattr(C, "run_demo", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    f = tmp_path / "file.txt"
+    f.write_text("keep")
+    for extra, expect in ((["--seeds", "0,-2"], "--seeds -2: expected a seed in [0, 2**63 - 1]"),
+                          (["--seed", "-1"], "--seed -1: expected a seed in [0, 2**63 - 1]"),
+                          (["--seed", str(2 ** 63)], f"--seed {2 ** 63}: expected a seed"),
+                          (["--out", str(f)], f"--out {f}: exists and is not a folder")):
+        assert main(["demo", "--quiet", *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen demo: error: ") and expect in err and err.count("\n") == 1, err
+    assert f.read_text() == "keep"
+
+
 def test_reward_embedder_spec_of_a_broken_run_config_is_one_line(tmp_path):
     # used to raise PyYAML's multi-line ScannerError/ParserError traceback
     import pytest

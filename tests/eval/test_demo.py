@@ -33,6 +33,7 @@ def test_demo_rejects_bad_data_dir(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pgen_engine", "demo", "--out", str(tmp_path / "o"),
                         "--data", str(tmp_path / "nope"), "--quiet"], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "interactions.csv" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()  # refused before the run folder is made (it was left behind empty)
 
 
 @pytest.mark.slow

@@ -358,3 +358,14 @@ def test_overflowing_model_is_refused_not_written_as_garbage(tiny_ckpt, tmp_path
     err = capsys.readouterr().err
     assert "NaN" in err and "p.jsonl" not in err and "line 1" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_absurd_num_samples_names_the_flag_and_writes_nothing(tiny_ckpt, tmp_path, capsys):
+    # used to print the CPU allocator's own message ("DefaultCPUAllocator: can't allocate memory")
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])
+    out = tmp_path / "out"
+    assert _gen(tiny_ckpt, p, out, "--num-samples", str(2 ** 50)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"pgen generate: error: --num-samples {2 ** 50} with --batch-size 8: ") and "\n" not in err
+    assert "could not be allocated" in err and "no image was written" in err
+    assert not out.exists()

@@ -414,3 +414,66 @@ def test_decode_loop_never_synchronises_with_the_host(peaky, monkeypatch):
         trap["on"] = False
     assert trap["calls"] == 3 * (model.num_image_tokens - 1)
     assert out.shape == (4, model.num_image_tokens) and out_greedy.shape == (1, model.num_image_tokens)
+
+
+def test_bad_arguments_name_the_argument(peaky):
+    """Each of these used to fail deep in Python / torch (a message naming no argument) or to be
+    read loosely (gen_code_mask 2 as "a code", return_logprobs="no" as true: a tuple came back)."""
+    model, _ = peaky
+    g = Generator(model, max_batch_size=2, max_seq_len=24)
+    ok = [SPECIAL.bos, 7, SPECIAL.boi]
+    with pytest.raises(TypeError, match=r"input_ids must be token ids .*got NoneType None"):
+        g.generate(None)
+    with pytest.raises(TypeError, match=r"input_ids must be token ids .*got int 5"):
+        g.generate(5)
+    with pytest.raises(ValueError, match=r"gen_code_mask: prompt 0, position 1 must be a bool \(or 0 / 1\), got 2"):
+        g.generate([ok], gen_code_mask=[[0, 2, 0]])
+    with pytest.raises(TypeError, match=r"gen_code_mask must be B lists of bools .*got str 'abc'"):
+        g.generate([ok], gen_code_mask="abc")
+    with pytest.raises(ValueError, match=r"gen_code_mask must hold only bools \(or 0 / 1\), got values \[2\]"):
+        g.generate(torch.tensor([ok]), gen_code_mask=torch.tensor([[0, 2, 0]]))
+    with pytest.raises(ValueError, match=r"gen_code_mask shape \(1, 2\) != input_ids shape \(1, 3\)"):
+        g.generate(torch.tensor([ok]), gen_code_mask=[[False, False]])  # a list with a tensor: AttributeError before
+    with pytest.raises(TypeError, match="return_logprobs must be a bool"):
+        g.generate([ok], return_logprobs="no")
+    with pytest.raises(ValueError, match="decode_batch_size must be an int >= 1, got 0"):
+        g.generate_images([ok], decode_batch_size=0)
+    for bad in (0, -1, 2.5, True, "2", None):
+        with pytest.raises(ValueError, match=r"num_samples must be an int >= 1"):
+            g.generate([ok], num_samples=bad)
+    # what stays accepted: NumPy integers, 0 / 1 tensor masks, a list mask with a tensor input_ids
+    kw = dict(guidance_scale=2.0, greedy=True)
+    ref = g.generate([ok, ok], num_samples=2, **kw)
+    assert torch.equal(g.generate([ok, ok], num_samples=np.int64(2), **kw), ref)
+    assert torch.equal(g.generate(torch.tensor([ok]), gen_code_mask=[[0, 0, 0]], **kw), ref[:1])
+    assert torch.equal(g.generate(torch.tensor([ok]), gen_code_mask=torch.zeros(1, 3, dtype=torch.long), **kw), ref[:1])
+
+
+def test_output_too_large_to_allocate_names_num_samples(peaky):
+    # 2**50 samples x T codes is petabytes: the output buffer cannot be allocated on any machine,
+    # even with memory overcommit (past the address space); it used to raise the allocator's own
+    # RuntimeError naming neither the argument nor the size
+    from pgen_engine.generation import GenerationMemoryError
+    from pgen_engine.errors import PgenUserError
+
+    model, _ = peaky
+    g = Generator(model, max_batch_size=2, max_seq_len=24)
+    with pytest.raises(GenerationMemoryError, match=r"num_samples=1125899906842624 for 1 prompt\(s\) "
+                                                    r"\(max_batch_size=2\) needs its output codes, .* GiB") as e:
+        g.generate([[SPECIAL.bos, 7, SPECIAL.boi]], num_samples=2 ** 50)
+    assert isinstance(e.value, PgenUserError) and e.value.nbytes == 2 ** 50 * model.num_image_tokens * 8
+    # the Generator stays usable
+    assert g.generate([[SPECIAL.bos, 7, SPECIAL.boi]], greedy=True).shape == (1, model.num_image_tokens)
+
+
+def test_constructor_arguments_are_checked(peaky):
+    # each used to fail later: an AttributeError on a str model, a sampler error at the first generate call
+    model, _ = peaky
+    with pytest.raises(TypeError, match="model must be a JanusModel .*got str"):
+        Generator("model")
+    with pytest.raises(ValueError, match=r"sample_backend must be one of \('auto', .*got 'bogus'"):
+        Generator(model, sample_backend="bogus")
+    with pytest.raises(ValueError, match=r"max_batch_size must be an int >= 1, got 2\.0"):
+        Generator(model, max_batch_size=2.0)
+    g = Generator(model, max_batch_size=np.int64(2), max_seq_len=np.int32(24))
+    assert (g.max_batch_size, g.max_seq_len) == (2, 24) and type(g.max_seq_len) is int

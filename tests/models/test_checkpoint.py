@@ -300,3 +300,24 @@ def test_unusable_device_is_named_before_loading(tiny_ckpt, monkeypatch):
         pg.load_model(tiny_ckpt, device="cuda:0")
     with pytest.raises(pg.CheckpointError, match=r"device 'banana' is not a torch device"):
         pg.load_model(tiny_ckpt, device="banana")
+
+
+def test_load_model_path_of_the_wrong_type_is_named(tiny_ckpt):
+    # Path(None) used to say only "expected str, bytes or os.PathLike object, not NoneType"
+    for bad in (None, 5):
+        with pytest.raises(TypeError, match=rf"path must be a checkpoint folder .*got {type(bad).__name__} {bad}"):
+            pg.load_model(bad)
+    assert pg.load_model(str(tiny_ckpt)).num_image_tokens > 0
+
+
+def test_weights_beyond_float16_range_are_refused_in_float16_only(ckpt):
+    # used to load as Inf, and generation then reported an "activation overflow" of finite weights
+    def f(sd):
+        sd["model.language_model.norm.weight"][1] = 1e6
+    _edit_weights(ckpt, f)
+    with pytest.raises(pg.CheckpointError, match=r"'model\.language_model\.norm\.weight' holds values beyond "
+                                                 r"float16's range \(largest \|value\| 1e\+06 > 65504\)"):
+        pg.load_model(ckpt, dtype=torch.float16)
+    for dtype in (torch.float32, torch.bfloat16):
+        m = pg.load_model(ckpt, dtype=dtype)
+        assert float(m.language_model.norm.weight[1].detach()) == pytest.approx(1e6, rel=1e-2)

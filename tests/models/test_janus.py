@@ -147,3 +147,14 @@ def test_gen_code_mask_uses_generation_embedding(tiny_model):
     x = m.embed_inputs(ids, gen_code_mask=mask)
     assert torch.equal(x[0, :4], m.language_model.embed_tokens(ids[0, :4]))
     assert torch.allclose(x[0, 4:], m.embed_image_codes(ids[0, 4:]))
+
+
+def test_decode_images_refuses_codes_that_are_not_integers(tiny_model):
+    # a float tensor used to fail deep in the VQ embedding ("Expected tensor for argument #1 'indices'")
+    model = tiny_model
+    with pytest.raises(TypeError, match="image_tokens must be an integer tensor of VQ codes, got torch.float32"):
+        model.decode_images(torch.zeros(1, model.num_image_tokens))
+    with pytest.raises(TypeError, match=r"image_tokens must be an integer \[N,\d+\] tensor, got list"):
+        model.decode_images([[0] * model.num_image_tokens])
+    codes = torch.randint(0, model.codebook_size, (2, model.num_image_tokens))
+    assert torch.equal(model.decode_images(codes.int()), model.decode_images(codes))

@@ -62,3 +62,25 @@ def test_optional_fields_are_checked_and_named(raw, section, key, value, match):
     r[section][key] = 64.0 if key == "hidden_size" else raw[section].get(key)  # an integral float is fine
     if key == "hidden_size":
         assert JanusModelConfig.from_dict(r).text.hidden_size == 64
+
+
+@pytest.mark.parametrize("key,value,match", [
+    # each loaded, and generation then failed with "the activations overflow" of finite weights
+    ("rms_norm_eps", -1.0, r"text_config\.rms_norm_eps=-1\.0 must be a finite number > 0"),
+    ("rms_norm_eps", float("nan"), r"text_config\.rms_norm_eps=nan must be a finite number > 0"),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": -5.0},
+     r"text_config rope_theta=-5\.0 must be a finite number > 0"),
+    ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 0.0},
+     r"text_config\.rope_parameters\.factor=0\.0 must be a finite number > 0"),
+])
+def test_numeric_fields_out_of_range_are_refused(raw, key, value, match):
+    r = copy.deepcopy(raw)
+    r["text_config"].pop("rope_scaling", None)
+    r["text_config"][key] = value
+    with pytest.raises(CheckpointError, match=rf"^c\.json: {match}$"):
+        JanusModelConfig.from_dict(r, source="c.json")
+    r["text_config"][key] = {"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0} if key == "rope_parameters" \
+        else 1e-5
+    c = JanusModelConfig.from_dict(r)
+    assert (c.text.rope_theta, c.text.rope_scaling_factor) == (500.0, 2.0) if key == "rope_parameters" \
+        else c.text.rms_norm_eps == 1e-5

@@ -208,3 +208,21 @@ def test_corrupt_checkpoint_files_are_resume_errors_naming_them(dist_info, tmp_p
         load_resumable(eng, ck, dist_info)
     with pytest.raises(ResumeError, match=rf"{META}: unreadable checkpoint metadata"):
         check_resume_config(ck, {})
+
+
+def test_check_fresh_start_refuses_a_folder_that_holds_a_run(tmp_path):
+    from pgen_engine.training.checkpoints import ResumeError, check_fresh_start
+
+    check_fresh_start(tmp_path / "new")  # nothing there: a fresh start is fine
+    (tmp_path / "checkpoints" / ".tmp-step00000004").mkdir(parents=True)  # incomplete: not a run yet
+    (tmp_path / "checkpoints" / "step00000002").mkdir()  # no pgen_checkpoint.json: incomplete too
+    check_fresh_start(tmp_path)
+    (tmp_path / "checkpoints" / "step00000002" / "pgen_checkpoint.json").write_text("{}")
+    with pytest.raises(ResumeError, match=r"output_dir=.* already holds a training run \(.*step00000002\); "
+                                          r"continue it with --resume auto"):
+        check_fresh_start(tmp_path)
+    only_final = tmp_path / "exported"
+    (only_final / "final").mkdir(parents=True)
+    (only_final / "final" / "config.json").write_text("{}")
+    with pytest.raises(ResumeError, match=r"already holds a training run \(.*exported/final\)"):
+        check_fresh_start(only_final)
