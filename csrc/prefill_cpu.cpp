@@ -27,11 +27,12 @@ namespace {
 constexpr int64_t kPackedPrefillRows = 512;
 constexpr int64_t kPackedAttentionMaxLen = 512;  // scores [S, S] per thread stay small
 // Rows a thread takes through every layer at a time (whole prompts, at least one) on the packed
-// path: a chunk's activations ([rows, I] for the MLP: 2 MB at I = 1024) stay in cache between
-// the passes of a layer. Batch 32 x 128-token prompts, hidden 256 / MLP 1024, 4 layers, 2
-// threads (2,048 rows per thread unchunked), median of 15 interleaved calls: 134 ms unchunked,
-// 112 ms at 1,024 rows, 109 ms at 512, 109 ms at 256 (the weights are read once per chunk).
-constexpr int64_t kPrefillChunkRows = 512;
+// path: a chunk's activations ([rows, I] for the MLP: 1 MB at 256 rows and I = 1024) stay in
+// cache between the passes of a layer; the weights are read once per chunk. Hidden 256 / MLP
+// 1024, 4 layers, 128-token prompts, 2 threads, medians of 15-31 interleaved calls, ms for
+// unchunked / 512 rows / 256 rows / 128 rows: batch 32 134 / 111-124 / 109-112 / 114,
+// batch 16 59 / 57-60 / 57-58 / 59, batch 8 33 / 31-32 / 29-30 / 30.
+constexpr int64_t kPrefillChunkRows = 256;
 
 // Causal attention of left-padded prompts through the packed GEMM, one (prompt, query head)
 // per task: scores = Q K^T and P V, both skipping the keys past each row block's diagonal,

@@ -93,7 +93,7 @@ def prefill_layers_cpu(lm, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     then skips its queries, o_proj and MLP for the other positions where the packed kernels run.
     ``chunk_rows``: where the packed kernels run, each thread takes its prompts through the layers
     in chunks of at most this many rows (whole prompts; <= 0: all at once; None: the extension's
-    default, 512); the values do not depend on it.
+    default, 256); the values do not depend on it.
     """
     pad = None
     if key_mask is not None:
