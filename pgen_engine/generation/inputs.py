@@ -37,22 +37,29 @@ def as_int64_seed(x, what: str) -> int:
     return x - 2 ** 64 if x > INT64_MAX else x
 
 
+def binary_mask(mask, name: str, B: int, S: int, values: str) -> torch.Tensor:
+    """``mask`` (a tensor or nested lists) checked as a ``[B,S]`` mask of 0 / 1 -> bool ``[B,S]``
+    (CPU). ``.bool()`` alone would read 2, 0.5, -1 or NaN as "set"; errors name ``name`` and say
+    which ``values`` are allowed."""
+    if not isinstance(mask, torch.Tensor):
+        try:
+            mask = torch.as_tensor(mask)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{name} must be a [B,S] tensor of {values}: {e}") from None
+    if tuple(mask.shape) != (B, S):
+        raise ValueError(f"{name} shape {tuple(mask.shape)} != input_ids shape {(B, S)}")
+    m = mask.detach().cpu()
+    flags = m.bool()
+    if not bool((m == flags.to(m.dtype)).all()):
+        raise ValueError(f"{name} must hold only {values}, got values "
+                         f"{sorted(set(m[m != flags.to(m.dtype)].tolist()))[:5]}")
+    return flags
+
+
 def code_mask_tensor(gen_code_mask, B: int, S: int) -> torch.Tensor:
     """``gen_code_mask`` for a ``[B,S]`` tensor ``input_ids``, checked: a ``[B,S]`` tensor (or
-    nested lists) of bools or 0 / 1. ``.bool()`` alone would read 2 or 0.5 as "a VQ code"."""
-    if not isinstance(gen_code_mask, torch.Tensor):
-        try:
-            gen_code_mask = torch.as_tensor(gen_code_mask)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"gen_code_mask must be a [B,S] tensor of bools (or 0 / 1): {e}") from None
-    if tuple(gen_code_mask.shape) != (B, S):
-        raise ValueError(f"gen_code_mask shape {tuple(gen_code_mask.shape)} != input_ids shape {(B, S)}")
-    cm = gen_code_mask.detach().cpu()
-    flags = cm.bool()
-    if not bool((cm == flags.to(cm.dtype)).all()):  # any value but 0 / 1 (2, 0.5, -1, NaN)
-        raise ValueError("gen_code_mask must hold only bools (or 0 / 1), got values "
-                         f"{sorted(set(cm[cm != flags.to(cm.dtype)].tolist()))[:5]}")
-    return flags
+    nested lists) of bools or 0 / 1 -> bool ``[B,S]``."""
+    return binary_mask(gen_code_mask, "gen_code_mask", B, S, "bools (or 0 / 1)")
 
 
 def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Prompt]:
@@ -68,18 +75,7 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
         if attention_mask is None:
             mask = torch.ones(B, S, dtype=torch.bool)
         else:
-            if not isinstance(attention_mask, torch.Tensor):
-                try:
-                    attention_mask = torch.as_tensor(attention_mask)
-                except (TypeError, ValueError, RuntimeError) as e:
-                    raise ValueError(f"attention_mask must be a [B,S] tensor of 0 / 1: {e}") from None
-            if tuple(attention_mask.shape) != (B, S):
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {(B, S)}")
-            am = attention_mask.detach().cpu()
-            mask = am.bool()
-            if not bool((am == mask.to(am.dtype)).all()):  # any value but 0 / 1 (2, 0.5, -1, NaN)
-                raise ValueError("attention_mask must hold only 0 (left padding) and 1 (token), got values "
-                                 f"{sorted(set(am[am != mask.to(am.dtype)].tolist()))[:5]}")
+            mask = binary_mask(attention_mask, "attention_mask", B, S, "0 (left padding) and 1 (token)")
             # left padding only: once a row starts, it never stops
             if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
                 raise ValueError("attention_mask must be left padding (each row 0..0 then 1..1)")
