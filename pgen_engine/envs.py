@@ -43,6 +43,9 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
            "rows per pass of the C++ CPU decode (0 = all of a thread's rows at once; unset = sized to the cache)"),
     EnvVar("PGEN_CPU_PACK_MAX_MB", "int", 1024, "package (C++)",
            "largest packed copy of the weights the C++ CPU decode may hold per call, MiB"),
+    EnvVar("PGEN_CACHE_DIR", "str", None, "package",
+           "folder of the token caches `pgen eval` builds without --out / --cache-dir "
+           "(unset: $XDG_CACHE_HOME/pgen_engine, else ~/.cache/pgen_engine)"),
     EnvVar("PGEN_PLAN", "bool", True, "package",
            "0: train.py skips the start-up memory-plan check on GPU machines"),
     EnvVar("PGEN_NO_CUDA", "bool", False, "build", "set: setup.py builds _C without the CUDA kernels"),

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pgen_engine import envs
 from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
 from pgen_engine.io_utils import atomic_write_json
@@ -79,7 +80,7 @@ def default_token_cache_dir(data: str | os.PathLike, fingerprint: str, out: Path
     name = f"token_cache_{fingerprint[:16]}"
     if out is not None:
         return out / name
-    root = os.environ.get("PGEN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pgen_engine"
+    root = envs.get("PGEN_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pgen_engine"
     where = hashlib.sha1(str(Path(data).resolve()).encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return Path(root) / f"{name}_{where}"
 
