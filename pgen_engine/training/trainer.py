@@ -32,7 +32,7 @@ from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_pr
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_fresh_start, check_resume_config, export_hf, load_resumable,
                           resolve_resume, save_resumable)
-from .distributed import DistInfo, all_ranks_true, init_distributed
+from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed
 from .engine import TrainEngine, build_engine, require_deepspeed
 from .errors import NonFiniteError
 from .metrics import MetricsLogger
@@ -143,12 +143,17 @@ class Trainer:
             check_fresh_start(self.out)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
+        failure = None
         if dist.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))
             except OSError as e:  # what folder_problem cannot foresee (a read-only or virtual file system)
-                raise ConfigError(f"output_dir={self.out}: cannot be created ({e.strerror or e})") from None
-            atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))
+                failure = f"output_dir={self.out}: cannot be created or written ({e.strerror or e})"
+        # every rank raises rank 0's failure: a rank left alone would wait in the next collective
+        failure = broadcast_object(failure)
+        if failure is not None:
+            raise ConfigError(failure)
         torch.manual_seed(cfg.seed + dist.rank)
         self.data = prepare_sft_data(cfg, dist)
         stage.before_engine(self)

@@ -63,3 +63,19 @@ def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(tm
     assert f"output_dir={out} already holds a training run" in errors[0] and "--resume auto" in errors[0]
     assert (out / "config.resolved.yaml").read_text() == "the old run's config\n"
     assert not (tmp_path / "no_data").exists()
+
+
+def test_output_dir_that_cannot_be_written_is_a_config_error_before_any_work(tmp_path, monkeypatch):
+    # what folder_problem cannot foresee (a read-only or virtual file system): rank 0's failure
+    # reaches every rank (broadcast), so no rank waits for it in a later collective
+    from pgen_engine.training import trainer
+
+    def read_only(path, text):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(trainer, "atomic_write_text", read_only)
+    cfg = load_config(REPO / "configs" / "demo_sft.yaml", [f"output_dir={tmp_path / 'out'}",
+                                                           f"data.dataset_dir={tmp_path / 'no_data'}"])
+    with pytest.raises(ConfigError, match=r"output_dir=.*out: cannot be created or written \(Permission denied\)"):
+        run_stage(cfg)
+    assert not (tmp_path / "no_data").exists()
