@@ -290,8 +290,7 @@ class Generator:
             raise NonFiniteLogitsError(
                 f"Generator: non-finite logits (NaN or Inf) for output row {row} at image token {t} "
                 f"({bad.shape[0]} code(s) of this batch affected): the model's weights or inputs (pixel_values or "
-                "image_embeds) hold NaN / Inf, or logits / temperature overflow float32; no code can be picked from "
-                "them",
+                "image_embeds) hold NaN / Inf, or logits / temperature overflow float32; no code can be picked",
                 row, t)
 
     @torch.inference_mode()
