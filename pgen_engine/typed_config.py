@@ -124,11 +124,12 @@ def build(cls: type, values: dict, prefix: str, source: str) -> Any:
 SEED_RANGE = (0, 2 ** 63 - 1)
 
 
-def check_seed(key: str, value: int) -> None:
-    """Refuse a seed that numpy / torch would reject only after data preparation had run."""
+def check_seed(key: str, value: int, sep: str = "=") -> None:
+    """Refuse a seed that numpy / torch would reject only after data preparation had run. The
+    message names ``key`` (a config key, or with ``sep=" "`` a command-line flag) and the value."""
     lo, hi = SEED_RANGE
     if not lo <= value <= hi:
-        raise ConfigError(f"{key}={value}: expected a seed in [{lo}, 2**63 - 1]")
+        raise ConfigError(f"{key}{sep}{value}: expected a seed in [{lo}, 2**63 - 1]")
 
 
 def check_finite(key: str, value: float, *, positive: bool = False) -> None:

@@ -17,7 +17,7 @@ from pgen_engine.generation.generator import Generator
 from pgen_engine.io_utils import atomic_write_json
 from pgen_engine.models import load_model
 from pgen_engine.rewards.embedders import make_embedder
-from pgen_engine.typed_config import SEED_RANGE
+from pgen_engine.typed_config import check_seed
 
 from . import evaluate as E
 from .demo import KEY_METRICS, REPORT_METRICS, run_demo, train_eval_embedder
@@ -165,10 +165,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
         raise ValueError(f"--max-users must be >= 1, got {a.max_users}")
     # every seed before the first run: a bad one used to stop the demo only when its turn came,
     # after the earlier seeds had trained, with a message naming the config file, not the flag
-    lo, hi = SEED_RANGE
     for flag, value in [("--seed", a.seed)] if seeds is None else [("--seeds", s) for s in seeds]:
-        if not lo <= value <= hi:
-            raise ValueError(f"{flag} {value}: expected a seed in [{lo}, 2**63 - 1]")
+        check_seed(flag, value, sep=" ")
     out = Path(a.out)
     if out.exists() and not out.is_dir():  # mkdir would say only "[Errno 17] File exists"
         raise ValueError(f"--out {out}: exists and is not a folder (expected the demo's run folder)")

@@ -151,7 +151,7 @@ class JanusModelConfig:
         eps = opt(t, "rms_norm_eps", "text_config", 1e-6, float)
         # out of range, each turns every activation into NaN, reported only at generation as an
         # "activation overflow" of finite weights
-        for key, value in (("text_config.rms_norm_eps", eps), ("text_config rope_theta", theta),
+        for key, value in (("text_config.rms_norm_eps", eps), ("text_config.rope_theta", theta),
                            ("text_config.rope_parameters.factor", factor)):
             if not (math.isfinite(value) and value > 0):
                 raise CheckpointError(f"{source}: {key}={value!r} must be a finite number > 0")

@@ -69,7 +69,7 @@ def test_optional_fields_are_checked_and_named(raw, section, key, value, match):
     ("rms_norm_eps", -1.0, r"text_config\.rms_norm_eps=-1\.0 must be a finite number > 0"),
     ("rms_norm_eps", float("nan"), r"text_config\.rms_norm_eps=nan must be a finite number > 0"),
     ("rope_parameters", {"rope_type": "default", "rope_theta": -5.0},
-     r"text_config rope_theta=-5\.0 must be a finite number > 0"),
+     r"text_config\.rope_theta=-5\.0 must be a finite number > 0"),
     ("rope_parameters", {"rope_type": "linear", "rope_theta": 1e4, "factor": 0.0},
      r"text_config\.rope_parameters\.factor=0\.0 must be a finite number > 0"),
 ])
