@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     # late imports: `train.py --help` answers without loading torch / DeepSpeed
     from pgen_engine.config import ConfigError, load_config
     from pgen_engine.errors import PgenUserError, one_line
+    from pgen_engine.training.distributed import shutdown
     from pgen_engine.training.plan import PlanOverflowError, preflight
     from pgen_engine.training.stages import run_stage
 
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg, args.config)  # on a GPU machine: refuse a launch whose memory plan does not fit
         run_stage(cfg, resume=args.resume)
+        shutdown()  # every rank leaves the group together (see distributed.shutdown)
     except ConfigError as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2

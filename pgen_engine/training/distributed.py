@@ -149,6 +149,21 @@ def barrier() -> None:
             dist.barrier()
 
 
+def shutdown() -> None:
+    """Leave the default process group cleanly: a barrier, then ``destroy_process_group``.
+
+    No-op without a process group. Why the barrier: gloo's worker thread releases a finished
+    collective's tensors after the caller's ``wait`` returned; a rank that reaches interpreter
+    exit while that thread still holds them can abort in teardown ("terminate called without an
+    active exception"). Waiting for every rank first gives the thread time to drain its queue,
+    and destroying the group joins it before Python finalises.
+    """
+    if not initialized():
+        return
+    barrier()
+    dist.destroy_process_group()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (identity without a process group)."""
     if not initialized():

@@ -94,6 +94,23 @@ def test_helpers_without_a_group_are_the_one_rank_identity():
     assert D.all_ranks_true(False) is False and D.mean_over_ranks(3.0) == 3.0
 
 
+def test_shutdown_leaves_the_group_and_is_a_noop_without_one(monkeypatch):
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this process")
+    D.shutdown()  # no group: nothing to do, no error
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", _port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        D.all_reduce(torch.ones(4))
+        D.shutdown()
+        assert not dist.is_initialized() and D.world_size() == 1
+        D.shutdown()  # a second call is harmless
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def _two_ranks(rank: int, port: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2)
