@@ -135,6 +135,10 @@ class JanusModelConfig:
             if v < 1:
                 raise CheckpointError(f"{source}: text_config.{key}={v!r} must be a positive integer")
         head_dim = opt(t, "head_dim", "text_config", None) or hidden // heads
+        if head_dim % 2:  # else it loads and the first forward fails inside apply_rotary, naming no field
+            raise CheckpointError(f"{source}: text_config.head_dim={head_dim} must be even (rotary embeddings rotate "
+                                  "pairs of dimensions)" + ("" if "head_dim" in t else
+                                                           f"; it is hidden_size/num_attention_heads={hidden}/{heads}"))
         if heads % kv_heads:
             raise CheckpointError(
                 f"{source}: text_config.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"

@@ -104,3 +104,17 @@ def test_vq_grid_other_than_the_vision_grid_is_refused(raw):
     r["vq_config"]["channel_multiplier"] = 4
     with pytest.raises(CheckpointError, match=r"vq_config\.channel_multiplier=4 must be a non-empty list"):
         JanusModelConfig.from_dict(r)
+
+
+def test_odd_head_dim_is_refused_at_load(raw):
+    # used to load, then fail at the first forward inside apply_rotary ("with even D, got (1, 4, 4, 5)")
+    r = copy.deepcopy(raw)
+    r["text_config"]["head_dim"] = 5
+    with pytest.raises(CheckpointError, match=r"^c\.json: text_config\.head_dim=5 must be even \(rotary embeddings "
+                                              r"rotate pairs of dimensions\)$"):
+        JanusModelConfig.from_dict(r, source="c.json")
+    r["text_config"].pop("head_dim")
+    r["text_config"]["hidden_size"], r["text_config"]["num_attention_heads"] = 60, 4  # 15 per head
+    r["text_config"]["num_key_value_heads"] = 2
+    with pytest.raises(CheckpointError, match=r"head_dim=15 must be even .*; it is hidden_size/num_attention_heads=60/4$"):
+        JanusModelConfig.from_dict(r, source="c.json")
