@@ -13,7 +13,9 @@ A dataset is a folder holding::
     items.jsonl        one JSON object per line: ``item_id`` (string or int, stored as
                        string), ``title`` (string, may be empty), ``image`` (path relative
                        to the dataset folder, or null), any extra fields (kept in
-                       ``Item.extra``).
+                       ``Item.extra``). An item with a null image loads, but tokenizing,
+                       training and evaluation need an image for every item
+                       (``pgen data validate`` reports such items as a problem).
     images/            the item images (any format PIL reads).
 
 Bad input (malformed lines, unknown or duplicate ids, missing images, unparsable or

@@ -200,13 +200,23 @@ def run_data_defaults():
     return DataConfig()
 
 
+def run_tokenizer_file(run) -> Path | None:
+    """The PatchKMeans file a training run (``run``: its RunConfig, or None for a foreign
+    checkpoint) fitted: ``<data.work_dir>/tokenizer.safetensors``, where an unset
+    ``data.work_dir`` means ``<output_dir>/data_work`` as in training. None when the run's
+    image tokenizer is the model's own VQ (``vq``, ``checkpoint_vq``) or there is no run."""
+    if run is None or run.data.tokenizer != "patch_kmeans":
+        return None
+    wd = Path(run.data.work_dir) if run.data.work_dir else Path(run.output_dir) / "data_work"
+    return wd / "tokenizer.safetensors"
+
+
 def run_image_tokenizer(run, model, *, where: str):
     """The image tokenizer of a training run (``run``: its RunConfig, or None for a foreign
-    checkpoint): the run's PatchKMeans file (``<work_dir>/tokenizer.safetensors``), else the
+    checkpoint): the run's PatchKMeans file (:func:`run_tokenizer_file`), else the
     model's VQ (None when ``model`` is None)."""
-    if run is not None and run.data.tokenizer == "patch_kmeans":
-        wd = Path(run.data.work_dir) if run.data.work_dir else Path(run.output_dir) / "data_work"
-        tok = wd / "tokenizer.safetensors"
+    tok = run_tokenizer_file(run)
+    if tok is not None:
         if not tok.is_file():
             raise FileNotFoundError(f"{where}: the run's image tokenizer {tok} is missing (paths in the run config "
                                     "are relative to the directory training ran in)")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from ..io_utils import atomic_path, atomic_write_json, replace_dir
 from ..models.image_tokenizer import ImageTokenizer
-from .dataset import IMAGE_DECODE_RULE, DataError, Dataset, load_image
+from .dataset import IMAGE_DECODE_RULE, ITEMS_FILE, DataError, Dataset, load_image
 
 FORMAT = "pgen-token-cache"
 VERSION = 1
@@ -158,7 +158,8 @@ def build_token_cache(
                 item = dataset.items[ids[j]]
                 try:
                     if item.image_path is None:
-                        raise DataError(f"item {item.item_id!r} has no image")
+                        raise DataError(f"{dataset.root / ITEMS_FILE}: item {item.item_id!r} has no image (\"image\": "
+                                        "null); every item needs one to be tokenized")
                     imgs.append(load_image(item.image_path, tokenizer.image_size))
                     rows.append(j)
                 except DataError as e:

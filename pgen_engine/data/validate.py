@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .dataset import INTERACTIONS_FILE, DataError, load_dataset, tied_timestamps
+from .dataset import INTERACTIONS_FILE, ITEMS_FILE, DataError, load_dataset, tied_timestamps
 
 
 @dataclasses.dataclass
@@ -104,6 +104,12 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
         except Exception as e:  # PIL raises many types for broken files
             rep.images_corrupt += 1
             rep.problems.append(f"{item.image_path}: corrupt image of item {item.item_id!r} ({type(e).__name__})")
+    if rep.items_without_image:
+        # tokenizing, training and evaluation all need every item's image (each item is a
+        # catalogue image and may be a history or target image): "OK" would promise too much
+        first = next(i for i in ds.items.values() if i.image_path is None)
+        rep.problems.append(f"{root / ITEMS_FILE}: {rep.items_without_image} item(s) have no image (first: "
+                            f"{first.item_id!r}); tokenizing, training and evaluation need an image for every item")
     if rep.interactions == 0:
         rep.problems.append(f"{root / INTERACTIONS_FILE}: no usable interactions")
     return rep

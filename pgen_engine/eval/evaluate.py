@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from pgen_engine.config import DataConfig, load_config
 from pgen_engine.data.dataset import ITEMS_FILE, DataError, Dataset, filter_by_rating, load_dataset, load_image
-from pgen_engine.data.history import CatalogueImages
+from pgen_engine.data.history import CatalogueImages, run_tokenizer_file
 from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.data.prompts import PromptBuilder, normalize_pixels
 from pgen_engine.data.splits import Example, Splits, build_splits
@@ -181,12 +181,13 @@ class PromptSettings:
         path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
         if run_config and not path.is_file():
             raise FileNotFoundError(f"--run-config {path}: file not found")
-        d = load_config(path).data if path.is_file() else DataConfig()
-        tok = None
-        if d.tokenizer == "patch_kmeans" and d.work_dir:
-            tok = Path(d.work_dir) / "tokenizer.safetensors"
-            if not tok.is_file():
-                raise FileNotFoundError(f"{path}: the run's image tokenizer {tok} is missing")
+        run = load_config(path) if path.is_file() else None
+        d = run.data if run is not None else DataConfig()
+        # the same file training fitted (an unset data.work_dir is <output_dir>/data_work): never
+        # the model's VQ for a PatchKMeans run, whose codes it would not speak
+        tok = run_tokenizer_file(run)
+        if tok is not None and not tok.is_file():
+            raise FileNotFoundError(f"{path}: the run's image tokenizer {tok} is missing")
 
         return cls(d.instruction, d.with_titles, d.history_k, tok, trained_history_mode(ckpt, run_config)[0])
 

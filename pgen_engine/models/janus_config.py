@@ -20,6 +20,8 @@ class CheckpointError(PgenUserError, ValueError):
 
 
 SUPPORTED_ROPE_TYPES = ("default", "linear")
+# transformers' JanusVQVAEConfig default (a config.json may leave it out): 4 downsamplings, /16
+VQ_DEFAULT_CHANNEL_MULTIPLIER = (1, 1, 2, 2, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,10 @@ class JanusModelConfig:
             if v < 1:
                 raise CheckpointError(f"{source}: text_config.{key}={v!r} must be a positive integer")
         head_dim = opt(t, "head_dim", "text_config", None) or hidden // heads
+        if head_dim % 2:  # else it loads and the first forward fails inside apply_rotary, naming no field
+            raise CheckpointError(f"{source}: text_config.head_dim={head_dim} must be even (rotary embeddings rotate "
+                                  "pairs of dimensions)" + ("" if "head_dim" in t else
+                                                           f"; it is hidden_size/num_attention_heads={hidden}/{heads}"))
         if heads % kv_heads:
             raise CheckpointError(
                 f"{source}: text_config.num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
@@ -185,6 +191,19 @@ class JanusModelConfig:
             raise CheckpointError(
                 f"{source}: vision_config.num_image_tokens={n_img} but (image_size/patch_size)^2={grid * grid}"
             )
+        # the VQ halves the image side once per channel_multiplier level after the first (each
+        # downsampling conv floors); its code grid must be the vision grid, or the generated T
+        # codes are not what the VQ encodes history images to nor what it decodes an image from
+        mult = q.get("channel_multiplier", VQ_DEFAULT_CHANNEL_MULTIPLIER)
+        if not isinstance(mult, (list, tuple)) or not mult:
+            raise CheckpointError(f"{source}: vq_config.channel_multiplier={mult!r} must be a non-empty list")
+        vq_grid = image_size >> (len(mult) - 1)
+        if vq_grid != grid:
+            raise CheckpointError(
+                f"{source}: the VQ model's code grid is {vq_grid}x{vq_grid} (vision_config.image_size={image_size} "
+                f"halved {len(mult) - 1} times, one per vq_config.channel_multiplier level after the first) but "
+                f"vision_config gives {grid}x{grid} image tokens (image_size/patch_size={image_size}/{patch}); "
+                "generated images and the VQ must have the same grid")
         if int(q.get("image_token_embed_dim", hidden)) != hidden:
             raise CheckpointError(
                 f"{source}: vq_config.image_token_embed_dim={q.get('image_token_embed_dim')} != text hidden_size={hidden}"

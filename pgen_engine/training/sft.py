@@ -27,6 +27,7 @@ from pgen_engine.data.prompts import build_sft_loader
 
 from .distributed import mean_over_ranks
 from .errors import NonFiniteError  # noqa: F401  (re-exported: sft.NonFiniteError is public)
+from .sft_data import DataPrepError
 from .metrics import device_peak_flops, train_flops_per_token
 from .trainer import Stage, Trainer
 
@@ -75,6 +76,19 @@ class _Batches:
             return next(self.it)
 
 
+def check_one_batch(cfg: RunConfig, num_windows: int, micro_batch_size: int, world_size: int) -> None:
+    """An epoch needs at least one micro-batch per rank (``micro_batch_size x world_size``
+    training windows); fewer is a :class:`DataPrepError` naming the dataset, the counts and
+    the settings that change them (a small dataset of the user's own, not a bug)."""
+    need = micro_batch_size * world_size
+    if num_windows < need:
+        raise DataPrepError(
+            f"data.dataset_dir={cfg.data.dataset_dir}: {num_windows} training window(s), fewer than one batch "
+            f"({micro_batch_size} per rank x {world_size} rank(s) = {need}); lower train.global_batch_size or "
+            "train.max_micro_batch_size, or make more windows (data.max_windows_per_user, data.stride, "
+            "data.min_interactions)")
+
+
 class SFTStage(Stage):
     """The SFT stage: each ``train_step`` is ``grad_accum`` micro-batches and one optimizer step.
 
@@ -97,6 +111,7 @@ class SFTStage(Stage):
         # (JSON null for checkpoints written before the loss was recorded), never NaN
         self.loss = float(client.get("last_loss", float("nan")))
         micro = trainer.te.micro_batch_size
+        check_one_batch(cfg, len(data.dataset), micro, dist.world_size)
         probe = build_sft_loader(data.dataset, data.special, batch_size=micro, seed=cfg.seed,
                                  rank=dist.rank, world_size=dist.world_size)
         self.per_epoch = probe.batch_sampler.batches_per_epoch()

@@ -125,6 +125,19 @@ def test_validate_reports_corrupt_and_missing(synth_dir, tmp_path):
         load_image(d / first["image"], 32)
 
 
+def test_validate_reports_items_without_an_image(synth_dir, tmp_path):
+    # "image": null loads, but tokenizing / training / evaluation refuse such items: validate used
+    # to say "status: OK" (exit 0) for a dataset `pgen data tokenize` then failed on
+    d = _copy(synth_dir, tmp_path)
+    lines = [json.loads(x) for x in (d / "items.jsonl").read_text().splitlines()]
+    lines[4]["image"] = None
+    (d / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rep = validate_dataset(d)
+    assert rep.items_without_image == 1 and not rep.usable
+    assert (f"problem:       {d / 'items.jsonl'}: 1 item(s) have no image (first: {lines[4]['item_id']!r}); "
+            "tokenizing, training and evaluation need an image for every item") in rep.summary()
+
+
 def test_movielens_load_and_stats(movielens):
     ds = load_dataset(movielens)
     assert (ds.num_users, ds.num_items, ds.num_interactions) == (597, 2943, 58461)

@@ -83,6 +83,22 @@ def test_corrupt_image_raise_and_skip(synth_dir, tmp_path):
     assert json.loads((tmp_path / "c" / "index.json").read_text())["complete"]
 
 
+def test_item_without_an_image_names_items_jsonl(synth_dir, tmp_path):
+    # used to say only "item 'i0003' has no image", without the file to fix
+    d = tmp_path / "ds"
+    shutil.copytree(synth_dir, d)
+    lines = [json.loads(x) for x in (d / "items.jsonl").read_text().splitlines()]
+    tok = _tok(load_dataset(d))
+    lines[3]["image"] = None
+    (d / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ds = load_dataset(d)
+    iid, path = lines[3]["item_id"], d / "items.jsonl"
+    with pytest.raises(DataError, match=rf"{path}: item '{iid}' has no image "
+                                        r'\("image": null\); every item needs one to be tokenized'):
+        build_token_cache(ds, tok, tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
 def test_movielens_subset(movielens, tmp_path):
     ds = load_dataset(movielens)
     ids = list(ds.items)[:200]

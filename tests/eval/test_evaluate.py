@@ -122,6 +122,21 @@ def test_prompt_settings_read_the_run_config(tmp_path):
     assert (s.instruction, s.with_titles, s.history_k) == ("hi", True, 3)
 
 
+def test_prompt_settings_without_work_dir_use_the_runs_data_work(tmp_path):
+    # data.work_dir unset: training fits <output_dir>/data_work/tokenizer.safetensors. Evaluation
+    # used to fall back to the model's (random) VQ here, scoring codes of another tokenizer silently.
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "config.resolved.yaml").write_text(f"stage: sft\noutput_dir: {run}\ndata:\n  tokenizer: patch_kmeans\n")
+    with pytest.raises(FileNotFoundError, match=r"data_work/tokenizer\.safetensors is missing"):
+        E.PromptSettings.for_checkpoint(run / "final")
+    (run / "data_work").mkdir()
+    (run / "data_work" / "tokenizer.safetensors").write_bytes(b"x")
+    assert E.PromptSettings.for_checkpoint(run / "final").tokenizer_path == run / "data_work" / "tokenizer.safetensors"
+    (run / "config.resolved.yaml").write_text(f"stage: sft\noutput_dir: {run}\ndata:\n  tokenizer: vq\n")
+    assert E.PromptSettings.for_checkpoint(run / "final").tokenizer_path is None  # the model's own VQ
+
+
 def test_tied_targets_are_found(tmp_path):
     from PIL import Image
 

@@ -84,3 +84,37 @@ def test_numeric_fields_out_of_range_are_refused(raw, key, value, match):
     c = JanusModelConfig.from_dict(r)
     assert (c.text.rope_theta, c.text.rope_scaling_factor) == (500.0, 2.0) if key == "rope_parameters" \
         else c.text.rms_norm_eps == 1e-5
+
+
+def test_vq_grid_other_than_the_vision_grid_is_refused(raw):
+    # a VQ that downsamples 32 px by 2 (16x16 codes) under a 32/8 vision grid (4x4 = T 16) used to
+    # load: generation made 16 codes, the VQ encoded history images to 256 and decoded 16 codes
+    # to an 8x8-px image, all without an error
+    r = copy.deepcopy(raw)
+    assert (r["vision_config"]["image_size"], r["vision_config"]["patch_size"]) == (32, 8)
+    r["vq_config"]["channel_multiplier"] = [1, 1]
+    with pytest.raises(CheckpointError, match=r"^c\.json: the VQ model's code grid is 16x16 .* vision_config gives 4x4 "
+                                              r"image tokens \(image_size/patch_size=32/8\)"):
+        JanusModelConfig.from_dict(r, source="c.json")
+    r["vq_config"]["channel_multiplier"] = [1, 2, 2, 4]  # /8: 4x4, the same grid
+    assert JanusModelConfig.from_dict(r).num_image_tokens == 16
+    r["vq_config"].pop("channel_multiplier")  # transformers' default (1, 1, 2, 2, 4): /16 -> 2x2
+    with pytest.raises(CheckpointError, match="code grid is 2x2"):
+        JanusModelConfig.from_dict(r)
+    r["vq_config"]["channel_multiplier"] = 4
+    with pytest.raises(CheckpointError, match=r"vq_config\.channel_multiplier=4 must be a non-empty list"):
+        JanusModelConfig.from_dict(r)
+
+
+def test_odd_head_dim_is_refused_at_load(raw):
+    # used to load, then fail at the first forward inside apply_rotary ("with even D, got (1, 4, 4, 5)")
+    r = copy.deepcopy(raw)
+    r["text_config"]["head_dim"] = 5
+    with pytest.raises(CheckpointError, match=r"^c\.json: text_config\.head_dim=5 must be even \(rotary embeddings "
+                                              r"rotate pairs of dimensions\)$"):
+        JanusModelConfig.from_dict(r, source="c.json")
+    r["text_config"].pop("head_dim")
+    r["text_config"]["hidden_size"], r["text_config"]["num_attention_heads"] = 60, 4  # 15 per head
+    r["text_config"]["num_key_value_heads"] = 2
+    with pytest.raises(CheckpointError, match=r"head_dim=15 must be even .*; it is hidden_size/num_attention_heads=60/4$"):
+        JanusModelConfig.from_dict(r, source="c.json")

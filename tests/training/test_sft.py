@@ -166,3 +166,21 @@ def test_metrics_logger_truncates_on_resume(tmp_path):
     quiet = MetricsLogger(tmp_path / "other", is_main=False, total_steps=5)
     quiet.log({"step": 1})
     assert not (tmp_path / "other").exists()
+
+
+def test_too_few_windows_for_one_batch_is_a_data_prep_error():
+    # a small dataset of the user's own (8 users x 5 interactions = 16 windows at the demo's batch
+    # of 32) used to end train.py in a ValueError traceback from the batch sampler
+    from pgen_engine.config import load_config
+    from pgen_engine.training.sft import check_one_batch
+    from pgen_engine.training.sft_data import DataPrepError
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "demo_sft.yaml"),
+                      ["data.dataset_dir=/data/mine"])
+    with pytest.raises(DataPrepError, match=r"data\.dataset_dir=/data/mine: 16 training window\(s\), fewer than one "
+                                            r"batch \(32 per rank x 1 rank\(s\) = 32\); lower train\.global_batch_size"):
+        check_one_batch(cfg, 16, 32, 1)
+    with pytest.raises(DataPrepError, match=r"= 64\)"):
+        check_one_batch(cfg, 63, 32, 2)
+    check_one_batch(cfg, 32, 32, 1)
+    check_one_batch(cfg, 64, 32, 2)
