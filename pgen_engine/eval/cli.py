@@ -51,6 +51,22 @@ def _reward_embedder_spec(ckpt: Path) -> dict | None:
     return rl.get("embedder") if cfg.get("stage") == "rl" and isinstance(rl, dict) else None
 
 
+def default_system_name(ckpt: Path, run_config: str | None = None) -> str:
+    """The table row of ``pgen eval``'s checkpoint when ``--name`` is not given: from the
+    training run's ``stage`` (``--run-config``, else CHECKPOINT/../config.resolved.yaml),
+    ``generate_sft`` for an SFT run and ``generate_sft_rl`` for an RL run (the demo's names);
+    ``generate`` for a checkpoint without a run config (e.g. a downloaded Janus-Pro)."""
+    path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
+    if not path.is_file():
+        return "generate"
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: unreadable run config ({getattr(e, 'problem', None) or e})") from None
+    stage = cfg.get("stage") if isinstance(cfg, dict) else None
+    return {"sft": "generate_sft", "rl": "generate_sft_rl"}.get(stage, "generate")
+
+
 def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:
     """False when the evaluation embedder is the run's reward embedder (same type, and path if any)."""
     if reward_spec is None or evaluator.get("type") == "eval_cnn":
@@ -67,6 +83,8 @@ def _check_eval_args(a: argparse.Namespace) -> None:
                     ("--max-users", a.max_users), ("--evaluator-steps", a.evaluator_steps)):
         if v is not None and v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    if a.name is not None and a.name in (*E.BASELINES, "generate_nonpersonal"):
+        raise ValueError(f"--name {a.name}: that is a baseline row's name; choose another (e.g. generate_sft)")
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
         raise ValueError(f"--out {a.out}: exists and is not a directory (expected the report folder)")
 
@@ -91,6 +109,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     ckpt = Path(a.checkpoint)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
     settings = E.PromptSettings.for_checkpoint(ckpt, a.run_config)
+    a.name = a.name or default_system_name(ckpt, a.run_config)
     if a.history_mode is not None:
         check_history_mode(settings.history_mode, a.history_mode, where=str(a.run_config or ckpt.parent / "config.resolved.yaml"))
     if a.tokenizer:
@@ -202,7 +221,8 @@ def register(subparsers) -> None:
                    "CHECKPOINT/../config.resolved.yaml) — gives the prompt format and the image tokenizer")
     p.add_argument("--baselines", action="store_true", help="add random, centroid, popularity, copy_last, retrieve, "
                    "true_next and generate_nonpersonal rows")
-    p.add_argument("--name", default="generate_sft_rl", help="row name of the checkpoint in the table")
+    p.add_argument("--name", default=None, help="row name of the checkpoint in the table (default: generate_sft or "
+                   "generate_sft_rl from the run's stage, generate without a run config)")
     p.add_argument("--guidance-scale", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)

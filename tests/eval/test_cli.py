@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pgen_engine.cli import main
@@ -138,3 +139,26 @@ def test_default_token_cache_dir_is_never_inside_the_checkpoint(tmp_path, monkey
     monkeypatch.delenv("PGEN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_token_cache_dir(tmp_path / "ds", fp, None).parent == Path(tmp_path / "xdg" / "pgen_engine")
+
+
+def test_default_row_name_follows_the_runs_stage(tmp_path):
+    from pgen_engine.eval.cli import default_system_name
+
+    ck = tmp_path / "run" / "final"
+    ck.mkdir(parents=True)
+    assert default_system_name(ck) == "generate"  # no run config: a foreign checkpoint
+    for stage, name in (("sft", "generate_sft"), ("rl", "generate_sft_rl")):
+        (tmp_path / "run" / "config.resolved.yaml").write_text(f"stage: {stage}\n")
+        assert default_system_name(ck) == name
+    other = tmp_path / "other.yaml"
+    other.write_text("stage: sft\n")
+    assert default_system_name(ck, str(other)) == "generate_sft"  # --run-config wins
+    (tmp_path / "run" / "config.resolved.yaml").write_text("stage: [unclosed\n")
+    with pytest.raises(ValueError, match="unreadable run config"):
+        default_system_name(ck)
+
+
+def test_a_row_name_taken_by_a_baseline_is_refused(tmp_path, capsys):
+    rc = main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path), "--name", "copy_last"])
+    assert rc != 0
+    assert "--name copy_last" in capsys.readouterr().err
