@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .dataset import INTERACTIONS_FILE, ITEMS_FILE, DataError, load_dataset, tied_timestamps
+from .dataset import INTERACTIONS_FILE, ITEMS_FILE, DataError, Dataset, Interaction, load_dataset, tied_timestamps
 
 
 @dataclasses.dataclass
@@ -65,6 +65,28 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def compact_date_timestamps(dataset: Dataset) -> list[Interaction]:
+    """Interactions whose timestamp reads as a compact ``YYYYMMDD`` date, when *every*
+    timestamp of the dataset does (else []).
+
+    All-digit timestamps are unix seconds, so ``20200101`` is 1970-08-23: the order within a
+    user survives, but the time span, tie checks and any time-based split are then about 1970.
+    Only a dataset whose every value is such a date is flagged: unix seconds of 1970 that happen
+    to look like dates in a real log are unlikely, every one of them far more so."""
+    xs = [x for seq in dataset.interactions.values() for x in seq]
+    if not xs:
+        return []
+    for x in xs:
+        t = x.timestamp
+        if t != int(t) or not 19000101 <= t <= 21001231:
+            return []
+        try:
+            _dt.date(int(t) // 10000, int(t) // 100 % 100, int(t) % 100)
+        except ValueError:
+            return []
+    return xs
+
+
 def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> ValidationReport:
     """Load ``root`` leniently and check everything; never raises for bad content.
 
@@ -89,6 +111,11 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
         # targets that tie their predecessor (pgen_engine.eval.evaluate.tied_targets).
         rep.flags["tied_timestamp"] = (len(ties), f"{root / INTERACTIONS_FILE}:{ties[0].line}: same timestamp as "
                                        "the user's previous interaction (order between them is file order)")
+    dated = compact_date_timestamps(ds)
+    if dated:
+        rep.flags["timestamp_looks_like_yyyymmdd"] = (
+            len(dated), f"{root / INTERACTIONS_FILE}:{dated[0].line}: {int(dated[0].timestamp)} was read as unix "
+            "seconds (all-digit timestamps are); if these are dates, write them as ISO-8601 (e.g. 2020-01-01)")
     for item in ds.items.values():
         if item.image_path is None:
             rep.items_without_image += 1

@@ -138,6 +138,28 @@ def test_validate_reports_items_without_an_image(synth_dir, tmp_path):
             "tokenizing, training and evaluation need an image for every item") in rep.summary()
 
 
+def test_validate_flags_timestamps_that_are_compact_dates(synth_dir, tmp_path):
+    d = _copy(synth_dir, tmp_path)
+    path = d / "interactions.csv"
+    lines = path.read_text().splitlines()
+    assert validate_dataset(d).flags == {}  # unix seconds of 2020: nothing to flag
+    # the same events with YYYYMMDD dates, increasing per user as the originals are
+    out, per_user = [lines[0]], {}
+    for line in lines[1:]:
+        u, i, *rest = line.split(",")
+        per_user[u] = per_user.get(u, 0) + 1
+        out.append(",".join([u, i, f"202001{per_user[u]:02d}", *rest[1:]]))
+    path.write_text("\n".join(out) + "\n")
+    rep = validate_dataset(d)
+    n, first = rep.flags["timestamp_looks_like_yyyymmdd"]
+    assert n == rep.interactions and first.startswith(f"{path}:2: 20200101 was read as unix seconds")
+    assert rep.usable  # a flag, not a problem: the order within each user is still right
+    # one value that is no date (month 13) and nothing is flagged
+    out[1] = out[1].replace(",20200101", ",20201301", 1)
+    path.write_text("\n".join(out) + "\n")
+    assert "timestamp_looks_like_yyyymmdd" not in validate_dataset(d).flags
+
+
 def test_movielens_load_and_stats(movielens):
     ds = load_dataset(movielens)
     assert (ds.num_users, ds.num_items, ds.num_interactions) == (597, 2943, 58461)
