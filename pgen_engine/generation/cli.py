@@ -230,7 +230,7 @@ def register(subparsers) -> None:
                    'file), {"id": ..., "prompt": "text"} or {"id": ..., "input_ids": [...]}')
     p.add_argument("--data", default=None, help="instead of --prompts: a native-layout dataset; with --users, each "
                    "user's history of the --split example is the prompt")
-    p.add_argument("--users", default=None, help="comma-separated user ids of --data")
+    p.add_argument("--users", default=None, help="comma-separated user ids of --data, or @FILE with one id per line")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test",
                    help="which example's history --data uses (default test: the user's last history_k items "
                    "before the final item)")

@@ -8,17 +8,35 @@ from pgen_engine.data.splits import build_splits
 from pgen_engine.generation.prompt_file import PromptLine
 
 
+def parse_user_ids(users: str) -> list[str]:
+    """``--users``: a comma-separated list of user ids, or ``@FILE``, one id per line (for ids
+    that contain commas, or long lists). Raises ValueError for an empty list or an unreadable file."""
+    if users.startswith("@"):
+        path = Path(users[1:])
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--users {users}: cannot read the user-id file ({e.__class__.__name__}: {e})") from None
+        ids = [line.strip() for line in text.splitlines() if line.strip()]
+        if not ids:
+            raise ValueError(f"--users {users}: the file holds no user ids (expected one per line)")
+        return ids
+    ids = [u.strip() for u in users.split(",") if u.strip()]
+    if not ids:
+        raise ValueError(f"--users {users!r}: expected a comma-separated list of user ids, or @FILE (one per line)")
+    return ids
+
+
 def dataset_prompts(data_dir: str | Path, users: str, split: str, prompter, *, history_k: int,
                     min_interactions: int, max_positions: int | None, num_image_tokens: int) -> list[PromptLine]:
-    """``--data DIR --users 1,2,3 --split S``: each user's ``split`` example (its last
+    """``--data DIR --users 1,2,3 --split S`` (or ``--users @FILE``, see :func:`parse_user_ids`):
+    each user's ``split`` example (its last
     ``history_k`` items before the target, oldest first) as a history prompt.
 
     Raises ValueError naming the flag / user / image for an unknown user, a user without a
     ``split`` example, or a missing / corrupt image.
     """
-    ids = [u.strip() for u in users.split(",") if u.strip()]
-    if not ids:
-        raise ValueError(f"--users {users!r}: expected a comma-separated list of user ids")
+    ids = parse_user_ids(users)
     if len(set(ids)) != len(ids):
         raise ValueError(f"--users {users!r}: duplicate user id(s)")
     try:

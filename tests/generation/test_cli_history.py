@@ -136,6 +136,30 @@ def test_data_users(ckpt, tmp_path):
                  "--out", str(tmp_path / "x"), "--quiet"]) == 1
 
 
+def test_users_from_a_file_keep_commas_inside_ids(ckpt, tmp_path):
+    from pgen_engine.generation.dataset_prompts import parse_user_ids
+
+    f = tmp_path / "users.txt"
+    f.write_text("\ufeffSmith, J.\n\n  u7  \r\n", encoding="utf-8")  # BOM, blank line, CRLF, spaces
+    assert parse_user_ids(f"@{f}") == ["Smith, J.", "u7"]
+    assert parse_user_ids("a, b,,c") == ["a", "b", "c"]
+    for bad, msg in ((f"@{tmp_path / 'missing.txt'}", "cannot read the user-id file"), (",", "comma-separated")):
+        with pytest.raises(ValueError, match=msg):
+            parse_user_ids(bad)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="holds no user ids"):
+        parse_user_ids(f"@{tmp_path / 'empty.txt'}")
+
+    from pgen_engine.data.synth import SynthConfig, generate_synthetic
+
+    ds = generate_synthetic(tmp_path / "ds", SynthConfig(num_users=6, num_items=20, seed=1))
+    f.write_text("u0003\nu0001\n")
+    out = tmp_path / "o"
+    assert main(["generate", "--checkpoint", str(ckpt), "--data", str(ds), "--users", f"@{f}",
+                 "--out", str(out), "--quiet", "--greedy"]) == 0
+    assert [json.loads(x)["id"] for x in (out / "manifest.jsonl").read_text().splitlines()] == ["u0003", "u0001"]
+
+
 def test_run_tokenizer_of_another_geometry_is_one_error(ckpt, posters, tmp_path, capsys):
     # used to fail every history line on its own: "history_codes must be [n, 16], got (1, 64)"
     import torch
