@@ -15,6 +15,7 @@ import torch
 
 from pgen_engine.errors import PgenUserError
 from pgen_engine.models import load_model
+from pgen_engine.models.checkpoint import stored_dtypes
 
 # Modules that contribute sub-commands, in the order `pgen --help` lists them.
 COMMAND_MODULES = (
@@ -47,6 +48,7 @@ def _info(args: argparse.Namespace) -> int:
         "kv_heads": c.text.num_kv_heads,
         "head_dim": c.text.head_dim,
         "tie_word_embeddings": c.tie_word_embeddings,
+        "stored_dtypes": stored_dtypes(args.checkpoint),
         "special_tokens": model.special_tokens.as_dict(),
     }
     if args.json:

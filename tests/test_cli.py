@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from pgen_engine.cli import main
 
 
@@ -21,6 +23,21 @@ def test_info_reports_geometry(tiny_ckpt, tiny_model, capsys):
     assert info["image_tokens_per_image"] == tiny_model.num_image_tokens
     assert info["image_size"] == tiny_model.image_size
     assert info["image_codebook_size"] == tiny_model.codebook_size
+    assert list(info["stored_dtypes"]) == ["F32"] and info["stored_dtypes"]["F32"] > 0
+
+
+def test_info_reports_the_stored_dtype_of_a_bf16_checkpoint(tiny_ckpt, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    ck = tmp_path / "bf16"
+    shutil.copytree(tiny_ckpt, ck)
+    for f in ck.glob("*.safetensors"):  # the same weights saved in bfloat16, as Janus-Pro ships
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, str(f), metadata={"format": "pt"})
+    assert main(["info", str(ck), "--json"]) == 0
+    stored = json.loads(capsys.readouterr().out)["stored_dtypes"]
+    assert list(stored) == ["BF16"] and stored["BF16"] > 0
 
 
 def test_info_bad_path_exits_nonzero_with_one_line(tmp_path):

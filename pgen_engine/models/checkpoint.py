@@ -68,6 +68,18 @@ def _read_tensors(files: list[Path]) -> dict[str, tuple[Path, object]]:
     return where
 
 
+def stored_dtypes(path: str | Path) -> dict[str, int]:
+    """How many tensors of each stored dtype the checkpoint's weight files hold, e.g.
+    ``{"BF16": 280}`` (safetensors' dtype names), read from the file headers only.
+
+    Raises CheckpointError for a folder without readable weights."""
+    counts: dict[str, int] = {}
+    for key, (_, handle) in _read_tensors(_shard_files(Path(path))).items():
+        dtype = handle.get_slice(key).get_dtype()
+        counts[dtype] = counts.get(dtype, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def _reset_buffers(model: JanusModel, device: torch.device) -> None:
     # Non-persistent buffers are not in checkpoints; recompute them after meta construction.
     lm = model.language_model
