@@ -79,6 +79,41 @@ def _read_index(d: Path) -> dict | None:
         return None
 
 
+def _sized(f: Path, nbytes: int) -> bool:
+    return f.is_file() and f.stat().st_size == nbytes
+
+
+def _damage(root: Path, idx: dict) -> str | None:
+    """What is wrong with the files of a complete cache ``root`` (index ``idx``), or None.
+
+    Checks the sizes of ``codes.bin`` / ``done.bin``, that every done-bit is 1 (done) or 2
+    (skipped, listed in ``skipped``) and that every code lies in ``[0, codebook_size)``: a
+    truncated, overwritten or hand-edited cache must not reach the model as wrong codes.
+    """
+    try:
+        n, t = max(len(idx["item_ids"]), 1), int(idx["num_tokens"])
+        dtype, k = np.dtype(idx["dtype"]), int(idx["codebook_size"])
+    except (KeyError, TypeError, ValueError) as e:
+        return f"{root}/index.json: malformed token cache index ({e!r})"
+    for name, expect in (("codes.bin", n * t * dtype.itemsize), ("done.bin", n)):
+        f = root / name
+        size = f.stat().st_size if f.is_file() else -1
+        if size != expect:
+            return f"{f}: size {size} bytes, expected {expect}; the cache is corrupt"
+    if not idx["item_ids"]:
+        return None
+    done = np.fromfile(root / "done.bin", dtype=np.uint8)[:len(idx["item_ids"])]
+    skipped = set(idx.get("skipped") or {})
+    bad = [i for i, d in zip(idx["item_ids"], done.tolist()) if d != DONE and not (d == SKIPPED and i in skipped)]
+    if bad:
+        return f"{root}/done.bin: item {bad[0]!r} (and {len(bad) - 1} more) not marked done in a complete cache"
+    codes = np.memmap(root / "codes.bin", dtype=dtype, mode="r", shape=(n, t))[done == DONE]
+    if codes.size and (int(codes.min()) < 0 or int(codes.max()) >= k):
+        return (f"{root}/codes.bin: codes in [{int(codes.min())}, {int(codes.max())}], expected [0, {k}); "
+                "the cache is corrupt")
+    return None
+
+
 def build_token_cache(
     dataset: Dataset,
     tokenizer: ImageTokenizer,
@@ -105,7 +140,8 @@ def build_token_cache(
         _stop_after_batches: testing hook that simulates a crash after that many batches.
 
     Returns the opened cache. An existing complete cache with the same fingerprint and
-    items is reused as is.
+    items is reused as is; one whose files are damaged (sizes, done-bits, codes out of
+    range) is rebuilt with a warning, as is a staging folder whose files have the wrong size.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
@@ -127,7 +163,11 @@ def build_token_cache(
     existing = _read_index(cache_dir)
     if existing and existing.get("complete") and existing.get("fingerprint") == fp and existing.get("item_ids") == ids \
             and existing.get("images") == images:
-        return TokenCache.open(cache_dir, fp)
+        problem = _damage(cache_dir, existing)
+        if problem is None:
+            return TokenCache.open(cache_dir, fp)
+        # a damaged cache of the right key is rebuilt (in staging; it is replaced only on success)
+        warnings.warn(f"{problem}; rebuilding the token cache", stacklevel=2)
 
     stage = _staging(cache_dir)
     want = _index(tokenizer, ids, images)
@@ -135,7 +175,8 @@ def build_token_cache(
     keys = ("format", "version", "fingerprint", "dtype", "num_tokens", "item_ids", "images")
     n, t = len(ids), tokenizer.num_tokens
     if idx is None or any(idx.get(k) != want[k] for k in keys) \
-            or not (stage / "codes.bin").is_file() or not (stage / "done.bin").is_file():
+            or not _sized(stage / "codes.bin", max(n, 1) * t * np.dtype(want["dtype"]).itemsize) \
+            or not _sized(stage / "done.bin", max(n, 1)):
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
         np.memmap(stage / "codes.bin", dtype=want["dtype"], mode="w+", shape=(max(n, 1), t)).flush()
@@ -224,11 +265,9 @@ class TokenCache:
                             f"tokenizer {tokenizer_fingerprint}; rebuild it (pgen data tokenize) or point elsewhere")
         if not idx.get("complete"):
             raise DataError(f"{root}: token cache is incomplete; rerun the build to finish it")
-        n = max(len(idx["item_ids"]), 1)
-        expect = n * int(idx["num_tokens"]) * np.dtype(idx["dtype"]).itemsize
-        size = (root / "codes.bin").stat().st_size if (root / "codes.bin").is_file() else -1
-        if size != expect:
-            raise DataError(f"{root}/codes.bin: size {size} bytes, expected {expect}; the cache is corrupt")
+        problem = _damage(root, idx)
+        if problem is not None:
+            raise DataError(f"{problem}; delete {root} and rerun to rebuild it")
         return cls(root, idx)
 
     def __len__(self) -> int:

@@ -160,3 +160,39 @@ def test_cache_never_replaces_a_folder_that_is_not_a_cache(synth_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     assert len(build_token_cache(ds, tok, tmp_path / "empty", progress=False)) == 57
     assert len(build_token_cache(ds, _tok(ds, k=19), tmp_path / "empty", progress=False)) == 57  # a cache: replaced
+
+
+@pytest.mark.parametrize("damage", ["truncate_done", "truncate_codes", "codes_out_of_range", "done_zeroed",
+                                    "staging_truncated"])
+def test_damaged_cache_is_rebuilt_by_build_and_refused_by_open(synth_dir, tmp_path, damage):
+    # a truncated done.bin used to end in numpy's "mmap length is greater than file size";
+    # out-of-range codes or cleared done-bits reached the model (IndexError / KeyError mid-training)
+    ds = load_dataset(synth_dir)
+    tok = _tok(ds)
+    c = tmp_path / "c"
+    want = build_token_cache(ds, tok, c, progress=False).codes(list(ds.items))
+    if damage == "staging_truncated":  # a crashed build whose staged files were cut short
+        stage = tmp_path / ".s.partial"
+        with pytest.raises(KeyboardInterrupt):
+            build_token_cache(ds, tok, tmp_path / "s", batch_size=10, progress=False, _stop_after_batches=1)
+        with open(stage / "done.bin", "r+b") as f:
+            f.truncate(3)
+        assert torch.equal(build_token_cache(ds, tok, tmp_path / "s", progress=False).codes(list(ds.items)), want)
+        return
+    if damage == "truncate_done":
+        with open(c / "done.bin", "r+b") as f:
+            f.truncate(5)
+    elif damage == "truncate_codes":
+        with open(c / "codes.bin", "r+b") as f:
+            f.truncate(100)
+    elif damage == "codes_out_of_range":
+        raw = np.fromfile(c / "codes.bin", dtype=np.int16)
+        raw[3] = 30000
+        raw.tofile(c / "codes.bin")
+    else:
+        (c / "done.bin").write_bytes(bytes((c / "done.bin").stat().st_size))
+    with pytest.raises(DataError, match=rf"{c}.*(corrupt|not marked done).*delete"):
+        TokenCache.open(c, tok.fingerprint())
+    with pytest.warns(UserWarning, match="rebuilding the token cache"):
+        got = build_token_cache(ds, tok, c, progress=False).codes(list(ds.items))
+    assert torch.equal(got, want)
