@@ -46,9 +46,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save as safetensors_bytes
 from tqdm.auto import tqdm
 
+from pgen_engine.errors import one_line
 from pgen_engine.io_utils import atomic_write_bytes, atomic_write_json
 from pgen_engine.rewards.embedders import ImageEmbedder, PixelStatsEmbedder
 
@@ -157,7 +159,8 @@ class CNNArtifactEmbedder(ImageEmbedder):
 
         Raises:
             FileNotFoundError: the metadata or weights file is missing.
-            ValueError: the metadata is malformed or of another kind.
+            ValueError: the metadata is malformed or of another kind, or the weights file is
+                truncated, not safetensors, or holds tensors of other shapes.
         """
         d = Path(directory)
         meta_path = d / cls.META_FILE
@@ -174,7 +177,11 @@ class CNNArtifactEmbedder(ImageEmbedder):
         if not (d / cls.WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{d / cls.WEIGHTS_FILE}: missing {cls.LABEL} weights")
         net = SmallCNN(cfg.dim, cfg.width)
-        net.load_state_dict(load_file(str(d / cls.WEIGHTS_FILE)))
+        try:  # truncated / garbage file (SafetensorError), or weights of another shape (RuntimeError)
+            net.load_state_dict(load_file(str(d / cls.WEIGHTS_FILE)))
+        except (SafetensorError, RuntimeError, OSError) as e:
+            raise ValueError(f"{d / cls.WEIGHTS_FILE}: unreadable {cls.LABEL} weights ({one_line(e)}); delete {d} "
+                             "to train a new one") from None
         return cls(net, cfg, meta)
 
     @classmethod

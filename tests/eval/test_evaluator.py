@@ -92,3 +92,25 @@ def test_instance_frac_is_validated():
         EvaluatorConfig(instance_frac=1.0)
     with pytest.raises(ValueError, match="metadata_frac \\+ instance_frac"):
         EvaluatorConfig(instance_frac=0.5, metadata_frac=0.5)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "other_shape"])
+def test_damaged_weights_are_retrained_and_a_one_line_error_on_load(tmp_path, damage):
+    # a truncated evaluator.safetensors used to end `pgen eval` in safetensors' SafetensorError traceback
+    from safetensors.torch import save_file
+
+    imgs, seqs, _ = _toy()
+    cfg = EvaluatorConfig(steps=5, batch_size=32, image_size=32, width=8, dim=16, metadata_frac=0.0)
+    good = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg)
+    w = tmp_path / "ev" / "evaluator.safetensors"
+    if damage == "truncate":
+        w.write_bytes(w.read_bytes()[:100])
+    elif damage == "garbage":
+        w.write_bytes(b"not a safetensors file")
+    else:
+        save_file({"x": torch.zeros(3)}, str(w))
+    with pytest.raises(ValueError, match=rf"{w}: unreadable evaluator weights .*delete"):
+        EvalEmbedder.load(tmp_path / "ev")
+    again = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg)  # retrained in place
+    assert torch.allclose(EvalEmbedder.load(tmp_path / "ev").embed(imgs), again.embed(imgs))
+    assert again.meta["data_hash"] == good.meta["data_hash"]
