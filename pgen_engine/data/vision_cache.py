@@ -102,9 +102,9 @@ class VisionCache:
         root = Path(root)
         try:
             idx = json.loads((root / "index.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise DataError(f"{root}: not a vision feature cache (no valid index.json)") from None
-        if idx.get("format") != FORMAT or idx.get("version") != VERSION:
+        if not isinstance(idx, dict) or idx.get("format") != FORMAT or idx.get("version") != VERSION:
             raise DataError(f"{root}: not a version-{VERSION} vision feature cache")
         if idx.get("fingerprint") != fingerprint:
             raise DataError(f"{root}: features of vision tower {idx.get('fingerprint')}, not of {fingerprint}")
@@ -112,11 +112,17 @@ class VisionCache:
             raise DataError(f"{root}: vision feature cache is incomplete; rebuild it")
         if idx.get("dtype", "float32") not in _STORAGE:
             raise DataError(f"{root}: unknown feature dtype {idx.get('dtype')!r} (expected one of {sorted(_STORAGE)})")
-        n = max(len(idx["item_ids"]), 1)
-        itemsize = np.dtype(_STORAGE[idx.get("dtype", "float32")][0]).itemsize
-        want = n * int(idx["num_tokens"]) * int(idx["dim"]) * itemsize
-        if (root / "features.bin").stat().st_size != want:
-            raise DataError(f"{root / 'features.bin'}: size does not match index.json (truncated?)")
+        try:
+            n = max(len(idx["item_ids"]), 1)
+            itemsize = np.dtype(_STORAGE[idx.get("dtype", "float32")][0]).itemsize
+            want = n * int(idx["num_tokens"]) * int(idx["dim"]) * itemsize
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{root / 'index.json'}: malformed vision feature cache index ({e!r})") from None
+        f = root / "features.bin"
+        size = f.stat().st_size if f.is_file() else -1
+        if size != want:
+            raise DataError(f"{f}: size {size} bytes, expected {want} from index.json (truncated or missing?); "
+                            f"delete {root} to rebuild it")
         return cls(root, idx)
 
     def features(self, item_ids: Sequence[str]) -> torch.Tensor:

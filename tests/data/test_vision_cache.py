@@ -134,3 +134,30 @@ def test_half_precision_cache_is_what_a_half_model_consumes(setup, dtype):
     assert rebuilt.dtype == torch.float32 and torch.equal(rebuilt.features(ids), f32.features(ids))
     with pytest.raises(ValueError, match="dtype"):
         build_vision_cache(ds, model, d / "bad", dtype=torch.int8)
+
+
+@pytest.mark.parametrize("damage", ["features_missing", "index_is_a_list", "index_without_dim", "features_truncated"])
+def test_damaged_disk_cache_is_rebuilt_and_refused_by_open(setup, tmp_path, damage):
+    # a missing features.bin was an OSError (not rebuilt), an index.json holding a list an
+    # AttributeError and one without "dim" a KeyError traceback from the data preparation
+    import json
+
+    from pgen_engine.data.dataset import DataError
+
+    ds, model, _ = setup
+    want = build_vision_cache(ds, model, tmp_path / "vision").features(list(ds.items))
+    root = next((tmp_path / "vision").iterdir())
+    if damage == "features_missing":
+        (root / "features.bin").unlink()
+    elif damage == "index_is_a_list":
+        (root / "index.json").write_text("[1, 2]")
+    elif damage == "index_without_dim":
+        idx = json.loads((root / "index.json").read_text())
+        del idx["dim"]
+        (root / "index.json").write_text(json.dumps(idx))
+    else:
+        with open(root / "features.bin", "r+b") as f:
+            f.truncate(10)
+    with pytest.raises(DataError, match=str(root)):
+        VisionCache.open(root, root.name.removeprefix("vision_"))
+    assert torch.equal(build_vision_cache(ds, model, tmp_path / "vision").features(list(ds.items)), want)
