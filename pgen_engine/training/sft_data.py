@@ -36,7 +36,7 @@ from pgen_engine.data.synth import SynthConfig, generate_synthetic
 from pgen_engine.data.text_tokenizer import load_text_tokenizer
 from pgen_engine.data.token_cache import TokenCache, build_token_cache
 from pgen_engine.data.vision_cache import VisionCache, build_vision_cache
-from pgen_engine.errors import PgenUserError
+from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.models import load_model
 from pgen_engine.models.janus_config import JanusModelConfig
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
@@ -106,7 +106,11 @@ def load_or_fit_tokenizer(cfg: RunConfig, dataset, *, fit: bool):
     d = cfg.data
     path = work_dir(cfg) / "tokenizer.safetensors"
     if path.is_file():
-        tok = PatchKMeansTokenizer.load(path)
+        try:
+            tok = PatchKMeansTokenizer.load(path)
+        except ValueError as e:  # truncated, garbage, or another kind of safetensors file
+            raise DataPrepError(f"{one_line(e)}; delete it to fit a new tokenizer (runs trained with the old one "
+                                "cannot use the new one: keep data.work_dir per tokenizer)") from None
         if (tok.image_size, tok.patch_size, tok.codebook_size) == (d.tokenizer_image_size, d.patch_size,
                                                                    d.codebook_size):
             return tok
