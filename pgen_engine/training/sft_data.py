@@ -102,7 +102,11 @@ def _item_images(dataset, size: int) -> torch.Tensor:
 
 
 def load_or_fit_tokenizer(cfg: RunConfig, dataset, *, fit: bool):
-    """The PatchKMeans tokenizer at ``<work_dir>/tokenizer.safetensors`` (fit and saved when missing and ``fit``)."""
+    """The PatchKMeans tokenizer at ``<work_dir>/tokenizer.safetensors`` (fit and saved when missing and ``fit``).
+
+    A file of another geometry (``data.tokenizer_image_size`` / ``patch_size`` /
+    ``codebook_size``) is refused (DataPrepError), never replaced: runs trained with it read
+    it back from the same path."""
     d = cfg.data
     path = work_dir(cfg) / "tokenizer.safetensors"
     if path.is_file():
@@ -111,11 +115,19 @@ def load_or_fit_tokenizer(cfg: RunConfig, dataset, *, fit: bool):
         except ValueError as e:  # truncated, garbage, or another kind of safetensors file
             raise DataPrepError(f"{one_line(e)}; delete it to fit a new tokenizer (runs trained with the old one "
                                 "cannot use the new one: keep data.work_dir per tokenizer)") from None
-        if (tok.image_size, tok.patch_size, tok.codebook_size) == (d.tokenizer_image_size, d.patch_size,
-                                                                   d.codebook_size):
+        have = (tok.image_size, tok.patch_size, tok.codebook_size)
+        if have == (d.tokenizer_image_size, d.patch_size, d.codebook_size):
             return tok
         if not fit:
             raise DataPrepError(f"{path}: tokenizer geometry changed while preparing data")
+        # Refitting here used to replace the tokenizer that earlier runs sharing this work_dir
+        # were trained with: their `pgen eval` / `pgen generate` / RL then read the new codes
+        # (same token count and codebook size: no error, just wrong images).
+        raise DataPrepError(f"{path}: holds a PatchKMeans tokenizer of image_size={have[0]}, patch_size={have[1]}, "
+                            f"codebook_size={have[2]}, this run asks for data.tokenizer_image_size="
+                            f"{d.tokenizer_image_size}, data.patch_size={d.patch_size}, data.codebook_size="
+                            f"{d.codebook_size}; runs trained with it still need it: set another data.work_dir "
+                            "(or delete the file if no run uses it)")
     if not fit:
         raise DataPrepError(f"{path}: tokenizer missing")
     tok = PatchKMeansTokenizer.fit(_item_images(dataset, d.tokenizer_image_size), patch_size=d.patch_size,

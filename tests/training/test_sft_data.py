@@ -21,3 +21,27 @@ def test_damaged_patch_kmeans_file_names_it_and_says_how_to_refit(tmp_path, cont
         save_file({"x": torch.zeros(2)}, str(path))
     with pytest.raises(DataPrepError, match=rf"{path}: .*delete it to fit a new tokenizer"):
         load_or_fit_tokenizer(cfg, dataset=None, fit=True)
+
+
+def test_tokenizer_of_other_geometry_in_work_dir_is_kept_not_refit(tmp_path):
+    # a second run with another tokenizer_image_size / patch_size in the same data.work_dir
+    # used to refit and overwrite tokenizer.safetensors; the first run's `pgen eval` then
+    # silently used the new codebook (same 4 tokens x 512 codes, so nothing failed)
+    import numpy as np
+
+    from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+
+    path = tmp_path / "tokenizer.safetensors"
+    first = PatchKMeansTokenizer.fit(torch.from_numpy(np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3),
+                                                                                          dtype=np.uint8)),
+                                     patch_size=16, codebook_size=512, iters=1, seed=0)
+    first.save(path)
+    before = path.read_bytes()
+    same = load_config(CONFIGS / "demo_sft.yaml", [f"data.work_dir={tmp_path}", f"output_dir={tmp_path / 'r'}"])
+    assert load_or_fit_tokenizer(same, dataset=None, fit=True).fingerprint() == first.fingerprint()
+    other = load_config(CONFIGS / "demo_sft.yaml", [f"data.work_dir={tmp_path}", f"output_dir={tmp_path / 'r2'}",
+                                                    "data.tokenizer_image_size=64", "data.patch_size=32"])
+    with pytest.raises(DataPrepError, match=rf"{path}: holds a PatchKMeans tokenizer of image_size=32.*"
+                                            r"data.tokenizer_image_size=64.*another data.work_dir"):
+        load_or_fit_tokenizer(other, dataset=None, fit=True)
+    assert path.read_bytes() == before
