@@ -25,6 +25,7 @@ from pgen_engine.data.splits import Example, build_splits
 from pgen_engine.stage_config import PROMPT_WINDOWS
 from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.rewards import CompositeReward, RewardContext, make_embedder
 
@@ -328,6 +329,9 @@ def check_tokenizer_matches_checkpoint(cfg: RunConfig, tokenizer) -> None:
     """
     if cfg.model.checkpoint is None:
         return
+    if cfg.data.tokenizer == "vq":
+        _check_vq_matches_checkpoint(cfg, tokenizer)
+        return
     path = sft_tokenizer_path(cfg.model.checkpoint)
     if path is None or not path.is_file():
         return
@@ -336,3 +340,28 @@ def check_tokenizer_matches_checkpoint(cfg: RunConfig, tokenizer) -> None:
         raise DataPrepError(f"model.checkpoint={cfg.model.checkpoint}: trained with the image tokenizer {path}, "
                             f"but this run's data.work_dir={work_dir(cfg)} holds a different one; set data.* "
                             "(work_dir, codebook_size, ...) as in the SFT run")
+
+
+def _check_vq_matches_checkpoint(cfg: RunConfig, tokenizer) -> None:
+    """``data.tokenizer: vq``: the SFT model carries the VQ it was trained with as its own
+    ``vqmodel.*`` (frozen unless its run trained ``vqmodel``), so that is the reference; the
+    VQ in this run's ``data.work_dir`` is retrained over when other VQ settings or another
+    dataset share the folder, and its codes would then mean other pixels to the policy."""
+    resolved = Path(cfg.model.checkpoint).parent / "config.resolved.yaml"
+    try:
+        tree = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
+        if "vqmodel" in ((tree or {}).get("train") or {}).get("trainable", []):
+            return  # the SFT run trained its VQ: the checkpoint's copy is not the data tokenizer
+        ckpt_vq = JanusVQTokenizer.from_checkpoint(cfg.model.checkpoint)
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        return  # no readable VQ in the checkpoint: nothing to compare against (loading it fails elsewhere)
+    # compared at bf16 precision: a bf16 run exports its (frozen) VQ rounded to bf16
+    ours, theirs = tokenizer.state_dict(), ckpt_vq.state_dict()
+    same = ours.keys() == theirs.keys() and all(
+        ours[k].shape == theirs[k].shape and torch.equal(ours[k].to(torch.bfloat16), theirs[k].to(torch.bfloat16))
+        for k in ours)
+    if not same:
+        raise DataPrepError(f"model.checkpoint={cfg.model.checkpoint}: its VQ (vqmodel.*, {ckpt_vq.fingerprint()}) is not this run's "
+                            f"image tokenizer {work_dir(cfg) / 'vq_tokenizer.safetensors'} ({tokenizer.fingerprint()}): "
+                            "the SFT run's tokenizer was retrained or replaced; set data.* (work_dir, vq_*, ...) as "
+                            "in the SFT run, or use data.tokenizer=checkpoint_vq")

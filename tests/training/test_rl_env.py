@@ -99,3 +99,47 @@ def test_held_out_monitor_scores_valid_examples_against_their_own_target():
         assert fut == [ex.target] and ex.target not in sp.train_sequences[ex.user_id]
     with pytest.raises(ValueError, match="valid/test examples only"):
         RLPromptSource(sp.train, sp, _Cache(), _Builder(), held_out_targets=True)
+
+
+def test_rl_refuses_a_vq_tokenizer_that_is_not_the_sft_checkpoints_own(tmp_path):
+    # data.tokenizer=vq: the work_dir's VQ is retrained over when another run changes the VQ
+    # settings there; the RL run then encoded histories / targets with codes the SFT policy never
+    # saw, and the check (PatchKMeans only) let it through
+    import yaml
+
+    from pgen_engine.config import load_config
+    from pgen_engine.eval.demo import CONFIGS
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
+    from pgen_engine.training.rl_env import check_tokenizer_matches_checkpoint
+    from pgen_engine.training.sft_data import DataPrepError
+
+    sft = make_tiny_checkpoint(tmp_path / "sft" / "final", seed=1)
+    other = make_tiny_checkpoint(tmp_path / "other", seed=2)
+    cfg = load_config(CONFIGS / "movielens_rl.yaml", [f"model.checkpoint={sft}", f"data.work_dir={tmp_path / 'w'}"])
+    own, retrained = JanusVQTokenizer.from_checkpoint(sft), JanusVQTokenizer.from_checkpoint(other)
+    check_tokenizer_matches_checkpoint(cfg, own)
+    with pytest.raises(DataPrepError, match=r"its VQ \(vqmodel.*is not this run's image tokenizer"):
+        check_tokenizer_matches_checkpoint(cfg, retrained)
+    # an SFT run that trained its VQ: the checkpoint's copy is no reference
+    (tmp_path / "sft" / "config.resolved.yaml").write_text(yaml.safe_dump({"train": {"trainable": ["vqmodel"]}}))
+    check_tokenizer_matches_checkpoint(cfg, retrained)
+
+
+def test_rl_vq_check_accepts_the_sft_vq_exported_in_bf16(tmp_path):
+    # a bf16 SFT run exports its frozen VQ rounded to bf16: still the same tokenizer
+    from pgen_engine.config import load_config
+    from pgen_engine.eval.demo import CONFIGS
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
+    from pgen_engine.training.rl_env import check_tokenizer_matches_checkpoint
+
+    f32 = make_tiny_checkpoint(tmp_path / "f32", seed=1)
+    tok = JanusVQTokenizer.from_checkpoint(f32)
+    from pgen_engine.models import load_model
+
+    bf16 = tmp_path / "sft" / "final"
+    load_model(f32, dtype=torch.bfloat16).save_pretrained(bf16)
+    assert JanusVQTokenizer.from_checkpoint(bf16).fingerprint() != tok.fingerprint()  # rounded: an exact check fails
+    cfg = load_config(CONFIGS / "movielens_rl.yaml", [f"model.checkpoint={bf16}", f"data.work_dir={tmp_path / 'w'}"])
+    check_tokenizer_matches_checkpoint(cfg, tok)
