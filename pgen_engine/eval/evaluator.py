@@ -194,6 +194,15 @@ class CNNArtifactEmbedder(ImageEmbedder):
         of item indices, per-item metadata dicts).
         """
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():  # mkdir would say only "[Errno 17] File exists"
+            raise ValueError(f"{out}: exists and is not a folder (expected the {cls.LABEL} artifact folder)")
+        # e.g. `pgen eval --evaluator data_work/reward_embedder`: an evaluator written next to the
+        # reward embedder made the RL stage refuse that folder as "the evaluation embedder"
+        other = [sub for sub in CNNArtifactEmbedder.__subclasses__()
+                 if sub.META_FILE != cls.META_FILE and (out / sub.META_FILE).is_file()]
+        if other:
+            raise ValueError(f"{out}: holds a {other[0].LABEL} artifact ({other[0].META_FILE}); the {cls.LABEL} "
+                             "needs a folder of its own")
         digest = data_hash(images, train_sequences, item_meta, cfg)
         if (out / cls.META_FILE).is_file():
             try:

@@ -114,3 +114,21 @@ def test_damaged_weights_are_retrained_and_a_one_line_error_on_load(tmp_path, da
     again = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg)  # retrained in place
     assert torch.allclose(EvalEmbedder.load(tmp_path / "ev").embed(imgs), again.embed(imgs))
     assert again.meta["data_hash"] == good.meta["data_hash"]
+
+
+def test_evaluator_is_not_written_into_a_reward_embedder_folder_or_over_a_file(tmp_path):
+    # `pgen eval --evaluator data_work/reward_embedder` used to write evaluator.* next to the
+    # reward embedder, after which the RL stage refused that folder ("rewards may not use it");
+    # a file as the folder was a bare "[Errno 17] File exists"
+    from pgen_engine.rewards.cocons import CoConsumptionEmbedder, train_reward_embedder
+
+    imgs, seqs, _ = _toy()
+    cfg = EvaluatorConfig(steps=5, batch_size=32, image_size=32, width=8, dim=16, metadata_frac=0.0)
+    train_reward_embedder(imgs, seqs, tmp_path / "reward", cfg)
+    with pytest.raises(ValueError, match=r"reward: holds a reward-embedder artifact .*folder of its own"):
+        train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "reward", cfg)
+    assert not (tmp_path / "reward" / "evaluator.json").exists()
+    CoConsumptionEmbedder.load(tmp_path / "reward")
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match=r"f: exists and is not a folder"):
+        train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "f", cfg)
