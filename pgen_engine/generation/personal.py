@@ -39,8 +39,8 @@ def generate_for_users(gen, histories: Sequence[Sequence], *, num_samples: int =
 
     Args:
         gen: the :class:`~pgen_engine.Generator`.
-        histories: U histories; each a non-empty list of ``(image, title)`` (image: path,
-            PIL image or uint8 ``[H, W, 3]`` array), oldest first.
+        histories: U histories (a list, or any iterable); each a non-empty list of
+            ``(image, title)`` (image: path, PIL image or uint8 ``[H, W, 3]`` array), oldest first.
         num_samples: images per user; output row ``u * num_samples + j``.
         prompter: a :class:`~pgen_engine.data.history.HistoryPrompter`; default: the one of the
             checkpoint the model was loaded from (``model.source_dir``).
@@ -53,6 +53,12 @@ def generate_for_users(gen, histories: Sequence[Sequence], *, num_samples: int =
     Returns:
         int64 codes ``[U * num_samples, T]`` or uint8 images.
     """
+    if isinstance(histories, (str, bytes)):
+        raise TypeError("generate_for_users: histories is a list of histories (each a list of (image, title)), "
+                        f"got a {type(histories).__name__}")
+    histories = list(histories)  # a generator / other iterable of histories: len() and indexing below
+    user_ids = None if user_ids is None else list(user_ids)
+    extra = None if extra is None else list(extra)
     if len(histories) == 0:
         raise ValueError("generate_for_users: no histories")
     if prompter is None:

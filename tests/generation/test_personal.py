@@ -207,3 +207,17 @@ def test_image_embeds_equal_pixels_and_skip_the_vision_tower(tiny):
             g.generate(rows, None, num_samples=1, **extra)
     with pytest.raises(ValueError, match="not both"):
         g.generate(rows, None, px, image_embeds=embeds)
+
+
+def test_generate_for_users_takes_iterables_of_histories(tiny):
+    # a generator of histories used to fail with "object of type 'generator' has no len()"
+    model, _ = tiny
+    rng = np.random.default_rng(5)
+    hs = [_history(rng, 2), _history(rng, 1)]
+    g = Generator(model, max_batch_size=2, max_seq_len=128)
+    kw = dict(prompter=_prompter(model), greedy=True, guidance_scale=2.0)
+    want = g.generate_for_users(hs, user_ids=["a", "b"], **kw)
+    got = g.generate_for_users((h for h in hs), user_ids=iter(["a", "b"]), **kw)
+    assert torch.equal(want, got)
+    with pytest.raises(TypeError, match="histories is a list of histories"):
+        g.generate_for_users("abc", **kw)
