@@ -27,16 +27,23 @@ PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e1
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """Rows of a metrics.jsonl file (an incomplete last line from a crash is ignored)."""
+    """Rows of a metrics.jsonl file: the JSON objects whose ``step`` (when present) is an int.
+
+    An incomplete last line from a crash is ignored, and so are lines that are not such an
+    object (undecodable bytes, a hand-edited ``[1, 2]`` or ``"step": "x"``), which used to stop
+    a resume with a traceback when the trainer filtered the rows by step.
+    """
     rows = []
     p = Path(path)
     if not p.is_file():
         return rows
-    for line in p.read_text().splitlines():
+    for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict) and (isinstance(row.get("step", 0), int) and not isinstance(row.get("step"), bool)):
+            rows.append(row)
     return rows
 
 
