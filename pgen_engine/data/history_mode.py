@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from ..models.checkpoint_writer import TRAINING_RECORD
 from .prompts import MODES as HISTORY_MODES
 
 
@@ -60,46 +61,89 @@ def check_history_mode(trained: str, requested: str | None, *, where: str) -> st
 
 def trained_history_mode(checkpoint: str | os.PathLike, run_config: str | os.PathLike | None = None
                          ) -> tuple[str, str]:
-    """(mode, where) for a checkpoint: ``data.history_mode`` of its run's ``config.resolved.yaml``
+    """(mode, where) for a checkpoint: the mode its own training record holds
+    (``CHECKPOINT/pgen_training.json``, written by pgen's export; a run config that says
+    otherwise is an error), else ``data.history_mode`` of its run's ``config.resolved.yaml``
     (default ``CHECKPOINT/../config.resolved.yaml``, written by training next to ``final/``);
-    a run config without the key predates the setting and trained with ``"codes"``; no run
-    config -> the default for the checkpoint's architecture (:func:`default_history_mode`).
+    a run config without the key predates the setting and trained with ``"codes"``; neither
+    -> the default for the checkpoint's architecture (:func:`default_history_mode`).
     """
     ckpt = Path(checkpoint)
+    recorded = recorded_history_mode(ckpt)
     path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
+    if recorded is not None:
+        # the export's own record is authoritative; a run config that says otherwise was edited
+        # by hand, or belongs to another run (--run-config), and would run the model wrongly
+        if path.is_file():
+            from_config = _config_history_mode(path)
+            if from_config is not None and from_config != recorded:
+                raise HistoryModeError(
+                    f"{path}: data.history_mode={from_config!r}, but the checkpoint records that it was trained with "
+                    f"{recorded!r} ({ckpt / TRAINING_RECORD}); fix the run config or point --run-config at the run "
+                    "that trained this checkpoint")
+        return recorded, str(ckpt / TRAINING_RECORD)
     if path.is_file():
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: unreadable run config (not UTF-8 text: {e.reason} at byte {e.start})") from None
-        except yaml.YAMLError as e:  # one line: the problem and where, not PyYAML's multi-line excerpt
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ValueError(f"{path}:{where} unreadable run config "
-                             f"(invalid YAML: {getattr(e, 'problem', None) or e})") from None
-        except OSError as e:
-            raise ValueError(f"{path}: unreadable run config ({e})") from None
-        data = tree.get("data") if isinstance(tree, dict) else None
-        data = data if isinstance(data, dict) else {}
-        mode = data.get("history_mode", "codes")
+        mode = _config_history_mode(path)
         if mode is not None:
-            if mode not in HISTORY_MODES:
-                raise HistoryModeError(f"{path}: data.history_mode={mode!r}; expected one of {list(HISTORY_MODES)}")
             return mode, str(path)
     return default_history_mode(ckpt), f"{ckpt / 'config.json'} (no run config with data.history_mode)"
+
+
+def recorded_history_mode(checkpoint: str | os.PathLike) -> str | None:
+    """``history_mode`` of the checkpoint's own training record (``pgen_training.json``, written
+    by pgen training's export), or None for a checkpoint without one (foreign, or older).
+
+    Raises HistoryModeError / ValueError naming the file when it is unreadable or holds an
+    unknown mode."""
+    path = Path(checkpoint) / TRAINING_RECORD
+    if not path.is_file():
+        return None
+    try:
+        rec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable training record ({e})") from None
+    mode = rec.get("history_mode") if isinstance(rec, dict) else None
+    if mode is None:
+        return None
+    if mode not in HISTORY_MODES:
+        raise HistoryModeError(f"{path}: history_mode={mode!r}; expected one of {list(HISTORY_MODES)}")
+    return mode
+
+
+def _config_history_mode(path: Path) -> str | None:
+    """``data.history_mode`` of the run config at ``path`` ("codes" when the key is absent: the
+    run predates the setting), or None when it is null (resolved at data preparation)."""
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: unreadable run config (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:  # one line: the problem and where, not PyYAML's multi-line excerpt
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}:{where} unreadable run config "
+                         f"(invalid YAML: {getattr(e, 'problem', None) or e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable run config ({e})") from None
+    data = tree.get("data") if isinstance(tree, dict) else None
+    data = data if isinstance(data, dict) else {}
+    mode = data.get("history_mode", "codes")
+    if mode is not None and mode not in HISTORY_MODES:
+        raise HistoryModeError(f"{path}: data.history_mode={mode!r}; expected one of {list(HISTORY_MODES)}")
+    return mode
 
 
 def run_history_mode(requested: str | None, checkpoint: str | os.PathLike | None) -> str:
     """The history mode of a training run starting from ``checkpoint``.
 
-    A checkpoint written by an earlier pgen run (a ``config.resolved.yaml`` beside it) fixes
+    A checkpoint written by an earlier pgen run (its training record, or a ``config.resolved.yaml``
+    beside it) fixes
     the mode: ``requested`` must agree (:class:`HistoryModeError` otherwise). A foreign
     checkpoint (e.g. Janus-Pro from the Hub) takes ``requested``, else its architecture
     default; no checkpoint (the tiny init model) -> ``requested`` or ``"pixels"``.
     """
     if checkpoint is None:
         return requested or "pixels"
-    if (Path(checkpoint).parent / "config.resolved.yaml").is_file():
+    if recorded_history_mode(checkpoint) is not None or (Path(checkpoint).parent / "config.resolved.yaml").is_file():
         trained, where = trained_history_mode(checkpoint)
         return check_history_mode(trained, requested, where=where)
     return requested or default_history_mode(checkpoint)

@@ -22,12 +22,18 @@ SIDECAR_GLOBS = ("tokenizer*", "special_tokens_map.json", "*.model", "preprocess
                  "processor_config.json", "chat_template*")
 
 
+# What a pgen training run records in the checkpoint it exports (stage, data.history_mode), so
+# the checkpoint says how it was trained even when moved away from its run's config.resolved.yaml.
+TRAINING_RECORD = "pgen_training.json"
+
+
 def hf_key(name: str) -> str:
     """Engine parameter name -> checkpoint key."""
     return name if name.startswith("lm_head.") else "model." + name
 
 
-def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
+def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes: int = 4 << 30,
+                    extra_json: dict[str, dict] | None = None) -> None:
     """Write ``model`` (a :class:`~pgen_engine.models.janus.JanusModel`) as a Hugging Face Janus
     checkpoint at ``path``, atomically.
 
@@ -35,6 +41,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes
     index when larger than ``max_shard_bytes``); tokenizer files of the source checkpoint are
     copied along. An existing checkpoint at ``path`` is replaced only once the new one is
     complete; a non-empty folder without ``config.json`` is refused (CheckpointError).
+    ``extra_json``: file name -> object, written as JSON into the same atomic folder (e.g. the
+    training record :data:`TRAINING_RECORD` a pgen run adds).
     """
     target = Path(path)
     if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
@@ -74,6 +82,10 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes
                     total += t.numel() * t.element_size()
             (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2) + "\n")
+        for name, obj in (extra_json or {}).items():
+            if Path(name).name != name or name in ("config.json", "generation_config.json"):
+                raise ValueError(f"save_checkpoint: extra_json name {name!r} must be a plain new file name")
+            (tmp / name).write_text(json.dumps(obj, indent=2) + "\n")
         src = getattr(model, "source_dir", None)
         if src is not None and Path(src).is_dir():
             for pattern in SIDECAR_GLOBS:

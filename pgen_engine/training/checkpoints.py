@@ -34,6 +34,7 @@ import torch
 from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text
 from pgen_engine.models.checkpoint import save_checkpoint
+from pgen_engine.models.checkpoint_writer import TRAINING_RECORD
 from pgen_engine.models.janus import JanusModel
 
 from .distributed import DistInfo, barrier
@@ -320,11 +321,13 @@ def gather_state_dict(module: torch.nn.Module, dist_info: DistInfo) -> dict[str,
     return out if dist_info.is_main else None
 
 
-def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: DistInfo) -> Path | None:
+def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: DistInfo,
+              record: dict | None = None) -> Path | None:
     """Write the model as a Hugging Face Janus checkpoint at ``out_dir`` (collective; rank 0 writes).
 
     ``module`` is the trained :class:`pgen_engine.models.JanusModel` (``engine.module``);
-    under ZeRO-3 its parameters are gathered first. The folder appears atomically.
+    under ZeRO-3 its parameters are gathered first. The folder appears atomically, with
+    ``record`` (how the run trained: stage, history mode) as its ``pgen_training.json``.
     """
     state = gather_state_dict(module, dist_info)
     if dist_info.is_main:
@@ -334,7 +337,7 @@ def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: Di
         if module.config.tie_word_embeddings:
             clone.lm_head.weight = clone.language_model.embed_tokens.weight
         clone.source_dir = getattr(module, "source_dir", None)
-        save_checkpoint(clone, out_dir)
+        save_checkpoint(clone, out_dir, extra_json={TRAINING_RECORD: record} if record else None)
     barrier()
     return Path(out_dir) if dist_info.is_main else None
 

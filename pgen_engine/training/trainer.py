@@ -186,7 +186,8 @@ class Trainer:
                     self._save(done)
             if self.start_step < t.max_steps or self.last_saved is None:
                 self._save(t.max_steps)
-            export_hf(self.te.model, self.out / "final", dist)
+            export_hf(self.te.model, self.out / "final", dist,
+                      record={"stage": cfg.stage, "history_mode": cfg.data.history_mode})
         finally:
             self.logger.close()
         summary = {"stage": stage.name, "steps": t.max_steps, "resumed_from": self.start_step,

@@ -54,6 +54,35 @@ def test_defaults_and_trained_mode(tmp_path):
 
 
 
+def test_the_checkpoints_training_record_fixes_the_mode(tmp_path):
+    # a pgen export records its history mode (pgen_training.json): it holds without the run
+    # folder, and a run config edited to the other mode is refused instead of running wrongly
+    final = _ckpt(tmp_path / "run" / "final")  # has a vision tower: the default would be pixels
+    (final / "pgen_training.json").write_text(json.dumps({"stage": "sft", "history_mode": "codes"}))
+    mode, where = trained_history_mode(final)
+    assert mode == "codes" and where.endswith("pgen_training.json")
+    assert run_history_mode(None, final) == "codes"
+    with pytest.raises(HistoryModeError, match="'pixels'"):
+        run_history_mode("pixels", final)
+    cfg = tmp_path / "run" / "config.resolved.yaml"
+    cfg.write_text("data:\n  history_mode: codes\n")
+    assert trained_history_mode(final)[0] == "codes"  # agreeing run config
+    cfg.write_text("data:\n  history_mode: pixels\n")  # edited by hand
+    with pytest.raises(HistoryModeError, match=r"config\.resolved\.yaml: data\.history_mode='pixels', but the "
+                       r"checkpoint records .*'codes'"):
+        trained_history_mode(final)
+    other = tmp_path / "other.yaml"
+    other.write_text("data:\n  history_mode: pixels\n")
+    with pytest.raises(HistoryModeError, match="point --run-config at the run"):
+        trained_history_mode(final, other)
+    (final / "pgen_training.json").write_text("{not json")
+    with pytest.raises(ValueError, match="pgen_training.json: unreadable training record"):
+        trained_history_mode(final)
+    (final / "pgen_training.json").write_text(json.dumps({"history_mode": "vision"}))
+    with pytest.raises(HistoryModeError, match="history_mode='vision'"):
+        trained_history_mode(final)
+
+
 def test_unreadable_run_config_is_one_line_naming_the_file(tmp_path):
     # a YAML error used to carry PyYAML's multi-line excerpt, a non-UTF-8 file a bare UnicodeDecodeError
     final = _ckpt(tmp_path / "run" / "final")

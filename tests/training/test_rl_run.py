@@ -109,6 +109,12 @@ def _check_run(out: Path, world: int) -> dict[int, dict]:
     assert summary["eval_before"]["eval/reward"] == rows[0]["eval/reward"]
     assert summary["eval_after"]["eval/reward"] == rows[STEPS]["eval/reward"]
     assert (out / "final" / "config.json").is_file() and summary["final"] == str(out / "final")
+    # the export records how it was trained; the SFT it started from says the same mode
+    record = json.loads((out / "final" / "pgen_training.json").read_text())
+    sft_record = json.loads((out.parent / "sft" / "final" / "pgen_training.json").read_text()) \
+        if (out.parent / "sft").is_dir() else None
+    assert record["stage"] == "rl" and record["history_mode"] in ("pixels", "codes")
+    assert sft_record is None or (sft_record["stage"] == "sft" and sft_record["history_mode"] == record["history_mode"])
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{STEPS:08d}"
     return rows
 
