@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -193,6 +195,23 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def load_yaml(text: str) -> Any:
     """``yaml.safe_load`` that refuses duplicate mapping keys (raises ``yaml.YAMLError`` with the line)."""
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def read_yaml_file(path: str | os.PathLike, what: str = "run config") -> Any:
+    """``yaml.safe_load`` of the file at ``path``; a file that cannot be read is a ValueError of
+    one line naming the file, ``what`` it should be and why (PyYAML's own message spans several
+    lines with an excerpt; a non-UTF-8 file would be a bare UnicodeDecodeError)."""
+    path = Path(path)
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: unreadable {what} (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}:{where} unreadable {what} (invalid YAML: {getattr(e, 'problem', None) or e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: unreadable {what} ({e.strerror or e})") from None
 
 
 def deepcopy(x: Any) -> Any:

@@ -7,9 +7,10 @@ import json
 import os
 from pathlib import Path
 
-import yaml
 
+from ..models.checkpoint import read_training_record
 from ..models.checkpoint_writer import TRAINING_RECORD
+from ..typed_config import read_yaml_file
 from .prompts import MODES as HISTORY_MODES
 
 
@@ -95,35 +96,18 @@ def recorded_history_mode(checkpoint: str | os.PathLike) -> str | None:
 
     Raises HistoryModeError / ValueError naming the file when it is unreadable or holds an
     unknown mode."""
-    path = Path(checkpoint) / TRAINING_RECORD
-    if not path.is_file():
-        return None
-    try:
-        rec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable training record ({e})") from None
-    mode = rec.get("history_mode") if isinstance(rec, dict) else None
-    if mode is None:
-        return None
-    if mode not in HISTORY_MODES:
-        raise HistoryModeError(f"{path}: history_mode={mode!r}; expected one of {list(HISTORY_MODES)}")
+    rec = read_training_record(checkpoint)
+    mode = None if rec is None else rec.get("history_mode")
+    if mode is not None and mode not in HISTORY_MODES:
+        raise HistoryModeError(f"{Path(checkpoint) / TRAINING_RECORD}: history_mode={mode!r}; expected one of "
+                               f"{list(HISTORY_MODES)}")
     return mode
 
 
 def _config_history_mode(path: Path) -> str | None:
     """``data.history_mode`` of the run config at ``path`` ("codes" when the key is absent: the
     run predates the setting), or None when it is null (resolved at data preparation)."""
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: unreadable run config (not UTF-8 text: {e.reason} at byte {e.start})") from None
-    except yaml.YAMLError as e:  # one line: the problem and where, not PyYAML's multi-line excerpt
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}:{where} unreadable run config "
-                         f"(invalid YAML: {getattr(e, 'problem', None) or e})") from None
-    except OSError as e:
-        raise ValueError(f"{path}: unreadable run config ({e})") from None
+    tree = read_yaml_file(path) or {}
     data = tree.get("data") if isinstance(tree, dict) else None
     data = data if isinstance(data, dict) else {}
     mode = data.get("history_mode", "codes")

@@ -9,15 +9,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from pgen_engine import envs
 from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
 from pgen_engine.io_utils import atomic_write_json
 from pgen_engine.models import load_model
+from pgen_engine.models.checkpoint import read_training_record
 from pgen_engine.rewards.embedders import make_embedder
-from pgen_engine.typed_config import check_seed
+from pgen_engine.typed_config import check_seed, read_yaml_file
 
 from . import evaluate as E
 from .demo import KEY_METRICS, REPORT_METRICS, run_demo, train_eval_embedder
@@ -34,37 +34,32 @@ def _embedder(spec: str):
     return make_embedder({"type": kind, "path": path})
 
 
-def _reward_embedder_spec(ckpt: Path) -> dict | None:
-    """The training run's ``rl.embedder`` (CHECKPOINT/../config.resolved.yaml), or None."""
-    path = ckpt.parent / "config.resolved.yaml"
+def _run_config_tree(path: Path) -> dict | None:
+    """The run config at ``path`` as a plain mapping, or None when there is no such file."""
     if not path.is_file():
         return None
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{path}:{where} unreadable run config ({getattr(e, 'problem', None) or e})") from None
-    if not isinstance(cfg, dict):
+    tree = read_yaml_file(path) or {}
+    if not isinstance(tree, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
+    return tree
+
+
+def _reward_embedder_spec(ckpt: Path) -> dict | None:
+    """The training run's ``rl.embedder`` (CHECKPOINT/../config.resolved.yaml), or None."""
+    cfg = _run_config_tree(ckpt.parent / "config.resolved.yaml") or {}
     rl = cfg.get("rl") or {}
     return rl.get("embedder") if cfg.get("stage") == "rl" and isinstance(rl, dict) else None
 
 
 def default_system_name(ckpt: Path, run_config: str | None = None) -> str:
-    """The table row of ``pgen eval``'s checkpoint when ``--name`` is not given: from the
-    training run's ``stage`` (``--run-config``, else CHECKPOINT/../config.resolved.yaml),
-    ``generate_sft`` for an SFT run and ``generate_sft_rl`` for an RL run (the demo's names);
-    ``generate`` for a checkpoint without a run config (e.g. a downloaded Janus-Pro)."""
-    path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
-    if not path.is_file():
-        return "generate"
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: unreadable run config ({getattr(e, 'problem', None) or e})") from None
-    stage = cfg.get("stage") if isinstance(cfg, dict) else None
-    return {"sft": "generate_sft", "rl": "generate_sft_rl"}.get(stage, "generate")
+    """The table row of ``pgen eval``'s checkpoint when ``--name`` is not given, from the stage
+    that trained it (the checkpoint's training record, else ``--run-config``, else
+    CHECKPOINT/../config.resolved.yaml): ``generate_sft`` for SFT and ``generate_sft_rl`` for RL
+    (the demo's names); ``generate`` for a checkpoint without either (e.g. a downloaded Janus-Pro)."""
+    rec = read_training_record(ckpt)
+    if rec is None:
+        rec = _run_config_tree(Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml") or {}
+    return {"sft": "generate_sft", "rl": "generate_sft_rl"}.get(rec.get("stage"), "generate")
 
 
 def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:

@@ -56,12 +56,6 @@ def binary_mask(mask, name: str, B: int, S: int, values: str) -> torch.Tensor:
     return flags
 
 
-def code_mask_tensor(gen_code_mask, B: int, S: int) -> torch.Tensor:
-    """``gen_code_mask`` for a ``[B,S]`` tensor ``input_ids``, checked: a ``[B,S]`` tensor (or
-    nested lists) of bools or 0 / 1 -> bool ``[B,S]``."""
-    return binary_mask(gen_code_mask, "gen_code_mask", B, S, "bools (or 0 / 1)")
-
-
 def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Prompt]:
     """Validate ``Generator.generate``'s ``input_ids`` / ``attention_mask`` / ``gen_code_mask``
     (see there) -> one :class:`Prompt` per row, padding stripped. Errors name the prompt and position."""
@@ -80,7 +74,7 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
             if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
                 raise ValueError("attention_mask must be left padding (each row 0..0 then 1..1)")
         ids_rows = input_ids.detach().cpu().long().tolist()
-        cm_rows = None if gen_code_mask is None else code_mask_tensor(gen_code_mask, B, S).tolist()
+        cm_rows = None if gen_code_mask is None else binary_mask(gen_code_mask, "gen_code_mask", B, S, "bools (or 0 / 1)").tolist()
         mask_rows = mask.tolist()
         rows = []
         for b in range(B):

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .checkpoint_writer import INDEX_NAME, SIDECAR_GLOBS, SINGLE_NAME, hf_key as _hf_key, save_checkpoint
+from .checkpoint_writer import (INDEX_NAME, SIDECAR_GLOBS, SINGLE_NAME, TRAINING_RECORD, hf_key as _hf_key,
+                                save_checkpoint)
 from .janus import JanusModel
 from .janus_config import CheckpointError, JanusModelConfig
 from .special_tokens import SpecialTokens
@@ -66,6 +67,23 @@ def _read_tensors(files: list[Path]) -> dict[str, tuple[Path, object]]:
                 raise CheckpointError(f"{f}: tensor {k!r} also present in {where[k][0].name}")
             where[k] = (f, handle)
     return where
+
+
+def read_training_record(path: str | Path) -> dict | None:
+    """The training record a pgen export wrote into checkpoint ``path`` (``pgen_training.json``:
+    ``stage``, ``history_mode``), or None for a checkpoint without one (foreign, or older).
+
+    Raises ValueError naming the file when it is unreadable or not a JSON object."""
+    f = Path(path) / TRAINING_RECORD
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{f}: unreadable training record ({e})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{f}: unreadable training record (expected a JSON object, got {type(rec).__name__})")
+    return rec
 
 
 def stored_dtypes(path: str | Path) -> dict[str, int]:

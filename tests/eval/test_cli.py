@@ -153,6 +153,9 @@ def test_default_row_name_follows_the_runs_stage(tmp_path):
     other = tmp_path / "other.yaml"
     other.write_text("stage: sft\n")
     assert default_system_name(ck, str(other)) == "generate_sft"  # --run-config wins
+    (ck / "pgen_training.json").write_text('{"stage": "rl", "history_mode": "codes"}')
+    assert default_system_name(ck, str(other)) == "generate_sft_rl"  # the checkpoint's own record wins
+    (ck / "pgen_training.json").unlink()
     (tmp_path / "run" / "config.resolved.yaml").write_text("stage: [unclosed\n")
     with pytest.raises(ValueError, match="unreadable run config"):
         default_system_name(ck)
