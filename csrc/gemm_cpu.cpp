@@ -14,6 +14,11 @@ int64_t packed_weight_floats(int64_t N, int64_t K) { return (N + 15) / 16 * 16 *
 
 #ifdef PGEN_HAVE_AVX512_GEMM
 namespace {
+// The first `cols` of a panel's 16 lanes (all of them from 16 on).
+__mmask16 tail_mask(int64_t cols) {
+  return cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+}
+
 // One panel: row k of the panel is a gather of W[j0 + c][k] over its 16 columns c (masked:
 // padding columns read nothing and store 0). Measured 3-4x the rate of the scalar loop below,
 // which reads W 16 rows K apart per k; scattering rows into the panel instead was slower still
@@ -21,7 +26,7 @@ namespace {
 __attribute__((target("avx512f"))) void pack_panel_avx512(const float* W, int64_t K, int64_t cols, float* panel) {
   const __m512i rows = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(static_cast<int>(K)));
-  const __mmask16 m = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 m = tail_mask(cols);
   for (int64_t k = 0; k < K; ++k) {
     _mm512_storeu_ps(panel + k * 16, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, rows, W + k, 4));
   }
@@ -32,7 +37,7 @@ __attribute__((target("avx512f"))) void pack_panel_avx512(const float* W, int64_
 void pack_weight_f32(const float* W, int64_t N, int64_t K, float* P) {
 #ifdef PGEN_HAVE_AVX512_GEMM
   // 32-bit gather offsets: row 15 of a panel starts 15 * K floats in
-  if (__builtin_cpu_supports("avx512f") && 15 * K < (int64_t{1} << 31)) {
+  if (packed_gemm_available() && 15 * K < (int64_t{1} << 31)) {
     for (int64_t j0 = 0; j0 < N; j0 += 16) pack_panel_avx512(W + j0 * K, K, std::min<int64_t>(16, N - j0), P + j0 * K);
     return;
   }
@@ -71,10 +76,6 @@ __attribute__((target("avx512f"), always_inline)) inline void micro(const float*
       _mm512_mask_storeu_ps(y + r * ldy + p * 16, p == NP - 1 ? last : static_cast<__mmask16>(0xFFFF), acc[r][p]);
     }
   }
-}
-
-__mmask16 tail_mask(int64_t cols) {
-  return cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
 }
 
 template <int MR>
