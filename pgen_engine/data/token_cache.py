@@ -161,11 +161,12 @@ def build_token_cache(
     fp = tokenizer.fingerprint()
     images = images_signature(dataset, ids)
     existing = _read_index(cache_dir)
-    if existing and existing.get("complete") and existing.get("fingerprint") == fp and existing.get("item_ids") == ids \
+    if existing and existing.get("format") == FORMAT and existing.get("version") == VERSION \
+            and existing.get("complete") and existing.get("fingerprint") == fp and existing.get("item_ids") == ids \
             and existing.get("images") == images:
         problem = _damage(cache_dir, existing)
-        if problem is None:
-            return TokenCache.open(cache_dir, fp)
+        if problem is None:  # every check TokenCache.open makes has passed: no second read of codes.bin
+            return TokenCache(cache_dir, existing)
         # a damaged cache of the right key is rebuilt (in staging; it is replaced only on success)
         warnings.warn(f"{problem}; rebuilding the token cache", stacklevel=2)
 
