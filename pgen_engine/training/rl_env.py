@@ -17,9 +17,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
-from pgen_engine.config import RLConfig, RLConfigError, RunConfig
+from pgen_engine.config import RLConfig, RLConfigError, RunConfig, load_config
+from pgen_engine.data.history import run_tokenizer_file
 from pgen_engine.data.prompts import normalize_pixels
 from pgen_engine.data.splits import Example, build_splits
 from pgen_engine.stage_config import PROMPT_WINDOWS
@@ -28,6 +28,7 @@ from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 from pgen_engine.ops.rng import mix_seed
 from pgen_engine.rewards import CompositeReward, RewardContext, make_embedder
+from pgen_engine.typed_config import read_yaml_file
 
 from .sft_data import DataPrepError, work_dir
 
@@ -310,14 +311,7 @@ def sft_tokenizer_path(checkpoint: str | Path) -> Path | None:
     made by this engine) or its tokenizer is not ``patch_kmeans``.
     """
     resolved = Path(checkpoint).parent / "config.resolved.yaml"
-    if not resolved.is_file():
-        return None
-    tree = yaml.safe_load(resolved.read_text()) or {}
-    data = tree.get("data") or {}
-    if data.get("tokenizer", "patch_kmeans") != "patch_kmeans":
-        return None
-    work = data.get("work_dir") or str(Path(tree.get("output_dir", Path(checkpoint).parent)) / "data_work")
-    return Path(work) / "tokenizer.safetensors"
+    return run_tokenizer_file(load_config(resolved)) if resolved.is_file() else None
 
 
 def check_tokenizer_matches_checkpoint(cfg: RunConfig, tokenizer) -> None:
@@ -349,11 +343,11 @@ def _check_vq_matches_checkpoint(cfg: RunConfig, tokenizer) -> None:
     dataset share the folder, and its codes would then mean other pixels to the policy."""
     resolved = Path(cfg.model.checkpoint).parent / "config.resolved.yaml"
     try:
-        tree = yaml.safe_load(resolved.read_text()) if resolved.is_file() else {}
+        tree = read_yaml_file(resolved) if resolved.is_file() else {}
         if "vqmodel" in ((tree or {}).get("train") or {}).get("trainable", []):
             return  # the SFT run trained its VQ: the checkpoint's copy is not the data tokenizer
         ckpt_vq = JanusVQTokenizer.from_checkpoint(cfg.model.checkpoint)
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+    except (OSError, ValueError, AttributeError):
         return  # no readable VQ in the checkpoint: nothing to compare against (loading it fails elsewhere)
     # compared at bf16 precision: a bf16 run exports its (frozen) VQ rounded to bf16
     ours, theirs = tokenizer.state_dict(), ckpt_vq.state_dict()
