@@ -15,6 +15,8 @@ Systems (names as in ``report.json``):
   same for every user (what "closeness to the mean" alone scores);
 * ``popularity``: the n most consumed train-split items;
 * ``copy_last``: the user's last history items (the window the generator sees), cycled;
+* ``repeat_last``: the most recent history item, n copies -- the sharper "nothing changes"
+  baseline on attribute metrics (cycling the window also shows older, already-drifted items);
 * ``retrieve``: catalogue items ranked by cosine to the mean of the same history window
   (reference embedder), no answer-aware filtering, history items allowed;
 * ``true_next``: the held-out item through the image tokenizer (encode + decode), a ceiling;
@@ -44,7 +46,7 @@ from pgen_engine.eval import metrics as M
 from pgen_engine.models.image_tokenizer import ImageTokenizer, VQImageTokenizer
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 
-BASELINES = ("random", "centroid", "popularity", "copy_last", "retrieve", "true_next")
+BASELINES = ("random", "centroid", "popularity", "copy_last", "repeat_last", "retrieve", "true_next")
 GENERATED = ("generate_nonpersonal", "generate_sft", "generate_sft_rl")
 
 
@@ -338,6 +340,15 @@ def copy_last_system(data: EvalData, examples: Sequence[Example], n: int) -> Sys
     return _from_items("copy_last", data, torch.stack(rows))
 
 
+def repeat_last_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
+    """The user's most recent history item, n copies."""
+    for ex in examples:
+        if not ex.history:
+            raise ValueError(f"repeat_last: user {ex.user_id} has an empty history")
+    last = torch.tensor([data.item_index[ex.history[-1]] for ex in examples])
+    return _from_items("repeat_last", data, last.view(-1, 1).expand(-1, n))
+
+
 def retrieve_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
     """Retrieve-and-rank on the generator's history window: the n catalogue items nearest
     the window's mean (reference embedder). No answer-aware filtering; history items allowed."""
@@ -358,9 +369,10 @@ def true_next_system(data: EvalData, examples: Sequence[Example], n: int) -> Sys
 
 
 def baseline_systems(data: EvalData, examples: Sequence[Example], n: int, *, seed: int = 0) -> dict[str, SystemOutput]:
-    """All six baselines, in :data:`BASELINES` order."""
+    """Every baseline, in :data:`BASELINES` order."""
     return {"random": random_system(data, examples, n, seed=seed), "centroid": centroid_system(data, examples, n),
             "popularity": popularity_system(data, examples, n), "copy_last": copy_last_system(data, examples, n),
+            "repeat_last": repeat_last_system(data, examples, n),
             "retrieve": retrieve_system(data, examples, n), "true_next": true_next_system(data, examples, n)}
 
 

@@ -135,8 +135,10 @@ def write_report(out_dir: str | Path, *, title: str, table_md: str, notes: Seque
 # Every system is compared user by user with each of these baselines (where present).
 PAIRED_BASELINES = ("generate_nonpersonal", "copy_last", "retrieve")
 # Further pairs the report makes claims about: does RL improve on the SFT model it starts from,
-# and does personalised generation beat random catalogue items (the floor)?
-PAIRED_CLAIMS = (("generate_sft_rl", "generate_sft"), ("generate_sft", "random"), ("generate_sft_rl", "random"))
+# does personalised generation beat random catalogue items (the floor), and does it beat
+# repeating the most recent item (does the model anticipate a change)?
+PAIRED_CLAIMS = (("generate_sft_rl", "generate_sft"), ("generate_sft", "random"), ("generate_sft_rl", "random"),
+                 ("generate_sft", "repeat_last"), ("generate_sft_rl", "repeat_last"))
 
 
 def paired_keys(systems: Sequence[str]) -> list[tuple[str, str]]:

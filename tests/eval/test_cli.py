@@ -29,7 +29,7 @@ def test_pgen_eval_with_baselines_writes_report_json(tmp_path, capsys):
                "--out", str(tmp_path / "ev"), "--name", "tiny"])
     assert rc == 0
     out = capsys.readouterr().out
-    for row in ("random", "centroid", "popularity", "copy_last", "retrieve", "true_next", "generate_nonpersonal",
+    for row in ("random", "centroid", "popularity", "copy_last", "repeat_last", "retrieve", "true_next", "generate_nonpersonal",
                 "tiny"):
         assert f"| {row} |" in out
     res = json.loads((tmp_path / "ev" / "report.json").read_text())

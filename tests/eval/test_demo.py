@@ -16,7 +16,7 @@ def test_quick_demo_writes_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report: {out / 'report.md'}" in r.stdout
     md = (out / "report.md").read_text()
-    for row in ("random", "centroid", "popularity", "copy_last", "retrieve", "true_next", "generate_nonpersonal",
+    for row in ("random", "centroid", "popularity", "copy_last", "repeat_last", "retrieve", "true_next", "generate_nonpersonal",
                 "generate_sft", "generate_sft_rl"):
         assert f"| {row} |" in md
     assert (out / "report.html").is_file() and (out / "grid_user0.png").is_file() and (out / "paired.png").is_file()

@@ -34,6 +34,11 @@ def test_baselines_shapes_and_definitions(data):
     want = [data.item_index[i] for i in reversed(u0.history)]
     want = [want[j % len(want)] for j in range(5)]
     assert torch.equal(b["copy_last"].images[:5], data.catalogue_images[want])
+    # repeat_last = the most recent history item, every image (per user)
+    for u in (0, 7):
+        last = data.catalogue_images[data.item_index[ex[u].history[-1]]]
+        assert all(torch.equal(img, last) for img in b["repeat_last"].images[5 * u:5 * u + 5])
+    assert b["repeat_last"].gen_user.tolist() == b["copy_last"].gen_user.tolist()
     # centroid and popularity are the same for every user
     for name in ("centroid", "popularity"):
         assert torch.equal(b[name].images[:5], b[name].images[5:10])
@@ -168,3 +173,12 @@ def test_items_without_an_image_are_a_data_error(tmp_path):
     with pytest.raises(DataError, match=rf"items\.jsonl: 1 item\(s\) have no image \(first: '{lines[2]['item_id']}'\)"):
         E.prepare_eval_data(tmp_path / "ds", tok, tmp_path / "cache", PixelStatsEmbedder())
     assert not (tmp_path / "cache").exists()
+
+
+def test_copy_baselines_refuse_an_empty_history(data):
+    from pgen_engine.data.splits import Example
+    ex = data.examples("test")
+    bad = [ex[0], Example(ex[1].user_id, (), ex[1].target, ex[1].position, "test")]
+    for fn, name in ((E.copy_last_system, "copy_last"), (E.repeat_last_system, "repeat_last")):
+        with pytest.raises(ValueError, match=f"{name}: user {ex[1].user_id} has an empty history"):
+            fn(data, bad, 3)
