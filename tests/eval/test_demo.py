@@ -38,10 +38,10 @@ def test_demo_rejects_bad_data_dir(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_report_json(tmp_path):
-    """The full synthetic v2 demo: report.json covers every system and both paired baselines.
+    """The full synthetic v2 demo: report.json covers every system and the paired baselines.
 
     The personalization targets (generate_sft_rl > generate_sft > generate_nonpersonal and
-    > copy_last on attr_acc_future) are measured and stated in README "Results" with their
+    > copy_last / repeat_last on attr_acc_future) are measured and stated in README "Results" with their
     intervals; they are not asserted here, because whether a 2-layer model learns the drift
     rules in a CPU budget is the experiment's result, not an invariant of the code.
     """
@@ -51,7 +51,7 @@ def test_full_demo_report_json(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     assert rep["users"] >= 500 and rep["images_per_user"] == 10
-    for base in ("generate_nonpersonal", "copy_last"):
+    for base in ("generate_nonpersonal", "copy_last", "repeat_last"):
         assert f"generate_sft_rl - {base}" in rep["paired"]
         assert "attr_acc_future" in rep["paired"][f"generate_sft_rl - {base}"]
 
