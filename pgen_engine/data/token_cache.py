@@ -187,6 +187,9 @@ def build_token_cache(
     codes = np.memmap(stage / "codes.bin", dtype=want["dtype"], mode="r+", shape=(max(n, 1), t))
     done = np.memmap(stage / "done.bin", dtype=np.uint8, mode="r+", shape=(max(n, 1),))
     skipped: dict[str, str] = dict(idx.get("skipped", {}))
+    for j in range(n):  # a crash between a skip's done-bit and index.json: the item is retried, not lost
+        if done[j] == SKIPPED and ids[j] not in skipped:
+            done[j] = PENDING
     todo = [j for j in range(n) if done[j] == PENDING]
     bar = None
     if progress:
@@ -230,7 +233,11 @@ def build_token_cache(
     if skipped:
         warnings.warn(f"{cache_dir}: skipped {len(skipped)} item(s) with missing/corrupt images "
                       f"(first: {next(iter(skipped.values()))})", stacklevel=2)
-    atomic_write_json(stage / "index.json", {**idx, "skipped": skipped, "complete": True})
+    final = {**idx, "skipped": skipped, "complete": True}
+    problem = _damage(stage, final)
+    if problem is not None:  # never replace a cache (maybe a good one) with a staging folder that would not open
+        raise DataError(f"{problem}; delete {stage} and rerun")
+    atomic_write_json(stage / "index.json", final)
     replace_dir(stage, cache_dir)
     return TokenCache.open(cache_dir, fp)
 

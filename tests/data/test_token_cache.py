@@ -196,3 +196,31 @@ def test_damaged_cache_is_rebuilt_by_build_and_refused_by_open(synth_dir, tmp_pa
     with pytest.warns(UserWarning, match="rebuilding the token cache"):
         got = build_token_cache(ds, tok, c, progress=False).codes(list(ds.items))
     assert torch.equal(got, want)
+
+
+def test_crash_between_a_skip_and_its_index_entry_is_retried_not_a_broken_cache(synth_dir, tmp_path, monkeypatch):
+    # a crash after a skipped item's done-bit but before index.json listed it: the rerun marked
+    # the cache complete with an unlisted skip, replaced the good old cache and then refused it
+    import pgen_engine.data.token_cache as tc
+    d = tmp_path / "ds"
+    shutil.copytree(synth_dir, d)
+    ds = load_dataset(d)
+    tok = _tok(ds)
+    build_token_cache(ds, tok, tmp_path / "c", progress=False)
+    ds.items["i0003"].image_path.write_bytes(b"\x89PNG broken")
+    ds = load_dataset(d)
+    orig = tc.atomic_write_json
+
+    def crash_on_skip(path, obj, **kw):
+        if obj.get("skipped"):
+            raise KeyboardInterrupt("simulated crash before the skip is recorded")
+        return orig(path, obj, **kw)
+
+    monkeypatch.setattr(tc, "atomic_write_json", crash_on_skip)
+    with pytest.raises(KeyboardInterrupt):
+        build_token_cache(ds, tok, tmp_path / "c", progress=False, on_error="skip")
+    monkeypatch.setattr(tc, "atomic_write_json", orig)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        cache = build_token_cache(ds, tok, tmp_path / "c", progress=False, on_error="skip")
+    assert "i0003" in cache.skipped and "i0003" not in cache and len(cache) == 56
+    assert TokenCache.open(tmp_path / "c", tok.fingerprint()).skipped == cache.skipped
