@@ -214,6 +214,9 @@ class CNNArtifactEmbedder(ImageEmbedder):
         net, info = fit_cocons_cnn(images, train_sequences, item_meta, cfg, progress=progress, desc=cls.LABEL)
         meta = {"kind": cls.KIND, "config": dataclasses.asdict(cfg), "data_hash": digest, **info}
         out.mkdir(parents=True, exist_ok=True)
+        # the metadata goes first, so an interruption before the new one is written leaves no artifact,
+        # never the new weights under the old data hash (which a run on the old data would reuse)
+        (out / cls.META_FILE).unlink(missing_ok=True)
         atomic_write_bytes(out / cls.WEIGHTS_FILE,
                            safetensors_bytes({k: v.contiguous() for k, v in net.state_dict().items()}))
         atomic_write_json(out / cls.META_FILE, meta)

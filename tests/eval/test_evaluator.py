@@ -132,3 +132,27 @@ def test_evaluator_is_not_written_into_a_reward_embedder_folder_or_over_a_file(t
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match=r"f: exists and is not a folder"):
         train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "f", cfg)
+
+
+def test_crash_between_weights_and_metadata_never_pairs_new_weights_with_old_metadata(tmp_path, monkeypatch):
+    # the weights were replaced first and evaluator.json second: interrupted in between, the folder
+    # held data B's weights under data A's hash, and a later run on data A reused them as A's
+    import pgen_engine.eval.evaluator as evm
+
+    imgs, seqs, _ = _toy()
+    cfg = EvaluatorConfig(steps=5, batch_size=32, image_size=32, width=8, dim=16, metadata_frac=0.0)
+    a = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg)
+    want = {k: v.clone() for k, v in a.net.state_dict().items()}
+
+    def crash(path, obj, **kw):
+        raise KeyboardInterrupt("simulated crash before the metadata is written")
+
+    monkeypatch.setattr(evm, "atomic_write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_evaluator(imgs, seqs[:-1], [{}] * len(imgs), tmp_path / "ev", cfg)  # data B
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError, match="missing evaluator.json"):
+        EvalEmbedder.load(tmp_path / "ev")  # no metadata: the half-written pair is not an artifact
+    again = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg)  # data A again: retrained
+    got = again.net.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
