@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -50,8 +49,8 @@ from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.data.text_tokenizer import HF_TOKENIZER_FILES, load_text_tokenizer
 from pgen_engine.generation.dataset_prompts import dataset_prompts
 from pgen_engine.generation.generator import GenerationMemoryError, Generator, NonFiniteLogitsError
-from pgen_engine.generation.output_dir import (MANIFEST, check_out, file_stem, make_out, rmdir_quiet, write_grid,
-                                               write_png)
+from pgen_engine.generation.output_dir import (MANIFEST, check_out, file_stem, make_out, publish, rmdir_quiet,
+                                               write_grid, write_png)
 from pgen_engine.generation.personal import decode_codes, request_seed_for_id
 from pgen_engine.generation.prompt_file import read_prompts
 from pgen_engine.generation.sampling_params import SamplingParams, SamplingParamsError
@@ -201,9 +200,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if blocked:
             raise ValueError(f"--out {out_dir}: {blocked[0]!r} there is not a file and would be replaced by an "
                              f"output; move it away (nothing was written)")
-        for name in names:
-            os.replace(stage / name, out_dir / name)
-        os.replace(stage / MANIFEST, out_dir / MANIFEST)
+        publish(stage, out_dir, names)
         published = True
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -71,6 +71,34 @@ def rmdir_quiet(d: Path) -> None:
         pass
 
 
+def publish(stage: Path, out_dir: Path, names: list[str]) -> None:
+    """Rename ``names`` and then ``MANIFEST`` from ``stage`` into ``out_dir``, all or nothing.
+
+    Files they replace are first moved aside into ``stage/.old`` (the old manifest before any
+    image), and an exception or Ctrl-C part-way moves everything back: ``out_dir`` never holds
+    new images next to the old manifest. A ``kill -9`` part-way leaves no manifest at all.
+    """
+    aside = stage / ".old"
+    aside.mkdir()
+    done: list[tuple[str, bool]] = []  # (name, an old file was moved aside)
+    try:
+        for name in (MANIFEST, *names):
+            if (out_dir / name).exists():
+                os.replace(out_dir / name, aside / name)
+                done.append((name, True))
+            else:
+                done.append((name, False))
+        for name in (*names, MANIFEST):
+            os.replace(stage / name, out_dir / name)
+    except BaseException:
+        for name, had_old in reversed(done):
+            if had_old:
+                os.replace(aside / name, out_dir / name)
+            else:
+                (out_dir / name).unlink(missing_ok=True)
+        raise
+
+
 def write_png(array, path: Path) -> None:
     with open(path, "wb") as f:
         Image.fromarray(array).save(f, format="PNG")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 from PIL import Image
@@ -323,6 +324,30 @@ def test_write_failure_while_publishing_leaves_no_temporaries(tiny_ckpt, tmp_pat
     monkeypatch.setattr(io_utils, "atomic_write_bytes", full)
     assert _gen(tiny_ckpt, p, out, "--seed", "5") == 1
     assert _snapshot(out) == before  # the new PNG (another seed) was not moved in next to the old manifest
+
+
+def test_interrupt_while_moving_outputs_into_place_keeps_earlier_results(tiny_ckpt, tmp_path, monkeypatch):
+    # Ctrl-C between the renames into --out left some new PNGs next to the old manifest.jsonl,
+    # which then described images it had not produced (other seed)
+    import pgen_engine.generation.output_dir as output_dir
+
+    p = _write(tmp_path / "p.jsonl", [json.dumps({"id": i, "prompt": f"p{i}"}) for i in "abc"])
+    out = tmp_path / "o"
+    assert _gen(tiny_ckpt, p, out, "--seed", "1") == 0
+    before = _snapshot(out)
+    real, moved = os.replace, []
+
+    def interrupted(src, dst):
+        if os.path.dirname(os.fspath(dst)) == str(out) and \
+                os.path.basename(os.path.dirname(os.fspath(src))).startswith(".pgen-generate."):  # new output in
+            moved.append(dst)
+            if len(moved) == 2:
+                raise KeyboardInterrupt
+        return real(src, dst)
+    monkeypatch.setattr(output_dir.os, "replace", interrupted)
+    assert _gen(tiny_ckpt, p, out, "--seed", "2") == 130
+    monkeypatch.setattr(output_dir.os, "replace", real)
+    assert len(moved) == 2 and _snapshot(out) == before
 
 
 def test_bad_tokenizer_file_names_the_checkpoint(tiny_ckpt, tmp_path, capsys):
