@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import socket
 import warnings
-from typing import Any, Literal
+from typing import Any, Callable, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
+
+from pgen_engine.errors import PgenUserError, one_line
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +177,47 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     # broadcast_object_list pickles into a tensor: it must go on the group's device
     dist.broadcast_object_list(box, src=src, device=comm_device() if comm_device_type() != "cpu" else None)
     return box[0]
+
+
+class RankFailedError(RuntimeError):
+    """Raised on the ranks that waited for rank 0's work when that work raised a bug (not a
+    :class:`PgenUserError`, which is re-raised as itself); rank 0 keeps its own traceback."""
+
+
+def on_main(fn: Callable[[], T], is_main: bool) -> T | None:
+    """``fn()`` on rank 0 only; every rank raises if it raised (collective: call on every rank).
+
+    Returns ``fn()``'s result on rank 0, None elsewhere. Rank 0's outcome is broadcast (one
+    ``broadcast_object``), so a rank-0-only failure (a cache build, a reward embedder fit, a
+    checkpoint write) stops every rank at once instead of leaving the others in the next
+    collective until the group's timeout (a hang, on NCCL or on another node). The other
+    ranks raise a :class:`PgenUserError` as the same error (same class and message), anything
+    else as :class:`RankFailedError` naming rank 0's exception.
+    """
+    error: BaseException | None = None
+    result = None
+    if is_main:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the others know
+            error = e
+    shared = None
+    if error is not None:
+        shared = (error if isinstance(error, PgenUserError) and _pickles(error)
+                  else f"rank 0 failed: {type(error).__name__}: {one_line(error)}")
+    shared = broadcast_object(shared)
+    if error is not None:
+        raise error
+    if isinstance(shared, BaseException):
+        raise shared
+    if shared is not None:
+        raise RankFailedError(shared)
+    return result
+
+
+def _pickles(e: BaseException) -> bool:
+    try:
+        pickle.loads(pickle.dumps(e))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: send the message instead
+        return False

@@ -45,7 +45,7 @@ from pgen_engine.rewards import reward_stats
 
 from . import grpo
 from .advantages import compute_advantages
-from .distributed import all_ranks_true, all_reduce, barrier
+from .distributed import all_ranks_true, all_reduce, on_main
 from .engine import ObjectiveModule, build_deepspeed_config, model_dtype
 from .errors import NonFiniteError
 from .history_features import RLHistoryFeatures, tower_trains
@@ -428,10 +428,9 @@ class RLStage(Stage):
         self.eval_before = client.get("eval_before")
         ds = data.dataset  # SFTDataset: its cache / prompt builder / titles are what SFT trained on
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
-        if dist.rank == 0:  # a learned reward embedder is trained once, by rank 0; the others reuse it
-            ensure_reward_embedder(reward_embedder_spec(rl, work_dir(cfg)), data.tokenizer.decode, ds.cache,
-                                   list(dataset.items), data.splits.train_sequences)
-        barrier()
+        # a learned reward embedder is trained once, by rank 0; the others reuse it, or stop with its error
+        on_main(lambda: ensure_reward_embedder(reward_embedder_spec(rl, work_dir(cfg)), data.tokenizer.decode, ds.cache,
+                                               list(dataset.items), data.splits.train_sequences), dist.is_main)
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
                                           work=work_dir(cfg))
         windows = rl_prompt_windows(rl.prompt_windows, data.splits.train, dataset, cfg.data, log=dist.rank == 0)

@@ -195,3 +195,40 @@ def test_group_tests_run_in_a_fresh_process_when_this_one_has_a_group():
                         "-k", "not fresh_process"], cwd=repo, capture_output=True, text=True, timeout=600)
     summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:]
     assert r.returncode == 0 and "skipped" not in summary and "passed" in summary, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def _on_main_ranks(rank: int, port: str, out: str) -> None:
+    import datetime
+
+    from pgen_engine.errors import PgenUserError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+    res = {"value": D.on_main(lambda: 7, rank == 0)}
+
+    def user():
+        raise PgenUserError("cache folder is read-only")
+
+    def bug():
+        raise ZeroDivisionError("division by zero")
+
+    for name, fn in (("user", user), ("bug", bug)):
+        try:
+            D.on_main(fn, rank == 0)
+            res[name] = ("returned", "")
+        except Exception as e:  # noqa: BLE001 - what each rank saw is the result
+            res[name] = (type(e).__name__, str(e))
+    res["after"] = D.all_ranks_true(True)  # the group is still in step
+    torch.save(res, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def test_on_main_stops_every_rank_when_rank0_fails(tmp_path):
+    mp.start_processes(_on_main_ranks, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert (r0["value"], r1["value"]) == (7, None)
+    assert r0["user"] == r1["user"] == ("PgenUserError", "cache folder is read-only")
+    assert r0["bug"] == ("ZeroDivisionError", "division by zero")
+    assert r1["bug"] == ("RankFailedError", "rank 0 failed: ZeroDivisionError: division by zero")
+    assert r0["after"] and r1["after"]
