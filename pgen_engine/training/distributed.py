@@ -184,10 +184,10 @@ class RankFailedError(RuntimeError):
     :class:`PgenUserError`, which is re-raised as itself); rank 0 keeps its own traceback."""
 
 
-def on_main(fn: Callable[[], T], is_main: bool) -> T | None:
+def on_main(fn: Callable[[], T], is_main: bool) -> T:
     """``fn()`` on rank 0 only; every rank raises if it raised (collective: call on every rank).
 
-    Returns ``fn()``'s result on rank 0, None elsewhere. Rank 0's outcome is broadcast (one
+    Returns ``fn()``'s result on every rank (it must pickle). Rank 0's outcome is broadcast (one
     ``broadcast_object``), so a rank-0-only failure (a cache build, a reward embedder fit, a
     checkpoint write) stops every rank at once instead of leaving the others in the next
     collective until the group's timeout (a hang, on NCCL or on another node). The other
@@ -205,7 +205,7 @@ def on_main(fn: Callable[[], T], is_main: bool) -> T | None:
     if error is not None:
         shared = (error if isinstance(error, PgenUserError) and _pickles(error)
                   else f"rank 0 failed: {type(error).__name__}: {one_line(error)}")
-    shared = broadcast_object(shared)
+    shared, result = broadcast_object((shared, result))
     if error is not None:
         raise error
     if isinstance(shared, BaseException):

@@ -43,7 +43,7 @@ from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.models.special_tokens import SpecialTokens
 from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
-from .distributed import DistInfo, barrier, broadcast_object
+from .distributed import DistInfo, barrier, on_main
 from .engine import model_dtype
 from .init import init_model_for_tokenizer
 
@@ -222,8 +222,8 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
             on every rank, with rank 0's message.
     """
     feature_dtype = model_dtype(cfg.deepspeed, dist_info.device)  # a bf16 run stores bf16 features (half the bytes)
-    err, vision_dir = _prepare_on_main(cfg, feature_dtype) if dist_info.is_main else (None, None)
-    err, vision_dir = broadcast_object((err, vision_dir))
+    # an unforeseen exception on rank 0 (a bug, a CUDA OOM) stops the other ranks too, not a hang
+    err, vision_dir = on_main(lambda: _prepare_on_main(cfg, feature_dtype), dist_info.is_main)
     if err is not None:
         raise DataPrepError(err)
     barrier()
