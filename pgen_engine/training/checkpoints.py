@@ -37,7 +37,7 @@ from pgen_engine.models.checkpoint import save_checkpoint
 from pgen_engine.models.checkpoint_writer import TRAINING_RECORD
 from pgen_engine.models.janus import JanusModel
 
-from .distributed import DistInfo, barrier
+from .distributed import DistInfo, RankFailedError, all_ranks_true, on_main
 from .engine import gathered_parameters
 
 CHECKPOINTS = "checkpoints"
@@ -227,15 +227,24 @@ def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dic
     tag = checkpoint_tag(step)
     tmp_tag = f".tmp-{tag}"
     tmp = root / tmp_tag
-    if dist_info.is_main:
+
+    def clear() -> None:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
+
+    # rank 0's file work goes through on_main: a failure there stops every rank, not a hang
+    on_main(clear, dist_info.is_main)
     engine.save_checkpoint(str(root), tag=tmp_tag, client_state={**client_state, "step": step}, save_latest=False)
-    torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
-    barrier()
+    rng_error = None
+    try:  # per rank (another node's disk may be full): every rank learns whether all wrote theirs
+        torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
+    except OSError as e:
+        rng_error = e
+    if not all_ranks_true(rng_error is None):
+        raise rng_error or RankFailedError(f"{tmp}: another rank could not write its RNG state")
     final = root / tag
-    if dist_info.is_main:
+
+    def publish() -> None:
         meta = {"step": step, "world_size": dist_info.world_size, "zero_stage": engine.zero_optimization_stage(),
                 **(extra_meta or {})}
         atomic_write_json(tmp / META, meta)
@@ -252,7 +261,8 @@ def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dic
         for old in complete_checkpoints(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
-    barrier()
+
+    on_main(publish, dist_info.is_main)
     return final
 
 
@@ -330,7 +340,8 @@ def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: Di
     ``record`` (how the run trained: stage, history mode) as its ``pgen_training.json``.
     """
     state = gather_state_dict(module, dist_info)
-    if dist_info.is_main:
+
+    def write() -> None:
         with torch.device("meta"):
             clone = JanusModel(module.config, module.special_tokens)
         _assign_parameters(clone, state)
@@ -338,7 +349,8 @@ def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: Di
             clone.lm_head.weight = clone.language_model.embed_tokens.weight
         clone.source_dir = getattr(module, "source_dir", None)
         save_checkpoint(clone, out_dir, extra_json={TRAINING_RECORD: record} if record else None)
-    barrier()
+
+    on_main(write, dist_info.is_main)  # a failed write stops every rank together
     return Path(out_dir) if dist_info.is_main else None
 
 

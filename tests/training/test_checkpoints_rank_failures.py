@@ -1,0 +1,97 @@
+"""Checkpoint and export writes that fail on one rank must stop every rank together.
+
+``save_resumable`` / ``export_hf`` did their rank-0 file work (mkdir, meta + rename + ``latest``,
+the Hugging Face export) and then called ``barrier()``; a per-rank RNG file was written before a
+barrier too. An OSError on one rank (full disk, read-only folder, another node's local disk) left
+the others in the barrier: a hang on NCCL or on another node, 'Connection closed by peer' on
+gloo. Two gloo ranks with a fake engine stand in for the launch.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+class _Engine:
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
+
+    def zero_optimization_stage(self):
+        return 3
+
+
+class _Unwritable:
+    def __reduce__(self):
+        raise OSError(28, "No space left on device")
+
+
+def _rank(rank: int, port: str, out: str, case: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+    from pgen_engine.training import checkpoints as C
+    from pgen_engine.training.distributed import DistInfo
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    info = DistInfo(rank, 2, rank, torch.device("cpu"))
+    if case == "publish" and rank == 0:
+        C.atomic_write_json = disk_full
+    if case == "rng" and rank == 1:
+        C.rng_state = lambda: _Unwritable()
+    if case == "export":
+        C.gather_state_dict = lambda module, d: {}
+        if rank == 0:
+            C.JanusModel = disk_full
+    try:
+        if case == "export":
+            C.export_hf(SimpleNamespace(config=None, special_tokens=None), Path(out) / "final", info)
+        else:
+            C.save_resumable(_Engine(), Path(out) / "checkpoints", 1, {}, info, keep=2)
+        res = ["returned", ""]
+    except BaseException as e:  # noqa: BLE001 - what each rank saw is the result
+        res = [type(e).__name__, str(e)]
+    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
+    try:
+        dist.destroy_process_group()
+    finally:
+        os._exit(0)
+
+
+def _run(tmp_path, case):
+    mp.start_processes(_rank, args=(_port(), str(tmp_path), case), nprocs=2, start_method="spawn")
+    return [tuple(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+
+
+def test_failed_checkpoint_publish_on_rank0_stops_every_rank(tmp_path):
+    r0, r1 = _run(tmp_path, "publish")
+    assert r0 == ("OSError", "[Errno 28] No space left on device")
+    assert r1 == ("RankFailedError", "rank 0 failed: OSError: [Errno 28] No space left on device")
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_failed_rng_write_on_rank1_stops_every_rank(tmp_path):
+    r0, r1 = _run(tmp_path, "rng")
+    assert r1 == ("OSError", "[Errno 28] No space left on device")
+    assert r0[0] == "RankFailedError" and "could not write its RNG state" in r0[1]
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+
+
+def test_failed_export_on_rank0_stops_every_rank(tmp_path):
+    r0, r1 = _run(tmp_path, "export")
+    assert r0 == ("OSError", "[Errno 28] No space left on device")
+    assert r1 == ("RankFailedError", "rank 0 failed: OSError: [Errno 28] No space left on device")
