@@ -17,7 +17,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from pgen_engine.errors import PgenUserError
 from pgen_engine.io_utils import atomic_write_text
+
+from .distributed import on_main
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -64,7 +67,7 @@ def train_flops_per_token(num_params: int, num_layers: int, hidden_size: int, se
 
 
 class MetricsLogger:
-    """Writes metrics on rank 0 (other ranks: every call is a no-op).
+    """Writes metrics on rank 0; built and ``log``-ged on every rank (collectives, see ``log``).
 
     Args:
         output_dir: run folder; ``metrics.jsonl`` (and ``tensorboard/``) go there.
@@ -82,8 +85,11 @@ class MetricsLogger:
         self._bar = None
         self._tb = None
         self._file = None
-        if not is_main:
-            return
+        # collective (every rank builds its logger): a failure on rank 0 stops every rank at once,
+        # instead of rank 0 exiting while the others wait in the next ZeRO-3 gather
+        on_main(lambda: self._open(output_dir, total_steps, start_step, progress, tensorboard), is_main)
+
+    def _open(self, output_dir, total_steps: int, start_step: int, progress: bool, tensorboard: bool) -> None:
         rows = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= start_step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
         self._file = open(self.path, "a", encoding="utf-8")
@@ -92,16 +98,18 @@ class MetricsLogger:
                 # late import: tensorboard is optional, needed only when logging.tensorboard is on
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
-                raise RuntimeError(f"logging.tensorboard=true needs the 'tensorboard' package ({e}); "
-                                   "install it or set logging.tensorboard=false") from None
+                raise PgenUserError(f"logging.tensorboard=true needs the 'tensorboard' package ({e}); "
+                                    "install it or set logging.tensorboard=false") from None
             self._tb = SummaryWriter(str(Path(output_dir) / "tensorboard"), purge_step=start_step + 1)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
 
     def log(self, row: dict[str, Any]) -> None:
-        """Append one row (must contain ``step``) and update the bar/TensorBoard."""
-        if not self.is_main:
-            return
+        """Append one row (must contain ``step``) and update the bar/TensorBoard (collective: every
+        rank calls it; rank 0 writes, and a failed write stops every rank)."""
+        on_main(lambda: self._write(row), self.is_main)
+
+    def _write(self, row: dict[str, Any]) -> None:
         clean = {k: (float(v) if isinstance(v, float) and math.isfinite(v) else v) for k, v in row.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
