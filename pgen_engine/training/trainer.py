@@ -32,7 +32,7 @@ from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_pr
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_fresh_start, check_resume_config, export_hf, load_resumable,
                           resolve_resume, save_resumable)
-from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed
+from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
 from .engine import TrainEngine, build_engine, require_deepspeed
 from .errors import NonFiniteError
 from .metrics import MetricsLogger
@@ -194,6 +194,7 @@ class Trainer:
                    "world_size": dist.world_size, "grad_accum": self.te.grad_accum, "precision": self.te.precision,
                    "trainable_params": self.te.trainable_params, **stage.summary(),
                    "checkpoint": str(self.last_saved), "final": str(self.out / "final")}
-        if dist.is_main:
-            atomic_write_json(self.out / "summary.json", summary)
+        # through on_main: a failed write on rank 0 stops every rank, not only rank 0 while the
+        # others wait in train.py's shutdown barrier
+        on_main(lambda: atomic_write_json(self.out / "summary.json", summary), dist.is_main)
         return summary
