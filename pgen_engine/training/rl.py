@@ -109,7 +109,8 @@ class TorchOptimizerEngine:
 # ----------------------------------------------------------------------------- trainer
 def _stop_if_not_finite(value: float, what: str, step: int) -> None:
     if not all_ranks_true(math.isfinite(value)):
-        raise NonFiniteError(f"step {step}: {what} is not finite ({value}) — stopping without a checkpoint")
+        seen = value if not math.isfinite(value) else "on another rank"  # not this rank's finite value
+        raise NonFiniteError(f"step {step}: {what} is not finite ({seen}) — stopping without a checkpoint")
 
 
 class RLTrainer:

@@ -108,8 +108,9 @@ class Trainer:
     # -- the guard, written once --------------------------------------------------
     def check_finite(self, value: float, what: str, step: int) -> None:
         """Raise NonFiniteError on every rank when ``value`` is not finite on any rank (collective)."""
-        if not all_ranks_true(math.isfinite(value)):
-            raise NonFiniteError(f"step {step}: {what} is not finite ({value}) — stopping; last good "
+        if not all_ranks_true(math.isfinite(value)):  # a rank whose own value is finite says so
+            seen = value if not math.isfinite(value) else "on another rank"
+            raise NonFiniteError(f"step {step}: {what} is not finite ({seen}) — stopping; last good "
                                  f"checkpoint: {self.last_saved or 'none'} (left untouched)")
 
     def _save(self, step: int) -> None:
