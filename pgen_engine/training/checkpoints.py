@@ -298,12 +298,18 @@ def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict
     if path is None:
         raise ResumeError(f"{ckpt}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt / f"rng_rank{dist_info.rank}.pt"
-    if not rng_file.is_file():
-        raise ResumeError(f"{rng_file}: missing RNG state for rank {dist_info.rank}")
+    problem = None  # per rank: every rank learns whether all restored theirs (else the others hang)
     try:
-        rng = torch.load(rng_file, weights_only=False)
-    except unreadable as e:
-        raise ResumeError(f"{rng_file}: unreadable RNG state ({one_line(e)}); the checkpoint is corrupt") from None
+        if not rng_file.is_file():
+            raise ResumeError(f"{rng_file}: missing RNG state for rank {dist_info.rank}")
+        try:
+            rng = torch.load(rng_file, weights_only=False)
+        except unreadable as e:
+            raise ResumeError(f"{rng_file}: unreadable RNG state ({one_line(e)}); the checkpoint is corrupt") from None
+    except ResumeError as e:
+        problem = e
+    if not all_ranks_true(problem is None):
+        raise problem or ResumeError(f"{ckpt}: another rank could not restore its RNG state (see its error line)")
     set_rng_state(rng)
     return dict(client or {})
 

@@ -1,9 +1,10 @@
-"""Checkpoint and export writes that fail on one rank must stop every rank together.
+"""Checkpoint writes, exports and resumes that fail on one rank must stop every rank together.
 
 ``save_resumable`` / ``export_hf`` did their rank-0 file work (mkdir, meta + rename + ``latest``,
 the Hugging Face export) and then called ``barrier()``; a per-rank RNG file was written before a
 barrier too. An OSError on one rank (full disk, read-only folder, another node's local disk) left
-the others in the barrier: a hang on NCCL or on another node, 'Connection closed by peer' on
+the others in the barrier; a missing RNG file of one rank on resume left the others going on into
+the first step's collectives: a hang on NCCL or on another node, 'Connection closed by peer' on
 gloo. Two gloo ranks with a fake engine stand in for the launch.
 """
 from __future__ import annotations
@@ -33,6 +34,9 @@ class _Engine:
     def zero_optimization_stage(self):
         return 3
 
+    def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
+        return str(Path(root) / tag), {"step": 1}
+
 
 class _Unwritable:
     def __reduce__(self):
@@ -57,8 +61,17 @@ def _rank(rank: int, port: str, out: str, case: str) -> None:
         C.gather_state_dict = lambda module, d: {}
         if rank == 0:
             C.JanusModel = disk_full
+    if case == "resume":
+        ckpt = Path(out) / "checkpoints" / "step00000001"
+        if rank == 0:  # rank 1's RNG file is missing (another node's disk lost it)
+            ckpt.mkdir(parents=True)
+            (ckpt / C.META).write_text(json.dumps({"step": 1, "world_size": 2, "zero_stage": 3}))
+            torch.save(C.rng_state(), ckpt / "rng_rank0.pt")
+        dist.barrier()
     try:
-        if case == "export":
+        if case == "resume":
+            C.load_resumable(_Engine(), ckpt, info)
+        elif case == "export":
             C.export_hf(SimpleNamespace(config=None, special_tokens=None), Path(out) / "final", info)
         else:
             C.save_resumable(_Engine(), Path(out) / "checkpoints", 1, {}, info, keep=2)
@@ -95,3 +108,9 @@ def test_failed_export_on_rank0_stops_every_rank(tmp_path):
     r0, r1 = _run(tmp_path, "export")
     assert r0 == ("OSError", "[Errno 28] No space left on device")
     assert r1 == ("RankFailedError", "rank 0 failed: OSError: [Errno 28] No space left on device")
+
+
+def test_missing_rng_state_on_rank1_stops_every_rank_on_resume(tmp_path):
+    r0, r1 = _run(tmp_path, "resume")
+    assert r1[0] == "ResumeError" and "missing RNG state for rank 1" in r1[1]
+    assert r0[0] == "ResumeError" and "another rank could not restore its RNG state" in r0[1]
