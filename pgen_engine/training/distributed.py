@@ -16,6 +16,7 @@ Without a process group every helper is the identity for one rank.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import pickle
 import socket
@@ -187,12 +188,14 @@ class RankFailedError(RuntimeError):
 def on_main(fn: Callable[[], T], is_main: bool) -> T:
     """``fn()`` on rank 0 only; every rank raises if it raised (collective: call on every rank).
 
-    Returns ``fn()``'s result on every rank (it must pickle). Rank 0's outcome is broadcast (one
-    ``broadcast_object``), so a rank-0-only failure (a cache build, a reward embedder fit, a
-    checkpoint write) stops every rank at once instead of leaving the others in the next
-    collective until the group's timeout (a hang, on NCCL or on another node). The other
-    ranks raise a :class:`PgenUserError` as the same error (same class and message), anything
-    else as :class:`RankFailedError` naming rank 0's exception.
+    Returns ``fn()``'s result on every rank (it must pickle); ``fn`` must make no collective.
+    Rank 0's outcome is broadcast once, on a CPU gloo group whose timeout (:data:`WAIT_TIMEOUT`)
+    outlasts long rank-0 work (a VQ tokenizer fit, a token cache: longer than NCCL's 10 min
+    default, which killed the waiting ranks with a watchdog timeout). So a rank-0-only failure
+    (a cache build, a reward embedder fit, a checkpoint write) stops every rank at once instead
+    of leaving the others in the next collective until the group's timeout (a hang, on NCCL or
+    on another node). The other ranks raise a :class:`PgenUserError` as the same error (same
+    class and message), anything else as :class:`RankFailedError` naming rank 0's exception.
     """
     error: BaseException | None = None
     result = None
@@ -205,7 +208,12 @@ def on_main(fn: Callable[[], T], is_main: bool) -> T:
     if error is not None:
         shared = (error if isinstance(error, PgenUserError) and _pickles(error)
                   else f"rank 0 failed: {type(error).__name__}: {one_line(error)}")
-    shared, result = broadcast_object((shared, result))
+    box = [(shared, result)]
+    if initialized():
+        # on a CPU gloo group with a long timeout: rank 0's work (a VQ tokenizer fit, a token
+        # cache) may outlast the default group's (NCCL: 10 min), and the others only wait here
+        dist.broadcast_object_list(box, src=0, group=_wait_group())
+    shared, result = box[0]
     if error is not None:
         raise error
     if isinstance(shared, BaseException):
@@ -213,6 +221,17 @@ def on_main(fn: Callable[[], T], is_main: bool) -> T:
     if shared is not None:
         raise RankFailedError(shared)
     return result
+
+
+WAIT_TIMEOUT = datetime.timedelta(hours=24)
+_wait: dict[str, Any] = {}
+
+
+def _wait_group():
+    """The gloo group :func:`on_main` waits on (made on first use; every rank calls on_main)."""
+    if _wait.get("of") is not dist.group.WORLD:  # a new default group (tests make several)
+        _wait.update(of=dist.group.WORLD, group=dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
+    return _wait["group"]
 
 
 def _pickles(e: BaseException) -> bool:

@@ -232,3 +232,25 @@ def test_on_main_stops_every_rank_when_rank0_fails(tmp_path):
     assert r0["bug"] == ("ZeroDivisionError", "division by zero")
     assert r1["bug"] == ("RankFailedError", "rank 0 failed: ZeroDivisionError: division by zero")
     assert r0["after"] and r1["after"]
+
+
+def _slow_main_ranks(rank: int, port: str, out: str) -> None:
+    import datetime
+    import time
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    # the default group's timeout stands in for NCCL's 10 minutes
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3))
+    try:
+        res = D.on_main(lambda: time.sleep(6) or "fitted", rank == 0)
+    except Exception as e:  # noqa: BLE001 - what each rank saw is the result
+        res = f"{type(e).__name__}: {e}"
+    torch.save(res, f"{out}/rank{rank}.pt")
+    os._exit(0)
+
+
+def test_on_main_outlasts_the_default_groups_timeout(tmp_path):
+    """Rank 0's work (a VQ fit: data.vq_time_budget_s up to 780 s) may take longer than the
+    default group's timeout (NCCL: 10 min); the waiting ranks must not time out."""
+    mp.start_processes(_slow_main_ranks, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == ["fitted", "fitted"]
