@@ -25,6 +25,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -289,6 +290,14 @@ def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict
     # a truncated or corrupt state file surfaces from torch.load as RuntimeError / EOFError /
     # UnpicklingError (a ValueError... or not): one line naming the checkpoint instead
     unreadable = (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
+    # each rank's own ZeRO partition files first, together: one rank failing inside DeepSpeed's
+    # load left the others in its collectives (a hang; gloo: 'Connection closed by peer')
+    bad = next((f for f in sorted(ckpt.glob(f"*zero_pp_rank_{dist_info.rank}_*.pt")) if not zipfile.is_zipfile(f)),
+               None)
+    if not all_ranks_true(bad is None):
+        why = f"{bad.name}: truncated or not a torch file" if bad else "another rank's partition is corrupt"
+        raise ResumeError(f"{ckpt}: cannot load the DeepSpeed state ({why}); the checkpoint is corrupt or truncated: "
+                          "resume from another one (--resume PATH) or start fresh")
     try:
         path, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)

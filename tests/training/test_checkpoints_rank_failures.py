@@ -4,7 +4,8 @@
 the Hugging Face export) and then called ``barrier()``; a per-rank RNG file was written before a
 barrier too. An OSError on one rank (full disk, read-only folder, another node's local disk) left
 the others in the barrier; a missing RNG file of one rank on resume left the others going on into
-the first step's collectives: a hang on NCCL or on another node, 'Connection closed by peer' on
+the first step's collectives, a truncated ZeRO partition of one rank left the others inside
+DeepSpeed's load: a hang on NCCL or on another node, 'Connection closed by peer' on
 gloo. Two gloo ranks with a fake engine stand in for the launch.
 """
 from __future__ import annotations
@@ -35,6 +36,10 @@ class _Engine:
         return 3
 
     def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
+        # like DeepSpeed: each rank reads its own partition files, then a collective
+        for f in sorted((Path(root) / tag).glob(f"zero_pp_rank_{dist.get_rank()}_*.pt")):
+            torch.load(f)
+        dist.barrier()
         return str(Path(root) / tag), {"step": 1}
 
 
@@ -68,8 +73,18 @@ def _rank(rank: int, port: str, out: str, case: str) -> None:
             (ckpt / C.META).write_text(json.dumps({"step": 1, "world_size": 2, "zero_stage": 3}))
             torch.save(C.rng_state(), ckpt / "rng_rank0.pt")
         dist.barrier()
+    if case == "shard":
+        ckpt = Path(out) / "checkpoints" / "step00000001"
+        if rank == 0:  # rank 1's optimizer partition is truncated (killed while writing, disk full)
+            ckpt.mkdir(parents=True)
+            (ckpt / C.META).write_text(json.dumps({"step": 1, "world_size": 2, "zero_stage": 3}))
+            for r in (0, 1):
+                torch.save(C.rng_state(), ckpt / f"rng_rank{r}.pt")
+                torch.save({"r": r}, ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+            (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 truncated")
+        dist.barrier()
     try:
-        if case == "resume":
+        if case in ("resume", "shard"):
             C.load_resumable(_Engine(), ckpt, info)
         elif case == "export":
             C.export_hf(SimpleNamespace(config=None, special_tokens=None), Path(out) / "final", info)
@@ -114,3 +129,9 @@ def test_missing_rng_state_on_rank1_stops_every_rank_on_resume(tmp_path):
     r0, r1 = _run(tmp_path, "resume")
     assert r1[0] == "ResumeError" and "missing RNG state for rank 1" in r1[1]
     assert r0[0] == "ResumeError" and "another rank could not restore its RNG state" in r0[1]
+
+
+def test_truncated_zero_partition_of_rank1_stops_every_rank_before_deepspeed_loads(tmp_path):
+    r0, r1 = _run(tmp_path, "shard")
+    assert r1[0] == "ResumeError" and "(zero_pp_rank_1_mp_rank_00_optim_states.pt: truncated" in r1[1]
+    assert r0[0] == "ResumeError" and "(another rank's partition is corrupt)" in r0[1]
