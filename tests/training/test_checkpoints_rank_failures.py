@@ -10,22 +10,14 @@ gloo. Two gloo ranks with a fake engine stand in for the launch.
 """
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
+from tests.training.gloo_ranks import run_two_ranks
 
 
 class _Engine:
@@ -48,9 +40,7 @@ class _Unwritable:
         raise OSError(28, "No space left on device")
 
 
-def _rank(rank: int, port: str, out: str, case: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+def _rank(rank: int, out: str, case: str) -> None:
     from pgen_engine.training import checkpoints as C
     from pgen_engine.training.distributed import DistInfo
 
@@ -83,26 +73,16 @@ def _rank(rank: int, port: str, out: str, case: str) -> None:
                 torch.save({"r": r}, ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
             (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 truncated")
         dist.barrier()
-    try:
-        if case in ("resume", "shard"):
-            C.load_resumable(_Engine(), ckpt, info)
-        elif case == "export":
-            C.export_hf(SimpleNamespace(config=None, special_tokens=None), Path(out) / "final", info)
-        else:
-            C.save_resumable(_Engine(), Path(out) / "checkpoints", 1, {}, info, keep=2)
-        res = ["returned", ""]
-    except BaseException as e:  # noqa: BLE001 - what each rank saw is the result
-        res = [type(e).__name__, str(e)]
-    Path(out, f"rank{rank}.json").write_text(json.dumps(res))
-    try:
-        dist.destroy_process_group()
-    finally:
-        os._exit(0)
+    if case in ("resume", "shard"):
+        C.load_resumable(_Engine(), ckpt, info)
+    elif case == "export":
+        C.export_hf(SimpleNamespace(config=None, special_tokens=None), Path(out) / "final", info)
+    else:
+        C.save_resumable(_Engine(), Path(out) / "checkpoints", 1, {}, info, keep=2)
 
 
 def _run(tmp_path, case):
-    mp.start_processes(_rank, args=(_port(), str(tmp_path), case), nprocs=2, start_method="spawn")
-    return [tuple(json.loads((tmp_path / f"rank{r}.json").read_text())) for r in (0, 1)]
+    return run_two_ranks(_rank, tmp_path, case)
 
 
 def test_failed_checkpoint_publish_on_rank0_stops_every_rank(tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ast
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pgen_engine.training import distributed as D
+from tests.training.gloo_ranks import free_port
 
 PKG = Path(D.__file__).resolve().parents[1]
 NCCL_RULE = "No backend type associated with device type cpu"
@@ -28,19 +28,13 @@ COLLECTIVES = {"all_reduce", "all_gather", "all_gather_object", "all_gather_into
                "init_process_group", "new_group", "destroy_process_group"}
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 @pytest.fixture
 def group(request, monkeypatch):
     """A 1-rank process group with the backend string ``request.param``."""
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", _port())
+    monkeypatch.setenv("MASTER_PORT", free_port())
     dist.init_process_group(request.param, rank=0, world_size=1)
     try:
         yield request.param
@@ -99,7 +93,7 @@ def test_shutdown_leaves_the_group_and_is_a_noop_without_one(monkeypatch):
         pytest.skip("a process group already exists in this process")
     D.shutdown()  # no group: nothing to do, no error
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", _port())
+    monkeypatch.setenv("MASTER_PORT", free_port())
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         D.all_reduce(torch.ones(4))
@@ -134,7 +128,7 @@ def _two_ranks(rank: int, port: str, out: str) -> None:
 
 
 def test_two_rank_reductions(tmp_path):
-    mp.start_processes(_two_ranks, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["row"] == r1["row"] == {"step": 3, "reward": 0.5, "logprob_gap_max": 2.0, "mem/kv": 10.0}
     every = torch.tensor([1.0, 2.0, 3.0, 6.0])
@@ -225,7 +219,7 @@ def _on_main_ranks(rank: int, port: str, out: str) -> None:
 
 
 def test_on_main_stops_every_rank_when_rank0_fails(tmp_path):
-    mp.start_processes(_on_main_ranks, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_on_main_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert (r0["value"], r1["value"]) == (7, 7)
     assert r0["user"] == r1["user"] == ("PgenUserError", "cache folder is read-only")
@@ -252,5 +246,5 @@ def _slow_main_ranks(rank: int, port: str, out: str) -> None:
 def test_on_main_outlasts_the_default_groups_timeout(tmp_path):
     """Rank 0's work (a VQ fit: data.vq_time_budget_s up to 780 s) may take longer than the
     default group's timeout (NCCL: 10 min); the waiting ranks must not time out."""
-    mp.start_processes(_slow_main_ranks, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_slow_main_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == ["fitted", "fitted"]

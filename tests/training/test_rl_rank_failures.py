@@ -8,25 +8,12 @@ step is stubbed.
 """
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 from types import SimpleNamespace
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from tests.training.gloo_ranks import run_two_ranks
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _setup_rank(rank: int, port: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+def _setup_rank(rank: int, out: str) -> None:
     from pgen_engine.stage_config import RLConfigError
     from pgen_engine.training import rl as rl_mod
 
@@ -49,19 +36,9 @@ def _setup_rank(rank: int, port: str, out: str) -> None:
                               data=SimpleNamespace(dataset=SimpleNamespace(cache=None),
                                                    tokenizer=SimpleNamespace(decode=None),
                                                    splits=SimpleNamespace(train_sequences={})))
-    try:
-        stage.setup(trainer, {})
-        res = ("returned", "")
-    except BaseException as e:  # noqa: BLE001 - what each rank saw is the result
-        res = (type(e).__name__, str(e))
-    torch.save(res, f"{out}/rank{rank}.pt")
-    try:
-        dist.destroy_process_group()
-    finally:
-        os._exit(0)
+    stage.setup(trainer, {})
 
 
 def test_reward_embedder_failure_on_rank0_stops_every_rank_with_its_error(tmp_path):
-    mp.start_processes(_setup_rank, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = run_two_ranks(_setup_rank, tmp_path)
     assert r0 == r1 == ("RLConfigError", "rl.embedder: cannot train the reward embedder (injected)")

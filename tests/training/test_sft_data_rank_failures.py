@@ -7,25 +7,14 @@ another node, 'Connection closed by peer' on gloo. Two gloo ranks stand in for t
 """
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from tests.training.gloo_ranks import run_two_ranks
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
-def _prepare_rank(rank: int, port: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
+def _prepare_rank(rank: int, out: str) -> None:
     from pgen_engine.training import sft_data
     from pgen_engine.training.distributed import DistInfo
 
@@ -39,20 +28,10 @@ def _prepare_rank(rank: int, port: str, out: str) -> None:
     sft_data.model_dtype = lambda *a: torch.float32
     sft_data.load_dataset = reached
     cfg = SimpleNamespace(deepspeed=None, data=SimpleNamespace(dataset_dir=out))
-    try:
-        sft_data.prepare_sft_data(cfg, DistInfo(rank, 2, rank, torch.device("cpu")))
-        res = ("returned", "")
-    except BaseException as e:  # noqa: BLE001 - what each rank saw is the result
-        res = (type(e).__name__, str(e))
-    torch.save(res, f"{out}/rank{rank}.pt")
-    try:
-        dist.destroy_process_group()
-    finally:
-        os._exit(0)
+    sft_data.prepare_sft_data(cfg, DistInfo(rank, 2, rank, torch.device("cpu")))
 
 
 def test_unexpected_failure_in_rank0_data_prep_stops_every_rank(tmp_path):
-    mp.start_processes(_prepare_rank, args=(_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = run_two_ranks(_prepare_rank, tmp_path)
     assert r0 == ("RuntimeError", "CUDA out of memory (injected)")
     assert r1 == ("RankFailedError", "rank 0 failed: RuntimeError: CUDA out of memory (injected)")

@@ -9,12 +9,13 @@ peer'). The failure is injected by a wrapper script keyed on RANK.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.training.gloo_ranks import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -35,12 +36,6 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 '''
 
 
-def _port() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
-
-
 def test_summary_write_failure_on_rank0_stops_every_rank(tmp_path):
     wrapper = tmp_path / "wrap.py"
     wrapper.write_text(WRAPPER)
@@ -49,7 +44,7 @@ def test_summary_write_failure_on_rank0_stops_every_rank(tmp_path):
             f"data.dataset_dir={data / 'synth'}", f"data.work_dir={data / 'work'}", "data.synth.users=60",
             "train.global_batch_size=8", "data.patch_size=8", "data.codebook_size=64", "model.init.init_std=null",
             "train.max_steps=1", "train.warmup_steps=0", "logging.progress=false"]
-    port = _port()
+    port = free_port()
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
