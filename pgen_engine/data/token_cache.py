@@ -239,7 +239,7 @@ def build_token_cache(
         raise DataError(f"{problem}; delete {stage} and rerun")
     atomic_write_json(stage / "index.json", final)
     replace_dir(stage, cache_dir)
-    return TokenCache.open(cache_dir, fp)
+    return TokenCache(cache_dir, final)  # its files passed _damage above: no second read of codes.bin
 
 
 class TokenCache:

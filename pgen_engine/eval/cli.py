@@ -214,8 +214,8 @@ def register(subparsers) -> None:
                    "positives (needs a rating column)")
     p.add_argument("--run-config", default=None, help="the training run's config.resolved.yaml (default: "
                    "CHECKPOINT/../config.resolved.yaml) — gives the prompt format and the image tokenizer")
-    p.add_argument("--baselines", action="store_true", help="add random, centroid, popularity, copy_last, repeat_last, retrieve, "
-                   "true_next and generate_nonpersonal rows")
+    p.add_argument("--baselines", action="store_true", help="add random, centroid, popularity, copy_last, "
+                   "repeat_last, retrieve, true_next and generate_nonpersonal rows")
     p.add_argument("--name", default=None, help="row name of the checkpoint in the table (default: generate_sft or "
                    "generate_sft_rl from the run's stage, generate without a run config)")
     p.add_argument("--guidance-scale", type=float, default=1.0)

@@ -267,7 +267,8 @@ def _notes(report: dict, ev, evaluator, synthetic: bool, examples, key) -> list[
     san = evaluator.meta.get("sanity", {})
     notes = [
         "Rows: random / centroid (items nearest the catalogue mean) / popularity / copy_last (the history window "
-        "the generator sees, cycled) / repeat_last (its most recent item, every image) / retrieve (nearest items to that window's mean, reward-side embedder, no filtering) / "
+        "the generator sees, cycled) / repeat_last (its most recent item, every image) / retrieve (nearest items "
+        "to that window's mean, reward-side embedder, no filtering) / "
         "true_next (held-out item through the image tokenizer, a ceiling) / generate_nonpersonal (the model on the "
         "unconditional 'pad' prompt it was trained with) / generate_sft / generate_sft_rl. Cells: mean over "
         f"{report['users']} test users (seeds {report['seeds']}), [95 % paired-bootstrap CI]. Guidance scale and "

@@ -329,24 +329,24 @@ def popularity_system(data: EvalData, examples: Sequence[Example], n: int) -> Sy
     return _from_items("popularity", data, top.expand(len(examples), n))
 
 
+def _recent_first(data: EvalData, ex: Example, system: str) -> list[int]:
+    """Catalogue indices of ``ex``'s history window, most recent first (ValueError naming
+    ``system`` and the user when the window is empty)."""
+    if not ex.history:
+        raise ValueError(f"{system}: user {ex.user_id} has an empty history")
+    return [data.item_index[i] for i in reversed(ex.history)]
+
+
 def copy_last_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
     """The user's history window, most recent first, cycled to n images."""
-    rows = []
-    for ex in examples:
-        h = [data.item_index[i] for i in reversed(ex.history)]
-        if not h:
-            raise ValueError(f"copy_last: user {ex.user_id} has an empty history")
-        rows.append(torch.tensor([h[j % len(h)] for j in range(n)]))
-    return _from_items("copy_last", data, torch.stack(rows))
+    windows = [_recent_first(data, ex, "copy_last") for ex in examples]
+    return _from_items("copy_last", data, torch.tensor([[h[j % len(h)] for j in range(n)] for h in windows]))
 
 
 def repeat_last_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:
     """The user's most recent history item, n copies."""
-    for ex in examples:
-        if not ex.history:
-            raise ValueError(f"repeat_last: user {ex.user_id} has an empty history")
-    last = torch.tensor([data.item_index[ex.history[-1]] for ex in examples])
-    return _from_items("repeat_last", data, last.view(-1, 1).expand(-1, n))
+    last = [_recent_first(data, ex, "repeat_last")[0] for ex in examples]
+    return _from_items("repeat_last", data, torch.tensor([[i] * n for i in last]))
 
 
 def retrieve_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:

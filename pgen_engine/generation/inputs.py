@@ -74,7 +74,8 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
             if bool((mask[:, :-1] & ~mask[:, 1:]).any()):
                 raise ValueError("attention_mask must be left padding (each row 0..0 then 1..1)")
         ids_rows = input_ids.detach().cpu().long().tolist()
-        cm_rows = None if gen_code_mask is None else binary_mask(gen_code_mask, "gen_code_mask", B, S, "bools (or 0 / 1)").tolist()
+        cm_rows = None if gen_code_mask is None else \
+            binary_mask(gen_code_mask, "gen_code_mask", B, S, "bools (or 0 / 1)").tolist()
         mask_rows = mask.tolist()
         rows = []
         for b in range(B):
