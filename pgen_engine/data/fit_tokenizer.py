@@ -88,8 +88,18 @@ def split_items(dataset: Dataset, held_out: int) -> tuple[list[str], list[str]]:
     return fit, held
 
 
+def _vq_train_config(s: TokenizerFitSettings) -> VQTrainConfig:
+    """The VQ training recipe for ``s``: its sizes and budget, the rest VQTrainConfig's defaults."""
+    return VQTrainConfig(image_size=s.image_size, codes_per_side=s.codes_per_side, codebook_size=s.codebook,
+                         batch_size=s.batch_size, max_steps=s.max_steps, time_budget_s=s.time_budget_s, seed=s.seed)
+
+
 def _fit_key(dataset: Dataset, fit_ids: list[str], held_ids: list[str], s: TokenizerFitSettings) -> str:
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(s), sort_keys=True).encode())
+    # the whole VQ recipe is keyed, so a changed training default retrains instead of reusing
+    keyed: Any = dataclasses.asdict(s)
+    if s.kind == "vq":
+        keyed = [keyed, dataclasses.asdict(_vq_train_config(s))]
+    h = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode())
     for group, ids in (("fit", fit_ids), ("held", held_ids)):
         h.update(group.encode())
         for i in ids:
@@ -150,10 +160,7 @@ def fit_tokenizer(
     fit_imgs = _load(dataset, fit_ids, settings.image_size, progress, "loading fit images")
     held_imgs = _load(dataset, held_ids, settings.image_size, progress, "loading held-out images")
     if settings.kind == "vq":
-        cfg = VQTrainConfig(image_size=settings.image_size, codes_per_side=settings.codes_per_side,
-                            codebook_size=settings.codebook, batch_size=settings.batch_size,
-                            max_steps=settings.max_steps, time_budget_s=settings.time_budget_s, seed=settings.seed)
-        tok, rep = train_vq(fit_imgs, cfg, progress=progress)
+        tok, rep = train_vq(fit_imgs, _vq_train_config(settings), progress=progress)
         log(f"trained Janus VQ ({settings.codebook} codes, {settings.codes_per_side}x{settings.codes_per_side} "
             f"per image) on {len(fit_ids)} images: {rep.steps} steps in {rep.seconds:.0f}s, "
             f"{rep.revived} dead codes revived")

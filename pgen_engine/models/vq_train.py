@@ -24,6 +24,11 @@ replaces only the quantiser step:
   seen, 1,200 steps x 8 images 16.73 dB (15.73 dB with seed 1) and 2,400 x 4 17.63 dB; wider low-resolution levels
   (``latent_channels`` 128, +15 % per step) and lr 2e-3 did not pay at batch 8 (15.92 and
   16.35 dB);
+* most of the budget trains on crops (``crop_size``, auto 5/8 of the code grid, e.g. 40 px of
+  a 64-px poster; random offsets on the code grid), the last ``1 - crop_frac`` on whole
+  images: a crop step is ~2.5x cheaper, so the same budget gets ~2x the updates, and the
+  whole-image end adapts the decoder to full-image context and GroupNorm statistics
+  (crops to the end measured 0.6-1.6 dB worse than with it);
 * encoder and decoder run under bf16 autocast on CPU (``bf16``; about 2x per step where
   the CPU has bf16 units), the quantiser and losses in fp32; activations are kept
   contiguous NCHW (a permuted NHWC view makes every convolution run channels-last, which
@@ -42,10 +47,11 @@ Tried on 2026-12-06 (same 2,815 fit / 128 held-out posters, one thread each, the
   ran 29 % more steps (310 vs 241) but gained the same as training everything (16.93 vs
   16.94 dB, lr 4e-4, ``init=``).
 
-At this scale the VQ is compute-bound: the demo's 600-s budget under that load gave 1,799
-steps and 16.70 dB, below PatchKMeans' 17.81 dB on the same posters; 3,431 steps (780 s,
-load ~4.5) 17.85 dB; 2,400 batch-32 steps (~28 min) 18.26 dB. The +3 dB target over
-PatchKMeans is not reachable in a CPU budget of minutes with these models.
+At this scale the VQ is compute-bound: whole images in the demo's 600-s budget under that load
+gave 1,799 steps and 16.70 dB, below PatchKMeans' 17.81 dB on the same posters; 2,400 batch-32
+steps (~28 min) 18.26 dB. With crops (2026-12-07, 780 s, one thread, side by side): 6,648 steps
+18.30 dB against 3,409 whole-image steps 17.91 dB. The +3 dB target over PatchKMeans is not
+reachable in a CPU budget of minutes with these models.
 """
 from __future__ import annotations
 
@@ -98,6 +104,13 @@ class VQTrainConfig:
     # N(0, 0.02), which shrinks each stride/conv-in layer's output ~3-10x and makes lr 4e-3 a
     # ~20 % relative step per update
     torch_init: bool = True
+    # the first crop_frac of the budget trains on random crop_size x crop_size crops at code-grid
+    # offsets, the rest on whole images; 0 = whole images only, -1 = auto (crop_px). Measured on
+    # the MovieLens posters (64 px, 8 x 8 codes, 390-s budget, one thread, side by side): whole
+    # images 16.70 dB; 40-px crops 17.92, 32-px 17.84 (crop_frac 0.9; 0.4 / 0.6 / 0.8 / 0.95 at
+    # 32 px: 17.08 / 17.51 / 17.74 / 17.78; crops to the end: 16.27 at 32 px, 17.34 at 48 px)
+    crop_size: int = -1
+    crop_frac: float = 0.9
     seed: int = 0
 
     def model_config(self) -> dict:
@@ -106,12 +119,29 @@ class VQTrainConfig:
                          base_channels=self.base_channels, latent_channels=self.latent_channels,
                          num_res_blocks=self.num_res_blocks)
 
+    def crop_px(self) -> int:
+        """Side of the training crops in pixels (``image_size`` = whole images).
+
+        Auto (-1): 5/8 of the code grid, at least 4 codes per side (2 x 2-code crops of 64-px
+        posters measured a collapse to 9.8 dB), so grids of 4 x 4 codes and fewer train whole.
+        """
+        down = self.image_size // self.codes_per_side
+        if self.crop_size == -1:
+            return down * min(self.codes_per_side, max(4, math.ceil(0.625 * self.codes_per_side)))
+        return self.crop_size or self.image_size
+
     def validate(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1 or self.time_budget_s <= 0 or self.lr <= 0:
             raise ValueError("batch_size, max_steps, time_budget_s and lr must be positive")
         if not 0 < self.ema_decay < 1 or self.revive_every < 1 or self.revive_after < 1:
             raise ValueError("ema_decay must lie in (0,1), revive_every and revive_after >= 1")
+        if not 0 <= self.crop_frac <= 1:
+            raise ValueError(f"crop_frac must lie in [0,1], got {self.crop_frac}")
         self.model_config()  # geometry checks
+        down = self.image_size // self.codes_per_side
+        if self.crop_size not in (-1, 0) and (self.crop_size % down or not down <= self.crop_size <= self.image_size):
+            raise ValueError(f"crop_size {self.crop_size} must be a multiple of {down} in [{down}, {self.image_size}]"
+                             " (0 = whole images, -1 = auto)")
 
 
 @dataclasses.dataclass
@@ -227,15 +257,21 @@ def train_vq(
     else:
         vq = fresh_vqvae(cfg)
     k, d = cfg.codebook_size, cfg.embed_dim
-    grid = cfg.codes_per_side
+    down = cfg.image_size // cfg.codes_per_side
+    crop = cfg.crop_px()
+    grid = crop // down  # codes per side of one training crop
     emb = vq.quantize.embedding.weight
     emb.requires_grad_(False)  # the codebook is an EMA, not a gradient parameter
     params = [p for p in vq.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99))
     bs = min(cfg.batch_size, n)
 
-    def batch() -> torch.Tensor:
-        x = _pixels(images[torch.randint(n, (bs,), generator=g)])
+    def batch(full: bool = False) -> torch.Tensor:
+        sel = images[torch.randint(n, (bs,), generator=g)]
+        if crop < cfg.image_size and not full:
+            oy, ox = (down * torch.randint((cfg.image_size - crop) // down + 1, (2,), generator=g)).tolist()
+            sel = sel[:, oy:oy + crop, ox:ox + crop]
+        x = _pixels(sel)
         flip = torch.rand(bs, generator=g) < 0.5  # posters are not mirror-symmetric, textures are
         return torch.where(flip[:, None, None, None], x.flip(3), x)
 
@@ -288,7 +324,7 @@ def train_vq(
                 cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * frac)))
             for pg in opt.param_groups:
                 pg["lr"] = lr
-            x = batch()
+            x = batch(full=frac >= cfg.crop_frac)
             zf = encode(x)
             with torch.no_grad():
                 idx = (zf @ emb.T).argmax(1)
@@ -296,7 +332,8 @@ def train_vq(
             commit = F.mse_loss(zf, q)
             q_st = zf + (q - zf).detach() if quantise else zf
             # contiguous NCHW: a permuted view would run the whole decoder channels-last (2-3x slower on CPU)
-            h = vq.post_quant_conv(q_st.view(-1, grid, grid, d).permute(0, 3, 1, 2).contiguous())
+            side = x.shape[-1] // down
+            h = vq.post_quant_conv(q_st.view(-1, side, side, d).permute(0, 3, 1, 2).contiguous())
             with _autocast(cfg.bf16):
                 rec = vq.decoder(h).float()
             rec_mse = F.mse_loss(rec, x)
@@ -312,7 +349,9 @@ def train_vq(
                     cnt = ema_codebook_step(ema_count, ema_sum, idx, zd, cfg.ema_decay)
                     last_used[cnt > 0] = step
                     if (step + 1) % cfg.revive_every == 0:
-                        dead = (step - last_used >= cfg.revive_after).nonzero().flatten()
+                        # revive_after counts whole-image steps: a crop step assigns fewer codes
+                        after = math.ceil(cfg.revive_after * cfg.codes_per_side ** 2 / (x.shape[-1] // down) ** 2)
+                        dead = (step - last_used >= after).nonzero().flatten()
                         if dead.numel():
                             src = zd[torch.randint(zd.shape[0], (dead.numel(),), generator=g)]
                             ema_sum[dead] = F.normalize(src + 0.01 * torch.randn(src.shape, generator=g), dim=1) \

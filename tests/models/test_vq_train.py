@@ -141,3 +141,30 @@ def test_init_continues_a_trained_tokenizer_without_touching_it():
     assert all(torch.equal(before[k], v) for k, v in tok.state_dict().items())
     with pytest.raises(ValueError, match="geometry"):
         train_vq(imgs, dataclasses.replace(cfg, codebook_size=32), progress=False, init=tok)
+
+
+def test_crop_training_learns_and_tokenizes_whole_images():
+    imgs = _images(24)
+    cfg = VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, batch_size=4, lr=3e-3, max_steps=1,
+                        ae_warmup_steps=0, crop_size=8, crop_frac=0.75)
+    tok0, _ = train_vq(imgs, cfg, progress=False)
+    cfg.max_steps = 60
+    tok, rep = train_vq(imgs, cfg, progress=False)
+    assert rep.steps == 60
+    assert evaluate_tokenizer(tok, imgs)["psnr"] > evaluate_tokenizer(tok0, imgs)["psnr"] + 0.5
+    assert tuple(tok.encode(imgs[:3]).shape) == (3, 16)  # whole images, 4 x 4 codes each
+
+
+@pytest.mark.parametrize("bad, match", [(dict(crop_size=6), "multiple of 4"), (dict(crop_size=32), "multiple of 4"),
+                                        (dict(crop_size=8, crop_frac=1.5), "crop_frac")])
+def test_bad_crop_settings(bad, match):
+    with pytest.raises(ValueError, match=match):
+        train_vq(_images(4), VQTrainConfig(image_size=16, codes_per_side=4, codebook_size=16, **bad), progress=False)
+
+
+@pytest.mark.parametrize("size, side, want", [(64, 8, 40), (16, 4, 16), (384, 24, 240), (32, 2, 32), (128, 16, 80)])
+def test_auto_crop_is_five_eighths_of_the_grid_with_at_least_four_codes(size, side, want):
+    cfg = VQTrainConfig(image_size=size, codes_per_side=side)
+    cfg.validate()
+    assert cfg.crop_px() == want
+    assert VQTrainConfig(image_size=size, codes_per_side=side, crop_size=0).crop_px() == size
