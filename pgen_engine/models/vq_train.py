@@ -49,8 +49,9 @@ Tried on 2026-12-06 (same 2,815 fit / 128 held-out posters, one thread each, the
 
 At this scale the VQ is compute-bound: whole images in the demo's 600-s budget under that load
 gave 1,799 steps and 16.70 dB, below PatchKMeans' 17.81 dB on the same posters; 2,400 batch-32
-steps (~28 min) 18.26 dB. With crops (2026-12-07, 780 s, one thread, side by side): 6,648 steps
-18.30 dB against 3,409 whole-image steps 17.91 dB. The +3 dB target over PatchKMeans is not
+steps (~28 min) 18.26 dB. With crops (2026-12-07, 780 s): one thread beside another job, 6,648
+steps 18.30 dB against 3,409 whole-image steps 17.91 dB; idle, 2 threads, 9,768 steps 18.25 dB
+against 5,614 whole-image steps 18.15 dB -- crops pay most when compute is short. The +3 dB target over PatchKMeans is not
 reachable in a CPU budget of minutes with these models.
 """
 from __future__ import annotations
