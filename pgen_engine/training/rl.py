@@ -33,7 +33,6 @@ timings ``time/{rollout,reward,logprobs,update}_s``.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable
 
@@ -45,9 +44,9 @@ from pgen_engine.rewards import reward_stats
 
 from . import grpo
 from .advantages import compute_advantages
-from .distributed import all_ranks_true, all_reduce, on_main
+from .distributed import all_reduce, on_main
 from .engine import ObjectiveModule, build_deepspeed_config, model_dtype
-from .errors import NonFiniteError
+from .errors import stop_if_not_finite
 from .history_features import RLHistoryFeatures, tower_trains
 from .memory_ledger import MemoryLedger, SavedTensorMeter, optimizer_state_bytes
 from .reference import ReferencePolicy
@@ -108,9 +107,7 @@ class TorchOptimizerEngine:
 
 # ----------------------------------------------------------------------------- trainer
 def _stop_if_not_finite(value: float, what: str, step: int) -> None:
-    if not all_ranks_true(math.isfinite(value)):
-        seen = value if not math.isfinite(value) else "on another rank"  # not this rank's finite value
-        raise NonFiniteError(f"step {step}: {what} is not finite ({seen}) — stopping without a checkpoint")
+    stop_if_not_finite(value, what, step, "stopping without a checkpoint")
 
 
 class RLTrainer:

@@ -41,9 +41,8 @@ from pgen_engine.models import load_model
 from pgen_engine.models.janus_config import JanusModelConfig
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.models.special_tokens import SpecialTokens
-from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
 
-from .distributed import DistInfo, barrier, on_main
+from .distributed import DistInfo, on_main
 from .engine import model_dtype
 from .init import init_model_for_tokenizer
 
@@ -226,8 +225,7 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
     err, vision_dir = on_main(lambda: _prepare_on_main(cfg, feature_dtype), dist_info.is_main)
     if err is not None:
         raise DataPrepError(err)
-    barrier()
-    d = cfg.data
+    d = cfg.data  # on_main returned on every rank after rank 0 finished: its files are ready
     dataset = load_dataset(d.dataset_dir, check_images=False)
     tok = _tokenizer(cfg, dataset, fit=False)
     model_dir = _model_dir(cfg, tok)

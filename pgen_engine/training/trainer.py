@@ -21,7 +21,6 @@ checkpoint, which is left untouched.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_pr
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_fresh_start, check_resume_config, export_hf, load_resumable,
                           resolve_resume, save_resumable)
-from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
+from .distributed import DistInfo, broadcast_object, init_distributed, on_main
 from .engine import TrainEngine, build_engine, require_deepspeed
-from .errors import NonFiniteError
+from .errors import stop_if_not_finite
 from .metrics import MetricsLogger
 from .sft_data import SFTData, prepare_sft_data
 
@@ -108,10 +107,8 @@ class Trainer:
     # -- the guard, written once --------------------------------------------------
     def check_finite(self, value: float, what: str, step: int) -> None:
         """Raise NonFiniteError on every rank when ``value`` is not finite on any rank (collective)."""
-        if not all_ranks_true(math.isfinite(value)):  # a rank whose own value is finite says so
-            seen = value if not math.isfinite(value) else "on another rank"
-            raise NonFiniteError(f"step {step}: {what} is not finite ({seen}) — stopping; last good "
-                                 f"checkpoint: {self.last_saved or 'none'} (left untouched)")
+        stop_if_not_finite(value, what, step,
+                           f"stopping; last good checkpoint: {self.last_saved or 'none'} (left untouched)")
 
     def _save(self, step: int) -> None:
         self.last_saved = save_resumable(self.te.engine, self.out / CHECKPOINTS, step, self.stage.client_state(),
