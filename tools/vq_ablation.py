@@ -19,11 +19,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from pgen_engine.data.dataset import DataError, load_dataset, load_image
-from pgen_engine.data.fit_tokenizer import split_items
+from pgen_engine.data.dataset import DataError, load_dataset
+from pgen_engine.data.fit_tokenizer import TokenizerFitSettings, fit_items, load_images
 from pgen_engine.io_utils import atomic_write_text
 from pgen_engine.models.image_quality import evaluate_tokenizer
 from pgen_engine.models.vq_train import VQTrainConfig, train_vq
@@ -69,21 +68,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)
+    # the items `pgen data tokenize` would fit and hold out with these sizes and seed
+    settings = TokenizerFitSettings(kind="vq", image_size=cfg.image_size, codes_per_side=cfg.codes_per_side,
+                                    codebook=cfg.codebook_size, seed=cfg.seed, held_out=a.held_out,
+                                    fit_images=a.fit_images)
     try:
+        settings.validate()
         ds = load_dataset(a.data)
-        fit, held = split_items(ds, a.held_out)
-    except (DataError, OSError) as e:
+        fit, held = fit_items(ds, settings)
+    except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if len(fit) > a.fit_images:  # the same subsample as fit_tokenizer with this seed
-        rng = np.random.default_rng(cfg.seed)
-        fit = [fit[j] for j in sorted(rng.choice(len(fit), a.fit_images, replace=False).tolist())]
-
-    def load(ids: list[str]) -> torch.Tensor:
-        return torch.from_numpy(np.stack([load_image(ds.items[i].image_path, cfg.image_size) for i in ids]))
-
-    tok, rep = train_vq(load(fit), cfg, progress=False)
-    q = evaluate_tokenizer(tok, load(held))
+    tok, rep = train_vq(load_images(ds, fit, cfg.image_size), cfg, progress=False)
+    q = evaluate_tokenizer(tok, load_images(ds, held, cfg.image_size))
     line = json.dumps({"overrides": over, "steps": rep.steps, "seconds": round(rep.seconds, 1),
                        "held_out": {k: v for k, v in q.items() if not isinstance(v, list)}})
     print(line)

@@ -88,6 +88,16 @@ def split_items(dataset: Dataset, held_out: int) -> tuple[list[str], list[str]]:
     return fit, held
 
 
+def fit_items(dataset: Dataset, s: TokenizerFitSettings) -> tuple[list[str], list[str]]:
+    """(fit item ids, held-out item ids) a fit with ``s`` uses: :func:`split_items`, then at
+    most ``s.fit_images`` fit items, a seeded (``s.seed``) sample in catalogue order."""
+    fit_ids, held_ids = split_items(dataset, s.held_out)
+    if len(fit_ids) > s.fit_images:
+        rng = np.random.default_rng(s.seed)
+        fit_ids = [fit_ids[j] for j in sorted(rng.choice(len(fit_ids), s.fit_images, replace=False).tolist())]
+    return fit_ids, held_ids
+
+
 def _vq_train_config(s: TokenizerFitSettings) -> VQTrainConfig:
     """The VQ training recipe for ``s``: its sizes and budget, the rest VQTrainConfig's defaults."""
     return VQTrainConfig(image_size=s.image_size, codes_per_side=s.codes_per_side, codebook_size=s.codebook,
@@ -109,7 +119,8 @@ def _fit_key(dataset: Dataset, fit_ids: list[str], held_ids: list[str], s: Token
     return h.hexdigest()[:32]
 
 
-def _load(dataset: Dataset, ids: list[str], size: int, progress: bool, desc: str) -> torch.Tensor:
+def load_images(dataset: Dataset, ids: list[str], size: int, progress: bool = False, desc: str = "") -> torch.Tensor:
+    """uint8 ``[len(ids), size, size, 3]``: the items' images as the tokenizers see them."""
     it = ids
     if progress:
         it = tqdm(ids, desc=desc, unit="img")
@@ -145,10 +156,7 @@ def fit_tokenizer(
     """
     settings.validate()
     path = Path(path)
-    fit_ids, held_ids = split_items(dataset, settings.held_out)
-    if len(fit_ids) > settings.fit_images:
-        rng = np.random.default_rng(settings.seed)
-        fit_ids = [fit_ids[j] for j in sorted(rng.choice(len(fit_ids), settings.fit_images, replace=False).tolist())]
+    fit_ids, held_ids = fit_items(dataset, settings)
     key = _fit_key(dataset, fit_ids, held_ids, settings)
     if path.is_file():
         try:
@@ -157,8 +165,8 @@ def fit_tokenizer(
             old = None
         if old is not None and old.meta.get("fit_key") == key and "held_out" in old.meta:
             return old, old.meta["held_out"], True
-    fit_imgs = _load(dataset, fit_ids, settings.image_size, progress, "loading fit images")
-    held_imgs = _load(dataset, held_ids, settings.image_size, progress, "loading held-out images")
+    fit_imgs = load_images(dataset, fit_ids, settings.image_size, progress, "loading fit images")
+    held_imgs = load_images(dataset, held_ids, settings.image_size, progress, "loading held-out images")
     if settings.kind == "vq":
         tok, rep = train_vq(fit_imgs, _vq_train_config(settings), progress=progress)
         log(f"trained Janus VQ ({settings.codebook} codes, {settings.codes_per_side}x{settings.codes_per_side} "
@@ -178,4 +186,4 @@ def fit_tokenizer(
 def held_out_quality(dataset: Dataset, tokenizer: ImageTokenizer, held_out: int = 128) -> dict[str, Any]:
     """Score an existing tokenizer on ``dataset``'s held-out items (see :func:`split_items`)."""
     _, held_ids = split_items(dataset, held_out)
-    return evaluate_tokenizer(tokenizer, _load(dataset, held_ids, tokenizer.image_size, False, ""))
+    return evaluate_tokenizer(tokenizer, load_images(dataset, held_ids, tokenizer.image_size, False, ""))

@@ -187,10 +187,10 @@ def build_token_cache(
     codes = np.memmap(stage / "codes.bin", dtype=want["dtype"], mode="r+", shape=(max(n, 1), t))
     done = np.memmap(stage / "done.bin", dtype=np.uint8, mode="r+", shape=(max(n, 1),))
     skipped: dict[str, str] = dict(idx.get("skipped", {}))
-    for j in range(n):  # a crash between a skip's done-bit and index.json: the item is retried, not lost
-        if done[j] == SKIPPED and ids[j] not in skipped:
+    for j in np.flatnonzero(done[:n] == SKIPPED).tolist():  # a crash between a skip's done-bit and
+        if ids[j] not in skipped:  # index.json: the item is retried, not lost
             done[j] = PENDING
-    todo = [j for j in range(n) if done[j] == PENDING]
+    todo = np.flatnonzero(done[:n] == PENDING).tolist()
     bar = None
     if progress:
         bar = tqdm(total=n, initial=n - len(todo), desc="tokenizing images", unit="img")

@@ -351,7 +351,7 @@ def train_vq(
                     last_used[cnt > 0] = step
                     if (step + 1) % cfg.revive_every == 0:
                         # revive_after counts whole-image steps: a crop step assigns fewer codes
-                        after = math.ceil(cfg.revive_after * cfg.codes_per_side ** 2 / (x.shape[-1] // down) ** 2)
+                        after = math.ceil(cfg.revive_after * cfg.codes_per_side ** 2 / side ** 2)
                         dead = (step - last_used >= after).nonzero().flatten()
                         if dead.numel():
                             src = zd[torch.randint(zd.shape[0], (dead.numel(),), generator=g)]
