@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pgen_engine.training import distributed as D
-from tests.training.gloo_ranks import free_port
+from tests.training.gloo_ranks import free_port, run_two_ranks
 
 PKG = Path(D.__file__).resolve().parents[1]
 NCCL_RULE = "No backend type associated with device type cpu"
@@ -191,13 +191,9 @@ def test_group_tests_run_in_a_fresh_process_when_this_one_has_a_group():
     assert r.returncode == 0 and "skipped" not in summary and "passed" in summary, r.stdout[-4000:] + r.stderr[-2000:]
 
 
-def _on_main_ranks(rank: int, port: str, out: str) -> None:
-    import datetime
-
+def _on_main_ranks(rank: int, out: str) -> dict:
     from pgen_engine.errors import PgenUserError
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=20))
     res = {"value": D.on_main(lambda: 7, rank == 0)}
 
     def user():
@@ -209,42 +205,30 @@ def _on_main_ranks(rank: int, port: str, out: str) -> None:
     for name, fn in (("user", user), ("bug", bug)):
         try:
             D.on_main(fn, rank == 0)
-            res[name] = ("returned", "")
+            res[name] = ["returned", ""]
         except Exception as e:  # noqa: BLE001 - what each rank saw is the result
-            res[name] = (type(e).__name__, str(e))
+            res[name] = [type(e).__name__, str(e)]
     res["after"] = D.all_ranks_true(True)  # the group is still in step
-    torch.save(res, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
-    os._exit(0)
+    return res
 
 
 def test_on_main_stops_every_rank_when_rank0_fails(tmp_path):
-    mp.start_processes(_on_main_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    r0, r1 = run_two_ranks(_on_main_ranks, tmp_path)
     assert (r0["value"], r1["value"]) == (7, 7)
-    assert r0["user"] == r1["user"] == ("PgenUserError", "cache folder is read-only")
-    assert r0["bug"] == ("ZeroDivisionError", "division by zero")
-    assert r1["bug"] == ("RankFailedError", "rank 0 failed: ZeroDivisionError: division by zero")
+    assert r0["user"] == r1["user"] == ["PgenUserError", "cache folder is read-only"]
+    assert r0["bug"] == ["ZeroDivisionError", "division by zero"]
+    assert r1["bug"] == ["RankFailedError", "rank 0 failed: ZeroDivisionError: division by zero"]
     assert r0["after"] and r1["after"]
 
 
-def _slow_main_ranks(rank: int, port: str, out: str) -> None:
-    import datetime
+def _slow_main_ranks(rank: int, out: str) -> str:
     import time
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    # the default group's timeout stands in for NCCL's 10 minutes
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3))
-    try:
-        res = D.on_main(lambda: time.sleep(6) or "fitted", rank == 0)
-    except Exception as e:  # noqa: BLE001 - what each rank saw is the result
-        res = f"{type(e).__name__}: {e}"
-    torch.save(res, f"{out}/rank{rank}.pt")
-    os._exit(0)
+    return D.on_main(lambda: time.sleep(6) or "fitted", rank == 0)
 
 
 def test_on_main_outlasts_the_default_groups_timeout(tmp_path):
     """Rank 0's work (a VQ fit: data.vq_time_budget_s up to 780 s) may take longer than the
     default group's timeout (NCCL: 10 min); the waiting ranks must not time out."""
-    mp.start_processes(_slow_main_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
-    assert [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)] == ["fitted", "fitted"]
+    # the default group's 3-s timeout stands in for NCCL's 10 minutes
+    assert run_two_ranks(_slow_main_ranks, tmp_path, timeout_s=3) == ["fitted", "fitted"]
