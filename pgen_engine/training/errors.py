@@ -9,6 +9,8 @@ import math
 
 from pgen_engine.errors import PgenUserError
 
+from .distributed import all_ranks_true
+
 
 class NonFiniteError(PgenUserError, RuntimeError):
     """Loss, gradient norm or reward became NaN/Inf; training stopped without writing a checkpoint."""
@@ -20,8 +22,6 @@ def stop_if_not_finite(value: float, what: str, step: int, then: str) -> None:
     ``then`` ends the message (what happens to checkpoints). A rank whose own value is finite
     says "on another rank" instead of printing its finite value as "not finite".
     """
-    from .distributed import all_ranks_true  # late: distributed imports torch.distributed
-
     if not all_ranks_true(math.isfinite(value)):
         seen = value if not math.isfinite(value) else "on another rank"
         raise NonFiniteError(f"step {step}: {what} is not finite ({seen}) — {then}")
