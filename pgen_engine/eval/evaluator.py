@@ -6,8 +6,9 @@ the generator never optimises:
 
 * co-consumption: two items the same user consumed within ``window`` steps of each
   other (train sequences only; valid/test targets never enter) are positives;
-* metadata: two items sharing a value of ``metadata_field`` (e.g. MovieLens ``genres``)
-  are positives, for a ``metadata_frac`` share of each batch;
+* metadata: two items sharing a value of ``metadata_field`` (e.g. MovieLens ``genres``;
+  several fields separated by commas, e.g. ``attr_shape,attr_color``) are positives, for a
+  ``metadata_frac`` share of each batch;
 * instance: an item and an augmented view of itself, for an ``instance_frac`` share of
   each batch. Why: where co-consumption is barely visible in pixels (real posters), the
   InfoNCE optimum without this term is a collapsed embedding (loss log B, every image at
@@ -260,15 +261,33 @@ def co_consumption_pairs(sequences: Sequence[Sequence[int]], window: int) -> np.
     return np.asarray(out, dtype=np.int64).reshape(-1, 2)
 
 
+def metadata_fields(field: str) -> list[str]:
+    """The item fields named by ``field``: one name, or several separated by commas."""
+    return [f.strip() for f in field.split(",") if f.strip()]
+
+
+def metadata_values(extra: dict, field: str) -> list[str]:
+    """The string values of ``field`` (a string or list of strings per item) in one item's metadata.
+
+    With several comma-separated fields, each value is prefixed by its field (``shape=cross``),
+    so equal strings of different fields are different values.
+    """
+    names = metadata_fields(field)
+    out: list[str] = []
+    for name in names:
+        v = extra.get(name)
+        vals = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+        out += [f"{name}={x}" for x in vals] if len(names) > 1 else vals
+    return out
+
+
 def metadata_groups(item_meta: Sequence[dict], field: str, allowed: set[int]) -> list[list[int]]:
-    """Item indices grouped by each value of ``field`` (a string or list of strings), for allowed items."""
+    """Item indices grouped by each value of ``field`` (see :func:`metadata_values`), for allowed items."""
     groups: dict[str, list[int]] = {}
     for j, extra in enumerate(item_meta):
         if j not in allowed:
             continue
-        v = extra.get(field)
-        vals = [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
-        for x in vals:
+        for x in metadata_values(extra, field):
             groups.setdefault(x, []).append(j)
     return [g for g in groups.values() if len(g) >= 2]
 
@@ -280,7 +299,10 @@ def data_hash(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], it
     h.update(json.dumps(dataclasses.asdict(config), sort_keys=True).encode())
     h.update(images.contiguous().numpy().tobytes())
     h.update(json.dumps([list(map(int, s)) for s in train_sequences]).encode())
-    h.update(json.dumps([e.get(config.metadata_field) for e in item_meta], sort_keys=True, default=str).encode())
+    # one field hashes as before (artifacts trained earlier keep their hash); several hash all their values
+    names = metadata_fields(config.metadata_field)
+    meta = [e.get(config.metadata_field) if len(names) == 1 else [e.get(n) for n in names] for e in item_meta]
+    h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
 

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from pgen_engine.eval.evaluator import CNNArtifactEmbedder, EvaluatorConfig, is_evaluator_artifact
+from pgen_engine.eval.evaluator import CNNArtifactEmbedder, EvaluatorConfig, is_evaluator_artifact, metadata_groups
 
 __all__ = ["KIND", "META_FILE", "WEIGHTS_FILE", "RewardEmbedderConfig", "CoConsumptionEmbedder",
            "train_reward_embedder", "reward_config_from_spec"]
@@ -35,12 +35,14 @@ META_FILE = "reward_embedder.json"
 WEIGHTS_FILE = "reward_embedder.safetensors"
 
 # The reward model's defaults differ from the evaluator's on purpose: another seed (a
-# different network), consecutive items only (window 1: "what comes next"), no metadata and, by
-# default, no instance pairs (the evaluator's anti-collapse term; `rl.embedder.instance_frac`
-# turns them on, the demo RL runs were measured without).
+# different network), consecutive items only (window 1: "what comes next"), by default no
+# metadata pairs (`rl.embedder.metadata_field` / `metadata_frac` turn them on: item fields such
+# as genres, train-split items only) and no instance pairs (the evaluator's anti-collapse term;
+# `rl.embedder.instance_frac` turns them on, the demo RL runs were measured without).
 SPEC_FIELDS = {"steps": 400, "seed": 1, "window": 1, "dim": 64, "width": 32, "image_size": 32, "lr": 2e-3,
-               "tau": 0.1, "batch_size": 128, "instance_frac": 0.0}
-_FLOAT_FIELDS = ("lr", "tau", "instance_frac")
+               "tau": 0.1, "batch_size": 128, "instance_frac": 0.0, "metadata_frac": 0.0, "metadata_field": "genres"}
+_FLOAT_FIELDS = ("lr", "tau", "instance_frac", "metadata_frac")
+_STR_FIELDS = ("metadata_field",)
 
 
 def RewardEmbedderConfig(**overrides: Any) -> EvaluatorConfig:
@@ -52,9 +54,12 @@ def RewardEmbedderConfig(**overrides: Any) -> EvaluatorConfig:
     if unknown:
         raise ValueError(f"reward embedder: unknown field(s) {unknown}; allowed: {sorted(SPEC_FIELDS)}")
     vals = {**SPEC_FIELDS, **overrides}
-    ints = {k: int(v) for k, v in vals.items() if k not in _FLOAT_FIELDS}
+    ints = {k: int(v) for k, v in vals.items() if k not in _FLOAT_FIELDS + _STR_FIELDS}
     floats = {k: float(vals[k]) for k in _FLOAT_FIELDS}
-    return EvaluatorConfig(**ints, **floats, metadata_frac=0.0)
+    for k in _STR_FIELDS:
+        if not isinstance(vals[k], str) or not vals[k].strip():
+            raise ValueError(f"reward embedder: {k} must be a non-empty string of item field names, got {vals[k]!r}")
+    return EvaluatorConfig(**ints, **floats, **{k: vals[k] for k in _STR_FIELDS})
 
 
 def reward_config_from_spec(spec: Mapping[str, Any]) -> EvaluatorConfig:
@@ -91,19 +96,31 @@ class CoConsumptionEmbedder(CNNArtifactEmbedder):
 
 
 def train_reward_embedder(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], out_dir: str | Path,
-                          config: EvaluatorConfig | None = None, *, progress: bool = False) -> CoConsumptionEmbedder:
+                          config: EvaluatorConfig | None = None, *, item_meta: Sequence[dict] | None = None,
+                          progress: bool = False) -> CoConsumptionEmbedder:
     """Train (or reuse, when ``out_dir`` holds one with the same data hash) the reward embedder.
 
     Args:
         images: uint8 ``[C, H, W, 3]`` catalogue images in the reward's image space (item index = row).
         train_sequences: per user, item indices of the **train split** in time order.
         out_dir: artifact folder (must not be an evaluator artifact).
+        item_meta: per item, its extra metadata dict; read only when ``config.metadata_frac > 0``
+            (``config.metadata_field`` must then name a field some train-split items share).
     Returns:
         The embedder; ``meta["data_hash"]`` is the sha256 of images, sequences and config.
     """
     cfg = config or RewardEmbedderConfig()
     if is_evaluator_artifact(out_dir):
         raise ValueError(f"{Path(out_dir)}: holds the evaluation embedder; the reward embedder needs its own folder")
-    # no item metadata: metadata_frac is 0
-    return CoConsumptionEmbedder.train_or_reuse(images, train_sequences, [{}] * images.shape[0], out_dir, cfg,
-                                                progress=progress)
+    meta: Sequence[dict] = [{}] * images.shape[0]
+    if cfg.metadata_frac > 0:
+        if item_meta is None or len(item_meta) != images.shape[0]:
+            raise ValueError(f"reward embedder: metadata_frac {cfg.metadata_frac} needs one metadata dict per catalogue "
+                             f"item ({images.shape[0]}), got {None if item_meta is None else len(item_meta)}")
+        train_items = {int(i) for s in train_sequences for i in s}
+        if not metadata_groups(item_meta, cfg.metadata_field, train_items):
+            raise ValueError(f"reward embedder: no two train-split items share a value of metadata field(s) "
+                             f"{cfg.metadata_field!r}; name item fields of items.jsonl, or set metadata_frac 0")
+        meta = item_meta
+    # without metadata pairs the hash reads no metadata, so earlier artifacts are reused
+    return CoConsumptionEmbedder.train_or_reuse(images, train_sequences, meta, out_dir, cfg, progress=progress)

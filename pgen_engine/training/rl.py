@@ -428,7 +428,8 @@ class RLStage(Stage):
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
         # a learned reward embedder is trained once, by rank 0; the others reuse it, or stop with its error
         on_main(lambda: ensure_reward_embedder(reward_embedder_spec(rl, work_dir(cfg)), data.tokenizer.decode, ds.cache,
-                                               list(dataset.items), data.splits.train_sequences), dist.is_main)
+                                               list(dataset.items), data.splits.train_sequences,
+                                               [it.extra for it in dataset.items.values()]), dist.is_main)
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
                                           work=work_dir(cfg))
         windows = rl_prompt_windows(rl.prompt_windows, data.splits.train, dataset, cfg.data, log=dist.rank == 0)

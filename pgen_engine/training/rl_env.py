@@ -247,11 +247,13 @@ def reward_embedder_spec(rl: RLConfig, work: str | Path) -> dict:
 
 
 def ensure_reward_embedder(spec: dict, decode: Callable[[torch.Tensor], torch.Tensor], cache, item_ids: list[str],
-                           train_sequences: dict[str, list[str]] | None) -> None:
+                           train_sequences: dict[str, list[str]] | None,
+                           item_meta: list[dict] | None = None) -> None:
     """Train (or reuse by data hash) a ``cocons_cnn`` reward embedder at ``spec["path"]``.
 
     It learns from the catalogue images in the reward's image space (cached codes through
-    ``decode``) and the **train split** sequences only; other embedder types need nothing.
+    ``decode``) and the **train split** sequences only (plus ``item_meta``, each item's
+    items.jsonl fields, when ``rl.embedder.metadata_frac > 0``); other embedder types need nothing.
     """
     if spec.get("type") != "cocons_cnn":
         return
@@ -267,7 +269,10 @@ def ensure_reward_embedder(spec: dict, decode: Callable[[torch.Tensor], torch.Te
     index = {iid: n for n, iid in enumerate(item_ids)}
     images = torch.cat([decode(cache.codes(item_ids[i:i + 256])) for i in range(0, len(item_ids), 256)])
     seqs = [[index[i] for i in seq] for seq in train_sequences.values()]
-    train_reward_embedder(images, seqs, spec["path"], cfg)
+    try:
+        train_reward_embedder(images, seqs, spec["path"], cfg, item_meta=item_meta)
+    except ValueError as e:
+        raise RLConfigError(f"rl.embedder: {e}") from None
 
 
 def build_reward_env(rl: RLConfig, tokenizer, cache, dataset_dir: str | Path, item_ids: list[str],

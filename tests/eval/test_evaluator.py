@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgen_engine.eval.evaluator import (EvalEmbedder, EvaluatorConfig, co_consumption_pairs, is_evaluator_artifact,
-                                        metadata_groups, recall_at_k, train_evaluator)
+from pgen_engine.eval.evaluator import (EvalEmbedder, EvaluatorConfig, co_consumption_pairs, data_hash, is_evaluator_artifact,
+                                        metadata_groups, metadata_values, recall_at_k, train_evaluator)
 
 
 def _toy(n_groups=4, per=6, seed=0):
@@ -35,6 +35,26 @@ def test_pairs_groups_and_recall_hand_values():
     e = torch.eye(3)
     e[1] = torch.tensor([0.9, 0.1, 0.0])
     assert recall_at_k(e, np.array([[0, 1], [0, 2]]), k=1) == 0.5
+
+
+def test_several_metadata_fields_group_by_field_and_value():
+    meta = [{"shape": "x", "colour": "red"}, {"shape": "red", "colour": "blue"}, {"shape": "x", "colour": "blue"},
+            {"colour": ["red", 3]}]
+    # "red" as a shape and "red" as a colour are different values; non-strings are ignored
+    assert metadata_values(meta[1], "shape, colour") == ["shape=red", "colour=blue"]
+    assert metadata_values(meta[3], "shape,colour") == ["colour=red"]
+    assert metadata_values(meta[1], "shape") == ["red"]  # one field: the bare value, as before
+    g = metadata_groups(meta, "shape,colour", {0, 1, 2, 3})
+    assert sorted(map(sorted, g)) == [[0, 2], [0, 3], [1, 2]]
+    # the data hash reads every named field: a change in the second field changes it
+    imgs, seqs = torch.zeros(4, 32, 32, 3, dtype=torch.uint8), [[0, 1, 2, 3]]
+    cfg = EvaluatorConfig(metadata_field="shape,colour")
+    other = [dict(m) for m in meta]
+    other[0]["colour"] = "green"
+    assert data_hash(imgs, seqs, meta, cfg) != data_hash(imgs, seqs, other, cfg)
+    # ... and one field hashes only that field
+    one = EvaluatorConfig(metadata_field="shape")
+    assert data_hash(imgs, seqs, meta, one) == data_hash(imgs, seqs, other, one)
 
 
 def test_train_save_load_hash_and_reward_refusal(tmp_path):

@@ -98,3 +98,31 @@ def test_reward_config_instance_frac_defaults_off_and_is_a_float_field():
     assert cfg.instance_frac == 0.5 and cfg.steps == 10 and isinstance(cfg.steps, int)
     with pytest.raises(ValueError, match="instance_frac"):
         RewardEmbedderConfig(instance_frac=1.0)
+
+
+def test_metadata_pairs_are_opt_in_read_named_fields_and_refuse_missing_metadata(trained, tmp_path):
+    path, emb, imgs, seqs, group = trained
+    cfg = reward_config_from_spec({"type": "cocons_cnn", "metadata_frac": "0.5", "metadata_field": "tint,size",
+                                   **SMALL})
+    assert cfg.metadata_frac == 0.5 and cfg.metadata_field == "tint,size"
+    with pytest.raises(ValueError, match="metadata_field must be a non-empty string"):
+        RewardEmbedderConfig(metadata_field=" ")
+    with pytest.raises(ValueError, match="needs one metadata dict per catalogue item"):
+        train_reward_embedder(imgs, seqs, tmp_path / "a", cfg)
+    with pytest.raises(ValueError, match="no two train-split items share"):
+        train_reward_embedder(imgs, seqs, tmp_path / "b", cfg, item_meta=[{"genres": "x"}] * len(imgs))
+    # co-consumption within a colour group is noise here; the metadata names the group
+    noise = [list(np.random.default_rng(u).choice(len(imgs), size=6)) for u in range(60)]
+    meta = [{"tint": f"g{g}", "size": "s"} for g in group]
+    with_meta = train_reward_embedder(imgs, noise, tmp_path / "m", cfg, item_meta=meta)
+    art = json.loads((tmp_path / "m" / "reward_embedder.json").read_text())
+    assert art["metadata_groups"] == 5 and art["config"]["metadata_field"] == "tint,size"
+    e = with_meta.embed(imgs)
+    same = torch.from_numpy(group[:, None] == group[None, :]) & ~torch.eye(len(imgs), dtype=torch.bool)
+    diff = torch.from_numpy(group[:, None] != group[None, :])
+    assert (e @ e.T)[same].mean() > (e @ e.T)[diff].mean() + 0.1
+    # without metadata pairs the artifact ignores item metadata: same hash as the metadata-free run
+    plain = RewardEmbedderConfig(**SMALL)
+    train_reward_embedder(imgs, seqs, tmp_path / "p", plain, item_meta=meta)
+    assert json.loads((tmp_path / "p" / "reward_embedder.json").read_text())["data_hash"] == \
+        json.loads((path / "reward_embedder.json").read_text())["data_hash"]

@@ -1,6 +1,7 @@
 """RLPromptSource: what the reward is given about each prompt's future."""
 from __future__ import annotations
 
+import json
 import random
 from types import SimpleNamespace
 
@@ -10,7 +11,7 @@ import torch
 from pgen_engine.config import RLConfig, RLConfigError
 from pgen_engine.data.dataset import Dataset, Interaction, Item
 from pgen_engine.data.splits import build_splits
-from pgen_engine.training.rl_env import RLPromptSource, rl_prompt_windows
+from pgen_engine.training.rl_env import RLPromptSource, ensure_reward_embedder, rl_prompt_windows
 
 
 class _Builder:
@@ -143,3 +144,18 @@ def test_rl_vq_check_accepts_the_sft_vq_exported_in_bf16(tmp_path):
     assert JanusVQTokenizer.from_checkpoint(bf16).fingerprint() != tok.fingerprint()  # rounded: an exact check fails
     cfg = load_config(CONFIGS / "movielens_rl.yaml", [f"model.checkpoint={bf16}", f"data.work_dir={tmp_path / 'w'}"])
     check_tokenizer_matches_checkpoint(cfg, tok)
+
+
+def test_ensure_reward_embedder_trains_metadata_pairs_from_item_fields(tmp_path):
+    ids = [f"i{n}" for n in range(8)]
+    tints = torch.tensor([[200, 0, 0], [0, 0, 200]], dtype=torch.uint8)
+    cache = SimpleNamespace(codes=lambda chunk: torch.tensor([int(i[1:]) for i in chunk]))
+    decode = lambda codes: tints[codes % 2].view(-1, 1, 1, 3).expand(-1, 32, 32, 3).contiguous()  # noqa: E731
+    seqs = {"u0": ["i0", "i1", "i2"], "u1": ["i3", "i4", "i5"], "u2": ["i6", "i7", "i0"]}
+    spec = {"type": "cocons_cnn", "path": str(tmp_path / "r"), "steps": 2, "batch_size": 8, "width": 4, "dim": 8,
+            "metadata_frac": 0.5, "metadata_field": "tint"}
+    with pytest.raises(RLConfigError, match="rl.embedder: .*no two train-split items share"):
+        ensure_reward_embedder(spec, decode, cache, ids, seqs, [{} for _ in ids])
+    ensure_reward_embedder(spec, decode, cache, ids, seqs, [{"tint": f"t{n % 2}"} for n in range(8)])
+    meta = json.loads((tmp_path / "r" / "reward_embedder.json").read_text())
+    assert meta["metadata_groups"] == 2 and meta["config"]["metadata_frac"] == 0.5
