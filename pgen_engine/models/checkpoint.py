@@ -5,6 +5,7 @@ consumed, every parameter must be found, every shape must match — never ``stri
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -98,6 +99,24 @@ def stored_dtypes(path: str | Path) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+_LM_HEAD, _EMBED = "lm_head.weight", "model.language_model.embed_tokens.weight"
+
+
+def _tying_as_stored(cfg: JanusModelConfig, tensors: dict) -> JanusModelConfig:
+    """``cfg``, untied when it ties lm_head to embed_tokens but the checkpoint holds both with
+    different values: ``transformers`` then keeps both (warning that the config is wrong), so the
+    engine does too instead of dropping the checkpoint's lm_head. The config it saves says so."""
+    if not cfg.tie_word_embeddings or _LM_HEAD not in tensors or _EMBED not in tensors:
+        return cfg
+    try:
+        head, emb = (tensors[k][1].get_tensor(k) for k in (_LM_HEAD, _EMBED))
+    except Exception:  # unreadable: the load reports it, naming the file and tensor
+        return cfg
+    if head.shape == emb.shape and torch.equal(head, emb.to(head.dtype)):
+        return cfg
+    return dataclasses.replace(cfg, tie_word_embeddings=False, raw={**cfg.raw, "tie_word_embeddings": False})
+
+
 def _reset_buffers(model: JanusModel, device: torch.device) -> None:
     # Non-persistent buffers are not in checkpoints; recompute them after meta construction.
     lm = model.language_model
@@ -182,12 +201,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")
     device = checked_device(device)
     cfg, special = load_checkpoint_config(path)
+    tensors = _read_tensors(_shard_files(path))
+    cfg = _tying_as_stored(cfg, tensors)
     try:
         with torch.device("meta"):
             model = JanusModel(cfg, special)
     except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: cannot build the model this config describes ({e})") from None
-    tensors = _read_tensors(_shard_files(path))
 
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = {}
@@ -195,7 +215,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         if cfg.tie_word_embeddings and name == "lm_head.weight":
             continue
         expected[_hf_key(name)] = (name, p)
-    optional = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
+    optional = {_LM_HEAD} if cfg.tie_word_embeddings else set()
+    stored = {}  # expected key -> the checkpoint's key, where they differ
+    if cfg.tie_word_embeddings and _EMBED not in tensors and _LM_HEAD in tensors:
+        # transformers ties the pair to whichever of the two the checkpoint holds
+        tensors[_EMBED] = tensors.pop(_LM_HEAD)
+        stored[_EMBED] = _LM_HEAD
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - optional)
     if missing:
@@ -214,24 +239,25 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.no_grad():
         for key, (name, _) in expected.items():
             f, handle = tensors[key]
+            src = stored.get(key, key)
             try:
-                t = handle.get_tensor(key)
+                t = handle.get_tensor(src)
             except Exception as e:
-                raise CheckpointError(f"{f}: cannot read tensor {key!r} ({e}); the file may be truncated")
+                raise CheckpointError(f"{f}: cannot read tensor {src!r} ({e}); the file may be truncated")
             p = params[name]
             if t.dtype not in LOADABLE_DTYPES:
-                raise CheckpointError(f"{f}: tensor {key!r} has dtype {t.dtype}; expected one of "
+                raise CheckpointError(f"{f}: tensor {src!r} has dtype {t.dtype}; expected one of "
                                       "float32/float16/bfloat16")
             if tuple(t.shape) != tuple(p.shape):
-                raise CheckpointError(f"{f}: tensor {key!r} has shape {tuple(t.shape)}, the config implies "
+                raise CheckpointError(f"{f}: tensor {src!r} has shape {tuple(t.shape)}, the config implies "
                                       f"{tuple(p.shape)}")
             if not torch.isfinite(t).all():
-                raise CheckpointError(f"{f}: tensor {key!r} contains NaN or Inf")
+                raise CheckpointError(f"{f}: tensor {src!r} contains NaN or Inf")
             cast = t.to(device=device, dtype=dtype)
             # float16 holds at most 65504: larger weights turn Inf in the cast, and generation then
             # blamed "the activations" of finite weights
             if dtype == torch.float16 and t.dtype != torch.float16 and not torch.isfinite(cast).all():
-                raise CheckpointError(f"{f}: tensor {key!r} holds values beyond float16's range (largest "
+                raise CheckpointError(f"{f}: tensor {src!r} holds values beyond float16's range (largest "
                                       f"|value| {float(t.abs().max()):.4g} > 65504); load it as float32 or bfloat16")
             p.copy_(cast)
     _reset_buffers(model, device)

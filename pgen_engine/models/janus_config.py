@@ -54,7 +54,8 @@ class JanusModelConfig:
         image_size: pixel side of images (vision input and VQ output).
         num_image_tokens: T, codes per generated image (= VQ grid size squared).
         codebook_size: K, VQ codebook entries (= generation head outputs).
-        tie_word_embeddings: lm_head shares the text embedding matrix.
+        tie_word_embeddings: lm_head shares the text embedding matrix (``transformers``' default,
+            True, when config.json leaves it out).
         raw: the config.json dict as read (written back by save_pretrained).
     """
 
@@ -212,6 +213,11 @@ class JanusModelConfig:
             raise CheckpointError(
                 f"{source}: vision_config.projection_dim={v.get('projection_dim')} != text hidden_size={hidden}"
             )
+        # transformers' JanusConfig default is True: a config.json without the field ties lm_head
+        # to embed_tokens (and such a checkpoint has no lm_head.weight)
+        tie = cfg.get("tie_word_embeddings", True)
+        if not isinstance(tie, bool):
+            raise CheckpointError(f"{source}: tie_word_embeddings={tie!r} must be true or false")
         return cls(
             text=text,
             image_token_id=req(cfg, "image_token_id", "config"),
@@ -219,7 +225,7 @@ class JanusModelConfig:
             num_image_tokens=n_img,
             codebook_size=req(q, "num_embeddings", "vq_config"),
             vq_embed_dim=req(q, "embed_dim", "vq_config"),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=tie,
             raw=cfg,
         )
 

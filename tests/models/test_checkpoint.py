@@ -321,3 +321,48 @@ def test_weights_beyond_float16_range_are_refused_in_float16_only(ckpt):
     for dtype in (torch.float32, torch.bfloat16):
         m = pg.load_model(ckpt, dtype=dtype)
         assert float(m.language_model.norm.weight[1].detach()) == pytest.approx(1e6, rel=1e-2)
+
+
+def _text_logits_match(m, d):
+    hf = JanusForConditionalGeneration.from_pretrained(d).eval()
+    ids = torch.randint(6, 200, (1, 6))
+    with torch.no_grad():
+        assert (m.text_logits(ids) - hf(input_ids=ids).logits).abs().max() <= 1e-4
+    return hf
+
+
+def test_tying_follows_transformers_when_config_and_weights_disagree(ckpt, tmp_path):
+    """transformers' JanusConfig ties lm_head by default, and keeps both matrices when a tying
+    config comes with a different stored lm_head. The engine used to default to untied (a
+    config.json without the field and without lm_head.weight was refused as 'missing
+    lm_head.weight') and, for a tying config, to drop the checkpoint's own lm_head silently."""
+    # 1. tie_word_embeddings absent, no lm_head.weight stored: tied
+    _edit_json(ckpt, "config.json", lambda c: c.pop("tie_word_embeddings"))
+    _edit_weights(ckpt, lambda sd: sd.pop("lm_head.weight"))
+    m = pg.load_model(ckpt)
+    assert m.lm_head.weight is m.language_model.embed_tokens.weight
+    _text_logits_match(m, ckpt)
+    # 2. a tying config, but the checkpoint stores its own (different) lm_head: both kept, and saved
+    _edit_weights(ckpt, lambda sd: sd.__setitem__("lm_head.weight", torch.randn_like(
+        sd["model.language_model.embed_tokens.weight"])))
+    m = pg.load_model(ckpt)
+    assert m.lm_head.weight is not m.language_model.embed_tokens.weight and not m.config.tie_word_embeddings
+    hf = _text_logits_match(m, ckpt)
+    assert hf.lm_head.weight is not hf.model.language_model.embed_tokens.weight
+    m.save_pretrained(tmp_path / "resaved")
+    assert json.loads((tmp_path / "resaved" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert torch.equal(pg.load_model(tmp_path / "resaved").lm_head.weight, m.lm_head.weight)
+    # ... the same values stored twice: tied
+    _edit_weights(ckpt, lambda sd: sd.__setitem__("lm_head.weight",
+                                                 sd["model.language_model.embed_tokens.weight"].clone()))
+    m = pg.load_model(ckpt)
+    assert m.lm_head.weight is m.language_model.embed_tokens.weight
+    # 3. a tying config with lm_head.weight stored instead of embed_tokens: tied to it
+    _edit_weights(ckpt, lambda sd: sd.pop("model.language_model.embed_tokens.weight"))
+    m = pg.load_model(ckpt)
+    assert m.lm_head.weight is m.language_model.embed_tokens.weight
+    _text_logits_match(m, ckpt)
+    # 4. not a JSON boolean: bool("false") used to tie
+    _edit_json(ckpt, "config.json", lambda c: c.__setitem__("tie_word_embeddings", "false"))
+    with pytest.raises(pg.CheckpointError, match=r"config\.json: tie_word_embeddings='false' must be true or false"):
+        pg.load_model(ckpt)
