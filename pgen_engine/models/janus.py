@@ -36,6 +36,26 @@ def _act(name: str):
     return ACT2FN[name]
 
 
+def _sub_config(cls, d: dict, section: str):
+    """``cls(**d)`` (transformers' vision / VQ config) with an unknown activation or a field of
+    the wrong type refused as a ValueError naming ``section.field``: transformers raises a bare
+    KeyError ('bogus') for the one, huggingface_hub's own error type for the other."""
+    # late import: transformers takes seconds to import and `pgen` imports this module at start-up
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers.activations import ACT2FN
+
+    try:
+        out = cls(**d)
+    except StrictDataclassError as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        raise ValueError(f"{section}: {' '.join(str(cause).split())}") from None
+    act = out.hidden_act
+    if act not in ACT2FN:
+        raise ValueError(f"{section}.hidden_act={act!r} is not an activation transformers knows "
+                         f"(one of {', '.join(sorted(ACT2FN))})")
+    return out
+
+
 class AlignerMLP(nn.Module):
     """``fc1`` then (act, linear) x (depth-1): maps encoder features to LM width."""
 
@@ -82,8 +102,8 @@ class JanusModel(nn.Module):
         self.config = config
         self.special_tokens = special_tokens or SpecialTokens.builtin()
         t = config.text
-        vcfg = JanusVisionConfig(**config.vision_config_dict)
-        qcfg = JanusVQVAEConfig(**config.vq_config_dict)
+        vcfg = _sub_config(JanusVisionConfig, config.vision_config_dict, "vision_config")
+        qcfg = _sub_config(JanusVQVAEConfig, config.vq_config_dict, "vq_config")
         self.vision_model = JanusVisionModel(vcfg)
         self.aligner = AlignerMLP(vcfg.hidden_size, vcfg.projection_dim, vcfg.depth, vcfg.hidden_act)
         self.vqmodel = JanusVQVAE(qcfg)

@@ -366,3 +366,17 @@ def test_tying_follows_transformers_when_config_and_weights_disagree(ckpt, tmp_p
     _edit_json(ckpt, "config.json", lambda c: c.__setitem__("tie_word_embeddings", "false"))
     with pytest.raises(pg.CheckpointError, match=r"config\.json: tie_word_embeddings='false' must be true or false"):
         pg.load_model(ckpt)
+
+
+@pytest.mark.parametrize("section,key,value,match", [
+    # each used to escape as a bare KeyError('bogus') or huggingface_hub's StrictDataclassFieldValidationError
+    # (a traceback from `pgen generate`), naming neither config.json nor the section
+    ("vq_config", "hidden_act", "bogus", r"vq_config\.hidden_act='bogus' is not an activation transformers knows"),
+    ("vision_config", "hidden_act", "bogus", r"vision_config\.hidden_act='bogus' is not an activation"),
+    ("vision_config", "mlp_ratio", "x", r"vision_config: Field 'mlp_ratio' .*got str"),
+    ("vq_config", "base_channels", "x", r"vq_config: Field 'base_channels' expected int, got str"),
+])
+def test_bad_vision_or_vq_config_field_is_named(ckpt, section, key, value, match):
+    _edit_json(ckpt, "config.json", lambda c: c[section].__setitem__(key, value))
+    with pytest.raises(pg.CheckpointError, match=rf"config\.json: cannot build the model .*{match}"):
+        pg.load_model(ckpt)
