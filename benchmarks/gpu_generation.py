@@ -40,6 +40,7 @@ import pgen_engine as pg
 from pgen_engine.generation import Generator
 from pgen_engine.models.tiny import make_tiny_checkpoint, tiny_janus_config
 
+from benchmarks.hf_janus import load_hf_janus, prepare_image_generate
 from benchmarks.test_bench_generation import _LMTimer, _lm_params
 
 GUIDANCE, TOP_K, TOP_P = 5.0, 100, 0.95
@@ -149,23 +150,6 @@ def _hf_generate(hf, ids: torch.Tensor, *, greedy: bool, seed: int = 0) -> torch
                        guidance_scale=GUIDANCE, **kw)
 
 
-def _fix_hf_static_cache(hf) -> None:
-    """Some transformers 5.x releases (5.17 seen) call ``_prepare_static_cache`` from Janus' image
-    ``generate`` without its ``prefill_chunk_size`` argument; default it to None (no chunking)."""
-    import inspect
-
-    orig = hf._prepare_static_cache
-    if "prefill_chunk_size" not in inspect.signature(orig).parameters:
-        return
-
-    def call(*args, **kwargs):
-        if len(args) < 4:
-            kwargs.setdefault("prefill_chunk_size", None)
-        return orig(*args, **kwargs)
-
-    hf._prepare_static_cache = call
-
-
 def _prompts(vocab: int, batch: int, length: int, dev: torch.device, seed: int = 17) -> torch.Tensor:
     special = pg.SpecialTokens.builtin()
     g = torch.Generator().manual_seed(seed)
@@ -175,12 +159,7 @@ def _prompts(vocab: int, batch: int, length: int, dev: torch.device, seed: int =
 
 
 def _hf_model(path, dev: torch.device, dtype: torch.dtype):
-    from transformers import JanusForConditionalGeneration
-
-    hf = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).to(dev).eval()
-    hf.generation_config.generation_kwargs = {"boi_token_id": pg.SpecialTokens.builtin().boi}
-    _fix_hf_static_cache(hf)
-    return hf
+    return load_hf_janus(path, dtype=dtype, device=dev)
 
 
 def check_correctness(dev: torch.device, check_only: bool) -> list[dict]:
@@ -282,8 +261,7 @@ def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
             setattr(hf.generation_config, k, v)
         hf.save_pretrained(d)
         model = pg.load_model(d, device=dev, dtype=dtype)  # the engine's real loader, same weights
-    hf.generation_config.generation_kwargs = {"boi_token_id": pg.SpecialTokens.builtin().boi}
-    _fix_hf_static_cache(hf)
+    prepare_image_generate(hf, pg.SpecialTokens.builtin().boi)
     print(f"[gpu_generation] built {geo['num_layers']}-layer model in {time.perf_counter() - t0:.1f}s", flush=True)
     T = model.num_image_tokens
     flops_per_image = 2 * 2 * _lm_params(model) * (prompt_len + T)

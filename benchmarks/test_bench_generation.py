@@ -48,6 +48,8 @@ import pgen_engine as pg
 from pgen_engine.generation import Generator
 from pgen_engine.models.tiny import make_tiny_checkpoint
 
+from benchmarks.hf_janus import load_hf_janus
+
 BASE = dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, image_size=64, patch_size=8,
             max_position_embeddings=512)
 GEOMETRIES = {
@@ -75,12 +77,9 @@ def setup(request, tmp_path_factory):
     name = request.param
     if name not in GEOMETRIES:
         raise ValueError(f"PGEN_BENCH_GEOMETRY: unknown geometry {name!r}; expected {list(GEOMETRIES)} or 'all'")
-    from transformers import JanusForConditionalGeneration
-
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("bench_gen") / name, seed=0, **GEOMETRIES[name])
-    hf = JanusForConditionalGeneration.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+    hf = load_hf_janus(path, dtype=DTYPE, device=DEVICE)  # image generate ready on this transformers release
     special = pg.SpecialTokens.builtin()
-    hf.generation_config.generation_kwargs = {"boi_token_id": special.boi}  # dropped by from_pretrained
     model = pg.load_model(path, device=DEVICE, dtype=DTYPE)
     gen = Generator(model, max_batch_size=max(BATCHES), max_seq_len=PROMPT_LEN + model.num_image_tokens)
     vocab = model.config.text.vocab_size

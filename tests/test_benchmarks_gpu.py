@@ -27,6 +27,52 @@ def test_gpu_suite_check_mode_runs_and_ends_with_json():
     assert (results.read_text() if results.exists() else None) == before  # check mode never appends
 
 
+def test_fix_static_cache_defaults_the_prefill_chunk_size_janus_omits():
+    """transformers 5.17's Janus image generate calls _prepare_static_cache without prefill_chunk_size
+    (TypeError there); the fix defaults it to None and leaves callers that pass it alone."""
+    from benchmarks.hf_janus import fix_static_cache
+
+    class Model:
+        def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, prefill_chunk_size,
+                                  model_kwargs):
+            return prefill_chunk_size
+
+    m = Model()
+    with pytest.raises(TypeError, match="prefill_chunk_size"):  # what 5.17's Janus generate hits
+        m._prepare_static_cache(cache_implementation="static", batch_size=2, max_cache_len=8, model_kwargs={})
+    fix_static_cache(m)
+    fix_static_cache(m)  # idempotent
+    assert m._prepare_static_cache(cache_implementation="static", batch_size=2, max_cache_len=8,
+                                   model_kwargs={}) is None
+    assert m._prepare_static_cache("static", 2, 8, 5, {}) == 5
+    assert m._prepare_static_cache(cache_implementation="static", batch_size=2, max_cache_len=8,
+                                   prefill_chunk_size=7, model_kwargs={}) == 7
+
+    class Old:  # a release without the argument: nothing to fix
+        def _prepare_static_cache(self, cache_implementation, batch_size, max_cache_len, model_kwargs):
+            return "old"
+
+    o = Old()
+    orig = o._prepare_static_cache
+    fix_static_cache(o)
+    assert o._prepare_static_cache == orig
+
+
+def test_hf_janus_image_generate_runs_on_this_transformers(tiny_ckpt):
+    """load_hf_janus gives a model whose image-mode generate runs on the installed transformers."""
+    import torch
+
+    import pgen_engine as pg
+    from benchmarks.hf_janus import load_hf_janus
+
+    hf = load_hf_janus(tiny_ckpt)
+    sp = pg.SpecialTokens.builtin()
+    ids = torch.tensor([[sp.bos, 7, 8, 9, sp.boi]])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", guidance_scale=2.0,
+                      do_sample=False)
+    assert out.shape[-1] >= pg.load_model(tiny_ckpt).num_image_tokens
+
+
 def test_decode_traffic_bound_counts_weights_and_kv_bytes():
     """The bound's byte count equals a hand count on a small geometry (MHA and GQA)."""
     import torch

@@ -25,12 +25,9 @@ def peaky(tmp_path_factory):
     """Tiny checkpoint with peaky logits (no greedy near-ties): 16 image tokens, K=64."""
     path = make_tiny_checkpoint(tmp_path_factory.mktemp("gen") / "peaky", seed=5, init_std=0.2, image_size=32,
                                 patch_size=8, num_heads=4, num_kv_heads=2)
-    from transformers import JanusForConditionalGeneration
+    from benchmarks.hf_janus import load_hf_janus  # late import: image generate ready on this transformers
 
-    hf = JanusForConditionalGeneration.from_pretrained(path).eval()
-    # transformers drops generation_kwargs when loading; image-mode generate needs boi from it
-    hf.generation_config.generation_kwargs = {"boi_token_id": SPECIAL.boi}
-    return pg.load_model(path), hf
+    return pg.load_model(path), load_hf_janus(path)
 
 
 @pytest.fixture(scope="module")

@@ -48,13 +48,11 @@ _BUILT: dict[str, tuple] = {}
 def _build(tmp_path_factory, name: str):
     """(engine model, transformers model) of a geometry, built once per session."""
     if name not in _BUILT:
-        from transformers import JanusForConditionalGeneration
+        from benchmarks.hf_janus import load_hf_janus  # late import: image generate ready on this transformers
 
         path = make_tiny_checkpoint(tmp_path_factory.mktemp("geom") / name, seed=3, init_std=0.2,
                                     **GEOMETRIES[name])
-        hf = JanusForConditionalGeneration.from_pretrained(path).eval()
-        hf.generation_config.generation_kwargs = {"boi_token_id": SPECIAL.boi}
-        _BUILT[name] = (pg.load_model(path), hf)
+        _BUILT[name] = (pg.load_model(path), load_hf_janus(path))
     return _BUILT[name]
 
 
