@@ -67,7 +67,9 @@ def global_batch_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torc
     if world_size() == 1:
         return batch_advantages(rewards, eps=eps)
     r = rewards.double()
-    s = all_reduce(torch.stack([r.sum(), (r ** 2).sum(), torch.tensor(float(r.numel()), dtype=torch.float64)]))
+    # the count on the rewards' device: torch.stack refuses a CPU tensor beside CUDA ones
+    n = torch.tensor(float(r.numel()), dtype=torch.float64, device=r.device)
+    s = all_reduce(torch.stack([r.sum(), (r ** 2).sum(), n]))
     mean = s[0] / s[2]
     std = (s[1] / s[2] - mean ** 2).clamp(min=0).sqrt()
     return ((r - mean) / (std + eps)).float()

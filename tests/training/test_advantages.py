@@ -51,3 +51,20 @@ def test_compute_advantages_dispatch_and_one_rank_whitening():
     assert torch.equal(A.compute_advantages(r, "grpo", 2, scale_by_std=False), torch.tensor([-.5, .5, -1.5, 1.5]))
     with pytest.raises(ValueError, match="algorithm must be"):
         A.compute_advantages(r, "reinforce", 2)
+
+
+def test_global_batch_advantages_keeps_every_tensor_on_the_rewards_device(monkeypatch):
+    """With several ranks the sums are stacked on the rewards' device (CUDA on a GPU run): a CPU
+    count beside CUDA sums made torch.stack raise. A meta tensor stands in for the CUDA one."""
+    monkeypatch.setattr(A, "world_size", lambda: 2)
+    seen = []
+
+    def fake_all_reduce(t, op="sum"):
+        seen.append(t.device)
+        return t * 2
+
+    monkeypatch.setattr(A, "all_reduce", fake_all_reduce)
+    out = A.global_batch_advantages(torch.tensor([1.0, 2.0, 3.0, 6.0], device="meta"))
+    assert out.device.type == "meta" and seen == [torch.device("meta")]
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0])  # doubled sums and count: the same mean and std as one rank
+    assert torch.allclose(A.global_batch_advantages(r), A.batch_advantages(r), atol=1e-6)
