@@ -74,7 +74,11 @@ class JanusModelConfig:
 
     @property
     def vq_config_dict(self) -> dict:
-        return dict(self.raw["vq_config"])
+        """``vq_config`` with ``num_patches`` (the VQ code grid side, which its decoder reshapes
+        to) derived from the vision grid as ``transformers``' JanusConfig derives it, whatever
+        the file says: a config.json without it got transformers' default 32, and the model
+        generated its T codes only to fail in ``decode_images`` (expected 1024 codes)."""
+        return {**self.raw["vq_config"], "num_patches": math.isqrt(self.num_image_tokens)}
 
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config.json") -> "JanusModelConfig":

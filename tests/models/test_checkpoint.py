@@ -380,3 +380,25 @@ def test_bad_vision_or_vq_config_field_is_named(ckpt, section, key, value, match
     _edit_json(ckpt, "config.json", lambda c: c[section].__setitem__(key, value))
     with pytest.raises(pg.CheckpointError, match=rf"config\.json: cannot build the model .*{match}"):
         pg.load_model(ckpt)
+
+
+@pytest.mark.parametrize("num_patches", [None, 7])
+def test_vq_code_grid_comes_from_the_vision_grid(ckpt, num_patches):
+    """transformers' JanusConfig sets vq_config.num_patches from image_size / patch_size whatever
+    config.json says. A config.json without it (or with another value) used to load, generate its
+    16 codes, and only then fail in decode_images ('Expected image_tokens ... (batch_size, 1024)')."""
+    from pgen_engine.models.vq_tokenizer import JanusVQTokenizer
+
+    def edit(c):
+        c["vq_config"].pop("num_patches")
+        if num_patches is not None:
+            c["vq_config"]["num_patches"] = num_patches
+    _edit_json(ckpt, "config.json", edit)
+    m = pg.load_model(ckpt)
+    hf = JanusForConditionalGeneration.from_pretrained(ckpt).eval()
+    codes = torch.randint(0, m.codebook_size, (2, m.num_image_tokens))
+    with torch.no_grad():
+        ref = ((hf.decode_image_tokens(codes).clamp(-1, 1) + 1) * 127.5).round()
+    assert (m.decode_images(codes).float() - ref).abs().max() <= 1
+    tok = JanusVQTokenizer.from_checkpoint(ckpt)
+    assert tok.num_tokens == m.num_image_tokens and tok.image_size == m.image_size
