@@ -24,6 +24,11 @@ try:  # plain imports (not importlib) so torch.compile can trace callers of thes
 except Exception:  # pragma: no cover - triton is optional
     _TRITON_IMPORTS = False
 
+if _TRITON_IMPORTS:  # the CPU interpreter (tests, `pgen plan`) with NumPy >= 2.4 on Triton 3.6
+    from pgen_engine.ops import _triton_interpreter
+
+    _triton_interpreter.apply()
+
 try:
     from pgen_engine import _C as _EXT
 except ImportError:
