@@ -142,7 +142,10 @@ def parse_timestamp(text: str) -> float:
         d = _dt.datetime.fromisoformat(iso)  # raises ValueError with its own message
         if d.tzinfo is None:
             d = d.replace(tzinfo=_dt.timezone.utc)
-        return d.timestamp()
+        v = d.timestamp()
+        if not _MIN_UNIX <= v <= _MAX_UNIX:  # 0001-01-01T00:00+01:00 is in year 0 in UTC
+            raise ValueError(f"timestamp {s!r} is outside the years 1..9999 once converted to UTC")
+        return v
     if not math.isfinite(v):
         raise ValueError(f"timestamp {s!r} is not finite")
     if not _MIN_UNIX <= v <= _MAX_UNIX:  # outside datetime's years 1..9999: reports could not print it

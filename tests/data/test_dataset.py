@@ -44,6 +44,21 @@ def test_parse_timestamp():
     with pytest.raises(ValueError, match=r"outside the years 1\.\.9999 as unix seconds$"):
         parse_timestamp("1e300")
     assert parse_timestamp("-86400") == -86400.0 and parse_timestamp("0") == 0.0
+    # ISO-8601 inside datetime's range whose UTC time is not: `pgen data validate` printed only
+    # "error: year 0 is out of range" (no file, no line) when it formatted the time span
+    for edge in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"):
+        with pytest.raises(ValueError, match=r"outside the years 1\.\.9999 once converted to UTC"):
+            parse_timestamp(edge)
+    assert parse_timestamp("0001-01-01T00:00:00Z") == -62135596800.0
+
+
+def test_validate_names_the_row_of_an_iso_timestamp_outside_the_years(synth_dir, tmp_path):
+    d = _copy(synth_dir, tmp_path)
+    _append_row(d, "u_new,i0000,0001-01-01T00:00:00+01:00")
+    nlines = len((d / "interactions.csv").read_text().splitlines())
+    rep = validate_dataset(d)
+    assert not rep.usable and rep.skipped == {"bad_timestamp": 1}
+    assert f"interactions.csv:{nlines}: unparsable timestamp" in rep.summary()
 
 
 @pytest.mark.parametrize("row,needle", [
