@@ -271,6 +271,10 @@ def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) 
             if len(row) != len(header):
                 problems("malformed_interaction_line", f"{where}: expected {len(header)} fields, got {len(row)}")
                 continue
+            if any("\0" in v for v in row):  # the csv module keeps NUL bytes: "414\0" was a user of its own
+                problems("malformed_interaction_line", f"{where}: NUL byte in a field (binary data in a text file; "
+                         "expected UTF-8 text)")
+                continue
             uid, iid = row[iu].strip(), row[ii].strip()
             if not uid:
                 problems("empty_user_id", f"{where}: empty user_id")

@@ -67,6 +67,8 @@ def test_validate_names_the_row_of_an_iso_timestamp_outside_the_years(synth_dir,
     ("u0000,i0000,notatime", "unparsable timestamp"),
     ("u0000,i0000,5", "earlier than"),
     (",i0000,1700000000", "empty user_id"),
+    # the csv module keeps a NUL byte: this row used to load as a new user 'u0000\0'
+    ("u0000\0,i0000,1700000000", "NUL byte in a field"),
 ])
 def test_bad_interaction_rows(synth_dir, tmp_path, row, needle):
     d = _copy(synth_dir, tmp_path)
