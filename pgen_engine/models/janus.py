@@ -41,8 +41,8 @@ def _sub_config(cls, d: dict, section: str):
     the wrong type refused as a ValueError naming ``section.field``: transformers raises a bare
     KeyError ('bogus') for the one, huggingface_hub's own error type for the other."""
     # late import: transformers takes seconds to import and `pgen` imports this module at start-up
-    from huggingface_hub.errors import StrictDataclassError
     from transformers.activations import ACT2FN
+    from huggingface_hub.errors import StrictDataclassError  # late import: comes in with transformers, as above
 
     try:
         out = cls(**d)
