@@ -1,8 +1,9 @@
 """Generator on geometries and inputs the main suite does not try.
 
 * greedy parity with ``transformers`` for hidden / intermediate / codebook sizes that are not
-  multiples of the packed GEMM's 16-column panels, head dims 2 / 8 / 10 / 12 / 24, MHA and MQA,
-  1 and 3 layers, 4 / 9 / 16 / 25 image tokens, CFG scales 1 / 2.5 / 7, ragged batches in waves;
+  multiples of the packed GEMM's 16-column panels, head dims 2 / 8 / 10 / 12 / 16 / 24 (one with
+  heads x head_dim != hidden), MHA and MQA, 1 and 3 layers, 4 / 9 / 16 / 25 / 36 image tokens,
+  CFG scales 1 / 2.5 / 7, ragged batches in waves;
 * prompts long enough for the packed prefill (>= 512 prompt tokens per call) and for ATen's
   prompt attention (one prompt > 512 tokens);
 * sampling: every decode path (C++ wave loop, Python loop, static step) gives the same codes; extreme top-k / top-p / temperature equal greedy;
@@ -36,6 +37,9 @@ GEOMETRIES = {
     # MHA, 3 layers, head_dim 24 (q width 48 = H), 25 image tokens
     "mha-3layers-hd24-k70-t25": dict(hidden_size=48, num_layers=3, num_heads=2, num_kv_heads=2, head_dim=24,
                                      intermediate_size=72, codebook_size=70, image_size=40, patch_size=8),
+    # explicit head_dim with heads x head_dim != hidden (q / o width 64 vs H 48), MQA, 36 image tokens
+    "q64-h48-mqa-hd16-k45-t36": dict(hidden_size=48, num_heads=4, num_kv_heads=1, head_dim=16, intermediate_size=40,
+                                     codebook_size=45, image_size=48, patch_size=8),
     # 1 layer, hidden 8, head_dim 2, I 9, K 17 (one column past a panel)
     "1layer-h8-hd2-k17": dict(hidden_size=8, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=2,
                               intermediate_size=9, codebook_size=17, image_size=16, patch_size=8,
