@@ -17,9 +17,9 @@ import torch
 
 from ..models.image_quality import quality_line
 from .convert import convert_amazon2023, convert_microlens
-from .dataset import DataError, Dataset, load_dataset, load_image
+from .dataset import ITEMS_FILE, DataError, Dataset, load_dataset, load_image
 from .validate import validate_dataset
-from .fit_tokenizer import TokenizerFitSettings, fit_tokenizer, held_out_quality, load_tokenizer
+from .fit_tokenizer import TokenizerFitSettings, fit_items, fit_tokenizer, held_out_quality, load_tokenizer
 from .synth import SynthConfig, generate_synthetic
 from .token_cache import build_token_cache
 
@@ -81,6 +81,21 @@ def _without_unreadable_images(ds: Dataset) -> Dataset:
           file=sys.stderr)
     items = {i: dataclasses.replace(it, image_path=None) if i in bad else it for i, it in ds.items.items()}
     return dataclasses.replace(ds, items=items)
+
+
+def _check_images_the_fit_skips(ds: Dataset, s: TokenizerFitSettings) -> None:
+    """``--fit --on-error raise``: the token cache built after the fit needs every item's image.
+    The fit decodes its own fit and held-out images before training; an item without an image, or
+    one the fit never loads (outside the fit sample and the held-out set), is checked here, so a bad
+    one fails before minutes of fitting instead of after them (with a tokenizer file left behind)."""
+    no_image = [i for i, it in ds.items.items() if it.image_path is None]
+    if no_image:
+        raise DataError(f"{ds.root / ITEMS_FILE}: {len(no_image)} item(s) have no image (\"image\": null; first: "
+                        f"{no_image[0]!r}); every item needs one to be tokenized (--on-error skip skips them)")
+    loaded = set().union(*fit_items(ds, s))
+    for iid, item in ds.items.items():
+        if iid not in loaded:
+            load_image(item.image_path)  # DataError naming the file
 
 
 def _check_fit_target(path: Path, kind: str) -> None:
@@ -148,6 +163,9 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
                 codebook=a.codebook_size,
                 seed=a.seed, held_out=a.held_out, fit_images=a.fit_images, time_budget_s=a.time_budget,
                 max_steps=a.max_steps, batch_size=a.train_batch_size, iters=a.iters)
+            s.validate()
+            if a.on_error == "raise":
+                _check_images_the_fit_skips(ds, s)
             tok, quality, reused = fit_tokenizer(ds, a.tokenizer, s, progress=not a.quiet)
             print(f"{'reusing' if reused else 'wrote'} {a.kind} tokenizer {a.tokenizer} "
                   f"(fingerprint {tok.fingerprint()}{', same images and settings' if reused else ''})")

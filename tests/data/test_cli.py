@@ -1,4 +1,8 @@
 import argparse
+import json
+import shutil
+
+import pytest
 
 from pgen_engine.data.cli import main, register
 
@@ -133,3 +137,30 @@ def test_tokenize_fit_never_overwrites_a_file_that_is_not_a_tokenizer(tmp_path, 
     assert main(base + ["--tokenizer", str(tmp_path / "t.st")]) == 0  # a new path, then the same one again: reused
     assert main(base + ["--tokenizer", str(tmp_path / "t.st")]) == 0
     assert "reusing" in capsys.readouterr().out
+
+
+def test_tokenize_fit_refuses_an_unusable_item_image_before_fitting(tmp_path, capsys):
+    # an item the fit never loads (no interactions, outside the held-out set) with a corrupt image,
+    # or an item without one, used to fail only in the token cache after the fit (minutes for
+    # --kind vq), leaving the tokenizer file behind
+    ds = tmp_path / "ds"
+    assert main(["data", "synth", "--users", "6", "--items", "12", "--out", str(ds)]) == 0
+    first = json.loads((ds / "items.jsonl").read_text().splitlines()[0])
+    shutil.copy(ds / first["image"], ds / "images" / "unused_good.png")
+    (ds / "images" / "unused_bad.png").write_bytes(b"not an image")
+    items = (ds / "items.jsonl").read_text()
+    tok = tmp_path / "t.st"
+    args = ["data", "tokenize", str(ds), "--out", str(tmp_path / "c"), "--tokenizer", str(tok), "--fit",
+            "--codebook", "4", "--patch-size", "8", "--iters", "1", "--held-out", "1", "--quiet"]
+    for bad, needle in (("images/unused_bad.png", "unused_bad.png: corrupt or unreadable image"),
+                        (None, "1 item(s) have no image")):
+        extra = [{"item_id": "unused_good", "title": "", "image": "images/unused_good.png"},
+                 {"item_id": "unused_bad", "title": "", "image": bad}]
+        (ds / "items.jsonl").write_text(items + "".join(json.dumps(o) + "\n" for o in extra))
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+        assert not tok.exists() and not (tmp_path / "c").exists()
+    with pytest.warns(UserWarning, match="skipped 1 item"):
+        assert main(args + ["--on-error", "skip"]) == 0
+    assert "1 skipped" in capsys.readouterr().out
