@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from pgen_engine.errors import PgenUserError
 
@@ -356,6 +356,26 @@ def tied_timestamps(dataset: Dataset) -> list[Interaction]:
 IMAGE_DECODE_RULE = 2
 
 
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}  # EXIF orientation tag -> the transpose that shows it upright
+
+
+def _upright(im):
+    """``im`` with its EXIF orientation applied: the pixels of ``ImageOps.exif_transpose``.
+
+    That function also re-serialises the EXIF block without the tag, and a malformed tag in an
+    image that decodes fine made it raise ``struct.error`` (a traceback from `pgen data tokenize`,
+    while `pgen data validate` said OK). Only the pixels are needed here; an EXIF block PIL cannot
+    parse gives no orientation, and the image is taken as stored, as image viewers show it."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # PIL's EXIF parser raises many types (struct.error, SyntaxError, ...) for bad blocks
+        orientation = 1
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return im.transpose(method) if method is not None else im
+
+
 def _to_rgb(im):
     """PIL image -> upright RGB PIL image.
 
@@ -368,7 +388,8 @@ def _to_rgb(im):
     - 16/32-bit grayscale is scaled to 8 bits, not clipped: PIL's own ``convert("RGB")`` clips
       "I;16"/"I" pixels at 255, which turns a 16-bit grayscale PNG almost entirely white.
     """
-    im = ImageOps.exif_transpose(im)
+    im.load()
+    im = _upright(im)
     if im.mode.startswith("I;16") or im.mode == "I":
         a = np.asarray(im, dtype=np.int64)
         if im.mode.startswith("I;16") or a.max(initial=0) > 255:

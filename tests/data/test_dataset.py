@@ -1,5 +1,6 @@
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -140,6 +141,33 @@ def test_validate_reports_corrupt_and_missing(synth_dir, tmp_path):
     assert "UNUSABLE" in rep.summary()
     with pytest.raises(DataError, match="corrupt"):
         load_image(d / first["image"], 32)
+
+
+def test_image_with_a_malformed_exif_block_loads_upright(synth_dir, tmp_path):
+    # ImageOps.exif_transpose re-serialises the EXIF block after rotating, and this malformed tag
+    # made it raise struct.error: a traceback from `pgen data tokenize` for an image that decodes
+    # (`pgen data validate` said OK); the orientation tag itself is readable and still applied
+    import io
+
+    from PIL import Image
+
+    im = Image.fromarray(np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3))
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Canon"  # orientation: rotate 90 degrees clockwise to show upright
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif)
+    data = bytearray(buf.getvalue())
+    o = data.find(b"Exif\0\0")
+    data[o + 14], data[o + 17] = 0xA2, 0x40  # the first entry's tag id and type: unpackable on re-serialising
+    d = _copy(synth_dir, tmp_path)
+    first = json.loads((d / "items.jsonl").read_text().splitlines()[0])
+    (d / first["image"]).write_bytes(bytes(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL: "Corrupt EXIF data"
+        assert load_image(d / first["image"]).shape == (8, 6, 3)
+        assert load_image(d / first["image"], 4).shape == (4, 4, 3)
+        rep = validate_dataset(d)
+    assert rep.usable and rep.images_corrupt == 0
 
 
 def test_validate_reports_items_without_an_image(synth_dir, tmp_path):
