@@ -14,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from .dataset import INTERACTIONS_FILE, ITEMS_FILE, DataError, Dataset, Interaction, load_dataset, tied_timestamps
+from .dataset import (INTERACTIONS_FILE, ITEMS_FILE, DataError, Dataset, Interaction, load_dataset, load_image,
+                      tied_timestamps)
 
 
 @dataclasses.dataclass
@@ -125,9 +126,15 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
             rep.problems.append(f"{item.image_path}: missing image of item {item.item_id!r}")
             continue
         try:
-            with Image.open(item.image_path) as im:
-                im.load() if decode_images else im.verify()
+            if decode_images:  # the very decode tokenizing and training do (orientation, RGB), so OK means usable
+                load_image(item.image_path)
+            else:
+                with Image.open(item.image_path) as im:
+                    im.verify()
             rep.images_found += 1
+        except DataError as e:  # load_image's "PATH: corrupt or unreadable image (why)"
+            rep.images_corrupt += 1
+            rep.problems.append(f"{e} of item {item.item_id!r}")
         except Exception as e:  # PIL raises many types for broken files
             rep.images_corrupt += 1
             rep.problems.append(f"{item.image_path}: corrupt image of item {item.item_id!r} ({type(e).__name__})")

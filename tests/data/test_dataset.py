@@ -170,6 +170,19 @@ def test_image_with_a_malformed_exif_block_loads_upright(synth_dir, tmp_path):
     assert rep.usable and rep.images_corrupt == 0
 
 
+def test_validate_says_why_an_image_is_corrupt(synth_dir, tmp_path):
+    # validate printed only the exception's type ("(OSError)"); it now decodes each image as
+    # tokenizing does and prints load_image's reason
+    d = _copy(synth_dir, tmp_path)
+    first = json.loads((d / "items.jsonl").read_text().splitlines()[0])
+    path = d / first["image"]
+    path.write_bytes(path.read_bytes()[:-40])  # the end of the pixel data and IEND cut off
+    rep = validate_dataset(d)
+    assert rep.images_corrupt == 1 and not rep.usable
+    assert f"{path}: corrupt or unreadable image (" in rep.summary()
+    assert f"of item {first['item_id']!r}" in rep.summary()
+
+
 def test_validate_reports_items_without_an_image(synth_dir, tmp_path):
     # "image": null loads, but tokenizing / training / evaluation refuse such items: validate used
     # to say "status: OK" (exit 0) for a dataset `pgen data tokenize` then failed on
