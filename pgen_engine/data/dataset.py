@@ -197,6 +197,23 @@ def _csv_rows(path: Path, reader) -> Iterator[list[str]]:
         yield row
 
 
+def _json_hint(line: str) -> str:
+    """What a malformed items.jsonl line most likely is, for the error message ("" when unsure)."""
+    s = line.strip()
+    if s.startswith("[") or s in ("]", "],"):
+        return "; items.jsonl is JSON Lines: one object per line, not a JSON array"
+    return "; a trailing comma? each line must be exactly one JSON object" if s.endswith(",") else ""
+
+
+def _header_hint(header: list[str]) -> str:
+    """Why a header lacks the required columns, when it is a common slip ("" when unsure)."""
+    lower = {h.lower(): h for h in header}
+    if found := [lower[c] for c in REQUIRED_COLUMNS if c not in header and c in lower]:
+        return f" (column names are case-sensitive: found {', '.join(map(repr, found))})"
+    seps = [sep for sep in (";", "\t", "|") if len(header) == 1 and sep in header[0]]
+    return f" (the file must be comma-separated; this header is separated by {seps[0]!r})" if seps else ""
+
+
 def _load_items(root: Path, problems: _Problems, check_images: bool) -> dict[str, Item]:
     path = root / ITEMS_FILE
     if not path.is_file():
@@ -210,7 +227,7 @@ def _load_items(root: Path, problems: _Problems, check_images: bool) -> dict[str
             try:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
-                problems("malformed_item_line", f"{where}: malformed JSON ({e.msg})")
+                problems("malformed_item_line", f"{where}: malformed JSON ({e.msg} at column {e.colno}){_json_hint(raw)}")
                 continue
             if not isinstance(obj, dict):
                 problems("malformed_item_line", f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -237,7 +254,8 @@ def _load_items(root: Path, problems: _Problems, check_images: bool) -> dict[str
                     continue
                 image_path = (root / image).resolve() if not os.path.isabs(image) else Path(image)
                 if check_images and not image_path.is_file():
-                    problems("missing_image", f"{where}: image file {image_path} of item {iid!r} does not exist")
+                    hint = "; use '/' as the path separator" if "\\" in image else ""
+                    problems("missing_image", f"{where}: image file {image_path} of item {iid!r} does not exist{hint}")
                     continue
             items[iid] = Item(iid, title, image_path, obj)
     return items
@@ -258,7 +276,8 @@ def _load_interactions(root: Path, items: dict[str, Item], problems: _Problems) 
         header = [h.strip() for h in header]
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
-            raise DataError(f"{path}:1: header {header} lacks column(s) {missing}")
+            raise DataError(f"{path}:1: header {header} lacks column(s) {missing}{_header_hint(header)}; expected "
+                            f"{','.join(REQUIRED_COLUMNS)} (+ any extra columns)")
         if len(set(header)) != len(header):
             raise DataError(f"{path}:1: duplicate column names in header {header}")
         iu, ii, it = (header.index(c) for c in REQUIRED_COLUMNS)
@@ -356,9 +375,9 @@ def tied_timestamps(dataset: Dataset) -> list[Interaction]:
 IMAGE_DECODE_RULE = 2
 
 
-_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}  # EXIF orientation tag -> the transpose that shows it upright
+_T = Image.Transpose  # EXIF orientation tag -> the transpose that shows the image upright
+_ORIENTATION = {2: _T.FLIP_LEFT_RIGHT, 3: _T.ROTATE_180, 4: _T.FLIP_TOP_BOTTOM, 5: _T.TRANSPOSE, 6: _T.ROTATE_270,
+                7: _T.TRANSVERSE, 8: _T.ROTATE_90}
 
 
 def _upright(im):

@@ -89,6 +89,10 @@ def test_bad_interaction_rows(synth_dir, tmp_path, row, needle):
     ('{"title": "x"}', "item_id"),
     ('{"item_id": "i0001", "title": "dup", "image": null}', "duplicate item_id"),
     ('{"item_id": "zz", "title": "x", "image": "images/none.png"}', "does not exist"),
+    # the common slips name themselves (the messages used to be "malformed JSON (Extra data)" etc.)
+    ('{"item_id": "zz", "title": "x", "image": null},', r"Extra data at column \d+\); a trailing comma\?"),
+    ('[{"item_id": "zz", "title": "x", "image": null}', "JSON Lines: one object per line, not a JSON array"),
+    ('{"item_id": "zz", "title": "x", "image": "images\\\\i0000.png"}', "does not exist; use '/' as the path separator"),
 ])
 def test_bad_item_lines(synth_dir, tmp_path, line, needle):
     d = _copy(synth_dir, tmp_path)
@@ -107,7 +111,13 @@ def test_missing_files_and_header(tmp_path, synth_dir):
         load_dataset(tmp_path / "nope")
     d = _copy(synth_dir, tmp_path)
     (d / "interactions.csv").write_text("user,item,timestamp\n")
-    with pytest.raises(DataError, match="lacks column"):
+    with pytest.raises(DataError, match="lacks column.*; expected user_id,item_id,timestamp"):
+        load_dataset(d)
+    (d / "interactions.csv").write_text("User_ID,item_id,Timestamp\n")
+    with pytest.raises(DataError, match="column names are case-sensitive: found 'User_ID', 'Timestamp'"):
+        load_dataset(d)
+    (d / "interactions.csv").write_text("user_id;item_id;timestamp\n")
+    with pytest.raises(DataError, match="must be comma-separated; this header is separated by ';'"):
         load_dataset(d)
     with pytest.raises(ValueError, match="on_error"):
         load_dataset(synth_dir, on_error="ignore")
