@@ -146,4 +146,24 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
                             f"{first.item_id!r}); tokenizing, training and evaluation need an image for every item")
     if rep.interactions == 0:
         rep.problems.append(f"{root / INTERACTIONS_FILE}: no usable interactions")
+    _check_history_lengths(ds, rep)
     return rep
+
+
+# a user's last two interactions are the valid / test targets, so the splits need at least 3
+# (build_splits' floor); data.min_interactions, the training default, leaves out users below 5
+SPLIT_MIN_INTERACTIONS, DEFAULT_MIN_INTERACTIONS = 3, 5
+
+
+def _check_history_lengths(ds: Dataset, rep: ValidationReport) -> None:
+    """Users too short for the splits: flagged, and a problem when no user is long enough (training
+    and evaluation would find no example; validate used to say OK for such a dataset)."""
+    short = [(u, len(s)) for u, s in ds.interactions.items() if len(s) < DEFAULT_MIN_INTERACTIONS]
+    if short:
+        rep.flags["short_user_history"] = (
+            len(short), f"user {short[0][0]!r} has {short[0][1]} interaction(s); users with fewer than "
+            f"{DEFAULT_MIN_INTERACTIONS} (data.min_interactions, at least {SPLIT_MIN_INTERACTIONS}) are left out of "
+            "training and evaluation")
+    if ds.interactions and max(len(s) for s in ds.interactions.values()) < SPLIT_MIN_INTERACTIONS:
+        rep.problems.append(f"{ds.root / INTERACTIONS_FILE}: no user has {SPLIT_MIN_INTERACTIONS} or more interactions "
+                            "(history + validation + test item); training and evaluation need such users")

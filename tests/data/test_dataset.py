@@ -206,6 +206,30 @@ def test_validate_reports_items_without_an_image(synth_dir, tmp_path):
             "tokenizing, training and evaluation need an image for every item") in rep.summary()
 
 
+def test_validate_reports_users_too_short_for_the_splits(synth_dir, tmp_path):
+    # every user with 2 interactions: validate said OK, then training failed with "no training
+    # windows" and evaluation with "no test examples"
+    d = _copy(synth_dir, tmp_path)
+    path = d / "interactions.csv"
+    lines = path.read_text().splitlines()
+    kept, rest, count = [lines[0]], [], {}
+    for x in lines[1:]:
+        u = x.split(",")[0]
+        count[u] = count.get(u, 0) + 1
+        (kept if count[u] <= 2 else rest).append(x)
+    path.write_text("\n".join(kept) + "\n")
+    rep = validate_dataset(d)
+    assert rep.interactions == 2 * rep.users and not rep.usable
+    assert f"problem:       {path}: no user has 3 or more interactions" in rep.summary()
+    n, first = rep.flags["short_user_history"]
+    assert n == rep.users and "has 2 interaction(s); users with fewer than 5" in first
+    # one long enough user: usable, the short ones only flagged
+    first_user = kept[1].split(",")[0]
+    path.write_text("\n".join(kept + [x for x in rest if x.split(",")[0] == first_user]) + "\n")
+    rep = validate_dataset(d)
+    assert rep.usable and rep.flags["short_user_history"][0] == rep.users - 1
+
+
 def test_validate_flags_timestamps_that_are_compact_dates(synth_dir, tmp_path):
     d = _copy(synth_dir, tmp_path)
     path = d / "interactions.csv"
