@@ -2,7 +2,7 @@
 
 * Amazon Reviews 2023: a reviews JSONL (``user_id``, ``parent_asin``, ``timestamp`` in
   milliseconds) and a meta JSONL (``parent_asin``, ``title``, ``images`` list); item
-  images are local files named by asin (``<asin>.jpg|.jpeg|.png|.webp``) in a folder.
+  images are local files named by asin (``<asin>.jpg|.jpeg|.png|.webp``, or upper case) in a folder.
 * MicroLens / PixelRec: an interactions CSV with ``user,item,timestamp`` and a cover
   folder with ``<item>.jpg``.
 
@@ -33,10 +33,13 @@ def _check_file_key(key: str, where: str, field: str) -> None:
 
 
 def _find_image(folder: Path, key: str) -> Path | None:
+    """``folder/<key>.<ext>`` for an ext of IMAGE_EXTS, lower or upper case (cameras and Windows
+    tools write ``.JPG``: such covers used to be missed and their items dropped)."""
     for ext in IMAGE_EXTS:
-        p = folder / f"{key}{ext}"
-        if p.is_file():
-            return p
+        for e in (ext, ext.upper()):
+            p = folder / f"{key}{e}"
+            if p.is_file():
+                return p
     return None
 
 

@@ -46,6 +46,12 @@ def test_microlens(tmp_path):
     assert stats["interactions"] == 3 and stats["dropped_items"] == 1
     ds = load_dataset(tmp_path / "out")
     assert ds.item_sequence("1") == ["10", "11"] and ds.interactions["1"][0].timestamp == 1600000000.0
+    # an upper-case extension (.JPG, as cameras write) is the item's cover too: it used to be
+    # missed, and the item and its interactions dropped
+    (covers / "10.jpg").rename(covers / "10.JPG")
+    stats = convert_microlens(tmp_path / "i.csv", covers, tmp_path / "out")
+    assert stats["interactions"] == 3 and stats["dropped_items"] == 1
+    assert load_dataset(tmp_path / "out").items["10"].image_path.name == "10.JPG"
     (tmp_path / "j.csv").write_text("uid,iid,ts\n")
     with pytest.raises(DataError, match="header"):
         convert_microlens(tmp_path / "j.csv", covers, tmp_path / "o2")
