@@ -60,7 +60,9 @@ def _read_jsonl(path: Path):
 
 
 def _finish(out: Path, items: dict[str, dict], events: list[tuple[str, str, float, int]],
-            images: dict[str, Path]) -> dict[str, int]:
+            images: dict[str, Path], nothing_left: str) -> dict[str, int]:
+    if not events:  # an empty dataset used to be written (exit 0) when no item had an image
+        raise DataError(f"{nothing_left} (looked for <id>{'|'.join(IMAGE_EXTS)}); nothing written")
     events.sort(key=lambda e: (e[0], e[2], e[3]))
     used = {e[1] for e in events}
     items_out = [obj for iid, obj in items.items() if iid in used]
@@ -113,7 +115,7 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, imag
             dropped += 1
             continue
         events.append((str(user).strip(), obj["parent_asin"], ts, lineno))
-    stats = _finish(out, items, events, paths)
+    stats = _finish(out, items, events, paths, f"{reviews}: no review is of an item of {meta} with an image in {images}")
     return {**stats, "dropped_items": dropped_items, "dropped_interactions": dropped}
 
 
@@ -167,5 +169,5 @@ def convert_microlens(interactions: str | os.PathLike, covers: str | os.PathLike
                 dropped += 1
                 continue
             events.append((u, i, ts, lineno))
-    stats = _finish(out, items, events, paths)
+    stats = _finish(out, items, events, paths, f"{interactions}: no interaction is of an item with a cover in {covers}")
     return {**stats, "dropped_items": len(missing), "dropped_interactions": dropped}

@@ -100,3 +100,17 @@ def test_ids_that_are_not_plain_file_names_are_refused(tmp_path, bad):
     with pytest.raises(DataError, match=r"i\.csv:3: item .* cannot name an image file"):
         convert_microlens(tmp_path / "i.csv", tmp_path / "imgs", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_conversion_with_no_interaction_left_writes_nothing(tmp_path):
+    # every item without an image (or no rows at all): an empty dataset used to be written, exit 0
+    _img(tmp_path / "imgs" / "other.jpg", (1, 2, 3))
+    (tmp_path / "i.csv").write_text("user,item,timestamp\nu,A1,5\nu,A2,6\n")
+    with pytest.raises(DataError, match=r"i\.csv: no interaction is of an item with a cover in .*imgs "
+                                        r"\(looked for <id>\.jpg\|\.jpeg\|\.png\|\.webp\); nothing written"):
+        convert_microlens(tmp_path / "i.csv", tmp_path / "imgs", tmp_path / "out")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"parent_asin": "A1", "title": "x"}) + "\n")
+    (tmp_path / "r.jsonl").write_text(json.dumps({"user_id": "U", "parent_asin": "A1", "timestamp": 10**12}) + "\n")
+    with pytest.raises(DataError, match=r"r\.jsonl: no review is of an item of .*m\.jsonl with an image in"):
+        convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", tmp_path / "imgs", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
