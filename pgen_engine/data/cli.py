@@ -11,6 +11,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -67,7 +68,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 def _without_unreadable_images(ds: Dataset) -> Dataset:
     """``--on-error skip``: items whose image does not decode lose it (``image_path`` None), so
-    fitting and the held-out score pass over them as the token cache does (one warning)."""
+    fitting and the held-out score pass over them. The token cache is built from the dataset as
+    loaded: it skips them too and warns with the real reason (a copy with null images made it say
+    '"image": null' for a corrupt file)."""
     bad: dict[str, str] = {}
     for iid, item in ds.items.items():
         if item.image_path is not None:
@@ -77,8 +80,6 @@ def _without_unreadable_images(ds: Dataset) -> Dataset:
                 bad[iid] = str(e)
     if not bad:
         return ds
-    print(f"warning: {len(bad)} item image(s) unreadable, skipped (first: {next(iter(bad.values()))})",
-          file=sys.stderr)
     items = {i: dataclasses.replace(it, image_path=None) if i in bad else it for i, it in ds.items.items()}
     return dataclasses.replace(ds, items=items)
 
@@ -152,10 +153,19 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
         if a.threads < 1:
             return _err(f"--threads must be >= 1, got {a.threads}")
         torch.set_num_threads(a.threads)
+    with warnings.catch_warnings(record=True) as caught:  # skipped input: "warning: ..." lines, not
+        warnings.simplefilter("always")  # Python's "FILE:LINE: UserWarning: ..." with a source line
+        try:
+            return _tokenize(a, given)
+        finally:
+            for msg in dict.fromkeys(str(w.message) for w in caught):  # each distinct one once
+                print(f"warning: {msg}", file=sys.stderr)
+
+
+def _tokenize(a: argparse.Namespace, given: dict[str, int | None]) -> int:
     try:
-        ds = load_dataset(a.dir, on_error=a.on_error)
-        if a.on_error == "skip":
-            ds = _without_unreadable_images(ds)
+        loaded = load_dataset(a.dir, on_error=a.on_error)
+        ds = _without_unreadable_images(loaded) if a.on_error == "skip" else loaded
         if a.fit:
             _check_fit_target(a.tokenizer, a.kind)
             s = TokenizerFitSettings(
@@ -173,7 +183,7 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
             tok = load_tokenizer(a.kind, a.tokenizer)
             _check_loaded_geometry(tok, a.tokenizer, given)
             quality = held_out_quality(ds, tok, a.held_out)
-        cache = build_token_cache(ds, tok, a.out, batch_size=a.batch_size, progress=not a.quiet,
+        cache = build_token_cache(loaded, tok, a.out, batch_size=a.batch_size, progress=not a.quiet,
                                   on_error=a.on_error)
     except (DataError, ValueError, KeyError, OSError) as e:
         return _err(str(e))
