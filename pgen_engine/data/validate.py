@@ -123,7 +123,8 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
             continue
         if not item.image_path.is_file():
             rep.images_missing += 1
-            rep.problems.append(f"{item.image_path}: missing image of item {item.item_id!r}")
+            hint = "; use '/' as the path separator" if "\\" in str(item.image_path) else ""
+            rep.problems.append(f"{item.image_path}: missing image of item {item.item_id!r}{hint}")
             continue
         try:
             if decode_images:  # the very decode tokenizing and training do (orientation, RGB), so OK means usable

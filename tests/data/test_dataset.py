@@ -193,6 +193,15 @@ def test_validate_says_why_an_image_is_corrupt(synth_dir, tmp_path):
     assert f"of item {first['item_id']!r}" in rep.summary()
 
 
+def test_validate_hints_at_windows_path_separators(synth_dir, tmp_path):
+    d = _copy(synth_dir, tmp_path)
+    lines = [json.loads(x) for x in (d / "items.jsonl").read_text().splitlines()]
+    lines[0]["image"] = lines[0]["image"].replace("/", "\\")
+    (d / "items.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    rep = validate_dataset(d)
+    assert rep.images_missing == 1 and "missing image of item 'i0000'; use '/' as the path separator" in rep.summary()
+
+
 def test_validate_reports_items_without_an_image(synth_dir, tmp_path):
     # "image": null loads, but tokenizing / training / evaluation refuse such items: validate used
     # to say "status: OK" (exit 0) for a dataset `pgen data tokenize` then failed on
