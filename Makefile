@@ -59,7 +59,7 @@ GPU_SMOKE_OUT ?= runs/gpu_smoke
 gpu-smoke:
 	$(GPU_PYTHON) -m benchmarks.gpu_smoke --out $(GPU_SMOKE_OUT)
 
-# Here (needs a registry): wheels of DeepSpeed + deps, pytest-benchmark, pytest-xdist, scipy for
+# Here (needs a registry): wheels of DeepSpeed + deps, pytest-benchmark, pytest-xdist, scipy, pillow for
 # the GPU machine's Python (never torch / triton / nvidia-*); fails over 60 MiB.
 WHEEL_PYTHON_VERSION ?= 3.12
 wheelhouse: $(VENV)/.stamp-deps

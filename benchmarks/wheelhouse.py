@@ -4,7 +4,7 @@
     python -m benchmarks.wheelhouse install [--dir wheelhouse]                        # there (no registry)
 
 ``build`` writes wheels for :data:`ROOTS` (DeepSpeed, built here as a pure-Python wheel with
-``DS_BUILD_OPS=0``, and the test tools) plus every runtime dependency they declare for the
+``DS_BUILD_OPS=0``, the test tools, scipy and pillow) plus every runtime dependency they declare for the
 *target* interpreter (``--python-version``, Linux x86-64), each pinned to the version installed
 here when there is one (the versions CI tests), never :data:`EXCLUDED` (the CUDA stack the GPU
 machine already has, and numpy, which ``transformers`` already requires). It fails when the
@@ -31,9 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DIR = ROOT / "wheelhouse"
 MAX_MIB = 60.0
-# distribution -> the module that proves it is installed
+# distribution -> the module that proves it is installed. pillow: `import pgen_engine` loads PIL
+# (pgen_engine.data) and neither torch nor transformers requires it, so a GPU image may lack it.
 NEEDED_MODULES = {"deepspeed": "deepspeed", "pytest": "pytest", "pytest-benchmark": "pytest_benchmark",
-                  "pytest-xdist": "xdist", "scipy": "scipy"}
+                  "pytest-xdist": "xdist", "scipy": "scipy", "pillow": "PIL"}
 ROOTS = tuple(NEEDED_MODULES)
 # Never carried: the GPU machine's own CUDA stack (replacing it would break its torch), and
 # numpy (transformers, which pgen_engine needs, already requires it; ~16 MiB).

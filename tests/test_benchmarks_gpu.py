@@ -144,6 +144,59 @@ def test_wheel_requirements_drop_extras_and_foreign_markers(tmp_path):
     assert not any(EXCLUDED.match(n) for n in ("deepspeed", "pydantic", "scipy", "torchmetrics"))
 
 
+def _requirement_closure(roots) -> set[str]:
+    """Canonical names of ``roots`` and every runtime (non-extra) requirement they pull in, from the
+    installed metadata."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    from benchmarks.wheelhouse import canonical
+
+    seen, todo = set(), [canonical(r) for r in roots]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            reqs = md.requires(name) or []
+        except md.PackageNotFoundError:
+            continue
+        for line in reqs:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(canonical(req.name))
+    return seen
+
+
+def test_wheelhouse_covers_what_the_smoke_imports_beyond_the_gpu_image():
+    """Every third-party module that `import pgen_engine` and the smoke stages load comes with the GPU
+    image (torch, triton, transformers and their requirements) or from the wheelhouse (NEEDED_MODULES and
+    their requirements). pillow was missing: pgen_engine imports PIL, which neither torch nor transformers
+    requires."""
+    import importlib.metadata as md
+
+    from benchmarks.wheelhouse import NEEDED_MODULES, canonical
+
+    code = ("import sys; import pgen_engine, pgen_engine.training.rl, benchmarks.smoke_stages, benchmarks.gpu_smoke, "
+            "benchmarks.gpu_generation, benchmarks.gpu_ops, benchmarks.gpu_attention; "
+            "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    allowed = _requirement_closure(["torch", "triton", "transformers"]) | _requirement_closure(NEEDED_MODULES)
+    owners = md.packages_distributions()
+    missing = {}
+    for mod in out.stdout.split():
+        if mod in ("pgen_engine", "benchmarks"):  # this repository (an editable install maps it to a dist)
+            continue
+        dists = {canonical(d) for d in owners.get(mod, [])}
+        if dists and not dists & allowed:
+            missing[mod] = sorted(dists)
+    assert not missing, f"modules neither the GPU image nor the wheelhouse provides: {missing}"
+    assert NEEDED_MODULES.get("pillow") == "PIL"
+
+
 def test_wheelhouse_install_needs_wheels_and_installs_nothing_when_complete(tmp_path):
     from benchmarks.wheelhouse import install, missing_modules
 
