@@ -56,20 +56,30 @@ def checkpoint_tag(step: int) -> str:
 
 
 def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch CPU (and CUDA) RNG states of this process."""
+    """Python, NumPy, torch CPU (and this rank's CUDA device) RNG states of this process."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # only the device this rank uses: each rank writes its own file, and a resume may see
+        # another number of devices (one GPU per rank under a scheduler, or a smaller node)
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
+    """Restore what :func:`rng_state` returned (also the per-device list older checkpoints hold)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state:  # written before: every visible device's state; this rank's device is its index
+        idx = torch.cuda.current_device()
+        if idx >= len(state["cuda"]):
+            raise ResumeError(f"the RNG state was saved with {len(state['cuda'])} visible CUDA device(s), but this "
+                              f"rank uses device {idx}; resume with the devices the run was saved with")
+        torch.cuda.set_rng_state(state["cuda"][idx])
 
 
 def read_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
@@ -315,11 +325,14 @@ def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict
             rng = torch.load(rng_file, weights_only=False)
         except unreadable as e:
             raise ResumeError(f"{rng_file}: unreadable RNG state ({one_line(e)}); the checkpoint is corrupt") from None
+        # restored inside the agreement: a state this rank cannot apply stops every rank, not only this one
+        set_rng_state(rng)
     except ResumeError as e:
         problem = e
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a state of another shape
+        problem = ResumeError(f"{rng_file}: cannot restore the RNG state ({one_line(e)}); the checkpoint is corrupt")
     if not all_ranks_true(problem is None):
         raise problem or ResumeError(f"{ckpt}: another rank could not restore its RNG state (see its error line)")
-    set_rng_state(rng)
     return dict(client or {})
 
 

@@ -226,3 +226,44 @@ def test_check_fresh_start_refuses_a_folder_that_holds_a_run(tmp_path):
     (only_final / "final" / "config.json").write_text("{}")
     with pytest.raises(ResumeError, match=r"already holds a training run \(.*exported/final\)"):
         check_fresh_start(only_final)
+
+
+class _FakeCuda:
+    """torch.cuda's RNG calls for one process on ``device`` of ``count`` devices (no GPU needed)."""
+
+    def __init__(self, device: int, count: int):
+        self.device, self.states = device, {i: torch.tensor([i], dtype=torch.uint8) for i in range(count)}
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.device)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": self.states[self.device].clone())
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.states[i] for i in sorted(self.states)])
+
+        def set_state(state, device="cuda"):
+            self.states[self.device] = state.clone()
+        monkeypatch.setattr(torch.cuda, "set_rng_state", set_state)
+
+
+def test_cuda_rng_state_is_this_ranks_device_only_and_old_lists_restore_by_index(monkeypatch):
+    fake = _FakeCuda(device=1, count=4)
+    fake.install(monkeypatch)
+    state = rng_state()
+    assert "cuda" not in state and torch.equal(state["cuda_device"], torch.tensor([1], dtype=torch.uint8))
+    fake.states[1] = torch.tensor([9], dtype=torch.uint8)
+    set_rng_state(state)
+    assert torch.equal(fake.states[1], torch.tensor([1], dtype=torch.uint8))
+    # a resume that sees fewer devices (one per rank) still restores this rank's own state
+    single = _FakeCuda(device=0, count=1)
+    single.install(monkeypatch)
+    set_rng_state(state)
+    assert torch.equal(single.states[0], torch.tensor([1], dtype=torch.uint8))
+    # checkpoints written before hold every visible device's state: this rank takes its own index
+    old = {k: v for k, v in state.items() if k != "cuda_device"}
+    old["cuda"] = [torch.tensor([7], dtype=torch.uint8), torch.tensor([8], dtype=torch.uint8)]
+    fake.install(monkeypatch)
+    set_rng_state(old)
+    assert torch.equal(fake.states[1], torch.tensor([8], dtype=torch.uint8))
+    fake.device = 3
+    with pytest.raises(ResumeError, match="saved with 2 visible CUDA device.*uses device 3"):
+        set_rng_state(old)

@@ -56,12 +56,14 @@ def _rank(rank: int, out: str, case: str) -> None:
         C.gather_state_dict = lambda module, d: {}
         if rank == 0:
             C.JanusModel = disk_full
-    if case == "resume":
+    if case in ("resume", "rng_shape"):
         ckpt = Path(out) / "checkpoints" / "step00000001"
-        if rank == 0:  # rank 1's RNG file is missing (another node's disk lost it)
+        if rank == 0:  # rank 1's RNG file is missing (another node's disk lost it), or holds something else
             ckpt.mkdir(parents=True)
             (ckpt / C.META).write_text(json.dumps({"step": 1, "world_size": 2, "zero_stage": 3}))
             torch.save(C.rng_state(), ckpt / "rng_rank0.pt")
+            if case == "rng_shape":
+                torch.save({"python": 1}, ckpt / "rng_rank1.pt")
         dist.barrier()
     if case == "shard":
         ckpt = Path(out) / "checkpoints" / "step00000001"
@@ -73,7 +75,7 @@ def _rank(rank: int, out: str, case: str) -> None:
                 torch.save({"r": r}, ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
             (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 truncated")
         dist.barrier()
-    if case in ("resume", "shard"):
+    if case in ("resume", "rng_shape", "shard"):
         C.load_resumable(_Engine(), ckpt, info)
     elif case == "export":
         C.export_hf(SimpleNamespace(config=None, special_tokens=None), Path(out) / "final", info)
@@ -108,6 +110,12 @@ def test_failed_export_on_rank0_stops_every_rank(tmp_path):
 def test_missing_rng_state_on_rank1_stops_every_rank_on_resume(tmp_path):
     r0, r1 = _run(tmp_path, "resume")
     assert r1[0] == "ResumeError" and "missing RNG state for rank 1" in r1[1]
+    assert r0[0] == "ResumeError" and "another rank could not restore its RNG state" in r0[1]
+
+
+def test_rng_state_of_another_shape_on_rank1_stops_every_rank_on_resume(tmp_path):
+    r0, r1 = _run(tmp_path, "rng_shape")
+    assert r1[0] == "ResumeError" and "rng_rank1.pt: cannot restore the RNG state" in r1[1]
     assert r0[0] == "ResumeError" and "another rank could not restore its RNG state" in r0[1]
 
 
