@@ -24,7 +24,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'auto' (latest checkpoint in output_dir, if any) or a checkpoint folder")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 output_dir=/tmp/run")
-    return p.parse_args(argv)
+    # intermixed: overrides may come before and after --resume (plain parse_args stops the
+    # positional list at the first option and refuses every override after it)
+    return p.parse_intermixed_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,6 +105,23 @@ def test_plan_cli_exit_codes(capsys):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_plan_cli_takes_overrides_before_and_after_an_option(capsys):
+    # `pgen plan --config C a=1 --gpus 2 b=2` used to stop with "unrecognized arguments: b=2"
+    import pytest
+
+    from tests.conftest import REPO
+
+    demo = str(REPO / "configs" / "demo_sft.yaml")
+    assert main(["plan", "--config", demo, "train.max_steps=3", "--gpus", "1", "train.no_such_key=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.no_such_key" in err[0]  # the override after --gpus reached the config
+    assert main(["plan", "--config", demo, "train.max_steps=3", "--gpus", "1", "train.warmup_steps=1"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # an unknown option is still argparse's usage error
+        main(["plan", "--config", demo, "train.max_steps=3", "--gpus", "1", "--bogus"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_plan_cli_janus_pro_1b_rl_fits_8x80(capsys):
     """The README's example: the real-size 1B RL config, planned on the meta device."""
     from tests.conftest import REPO

@@ -65,6 +65,16 @@ def test_fresh_run_into_a_folder_holding_a_run_is_refused_and_changes_nothing(tm
     assert not (tmp_path / "no_data").exists()
 
 
+def test_train_takes_overrides_before_and_after_resume():
+    # `train.py --config C a=1 --resume auto b=2` used to stop with "unrecognized arguments: b=2"
+    import train
+
+    args = train.parse_args(["--config", "c.yaml", "train.max_steps=3", "--resume", "auto", "output_dir=/tmp/r"])
+    assert args.resume == "auto" and args.overrides == ["train.max_steps=3", "output_dir=/tmp/r"]
+    args = train.parse_args(["--local_rank=0", "--config", "c.yaml", "output_dir=/tmp/r"])  # the deepspeed launcher
+    assert args.local_rank == 0 and args.overrides == ["output_dir=/tmp/r"] and args.resume is None
+
+
 def test_output_dir_that_cannot_be_written_is_a_config_error_before_any_work(tmp_path, monkeypatch):
     # what folder_problem cannot foresee (a read-only or virtual file system): rank 0's failure
     # reaches every rank (broadcast), so no rank waits for it in a later collective
