@@ -168,10 +168,16 @@ def check_resume_config(ckpt: Path, current: dict[str, Any], defaults: dict[str,
         defaults: the config's field defaults (``config_defaults``): settings added since the
             checkpoint was written pass when they are at their default.
     Raises:
-        ResumeError: naming the checkpoint and every differing key (saved -> now). A
-            checkpoint written before configs were recorded is accepted as is.
+        ResumeError: naming the checkpoint and every differing key (saved -> now), or a
+            checkpoint past ``train.max_steps``. A checkpoint written before configs were
+            recorded is accepted as is.
     """
     meta = read_meta(ckpt)
+    step, max_steps = meta.get("step"), (current.get("train") or {}).get("max_steps")
+    if isinstance(step, int) and isinstance(max_steps, int) and step > max_steps:
+        # resumed, it trained nothing, re-exported final/ and wrote summary.json "steps": max_steps
+        raise ResumeError(f"{ckpt}: already trained {step} steps, past train.max_steps={max_steps}; resume with "
+                          f"train.max_steps >= {step}, or export it as it is with train.max_steps={step}")
     saved = meta.get(CONFIG_KEY)
     if saved is None:
         return

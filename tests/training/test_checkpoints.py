@@ -145,6 +145,18 @@ def test_resume_refuses_other_training_settings_and_names_them(tmp_path):
     assert "rl.policy_distribution: (unset) -> 'guided'" in msg and "beta" not in msg
 
 
+def test_resume_refuses_a_checkpoint_past_max_steps(tmp_path):
+    # `--resume auto train.max_steps=2` on a step-10 checkpoint used to train nothing, re-export final/
+    # and report success with summary.json "steps": 2
+    from pgen_engine.training.checkpoints import check_resume_config
+    saved = {"output_dir": "a", "train": {"lr": 1e-3, "max_steps": 10}}
+    ck = _saved(tmp_path, saved)
+    with pytest.raises(ResumeError, match=r"step00000010: already trained 10 steps, past train\.max_steps=2; "
+                                          r"resume with train\.max_steps >= 10"):
+        check_resume_config(ck, {"output_dir": "a", "train": {"lr": 1e-3, "max_steps": 2}})
+    check_resume_config(ck, {"output_dir": "a", "train": {"lr": 1e-3, "max_steps": 10}})  # a finished run: a no-op
+
+
 def test_resume_allows_longer_runs_other_folders_and_rates(tmp_path):
     from pgen_engine.training.checkpoints import check_resume_config, config_changes
     saved = {"output_dir": "a", "logging": {"progress": True}, "data": {"work_dir": "w", "history_k": 4},
