@@ -9,7 +9,7 @@ The stage (``sft``, ``rl``) comes from the config's ``stage`` key. Overrides are
 one line (``error: ...``) to stderr and exits with status 2 (config) or 1 (run). On a GPU
 machine the run's memory plan (``pgen plan``, :mod:`pgen_engine.training.plan`) is checked
 first: a launch that cannot fit its GPUs exits with status 3 and one line naming the phase
-(``PGEN_PLAN=0`` skips the check).
+(``PGEN_PLAN=0`` skips the check). Ctrl-C is one ``error: interrupted`` line and status 130.
 """
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     except PgenUserError as e:  # one readable line for input/run errors; a traceback for bugs
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line, not DeepSpeed's / autograd's whole stack
+        print("error: interrupted; complete checkpoints in output_dir/checkpoints are kept (continue with "
+              "--resume auto)", file=sys.stderr)
+        return 130
     return 0
 
 

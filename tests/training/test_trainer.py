@@ -75,6 +75,20 @@ def test_train_takes_overrides_before_and_after_resume():
     assert args.local_rank == 0 and args.overrides == ["output_dir=/tmp/r"] and args.resume is None
 
 
+def test_train_ctrl_c_is_one_line_and_status_130(tmp_path, monkeypatch, capsys):
+    # Ctrl-C mid-run used to print DeepSpeed's / autograd's whole traceback
+    import train
+    from pgen_engine.training import stages
+
+    def interrupted(cfg, resume=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stages, "run_stage", interrupted)
+    rc = train.main(["--config", str(REPO / "configs" / "demo_sft.yaml"), f"output_dir={tmp_path / 'out'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(err) == 1 and err[0].startswith("error: interrupted") and "--resume auto" in err[0]
+
+
 def test_output_dir_that_cannot_be_written_is_a_config_error_before_any_work(tmp_path, monkeypatch):
     # what folder_problem cannot foresee (a read-only or virtual file system): rank 0's failure
     # reaches every rank (broadcast), so no rank waits for it in a later collective
