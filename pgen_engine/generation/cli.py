@@ -77,7 +77,9 @@ def _check_args(args: argparse.Namespace) -> None:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     args.sampling = _sampling_params(args)
-    checked_device(args.device, label=f"--device {args.device!r}")  # before any model work
+    if checked_device(args.device, label=f"--device {args.device!r}").type == "meta":  # before any model work
+        raise ValueError(f"--device {args.device!r}: holds shapes only, no weights, so it cannot generate; "
+                         "use cpu or cuda")
 
 
 def _load_tokenizer(checkpoint: Path, special):

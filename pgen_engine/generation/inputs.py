@@ -59,6 +59,9 @@ def binary_mask(mask, name: str, B: int, S: int, values: str) -> torch.Tensor:
 def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Prompt]:
     """Validate ``Generator.generate``'s ``input_ids`` / ``attention_mask`` / ``gen_code_mask``
     (see there) -> one :class:`Prompt` per row, padding stripped. Errors name the prompt and position."""
+    if model.device.type == "meta":  # else torch's NotImplementedError about nonzero's meta kernel
+        raise ValueError("the model is on the meta device (shapes only, no weights): Generator.generate needs a "
+                         "model loaded on cpu or cuda (kv_bytes works on meta)")
     img_id = model.config.image_token_id
     T_img = model.num_image_tokens
     if isinstance(input_ids, torch.Tensor):

@@ -187,6 +187,7 @@ def no_model_load(monkeypatch):
     ("--seed", str(2 ** 64), "64-bit"),
     ("--seed", str(-(2 ** 63) - 1), "64-bit"),
     ("--device", "banana", "device"),
+    ("--device", "meta", "no weights"),  # used to load the model, then fail in torch's meta kernels
 ])
 def test_invalid_flags_are_refused_up_front(tiny_ckpt, tmp_path, capsys, no_model_load, flag, value, expect):
     p = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "x"})])

@@ -474,3 +474,14 @@ def test_constructor_arguments_are_checked(peaky):
         Generator(model, max_batch_size=2.0)
     g = Generator(model, max_batch_size=np.int64(2), max_seq_len=np.int32(24))
     assert (g.max_batch_size, g.max_seq_len) == (2, 24) and type(g.max_seq_len) is int
+
+
+def test_generate_on_a_meta_model_is_a_clear_error(tiny_ckpt):
+    # kv_bytes is documented to work on meta; generate used to end in torch's NotImplementedError
+    # about nonzero's meta kernel
+    import pgen_engine as pg
+
+    g = Generator(pg.load_model(tiny_ckpt, device="meta"), max_batch_size=2)
+    assert g.kv_bytes([4], 2) > 0
+    with pytest.raises(ValueError, match=r"model is on the meta device .*needs a model loaded on cpu or cuda"):
+        g.generate([[1, 15, 16]], seed=0)
