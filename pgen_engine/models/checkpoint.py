@@ -186,7 +186,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             ``model.safetensors.index.json``), as written by ``transformers``'
             ``JanusForConditionalGeneration.save_pretrained`` or :meth:`JanusModel.save_pretrained`.
         device: where the weights go.
-        dtype: parameter dtype (fp32, bf16 or fp16).
+        dtype: parameter dtype (fp32, bf16 or fp16), a torch.dtype or its name ("bfloat16").
     Returns:
         the model in eval mode.
     Raises:
@@ -197,8 +197,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if not isinstance(path, (str, os.PathLike)):  # Path(None) says only "expected str, bytes or os.PathLike"
         raise TypeError(f"path must be a checkpoint folder (str or os.PathLike), got {type(path).__name__} {path!r}")
     path = Path(path)
-    if dtype not in LOADABLE_DTYPES:
-        raise CheckpointError(f"dtype {dtype} is not supported; use one of {LOADABLE_DTYPES}")
+    if isinstance(dtype, str):  # "bfloat16" / "torch.bfloat16", as pgen generate --dtype and transformers take it
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = named if isinstance(named, torch.dtype) else dtype
+    if dtype not in LOADABLE_DTYPES:  # a str "bfloat16" was refused as "dtype bfloat16 is not supported"
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {LOADABLE_DTYPES} (or its name)")
     device = checked_device(device)
     cfg, special = load_checkpoint_config(path)
     tensors = _read_tensors(_shard_files(path))

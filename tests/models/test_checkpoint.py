@@ -185,6 +185,14 @@ def test_rejects_int_dtype(tiny_ckpt):
         pg.load_model(tiny_ckpt, dtype=torch.int8)
 
 
+def test_dtype_by_name(tiny_ckpt):
+    # dtype="bfloat16" used to be refused as "dtype bfloat16 is not supported; use one of (..., torch.bfloat16)"
+    for name in ("bfloat16", "torch.bfloat16"):
+        assert pg.load_model(tiny_ckpt, dtype=name).dtype == torch.bfloat16
+    with pytest.raises(pg.CheckpointError, match=r"dtype 'bf16' is not supported; use one of .* \(or its name\)"):
+        pg.load_model(tiny_ckpt, dtype="bf16")
+
+
 @pytest.mark.slow
 def test_janus_pro_1b_geometry_parameter_count(tmp_path):
     """Real-size Janus-Pro-1B config with random weights: saved by transformers, loaded by the engine."""
