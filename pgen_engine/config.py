@@ -257,11 +257,9 @@ class TrainConfig:
     log_every: int = 1
 
     def __post_init__(self) -> None:
-        if (self.micro_batch_size is not None and self.micro_batch_size < 1) or self.global_batch_size < 1:
-            raise ConfigError(f"train: micro_batch_size={self.micro_batch_size} and global_batch_size="
-                              f"{self.global_batch_size} must be >= 1")
-        if self.max_micro_batch_size < 1:
-            raise ConfigError(f"train.max_micro_batch_size={self.max_micro_batch_size}: expected >= 1")
+        for key in ("global_batch_size", "micro_batch_size", "max_micro_batch_size"):  # each named alone
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: expected >= 1")
         if self.micro_batch_size is not None and self.global_batch_size % self.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={self.global_batch_size} is not a multiple of "
                               f"train.micro_batch_size={self.micro_batch_size}")
@@ -275,8 +273,6 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps}: expected 0..max_steps={self.max_steps}")
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ConfigError(f"train.betas={list(self.betas)}: expected two values in [0, 1)")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ConfigError(f"train: grad_clip={self.grad_clip} and weight_decay={self.weight_decay} must be >= 0")
         for key in ("grad_clip", "weight_decay", "eps"):
             check_finite(f"train.{key}", getattr(self, key), positive=key == "eps")
         if not 0.0 <= self.cond_dropout_p < 1.0:
@@ -284,9 +280,9 @@ class TrainConfig:
         bad = [g for g in self.trainable if g not in PARAMETER_GROUPS]
         if bad or not self.trainable:
             raise ConfigError(f"train.trainable={self.trainable}: expected a non-empty subset of {list(PARAMETER_GROUPS)}")
-        if self.save_every < 0 or self.keep_checkpoints < 1 or self.log_every < 1:
-            raise ConfigError(f"train: save_every={self.save_every} (>= 0), keep_checkpoints={self.keep_checkpoints} "
-                              f"(>= 1), log_every={self.log_every} (>= 1)")
+        for key, low in (("save_every", 0), ("keep_checkpoints", 1), ("log_every", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"train.{key}={getattr(self, key)}: expected >= {low}")
 
     def micro_batch_for(self, world_size: int) -> int:
         """Examples per rank per forward for ``world_size`` ranks.

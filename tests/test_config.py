@@ -225,6 +225,13 @@ def test_rl_embedder_type_is_checked_at_load():
     ("seed=-1", "seed=-1: expected a seed in [0, 2**63 - 1]"),
     ("seed=18446744073709551616", "seed=18446744073709551616: expected a seed"),
     ("data.synth={seed: -2}", "data.synth.seed=-2: expected a seed"),
+    # each named alone (was "train: save_every=500 (>= 0), keep_checkpoints=2 (>= 1), log_every=0 (>= 1)")
+    ("train.log_every=0", "train.log_every=0: expected >= 1"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0: expected >= 1"),
+    ("train.save_every=-1", "train.save_every=-1: expected >= 0"),
+    ("train.global_batch_size=0", "train.global_batch_size=0: expected >= 1"),
+    ("train.micro_batch_size=0", "train.micro_batch_size=0: expected >= 1"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0: expected a finite number >= 0"),
     ("model.init.vocab_size=100", "model.init.vocab_size=100: expected >= 262"),
 ])
 def test_values_that_fail_late_are_refused_at_load(override, needle):
