@@ -101,6 +101,7 @@ class ModelInitConfig:
             raise ConfigError(f"model.init.init_std={self.init_std}: expected a float in (0, 1) or null")
         if self.code_init not in CODE_INITS:
             raise ConfigError(f"model.init.code_init={self.code_init!r}: expected one of {CODE_INITS}")
+        check_seed("model.init.seed", self.seed)  # else torch's "Overflow when unpacking long long" after data prep
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ConfigError(f"model.init: hidden_size={self.hidden_size} must be a multiple of num_heads="
                               f"{self.num_heads}, which must be a multiple of num_kv_heads={self.num_kv_heads}")

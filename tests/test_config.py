@@ -225,6 +225,10 @@ def test_rl_embedder_type_is_checked_at_load():
     ("seed=-1", "seed=-1: expected a seed in [0, 2**63 - 1]"),
     ("seed=18446744073709551616", "seed=18446744073709551616: expected a seed"),
     ("data.synth={seed: -2}", "data.synth.seed=-2: expected a seed"),
+    # model.init.seed past 64 bits used to fail after data preparation with torch's bare
+    # "Overflow when unpacking long long", leaving config.resolved.yaml behind
+    ("model.init.seed=18446744073709551616", "model.init.seed=18446744073709551616: expected a seed"),
+    ("model.init.seed=-3", "model.init.seed=-3: expected a seed in [0, 2**63 - 1]"),
     # each named alone (was "train: save_every=500 (>= 0), keep_checkpoints=2 (>= 1), log_every=0 (>= 1)")
     ("train.log_every=0", "train.log_every=0: expected >= 1"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0: expected >= 1"),
