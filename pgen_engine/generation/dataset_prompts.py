@@ -72,6 +72,8 @@ def dataset_prompts(data_dir: str | Path, users: str, split: str, prompter, *, h
             continue
         out.append(PromptLine(n, uid, None, h.input_ids, items, h.gen_code_mask, h.pixel_values,
                               [it["image"] for it in items]))
+    if len(errors) == 1:  # one problem: one line
+        raise ValueError(errors[0])
     if errors:
         raise ValueError(f"{len(errors)} invalid user(s):\n" + "\n".join(errors[:20]))
     return out

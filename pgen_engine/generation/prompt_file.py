@@ -211,6 +211,8 @@ def read_prompts(path: str | Path, tokenizer, special, vocab_size: int, *, max_p
             errors.append(got)
         else:
             out.append(got)
+    if len(errors) == 1:  # one problem: one line (was "1 invalid prompt line(s):" and the line below it)
+        raise ValueError(errors[0])
     if errors:
         shown = errors[:20] + ([f"... and {len(errors) - 20} more invalid line(s)"] if len(errors) > 20 else [])
         raise ValueError(f"{len(errors)} invalid prompt line(s):\n" + "\n".join(shown))

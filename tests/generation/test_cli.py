@@ -65,6 +65,15 @@ def test_invalid_lines_are_reported_by_line_number(tiny_ckpt, tmp_path, capsys):
     assert not (tmp_path / "o" / "manifest.jsonl").exists()
 
 
+def test_one_bad_line_or_user_is_one_error_line(tiny_ckpt, tmp_path, capsys):
+    # was two lines: "pgen generate: error: 1 invalid prompt line(s):" and the problem below it
+    prompts = _write(tmp_path / "bad.jsonl", [json.dumps({"id": "none"})])
+    assert main(["generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(prompts), "--out",
+                 str(tmp_path / "o"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pgen generate: error: {prompts}:1: exactly one of 'prompt'"), err
+
+
 def test_missing_prompts_file_and_bad_args(tiny_ckpt, tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tiny_ckpt), "--prompts", str(tmp_path / "nope.jsonl"),
                  "--out", str(tmp_path / "o"), "--quiet"]) != 0

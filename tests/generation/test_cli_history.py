@@ -122,7 +122,7 @@ def test_run_config_fixes_the_mode(ckpt, posters, tmp_path, capsys):
         assert "trained with data.history_mode='codes'" in err and "'pixels'" in err, err
 
 
-def test_data_users(ckpt, tmp_path):
+def test_data_users(ckpt, tmp_path, capsys):
     from pgen_engine.data.synth import SynthConfig, generate_synthetic
 
     ds = generate_synthetic(tmp_path / "ds", SynthConfig(num_users=6, num_items=20, seed=1))
@@ -132,8 +132,11 @@ def test_data_users(ckpt, tmp_path):
     rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["u0002", "u0000"]
     assert all(len(r["history"]) >= 1 and "item_id" in r["history"][0] for r in rows)
+    capsys.readouterr()
     assert main(["generate", "--checkpoint", str(ckpt), "--data", str(ds), "--users", "nobody",
                  "--out", str(tmp_path / "x"), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # one problem, one line (was "1 invalid user(s):" + it)
+    assert len(err) == 1 and err[0].endswith("--users: user 'nobody': not in the dataset"), err
 
 
 def test_users_from_a_file_keep_commas_inside_ids(ckpt, tmp_path):
