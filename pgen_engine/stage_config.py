@@ -154,6 +154,13 @@ class RLConfig:
 
         if self.embedder["type"] not in EMBEDDER_TYPES:  # else found only when the RL stage builds it
             raise RLConfigError(f"rl.embedder.type={self.embedder['type']!r}: expected one of {list(EMBEDDER_TYPES)}")
+        if self.embedder["type"] == "cocons_cnn":  # its training fields, else checked after data prep + engine build
+            from pgen_engine.rewards.cocons import reward_config_from_spec  # late import: as CompositeReward above
+
+            try:
+                reward_config_from_spec(self.embedder)
+            except (TypeError, ValueError) as e:
+                raise RLConfigError(f"rl.embedder: {e}") from None
         if self.future_horizon is not None and self.future_horizon < 1:
             raise bad("future_horizon", ">= 1 or null")
         if self.prompt_windows not in PROMPT_WINDOWS:

@@ -211,6 +211,21 @@ def test_rl_embedder_type_is_checked_at_load():
 
 
 @pytest.mark.parametrize("override,needle", [
+    # each used to load and fail only after data preparation and the DeepSpeed engine build, as
+    # "error: rl.embedder: expected non-negative integer" (numpy), a bare "invalid literal for int()"
+    ("rl.embedder={type: cocons_cnn, seed: -1}", "rl.embedder: evaluator: seed must be an int in [0, 2**63 - 1], got -1"),
+    ("rl.embedder={type: cocons_cnn, steps: 0}", "rl.embedder: evaluator: window, steps >= 1"),
+    ("rl.embedder={type: cocons_cnn, steps: abc}", "rl.embedder: reward embedder: steps must be an int, got 'abc'"),
+    ("rl.embedder={type: cocons_cnn, stepz: 3}", "rl.embedder: reward embedder: unknown field(s) ['stepz']"),
+])
+def test_rl_cocons_embedder_fields_are_checked_at_load(override, needle):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"stage": "rl"}, "rl.yaml", [override])
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert config_from_dict({"stage": "rl"}, "rl.yaml", ["rl.embedder={type: cocons_cnn, seed: 3, steps: 40}"])
+
+
+@pytest.mark.parametrize("override,needle", [
     # each used to load (pgen plan exit 0) and fail only after the synthetic data, the tokenizer
     # fit and the token cache had run: a traceback from numpy / torch / build_splits, or (NaN
     # grad_clip / weight_decay) a run whose weights all turn NaN

@@ -79,6 +79,9 @@ class EvaluatorConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+            # else numpy's bare "expected non-negative integer" when training starts
+            raise ValueError(f"evaluator: seed must be an int in [0, 2**63 - 1], got {self.seed!r}")
         if not 16 <= self.image_size <= 256:
             raise ValueError(f"evaluator image_size must be in [16, 256], got {self.image_size}")
         if self.window < 1 or self.steps < 1 or self.batch_size < 2 or self.dim < 2 or self.width < 4:

@@ -54,8 +54,16 @@ def RewardEmbedderConfig(**overrides: Any) -> EvaluatorConfig:
     if unknown:
         raise ValueError(f"reward embedder: unknown field(s) {unknown}; allowed: {sorted(SPEC_FIELDS)}")
     vals = {**SPEC_FIELDS, **overrides}
-    ints = {k: int(v) for k, v in vals.items() if k not in _FLOAT_FIELDS + _STR_FIELDS}
-    floats = {k: float(vals[k]) for k in _FLOAT_FIELDS}
+
+    def num(k: str, kind: type) -> Any:  # names the field (was int()'s bare "invalid literal for int()")
+        try:
+            return kind(vals[k])
+        except (TypeError, ValueError):
+            raise ValueError(f"reward embedder: {k} must be {'an int' if kind is int else 'a number'}, "
+                             f"got {vals[k]!r}") from None
+
+    ints = {k: num(k, int) for k in vals if k not in _FLOAT_FIELDS + _STR_FIELDS}
+    floats = {k: num(k, float) for k in _FLOAT_FIELDS}
     for k in _STR_FIELDS:
         if not isinstance(vals[k], str) or not vals[k].strip():
             raise ValueError(f"reward embedder: {k} must be a non-empty string of item field names, got {vals[k]!r}")

@@ -176,3 +176,11 @@ def test_crash_between_weights_and_metadata_never_pairs_new_weights_with_old_met
     again = train_evaluator(imgs, seqs, [{}] * len(imgs), tmp_path / "ev", cfg)  # data A again: retrained
     got = again.net.state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_config_refuses_a_seed_numpy_would_refuse_late():
+    # a negative seed used to pass and stop training with numpy's bare "expected non-negative integer"
+    for bad in (-1, 2 ** 63, 1.5, True):
+        with pytest.raises(ValueError, match=r"evaluator: seed must be an int in \[0, 2\*\*63 - 1\]"):
+            EvaluatorConfig(seed=bad)
+    assert EvaluatorConfig(seed=0).seed == 0

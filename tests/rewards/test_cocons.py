@@ -126,3 +126,14 @@ def test_metadata_pairs_are_opt_in_read_named_fields_and_refuse_missing_metadata
     train_reward_embedder(imgs, seqs, tmp_path / "p", plain, item_meta=meta)
     assert json.loads((tmp_path / "p" / "reward_embedder.json").read_text())["data_hash"] == \
         json.loads((path / "reward_embedder.json").read_text())["data_hash"]
+
+
+def test_spec_field_of_the_wrong_type_is_named():
+    # was int()'s bare "invalid literal for int() with base 10: 'abc'"
+    from pgen_engine.rewards.cocons import RewardEmbedderConfig
+
+    with pytest.raises(ValueError, match=r"reward embedder: steps must be an int, got 'abc'"):
+        RewardEmbedderConfig(steps="abc")
+    with pytest.raises(ValueError, match=r"reward embedder: lr must be a number, got None"):
+        RewardEmbedderConfig(lr=None)
+    assert RewardEmbedderConfig(steps=40, lr="0.001").steps == 40
