@@ -260,6 +260,7 @@ class JanusModel(nn.Module):
     def text_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Text-head logits ``[B,S,V_text]`` for (left-padded) prompts, with optional history images."""
+        self._check_public_inputs(input_ids, attention_mask)
         x = self.embed_inputs(input_ids, None, pixel_values)
         return self.lm_head(self.forward_train(x, attention_mask)).float()
 
@@ -272,8 +273,29 @@ class JanusModel(nn.Module):
         ``input_ids`` ``[B,S]`` is a prompt ending with begin-of-image; row t predicts
         ``image_tokens[:, t]`` from the prompt and ``image_tokens[:, :t]``.
         """
+        self._check_public_inputs(input_ids, attention_mask, image_tokens)
         hidden = self._image_hidden(input_ids, image_tokens, attention_mask, pixel_values)
         return self.image_head_logits(hidden).float()
+
+    def _check_public_inputs(self, input_ids, attention_mask, image_tokens=None) -> None:
+        """text_logits / image_logits arguments, named (they failed inside torch: "'str' object has no
+        attribute 'ndim'", "index out of range in self", "Sizes of tensors must match ...")."""
+        checks = [("input_ids", input_ids, self.config.text.vocab_size)]
+        if image_tokens is not None:
+            checks.append(("image_tokens", image_tokens, self.codebook_size))
+        for name, t, high in checks:
+            if not isinstance(t, torch.Tensor) or t.ndim != 2 or t.is_floating_point() or t.is_complex() \
+                    or t.dtype == torch.bool or t.shape[1] == 0:
+                got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+                raise TypeError(f"{name} must be a non-empty integer [B,S] tensor, got {got}")
+            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= high):
+                raise ValueError(f"{name} must lie in [0,{high}), got values in [{int(t.min())},{int(t.max())}]")
+        if image_tokens is not None and image_tokens.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"image_tokens has {image_tokens.shape[0]} rows, input_ids {input_ids.shape[0]}")
+        if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                           or tuple(attention_mask.shape) != tuple(input_ids.shape)):
+            got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}, got {got}")
 
     def _image_hidden(self, input_ids, image_tokens, attention_mask, pixel_values) -> torch.Tensor:
         # hidden states [B,T,H] at the positions predicting each image token

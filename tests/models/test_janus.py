@@ -158,3 +158,24 @@ def test_decode_images_refuses_codes_that_are_not_integers(tiny_model):
         model.decode_images([[0] * model.num_image_tokens])
     codes = torch.randint(0, model.codebook_size, (2, model.num_image_tokens))
     assert torch.equal(model.decode_images(codes.int()), model.decode_images(codes))
+
+
+def test_text_and_image_logits_name_bad_arguments(tiny_model):
+    # each used to fail inside torch: "'str' object has no attribute 'ndim'", "index out of range in
+    # self", "Sizes of tensors must match except in dimension 1"
+    m, V, K = tiny_model, tiny_model.config.text.vocab_size, tiny_model.codebook_size
+    ids = torch.tensor([[1, 20, 3]])
+    codes = torch.zeros(1, m.num_image_tokens, dtype=torch.long)
+    with pytest.raises(TypeError, match=r"input_ids must be a non-empty integer \[B,S\] tensor, got str"):
+        m.text_logits("hi")
+    with pytest.raises(TypeError, match=r"input_ids must be .* got torch\.float32 \(1, 3\)"):
+        m.text_logits(ids.float())
+    with pytest.raises(ValueError, match=rf"input_ids must lie in \[0,{V}\), got values in \[1,{V}\]"):
+        m.text_logits(torch.tensor([[1, V]]))
+    with pytest.raises(ValueError, match=r"attention_mask must be a tensor shaped like input_ids \(1, 3\), got \(1, 2\)"):
+        m.text_logits(ids, torch.ones(1, 2))
+    with pytest.raises(ValueError, match=r"image_tokens has 2 rows, input_ids 1"):
+        m.image_logits(ids, codes.repeat(2, 1))
+    with pytest.raises(ValueError, match=rf"image_tokens must lie in \[0,{K}\)"):
+        m.image_logits(ids, codes + K)
+    assert m.text_logits(ids).shape == (1, 3, V) and m.image_logits(ids, codes).shape == (1, m.num_image_tokens, K)
