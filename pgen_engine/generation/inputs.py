@@ -8,6 +8,7 @@ gives each prompt its request seed. Every error names the prompt / field and wha
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 
@@ -91,6 +92,9 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
         if isinstance(input_ids, (str, bytes)):
             raise TypeError("input_ids must be token ids ([B,S] tensor or B lists of ints), got a string: "
                             "tokenize the prompt first")
+        if isinstance(input_ids, Mapping):  # its keys would be read as prompts ("prompt 0 is a string")
+            raise TypeError(f"input_ids must be token ids ([B,S] tensor or B lists of ints), got "
+                            f"{type(input_ids).__name__}")
         try:
             ids_list = list(input_ids)
         except TypeError:  # None, one int: "'NoneType' object is not iterable" named no argument

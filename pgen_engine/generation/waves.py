@@ -13,6 +13,8 @@ from typing import Iterator, Sequence
 
 import torch
 
+from .coerce import as_positive_int
+
 UNCOND_MODES = ("pad", "short")
 #: what ``Generator.generate(return_logprobs=True)`` records: the conditional branch's
 #: ``log_softmax(c / T)`` or the CFG mix's ``log_softmax((u + s (c - u)) / T)``
@@ -99,6 +101,7 @@ def plan_kv_bytes(text_cfg, num_image_tokens: int, prompt_lens: Sequence[int], *
     lens = [int(n) for n in prompt_lens]
     if not lens or min(lens) < 1:
         raise ValueError(f"prompt_lens must be non-empty lengths >= 1, got {prompt_lens!r}")
+    num_samples = as_positive_int(num_samples, "num_samples", 1)  # 0 gave 0 bytes; generate refuses it
     cfg = float(guidance_scale) != 1.0
     T = int(num_image_tokens)
 

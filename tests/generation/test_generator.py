@@ -485,3 +485,15 @@ def test_generate_on_a_meta_model_is_a_clear_error(tiny_ckpt):
     assert g.kv_bytes([4], 2) > 0
     with pytest.raises(ValueError, match=r"model is on the meta device .*needs a model loaded on cpu or cuda"):
         g.generate([[1, 15, 16]], seed=0)
+
+
+def test_dict_prompts_and_zero_samples_in_kv_bytes_are_refused(tiny_ckpt):
+    # a dict was read as its keys ("prompt 0 is a string"); kv_bytes(num_samples=0) returned 0
+    import pgen_engine as pg
+
+    g = Generator(pg.load_model(tiny_ckpt), max_batch_size=2)
+    with pytest.raises(TypeError, match=r"input_ids must be token ids .*got dict"):
+        g.generate({"a": [1, 15, 3]}, seed=0)
+    with pytest.raises(ValueError, match=r"num_samples must be an int >= 1, got 0"):
+        g.kv_bytes([4], 0)
+    assert g.kv_bytes([4], 1) > 0
