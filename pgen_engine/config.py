@@ -35,6 +35,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pgen_engine.data.history_mode import trained_history_mode
+from pgen_engine.data.splits import DEFAULT_MIN_INTERACTIONS, SPLIT_MIN_INTERACTIONS
 from pgen_engine.models.special_tokens import SpecialTokens
 from pgen_engine.stage_config import RLConfig, RLConfigError, SFTConfig
 from pgen_engine.typed_config import (ConfigError, build, check_finite, check_seed, deepcopy, load_yaml,
@@ -190,7 +191,7 @@ class DataConfig:
     history_k: int = 4
     stride: int = 1
     max_windows_per_user: Optional[int] = None
-    min_interactions: int = 5
+    min_interactions: int = DEFAULT_MIN_INTERACTIONS
     history_mode: Optional[Literal["pixels", "codes"]] = None
     with_titles: bool = False
     instruction: str = "Generate the next item this user will like."
@@ -207,8 +208,9 @@ class DataConfig:
                 raise ConfigError(f"data.{name}={getattr(self, name)}: expected >= 1")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers}: expected >= 0")
-        if self.min_interactions < 3:  # build_splits' rules, which run only after the data is prepared
-            raise ConfigError(f"data.min_interactions={self.min_interactions}: expected >= 3 (train + valid + test)")
+        if self.min_interactions < SPLIT_MIN_INTERACTIONS:  # build_splits' rule, which runs after data prep
+            raise ConfigError(f"data.min_interactions={self.min_interactions}: expected >= {SPLIT_MIN_INTERACTIONS} "
+                              "(train + valid + test)")
         if self.max_windows_per_user is not None and self.max_windows_per_user < 1:
             raise ConfigError(f"data.max_windows_per_user={self.max_windows_per_user}: expected >= 1 or null")
 

@@ -26,6 +26,11 @@ import dataclasses
 
 from .dataset import Dataset
 
+#: a user's last two interactions are the valid / test targets, so a user needs at least this many
+SPLIT_MIN_INTERACTIONS = 3
+#: users with fewer interactions are left out by default (``data.min_interactions``)
+DEFAULT_MIN_INTERACTIONS = 5
+
 
 @dataclasses.dataclass(frozen=True)
 class Example:
@@ -80,7 +85,7 @@ def build_splits(
     k: int = 4,
     stride: int = 1,
     max_windows_per_user: int | None = None,
-    min_interactions: int = 5,
+    min_interactions: int = DEFAULT_MIN_INTERACTIONS,
     min_history: int = 1,
 ) -> Splits:
     """Leave-one-out splits with training windows (rules in the module docstring).
@@ -90,8 +95,9 @@ def build_splits(
     """
     if k < 1 or stride < 1:
         raise ValueError(f"k and stride must be >= 1, got k={k}, stride={stride}")
-    if min_interactions < 3:
-        raise ValueError(f"min_interactions must be >= 3 (train + valid + test), got {min_interactions}")
+    if min_interactions < SPLIT_MIN_INTERACTIONS:
+        raise ValueError(f"min_interactions must be >= {SPLIT_MIN_INTERACTIONS} (train + valid + test), "
+                         f"got {min_interactions}")
     if not 1 <= min_history <= k:
         raise ValueError(f"min_history must be in [1, k={k}], got {min_history}")
     if max_windows_per_user is not None and max_windows_per_user < 1:

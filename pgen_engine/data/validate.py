@@ -16,6 +16,7 @@ from PIL import Image
 
 from .dataset import (INTERACTIONS_FILE, ITEMS_FILE, DataError, Dataset, Interaction, load_dataset, load_image,
                       tied_timestamps)
+from .splits import DEFAULT_MIN_INTERACTIONS, SPLIT_MIN_INTERACTIONS
 
 
 @dataclasses.dataclass
@@ -149,11 +150,6 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
         rep.problems.append(f"{root / INTERACTIONS_FILE}: no usable interactions")
     _check_history_lengths(ds, rep)
     return rep
-
-
-# a user's last two interactions are the valid / test targets, so the splits need at least 3
-# (build_splits' floor); data.min_interactions, the training default, leaves out users below 5
-SPLIT_MIN_INTERACTIONS, DEFAULT_MIN_INTERACTIONS = 3, 5
 
 
 def _check_history_lengths(ds: Dataset, rep: ValidationReport) -> None:
