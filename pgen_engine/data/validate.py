@@ -19,6 +19,22 @@ from .dataset import (INTERACTIONS_FILE, ITEMS_FILE, DataError, Dataset, Interac
 from .splits import DEFAULT_MIN_INTERACTIONS, SPLIT_MIN_INTERACTIONS
 
 
+def verify_image(path: str | os.PathLike) -> None:
+    """PIL's structural check of an image file, without decoding its pixels (~0.03 ms against
+    ~0.8 ms for :func:`~pgen_engine.data.dataset.load_image` on a 185 x 278 JPEG): catches a
+    file that is not an image, an unknown format or a broken PNG chunk, not a JPEG cut short.
+
+    Raises :class:`DataError` worded as ``load_image``'s (``PATH: corrupt or unreadable image (why)``).
+    """
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file does not exist") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        raise DataError(f"{path}: corrupt or unreadable image ({' '.join(str(e).split()) or type(e).__name__})") from None
+
+
 @dataclasses.dataclass
 class ValidationReport:
     """What ``pgen data validate`` prints; ``usable`` is False when anything is wrong."""
@@ -131,8 +147,7 @@ def validate_dataset(root: str | os.PathLike, *, decode_images: bool = True) -> 
             if decode_images:  # the very decode tokenizing and training do (orientation, RGB), so OK means usable
                 load_image(item.image_path)
             else:
-                with Image.open(item.image_path) as im:
-                    im.verify()
+                verify_image(item.image_path)
             rep.images_found += 1
         except DataError as e:  # load_image's "PATH: corrupt or unreadable image (why)"
             rep.images_corrupt += 1
