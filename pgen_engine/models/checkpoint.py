@@ -102,19 +102,22 @@ def stored_dtypes(path: str | Path) -> dict[str, int]:
 _LM_HEAD, _EMBED = "lm_head.weight", "model.language_model.embed_tokens.weight"
 
 
-def _tying_as_stored(cfg: JanusModelConfig, tensors: dict) -> JanusModelConfig:
+def _tying_as_stored(cfg: JanusModelConfig, tensors: dict) -> tuple[JanusModelConfig, dict[str, torch.Tensor]]:
     """``cfg``, untied when it ties lm_head to embed_tokens but the checkpoint holds both with
     different values: ``transformers`` then keeps both (warning that the config is wrong), so the
-    engine does too instead of dropping the checkpoint's lm_head. The config it saves says so."""
+    engine does too instead of dropping the checkpoint's lm_head. The config it saves says so.
+    Also returns the tensors read for the comparison, so the load does not read them again (the
+    embedding is the largest tensor of a checkpoint)."""
     if not cfg.tie_word_embeddings or _LM_HEAD not in tensors or _EMBED not in tensors:
-        return cfg
+        return cfg, {}
     try:
         head, emb = (tensors[k][1].get_tensor(k) for k in (_LM_HEAD, _EMBED))
     except Exception:  # unreadable: the load reports it, naming the file and tensor
-        return cfg
+        return cfg, {}
     if head.shape == emb.shape and torch.equal(head, emb.to(head.dtype)):
-        return cfg
-    return dataclasses.replace(cfg, tie_word_embeddings=False, raw={**cfg.raw, "tie_word_embeddings": False})
+        return cfg, {_EMBED: emb}
+    return dataclasses.replace(cfg, tie_word_embeddings=False, raw={**cfg.raw, "tie_word_embeddings": False}), \
+        {_LM_HEAD: head, _EMBED: emb}
 
 
 def _reset_buffers(model: JanusModel, device: torch.device) -> None:
@@ -205,7 +208,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     device = checked_device(device)
     cfg, special = load_checkpoint_config(path)
     tensors = _read_tensors(_shard_files(path))
-    cfg = _tying_as_stored(cfg, tensors)
+    cfg, read = _tying_as_stored(cfg, tensors)
     try:
         with torch.device("meta"):
             model = JanusModel(cfg, special)
@@ -244,7 +247,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             f, handle = tensors[key]
             src = stored.get(key, key)
             try:
-                t = handle.get_tensor(src)
+                t = read.pop(src) if src in read else handle.get_tensor(src)
             except Exception as e:
                 raise CheckpointError(f"{f}: cannot read tensor {src!r} ({e}); the file may be truncated")
             p = params[name]
