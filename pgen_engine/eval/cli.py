@@ -102,6 +102,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     _check_eval_args(a)
     t0 = time.time()
     ckpt = Path(a.checkpoint)
+    if not ckpt.is_dir():  # named before the dataset is read
+        raise FileNotFoundError(f"--checkpoint {ckpt}: not a directory (expected a Janus checkpoint folder, "
+                                "e.g. a run's final/)")
+    # the dataset and its split before the model, the token cache and the evaluator: no test user
+    # (e.g. every target ties the interaction before it) used to fail only after all three
+    E.load_eval_splits(a.data, min_rating=a.min_rating, require=a.split)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
     settings = E.PromptSettings.for_checkpoint(ckpt, a.run_config)
     a.name = a.name or default_system_name(ckpt, a.run_config)
@@ -115,7 +121,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     reward_spec = _reward_embedder_spec(ckpt)
     reference = make_embedder({"type": "pixel_stats"})
     data = E.prepare_eval_data(a.data, tok, cache_dir, reference, k=settings.history_k, progress=not a.quiet,
-                               min_rating=a.min_rating)
+                               min_rating=a.min_rating, require=a.split)
     if a.embedder == "auto":
         if a.evaluator and Path(a.evaluator, "evaluator.json").is_file():
             embedder = EvalEmbedder.load(a.evaluator)

@@ -118,19 +118,10 @@ def tied_targets(dataset: Dataset, splits: Splits) -> dict[str, list[str]]:
     return out
 
 
-def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: str | Path, embedder, *,
-                      k: int = 4, min_interactions: int = 5, progress: bool = False,
-                      reference_embedder=None, drop_tied_targets: bool = True,
-                      min_rating: float | None = None) -> EvalData:
-    """Load a native dataset, split it, (re)use its token cache and embed the catalogue.
-
-    Args:
-        embedder: the evaluation embedder (metrics).
-        reference_embedder: the embedder ``retrieve`` ranks with (default: ``embedder``).
-        drop_tied_targets: leave out valid/test users whose target ties the previous
-            interaction's timestamp (:func:`tied_targets`); they are counted in ``dropped_ties``.
-        min_rating: keep only interactions whose ``rating`` column is >= this (positives).
-    """
+def load_eval_splits(root: str | Path, *, k: int = 4, min_interactions: int = 5, drop_tied_targets: bool = True,
+                     min_rating: float | None = None, require: str | None = None):
+    """``(dataset, splits, tied targets)`` of a native dataset (no image decoded); with ``require``
+    ("valid"/"test"), a DataError when no example of that split is left once ties are dropped."""
     root = Path(root)
     ds = load_dataset(root)
     no_image = [i for i, it in ds.items.items() if it.image_path is None]
@@ -140,6 +131,33 @@ def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: st
     if min_rating is not None:
         ds = filter_by_rating(ds, min_rating)
     splits = build_splits(ds, k=k, min_interactions=min_interactions)
+    ties = tied_targets(ds, splits) if drop_tied_targets else {}
+    if require is not None:
+        n, tied = len(getattr(splits, require)), len(ties.get(require, []))
+        if n - tied < 1:
+            raise DataError(f"{root}: no {require} examples to evaluate ({len(ds.interactions)} users, {n} with >= "
+                            f"{min_interactions} interactions, {tied} of them dropped because their {require} "
+                            "target's timestamp ties the previous interaction)")
+    return ds, splits, ties
+
+
+def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: str | Path, embedder, *,
+                      k: int = 4, min_interactions: int = 5, progress: bool = False,
+                      reference_embedder=None, drop_tied_targets: bool = True,
+                      min_rating: float | None = None, require: str | None = None) -> EvalData:
+    """Load a native dataset, split it, (re)use its token cache and embed the catalogue.
+
+    Args:
+        embedder: the evaluation embedder (metrics).
+        reference_embedder: the embedder ``retrieve`` ranks with (default: ``embedder``).
+        drop_tied_targets: leave out valid/test users whose target ties the previous
+            interaction's timestamp (:func:`tied_targets`); they are counted in ``dropped_ties``.
+        min_rating: keep only interactions whose ``rating`` column is >= this (positives).
+        require: fail before the token cache when this split has no example (:func:`load_eval_splits`).
+    """
+    root = Path(root)
+    ds, splits, ties = load_eval_splits(root, k=k, min_interactions=min_interactions,
+                                        drop_tied_targets=drop_tied_targets, min_rating=min_rating, require=require)
     cache = build_token_cache(ds, tokenizer, cache_dir, progress=progress)
     item_ids = sorted(ds.items)
     index = {iid: i for i, iid in enumerate(item_ids)}
@@ -153,7 +171,6 @@ def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: st
     gt = None
     if (root / "ground_truth.jsonl").is_file():
         gt = load_ground_truth(root)
-    ties = tied_targets(ds, splits) if drop_tied_targets else {}
     return EvalData(root, ds, splits, tokenizer, cache, item_ids, index, imgs, embeds, pop, gt, ref, ties)
 
 

@@ -1,0 +1,51 @@
+"""Evaluation on data and settings the main tests do not cover: tiny or degenerate datasets,
+single users, stale artifacts and bad flags."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pgen_engine.cli import main
+from pgen_engine.data.dataset import DataError
+from pgen_engine.eval import evaluate as E
+
+
+def write_dataset(root, *, users: int = 3, items: int = 6, per_user: int = 5, tie_last: bool = False,
+                  seed: int = 0):
+    """A native dataset of random 32-px images; with ``tie_last`` every user's last interaction
+    has the timestamp of the one before it."""
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    with open(root / "items.jsonl", "w") as f:
+        for i in range(items):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / "images" / f"i{i}.png")
+            f.write(json.dumps({"item_id": f"i{i}", "title": f"t{i}", "image": f"images/i{i}.png"}) + "\n")
+    rows = ["user_id,item_id,timestamp"]
+    for u in range(users):
+        for t, i in enumerate(rng.permutation(items)[:per_user]):
+            rows.append(f"u{u},i{i},{10 * (t - 1 if tie_last and t == per_user - 1 else t)}")
+    (root / "interactions.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_no_test_example_fails_before_the_token_cache_and_the_model(tmp_path, monkeypatch, capsys):
+    # every test target ties the interaction before it, so every test user is dropped: this used to
+    # fail only after the model, the token cache and the evaluator had been built
+    ds = write_dataset(tmp_path / "ds", tie_last=True)
+    monkeypatch.setattr(E, "build_token_cache", lambda *a, **k: (_ for _ in ()).throw(AssertionError("cache")))
+    with pytest.raises(DataError, match="no test examples"):
+        E.prepare_eval_data(ds, None, tmp_path / "cache", None, require="test")
+    import pgen_engine.eval.cli as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    (tmp_path / "ckpt").mkdir()
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(ds), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("pgen eval: error: ") and "no test examples" in err and "ties" in err
+    assert err.count("\n") == 1, err
+    # a wrong data folder is named before the model loads too
+    assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nope"), "--quiet"]) == 1
+    assert "not a directory" in capsys.readouterr().err
