@@ -91,7 +91,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
     An existing ``path`` is replaced only after the new directory is complete: it is
     first renamed aside, the new one renamed in, then the old one deleted. On an
-    exception the temporary directory is removed and ``path`` is untouched.
+    exception (also one while swapping it in) the temporary directory is removed and
+    ``path`` is untouched.
     """
     target = Path(path)
     _check_not_file(target)
@@ -99,18 +100,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 folders
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 folders
-    replace_dir(tmp, target)
 
 
 def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
     """Put the complete folder ``new`` at ``target`` (same filesystem), replacing any old one.
 
     The old folder is renamed aside first and deleted only after ``new`` is in place, so
-    ``target`` is never missing half its files.
+    ``target`` is never missing half its files; when ``new`` cannot be moved in, the old
+    folder is moved back before the error is raised.
     """
     new, target = Path(new), Path(target)
     _check_not_file(target)
@@ -119,6 +121,11 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
         old.rmdir()
         os.replace(target, old)
-    os.replace(new, target)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:  # the good old folder back where it was, not left under a hidden name
+            os.replace(old, target)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

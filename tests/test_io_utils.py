@@ -1,6 +1,10 @@
 """Atomic writes never leave a half-written file in place of a good one."""
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 
 from pgen_engine.io_utils import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
@@ -78,3 +82,26 @@ def test_folder_problem_says_why_a_folder_cannot_be_made(tmp_path):
     assert folder_problem(tmp_path) is None and folder_problem(tmp_path / "new" / "deeper") is None
     assert folder_problem(f) == "exists and is not a folder"
     assert folder_problem(f / "a" / "b") == f"cannot be created: {f} is a file, not a folder"
+
+
+def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
+    # a failed rename of the new folder into place left the old one under a hidden .old name
+    # (the target missing) and the new one as a stray .tmp folder
+    import pgen_engine.io_utils as io
+
+    d = tmp_path / "ckpt"
+    with atomic_dir(d) as tmp:
+        (tmp / "w").write_text("v1")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(src))
+        return real(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", failing)
+    with pytest.raises(OSError, match="No space left"):
+        with atomic_dir(d) as tmp:
+            (tmp / "w").write_text("v2")
+    assert (d / "w").read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
