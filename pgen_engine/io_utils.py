@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,11 +22,42 @@ def _umask() -> int:
     return mask
 
 
+# safetensors reports a failed write as SafetensorError("Error while serializing: I/O error: File too large
+# (os error 27)"): not an OSError, so the CLIs showed a traceback for a full disk
+_SAFETENSORS_IO = re.compile(r"I/O error: (.*?) \(os error (\d+)\)")
+
+
+def _io_failure(e: BaseException, target: Path, tmp: Path) -> OSError | None:
+    """``e`` (raised while writing ``target`` through its temporary ``tmp``) as an OSError naming
+    ``target``, or None when it is no I/O failure. A bare ``[Errno 28] No space left on device``
+    (a failed ``write``/``flush``, numpy, safetensors) did not say which output could not be
+    written, and one naming the hidden temporary named a file that no longer exists."""
+    if isinstance(e, OSError):
+        name = None if e.filename is None else os.fspath(e.filename)
+        if name is None or name == str(tmp) or name.startswith(str(tmp) + os.sep):
+            # e.g. tmp/model.safetensors -> target/model.safetensors
+            where = str(target) if name is None else str(target) + name[len(str(tmp)):]
+            return OSError(e.errno, e.strerror or str(e), where) if e.errno is not None else OSError(f"{where}: {e}")
+        return e
+    if type(e).__name__ == "SafetensorError":
+        m = _SAFETENSORS_IO.search(str(e))
+        if m:
+            return OSError(int(m.group(2)), m.group(1), str(target))
+    return None
+
+
+def _raise_named(e: BaseException, target: Path, tmp: Path) -> None:
+    named = _io_failure(e, target, tmp)
+    if named is not None and named is not e:
+        raise named from e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` on success.
 
-    On an exception the temporary file is removed and ``path`` is left untouched.
+    On an exception the temporary file is removed and ``path`` is left untouched; an I/O
+    failure (a full disk, ``ulimit -f``) is raised as an OSError naming ``path``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +69,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
-    except BaseException:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
+        _raise_named(e, target, tmp_path)
         raise
 
 
@@ -92,7 +125,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     An existing ``path`` is replaced only after the new directory is complete: it is
     first renamed aside, the new one renamed in, then the old one deleted. On an
     exception (also one while swapping it in) the temporary directory is removed and
-    ``path`` is untouched.
+    ``path`` is untouched; an I/O failure is raised as an OSError naming ``path``.
     """
     target = Path(path)
     _check_not_file(target)
@@ -102,8 +135,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 folders
         replace_dir(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _raise_named(e, target, tmp)
         raise
 
 

@@ -1,8 +1,10 @@
 """Atomic writes never leave a half-written file in place of a good one."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,47 @@ def test_folder_problem_says_why_a_folder_cannot_be_made(tmp_path):
     assert folder_problem(tmp_path) is None and folder_problem(tmp_path / "new" / "deeper") is None
     assert folder_problem(f) == "exists and is not a folder"
     assert folder_problem(f / "a" / "b") == f"cannot be created: {f} is a file, not a folder"
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """``ulimit -f``: writes past ``nbytes`` fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_failed_write_names_the_output_and_keeps_the_old_one(tmp_path):
+    # a full disk used to surface as a bare "[Errno 27] File too large" (no file named), and through
+    # safetensors as a SafetensorError (not an OSError: a traceback from every CLI)
+    import torch
+    from safetensors.torch import save_file
+
+    f, w = tmp_path / "out.json", tmp_path / "w.safetensors"
+    atomic_write_json(f, {"x": 1})
+    good = f.read_bytes()
+    with file_size_limit(4096):
+        with pytest.raises(OSError) as info:
+            atomic_write_text(f, "y" * 10_000)
+        assert info.value.errno == errno.EFBIG and info.value.filename == str(f), info.value
+        with pytest.raises(OSError) as info:
+            with atomic_path(w) as tmp:
+                save_file({"a": torch.zeros(10_000)}, str(tmp))
+        assert info.value.errno == errno.EFBIG and info.value.filename == str(w), info.value
+        d = tmp_path / "ckpt"
+        with pytest.raises(OSError) as info:
+            with atomic_dir(d) as tmp:
+                (tmp / "big.bin").write_bytes(b"x" * 10_000)
+        assert info.value.errno == errno.EFBIG and info.value.filename == str(d), info.value
+        with pytest.raises(OSError) as info:  # a named temporary file inside the folder: its final name
+            with atomic_dir(d) as tmp:
+                save_file({"a": torch.zeros(10_000)}, str(tmp / "model.safetensors"))
+        assert info.value.filename == str(d), info.value
+    assert f.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temporaries left
 
 
 def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypatch):
