@@ -10,6 +10,9 @@ one line (``error: ...``) to stderr and exits with status 2 (config) or 1 (run).
 machine the run's memory plan (``pgen plan``, :mod:`pgen_engine.training.plan`) is checked
 first: a launch that cannot fit its GPUs exits with status 3 and one line naming the phase
 (``PGEN_PLAN=0`` skips the check). Ctrl-C is one ``error: interrupted`` line and status 130.
+SIGTERM (a scheduler's preemption, the DeepSpeed launcher's stop) during the step loop
+finishes the step, writes a resumable checkpoint on every rank and exits with status 143
+and one ``error:`` line; elsewhere it stops at once with the same status.
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     # late imports: `train.py --help` answers without loading torch / DeepSpeed
     from pgen_engine.config import ConfigError, load_config
     from pgen_engine.errors import PgenUserError, one_line
+    from pgen_engine.termination import EXIT_STATUS, Terminated, raise_on_sigterm, restore_sigterm
     from pgen_engine.training.distributed import shutdown
     from pgen_engine.training.plan import PlanOverflowError, preflight
     from pgen_engine.training.stages import run_stage
 
+    previous_sigterm = raise_on_sigterm()
     try:
         cfg = load_config(args.config, args.overrides)
         preflight(cfg, args.config)  # on a GPU machine: refuse a launch whose memory plan does not fit
@@ -56,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted; complete checkpoints in output_dir/checkpoints are kept (continue with "
               "--resume auto)", file=sys.stderr)
         return 130
+    except Terminated as e:  # SIGTERM; inside the step loop after a resumable checkpoint (Trainer.run)
+        hint = "" if e.checkpoint else ("; complete checkpoints in output_dir/checkpoints are kept (continue "
+                                         "with --resume auto)")
+        print(f"error: {one_line(e)}{hint}", file=sys.stderr)
+        return EXIT_STATUS
+    finally:
+        restore_sigterm(previous_sigterm)
     return 0
 
 

@@ -13,9 +13,10 @@ import sys
 
 import torch
 
-from pgen_engine.errors import PgenUserError
+from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.models import load_model
 from pgen_engine.models.checkpoint import stored_dtypes
+from pgen_engine.termination import EXIT_STATUS, Terminated, raise_on_sigterm, restore_sigterm
 
 # Modules that contribute sub-commands, in the order `pgen --help` lists them.
 COMMAND_MODULES = (
@@ -94,16 +95,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    # SIGTERM runs `finally` blocks (temporary files of atomic writes are removed) and ends with
+    # one line; `pgen demo`'s training stages stop at a step boundary with a checkpoint
+    previous_sigterm = raise_on_sigterm()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("pgen: interrupted", file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"pgen {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_STATUS
     except (PgenUserError, ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:
         if args.debug:
             raise
         print(f"pgen {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        restore_sigterm(previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,11 @@ import torch
 
 from pgen_engine.config import ConfigError, RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_problem
+from pgen_engine.termination import DeferredTermination, Terminated
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_fresh_start, check_resume_config, export_hf, load_resumable,
                           resolve_resume, save_resumable)
-from .distributed import DistInfo, broadcast_object, init_distributed, on_main
+from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
 from .engine import TrainEngine, build_engine, require_deepspeed
 from .errors import stop_if_not_finite
 from .metrics import MetricsLogger
@@ -115,6 +116,14 @@ class Trainer:
                                          self.dist, keep=self.cfg.train.keep_checkpoints,
                                          extra_meta={**self.stage.checkpoint_meta, CONFIG_KEY: config_to_dict(self.cfg)})
 
+    def _stop_for_sigterm(self, done: int, saved: bool) -> None:
+        """Write the step's resumable checkpoint (unless just written) and raise :class:`Terminated`."""
+        if not saved:
+            self._save(done)
+        raise Terminated(f"stopped by SIGTERM after step {done} of {self.cfg.train.max_steps}: resumable "
+                         f"checkpoint {self.last_saved} written (continue with --resume auto)",
+                         checkpoint=str(self.last_saved))
+
     # -- lifecycle ------------------------------------------------------------------
     def run(self, resume: str | None = None) -> dict[str, Any]:
         """Train; returns the summary (rank 0's view), also written to ``output_dir/summary.json``.
@@ -169,23 +178,30 @@ class Trainer:
                                     tensorboard=cfg.logging.tensorboard)
         try:
             stage.before_run(self)
-            for step in range(self.start_step, t.max_steps):
-                done = step + 1
-                stage.before_step(step)
-                row = stage.train_step(step)
-                grad_norm = self.te.engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                self.check_finite(row.get("grad_norm", 0.0), "gradient norm", done)
-                if done % t.log_every == 0 or done == t.max_steps or any(k.startswith("eval/") for k in row):
-                    self.logger.log(row)
-                self.logger.advance()
-                if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-                    self._save(done)
-            if self.start_step < t.max_steps or self.last_saved is None:
-                self._save(t.max_steps)
-            export_hf(self.te.model, self.out / "final", dist,
-                      record={"stage": cfg.stage, "history_mode": cfg.data.history_mode})
+            # SIGTERM (preemption, the launcher's stop) ends the run at the next step boundary
+            # with a resumable checkpoint; during the final save / export it is let finish
+            with DeferredTermination() as term:
+                for step in range(self.start_step, t.max_steps):
+                    done = step + 1
+                    stage.before_step(step)
+                    row = stage.train_step(step)
+                    grad_norm = self.te.engine.get_global_grad_norm()
+                    if grad_norm is not None:
+                        row["grad_norm"] = float(grad_norm)
+                    self.check_finite(row.get("grad_norm", 0.0), "gradient norm", done)
+                    if done % t.log_every == 0 or done == t.max_steps or any(k.startswith("eval/") for k in row):
+                        self.logger.log(row)
+                    self.logger.advance()
+                    saved = bool(t.save_every and done % t.save_every == 0 and done < t.max_steps)
+                    if saved:
+                        self._save(done)
+                    # collective: a rank that got the signal stops every rank at the same step
+                    if done < t.max_steps and not all_ranks_true(not term.requested):
+                        self._stop_for_sigterm(done, saved)
+                if self.start_step < t.max_steps or self.last_saved is None:
+                    self._save(t.max_steps)
+                export_hf(self.te.model, self.out / "final", dist,
+                          record={"stage": cfg.stage, "history_mode": cfg.data.history_mode})
         finally:
             self.logger.close()
         summary = {"stage": stage.name, "steps": t.max_steps, "resumed_from": self.start_step,

@@ -50,15 +50,32 @@ def _common(data: Path, out: Path, *extra: str) -> list[str]:
             f"train.max_steps={STEPS}", "train.warmup_steps=2", "logging.progress=false", *extra]
 
 
-def _train(args: list[str], *, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def _cmd(args: list[str], ranks: int) -> list[str]:
     if ranks == 1:
-        cmd = [sys.executable, str(REPO / "train.py"), "--config", str(CONFIG), *args]
-    else:
-        launcher = Path(sys.executable).parent / "deepspeed"
-        head = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
-        cmd = [*head, "--num_gpus", str(ranks), "--master_port", _port(), str(REPO / "train.py"),
-               "--config", str(CONFIG), *args]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+        return [sys.executable, str(REPO / "train.py"), "--config", str(CONFIG), *args]
+    launcher = Path(sys.executable).parent / "deepspeed"
+    head = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    return [*head, "--num_gpus", str(ranks), "--master_port", _port(), str(REPO / "train.py"),
+            "--config", str(CONFIG), *args]
+
+
+def _train(args: list[str], *, ranks: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(args, ranks), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _sigterm_after_first_step(args: list[str], out: Path, *, ranks: int = 1) -> tuple[int, str]:
+    """Start a run, send SIGTERM to its whole process group (as a scheduler does) once step 1 is
+    logged; returns (exit status, stderr)."""
+    proc = subprocess.Popen(_cmd(args, ranks), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not (metrics.exists() and metrics.read_text()):
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    return proc.returncode, err
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -130,6 +147,32 @@ def test_kill_and_resume_reproduces_losses(runs):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from"] == STEPS and abs(summary["final_loss"] - got[STEPS]) <= 1e-6
     assert sorted(_losses(out)) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_stops_at_a_step_boundary_with_a_checkpoint_that_resumes_exactly(runs, ranks):
+    # SIGTERM (preemption) used to kill the run where it stood: exit 143, no message, every step
+    # since the last periodic checkpoint lost. Now every rank finishes the step, the ranks agree
+    # on it, write a resumable checkpoint and exit with one line.
+    root, one, two = runs
+    out = root / f"sigterm{ranks}"
+    args = _common(root, out, "train.save_every=3")
+    rc, err = _sigterm_after_first_step(args, out, ranks=ranks)
+    lines = [x for x in err.splitlines() if x.startswith("error:")]
+    assert lines and "Traceback" not in err, err[-3000:]
+    assert len(lines) == ranks and len(set(lines)) == 1, lines  # every rank stopped at the same step
+    assert lines[0].startswith("error: stopped by SIGTERM after step ") and "--resume auto" in lines[0]
+    stopped = int(lines[0].split("after step ")[1].split(" ")[0])
+    assert 1 <= stopped < STEPS, f"the run finished before the signal: {lines[0]}"
+    if ranks == 1:
+        assert rc == 143
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step{stopped:08d}"
+    assert not (out / "final").exists()
+    _ok(_train(args + ["--resume", "auto"], ranks=ranks))
+    ref, got = _losses(one if ranks == 1 else two), _losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for s in range(stopped + 1, STEPS + 1):
+        assert abs(ref[s] - got[s]) <= 1e-5, f"step {s}: uninterrupted {ref[s]} vs resumed {got[s]}"
 
 
 def test_exported_checkpoint_loads_in_transformers_with_matching_logits(runs):
