@@ -15,6 +15,7 @@ existing cache.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -70,6 +71,31 @@ def images_signature(dataset: Dataset, item_ids: Sequence[str]) -> str:
         size, mtime = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
         h.update(f"{i}\0{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
+
+
+def _allocate(path: Path, nbytes: int) -> None:
+    """Create ``path`` as ``nbytes`` zero bytes whose disk blocks are reserved now.
+
+    The codes are written through a memory map: into a sparse file, a disk that fills up
+    part-way is a SIGBUS that kills the process with no message and no clean-up, and numpy's
+    own creation failed with a bare ``[Errno 27] File too large`` naming no file. Reserved
+    blocks make a full disk an OSError naming ``path`` here, before any image is encoded.
+    """
+    try:
+        with open(path, "wb") as f:
+            fallocate = getattr(os, "posix_fallocate", None)
+            try:
+                if fallocate is None:
+                    raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
+                fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                f.truncate(nbytes)  # a file system without fallocate: a sparse file as before
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _read_index(d: Path) -> dict | None:
@@ -180,9 +206,13 @@ def build_token_cache(
             or not _sized(stage / "done.bin", max(n, 1)):
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
-        np.memmap(stage / "codes.bin", dtype=want["dtype"], mode="w+", shape=(max(n, 1), t)).flush()
-        np.memmap(stage / "done.bin", dtype=np.uint8, mode="w+", shape=(max(n, 1),)).flush()
-        atomic_write_json(stage / "index.json", want)
+        try:
+            _allocate(stage / "codes.bin", max(n, 1) * t * np.dtype(want["dtype"]).itemsize)
+            _allocate(stage / "done.bin", max(n, 1))
+            atomic_write_json(stage / "index.json", want)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)  # nothing encoded yet: nothing to resume, no stray folder
+            raise
         idx = want
     codes = np.memmap(stage / "codes.bin", dtype=want["dtype"], mode="r+", shape=(max(n, 1), t))
     done = np.memmap(stage / "done.bin", dtype=np.uint8, mode="r+", shape=(max(n, 1),))

@@ -1,6 +1,5 @@
 import json
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -224,3 +223,40 @@ def test_crash_between_a_skip_and_its_index_entry_is_retried_not_a_broken_cache(
         cache = build_token_cache(ds, tok, tmp_path / "c", progress=False, on_error="skip")
     assert "i0003" in cache.skipped and "i0003" not in cache and len(cache) == 56
     assert TokenCache.open(tmp_path / "c", tok.fingerprint()).skipped == cache.skipped
+
+
+def test_full_disk_while_creating_the_cache_names_the_file_and_keeps_the_old_cache(synth_dir, tmp_path, monkeypatch):
+    # numpy's sparse codes.bin failed with a bare "[Errno 27] File too large" (no file named) and, on a
+    # disk that filled up later, a write through the memory map was a SIGBUS; the blocks are now
+    # reserved up front, and a failure removes the staging folder (nothing to resume)
+    import errno
+    import os
+    import resource
+
+    ds = load_dataset(synth_dir)
+    tok = _tok(ds)
+    build_token_cache(ds, tok, tmp_path / "c", batch_size=10, progress=False)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()}
+    other = _tok(ds, k=31, seed=1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))  # ulimit -f: EFBIG past 1 KiB
+    try:
+        with pytest.raises(OSError) as info:
+            build_token_cache(ds, other, tmp_path / "c", batch_size=10, progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert info.value.errno == errno.EFBIG and info.value.filename == str(tmp_path / ".c.partial" / "codes.bin")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(OSError, match="No space left on device: .*codes.bin"):
+        build_token_cache(ds, other, tmp_path / "c", batch_size=10, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    monkeypatch.undo()
+    cache = build_token_cache(ds, other, tmp_path / "c", batch_size=10, progress=False)
+    assert cache.fingerprint == other.fingerprint() and len(cache) == 57
+    assert (tmp_path / "c" / "codes.bin").stat().st_blocks * 512 >= (tmp_path / "c" / "codes.bin").stat().st_size
