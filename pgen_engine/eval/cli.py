@@ -20,8 +20,7 @@ from pgen_engine.rewards.embedders import make_embedder
 from pgen_engine.typed_config import check_seed, read_yaml_file
 
 from . import evaluate as E
-from .demo import KEY_METRICS, REPORT_METRICS, run_demo, train_eval_embedder
-from .evaluator import EvalEmbedder
+from .demo import KEY_METRICS, REPORT_METRICS, load_eval_embedder, run_demo, train_eval_embedder
 from .report import build_report_json, ci_table, paired_sentences, plot_paired, write_report
 
 
@@ -124,7 +123,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
                                min_rating=a.min_rating, require=a.split)
     if a.embedder == "auto":
         if a.evaluator and Path(a.evaluator, "evaluator.json").is_file():
-            embedder = EvalEmbedder.load(a.evaluator)
+            embedder = load_eval_embedder(data, a.evaluator)
         else:
             ev_dir = Path(a.evaluator) if a.evaluator else (out or ckpt.parent) / "evaluator"
             embedder = train_eval_embedder(data, ev_dir, steps=a.evaluator_steps, progress=not a.quiet)
@@ -213,8 +212,8 @@ def register(subparsers) -> None:
                    "dataset's train split or loaded from --evaluator), pixel_stats, or clip:PATH / siglip:PATH")
     p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,
                    help="refuse to run unless the model was trained with this history mode (default: its run's)")
-    p.add_argument("--evaluator", default=None, help="evaluator artifact folder (reused when it holds one, else "
-                   "trained there; default OUT/evaluator)")
+    p.add_argument("--evaluator", default=None, help="evaluator artifact folder (reused when it holds one trained on "
+                   "this dataset -- one of other data is refused -- else trained there; default OUT/evaluator)")
     p.add_argument("--evaluator-steps", type=int, default=300)
     p.add_argument("--min-rating", type=float, default=None, help="only interactions with rating >= this are "
                    "positives (needs a rating column)")

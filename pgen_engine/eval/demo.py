@@ -31,7 +31,7 @@ from pgen_engine.training.sft_data import work_dir
 from pgen_engine.training.stages import run_stage
 
 from . import evaluate as E
-from .evaluator import EvaluatorConfig, train_evaluator
+from .evaluator import EvalEmbedder, EvaluatorConfig, data_hash, train_evaluator
 from .report import (build_report_json, ci_table, image_grid, paired_sentences, plot_curves, plot_paired, read_metrics,
                      save_png, write_report)
 
@@ -79,16 +79,34 @@ REPORT_METRICS = ("user_id_acc", "user_id_mean_rank", "hist_max", "hist_top5", "
 KEY_METRICS = ("attr_acc_future", "user_id_acc", "future_sim", "hr@10", "diversity")
 
 
+def _evaluator_inputs(ev) -> tuple[list[list[int]], list[dict]]:
+    """``ev``'s train-split sequences (item indices) and per-item metadata, as the evaluator hashes them."""
+    seqs = [[ev.item_index[i] for i in s] for s in ev.splits.train_sequences.values()]
+    return seqs, [ev.dataset.items[i].extra for i in ev.item_ids]
+
+
 def train_eval_embedder(ev, out_dir: Path, *, steps: int = 300, progress: bool = False):
     """Train (or reuse) the independent evaluator on ``ev``'s train split (catalogue images
     at the evaluation resolution)."""
-    seqs = [[ev.item_index[i] for i in s] for s in ev.splits.train_sequences.values()]
-    meta = [ev.dataset.items[i].extra for i in ev.item_ids]
+    seqs, meta = _evaluator_inputs(ev)
     # The evaluator sees images at the resolution they are compared at (the catalogue's, i.e.
     # the tokenizer's), capped at 64 px: upsampling 32-px images buys nothing but CPU time.
     size = min(64, int(ev.catalogue_images.shape[1]))
     return train_evaluator(ev.catalogue_images, seqs, meta, out_dir, EvaluatorConfig(steps=steps, image_size=size),
                            progress=progress)
+
+
+def load_eval_embedder(ev, directory: str | Path) -> EvalEmbedder:
+    """The evaluator artifact in ``directory``, refused (ValueError) when its training-data hash is
+    not that of ``ev``'s catalogue and train split (computed with the artifact's own config): an
+    evaluator trained on other data would score this dataset with a space it never learned."""
+    emb = EvalEmbedder.load(directory)
+    digest = data_hash(ev.catalogue_images, *_evaluator_inputs(ev), emb.config)
+    if emb.meta.get("data_hash") != digest:
+        raise ValueError(f"--evaluator {directory}: trained on other data (data hash "
+                         f"{str(emb.meta.get('data_hash'))[:12]}, this dataset's train split {digest[:12]}); "
+                         "point --evaluator at an empty folder to train one for this dataset")
+    return emb
 
 
 def _train_seed(kind: str, common: list[str], out: Path, seed: int, quick: bool, progress: bool) -> tuple[dict, dict, dict]:

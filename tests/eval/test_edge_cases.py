@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from pgen_engine.cli import main
@@ -49,3 +50,49 @@ def test_no_test_example_fails_before_the_token_cache_and_the_model(tmp_path, mo
     # a wrong data folder is named before the model loads too
     assert main(["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "nope"), "--quiet"]) == 1
     assert "not a directory" in capsys.readouterr().err
+
+
+def eval_data(tmp_path, name: str = "ds", **kw):
+    """``write_dataset`` + a tiny PatchKMeans tokenizer + ``prepare_eval_data`` (pixel statistics)."""
+    from pgen_engine.data.dataset import load_dataset, load_image
+    from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+    from pgen_engine.rewards.embedders import PixelStatsEmbedder
+
+    root = write_dataset(tmp_path / name, **kw)
+    ds = load_dataset(root)
+    imgs = torch.stack([torch.from_numpy(load_image(it.image_path, 32)) for it in ds.items.values()])
+    tok = PatchKMeansTokenizer.fit(imgs, patch_size=16, codebook_size=8, iters=2, seed=0)
+    return E.prepare_eval_data(root, tok, tmp_path / f"{name}_cache", PixelStatsEmbedder(), k=4, min_interactions=3)
+
+
+def test_an_evaluator_trained_on_other_data_is_refused(tmp_path):
+    # `pgen eval --evaluator DIR` loaded whatever DIR held, without the data-hash check the
+    # default path (train_or_reuse) does: an evaluator of another dataset scored this one silently
+    from pgen_engine.eval.demo import load_eval_embedder, train_eval_embedder
+
+    a = eval_data(tmp_path, "a", users=4, items=8, seed=0)
+    b = eval_data(tmp_path, "b", users=4, items=8, seed=1)
+    train_eval_embedder(a, tmp_path / "ev", steps=2)
+    assert load_eval_embedder(a, tmp_path / "ev").meta["data_hash"]  # its own data: reused
+    with pytest.raises(ValueError, match="trained on other data"):
+        load_eval_embedder(b, tmp_path / "ev")
+    (tmp_path / "ev" / "evaluator.safetensors").write_bytes(b"\0" * 10)  # truncated: one-line ValueError
+    with pytest.raises(ValueError, match="unreadable evaluator weights"):
+        load_eval_embedder(a, tmp_path / "ev")
+
+
+def test_pgen_eval_refuses_a_stale_evaluator(tmp_path, capsys):
+    from pgen_engine.eval.demo import train_eval_embedder
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+
+    other = eval_data(tmp_path, "other", users=4, items=8, seed=1)
+    train_eval_embedder(other, tmp_path / "ev", steps=2)
+    data = eval_data(tmp_path, "ds", users=4, items=8, seed=0)
+    data.tokenizer.save(tmp_path / "tok.safetensors")
+    ck = make_tiny_checkpoint(tmp_path / "run" / "final", image_size=32, patch_size=16, codebook_size=8)
+    capsys.readouterr()
+    rc = main(["eval", "--checkpoint", str(ck), "--data", str(data.root), "--num-images", "2", "--quiet",
+               "--tokenizer", str(tmp_path / "tok.safetensors"), "--evaluator", str(tmp_path / "ev"),
+               "--cache-dir", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "trained on other data" in err and err.count("\n") == 1, err
