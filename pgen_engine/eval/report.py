@@ -182,6 +182,8 @@ def _fmt(d: dict, digits: int = 3) -> str:
     m, (lo, hi) = d["mean"], d["ci95"]
     if m != m:  # NaN
         return "—"
+    if lo != lo or hi != hi:  # a mean without a CI (a single user)
+        return f"{m:.{digits}f} [—]"
     return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
@@ -210,8 +212,9 @@ def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str
         groups: dict[str, list[str]] = {"better": [], "worse": [], "no difference": []}
         for m in metrics:
             if m in ms and ms[m]["mean"] == ms[m]["mean"]:
-                groups[verdict(m, ms[m])].append(f"{m} ({ms[m]['mean']:+.3f} [{ms[m]['ci95'][0]:+.3f}, "
-                                                 f"{ms[m]['ci95'][1]:+.3f}])")
+                lo, hi = ms[m]["ci95"]
+                ci = "no CI" if lo != lo or hi != hi else f"[{lo:+.3f}, {hi:+.3f}]"
+                groups[verdict(m, ms[m])].append(f"{m} ({ms[m]['mean']:+.3f} {ci})")
         parts = []
         if groups["better"]:
             parts.append("beats it on " + ", ".join(groups["better"]))

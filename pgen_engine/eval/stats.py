@@ -26,7 +26,9 @@ def bootstrap_indices(num_users: int, draws: int = 1000, seed: int = 0) -> torch
 def mean_ci(values: torch.Tensor, idx: torch.Tensor, level: float = 0.95) -> dict:
     """``{"mean": float, "ci95": [lo, hi]}`` of per-user ``values [U]`` (NaN users skipped).
 
-    Percentile bootstrap over the draws ``idx [B, U]``; NaN when no user has a value.
+    Percentile bootstrap over the draws ``idx [B, U]``; NaN when no user has a value. With a
+    single user with a value the mean stands but the CI is NaN (every draw repeats that user,
+    a zero-width interval that would let one user "beat" a baseline).
     """
     v = values.detach().double().flatten()
     if v.shape[0] != idx.shape[1]:
@@ -34,6 +36,8 @@ def mean_ci(values: torch.Tensor, idx: torch.Tensor, level: float = 0.95) -> dic
     ok = ~torch.isnan(v)
     if not bool(ok.any()):
         return {"mean": float("nan"), "ci95": [float("nan"), float("nan")]}
+    if int(ok.sum()) < 2:
+        return {"mean": float(v[ok].mean()), "ci95": [float("nan"), float("nan")]}
     vz = torch.where(ok, v, torch.zeros_like(v))
     s = vz[idx].sum(1)
     c = ok.double()[idx].sum(1)

@@ -96,3 +96,26 @@ def test_pgen_eval_refuses_a_stale_evaluator(tmp_path, capsys):
                "--cache-dir", str(tmp_path / "cache")])
     err = capsys.readouterr().err
     assert rc == 1 and "trained on other data" in err and err.count("\n") == 1, err
+
+
+def test_one_user_never_beats_a_baseline():
+    # with one user every bootstrap draw repeats that user: the CI was the zero-width [d, d] and
+    # the report said "beats" on a single observation
+    from pgen_engine.eval.report import build_report_json, ci_table, paired_sentences
+    from pgen_engine.eval.stats import bootstrap_indices, mean_ci, paired_ci, verdict
+
+    d = paired_ci(torch.tensor([0.6]), torch.tensor([0.5]), bootstrap_indices(1))
+    assert abs(d["mean"] - 0.1) < 1e-6 and verdict("future_sim", d) == "no difference"
+    # three users, but only one with a value (the others NaN): the same
+    nan = float("nan")
+    one = mean_ci(torch.tensor([0.2, nan, nan]), bootstrap_indices(3))
+    assert one["mean"] == pytest.approx(0.2) and all(x != x for x in one["ci95"])
+    per_user = {"generate_sft": {"future_sim": torch.tensor([0.6])}, "copy_last": {"future_sim": torch.tensor([0.5])}}
+    rep = build_report_json("d", [0], 2, {}, per_user)
+    assert verdict("future_sim", rep["paired"]["generate_sft - copy_last"]["future_sim"]) == "no difference"
+    text = " ".join(paired_sentences(rep, ["generate_sft"], ["future_sim"]))
+    assert "beats" not in text and "no difference on future_sim (+0.100 no CI)" in text
+    assert "| generate_sft | 0.600 [—] |" in ci_table(rep, ["future_sim"])
+    # two users with the same constant gain keep their (tight) CI
+    two = paired_ci(torch.tensor([0.6, 0.7]), torch.tensor([0.5, 0.6]), bootstrap_indices(2))
+    assert verdict("future_sim", two) == "better"
