@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from pgen_engine.errors import PgenUserError, one_line
-from pgen_engine.io_utils import atomic_write_json, atomic_write_text
+from pgen_engine.io_utils import atomic_write_json, atomic_write_text, replace_dir
 from pgen_engine.models.checkpoint import save_checkpoint
 from pgen_engine.models.checkpoint_writer import TRAINING_RECORD
 from pgen_engine.models.janus import JanusModel
@@ -48,6 +49,30 @@ META = "pgen_checkpoint.json"
 
 class ResumeError(PgenUserError, RuntimeError):
     """A checkpoint cannot be resumed from; the message names the folder and the reason."""
+
+
+class CheckpointWriteError(PgenUserError, OSError):
+    """A checkpoint or the export could not be written (a full disk, a read-only folder); the
+    message names the folder and the cause. Earlier checkpoints, ``latest`` and an earlier
+    export are kept, and the half-written folder is removed."""
+
+
+# torch.save reports a failed write inside its zip writer as a RuntimeError ("[enforce fail at
+# inline_container.cc:...] . unexpected pos ...", "basic_ios::clear: iostream error", "PytorchStreamWriter failed
+# writing file ...")
+_TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos|iostream error")
+
+
+def _write_failure(e: BaseException) -> bool:
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and bool(_TORCH_WRITE_FAILURE.search(str(e))))
+
+
+def _write_error(what: Path, e: BaseException, kept: str) -> CheckpointWriteError:
+    try:
+        free = f"; {shutil.disk_usage(what.parent).free / 2 ** 20:.0f} MiB free on its file system"
+    except OSError:
+        free = ""
+    return CheckpointWriteError(f"{what}: could not write it ({one_line(e)}{free}); {kept}")
 
 
 def checkpoint_tag(step: int) -> str:
@@ -251,30 +276,45 @@ def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dic
 
     # rank 0's file work goes through on_main: a failure there stops every rank, not a hang
     on_main(clear, dist_info.is_main)
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={**client_state, "step": step}, save_latest=False)
+    final = root / tag
+    kept = "the earlier checkpoints and 'latest' are kept"
+    # a full disk used to end the run with torch's zip-writer traceback and leave the half-written
+    # .tmp-step folder behind: it is now one line naming the checkpoint, and the folder is removed
+    try:
+        engine.save_checkpoint(str(root), tag=tmp_tag, client_state={**client_state, "step": step}, save_latest=False)
+    except Exception as e:
+        if not _write_failure(e):
+            raise
+        if dist_info.world_size == 1:  # with several ranks the others may still be writing into it
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(final, e, kept) from e
     rng_error = None
     try:  # per rank (another node's disk may be full): every rank learns whether all wrote theirs
         torch.save(rng_state(), tmp / f"rng_rank{dist_info.rank}.pt")
-    except OSError as e:
-        rng_error = e
+    except Exception as e:
+        if not _write_failure(e):
+            raise
+        rng_error = _write_error(final, e, kept)
     if not all_ranks_true(rng_error is None):
+        if dist_info.is_main:  # every rank is done writing into it
+            shutil.rmtree(tmp, ignore_errors=True)
         raise rng_error or RankFailedError(f"{tmp}: another rank could not write its RNG state")
-    final = root / tag
 
     def publish() -> None:
         meta = {"step": step, "world_size": dist_info.world_size, "zero_stage": engine.zero_optimization_stage(),
                 **(extra_meta or {})}
-        atomic_write_json(tmp / META, meta)
-        if final.exists():
-            # Same step saved again (e.g. re-run after resume): move the old one aside first.
-            old = root / f".old-{tag}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        atomic_write_text(root / LATEST, tag + "\n")
+        try:
+            atomic_write_json(tmp / META, meta)
+            # the same step saved again (e.g. re-run after resume) replaces the old one only once in place
+            replace_dir(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise _write_error(final, e, kept) from e
+        try:
+            atomic_write_text(root / LATEST, tag + "\n")
+        except OSError as e:  # a stale 'latest' would make --resume auto pick the older checkpoint
+            (root / LATEST).unlink(missing_ok=True)  # without it: the newest complete one, this one
+            raise _write_error(root / LATEST, e, f"{final} is complete and --resume auto finds it") from e
         for old in complete_checkpoints(root)[:-keep]:
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
@@ -382,7 +422,11 @@ def export_hf(module: torch.nn.Module, out_dir: str | os.PathLike, dist_info: Di
         if module.config.tie_word_embeddings:
             clone.lm_head.weight = clone.language_model.embed_tokens.weight
         clone.source_dir = getattr(module, "source_dir", None)
-        save_checkpoint(clone, out_dir, extra_json={TRAINING_RECORD: record} if record else None)
+        try:
+            save_checkpoint(clone, out_dir, extra_json={TRAINING_RECORD: record} if record else None)
+        except OSError as e:  # a full disk: one line (not a traceback), the earlier export kept
+            raise _write_error(Path(out_dir), e, f"an earlier {Path(out_dir).name}/ is kept; the run's checkpoints "
+                               "are kept (free some space and rerun with --resume auto to export again)") from e
 
     on_main(write, dist_info.is_main)  # a failed write stops every rank together
     return Path(out_dir) if dist_info.is_main else None

@@ -1,9 +1,12 @@
 """Resumable DeepSpeed checkpoints (1 rank, in process) and the Hugging Face export."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
+import resource
 from pathlib import Path
 
 import pytest
@@ -279,3 +282,73 @@ def test_cuda_rng_state_is_this_ranks_device_only_and_old_lists_restore_by_index
     fake.device = 3
     with pytest.raises(ResumeError, match="saved with 2 visible CUDA device.*uses device 3"):
         set_rng_state(old)
+
+
+# ---------------------------------------------------------------- a full disk while saving
+@contextlib.contextmanager
+def _file_size_limit(nbytes: int):
+    """``ulimit -f``: writes past ``nbytes`` fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_full_disk_while_saving_is_one_line_and_leaves_no_half_written_folder(dist_info, tmp_path):
+    # torch.save's zip writer reported the full disk as "RuntimeError: [enforce fail at inline_container.cc]
+    # ... unexpected pos" (a traceback from train.py) and the half-written .tmp-step folder stayed behind
+    from pgen_engine.errors import PgenUserError
+    from pgen_engine.training.checkpoints import CheckpointWriteError
+
+    eng = _engine(5)
+    _step(eng, torch.randn(4, 7))
+    save_resumable(eng, tmp_path, 1, {"micro_batches": 1}, dist_info, keep=2)
+    before = _tree(tmp_path)
+    _step(eng, torch.randn(4, 7))
+    with _file_size_limit(2048):
+        with pytest.raises(CheckpointWriteError) as info:
+            save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=2)
+    assert isinstance(info.value, PgenUserError) and str(tmp_path / "step00000002") in str(info.value)
+    assert _tree(tmp_path) == before  # no .tmp-step00000002, step00000001 and latest untouched
+    assert latest_checkpoint(tmp_path).name == "step00000001"
+    ck = save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=2)  # space again: it saves
+    assert latest_checkpoint(tmp_path) == ck
+
+
+def test_a_latest_pointer_that_cannot_be_written_is_not_left_stale(dist_info, tmp_path, monkeypatch):
+    import pgen_engine.training.checkpoints as ckpts
+    from pgen_engine.training.checkpoints import CheckpointWriteError
+
+    eng = _engine(6)
+    save_resumable(eng, tmp_path, 1, {"micro_batches": 1}, dist_info, keep=2)
+
+    def no_space(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(ckpts, "atomic_write_text", no_space)
+    with pytest.raises(CheckpointWriteError, match="latest"):
+        save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=2)
+    # 'latest' still naming step 1 made --resume auto go back to it
+    assert latest_checkpoint(tmp_path).name == "step00000002"
+
+
+def test_full_disk_while_exporting_keeps_the_earlier_export(dist_info, tmp_path):
+    import pgen_engine as pg
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+    from pgen_engine.training.checkpoints import CheckpointWriteError
+
+    model = pg.load_model(make_tiny_checkpoint(tmp_path / "src", seed=5, codebook_size=29))
+    out = tmp_path / "run" / "final"
+    export_hf(model, out, dist_info)
+    before = _tree(tmp_path / "run")
+    with _file_size_limit(4096):
+        with pytest.raises(CheckpointWriteError, match=r"final.*File too large.*earlier final/ is kept"):
+            export_hf(model, out, dist_info)
+    assert _tree(tmp_path / "run") == before
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final"]
