@@ -323,10 +323,11 @@ def _from_items(name: str, data: EvalData, items: torch.Tensor) -> SystemOutput:
 
 
 def random_system(data: EvalData, examples: Sequence[Example], n: int, *, seed: int = 0) -> SystemOutput:
-    """n uniformly random catalogue items per user (with replacement across users)."""
+    """n uniformly random catalogue items per user (with replacement across users; cycled when C < n)."""
     g = torch.Generator().manual_seed(seed)
     C = len(data.item_ids)
-    return _from_items("random", data, torch.stack([torch.randperm(C, generator=g)[:n] for _ in examples]))
+    cyc = torch.arange(n) % C
+    return _from_items("random", data, torch.stack([torch.randperm(C, generator=g)[cyc] for _ in examples]))
 
 
 def centroid_system(data: EvalData, examples: Sequence[Example], n: int) -> SystemOutput:

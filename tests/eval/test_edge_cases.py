@@ -119,3 +119,14 @@ def test_one_user_never_beats_a_baseline():
     # two users with the same constant gain keep their (tight) CI
     two = paired_ci(torch.tensor([0.6, 0.7]), torch.tensor([0.5, 0.6]), bootstrap_indices(2))
     assert verdict("future_sim", two) == "better"
+
+
+def test_every_baseline_gives_n_images_per_user_from_a_catalogue_smaller_than_n(tmp_path):
+    # random gave min(n, C) images per user (6 of 12 here) while every other row had n
+    data = eval_data(tmp_path, users=3, items=6)
+    ex = data.examples("test")
+    for name, out in E.baseline_systems(data, ex, 12, seed=0).items():
+        assert out.images.shape[0] == 3 * 12 and out.gen_user.tolist() == [u for u in range(3) for _ in range(12)], name
+    r = E.random_system(data, ex, 12, seed=0)
+    first = [data.catalogue_images.flatten(1).eq(img.flatten()).all(1).nonzero()[0, 0].item() for img in r.images[:12]]
+    assert sorted(first[:6]) == list(range(6)) and first[6:] == first[:6]  # every item once, then cycled
