@@ -32,6 +32,9 @@ def _check_file_key(key: str, where: str, field: str) -> None:
                         "'\\', NUL, '.' or '..', at most 250 bytes)")
 
 
+_NUL = "NUL byte in a field (binary data in a text file; expected UTF-8 text)"  # as the dataset loader says
+
+
 def _find_image(folder: Path, key: str) -> Path | None:
     """``folder/<key>.<ext>`` for an ext of IMAGE_EXTS, lower or upper case (cameras and Windows
     tools write ``.JPG``: such covers used to be missed and their items dropped)."""
@@ -50,6 +53,8 @@ def _read_jsonl(path: Path):
         for lineno, line in enumerate(_text_lines(path, f), 1):
             if not line.strip():
                 continue
+            if "\0" in line:  # json.loads said only "Invalid control character" / "Extra data"
+                raise DataError(f"{path}:{lineno}: {_NUL.replace('a field', 'the line')}")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
@@ -105,6 +110,8 @@ def convert_amazon2023(reviews: str | os.PathLike, meta: str | os.PathLike, imag
         user = obj["user_id"]
         if isinstance(user, bool) or not isinstance(user, (str, int)) or not str(user).strip():
             raise DataError(f"{reviews}:{lineno}: 'user_id' must be a non-empty string, got {user!r}")
+        if "\0" in str(user):  # a "\u0000" escape: written out, the dataset loader refuses the line
+            raise DataError(f"{reviews}:{lineno}: 'user_id' {user!r}: {_NUL}")
         try:
             ts = float(obj["timestamp"]) / 1000.0
         except (TypeError, ValueError):
@@ -136,12 +143,16 @@ def convert_microlens(interactions: str | os.PathLike, covers: str | os.PathLike
         reader = csv.reader(_text_lines(interactions, f))
         rows = _csv_rows(interactions, reader)
         header = [h.strip() for h in next(rows, [])]
+        if any("\0" in h for h in header):
+            raise DataError(f"{interactions}:1: {_NUL}")
         if header[:3] != ["user", "item", "timestamp"]:
             raise DataError(f"{interactions}:1: header must start with user,item,timestamp, got {header}")
         for row in rows:
             lineno = reader.line_num
             if not row:
                 continue
+            if any("\0" in v for v in row):  # the csv module keeps NUL bytes: "u\0" was written out as a user
+                raise DataError(f"{interactions}:{lineno}: {_NUL}")
             if len(row) < 3:
                 raise DataError(f"{interactions}:{lineno}: expected >= 3 fields, got {len(row)}")
             u, i = row[0].strip(), row[1].strip()

@@ -114,3 +114,27 @@ def test_a_conversion_with_no_interaction_left_writes_nothing(tmp_path):
     with pytest.raises(DataError, match=r"r\.jsonl: no review is of an item of .*m\.jsonl with an image in"):
         convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", tmp_path / "imgs", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("source,data,needle", [
+    # the csv module keeps NUL bytes: "u\0" was written out as a user, and the dataset loader then refused the line
+    ("microlens", b"user,item,timestamp\nu,A1,5\nu\0,A1,6\n", r"i\.csv:3: NUL byte in a field"),
+    ("microlens", b"user,item,timestamp\nu,A1,5\x00\n", r"i\.csv:2: NUL byte in a field"),
+    ("microlens", b"user\0,item,timestamp\nu,A1,5\n", r"i\.csv:1: NUL byte in a field"),
+    ("amazon", b'{"user_id": "U", "parent_asin": "A1", "timestamp": 1000000000000}\n{"user_id": "U\0"}\n',
+     r"r\.jsonl:2: NUL byte in the line"),
+    ("amazon", b'{"user_id": "U\\u0000", "parent_asin": "A1", "timestamp": 1000000000000}\n',
+     r"r\.jsonl:1: 'user_id' .*: NUL byte in a field"),
+])
+def test_nul_bytes_are_refused_naming_file_and_line(tmp_path, source, data, needle):
+    _img(tmp_path / "imgs" / "A1.jpg", (1, 2, 3))
+    if source == "microlens":
+        (tmp_path / "i.csv").write_bytes(data)
+        with pytest.raises(DataError, match=needle):
+            convert_microlens(tmp_path / "i.csv", tmp_path / "imgs", tmp_path / "out")
+    else:
+        (tmp_path / "m.jsonl").write_text(json.dumps({"parent_asin": "A1", "title": "x"}) + "\n")
+        (tmp_path / "r.jsonl").write_bytes(data)
+        with pytest.raises(DataError, match=needle):
+            convert_amazon2023(tmp_path / "r.jsonl", tmp_path / "m.jsonl", tmp_path / "imgs", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
