@@ -62,8 +62,8 @@ def main(argv: list[str] | None = None) -> int:
               "--resume auto)", file=sys.stderr)
         return 130
     except Terminated as e:  # SIGTERM; inside the step loop after a resumable checkpoint (Trainer.run)
-        hint = "" if e.checkpoint else ("; complete checkpoints in output_dir/checkpoints are kept (continue "
-                                         "with --resume auto)")
+        hint = " (continue with --resume auto)" if e.checkpoint else (
+            "; complete checkpoints in output_dir/checkpoints are kept (continue with --resume auto)")
         print(f"error: {one_line(e)}{hint}", file=sys.stderr)
         return EXIT_STATUS
     finally:

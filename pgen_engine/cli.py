@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print("pgen: interrupted", file=sys.stderr)
         return 130
     except Terminated as e:
-        print(f"pgen {args.command}: error: {one_line(e)}", file=sys.stderr)
+        hint = " (run the same command again to continue)" if e.checkpoint else ""  # `pgen demo` resumes stages
+        print(f"pgen {args.command}: error: {one_line(e)}{hint}", file=sys.stderr)
         return EXIT_STATUS
     except (PgenUserError, ValueError, FileNotFoundError, OSError, RuntimeError, KeyError) as e:
         if args.debug:

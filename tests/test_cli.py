@@ -145,3 +145,29 @@ def test_user_errors_outside_the_builtin_types_are_one_line(monkeypatch, capsys)
     monkeypatch.setattr(C, "run_demo", lambda *a, **k: fail(a))
     assert main(["demo", "--quick", "--quiet"]) == 1
     assert capsys.readouterr().err == "pgen demo: error: DeepSpeed is not installed; pip install deepspeed\n"
+
+
+def test_sigterm_is_one_line_status_143_and_the_handler_is_restored(tiny_ckpt, monkeypatch, capsys):
+    # SIGTERM used to end `pgen` on the spot: no message, and no `finally` cleanup of temporary files
+    import os
+    import signal
+    import time
+
+    import pgen_engine.cli as cli
+
+    cleaned = []
+
+    def stopped(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2)
+            return 0
+        finally:
+            cleaned.append(True)
+
+    monkeypatch.setattr(cli, "_info", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info", str(tiny_ckpt)]) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert cleaned == [True] and err == ["pgen info: error: terminated by SIGTERM"]
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -121,7 +121,7 @@ class Trainer:
         if not saved:
             self._save(done)
         raise Terminated(f"stopped by SIGTERM after step {done} of {self.cfg.train.max_steps}: resumable "
-                         f"checkpoint {self.last_saved} written (continue with --resume auto)",
+                         f"checkpoint {self.last_saved} written",
                          checkpoint=str(self.last_saved))
 
     # -- lifecycle ------------------------------------------------------------------
