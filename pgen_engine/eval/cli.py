@@ -13,6 +13,7 @@ import torch
 from pgen_engine import envs
 from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
+from pgen_engine.generation.sampling_params import SamplingParams, SamplingParamsError
 from pgen_engine.io_utils import atomic_write_json
 from pgen_engine.models import load_model
 from pgen_engine.models.checkpoint import read_training_record
@@ -77,6 +78,10 @@ def _check_eval_args(a: argparse.Namespace) -> None:
                     ("--max-users", a.max_users), ("--evaluator-steps", a.evaluator_steps)):
         if v is not None and v < 1:
             raise ValueError(f"{flag} must be >= 1, got {v}")
+    try:  # else refused by the Generator only after the token cache and the evaluator were built
+        SamplingParams(guidance_scale=a.guidance_scale, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
+    except SamplingParamsError as e:
+        raise ValueError(f"--{e.field.replace('_', '-')} {e.detail}") from None
     if a.name is not None and a.name in (*E.BASELINES, "generate_nonpersonal"):
         raise ValueError(f"--name {a.name}: that is a baseline row's name; choose another (e.g. generate_sft)")
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():

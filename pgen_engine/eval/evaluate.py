@@ -303,7 +303,7 @@ def generate_system(name: str, generator, data: EvalData, builder, examples: Seq
     if progress:
         it = tqdm(it, desc=f"eval {name}", unit="batch")
     for i in it:
-        seeds = [seed * 1_000_003 + j for j in range(i, min(i + batch_prompts, len(ids)))]
+        seeds = [(seed * 1_000_003 + j) % 2 ** 64 for j in range(i, min(i + batch_prompts, len(ids)))]
         px = [p for p in pixels[i:i + batch_prompts] if p is not None]
         px = torch.cat(px).to(generator.model.device) if px else None
         codes.append(generator.generate(ids[i:i + batch_prompts], None, px, gen_code_mask=masks[i:i + batch_prompts],

@@ -130,3 +130,37 @@ def test_every_baseline_gives_n_images_per_user_from_a_catalogue_smaller_than_n(
     r = E.random_system(data, ex, 12, seed=0)
     first = [data.catalogue_images.flatten(1).eq(img.flatten()).all(1).nonzero()[0, 0].item() for img in r.images[:12]]
     assert sorted(first[:6]) == list(range(6)) and first[6:] == first[:6]  # every item once, then cycled
+
+
+def test_bad_sampling_flags_are_one_line_before_loading(tmp_path, capsys, monkeypatch):
+    # --temperature 0, --top-k -1, --guidance-scale nan failed only inside the Generator, after the
+    # token cache and the evaluator had been built
+    import pgen_engine.eval.cli as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    monkeypatch.setattr(E, "load_eval_splits", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    base = ["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path)]
+    for extra, expect in ((["--temperature", "0"], "--temperature must be > 0"),
+                          (["--top-k", "-1"], "--top-k must be an int >= 0"),
+                          (["--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+                          (["--seed", str(2 ** 64)], "--seed must be a 64-bit integer")):
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen eval: error: ") and expect in err and err.count("\n") == 1, err
+
+
+def test_pgen_eval_with_a_large_seed_and_one_user(tmp_path, capsys):
+    # generate_system's per-prompt seeds (seed * 1_000_003 + j) left the 64-bit range for seeds
+    # >= ~1.8e13 and the Generator refused them after all the preparation
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+
+    data = eval_data(tmp_path, "ds", users=1, items=8, per_user=6)
+    data.tokenizer.save(tmp_path / "tok.safetensors")
+    ck = make_tiny_checkpoint(tmp_path / "run" / "final", image_size=32, patch_size=16, codebook_size=8)
+    rc = main(["eval", "--checkpoint", str(ck), "--data", str(data.root), "--num-images", "2", "--quiet",
+               "--tokenizer", str(tmp_path / "tok.safetensors"), "--embedder", "pixel_stats", "--baselines",
+               "--cache-dir", str(tmp_path / "cache"), "--seed", str(2 ** 62), "--out", str(tmp_path / "ev")])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert rep["users"] == 1
+    assert "beats it" not in (tmp_path / "ev" / "report.md").read_text()  # one user: no CI, no claim
