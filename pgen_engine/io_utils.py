@@ -33,11 +33,17 @@ def _io_failure(e: BaseException, target: Path, tmp: Path) -> OSError | None:
     (a failed ``write``/``flush``, numpy, safetensors) did not say which output could not be
     written, and one naming the hidden temporary named a file that no longer exists."""
     if isinstance(e, OSError):
-        name = None if e.filename is None else os.fspath(e.filename)
-        if name is None or name == str(tmp) or name.startswith(str(tmp) + os.sep):
-            # e.g. tmp/model.safetensors -> target/model.safetensors
-            where = str(target) if name is None else str(target) + name[len(str(tmp)):]
+        def final(name) -> str | None:  # e.g. tmp/model.safetensors -> target/model.safetensors
+            name = os.fspath(name)
+            inside = name == str(tmp) or name.startswith(str(tmp) + os.sep)
+            return str(target) + name[len(str(tmp)):] if inside else None
+
+        if e.filename is None:
+            where = str(target)
             return OSError(e.errno, e.strerror or str(e), where) if e.errno is not None else OSError(f"{where}: {e}")
+        first, second = final(e.filename), None if e.filename2 is None else final(e.filename2)
+        if (first or second) and e.errno is not None:  # a copy into the temporary names both files
+            return OSError(e.errno, e.strerror, first or e.filename, None, second or e.filename2)
         return e
     if type(e).__name__ == "SafetensorError":
         m = _SAFETENSORS_IO.search(str(e))

@@ -148,3 +148,18 @@ def test_atomic_dir_keeps_the_old_folder_when_the_swap_fails(tmp_path, monkeypat
             (tmp / "w").write_text("v2")
     assert (d / "w").read_text() == "v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_a_failed_copy_into_an_atomic_folder_names_its_final_path(tmp_path):
+    # a copy into the temporary named it: "[Errno 27] File too large: 'src.bin' -> '.out.k2j3.tmp/src.bin'"
+    import shutil
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 10_000)
+    with file_size_limit(4096):
+        with pytest.raises(OSError) as info:
+            with atomic_dir(tmp_path / "out") as tmp:
+                shutil.copyfile(src, tmp / "copy.bin")
+    e = info.value
+    assert e.errno == errno.EFBIG and e.filename == str(src) and e.filename2 == str(tmp_path / "out" / "copy.bin"), e
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.bin"]
