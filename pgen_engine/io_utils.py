@@ -58,6 +58,17 @@ def _raise_named(e: BaseException, target: Path, tmp: Path) -> None:
         raise named from e
 
 
+def _make_parent(target: Path) -> None:
+    """``mkdir -p`` of ``target``'s folder; one that runs through a file (``notes.txt/out.json``) said
+    only ``[Errno 17] File exists: 'notes.txt'`` / ``[Errno 20] Not a directory``, not which output
+    could not be written nor why."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        why = folder_problem(target.parent) or "is not a folder"
+        raise NotADirectoryError(f"{target}: cannot be written: its folder {target.parent} {why}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` on success.
@@ -66,7 +77,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     failure (a full disk, ``ulimit -f``) is raised as an OSError naming ``path``.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -135,7 +146,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     _check_not_file(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp

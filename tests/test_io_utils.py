@@ -163,3 +163,17 @@ def test_a_failed_copy_into_an_atomic_folder_names_its_final_path(tmp_path):
     e = info.value
     assert e.errno == errno.EFBIG and e.filename == str(src) and e.filename2 == str(tmp_path / "out" / "copy.bin"), e
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.bin"]
+
+
+def test_an_output_whose_folder_runs_through_a_file_says_so(tmp_path):
+    # used to be a bare "[Errno 17] File exists: '.../notes.txt'", naming neither the output nor the problem
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    with pytest.raises(NotADirectoryError, match=rf"{f}/out\.json: cannot be written: its folder {f} exists and is "
+                                                 "not a folder"):
+        atomic_write_json(f / "out.json", {})
+    with pytest.raises(NotADirectoryError, match=rf"{f}/a/d: cannot be written: its folder {f}/a cannot be created: "
+                                                 rf"{f} is a file, not a folder"):
+        with atomic_dir(f / "a" / "d"):
+            pass
+    assert f.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
