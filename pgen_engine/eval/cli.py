@@ -22,6 +22,7 @@ from pgen_engine.typed_config import check_seed, read_yaml_file
 
 from . import evaluate as E
 from .demo import KEY_METRICS, REPORT_METRICS, load_eval_embedder, run_demo, train_eval_embedder
+from .evaluator import is_evaluator_artifact
 from .report import build_report_json, ci_table, paired_sentences, plot_paired, write_report
 
 
@@ -44,9 +45,9 @@ def _run_config_tree(path: Path) -> dict | None:
     return tree
 
 
-def _reward_embedder_spec(ckpt: Path) -> dict | None:
-    """The training run's ``rl.embedder`` (CHECKPOINT/../config.resolved.yaml), or None."""
-    cfg = _run_config_tree(ckpt.parent / "config.resolved.yaml") or {}
+def _reward_embedder_spec(ckpt: Path, run_config: str | None = None) -> dict | None:
+    """The training run's ``rl.embedder`` (``--run-config``, else CHECKPOINT/../config.resolved.yaml), or None."""
+    cfg = _run_config_tree(Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml") or {}
     rl = cfg.get("rl") or {}
     return rl.get("embedder") if cfg.get("stage") == "rl" and isinstance(rl, dict) else None
 
@@ -63,13 +64,20 @@ def default_system_name(ckpt: Path, run_config: str | None = None) -> str:
 
 
 def is_independent(reward_spec: dict | None, evaluator: dict) -> bool:
-    """False when the evaluation embedder is the run's reward embedder (same type, and path if any)."""
-    if reward_spec is None or evaluator.get("type") == "eval_cnn":
-        return True  # rewards cannot load the evaluator (make_embedder refuses it)
+    """False when the evaluation embedder is the run's reward embedder (same type, or with paths the same
+    model folder), or when the reward spec names the evaluator itself."""
+    if reward_spec is None:
+        return True
     rtype, rpath = reward_spec.get("type"), reward_spec.get("path")
-    if rpath is None:  # e.g. pixel_stats, or a cocons_cnn trained into the run's work dir: compare types
-        return str(evaluator["type"]).partition(":")[0] != rtype
-    return evaluator["type"] != f"{rtype}:{rpath}"
+    if rtype == "eval_cnn" or (rpath is not None and is_evaluator_artifact(rpath)):
+        return False  # a reward spec naming the evaluator (make_embedder refuses it; a hand-made config may not)
+    if evaluator.get("type") == "eval_cnn":
+        return True  # rewards cannot load the evaluator
+    etype, _, epath = str(evaluator["type"]).partition(":")
+    if rpath is None or not epath:  # e.g. pixel_stats, or a cocons_cnn trained into the run's work dir: types
+        return etype != rtype
+    # one model folder, however spelt (trailing slash, relative, symlink) or typed (clip / pretrained)
+    return os.path.realpath(os.path.expanduser(str(rpath))) != os.path.realpath(os.path.expanduser(epath))
 
 
 def _check_eval_args(a: argparse.Namespace) -> None:
@@ -122,7 +130,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     tok = settings.tokenizer(model)
     out = Path(a.out) if a.out else None
     cache_dir = Path(a.cache_dir) if a.cache_dir else default_token_cache_dir(a.data, tok.fingerprint(), out)
-    reward_spec = _reward_embedder_spec(ckpt)
+    reward_spec = _reward_embedder_spec(ckpt, a.run_config)
     reference = make_embedder({"type": "pixel_stats"})
     data = E.prepare_eval_data(a.data, tok, cache_dir, reference, k=settings.history_k, progress=not a.quiet,
                                min_rating=a.min_rating, require=a.split)

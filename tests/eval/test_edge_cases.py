@@ -164,3 +164,28 @@ def test_pgen_eval_with_a_large_seed_and_one_user(tmp_path, capsys):
     rep = json.loads((tmp_path / "ev" / "report.json").read_text())
     assert rep["users"] == 1
     assert "beats it" not in (tmp_path / "ev" / "report.md").read_text()  # one user: no CI, no claim
+
+
+def test_independence_sees_the_reward_model_however_its_path_is_spelt(tmp_path, monkeypatch):
+    # "clip:/m/" vs the reward's "/m", a relative path, or --run-config's reward were all
+    # reported as independent
+    from pgen_engine.eval.cli import _reward_embedder_spec, is_independent
+
+    m = tmp_path / "m"
+    m.mkdir()
+    monkeypatch.chdir(tmp_path)
+    reward = {"type": "clip", "path": str(m)}
+    for spelt in (f"clip:{m}/", "clip:m", "clip:./m", f"pretrained:{m}"):
+        assert not is_independent(reward, {"type": spelt}), spelt
+    assert is_independent(reward, {"type": f"clip:{tmp_path / 'other'}"})
+    assert is_independent(reward, {"type": "pixel_stats"}) and is_independent(reward, {"type": "eval_cnn"})
+    # a reward spec that names the evaluator itself is never independent of it
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "evaluator.json").write_text(json.dumps({"kind": "pgen_eval_embedder"}))
+    assert not is_independent({"type": "cocons_cnn", "path": str(tmp_path / "ev")}, {"type": "eval_cnn"})
+    assert not is_independent({"type": "eval_cnn"}, {"type": "eval_cnn"})
+    # the reward is read from --run-config when one is given
+    cfg = tmp_path / "elsewhere.yaml"
+    cfg.write_text(f"stage: rl\nrl:\n  embedder:\n    type: clip\n    path: {m}\n")
+    assert _reward_embedder_spec(tmp_path / "final") is None
+    assert _reward_embedder_spec(tmp_path / "final", str(cfg)) == reward
