@@ -6,13 +6,14 @@ import circle (the reader builds JanusModels, so it imports :mod:`.janus`).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from pgen_engine.io_utils import atomic_dir
+from pgen_engine.io_utils import _umask, atomic_dir
 from pgen_engine.models.janus_config import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -92,3 +93,8 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes
                 for f in Path(src).glob(pattern):
                     if f.is_file():
                         shutil.copy2(f, tmp / f.name)
+        # safetensors' save_file creates its files 0600: model.safetensors of an export (or of
+        # train.py's init_model / final/) was unreadable to anyone but its writer, next to a 0644 config.json
+        mode = 0o666 & ~_umask()
+        for f in tmp.iterdir():
+            os.chmod(f, mode)

@@ -140,6 +140,21 @@ def test_save_is_atomic_on_failure(tmp_path, tiny_model, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".good")]
 
 
+def test_saved_files_get_normal_permissions(tmp_path, tiny_model):
+    # safetensors creates its file 0600: model.safetensors was unreadable to other users, next to a 0644 config.json
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    try:
+        tiny_model.save_pretrained(tmp_path / "out")
+        tiny_model.save_pretrained(tmp_path / "out", max_shard_bytes=1 << 14)
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert len(modes) > 4 and set(modes.values()) == {0o644}, modes
+
+
 
 def test_save_never_replaces_a_folder_that_is_not_a_checkpoint(tmp_path, tiny_model):
     # save_pretrained("some/folder") used to replace any existing folder with the checkpoint
