@@ -27,7 +27,7 @@ items close in time", read from pixels only.
 Sanity number (``sanity``): users are split 90/10 *before* training; for the held-out
 users' co-consumed pairs (a, b) we rank b among the whole catalogue by cosine to a
 (a itself excluded) and report recall@10, next to the same number for the
-pixel-statistics embedding and for chance (10 / (C - 1)).
+pixel-statistics embedding and for chance (10 / (C - 1), at most 1); ties rank pessimistically.
 
 Artifact: ``DIR/evaluator.safetensors`` + ``DIR/evaluator.json`` (config, training-data
 hash, sanity numbers). Rewards must not use it: :func:`is_evaluator_artifact` lets the
@@ -310,7 +310,10 @@ def data_hash(images: torch.Tensor, train_sequences: Sequence[Sequence[int]], it
 
 
 def recall_at_k(embeds: torch.Tensor, pairs: np.ndarray, k: int = 10) -> float:
-    """Share of pairs (a, b) whose b is among the k items nearest a (a excluded). ``embeds [C, D]``."""
+    """Share of pairs (a, b) whose b is among the k items nearest a (a excluded). ``embeds [C, D]``.
+
+    Ties rank pessimistically (an item as close as b counts above it), as in the metrics: a
+    collapsed embedding, every cosine equal, scores no better than it deserves, never 1.0."""
     if len(pairs) == 0:
         return float("nan")
     e = F.normalize(embeds.float(), dim=-1)
@@ -319,7 +322,9 @@ def recall_at_k(embeds: torch.Tensor, pairs: np.ndarray, k: int = 10) -> float:
     sims = e[a] @ e.T
     sims[torch.arange(len(a)), a] = float("-inf")
     tb = sims[torch.arange(len(a)), b].unsqueeze(1)
-    rank = (sims > tb).sum(1)
+    tie = sims == tb
+    tie[torch.arange(len(a)), b] = False
+    rank = (sims > tb).sum(1) + tie.sum(1)
     return float((rank < k).double().mean())
 
 
@@ -408,7 +413,7 @@ def fit_cocons_cnn(images: torch.Tensor, train_sequences: Sequence[Sequence[int]
               "mean_cosine": mean_pairwise_cosine(cat),
               "recall@10": recall_at_k(cat, held_pairs, 10),
               "recall@10_pixel_stats": recall_at_k(PixelStatsEmbedder().embed(images), held_pairs, 10),
-              "recall@10_chance": 10.0 / max(C - 1, 1), "final_loss": float(loss.detach())}
+              "recall@10_chance": min(1.0, 10.0 / max(C - 1, 1)), "final_loss": float(loss.detach())}
     info = {"items": C, "train_users": len(fit_seqs), "train_pairs": int(len(pairs)), "metadata_groups": len(groups),
             "sanity": sanity, "train_seconds": round(time.time() - t0, 1)}
     return net, info

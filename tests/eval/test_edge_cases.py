@@ -189,3 +189,19 @@ def test_independence_sees_the_reward_model_however_its_path_is_spelt(tmp_path, 
     cfg.write_text(f"stage: rl\nrl:\n  embedder:\n    type: clip\n    path: {m}\n")
     assert _reward_embedder_spec(tmp_path / "final") is None
     assert _reward_embedder_spec(tmp_path / "final", str(cfg)) == reward
+
+
+def test_evaluator_sanity_of_a_collapsed_embedding_and_a_small_catalogue():
+    # recall@10 ranked ties optimistically, so an evaluator that maps every image to one point
+    # read a perfect 1.0; chance was 10 / (C - 1), above 1 for a catalogue of <= 10 items
+    import numpy as np
+
+    from pgen_engine.eval.evaluator import EvaluatorConfig, fit_cocons_cnn, recall_at_k
+
+    pairs = np.array([[0, 1], [2, 3], [4, 5]])
+    assert recall_at_k(torch.ones(30, 4), pairs, k=10) == 0.0
+    assert recall_at_k(torch.ones(11, 4), pairs, k=10) == 1.0  # 10 other items: top 10 holds them all
+    imgs = torch.zeros(8, 32, 32, 3, dtype=torch.uint8)  # every image the same constant colour
+    _, info = fit_cocons_cnn(imgs, [[0, 1, 2, 3], [4, 5, 6, 7], [1, 3, 5, 7], [0, 2, 4, 6]], [{}] * 8,
+                             EvaluatorConfig(steps=2, image_size=32, batch_size=8))
+    assert info["sanity"]["recall@10_chance"] == 1.0 and 0.0 <= info["sanity"]["recall@10"] <= 1.0
