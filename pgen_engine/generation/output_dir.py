@@ -100,10 +100,18 @@ def publish(stage: Path, out_dir: Path, names: list[str]) -> None:
 
 
 def write_png(array, path: Path) -> None:
-    with open(path, "wb") as f:
-        Image.fromarray(array).save(f, format="PNG")
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``array`` as a PNG at ``path`` (in the staging folder). A failed write (a full disk) is
+    an OSError naming the image's place in ``--out``: it was a bare ``[Errno 27] File too large``."""
+    try:
+        with open(path, "wb") as f:
+            Image.fromarray(array).save(f, format="PNG")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        if e.errno is None or e.filename not in (None, str(path)):
+            raise
+        shown = path.parent.parent / path.name if path.parent.name.startswith(_STAGE_PREFIX) else path
+        raise OSError(e.errno, e.strerror, str(shown)) from e
 
 
 def write_grid(path: Path, prompts: list[PromptLine], stage: Path, num_samples: int, used_stems: list[str]) -> None:
