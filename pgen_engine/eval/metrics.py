@@ -40,6 +40,10 @@ def _embeds(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim != 2 or not x.is_floating_point():
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"{name}: expected a float tensor [n, D], got {got}")
+    bad = ~torch.isfinite(x).all(dim=-1)
+    if bool(bad.any()):  # else a NaN similarity reads as "undefined" and is silently averaged away
+        raise ValueError(f"{name}: {int(bad.sum())} of {x.shape[0]} embeddings hold NaN or inf (first: row "
+                         f"{int(bad.nonzero()[0, 0])}); the embedder failed on those images")
     return F.normalize(x.float(), dim=-1)
 
 

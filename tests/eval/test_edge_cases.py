@@ -205,3 +205,19 @@ def test_evaluator_sanity_of_a_collapsed_embedding_and_a_small_catalogue():
     _, info = fit_cocons_cnn(imgs, [[0, 1, 2, 3], [4, 5, 6, 7], [1, 3, 5, 7], [0, 2, 4, 6]], [{}] * 8,
                              EvaluatorConfig(steps=2, image_size=32, batch_size=8))
     assert info["sanity"]["recall@10_chance"] == 1.0 and 0.0 <= info["sanity"]["recall@10"] <= 1.0
+
+
+def test_nan_embeddings_are_an_error_not_an_undefined_metric():
+    # a NaN embedding made hist_max / future alignment NaN for that image, which nanmean then
+    # silently skipped as "undefined"; only the ranking failed later, with "scores contain NaN"
+    from pgen_engine.eval import metrics as M
+
+    e = torch.eye(3, 4)
+    e[1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"gen_embeds: 1 of 3 embeddings hold NaN or inf \(first: row 1\)"):
+        M.history_alignment(e, torch.tensor([0, 0, 1]), [torch.eye(2, 4), torch.eye(1, 4)])
+    with pytest.raises(ValueError, match="hold NaN or inf"):
+        M.novelty(torch.eye(2, 4), torch.tensor([[float("inf"), 0, 0, 0]]))
+    # a zero vector (e.g. a constant image in some embedders) stays a defined cosine of 0
+    z = M.history_alignment(torch.zeros(1, 4), torch.tensor([0]), [torch.eye(2, 4)])
+    assert float(z["max"][0]) == 0.0
