@@ -242,7 +242,7 @@ def generation_rank_metrics(
 def user_diversity(gen_embeds: torch.Tensor, gen_user: torch.Tensor, num_users: int) -> torch.Tensor:
     """Per-user diversity ``1 - mean pairwise cosine`` over the user's generated images.
 
-    Returns float32 ``[U]``; NaN for users with fewer than two images.
+    Returns float32 ``[U]`` in [0, 2]; NaN for users with fewer than two images.
     """
     e = _embeds(gen_embeds, "gen_embeds")
     users = _users(gen_user, e.shape[0], num_users).to(e.device)
@@ -250,7 +250,8 @@ def user_diversity(gen_embeds: torch.Tensor, gen_user: torch.Tensor, num_users: 
     same.fill_diagonal_(False)
     pair_sum = torch.zeros(num_users, dtype=torch.float32, device=e.device).index_add_(0, users, ((e @ e.T) * same).sum(1))
     pairs = torch.zeros(num_users, dtype=torch.float32, device=e.device).index_add_(0, users, same.sum(1).float())
-    return torch.where(pairs > 0, 1.0 - pair_sum / pairs.clamp(min=1), torch.full_like(pairs, float("nan"))).cpu()
+    div = (1.0 - pair_sum / pairs.clamp(min=1)).clamp(0.0, 2.0)  # float rounding of cos(x, x) = 1 gave -1e-7
+    return torch.where(pairs > 0, div, torch.full_like(pairs, float("nan"))).cpu()
 
 
 def novelty(gen_embeds: torch.Tensor, catalogue_embeds: torch.Tensor) -> torch.Tensor:
@@ -258,7 +259,7 @@ def novelty(gen_embeds: torch.Tensor, catalogue_embeds: torch.Tensor) -> torch.T
     sims = cosine_matrix(gen_embeds, catalogue_embeds)
     if sims.shape[1] == 0:
         raise ValueError("novelty: catalogue_embeds is empty")
-    return (1.0 - sims.amax(dim=1)).cpu()
+    return (1.0 - sims.amax(dim=1)).clamp(0.0, 2.0).cpu()  # a catalogue item's own cosine may round past 1
 
 
 def attribute_accuracy(

@@ -221,3 +221,15 @@ def test_nan_embeddings_are_an_error_not_an_undefined_metric():
     # a zero vector (e.g. a constant image in some embedders) stays a defined cosine of 0
     z = M.history_alignment(torch.zeros(1, 4), torch.tensor([0]), [torch.eye(2, 4)])
     assert float(z["max"][0]) == 0.0
+
+
+def test_novelty_and_diversity_of_copies_are_never_negative():
+    # cos(x, x) rounds to 1 + 1e-7 for some x: a catalogue copy had novelty -1e-7 (printed
+    # "-0.000"), outside the documented [0, 2], and so did the diversity of identical images
+    from pgen_engine.eval import metrics as M
+
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    nov = M.novelty(x, x)
+    assert float(nov.min()) >= 0.0 and float(nov.max()) < 1e-6
+    div = M.user_diversity(x[:1].repeat(40, 1), torch.arange(40) // 4, 10)
+    assert float(div.min()) >= 0.0 and float(div.max()) < 1e-6
