@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..io_utils import atomic_path, atomic_write_json, replace_dir
+from ..io_utils import atomic_path, atomic_write_json, folder_problem, replace_dir
 from ..models.image_tokenizer import ImageTokenizer
 from .dataset import IMAGE_DECODE_RULE, ITEMS_FILE, DataError, Dataset, load_image
 
@@ -180,6 +180,9 @@ def build_token_cache(
         raise KeyError(f"item ids not in the dataset: {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
     if len(set(ids)) != len(ids):
         raise ValueError("item_ids contains duplicates")
+    problem = folder_problem(cache_dir)
+    if problem is not None:  # found only when the finished cache was moved in: after every image was encoded
+        raise DataError(f"{cache_dir}: {problem} (expected the token cache folder); nothing encoded")
     if cache_dir.is_dir() and any(cache_dir.iterdir()) and (_read_index(cache_dir) or {}).get("format") != FORMAT:
         # the cache replaces the folder: never a dataset, its images or any other non-cache folder
         raise DataError(f"{cache_dir}: exists and is not a token cache (no {FORMAT} index.json); not replacing it: "

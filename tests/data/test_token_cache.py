@@ -260,3 +260,21 @@ def test_full_disk_while_creating_the_cache_names_the_file_and_keeps_the_old_cac
     cache = build_token_cache(ds, other, tmp_path / "c", batch_size=10, progress=False)
     assert cache.fingerprint == other.fingerprint() and len(cache) == 57
     assert (tmp_path / "c" / "codes.bin").stat().st_blocks * 512 >= (tmp_path / "c" / "codes.bin").stat().st_size
+
+
+def test_a_cache_path_that_is_a_file_is_refused_before_any_image_is_encoded(synth_dir, tmp_path):
+    # --out notes.txt: every image was encoded, then replace_dir refused the file and the complete
+    # staging folder .notes.txt.partial stayed behind; notes.txt/sub: "[Errno 20] Not a directory"
+    ds = load_dataset(synth_dir)
+    tok = _tok(ds)
+    calls = []
+    orig = tok.encode
+    tok.encode = lambda x: calls.append(len(x)) or orig(x)
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    with pytest.raises(DataError, match=r"notes\.txt: exists and is not a folder \(expected the token cache folder\)"):
+        build_token_cache(ds, tok, f, progress=False)
+    with pytest.raises(DataError, match=r"notes\.txt/sub: cannot be created: .*notes\.txt is a file, not a folder"):
+        build_token_cache(ds, tok, f / "sub", progress=False)
+    assert calls == [] and f.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
