@@ -55,7 +55,7 @@ from .rl_env import (PromptBatch, RewardEnv, RLPromptSource, build_reward_env, c
 from .rollout import HybridEngine, RolloutParams
 from .sequences import (Sequences, build_sequences, guided_policy_logprobs, policy_logprobs, row_pixels,
                         uncond_prompts)
-from .sft_data import work_dir
+from .sft_data import work_dir, work_dir_lock
 from .trainer import Stage, Trainer
 
 __all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs",
@@ -426,10 +426,11 @@ class RLStage(Stage):
         self.eval_before = client.get("eval_before")
         ds = data.dataset  # SFTDataset: its cache / prompt builder / titles are what SFT trained on
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
-        # a learned reward embedder is trained once, by rank 0; the others reuse it, or stop with its error
-        on_main(lambda: ensure_reward_embedder(reward_embedder_spec(rl, work_dir(cfg)), data.tokenizer.decode, ds.cache,
-                                               list(dataset.items), data.splits.train_sequences,
-                                               [it.extra for it in dataset.items.values()]), dist.is_main)
+        # a learned reward embedder is trained once, by rank 0; the others reuse it, or stop with its error.
+        # Under the work_dir lock (used as a decorator): runs sharing the work_dir fit it once.
+        on_main(work_dir_lock(cfg)(lambda: ensure_reward_embedder(
+            reward_embedder_spec(rl, work_dir(cfg)), data.tokenizer.decode, ds.cache, list(dataset.items),
+            data.splits.train_sequences, [it.extra for it in dataset.items.values()])), dist.is_main)
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),
                                           work=work_dir(cfg))
         windows = rl_prompt_windows(rl.prompt_windows, data.splits.train, dataset, cfg.data, log=dist.rank == 0)

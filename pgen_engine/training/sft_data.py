@@ -37,6 +37,7 @@ from pgen_engine.data.text_tokenizer import load_text_tokenizer
 from pgen_engine.data.token_cache import TokenCache, build_token_cache
 from pgen_engine.data.vision_cache import VisionCache, build_vision_cache
 from pgen_engine.errors import PgenUserError, one_line
+from pgen_engine.file_lock import exclusive
 from pgen_engine.models import load_model
 from pgen_engine.models.janus_config import JanusModelConfig
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
@@ -85,12 +86,26 @@ def ensure_dataset(cfg: RunConfig) -> Path:
                             "point data.dataset_dir at a native-layout dataset or set data.synth to generate one")
 
     s = cfg.data.synth
-    if root.exists() and any(root.iterdir()):
-        raise DataPrepError(f"data.dataset_dir={root}: folder exists but holds no interactions.csv; "
-                            "refusing to generate the synthetic dataset over it")
-    generate_synthetic(root, SynthConfig(num_users=s.users, num_items=s.items, image_size=s.image_size, seed=s.seed,
-                                         drift=s.drift, fidelity=s.fidelity))
+    # runs side by side with their own work_dir may share the dataset folder: one generates it
+    with exclusive(root.parent / f".{root.name}.lock", f"generating the synthetic dataset {root}"):
+        if (root / "interactions.csv").is_file():  # another run generated it while this one waited
+            return root
+        if root.exists() and any(root.iterdir()):
+            raise DataPrepError(f"data.dataset_dir={root}: folder exists but holds no interactions.csv; "
+                                "refusing to generate the synthetic dataset over it")
+        generate_synthetic(root, SynthConfig(num_users=s.users, num_items=s.items, image_size=s.image_size,
+                                             seed=s.seed, drift=s.drift, fidelity=s.fidelity))
     return root
+
+
+def work_dir_lock(cfg: RunConfig):
+    """Context manager: the exclusive lock of ``work_dir(cfg)`` (see :mod:`pgen_engine.file_lock`).
+
+    Held by rank 0 while it fits or checks the tokenizer, the token and vision caches and the
+    reward embedder there, so runs sharing a work_dir make each file once and reuse it.
+    """
+    wd = work_dir(cfg)
+    return exclusive(wd / ".prepare.lock", f"data preparation in {wd}")
 
 
 def _item_images(dataset, size: int) -> torch.Tensor:
@@ -200,14 +215,15 @@ def _prepare_on_main(cfg: RunConfig, feature_dtype: torch.dtype = torch.float32)
     ``feature_dtype``: the dtype the run trains in (the vision feature cache is stored in it)."""
     try:
         root = ensure_dataset(cfg)
-        dataset = load_dataset(root)
-        tok = _tokenizer(cfg, dataset, fit=True)
-        model_dir = _model_dir(cfg, tok)
-        build_token_cache(dataset, tok, _cache_dir(cfg, tok), progress=False)
-        vision = None
-        if caches_vision_features(cfg, run_history_mode(cfg.data.history_mode, cfg.model.checkpoint)):
-            vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision",
-                                            dtype=feature_dtype).root)
+        with work_dir_lock(cfg):
+            dataset = load_dataset(root)
+            tok = _tokenizer(cfg, dataset, fit=True)
+            model_dir = _model_dir(cfg, tok)
+            build_token_cache(dataset, tok, _cache_dir(cfg, tok), progress=False)
+            vision = None
+            if caches_vision_features(cfg, run_history_mode(cfg.data.history_mode, cfg.model.checkpoint)):
+                vision = str(build_vision_cache(dataset, load_model(model_dir), work_dir(cfg) / "vision",
+                                                dtype=feature_dtype).root)
     except (DataPrepError, DataError, HistoryModeError, ValueError, KeyError, OSError) as e:
         return (str(e).strip().splitlines()[0] if str(e).strip() else repr(e)), None
     return None, vision

@@ -45,3 +45,27 @@ def test_tokenizer_of_other_geometry_in_work_dir_is_kept_not_refit(tmp_path):
                                             r"data.tokenizer_image_size=64.*another data.work_dir"):
         load_or_fit_tokenizer(other, dataset=None, fit=True)
     assert path.read_bytes() == before
+
+
+def _prepare_in_process(rank: int, out: str, root: str) -> None:
+    # two runs (seeds) launched side by side with one shared dataset_dir and work_dir
+    from pgen_engine.training.sft_data import _prepare_on_main  # late import: runs in the spawned process
+
+    cfg = load_config(CONFIGS / "demo_sft.yaml", [f"data.dataset_dir={root}/synth", f"data.work_dir={root}/work",
+                                                  f"output_dir={root}/run{rank}", f"seed={rank}",
+                                                  "data.synth.users=40", "data.synth.items=24"])
+    err, _ = _prepare_on_main(cfg)
+    return ["returned" if err is None else "error", err or ""]
+
+
+def test_runs_sharing_dataset_and_work_dir_prepare_them_once(tmp_path):
+    # used to race: the second run found the first one's half-written synthetic dataset
+    # ("folder exists but holds no interactions.csv") or fitted its own tokenizer and
+    # replaced the first one's (different seed: other codes) after it had built its cache
+    from tests.training.gloo_ranks import run_two_ranks  # late import: spawn helper of the rank tests
+
+    res = run_two_ranks(_prepare_in_process, tmp_path, str(tmp_path), timeout_s=120)
+    assert res == [("returned", ""), ("returned", "")], res
+    caches = sorted(p.name for p in (tmp_path / "work").glob("token_cache_*"))
+    assert len(caches) == 1 and (tmp_path / "work" / "tokenizer.safetensors").is_file()
+    assert (tmp_path / "synth" / "interactions.csv").is_file()
