@@ -134,8 +134,12 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     root = Path(root)
     pointer = root / LATEST
     if pointer.is_file():
-        cand = root / pointer.read_text().strip()
-        if (cand / META).is_file():
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, ValueError):  # garbled (a UnicodeDecodeError traceback from --resume auto) or unreadable
+            name = ""  # the newest complete checkpoint instead, as without a pointer
+        cand = root / name
+        if name and (cand / META).is_file():
             return cand
     done = complete_checkpoints(root)
     return done[-1] if done else None

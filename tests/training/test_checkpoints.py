@@ -352,3 +352,14 @@ def test_full_disk_while_exporting_keeps_the_earlier_export(dist_info, tmp_path)
             export_hf(model, out, dist_info)
     assert _tree(tmp_path / "run") == before
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["final"]
+
+
+@pytest.mark.parametrize("pointer", [b"\xff\xfe\x00garbage\n", b"", b"\n", b"step00000009\n"])
+def test_a_garbled_latest_pointer_falls_back_to_the_newest_complete_checkpoint(tmp_path, pointer):
+    # non-UTF-8 bytes in 'latest' (a torn write by another tool, a disk error) were a UnicodeDecodeError
+    # traceback from --resume auto
+    for step in (1, 2):
+        (tmp_path / f"step{step:08d}").mkdir()
+        (tmp_path / f"step{step:08d}" / META).write_text("{}")
+    (tmp_path / LATEST).write_bytes(pointer)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step00000002"
