@@ -14,7 +14,6 @@ from pgen_engine import envs
 from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
 from pgen_engine.generation.sampling_params import SamplingParams, SamplingParamsError
-from pgen_engine.io_utils import atomic_write_json
 from pgen_engine.models import load_model
 from pgen_engine.models.checkpoint import read_training_record
 from pgen_engine.rewards.embedders import make_embedder
@@ -23,7 +22,7 @@ from pgen_engine.typed_config import check_seed, read_yaml_file
 from . import evaluate as E
 from .demo import KEY_METRICS, REPORT_METRICS, load_eval_embedder, run_demo, train_eval_embedder
 from .evaluator import is_evaluator_artifact
-from .report import build_report_json, ci_table, paired_sentences, plot_paired, write_report
+from .report import build_report_json, ci_table, paired_sentences, plot_paired, write_report, write_report_json
 
 
 def _embedder(spec: str):
@@ -170,7 +169,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
         print("WARNING: the evaluation embedder is the run's reward embedder: this evaluation is NOT independent")
     if out:
         key = [m for m in KEY_METRICS if m in metrics]
-        atomic_write_json(out / "report.json", report)
+        write_report_json(out / "report.json", report)
         notes = ([] if info["independent"] else ["**NOT independent**: the evaluation embedder is the embedder the "
                                                  "run's RL reward used, so embedding metrics measure the reward."])
         notes += paired_sentences(report, [a.name, "retrieve"], key)

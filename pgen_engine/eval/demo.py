@@ -33,7 +33,7 @@ from pgen_engine.training.stages import run_stage
 from . import evaluate as E
 from .evaluator import EvalEmbedder, EvaluatorConfig, data_hash, train_evaluator
 from .report import (build_report_json, ci_table, image_grid, paired_sentences, plot_curves, plot_paired, read_metrics,
-                     save_png, write_report)
+                     json_safe, save_png, write_report, write_report_json)
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
@@ -230,7 +230,7 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
                  "note": "rewards use the reward embedder; make_embedder refuses evaluator artifacts"}
     report = build_report_json(str(data_dir), seeds, n, eval_info, per_user)
 
-    atomic_write_json(out / "report.json", report)
+    write_report_json(out / "report.json", report)
 
     metrics = [m for m in REPORT_METRICS if any(m in r for r in report["systems"].values())]
     table = ci_table(report, metrics)
@@ -265,8 +265,8 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     report_md = write_report(out, title=f"pgen_engine demo — {'synthetic v2 data' if synthetic else data_dir.name}",
                              table_md=table, notes=notes + ["Paired differences (system - baseline):", paired_tab],
                              figures=figures, meta=meta)
-    atomic_write_json(out / "results.json", {"report": "report.json", "timings": timings, "meta": meta,
-                                             "sampling_selection": chosen})
+    atomic_write_json(out / "results.json", json_safe({"report": "report.json", "timings": timings, "meta": meta,
+                                                       "sampling_selection": chosen}))
     print(table)
     return report_md
 

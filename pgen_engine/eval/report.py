@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -178,8 +179,32 @@ def build_report_json(dataset: str, seeds: Sequence[int], images_per_user: int, 
             "images_per_user": int(images_per_user), "evaluator": evaluator, "systems": systems, "paired": paired}
 
 
-def _fmt(d: dict, digits: int = 3) -> str:
+def json_safe(obj):
+    """``obj`` with every NaN / inf float replaced by None: what strict JSON parsers accept
+    (``json.dumps`` writes a bare ``NaN``, which JavaScript, jq and most tools refuse)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_report_json(path: str | Path, report: dict) -> None:
+    """Write ``report`` as strict JSON (undefined values as ``null``), atomically."""
+    atomic_write_text(path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+
+
+def _cell(d: dict) -> tuple[float, float, float]:
+    """``(mean, lo, hi)`` of a report cell, NaN for a value written as null."""
+    nan = float("nan")
     m, (lo, hi) = d["mean"], d["ci95"]
+    return tuple(nan if x is None else float(x) for x in (m, lo, hi))
+
+
+def _fmt(d: dict, digits: int = 3) -> str:
+    m, lo, hi = _cell(d)
     if m != m:  # NaN
         return "—"
     if lo != lo or hi != hi:  # a mean without a CI (a single user)
@@ -211,10 +236,10 @@ def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str
             continue
         groups: dict[str, list[str]] = {"better": [], "worse": [], "no difference": []}
         for m in metrics:
-            if m in ms and ms[m]["mean"] == ms[m]["mean"]:
-                lo, hi = ms[m]["ci95"]
+            mean, lo, hi = _cell(ms[m]) if m in ms else (float("nan"),) * 3
+            if mean == mean:
                 ci = "no CI" if lo != lo or hi != hi else f"[{lo:+.3f}, {hi:+.3f}]"
-                groups[verdict(m, ms[m])].append(f"{m} ({ms[m]['mean']:+.3f} {ci})")
+                groups[verdict(m, {"mean": mean, "ci95": [lo, hi]})].append(f"{m} ({mean:+.3f} {ci})")
         parts = []
         if groups["better"]:
             parts.append("beats it on " + ", ".join(groups["better"]))
@@ -242,11 +267,11 @@ def plot_paired(path: str | Path, report: dict, metrics: Sequence[str]) -> bool:
     for ax, m in zip(axes[0], present):
         for y, k in enumerate(keys):
             d = report["paired"][k].get(m)
-            if d is None or d["mean"] != d["mean"]:
+            mean, lo, hi = _cell(d) if d is not None else (float("nan"),) * 3
+            if mean != mean:
                 continue
-            lo, hi = d["ci95"]
             ax.plot([lo, hi], [y, y], color="tab:blue", lw=2)
-            ax.plot([d["mean"]], [y], "o", color="tab:red" if lo > 0 or hi < 0 else "grey", ms=4)
+            ax.plot([mean], [y], "o", color="tab:red" if lo > 0 or hi < 0 else "grey", ms=4)
         ax.axvline(0, color="black", lw=0.8)
         ax.set_title(m, fontsize=9)
         ax.tick_params(labelsize=7)
@@ -267,7 +292,7 @@ def results_markdown(report: dict, metrics: Sequence[str], key_metrics: Sequence
     """A README results block from ``report.json``: the CI table, the paired-difference
     table of ``key_metrics`` and the verdict sentences (claims only what the CIs support)."""
     ev = report.get("evaluator", {})
-    san = ev.get("sanity", {})
+    san = {k: float("nan") if v is None else v for k, v in (ev.get("sanity") or {}).items()}  # null: undefined
     head = (f"{report['users']} test users x {report['images_per_user']} images, seeds {report['seeds']}; "
             f"cells: mean [95 % paired-bootstrap CI over users]. Evaluator: {ev.get('type', '?')}"
             + (f" (held-out co-consumption recall@10 {san['recall@10']:.3f} vs pixel statistics "

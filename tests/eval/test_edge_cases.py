@@ -233,3 +233,34 @@ def test_novelty_and_diversity_of_copies_are_never_negative():
     assert float(nov.min()) >= 0.0 and float(nov.max()) < 1e-6
     div = M.user_diversity(x[:1].repeat(40, 1), torch.arange(40) // 4, 10)
     assert float(div.min()) >= 0.0 and float(div.max()) < 1e-6
+
+
+def _strict(const):
+    raise ValueError(f"non-standard JSON constant {const}")
+
+
+def test_report_json_is_strict_json_and_reads_back_to_the_same_tables(tmp_path):
+    # one image per user makes diversity undefined for everyone: report.json held bare NaN,
+    # which strict JSON parsers (JavaScript, jq) refuse
+    from pgen_engine.eval.report import (build_report_json, ci_table, paired_sentences, plot_paired,
+                                         results_markdown, write_report_json)
+
+    nan = float("nan")
+    g = torch.Generator().manual_seed(0)
+    per_user = {s: {"future_sim": torch.rand(5, generator=g, dtype=torch.float64),
+                    "diversity": torch.full((5,), nan, dtype=torch.float64),
+                    "hr@10": torch.tensor([1.0, nan, nan, nan, nan], dtype=torch.float64)}
+                for s in ("generate_sft", "copy_last", "retrieve")}
+    rep = build_report_json("d", [0], 1, {"type": "eval_cnn", "sanity": {"recall@10": nan, "recall@10_pixel_stats": 0.1,
+                                                                        "recall@10_chance": 0.5}}, per_user)
+    write_report_json(tmp_path / "report.json", rep)
+    back = json.loads((tmp_path / "report.json").read_text(), parse_constant=_strict)
+    assert back["systems"]["generate_sft"]["diversity"] == {"mean": None, "ci95": [None, None]}
+    assert back["systems"]["generate_sft"]["hr@10"] == {"mean": 1.0, "ci95": [None, None]}
+    metrics = ["future_sim", "diversity", "hr@10"]
+    for section in ("systems", "paired"):
+        assert ci_table(back, metrics, section) == ci_table(rep, metrics, section)
+    assert paired_sentences(back, ["generate_sft"], metrics) == paired_sentences(rep, ["generate_sft"], metrics)
+    assert "recall@10 nan" in results_markdown(back, metrics, metrics)
+    pytest.importorskip("matplotlib")
+    assert plot_paired(tmp_path / "p.png", back, metrics)
