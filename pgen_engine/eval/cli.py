@@ -89,6 +89,9 @@ def _check_eval_args(a: argparse.Namespace) -> None:
         SamplingParams(guidance_scale=a.guidance_scale, temperature=a.temperature, top_k=a.top_k, seed=a.seed)
     except SamplingParamsError as e:
         raise ValueError(f"--{e.field.replace('_', '-')} {e.detail}") from None
+    if a.name is not None and (not a.name.strip() or " - " in a.name or any(c in a.name for c in "|\n\r")):
+        # the paired keys are "<system> - <baseline>" and the tables are markdown: either would be misread
+        raise ValueError(f"--name {a.name!r}: expected a non-empty row name without ' - ', '|' or line breaks")
     if a.name is not None and a.name in (*E.BASELINES, "generate_nonpersonal"):
         raise ValueError(f"--name {a.name}: that is a baseline row's name; choose another (e.g. generate_sft)")
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():

@@ -264,3 +264,15 @@ def test_report_json_is_strict_json_and_reads_back_to_the_same_tables(tmp_path):
     assert "recall@10 nan" in results_markdown(back, metrics, metrics)
     pytest.importorskip("matplotlib")
     assert plot_paired(tmp_path / "p.png", back, metrics)
+
+
+def test_row_names_that_would_break_the_report_are_refused(tmp_path, capsys, monkeypatch):
+    # "--name 'a - b'" made the paired key "a - b - copy_last", read back as system "a"; a '|'
+    # split the markdown row
+    import pgen_engine.eval.cli as C
+
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    for name in ("my - model", "a|b", "two\nlines", "  "):
+        assert main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--name", name]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen eval: error: --name") and err.count("\n") == 1, err
