@@ -34,10 +34,11 @@ from pgen_engine.models import load_model
 
 from .distributed import DistInfo
 
-try:  # optional dependency: only training needs it, and a missing one must be one clear line
-    import deepspeed
-except ImportError:  # pragma: no cover - exercised by tests with a patched module table
-    deepspeed = None
+# DeepSpeed is imported on first use, not with this module: importing it detects the
+# accelerator and logs a warning on CPU machines, which every `pgen` command (whose eval /
+# demo modules import the training package) printed even when it trains nothing.
+_NOT_LOADED = object()
+deepspeed: Any = _NOT_LOADED  # the module once loaded; None when it is not installed
 
 
 class DeepSpeedMissingError(PgenUserError):
@@ -46,6 +47,13 @@ class DeepSpeedMissingError(PgenUserError):
 
 def require_deepspeed():
     """The ``deepspeed`` module; DeepSpeedMissingError (one line) when it is not installed."""
+    global deepspeed
+    if deepspeed is _NOT_LOADED:
+        try:
+            import deepspeed as module  # late import: see _NOT_LOADED
+        except ImportError:  # exercised by tests with a patched module table
+            module = None
+        deepspeed = module
     if deepspeed is None:
         raise DeepSpeedMissingError("training needs DeepSpeed, which is not installed: pip install deepspeed "
                                     "(or pip install -r requirements-dev.txt)")

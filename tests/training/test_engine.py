@@ -68,3 +68,14 @@ def test_train_py_without_deepspeed_prints_one_error_line(tmp_path):
     assert p.stderr.strip().splitlines() == ["error: training needs DeepSpeed, which is not installed: pip install "
                                              "deepspeed (or pip install -r requirements-dev.txt)"], p.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_pgen_commands_do_not_import_deepspeed_until_training_starts():
+    # importing DeepSpeed logs an accelerator warning on CPU machines: every `pgen` command
+    # (`pgen --help` included) printed it, because the eval / demo modules import the trainer
+    code = ("import sys, pgen_engine.cli, pgen_engine.eval.demo, pgen_engine.training.stages\n"
+            "print('deepspeed' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert p.stdout.strip() == "False", p.stderr[-2000:]
+    assert "accelerator" not in p.stderr
