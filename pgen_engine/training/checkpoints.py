@@ -321,6 +321,9 @@ def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dic
             raise _write_error(root / LATEST, e, f"{final} is complete and --resume auto finds it") from e
         for old in complete_checkpoints(root)[:-keep]:
             if old != final:
+                # its META first: a deletion that stops part-way (an I/O error, a busy NFS file) must
+                # not leave a folder that still looks complete with half its partition files gone
+                (old / META).unlink(missing_ok=True)
                 shutil.rmtree(old, ignore_errors=True)
 
     on_main(publish, dist_info.is_main)

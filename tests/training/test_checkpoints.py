@@ -363,3 +363,23 @@ def test_a_garbled_latest_pointer_falls_back_to_the_newest_complete_checkpoint(t
         (tmp_path / f"step{step:08d}" / META).write_text("{}")
     (tmp_path / LATEST).write_bytes(pointer)
     assert latest_checkpoint(tmp_path) == tmp_path / "step00000002"
+
+
+def test_a_pruned_checkpoint_whose_deletion_stops_part_way_is_not_complete(dist_info, tmp_path, monkeypatch):
+    # rmtree(ignore_errors=True) that stopped after some files left a folder with its pgen_checkpoint.json
+    # and without (some of) its ZeRO partitions: still 'complete', so --resume could pick a broken checkpoint
+    import shutil
+
+    import pgen_engine.training.checkpoints as ckpts
+
+    eng = _engine(7)
+    save_resumable(eng, tmp_path, 1, {"micro_batches": 1}, dist_info, keep=1)
+
+    def partial_rmtree(path, ignore_errors=False):  # deletes the partition files, then fails (errors ignored)
+        for f in Path(path).glob("*zero_pp_rank*"):
+            f.unlink()
+
+    monkeypatch.setattr(ckpts.shutil, "rmtree", partial_rmtree)
+    save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=1)
+    monkeypatch.setattr(ckpts.shutil, "rmtree", shutil.rmtree)
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step00000002"]
