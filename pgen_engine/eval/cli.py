@@ -94,6 +94,8 @@ def _check_eval_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--name {a.name!r}: expected a non-empty row name without ' - ', '|' or line breaks")
     if a.name is not None and a.name in (*E.BASELINES, "generate_nonpersonal"):
         raise ValueError(f"--name {a.name}: that is a baseline row's name; choose another (e.g. generate_sft)")
+    if a.evaluator and Path(a.evaluator).exists() and not Path(a.evaluator).is_dir():
+        raise ValueError(f"--evaluator {a.evaluator}: exists and is not a directory (expected the evaluator folder)")
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
         raise ValueError(f"--out {a.out}: exists and is not a directory (expected the report folder)")
 
@@ -122,6 +124,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     # the dataset and its split before the model, the token cache and the evaluator: no test user
     # (e.g. every target ties the interaction before it) used to fail only after all three
     E.load_eval_splits(a.data, min_rating=a.min_rating, require=a.split)
+    # a bad --embedder (unknown type, missing model folder) used to fail after the token cache
+    embedder = None if a.embedder == "auto" else _embedder(a.embedder)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
     settings = E.PromptSettings.for_checkpoint(ckpt, a.run_config)
     a.name = a.name or default_system_name(ckpt, a.run_config)
@@ -130,6 +134,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if a.tokenizer:
         settings = dataclasses.replace(settings, tokenizer_path=Path(a.tokenizer))
     tok = settings.tokenizer(model)
+    builder = settings.prompt_builder(model, ckpt, tok.num_tokens)  # the checkpoint's text tokenizer, before the data
     out = Path(a.out) if a.out else None
     cache_dir = Path(a.cache_dir) if a.cache_dir else default_token_cache_dir(a.data, tok.fingerprint(), out)
     reward_spec = _reward_embedder_spec(ckpt, a.run_config)
@@ -144,14 +149,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
             embedder = train_eval_embedder(data, ev_dir, steps=a.evaluator_steps, progress=not a.quiet)
         info = embedder.describe()
     else:
-        embedder = _embedder(a.embedder)
         info = {"type": a.embedder}
     info.update({"reward_embedder": reward_spec, "independent": is_independent(reward_spec, info)})
     data.catalogue_embeds = embedder.embed(data.catalogue_images).cpu()
     examples = data.examples(a.split, a.max_users, seed=a.seed)
     if not examples:
         raise ValueError(f"{a.data}: no {a.split} examples (too few interactions per user?)")
-    builder = settings.prompt_builder(model, ckpt, tok.num_tokens)
     gen = Generator(model, max_batch_size=max(a.num_images, min(64, a.batch_prompts * a.num_images)))
     kw = dict(guidance_scale=a.guidance_scale, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
               batch_prompts=a.batch_prompts, progress=not a.quiet)

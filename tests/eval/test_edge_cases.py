@@ -276,3 +276,22 @@ def test_row_names_that_would_break_the_report_are_refused(tmp_path, capsys, mon
         assert main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--name", name]) == 1
         err = capsys.readouterr().err
         assert err.startswith("pgen eval: error: --name") and err.count("\n") == 1, err
+
+
+def test_bad_embedder_and_evaluator_flags_fail_before_the_model(tmp_path, capsys, monkeypatch):
+    # an unknown --embedder type, a missing model folder or an --evaluator file failed only after
+    # the model had loaded and the token cache had been built
+    import pgen_engine.eval.cli as C
+
+    ds = write_dataset(tmp_path / "ds")
+    monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ev.txt").write_text("x")
+    base = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(ds), "--quiet"]
+    for extra, expect in ((["--embedder", "nope"], "expected auto, pixel_stats or TYPE:PATH"),
+                          (["--embedder", "foo:/x"], "unknown type 'foo'"),
+                          (["--embedder", f"clip:{tmp_path / 'missing'}"], "missing"),
+                          (["--evaluator", str(tmp_path / "ev.txt")], "exists and is not a directory")):
+        assert main(base + extra) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("pgen eval: error: ") and expect in err and err.count("\n") == 1, (extra, err)
