@@ -43,6 +43,7 @@ from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_
 from pgen_engine.data.text_tokenizer import load_text_tokenizer
 from pgen_engine.data.token_cache import TokenCache, build_token_cache
 from pgen_engine.eval import metrics as M
+from pgen_engine.eval.stats import LOWER_IS_BETTER
 from pgen_engine.models.image_tokenizer import ImageTokenizer, VQImageTokenizer
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 
@@ -480,21 +481,19 @@ METRIC_HELP = {
 
 def select_sampling(make_output: Callable[[dict], SystemOutput], data: EvalData, examples: Sequence[Example],
                     embedder, grid: Sequence[dict], metric: str) -> tuple[dict, dict[str, float]]:
-    """Pick the sampling settings with the best validation ``metric`` (first best wins).
-
-    Args:
-        make_output: settings dict -> that system's output on ``examples`` (validation users).
-        grid: candidate settings, e.g. ``[{"guidance_scale": 1, "temperature": 1}, ...]``.
-    Returns:
-        (best settings, {settings label: validation score}).
+    """Pick the sampling settings with the best validation ``metric`` (first best wins; lowest for
+    a lower-is-better metric). ``make_output``: settings dict -> that system's output on ``examples``
+    (validation users); ``grid``: candidate settings, e.g. ``[{"guidance_scale": 1, "temperature": 1}]``.
+    Returns (best settings, {label: validation score}); without examples, the first settings, no score.
     """
     if not grid:
         raise ValueError("select_sampling: empty grid")
-    scores: dict[str, float] = {}
-    best, best_v = None, -math.inf
+    if not examples:
+        return dict(grid[0]), {}
+    scores, best, best_v, sign = {}, None, -math.inf, -1.0 if metric in LOWER_IS_BETTER else 1.0
     for st in grid:
         v = M.nanmean(per_user_metrics(make_output(st), data, examples, embedder)[metric])
         scores[", ".join(f"{k}={x:g}" for k, x in st.items())] = v
-        if not math.isnan(v) and v > best_v:
-            best, best_v = dict(st), v
+        if not math.isnan(v) and sign * v > best_v:
+            best, best_v = dict(st), sign * v
     return (best if best is not None else dict(grid[0])), scores

@@ -295,3 +295,21 @@ def test_bad_embedder_and_evaluator_flags_fail_before_the_model(tmp_path, capsys
         assert main(base + extra) == 1
         err = capsys.readouterr().err
         assert err.startswith("pgen eval: error: ") and expect in err and err.count("\n") == 1, (extra, err)
+
+
+def test_select_sampling_without_validation_users_and_for_a_lower_is_better_metric(tmp_path):
+    # no validation example (every valid target tied) crashed in the generator on an empty batch;
+    # a lower-is-better metric (user_id_mean_rank) picked its worst setting
+    data = eval_data(tmp_path, users=4, items=8)
+    calls = []
+    best, scores = E.select_sampling(lambda st: calls.append(st), data, [], None, [{"t": 0}, {"t": 1}], "future_sim")
+    assert best == {"t": 0} and scores == {} and not calls
+    ex = data.examples("valid")
+    outs = {0: E.true_next_system(data, ex, 2), 1: E.random_system(data, ex, 2, seed=0)}
+    outs[1].name = "random"
+    from pgen_engine.rewards.embedders import PixelStatsEmbedder
+
+    emb = PixelStatsEmbedder()
+    ranks = {t: float(E.per_user_metrics(o, data, ex, emb)["user_id_mean_rank"].mean()) for t, o in outs.items()}
+    best, _ = E.select_sampling(lambda st: outs[st["t"]], data, ex, emb, [{"t": 0}, {"t": 1}], "user_id_mean_rank")
+    assert ranks[0] != ranks[1] and best == {"t": min(ranks, key=ranks.get)}
