@@ -69,6 +69,13 @@ def _make_parent(target: Path) -> None:
         raise NotADirectoryError(f"{target}: cannot be written: its folder {target.parent} {why}") from None
 
 
+def _cannot_write(e: OSError, target: Path) -> OSError:
+    """The failure to create ``target``'s temporary sibling, as an OSError naming ``target`` and its folder."""
+    if e.errno is None:
+        return e
+    return OSError(e.errno, f"{e.strerror} (creating a file in {target.parent or '.'})", str(target))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``path``; rename it onto ``path`` on success.
@@ -78,7 +85,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(path)
     _make_parent(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:  # named the random temporary ("Permission denied: './.out.json.k2j3.tmp'")
+        raise _cannot_write(e, target) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -147,7 +157,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     _check_not_file(target)
     _make_parent(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise _cannot_write(e, target) from None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp creates 0700 folders

@@ -177,3 +177,22 @@ def test_an_output_whose_folder_runs_through_a_file_says_so(tmp_path):
         with atomic_dir(f / "a" / "d"):
             pass
     assert f.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_an_output_in_a_folder_that_refuses_new_files_names_the_output(tmp_path, monkeypatch):
+    # a read-only folder made mkstemp/mkdtemp fail naming their random temporary: "Permission denied:
+    # './.ds.ap2hwflo.tmp'" (pgen data synth --out ds in a read-only folder)
+    import tempfile
+
+    def refused(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".x.abc123.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    with pytest.raises(PermissionError) as info:
+        atomic_write_text(tmp_path / "out.txt", "x")
+    assert info.value.filename == str(tmp_path / "out.txt") and str(tmp_path) in info.value.strerror
+    with pytest.raises(PermissionError) as info:
+        with atomic_dir(tmp_path / "ds"):
+            pass
+    assert info.value.filename == str(tmp_path / "ds"), info.value
