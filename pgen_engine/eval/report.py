@@ -203,13 +203,21 @@ def _cell(d: dict) -> tuple[float, float, float]:
     return tuple(nan if x is None else float(x) for x in (m, lo, hi))
 
 
-def _fmt(d: dict, digits: int = 3) -> str:
+def _num(x: float, digits: int = 3, sign: str = "") -> str:
+    """``x`` to ``digits`` decimals, in scientific notation where those would print a nonzero
+    value as 0 (a paired CI bound of +0.0003 printed "+0.000" next to the word "beats")."""
+    s = f"{x:{sign}.{digits}f}"
+    return f"{x:{sign}.1e}" if x != 0 and float(s) == 0 else s
+
+
+def _fmt(d: dict, digits: int = 3, paired: bool = False) -> str:
     m, lo, hi = _cell(d)
     if m != m:  # NaN
         return "—"
+    f = (lambda x: _num(x, digits)) if paired else (lambda x: f"{x:.{digits}f}")
     if lo != lo or hi != hi:  # a mean without a CI (a single user)
-        return f"{m:.{digits}f} [—]"
-    return f"{m:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+        return f"{f(m)} [—]"
+    return f"{f(m)} [{f(lo)}, {f(hi)}]"
 
 
 def ci_table(report: dict, metrics: Sequence[str], section: str = "systems") -> str:
@@ -219,7 +227,8 @@ def ci_table(report: dict, metrics: Sequence[str], section: str = "systems") -> 
     lines = ["| " + ("system" if section == "systems" else "difference") + " | " + " | ".join(cols) + " |",
              "|---|" + "---|" * len(cols)]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(r[c]) if c in r else "—" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(_fmt(r[c], paired=section == "paired") if c in r else "—"
+                                               for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -238,8 +247,8 @@ def paired_sentences(report: dict, systems: Sequence[str], metrics: Sequence[str
         for m in metrics:
             mean, lo, hi = _cell(ms[m]) if m in ms else (float("nan"),) * 3
             if mean == mean:
-                ci = "no CI" if lo != lo or hi != hi else f"[{lo:+.3f}, {hi:+.3f}]"
-                groups[verdict(m, {"mean": mean, "ci95": [lo, hi]})].append(f"{m} ({mean:+.3f} {ci})")
+                ci = "no CI" if lo != lo or hi != hi else f"[{_num(lo, sign='+')}, {_num(hi, sign='+')}]"
+                groups[verdict(m, {"mean": mean, "ci95": [lo, hi]})].append(f"{m} ({_num(mean, sign='+')} {ci})")
         parts = []
         if groups["better"]:
             parts.append("beats it on " + ", ".join(groups["better"]))

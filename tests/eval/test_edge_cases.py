@@ -313,3 +313,21 @@ def test_select_sampling_without_validation_users_and_for_a_lower_is_better_metr
     ranks = {t: float(E.per_user_metrics(o, data, ex, emb)["user_id_mean_rank"].mean()) for t, o in outs.items()}
     best, _ = E.select_sampling(lambda st: outs[st["t"]], data, ex, emb, [{"t": 0}, {"t": 1}], "user_id_mean_rank")
     assert ranks[0] != ranks[1] and best == {"t": min(ranks, key=ranks.get)}
+
+
+def test_a_beaten_baseline_never_shows_a_ci_that_prints_as_zero():
+    # a paired CI of [+0.0003, +0.0007] printed "[+0.000, +0.001]" next to "beats": the reader
+    # saw a CI touching 0 where the verdict said it excluded 0
+    from pgen_engine.eval.report import build_report_json, ci_table, paired_sentences
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(50, generator=g, dtype=torch.float64)
+    per_user = {"generate_sft": {"future_sim": base + 0.0003 + 1e-4 * torch.randn(50, generator=g, dtype=torch.float64)},
+                "copy_last": {"future_sim": base}}
+    rep = build_report_json("d", [0], 2, {}, per_user)
+    d = rep["paired"]["generate_sft - copy_last"]["future_sim"]
+    assert 0 < d["ci95"][0] < 5e-4
+    text = paired_sentences(rep, ["generate_sft"], ["future_sim"])[0]
+    assert "beats it on future_sim" in text and "+0.000" not in text
+    assert "0.000" not in ci_table(rep, ["future_sim"], section="paired")
+    assert "| generate_sft | 0." in ci_table(rep, ["future_sim"])  # system cells keep 3 decimals
