@@ -171,16 +171,16 @@ class CNNArtifactEmbedder(ImageEmbedder):
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path}: not a{'n' if cls.LABEL[0] in 'aeiou' else ''} {cls.LABEL} "
                                     f"artifact (missing {cls.META_FILE}{cls._missing_hint()})")
-        try:
+        try:  # JSON / UTF-8 errors are ValueErrors; so are out-of-range config values (image_size 8)
             meta = json.loads(meta_path.read_text())
             cfg = EvaluatorConfig(**meta["config"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{meta_path}: malformed {cls.LABEL} metadata ({e})") from None
+            net = SmallCNN(cfg.dim, cfg.width)  # a float or str dim / width: TypeError
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{meta_path}: malformed {cls.LABEL} metadata ({one_line(e)})") from None
         if meta.get("kind") != cls.KIND:
             raise ValueError(f"{meta_path}: kind is {meta.get('kind')!r}, expected {cls.KIND!r}")
         if not (d / cls.WEIGHTS_FILE).is_file():
             raise FileNotFoundError(f"{d / cls.WEIGHTS_FILE}: missing {cls.LABEL} weights")
-        net = SmallCNN(cfg.dim, cfg.width)
         try:  # truncated / garbage file (SafetensorError), or weights of another shape (RuntimeError)
             net.load_state_dict(load_file(str(d / cls.WEIGHTS_FILE)))
         except (SafetensorError, RuntimeError, OSError) as e:

@@ -331,3 +331,23 @@ def test_a_beaten_baseline_never_shows_a_ci_that_prints_as_zero():
     assert "beats it on future_sim" in text and "+0.000" not in text
     assert "0.000" not in ci_table(rep, ["future_sim"], section="paired")
     assert "| generate_sft | 0." in ci_table(rep, ["future_sim"])  # system cells keep 3 decimals
+
+
+@pytest.mark.parametrize("field,value", [("dim", 64.5), ("image_size", 8), ("width", -3)])
+def test_a_damaged_evaluator_config_is_a_one_line_error_and_is_retrained(tmp_path, field, value):
+    # a float dim made SmallCNN raise TypeError (a traceback from pgen eval, and train_or_reuse,
+    # which retrains only on ValueError, crashed instead of retraining); an out-of-range value
+    # was a ValueError that did not name the file
+    from pgen_engine.eval.evaluator import EvalEmbedder, EvaluatorConfig, train_evaluator
+
+    imgs = torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seqs = [[0, 1, 2, 3], [4, 5, 6, 7], [1, 3, 5, 7], [0, 2, 4, 6]]
+    cfg = EvaluatorConfig(steps=2, image_size=32, batch_size=8)
+    train_evaluator(imgs, seqs, [{}] * 8, tmp_path / "ev", cfg)
+    meta = json.loads((tmp_path / "ev" / "evaluator.json").read_text())
+    meta["config"][field] = value
+    (tmp_path / "ev" / "evaluator.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"evaluator\.json: malformed evaluator metadata"):
+        EvalEmbedder.load(tmp_path / "ev")
+    again = train_evaluator(imgs, seqs, [{}] * 8, tmp_path / "ev", cfg)
+    assert again.config == cfg and EvalEmbedder.load(tmp_path / "ev").meta["data_hash"] == again.meta["data_hash"]
