@@ -60,7 +60,8 @@ class CheckpointWriteError(PgenUserError, OSError):
 # torch.save reports a failed write inside its zip writer as a RuntimeError ("[enforce fail at
 # inline_container.cc:...] . unexpected pos ...", "basic_ios::clear: iostream error", "PytorchStreamWriter failed
 # writing file ...")
-_TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos|iostream error")
+_TORCH_WRITE_FAILURE = re.compile(r"inline_container|PytorchStreamWriter|file write failed|unexpected pos|iostream error|"
+                                  r"Parent directory .* does not exist")
 
 
 def _write_failure(e: BaseException) -> bool:
@@ -274,14 +275,21 @@ def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dic
     tmp_tag = f".tmp-{tag}"
     tmp = root / tmp_tag
 
+    final = root / tag
+    kept = "the earlier checkpoints and 'latest' are kept"
+
     def clear() -> None:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            # made here: DeepSpeed logs a failed makedirs and goes on, so a read-only checkpoints
+            # folder surfaced as torch's "RuntimeError: Parent directory .tmp-step... does not exist"
+            tmp.mkdir()
+        except OSError as e:
+            raise _write_error(final, e, kept) from e
 
     # rank 0's file work goes through on_main: a failure there stops every rank, not a hang
     on_main(clear, dist_info.is_main)
-    final = root / tag
-    kept = "the earlier checkpoints and 'latest' are kept"
     # a full disk used to end the run with torch's zip-writer traceback and leave the half-written
     # .tmp-step folder behind: it is now one line naming the checkpoint, and the folder is removed
     try:

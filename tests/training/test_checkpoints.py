@@ -84,7 +84,7 @@ def test_save_is_atomic_and_prunes(dist_info, tmp_path, monkeypatch):
 
     def crash(*args, **kwargs):
         tag = kwargs["tag"]
-        (tmp_path / tag).mkdir()
+        (tmp_path / tag).mkdir(exist_ok=True)  # as DeepSpeed's makedirs
         (tmp_path / tag / "half_written.pt").write_bytes(b"\0" * 10)
         raise OSError("disk full")
 
@@ -383,3 +383,25 @@ def test_a_pruned_checkpoint_whose_deletion_stops_part_way_is_not_complete(dist_
     save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=1)
     monkeypatch.setattr(ckpts.shutil, "rmtree", shutil.rmtree)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step00000002"]
+
+
+def test_a_checkpoints_folder_that_refuses_new_folders_is_one_line(dist_info, tmp_path, monkeypatch):
+    # DeepSpeed logs a failed makedirs and goes on: a read-only checkpoints folder ended train.py with
+    # torch's "RuntimeError: Parent directory .../.tmp-step00000002 does not exist" traceback
+    from pgen_engine.training.checkpoints import CheckpointWriteError
+
+    eng = _engine(8)
+    save_resumable(eng, tmp_path, 1, {"micro_batches": 1}, dist_info, keep=2)
+    before = _tree(tmp_path)
+    real = os.mkdir
+
+    def read_only(path, *a, **k):
+        if str(path).startswith(str(tmp_path)):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    with pytest.raises(CheckpointWriteError, match=r"step00000002: could not write it \(.*Permission denied"):
+        save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=2)
+    monkeypatch.undo()
+    assert _tree(tmp_path) == before
