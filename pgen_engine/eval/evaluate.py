@@ -1,12 +1,11 @@
 """Generators measured against baselines that bracket the truth, per user, with the same code.
 
-Every system produces, for each evaluated user, ``n`` images: generated ones, or the
-images of ``n`` catalogue items. Metrics are computed **per user** (averaged over that
-user's images) so that systems can be compared user by user with paired bootstrap
-intervals (:mod:`pgen_engine.eval.stats`). Similarities use the *evaluation* embedder
-(for real data the independent CNN of :mod:`pgen_engine.eval.evaluator`); baselines that
-need an embedding to choose items (``retrieve``) use the *reference* embedder (the one
-rewards may use), never the evaluator.
+Every system produces, for each evaluated user, ``n`` images: generated ones, or the images of
+``n`` catalogue items. Metrics are computed **per user** (averaged over that user's images) so
+that systems can be compared user by user with paired bootstrap intervals (:mod:`.stats`).
+Similarities use the *evaluation* embedder (for real data the independent CNN of
+:mod:`.evaluator`); baselines that need an embedding to choose items (``retrieve``) use the
+*reference* embedder (the one rewards may use), never the evaluator.
 
 Systems (names as in ``report.json``):
 
@@ -87,16 +86,13 @@ class EvalData:
         ex = {"train": self.splits.train, "valid": self.splits.valid, "test": self.splits.test}.get(split)
         if ex is None:
             raise ValueError(f"split must be train, valid or test, got {split!r}")
-        ex = [e for e in ex if (split, e.user_id) not in self._tie_set]
+        tied = set(self.dropped_ties.get(split, ()))
+        ex = [e for e in ex if e.user_id not in tied]
         if max_users and max_users < len(ex):
             g = torch.Generator().manual_seed(seed)
             keep = sorted(torch.randperm(len(ex), generator=g)[:max_users].tolist())
             ex = [ex[i] for i in keep]
         return list(ex)
-
-    @property
-    def _tie_set(self) -> set:
-        return {(s, u) for s, users in self.dropped_ties.items() for u in users}
 
     def sequence_before(self, ex: Example) -> list[str]:
         """The user's items strictly before ``ex``'s target (train [+ valid for test])."""
@@ -396,10 +392,13 @@ def baseline_systems(data: EvalData, examples: Sequence[Example], n: int, *, see
 
 
 def _attr_targets(data: EvalData, ex: Example) -> tuple[list[int], list[int]]:
-    steps = data.ground_truth[ex.user_id]
-    cur = steps[max(ex.position - 1, 0)]["preferred"]
-    fut = steps[ex.position]["preferred"]
-    return list(attributes_to_codes(cur)), list(attributes_to_codes(fut))
+    steps = data.ground_truth.get(ex.user_id, [])
+    try:  # a ground_truth.jsonl of another (version of the) dataset: a KeyError / IndexError / traceback
+        cur, fut = steps[max(ex.position - 1, 0)]["preferred"], steps[ex.position]["preferred"]
+        return list(attributes_to_codes(cur)), list(attributes_to_codes(fut))
+    except (IndexError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{data.root / 'ground_truth.jsonl'}: user {ex.user_id!r} has {len(steps)} steps, no usable "
+                        f"'preferred' at step {ex.position} ({type(e).__name__}: {e}); does it match the dataset?") from None
 
 
 def _per_user_mean(values: torch.Tensor, gen_user: torch.Tensor, U: int) -> torch.Tensor:

@@ -351,3 +351,28 @@ def test_a_damaged_evaluator_config_is_a_one_line_error_and_is_retrained(tmp_pat
         EvalEmbedder.load(tmp_path / "ev")
     again = train_evaluator(imgs, seqs, [{}] * 8, tmp_path / "ev", cfg)
     assert again.config == cfg and EvalEmbedder.load(tmp_path / "ev").meta["data_hash"] == again.meta["data_hash"]
+
+
+def test_a_ground_truth_that_does_not_match_the_dataset_is_a_data_error(tmp_path):
+    # a ground_truth.jsonl with fewer steps than a user's interactions (another version of the
+    # synthetic dataset) raised a bare IndexError (a traceback from pgen eval)
+    from pgen_engine.data.dataset import load_dataset, load_image
+    from pgen_engine.data.synth import SynthConfig, generate_synthetic
+    from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+    from pgen_engine.rewards.embedders import PixelStatsEmbedder
+
+    root = tmp_path / "ds"
+    generate_synthetic(root, SynthConfig(num_users=4, num_items=20, seed=2))
+    ds = load_dataset(root)
+    imgs = torch.stack([torch.from_numpy(load_image(it.image_path, 32)) for it in ds.items.values()])
+    tok = PatchKMeansTokenizer.fit(imgs, patch_size=16, codebook_size=8, iters=2, seed=0)
+    data = E.prepare_eval_data(root, tok, tmp_path / "cache", PixelStatsEmbedder(), k=3)
+    ex = data.examples("test")
+    out = E.repeat_last_system(data, ex, 2)
+    assert "attr_acc_future" in E.per_user_metrics(out, data, ex, PixelStatsEmbedder())
+    data.ground_truth[ex[0].user_id] = data.ground_truth[ex[0].user_id][:2]
+    with pytest.raises(DataError, match=rf"ground_truth.jsonl: user '{ex[0].user_id}' has 2 steps"):
+        E.per_user_metrics(out, data, ex, PixelStatsEmbedder())
+    del data.ground_truth[ex[0].user_id]
+    with pytest.raises(DataError, match="has 0 steps"):
+        E.per_user_metrics(out, data, ex, PixelStatsEmbedder())
