@@ -184,6 +184,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
                      notes=notes, figures=figs, meta={"checkpoint": str(ckpt), "split": a.split,
                                                       "history_mode": settings.history_mode,
                                                       "users": len(examples), "images per user": a.num_images,
+                                                      "users dropped (target ties the previous interaction's "
+                                                      "timestamp)": len(data.dropped_ties.get(a.split, [])),
                                                       "seconds": round(time.time() - t0, 1)})
         print(f"wrote {out / 'report.json'}")
     return 0
@@ -220,7 +222,7 @@ def register(subparsers) -> None:
     p.add_argument("--data", required=True, help="dataset in the native layout")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--num-images", type=int, default=10, help="images generated per user")
-    p.add_argument("--max-users", type=int, default=None, help="evaluate the first N users only")
+    p.add_argument("--max-users", type=int, default=None, help="evaluate a random sample of N users (fixed by --seed)")
     p.add_argument("--tokenizer", default=None, help="PatchKMeans tokenizer file (default: the run's, else the "
                    "checkpoint's VQ model)")
     p.add_argument("--cache-dir", default=None,

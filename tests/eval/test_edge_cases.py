@@ -166,6 +166,27 @@ def test_pgen_eval_with_a_large_seed_and_one_user(tmp_path, capsys):
     assert "beats it" not in (tmp_path / "ev" / "report.md").read_text()  # one user: no CI, no claim
 
 
+def test_pgen_eval_reports_the_users_dropped_for_tied_targets(tmp_path, capsys):
+    # tied test targets were dropped silently by pgen eval (only the demo's notes counted them)
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+
+    data = eval_data(tmp_path, "ds", users=3, items=8, per_user=6)
+    rows = (data.root / "interactions.csv").read_text().splitlines()
+    last = max(i for i, r in enumerate(rows) if r.startswith("u1,"))
+    user, item, _ = rows[last].split(",")
+    rows[last] = f"{user},{item},{rows[last - 1].split(',')[2]}"  # u1's test target ties the valid one
+    (data.root / "interactions.csv").write_text("\n".join(rows) + "\n")
+    data.tokenizer.save(tmp_path / "tok.safetensors")
+    ck = make_tiny_checkpoint(tmp_path / "run" / "final", image_size=32, patch_size=16, codebook_size=8)
+    rc = main(["eval", "--checkpoint", str(ck), "--data", str(data.root), "--num-images", "1", "--quiet",
+               "--tokenizer", str(tmp_path / "tok.safetensors"), "--embedder", "pixel_stats",
+               "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "ev")])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["users"] == 2
+    md = (tmp_path / "ev" / "report.md").read_text()
+    assert "- **users**: 2" in md and "- **users dropped (target ties the previous interaction's timestamp)**: 1" in md
+
+
 def test_independence_sees_the_reward_model_however_its_path_is_spelt(tmp_path, monkeypatch):
     # "clip:/m/" vs the reward's "/m", a relative path, or --run-config's reward were all
     # reported as independent
