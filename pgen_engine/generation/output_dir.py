@@ -83,7 +83,9 @@ def publish(stage: Path, out_dir: Path, names: list[str]) -> None:
     done: list[tuple[str, bool]] = []  # (name, an old file was moved aside)
     try:
         for name in (MANIFEST, *names):
-            if (out_dir / name).exists():
+            # lexists: a (dangling) symlink there is an old entry too; exists() said no, and the
+            # roll-back then deleted what had replaced it, losing the link
+            if os.path.lexists(out_dir / name):
                 os.replace(out_dir / name, aside / name)
                 done.append((name, True))
             else:
