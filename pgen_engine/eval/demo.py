@@ -90,8 +90,9 @@ def train_eval_embedder(ev, out_dir: Path, *, steps: int = 300, progress: bool =
     at the evaluation resolution)."""
     seqs, meta = _evaluator_inputs(ev)
     # The evaluator sees images at the resolution they are compared at (the catalogue's, i.e.
-    # the tokenizer's), capped at 64 px: upsampling 32-px images buys nothing but CPU time.
-    size = min(64, int(ev.catalogue_images.shape[1]))
+    # the tokenizer's), capped at 64 px: upsampling 32-px images buys nothing but CPU time; at
+    # least the CNN's 16 px (its four stride-2 blocks), so a tokenizer of smaller images still works.
+    size = max(16, min(64, int(ev.catalogue_images.shape[1])))
     return train_evaluator(ev.catalogue_images, seqs, meta, out_dir, EvaluatorConfig(steps=steps, image_size=size),
                            progress=progress)
 

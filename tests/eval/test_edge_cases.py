@@ -397,3 +397,19 @@ def test_a_ground_truth_that_does_not_match_the_dataset_is_a_data_error(tmp_path
     del data.ground_truth[ex[0].user_id]
     with pytest.raises(DataError, match="has 0 steps"):
         E.per_user_metrics(out, data, ex, PixelStatsEmbedder())
+
+
+def test_the_evaluator_trains_on_catalogue_images_smaller_than_16_px(tmp_path):
+    # the evaluator's image size was the catalogue's (capped at 64): an 8-px tokenizer made
+    # pgen eval fail with "evaluator image_size must be in [16, 256], got 8", a setting nobody set
+    from types import SimpleNamespace
+
+    from pgen_engine.eval.demo import train_eval_embedder
+
+    ids = [f"i{j}" for j in range(8)]
+    ev = SimpleNamespace(item_ids=ids, item_index={i: j for j, i in enumerate(ids)},
+                         catalogue_images=torch.randint(0, 255, (8, 8, 8, 3), dtype=torch.uint8),
+                         splits=SimpleNamespace(train_sequences={"a": ids[:4], "b": ids[4:], "c": ids[::2]}),
+                         dataset=SimpleNamespace(items={i: SimpleNamespace(extra={}) for i in ids}))
+    emb = train_eval_embedder(ev, tmp_path / "ev", steps=2)
+    assert emb.config.image_size == 16 and emb.embed(ev.catalogue_images).shape == (8, emb.dim)
