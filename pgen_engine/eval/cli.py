@@ -155,7 +155,11 @@ def cmd_eval(a: argparse.Namespace) -> int:
     examples = data.examples(a.split, a.max_users, seed=a.seed)
     if not examples:
         raise ValueError(f"{a.data}: no {a.split} examples (too few interactions per user?)")
-    gen = Generator(model, max_batch_size=max(a.num_images, min(64, a.batch_prompts * a.num_images)))
+    # sized by the longest prompt, as the demo does: titles or pixels-mode history images pass the
+    # Generator's default (image tokens + 512) and failed mid-evaluation, after the baselines
+    seq = E.longest_prompt(data, builder, examples) + model.num_image_tokens
+    gen = Generator(model, max_batch_size=max(a.num_images, min(64, a.batch_prompts * a.num_images)),
+                    max_seq_len=max(seq, model.num_image_tokens + 512))
     kw = dict(guidance_scale=a.guidance_scale, temperature=a.temperature, top_k=a.top_k, seed=a.seed,
               batch_prompts=a.batch_prompts, progress=not a.quiet)
     systems = {}

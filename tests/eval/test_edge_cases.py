@@ -413,3 +413,24 @@ def test_the_evaluator_trains_on_catalogue_images_smaller_than_16_px(tmp_path):
                          dataset=SimpleNamespace(items={i: SimpleNamespace(extra={}) for i in ids}))
     emb = train_eval_embedder(ev, tmp_path / "ev", steps=2)
     assert emb.config.image_size == 16 and emb.embed(ev.catalogue_images).shape == (8, emb.dim)
+
+
+def test_pgen_eval_sizes_the_generator_by_its_longest_prompt(tmp_path, capsys):
+    # pgen eval used the Generator's default max_seq_len (image tokens + 512): prompts with long
+    # titles (or pixels-mode history images of a real Janus) failed mid-evaluation with
+    # "exceeds max_seq_len"; the demo already sized it by the longest prompt
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+
+    data = eval_data(tmp_path, "ds", users=2, items=8, per_user=5)
+    items = [json.loads(line) for line in (data.root / "items.jsonl").read_text().splitlines()]
+    for it in items:
+        it["title"] = " ".join(["very long title"] * 12)
+    (data.root / "items.jsonl").write_text("".join(json.dumps(it) + "\n" for it in items))
+    (tmp_path / "work").mkdir()
+    data.tokenizer.save(tmp_path / "work" / "tokenizer.safetensors")
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(f"data:\n  with_titles: true\n  work_dir: {tmp_path / 'work'}\n")
+    ck = make_tiny_checkpoint(tmp_path / "run" / "final", image_size=32, patch_size=16, codebook_size=8)
+    rc = main(["eval", "--checkpoint", str(ck), "--data", str(data.root), "--num-images", "1", "--quiet",
+               "--run-config", str(run_cfg), "--embedder", "pixel_stats", "--cache-dir", str(tmp_path / "cache")])
+    assert rc == 0, capsys.readouterr().err
