@@ -43,7 +43,11 @@ def _io_failure(e: BaseException, target: Path, tmp: Path) -> OSError | None:
             return OSError(e.errno, e.strerror or str(e), where) if e.errno is not None else OSError(f"{where}: {e}")
         first, second = final(e.filename), None if e.filename2 is None else final(e.filename2)
         if (first or second) and e.errno is not None:  # a copy into the temporary names both files
-            return OSError(e.errno, e.strerror, first or e.filename, None, second or e.filename2)
+            first, second = first or e.filename, second or e.filename2
+            if second is not None and os.fspath(second) == str(target) == first:
+                # the temporary renamed onto the target (a folder there): "'out' -> 'out'" named it twice
+                return OSError(e.errno, e.strerror, first)
+            return OSError(e.errno, e.strerror, first, None, second)
         return e
     if type(e).__name__ == "SafetensorError":
         m = _SAFETENSORS_IO.search(str(e))

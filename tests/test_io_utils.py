@@ -196,3 +196,12 @@ def test_an_output_in_a_folder_that_refuses_new_files_names_the_output(tmp_path,
         with atomic_dir(tmp_path / "ds"):
             pass
     assert info.value.filename == str(tmp_path / "ds"), info.value
+
+
+def test_a_file_output_where_a_folder_is_names_it_once(tmp_path):
+    # "[Errno 21] Is a directory: '.../adir' -> '.../adir'": the temporary's rename, mapped to the output
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        atomic_write_json(tmp_path / "adir", {})
+    assert str(info.value) == f"[Errno 21] Is a directory: '{tmp_path / 'adir'}'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
