@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..io_utils import folder_problem
 from ..models.image_quality import evaluate_tokenizer
 from ..models.image_tokenizer import ImageTokenizer
 from ..models.patch_kmeans import PatchKMeansTokenizer
@@ -140,6 +141,17 @@ def load_tokenizer(kind: str, path: str | os.PathLike) -> ImageTokenizer:
     return _load_kind(kind, Path(path))
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse, before fitting, a tokenizer path whose folder cannot take the file: the fit (a VQ one
+    runs up to its time budget, 13 min by default) used to be thrown away when the save failed."""
+    parent = path.parent
+    problem = folder_problem(parent)
+    if problem is None and parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        problem = "is not writable"
+    if problem is not None:
+        raise ValueError(f"{path}: cannot be written: its folder {parent} {problem}; nothing was fitted")
+
+
 def fit_tokenizer(
     dataset: Dataset,
     path: str | os.PathLike,
@@ -165,6 +177,7 @@ def fit_tokenizer(
             old = None
         if old is not None and old.meta.get("fit_key") == key and "held_out" in old.meta:
             return old, old.meta["held_out"], True
+    _check_writable(path)
     fit_imgs = load_images(dataset, fit_ids, settings.image_size, progress, "loading fit images")
     held_imgs = load_images(dataset, held_ids, settings.image_size, progress, "loading held-out images")
     if settings.kind == "vq":

@@ -45,3 +45,19 @@ def test_settings_reach_the_vq_recipe():
     cfg = ft._vq_train_config(s)
     assert (cfg.image_size, cfg.codes_per_side, cfg.codebook_size, cfg.batch_size, cfg.time_budget_s,
             cfg.max_steps, cfg.seed) == (32, 4, 64, 3, 5.0, 7, 2)
+
+
+def test_a_tokenizer_path_that_cannot_be_written_is_refused_before_fitting(dataset, tmp_path, monkeypatch):
+    # the fit ran first and its result was lost when the save failed (a VQ fit: up to its 13 min budget)
+    fitted = []
+    monkeypatch.setattr(ft, "load_images", lambda *a, **k: fitted.append(1))
+    s = ft.TokenizerFitSettings(kind="patch_kmeans", image_size=16, codes_per_side=4, codebook=16)
+    f = tmp_path / "notes.txt"
+    f.write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt/tok\.safetensors: cannot be written: its folder .*notes\.txt "
+                                         r"exists and is not a folder; nothing was fitted"):
+        ft.fit_tokenizer(dataset, f / "tok.safetensors", s, progress=False, log=lambda m: None)
+    monkeypatch.setattr(ft.os, "access", lambda p, mode: False)  # a read-only folder (tests may run as root)
+    with pytest.raises(ValueError, match=r"tok\.safetensors: cannot be written: its folder .* is not writable"):
+        ft.fit_tokenizer(dataset, tmp_path / "tok.safetensors", s, progress=False, log=lambda m: None)
+    assert fitted == [] and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
