@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -196,4 +197,21 @@ def replace_dir(new: str | os.PathLike, target: str | os.PathLike) -> None:
             os.replace(old, target)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
+
+
+def _allow_and_retry(func, path, _exc_info) -> None:
+    """rmtree's error handler: a read-only folder (``chmod 555`` on an old cache or checkpoint) kept
+    its files, and the replaced folder stayed behind as a hidden ``.<name>.XXXX.old`` copy. The
+    folder gets its owner's write bit and the removal is retried once; other failures are ignored."""
+    try:
+        parent = os.path.dirname(path)
+        os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+        func(path)
+    except OSError:
+        pass
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    """Delete the folder ``path`` and everything in it, read-only sub-folders included; best effort."""
+    shutil.rmtree(path, onerror=_allow_and_retry)  # onexc from Python 3.12; onerror still works there

@@ -205,3 +205,34 @@ def test_a_file_output_where_a_folder_is_names_it_once(tmp_path):
         atomic_write_json(tmp_path / "adir", {})
     assert str(info.value) == f"[Errno 21] Is a directory: '{tmp_path / 'adir'}'"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]
+
+
+def test_replacing_a_read_only_folder_leaves_no_hidden_old_copy(tmp_path, monkeypatch):
+    # chmod 555 on an old token cache / checkpoint: rmtree(ignore_errors=True) could not delete its files
+    # and the replaced folder stayed behind as a hidden .<name>.XXXX.old copy
+    import shutil
+    import stat
+
+    from pgen_engine.io_utils import replace_dir
+
+    real_unlink = os.unlink
+
+    def unlink_as_non_root(path, *, dir_fd=None):  # root may delete anything: refuse like for a user
+        st = os.fstat(dir_fd) if dir_fd is not None else os.stat(os.path.dirname(path) or ".")
+        if not st.st_mode & stat.S_IWUSR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_unlink(path, dir_fd=dir_fd)
+
+    d = tmp_path / "cache"
+    d.mkdir()
+    (d / "codes.bin").write_bytes(b"old")
+    d.chmod(0o555)
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "codes.bin").write_bytes(b"new")
+    monkeypatch.setattr(os, "unlink", unlink_as_non_root)
+    monkeypatch.setattr(shutil.os, "unlink", unlink_as_non_root)
+    replace_dir(new, d)
+    monkeypatch.undo()
+    assert (d / "codes.bin").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
