@@ -186,6 +186,10 @@ class CNNArtifactEmbedder(ImageEmbedder):
         except (SafetensorError, RuntimeError, OSError) as e:
             raise ValueError(f"{d / cls.WEIGHTS_FILE}: unreadable {cls.LABEL} weights ({one_line(e)}); delete {d} "
                              "to train a new one") from None
+        bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:  # a diverged or damaged artifact: every embedding would be NaN
+            raise ValueError(f"{d / cls.WEIGHTS_FILE}: {cls.LABEL} weights hold NaN or inf ({bad[0]}); delete {d} "
+                             "to train a new one")
         return cls(net, cfg, meta)
 
     @classmethod

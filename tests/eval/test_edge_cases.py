@@ -434,3 +434,23 @@ def test_pgen_eval_sizes_the_generator_by_its_longest_prompt(tmp_path, capsys):
     rc = main(["eval", "--checkpoint", str(ck), "--data", str(data.root), "--num-images", "1", "--quiet",
                "--run-config", str(run_cfg), "--embedder", "pixel_stats", "--cache-dir", str(tmp_path / "cache")])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_evaluator_weights_with_nan_are_refused_and_retrained(tmp_path):
+    # NaN weights (a diverged run, a damaged file) loaded fine and made every embedding NaN
+    from safetensors.torch import load_file, save_file
+
+    from pgen_engine.eval.evaluator import EvalEmbedder, EvaluatorConfig, train_evaluator
+
+    imgs = torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    seqs = [[0, 1, 2, 3], [4, 5, 6, 7], [1, 3, 5, 7], [0, 2, 4, 6]]
+    cfg = EvaluatorConfig(steps=2, image_size=32, batch_size=8)
+    train_evaluator(imgs, seqs, [{}] * 8, tmp_path / "ev", cfg)
+    w = load_file(str(tmp_path / "ev" / "evaluator.safetensors"))
+    w["head.weight"][0, 0] = float("nan")
+    save_file(w, str(tmp_path / "ev" / "evaluator.safetensors"))
+    with pytest.raises(ValueError, match="evaluator weights hold NaN or inf"):
+        EvalEmbedder.load(tmp_path / "ev")
+    again = train_evaluator(imgs, seqs, [{}] * 8, tmp_path / "ev", cfg)
+    assert bool(torch.isfinite(again.embed(imgs)).all())
+    assert bool(torch.isfinite(EvalEmbedder.load(tmp_path / "ev").embed(imgs)).all())
