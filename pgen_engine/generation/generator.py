@@ -68,15 +68,15 @@ class NonFiniteLogitsError(RuntimeError):
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, kv_quant.FP8_DTYPE)
 
 
-def check_cache_dtype(dtype) -> None:
-    """Refuse, at construction, a KV-cache dtype the decode backends could not run.
-
-    The wave path's cache ops cast on write and read, so any of :data:`CACHE_DTYPES` works on
-    every device (a float32 cache with a float32 CPU model is what selects the C++ backend);
-    float8 e4m3 quantises on write with per-(row, KV head) scales (:mod:`pgen_engine.ops.kv_quant`).
+def check_cache_dtype(dtype, model_dtype: bool = False) -> None:
+    """Refuse, at construction, a KV-cache dtype the decode backends could not run (``model_dtype``:
+    ``cache_dtype=None`` took the model's). The wave path's cache ops cast on write and read, so any of
+    :data:`CACHE_DTYPES` works on every device (a float32 cache with a float32 CPU model selects the C++
+    backend); float8 e4m3 quantises on write with per-(row, KV head) scales (:mod:`pgen_engine.ops.kv_quant`).
     """
     if not isinstance(dtype, torch.dtype) or dtype not in CACHE_DTYPES:
-        raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES} (or None: the model's), got {dtype!r}")
+        got = f"None, and the model's dtype {dtype} is not one of them: pass cache_dtype" if model_dtype else repr(dtype)
+        raise ValueError(f"cache_dtype must be one of {CACHE_DTYPES} (or None: the model's), got {got}")
 
 
 class Generator:
@@ -124,7 +124,7 @@ class Generator:
         self.num_image_tokens = T
         cfg = model.config.text
         dtype = cache_dtype or model.dtype
-        check_cache_dtype(dtype)
+        check_cache_dtype(dtype, model_dtype=cache_dtype is None)
         self.cache_dtype = dtype
         self.decode_mode = resolve_decode_mode(decode_mode, model.device)
         # chosen once, from device and dtypes: C++ float32 CPU, static step / CUDA graph, or eager torch

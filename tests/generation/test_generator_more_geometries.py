@@ -1,0 +1,99 @@
+"""Generator on geometries / inputs past tests/generation/test_generator_geometries.py.
+
+* greedy parity with ``transformers`` for head dims 40 / 80 / 128 (q width != hidden), MQA with
+  8 query heads, 1 image token (8 px / 8 px) and codebooks of 1000 / 37, prompts of 1 token and
+  around the C++ attention's 32-key blocks, batches of 33 rows sharing one unconditional prefix;
+* a float64 model (``load_model`` refuses the dtype, ``.double()`` does not): a clear error
+  naming ``cache_dtype``, and the model's tokens with a float32 cache.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pgen_engine as pg
+from pgen_engine.generation import Generator
+from pgen_engine.models.tiny import make_tiny_checkpoint
+
+from tests.generation.test_generator_geometries import _oracle
+
+SPECIAL = pg.SpecialTokens.builtin()
+
+GEOMETRIES = {
+    # MQA, head_dim 40 (q width 120 vs H 45, odd hidden), 1 layer, K 1000, 5x5 image tokens
+    "h45-hd40-mqa-k1000-t25": dict(hidden_size=45, num_layers=1, num_heads=3, num_kv_heads=1, head_dim=40,
+                                   intermediate_size=70, codebook_size=1000, image_size=40, patch_size=8,
+                                   vision_hidden_size=16),
+    # 8 query heads on 1 KV head, head_dim 80, K 37, a single image token
+    "hd80-gqa8to1-k37-t1": dict(hidden_size=80, num_heads=8, num_kv_heads=1, head_dim=80, intermediate_size=33,
+                                codebook_size=37, image_size=8, patch_size=8, vision_hidden_size=16),
+    # head_dim 128 on a 34-wide model, MQA, 6x6 image tokens
+    "h34-hd128-mqa-k37-t36": dict(hidden_size=34, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=128,
+                                  intermediate_size=31, codebook_size=37, image_size=48, patch_size=8,
+                                  vision_hidden_size=16),
+}
+
+_BUILT: dict[str, tuple] = {}
+
+
+def _ragged(seed: int, lens: list[int]):
+    """Left-padded ``[bos, text..., boi]`` prompts; a 1-token prompt is ``[boi]``."""
+    gen = torch.Generator().manual_seed(seed)
+    S = max(lens)
+    ids = torch.full((len(lens), S), SPECIAL.pad, dtype=torch.long)
+    mask = torch.zeros((len(lens), S), dtype=torch.long)
+    for b, n in enumerate(lens):
+        row = [SPECIAL.boi] if n == 1 else [SPECIAL.bos, *torch.randint(6, 300, (n - 2,), generator=gen).tolist(),
+                                            SPECIAL.boi]
+        ids[b, S - n:] = torch.tensor(row)
+        mask[b, S - n:] = 1
+    return ids, mask
+
+
+def _build(tmp_path_factory, name: str):
+    if name not in _BUILT:
+        from benchmarks.hf_janus import load_hf_janus  # late import: image generate ready on this transformers
+
+        path = make_tiny_checkpoint(tmp_path_factory.mktemp("geom2") / name, seed=3, init_std=0.2,
+                                    **GEOMETRIES[name])
+        _BUILT[name] = (pg.load_model(path), load_hf_janus(path))
+    return _BUILT[name]
+
+
+@pytest.fixture(params=list(GEOMETRIES))
+def geom(request, tmp_path_factory):
+    return _build(tmp_path_factory, request.param)
+
+
+@pytest.mark.parametrize("lens,num_samples", [([1], 3), ([31, 32, 33, 1], 2), ([40] * 33, 1)],
+                         ids=["one-token", "around-32-keys", "33-rows-one-uncond-prefix"])
+def test_greedy_matches_transformers(geom, lens, num_samples):
+    model, hf = geom
+    T = model.num_image_tokens
+    ids, mask = _ragged(len(lens), lens)
+    for scale in (1.0, 4.0):
+        ref = _oracle(hf, ids, mask, scale, T).repeat_interleave(num_samples, 0)
+        for mode in ("eager", "static"):
+            out = Generator(model, max_batch_size=7, decode_mode=mode).generate(
+                ids, mask, guidance_scale=scale, greedy=True, num_samples=num_samples)
+            assert torch.equal(out, ref), f"scale={scale} {mode}: {(out != ref).sum()} of {ref.numel()} differ"
+
+
+def test_float64_model_names_cache_dtype(tmp_path_factory):
+    """A float64 model used to fail with 'cache_dtype must be one of ..., got torch.float64' although
+    the caller passed no cache_dtype; the error now says the model's dtype chose it, and a float32
+    cache gives the float64 model's tokens (those of transformers in float64)."""
+    from benchmarks.hf_janus import load_hf_janus  # late import: image generate ready on this transformers
+
+    model, _ = _build(tmp_path_factory, "h45-hd40-mqa-k1000-t25")
+    m64 = copy.deepcopy(model).double()
+    with pytest.raises(ValueError, match=r"cache_dtype .*got None, and the model's dtype torch.float64"):
+        Generator(m64)
+    hf64 = load_hf_janus(model.source_dir, dtype=torch.float64)
+    ids, mask = _ragged(3, [5, 2, 9])
+    ref = _oracle(hf64, ids, mask, 3.0, model.num_image_tokens)
+    out = Generator(m64, max_batch_size=2, cache_dtype=torch.float32).generate(ids, mask, guidance_scale=3.0,
+                                                                                greedy=True)
+    assert torch.equal(out, ref)
