@@ -7,6 +7,7 @@ good one: data is written to a temporary sibling and renamed over the target.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -215,3 +216,29 @@ def _allow_and_retry(func, path, _exc_info) -> None:
 def remove_tree(path: str | os.PathLike) -> None:
     """Delete the folder ``path`` and everything in it, read-only sub-folders included; best effort."""
     shutil.rmtree(path, onerror=_allow_and_retry)  # onexc from Python 3.12; onerror still works there
+
+
+def allocate_file(path: str | os.PathLike, nbytes: int) -> None:
+    """Create ``path`` as ``nbytes`` zero bytes whose disk blocks are reserved now.
+
+    For files later written through a memory map (the token and vision-feature caches): into
+    a sparse file, a disk that fills up part-way is a SIGBUS that kills the process with no
+    message and no clean-up, and numpy's own creation fails with a bare ``[Errno 27] File too
+    large`` naming no file. Reserved blocks make a full disk an OSError naming ``path`` here,
+    before any work is done.
+    """
+    try:
+        with open(path, "wb") as f:
+            fallocate = getattr(os, "posix_fallocate", None)
+            try:
+                if fallocate is None:
+                    raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
+                fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                f.truncate(nbytes)  # a file system without fallocate: a sparse file as before
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e

@@ -15,7 +15,6 @@ existing cache.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..io_utils import atomic_path, atomic_write_json, folder_problem, replace_dir
+from ..io_utils import allocate_file, atomic_path, atomic_write_json, folder_problem, replace_dir
 from ..models.image_tokenizer import ImageTokenizer
 from .dataset import IMAGE_DECODE_RULE, ITEMS_FILE, DataError, Dataset, load_image
 
@@ -71,31 +70,6 @@ def images_signature(dataset: Dataset, item_ids: Sequence[str]) -> str:
         size, mtime = (st.st_size, st.st_mtime_ns) if st is not None else (-1, -1)
         h.update(f"{i}\0{path}\0{size}\0{mtime}\n".encode("utf-8", "surrogatepass"))
     return h.hexdigest()
-
-
-def _allocate(path: Path, nbytes: int) -> None:
-    """Create ``path`` as ``nbytes`` zero bytes whose disk blocks are reserved now.
-
-    The codes are written through a memory map: into a sparse file, a disk that fills up
-    part-way is a SIGBUS that kills the process with no message and no clean-up, and numpy's
-    own creation failed with a bare ``[Errno 27] File too large`` naming no file. Reserved
-    blocks make a full disk an OSError naming ``path`` here, before any image is encoded.
-    """
-    try:
-        with open(path, "wb") as f:
-            fallocate = getattr(os, "posix_fallocate", None)
-            try:
-                if fallocate is None:
-                    raise OSError(errno.EOPNOTSUPP, "no posix_fallocate")
-                fallocate(f.fileno(), 0, nbytes)
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
-                f.truncate(nbytes)  # a file system without fallocate: a sparse file as before
-    except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def _read_index(d: Path) -> dict | None:
@@ -210,8 +184,8 @@ def build_token_cache(
         shutil.rmtree(stage, ignore_errors=True)
         stage.mkdir(parents=True)
         try:
-            _allocate(stage / "codes.bin", max(n, 1) * t * np.dtype(want["dtype"]).itemsize)
-            _allocate(stage / "done.bin", max(n, 1))
+            allocate_file(stage / "codes.bin", max(n, 1) * t * np.dtype(want["dtype"]).itemsize)
+            allocate_file(stage / "done.bin", max(n, 1))
             atomic_write_json(stage / "index.json", want)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)  # nothing encoded yet: nothing to resume, no stray folder

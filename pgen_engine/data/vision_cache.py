@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from ..io_utils import atomic_write_json, replace_dir
+from ..io_utils import allocate_file, atomic_write_json, replace_dir
 from .dataset import DataError, load_image
 from .prompts import normalize_pixels
 from .token_cache import images_signature
@@ -177,9 +177,10 @@ def build_vision_cache(dataset, model, cache_root: str | os.PathLike, *, batch_s
                     raise DataError(f"item {i!r} has no image (pixels history needs every history image)")
                 imgs.append(load_image(item.image_path, size))
             feats = _to_numpy(encode_items(model, torch.from_numpy(np.stack(imgs)), batch_size), name)
-            if out is None:
-                out = np.memmap(stage / "features.bin", dtype=_STORAGE[name][0], mode="w+",
-                                shape=(max(len(ids), 1), *feats.shape[1:]))
+            if out is None:  # blocks reserved up front: a full disk is an error naming the file, not a SIGBUS
+                shape = (max(len(ids), 1), *feats.shape[1:])
+                allocate_file(stage / "features.bin", int(np.prod(shape)) * np.dtype(_STORAGE[name][0]).itemsize)
+                out = np.memmap(stage / "features.bin", dtype=_STORAGE[name][0], mode="r+", shape=shape)
             out[lo:lo + len(chunk)] = feats
         if out is None:
             raise DataError(f"{dataset.root}: no items to encode")

@@ -161,3 +161,28 @@ def test_damaged_disk_cache_is_rebuilt_and_refused_by_open(setup, tmp_path, dama
     with pytest.raises(DataError, match=str(root)):
         VisionCache.open(root, root.name.removeprefix("vision_"))
     assert torch.equal(build_vision_cache(ds, model, tmp_path / "vision").features(list(ds.items)), want)
+
+
+def test_full_disk_while_creating_features_names_the_file_and_keeps_the_old_cache(setup, tmp_path, monkeypatch):
+    # features.bin was created sparse through numpy's memmap: a full disk gave an error naming no
+    # file, and a disk filling up while features were written through the map would be a SIGBUS
+    import errno
+    import os
+
+    ds, model, _ = setup
+    good = build_vision_cache(ds, model, tmp_path / "vision", batch_size=5)
+    before = {f.name: f.read_bytes() for f in good.root.iterdir()}
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    other = pg.load_model(make_tiny_checkpoint(tmp_path / "ckpt2", seed=2, init_std=0.1))
+    with pytest.raises(OSError, match=r"No space left on device: .*features\.bin"):
+        build_vision_cache(ds, other, tmp_path / "vision", batch_size=5)
+    assert {f.name: f.read_bytes() for f in good.root.iterdir()} == before
+    assert not [p for p in (tmp_path / "vision").iterdir() if p.name.startswith(".")]  # no staging folder left
+    monkeypatch.undo()
+    again = build_vision_cache(ds, other, tmp_path / "vision", batch_size=5)
+    f = again.root / "features.bin"
+    assert f.stat().st_blocks * 512 >= f.stat().st_size  # the blocks are reserved, not sparse
