@@ -14,6 +14,7 @@ from pgen_engine import envs
 from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
 from pgen_engine.generation.sampling_params import SamplingParams, SamplingParamsError
+from pgen_engine.io_utils import folder_problem
 from pgen_engine.models import load_model
 from pgen_engine.models.checkpoint import read_training_record
 from pgen_engine.rewards.embedders import make_embedder
@@ -98,6 +99,8 @@ def _check_eval_args(a: argparse.Namespace) -> None:
         raise ValueError(f"--evaluator {a.evaluator}: exists and is not a directory (expected the evaluator folder)")
     if a.out and Path(a.out).exists() and not Path(a.out).is_dir():
         raise ValueError(f"--out {a.out}: exists and is not a directory (expected the report folder)")
+    if a.out and folder_problem(a.out):  # e.g. under a file: else found only when the token cache is made
+        raise ValueError(f"--out {a.out}: {folder_problem(a.out)} (expected the report folder)")
 
 
 def default_token_cache_dir(data: str | os.PathLike, fingerprint: str, out: Path | None) -> Path:

@@ -312,7 +312,8 @@ def test_bad_embedder_and_evaluator_flags_fail_before_the_model(tmp_path, capsys
     for extra, expect in ((["--embedder", "nope"], "expected auto, pixel_stats or TYPE:PATH"),
                           (["--embedder", "foo:/x"], "unknown type 'foo'"),
                           (["--embedder", f"clip:{tmp_path / 'missing'}"], "missing"),
-                          (["--evaluator", str(tmp_path / "ev.txt")], "exists and is not a directory")):
+                          (["--evaluator", str(tmp_path / "ev.txt")], "exists and is not a directory"),
+                          (["--out", str(tmp_path / "ev.txt" / "sub")], "is a file, not a folder")):
         assert main(base + extra) == 1
         err = capsys.readouterr().err
         assert err.startswith("pgen eval: error: ") and expect in err and err.count("\n") == 1, (extra, err)
