@@ -55,9 +55,10 @@ def paired_ci(a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, level: float 
 
 
 def verdict(metric: str, diff: dict) -> str:
-    """"better", "worse" or "no difference" for a paired ``A - B`` CI (direction-aware)."""
+    """"better", "worse" or "no difference" for a paired ``A - B`` CI (direction-aware); a CI
+    bound that is NaN or null (as report.json writes an undefined one) gives "no difference"."""
     lo, hi = diff["ci95"]
-    if any(math.isnan(x) for x in (lo, hi)):
+    if any(x is None or math.isnan(x) for x in (lo, hi)):
         return "no difference"
     sign = -1 if metric in LOWER_IS_BETTER else 1
     if sign * lo > 0 and sign * hi > 0:

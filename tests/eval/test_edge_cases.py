@@ -278,6 +278,9 @@ def test_report_json_is_strict_json_and_reads_back_to_the_same_tables(tmp_path):
     back = json.loads((tmp_path / "report.json").read_text(), parse_constant=_strict)
     assert back["systems"]["generate_sft"]["diversity"] == {"mean": None, "ci95": [None, None]}
     assert back["systems"]["generate_sft"]["hr@10"] == {"mean": 1.0, "ci95": [None, None]}
+    from pgen_engine.eval.stats import verdict
+
+    assert verdict("hr@10", back["paired"]["generate_sft - copy_last"]["hr@10"]) == "no difference"
     metrics = ["future_sim", "diversity", "hr@10"]
     for section in ("systems", "paired"):
         assert ci_table(back, metrics, section) == ci_table(rep, metrics, section)
