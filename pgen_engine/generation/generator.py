@@ -154,7 +154,7 @@ class Generator:
         planning; works for a model on the meta device."""
         return plan_kv_bytes(self.model.config.text, self.num_image_tokens, prompt_lens, num_samples=num_samples,
                              guidance_scale=guidance_scale, uncond_mode=self.uncond_mode,
-                             max_batch_size=self.max_batch_size, dtype=self.cache_dtype)
+                             max_batch_size=self.max_batch_size, dtype=self.cache_dtype, max_seq_len=self.max_seq_len)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,

@@ -91,11 +91,13 @@ def plan_waves(num_prompts: int, num_samples: int, cap: int) -> Iterator[list[Wa
 
 def plan_kv_bytes(text_cfg, num_image_tokens: int, prompt_lens: Sequence[int], *, num_samples: int = 1,
                   guidance_scale: float = 5.0, uncond_mode: str = "pad", max_batch_size: int = 32,
-                  dtype: torch.dtype = torch.float32) -> int:
+                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> int:
     """Peak KV bytes a wave-scheduled :meth:`Generator.generate` holds for prompts of these
     lengths: the Generator's own wave plan and :func:`wave_geometry` (the code that sizes its
     storage). ``"pad"`` unconditional prompts are shared per distinct length; ``"short"`` is
-    one ``[bos, boi]``. No model or device needed (memory planning)."""
+    one ``[bos, boi]``. No model or device needed (memory planning). A prompt that ``generate``
+    refuses for its length (past ``max_seq_len`` when given, or the model's
+    ``max_position_embeddings``, with the image tokens) is refused here too, with its message."""
     if uncond_mode not in UNCOND_MODES:
         raise ValueError(f"uncond_mode must be one of {UNCOND_MODES}, got {uncond_mode!r}")
     lens = [int(n) for n in prompt_lens]
@@ -104,6 +106,14 @@ def plan_kv_bytes(text_cfg, num_image_tokens: int, prompt_lens: Sequence[int], *
     num_samples = as_positive_int(num_samples, "num_samples", 1)  # 0 gave 0 bytes; generate refuses it
     cfg = float(guidance_scale) != 1.0
     T = int(num_image_tokens)
+    # else a byte count for a request generate refuses (a plan built on it fails only when run)
+    max_pos = getattr(text_cfg, "max_position_embeddings", None)
+    for b, n in enumerate(lens):
+        if max_pos is not None and n + T > max_pos:
+            raise ValueError(f"prompt {b}: {n} tokens + {T} image tokens exceed the model's "
+                             f"max_position_embeddings={max_pos}")
+    if max_seq_len is not None and max(lens) + T > max_seq_len:
+        raise ValueError(f"a prompt of {max(lens)} tokens + {T} image tokens exceeds max_seq_len={max_seq_len}")
 
     def ukey(n: int) -> tuple[int, ...]:
         return (-2, -3) if uncond_mode == "short" else (-1,) * n  # stands for the pad prompt of length n

@@ -97,3 +97,22 @@ def test_float64_model_names_cache_dtype(tmp_path_factory):
     out = Generator(m64, max_batch_size=2, cache_dtype=torch.float32).generate(ids, mask, guidance_scale=3.0,
                                                                                 greedy=True)
     assert torch.equal(out, ref)
+
+
+def test_kv_bytes_refuses_the_lengths_generate_refuses(tmp_path_factory):
+    """kv_bytes answered a byte count for prompts generate refuses (past max_seq_len, or past the
+    model's max_position_embeddings with the image tokens); it now refuses them with the same message."""
+    model, _ = _build(tmp_path_factory, "hd80-gqa8to1-k37-t1")
+    T, max_pos = model.num_image_tokens, model.config.text.max_position_embeddings
+    g = Generator(model, max_batch_size=2, max_seq_len=10)
+    assert g.kv_bytes([10 - T, 3]) > 0
+    for call in (lambda: g.kv_bytes([3, 11 - T]), lambda: g.generate([[SPECIAL.bos] * (10 - T) + [SPECIAL.boi]])):
+        with pytest.raises(ValueError, match=f"a prompt of {11 - T} tokens \\+ {T} image tokens exceeds max_seq_len=10"):
+            call()
+    g = Generator(model, max_batch_size=2, max_seq_len=max_pos + 8)
+    assert g.kv_bytes([max_pos - T]) > 0
+    for call in (lambda: g.kv_bytes([3, max_pos + 1 - T]),
+                 lambda: g.generate([[1], [SPECIAL.bos] * (max_pos - T) + [SPECIAL.boi]])):
+        with pytest.raises(ValueError, match=f"prompt 1: {max_pos + 1 - T} tokens \\+ {T} image tokens exceed the "
+                                             f"model's max_position_embeddings={max_pos}"):
+            call()
