@@ -67,7 +67,7 @@ def parse_prompts(model, input_ids, attention_mask, gen_code_mask) -> list[Promp
     T_img = model.num_image_tokens
     if isinstance(input_ids, torch.Tensor):
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an integer [B,S] tensor, got {input_ids.dtype} "
+            raise ValueError(f"input_ids must be an int64 or int32 [B,S] tensor, got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
         B, S = input_ids.shape
         if attention_mask is None:

@@ -116,3 +116,15 @@ def test_kv_bytes_refuses_the_lengths_generate_refuses(tmp_path_factory):
         with pytest.raises(ValueError, match=f"prompt 1: {max_pos + 1 - T} tokens \\+ {T} image tokens exceed the "
                                              f"model's max_position_embeddings={max_pos}"):
             call()
+
+
+def test_input_ids_dtype_error_names_the_accepted_dtypes(tmp_path_factory):
+    """A uint8 / int16 / bool ids tensor was refused as 'must be an integer [B,S] tensor, got
+    torch.uint8' (uint8 is an integer type); the message now names int64 / int32."""
+    model, _ = _build(tmp_path_factory, "hd80-gqa8to1-k37-t1")
+    g = Generator(model, max_batch_size=2)
+    for dt in (torch.uint8, torch.int16, torch.bool):
+        with pytest.raises(ValueError, match=r"input_ids must be an int64 or int32 \[B,S\] tensor, got torch\.\w+ "):
+            g.generate(torch.tensor([[1, 7, 3]]).to(dt), greedy=True)
+    ref = g.generate(torch.tensor([[1, 7, 3]]), greedy=True)
+    assert torch.equal(g.generate(torch.tensor([[1, 7, 3]], dtype=torch.int32), greedy=True), ref)
