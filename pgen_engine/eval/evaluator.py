@@ -206,6 +206,9 @@ class CNNArtifactEmbedder(ImageEmbedder):
             raise ValueError(f"{out}: exists and is not a folder (expected the {cls.LABEL} artifact folder)")
         # e.g. `pgen eval --evaluator data_work/reward_embedder`: an evaluator written next to the
         # reward embedder made the RL stage refuse that folder as "the evaluation embedder"
+        # late import: an import cycle (cocons imports this module); importing it registers the reward
+        # CNN subclass, which a process that never imported rewards (pgen eval) did not list below
+        import pgen_engine.rewards.cocons  # noqa: F401
         other = [sub for sub in CNNArtifactEmbedder.__subclasses__()
                  if sub.META_FILE != cls.META_FILE and (out / sub.META_FILE).is_file()]
         if other:

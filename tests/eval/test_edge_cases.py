@@ -458,3 +458,27 @@ def test_evaluator_weights_with_nan_are_refused_and_retrained(tmp_path):
     again = train_evaluator(imgs, seqs, [{}] * 8, tmp_path / "ev", cfg)
     assert bool(torch.isfinite(again.embed(imgs)).all())
     assert bool(torch.isfinite(EvalEmbedder.load(tmp_path / "ev").embed(imgs)).all())
+
+
+def test_evaluator_refuses_a_reward_embedder_folder_in_a_process_that_never_imported_rewards(tmp_path):
+    # the "folder holds another artifact" check listed CNNArtifactEmbedder.__subclasses__(), which
+    # holds the reward CNN only once pgen_engine.rewards.cocons is imported -- pgen eval never
+    # imports it, so `pgen eval --evaluator data_work/reward_embedder` wrote evaluator.* there
+    import subprocess
+    import sys
+
+    (tmp_path / "reward").mkdir()
+    (tmp_path / "reward" / "reward_embedder.json").write_text(json.dumps({"kind": "pgen_reward_embedder"}))
+    code = ("import sys, torch\n"
+            "from pgen_engine.eval.evaluator import EvaluatorConfig, train_evaluator\n"
+            "assert 'pgen_engine.rewards.cocons' not in sys.modules\n"
+            "imgs = torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8)\n"
+            "try:\n"
+            "    train_evaluator(imgs, [[0, 1, 2, 3], [4, 5, 6, 7]], [{}] * 8, sys.argv[1],\n"
+            "                    EvaluatorConfig(steps=1, image_size=32, batch_size=8))\n"
+            "except ValueError as e:\n"
+            "    print('REFUSED', e)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "reward")], capture_output=True, text=True,
+                       timeout=300)
+    assert "REFUSED" in r.stdout and "holds a reward-embedder artifact" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert not (tmp_path / "reward" / "evaluator.json").exists()
