@@ -482,3 +482,13 @@ def test_evaluator_refuses_a_reward_embedder_folder_in_a_process_that_never_impo
                        timeout=300)
     assert "REFUSED" in r.stdout and "holds a reward-embedder artifact" in r.stdout, r.stdout + r.stderr[-2000:]
     assert not (tmp_path / "reward" / "evaluator.json").exists()
+
+
+def test_pgen_demo_on_a_dataset_without_test_users_fails_before_training(tmp_path, monkeypatch):
+    # `pgen demo --data D` trained SFT and RL for every seed before finding that D has no test user
+    import pgen_engine.eval.demo as D
+
+    ds = write_dataset(tmp_path / "ds", tie_last=True)
+    monkeypatch.setattr(D, "_train_seed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    with pytest.raises(DataError, match="no test examples"):
+        D.run_demo(tmp_path / "out", data=str(ds), progress=False)
