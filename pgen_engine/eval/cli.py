@@ -32,6 +32,9 @@ def _embedder(spec: str):
     kind, _, path = spec.partition(":")
     if not path:
         raise ValueError(f"--embedder {spec!r}: expected auto, pixel_stats or TYPE:PATH (e.g. clip:/models/clip)")
+    if kind == "eval_cnn" or is_evaluator_artifact(path):  # make_embedder's refusal speaks of rewards
+        raise ValueError(f"--embedder {spec}: an evaluator artifact is passed as --evaluator {path} "
+                         "(with --embedder auto), where its training data is checked against this dataset")
     return make_embedder({"type": kind, "path": path})
 
 

@@ -311,12 +311,16 @@ def test_bad_embedder_and_evaluator_flags_fail_before_the_model(tmp_path, capsys
     monkeypatch.setattr(C, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ev.txt").write_text("x")
+    (tmp_path / "evdir").mkdir()  # an evaluator artifact given as an --embedder: make_embedder said "rewards may not use it"
+    (tmp_path / "evdir" / "evaluator.json").write_text(json.dumps({"kind": "pgen_eval_embedder"}))
     base = ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(ds), "--quiet"]
     for extra, expect in ((["--embedder", "nope"], "expected auto, pixel_stats or TYPE:PATH"),
                           (["--embedder", "foo:/x"], "unknown type 'foo'"),
                           (["--embedder", f"clip:{tmp_path / 'missing'}"], "missing"),
                           (["--evaluator", str(tmp_path / "ev.txt")], "exists and is not a directory"),
-                          (["--out", str(tmp_path / "ev.txt" / "sub")], "is a file, not a folder")):
+                          (["--out", str(tmp_path / "ev.txt" / "sub")], "is a file, not a folder"),
+                          (["--embedder", f"eval_cnn:{tmp_path}"], "is passed as --evaluator"),
+                          (["--embedder", f"cocons_cnn:{tmp_path / 'evdir'}"], "is passed as --evaluator")):
         assert main(base + extra) == 1
         err = capsys.readouterr().err
         assert err.startswith("pgen eval: error: ") and expect in err and err.count("\n") == 1, (extra, err)
