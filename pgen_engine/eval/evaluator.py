@@ -366,7 +366,9 @@ def fit_cocons_cnn(images: torch.Tensor, train_sequences: Sequence[Sequence[int]
     held_seqs = [s for u, s in enumerate(train_sequences) if u in held]
     pairs = co_consumption_pairs(fit_seqs, cfg.window)
     if len(pairs) == 0:
-        raise ValueError(f"{desc}: no co-consumption pairs in the train split (every user needs >= 2 train items)")
+        raise ValueError(f"{desc}: no co-consumption pairs in the train split of {len(fit_seqs)} user(s) (a pair is two "
+                         f"different items within {cfg.window} steps in one user's train sequence; repeats of one item "
+                         "do not count)")
     held_pairs = co_consumption_pairs(held_seqs, 1)
     train_items = {int(i) for s in fit_seqs for i in s}
     groups = metadata_groups(item_meta, cfg.metadata_field, train_items) if cfg.metadata_frac > 0 else []

@@ -496,3 +496,13 @@ def test_pgen_demo_on_a_dataset_without_test_users_fails_before_training(tmp_pat
     monkeypatch.setattr(D, "_train_seed", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     with pytest.raises(DataError, match="no test examples"):
         D.run_demo(tmp_path / "out", data=str(ds), progress=False)
+
+
+def test_no_co_consumption_pairs_names_what_a_pair_is():
+    # every user re-consuming one item (a one-item catalogue) was told "every user needs >= 2
+    # train items" while every user had 3
+    from pgen_engine.eval.evaluator import EvaluatorConfig, fit_cocons_cnn
+
+    imgs = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="two different items within 3 steps.*repeats of one item do not count"):
+        fit_cocons_cnn(imgs, [[0, 0, 0]] * 3, [{}], EvaluatorConfig(steps=1, image_size=32, batch_size=8))
