@@ -128,3 +128,26 @@ def test_input_ids_dtype_error_names_the_accepted_dtypes(tmp_path_factory):
             g.generate(torch.tensor([[1, 7, 3]]).to(dt), greedy=True)
     ref = g.generate(torch.tensor([[1, 7, 3]]), greedy=True)
     assert torch.equal(g.generate(torch.tensor([[1, 7, 3]], dtype=torch.int32), greedy=True), ref)
+
+
+def test_generation_aligner_narrower_than_hidden_is_refused(tmp_path):
+    """A checkpoint whose vq_config.projection_dim (the generation aligner's output) is not the
+    text hidden_size loads, and Generator.generate failed inside the decode ('decode_loop_cpu:
+    aligner output width 24 != hidden size 48', 'decode_layers_cpu: hidden has shape ...'); the
+    Generator now refuses it at construction naming both fields."""
+    from transformers import JanusConfig, JanusForConditionalGeneration  # late import: seconds to import
+
+    from pgen_engine.models.tiny import tiny_janus_config
+
+    d = tiny_janus_config(hidden_size=48, num_layers=1, num_heads=6, num_kv_heads=2, intermediate_size=40,
+                          codebook_size=37, image_size=16, patch_size=8, vision_hidden_size=16).to_dict()
+    d["vq_config"]["projection_dim"] = 24
+    torch.manual_seed(0)
+    hf = JanusForConditionalGeneration(JanusConfig(**{k: v for k, v in d.items() if k != "transformers_version"}))
+    for k, v in SPECIAL.generation_config_dict().items():
+        setattr(hf.generation_config, k, v)
+    hf.save_pretrained(tmp_path / "ckpt")
+    model = pg.load_model(tmp_path / "ckpt")
+    for mode in ("eager", "static"):
+        with pytest.raises(ValueError, match=r"vq_config.projection_dim=24 != text_config.hidden_size=48"):
+            Generator(model, decode_mode=mode)
