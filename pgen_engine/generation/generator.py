@@ -210,9 +210,9 @@ class Generator:
                 ``[N_img, 3, image_size, image_size]``, non-finite ``guidance_scale`` /
                 ``temperature``, ...), before any work.
             NonFiniteLogitsError (a RuntimeError): some step's logits (CFG-mixed; divided by
-                ``temperature`` when sampling) hold NaN / Inf — NaN / Inf weights or
-                ``pixel_values``, or values past float32 — so no code can be picked. Raised when
-                the wave that met them ends; the Generator stays usable.
+                ``temperature`` when sampling or for ``return_logprobs``) hold NaN / Inf — NaN / Inf
+                weights or ``pixel_values``, or values past float32 — so no code (or log-prob) can
+                be picked. Raised when the wave that met them ends; the Generator stays usable.
         """
         if logprob_distribution not in LOGPROB_DISTRIBUTIONS:
             raise ValueError(f"logprob_distribution must be one of {LOGPROB_DISTRIBUTIONS}, "
@@ -270,7 +270,7 @@ class Generator:
                                            return_logprobs, logprob_distribution)
                 rows = torch.cat([torch.arange(it.prompt * num_samples + it.first,
                                                it.prompt * num_samples + it.first + it.count) for it in wave])
-                self._check_codes(toks, rows)
+                self._check_codes(toks, rows, lps)
                 out[rows.to(out.device)] = toks
                 if out_lp is not None:
                     out_lp[rows.to(out.device)] = lps
@@ -280,10 +280,10 @@ class Generator:
         return (out, out_lp) if return_logprobs else out
 
     @staticmethod
-    def _check_codes(codes: torch.Tensor, rows: torch.Tensor) -> None:
-        """Raise if any code is -1: its step's logits were not finite (see :meth:`_pick`).
-        ``codes`` ``[n, T]`` are output rows ``rows``. One host read, after a wave."""
-        bad = (codes < 0).nonzero()
+    def _check_codes(codes: torch.Tensor, rows: torch.Tensor, lps: torch.Tensor | None = None) -> None:
+        """Raise if any code is -1 (its step's logits were not finite, see :meth:`_pick`) or any log-prob
+        ``lps`` is not (greedy ignores ``temperature``; its log-probs do not). One host read, after a wave."""
+        bad = ((codes < 0) if lps is None else (codes < 0) | ~torch.isfinite(lps)).nonzero()
         if bad.numel():
             r, t = (int(v) for v in bad[0])
             row = int(rows[r])

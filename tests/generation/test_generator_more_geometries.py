@@ -151,3 +151,25 @@ def test_generation_aligner_narrower_than_hidden_is_refused(tmp_path):
     for mode in ("eager", "static"):
         with pytest.raises(ValueError, match=r"vq_config.projection_dim=24 != text_config.hidden_size=48"):
             Generator(model, decode_mode=mode)
+
+
+@pytest.mark.parametrize("path", ["cpp", "python", "static"])
+def test_greedy_log_probs_past_float32_raise(tmp_path_factory, monkeypatch, path):
+    """greedy=True with return_logprobs and a temperature so small that logits / temperature
+    overflow float32 returned the greedy codes with NaN log-probs and no error (sampling raises
+    NonFiniteLogitsError there); the call now raises it too, naming the row and token."""
+    from pgen_engine.generation import NonFiniteLogitsError, decode_cpu
+
+    model, _ = _build(tmp_path_factory, "h45-hd40-mqa-k1000-t25")
+    if path == "python":
+        monkeypatch.setattr(decode_cpu, "applies", lambda *a: False)
+    g = Generator(model, max_batch_size=4, decode_mode="static" if path == "static" else "eager")
+    prompts = [[SPECIAL.bos, 7, SPECIAL.boi], [SPECIAL.bos, 9, 9, SPECIAL.boi]]
+    codes, lp = g.generate(prompts, greedy=True, guidance_scale=3.0, temperature=1e-30, return_logprobs=True)
+    assert torch.isfinite(lp).all() and torch.equal(codes, g.generate(prompts, greedy=True, guidance_scale=3.0))
+    for dist in ("conditional", "guided"):
+        with pytest.raises(NonFiniteLogitsError, match="output row 0 at image token 0"):
+            g.generate(prompts, greedy=True, guidance_scale=3.0, temperature=1e-45, return_logprobs=True,
+                       logprob_distribution=dist)
+    # without log-probs greedy ignores the temperature: same codes, no error
+    assert torch.equal(g.generate(prompts, greedy=True, guidance_scale=3.0, temperature=1e-45), codes)
