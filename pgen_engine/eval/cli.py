@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 from pgen_engine import envs
+from pgen_engine.config import DataConfig, load_config
+from pgen_engine.errors import PgenUserError, one_line
 from pgen_engine.data.history_mode import check_history_mode
 from pgen_engine.generation.generator import Generator
 from pgen_engine.generation.sampling_params import SamplingParams, SamplingParamsError
@@ -18,6 +20,8 @@ from pgen_engine.io_utils import folder_problem
 from pgen_engine.models import load_model
 from pgen_engine.models.checkpoint import read_training_record
 from pgen_engine.rewards.embedders import make_embedder
+from pgen_engine.training.rl_env import reward_embedder_spec
+from pgen_engine.training.sft_data import work_dir
 from pgen_engine.typed_config import check_seed, read_yaml_file
 
 from . import evaluate as E
@@ -53,6 +57,33 @@ def _reward_embedder_spec(ckpt: Path, run_config: str | None = None) -> dict | N
     cfg = _run_config_tree(Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml") or {}
     rl = cfg.get("rl") or {}
     return rl.get("embedder") if cfg.get("stage") == "rl" and isinstance(rl, dict) else None
+
+
+def _run_data(ckpt: Path, run_config: str | None = None) -> DataConfig:
+    """The training run's ``data`` section (``--run-config``, else CHECKPOINT/../config.resolved.yaml);
+    the defaults for a checkpoint without one (e.g. a downloaded Janus-Pro)."""
+    path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
+    if run_config and not path.is_file():
+        raise FileNotFoundError(f"--run-config {path}: file not found")
+    return load_config(path).data if path.is_file() else DataConfig()
+
+
+def _reference_embedder(ckpt: Path, run_config: str | None = None):
+    """``(embedder, spec)`` the ``retrieve`` row ranks with: an RL run's reward embedder, as in
+    ``pgen demo``; pixel statistics for other checkpoints, or (with a note) when the reward
+    embedder cannot be loaded from here (e.g. its work_dir is relative to another folder)."""
+    path = Path(run_config) if run_config else ckpt.parent / "config.resolved.yaml"
+    if path.is_file():
+        run = load_config(path)
+        if run.stage == "rl":
+            spec = reward_embedder_spec(run.rl, work_dir(run))
+            try:
+                return make_embedder(spec), spec
+            except (OSError, ValueError, PgenUserError) as e:
+                print(f"note: retrieve ranks with pixel statistics: the run's reward embedder {spec} cannot be "
+                      f"loaded ({one_line(e)})")
+    spec = {"type": "pixel_stats"}
+    return make_embedder(spec), spec
 
 
 def default_system_name(ckpt: Path, run_config: str | None = None) -> str:
@@ -127,9 +158,12 @@ def cmd_eval(a: argparse.Namespace) -> int:
     if not ckpt.is_dir():  # named before the dataset is read
         raise FileNotFoundError(f"--checkpoint {ckpt}: not a directory (expected a Janus checkpoint folder, "
                                 "e.g. a run's final/)")
+    # the run's split (history window, interaction floor), as its training made it
+    d = _run_data(ckpt, a.run_config)
+    split_kw = dict(k=d.history_k, min_interactions=d.min_interactions, min_rating=a.min_rating)
     # the dataset and its split before the model, the token cache and the evaluator: no test user
     # (e.g. every target ties the interaction before it) used to fail only after all three
-    E.load_eval_splits(a.data, min_rating=a.min_rating, require=a.split)
+    E.load_eval_splits(a.data, require=a.split, **split_kw)
     # a bad --embedder (unknown type, missing model folder) used to fail after the token cache
     embedder = None if a.embedder == "auto" else _embedder(a.embedder)
     model = load_model(ckpt, device=a.device, dtype=getattr(torch, a.dtype))
@@ -144,9 +178,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
     out = Path(a.out) if a.out else None
     cache_dir = Path(a.cache_dir) if a.cache_dir else default_token_cache_dir(a.data, tok.fingerprint(), out)
     reward_spec = _reward_embedder_spec(ckpt, a.run_config)
-    reference = make_embedder({"type": "pixel_stats"})
-    data = E.prepare_eval_data(a.data, tok, cache_dir, reference, k=settings.history_k, progress=not a.quiet,
-                               min_rating=a.min_rating, require=a.split)
+    reference, reference_spec = _reference_embedder(ckpt, a.run_config)
+    data = E.prepare_eval_data(a.data, tok, cache_dir, reference, progress=not a.quiet, require=a.split, **split_kw)
     if a.embedder == "auto":
         if a.evaluator and Path(a.evaluator, "evaluator.json").is_file():
             embedder = load_eval_embedder(data, a.evaluator)
@@ -156,7 +189,8 @@ def cmd_eval(a: argparse.Namespace) -> int:
         info = embedder.describe()
     else:
         info = {"type": a.embedder}
-    info.update({"reward_embedder": reward_spec, "independent": is_independent(reward_spec, info)})
+    info.update({"reward_embedder": reward_spec, "reference_embedder": reference_spec,
+                 "independent": is_independent(reward_spec, info)})
     data.catalogue_embeds = embedder.embed(data.catalogue_images).cpu()
     examples = data.examples(a.split, a.max_users, seed=a.seed)
     if not examples:

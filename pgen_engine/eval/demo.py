@@ -149,7 +149,8 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     if not synthetic and not (data_dir / "interactions.csv").is_file():  # before mkdir: no empty run folder left
         raise FileNotFoundError(f"--data {data_dir}: no interactions.csv (expected the native dataset layout)")
     if not synthetic:  # a dataset without test users fails now, not after every seed has trained
-        E.load_eval_splits(data_dir, require="test")
+        d = load_config(CONFIGS / f"{kind}_sft.yaml").data
+        E.load_eval_splits(data_dir, require="test", k=d.history_k, min_interactions=d.min_interactions)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "data_work"
     common = [f"data.dataset_dir={data_dir}", f"data.work_dir={work}"]
@@ -179,7 +180,8 @@ def run_demo(out: str | Path = "runs/demo", *, data: str | None = None, quick: b
     # First pass with the reference embedder only to get splits and catalogue images; the
     # evaluator is then trained on those images and the train split.
     cache_dir = work / f"eval_cache_{tok.fingerprint()[:16]}"
-    ev = E.prepare_eval_data(data_dir, tok, cache_dir, reference, k=settings.history_k, progress=progress,
+    ev = E.prepare_eval_data(data_dir, tok, cache_dir, reference, k=settings.history_k,
+                             min_interactions=settings.min_interactions, progress=progress,
                              require="test")
     t_ev = time.time()
     evaluator = train_eval_embedder(ev, out / "evaluator", steps=60 if quick else 300, progress=progress)

@@ -37,7 +37,7 @@ from pgen_engine.data.dataset import ITEMS_FILE, DataError, Dataset, filter_by_r
 from pgen_engine.data.history import CatalogueImages, run_tokenizer_file
 from pgen_engine.data.history_mode import trained_history_mode
 from pgen_engine.data.prompts import PromptBuilder, normalize_pixels
-from pgen_engine.data.splits import Example, Splits, build_splits
+from pgen_engine.data.splits import DEFAULT_MIN_INTERACTIONS, Example, Splits, build_splits
 from pgen_engine.data.synth import attributes_to_codes, load_ground_truth, read_attributes
 from pgen_engine.data.text_tokenizer import load_text_tokenizer
 from pgen_engine.data.token_cache import TokenCache, build_token_cache
@@ -115,8 +115,8 @@ def tied_targets(dataset: Dataset, splits: Splits) -> dict[str, list[str]]:
     return out
 
 
-def load_eval_splits(root: str | Path, *, k: int = 4, min_interactions: int = 5, drop_tied_targets: bool = True,
-                     min_rating: float | None = None, require: str | None = None):
+def load_eval_splits(root: str | Path, *, k: int = 4, min_interactions: int = DEFAULT_MIN_INTERACTIONS,
+                     drop_tied_targets: bool = True, min_rating: float | None = None, require: str | None = None):
     """``(dataset, splits, tied targets)`` of a native dataset (no image decoded); with ``require``
     ("valid"/"test"), a DataError when no example of that split is left once ties are dropped."""
     root = Path(root)
@@ -139,7 +139,7 @@ def load_eval_splits(root: str | Path, *, k: int = 4, min_interactions: int = 5,
 
 
 def prepare_eval_data(root: str | Path, tokenizer: ImageTokenizer, cache_dir: str | Path, embedder, *,
-                      k: int = 4, min_interactions: int = 5, progress: bool = False,
+                      k: int = 4, min_interactions: int = DEFAULT_MIN_INTERACTIONS, progress: bool = False,
                       reference_embedder=None, drop_tied_targets: bool = True,
                       min_rating: float | None = None, require: str | None = None) -> EvalData:
     """Load a native dataset, split it, (re)use its token cache and embed the catalogue.
@@ -176,7 +176,7 @@ class PromptSettings:
     """How a checkpoint was trained to read prompts (must match at evaluation).
 
     Attributes:
-        instruction, with_titles, history_k: the run's ``data`` settings.
+        instruction, with_titles, history_k, min_interactions: the run's ``data`` settings (its split).
         tokenizer_path: the PatchKMeans file whose codes the model speaks, or None when the
             checkpoint's own VQ model is the tokenizer.
         history_mode: ``data.history_mode`` the model was trained with ("pixels": history
@@ -188,6 +188,7 @@ class PromptSettings:
     history_k: int
     tokenizer_path: Path | None
     history_mode: str = "codes"
+    min_interactions: int = DEFAULT_MIN_INTERACTIONS
 
     @classmethod
     def for_checkpoint(cls, checkpoint: str | Path, run_config: str | Path | None = None) -> "PromptSettings":
@@ -205,7 +206,8 @@ class PromptSettings:
         if tok is not None and not tok.is_file():
             raise FileNotFoundError(f"{path}: the run's image tokenizer {tok} is missing")
 
-        return cls(d.instruction, d.with_titles, d.history_k, tok, trained_history_mode(ckpt, run_config)[0])
+        return cls(d.instruction, d.with_titles, d.history_k, tok, trained_history_mode(ckpt, run_config)[0],
+                   d.min_interactions)
 
     def tokenizer(self, model) -> ImageTokenizer:
         """The image tokenizer matching ``model``'s image vocabulary."""

@@ -11,6 +11,8 @@ import torch
 from pgen_engine.cli import main
 from pgen_engine.eval.cli import is_independent
 
+REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
+
 
 def test_pgen_eval_with_baselines_writes_report_json(tmp_path, capsys):
     from pgen_engine.data.dataset import load_dataset, load_image
@@ -165,3 +167,47 @@ def test_a_row_name_taken_by_a_baseline_is_refused(tmp_path, capsys):
     rc = main(["eval", "--checkpoint", str(tmp_path / "missing"), "--data", str(tmp_path), "--name", "copy_last"])
     assert rc != 0
     assert "--name copy_last" in capsys.readouterr().err
+
+
+def test_retrieve_ranks_with_the_rl_runs_reward_embedder_and_the_split_follows_the_run(tmp_path, monkeypatch, capsys):
+    # pgen eval ranked `retrieve` with pixel statistics for every run, while pgen demo (and the
+    # README) rank it with the reward-side embedder; it also split with min_interactions=5
+    # whatever the run had trained with
+    from pgen_engine.config import dump_config, load_config
+    from pgen_engine.eval import cli as C
+    from pgen_engine.eval.evaluate import PromptSettings
+
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+
+    ck = make_tiny_checkpoint(tmp_path / "run" / "final")
+    run = load_config(REPO / "configs" / "demo_rl.yaml", [f"data.work_dir={tmp_path / 'work'}",
+                                                         "data.min_interactions=7", "data.history_k=3"])
+    (tmp_path / "run" / "config.resolved.yaml").write_text(dump_config(run))
+    seen = []
+
+    def fake(spec):
+        seen.append(spec)
+        if spec["type"] == "cocons_cnn":
+            return "reward-cnn"
+        return "pixels"
+
+    monkeypatch.setattr(C, "make_embedder", fake)
+    emb, spec = C._reference_embedder(ck)
+    assert emb == "reward-cnn" and spec == {**run.rl.embedder, "path": str(tmp_path / "work" / "reward_embedder")}
+
+    def missing(spec):
+        if spec["type"] == "cocons_cnn":
+            raise FileNotFoundError(f"{spec['path']}: no reward embedder")
+        return "pixels"
+
+    monkeypatch.setattr(C, "make_embedder", missing)
+    assert C._reference_embedder(ck) == ("pixels", {"type": "pixel_stats"})
+    assert "note: retrieve ranks with pixel statistics" in capsys.readouterr().out
+    (tmp_path / "run" / "config.resolved.yaml").write_text(dump_config(load_config(REPO / "configs" / "demo_sft.yaml")))
+    assert C._reference_embedder(ck) == ("pixels", {"type": "pixel_stats"})  # an SFT run has no reward
+
+    (tmp_path / "run" / "config.resolved.yaml").write_text(dump_config(run))
+    monkeypatch.setattr("pgen_engine.eval.evaluate.run_tokenizer_file", lambda run: None)
+    s = PromptSettings.for_checkpoint(ck)
+    assert (s.min_interactions, s.history_k) == (7, 3)
+    assert (C._run_data(ck).min_interactions, C._run_data(ck).history_k) == (7, 3)
