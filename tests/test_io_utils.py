@@ -1,15 +1,14 @@
 """Atomic writes never leave a half-written file in place of a good one."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
-import resource
 from pathlib import Path
 
 import pytest
 
 from pgen_engine.io_utils import atomic_dir, atomic_path, atomic_write_json, atomic_write_text
+from tests.fs_faults import file_size_limit
 
 
 def test_atomic_write_replaces(tmp_path):
@@ -86,15 +85,6 @@ def test_folder_problem_says_why_a_folder_cannot_be_made(tmp_path):
     assert folder_problem(f / "a" / "b") == f"cannot be created: {f} is a file, not a folder"
 
 
-@contextlib.contextmanager
-def file_size_limit(nbytes: int):
-    """``ulimit -f``: writes past ``nbytes`` fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def test_a_failed_write_names_the_output_and_keeps_the_old_one(tmp_path):

@@ -8,6 +8,7 @@ import torch
 from pgen_engine.data.dataset import DataError, load_dataset, load_image
 from pgen_engine.data.token_cache import TokenCache, build_token_cache
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
+from tests.fs_faults import file_size_limit
 
 
 def _tok(ds, size=32, k=23, seed=0):
@@ -231,20 +232,14 @@ def test_full_disk_while_creating_the_cache_names_the_file_and_keeps_the_old_cac
     # reserved up front, and a failure removes the staging folder (nothing to resume)
     import errno
     import os
-    import resource
 
     ds = load_dataset(synth_dir)
     tok = _tok(ds)
     build_token_cache(ds, tok, tmp_path / "c", batch_size=10, progress=False)
     before = {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()}
     other = _tok(ds, k=31, seed=1)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))  # ulimit -f: EFBIG past 1 KiB
-    try:
-        with pytest.raises(OSError) as info:
-            build_token_cache(ds, other, tmp_path / "c", batch_size=10, progress=False)
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with file_size_limit(1024), pytest.raises(OSError) as info:  # EFBIG past 1 KiB, as on a full disk
+        build_token_cache(ds, other, tmp_path / "c", batch_size=10, progress=False)
     assert info.value.errno == errno.EFBIG and info.value.filename == str(tmp_path / ".c.partial" / "codes.bin")
     assert {f.name: f.read_bytes() for f in (tmp_path / "c").iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]

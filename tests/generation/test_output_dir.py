@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import errno
-import resource
 
 import numpy as np
 import pytest
 
 from pgen_engine.generation.output_dir import make_out, write_png
+from tests.fs_faults import file_size_limit
 
 
 def test_a_png_that_cannot_be_written_names_its_place_in_out(tmp_path):
@@ -16,13 +16,8 @@ def test_a_png_that_cannot_be_written_names_its_place_in_out(tmp_path):
     stage, created = make_out(out)
     assert created
     noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, hard))  # ulimit -f: EFBIG past 1 KiB (SIGXFSZ is ignored)
-    try:
-        with pytest.raises(OSError) as info:
-            write_png(noise, stage / "a_0.png")
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with file_size_limit(1024), pytest.raises(OSError) as info:  # EFBIG past 1 KiB, as on a full disk
+        write_png(noise, stage / "a_0.png")
     assert info.value.errno == errno.EFBIG and info.value.filename == str(out / "a_0.png"), info.value
     with pytest.raises(OSError) as info:  # an open() that fails keeps its own file name
         write_png(noise, tmp_path / "missing" / "b.png")

@@ -1,12 +1,10 @@
 """Resumable DeepSpeed checkpoints (1 rank, in process) and the Hugging Face export."""
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
 import random
-import resource
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from pgen_engine.training.checkpoints import (LATEST, META, ResumeError, complet
                                               latest_checkpoint, load_resumable, rng_state, save_resumable,
                                               set_rng_state)
 from pgen_engine.training.distributed import DistInfo, init_distributed
+from tests.fs_faults import file_size_limit
 
 
 @pytest.fixture(scope="module")
@@ -285,15 +284,6 @@ def test_cuda_rng_state_is_this_ranks_device_only_and_old_lists_restore_by_index
 
 
 # ---------------------------------------------------------------- a full disk while saving
-@contextlib.contextmanager
-def _file_size_limit(nbytes: int):
-    """``ulimit -f``: writes past ``nbytes`` fail with EFBIG (Python ignores SIGXFSZ), as on a full disk."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def _tree(d: Path) -> dict[str, bytes]:
@@ -311,7 +301,7 @@ def test_full_disk_while_saving_is_one_line_and_leaves_no_half_written_folder(di
     save_resumable(eng, tmp_path, 1, {"micro_batches": 1}, dist_info, keep=2)
     before = _tree(tmp_path)
     _step(eng, torch.randn(4, 7))
-    with _file_size_limit(2048):
+    with file_size_limit(2048):
         with pytest.raises(CheckpointWriteError) as info:
             save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=2)
     assert isinstance(info.value, PgenUserError) and str(tmp_path / "step00000002") in str(info.value)
@@ -347,7 +337,7 @@ def test_full_disk_while_exporting_keeps_the_earlier_export(dist_info, tmp_path)
     out = tmp_path / "run" / "final"
     export_hf(model, out, dist_info)
     before = _tree(tmp_path / "run")
-    with _file_size_limit(4096):
+    with file_size_limit(4096):
         with pytest.raises(CheckpointWriteError, match=r"final.*File too large.*earlier final/ is kept"):
             export_hf(model, out, dist_info)
     assert _tree(tmp_path / "run") == before
