@@ -146,6 +146,9 @@ def sample(
     B, V = logits.shape
     seeds = row_seeds(seed, B, logits.device)
     top_k = 0 if top_k >= V else top_k
+    # every backend thresholds in float32, where a top_p below its smallest normal is 0 (refused by the
+    # C++ / CUDA checks); any such top_p keeps exactly the most probable codes, as the smallest normal does
+    top_p = max(float(top_p), torch.finfo(torch.float32).tiny)
     be = resolve_backend(backend, logits.device, SUPPORTED, "sample")
     args = (logits, uncond_logits, float(guidance_scale), float(temperature), int(top_k), float(top_p), seeds)
     if be == "torch":

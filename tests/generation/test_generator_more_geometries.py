@@ -173,3 +173,20 @@ def test_greedy_log_probs_past_float32_raise(tmp_path_factory, monkeypatch, path
                        logprob_distribution=dist)
     # without log-probs greedy ignores the temperature: same codes, no error
     assert torch.equal(g.generate(prompts, greedy=True, guidance_scale=3.0, temperature=1e-45), codes)
+
+
+@pytest.mark.parametrize("path", ["cpp", "python", "static"])
+def test_top_p_below_float32_equals_greedy(tmp_path_factory, monkeypatch, path):
+    """top_p=1e-50 passes SamplingParams ((0, 1]) but the float32 samplers read it as 0: the call
+    failed after the prefill with 'sample_cpu: top_p must be in (0, 1], got 0.000000'. It now keeps
+    the most probable code, as any tiny top_p does: the greedy codes."""
+    from pgen_engine.generation import decode_cpu
+
+    model, _ = _build(tmp_path_factory, "h45-hd40-mqa-k1000-t25")
+    if path == "python":
+        monkeypatch.setattr(decode_cpu, "applies", lambda *a: False)
+    g = Generator(model, max_batch_size=4, decode_mode="static" if path == "static" else "eager")
+    prompts = [[SPECIAL.bos, 7, SPECIAL.boi], [SPECIAL.bos, 9, 9, SPECIAL.boi]]
+    greedy = g.generate(prompts, greedy=True, guidance_scale=3.0, num_samples=2)
+    for top_p in (1e-50, 5e-324):
+        assert torch.equal(g.generate(prompts, guidance_scale=3.0, num_samples=2, seed=4, top_p=top_p), greedy)

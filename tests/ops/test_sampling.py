@@ -154,3 +154,16 @@ def test_non_finite_rows_draw_minus_one(backend):
                 assert got[i].item() == -1, (kw, i)
             else:
                 assert got[i].item() == ref[i].item() and 0 <= got[i].item() < V, (kw, i)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_top_p_below_float32_keeps_the_argmax(backend):
+    """top_p = 1e-50 is in (0, 1] (SamplingParams and sample accept it) but rounds to 0 in float32:
+    sample_cpu refused it mid-generation ('top_p must be in (0, 1], got 0.000000'). Every top_p at
+    or below float32's smallest normal keeps exactly the most probable codes, so it is clamped there."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 37, generator=gen)
+    want = x.argmax(-1)
+    for top_p in (1e-50, 5e-324, torch.finfo(torch.float32).tiny):
+        got = sample(x.to(DEV), top_p=top_p, seed=torch.arange(4).to(DEV), backend=backend).cpu()
+        assert torch.equal(got, want), (top_p, got, want)
