@@ -19,6 +19,7 @@ import torch
 
 from pgen_engine import envs
 from pgen_engine.ops._backend import extension
+from pgen_engine.ops.sampling import clamp_to_float32
 
 from . import layers_cpu
 from .waves import LOGPROB_DISTRIBUTIONS
@@ -203,7 +204,7 @@ def run_decode_loop(model, cache, cfg: bool, out: torch.Tensor, out_lp: torch.Te
     ext = extension()
     step_seeds, base, slot0 = step_seeds.contiguous(), base.contiguous(), slot0.contiguous()
     top_k = 0 if top_k >= codebook else int(top_k)
-    top_p = max(float(top_p), torch.finfo(torch.float32).tiny)  # the loop's float32 sampler: as ops.sample
+    top_p, temperature = clamp_to_float32(top_p, temperature)  # the loop's float32 sampler: as ops.sample
     passes = rows_per_pass(model, cache, cfg, T)
     step = T if progress is None else max(1, chunk, -(-(T - 1) // max(1, max_chunks)))
     for t0 in range(1, T, step):

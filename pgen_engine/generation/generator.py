@@ -35,7 +35,7 @@ from pgen_engine.models.decoder import KVCache
 from pgen_engine.ops import kv_quant
 from pgen_engine.ops._backend import BACKENDS, extension
 from pgen_engine.ops.rng import mix_seed
-from pgen_engine.ops.sampling import sample
+from pgen_engine.ops.sampling import clamp_to_float32, sample
 
 from . import inputs
 from .alloc import GenerationMemoryError, allocating
@@ -225,8 +225,8 @@ class Generator:
         progress = as_flag(progress, "progress")
         sp = self._sampling(sampling, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
                             top_p=top_p, greedy=greedy, seed=seed)
-        guidance_scale, temperature, top_k, top_p, greedy = (sp.guidance_scale, sp.temperature, sp.top_k,
-                                                             sp.top_p, sp.greedy)
+        (top_p, temperature), guidance_scale, top_k, greedy = clamp_to_float32(sp.top_p, sp.temperature), \
+            sp.guidance_scale, sp.top_k, sp.greedy  # into float32's range, for every backend and the log-probs
         req_seeds = inputs.request_seeds(sp.request_seeds(B), B)
         if image_embeds is not None:
             if pixel_values is not None:

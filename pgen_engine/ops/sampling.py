@@ -92,6 +92,16 @@ def _(logits, uncond_logits, guidance_scale, temperature, top_k, top_p, seeds):
     return logits.new_empty((logits.shape[0],), dtype=torch.int64)
 
 
+def clamp_to_float32(top_p: float, temperature: float) -> tuple[float, float]:
+    """``top_p`` and ``temperature`` (validated: both > 0) moved into float32's normal range, as the
+    float32 samplers (C++ / CUDA / Triton / the C++ decode loop) need them: a top_p of 1e-50 keeps the
+    most probable codes as float32's smallest normal does (not 0: refused); a temperature of 1e300 is
+    float32's largest (near-uniform, not inf: refused), one of 1e-50 its smallest normal (near-greedy,
+    or logits / temperature past float32: the documented non-finite row)."""
+    f = torch.finfo(torch.float32)
+    return max(float(top_p), f.tiny), min(max(float(temperature), f.tiny), f.max)
+
+
 def _validate(logits, uncond_logits, temperature, top_k, top_p) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"sample: logits must be a [B, V] tensor, got {getattr(logits, 'shape', type(logits))}")
@@ -146,9 +156,10 @@ def sample(
     B, V = logits.shape
     seeds = row_seeds(seed, B, logits.device)
     top_k = 0 if top_k >= V else top_k
-    # every backend thresholds in float32, where a top_p below its smallest normal is 0 (refused by the
-    # C++ / CUDA checks); any such top_p keeps exactly the most probable codes, as the smallest normal does
-    top_p = max(float(top_p), torch.finfo(torch.float32).tiny)
+    # every backend works in float32, where a top_p below its smallest normal is 0 and a temperature
+    # past its range 0 or inf (refused by the C++ / CUDA checks): any such top_p keeps exactly the most
+    # probable codes, as the smallest normal does; a temperature is clamped into the normal range
+    top_p, temperature = clamp_to_float32(top_p, temperature)
     be = resolve_backend(backend, logits.device, SUPPORTED, "sample")
     args = (logits, uncond_logits, float(guidance_scale), float(temperature), int(top_k), float(top_p), seeds)
     if be == "torch":
@@ -160,4 +171,4 @@ def sample(
     return fn(*args)
 
 
-__all__ = ["sample", "triton_available"]
+__all__ = ["clamp_to_float32", "sample", "triton_available"]

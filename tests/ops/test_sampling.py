@@ -167,3 +167,15 @@ def test_top_p_below_float32_keeps_the_argmax(backend):
     for top_p in (1e-50, 5e-324, torch.finfo(torch.float32).tiny):
         got = sample(x.to(DEV), top_p=top_p, seed=torch.arange(4).to(DEV), backend=backend).cpu()
         assert torch.equal(got, want), (top_p, got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_temperature_past_float32_range_is_clamped(backend):
+    """temperature 1e39 is finite and > 0 but inf in float32 (sample_cpu refused it, 'got inf'); it is
+    clamped to float32's largest, which samples as the torch reference does at that temperature."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 37, generator=gen)
+    seeds = torch.arange(6) * 3 + 1
+    want = sample(x, temperature=torch.finfo(torch.float32).max, seed=seeds, backend="torch")
+    for t in (1e39, 1e300):
+        assert torch.equal(sample(x.to(DEV), temperature=t, seed=seeds.to(DEV), backend=backend).cpu(), want), t
