@@ -225,12 +225,6 @@ def make_backend(model, cache_dtype: torch.dtype, decode_mode: str = "auto") -> 
     backend for a float32 CPU model and cache the C++ stack supports, else eager torch),
     ``"static"`` or ``"graph"`` (CUDA only); see :func:`.decode_graph.resolve_decode_mode`.
     """
-    aligned = ([model.generation_aligner.fc1, *model.generation_aligner.hidden_layers][-1].out_features,
-               model.config.text.hidden_size)
-    if aligned[0] != aligned[1]:  # else the first decode step fails inside the C++ loop / the layers
-        raise ValueError(f"the checkpoint's vq_config.projection_dim={aligned[0]} != text_config.hidden_size="
-                         f"{aligned[1]}: the generation aligner must map a VQ code to an LM input embedding "
-                         "of hidden_size (transformers' Janus cannot generate from it either)")
     mode = dg.resolve_decode_mode(decode_mode, model.device)
     cpp = layers_cpu.supports(model.language_model, model.dtype, model.device, cache_dtype)
     if mode in ("static", "graph"):

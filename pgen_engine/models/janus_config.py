@@ -213,10 +213,12 @@ class JanusModelConfig:
             raise CheckpointError(
                 f"{source}: vq_config.image_token_embed_dim={q.get('image_token_embed_dim')} != text hidden_size={hidden}"
             )
-        if int(v.get("projection_dim", hidden)) != hidden:
-            raise CheckpointError(
-                f"{source}: vision_config.projection_dim={v.get('projection_dim')} != text hidden_size={hidden}"
-            )
+        # both aligners feed the language model: their output width is its hidden size
+        for section, sub in (("vision_config", v), ("vq_config", q)):
+            if int(sub.get("projection_dim", hidden)) != hidden:
+                raise CheckpointError(
+                    f"{source}: {section}.projection_dim={sub.get('projection_dim')} != text hidden_size={hidden}"
+                )
         # transformers' JanusConfig default is True: a config.json without the field ties lm_head
         # to embed_tokens (and such a checkpoint has no lm_head.weight)
         tie = cfg.get("tie_word_embeddings", True)
