@@ -143,18 +143,18 @@ class Generator:
         """Free the KV storage (and captured graphs, which point into it), and on CPU the
         buffer the C++ decode reuses for packed weights; the next call allocates them again."""
         self._kv.release()
-        ext = extension()
-        if hasattr(ext, "release_pack_arena"):
+        if hasattr(ext := extension(), "release_pack_arena"):
             ext.release_pack_arena()
 
-    def kv_bytes(self, prompt_lens: Sequence[int], num_samples: int = 1, guidance_scale: float = 5.0) -> int:
-        """Bytes of KV storage :meth:`generate` would hold at its peak for prompts of these
-        lengths: the same wave plan and sizing code the call runs, with one unconditional
-        prefix per distinct length (``"pad"``) or one ``[bos, boi]`` (``"short"``). For memory
-        planning; works for a model on the meta device."""
+    def kv_bytes(self, prompt_lens: Sequence[int], num_samples: int = 1, guidance_scale: float = 5.0,
+                 distinct_uncond: bool = False) -> int:
+        """Peak KV bytes :meth:`generate` would hold for prompts of these lengths (its own wave plan and
+        sizing code): one unconditional prefix per distinct length (``"pad"``; per prompt with
+        ``distinct_uncond``, the bound for history prompts, whose interior image tokens make same-length
+        ones differ) or one ``[bos, boi]`` (``"short"``). For memory planning; works on the meta device."""
         return plan_kv_bytes(self.model.config.text, self.num_image_tokens, prompt_lens, num_samples=num_samples,
-                             guidance_scale=guidance_scale, uncond_mode=self.uncond_mode,
-                             max_batch_size=self.max_batch_size, dtype=self.cache_dtype, max_seq_len=self.max_seq_len)
+                             guidance_scale=guidance_scale, uncond_mode=self.uncond_mode, dtype=self.cache_dtype,
+                             max_batch_size=self.max_batch_size, max_seq_len=self.max_seq_len, distinct_uncond=distinct_uncond)
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor | Sequence[Sequence[int]], attention_mask: torch.Tensor | None = None,

@@ -91,11 +91,15 @@ def plan_waves(num_prompts: int, num_samples: int, cap: int) -> Iterator[list[Wa
 
 def plan_kv_bytes(text_cfg, num_image_tokens: int, prompt_lens: Sequence[int], *, num_samples: int = 1,
                   guidance_scale: float = 5.0, uncond_mode: str = "pad", max_batch_size: int = 32,
-                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> int:
+                  dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
+                  distinct_uncond: bool = False) -> int:
     """Peak KV bytes a wave-scheduled :meth:`Generator.generate` holds for prompts of these
     lengths: the Generator's own wave plan and :func:`wave_geometry` (the code that sizes its
-    storage). ``"pad"`` unconditional prompts are shared per distinct length; ``"short"`` is
-    one ``[bos, boi]``. No model or device needed (memory planning). A prompt that ``generate``
+    storage). ``"pad"`` unconditional prompts are shared per distinct length, which is exact
+    for text prompts; history prompts keep their interior begin-of-image tokens in the
+    unconditional prompt, so same-length ones may differ: ``distinct_uncond`` counts one per
+    prompt (the upper bound). ``"short"`` is one ``[bos, boi]``. No model or device needed
+    (memory planning). A prompt that ``generate``
     refuses for its length (past ``max_seq_len`` when given, or the model's
     ``max_position_embeddings``, with the image tokens) is refused here too, with its message."""
     if uncond_mode not in UNCOND_MODES:
@@ -115,13 +119,17 @@ def plan_kv_bytes(text_cfg, num_image_tokens: int, prompt_lens: Sequence[int], *
     if max_seq_len is not None and max(lens) + T > max_seq_len:
         raise ValueError(f"a prompt of {max(lens)} tokens + {T} image tokens exceeds max_seq_len={max_seq_len}")
 
-    def ukey(n: int) -> tuple[int, ...]:
-        return (-2, -3) if uncond_mode == "short" else (-1,) * n  # stands for the pad prompt of length n
+    def ukey(b: int) -> tuple[int, ...]:
+        if uncond_mode == "short":
+            return (-2, -3)
+        # stands for the pad prompt of prompt b's length (distinct_uncond: of prompt b itself); the
+        # key's length is the prompt's, which is what wave_geometry sizes
+        return ((-4 - b) if distinct_uncond else -1,) + (-1,) * (lens[b] - 1)
 
     peak = 0
     for w in plan_waves(len(lens), num_samples, max_batch_size):
         g = wave_geometry([lens[it.prompt] for it in w], [it.count for it in w],
-                          [ukey(lens[it.prompt]) for it in w] if cfg else None, T)
+                          [ukey(it.prompt) for it in w] if cfg else None, T)
         peak = max(peak, g.tokens)
     per_token = 2 * text_cfg.num_layers * text_cfg.num_kv_heads * text_cfg.head_dim * \
         torch.empty((), dtype=dtype).element_size()

@@ -216,6 +216,23 @@ def test_kv_memory_target_shared_prompts_and_uncond(peaky):
     assert peak < (128 * (512 + T)) * per_tok / 5
 
 
+def test_kv_bytes_of_history_prompts_with_distinct_uncond_prompts(peaky):
+    # history prompts keep their interior begin-of-image tokens in the "pad" unconditional prompt,
+    # so two of one length may each hold their own; the default plan (one per distinct length) then
+    # under-counted what generate held, which the RL memory planner relied on
+    model, _ = peaky
+    sp = model.special_tokens
+    t = [i for i in range(64) if i not in set(vars(sp).values())][-5:]  # plain text tokens
+    a = [sp.bos, t[0], sp.boi, t[1], t[2], t[3], t[4], sp.boi]
+    b = [sp.bos, t[0], t[1], t[2], sp.boi, t[3], t[4], sp.boi]
+    g = Generator(model, max_batch_size=4, max_seq_len=8 + model.num_image_tokens)
+    g.generate(torch.tensor([a, b]), num_samples=2, guidance_scale=5.0, greedy=True)
+    peak = g.last_stats["kv_bytes_peak"]
+    assert peak == g.kv_bytes([8, 8], num_samples=2, distinct_uncond=True) > g.kv_bytes([8, 8], num_samples=2)
+    g.generate(torch.tensor([a, a]), num_samples=2, guidance_scale=5.0, greedy=True)  # identical: an upper bound
+    assert g.last_stats["kv_bytes_peak"] == g.kv_bytes([8, 8], num_samples=2) < g.kv_bytes([8, 8], 2, distinct_uncond=True)
+
+
 def test_kv_bytes_plan_needs_no_model():
     from types import SimpleNamespace
 

@@ -18,5 +18,7 @@ def rollout_kv_bytes(model, rows: int, max_seq_len: int, uncond_mode: str, num_s
     gen = Generator(model, max_batch_size=rows, max_seq_len=max_seq_len, uncond_mode=uncond_mode,
                     decode_mode="eager")
     plen = max_seq_len - model.num_image_tokens
+    # RL prompts are history prompts: their interior begin-of-image tokens stay in the "pad"
+    # unconditional prompt, so prompts of one length may each have their own (the upper bound)
     return int(gen.kv_bytes([plen] * max(1, rows // num_samples), num_samples=num_samples,
-                            guidance_scale=guidance_scale))
+                            guidance_scale=guidance_scale, distinct_uncond=True))
