@@ -20,7 +20,7 @@ import torch
 
 import pgen_engine as pg
 from pgen_engine.generation import Generator, decode_cpu
-from pgen_engine.models.tiny import make_tiny_checkpoint
+from tests.generation._geometry import build_pair
 
 SPECIAL = pg.SpecialTokens.builtin()
 
@@ -46,18 +46,9 @@ GEOMETRIES = {
                               vision_hidden_size=16),
 }
 
-_BUILT: dict[str, tuple] = {}
-
-
 def _build(tmp_path_factory, name: str):
     """(engine model, transformers model) of a geometry, built once per session."""
-    if name not in _BUILT:
-        from benchmarks.hf_janus import load_hf_janus  # late import: image generate ready on this transformers
-
-        path = make_tiny_checkpoint(tmp_path_factory.mktemp("geom") / name, seed=3, init_std=0.2,
-                                    **GEOMETRIES[name])
-        _BUILT[name] = (pg.load_model(path), load_hf_janus(path))
-    return _BUILT[name]
+    return build_pair(tmp_path_factory, name, GEOMETRIES[name])
 
 
 @pytest.fixture(params=list(GEOMETRIES))

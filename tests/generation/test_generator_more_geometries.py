@@ -16,9 +16,9 @@ import torch
 import pgen_engine as pg
 from pgen_engine.models.checkpoint import CheckpointError
 from pgen_engine.generation import Generator
-from pgen_engine.models.tiny import make_tiny_checkpoint
 
 from tests.generation.test_generator_geometries import _oracle
+from tests.generation._geometry import build_pair
 
 SPECIAL = pg.SpecialTokens.builtin()
 
@@ -36,9 +36,6 @@ GEOMETRIES = {
                                   vision_hidden_size=16),
 }
 
-_BUILT: dict[str, tuple] = {}
-
-
 def _ragged(seed: int, lens: list[int]):
     """Left-padded ``[bos, text..., boi]`` prompts; a 1-token prompt is ``[boi]``."""
     gen = torch.Generator().manual_seed(seed)
@@ -54,13 +51,8 @@ def _ragged(seed: int, lens: list[int]):
 
 
 def _build(tmp_path_factory, name: str):
-    if name not in _BUILT:
-        from benchmarks.hf_janus import load_hf_janus  # late import: image generate ready on this transformers
-
-        path = make_tiny_checkpoint(tmp_path_factory.mktemp("geom2") / name, seed=3, init_std=0.2,
-                                    **GEOMETRIES[name])
-        _BUILT[name] = (pg.load_model(path), load_hf_janus(path))
-    return _BUILT[name]
+    """(engine model, transformers model) of a geometry, built once per session."""
+    return build_pair(tmp_path_factory, name, GEOMETRIES[name])
 
 
 @pytest.fixture(params=list(GEOMETRIES))
