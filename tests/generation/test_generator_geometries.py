@@ -20,7 +20,7 @@ import torch
 
 import pgen_engine as pg
 from pgen_engine.generation import Generator, decode_cpu
-from tests.generation._geometry import build_pair
+from tests.generation._geometry import build_pair, ragged_prompts
 
 SPECIAL = pg.SpecialTokens.builtin()
 
@@ -63,15 +63,7 @@ def odd(tmp_path_factory):
 
 
 def _ragged(seed: int, lens: list[int]):
-    gen = torch.Generator().manual_seed(seed)
-    S = max(lens)
-    ids = torch.full((len(lens), S), SPECIAL.pad, dtype=torch.long)
-    mask = torch.zeros((len(lens), S), dtype=torch.long)
-    for b, n in enumerate(lens):
-        body = torch.randint(6, 300, (n - 2,), generator=gen)
-        ids[b, S - n:] = torch.cat([torch.tensor([SPECIAL.bos]), body, torch.tensor([SPECIAL.boi])])
-        mask[b, S - n:] = 1
-    return ids, mask
+    return ragged_prompts(seed, lens, SPECIAL)
 
 
 @torch.no_grad()

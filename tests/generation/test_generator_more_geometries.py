@@ -18,7 +18,7 @@ from pgen_engine.models.checkpoint import CheckpointError
 from pgen_engine.generation import Generator
 
 from tests.generation.test_generator_geometries import _oracle
-from tests.generation._geometry import build_pair
+from tests.generation._geometry import build_pair, ragged_prompts
 
 SPECIAL = pg.SpecialTokens.builtin()
 
@@ -37,17 +37,7 @@ GEOMETRIES = {
 }
 
 def _ragged(seed: int, lens: list[int]):
-    """Left-padded ``[bos, text..., boi]`` prompts; a 1-token prompt is ``[boi]``."""
-    gen = torch.Generator().manual_seed(seed)
-    S = max(lens)
-    ids = torch.full((len(lens), S), SPECIAL.pad, dtype=torch.long)
-    mask = torch.zeros((len(lens), S), dtype=torch.long)
-    for b, n in enumerate(lens):
-        row = [SPECIAL.boi] if n == 1 else [SPECIAL.bos, *torch.randint(6, 300, (n - 2,), generator=gen).tolist(),
-                                            SPECIAL.boi]
-        ids[b, S - n:] = torch.tensor(row)
-        mask[b, S - n:] = 1
-    return ids, mask
+    return ragged_prompts(seed, lens, SPECIAL)
 
 
 def _build(tmp_path_factory, name: str):
