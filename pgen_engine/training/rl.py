@@ -428,7 +428,7 @@ class RLStage(Stage):
         dataset = load_dataset(cfg.data.dataset_dir, check_images=False)
         # a learned reward embedder is trained once, by rank 0; the others reuse it, or stop with its error.
         # Under the work_dir lock (used as a decorator): runs sharing the work_dir fit it once.
-        on_main(work_dir_lock(cfg)(lambda: ensure_reward_embedder(
+        on_main(work_dir_lock(work_dir(cfg))(lambda: ensure_reward_embedder(
             reward_embedder_spec(rl, work_dir(cfg)), data.tokenizer.decode, ds.cache, list(dataset.items),
             data.splits.train_sequences, [it.extra for it in dataset.items.values()])), dist.is_main)
         reward_env, gt = build_reward_env(rl, data.tokenizer, ds.cache, cfg.data.dataset_dir, list(dataset.items),

@@ -98,14 +98,14 @@ def ensure_dataset(cfg: RunConfig) -> Path:
     return root
 
 
-def work_dir_lock(cfg: RunConfig):
-    """Context manager: the exclusive lock of ``work_dir(cfg)`` (see :mod:`pgen_engine.file_lock`).
+def work_dir_lock(wd: Path):
+    """Context manager (also a decorator): the exclusive lock of the work dir ``wd``
+    (``work_dir(cfg)``; see :mod:`pgen_engine.file_lock`).
 
     Held by rank 0 while it fits or checks the tokenizer, the token and vision caches and the
     reward embedder there, so runs sharing a work_dir make each file once and reuse it.
     """
-    wd = work_dir(cfg)
-    return exclusive(wd / ".prepare.lock", f"data preparation in {wd}")
+    return exclusive(Path(wd) / ".prepare.lock", f"data preparation in {wd}")
 
 
 def _item_images(dataset, size: int) -> torch.Tensor:
@@ -215,7 +215,7 @@ def _prepare_on_main(cfg: RunConfig, feature_dtype: torch.dtype = torch.float32)
     ``feature_dtype``: the dtype the run trains in (the vision feature cache is stored in it)."""
     try:
         root = ensure_dataset(cfg)
-        with work_dir_lock(cfg):
+        with work_dir_lock(work_dir(cfg)):
             dataset = load_dataset(root)
             tok = _tokenizer(cfg, dataset, fit=True)
             model_dir = _model_dir(cfg, tok)
