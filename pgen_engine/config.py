@@ -230,14 +230,16 @@ class TrainConfig:
         global_batch_size: examples per optimizer step over all ranks (fixed across world sizes).
         max_micro_batch_size: memory hint for a derived micro-batch: the most examples one
             rank's forward may hold (ignored when ``micro_batch_size`` is set).
-        max_steps: optimizer steps.
+        max_steps: stage steps: optimizer steps in SFT, RL steps in RL (each RL step makes
+            several optimizer steps, see :class:`RLConfig`); ``save_every`` / ``log_every``
+            count the same steps.
         lr, min_lr_ratio, warmup_steps: linear warmup to ``lr`` then cosine to ``lr*min_lr_ratio``.
         weight_decay, betas, eps: AdamW.
         grad_clip: global gradient-norm clip (0 = off).
         cond_dropout_p: probability a training prompt is replaced by its unconditional
             counterpart (keeps CFG meaningful).
         trainable: parameter groups (name prefixes) that are trained; the rest are frozen.
-        save_every: checkpoint every N optimizer steps (0 = only at the end).
+        save_every: checkpoint every N steps (0 = only at the end).
         keep_checkpoints: how many resumable checkpoints to keep (older ones are deleted).
         log_every: metrics every N steps.
     """
