@@ -65,6 +65,8 @@ VARIABLES: dict[str, EnvVar] = {v.name: v for v in (
     EnvVar("PGEN_BENCH_GUIDED_CASES", "str", None, "benchmarks",
            "cases of the guided-rollout benchmark (demo-rl,realistic)"),
     EnvVar("PGEN_BENCH_PROFILE", "bool", False, "benchmarks", "1: write a torch profiler trace"),
+    EnvVar("PGEN_BENCH_KV", "str", None, "benchmarks",
+           "KV cache dtypes the GPU generation benchmark times (comma list of bf16, fp8; default both)"),
 )}
 
 

@@ -271,7 +271,7 @@ def register(subparsers) -> None:
                    "checkpoint's VQ model)")
     p.add_argument("--cache-dir", default=None,
                    help="token cache folder (built when missing; default OUT/token_cache_<tokenizer>, or without "
-                        "--out $PGEN_CACHE_DIR / ~/.cache/pgen_engine)")
+                        "--out under $PGEN_CACHE_DIR, else $XDG_CACHE_HOME/pgen_engine, else ~/.cache/pgen_engine)")
     p.add_argument("--embedder", default="auto", help="auto (the independent evaluator CNN, trained on the "
                    "dataset's train split or loaded from --evaluator), pixel_stats, or clip:PATH / siglip:PATH")
     p.add_argument("--history-mode", choices=("pixels", "codes"), default=None,
