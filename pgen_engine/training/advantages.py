@@ -33,28 +33,31 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale_by_std: bo
             "Dr. GRPO" mean-centred variant.
         eps: keeps all-equal groups (std 0) finite: their advantages are exactly 0.
     Returns:
-        float32 ``[N]`` ``(r - mean_g) / (std_g + eps)``.
+        float32 ``[N]`` ``(r - mean_g) / (std_g + eps)``, computed in float64: a float32 group
+        mean of equal rewards can miss them by an ulp, which ``eps`` does not hide once the
+        rewards are large (reward 100: advantages ~0.9 instead of 0).
     """
     _check_1d(rewards, "group_advantages: rewards")
     if group_size < 1 or rewards.shape[0] % group_size:
         raise ValueError(f"group_advantages: {rewards.shape[0]} rewards are not a whole number of groups of "
                          f"group_size={group_size}")
-    r = rewards.float().reshape(-1, group_size)
+    r = rewards.double().reshape(-1, group_size)
     centred = r - r.mean(dim=1, keepdim=True)
     if scale_by_std:
         centred = centred / (r.std(dim=1, unbiased=False, keepdim=True) + eps)
-    return centred.reshape(-1)
+    return centred.reshape(-1).float()
 
 
 def batch_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:
     """Critic-free PPO advantages: rewards whitened over the whole batch, float32 ``[N]``.
 
     The batch mean is the baseline (no value network); with one sample per prompt this
-    is the usual REINFORCE-with-baseline estimator that PPO-clip then optimises.
+    is the usual REINFORCE-with-baseline estimator that PPO-clip then optimises. In float64,
+    as :func:`group_advantages` (equal rewards give exactly 0).
     """
     _check_1d(rewards, "batch_advantages: rewards")
-    r = rewards.float()
-    return (r - r.mean()) / (r.std(unbiased=False) + eps)
+    r = rewards.double()
+    return ((r - r.mean()) / (r.std(unbiased=False) + eps)).float()
 
 
 def global_batch_advantages(rewards: torch.Tensor, *, eps: float = 1e-6) -> torch.Tensor:

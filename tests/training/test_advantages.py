@@ -68,3 +68,19 @@ def test_global_batch_advantages_keeps_every_tensor_on_the_rewards_device(monkey
     assert out.device.type == "meta" and seen == [torch.device("meta")]
     r = torch.tensor([1.0, 2.0, 3.0, 6.0])  # doubled sums and count: the same mean and std as one rank
     assert torch.allclose(A.global_batch_advantages(r), A.batch_advantages(r), atol=1e-6)
+
+
+@pytest.mark.parametrize("G", [3, 5, 7, 8])
+def test_equal_rewards_give_exactly_zero_advantages(G):
+    # A float32 mean of G equal rewards can miss them by an ulp; (r - mean) / (0 + eps) then blew
+    # that up: reward 100.7 in a group of 3 gave advantages 0.88 (PPO whitening: -0.88), pushing
+    # every sample of a zero-information group the same way.
+    v = torch.tensor([100.7, 0.1, -3.3, 12345.678])
+    r = v.repeat_interleave(G)
+    assert torch.equal(A.group_advantages(r, G), torch.zeros_like(r))
+    assert torch.equal(A.group_advantages(r, G, scale_by_std=False), torch.zeros_like(r))
+    for x in v:
+        same = torch.full((G,), float(x))
+        assert torch.equal(A.batch_advantages(same), torch.zeros(G))
+        assert torch.equal(A.global_batch_advantages(same), torch.zeros(G))
+    assert A.group_advantages(r, G).dtype == torch.float32 and A.batch_advantages(r).dtype == torch.float32
