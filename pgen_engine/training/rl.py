@@ -231,7 +231,7 @@ class RLTrainer:
         count = 0
         m.train()
         act_bytes = 0
-        params = [p for p in m.parameters()]
+        params = list(m.parameters())
         # a trainable tower needs gradients: each distinct item of a micro-batch is encoded once
         # with grad (not seqs' no-grad features); a frozen tower's features are read as they are
         grad_tower = tower_trains(m)
@@ -394,8 +394,9 @@ class RLStage(Stage):
     def check_world(self, cfg: RunConfig, dist) -> None:
         rl = self.rl
         if rl.prompts_per_step % dist.world_size:
-            raise RLConfigError(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the "
-                                f"{dist.world_size} ranks")
+            raise RLConfigError(f"rl.prompts_per_step={rl.prompts_per_step} is not divisible by the {dist.world_size} ranks")
+        if 0 < rl.eval_prompts < dist.world_size:  # each rank scores >= 1 held-out prompt (else fixed_batch fails late)
+            raise RLConfigError(f"rl.eval_prompts={rl.eval_prompts}: expected 0 (off) or >= the {dist.world_size} ranks")
         cfg.train.grad_accum_steps(dist.world_size)
         if rl.offload_optimizer_states and (dist.device.type != "cuda" or cfg.deepspeed.zero_stage != 3
                                             or cfg.deepspeed.offload_optimizer):

@@ -1,15 +1,18 @@
 """RL trainer: zero-advantage invariance, metrics, no ledger growth, config validation."""
 import copy
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import pgen_engine as pg
+from pgen_engine.config import load_config
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.training import grpo
 from pgen_engine.training.memory_ledger import MemoryLedger
 from pgen_engine.training.reference import ReferencePolicy
-from pgen_engine.training.rl import (PromptBatch, RLConfig, RLConfigError, RLTrainer, TorchOptimizerEngine,
+from pgen_engine.training.rl import (PromptBatch, RLConfig, RLConfigError, RLStage, RLTrainer, TorchOptimizerEngine,
                                      build_sequences, guided_policy_logprobs, policy_logprobs, sampling_params)
 
 
@@ -230,3 +233,14 @@ def test_rl_config_policy_distribution_validation():
     assert RLConfig(guidance_scale=3.0, policy_distribution="conditional").policy_distribution == "conditional"
     with pytest.raises(RLConfigError, match="rl.policy_distribution='cfg'"):
         RLConfig(policy_distribution="cfg")
+
+
+def test_eval_prompts_fewer_than_ranks_is_a_config_error():
+    # rl.eval_prompts=1 on 2 ranks: RLPromptSource.fixed_batch rounded it down to 0 prompts and
+    # raised a plain ValueError (a traceback) after data preparation and the engine build
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_rl.yaml",
+                      ["rl.eval_prompts=1", "train.global_batch_size=8", "rl.prompts_per_step=4", "rl.group_size=2"])
+    stage = RLStage(cfg)
+    stage.check_world(cfg, SimpleNamespace(world_size=1, device=torch.device("cpu")))  # 1 prompt on 1 rank: fine
+    with pytest.raises(RLConfigError, match=r"rl\.eval_prompts=1: expected 0 \(off\) or >= the 2 ranks"):
+        stage.check_world(cfg, SimpleNamespace(world_size=2, device=torch.device("cpu")))
