@@ -152,8 +152,17 @@ class RLConfig:
             raise bad("embedder", "a mapping with 'type' (e.g. {type: pixel_stats})")
         from pgen_engine.rewards.embedders import EMBEDDER_TYPES  # late import: as CompositeReward above
 
-        if self.embedder["type"] not in EMBEDDER_TYPES:  # else found only when the RL stage builds it
-            raise RLConfigError(f"rl.embedder.type={self.embedder['type']!r}: expected one of {list(EMBEDDER_TYPES)}")
+        if self.embedder["type"] not in EMBEDDER_TYPES or self.embedder["type"] == "model_vision":
+            # else found only when the RL stage builds it; model_vision wraps a vision_model the RL stage never passes
+            raise RLConfigError(f"rl.embedder.type={self.embedder['type']!r}: expected one of "
+                                f"{[t for t in EMBEDDER_TYPES if t != 'model_vision']}")
+        if self.embedder["type"] == "pixel_stats":  # no weights to load: its fields are checked by building it
+            from pgen_engine.rewards.embedders import make_embedder  # late import: as CompositeReward above
+
+            try:
+                make_embedder(self.embedder)
+            except (TypeError, ValueError) as e:
+                raise RLConfigError(f"rl.embedder: {e}") from None
         if self.embedder["type"] == "cocons_cnn":  # its training fields, else checked after data prep + engine build
             from pgen_engine.rewards.cocons import reward_config_from_spec  # late import: as CompositeReward above
 

@@ -450,6 +450,9 @@ def make_embedder(
         for r in required:
             if r not in spec:
                 raise ValueError(f"embedder spec type={kind!r}: missing required field {r!r}")
+        bs = spec.get("batch_size", 1)  # else range(0, n, 0) fails at the first embed, mid-run
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"embedder spec type={kind!r}: batch_size must be an int >= 1, got {bs!r}")
         return {**allowed, **spec}
 
     # The evaluation embedder (pgen_engine.eval.evaluator) judges the policy; a reward that

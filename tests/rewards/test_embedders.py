@@ -226,3 +226,10 @@ def test_pixel_stats_similarity_tracks_shared_synthetic_attributes():
     means = [float(sims[(shared == k) & off].mean()) for k in range(len(names)) if bool(((shared == k) & off).any())]
     assert len(means) >= 3
     assert all(a < b for a, b in zip(means, means[1:])), means
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_make_embedder_refuses_a_bad_batch_size(bad):
+    # batch_size 0 used to build fine and fail at the first embed with "range() arg 3 must not be zero"
+    with pytest.raises(ValueError, match=r"batch_size must be an int >= 1"):
+        make_embedder({"type": "pixel_stats", "batch_size": bad})

@@ -244,3 +244,18 @@ def test_eval_prompts_fewer_than_ranks_is_a_config_error():
     stage.check_world(cfg, SimpleNamespace(world_size=1, device=torch.device("cpu")))  # 1 prompt on 1 rank: fine
     with pytest.raises(RLConfigError, match=r"rl\.eval_prompts=1: expected 0 \(off\) or >= the 2 ranks"):
         stage.check_world(cfg, SimpleNamespace(world_size=2, device=torch.device("cpu")))
+
+
+@pytest.mark.parametrize("embedder, needle", [
+    ({"type": "pixel_stats", "bogus": 1}, "rl.embedder: embedder spec type='pixel_stats': unknown field(s) ['bogus']"),
+    ({"type": "pixel_stats", "batch_size": 0}, "batch_size must be an int >= 1, got 0"),
+    ({"type": "model_vision", "image_size": 32}, "rl.embedder.type='model_vision': expected one of"),
+])
+def test_rl_embedder_spec_is_checked_with_the_config(embedder, needle):
+    # these failed only when the RL stage built the reward (after data preparation and the engine
+    # build) or, batch_size 0, at the first reward of the first step; model_vision can never work
+    # in RL (build_reward_env passes no vision_model)
+    with pytest.raises(RLConfigError) as e:
+        RLConfig(embedder=embedder)
+    assert needle in str(e.value)
+    RLConfig(embedder={"type": "pixel_stats", "grid": 2, "bins": 4, "batch_size": 8})  # a good spec still passes
