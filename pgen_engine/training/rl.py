@@ -16,19 +16,15 @@ One RL step (all ranks in lock-step; ``rl.prompts_per_step`` prompts are split o
    ``train.global_batch_size`` sequences (micro-batches of ``train.micro_batch_size``),
    loss :func:`pgen_engine.training.grpo.policy_loss`.
 
-Advantages: GRPO normalises within each prompt's group; PPO whitens over the whole
-global batch (all-reduced), the batch mean being the critic-free baseline
-(:mod:`.advantages`).
+Advantages (:mod:`.advantages`): GRPO normalises within each prompt's group; PPO whitens over
+the global batch (all-reduced), the batch mean being the critic-free baseline. Modules by role:
+:mod:`.rollout` (generation), :mod:`.rl_env` (prompts and rewards), :mod:`.advantages`,
+:mod:`.reference` (the frozen KL reference), and this module: the RL step (:class:`RLTrainer`)
+and the stage (:class:`RLStage`) that the :class:`~pgen_engine.training.trainer.Trainer` runs.
 
-Modules by role: :mod:`.rollout` (the hybrid engine's generation phase), :mod:`.rl_env`
-(prompts and rewards), :mod:`.advantages`, :mod:`.reference` (the frozen KL reference),
-and this module: the RL step (:class:`RLTrainer`) and the stage (:class:`RLStage`) that
-the :class:`~pgen_engine.training.trainer.Trainer` lifecycle runs.
-
-``metrics.jsonl`` rows: ``step``, ``reward`` (mean total), ``reward/<component>`` (mean),
-``reward/<component>/{std,min,max}``, ``kl``, ``pg_loss``, ``clip_frac``, ``entropy``,
-``logprob_gap_max``, ``logprob_gap_mean``, ``lr``, the ledger's ``mem/...`` bytes, and
-timings ``time/{rollout,reward,logprobs,update}_s``.
+``metrics.jsonl`` rows: ``step``, ``reward`` (mean total), ``reward_std``, ``reward/<component>`` (mean),
+``reward/<component>/{std,min,max}`` (over all ranks' rows), ``kl``, ``pg_loss``, ``clip_frac``, ``entropy``,
+``logprob_gap_{max,mean}``, ``lr``, the ledger's ``mem/...`` bytes, timings ``time/{rollout,reward,logprobs,update}_s``.
 """
 from __future__ import annotations
 
@@ -58,9 +54,9 @@ from .sequences import (Sequences, build_sequences, guided_policy_logprobs, poli
 from .sft_data import work_dir, work_dir_lock
 from .trainer import Stage, Trainer
 
-__all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs",
-           "guided_policy_logprobs", "sampling_params", "TorchOptimizerEngine", "RLTrainer", "reduce_row",
-           "updates_per_step", "RLStage", "run"]
+__all__ = ["RLConfig", "RLConfigError", "PromptBatch", "Sequences", "build_sequences", "policy_logprobs", "run",
+           "guided_policy_logprobs", "sampling_params", "TorchOptimizerEngine", "RLTrainer", "reduce_row", "RLStage",
+           "updates_per_step"]
 
 
 def sampling_params(rl: RLConfig) -> RolloutParams:
@@ -297,8 +293,7 @@ class RLTrainer:
             # shared by the rollout and the policy's log-prob pass (same weights)
             feats = self.history_features.for_policy(batch)
             ro = self._rollout(batch, feats)
-        tokens = ro.tokens.cpu()
-        rollout_lp = ro.logprobs.detach().cpu().clone()
+        tokens, rollout_lp = ro.tokens.cpu(), ro.logprobs.detach().cpu().clone()
         del ro
         times["time/rollout_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -325,10 +320,8 @@ class RLTrainer:
         with led.phase("update"):
             st = self.update(seqs, tokens, old_lp, ref_lp, adv, step, useqs)
         times["time/update_s"] = time.perf_counter() - t0
-        if ref_lp is None:
-            st["kl"] = 0.0
-        row: dict[str, Any] = {"step": step, "reward": float(total.mean()), "reward_std": float(total.std())
-                               if total.numel() > 1 else 0.0}
+        st["kl"] = st["kl"] if ref_lp is not None else 0.0
+        row: dict[str, Any] = {"step": step, "reward": float(total.mean()), "reward_std": float(total.std(unbiased=False))}
         stats = reward_stats(comps)
         for name in comps:
             row[f"reward/{name}"] = stats[f"reward/{name}/mean"]
@@ -344,15 +337,22 @@ class RLTrainer:
 
 
 def reduce_row(row: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Average numeric metrics over ranks (max for ``*_max`` and memory peaks)."""
+    """Metrics over ranks: the mean; max for ``*_max`` / ``*/max`` and memory peaks, min for ``*/min``;
+    a population std (``reward_std``, ``<x>/std`` beside its mean ``<x>``) from the ranks' second
+    moments. Every rank holds the same number of rows, so these are the all-rank statistics."""
     if world_size == 1:
         return row
     keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and k != "step")
-    vals = torch.tensor([float(row[k]) for k in keys], dtype=torch.float64)
-    total, mx = all_reduce(vals, "sum"), all_reduce(vals, "max")
+    mean_of = {k: m for k in keys for m in [("reward" if k == "reward_std" else k[:-4])] if k.endswith(("_std", "/std")) and m in row}
+    vals = torch.tensor([row[k] ** 2 + row[mean_of[k]] ** 2 if k in mean_of else float(row[k]) for k in keys],
+                        dtype=torch.float64)
+    total, mx, mn = all_reduce(vals, "sum"), all_reduce(vals, "max"), all_reduce(vals, "min")
     out = dict(row)
     for i, k in enumerate(keys):
-        out[k] = float(mx[i]) if (k.endswith("_max") or k.startswith("mem/")) else float(total[i]) / world_size
+        peak = k.endswith(("_max", "/max")) or k.startswith("mem/")
+        out[k] = float(mx[i]) if peak else float(mn[i]) if k.endswith("/min") else float(total[i]) / world_size
+    for k, m in mean_of.items():  # E[x^2] - E[x]^2 over all rows
+        out[k] = max(out[k] - out[m] ** 2, 0.0) ** 0.5
     return out
 
 
