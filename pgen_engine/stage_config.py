@@ -148,6 +148,10 @@ class RLConfig:
             CompositeReward.from_config(self.rewards, None)
         except (TypeError, ValueError) as e:
             raise RLConfigError(f"rl.rewards: {e}") from None
+        if self.group_size == 1 and (self.rewards.get("diversity") or {}).get("weight"):
+            # DiversityReward scores an image alone in its group 0: the component would be 0 on every step
+            raise RLConfigError("rl.rewards.diversity: in-group diversity needs rl.group_size >= 2 (got 1); "
+                                "drop it or give it weight 0")
         if not isinstance(self.embedder, dict) or "type" not in self.embedder:
             raise bad("embedder", "a mapping with 'type' (e.g. {type: pixel_stats})")
         from pgen_engine.rewards.embedders import EMBEDDER_TYPES  # late import: as CompositeReward above

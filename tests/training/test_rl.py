@@ -288,3 +288,12 @@ def test_reduce_row_gives_the_all_rank_min_max_and_std(monkeypatch):
     assert got["reward"] == pytest.approx(float(every.mean())) and got["kl"] == pytest.approx(float(every.mean()))
     assert got["reward/a/std"] == pytest.approx(float(every.std(unbiased=False)))
     assert got["reward_std"] == pytest.approx(float(every.std(unbiased=False)))
+
+
+def test_diversity_reward_with_one_sample_per_prompt_is_a_config_error():
+    # PPO with rl.group_size=1: DiversityReward scores an image alone in its group 0, so a weighted
+    # diversity term was silently 0 on every step (measured: reward/diversity 0.0 throughout)
+    with pytest.raises(RLConfigError, match=r"rl\.rewards\.diversity: in-group diversity needs rl\.group_size >= 2"):
+        RLConfig(algorithm="ppo", group_size=1, rewards={"preference": {"weight": 1.0}, "diversity": {"weight": 0.1}})
+    RLConfig(algorithm="ppo", group_size=1, rewards={"preference": {"weight": 1.0}, "diversity": {"weight": 0.0}})
+    RLConfig(algorithm="ppo", group_size=2, rewards={"diversity": {"weight": 0.1}})
