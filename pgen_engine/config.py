@@ -230,9 +230,8 @@ class TrainConfig:
         global_batch_size: examples per optimizer step over all ranks (fixed across world sizes).
         max_micro_batch_size: memory hint for a derived micro-batch: the most examples one
             rank's forward may hold (ignored when ``micro_batch_size`` is set).
-        max_steps: stage steps: optimizer steps in SFT, RL steps in RL (each RL step makes
-            several optimizer steps, see :class:`RLConfig`); ``save_every`` / ``log_every``
-            count the same steps.
+        max_steps: stage steps: optimizer steps in SFT, RL steps in RL (each several optimizer
+            steps, see :class:`RLConfig`); ``save_every`` / ``log_every`` count the same steps.
         lr, min_lr_ratio, warmup_steps: linear warmup to ``lr`` then cosine to ``lr*min_lr_ratio``.
         weight_decay, betas, eps: AdamW.
         grad_clip: global gradient-norm clip (0 = off).

@@ -8,10 +8,9 @@
   groups of at most ``max_batch_size`` rows that start and finish together (a prompt's samples
   may straddle two waves; seeds make that invisible);
 * **one KV layout** (:mod:`.kv_storage`): per wave a pool holds each prompt's K/V once (shared
-  by its samples) and each distinct unconditional prompt once (``"pad"`` mode: one per length
-  for plain prompts, history prompts' pad prompts keep their interior begin-of-image tokens and
-  can differ at one length; ``"short"``: one ``[bos, boi]``); each row stores only its own image tokens. The flat
-  storage grows to the call's largest wave and :meth:`Generator.release_cache` frees it;
+  by its samples) and each distinct unconditional prompt once (``"pad"``: per length, per prompt
+  for history prompts at worst; ``"short"``: one ``[bos, boi]``); rows store only their own image
+  tokens. The flat storage grows to the call's largest wave; :meth:`Generator.release_cache` frees it;
 * **decode backends** (:mod:`.backends`), chosen once at construction from device and dtypes:
   the C++ float32 CPU loop, the static step replayed from a CUDA graph, or eager torch; no host
   synchronisation inside a wave's decode loop;
