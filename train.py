@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from pgen_engine.config import ConfigError, load_config
     from pgen_engine.errors import PgenUserError, one_line
     from pgen_engine.termination import EXIT_STATUS, Terminated, raise_on_sigterm, restore_sigterm
-    from pgen_engine.training.distributed import shutdown
+    from pgen_engine.training.distributed import leave_after_failure, shutdown
     from pgen_engine.training.plan import PlanOverflowError, preflight
     from pgen_engine.training.stages import run_stage
 
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STATUS
     finally:
         restore_sigterm(previous_sigterm)
+        leave_after_failure()  # a no-op after shutdown(); on a failure, no abort in teardown
     return 0
 
 

@@ -15,6 +15,7 @@ Without a process group every helper is the identity for one rank.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -168,6 +169,19 @@ def shutdown() -> None:
         return
     barrier()
     dist.destroy_process_group()
+
+
+def leave_after_failure() -> None:
+    """Destroy the default process group without a barrier (no-op without one or after :func:`shutdown`).
+
+    For a run that stopped on an error: the other ranks may never reach a barrier, and a group
+    left to interpreter teardown can abort there ("terminate called without an active
+    exception") after the error line was printed, turning exit status 1 into a SIGABRT.
+    Ranks still inside a collective with this one get an error instead of waiting.
+    """
+    if initialized():
+        with contextlib.suppress(Exception):  # best effort: the run's own error is what matters
+            dist.destroy_process_group()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

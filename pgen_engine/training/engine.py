@@ -22,17 +22,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from pgen_engine.config import PARAMETER_GROUPS, DeepSpeedSection, TrainConfig
 from pgen_engine.errors import PgenUserError
 from pgen_engine.models import load_model
 
-from .distributed import DistInfo
+from .distributed import DistInfo, barrier, comm_device_type, world_size
 
 # DeepSpeed is imported on first use, not with this module: importing it detects the
 # accelerator and logs a warning on CPU machines, which every `pgen` command (whose eval /
@@ -251,6 +253,7 @@ def build_engine(train: TrainConfig, ds_section: DeepSpeedSection, model_dir: st
     engine, _, _, _ = ds.initialize(
         model=module, model_parameters=params, config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+    unlink_shm_buffer()
     te = TrainEngine(engine, ds_config, precision, ds_config["gradient_accumulation_steps"],
                      ds_config["train_micro_batch_size_per_gpu"], n_train)
     if te.zero3:
@@ -272,8 +275,30 @@ def build_inference_engine(model: nn.Module, ds_config: dict) -> Any:
     for p in model.parameters():
         p.requires_grad_(False)
     engine, *_ = ds.initialize(model=ObjectiveModule(model), config=cfg)
+    unlink_shm_buffer()
     register_zero3_external_params(engine.module)
     return engine
+
+
+def unlink_shm_buffer() -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed's CPU comm op (``ops/csrc/cpu/comm/shm.cpp``) creates
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (69 MB) per
+    rank and never unlinks it: every multi-rank CPU run left them in RAM until reboot (20 GB
+    after a day of runs on the development VM), and a later run on the same port could map a
+    stale one. Each rank maps every other rank's buffer before DeepSpeed's init returns, so
+    after a barrier the names can go: the mappings stay valid, and the kernel frees the memory
+    when the last rank exits, whether it finishes, fails or is killed. Collective on CPU
+    multi-rank runs (the buffers exist only there); idempotent.
+    """
+    if world_size() < 2 or comm_device_type() != "cpu":
+        return
+    barrier()  # every rank has returned from DeepSpeed's shm_initialize: all buffers are mapped
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch_dist.get_rank()}")
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 # ----------------------------------------------------------------------------- ZeRO-3 internals

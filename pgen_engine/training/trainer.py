@@ -177,10 +177,10 @@ class Trainer:
                                     start_step=self.start_step, progress=cfg.logging.progress,
                                     tensorboard=cfg.logging.tensorboard)
         try:
-            stage.before_run(self)
             # SIGTERM (preemption, the launcher's stop) ends the run at the next step boundary
             # with a resumable checkpoint; during the final save / export it is let finish
             with DeferredTermination() as term:
+                stage.before_run(self)
                 for step in range(self.start_step, t.max_steps):
                     done = step + 1
                     stage.before_step(step)
