@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import math
 
 import torch
 
-from .janus import uint8_to_pixels
+from .janus import uint8_to_pixels, vq_call
 
 
 class ImageTokenizer(abc.ABC):
@@ -84,8 +85,9 @@ class VQImageTokenizer(ImageTokenizer):
         vq = self.model.vqmodel
         for i in range(0, images.shape[0], self.batch_size):
             pix = uint8_to_pixels(images[i:i + self.batch_size], vq.quant_conv.weight.dtype).to(self.model.device)
-            codes = vq.encode(pix).image_tokens
-            out.append(codes.view(pix.shape[0], -1).cpu())
+            codes = vq_call(lambda p: vq.encode(p).image_tokens.view(p.shape[0], -1), pix,
+                            math.isqrt(self.num_tokens))
+            out.append(codes.cpu())
         return torch.cat(out) if out else torch.empty(0, self.num_tokens, dtype=torch.long)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,9 @@ and the public API :meth:`text_logits`, :meth:`image_logits`, :meth:`decode_imag
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -323,13 +325,28 @@ class JanusModel(nn.Module):
             raise ValueError(f"image_tokens must be [N,{self.num_image_tokens}], got {tuple(image_tokens.shape)}")
         if image_tokens.numel() and (int(image_tokens.min()) < 0 or int(image_tokens.max()) >= self.codebook_size):
             raise ValueError(f"image_tokens must lie in [0,{self.codebook_size})")
-        pix = self.vqmodel.decode(image_tokens.to(self.device, torch.long))
+        side = math.isqrt(self.num_image_tokens)
+        pix = vq_call(self.vqmodel.decode, image_tokens.to(self.device, torch.long), side)
         return pixels_to_uint8(pix.permute(0, 2, 3, 1))
 
     # ------------------------------------------------------------------ checkpoints
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int = 4 << 30) -> None:
         """Write a Hugging Face Janus checkpoint (``transformers`` loads it) atomically."""
         save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def vq_call(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, grid: int) -> torch.Tensor:
+    """``fn(x)`` for a VQ encoder or decoder pass over a batch ``x`` ``[N, ...]`` -> ``[N, ...]``.
+
+    The Janus VQ blocks use ``GroupNorm(32, C)``; at a 1 x 1 code grid with 32 channels each
+    group holds one value per image, and torch's ``group_norm`` refuses a batch of one there
+    ("Expected more than 1 value per channel") although the result is defined (the value
+    normalises to 0, leaving the bias) and torch computes it for two images. Every VQ layer
+    works per image, so a lone image runs as a pair and the copy is dropped.
+    """
+    if grid == 1 and x.shape[0] == 1:
+        return fn(torch.cat([x, x]))[:1]
+    return fn(x)
 
 
 def pixels_to_uint8(x: torch.Tensor) -> torch.Tensor:

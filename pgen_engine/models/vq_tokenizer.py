@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from ..io_utils import atomic_path, atomic_write_json
 from .checkpoint import CheckpointError, _read_tensors, _shard_files, load_checkpoint_config
 from .image_tokenizer import ImageTokenizer
-from .janus import pixels_to_uint8, uint8_to_pixels
+from .janus import pixels_to_uint8, uint8_to_pixels, vq_call
 
 FORMAT = "pgen-janus-vq"
 VERSION = "1"
@@ -123,7 +123,8 @@ class JanusVQTokenizer(ImageTokenizer):
         for i in range(0, images.shape[0], self.batch_size):
             # contiguous NCHW: the permuted view would run the encoder channels-last (slower on CPU)
             pix = uint8_to_pixels(images[i:i + self.batch_size], torch.float32).contiguous().to(dev)
-            out.append(self.vqvae.encode(pix).image_tokens.view(pix.shape[0], -1).cpu())
+            out.append(vq_call(lambda p: self.vqvae.encode(p).image_tokens.view(p.shape[0], -1), pix,
+                               self.grid).cpu())
         return torch.cat(out) if out else torch.empty(0, self.num_tokens, dtype=torch.long)
 
     @torch.no_grad()
@@ -136,7 +137,7 @@ class JanusVQTokenizer(ImageTokenizer):
         dev = self.vqvae.quant_conv.weight.device
         out = []
         for i in range(0, codes.shape[0], self.batch_size):
-            pix = self.vqvae.decode(codes[i:i + self.batch_size].long().to(dev))
+            pix = vq_call(self.vqvae.decode, codes[i:i + self.batch_size].long().to(dev), self.grid)
             out.append(pixels_to_uint8(pix.permute(0, 2, 3, 1)).cpu())
         if not out:
             return torch.empty(0, self.image_size, self.image_size, 3, dtype=torch.uint8)

@@ -179,3 +179,26 @@ def test_text_and_image_logits_name_bad_arguments(tiny_model):
     with pytest.raises(ValueError, match=rf"image_tokens must lie in \[0,{K}\)"):
         m.image_logits(ids, codes + K)
     assert m.text_logits(ids).shape == (1, 3, V) and m.image_logits(ids, codes).shape == (1, m.num_image_tokens, K)
+
+
+def test_one_code_per_image_encodes_and_decodes_a_lone_image(tmp_path):
+    """A 1 x 1 code grid: torch's group_norm refuses a batch of one there, transformers fails too."""
+    from pgen_engine.models.image_tokenizer import VQImageTokenizer
+
+    ckpt = make_tiny_checkpoint(tmp_path / "g1", seed=3, image_size=8, patch_size=8)
+    m = pg.load_model(ckpt)
+    hf = JanusForConditionalGeneration.from_pretrained(ckpt).eval()
+    assert m.num_image_tokens == 1
+    codes = torch.tensor([[5], [17], [40]])
+    with torch.no_grad():
+        ref = hf.model.vqmodel.decode(codes)  # three images: torch accepts the batch
+    batch = m.decode_images(codes)
+    assert torch.equal(batch, pg.models.janus.pixels_to_uint8(ref.permute(0, 2, 3, 1)))
+    for i in range(3):
+        assert torch.equal(m.decode_images(codes[i:i + 1]), batch[i:i + 1])
+    # batch_size 2 over 3 images leaves a lone image in the last chunk
+    tok = VQImageTokenizer(m, batch_size=2)
+    imgs = torch.randint(0, 256, (3, 8, 8, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    enc = tok.encode(imgs)
+    assert torch.equal(enc, VQImageTokenizer(m, batch_size=3).encode(imgs))
+    assert torch.equal(tok.decode(enc), VQImageTokenizer(m, batch_size=3).decode(enc))

@@ -114,3 +114,20 @@ def test_init_model_for_vq_tokenizer_carries_the_trained_vq(trained, tmp_path):
     codes = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(5))
     assert torch.equal(m.decode_images(codes), tok.decode(codes))
     assert m.generation_embeddings.weight.shape == (32, tok.config["embed_dim"])
+
+
+def test_one_code_per_image_handles_a_lone_image_in_the_last_chunk():
+    """codes_per_side 1, a lone image in the last chunk: the same codes and pixels as in one batch."""
+    torch.set_num_threads(1)
+    cfg = VQTrainConfig(image_size=8, codes_per_side=1, codebook_size=8, batch_size=4, max_steps=2,
+                        time_budget_s=300)
+    tok, _ = train_vq(_images(8, size=8), cfg, progress=False)
+    tok.batch_size = 2
+    x = _images(3, size=8, seed=2)
+    codes = tok.encode(x)
+    assert codes.shape == (3, 1)
+    tok.batch_size = 3
+    assert torch.equal(codes, tok.encode(x))
+    whole = tok.decode(codes)
+    tok.batch_size = 2
+    assert torch.equal(tok.decode(codes), whole)
