@@ -120,6 +120,9 @@ def decode(
     """
     batch, n_heads_q, head_dim = q.shape
     _, block_size, n_heads_kv, _ = k_cache.shape
+    # the kernel indexes both as dense (``SEQLENS + b``, ``BT + b * stride + j``): a strided
+    # view (``lens[:, 0]``, ``table.t()``) would read other rows' entries (no-op when dense)
+    cache_seqlens, block_table = cache_seqlens.contiguous(), block_table.contiguous()
     group = n_heads_q // n_heads_kv
     capacity = block_table.shape[1] * block_size
     if num_splits is None:

@@ -42,7 +42,7 @@ def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, 
         return
     pages, block_size, n_heads_kv, head_dim = k_cache.shape
     _kv_write_kernel[(n,)](
-        k_cache, v_cache, k_new, v_new, slot_mapping,
+        k_cache, v_cache, k_new, v_new, slot_mapping.contiguous(),  # the kernel reads SLOTS + i
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),

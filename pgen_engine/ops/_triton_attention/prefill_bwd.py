@@ -161,6 +161,7 @@ def prefill_bwd(
     n_heads_kv = k.shape[1]
     group = n_heads_q // n_heads_kv
     n_seq = cu_seqlens.numel() - 1
+    cu_seqlens = cu_seqlens.contiguous()  # read as CU + b (a strided view would mix sequences)
     dout = dout if dout.stride(-1) == 1 else dout.contiguous()
     # delta_i = rowsum(dO_i * O_i): the softmax-Jacobian correction term, fp32 [Hq, T].
     delta = (dout.float() * out.float()).sum(-1).transpose(0, 1).contiguous()

@@ -93,6 +93,7 @@ def prefill_fwd(
     total, n_heads_q, head_dim = q.shape
     group = n_heads_q // k.shape[1]
     n_seq = cu_seqlens.numel() - 1
+    cu_seqlens = cu_seqlens.contiguous()  # read as CU + b (a strided view would mix sequences)
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((n_heads_q, total), torch.float32, q.device)
     block_m, block_n, warps, stages = _config.prefill_blocks(_config.device_arch(q.device), q.dtype, head_dim)
