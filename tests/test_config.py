@@ -1,7 +1,6 @@
 """Typed run configs: YAML + overrides, validation errors, DeepSpeed JSON, LR schedule."""
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 from pathlib import Path
@@ -213,8 +212,8 @@ def test_rl_embedder_type_is_checked_at_load():
 @pytest.mark.parametrize("override,needle", [
     # each used to load and fail only after data preparation and the DeepSpeed engine build, as
     # "error: rl.embedder: expected non-negative integer" (numpy), a bare "invalid literal for int()"
-    ("rl.embedder={type: cocons_cnn, seed: -1}", "rl.embedder: evaluator: seed must be an int in [0, 2**63 - 1], got -1"),
-    ("rl.embedder={type: cocons_cnn, steps: 0}", "rl.embedder: evaluator: window, steps >= 1"),
+    ("rl.embedder={type: cocons_cnn, seed: -1}", "rl.embedder: reward embedder: seed must be an int in [0, 2**63 - 1], got -1"),
+    ("rl.embedder={type: cocons_cnn, steps: 0}", "rl.embedder: reward embedder: window, steps >= 1"),
     ("rl.embedder={type: cocons_cnn, steps: abc}", "rl.embedder: reward embedder: steps must be an int, got 'abc'"),
     ("rl.embedder={type: cocons_cnn, stepz: 3}", "rl.embedder: reward embedder: unknown field(s) ['stepz']"),
 ])

@@ -20,6 +20,7 @@ training-data hash, the held-out-user recall@10 sanity number).
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -67,7 +68,10 @@ def RewardEmbedderConfig(**overrides: Any) -> EvaluatorConfig:
     for k in _STR_FIELDS:
         if not isinstance(vals[k], str) or not vals[k].strip():
             raise ValueError(f"reward embedder: {k} must be a non-empty string of item field names, got {vals[k]!r}")
-    return EvaluatorConfig(**ints, **floats, **{k: vals[k] for k in _STR_FIELDS})
+    try:
+        return EvaluatorConfig(**ints, **floats, **{k: vals[k] for k in _STR_FIELDS})
+    except ValueError as e:  # the shared config's checks speak of "evaluator"; this is the reward's
+        raise ValueError(re.sub(r"^evaluator:? ", "reward embedder: ", str(e))) from None
 
 
 def reward_config_from_spec(spec: Mapping[str, Any]) -> EvaluatorConfig:

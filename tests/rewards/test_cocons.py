@@ -137,3 +137,11 @@ def test_spec_field_of_the_wrong_type_is_named():
     with pytest.raises(ValueError, match=r"reward embedder: lr must be a number, got None"):
         RewardEmbedderConfig(lr=None)
     assert RewardEmbedderConfig(steps=40, lr="0.001").steps == 40
+
+
+@pytest.mark.parametrize("field", [{"steps": 0}, {"image_size": 8}, {"tau": 0.0}, {"instance_frac": 0.99,
+                                                                              "metadata_frac": 0.5}])
+def test_config_errors_name_the_reward_embedder_not_the_evaluator(field):
+    with pytest.raises(ValueError, match=r"^reward embedder: ") as e:
+        RewardEmbedderConfig(**field)
+    assert "evaluator" not in str(e.value)
