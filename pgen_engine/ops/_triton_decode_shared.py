@@ -248,6 +248,11 @@ def decode_shared(
     """
     B, n_heads_q, head_dim = q.shape
     P, n_heads_kv, pool_len, _ = prefix_k.shape
+    # the kernels index these as dense arrays (SEQLENS + row, K_SCALE + row * Hkv + head): a
+    # strided view would read other rows' lengths / scales (.contiguous() is a no-op when dense)
+    seqlens, prefix_len, group_ptr, group_rows = (t.contiguous() for t in (seqlens, prefix_len, group_ptr, group_rows))
+    k_scale, v_scale, prefix_k_scale, prefix_v_scale = (
+        None if t is None else t.contiguous() for t in (k_scale, v_scale, prefix_k_scale, prefix_v_scale))
     own_len = k.shape[2]
     group = n_heads_q // n_heads_kv
     fp8 = k_scale is not None

@@ -34,6 +34,9 @@ for _name in ("pgen_engine.ops._triton_attention", "pgen_engine.ops._triton_deco
         importlib.reload(sys.modules[_name])
 
 from pgen_engine.ops import attention as A  # noqa: E402
+from pgen_engine.ops import decode_shared as DS  # noqa: E402
+from pgen_engine.ops import kv_quant as KQ  # noqa: E402
+from pgen_engine.ops.logprobs import token_logprobs  # noqa: E402
 from tests.ops._device import DEV  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _backend.triton_available(), reason="Triton cannot run here")
@@ -112,3 +115,64 @@ def test_prefill_strided_cu_seqlens():
     A.prefill_attention_ref(q64, k64, v64, causal=True, cu_seqlens=cu, max_seqlen=7).sum().backward()
     for got, want, n in ((qd, q64, "dq"), (kd, k64, "dk"), (vd, v64, "dv")):
         _close(got.grad, want.grad, torch.float32, f"prefill strided cu_seqlens {n}")
+
+
+def _shared_case(gen, B, hq, hkv, d, P, lp, lo, dtype, cache_dtype):
+    """Arguments of shared_prefix_decode: random lengths, pool rows and caches (float8 with scales)."""
+    q = torch.randn(B, hq, d, generator=gen).to(dtype)
+    k, v = torch.randn(B, hkv, lo, d, generator=gen), torch.randn(B, hkv, lo, d, generator=gen)
+    pk, pv = torch.randn(P, hkv, lp, d, generator=gen), torch.randn(P, hkv, lp, d, generator=gen)
+    plen = torch.randint(0, lp + 1, (B,), generator=gen, dtype=torch.int32)
+    c = dict(q=q, seqlens=plen + torch.randint(0, lo + 1, (B,), generator=gen, dtype=torch.int32),
+             prefix_row=torch.randint(0, P, (B,), generator=gen, dtype=torch.int32), prefix_len=plen)
+    for name, x in (("k", k), ("v", v), ("prefix_k", pk), ("prefix_v", pv)):
+        if cache_dtype == KQ.FP8_DTYPE:
+            s = x.abs().amax(dim=(2, 3)) * (KQ.HEADROOM / KQ.FP8_MAX)
+            c[name], c[name + "_scale"] = KQ.quantize(x, s), s
+        else:
+            c[name] = x.to(cache_dtype)
+    return c
+
+
+def _shared_ref64(c):
+    return DS.shared_prefix_decode_ref(**{n: t.double() if t.is_floating_point() and t.dtype != KQ.FP8_DTYPE
+                                          and not n.endswith("scale") else t for n, t in c.items()})
+
+
+def _on_dev(c):
+    return {n: t.to(DEV) for n, t in c.items()}
+
+
+def test_shared_prefix_decode_strided_lengths_and_scales():
+    """Lengths / pool rows / prefix lengths and float8 scales as strided views (a column of a
+    wider table): the kernels read them as dense arrays before the fix."""
+    gen = _gen(3)
+    for cache_dtype in (torch.float32, KQ.FP8_DTYPE):
+        c = _shared_case(gen, 3, 4, 2, 64, 2, 20, 5, torch.float32, cache_dtype)
+        ref = _shared_ref64(c)
+        strided = {n: _strided(c[n], 7) for n in ("seqlens", "prefix_row", "prefix_len")}
+        if cache_dtype == KQ.FP8_DTYPE:
+            strided.update({n: _strided(c[n], 0.0) for n in ("k_scale", "v_scale", "prefix_k_scale",
+                                                               "prefix_v_scale")})
+        out = DS.shared_prefix_decode(**_on_dev({**c, **strided}), backend="triton")
+        _close(out, ref, torch.float32, f"shared decode strided ({cache_dtype})")
+
+
+@pytest.mark.parametrize("strided", ["bias", "targets"])
+def test_token_logprobs_strided_bias_and_targets(strided):
+    """A bias column / targets column of a wider tensor: the forward read the bias as dense,
+    the backward the targets (the forward made them dense, the backward did not)."""
+    gen = _gen(4)
+    h, w = torch.randn(6, 32, generator=gen), torch.randn(50, 32, generator=gen)
+    t, b = torch.randint(0, 50, (6,), generator=gen), torch.randn(50, generator=gen)
+    tt, bb = (_strided(t, 0), b) if strided == "targets" else (t, _strided(b, 0.0))
+    got, want = [], []
+    for be, hh, ww, out in (("triton", h.to(DEV), w.to(DEV), got), ("torch", h.double(), w.double(), want)):
+        hh, ww = hh.clone().requires_grad_(), ww.clone().requires_grad_()
+        dev = hh.device
+        lp, ent = token_logprobs(hh, ww, (tt if be == "triton" else t).to(dev),
+                                 bias=(bb if be == "triton" else b).to(device=dev, dtype=hh.dtype), backend=be)
+        gh, gw = torch.autograd.grad(lp.sum() + 0.5 * ent.sum(), (hh, ww))
+        out.extend([lp.detach(), ent.detach(), gh, gw])
+    for g, r, n in zip(got, want, ("logprobs", "entropy", "d hidden", "d weight")):
+        _close(g, r, torch.float32, f"token_logprobs strided {strided}: {n}")
