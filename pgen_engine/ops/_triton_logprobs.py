@@ -96,7 +96,7 @@ def lp_fwd_triton(hidden, weight, bias, targets, temperature):
     BLOCK_N = 64 if gpu else 16
     BLOCK_V = 128 if gpu else 32
     BLOCK_H = 64 if gpu else 32
-    b = bias if bias is not None else lp
+    b = bias.contiguous() if bias is not None else lp  # read as b_ptr + col
     _lp_fwd_kernel[(triton.cdiv(N, BLOCK_N),)](
         hidden, weight, b, targets.contiguous(), lp, ent, lse, N, V, H, 1.0 / temperature,
         HAS_BIAS=bias is not None, PREC="ieee" if hidden.dtype == torch.float32 else "tf32", BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_H=BLOCK_H,
@@ -110,7 +110,7 @@ def lp_dz_triton(z, v0, lse, ent, targets, g_lp, g_ent, temperature) -> torch.Te
     N, C = z.shape
     BLOCK = min(1024, triton.next_power_of_2(C))
     _lp_dz_kernel[(N, triton.cdiv(C, BLOCK))](
-        z, lse, ent, targets, g_lp.float().contiguous(), g_ent.float().contiguous(),
+        z, lse, ent, targets.contiguous(), g_lp.float().contiguous(), g_ent.float().contiguous(),
         C, v0, z.stride(0), 1.0 / temperature, BLOCK=BLOCK,
     )
     return z
