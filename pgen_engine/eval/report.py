@@ -192,8 +192,16 @@ def json_safe(obj):
 
 
 def write_report_json(path: str | Path, report: dict) -> None:
-    """Write ``report`` as strict JSON (undefined values as ``null``), atomically."""
-    atomic_write_text(path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    """Write ``report`` as strict JSON (undefined values as ``null``), atomically.
+
+    An earlier run's ``report.md`` / ``report.html`` next to it are removed first: they are
+    written last (:func:`write_report`, after the figures), so a run stopped in between leaves
+    ``report.json`` alone, never a Markdown report of other numbers beside it.
+    """
+    body = json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"  # a bad report fails before the unlink
+    for name in ("report.md", "report.html"):
+        (Path(path).parent / name).unlink(missing_ok=True)
+    atomic_write_text(path, body)
 
 
 def _cell(d: dict) -> tuple[float, float, float]:

@@ -43,3 +43,19 @@ def test_write_report_md_and_html(tmp_path):
     assert "| x | 0.5 |" in md and "![fig](g.png)" in md and "**device**: cpu" in md
     html = (tmp_path / "report.html").read_text()
     assert "<td>0.5</td>" in html and "note &lt;b&gt;" in html
+
+
+def test_a_new_report_json_removes_the_old_markdown_until_the_new_one_is_written(tmp_path):
+    from pgen_engine.eval.report import build_report_json, write_report_json
+
+    table = "| system | a |\n|---|---|\n| x | 0.5 |"
+    write_report(tmp_path, title="old", table_md=table, notes=[], figures=[], meta={})
+    per_user = {"generate_sft": {"future_sim": torch.rand(4, dtype=torch.float64)}}
+    write_report_json(tmp_path / "report.json", build_report_json("d", [0], 2, {"type": "eval_cnn"}, per_user))
+    # a run stopped here (before the figures and the markdown) leaves no report.md of the old numbers
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "report.html").exists()
+    assert json.loads((tmp_path / "report.json").read_text())["users"] == 4
+    with pytest.raises(TypeError):  # a report that cannot be written keeps the old set whole
+        write_report(tmp_path, title="old", table_md=table, notes=[], figures=[], meta={})
+        write_report_json(tmp_path / "report.json", {"bad": object()})
+    assert (tmp_path / "report.md").exists() and json.loads((tmp_path / "report.json").read_text())["users"] == 4
