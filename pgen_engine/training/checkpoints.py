@@ -338,6 +338,18 @@ def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dic
     return final
 
 
+def _missing_state_file(ckpt: Path, rank: int, zero_stage: int) -> str | None:
+    """``"<file>: missing"`` when ``rank``'s DeepSpeed model or optimizer state file is not in ``ckpt``
+    (DeepSpeed itself stops on a missing model file with a bare AssertionError), else None."""
+    model = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+    if not (ckpt / model).is_file():
+        return f"{model}: missing"
+    optim = f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    if zero_stage > 0 and not any(ckpt.glob(f"*{optim}")):  # bf16 runs prefix it with "bf16_"
+        return f"{optim}: missing"
+    return None
+
+
 def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG from ``ckpt``; returns the client state.
 
@@ -363,10 +375,11 @@ def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict
     unreadable = (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError)
     # each rank's own ZeRO partition files first, together: one rank failing inside DeepSpeed's
     # load left the others in its collectives (a hang; gloo: 'Connection closed by peer')
-    bad = next((f for f in sorted(ckpt.glob(f"*zero_pp_rank_{dist_info.rank}_*.pt")) if not zipfile.is_zipfile(f)),
-               None)
+    own = sorted(ckpt.glob(f"*zero_pp_rank_{dist_info.rank}_*.pt"))
+    bad = next((f"{f.name}: truncated or not a torch file" for f in own if not zipfile.is_zipfile(f)), None) \
+        or _missing_state_file(ckpt, dist_info.rank, engine.zero_optimization_stage())
     if not all_ranks_true(bad is None):
-        why = f"{bad.name}: truncated or not a torch file" if bad else "another rank's partition is corrupt"
+        why = bad or "another rank's partition is corrupt or missing"
         raise ResumeError(f"{ckpt}: cannot load the DeepSpeed state ({why}); the checkpoint is corrupt or truncated: "
                           "resume from another one (--resume PATH) or start fresh")
     try:
