@@ -412,22 +412,6 @@ def _per_user_mean(values: torch.Tensor, gen_user: torch.Tensor, U: int) -> torc
     return torch.where(c > 0, s / c.clamp(min=1), torch.full_like(s, float("nan")))
 
 
-def user_id_ranks(gen_embeds: torch.Tensor, gen_user: torch.Tensor, history_embeds: Sequence[torch.Tensor]
-                  ) -> torch.Tensor:
-    """1-based rank of each image's true user among all users, ``[N]``.
-
-    A user's score for an image is the mean cosine of the image to that user's history
-    window items; ties rank pessimistically (a tie with another user counts above).
-    """
-    e = torch.nn.functional.normalize(gen_embeds.float(), dim=-1)
-    H = torch.stack([torch.nn.functional.normalize(h.float(), dim=-1).mean(0) for h in history_embeds])  # [U, D]
-    s = e @ H.T  # [N, U]
-    true = s.gather(1, gen_user.view(-1, 1))
-    other = torch.ones_like(s, dtype=torch.bool)
-    other.scatter_(1, gen_user.view(-1, 1), False)
-    return ((s > true) | ((s == true) & other)).sum(1) + 1
-
-
 def per_user_metrics(out: SystemOutput, data: EvalData, examples: Sequence[Example], embedder,
                      k: int = 10) -> dict[str, torch.Tensor]:
     """Every metric of one system as a per-user float64 tensor ``[U]`` (NaN = undefined)."""
@@ -438,14 +422,14 @@ def per_user_metrics(out: SystemOutput, data: EvalData, examples: Sequence[Examp
     window = [data.catalogue_embeds[[data.item_index[i] for i in ex.history]] for ex in examples]
     true = torch.tensor([data.item_index[ex.target] for ex in examples])
     row: dict[str, torch.Tensor] = {}
-    ranks_u = user_id_ranks(e, gu, window).double()
+    ranks_u = M.user_id_ranks(e, gu, window).double()
     row["user_id_acc"] = _per_user_mean((ranks_u == 1).double(), gu, U)
     row["user_id_mean_rank"] = _per_user_mean(ranks_u, gu, U)
     ha = M.history_alignment(e, gu, hist, k=5)
     row["hist_max"] = _per_user_mean(ha["max"], gu, U)
     row["hist_top5"] = _per_user_mean(ha["top5_mean"], gu, U)
-    fut_sim = M.cosine_matrix(e, data.catalogue_embeds[true])  # [N, U]
-    row["future_sim"] = _per_user_mean(fut_sim.gather(1, gu.view(-1, 1))[:, 0], gu, U)
+    fut_sim = M.row_cosines(e, data.catalogue_embeds[true][gu])  # [N]: each image against its user's target
+    row["future_sim"] = _per_user_mean(fut_sim, gu, U)
     scores = M.generated_item_scores(e, gu, data.catalogue_embeds, U)
     ranks = M.true_item_ranks(scores, true).double()
     row[f"hr@{k}"] = (ranks < k).double()

@@ -31,9 +31,14 @@ __all__ = [
     "novelty",
     "attribute_accuracy",
     "nanmean",
+    "row_cosines",
+    "user_id_ranks",
 ]
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)
+# elements of one [rows, users or items] similarity block (64 MB of float32): metrics over all
+# test users work in blocks of this size instead of whole matrices
+CHUNK_ELEMENTS = 1 << 24
 
 
 def _embeds(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -63,6 +68,14 @@ def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"cosine_matrix: widths differ, a has D={a.shape[1]}, b has D={b.shape[1]}")
     return a @ b.to(a.device).T
+
+
+def row_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of each row of ``a [N, D]`` with the same row of ``b [N, D]`` -> ``[N]`` (float32)."""
+    a, b = _embeds(a, "a"), _embeds(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"row_cosines: shapes differ, a {tuple(a.shape)}, b {tuple(b.shape)}")
+    return (a * b.to(a.device)).sum(-1)
 
 
 def _per_user_sims(gen_embeds: torch.Tensor, gen_user: torch.Tensor, items: Sequence[torch.Tensor], name: str) -> list[torch.Tensor]:
@@ -130,18 +143,27 @@ def generated_item_scores(
         raise ValueError(f"generated_item_scores: agg must be 'max' or 'mean', got {agg!r}")
     e = _embeds(gen_embeds, "gen_embeds")
     users = _users(gen_user, e.shape[0], num_users)
-    sims = cosine_matrix(e, catalogue_embeds)  # [N, C]
-    counts = torch.bincount(users.to(sims.device), minlength=num_users)
+    cat = _embeds(catalogue_embeds, "catalogue_embeds").to(e.device)
+    if cat.shape[1] != e.shape[1]:
+        raise ValueError(f"generated_item_scores: widths differ, gen_embeds D={e.shape[1]}, catalogue D={cat.shape[1]}")
+    users = users.to(e.device)
+    counts = torch.bincount(users, minlength=num_users)
     if bool((counts == 0).any()):
         missing = (counts == 0).nonzero().flatten()[:10].tolist()
         raise ValueError(f"generated_item_scores: users {missing} have no generated images")
-    idx = users.to(sims.device).unsqueeze(1).expand_as(sims)
-    out = torch.zeros(num_users, sims.shape[1], dtype=sims.dtype, device=sims.device)
+    out = torch.zeros(num_users, cat.shape[0], dtype=torch.float32, device=e.device)
     if agg == "max":
-        out.fill_(float("-inf")).scatter_reduce_(0, idx, sims, reduce="amax", include_self=True)
-    else:
-        out.scatter_add_(0, idx, sims).div_(counts.unsqueeze(1).to(sims.dtype))
-    return out
+        out.fill_(float("-inf"))
+    # images in chunks: the whole [N, C] similarity matrix is 2 GB at 100k images x 5k items
+    step = max(1, CHUNK_ELEMENTS // max(1, cat.shape[0]))
+    for i in range(0, e.shape[0], step):
+        sims = e[i:i + step] @ cat.T  # [n, C]
+        idx = users[i:i + step].unsqueeze(1).expand_as(sims)
+        if agg == "max":
+            out.scatter_reduce_(0, idx, sims, reduce="amax", include_self=True)
+        else:
+            out.scatter_add_(0, idx, sims)
+    return out if agg == "max" else out.div_(counts.unsqueeze(1).to(out.dtype))
 
 
 def true_item_ranks(
@@ -237,6 +259,27 @@ def generation_rank_metrics(
     """Next-item ranking for generation: :func:`generated_item_scores` then :func:`rank_metrics`."""
     scores = generated_item_scores(gen_embeds, gen_user, catalogue_embeds, int(true_items.shape[0]), agg)
     return rank_metrics(scores, true_items, ks, exclude)
+
+
+def user_id_ranks(gen_embeds: torch.Tensor, gen_user: torch.Tensor, history_embeds: Sequence[torch.Tensor]
+                  ) -> torch.Tensor:
+    """1-based rank of each image's true user among all users, ``[N]``.
+
+    A user's score for an image is the mean cosine of the image to that user's history
+    window items; ties rank pessimistically (a tie with another user counts above).
+    """
+    e = F.normalize(gen_embeds.float(), dim=-1)
+    H = torch.stack([F.normalize(h.float(), dim=-1).mean(0) for h in history_embeds])  # [U, D]
+    out = torch.empty(e.shape[0], dtype=torch.long)
+    # in row chunks: the whole [N, U] score matrix and its masks are ~7 GB at 10k users x 10 images
+    step = max(1, CHUNK_ELEMENTS // max(1, H.shape[0]))
+    for i in range(0, e.shape[0], step):
+        s = e[i:i + step] @ H.T  # [n, U]
+        gu = gen_user[i:i + step].view(-1, 1)
+        true = s.gather(1, gu)
+        other = torch.ones_like(s, dtype=torch.bool).scatter_(1, gu, False)
+        out[i:i + step] = ((s > true) | ((s == true) & other)).sum(1) + 1
+    return out
 
 
 def user_diversity(gen_embeds: torch.Tensor, gen_user: torch.Tensor, num_users: int) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 
 from pgen_engine.data.synth import SynthConfig, generate_synthetic
 from pgen_engine.eval import evaluate as E
+from pgen_engine.eval import metrics as M
 from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.rewards.embedders import PixelStatsEmbedder
 
@@ -66,7 +67,7 @@ def test_user_id_ranks_hand_values():
     h = [torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])]
     e = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.1]])
     # image 0 belongs to user 1 (its own history): rank 1; image 1 to user 0 but user 2 ties -> rank 2
-    r = E.user_id_ranks(e, torch.tensor([1, 0, 1]), h)
+    r = M.user_id_ranks(e, torch.tensor([1, 0, 1]), h)
     assert r.tolist() == [1, 2, 3]
 
 

@@ -174,3 +174,35 @@ def test_attribute_accuracy_hand_values():
         attribute_accuracy(pred, cur, names=["a", "b"])
     with pytest.raises(ValueError, match="integer tensor"):
         attribute_accuracy(pred.float(), cur)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 24])
+def test_blockwise_metrics_equal_the_whole_matrix(monkeypatch, chunk):
+    """user_id_ranks / generated_item_scores work in blocks of CHUNK_ELEMENTS; any block size gives the same."""
+    from pgen_engine.eval import metrics as M
+
+    g = torch.Generator().manual_seed(0)
+    U, n, C, D = 5, 3, 11, 6
+    e = torch.randn(U * n, D, generator=g)
+    e[4] = e[1]  # a tie between two users' scores
+    gu = torch.arange(U).repeat_interleave(n)[torch.randperm(U * n, generator=g)]
+    hist = [torch.randn(2 + u % 3, D, generator=g) for u in range(U)]
+    cat = torch.randn(C, D, generator=g)
+    monkeypatch.setattr(M, "CHUNK_ELEMENTS", chunk)
+    ranks = M.user_id_ranks(e, gu, hist)
+    # the definition, on the whole [N, U] matrix
+    en = torch.nn.functional.normalize(e, dim=-1)
+    H = torch.stack([torch.nn.functional.normalize(h, dim=-1).mean(0) for h in hist])
+    s = en @ H.T
+    true = s.gather(1, gu.view(-1, 1))
+    ref = ((s > true) | ((s == true) & (torch.arange(U) != gu.view(-1, 1)))).sum(1) + 1
+    assert torch.equal(ranks, ref)
+    sims = en @ torch.nn.functional.normalize(cat, dim=-1).T
+    for agg in ("max", "mean"):
+        got = M.generated_item_scores(e, gu, cat, U, agg=agg)
+        want = torch.stack([getattr(sims[gu == u], "amax" if agg == "max" else "mean")(0) for u in range(U)])
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    fut = M.row_cosines(e, cat[gu % C])
+    torch.testing.assert_close(fut, (en * torch.nn.functional.normalize(cat[gu % C], dim=-1)).sum(1))
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.row_cosines(e, cat)
