@@ -236,9 +236,11 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return found
 
 
-def check_fresh_start(output_dir: Path) -> None:
+def check_fresh_start(output_dir: Path, resume_auto: bool = False) -> None:
     """Refuse to start a run from scratch in ``output_dir`` when it already holds one (a complete
-    checkpoint or an exported ``final/``).
+    checkpoint or an exported ``final/``). ``resume_auto``: the run was asked to ``--resume auto``
+    and found no complete checkpoint there (a ``final/`` left alone would be trained again from
+    scratch and replaced).
 
     Starting over there rewrote ``config.resolved.yaml`` at once, so the old ``final/`` was described
     by the new settings (wrong history mode / tokenizer for ``pgen generate``) until the new run
@@ -250,6 +252,10 @@ def check_fresh_start(output_dir: Path) -> None:
     held = [str(p) for p in complete_checkpoints(output_dir / CHECKPOINTS)[-1:]]
     if (output_dir / "final" / "config.json").is_file():
         held.append(str(output_dir / "final"))
+    if held and resume_auto:
+        raise ResumeError(f"output_dir={output_dir} holds a finished run ({', '.join(held)}) but no complete "
+                          f"checkpoint under {output_dir / CHECKPOINTS} to resume from; --resume auto would train it "
+                          "again from scratch and replace it: start fresh in another output_dir (or delete this one)")
     if held:
         raise ResumeError(f"output_dir={output_dir} already holds a training run ({', '.join(held)}); continue it "
                           "with --resume auto, or start fresh in another output_dir (or delete this one)")

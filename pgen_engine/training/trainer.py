@@ -146,8 +146,8 @@ class Trainer:
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
         ckpt = resolve_resume(resume, self.out)
-        if resume is None:  # every rank: the check reads only the file system
-            check_fresh_start(self.out)
+        if ckpt is None:  # every rank: the check reads only the file system
+            check_fresh_start(self.out, resume_auto=resume is not None)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
         failure = None
