@@ -141,7 +141,39 @@ def shared_decode_blocks(arch: int, dtype: torch.dtype, head_dim: int) -> Shared
         return SharedDecodeBlocks(16, 16, 4, 1, 32, 8)
     d = max(16, 1 << (head_dim - 1).bit_length())
     fp32 = dtype == torch.float32
+    small = smem_limit(arch) < SMEM_LIMIT[80]  # the 99 KiB parts
     # compiled sizes (tools/triton_compile_check.py, sm_89): 16-bit D=128 with 2 stages 28,672 B,
-    # fp32 D=64 with 64-key tiles 49,152 B; the 163 / 227 KiB parts take a third stage
-    stages = 2 if fp32 or smem_limit(arch) < SMEM_LIMIT[80] else 3
+    # fp32 D=64 with 64-key tiles 49,152 B; the 163 / 227 KiB parts take a third stage.
+    # fp32 D=256 with 2 stages needs 102,528 B (over 99 KiB): one stage there (69,760 B)
+    stages = 2 if fp32 or small else 3
+    if fp32 and d > 128 and small:
+        stages = 1
     return SharedDecodeBlocks(32, 32 if fp32 and d > 64 else 64, 4, stages, 128, 16)
+
+
+class DecodeBlocks(NamedTuple):
+    """Launch geometry of the split-K paged decode kernel (:mod:`pgen_engine.ops._triton_attention.decode`):
+    keys per tile (``block_n``, also the split granularity), warps and stages."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def decode_blocks(arch: int, dtype: torch.dtype, head_dim: int) -> DecodeBlocks:
+    """Block sizes for the split-K paged decode kernel on compute capability ``arch``.
+
+    A program keeps ``[D, block_n]`` key and ``[block_n, D]`` value tiles in flight per stage:
+    compiled (tools/triton_compile_check.py) fp32 D=128 with 64-key tiles and 2 stages takes
+    77,888 B, fp32 D=256 151,616 B, over the 99 KiB of sm_86 / sm_89 / sm_120 parts (launch
+    fails with ``OutOfResources``); there fp32 D > 128 takes 32-key tiles (84,032 B)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"decode_blocks: dtype must be float32/bfloat16/float16, got {dtype}")
+    if head_dim < 1:
+        raise ValueError(f"decode_blocks: head_dim must be >= 1, got {head_dim}")
+    if arch == INTERPRETER_ARCH or _interpreting():
+        return DecodeBlocks(32, 4, 2)
+    d = max(16, 1 << (head_dim - 1).bit_length())
+    if dtype == torch.float32 and d > 128 and smem_limit(arch) < SMEM_LIMIT[80]:
+        return DecodeBlocks(32, 4, 2)
+    return DecodeBlocks(64, 4, 2)

@@ -176,3 +176,49 @@ def test_token_logprobs_strided_bias_and_targets(strided):
         out.extend([lp.detach(), ent.detach(), gh, gw])
     for g, r, n in zip(got, want, ("logprobs", "entropy", "d hidden", "d weight")):
         _close(g, r, torch.float32, f"token_logprobs strided {strided}: {n}")
+
+
+# ---------------------------------------------------------------------------------------
+# launch geometry per architecture
+# ---------------------------------------------------------------------------------------
+_CPU_ONLY = pytest.mark.skipif(os.environ.get("PGEN_TEST_DEVICE", "cpu") != "cpu", reason="a GPU run compiles for real")
+
+
+def test_99kib_parts_share_one_geometry(monkeypatch):
+    """sm_86 (A10 / RTX 30xx), sm_89 (L4 / L40S) and sm_120 have the same 99 KiB per block; the
+    compile checks run sm_89 (and sm_86 below), so every config must be the same on all three,
+    and never an sm_90 (227 KiB) one where that one differs."""
+    from pgen_engine.ops import _triton_config as C
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the configs answer for the GPU, not the interpreter
+    assert C.smem_limit(86) == C.smem_limit(89) == C.smem_limit(120) == 99 * 1024
+    assert C.smem_limit(87) == C.smem_limit(80) and C.smem_limit(100) == C.smem_limit(90)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for d in (32, 40, 64, 80, 96, 120, 128, 160, 256):
+            for fn in (C.prefill_blocks, C.shared_decode_blocks, C.decode_blocks):
+                small = {fn(a, dt, d) for a in (86, 89, 120)}
+                assert len(small) == 1, (fn.__name__, dt, d, small)
+            assert {C.prefill_blocks(a, dt, d, backward=True) for a in (86, 89, 120)} == \
+                {C.prefill_blocks(89, dt, d, backward=True)}
+    # the configs that only fit an H100 (fp32 tiles) differ on the 99 KiB parts
+    assert C.decode_blocks(89, torch.float32, 256) != C.decode_blocks(90, torch.float32, 256)
+    assert C.shared_decode_blocks(89, torch.float32, 256) != C.shared_decode_blocks(90, torch.float32, 256)
+    assert C.prefill_blocks(89, torch.float32, 128) != C.prefill_blocks(90, torch.float32, 128)
+
+
+@_CPU_ONLY
+def test_decode_kernels_fit_99kib_at_head_dim_256():
+    """float32 decode at D=256 on sm_86: the split-K kernel with 64-key tiles needed 151,616 B and
+    the shared-prefix kernel with 2 stages 102,528 B (over 101,376 B: OutOfResources on an A10 /
+    L4); tools/triton_compile_check.py compiles them (ptxas included) and checks the limit."""
+    pytest.importorskip("triton")
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=str(root), TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, "tools/triton_compile_check.py", "--arch", "86", "--dtypes", "fp32",
+                          "--head-dims", "256", "--ops", "decode,decode_shared"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert "_decode_split_kernel" in out.stdout and "_prefix_partial_kernel" in out.stdout, out.stdout

@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pgen_engine.ops._triton_attention.common import LOG2E, dot_precision, empty, interpreting, mma, upcast_dot
+from pgen_engine.ops import _triton_config as _config
+from pgen_engine.ops._triton_attention.common import LOG2E, dot_precision, empty, mma, upcast_dot
 
 
 @triton.jit
@@ -127,7 +128,7 @@ def decode(
     capacity = block_table.shape[1] * block_size
     if num_splits is None:
         num_splits = decode_num_splits(batch, n_heads_kv, capacity, q.device)
-    block_n = 32 if interpreting() else 64
+    block_n, warps, stages = _config.decode_blocks(_config.device_arch(q.device), q.dtype, head_dim)
     chunk = triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), block_n) * block_n
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_g = max(16, triton.next_power_of_2(group))
@@ -142,7 +143,7 @@ def decode(
         n_heads_q, group, head_dim, block_size, capacity, chunk, num_splits, scale * LOG2E,
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4, num_stages=2,
+        num_warps=warps, num_stages=stages,
     )
     _decode_reduce_kernel[(batch, n_heads_q)](
         m_part, l_part, acc_part, out, out.stride(0), out.stride(1), n_heads_q, head_dim,
