@@ -15,16 +15,19 @@ this module supplies :class:`SFTStage`, whose ``train_step`` is one optimizer st
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from pgen_engine.config import RunConfig
-from pgen_engine.data.prompts import build_sft_loader
+from pgen_engine.data.prompts import build_sft_loader, num_batches
 
+from .checkpoints import CONFIG_KEY, ResumeError, read_meta
 from .distributed import mean_over_ranks
 from .errors import NonFiniteError  # noqa: F401  (re-exported: sft.NonFiniteError is public)
 from .sft_data import DataPrepError
@@ -89,6 +92,42 @@ def check_one_batch(cfg: RunConfig, num_windows: int, micro_batch_size: int, wor
             "data.min_interactions)")
 
 
+def _saved_micro_batch(cfg: RunConfig, ckpt: Path | None, micro: int) -> int:
+    """The micro-batch a checkpoint written before its client state recorded it was trained with:
+    from the config in its metadata (``micro`` when there is none: nothing to compare)."""
+    if ckpt is None:
+        return micro
+    meta = read_meta(ckpt)
+    train = (meta.get(CONFIG_KEY) or {}).get("train")
+    if not isinstance(train, dict) or "world_size" not in meta:
+        return micro
+    saved = dataclasses.replace(cfg.train, micro_batch_size=train.get("micro_batch_size"),
+                                max_micro_batch_size=train.get("max_micro_batch_size", cfg.train.max_micro_batch_size))
+    return saved.micro_batch_for(int(meta["world_size"]))
+
+
+def data_position(consumed: int, saved_micro: int, micro: int, n: int, world_size: int,
+                  ckpt: Path | None = None) -> tuple[int, int]:
+    """(epoch, position in micro-batches of ``micro``) of a loader that has consumed ``consumed``
+    micro-batches of ``saved_micro`` examples per rank over ``n`` examples.
+
+    Every epoch's order is the same whatever the batch size (a seeded permutation, dealt to the
+    ranks in turn), so the examples consumed in the epoch are a prefix of it in either size.
+
+    Raises:
+        ResumeError: that prefix is not a whole number of new micro-batches.
+    """
+    epoch, position = divmod(consumed, num_batches(n, saved_micro, world_size))
+    if saved_micro == micro:
+        return epoch, position
+    done = position * saved_micro  # examples of this epoch each rank has trained on
+    if done % micro:
+        raise ResumeError(f"{ckpt}: stopped after {done} examples per rank into epoch {epoch}, not a whole number of "
+                          f"train.micro_batch_size={micro} batches (it trained with {saved_micro}); resume with "
+                          f"train.micro_batch_size={saved_micro} or a divisor of {done}")
+    return epoch, done // micro
+
+
 class SFTStage(Stage):
     """The SFT stage: each ``train_step`` is ``grad_accum`` micro-batches and one optimizer step.
 
@@ -112,10 +151,13 @@ class SFTStage(Stage):
         self.loss = float(client.get("last_loss", float("nan")))
         micro = trainer.te.micro_batch_size
         check_one_batch(cfg, len(data.dataset), micro, dist.world_size)
-        probe = build_sft_loader(data.dataset, data.special, batch_size=micro, seed=cfg.seed,
-                                 rank=dist.rank, world_size=dist.world_size)
-        self.per_epoch = probe.batch_sampler.batches_per_epoch()
-        epoch, position = divmod(self.consumed, self.per_epoch)
+        self.per_epoch = num_batches(len(data.dataset), micro, dist.world_size)
+        # the count is in micro-batches of the size the checkpoint was trained with: a resume with
+        # another train.micro_batch_size (a resumable change) used to read it in the new size
+        saved_micro = int(client.get("micro_batch_size") or _saved_micro_batch(cfg, trainer.last_saved, micro))
+        epoch, position = data_position(self.consumed, saved_micro, micro, len(data.dataset), dist.world_size,
+                                        trainer.last_saved)
+        self.consumed = epoch * self.per_epoch + position
         loader = build_sft_loader(data.dataset, data.special, batch_size=micro, seed=cfg.seed,
                                   rank=dist.rank, world_size=dist.world_size, epoch=epoch, position=position,
                                   cond_dropout_p=cfg.train.cond_dropout_p, num_workers=cfg.data.num_workers)
@@ -152,7 +194,7 @@ class SFTStage(Stage):
         return row
 
     def client_state(self) -> dict[str, Any]:
-        return {"micro_batches": self.consumed, "last_loss": self.loss}
+        return {"micro_batches": self.consumed, "micro_batch_size": self.te.micro_batch_size, "last_loss": self.loss}
 
     def summary(self) -> dict[str, Any]:
         return {"final_loss": self.loss if math.isfinite(self.loss) else None}

@@ -50,3 +50,50 @@ def test_resume_auto_in_a_finished_run_without_checkpoints_is_refused(tmp_path):
     run_stage_ok = tmp_path / "empty"  # an empty folder still starts fresh under --resume auto (pgen demo)
     from pgen_engine.training.checkpoints import check_fresh_start
     check_fresh_start(run_stage_ok, resume_auto=True)
+
+
+# ---------------------------------------------------------------- the SFT data position on resume
+def _sft_setup(tmp_path, client: dict, micro: int, saved_train: dict | None = None, n: int = 20):
+    """SFTStage.setup on a fake trainer: ``n`` examples, 1 rank, this run's micro-batch ``micro``."""
+    import json
+    from types import SimpleNamespace
+
+    from pgen_engine.config import load_config
+    from pgen_engine.training.checkpoints import META
+    from pgen_engine.training.sft import SFTStage
+
+    cfg = load_config(REPO / "configs" / "demo_sft.yaml", [f"output_dir={tmp_path}", f"train.micro_batch_size={micro}"])
+    ck = tmp_path / "checkpoints" / "step00000002"
+    ck.mkdir(parents=True, exist_ok=True)
+    (ck / META).write_text(json.dumps({"step": 2, "world_size": 1, "zero_stage": 3,
+                                       "config": {"train": saved_train or {}}}))
+    trainer = SimpleNamespace(dist=DistInfo(0, 1, 0, torch.device("cpu")), last_saved=ck,
+                              data=SimpleNamespace(dataset=list(range(n)), special=None),
+                              te=SimpleNamespace(micro_batch_size=micro, model=torch.nn.Linear(1, 1)))
+    stage = SFTStage(cfg)
+    stage.setup(trainer, client)
+    return stage, stage.batches.loader.batch_sampler
+
+
+@pytest.mark.parametrize("client,saved_train", [
+    ({"micro_batches": 3, "micro_batch_size": 4}, None),
+    ({"micro_batches": 3}, {"micro_batch_size": 4}),  # a checkpoint from before the client state held it
+    ({"micro_batches": 3}, {"micro_batch_size": None, "max_micro_batch_size": 4}),  # derived from the memory hint
+])
+def test_resume_with_another_micro_batch_continues_at_the_same_example(tmp_path, client, saved_train):
+    # 3 micro-batches of 4 = 12 examples into epoch 0; resumed with train.micro_batch_size=2 the
+    # count used to be read as 3 batches of 2 (example 6): examples 6-11 trained twice
+    stage, sampler = _sft_setup(tmp_path, client, micro=2, saved_train=saved_train)
+    assert (sampler.epoch, sampler.position) == (0, 6) and stage.consumed == 6
+    assert stage.client_state()["micro_batch_size"] == 2
+    # next epoch: 20 examples -> 5 batches of 4; 7 consumed = epoch 1 + 2 batches = 8 examples
+    stage, sampler = _sft_setup(tmp_path, {"micro_batches": 7, "micro_batch_size": 4}, micro=2)
+    assert (sampler.epoch, sampler.position) == (1, 4) and stage.consumed == 10 + 4
+
+
+def test_resume_with_a_micro_batch_that_cannot_continue_at_the_example_is_refused(tmp_path):
+    with pytest.raises(ResumeError, match=r"stopped after 12 examples per rank into epoch 0, not a whole number of "
+                                          r"train\.micro_batch_size=8 batches \(it trained with 4\)"):
+        _sft_setup(tmp_path, {"micro_batches": 3, "micro_batch_size": 4}, micro=8)
+    stage, sampler = _sft_setup(tmp_path, {"micro_batches": 3, "micro_batch_size": 4}, micro=4)  # unchanged
+    assert (sampler.epoch, sampler.position) == (0, 3) and stage.consumed == 3
