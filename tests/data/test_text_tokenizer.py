@@ -27,7 +27,7 @@ def test_errors(tmp_path):
 
 
 def test_hf_tokenizer_from_folder(tmp_path):
-    tokenizers = pytest.importorskip("tokenizers")
+    pytest.importorskip("tokenizers")
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -87,7 +87,6 @@ def test_missing_prompts_file_and_bad_args(tiny_ckpt, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # bad input: every message names the file / line / flag and what was expected
 
-import os  # noqa: E402
 import shutil  # noqa: E402
 
 import pytest  # noqa: E402

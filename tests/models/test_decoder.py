@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from pgen_engine.models.decoder import KVCache, RotaryEmbedding, positions_from_mask
+from pgen_engine.models.decoder import KVCache, positions_from_mask
 
 
 def test_positions_count_only_attended_tokens():

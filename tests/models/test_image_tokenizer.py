@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import JanusForConditionalGeneration
 
 from pgen_engine.models.image_tokenizer import VQImageTokenizer
 

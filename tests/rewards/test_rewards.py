@@ -167,7 +167,7 @@ class _CountingEmbedder(PixelStatsEmbedder):
 
 def test_composite_weighted_sum_and_single_embedding_pass():
     emb = _CountingEmbedder(grid=2, bins=4)
-    n, d = 6, emb.dim
+    n = 6
     imgs = _imgs(n)
     read = lambda x: x[:, 0, :3, 1].long() % 2  # noqa: E731
     ctx = RewardContext(

@@ -1,6 +1,5 @@
 """Rollouts (hybrid engine) through the Generator on the policy's own weights, and the reference policy."""
 import gc
-import weakref
 
 import pytest
 import torch
