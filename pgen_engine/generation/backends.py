@@ -208,8 +208,10 @@ class StaticBackend(DecodeBackend):
         return super().step(inputs_embeds, positions, cache, slot_mapping, cache_seqlens)
 
     def decode_wave(self, cache, wave: WaveDecode) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # a captured graph reads parameters at fixed addresses: re-capture if any moved
-        weights = tuple(p.data_ptr() for p in self.model.parameters()) if self.runner.graphs else None
+        # a captured graph reads parameters and buffers (e.g. the rotary inv_freq, which a checkpoint
+        # load re-assigns) at fixed addresses: re-capture if any moved
+        weights = tuple(t.data_ptr() for t in (*self.model.parameters(), *self.model.buffers())) \
+            if self.runner.graphs else None
         on_step = None if wave.on_steps is None else (lambda: wave.on_steps(1))
         return self.runner.run((*wave.key, weights), self.model, cache, wave.cfg, wave.pick, wave.first, wave.base,
                                wave.slot0, wave.step_seeds, on_step, first_lp=wave.first_lp, layers=self.step)

@@ -222,3 +222,51 @@ def test_decode_kernels_fit_99kib_at_head_dim_256():
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "_decode_split_kernel" in out.stdout and "_prefix_partial_kernel" in out.stdout, out.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA-graph decode bookkeeping (the capture replaced by a recorder, as in
+# tests/generation/test_decode_graph.py)
+# ---------------------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for a CUDA graph on CPU: capture runs the warm-up step and records, replay runs it."""
+
+    captures = 0
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+    @classmethod
+    def capture(cls, step):
+        step()
+        cls.captures += 1
+        return cls(step)
+
+
+def test_graph_recaptured_when_a_model_buffer_moves(tmp_path, monkeypatch):
+    """A captured decode graph reads the model's buffers at fixed addresses too (the rotary
+    ``inv_freq``, which a checkpoint load re-assigns): the graph key named the parameters'
+    addresses only, so a re-assigned buffer was read from freed memory on replay."""
+    import pgen_engine as pg
+    from pgen_engine.generation import Generator
+    from pgen_engine.generation import decode_graph as dg
+    from pgen_engine.models.tiny import make_tiny_checkpoint
+
+    model = pg.load_model(make_tiny_checkpoint(tmp_path / "m", seed=3, image_size=32, patch_size=8, num_heads=4,
+                                               num_kv_heads=2))
+    monkeypatch.setattr(dg.StaticDecode, "_capture", staticmethod(_Recorder.capture))
+    _Recorder.captures = 0
+    sp = pg.SpecialTokens.builtin()
+    rows = [[sp.bos, 7, 9, sp.boi], [sp.bos, 11, sp.boi]]
+    g = Generator(model, max_batch_size=2, max_seq_len=32, decode_mode="static")
+    g._static = dg.StaticDecode(graphs=True)  # what decode_mode="graph" builds on CUDA
+    want = g.generate(rows, seed=1, top_k=5)
+    assert _Recorder.captures == 1
+    assert torch.equal(g.generate(rows, seed=1, top_k=5), want) and _Recorder.captures == 1  # replays only
+    rot = next(m for m in model.modules() if "inv_freq" in m._buffers)
+    rot.inv_freq = rot.inv_freq.clone()  # same values, new storage (what a checkpoint load does)
+    assert torch.equal(g.generate(rows, seed=1, top_k=5), want)
+    assert _Recorder.captures == 2, "a moved buffer must re-capture the decode graph"
