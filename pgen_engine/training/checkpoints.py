@@ -219,6 +219,24 @@ def check_resume_config(ckpt: Path, current: dict[str, Any], defaults: dict[str,
                           f"{Path(ckpt).parent})")
 
 
+DATA_HASH_KEY = "data_hash"  # sft_data.training_data_hash of the run, in pgen_checkpoint.json
+
+
+def check_resume_data(ckpt: Path, data_hash: str) -> None:
+    """Refuse to resume ``ckpt`` on other training data than it was trained on (a checkpoint
+    written before the hash was recorded is accepted as is).
+
+    Raises:
+        ResumeError: naming the checkpoint, both hashes and what they cover.
+    """
+    saved = read_meta(ckpt).get(DATA_HASH_KEY)
+    if saved is not None and saved != data_hash:
+        raise ResumeError(f"{ckpt}: trained on other data (data hash {str(saved)[:12]}, this run's {data_hash[:12]}: "
+                          "the dataset in data.dataset_dir, its training windows or the image tokenizer in "
+                          "data.work_dir differ); resume with the checkpoint's data and tokenizer, or start fresh "
+                          "in another output_dir")
+
+
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     """``--resume`` value -> a checkpoint folder or None.
 

@@ -18,6 +18,8 @@ Any failure on rank 0 is broadcast, so every rank stops with the same one-line e
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -274,3 +276,24 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
         features = vc.features
     return SFTData(model_dir, SFTDataset(splits.train, cache, builder, titles=titles, image_loader=loader,
                                          vision_features=features), special, splits, tok)
+
+
+def training_data_hash(data: SFTData) -> str:
+    """sha256 over what the run trains on: the image tokenizer's fingerprint, every training window
+    (user, history, target) and the codes of the items they use.
+
+    Recorded in each checkpoint: a resume whose dataset, windows or tokenizer differ (another
+    ``data.dataset_dir`` content or ``data.work_dir`` tokenizer under an unchanged config) would
+    otherwise continue the weights on codes that mean other images.
+    """
+    h = hashlib.sha256(data.tokenizer.fingerprint().encode())
+    ds = data.dataset
+    items: set[str] = set()
+    for ex in ds.examples:
+        h.update(json.dumps([ex.user_id, list(ex.history), ex.target]).encode())
+        items.update(ex.history)
+        items.add(ex.target)
+    ids = sorted(i for i in items if i in ds.cache)
+    for lo in range(0, len(ids), 4096):
+        h.update(ds.cache.codes(ids[lo:lo + 4096]).numpy().tobytes())
+    return h.hexdigest()

@@ -30,13 +30,13 @@ from pgen_engine.config import ConfigError, RunConfig, TrainConfig, config_defau
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_problem
 from pgen_engine.termination import DeferredTermination, Terminated
 
-from .checkpoints import (CHECKPOINTS, CONFIG_KEY, check_fresh_start, check_resume_config, export_hf, load_resumable,
-                          resolve_resume, save_resumable)
+from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, check_fresh_start, check_resume_config,
+                          check_resume_data, export_hf, load_resumable, resolve_resume, save_resumable)
 from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
 from .engine import TrainEngine, build_engine, require_deepspeed
 from .errors import stop_if_not_finite
 from .metrics import MetricsLogger
-from .sft_data import SFTData, prepare_sft_data
+from .sft_data import SFTData, prepare_sft_data, training_data_hash
 
 
 class Stage:
@@ -104,6 +104,7 @@ class Trainer:
         self.logger: MetricsLogger | None = None
         self.start_step = 0
         self.last_saved: Path | None = None
+        self.data_hash = ""
 
     # -- the guard, written once --------------------------------------------------
     def check_finite(self, value: float, what: str, step: int) -> None:
@@ -114,7 +115,8 @@ class Trainer:
     def _save(self, step: int) -> None:
         self.last_saved = save_resumable(self.te.engine, self.out / CHECKPOINTS, step, self.stage.client_state(),
                                          self.dist, keep=self.cfg.train.keep_checkpoints,
-                                         extra_meta={**self.stage.checkpoint_meta, CONFIG_KEY: config_to_dict(self.cfg)})
+                                         extra_meta={**self.stage.checkpoint_meta, CONFIG_KEY: config_to_dict(self.cfg),
+                                                     DATA_HASH_KEY: self.data_hash})
 
     def _stop_for_sigterm(self, done: int, saved: bool) -> None:
         """Write the step's resumable checkpoint (unless just written) and raise :class:`Terminated`."""
@@ -163,6 +165,9 @@ class Trainer:
             raise ConfigError(failure)
         torch.manual_seed(cfg.seed + dist.rank)
         self.data = prepare_sft_data(cfg, dist)
+        self.data_hash = training_data_hash(self.data)  # every rank: the same files give the same hash
+        if ckpt is not None:  # before the engine is built: a refusal costs no model load
+            check_resume_data(ckpt, self.data_hash)
         stage.before_engine(self)
         self.te = build_engine(stage.engine_train_config(cfg), cfg.deepspeed, self.data.model_dir, dist,
                                offload_states=stage.offloads_states(cfg))

@@ -97,3 +97,46 @@ def test_resume_with_a_micro_batch_that_cannot_continue_at_the_example_is_refuse
         _sft_setup(tmp_path, {"micro_batches": 3, "micro_batch_size": 4}, micro=8)
     stage, sampler = _sft_setup(tmp_path, {"micro_batches": 3, "micro_batch_size": 4}, micro=4)  # unchanged
     assert (sampler.epoch, sampler.position) == (0, 3) and stage.consumed == 3
+
+
+# ---------------------------------------------------------------- resuming on other data
+def _tiny(tmp_path, *extra: str):
+    from pgen_engine.config import load_config
+    return load_config(REPO / "configs" / "demo_sft.yaml", [
+        f"output_dir={tmp_path / 'run'}", f"data.dataset_dir={tmp_path / 'synth'}", f"data.work_dir={tmp_path / 'work'}",
+        "data.synth.users=12", "data.synth.items=24", "data.patch_size=16", "data.codebook_size=16",
+        "data.kmeans_iters=2", "train.micro_batch_size=4", "train.global_batch_size=4", "train.max_steps=2",
+        "train.warmup_steps=1", "logging.progress=false", *extra])
+
+
+def test_resume_on_another_tokenizer_or_dataset_is_refused_before_the_engine_is_built(tmp_path, monkeypatch):
+    # the config may be unchanged while the data is not: another data.work_dir (a resumable change)
+    # with another tokenizer in it, or a dataset regenerated in place. The weights used to continue
+    # silently on codes that mean other images.
+    import json
+
+    from pgen_engine.config import config_to_dict
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.checkpoints import META
+    from pgen_engine.training.stages import run_stage
+
+    cfg = _tiny(tmp_path)
+    ck = tmp_path / "run" / "checkpoints" / "step00000001"
+    ck.mkdir(parents=True)
+    (ck / META).write_text(json.dumps({"step": 1, "world_size": 1, "zero_stage": 3, "config": config_to_dict(cfg),
+                                       "data_hash": "0" * 64}))
+
+    def no_engine(*a, **k):
+        raise AssertionError("the engine was built")
+
+    monkeypatch.setattr(trainer_mod, "build_engine", no_engine)
+    with pytest.raises(ResumeError, match=rf"{ck}: trained on other data \(data hash 000000000000, this run's "
+                                          r"[0-9a-f]{12}: the dataset in data\.dataset_dir"):
+        run_stage(cfg, resume="auto")
+    # the same data gives the same hash: the check passes and the run goes on to build the engine
+    from pgen_engine.training.sft_data import prepare_sft_data, training_data_hash
+    same = training_data_hash(prepare_sft_data(cfg, DistInfo(0, 1, 0, torch.device("cpu"))))
+    (ck / META).write_text(json.dumps({"step": 1, "world_size": 1, "zero_stage": 3, "config": config_to_dict(cfg),
+                                       "data_hash": same}))
+    with pytest.raises(AssertionError, match="the engine was built"):
+        run_stage(cfg, resume="auto")
