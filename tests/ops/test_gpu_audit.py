@@ -270,3 +270,38 @@ def test_graph_recaptured_when_a_model_buffer_moves(tmp_path, monkeypatch):
     rot.inv_freq = rot.inv_freq.clone()  # same values, new storage (what a checkpoint load does)
     assert torch.equal(g.generate(rows, seed=1, top_k=5), want)
     assert _Recorder.captures == 2, "a moved buffer must re-capture the decode graph"
+
+
+def test_paged_kv_write_auto_on_cuda_takes_strided_caches(monkeypatch):
+    """On CUDA ``backend="auto"`` picks the extension's kernel, which TORCH_CHECKs contiguous
+    caches, while the op takes any cache with a dense head dim (the Triton kernel uses strides):
+    a cache that is a slice of a larger buffer failed on GPUs with the extension only. "auto"
+    now hands such caches to Triton; an explicit "cuda" says why it refuses them."""
+    from pgen_engine.ops.attention import kv_write as KW
+
+    calls = []
+
+    class FakeExt:  # the CUDA kernel's contract, on CPU tensors
+        @staticmethod
+        def paged_kv_write_cuda(kc, vc, kn, vn, slots):
+            if not (kc.is_contiguous() and vc.is_contiguous()):
+                raise RuntimeError("paged_kv_write_cuda: caches must be contiguous")
+            calls.append("cuda")
+            A.paged_kv_write(kc, vc, kn, vn, slots, backend="torch")
+
+    monkeypatch.setattr(KW, "extension", lambda: FakeExt)
+    monkeypatch.setattr(KW, "resolve", lambda backend, device, supported, op: "cuda" if backend == "auto" else backend)
+    gen = _gen(5)
+    kn, vn = torch.randn(3, 2, 40, generator=gen), torch.randn(3, 2, 40, generator=gen)
+    slots = torch.tensor([0, 5, 11])
+    big_k, big_v = torch.zeros(4, 8, 2, 40), torch.zeros(4, 8, 2, 40)
+    kc, vc = big_k[:, :4], big_v[:, :4]  # [4 blocks, 4 slots, Hkv, D], block stride 8 slots
+    want_k, want_v = kc.clone(), vc.clone()
+    A.paged_kv_write(want_k, want_v, kn, vn, slots, backend="torch")
+    A.paged_kv_write(kc, vc, kn, vn, slots)  # auto -> "cuda" -> strided: Triton
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v) and calls == []
+    dense_k, dense_v = torch.zeros(4, 4, 2, 40), torch.zeros(4, 4, 2, 40)
+    A.paged_kv_write(dense_k, dense_v, kn, vn, slots)
+    assert calls == ["cuda"] and torch.equal(dense_k, want_k)
+    with pytest.raises(ValueError, match="needs contiguous caches"):
+        A.paged_kv_write(kc, vc, kn, vn, slots, backend="cuda")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pgen_engine.ops._backend import extension
+from pgen_engine.ops._backend import extension, triton_available
 from pgen_engine.ops.attention._dispatch import resolve, triton_kernels
 from pgen_engine.ops.attention._validate import KERNEL_DTYPES, check_kv_write
 from pgen_engine.ops.attention.reference import paged_kv_write_ref
@@ -60,4 +60,13 @@ def paged_kv_write(
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged_kv_write: caches must be contiguous in the head dim (stride(-1) == 1)")
+    if impl == "cuda" and not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        # the CUDA kernel addresses a slot as slot * Hkv * D (TORCH_CHECK: contiguous caches); the
+        # Triton kernel takes any strides, as this op promises
+        if backend != "auto":
+            raise ValueError("paged_kv_write: backend 'cuda' needs contiguous caches; use 'triton' for strided ones")
+        impl = "triton" if triton_available() else "torch"
+        if impl == "torch":
+            paged_kv_write_ref(k_cache, v_cache, k_new, v_new, slot_mapping)
+            return
     _kv_write_op(k_cache, v_cache, k_new, v_new, slot_mapping, impl)
