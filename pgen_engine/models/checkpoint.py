@@ -48,9 +48,13 @@ def _shard_files(path: Path) -> list[Path]:
     found = sorted(path.glob("*.safetensors"))
     if len(found) == 1:
         return found
+    pickled = [] if found else sorted(p.name for p in path.glob("*.bin"))
     raise CheckpointError(
         f"{path}: no weights found (expected {SINGLE_NAME}, or {INDEX_NAME} with shards)"
         + (f"; found {len(found)} *.safetensors files without an index" if found else "")
+        # pickled weights are never unpickled here (arbitrary code); transformers can re-save them
+        + (f"; found {pickled[0]}{' and others' if len(pickled) > 1 else ''}: pgen reads safetensors only, re-save "
+           "with JanusForConditionalGeneration.from_pretrained(DIR).save_pretrained(OUT)" if pickled else "")
     )
 
 

@@ -104,9 +104,11 @@ class JanusModelConfig:
     @classmethod
     def _parse(cls, cfg: dict, source: str) -> "JanusModelConfig":
         if cfg.get("model_type") != "janus":
-            raise CheckpointError(
-                f"{source}: model_type is {cfg.get('model_type')!r}, expected 'janus' (a Janus / Janus-Pro checkpoint)"
-            )
+            hint = ("; this is DeepSeek's original Janus format (deepseek-ai/Janus-Pro-*): use the transformers "
+                    "snapshot (deepseek-community/Janus-Pro-1B or -7B), or convert it with transformers' "
+                    "models/janus/convert_janus_weights_to_hf.py") if cfg.get("model_type") == "multi_modality" else ""
+            raise CheckpointError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'janus' "
+                                  f"(a Janus / Janus-Pro checkpoint in the transformers format){hint}")
         for sub in ("text_config", "vision_config", "vq_config"):
             if not isinstance(cfg.get(sub), dict):
                 raise CheckpointError(f"{source}: missing or invalid '{sub}' section")

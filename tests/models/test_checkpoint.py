@@ -78,6 +78,19 @@ def test_wrong_model_type(ckpt):
         pg.load_model(ckpt)
 
 
+def test_deepseek_original_format_says_how_to_convert(ckpt):
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "multi_modality", "language_config": {}}))
+    with pytest.raises(pg.CheckpointError, match="DeepSeek's original Janus format.*convert_janus_weights_to_hf"):
+        pg.load_model(ckpt)
+
+
+def test_pickled_weights_are_named_and_never_unpickled(ckpt):
+    (ckpt / "model.safetensors").unlink()
+    torch.save({"not": "read"}, ckpt / "pytorch_model.bin")
+    with pytest.raises(pg.CheckpointError, match=r"found pytorch_model\.bin: pgen reads safetensors only, re-save"):
+        pg.load_model(ckpt)
+
+
 def test_truncated_file(ckpt):
     f = ckpt / "model.safetensors"
     data = f.read_bytes()
