@@ -254,15 +254,14 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return found
 
 
-def check_fresh_start(output_dir: Path, resume_auto: bool = False) -> None:
-    """Refuse to start a run from scratch in ``output_dir`` when it already holds one (a complete
-    checkpoint or an exported ``final/``). ``resume_auto``: the run was asked to ``--resume auto``
-    and found no complete checkpoint there (a ``final/`` left alone would be trained again from
-    scratch and replaced).
+def check_fresh_start(output_dir: Path, resume_auto: bool = False, resumed_from: Path | None = None) -> None:
+    """Refuse to start a run in ``output_dir`` when it already holds one (a complete checkpoint or
+    an exported ``final/``): from scratch, after ``--resume auto`` found no complete checkpoint
+    there (``resume_auto``: the ``final/`` would be trained again and replaced), or resuming
+    ``resumed_from``, a checkpoint of another folder (its checkpoints would mix with the held ones).
 
-    Starting over there rewrote ``config.resolved.yaml`` at once, so the old ``final/`` was described
-    by the new settings (wrong history mode / tokenizer for ``pgen generate``) until the new run
-    finished, and the old run's checkpoints stayed mixed with the new one's.
+    Starting there rewrote ``config.resolved.yaml`` at once (the old ``final/`` then described by the new
+    settings) and mixed the old run's checkpoints with the new one's.
 
     Raises:
         ResumeError: naming the folder and what it holds.
@@ -270,6 +269,10 @@ def check_fresh_start(output_dir: Path, resume_auto: bool = False) -> None:
     held = [str(p) for p in complete_checkpoints(output_dir / CHECKPOINTS)[-1:]]
     if (output_dir / "final" / "config.json").is_file():
         held.append(str(output_dir / "final"))
+    if held and resumed_from is not None:
+        raise ResumeError(f"--resume {resumed_from}: output_dir={output_dir} already holds another training run "
+                          f"({', '.join(held)}), which this one would mix its checkpoints with and replace; continue "
+                          "that one with --resume auto, or resume this checkpoint into an output_dir of its own")
     if held and resume_auto:
         raise ResumeError(f"output_dir={output_dir} holds a finished run ({', '.join(held)}) but no complete "
                           f"checkpoint under {output_dir / CHECKPOINTS} to resume from; --resume auto would train it "

@@ -150,6 +150,8 @@ class Trainer:
         ckpt = resolve_resume(resume, self.out)
         if ckpt is None:  # every rank: the check reads only the file system
             check_fresh_start(self.out, resume_auto=resume is not None)
+        elif ckpt.resolve().parent != (self.out / CHECKPOINTS).resolve():  # another folder's checkpoint
+            check_fresh_start(self.out, resumed_from=ckpt)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
         failure = None

@@ -140,3 +140,28 @@ def test_resume_on_another_tokenizer_or_dataset_is_refused_before_the_engine_is_
                                        "data_hash": same}))
     with pytest.raises(AssertionError, match="the engine was built"):
         run_stage(cfg, resume="auto")
+
+
+def test_resuming_another_folders_checkpoint_into_a_folder_holding_a_run_is_refused(tmp_path):
+    # `--resume A/checkpoints/stepN output_dir=B` with B holding its own run used to go on: B's
+    # config.resolved.yaml rewritten at once, A's continuation saved among B's checkpoints ('latest'
+    # then naming an older step than B's newest) and B's final/ replaced at the end
+    import json
+
+    from pgen_engine.config import config_to_dict
+    from pgen_engine.training.checkpoints import META
+    from pgen_engine.training.stages import run_stage
+
+    cfg = _tiny(tmp_path)
+    other = tmp_path / "a" / "checkpoints" / "step00000001"
+    other.mkdir(parents=True)
+    (other / META).write_text(json.dumps({"step": 1, "world_size": 1, "zero_stage": 3, "config": config_to_dict(cfg)}))
+    held = tmp_path / "run" / "checkpoints" / "step00000002"
+    held.mkdir(parents=True)
+    (held / META).write_text("{}")
+    (tmp_path / "run" / "config.resolved.yaml").write_text("B's config\n")
+    with pytest.raises(ResumeError, match=rf"--resume {other}: output_dir=.*run already holds another training run "
+                                          r"\(.*step00000002\), which this one would mix"):
+        run_stage(cfg, resume=str(other))
+    assert (tmp_path / "run" / "config.resolved.yaml").read_text() == "B's config\n"
+    assert not (tmp_path / "synth").exists()
