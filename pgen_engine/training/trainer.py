@@ -21,6 +21,9 @@ checkpoint, which is left untouched.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +34,30 @@ from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_pr
 from pgen_engine.termination import DeferredTermination, Terminated
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, check_fresh_start, check_resume_config,
-                          check_resume_data, export_hf, load_resumable, resolve_resume, save_resumable)
+                          check_resume_data, export_hf, load_resumable, read_meta, resolve_resume, save_resumable)
 from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
-from .engine import TrainEngine, build_engine, require_deepspeed
+from .engine import TrainEngine, build_engine, lr_lambda, require_deepspeed
 from .errors import stop_if_not_finite
 from .metrics import MetricsLogger
 from .sft_data import SFTData, prepare_sft_data, training_data_hash
+
+
+def schedule_change(ckpt: Path, train: TrainConfig) -> str | None:
+    """What resuming ``ckpt`` with another ``train.max_steps`` does to the LR schedule (warmup +
+    cosine to ``max_steps``), or None when the steps it trained ran at the new schedule's rates.
+
+    ``max_steps`` is a resumable change (more steps), but the cosine stretches with it: the
+    resumed run is then neither the saved run nor what the new config gives from scratch."""
+    meta = read_meta(ckpt)
+    saved, step = ((meta.get(CONFIG_KEY) or {}).get("train") or {}).get("max_steps"), meta.get("step")
+    if not isinstance(saved, int) or not isinstance(step, int) or saved == train.max_steps or saved < train.warmup_steps:
+        return None
+    old, new = lr_lambda(dataclasses.replace(train, max_steps=saved)), lr_lambda(train)
+    if all(math.isclose(old(s), new(s), rel_tol=1e-9) for s in range(step + 1)):
+        return None
+    return (f"{ckpt}: resumed at step {step} with train.max_steps {saved} -> {train.max_steps}, which reshapes the LR "
+            f"schedule: steps 1-{step} ran at the old one's rates, so this run is not what {train.max_steps} steps "
+            f"from scratch give (lr at step {step + 1}: {train.lr * old(step):.3g} before, {train.lr * new(step):.3g} now)")
 
 
 class Stage:
@@ -154,6 +175,9 @@ class Trainer:
             check_fresh_start(self.out, resumed_from=ckpt)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
+            note = schedule_change(ckpt, cfg.train)
+            if note and dist.is_main:
+                print(f"warning: {note}", file=sys.stderr, flush=True)
         failure = None
         if dist.is_main:
             try:

@@ -165,3 +165,37 @@ def test_resuming_another_folders_checkpoint_into_a_folder_holding_a_run_is_refu
         run_stage(cfg, resume=str(other))
     assert (tmp_path / "run" / "config.resolved.yaml").read_text() == "B's config\n"
     assert not (tmp_path / "synth").exists()
+
+
+def test_resume_with_more_steps_warns_that_the_lr_schedule_changed(tmp_path, monkeypatch, capsys):
+    # train.max_steps is a resumable change, but the cosine is stretched with it: resuming a finished
+    # 4-step run with max_steps=8 jumped the LR from its floor back up, silently
+    import json
+
+    from pgen_engine.config import config_to_dict
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.checkpoints import META
+    from pgen_engine.training.stages import run_stage
+
+    saved = config_to_dict(_tiny(tmp_path, "train.max_steps=4"))
+    ck = tmp_path / "run" / "checkpoints" / "step00000004"
+    ck.mkdir(parents=True)
+    (ck / META).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 3, "config": saved}))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
+    with pytest.raises(Stop):
+        run_stage(_tiny(tmp_path, "train.max_steps=8"), resume="auto")
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(err) == 1 and f"{ck}: resumed at step 4 with train.max_steps 4 -> 8" in err[0], err
+    assert "lr at step 5: 0.0003 before, 0.00" in err[0]
+    saved = config_to_dict(_tiny(tmp_path, "train.max_steps=4", "train.min_lr_ratio=1.0"))
+    (ck / META).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 3, "config": saved}))
+    with pytest.raises(Stop):  # the same schedule (a constant LR after warmup): nothing to say
+        run_stage(_tiny(tmp_path, "train.max_steps=8", "train.min_lr_ratio=1.0"), resume="auto")
+    assert "warning:" not in capsys.readouterr().err
