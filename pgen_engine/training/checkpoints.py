@@ -5,7 +5,7 @@ Layout under ``<output_dir>/checkpoints/``::
     step00000020/          one resumable checkpoint (DeepSpeed's own files: partitioned
       zero_pp_rank_*...     model + optimizer + scheduler states, our client state with
       rng_rank{r}.pt        the step and data position; per-rank RNG states)
-      pgen_checkpoint.json  written last: step, world size, ZeRO stage, the run's config
+      pgen_checkpoint.json  written last: step, world size, ZeRO stage, the run's config, data hash
     latest                 text file naming the newest complete checkpoint
 
 Atomicity: DeepSpeed writes into a hidden temporary tag ``.tmp-step...``; only when every
@@ -14,9 +14,9 @@ and then rewrite ``latest`` atomically. A crash at any point leaves the previous
 checkpoint and ``latest`` untouched; a folder without ``pgen_checkpoint.json`` is never
 resumed from. Resuming compares the checkpoint's config with the current one
 (:func:`check_resume_config`): a run may continue for more steps, save or log at another
-rate or into another folder, but not with other training settings — those weights would
-otherwise be passed off as a run of the new config. The HF export gathers ZeRO-3 partitions module by module on every rank and
-rank 0 writes ``final/`` through the model's atomic ``save_checkpoint``.
+rate or into another folder, but not with other training settings or data — those weights would
+otherwise be passed off as a run of the new config. The HF export gathers ZeRO-3 partitions
+module by module on every rank and rank 0 writes ``final/`` through the model's atomic ``save_checkpoint``.
 """
 from __future__ import annotations
 
@@ -211,6 +211,10 @@ def check_resume_config(ckpt: Path, current: dict[str, Any], defaults: dict[str,
     saved = meta.get(CONFIG_KEY)
     if saved is None:
         return
+    if saved.get("stage", current.get("stage")) != current.get("stage"):  # named first, not one of dozens of keys
+        raise ResumeError(f"{ckpt}: a checkpoint of stage {saved.get('stage')!r}, this config is stage "
+                          f"{current.get('stage')!r}; a stage resumes only its own checkpoints (RL starts from the "
+                          "SFT run's final/ as model.checkpoint)")
     diff = config_changes(saved, current, defaults)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; ... ({len(diff) - 8} more)" if len(diff) > 8 else "")
@@ -223,12 +227,8 @@ DATA_HASH_KEY = "data_hash"  # sft_data.training_data_hash of the run, in pgen_c
 
 
 def check_resume_data(ckpt: Path, data_hash: str) -> None:
-    """Refuse to resume ``ckpt`` on other training data than it was trained on (a checkpoint
-    written before the hash was recorded is accepted as is).
-
-    Raises:
-        ResumeError: naming the checkpoint, both hashes and what they cover.
-    """
+    """ResumeError when ``ckpt`` was trained on other data than ``data_hash`` describes (one written
+    before the hash was recorded is accepted as is)."""
     saved = read_meta(ckpt).get(DATA_HASH_KEY)
     if saved is not None and saved != data_hash:
         raise ResumeError(f"{ckpt}: trained on other data (data hash {str(saved)[:12]}, this run's {data_hash[:12]}: "

@@ -199,3 +199,22 @@ def test_resume_with_more_steps_warns_that_the_lr_schedule_changed(tmp_path, mon
     with pytest.raises(Stop):  # the same schedule (a constant LR after warmup): nothing to say
         run_stage(_tiny(tmp_path, "train.max_steps=8", "train.min_lr_ratio=1.0"), resume="auto")
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_resuming_a_checkpoint_of_the_other_stage_names_the_stages(tmp_path):
+    # an SFT checkpoint given to an RL config (or back) used to be refused with the first 8 of ~37
+    # differing keys (model.*, rl.* '(unset)' ...), the stage itself cut off behind '... (29 more)'
+    import json
+
+    from pgen_engine.config import config_to_dict, load_config
+    from pgen_engine.training.checkpoints import META, check_resume_config
+
+    sft = config_to_dict(load_config(REPO / "configs" / "demo_sft.yaml"))
+    rl = config_to_dict(load_config(REPO / "configs" / "demo_rl.yaml", [f"model.checkpoint={tmp_path}"]))
+    ck = tmp_path / "step00000004"
+    ck.mkdir()
+    for saved, now in ((sft, rl), (rl, sft)):
+        (ck / META).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 3, "config": saved}))
+        with pytest.raises(ResumeError, match=rf"{ck}: a checkpoint of stage '{saved['stage']}', this config is "
+                                              rf"stage '{now['stage']}'; a stage resumes only its own checkpoints"):
+            check_resume_config(ck, {**now, "train": {**now["train"], "max_steps": 100}})
