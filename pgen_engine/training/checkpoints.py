@@ -391,10 +391,10 @@ def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict
     meta = read_meta(ckpt)
     if "world_size" not in meta:
         raise ResumeError(f"{meta_path}: no world_size recorded; not a checkpoint written by pgen")
-    if int(meta["world_size"]) != dist_info.world_size:
+    if meta["world_size"] != dist_info.world_size:  # (not int(): a hand-edited "2" was a ValueError traceback)
         raise ResumeError(f"{ckpt}: saved with world_size={meta['world_size']}, this run has "
                           f"{dist_info.world_size}; resume with the same number of ranks")
-    if int(meta.get("zero_stage", -1)) != engine.zero_optimization_stage():
+    if meta.get("zero_stage") != engine.zero_optimization_stage():
         raise ResumeError(f"{ckpt}: saved with ZeRO stage {meta.get('zero_stage')}, this run uses "
                           f"{engine.zero_optimization_stage()}")
     # a truncated or corrupt state file surfaces from torch.load as RuntimeError / EOFError /

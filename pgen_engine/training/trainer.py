@@ -34,7 +34,8 @@ from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_pr
 from pgen_engine.termination import DeferredTermination, Terminated
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, check_fresh_start, check_resume_config,
-                          check_resume_data, export_hf, load_resumable, read_meta, resolve_resume, save_resumable)
+                          ResumeError, check_resume_data, export_hf, load_resumable, read_meta, resolve_resume,
+                          save_resumable)
 from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
 from .engine import TrainEngine, build_engine, lr_lambda, require_deepspeed
 from .errors import stop_if_not_finite
@@ -174,6 +175,10 @@ class Trainer:
         elif ckpt.resolve().parent != (self.out / CHECKPOINTS).resolve():  # another folder's checkpoint
             check_fresh_start(self.out, resumed_from=ckpt)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
+            saved_world = read_meta(ckpt).get("world_size", dist.world_size)
+            if saved_world != dist.world_size:  # load_resumable says so too, but only after data and model loading
+                raise ResumeError(f"{ckpt}: saved with world_size={saved_world}, this run has {dist.world_size}; "
+                                  "resume with the same number of ranks")
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
             note = schedule_change(ckpt, cfg.train)
             if note and dist.is_main:

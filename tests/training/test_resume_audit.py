@@ -218,3 +218,44 @@ def test_resuming_a_checkpoint_of_the_other_stage_names_the_stages(tmp_path):
         with pytest.raises(ResumeError, match=rf"{ck}: a checkpoint of stage '{saved['stage']}', this config is "
                                               rf"stage '{now['stage']}'; a stage resumes only its own checkpoints"):
             check_resume_config(ck, {**now, "train": {**now["train"], "max_steps": 100}})
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_before_data_and_model_loading(tmp_path, monkeypatch):
+    # the world-size check lived in load_resumable only: a 2-rank checkpoint resumed on 1 rank was
+    # refused after data preparation and the engine build (for a 7B model, ~15 GB loaded per rank)
+    import json
+
+    from pgen_engine.config import config_to_dict
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.checkpoints import META
+    from pgen_engine.training.stages import run_stage
+
+    cfg = _tiny(tmp_path)
+    ck = tmp_path / "run" / "checkpoints" / "step00000001"
+    ck.mkdir(parents=True)
+    (ck / META).write_text(json.dumps({"step": 1, "world_size": 2, "zero_stage": 3, "config": config_to_dict(cfg)}))
+
+    def no_data(*a, **k):
+        raise AssertionError("data was prepared")
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", no_data)
+    with pytest.raises(ResumeError, match=rf"{ck}: saved with world_size=2, this run has 1; resume with the same "
+                                          r"number of ranks"):
+        run_stage(cfg, resume="auto")
+
+
+def test_a_hand_edited_world_size_or_zero_stage_is_a_resume_error_not_a_traceback(dist_info, tmp_path):
+    import json
+
+    from pgen_engine.training.checkpoints import META
+
+    eng = _engine(4)
+    _step(eng, torch.randn(4, 7))
+    ck = save_resumable(eng, tmp_path, 1, {"micro_batches": 1}, dist_info, keep=1)
+    meta = json.loads((ck / META).read_text())
+    (ck / META).write_text(json.dumps({**meta, "world_size": "one"}))
+    with pytest.raises(ResumeError, match=r"saved with world_size=one, this run has 1"):
+        load_resumable(eng, ck, dist_info)
+    (ck / META).write_text(json.dumps({**meta, "zero_stage": "three"}))
+    with pytest.raises(ResumeError, match=r"saved with ZeRO stage three, this run uses 3"):
+        load_resumable(eng, ck, dist_info)
