@@ -305,3 +305,54 @@ def test_paged_kv_write_auto_on_cuda_takes_strided_caches(monkeypatch):
     assert calls == ["cuda"] and torch.equal(dense_k, want_k)
     with pytest.raises(ValueError, match="needs contiguous caches"):
         A.paged_kv_write(kc, vc, kn, vn, slots, backend="cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA grid limits: axes y and z hold at most 65,535 blocks (the interpreter has no limit)
+# ---------------------------------------------------------------------------------------
+def test_prefill_grid_fits_cuda_limits_for_many_sequences(monkeypatch):
+    """A packed batch of 4,400 sequences x 16 heads put 70,400 programs on grid axis y, past
+    CUDA's 65,535 (the launch fails on a GPU only). The launchers now fold them into y and z."""
+    PF = importlib.import_module("pgen_engine.ops._triton_attention.prefill_fwd")  # the package re-exports
+    PB = importlib.import_module("pgen_engine.ops._triton_attention.prefill_bwd")  # functions of these names
+    grids = []
+
+    class Stub:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *a, **k: None
+
+    for mod, names in ((PF, ["_prefill_fwd_kernel"]), (PB, ["_prefill_bwd_dkdv_kernel", "_prefill_bwd_dq_kernel"])):
+        for name in names:
+            monkeypatch.setattr(mod, name, Stub())
+    n_seq, hq, hkv, d = 4400, 16, 16, 16
+    q, k, v = torch.zeros(n_seq, hq, d), torch.zeros(n_seq, hkv, d), torch.zeros(n_seq, hkv, d)
+    cu = torch.arange(n_seq + 1, dtype=torch.int32)
+    out, lse = PF.prefill_fwd(q, k, v, cu, None, None, 1, True, 0.25)
+    PB.prefill_bwd(out, q, k, v, out, torch.zeros(hq, n_seq), cu, None, None, None, 1, True, 0.25)
+    assert len(grids) == 3
+    for g in grids:
+        assert len(g) == 3 and all(x <= 65535 for x in g[1:]), g
+        assert g[1] * g[2] >= n_seq * hq, g
+
+
+def test_prefill_folded_grid_matches_reference(monkeypatch):
+    """The folded (sequence, head) grid, forced with a tiny axis limit: programs past the last
+    (sequence, head) write nothing, every other one writes its rows (outputs start as NaN)."""
+    from pgen_engine.ops._triton_attention import common as TC
+
+    monkeypatch.setattr(TC, "GRID_Y_MAX", 2)
+    monkeypatch.setattr(TC, "POISON_OUTPUTS", True)
+    gen = _gen(6)
+    q = torch.randn(17, 3, 40, generator=gen)
+    k, v = torch.randn(17, 1, 40, generator=gen), torch.randn(17, 1, 40, generator=gen)
+    cu = torch.tensor([0, 5, 6, 17], dtype=torch.int32)
+    qd, kd, vd = (t.to(DEV).detach().requires_grad_() for t in (q, k, v))
+    out = A.prefill_attention(qd, kd, vd, causal=True, cu_seqlens=cu.to(DEV), max_seqlen=11, backend="triton")
+    out.backward(torch.ones_like(out))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = A.prefill_attention_ref(q64, k64, v64, causal=True, cu_seqlens=cu, max_seqlen=11)
+    ref.backward(torch.ones_like(ref))
+    _close(out.detach(), ref.detach(), torch.float32, "folded grid out")
+    for got, want, n in ((qd, q64, "dq"), (kd, k64, "dk"), (vd, v64, "dv")):
+        _close(got.grad, want.grad, torch.float32, f"folded grid {n}")

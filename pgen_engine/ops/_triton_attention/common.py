@@ -49,6 +49,29 @@ def mma(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
         return tl.dot(a, b, input_precision=DOT_PREC)
 
 
+# CUDA limits grid dimensions y and z to 65,535 blocks (x: 2^31 - 1); a launch past it fails
+# ("invalid argument") on the GPU only, the interpreter has no such limit. Read at launch time,
+# so tests can lower it.
+GRID_Y_MAX = 65535
+
+
+def bh_grid(blocks: int, n_bh: int) -> tuple[int, int, int]:
+    """Grid ``(blocks, y, z)`` covering ``n_bh`` (sequence, head) programs with ``y * z >= n_bh``,
+    ``y <= GRID_Y_MAX``: the kernel's program is ``program_id(1) + program_id(2) * y`` (see
+    :func:`bh_index`), so a packed batch of many sequences times heads still launches."""
+    y = max(1, min(n_bh, GRID_Y_MAX))
+    return blocks, y, triton.cdiv(max(n_bh, 1), y)
+
+
+@triton.jit
+def bh_index(n_bh, grid_y):
+    """This program's (sequence, head) index from :func:`bh_grid`'s axes 1 and 2, and whether it
+    is one (the last z slice may overshoot ``n_bh``; such a program does nothing)."""
+    pid = tl.program_id(1) + tl.program_id(2) * grid_y
+    valid = pid < n_bh
+    return tl.where(valid, pid, 0), valid
+
+
 def dummy_index(device: torch.device) -> torch.Tensor:
     """Placeholder for an absent optional int tensor argument (the kernel never reads it)."""
     return torch.zeros(1, dtype=torch.int32, device=device)

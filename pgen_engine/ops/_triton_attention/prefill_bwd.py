@@ -7,7 +7,10 @@ import triton
 import triton.language as tl
 
 from pgen_engine.ops import _triton_config as _config
-from pgen_engine.ops._triton_attention.common import LOG2E, LOG2E_K, dot_precision, dummy_index, empty, mma, upcast_dot
+from pgen_engine.ops._triton_attention import common
+from pgen_engine.ops._triton_attention.common import (
+    LOG2E, LOG2E_K, bh_index, dot_precision, dummy_index, empty, mma, upcast_dot,
+)
 
 
 @triton.jit
@@ -15,17 +18,17 @@ def _prefill_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU, QHI, KLO, KPM,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    total_tokens, n_heads_kv, group, head_dim, qk_scale_log2, sm_scale,
+    total_tokens, n_heads_kv, group, head_dim, qk_scale_log2, sm_scale, n_bh, grid_y,
     CAUSAL: tl.constexpr, HAS_SPANS: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, bh_valid = bh_index(n_bh, grid_y)
     b = pid_bh // n_heads_kv
     hk = pid_bh % n_heads_kv
     start = tl.load(CU + b).to(tl.int64)
-    seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    seqlen = tl.where(bh_valid, (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32), 0)
     n0 = pid_n * BLOCK_N
     if n0 < seqlen:
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -91,18 +94,18 @@ def _prefill_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU, QHI, KPM,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_dot, stride_doh, stride_dqt, stride_dqh,
-    total_tokens, n_heads_q, group, head_dim, qk_scale_log2, sm_scale,
+    total_tokens, n_heads_q, group, head_dim, qk_scale_log2, sm_scale, n_bh, grid_y,
     CAUSAL: tl.constexpr, HAS_SPANS: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, bh_valid = bh_index(n_bh, grid_y)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
     hk = h // group
     start = tl.load(CU + b).to(tl.int64)
-    seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    seqlen = tl.where(bh_valid, (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32), 0)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen:
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -172,7 +175,7 @@ def prefill_bwd(
                                                              backward=True)
     block_d = max(16, triton.next_power_of_2(head_dim))
     dummy = dummy_index(q.device)
-    common = dict(
+    launch = dict(
         CAUSAL=causal, HAS_SPANS=q_hi is not None, HAS_KPM=kpm is not None,
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -181,18 +184,18 @@ def prefill_bwd(
     qhi_arg = q_hi if q_hi is not None else dummy
     klo_arg = k_lo if k_lo is not None else dummy
     kpm_arg = kpm if kpm is not None else dummy
-    grid_kv = (triton.cdiv(max(max_seqlen, 1), block_n), n_seq * n_heads_kv)
+    grid_kv = common.bh_grid(triton.cdiv(max(max_seqlen, 1), block_n), n_seq * n_heads_kv)
     _prefill_bwd_dkdv_kernel[grid_kv](
         q, k, v, dout, lse, delta, dk, dv, cu_seqlens, qhi_arg, klo_arg, kpm_arg,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        total, n_heads_kv, group, head_dim, scale * LOG2E, scale, **common,
+        total, n_heads_kv, group, head_dim, scale * LOG2E, scale, n_seq * n_heads_kv, grid_kv[1], **launch,
     )
-    grid_q = (triton.cdiv(max(max_seqlen, 1), block_m), n_seq * n_heads_q)
+    grid_q = common.bh_grid(triton.cdiv(max(max_seqlen, 1), block_m), n_seq * n_heads_q)
     _prefill_bwd_dq_kernel[grid_q](
         q, k, v, dout, lse, delta, dq, cu_seqlens, qhi_arg, kpm_arg,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        total, n_heads_q, group, head_dim, scale * LOG2E, scale, **common,
+        total, n_heads_q, group, head_dim, scale * LOG2E, scale, n_seq * n_heads_q, grid_q[1], **launch,
     )
     return dq, dk, dv

@@ -7,25 +7,28 @@ import triton
 import triton.language as tl
 
 from pgen_engine.ops import _triton_config as _config
-from pgen_engine.ops._triton_attention.common import LN2_K, LOG2E, dot_precision, dummy_index, empty, mma, upcast_dot
+from pgen_engine.ops._triton_attention import common
+from pgen_engine.ops._triton_attention.common import (
+    LN2_K, LOG2E, bh_index, dot_precision, dummy_index, empty, mma, upcast_dot,
+)
 
 
 @triton.jit
 def _prefill_fwd_kernel(
     Q, K, V, O, LSE, CU, QHI, KPM,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    total_tokens, n_heads_q, group, head_dim, qk_scale_log2,
+    total_tokens, n_heads_q, group, head_dim, qk_scale_log2, n_bh, grid_y,
     CAUSAL: tl.constexpr, HAS_SPANS: tl.constexpr, HAS_KPM: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, bh_valid = bh_index(n_bh, grid_y)
     b = pid_bh // n_heads_q
     h = pid_bh % n_heads_q
     hk = h // group
     start = tl.load(CU + b).to(tl.int64)
-    seqlen = (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32)
+    seqlen = tl.where(bh_valid, (tl.load(CU + b + 1) - tl.load(CU + b)).to(tl.int32), 0)
     m0 = pid_m * BLOCK_M
     if m0 < seqlen:
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -99,13 +102,13 @@ def prefill_fwd(
     block_m, block_n, warps, stages = _config.prefill_blocks(_config.device_arch(q.device), q.dtype, head_dim)
     block_d = max(16, triton.next_power_of_2(head_dim))
     dummy = dummy_index(q.device)
-    grid = (triton.cdiv(max(max_seqlen, 1), block_m), n_seq * n_heads_q)
+    grid = common.bh_grid(triton.cdiv(max(max_seqlen, 1), block_m), n_seq * n_heads_q)
     _prefill_fwd_kernel[grid](
         q, k, v, out, lse, cu_seqlens,
         q_hi if q_hi is not None else dummy, kpm if kpm is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
-        total, n_heads_q, group, head_dim, scale * LOG2E,
+        total, n_heads_q, group, head_dim, scale * LOG2E, n_seq * n_heads_q, grid[1],
         CAUSAL=causal, HAS_SPANS=q_hi is not None, HAS_KPM=kpm is not None,
         DOT_PREC=dot_precision(q.dtype), UPCAST=upcast_dot(q.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
