@@ -356,3 +356,67 @@ def test_prefill_folded_grid_matches_reference(monkeypatch):
     _close(out.detach(), ref.detach(), torch.float32, "folded grid out")
     for got, want, n in ((qd, q64, "dq"), (kd, k64, "dk"), (vd, v64, "dv")):
         _close(got.grad, want.grad, torch.float32, f"folded grid {n}")
+
+
+# ---------------------------------------------------------------------------------------
+# shapes the other op tests do not use (no fix needed; coverage for GPU runs)
+# ---------------------------------------------------------------------------------------
+# (batch, Hq, Hkv, D, block_size, blocks per row, lengths): batch 1 with one block, MQA with a
+# 32-wide group, GQA at D=120 with a partly filled last block, MHA at D=96
+DECODE_SHAPES = [(1, 8, 1, 80, 16, 1, [7]), (2, 32, 1, 96, 8, 5, [33, 40]), (3, 6, 2, 120, 4, 9, [35, 1, 17]),
+                 (1, 4, 4, 96, 16, 3, [48])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_attention_odd_shapes(dtype):
+    gen = _gen(7)
+    for B, hq, hkv, d, bs, nb, lens in DECODE_SHAPES:
+        P = B * nb + 2
+        kc = torch.randn(P, bs, hkv, d, generator=gen).to(dtype)
+        vc = torch.randn(P, bs, hkv, d, generator=gen).to(dtype)
+        table = torch.randperm(P, generator=gen)[:B * nb].view(B, nb).to(torch.int32)
+        sl = torch.tensor(lens, dtype=torch.int32)
+        q = torch.randn(B, hq, d, generator=gen).to(dtype)
+        ref = A.decode_attention_ref(q.double(), kc.double(), vc.double(), sl, block_table=table)
+        out = A.decode_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), sl.to(DEV), block_table=table.to(DEV),
+                                 backend="triton")
+        _close(out, ref, dtype, f"decode B={B} Hq={hq} Hkv={hkv} D={d} bs={bs} nb={nb}")
+
+
+# (B, Hq, Hkv, D, pool rows, Lp, Lo, q dtype, cache dtype)
+SHARED_SHAPES = [(1, 8, 1, 96, 1, 19, 5, torch.float32, torch.float32),
+                 (3, 32, 1, 120, 2, 40, 6, torch.bfloat16, torch.bfloat16),
+                 (4, 6, 2, 80, 2, 33, 3, torch.float16, KQ.FP8_DTYPE),
+                 (2, 4, 4, 96, 1, 17, 9, torch.float32, KQ.FP8_DTYPE),
+                 (2, 4, 2, 120, 2, 17, 9, torch.bfloat16, KQ.FP8_DTYPE)]
+
+
+@pytest.mark.parametrize("shape", SHARED_SHAPES, ids=lambda s: f"D{s[3]}-g{s[1] // s[2]}-{s[7]}-{s[8]}")
+def test_shared_prefix_decode_odd_shapes(shape):
+    B, hq, hkv, d, P, lp, lo, dtype, cache_dtype = shape
+    c = _shared_case(_gen(8), B, hq, hkv, d, P, lp, lo, dtype, cache_dtype)
+    out = DS.shared_prefix_decode(**_on_dev(c), backend="triton")
+    _close(out, _shared_ref64(c), dtype, f"shared decode {shape}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_mqa_odd_head_dim_forward_backward(dtype):
+    """MQA (8 query heads on one KV head) at D=96, key padding and a bidirectional span, 16-bit."""
+    gen = _gen(9)
+    B, S, hq, hkv, d = 2, 21, 8, 1, 96
+    q, k, v = (torch.randn(B, S, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    kpm = torch.ones(B, S, dtype=torch.bool)
+    kpm[0, :2] = False
+    spans = torch.tensor([[[3, 9]], [[-1, -1]]], dtype=torch.int32)
+    kw = dict(causal=True, key_padding_mask=kpm, bidirectional_spans=spans)
+    qd, kd, vd = (t.to(DEV).detach().requires_grad_() for t in (q, k, v))
+    out = A.prefill_attention(qd, kd, vd, backend="triton", **{n: t.to(DEV) for n, t in kw.items() if n != "causal"},
+                              causal=True)
+    g = torch.randn(out.shape, generator=gen).to(dtype)
+    out.backward(g.to(DEV))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = A.prefill_attention_ref(q64, k64, v64, **kw)
+    ref.backward(g.double())
+    _close(out.detach(), ref.detach(), dtype, "prefill MQA D=96")
+    for got, want, n in ((qd, q64, "dq"), (kd, k64, "dk"), (vd, v64, "dv")):
+        _close(got.grad, want.grad, dtype, f"prefill MQA D=96 {n}")
