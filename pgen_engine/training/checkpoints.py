@@ -232,8 +232,8 @@ def check_resume_data(ckpt: Path, data_hash: str) -> None:
     saved = read_meta(ckpt).get(DATA_HASH_KEY)
     if saved is not None and saved != data_hash:
         raise ResumeError(f"{ckpt}: trained on other data (data hash {str(saved)[:12]}, this run's {data_hash[:12]}: "
-                          "the dataset in data.dataset_dir, its training windows or the image tokenizer in "
-                          "data.work_dir differ); resume with the checkpoint's data and tokenizer, or start fresh "
+                          "the dataset in data.dataset_dir, its training windows, the image tokenizer in "
+                          "data.work_dir or the weights in model.checkpoint differ); resume with the checkpoint's data and tokenizer, or start fresh "
                           "in another output_dir")
 
 

@@ -278,15 +278,39 @@ def prepare_sft_data(cfg: RunConfig, dist_info: DistInfo) -> SFTData:
                                          vision_features=features), special, splits, tok)
 
 
-def training_data_hash(data: SFTData) -> str:
+_SAMPLE = 1 << 20  # bytes read at each of three places of a weight file
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over a checkpoint folder's ``config.json`` and, per weight file (``*.safetensors``,
+    ``*.bin``): its name, size and 1 MiB at its start, middle and end — cheap for a 7B model, and
+    a retrained or other model of the same shapes differs there."""
+    root = Path(model_dir)
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(p for p in root.iterdir() if p.suffix in (".safetensors", ".bin")):
+        size = f.stat().st_size
+        h.update(json.dumps([f.name, size]).encode())
+        with open(f, "rb") as fh:
+            for at in (0, size // 2, max(size - _SAMPLE, 0)):
+                fh.seek(at)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def training_data_hash(data: SFTData, with_model: bool = False) -> str:
     """sha256 over what the run trains on: the image tokenizer's fingerprint, every training window
-    (user, history, target) and the codes of the items they use.
+    (user, history, target), the codes of the items they use and, ``with_model`` (a run from
+    ``model.checkpoint``), :func:`model_fingerprint` of the model folder.
 
     Recorded in each checkpoint: a resume whose dataset, windows or tokenizer differ (another
     ``data.dataset_dir`` content or ``data.work_dir`` tokenizer under an unchanged config) would
-    otherwise continue the weights on codes that mean other images.
+    otherwise continue the weights on codes that mean other images; one whose ``model.checkpoint``
+    was replaced (an SFT ``final/`` exported again) would take the frozen parameters, which a ZeRO-3
+    checkpoint does not hold, and RL's KL reference from the other model.
     """
     h = hashlib.sha256(data.tokenizer.fingerprint().encode())
+    if with_model:
+        h.update(model_fingerprint(data.model_dir).encode())
     ds = data.dataset
     items: set[str] = set()
     for ex in ds.examples:

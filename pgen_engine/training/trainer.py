@@ -196,7 +196,8 @@ class Trainer:
             raise ConfigError(failure)
         torch.manual_seed(cfg.seed + dist.rank)
         self.data = prepare_sft_data(cfg, dist)
-        self.data_hash = training_data_hash(self.data)  # every rank: the same files give the same hash
+        # every rank: the same files give the same hash
+        self.data_hash = training_data_hash(self.data, with_model=cfg.model.checkpoint is not None)
         if ckpt is not None:  # before the engine is built: a refusal costs no model load
             check_resume_data(ckpt, self.data_hash)
         stage.before_engine(self)

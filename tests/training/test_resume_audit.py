@@ -259,3 +259,28 @@ def test_a_hand_edited_world_size_or_zero_stage_is_a_resume_error_not_a_tracebac
     (ck / META).write_text(json.dumps({**meta, "zero_stage": "three"}))
     with pytest.raises(ResumeError, match=r"saved with ZeRO stage three, this run uses 3"):
         load_resumable(eng, ck, dist_info)
+
+
+def test_the_data_hash_of_a_run_from_model_checkpoint_covers_the_models_weights(tmp_path):
+    # a resume whose model.checkpoint was replaced at the same path (an SFT final/ exported again
+    # after more steps) took the frozen parameters (not in a ZeRO-3 checkpoint) and RL's KL
+    # reference from the other model, silently
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from pgen_engine.training.sft_data import training_data_hash
+
+    model = tmp_path / "final"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "janus"}')
+    w = torch.zeros(3 << 18)  # 3 MiB: the middle sample is read too
+    save_file({"w": w}, model / "model.safetensors")
+    tok = SimpleNamespace(fingerprint=lambda: "tok")
+    data = SimpleNamespace(tokenizer=tok, model_dir=model, dataset=SimpleNamespace(examples=[], cache=set()))
+    before = training_data_hash(data, with_model=True)
+    assert training_data_hash(data, with_model=True) == before  # the same files: the same hash
+    w[len(w) // 2] = 1.0
+    save_file({"w": w}, model / "model.safetensors")
+    assert training_data_hash(data, with_model=True) != before
+    assert training_data_hash(data) == training_data_hash(data, with_model=False)  # an init model: not hashed
