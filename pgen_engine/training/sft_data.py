@@ -305,8 +305,8 @@ def training_data_hash(data: SFTData, with_model: bool = False) -> str:
     Recorded in each checkpoint: a resume whose dataset, windows or tokenizer differ (another
     ``data.dataset_dir`` content or ``data.work_dir`` tokenizer under an unchanged config) would
     otherwise continue the weights on codes that mean other images; one whose ``model.checkpoint``
-    was replaced (an SFT ``final/`` exported again) would take the frozen parameters, which a ZeRO-3
-    checkpoint does not hold, and RL's KL reference from the other model.
+    was replaced (an SFT ``final/`` exported again) would take RL's KL reference and the cached
+    history features of a frozen vision tower (pixels mode) from the other model.
     """
     h = hashlib.sha256(data.tokenizer.fingerprint().encode())
     if with_model:

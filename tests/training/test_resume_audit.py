@@ -284,3 +284,29 @@ def test_the_data_hash_of_a_run_from_model_checkpoint_covers_the_models_weights(
     save_file({"w": w}, model / "model.safetensors")
     assert training_data_hash(data, with_model=True) != before
     assert training_data_hash(data) == training_data_hash(data, with_model=False)  # an init model: not hashed
+
+
+def test_frozen_parameters_are_restored_from_a_zero3_checkpoint(dist_info, tmp_path):
+    # pins what the model hash is for: DeepSpeed restores frozen parameters itself; what a resume
+    # still reads from model.checkpoint is RL's reference and the vision-feature cache
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+    def frozen_first(seed):
+        torch.manual_seed(seed)
+        net = torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+        net[0].weight.requires_grad_(False)
+        cfg = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+               "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "steps_per_print": 10 ** 9}
+        eng, *_ = deepspeed.initialize(model=net, model_parameters=[p for p in net.parameters() if p.requires_grad],
+                                       config=cfg)
+        return eng
+
+    a = frozen_first(0)
+    _step(a, torch.randn(4, 7))
+    ck = save_resumable(a, tmp_path, 1, {}, dist_info, keep=1)
+    b = frozen_first(1)
+    load_resumable(b, ck, dist_info)
+    with GatheredParameters([a.module[0].weight, b.module[0].weight]):
+        assert torch.equal(a.module[0].weight, b.module[0].weight)
