@@ -235,7 +235,10 @@ class Trainer:
                     # collective: a rank that got the signal stops every rank at the same step
                     if done < t.max_steps and not all_ranks_true(not term.requested):
                         self._stop_for_sigterm(done, saved)
-                if self.start_step < t.max_steps or self.last_saved is None:
+                # also a finished checkpoint of another folder resumed here: without one of its own,
+                # this output_dir held only final/ and could be neither resumed nor resumed into
+                if self.start_step < t.max_steps or self.last_saved is None or \
+                        self.last_saved.resolve().parent != (self.out / CHECKPOINTS).resolve():
                     self._save(t.max_steps)
                 export_hf(self.te.model, self.out / "final", dist,
                           record={"stage": cfg.stage, "history_mode": cfg.data.history_mode})

@@ -310,3 +310,22 @@ def test_frozen_parameters_are_restored_from_a_zero3_checkpoint(dist_info, tmp_p
     load_resumable(b, ck, dist_info)
     with GatheredParameters([a.module[0].weight, b.module[0].weight]):
         assert torch.equal(a.module[0].weight, b.module[0].weight)
+
+
+def test_a_finished_checkpoint_resumed_into_another_folder_leaves_a_checkpoint_there(tmp_path):
+    # `--resume A/checkpoints/step00000002 output_dir=B train.max_steps=2` exported B/final/ without a
+    # checkpoint in B: B then held a finished run that neither --resume auto nor another --resume PATH
+    # could continue
+    from pgen_engine.training.checkpoints import latest_checkpoint
+    from pgen_engine.training.stages import run_stage
+
+    run_stage(_tiny(tmp_path))
+    a = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert a is not None and a.name == "step00000002"
+    out = tmp_path / "b"
+    summary = run_stage(_tiny(tmp_path, f"output_dir={out}"), resume=str(a))
+    assert summary["resumed_from"] == 2 and (out / "final" / "config.json").is_file()
+    mine = latest_checkpoint(out / "checkpoints")
+    assert mine is not None and mine.name == "step00000002" and summary["checkpoint"] == str(mine)
+    more = run_stage(_tiny(tmp_path, f"output_dir={out}", "train.max_steps=3"), resume="auto")
+    assert more["resumed_from"] == 2 and more["steps"] == 3
