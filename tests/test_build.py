@@ -137,3 +137,28 @@ def test_host_core_is_standalone_cpp17(name: str):
     cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}", str(ROOT / "csrc" / name)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr}"
+
+
+def test_cuda_kernels_skipped_when_nvcc_and_torch_cuda_majors_differ(monkeypatch, capsys):
+    """torch's BuildExtension raises when nvcc's major CUDA version differs from torch's (a CUDA 13
+    toolkit beside a cu12x wheel), failing the whole _C build on such a GPU machine; the CUDA
+    kernels are left out instead (the ops fall back to Triton), with a warning."""
+    import types
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found on PATH")
+    release = extension_build.nvcc_release(nvcc)
+    assert release is not None and re.fullmatch(r"\d+\.\d+", release), release
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setattr(cpp_ext, "CUDA_HOME", extension_build.cuda_home_of(nvcc))
+    monkeypatch.delenv("PGEN_NO_CUDA", raising=False)
+    major = int(release.split(".")[0])
+    same = types.SimpleNamespace(version=types.SimpleNamespace(cuda=f"{major}.1"))
+    other = types.SimpleNamespace(version=types.SimpleNamespace(cuda=f"{major - 1}.8"))
+    assert extension_build.cuda_version_clash(same) is None
+    assert extension_build.want_cuda(same)
+    assert extension_build.cuda_version_clash(other) is not None
+    assert not extension_build.want_cuda(other)
+    assert "building without the CUDA kernels" in capsys.readouterr().err

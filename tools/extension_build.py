@@ -64,8 +64,33 @@ def cuda_home_of(nvcc: str) -> str | None:
     return str(home) if (home / "include" / "cuda_runtime.h").exists() else None
 
 
+def nvcc_release(nvcc: str) -> str | None:
+    """``"13.0"`` from ``nvcc --version`` (None when it cannot be run or read)."""
+    try:
+        r = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"release (\d+)\.(\d+)", r.stdout)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+def cuda_version_clash(torch) -> str | None:
+    """Why torch's extension build would refuse this toolkit, or None: ``BuildExtension`` raises
+    when the major version of ``CUDA_HOME``'s nvcc differs from ``torch.version.cuda`` (e.g. an
+    image's CUDA 13 toolkit beside a cu12x torch wheel), which failed the whole ``_C`` build."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    nvcc = str(Path(CUDA_HOME, "bin", "nvcc")) if CUDA_HOME else shutil.which("nvcc")
+    release = nvcc_release(nvcc) if nvcc else None
+    if release and torch.version.cuda and release.split(".")[0] != str(torch.version.cuda).split(".")[0]:
+        return f"nvcc {release} ({nvcc}) and torch's CUDA {torch.version.cuda} differ in the major version"
+    return None
+
+
 def want_cuda(torch) -> bool:
-    """Build the CUDA kernels only when torch, the toolkit and the user all allow it."""
+    """Build the CUDA kernels only when torch, the toolkit and the user all allow it. A toolkit
+    torch refuses (:func:`cuda_version_clash`) builds the CPU extension alone, with a warning: the
+    ops then use their Triton kernels on the GPU instead of failing the build."""
     if os.environ.get("PGEN_NO_CUDA"):
         return False
     if not torch.version.cuda:
@@ -73,7 +98,15 @@ def want_cuda(torch) -> bool:
     from torch.utils.cpp_extension import CUDA_HOME
 
     nvcc = shutil.which("nvcc") or (CUDA_HOME and Path(CUDA_HOME, "bin", "nvcc").exists())
-    return bool(nvcc)
+    if not nvcc:
+        return False
+    clash = cuda_version_clash(torch)
+    if clash:
+        print(f"pgen_engine: building without the CUDA kernels: {clash}, which torch's extension build "
+              "refuses; the ops use their Triton kernels instead (a toolkit of torch's CUDA major version "
+              "builds them)", file=sys.stderr)
+        return False
+    return True
 
 
 def ensure_cuda_arch_list(torch) -> str:
