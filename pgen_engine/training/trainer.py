@@ -37,7 +37,7 @@ from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, check_fresh_st
                           ResumeError, check_resume_data, export_hf, load_resumable, read_meta, resolve_resume,
                           save_resumable)
 from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
-from .engine import TrainEngine, build_engine, lr_lambda, require_deepspeed
+from .engine import TrainEngine, build_engine, lr_lambda, require_deepspeed, resolve_precision
 from .errors import stop_if_not_finite
 from .metrics import MetricsLogger
 from .sft_data import SFTData, prepare_sft_data, training_data_hash
@@ -138,7 +138,7 @@ class Trainer:
         self.last_saved = save_resumable(self.te.engine, self.out / CHECKPOINTS, step, self.stage.client_state(),
                                          self.dist, keep=self.cfg.train.keep_checkpoints,
                                          extra_meta={**self.stage.checkpoint_meta, CONFIG_KEY: config_to_dict(self.cfg),
-                                                     DATA_HASH_KEY: self.data_hash})
+                                                     DATA_HASH_KEY: self.data_hash, "precision": self.te.precision})
 
     def _stop_for_sigterm(self, done: int, saved: bool) -> None:
         """Write the step's resumable checkpoint (unless just written) and raise :class:`Terminated`."""
@@ -175,14 +175,21 @@ class Trainer:
         elif ckpt.resolve().parent != (self.out / CHECKPOINTS).resolve():  # another folder's checkpoint
             check_fresh_start(self.out, resumed_from=ckpt)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights
-            saved_world = read_meta(ckpt).get("world_size", dist.world_size)
+            meta = read_meta(ckpt)
+            saved_world = meta.get("world_size", dist.world_size)
             if saved_world != dist.world_size:  # load_resumable says so too, but only after data and model loading
                 raise ResumeError(f"{ckpt}: saved with world_size={saved_world}, this run has {dist.world_size}; "
                                   "resume with the same number of ranks")
             check_resume_config(ckpt, config_to_dict(cfg), config_defaults(cfg))
-            note = schedule_change(ckpt, cfg.train)
-            if note and dist.is_main:
-                print(f"warning: {note}", file=sys.stderr, flush=True)
+            notes = [schedule_change(ckpt, cfg.train)]
+            precision = resolve_precision(cfg.deepspeed, dist.device.type)
+            if meta.get("precision", precision) != precision:  # deepspeed.precision=auto on another device
+                notes.append(f"{ckpt}: trained in {meta['precision']}, this run trains in {precision} "
+                             f"(deepspeed.precision={cfg.deepspeed.precision} on {dist.device.type}): its weights and "
+                             "optimizer states are converted, and the run's numerics are not the saved run's")
+            for note in notes:
+                if note and dist.is_main:
+                    print(f"warning: {note}", file=sys.stderr, flush=True)
         failure = None
         if dist.is_main:
             try:

@@ -329,3 +329,48 @@ def test_a_finished_checkpoint_resumed_into_another_folder_leaves_a_checkpoint_t
     assert mine is not None and mine.name == "step00000002" and summary["checkpoint"] == str(mine)
     more = run_stage(_tiny(tmp_path, f"output_dir={out}", "train.max_steps=3"), resume="auto")
     assert more["resumed_from"] == 2 and more["steps"] == 3
+
+
+def test_resume_in_another_precision_warns(tmp_path, monkeypatch, capsys):
+    # deepspeed.precision=auto is bf16 on a GPU and fp32 on the CPU: a GPU checkpoint resumed on a
+    # CPU machine (the config unchanged) continued in fp32 with no word (DeepSpeed converts the states)
+    import json
+
+    from pgen_engine.config import config_to_dict
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.checkpoints import META
+    from pgen_engine.training.stages import run_stage
+
+    cfg = _tiny(tmp_path)
+    ck = tmp_path / "run" / "checkpoints" / "step00000001"
+    ck.mkdir(parents=True)
+    meta = {"step": 1, "world_size": 1, "zero_stage": 3, "config": config_to_dict(cfg), "precision": "bf16"}
+    (ck / META).write_text(json.dumps(meta))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
+    with pytest.raises(Stop):
+        run_stage(cfg, resume="auto")
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(err) == 1 and f"{ck}: trained in bf16, this run trains in fp32 (deepspeed.precision=auto on cpu)" \
+        in err[0], err
+    (ck / META).write_text(json.dumps({**meta, "precision": "fp32"}))
+    with pytest.raises(Stop):
+        run_stage(cfg, resume="auto")
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_checkpoints_record_the_precision_they_were_trained_in(tmp_path):
+    import json
+
+    from pgen_engine.training.checkpoints import META, latest_checkpoint
+    from pgen_engine.training.stages import run_stage
+
+    run_stage(_tiny(tmp_path, "train.max_steps=1"))
+    meta = json.loads((latest_checkpoint(tmp_path / "run" / "checkpoints") / META).read_text())
+    assert meta["precision"] == "fp32" and len(meta["data_hash"]) == 64
