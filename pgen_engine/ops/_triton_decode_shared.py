@@ -71,11 +71,13 @@ def _e4m3_to_f16(x):
 
     Sign to bit 15, exponent and mantissa shifted into float16's fields: that reads the
     number as ``2^(e-15) (1 + m/8)`` (or the subnormal ``m 2^-17``) instead of e4m3's
-    ``2^(e-7) (1 + m/8)`` (``m 2^-9``), a factor of ``2^-8`` for every code; e4m3's NaN codes
-    (never written: quantisation saturates at 448) read as +-480."""
+    ``2^(e-7) (1 + m/8)`` (``m 2^-9``), a factor of ``2^-8`` for every code. e4m3's NaN codes
+    (``0x7F`` / ``0xFF``: quantisation saturates finite values at 448, but a NaN activation is
+    stored as NaN) read as NaN, as the torch reference's dequantisation does (the shift alone made
+    them +-480, hiding a NaN from the non-finite-logits check)."""
     b = x.to(tl.int32)
     h = (((b & 0x7F) << 7) | ((b & 0x80) << 8)).to(tl.uint16)
-    return h.to(tl.float16, bitcast=True) * 256.0
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), h.to(tl.float16, bitcast=True) * 256.0)
 
 
 @triton.jit

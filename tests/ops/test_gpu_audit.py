@@ -420,3 +420,25 @@ def test_prefill_mqa_odd_head_dim_forward_backward(dtype):
     _close(out.detach(), ref.detach(), dtype, "prefill MQA D=96")
     for got, want, n in ((qd, q64, "dq"), (kd, k64, "dk"), (vd, v64, "dv")):
         _close(got.grad, want.grad, dtype, f"prefill MQA D=96 {n}")
+
+
+def test_fp8_nan_codes_read_as_nan():
+    """A NaN activation quantises to e4m3's NaN code (the clamp keeps NaN); the kernel's bit
+    conversion read that code as 480 (a finite output where the reference gives NaN, so a
+    NaN in K/V escaped the Generator's non-finite-logits check on the GPU path only)."""
+    gen = _gen(10)
+    c = _shared_case(gen, 2, 4, 2, 64, 1, 12, 4, torch.float32, KQ.FP8_DTYPE)
+    c["seqlens"] = torch.tensor([14, 16], dtype=torch.int32)
+    c["prefix_len"] = torch.tensor([12, 12], dtype=torch.int32)
+    c["prefix_row"] = torch.tensor([0, 0], dtype=torch.int32)
+    for name, row, pos in (("k", 0, 1), ("prefix_v", 0, 3)):
+        x = c[name].float()
+        x[row, 0, pos, 5] = float("nan")
+        c[name] = x.to(KQ.FP8_DTYPE)
+        assert torch.isnan(c[name].float()).any()
+    ref = DS.shared_prefix_decode_ref(**c)
+    out = DS.shared_prefix_decode(**_on_dev(c), backend="triton").cpu()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (torch.isnan(out).sum(), torch.isnan(ref).sum())
+    assert torch.isnan(ref).any() and not torch.isnan(ref).all()
+    live = ~torch.isnan(ref)
+    _close(out[live], ref[live], torch.float32, "fp8 with NaN codes (finite part)")
