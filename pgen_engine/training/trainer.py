@@ -169,6 +169,10 @@ class Trainer:
                                   f"{'output' if key == 'output_dir' else 'data work'} folder)")
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
+        if resolve_precision(cfg.deepspeed, dist.device.type) == "bf16" and dist.device.type != "cuda":
+            # build_engine refused it too, but with a ValueError traceback after data preparation
+            raise ConfigError(f"deepspeed.precision=bf16: needs a CUDA device, this run is on {dist.device.type}; "
+                              "use fp32 (or auto)")
         ckpt = resolve_resume(resume, self.out)
         if ckpt is None:  # every rank: the check reads only the file system
             check_fresh_start(self.out, resume_auto=resume is not None)

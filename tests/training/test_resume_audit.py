@@ -374,3 +374,17 @@ def test_checkpoints_record_the_precision_they_were_trained_in(tmp_path):
     run_stage(_tiny(tmp_path, "train.max_steps=1"))
     meta = json.loads((latest_checkpoint(tmp_path / "run" / "checkpoints") / META).read_text())
     assert meta["precision"] == "fp32" and len(meta["data_hash"]) == 64
+
+
+def test_bf16_on_a_cpu_is_a_config_error_before_data_preparation(tmp_path, monkeypatch):
+    # used to end in build_engine's ValueError traceback, after the data had been prepared
+    from pgen_engine.config import ConfigError
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.stages import run_stage
+
+    def no_data(*a, **k):
+        raise AssertionError("data was prepared")
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", no_data)
+    with pytest.raises(ConfigError, match=r"deepspeed\.precision=bf16: needs a CUDA device, this run is on cpu"):
+        run_stage(_tiny(tmp_path, "deepspeed.precision=bf16"))
