@@ -59,7 +59,9 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) 
 
 
 def _strided(t: torch.Tensor, fill) -> torch.Tensor:
-    """``t``'s values as a non-contiguous view (every other element of a wider buffer)."""
+    """``t``'s values as a non-contiguous view on ``DEV`` (every other element of a wider buffer;
+    made there, as ``.to(device)`` of a strided view returns a dense copy)."""
+    t = t.to(DEV)
     wide = torch.stack([t, torch.full_like(t, fill)], dim=-1)
     out = wide[..., 0]
     assert not out.is_contiguous() and torch.equal(out, t)
@@ -77,10 +79,10 @@ def test_decode_attention_strided_block_table_and_seqlens():
     kc = torch.randn(B * nb, bs, hkv, d, generator=gen)
     vc = torch.randn(B * nb, bs, hkv, d, generator=gen)
     table_t = torch.randperm(B * nb, generator=gen).view(nb, B).to(torch.int32)
-    table = table_t.t()  # [B, nb], strides (1, B)
+    table = table_t.to(DEV).t()  # [B, nb], strides (1, B)
     lens = torch.tensor([13, 16, 5], dtype=torch.int32)
     q = torch.randn(B, hq, d, generator=gen)
-    ref = A.decode_attention_ref(q.double(), kc.double(), vc.double(), lens, block_table=table.contiguous())
+    ref = A.decode_attention_ref(q.double(), kc.double(), vc.double(), lens, block_table=table.cpu().contiguous())
     for tab, sl, what in ((table, lens, "table"), (table.contiguous(), _strided(lens, 99), "seqlens"),
                           (table, _strided(lens, 99), "both")):
         out = A.decode_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), sl.to(DEV), block_table=tab.to(DEV),
@@ -190,7 +192,7 @@ def test_99kib_parts_share_one_geometry(monkeypatch):
     and never an sm_90 (227 KiB) one where that one differs."""
     from pgen_engine.ops import _triton_config as C
 
-    monkeypatch.delenv("TRITON_INTERPRET")  # the configs answer for the GPU, not the interpreter
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the configs answer for the GPU, not the interpreter
     assert C.smem_limit(86) == C.smem_limit(89) == C.smem_limit(120) == 99 * 1024
     assert C.smem_limit(87) == C.smem_limit(80) and C.smem_limit(100) == C.smem_limit(90)
     for dt in (torch.float32, torch.bfloat16, torch.float16):
@@ -292,15 +294,15 @@ def test_paged_kv_write_auto_on_cuda_takes_strided_caches(monkeypatch):
     monkeypatch.setattr(KW, "extension", lambda: FakeExt)
     monkeypatch.setattr(KW, "resolve", lambda backend, device, supported, op: "cuda" if backend == "auto" else backend)
     gen = _gen(5)
-    kn, vn = torch.randn(3, 2, 40, generator=gen), torch.randn(3, 2, 40, generator=gen)
-    slots = torch.tensor([0, 5, 11])
-    big_k, big_v = torch.zeros(4, 8, 2, 40), torch.zeros(4, 8, 2, 40)
+    kn, vn = torch.randn(3, 2, 40, generator=gen).to(DEV), torch.randn(3, 2, 40, generator=gen).to(DEV)
+    slots = torch.tensor([0, 5, 11], device=DEV)
+    big_k, big_v = torch.zeros(4, 8, 2, 40, device=DEV), torch.zeros(4, 8, 2, 40, device=DEV)
     kc, vc = big_k[:, :4], big_v[:, :4]  # [4 blocks, 4 slots, Hkv, D], block stride 8 slots
     want_k, want_v = kc.clone(), vc.clone()
     A.paged_kv_write(want_k, want_v, kn, vn, slots, backend="torch")
     A.paged_kv_write(kc, vc, kn, vn, slots)  # auto -> "cuda" -> strided: Triton
     assert torch.equal(kc, want_k) and torch.equal(vc, want_v) and calls == []
-    dense_k, dense_v = torch.zeros(4, 4, 2, 40), torch.zeros(4, 4, 2, 40)
+    dense_k, dense_v = torch.zeros(4, 4, 2, 40, device=DEV), torch.zeros(4, 4, 2, 40, device=DEV)
     A.paged_kv_write(dense_k, dense_v, kn, vn, slots)
     assert calls == ["cuda"] and torch.equal(dense_k, want_k)
     with pytest.raises(ValueError, match="needs contiguous caches"):
