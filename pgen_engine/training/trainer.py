@@ -176,6 +176,12 @@ class Trainer:
         ckpt = resolve_resume(resume, self.out)
         if ckpt is None:  # every rank: the check reads only the file system
             check_fresh_start(self.out, resume_auto=resume is not None)
+            metrics = self.out / "metrics.jsonl"
+            if resume is not None and dist.is_main and metrics.is_file() and metrics.stat().st_size:
+                # a run stopped before its first complete checkpoint: its logged steps are trained again
+                print(f"warning: --resume {resume}: no complete checkpoint under {self.out / CHECKPOINTS}, though "
+                      f"{metrics} holds a run's steps; starting from step 0 (those rows are replaced)",
+                      file=sys.stderr, flush=True)
         elif ckpt.resolve().parent != (self.out / CHECKPOINTS).resolve():  # another folder's checkpoint
             check_fresh_start(self.out, resumed_from=ckpt)
         if ckpt is not None:  # before config.resolved.yaml is rewritten: the folder keeps describing its weights

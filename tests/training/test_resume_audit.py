@@ -388,3 +388,29 @@ def test_bf16_on_a_cpu_is_a_config_error_before_data_preparation(tmp_path, monke
     monkeypatch.setattr(trainer_mod, "prepare_sft_data", no_data)
     with pytest.raises(ConfigError, match=r"deepspeed\.precision=bf16: needs a CUDA device, this run is on cpu"):
         run_stage(_tiny(tmp_path, "deepspeed.precision=bf16"))
+
+
+def test_resume_auto_that_finds_no_checkpoint_after_logged_steps_warns(tmp_path, monkeypatch, capsys):
+    # a run stopped before its first complete checkpoint (or whose checkpoints lost their metadata):
+    # --resume auto started from step 0 and dropped the logged rows with nothing said
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.stages import run_stage
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".tmp-step00000004").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 6.2}\n')
+    with pytest.raises(Stop):
+        run_stage(_tiny(tmp_path), resume="auto")
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
+    assert len(err) == 1 and "--resume auto: no complete checkpoint under" in err[0] and "starting from step 0" in err[0]
+    (out / "metrics.jsonl").write_text("")
+    with pytest.raises(Stop):  # nothing logged: a plain fresh start
+        run_stage(_tiny(tmp_path), resume="auto")
+    assert "warning:" not in capsys.readouterr().err
