@@ -22,6 +22,7 @@ checkpoint, which is left untouched.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import math
 import sys
 from pathlib import Path
@@ -59,6 +60,9 @@ def schedule_change(ckpt: Path, train: TrainConfig) -> str | None:
     return (f"{ckpt}: resumed at step {step} with train.max_steps {saved} -> {train.max_steps}, which reshapes the LR "
             f"schedule: steps 1-{step} ran at the old one's rates, so this run is not what {train.max_steps} steps "
             f"from scratch give (lr at step {step + 1}: {train.lr * old(step):.3g} before, {train.lr * new(step):.3g} now)")
+
+
+RUN_LOCK = ".run.lock"  # in output_dir, held (flock) by rank 0 of the run training there
 
 
 class Stage:
@@ -127,6 +131,7 @@ class Trainer:
         self.start_step = 0
         self.last_saved: Path | None = None
         self.data_hash = ""
+        self._run_lock = None  # rank 0: the open output_dir/.run.lock while the run holds it
 
     # -- the guard, written once --------------------------------------------------
     def check_finite(self, value: float, what: str, step: int) -> None:
@@ -148,6 +153,22 @@ class Trainer:
                          f"checkpoint {self.last_saved} written",
                          checkpoint=str(self.last_saved))
 
+    def _lock_output_dir(self) -> str | None:
+        """Rank 0: hold ``output_dir/.run.lock`` (``flock``) until the run ends; the error line when
+        another run holds it. Two runs in one folder (a job relaunched while the old one still runs)
+        wrote the same ``.tmp-stepN`` folders, each deleting the other's half-written one."""
+        fh = open(self.out / RUN_LOCK, "a+b")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            return (f"output_dir={self.out}: in use by another training run (it holds {self.out / RUN_LOCK}); "
+                    "wait for that run to end (or stop it), or use another output_dir")
+        except OSError:  # a file system without a working flock: the run goes on unlocked
+            pass
+        self._run_lock = fh
+        return None
+
     # -- lifecycle ------------------------------------------------------------------
     def run(self, resume: str | None = None) -> dict[str, Any]:
         """Train; returns the summary (rank 0's view), also written to ``output_dir/summary.json``.
@@ -156,6 +177,14 @@ class Trainer:
             NonFiniteError: loss or gradient norm not finite (no checkpoint written for that step).
             DataPrepError, ConfigError, ResumeError: bad inputs, with one-line messages.
         """
+        try:
+            return self._run(resume)
+        finally:
+            if self._run_lock is not None:  # closing the file drops the flock
+                self._run_lock.close()
+                self._run_lock = None
+
+    def _run(self, resume: str | None) -> dict[str, Any]:
         cfg, stage = self.cfg, self.stage
         require_deepspeed()  # before any work: a missing DeepSpeed is one line, not a late traceback
         # on every rank, so all of them stop; before data preparation, which writes under both
@@ -200,17 +229,21 @@ class Trainer:
             for note in notes:
                 if note and dist.is_main:
                     print(f"warning: {note}", file=sys.stderr, flush=True)
-        failure = None
+        failure = busy = None
         if dist.is_main:
             try:
                 self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))
+                busy = self._lock_output_dir()
+                if busy is None:
+                    atomic_write_text(self.out / "config.resolved.yaml", dump_config(cfg))
             except OSError as e:  # what folder_problem cannot foresee (a read-only or virtual file system)
                 failure = f"output_dir={self.out}: cannot be created or written ({e.strerror or e})"
         # every rank raises rank 0's failure: a rank left alone would wait in the next collective
-        failure = broadcast_object(failure)
+        failure, busy = broadcast_object((failure, busy))
         if failure is not None:
             raise ConfigError(failure)
+        if busy is not None:
+            raise ResumeError(busy)
         torch.manual_seed(cfg.seed + dist.rank)
         self.data = prepare_sft_data(cfg, dist)
         # every rank: the same files give the same hash

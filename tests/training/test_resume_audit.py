@@ -437,3 +437,31 @@ def test_resume_with_another_micro_batch_reproduces_the_uninterrupted_losses(tmp
     assert sorted(got) == [4, 5, 6]
     for s in got:
         assert abs(ref[s] - got[s]) <= 1e-5, f"step {s}: uninterrupted {ref[s]} vs resumed {got[s]}"
+
+
+def test_a_second_run_in_an_output_dir_in_use_is_refused(tmp_path, monkeypatch):
+    # a job relaunched (--resume auto) while the old one still ran trained beside it: both wrote the
+    # same .tmp-stepN folders, each one's clear() deleting the other's half-written checkpoint
+    import fcntl
+
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.stages import run_stage
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / trainer_mod.RUN_LOCK, "a+b") as held:  # the other run
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ResumeError, match=r"output_dir=.*run: in use by another training run \(it holds "
+                                              r".*\.run\.lock\)"):
+            run_stage(_tiny(tmp_path), resume="auto")
+        assert not (out / "config.resolved.yaml").exists()
+    for _ in range(2):  # the lock is released when a run ends, failed or not
+        with pytest.raises(Stop):
+            run_stage(_tiny(tmp_path), resume="auto")
