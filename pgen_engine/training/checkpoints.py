@@ -406,7 +406,7 @@ def load_resumable(engine, ckpt: str | os.PathLike, dist_info: DistInfo) -> dict
     bad = next((f"{f.name}: truncated or not a torch file" for f in own if not zipfile.is_zipfile(f)), None) \
         or _missing_state_file(ckpt, dist_info.rank, engine.zero_optimization_stage())
     if not all_ranks_true(bad is None):
-        why = bad or "another rank's partition is corrupt or missing"
+        why = bad or "another rank's partition is corrupt"  # (or missing: its own line says which)
         raise ResumeError(f"{ckpt}: cannot load the DeepSpeed state ({why}); the checkpoint is corrupt or truncated: "
                           "resume from another one (--resume PATH) or start fresh")
     try:

@@ -62,6 +62,9 @@ def _rank(rank: int, out: str, case: str) -> None:
             ckpt.mkdir(parents=True)
             (ckpt / C.META).write_text(json.dumps({"step": 1, "world_size": 2, "zero_stage": 3}))
             torch.save(C.rng_state(), ckpt / "rng_rank0.pt")
+            for r in (0, 1):  # DeepSpeed's per-rank files, present (load_resumable checks them first)
+                for kind in ("model", "optim"):
+                    torch.save({"r": r}, ckpt / f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt")
             if case == "rng_shape":
                 torch.save({"python": 1}, ckpt / "rng_rank1.pt")
         dist.barrier()
@@ -73,6 +76,7 @@ def _rank(rank: int, out: str, case: str) -> None:
             for r in (0, 1):
                 torch.save(C.rng_state(), ckpt / f"rng_rank{r}.pt")
                 torch.save({"r": r}, ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+                torch.save({"r": r}, ckpt / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
             (ckpt / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"PK\x03\x04 truncated")
         dist.barrier()
     if case in ("resume", "rng_shape", "shard"):

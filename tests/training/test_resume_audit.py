@@ -465,3 +465,31 @@ def test_a_second_run_in_an_output_dir_in_use_is_refused(tmp_path, monkeypatch):
     for _ in range(2):  # the lock is released when a run ends, failed or not
         with pytest.raises(Stop):
             run_stage(_tiny(tmp_path), resume="auto")
+
+
+def _missing_model_file_rank(rank: int, out: str) -> None:
+    import json
+
+    import torch.distributed as tdist
+
+    from pgen_engine.training import checkpoints as C
+    from tests.training.test_checkpoints_rank_failures import _Engine
+
+    ckpt = Path(out) / "checkpoints" / "step00000001"
+    if rank == 0:  # rank 1's model states file is gone (another node's disk lost it)
+        ckpt.mkdir(parents=True)
+        (ckpt / C.META).write_text(json.dumps({"step": 1, "world_size": 2, "zero_stage": 3}))
+        for r in (0, 1):
+            torch.save(C.rng_state(), ckpt / f"rng_rank{r}.pt")
+            torch.save({"r": r}, ckpt / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        torch.save({"r": 0}, ckpt / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    tdist.barrier()
+    C.load_resumable(_Engine(), ckpt, DistInfo(rank, 2, rank, torch.device("cpu")))
+
+
+def test_a_model_states_file_missing_on_rank1_stops_every_rank_with_one_line(tmp_path):
+    from tests.training.gloo_ranks import run_two_ranks
+
+    r0, r1 = run_two_ranks(_missing_model_file_rank, tmp_path)
+    assert r1[0] == "ResumeError" and "(zero_pp_rank_1_mp_rank_00_model_states.pt: missing)" in r1[1], r1
+    assert r0[0] == "ResumeError" and "(another rank's partition is corrupt)" in r0[1], r0
