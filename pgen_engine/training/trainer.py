@@ -2,9 +2,13 @@
 
 ``Trainer(cfg, stage).run(resume)`` does, once for all stages and in this order:
 
-1. distributed init (:func:`.distributed.init_distributed`) and the stage's world checks;
-2. ``output_dir/config.resolved.yaml`` (rank 0) and the per-rank torch seed;
-3. data preparation (dataset, image tokenizer, token cache, initial model);
+1. distributed init (:func:`.distributed.init_distributed`) and the stage's world checks; the
+   ``--resume`` checkpoint's world size, stage and config (refused when they differ; warnings when
+   the LR schedule or the precision changes), or a fresh start's empty ``output_dir``;
+2. the ``output_dir/.run.lock`` (rank 0, held to the end: one run per folder),
+   ``output_dir/config.resolved.yaml`` (rank 0) and the per-rank torch seed;
+3. data preparation (dataset, image tokenizer, token cache, initial model) and its hash
+   (``sft_data.training_data_hash``: a resume on other data is refused);
 4. engine build (:mod:`.engine`; the stage may build things that must exist before it,
    e.g. the RL reference model, in :meth:`Stage.before_engine`);
 5. resume from ``--resume`` (checkpoint + the stage's client state);
