@@ -14,7 +14,13 @@ import torch
 
 from pgen_engine import envs
 
+from ._triton_config import device_arch
+
 BACKENDS = ("auto", "torch", "triton", "cuda", "cpp")
+# The Triton kernels' tiles are sized and compile-checked for compute capability >= 8.0 (>= 99 KiB
+# of shared memory per block, native bf16); on a T4 (sm_75, 64 KiB) fp16 prefill needs 96 KiB and
+# fp32 backward 128 KiB, so their launches would fail: "auto" takes the torch path there.
+MIN_TRITON_ARCH = 80
 
 
 try:  # plain imports (not importlib) so torch.compile can trace callers of these helpers
@@ -38,6 +44,14 @@ except ImportError:
 def triton_available() -> bool:
     """True when Triton imports and can run here (a GPU, or the CPU interpreter)."""
     return _TRITON_IMPORTS and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """True when the Triton kernels can run on ``device``: a GPU of compute capability >=
+    :data:`MIN_TRITON_ARCH`, or CPU tensors under the interpreter."""
+    if not triton_available():
+        return False
+    return device.type != "cuda" or device_arch(device) >= MIN_TRITON_ARCH
 
 
 def extension():
@@ -74,7 +88,7 @@ def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ..
         if device.type == "cuda":
             if "cuda" in supported and has_ext_function(f"{op}_cuda"):
                 return "cuda"
-            if "triton" in supported and triton_available():
+            if "triton" in supported and triton_runs_on(device):
                 return "triton"
             return "torch"
         if "cpp" in supported and has_ext_function(f"{op}_cpu"):
@@ -84,6 +98,10 @@ def resolve_backend(backend: str, device: torch.device, supported: tuple[str, ..
         raise ValueError(f"{op}: backend {backend!r} is not implemented; available: {supported}")
     if backend == "triton" and not triton_available():
         raise RuntimeError(f"{op}: backend 'triton' needs a CUDA GPU or TRITON_INTERPRET=1")
+    if backend == "triton" and not triton_runs_on(device):
+        arch = device_arch(device)
+        raise RuntimeError(f"{op}: backend 'triton' needs compute capability >= {MIN_TRITON_ARCH // 10}.0 (Ampere "
+                           f"or newer); this GPU is sm_{arch}: use backend='torch'")
     if backend == "cuda" and (device.type != "cuda" or not has_ext_function(f"{op}_cuda")):
         raise RuntimeError(f"{op}: backend 'cuda' needs CUDA tensors and pgen_engine._C built with CUDA")
     if backend == "cpp" and not has_ext_function(f"{op}_cpu"):

@@ -30,3 +30,21 @@ def test_clear_errors():
         B.resolve_backend("triton", cpu, ("torch",), "op")
     with pytest.raises(RuntimeError, match="CUDA"):
         B.resolve_backend("cuda", cpu, ("torch", "cuda"), "op")
+
+
+@pytest.mark.parametrize("arch,auto", [(75, "torch"), (70, "torch"), (80, "triton"), (86, "triton"), (90, "triton")])
+def test_triton_only_on_ampere_or_newer(monkeypatch, arch, auto):
+    """The Triton tiles need >= 99 KiB of shared memory: a T4 (sm_75) takes the torch path under
+    "auto" and an explicit "triton" there is an error naming the architecture."""
+    monkeypatch.delenv("PGEN_OPS_BACKEND", raising=False)
+    monkeypatch.setattr(B, "triton_available", lambda: True)
+    monkeypatch.setattr(B, "device_arch", lambda device: arch)
+    monkeypatch.setattr(B, "has_ext_function", lambda name: False)
+    cuda = torch.device("cuda", 0)
+    assert B.resolve_backend("auto", cuda, ("torch", "triton"), "op") == auto
+    if auto == "torch":
+        with pytest.raises(RuntimeError, match=f"compute capability >= 8.0.*sm_{arch}.*backend='torch'"):
+            B.resolve_backend("triton", cuda, ("torch", "triton"), "op")
+    else:
+        assert B.resolve_backend("triton", cuda, ("torch", "triton"), "op") == "triton"
+    assert B.resolve_backend("auto", torch.device("cpu"), ("torch", "triton"), "op") == "torch"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pgen_engine.ops._backend import extension, triton_available
+from pgen_engine.ops._backend import extension, triton_runs_on
 from pgen_engine.ops.attention._dispatch import resolve, triton_kernels
 from pgen_engine.ops.attention._validate import KERNEL_DTYPES, check_kv_write
 from pgen_engine.ops.attention.reference import paged_kv_write_ref
@@ -65,7 +65,7 @@ def paged_kv_write(
         # Triton kernel takes any strides, as this op promises
         if backend != "auto":
             raise ValueError("paged_kv_write: backend 'cuda' needs contiguous caches; use 'triton' for strided ones")
-        impl = "triton" if triton_available() else "torch"
+        impl = "triton" if triton_runs_on(k_cache.device) else "torch"
         if impl == "torch":
             paged_kv_write_ref(k_cache, v_cache, k_new, v_new, slot_mapping)
             return
