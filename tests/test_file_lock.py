@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from pgen_engine import file_lock
 from pgen_engine.file_lock import exclusive
 
 HOLD = """
@@ -69,3 +70,24 @@ def test_other_lock_errors_are_raised(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="Input/output"):
         with exclusive(tmp_path / ".lock", "the work"):
             pass
+
+
+def test_hold_does_not_wait_and_keeps_the_lock_until_closed(tmp_path):
+    path = tmp_path / "run.lock"
+    code = ("import sys, time; from pgen_engine import file_lock; fh = file_lock.hold(sys.argv[1], 'x'); "
+            "print('held' if fh else 'busy', flush=True); time.sleep(30 if fh else 0)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert file_lock.hold(path, "x") is None  # no wait: the other process holds it
+    finally:
+        holder.kill()
+        holder.wait()
+    fh = file_lock.hold(path, "x")  # the kernel dropped the dead holder's lock
+    assert fh is not None
+    other = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=60)
+    assert other.stdout.strip() == "busy"
+    fh.close()
+    other = subprocess.run([sys.executable, "-c", code.replace("30 if fh", "0 if fh"), str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert other.stdout.strip() == "held"

@@ -26,7 +26,6 @@ checkpoint, which is left untouched.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import math
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from pgen_engine import file_lock
 from pgen_engine.config import ConfigError, RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_problem
 from pgen_engine.termination import DeferredTermination, Terminated
@@ -161,15 +161,10 @@ class Trainer:
         """Rank 0: hold ``output_dir/.run.lock`` (``flock``) until the run ends; the error line when
         another run holds it. Two runs in one folder (a job relaunched while the old one still runs)
         wrote the same ``.tmp-stepN`` folders, each deleting the other's half-written one."""
-        fh = open(self.out / RUN_LOCK, "a+b")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
+        fh = file_lock.hold(self.out / RUN_LOCK, "this training run")
+        if fh is None:
             return (f"output_dir={self.out}: in use by another training run (it holds {self.out / RUN_LOCK}); "
                     "wait for that run to end (or stop it), or use another output_dir")
-        except OSError:  # a file system without a working flock: the run goes on unlocked
-            pass
         self._run_lock = fh
         return None
 
