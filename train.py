@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="pgen_engine trainer (DeepSpeed)")
     p.add_argument("--config", required=True, help="YAML run config")
     p.add_argument("--resume", default=None,
-                   help="'auto' (latest checkpoint in output_dir, if any) or a checkpoint folder")
+                   help="'auto' (latest checkpoint in output_dir, if any), a checkpoint folder, or a run's "
+                   "output_dir / checkpoints folder (its latest checkpoint)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=20 output_dir=/tmp/run")
     # intermixed: overrides may come before and after --resume (plain parse_args stops the

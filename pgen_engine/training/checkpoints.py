@@ -8,15 +8,13 @@ Layout under ``<output_dir>/checkpoints/``::
       pgen_checkpoint.json  written last: step, world size, ZeRO stage, the run's config, data hash
     latest                 text file naming the newest complete checkpoint
 
-Atomicity: DeepSpeed writes into a hidden temporary tag ``.tmp-step...``; only when every
-rank has finished does rank 0 add ``pgen_checkpoint.json``, rename the folder into place
-and then rewrite ``latest`` atomically. A crash at any point leaves the previous
+Atomicity: DeepSpeed writes into a hidden temporary tag ``.tmp-step...``; only when every rank has finished
+does rank 0 add ``pgen_checkpoint.json``, rename the folder into place and then rewrite ``latest`` atomically. A crash at any point leaves the previous
 checkpoint and ``latest`` untouched; a folder without ``pgen_checkpoint.json`` is never
-resumed from. Resuming compares the checkpoint's config with the current one
-(:func:`check_resume_config`): a run may continue for more steps, save or log at another
-rate or into another folder, but not with other training settings or data — those weights would
-otherwise be passed off as a run of the new config. The HF export gathers ZeRO-3 partitions
-module by module on every rank and rank 0 writes ``final/`` through the model's atomic ``save_checkpoint``.
+resumed from. Resuming compares the checkpoint's config with the current one (:func:`check_resume_config`):
+a run may continue for more steps, save or log at another rate or into another folder, but not with other
+training settings or data — those weights would otherwise be passed off as a run of the new config. The HF
+export gathers ZeRO-3 partitions module by module on every rank and rank 0 writes ``final/`` (atomically).
 """
 from __future__ import annotations
 
@@ -241,16 +239,18 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     """``--resume`` value -> a checkpoint folder or None.
 
     "auto": the latest complete checkpoint under ``output_dir/checkpoints`` (None when there
-    is none); a path: that checkpoint (FileNotFoundError when it is not a complete one).
+    is none); a path: that checkpoint, or the latest of a checkpoints folder or of a run's folder.
     """
     if resume is None:
         return None
     if resume == "auto":
         return latest_checkpoint(output_dir / CHECKPOINTS)
     p = Path(resume)
+    p = p / CHECKPOINTS if (p / CHECKPOINTS / LATEST).is_file() else p  # a run's output_dir
     found = latest_checkpoint(p) if (p / LATEST).is_file() else p
     if found is None or not (found / META).is_file():
-        raise ResumeError(f"--resume {resume}: not a complete checkpoint folder")
+        raise ResumeError(f"--resume {resume}: not a complete checkpoint folder (expected a run's output_dir, its "
+                          f"{CHECKPOINTS}/ folder or a {CHECKPOINTS}/stepN folder holding {META})")
     return found
 
 

@@ -395,3 +395,19 @@ def test_a_checkpoints_folder_that_refuses_new_folders_is_one_line(dist_info, tm
         save_resumable(eng, tmp_path, 2, {"micro_batches": 2}, dist_info, keep=2)
     monkeypatch.undo()
     assert _tree(tmp_path) == before
+
+
+def test_resume_path_may_name_a_run_folder_its_checkpoints_folder_or_one_checkpoint(dist_info, tmp_path):
+    from pgen_engine.training.checkpoints import resolve_resume
+
+    eng = _engine(4)
+    _step(eng, torch.randn(4, 7))
+    run = tmp_path / "run"
+    save_resumable(eng, run / "checkpoints", 1, {"micro_batches": 1}, dist_info, keep=2)
+    last = save_resumable(eng, run / "checkpoints", 2, {"micro_batches": 2}, dist_info, keep=2)
+    for given in (run, run / "checkpoints", last):
+        assert resolve_resume(str(given), tmp_path / "elsewhere") == last
+    assert resolve_resume("auto", run) == last
+    assert resolve_resume("auto", tmp_path / "empty") is None
+    with pytest.raises(ResumeError, match="expected a run's output_dir, its checkpoints/ folder"):
+        resolve_resume(str(tmp_path), tmp_path)
