@@ -9,9 +9,9 @@ Layout under ``<output_dir>/checkpoints/``::
     latest                 text file naming the newest complete checkpoint
 
 Atomicity: DeepSpeed writes into a hidden temporary tag ``.tmp-step...``; only when every rank has finished
-does rank 0 add ``pgen_checkpoint.json``, rename the folder into place and then rewrite ``latest`` atomically. A crash at any point leaves the previous
-checkpoint and ``latest`` untouched; a folder without ``pgen_checkpoint.json`` is never
-resumed from. Resuming compares the checkpoint's config with the current one (:func:`check_resume_config`):
+does rank 0 add ``pgen_checkpoint.json``, rename the folder into place and then rewrite ``latest`` atomically.
+A crash at any point leaves the previous checkpoint and ``latest`` untouched; a folder without
+``pgen_checkpoint.json`` is never resumed from. Resuming compares the checkpoint's config with the current one (:func:`check_resume_config`):
 a run may continue for more steps, save or log at another rate or into another folder, but not with other
 training settings or data — those weights would otherwise be passed off as a run of the new config. The HF
 export gathers ZeRO-3 partitions module by module on every rank and rank 0 writes ``final/`` (atomically).
@@ -75,8 +75,7 @@ def _write_error(what: Path, e: BaseException, kept: str) -> CheckpointWriteErro
 
 
 def checkpoint_tag(step: int) -> str:
-    """Folder name of the checkpoint after ``step`` optimizer steps."""
-    return f"step{step:08d}"
+    return f"step{step:08d}"  # the folder of the checkpoint after `step` optimizer steps
 
 
 def rng_state() -> dict[str, Any]:
@@ -114,9 +113,9 @@ def read_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ResumeError(f"{path}: unreadable checkpoint metadata ({e}); resume from another checkpoint "
                           "(--resume PATH) or start fresh") from None
-    if not isinstance(meta, dict):
-        raise ResumeError(f"{path}: checkpoint metadata is not a JSON object")
-    return meta
+    if isinstance(meta, dict):
+        return meta
+    raise ResumeError(f"{path}: checkpoint metadata is not a JSON object")
 
 
 def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -146,9 +145,12 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
 
 #: config keys (dotted; a key covers everything under it) that may differ between a run and
 #: its resumption: how long, how often, where and how verbosely — not what is trained.
+#: (also memory / speed switches that leave the math alone: loader workers, recomputation, ZeRO buckets)
 RESUMABLE_CHANGES = ("output_dir", "logging", "train.max_steps", "train.save_every", "train.keep_checkpoints",
                      "train.log_every", "train.micro_batch_size", "train.max_micro_batch_size", "data.work_dir",
-                     "rl.eval_every", "rl.eval_prompts")
+                     "rl.eval_every", "rl.eval_prompts", "data.num_workers", "deepspeed.activation_checkpointing",
+                     "deepspeed.stage3_prefetch_bucket_size", "deepspeed.stage3_param_persistence_threshold",
+                     "deepspeed.reduce_bucket_size")
 CONFIG_KEY = "config"  # the resolved config (config_to_dict) in pgen_checkpoint.json
 
 
@@ -180,6 +182,8 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any],
         if allowed(k) or va == vb or (isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple))
                                       and list(va) == list(vb)):
             continue
+        if isinstance(va, str) and isinstance(vb, str) and os.path.realpath(va) == os.path.realpath(vb):
+            continue  # one path spelt two ways (relative / absolute, a symlink, a trailing slash)
         if va is missing and defaults is not None and k in defaults and defaults[k] == vb:
             continue
         show = lambda v: "(unset)" if v is missing else repr(v)  # noqa: E731
@@ -196,9 +200,8 @@ def check_resume_config(ckpt: Path, current: dict[str, Any], defaults: dict[str,
         defaults: the config's field defaults (``config_defaults``): settings added since the
             checkpoint was written pass when they are at their default.
     Raises:
-        ResumeError: naming the checkpoint and every differing key (saved -> now), or a
-            checkpoint past ``train.max_steps``. A checkpoint written before configs were
-            recorded is accepted as is.
+        ResumeError: naming the checkpoint and every differing key (saved -> now), or a checkpoint past
+            ``train.max_steps``. A checkpoint written before configs were recorded is accepted as is.
     """
     meta = read_meta(ckpt)
     step, max_steps = meta.get("step"), (current.get("train") or {}).get("max_steps")
@@ -225,14 +228,13 @@ DATA_HASH_KEY = "data_hash"  # sft_data.training_data_hash of the run, in pgen_c
 
 
 def check_resume_data(ckpt: Path, data_hash: str) -> None:
-    """ResumeError when ``ckpt`` was trained on other data than ``data_hash`` describes (one written
-    before the hash was recorded is accepted as is)."""
+    """ResumeError when ``ckpt`` was trained on other data than ``data_hash`` (unrecorded: accepted)."""
     saved = read_meta(ckpt).get(DATA_HASH_KEY)
     if saved is not None and saved != data_hash:
         raise ResumeError(f"{ckpt}: trained on other data (data hash {str(saved)[:12]}, this run's {data_hash[:12]}: "
-                          "the dataset in data.dataset_dir, its training windows, the image tokenizer in "
-                          "data.work_dir or the weights in model.checkpoint differ); resume with the checkpoint's data and tokenizer, or start fresh "
-                          "in another output_dir")
+                          "the dataset in data.dataset_dir, its training windows, the image tokenizer in data.work_dir "
+                          "or the weights in model.checkpoint differ); resume with the checkpoint's data and tokenizer, "
+                          "or start fresh in another output_dir")
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -287,9 +289,7 @@ def save_resumable(engine, root: str | os.PathLike, step: int, client_state: dic
     """Write a resumable checkpoint after ``step`` steps (collective: call on every rank).
 
     Args:
-        engine: the DeepSpeed engine.
-        root: the checkpoints folder.
-        step: optimizer steps done.
+        engine: the DeepSpeed engine; root: the checkpoints folder; step: optimizer steps done.
         client_state: small picklable state (data position, ...) stored with DeepSpeed's.
         dist_info: this process.
         keep: complete checkpoints kept; older ones are deleted after the new one is in place.

@@ -411,3 +411,21 @@ def test_resume_path_may_name_a_run_folder_its_checkpoints_folder_or_one_checkpo
     assert resolve_resume("auto", tmp_path / "empty") is None
     with pytest.raises(ResumeError, match="expected a run's output_dir, its checkpoints/ folder"):
         resolve_resume(str(tmp_path), tmp_path)
+
+
+def test_resume_allows_memory_switches_and_one_path_spelt_two_ways(tmp_path, monkeypatch):
+    from pgen_engine.training.checkpoints import config_changes
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    saved = {"data": {"dataset_dir": "data", "num_workers": 0, "history_k": 4},
+             "deepspeed": {"activation_checkpointing": False, "reduce_bucket_size": 5e8, "offload_optimizer": False}}
+    for spelling in (str(tmp_path / "data"), "data/", "./data", str(tmp_path / "link")):
+        now = {"data": {"dataset_dir": spelling, "num_workers": 4, "history_k": 4},
+               "deepspeed": {"activation_checkpointing": True, "reduce_bucket_size": 2e8, "offload_optimizer": False}}
+        assert config_changes(saved, now) == []
+    other = {"data": {"dataset_dir": "elsewhere", "num_workers": 0, "history_k": 4},
+             "deepspeed": {"activation_checkpointing": False, "reduce_bucket_size": 5e8, "offload_optimizer": True}}
+    assert config_changes(saved, other) == ["data.dataset_dir: 'data' -> 'elsewhere'",
+                                            "deepspeed.offload_optimizer: False -> True"]
