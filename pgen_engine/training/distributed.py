@@ -21,6 +21,7 @@ import datetime
 import os
 import pickle
 import socket
+import sys
 import warnings
 from typing import Any, Callable, Literal, TypeVar
 
@@ -73,9 +74,27 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        _forget_deepspeed_groups()
         dist.init_process_group(backend=backend, init_method="env://", rank=int(os.environ["RANK"]),
                                 world_size=int(os.environ["WORLD_SIZE"]))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's module-level clones of an earlier default group (``deepspeed.utils.groups``):
+    after ``shutdown()`` and a new group in the same process (SFT then RL from Python, a notebook),
+    the next ``deepspeed.initialize`` used the destroyed clone and failed ("Group ... is not
+    registered"). DeepSpeed re-clones the new world group on first use."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",
+                 "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
 
 
 def initialized() -> bool:

@@ -232,3 +232,27 @@ def test_on_main_outlasts_the_default_groups_timeout(tmp_path):
     default group's timeout (NCCL: 10 min); the waiting ranks must not time out."""
     # the default group's 3-s timeout stands in for NCCL's 10 minutes
     assert run_two_ranks(_slow_main_ranks, tmp_path, timeout_s=3) == ["fitted", "fitted"]
+
+
+_TWO_RUNS = """
+import torch
+from pgen_engine.training import distributed as D
+from tests.training.test_checkpoints import _engine
+
+for run in range(2):  # e.g. SFT then RL from one Python process: a group, its shutdown, a new group
+    D.init_distributed()
+    eng = _engine(run)
+    loss = eng(torch.randn(4, 7)).square().mean()
+    eng.backward(loss)
+    eng.step()
+    D.shutdown()
+print("ok")
+"""
+
+
+def test_a_second_deepspeed_engine_after_shutdown_in_one_process(tmp_path):
+    # DeepSpeed keeps module-level clones of the world group; the second engine used the destroyed one
+    r = subprocess.run([sys.executable, "-c", _TWO_RUNS], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2],
+                       env={k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")})
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
