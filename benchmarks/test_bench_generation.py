@@ -15,8 +15,10 @@ codebook 16384: the generation head dominates a decode step).
 
 Besides images/s the module measures this machine's float32 GEMM peak with one large
 ``torch.mm`` in the same run and prints pgen's decode FLOP/s as a fraction of it (decode
-FLOPs: 2 per weight per row, CFG rows included, plus the attention's 4 * context * heads *
-head_dim per row and layer), and the Generator's ``kv_bytes_peak``.
+FLOPs: 2 per ``nn.Linear`` weight per row — decoder layers and generation head for every row,
+CFG rows included, the code aligner for the conditional rows, whose partners embed the same
+codes — plus the attention's 4 * context * heads * head_dim per row and layer), and the
+Generator's ``kv_bytes_peak``.
 
 It also measures this machine's read rate for a working set the size of the wave's K/V
 (``torch.sum`` over a warm tensor of ``kv_bytes_peak`` bytes, same run) and prints a roofline for the decode loop in the layout in use: a step cannot take less than
@@ -154,19 +156,36 @@ def decode_roofline_s(model, batch: int, prompt_len: int, cfg: bool, kv_bytes_pe
     """Lower bound on the decode steps 1..T-1, seconds: matrix FLOPs at the measured GEMM peak
     plus the K/V bytes at the read rate measured for a ``kv_bytes_peak`` working set (see the
     module docstring)."""
-    rows = 2 * batch if cfg else batch
-    gemm = 2 * _lm_params(model) * rows * (model.num_image_tokens - 1)
+    gemm = decode_matmul_flops(model, batch, cfg) * (model.num_image_tokens - 1)
     return gemm / gemm_peak_flops() + decode_kv_bytes(model, batch, prompt_len, cfg) / read_bandwidth(kv_bytes_peak)
 
 
+def _linear_weights(module) -> int:
+    """Weights of the ``nn.Linear`` layers in ``module`` (biases, norms and lookups are no matrix work)."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def decode_matmul_flops(model, batch: int, cfg: bool) -> float:
+    """Matrix FLOPs of one decode step: 2 per ``nn.Linear`` weight per row that needs it.
+
+    The decoder layers' projections (q / k / v / o, so GQA's smaller k / v count as they are, and
+    the MLP's gate / up / down) and the generation head run for every cache row, CFG partners
+    included; the code aligner only for the ``batch`` conditional rows: a partner embeds the same
+    code, so its aligned embedding is a copy (pgen's C++ loop copies it; ``transformers`` runs the
+    aligner twice, work the bound must not ask for).
+    """
+    rows = 2 * batch if cfg else batch
+    per_row = _linear_weights(model.language_model.layers) + _linear_weights(model.generation_head)
+    return 2 * (per_row * rows + _linear_weights(model.generation_aligner) * batch)
+
+
 def decode_flops(model, batch: int, prompt_len: int, cfg: bool) -> float:
-    """FLOPs of a wave's decode steps 1..T-1: weights (2 per weight per row) + attention."""
+    """FLOPs of a wave's decode steps 1..T-1: matrix work (:func:`decode_matmul_flops`) + attention."""
     c = model.config.text
     rows = 2 * batch if cfg else batch
     T = model.num_image_tokens
-    weights = _lm_params(model)
     ctx = sum(prompt_len + t for t in range(1, T))  # keys attended over the T-1 steps
-    return 2 * weights * rows * (T - 1) + 4 * rows * c.num_layers * c.num_heads * c.head_dim * ctx
+    return decode_matmul_flops(model, batch, cfg) * (T - 1) + 4 * rows * c.num_layers * c.num_heads * c.head_dim * ctx
 
 
 def print_rows(rows: list[dict]) -> None:
