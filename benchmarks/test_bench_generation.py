@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import pytest
@@ -188,6 +189,13 @@ def decode_flops(model, batch: int, prompt_len: int, cfg: bool) -> float:
     return decode_matmul_flops(model, batch, cfg) * (T - 1) + 4 * rows * c.num_layers * c.num_heads * c.head_dim * ctx
 
 
+def paired_speedups(measured: list[dict]) -> dict[str, float]:
+    """Median over the rounds of transformers' / pgen's wall and process-CPU time of the same round
+    (``{"speedup_wall", "speedup_cpu"}``); an even number of rounds takes the mean of the middle two."""
+    return {f"speedup_{k}": statistics.median(r["transformers"][k] / r["pgen"][k] for r in measured)
+            for k in ("wall", "cpu")}
+
+
 def print_rows(rows: list[dict]) -> None:
     """A ``|``-separated table of ``rows`` (the first row's keys as the header) on stdout."""
     cols = list(rows[0])
@@ -299,12 +307,9 @@ def test_generation_throughput(benchmark, setup, batch):
     RESULTS[(name, batch, "pgen")]["gemm_fraction_cap"] = (
         decode_flops(model, batch, PROMPT_LEN, GUIDANCE != 1.0) / bound / gemm_peak_flops())
     RESULTS[(name, batch, "pgen")]["speedup_cap"] = hf_best / (pg_best["prefill"] + bound)
-    ratios = sorted(r["transformers"]["wall"] / r["pgen"]["wall"] for r in measured)
-    cpu_ratios = sorted(r["transformers"]["cpu"] / r["pgen"]["cpu"] for r in measured)
-    RESULTS[(name, batch, "pgen")]["speedup_wall"] = ratios[len(ratios) // 2]
-    RESULTS[(name, batch, "pgen")]["speedup_cpu"] = cpu_ratios[len(cpu_ratios) // 2]
-    benchmark.extra_info.update(geometry=name, batch=batch, speedup_wall=ratios[len(ratios) // 2],
-                                speedup_cpu=cpu_ratios[len(cpu_ratios) // 2])
+    speedups = paired_speedups(measured)
+    RESULTS[(name, batch, "pgen")].update(speedups)
+    benchmark.extra_info.update(geometry=name, batch=batch, **speedups)
 
 
 def test_greedy_tokens_identical(setup):

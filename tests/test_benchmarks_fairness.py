@@ -41,3 +41,15 @@ def test_decode_flops_match_a_hand_count_of_the_geometry(kv_heads):
         assert decode_matmul_flops(model, B, cfg) == step
         attn = 4 * rows * L * Hq * D * sum(P + t for t in range(1, T))
         assert decode_flops(model, B, P, cfg) == step * (T - 1) + attn
+
+
+def test_paired_speedup_is_the_true_median_of_per_round_ratios():
+    """An even number of rounds must not report the upper of the two middle ratios (pgen's favour)."""
+    from benchmarks.test_bench_generation import paired_speedups
+
+    def rnd(hf, pg_, hf_cpu=1.0, pg_cpu=1.0):
+        return {"transformers": {"wall": hf, "cpu": hf_cpu}, "pgen": {"wall": pg_, "cpu": pg_cpu}}
+
+    four = [rnd(3.0, 1.0), rnd(4.0, 1.0), rnd(2.0, 1.0, 2.0, 1.0), rnd(5.0, 1.0, 6.0, 2.0)]
+    assert paired_speedups(four) == {"speedup_wall": 3.5, "speedup_cpu": 1.5}
+    assert paired_speedups(four[:3]) == {"speedup_wall": 3.0, "speedup_cpu": 1.0}
