@@ -53,3 +53,12 @@ def test_paired_speedup_is_the_true_median_of_per_round_ratios():
     four = [rnd(3.0, 1.0), rnd(4.0, 1.0), rnd(2.0, 1.0, 2.0, 1.0), rnd(5.0, 1.0, 6.0, 2.0)]
     assert paired_speedups(four) == {"speedup_wall": 3.5, "speedup_cpu": 1.5}
     assert paired_speedups(four[:3]) == {"speedup_wall": 3.0, "speedup_cpu": 1.0}
+
+
+def test_paired_rounds_alternate_which_side_runs_first():
+    from benchmarks.test_bench_generation import paired_round
+
+    calls: list[str] = []
+    got = [paired_round(i, lambda impl: calls.append(impl) or impl) for i in range(4)]
+    assert calls == ["pgen", "transformers", "transformers", "pgen"] * 2
+    assert all(r == {"pgen": "pgen", "transformers": "transformers"} for r in got)
