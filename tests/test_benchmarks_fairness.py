@@ -62,3 +62,80 @@ def test_paired_rounds_alternate_which_side_runs_first():
     got = [paired_round(i, lambda impl: calls.append(impl) or impl) for i in range(4)]
     assert calls == ["pgen", "transformers", "transformers", "pgen"] * 2
     assert all(r == {"pgen": "pgen", "transformers": "transformers"} for r in got)
+
+
+class _FakeLM(torch.nn.Module):
+    def forward(self, **kw):
+        return None
+
+
+class _FakeHF:
+    """Records transformers-style ``generate`` calls; returns valid codes."""
+
+    def __init__(self, T: int = 4, codebook: int = 8):
+        self.calls: list[tuple[torch.Tensor, dict]] = []
+        self.T = T
+        self.model = type("M", (), {})()
+        self.model.language_model = _FakeLM()
+
+    def generate(self, ids, **kw):
+        self.calls.append((ids.clone(), kw))
+        return torch.zeros((ids.shape[0], self.T), dtype=torch.long)
+
+
+class _FakeGen:
+    """Records ``Generator.generate`` calls; returns valid codes and stats."""
+
+    def __init__(self, T: int = 4):
+        self.calls: list[tuple[torch.Tensor, dict]] = []
+        self.T = T
+        self.last_stats = {}
+
+    def generate(self, ids, **kw):
+        self.calls.append((ids.clone(), kw))
+        self.last_stats = {"prefill_s": 0.0, "decode_s": 0.0}
+        return torch.zeros((ids.shape[0], self.T), dtype=torch.long)
+
+
+def _sampling(hf_kw: dict) -> tuple:
+    """(guidance, temperature, top_k, top_p, greedy) of a transformers generate call's keywords."""
+    greedy = not hf_kw.get("do_sample", False)
+    return (hf_kw["guidance_scale"], hf_kw.get("temperature", 1.0), hf_kw.get("top_k", 0), hf_kw.get("top_p", 1.0),
+            greedy)
+
+
+def _pgen_sampling(kw: dict) -> tuple:
+    from pgen_engine.generation.sampling_params import SamplingParams
+
+    sp = SamplingParams(**{k: v for k, v in kw.items() if k in ("guidance_scale", "temperature", "top_k", "top_p",
+                                                                "greedy")})
+    return sp.guidance_scale, sp.temperature, sp.top_k, sp.top_p, sp.greedy
+
+
+@pytest.mark.parametrize("suite", ["cpu", "gpu"])
+def test_timed_calls_give_both_sides_the_same_prompts_and_pgen_default_sampling(suite):
+    """The timed calls of both suites, through their own helpers: same prompt tensor (no padding, all-ones
+    mask for transformers), same CFG scale and sampling settings on both sides, and those settings are
+    pgen's defaults (what `pgen generate` uses): temperature 1, no top-k / top-p shortcut."""
+    from pgen_engine.generation.sampling_params import SamplingParams
+
+    ids = torch.randint(6, 100, (3, 10))
+    hf, gen = _FakeHF(), _FakeGen()
+    if suite == "cpu":
+        import benchmarks.test_bench_generation as b
+
+        b._run_pgen(gen, ids, seed=1)
+        b._run_hf(hf, ids, seed=1)
+    else:
+        import benchmarks.gpu_generation as g
+
+        g._time_pgen(gen, ids, rounds=1)
+        g._time_hf(hf, ids)
+    (hf_ids, hf_kw), (pg_ids, pg_kw) = hf.calls[-1], gen.calls[-1]
+    assert torch.equal(hf_ids, ids) and torch.equal(pg_ids, ids)
+    assert torch.equal(hf_kw["attention_mask"], torch.ones_like(ids)) and hf_kw["generation_mode"] == "image"
+    assert pg_kw.get("attention_mask") is None and "sampling" not in pg_kw
+    assert _sampling(hf_kw) == _pgen_sampling(pg_kw)
+    d = SamplingParams()
+    assert _pgen_sampling(pg_kw) == (d.guidance_scale, d.temperature, d.top_k, d.top_p, d.greedy) == (5.0, 1.0, 0, 1.0,
+                                                                                                       False)
