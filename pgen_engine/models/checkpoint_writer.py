@@ -50,8 +50,16 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes
         # the checkpoint replaces the folder: only ever an earlier checkpoint
         raise CheckpointError(f"{target}: exists and is not a checkpoint (no config.json); not replacing it: choose "
                               "an empty or new folder")
-    cfg = dict(model.config.raw)
-    cfg["dtype"] = str(model.dtype).replace("torch.", "")
+    cfg = json.loads(json.dumps(model.config.raw))  # a copy: the sub-sections are edited below
+    dtype = str(model.dtype).replace("torch.", "")
+    cfg["dtype"] = dtype
+    # a dtype key the input carried (transformers 4.x wrote "torch_dtype", also per section) says
+    # what the tensors written here are: a bf16 input trained in float32 kept "torch_dtype":
+    # "bfloat16" next to "dtype": "float32" and F32 tensors (transformers 4.x reads the former)
+    for section in (cfg, *(v for v in cfg.values() if isinstance(v, dict))):
+        for key in ("dtype", "torch_dtype"):
+            if key in section:
+                section[key] = dtype
     state = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         if model.config.tie_word_embeddings and name == "lm_head.weight":

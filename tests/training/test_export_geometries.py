@@ -1,0 +1,126 @@
+"""The training export (``export_hf`` -> ``final/``) for checkpoint geometries and variants the
+other tests do not build: what ``transformers`` reads from the input checkpoint (config fields,
+generation config, tokenizer / processor files) must reach ``final/``, and ``final/`` must load
+in ``transformers`` and in the engine with the same logits.
+
+The fast tests export a loaded model directly (one process, no DeepSpeed: ``export_hf`` on rank 0
+of a world of one); the ``slow`` one runs ``train.py`` SFT for a few steps on a few variants.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pgen_engine.models import load_model
+from pgen_engine.models.checkpoint import stored_dtypes
+from pgen_engine.models.tiny import make_tiny_checkpoint
+from pgen_engine.training.checkpoints import export_hf
+from pgen_engine.training.distributed import DistInfo
+
+REPO = Path(__file__).resolve().parents[2]
+ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def _edit_config(path: Path, fn) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    fn(cfg)
+    (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _edit_weights(path: Path, fn) -> None:
+    f = path / "model.safetensors"
+    save_file(fn(load_file(f)), str(f), metadata={"format": "pt"})
+
+
+def _tie(path: Path) -> None:
+    _edit_config(path, lambda c: c.update(tie_word_embeddings=True))
+    _edit_weights(path, lambda sd: {k: v for k, v in sd.items() if k != "lm_head.weight"})
+
+
+def _bf16(path: Path) -> None:
+    _edit_weights(path, lambda sd: {k: v.bfloat16() for k, v in sd.items()})
+    _edit_config(path, lambda c: c.update(dtype="bfloat16"))
+
+
+def _bf16_legacy(path: Path) -> None:
+    """bf16 weights and the dtype under the key transformers 4.x wrote (``torch_dtype``), also
+    in the text section."""
+    _edit_weights(path, lambda sd: {k: v.bfloat16() for k, v in sd.items()})
+
+    def legacy(c: dict) -> None:
+        c.pop("dtype", None)
+        c["torch_dtype"] = "bfloat16"
+        c["text_config"]["torch_dtype"] = "bfloat16"
+    _edit_config(path, legacy)
+
+
+def _linear_rope(path: Path) -> None:
+    _edit_config(path, lambda c: c["text_config"].update(
+        rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0}, rms_norm_eps=1e-5))
+
+
+VARIANTS = {
+    "tied": ({}, _tie),
+    "head_dim24_mqa": ({"head_dim": 24, "num_kv_heads": 1}, None),
+    "kv_eq_heads_1layer_odd_vocab": ({"num_kv_heads": 4, "num_layers": 1, "vocab_size": 301}, None),
+    "k37_vq_dim12": ({"codebook_size": 37, "vq_embed_dim": 12}, None),
+    "img16_patch8": ({"image_size": 16, "patch_size": 8}, None),
+    "img64_patch16": ({"image_size": 64, "patch_size": 16}, None),
+    "linear_rope": ({}, _linear_rope),
+    "bf16": ({}, _bf16),
+    "bf16_legacy_key": ({}, _bf16_legacy),
+}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _exported(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    kw, post = VARIANTS[name]
+    src = make_tiny_checkpoint(tmp_path / "in", seed=1, **kw)
+    if post:
+        post(src)
+    final = export_hf(load_model(src), tmp_path / "final", ONE)
+    return src, final
+
+
+def _hf_vs_engine(final: Path) -> None:
+    """transformers' and the engine's load of ``final`` give the same text and image logits."""
+    # late import: transformers takes seconds to import; only these tests need the model class
+    from transformers import JanusForConditionalGeneration
+
+    hf = JanusForConditionalGeneration.from_pretrained(final).eval()
+    pg = load_model(final)
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        h_hf = hf.model.language_model(input_ids=ids).last_hidden_state
+        h_pg = pg.forward_train(pg.language_model.embed_tokens(ids), torch.ones_like(ids, dtype=torch.bool),
+                                torch.arange(ids.shape[1]).expand(2, -1))
+        torch.testing.assert_close(pg.lm_head(h_pg), hf.lm_head(h_hf), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pg.image_head_logits(h_pg), hf.model.generation_head(h_hf), rtol=1e-5, atol=1e-5)
+    assert hf.config.tie_word_embeddings == pg.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_export_keeps_config_and_matches_transformers(tmp_path, name):
+    src, final = _exported(tmp_path, name)
+    before = _flat(json.loads((src / "config.json").read_text()))
+    after = _flat(json.loads((final / "config.json").read_text()))
+    written = {k: v for k, v in after.items() if k.rsplit(".", 1)[-1] in ("dtype", "torch_dtype")}
+    # every field transformers reads is kept; only the dtype says what the export holds
+    assert {k: v for k, v in before.items() if k not in written} == \
+        {k: v for k, v in after.items() if k not in written}
+    assert set(written.values()) == {"float32"}, written  # no stale "bfloat16" next to float32 tensors
+    assert stored_dtypes(final) == {"F32": sum(stored_dtypes(src).values())}
+    _hf_vs_engine(final)
