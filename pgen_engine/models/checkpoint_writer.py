@@ -18,9 +18,11 @@ from pgen_engine.models.janus_config import CheckpointError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-# Files that travel with a checkpoint but are not weights (tokenizer, processor).
-SIDECAR_GLOBS = ("tokenizer*", "special_tokens_map.json", "*.model", "preprocessor_config.json",
-                 "processor_config.json", "chat_template*")
+# Files that travel with a checkpoint but are not weights (tokenizer, processor). A BPE tokenizer
+# saved in the slow layout is vocab.json + merges.txt (+ added_tokens.json for tokens added on
+# top): without them final/'s tokenizer did not load, or lost its added special tokens.
+SIDECAR_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
+                 "merges.txt", "*.model", "preprocessor_config.json", "processor_config.json", "chat_template*")
 
 
 # What a pgen training run records in the checkpoint it exports (stage, data.history_mode), so

@@ -124,3 +124,20 @@ def test_export_keeps_config_and_matches_transformers(tmp_path, name):
     assert set(written.values()) == {"float32"}, written  # no stale "bfloat16" next to float32 tensors
     assert stored_dtypes(final) == {"F32": sum(stored_dtypes(src).values())}
     _hf_vs_engine(final)
+
+
+def _sidecars(src: Path) -> dict[str, str]:
+    files = {n: json.dumps({"file": n}) for n in (
+        "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+        "preprocessor_config.json", "processor_config.json", "chat_template.jinja")}
+    files["merges.txt"] = "#version: 0.2\na b\n"
+    for n, text in files.items():
+        (src / n).write_text(text)
+    return files
+
+
+def test_export_carries_tokenizer_and_processor_files(tmp_path):
+    src = make_tiny_checkpoint(tmp_path / "in", seed=1)
+    files = _sidecars(src)
+    final = export_hf(load_model(src), tmp_path / "final", ONE)
+    assert {n: (final / n).read_text() if (final / n).is_file() else None for n in files} == files
