@@ -17,7 +17,9 @@
    64,256) with a bf16 and a float8 e4m3 KV cache (``PGEN_BENCH_KV``, default ``bf16,fp8``:
    rows ``pgen-graph`` / ``pgen-graph-fp8``; both read shared prompts through the Triton
    shared-prefix decode kernel), pgen eager decode and ``transformers`` (``PGEN_BENCH_HF_BATCHES``, default 64);
-   prefill and decode seconds separately; achieved TFLOP/s counting 2 FLOPs per matrix
+   prefill and decode seconds separately (decode: the call's wall time less its prefill, on both sides);
+   every side gets one warm-up call at the timed shape, then the best of ``PGEN_BENCH_ROUNDS`` (default 2)
+   timed calls, whose codes are checked to lie in the codebook; achieved TFLOP/s counting 2 FLOPs per matrix
    parameter (decoder layers + generation head + code aligner; not the embedding table) per
    token (prompt + image), doubled for the CFG rows, and that as a percent of the card's
    dense bf16 peak and of a measured 8192^3 bf16 matmul. ``PGEN_BENCH_PROFILE=1`` adds a
@@ -214,36 +216,55 @@ def _fp8_quality_row(dev: torch.device, check_only: bool) -> dict:
                 ok=all(map(math.isfinite, res.values())), **res)
 
 
-def _time_pgen(gen: Generator, ids: torch.Tensor, rounds: int) -> dict:
+def _check_codes(out: torch.Tensor, ids: torch.Tensor, T: int | None, codebook: int | None, who: str) -> None:
+    """A timed call's output: ``[batch, T]`` codes in ``[0, codebook)`` (checked after the clock stops)."""
+    if T is not None and tuple(out.shape) != (ids.shape[0], T):
+        raise AssertionError(f"{who}: output shape {tuple(out.shape)}, expected {(ids.shape[0], T)}")
+    if codebook is not None and not (0 <= int(out.min()) and int(out.max()) < codebook):
+        raise AssertionError(f"{who}: codes outside [0, {codebook})")
+
+
+def _time_pgen(gen: Generator, ids: torch.Tensor, rounds: int, T: int | None = None,
+               codebook: int | None = None) -> dict:
+    """Best of ``rounds`` timed ``generate`` calls after one warm-up call (Triton compiles, graph capture).
+    decode = wall - prefill, as for transformers (:func:`_time_hf`)."""
     dev = ids.device
     best = None
-    for r in range(rounds + 1):  # round 0 warms up (Triton compiles, graph capture)
+    for r in range(rounds + 1):
         _sync(dev)
         t = time.perf_counter()
         with torch.inference_mode():
-            gen.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P, seed=r)
+            out = gen.generate(ids, guidance_scale=GUIDANCE, top_k=TOP_K, top_p=TOP_P, seed=r)
         _sync(dev)
         wall = time.perf_counter() - t
+        _check_codes(out, ids, T, codebook, "pgen")
         if r and (best is None or wall < best["wall"]):
-            best = dict(wall=wall, prefill=gen.last_stats["prefill_s"], decode=gen.last_stats["decode_s"])
+            pre = gen.last_stats["prefill_s"]
+            best = dict(wall=wall, prefill=pre, decode=wall - pre, loop=gen.last_stats["decode_s"])
     return best
 
 
-def _time_hf(hf, ids: torch.Tensor) -> dict:
+def _time_hf(hf, ids: torch.Tensor, rounds: int = 1, T: int | None = None, codebook: int | None = None) -> dict:
+    """Best of ``rounds`` timed ``generate`` calls after one warm-up call, as :func:`_time_pgen` times pgen
+    (a warm-up of the language model alone would leave the first call's allocations, the static cache,
+    the head and the sampler's first kernels in the timed call)."""
     dev = ids.device
-    with torch.inference_mode():  # warm-up: one short forward (a full generate would take minutes)
-        hf.model.language_model(input_ids=ids[:1, :8])
-    _sync(dev)
-    timer = _LMTimer(hf)
-    t = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            _hf_generate(hf, ids, greedy=False)
-    finally:
-        timer.close()
-    _sync(dev)
-    wall = time.perf_counter() - t
-    return dict(wall=wall, prefill=timer.prefill, decode=wall - timer.prefill)
+    best = None
+    for r in range(rounds + 1):
+        timer = _LMTimer(hf)
+        _sync(dev)
+        t = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                out = _hf_generate(hf, ids, greedy=False, seed=r)
+        finally:
+            timer.close()
+        _sync(dev)
+        wall = time.perf_counter() - t
+        _check_codes(out, ids, T, codebook, "transformers")
+        if r and (best is None or wall < best["wall"]):
+            best = dict(wall=wall, prefill=timer.prefill, decode=wall - timer.prefill)
+    return best
 
 
 def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
@@ -296,8 +317,9 @@ def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
         if on_row is not None:
             on_row(rows)
 
+    codebook = model.generation_head.vision_head.out_features
     for b in sorted(hf_batches):
-        attempt("transformers", b, lambda: _time_hf(hf, ids_all[:b]))
+        attempt("transformers", b, lambda: _time_hf(hf, ids_all[:b], rounds, T, codebook))
     hf = None  # frees its weights before the big pgen batches
     kv_dtypes = {"bf16": None, "fp8": torch.float8_e4m3fn}
     kvs = [k for k in env("PGEN_BENCH_KV", "bf16,fp8").split(",") if k]
@@ -312,7 +334,7 @@ def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
                 gen = Generator(model, max_batch_size=b, max_seq_len=prompt_len + T, decode_mode=mode,
                                 cache_dtype=kv_dtypes[kv])
                 try:
-                    return _time_pgen(gen, ids_all[:b], rounds if mode != "eager" else 1)
+                    return _time_pgen(gen, ids_all[:b], rounds if mode != "eager" else 1, T, codebook)
                 finally:
                     del gen
             attempt(f"pgen-{mode}" + ("-fp8" if kv == "fp8" else ""), b, timed)

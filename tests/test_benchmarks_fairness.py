@@ -139,3 +139,23 @@ def test_timed_calls_give_both_sides_the_same_prompts_and_pgen_default_sampling(
     d = SamplingParams()
     assert _pgen_sampling(pg_kw) == (d.guidance_scale, d.temperature, d.top_k, d.top_p, d.greedy) == (5.0, 1.0, 0, 1.0,
                                                                                                        False)
+
+
+def test_gpu_suite_warms_up_and_times_both_sides_alike():
+    """transformers gets what pgen gets: a full warm-up call at the timed shape, then the best of the same
+    number of timed calls with the same seeds; a timed call's codes outside the codebook fail the row."""
+    import benchmarks.gpu_generation as g
+
+    ids = torch.randint(6, 100, (2, 10))
+    hf, gen = _FakeHF(T=4), _FakeGen(T=4)
+    r_hf = g._time_hf(hf, ids, 3, T=4, codebook=8)
+    r_pg = g._time_pgen(gen, ids, 3, T=4, codebook=8)
+    assert len(hf.calls) == len(gen.calls) == 4
+    assert [kw["seed"] for _, kw in gen.calls] == list(range(4))
+    assert all(torch.equal(a, ids) for a, _ in hf.calls + gen.calls)
+    for r in (r_hf, r_pg):
+        assert r["decode"] == pytest.approx(r["wall"] - r["prefill"])
+    with pytest.raises(AssertionError, match="codes outside"):
+        g._time_hf(hf, ids, 1, T=4, codebook=0)
+    with pytest.raises(AssertionError, match="shape"):
+        g._time_pgen(gen, ids, 1, T=5, codebook=8)
