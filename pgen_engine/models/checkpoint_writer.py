@@ -35,6 +35,30 @@ def hf_key(name: str) -> str:
     return name if name.startswith("lm_head.") else "model." + name
 
 
+def _generation_config(model: torch.nn.Module) -> dict:
+    """The source checkpoint's ``generation_config.json`` (guidance_scale, sampling settings: what
+    ``transformers``' Janus generate runs with) with the model's special token ids written over
+    it; the ids alone for a model without a readable source file. An ``eos_token_id`` list that
+    holds the model's eos is kept (transformers stops on any of them)."""
+    ids = model.special_tokens.generation_config_dict()
+    src = getattr(model, "source_dir", None)
+    old: object = {}
+    if src is not None and (Path(src) / "generation_config.json").is_file():
+        try:
+            old = json.loads((Path(src) / "generation_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # the loader read it at load time; gone bad since: the ids suffice
+            old = {}
+    if not isinstance(old, dict):
+        old = {}
+    kwargs = old.get("generation_kwargs")
+    out = {**old, **ids, "generation_kwargs": {**(kwargs if isinstance(kwargs, dict) else {}),
+                                               **ids["generation_kwargs"]}}
+    eos = old.get("eos_token_id")
+    if isinstance(eos, list) and ids["eos_token_id"] in eos:
+        out["eos_token_id"] = eos
+    return out
+
+
 def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes: int = 4 << 30,
                     extra_json: dict[str, dict] | None = None) -> None:
     """Write ``model`` (a :class:`~pgen_engine.models.janus.JanusModel`) as a Hugging Face Janus
@@ -76,7 +100,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes
             size = 0
         shards[-1][k] = state[k]
         size += n
-    gen_cfg = model.special_tokens.generation_config_dict()
+    gen_cfg = _generation_config(model)
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2) + "\n")

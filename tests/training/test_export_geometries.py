@@ -141,3 +141,20 @@ def test_export_carries_tokenizer_and_processor_files(tmp_path):
     files = _sidecars(src)
     final = export_hf(load_model(src), tmp_path / "final", ONE)
     assert {n: (final / n).read_text() if (final / n).is_file() else None for n in files} == files
+
+
+def test_export_keeps_the_generation_config_transformers_generates_with(tmp_path):
+    # guidance_scale / sampling settings of the input's generation_config.json are what
+    # transformers' Janus generate uses; the export rewrote the file with the token ids only
+    src = make_tiny_checkpoint(tmp_path / "in", seed=1)
+    gen = json.loads((src / "generation_config.json").read_text())
+    gen.update(guidance_scale=3.0, temperature=0.7, do_sample=True, eos_token_id=[2, 7])
+    gen["generation_kwargs"]["num_image_tokens"] = 16
+    (src / "generation_config.json").write_text(json.dumps(gen))
+    final = export_hf(load_model(src), tmp_path / "final", ONE)
+    out = json.loads((final / "generation_config.json").read_text())
+    assert {k: out.get(k) for k in gen} == gen
+    from transformers import GenerationConfig  # late import: transformers takes seconds to import
+
+    g = GenerationConfig.from_pretrained(final)
+    assert (g.guidance_scale, g.temperature, g.do_sample, g.eos_token_id) == (3.0, 0.7, True, [2, 7])
