@@ -9,6 +9,9 @@ of a world of one); the ``slow`` one runs ``train.py`` SFT for a few steps on a 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +161,42 @@ def test_export_keeps_the_generation_config_transformers_generates_with(tmp_path
 
     g = GenerationConfig.from_pretrained(final)
     assert (g.guidance_scale, g.temperature, g.do_sample, g.eos_token_id) == (3.0, 0.7, True, [2, 7])
+
+
+# ----------------------------------------------------------------------------- train.py SFT
+def _env() -> dict:
+    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+@pytest.mark.parametrize("name", ["tied", "head_dim24_mqa", "bf16"])
+def test_sft_final_of_variant_loads_in_transformers_and_keeps_frozen_parts(tmp_path_factory, name):
+    root = tmp_path_factory.getbasetemp() / "export_geometries_data"  # dataset + tokenizer, shared
+    tmp = tmp_path_factory.mktemp(name)
+    kw, post = VARIANTS[name]
+    src = make_tiny_checkpoint(tmp / "in", seed=1, codebook_size=64, **kw)
+    if post:
+        post(src)
+    for n in ("preprocessor_config.json", "vocab.json", "merges.txt", "added_tokens.json"):
+        # (no tokenizer.json: train.py would tokenize its prompts with it)
+        (src / n).write_text("{}")
+    args = [f"model.checkpoint={src}", f"output_dir={tmp / 'run'}", f"data.dataset_dir={root / 'synth'}",
+            f"data.work_dir={root / 'work'}", "data.synth.users=60", "data.patch_size=8", "data.codebook_size=64",
+            "train.micro_batch_size=4", "train.global_batch_size=8", "train.max_steps=2", "train.warmup_steps=1",
+            "logging.progress=false"]
+    p = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs" / "demo_sft.yaml"),
+                        *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    final = tmp / "run" / "final"
+    before, after = load_model(src), load_model(final)
+    old, new = dict(before.named_parameters()), dict(after.named_parameters())
+    changed = {n.split(".")[0] for n in old if not torch.equal(old[n], new[n])}
+    assert "generation_head" in changed and not changed & {"vision_model", "vqmodel"}, changed
+    assert stored_dtypes(final) == {"F32": sum(stored_dtypes(src).values())}  # CPU trains in float32
+    assert all((final / n).is_file() for n in ("preprocessor_config.json", "merges.txt", "added_tokens.json"))
+    _hf_vs_engine(final)
