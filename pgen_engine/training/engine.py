@@ -216,10 +216,19 @@ def parameter_group(name: str) -> str:
 
 
 def set_trainable(model: nn.Module, groups: list[str]) -> int:
-    """Freeze every parameter outside ``groups``; returns the number of trainable elements."""
+    """Freeze every parameter outside ``groups``; returns the number of trainable elements.
+
+    A parameter of two groups (``lm_head`` tied to ``language_model.embed_tokens``,
+    ``tie_word_embeddings``) trains when either is listed: ``["lm_head"]`` on a tied checkpoint
+    left the head frozen (the shared matrix was looked up under its first name only)."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
     n = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(parameter_group(name) in groups)
+    for key, p in params.items():
+        p.requires_grad_(any(parameter_group(name) in groups for name in names[key]))
         n += p.numel() if p.requires_grad else 0
     return n
 

@@ -23,6 +23,7 @@ from pgen_engine.models.checkpoint import stored_dtypes
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.training.checkpoints import export_hf
 from pgen_engine.training.distributed import DistInfo
+from pgen_engine.training.engine import set_trainable
 
 REPO = Path(__file__).resolve().parents[2]
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -161,6 +162,18 @@ def test_export_keeps_the_generation_config_transformers_generates_with(tmp_path
 
     g = GenerationConfig.from_pretrained(final)
     assert (g.guidance_scale, g.temperature, g.do_sample, g.eos_token_id) == (3.0, 0.7, True, [2, 7])
+
+
+@pytest.mark.parametrize("groups", [["generation_head", "lm_head"], ["generation_head", "language_model"]])
+def test_tied_head_trains_when_either_of_its_groups_is_listed(tmp_path, groups):
+    # lm_head.weight is language_model.embed_tokens.weight: ["lm_head"] left it frozen
+    src = make_tiny_checkpoint(tmp_path / "in", seed=1)
+    _tie(src)
+    model = load_model(src)
+    n = set_trainable(model, groups)
+    assert model.lm_head.weight.requires_grad
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
 
 
 # ----------------------------------------------------------------------------- train.py SFT
