@@ -159,3 +159,18 @@ def test_gpu_suite_warms_up_and_times_both_sides_alike():
         g._time_hf(hf, ids, 1, T=4, codebook=0)
     with pytest.raises(AssertionError, match="shape"):
         g._time_pgen(gen, ids, 1, T=5, codebook=8)
+
+
+def test_roofline_columns_use_the_runs_best_rates(monkeypatch):
+    """A measurement taken during a load spike must not set the peak: the run's best is used, and the
+    columns follow the module docstring's definitions."""
+    import benchmarks.test_bench_generation as b
+
+    monkeypatch.setattr(b, "_PEAK", [150e9, 330e9, 300e9])
+    monkeypatch.setattr(b, "_BW", {2 ** 24: [20e9, 50e9]})
+    assert b.gemm_peak_flops() == 330e9 and b.read_bandwidth(2 ** 24) == 50e9
+    cols = b.roofline_columns(flops=4e9, matmul_flops=3e9, kv_bytes=1e9, loop_s=0.1, prefill_s=0.05, hf_wall_s=0.6,
+                              peak=300e9, bandwidth=50e9)
+    bound = 3e9 / 300e9 + 1e9 / 50e9  # 0.03 s
+    assert cols == pytest.approx(dict(gemm_fraction=4e9 / 0.1 / 300e9, roofline_fraction=bound / 0.1,
+                                      gemm_fraction_cap=4e9 / bound / 300e9, speedup_cap=0.6 / (0.05 + bound)))
