@@ -17,11 +17,14 @@
    64,256) with a bf16 and a float8 e4m3 KV cache (``PGEN_BENCH_KV``, default ``bf16,fp8``:
    rows ``pgen-graph`` / ``pgen-graph-fp8``; both read shared prompts through the Triton
    shared-prefix decode kernel), pgen eager decode and ``transformers`` (``PGEN_BENCH_HF_BATCHES``, default 64);
-   prefill and decode seconds separately (decode: the call's wall time less its prefill, on both sides);
-   every side gets one warm-up call at the timed shape, then the best of ``PGEN_BENCH_ROUNDS`` (default 2)
-   timed calls, whose codes are checked to lie in the codebook; achieved TFLOP/s counting 2 FLOPs per matrix
-   parameter (decoder layers + generation head + code aligner; not the embedding table) per
-   token (prompt + image), doubled for the CFG rows, and that as a percent of the card's
+   prefill and decode seconds separately (decode: the call's wall time less its prefill, on both
+   sides; pgen's decode loop alone as ``decode_loop_s``); every side gets one warm-up call at the
+   timed shape, then the best of ``PGEN_BENCH_ROUNDS`` (default 2) timed calls, whose codes are
+   checked to lie in the codebook; achieved TFLOP/s counting 2 FLOPs per ``nn.Linear`` weight per
+   row and position that uses it, as ``transformers`` runs a call
+   (:func:`benchmarks.test_bench_generation.generate_matmul_flops`: decoder layers over both CFG
+   rows' prompts and fed-back codes, the generation head per image token, the code aligner per
+   code; no norms, biases, embedding tables or attention), and that as a percent of the card's
    dense bf16 peak and of a measured 8192^3 bf16 matmul. ``PGEN_BENCH_PROFILE=1`` adds a
    table of the GPU kernels of one eager-decode call, heaviest first.
 """
@@ -43,7 +46,7 @@ from pgen_engine.generation import Generator
 from pgen_engine.models.tiny import make_tiny_checkpoint, tiny_janus_config
 
 from benchmarks.hf_janus import load_hf_janus, prepare_image_generate
-from benchmarks.test_bench_generation import _LMTimer, _lm_params
+from benchmarks.test_bench_generation import _LMTimer, _lm_params, generate_matmul_flops
 
 # timed runs sample as pgen / `pgen generate` do by default and as the CPU suite does: plain sampling
 # over the whole codebook, no top-k / top-p (a filter lets an engine skip most of the softmax and
@@ -292,7 +295,7 @@ def benchmark(dev: torch.device, check_only: bool, on_row=None) -> list[dict]:
     prepare_image_generate(hf, pg.SpecialTokens.builtin().boi)
     print(f"[gpu_generation] built {geo['num_layers']}-layer model in {time.perf_counter() - t0:.1f}s", flush=True)
     T = model.num_image_tokens
-    flops_per_image = 2 * 2 * _lm_params(model) * (prompt_len + T)
+    flops_per_image = generate_matmul_flops(model, 1, prompt_len, cfg=True)
     peak, mm = _peak(dev), _matmul_tflops(dev)
     ids_all = _prompts(model.config.text.vocab_size, max(batches + list(hf_batches)), prompt_len, dev)
     shape = lambda b: f"b{b} p{prompt_len} t{T}"  # noqa: E731
@@ -359,7 +362,7 @@ def _row(shape: str, backend: str, b: int, T: int, r: dict, flops_per_image: flo
     tflops = flops_per_image * b / r["wall"] / 1e12
     return dict(op="generate", shape=shape, backend=backend, ms=r["wall"] * 1e3, tflops=tflops,
                 images_per_s=b / r["wall"], decode_tokens_per_s=b * T / r["decode"], prefill_s=r["prefill"],
-                decode_s=r["decode"], speedup_vs_transformers=None if hf_wall is None else hf_wall / r["wall"],
+                decode_s=r["decode"], decode_loop_s=r.get("loop"), speedup_vs_transformers=None if hf_wall is None else hf_wall / r["wall"],
                 pct_of_ref=None if hf_wall is None else 100 * hf_wall / r["wall"],
                 pct_of_peak=None if peak is None else 100 * tflops / peak,
                 pct_of_matmul=None if mm is None else 100 * tflops / mm, matmul_tflops=mm)

@@ -200,6 +200,19 @@ def decode_matmul_flops(model, batch: int, cfg: bool) -> float:
     return 2 * (per_row * rows + _linear_weights(model.generation_aligner) * batch)
 
 
+def generate_matmul_flops(model, batch: int, prompt_len: int, cfg: bool) -> float:
+    """Matrix FLOPs of a whole generate call of ``batch`` prompts of ``prompt_len`` tokens, counted as
+    ``transformers`` runs it (the nominal work, the same number for both sides: pgen prefills one
+    shared unconditional prompt, and the last layer for the last position only): the decoder layers
+    over every row's prompt and its ``T - 1`` fed-back codes, the generation head on ``T`` positions
+    per row, the aligner on ``T - 1`` codes per image (:func:`decode_matmul_flops` per decode step)."""
+    rows = 2 * batch if cfg else batch
+    T = model.num_image_tokens
+    prompt = 2 * rows * (prompt_len * _linear_weights(model.language_model.layers)
+                         + _linear_weights(model.generation_head))
+    return prompt + decode_matmul_flops(model, batch, cfg) * (T - 1)
+
+
 def decode_flops(model, batch: int, prompt_len: int, cfg: bool) -> float:
     """FLOPs of a wave's decode steps 1..T-1: matrix work (:func:`decode_matmul_flops`) + attention."""
     c = model.config.text
@@ -327,8 +340,8 @@ def test_generation_throughput(benchmark, setup, batch):
                     decode_tokens_per_s=batch * T / best["decode"] if best["decode"] else float("nan"),
                     prefill_s=best["prefill"], decode_s=best["decode"], wall_s=best["wall"],
                     cpu_s=min(r[impl]["cpu"] for r in measured), threads=torch.get_num_threads(), device=DEVICE,
-                    # roofline numerator: 2 FLOPs per parameter per token, doubled for CFG rows
-                    tflops=4 * _lm_params(model) * (PROMPT_LEN + T) * batch / best["wall"] / 1e12)
+                    # nominal matrix work of the call (generate_matmul_flops) per wall second
+                    tflops=generate_matmul_flops(model, batch, PROMPT_LEN, GUIDANCE != 1.0) / best["wall"] / 1e12)
         benchmark.extra_info.update({f"{impl}_{k}": v for k, v in info.items() if k not in ("geometry", "batch")})
         RESULTS[(name, batch, impl)] = info
     pg_best = min(measured, key=lambda r: r["pgen"]["wall"])["pgen"]

@@ -174,3 +174,21 @@ def test_roofline_columns_use_the_runs_best_rates(monkeypatch):
     bound = 3e9 / 300e9 + 1e9 / 50e9  # 0.03 s
     assert cols == pytest.approx(dict(gemm_fraction=4e9 / 0.1 / 300e9, roofline_fraction=bound / 0.1,
                                       gemm_fraction_cap=4e9 / bound / 300e9, speedup_cap=0.6 / (0.05 + bound)))
+
+
+def test_generate_flops_count_each_matrix_where_it_runs():
+    """A call's nominal matrix work: decoder layers over 2 rows x (prompt + T - 1) positions per image,
+    the head on T positions per row, the aligner on T - 1 codes per image (not the head / aligner on
+    prompt tokens, nor norm weights and biases, as 2 x all parameters x (prompt + T) counted)."""
+    from benchmarks.test_bench_generation import generate_matmul_flops
+
+    H, L, Hq, kv, D, F, K, E = 64, 3, 4, 2, 16, 256, 1024, 8
+    model = _meta_model(hidden_size=H, num_layers=L, num_heads=Hq, num_kv_heads=kv, intermediate_size=F,
+                        codebook_size=K, vq_embed_dim=E, image_size=32, patch_size=8)
+    depth = 1 + len(model.generation_aligner.hidden_layers)
+    layers = L * (H * Hq * D + 2 * H * kv * D + Hq * D * H + 3 * H * F)
+    head, aligner = H * H + H * K, E * H + (depth - 1) * H * H
+    T, P, B = model.num_image_tokens, 20, 3
+    for cfg, rows in ((True, 2 * B), (False, B)):
+        want = 2 * (rows * (P + T - 1) * layers + rows * T * head + B * (T - 1) * aligner)
+        assert generate_matmul_flops(model, B, P, cfg) == want
