@@ -95,8 +95,9 @@ def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: 
 
     Every step reads each matrix weight once (bf16: 2 B per parameter counted by ``_lm_params``)
     and, for every one of the ``2 * batch`` rows, its cached K/V: ``layers * 2 * kv_heads *
-    head_dim`` values per cached token. A row holds ``prompt_len + (T + 1) / 2`` tokens on average
-    over the ``T`` steps. Three storage variants: bf16 with one copy per row, bf16 with the
+    head_dim`` values per cached token. Code 0 comes from the prefill, so a call has ``T - 1``
+    decode steps (as the CPU suite's ``decode_kv_bytes`` counts them); at step ``t`` a row holds
+    ``prompt_len + t`` tokens, ``prompt_len + T / 2`` on average over steps ``1 .. T - 1``. Three storage variants: bf16 with one copy per row, bf16 with the
     ``batch`` identical unconditional ("pad") prompts stored once, and fp8 K/V with that sharing;
     then the Generator's shared-block (cascade) layout read once per group: each of the
     ``batch / samples_per_prompt`` prompts and the one pad prompt once, plus every row's own
@@ -128,15 +129,16 @@ def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: 
     t, T = cfg.text, cfg.num_image_tokens
     weight_bytes = 2 * _lm_params(model)
     kv_per_token = t.num_layers * 2 * t.num_kv_heads * t.head_dim  # values per cached token
-    avg_ctx = prompt_len + (T + 1) / 2
-    own_tokens = batch * avg_ctx + batch * (T + 1) / 2  # cond rows + uncond rows' image tokens
+    avg_own = T / 2  # own (image) tokens a row attends at decode step t = 1 .. T-1, on average
+    avg_ctx = prompt_len + avg_own
+    own_tokens = batch * avg_ctx + batch * avg_own  # cond rows + uncond rows' image tokens
     variants = (("bf16 K/V, one copy per row", 2 * batch * avg_ctx * kv_per_token * 2),
                 ("bf16 K/V, uncond prompt shared", (own_tokens + prompt_len) * kv_per_token * 2),
                 ("fp8 K/V, uncond prompt shared", (own_tokens + prompt_len) * kv_per_token * 1))
     if batch % samples_per_prompt:
         raise ValueError(f"batch={batch} is not a multiple of samples_per_prompt={samples_per_prompt}")
     pool_rows = batch // samples_per_prompt + 1
-    shared_tokens = pool_rows * prompt_len + 2 * batch * (T + 1) / 2
+    shared_tokens = pool_rows * prompt_len + 2 * batch * avg_own
     splits = -(-prompt_len // 128)  # _triton_config.shared_decode_blocks: 128 prefix positions a program
     partials = t.num_layers * 2 * (2 * batch) * t.num_heads * splits * (t.head_dim + 2) * 4  # written + read
     scales = t.num_layers * 2 * (2 * batch + pool_rows) * t.num_kv_heads * 4  # fp8: K and V, float32
@@ -148,7 +150,7 @@ def decode_traffic_bound(geo: dict, batch: int, prompt_len: int, *, hf_seconds: 
             step = (weight_bytes + kv_bytes) / (bw * 1e12)
             rows.append(dict(variant=name, bandwidth_tbs=bw, bytes_per_step=weight_bytes + kv_bytes,
                              kv_bytes_per_step=kv_bytes, step_s=step,
-                             best_speedup=hf_seconds / (prefill_seconds + T * step)))
+                             best_speedup=hf_seconds / (prefill_seconds + (T - 1) * step)))
     return rows
 
 
@@ -399,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.bound:
         T = (JANUS_PRO_1B["image_size"] // JANUS_PRO_1B["patch_size"]) ** 2
-        need = (args.bound_hf_seconds / 15 - args.bound_prefill_seconds) / T
+        need = (args.bound_hf_seconds / 15 - args.bound_prefill_seconds) / (T - 1)  # decode steps
         print(f"Janus-Pro-1B geometry, batch {args.bound_batch} (CFG: {2 * args.bound_batch} rows), "
               f"{args.bound_prompt_len}-token prompts, {T} image tokens; 15x needs a step <= {need * 1e3:.2f} ms")
         print("variant | TB/s | GB per step | step ms | best speed-up")

@@ -92,9 +92,10 @@ def test_decode_traffic_bound_counts_weights_and_kv_bytes():
         params = sum(p.numel() for m in lm for p in m.parameters()) - model.language_model.embed_tokens.weight.numel()
         T, P, B = 16, 10, 3
         per_tok = 3 * 2 * kv_heads * 16  # layers * (K, V) * kv heads * head_dim
-        ctx = [P + t + 1 for t in range(T)]  # tokens a row attends to at step t
-        full = 2 * B * sum(ctx) / T * per_tok * 2
-        shared = (B * sum(ctx) / T + B * sum(c - P for c in ctx) / T + P) * per_tok * 2
+        ctx = [P + t for t in range(1, T)]  # tokens a row attends to at decode step t (code 0: the prefill)
+        n = T - 1  # decode steps
+        full = 2 * B * sum(ctx) / n * per_tok * 2
+        shared = (B * sum(ctx) / n + B * sum(c - P for c in ctx) / n + P) * per_tok * 2
         rows = decode_traffic_bound(geo, B, P, hf_seconds=1.0, prefill_seconds=0.0, bandwidths_tbs=(1.0,))
         got = {r["variant"]: r for r in rows}
         assert torch.isclose(torch.tensor(got["bf16 K/V, one copy per row"]["bytes_per_step"]),
@@ -103,11 +104,11 @@ def test_decode_traffic_bound_counts_weights_and_kv_bytes():
                              torch.tensor(2.0 * params + shared), rtol=1e-9)
         assert abs(got["fp8 K/V, uncond prompt shared"]["kv_bytes_per_step"] - shared / 2) < 1e-6 * shared
         r = got["bf16 K/V, one copy per row"]
-        assert abs(r["best_speedup"] - 1.0 / (T * r["step_s"])) < 1e-9 * r["best_speedup"]
+        assert abs(r["best_speedup"] - 1.0 / (n * r["step_s"])) < 1e-9 * r["best_speedup"]
         # shared blocks: B distinct prompts + 1 pad prompt once, every row's image tokens, plus
         # the shared-prefix kernel's split partials (2B rows x 4 heads x 1 split x (16 + 2) fp32,
         # written and read, per layer) and, fp8, the K and V scales of 2B own + B + 1 pool rows
-        blocks = ((B + 1) * P + 2 * B * sum(c - P for c in ctx) / T) * per_tok
+        blocks = ((B + 1) * P + 2 * B * sum(c - P for c in ctx) / n) * per_tok
         partials = 3 * 2 * (2 * B) * 4 * 1 * (16 + 2) * 4
         scales = 3 * 2 * (2 * B + B + 1) * kv_heads * 4
         got_bf16 = got["bf16 K/V, shared blocks read once per group"]["kv_bytes_per_step"]
@@ -116,7 +117,7 @@ def test_decode_traffic_bound_counts_weights_and_kv_bytes():
         assert abs(got_fp8 - (blocks + partials + scales)) < 1e-6 * blocks
         grp = {r["variant"]: r for r in decode_traffic_bound(geo, 4, P, hf_seconds=1.0, prefill_seconds=0.0,
                                                              bandwidths_tbs=(1.0,), samples_per_prompt=4)}
-        one = ((1 + 1) * P + 2 * 4 * sum(c - P for c in ctx) / T) * per_tok * 2 + 3 * 2 * 8 * 4 * 1 * 18 * 4
+        one = ((1 + 1) * P + 2 * 4 * sum(c - P for c in ctx) / n) * per_tok * 2 + 3 * 2 * 8 * 4 * 1 * 18 * 4
         assert abs(grp["bf16 K/V, shared blocks read once per group"]["kv_bytes_per_step"] - one) < 1e-6 * one
 
 
