@@ -232,9 +232,16 @@ def paired_round(index: int, run) -> dict[str, dict]:
 
 def paired_speedups(measured: list[dict]) -> dict[str, float]:
     """Median over the rounds of transformers' / pgen's wall and process-CPU time of the same round
-    (``{"speedup_wall", "speedup_cpu"}``); an even number of rounds takes the mean of the middle two."""
-    return {f"speedup_{k}": statistics.median(r["transformers"][k] / r["pgen"][k] for r in measured)
-            for k in ("wall", "cpu")}
+    (``{"speedup_wall", "speedup_cpu"}``); an even number of rounds takes the mean of the middle two.
+
+    Also ``speedup_best``: transformers' best round / pgen's best round. Under load the two differ:
+    transformers' ~30 OpenMP regions per step stall on a lost core far more than pgen's one C++ call
+    (2026-12-07, 2-core VM next to another engineer's tests, 3 rounds: median 8.5x and 13.2x where
+    the best rounds gave 3.5x and 7.7x); teardown warns when they disagree by more than 15 %."""
+    out = {f"speedup_{k}": statistics.median(r["transformers"][k] / r["pgen"][k] for r in measured)
+           for k in ("wall", "cpu")}
+    out["speedup_best"] = min(r["transformers"]["wall"] for r in measured) / min(r["pgen"]["wall"] for r in measured)
+    return out
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -385,6 +392,7 @@ def teardown_module(module):
         rows.append(dict(geometry=name, batch=batch, pgen_images_per_s=round(info["images_per_s"], 3),
                          hf_images_per_s=round(ref["images_per_s"], 3),
                          speedup_wall=round(info["speedup_wall"], 2), speedup_cpu=round(info["speedup_cpu"], 2),
+                         speedup_best=round(info["speedup_best"], 2),
                          pgen_prefill_s=round(info["prefill_s"], 3), hf_prefill_s=round(ref["prefill_s"], 3),
                          pgen_decode_tok_s=round(info["decode_tokens_per_s"], 1),
                          hf_decode_tok_s=round(ref["decode_tokens_per_s"], 1),
@@ -397,6 +405,10 @@ def teardown_module(module):
     if not rows:
         return
     print_rows(rows)
+    for r in rows:
+        if abs(r["speedup_wall"] / r["speedup_best"] - 1) > 0.15:
+            print(f"WARNING {r['geometry']} batch {r['batch']}: median per-round speed-up {r['speedup_wall']}x vs "
+                  f"{r['speedup_best']}x between the best rounds: the machine was loaded during some rounds")
     greedy = {k[0]: v["value"] for k, v in RESULTS.items() if k[2] == "greedy_identical"}
     checked = sorted(f"{k[0]} b{k[1]}" for k in RESULTS if k[2] == "greedy_identical")
     print(f"greedy tokens identical to transformers at: {', '.join(checked) or 'none (not run)'}")
