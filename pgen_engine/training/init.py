@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from pgen_engine.config import ModelInitConfig
+from pgen_engine.config import ConfigError, ModelInitConfig
+from pgen_engine.errors import one_line
 from pgen_engine.io_utils import atomic_dir
 from pgen_engine.models.image_tokenizer import ImageTokenizer
 from pgen_engine.models.tiny import make_tiny_checkpoint
@@ -66,12 +67,27 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
     if init.code_init == "tokenizer":
         code_rows = functools.partial(code_init_weights, code_pixel_features(tokenizer), seed=init.seed)
     with atomic_dir(out) as tmp:
-        make_tiny_checkpoint(tmp, seed=init.seed, code_rows=code_rows, **geometry, **tokenizer_geometry(tokenizer))
+        _make_init_checkpoint(tmp, init, code_rows, geometry, tokenizer_geometry(tokenizer))
         if isinstance(tokenizer, JanusVQTokenizer):
             # a trained Janus VQ becomes the checkpoint's own vqmodel.*: decode_images = tokenizer.decode
             install_into_checkpoint(tokenizer, tmp)
         (tmp / INIT_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
     return out
+
+
+def _make_init_checkpoint(path: Path, init: ModelInitConfig, code_rows, geometry: dict, image: dict) -> None:
+    """make_tiny_checkpoint, with a geometry transformers refuses (an odd head size hidden_size /
+    num_heads, vision_hidden_size not a multiple of vision_heads) as one ConfigError line naming
+    model.init instead of transformers' traceback."""
+    # late import: huggingface_hub comes with transformers, which make_tiny_checkpoint imports anyway
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        make_tiny_checkpoint(path, seed=init.seed, code_rows=code_rows, **geometry, **image)
+    except (ValueError, StrictDataclassError) as e:
+        cause = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ is not None else e
+        raise ConfigError(f"model.init: transformers cannot build a Janus model of this geometry "
+                          f"({one_line(cause)})") from None
 
 
 def code_pixel_features(tokenizer: ImageTokenizer, chunk: int = 128) -> torch.Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pgen_engine.config import ConfigError, ModelInitConfig
 from pgen_engine.models import load_model
 from pgen_engine.models.checkpoint import stored_dtypes
+from pgen_engine.models.patch_kmeans import PatchKMeansTokenizer
 from pgen_engine.models.tiny import make_tiny_checkpoint
 from pgen_engine.training.checkpoints import export_hf
 from pgen_engine.training.distributed import DistInfo
 from pgen_engine.training.engine import set_trainable
+from pgen_engine.training.init import init_model_for_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 ONE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -174,6 +178,17 @@ def test_tied_head_trains_when_either_of_its_groups_is_listed(tmp_path, groups):
     assert model.lm_head.weight.requires_grad
     assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert not any(p.requires_grad for p in model.vision_model.parameters())
+
+
+@pytest.mark.parametrize("geometry, says", [({"hidden_size": 36, "num_heads": 4}, "head_dim`=9"),
+                                            ({"vision_hidden_size": 30, "vision_heads": 4}, "divisible by num_heads")])
+def test_init_geometry_transformers_refuses_is_one_config_error(tmp_path, geometry, says):
+    # was transformers' traceback out of train.py (after data preparation), and no model folder
+    images = torch.randint(0, 256, (4, 16, 16, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    tok = PatchKMeansTokenizer.fit(images, patch_size=8, codebook_size=4, iters=1, seed=0)
+    with pytest.raises(ConfigError, match=f"^model.init: .*{re.escape(says)}") as e:
+        init_model_for_tokenizer(tmp_path / "init", tok, ModelInitConfig(**geometry))
+    assert "\n" not in str(e.value) and not (tmp_path / "init").exists()
 
 
 # ----------------------------------------------------------------------------- train.py SFT
