@@ -28,8 +28,10 @@ its matrix FLOPs at the GEMM peak plus the K/V bytes it must read at that bandwi
 max: on CPU the GEMM phase and the attention phase of a layer run one after the other, and
 the attention is bound by memory). ``decode_roofline_fraction`` = that bound / pgen's measured
 decode time, ``speedup_cap`` = transformers' wall time / (pgen's prefill + the bound): the
-best speed-up any implementation reading float32 K/V in this layout could show in this run,
-and ``gemm_fraction_cap`` the decode GEMM fraction a decode running at the bound would show.
+best speed-up an implementation reading float32 K/V in this layout, with each layer's GEMMs and
+attention one after the other (as on this CPU), could show in this run (one that overlapped them
+could approach the larger of the two terms instead), and ``gemm_fraction_cap`` the decode GEMM
+fraction a decode running at the bound would show. The bound leaves out streaming the weights.
 
 Each round runs pgen and transformers on the same prompts and seed, in alternating order
 (paired, so drifting machine load hits both and neither always runs second); the speed-up is
@@ -161,14 +163,6 @@ def decode_kv_bytes(model, batch: int, prompt_len: int, cfg: bool) -> float:
     per_pos = c.num_layers * 2 * c.num_kv_heads * c.head_dim * torch.empty((), dtype=DTYPE).element_size()
     T = model.num_image_tokens
     return sum((pool_rows * prompt_len + rows * t) * per_pos for t in range(1, T))
-
-
-def decode_roofline_s(model, batch: int, prompt_len: int, cfg: bool, kv_bytes_peak: int) -> float:
-    """Lower bound on the decode steps 1..T-1, seconds: matrix FLOPs at the measured GEMM peak
-    plus the K/V bytes at the read rate measured for a ``kv_bytes_peak`` working set (see the
-    module docstring)."""
-    gemm = decode_matmul_flops(model, batch, cfg) * (model.num_image_tokens - 1)
-    return gemm / gemm_peak_flops() + decode_kv_bytes(model, batch, prompt_len, cfg) / read_bandwidth(kv_bytes_peak)
 
 
 def roofline_columns(*, flops: float, matmul_flops: float, kv_bytes: float, loop_s: float, prefill_s: float,
