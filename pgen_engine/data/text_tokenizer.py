@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Protocol, Sequence
 
+from ..errors import PgenUserError
 from ..models.special_tokens import SpecialTokens
 
 BYTE_OFFSET = 6
@@ -62,11 +63,16 @@ class HFTokenizer:
         return self.tok.decode([int(i) for i in ids if int(i) not in self._special_ids], skip_special_tokens=True)
 
 
+class TokenizerError(PgenUserError, ValueError):
+    """A checkpoint's tokenizer files cannot be loaded or cannot hold the special ids (one line for the user)."""
+
+
 def load_text_tokenizer(checkpoint_dir: str | os.PathLike | None, special: SpecialTokens) -> ByteTokenizer | HFTokenizer:
     """The checkpoint's HF tokenizer when ``checkpoint_dir`` holds one, else the byte tokenizer.
 
-    Raises ValueError when the HF tokenizer's vocabulary cannot hold the special ids, or
-    when falling back to bytes with non-built-in special ids.
+    Raises TokenizerError (a ValueError) when the tokenizer files cannot be loaded or the HF
+    tokenizer's vocabulary cannot hold the special ids; ValueError when falling back to bytes
+    with non-built-in special ids.
     """
     if checkpoint_dir is not None:
         d = Path(checkpoint_dir)
@@ -80,11 +86,11 @@ def load_text_tokenizer(checkpoint_dir: str | os.PathLike | None, special: Speci
                 hf = AutoTokenizer.from_pretrained(str(d))
             except Exception as e:  # transformers' loaders raise many types (JSONDecodeError, OSError, ...)
                 files = [f for f in HF_TOKENIZER_FILES if (d / f).is_file()]
-                raise ValueError(f"{d}: cannot load the tokenizer ({', '.join(files)}): {type(e).__name__}: "
+                raise TokenizerError(f"{d}: cannot load the tokenizer ({', '.join(files)}): {type(e).__name__}: "
                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
             tok = HFTokenizer(hf, special)
             top = max(special.as_dict().values())
             if top >= tok.vocab_size:
-                raise ValueError(f"{d}: tokenizer vocab size {tok.vocab_size} cannot hold special id {top}")
+                raise TokenizerError(f"{d}: tokenizer vocab size {tok.vocab_size} cannot hold special id {top}")
             return tok
     return ByteTokenizer(special)

@@ -22,8 +22,12 @@ def test_errors(tmp_path):
         load_text_tokenizer(tmp_path / "missing", SpecialTokens.builtin())
     # a corrupt tokenizer.json used to surface as transformers' bare JSONDecodeError (pgen eval)
     (tmp_path / "tokenizer.json").write_text("{oops")
-    with pytest.raises(ValueError, match=r"cannot load the tokenizer \(tokenizer\.json\): JSONDecodeError"):
+    with pytest.raises(ValueError, match=r"cannot load the tokenizer \(tokenizer\.json\): JSONDecodeError") as e:
         load_text_tokenizer(tmp_path, SpecialTokens.builtin())
+    # a user error: train.py / pgen print its one line instead of a traceback
+    from pgen_engine.errors import PgenUserError
+
+    assert isinstance(e.value, PgenUserError)
 
 
 def test_hf_tokenizer_from_folder(tmp_path):
