@@ -59,6 +59,17 @@ def _generation_config(model: torch.nn.Module) -> dict:
     return out
 
 
+def export_target_problem(path: str | Path) -> str | None:
+    """Why a checkpoint may not be written at ``path`` (it replaces the folder there: only ever an
+    earlier checkpoint), or None. A file, or a non-empty folder without ``config.json``."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        return "exists and is not a folder"
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        return "exists and is not a checkpoint (no config.json)"
+    return None
+
+
 def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes: int = 4 << 30,
                     extra_json: dict[str, dict] | None = None) -> None:
     """Write ``model`` (a :class:`~pgen_engine.models.janus.JanusModel`) as a Hugging Face Janus
@@ -72,10 +83,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, max_shard_bytes
     training record :data:`TRAINING_RECORD` a pgen run adds).
     """
     target = Path(path)
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
-        # the checkpoint replaces the folder: only ever an earlier checkpoint
-        raise CheckpointError(f"{target}: exists and is not a checkpoint (no config.json); not replacing it: choose "
-                              "an empty or new folder")
+    problem = export_target_problem(target)
+    if problem:
+        raise CheckpointError(f"{target}: {problem}; not replacing it: choose an empty or new folder")
     cfg = json.loads(json.dumps(model.config.raw))  # a copy: the sub-sections are edited below
     dtype = str(model.dtype).replace("torch.", "")
     cfg["dtype"] = dtype

@@ -36,6 +36,7 @@ import torch
 from pgen_engine import file_lock
 from pgen_engine.config import ConfigError, RunConfig, TrainConfig, config_defaults, config_to_dict, dump_config
 from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_problem
+from pgen_engine.models.checkpoint_writer import export_target_problem
 from pgen_engine.termination import DeferredTermination, Terminated
 
 from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, check_fresh_start, check_resume_config,
@@ -195,6 +196,9 @@ class Trainer:
             if problem:
                 raise ConfigError(f"{key}={folder}: {problem} (expected the run's "
                                   f"{'output' if key == 'output_dir' else 'data work'} folder)")
+        problem = export_target_problem(self.out / "final")
+        if problem:  # else every step trains and the export at the end refuses to replace it
+            raise ConfigError(f"{self.out / 'final'}: {problem}, where this run exports its model; move or delete it")
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
         if resolve_precision(cfg.deepspeed, dist.device.type) == "bf16" and dist.device.type != "cuda":

@@ -493,3 +493,27 @@ def test_a_model_states_file_missing_on_rank1_stops_every_rank_with_one_line(tmp
     r0, r1 = run_two_ranks(_missing_model_file_rank, tmp_path)
     assert r1[0] == "ResumeError" and "(zero_pp_rank_1_mp_rank_00_model_states.pt: missing)" in r1[1], r1
     assert r0[0] == "ResumeError" and "(another rank's partition is corrupt)" in r0[1], r0
+
+
+@pytest.mark.parametrize("leftover", ["folder", "file"])
+def test_a_final_that_is_not_an_export_is_refused_before_data_preparation(tmp_path, monkeypatch, leftover):
+    # used to train every step and then stop at the export, which never replaces a folder that is
+    # not a checkpoint ("choose an empty or new folder": the user cannot choose final/'s name)
+    from pgen_engine.config import ConfigError
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.stages import run_stage
+
+    def no_data(*a, **k):
+        raise AssertionError("data was prepared")
+
+    cfg = _tiny(tmp_path)
+    final = Path(cfg.output_dir) / "final"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if leftover == "folder":
+        final.mkdir()
+        (final / "model.safetensors").write_bytes(b"half")
+    else:
+        final.write_text("x")
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", no_data)
+    with pytest.raises(ConfigError, match=r"final: exists and is not a (checkpoint|folder).*move or delete it"):
+        run_stage(cfg)
