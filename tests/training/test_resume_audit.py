@@ -100,6 +100,19 @@ def test_resume_with_a_micro_batch_that_cannot_continue_at_the_example_is_refuse
 
 
 # ---------------------------------------------------------------- resuming on other data
+class _Stop(Exception):
+    """Raised where data preparation would start: the checks before it are what these tests judge."""
+
+
+def _stop_at_data(monkeypatch) -> None:
+    from pgen_engine.training import trainer as trainer_mod
+
+    def stop(*a, **k):
+        raise _Stop
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
+
+
 def _tiny(tmp_path, *extra: str):
     from pgen_engine.config import load_config
     return load_config(REPO / "configs" / "demo_sft.yaml", [
@@ -173,7 +186,6 @@ def test_resume_with_more_steps_warns_that_the_lr_schedule_changed(tmp_path, mon
     import json
 
     from pgen_engine.config import config_to_dict
-    from pgen_engine.training import trainer as trainer_mod
     from pgen_engine.training.checkpoints import META
     from pgen_engine.training.stages import run_stage
 
@@ -182,21 +194,15 @@ def test_resume_with_more_steps_warns_that_the_lr_schedule_changed(tmp_path, mon
     ck.mkdir(parents=True)
     (ck / META).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 3, "config": saved}))
 
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Stop
-
-    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
-    with pytest.raises(Stop):
+    _stop_at_data(monkeypatch)
+    with pytest.raises(_Stop):
         run_stage(_tiny(tmp_path, "train.max_steps=8"), resume="auto")
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(err) == 1 and f"{ck}: resumed at step 4 with train.max_steps 4 -> 8" in err[0], err
     assert "lr at step 5: 0.0003 before, 0.00" in err[0]
     saved = config_to_dict(_tiny(tmp_path, "train.max_steps=4", "train.min_lr_ratio=1.0"))
     (ck / META).write_text(json.dumps({"step": 4, "world_size": 1, "zero_stage": 3, "config": saved}))
-    with pytest.raises(Stop):  # the same schedule (a constant LR after warmup): nothing to say
+    with pytest.raises(_Stop):  # the same schedule (a constant LR after warmup): nothing to say
         run_stage(_tiny(tmp_path, "train.max_steps=8", "train.min_lr_ratio=1.0"), resume="auto")
     assert "warning:" not in capsys.readouterr().err
 
@@ -337,7 +343,6 @@ def test_resume_in_another_precision_warns(tmp_path, monkeypatch, capsys):
     import json
 
     from pgen_engine.config import config_to_dict
-    from pgen_engine.training import trainer as trainer_mod
     from pgen_engine.training.checkpoints import META
     from pgen_engine.training.stages import run_stage
 
@@ -347,20 +352,14 @@ def test_resume_in_another_precision_warns(tmp_path, monkeypatch, capsys):
     meta = {"step": 1, "world_size": 1, "zero_stage": 3, "config": config_to_dict(cfg), "precision": "bf16"}
     (ck / META).write_text(json.dumps(meta))
 
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Stop
-
-    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
-    with pytest.raises(Stop):
+    _stop_at_data(monkeypatch)
+    with pytest.raises(_Stop):
         run_stage(cfg, resume="auto")
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(err) == 1 and f"{ck}: trained in bf16, this run trains in fp32 (deepspeed.precision=auto on cpu)" \
         in err[0], err
     (ck / META).write_text(json.dumps({**meta, "precision": "fp32"}))
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         run_stage(cfg, resume="auto")
     assert "warning:" not in capsys.readouterr().err
 
@@ -393,25 +392,18 @@ def test_bf16_on_a_cpu_is_a_config_error_before_data_preparation(tmp_path, monke
 def test_resume_auto_that_finds_no_checkpoint_after_logged_steps_warns(tmp_path, monkeypatch, capsys):
     # a run stopped before its first complete checkpoint (or whose checkpoints lost their metadata):
     # --resume auto started from step 0 and dropped the logged rows with nothing said
-    from pgen_engine.training import trainer as trainer_mod
     from pgen_engine.training.stages import run_stage
 
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Stop
-
-    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
+    _stop_at_data(monkeypatch)
     out = tmp_path / "run"
     (out / "checkpoints" / ".tmp-step00000004").mkdir(parents=True)
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 6.2}\n')
-    with pytest.raises(Stop):
+    with pytest.raises(_Stop):
         run_stage(_tiny(tmp_path), resume="auto")
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert len(err) == 1 and "--resume auto: no complete checkpoint under" in err[0] and "starting from step 0" in err[0]
     (out / "metrics.jsonl").write_text("")
-    with pytest.raises(Stop):  # nothing logged: a plain fresh start
+    with pytest.raises(_Stop):  # nothing logged: a plain fresh start
         run_stage(_tiny(tmp_path), resume="auto")
     assert "warning:" not in capsys.readouterr().err
 
@@ -447,13 +439,7 @@ def test_a_second_run_in_an_output_dir_in_use_is_refused(tmp_path, monkeypatch):
     from pgen_engine.training import trainer as trainer_mod
     from pgen_engine.training.stages import run_stage
 
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Stop
-
-    monkeypatch.setattr(trainer_mod, "prepare_sft_data", stop)
+    _stop_at_data(monkeypatch)
     out = tmp_path / "run"
     out.mkdir()
     with open(out / trainer_mod.RUN_LOCK, "a+b") as held:  # the other run
@@ -463,7 +449,7 @@ def test_a_second_run_in_an_output_dir_in_use_is_refused(tmp_path, monkeypatch):
             run_stage(_tiny(tmp_path), resume="auto")
         assert not (out / "config.resolved.yaml").exists()
     for _ in range(2):  # the lock is released when a run ends, failed or not
-        with pytest.raises(Stop):
+        with pytest.raises(_Stop):
             run_stage(_tiny(tmp_path), resume="auto")
 
 
