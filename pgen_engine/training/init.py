@@ -18,7 +18,7 @@ from pgen_engine.config import ConfigError, ModelInitConfig
 from pgen_engine.errors import one_line
 from pgen_engine.io_utils import atomic_dir
 from pgen_engine.models.image_tokenizer import ImageTokenizer
-from pgen_engine.models.tiny import make_tiny_checkpoint
+from pgen_engine.models.tiny import make_tiny_checkpoint, tiny_janus_config
 from pgen_engine.models.vq_tokenizer import JanusVQTokenizer, install_into_checkpoint
 
 INIT_MARKER = "pgen_init.json"
@@ -73,6 +73,25 @@ def init_model_for_tokenizer(out_dir: str | Path, tokenizer: ImageTokenizer, ini
             install_into_checkpoint(tokenizer, tmp)
         (tmp / INIT_MARKER).write_text(json.dumps(spec, indent=2) + "\n")
     return out
+
+
+def check_init_geometry(init: ModelInitConfig) -> None:
+    """Refuse, before any data is prepared, a ``model.init`` geometry ``transformers`` cannot build
+    (one ConfigError line): an odd head size ``hidden_size / num_heads`` (its config's rotary check),
+    ``vision_hidden_size`` not a multiple of ``vision_heads`` (its attention's). The image geometry,
+    known only after data preparation, is checked again when the model is built."""
+    if init.vision_hidden_size % init.vision_heads:
+        raise ConfigError(f"model.init: vision_hidden_size={init.vision_hidden_size} must be a multiple of "
+                          f"vision_heads={init.vision_heads} (transformers cannot build that vision tower)")
+    # late import: huggingface_hub comes with transformers, which tiny_janus_config imports anyway
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        tiny_janus_config(**init.geometry())
+    except (ValueError, StrictDataclassError) as e:
+        cause = e.__cause__ if isinstance(e, StrictDataclassError) and e.__cause__ is not None else e
+        raise ConfigError(f"model.init: transformers cannot build a Janus model of this geometry "
+                          f"({one_line(cause)})") from None
 
 
 def _make_init_checkpoint(path: Path, init: ModelInitConfig, code_rows, geometry: dict, image: dict) -> None:

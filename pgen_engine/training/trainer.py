@@ -45,6 +45,7 @@ from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, check_fresh_st
 from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
 from .engine import TrainEngine, build_engine, lr_lambda, require_deepspeed, resolve_precision
 from .errors import stop_if_not_finite
+from .init import check_init_geometry
 from .metrics import MetricsLogger
 from .sft_data import SFTData, prepare_sft_data, training_data_hash
 
@@ -199,6 +200,8 @@ class Trainer:
         problem = export_target_problem(self.out / "final")
         if problem:  # else every step trains and the export at the end refuses to replace it
             raise ConfigError(f"{self.out / 'final'}: {problem}, where this run exports its model; move or delete it")
+        if cfg.model.checkpoint is None:  # a model built from model.init after data preparation
+            check_init_geometry(cfg.model.init)
         self.dist = dist = init_distributed()
         stage.check_world(cfg, dist)
         if resolve_precision(cfg.deepspeed, dist.device.type) == "bf16" and dist.device.type != "cuda":

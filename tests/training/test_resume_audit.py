@@ -503,3 +503,21 @@ def test_a_final_that_is_not_an_export_is_refused_before_data_preparation(tmp_pa
     monkeypatch.setattr(trainer_mod, "prepare_sft_data", no_data)
     with pytest.raises(ConfigError, match=r"final: exists and is not a (checkpoint|folder).*move or delete it"):
         run_stage(cfg)
+
+
+@pytest.mark.parametrize("overrides,says", [
+    (["model.init.hidden_size=36"], "RoPE requires an even rotary dimension"),  # head size 9
+    (["model.init.vision_hidden_size=30", "model.init.vision_heads=4"],
+     "vision_hidden_size=30 must be a multiple of vision_heads=4")])
+def test_a_model_init_transformers_cannot_build_is_refused_before_data_preparation(tmp_path, monkeypatch,
+                                                                                   overrides, says):
+    from pgen_engine.config import ConfigError
+    from pgen_engine.training import trainer as trainer_mod
+    from pgen_engine.training.stages import run_stage
+
+    def no_data(*a, **k):
+        raise AssertionError("data was prepared")
+
+    monkeypatch.setattr(trainer_mod, "prepare_sft_data", no_data)
+    with pytest.raises(ConfigError, match=f"^model.init: .*{says}"):
+        run_stage(_tiny(tmp_path, *overrides))
