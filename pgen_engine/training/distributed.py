@@ -23,6 +23,7 @@ import pickle
 import socket
 import sys
 import warnings
+import zlib
 from typing import Any, Callable, Literal, TypeVar
 
 import torch
@@ -156,6 +157,20 @@ def all_ranks_true(flag: bool) -> bool:
     if not initialized():
         return flag
     return bool(all_reduce(torch.tensor([1 if flag else 0], dtype=torch.int32), "min").item())
+
+
+def same_on_all_ranks(text: str) -> bool:
+    """True when ``text`` is the same string on every rank (its length and CRC-32, MAX and MIN all-reduced).
+
+    For a check before a collective whose size depends on per-rank data (a metrics row's keys):
+    tensors of different lengths on NCCL hang or read garbage instead of failing. Every rank
+    gets the same answer, so every rank can raise together.
+    """
+    if not initialized():
+        return True
+    data = text.encode()
+    sig = torch.tensor([len(data), zlib.crc32(data)], dtype=torch.float64)  # both exact in float64
+    return bool(torch.equal(all_reduce(sig, "max"), all_reduce(sig, "min")))
 
 
 def mean_over_ranks(value: float) -> float:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from pgen_engine.errors import PgenUserError
 from pgen_engine.io_utils import atomic_write_text
 
-from .distributed import on_main
+from .distributed import all_reduce, on_main, same_on_all_ranks
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -133,3 +133,26 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def reduce_row(row: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """Metrics over ranks: the mean; max for ``*_max`` / ``*/max`` and memory peaks, min for ``*/min``;
+    a population std (``reward_std``, ``<x>/std`` beside its mean ``<x>``) from the ranks' second
+    moments. Every rank holds the same number of rows, so these are the all-rank statistics.
+    Raises RuntimeError on every rank when the ranks' rows have different keys."""
+    if world_size == 1:
+        return row
+    keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and k != "step")
+    if not same_on_all_ranks("\n".join(keys)):  # unequal tensors below: a hang on NCCL
+        raise RuntimeError(f"RL metrics differ in their keys between ranks; this rank's keys: {', '.join(keys)}")
+    mean_of = {k: m for k in keys for m in [("reward" if k == "reward_std" else k[:-4])] if k.endswith(("_std", "/std")) and m in row}
+    vals = torch.tensor([row[k] ** 2 + row[mean_of[k]] ** 2 if k in mean_of else float(row[k]) for k in keys],
+                        dtype=torch.float64)
+    total, mx, mn = all_reduce(vals, "sum"), all_reduce(vals, "max"), all_reduce(vals, "min")
+    out = dict(row)
+    for i, k in enumerate(keys):
+        peak = k.endswith(("_max", "/max")) or k.startswith("mem/")
+        out[k] = float(mx[i]) if peak else float(mn[i]) if k.endswith("/min") else float(total[i]) / world_size
+    for k, m in mean_of.items():  # E[x^2] - E[x]^2 over all rows
+        out[k] = max(out[k] - out[m] ** 2, 0.0) ** 0.5
+    return out

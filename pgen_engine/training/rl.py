@@ -40,11 +40,12 @@ from pgen_engine.rewards import reward_stats
 
 from . import grpo
 from .advantages import compute_advantages
-from .distributed import all_reduce, on_main
+from .distributed import on_main
 from .engine import ObjectiveModule, build_deepspeed_config, model_dtype
 from .errors import stop_if_not_finite
 from .history_features import RLHistoryFeatures, tower_trains
 from .memory_ledger import MemoryLedger, SavedTensorMeter, optimizer_state_bytes
+from .metrics import reduce_row
 from .reference import ReferencePolicy
 from .rl_env import (PromptBatch, RewardEnv, RLPromptSource, build_reward_env, check_tokenizer_matches_checkpoint,
                      ensure_reward_embedder, reward_embedder_spec, rl_prompt_windows)
@@ -334,26 +335,6 @@ class RLTrainer:
         row.update(times)
         row.update(led.metrics())
         return row
-
-
-def reduce_row(row: dict[str, Any], world_size: int) -> dict[str, Any]:
-    """Metrics over ranks: the mean; max for ``*_max`` / ``*/max`` and memory peaks, min for ``*/min``;
-    a population std (``reward_std``, ``<x>/std`` beside its mean ``<x>``) from the ranks' second
-    moments. Every rank holds the same number of rows, so these are the all-rank statistics."""
-    if world_size == 1:
-        return row
-    keys = sorted(k for k, v in row.items() if isinstance(v, (int, float)) and k != "step")
-    mean_of = {k: m for k in keys for m in [("reward" if k == "reward_std" else k[:-4])] if k.endswith(("_std", "/std")) and m in row}
-    vals = torch.tensor([row[k] ** 2 + row[mean_of[k]] ** 2 if k in mean_of else float(row[k]) for k in keys],
-                        dtype=torch.float64)
-    total, mx, mn = all_reduce(vals, "sum"), all_reduce(vals, "max"), all_reduce(vals, "min")
-    out = dict(row)
-    for i, k in enumerate(keys):
-        peak = k.endswith(("_max", "/max")) or k.startswith("mem/")
-        out[k] = float(mx[i]) if peak else float(mn[i]) if k.endswith("/min") else float(total[i]) / world_size
-    for k, m in mean_of.items():  # E[x^2] - E[x]^2 over all rows
-        out[k] = max(out[k] - out[m] ** 2, 0.0) ** 0.5
-    return out
 
 
 # ----------------------------------------------------------------------------- the stage

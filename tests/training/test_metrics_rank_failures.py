@@ -42,3 +42,20 @@ def test_failed_metrics_write_on_rank0_stops_every_rank(tmp_path):
     r0, r1 = _run(tmp_path, "write")
     assert r0 == ("OSError", "[Errno 28] No space left on device")
     assert r1 == ("RankFailedError", "rank 0 failed: OSError: [Errno 28] No space left on device")
+
+
+def _reduce_rank(rank: int, out: str) -> None:
+    from pgen_engine.training.metrics import reduce_row
+
+    row = {"step": 1, "reward": 1.0, "kl": 0.1}
+    if rank == 1:
+        row["reward/extra"] = 0.5  # a component only this rank logged
+    reduce_row(row, 2)
+
+
+def test_rows_with_different_keys_stop_every_rank_instead_of_a_mismatched_all_reduce(tmp_path):
+    # reduce_row all-reduces one tensor per row: with a key only rank 1 has, the tensors differ in
+    # length, which gloo reports obscurely and NCCL may not report at all (a hang or garbage)
+    r0, r1 = run_two_ranks(_reduce_rank, tmp_path)
+    assert r0[0] == r1[0] == "RuntimeError"
+    assert "differ in their keys between ranks" in r0[1] and "reward/extra" in r1[1] and "reward/extra" not in r0[1]

@@ -14,7 +14,7 @@ from pgen_engine.training import rl as rl_mod
 from pgen_engine.training.memory_ledger import MemoryLedger
 from pgen_engine.training.reference import ReferencePolicy
 from pgen_engine.training.rl import (PromptBatch, RLConfig, RLConfigError, RLStage, RLTrainer, TorchOptimizerEngine,
-                                     build_sequences, guided_policy_logprobs, policy_logprobs, reduce_row,
+                                     build_sequences, guided_policy_logprobs, policy_logprobs,
                                      sampling_params)
 
 
@@ -261,33 +261,6 @@ def test_rl_embedder_spec_is_checked_with_the_config(embedder, needle):
         RLConfig(embedder=embedder)
     assert needle in str(e.value)
     RLConfig(embedder={"type": "pixel_stats", "grid": 2, "bins": 4, "batch_size": 8})  # a good spec still passes
-
-
-def test_reduce_row_gives_the_all_rank_min_max_and_std(monkeypatch):
-    # reward/<c>/{min,max,std} were the mean of the ranks' values (reduce_row took max only for
-    # '*_max'): on 2 ranks the logged max/min were not any rank's extreme and the std was not the
-    # batch's. Two ranks simulated: rank 1's tensors are captured, then combined with rank 0's.
-    r0, r1 = torch.tensor([0.0, 1.0, 2.0, 3.0]), torch.tensor([10.0, 11.0, 12.0, 13.0])
-
-    def row(r):
-        return {"step": 1, "reward": float(r.mean()), "reward_std": float(r.std(unbiased=False)),
-                "reward/a": float(r.mean()), "reward/a/std": float(r.std(unbiased=False)),
-                "reward/a/min": float(r.min()), "reward/a/max": float(r.max()), "ratio_max": float(r.max()),
-                "kl": float(r.mean())}
-
-    captured = []
-    monkeypatch.setattr(rl_mod, "all_reduce", lambda t, op="sum": captured.append(t.clone()) or t)
-    reduce_row(row(r1), 2)
-    ops = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
-    calls = iter(captured)
-    monkeypatch.setattr(rl_mod, "all_reduce", lambda t, op="sum": ops[op](t, next(calls)))
-    got = reduce_row(row(r0), 2)
-    every = torch.cat([r0, r1])
-    assert got["step"] == 1
-    assert got["reward/a/min"] == 0.0 and got["reward/a/max"] == 13.0 and got["ratio_max"] == 13.0
-    assert got["reward"] == pytest.approx(float(every.mean())) and got["kl"] == pytest.approx(float(every.mean()))
-    assert got["reward/a/std"] == pytest.approx(float(every.std(unbiased=False)))
-    assert got["reward_std"] == pytest.approx(float(every.std(unbiased=False)))
 
 
 def test_diversity_reward_with_one_sample_per_prompt_is_a_config_error():
