@@ -39,14 +39,14 @@ from pgen_engine.io_utils import atomic_write_json, atomic_write_text, folder_pr
 from pgen_engine.models.checkpoint_writer import export_target_problem
 from pgen_engine.termination import DeferredTermination, Terminated
 
-from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, check_fresh_start, check_resume_config,
-                          ResumeError, check_resume_data, export_hf, load_resumable, read_meta, resolve_resume,
-                          save_resumable)
+from .checkpoints import (CHECKPOINTS, CONFIG_KEY, DATA_HASH_KEY, CheckpointWriteError, ResumeError, export_hf,
+                          load_resumable, read_meta, save_resumable)
 from .distributed import DistInfo, all_ranks_true, broadcast_object, init_distributed, on_main
 from .engine import TrainEngine, build_engine, lr_lambda, require_deepspeed, resolve_precision
 from .errors import stop_if_not_finite
 from .init import check_init_geometry
 from .metrics import MetricsLogger
+from .resume import check_fresh_start, check_resume_config, check_resume_data, resolve_resume, set_aside_newer
 from .sft_data import SFTData, prepare_sft_data, training_data_hash
 
 
@@ -159,6 +159,20 @@ class Trainer:
                          f"checkpoint {self.last_saved} written",
                          checkpoint=str(self.last_saved))
 
+    @staticmethod
+    def _set_aside_newer(ckpt: Path) -> None:
+        """Rank 0: move the checkpoints newer than the resumed ``ckpt`` aside (resume.set_aside_newer), with a warning."""
+        try:
+            moved = set_aside_newer(ckpt)
+        except OSError as e:
+            raise CheckpointWriteError(f"{ckpt.parent}: cannot move the checkpoints newer than the resumed {ckpt.name} "
+                                       f"aside ({e.strerror or e}); resume the newest one (--resume auto) or free "
+                                       "the folder") from e
+        for p in moved:
+            print(f"warning: resuming {ckpt.name}, older than {p.name}: that checkpoint belongs to the trajectory this "
+                  f"run abandons and was moved to {p} (not resumed, not rotated; delete it when no longer needed)",
+                  file=sys.stderr, flush=True)
+
     def _lock_output_dir(self) -> str | None:
         """Rank 0: hold ``output_dir/.run.lock`` (``flock``) until the run ends; the error line when
         another run holds it. Two runs in one folder (a job relaunched while the old one still runs)
@@ -263,6 +277,8 @@ class Trainer:
         if ckpt is not None:
             client = load_resumable(self.te.engine, ckpt, dist)
             self.start_step = int(client["step"])
+            if ckpt.resolve().parent == (self.out / CHECKPOINTS).resolve():  # once every check passed and it loaded
+                on_main(lambda: self._set_aside_newer(ckpt.resolve()), dist.is_main)
         self.last_saved = ckpt
         stage.setup(self, client)
         t = cfg.train

@@ -135,7 +135,7 @@ def _saved(tmp_path, config):
 
 
 def test_resume_refuses_other_training_settings_and_names_them(tmp_path):
-    from pgen_engine.training.checkpoints import check_resume_config
+    from pgen_engine.training.resume import check_resume_config
     saved = {"output_dir": "a", "train": {"lr": 5e-4, "max_steps": 100}, "rl": {"beta": 0.02, "rewards": {"x": 1}}}
     ck = _saved(tmp_path, saved)
     now = {"output_dir": "a", "train": {"lr": 1.5e-4, "max_steps": 100},
@@ -150,7 +150,7 @@ def test_resume_refuses_other_training_settings_and_names_them(tmp_path):
 def test_resume_refuses_a_checkpoint_past_max_steps(tmp_path):
     # `--resume auto train.max_steps=2` on a step-10 checkpoint used to train nothing, re-export final/
     # and report success with summary.json "steps": 2
-    from pgen_engine.training.checkpoints import check_resume_config
+    from pgen_engine.training.resume import check_resume_config
     saved = {"output_dir": "a", "train": {"lr": 1e-3, "max_steps": 10}}
     ck = _saved(tmp_path, saved)
     with pytest.raises(ResumeError, match=r"step00000010: already trained 10 steps, past train\.max_steps=2; "
@@ -160,7 +160,7 @@ def test_resume_refuses_a_checkpoint_past_max_steps(tmp_path):
 
 
 def test_resume_allows_longer_runs_other_folders_and_rates(tmp_path):
-    from pgen_engine.training.checkpoints import check_resume_config, config_changes
+    from pgen_engine.training.resume import check_resume_config, config_changes
     saved = {"output_dir": "a", "logging": {"progress": True}, "data": {"work_dir": "w", "history_k": 4},
              "train": {"lr": 1e-3, "max_steps": 100, "save_every": 20, "micro_batch_size": 8},
              "model": {"init": {"sizes": [1, 2]}}}
@@ -173,7 +173,7 @@ def test_resume_allows_longer_runs_other_folders_and_rates(tmp_path):
 
 
 def test_resume_accepts_checkpoints_written_before_configs_were_recorded(tmp_path):
-    from pgen_engine.training.checkpoints import check_resume_config
+    from pgen_engine.training.resume import check_resume_config
     check_resume_config(_saved(tmp_path, None), {"train": {"lr": 1.0}})
 
 
@@ -181,7 +181,7 @@ def test_resume_accepts_settings_added_later_only_at_their_default(tmp_path):
     """A run written before a setting existed resumes when the setting is at its default (the
     earlier behaviour); set to anything else it is a change like any other."""
     from pgen_engine.config import config_defaults, config_to_dict, load_config
-    from pgen_engine.training.checkpoints import check_resume_config, config_changes
+    from pgen_engine.training.resume import check_resume_config, config_changes
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_rl.yaml")
     now = config_to_dict(cfg)
@@ -203,7 +203,7 @@ def test_resume_accepts_settings_added_later_only_at_their_default(tmp_path):
 def test_corrupt_checkpoint_files_are_resume_errors_naming_them(dist_info, tmp_path):
     # each used to escape train.py as a traceback (JSONDecodeError; torch's RuntimeError
     # "PytorchStreamReader failed ..." or EOFError "Ran out of input")
-    from pgen_engine.training.checkpoints import check_resume_config
+    from pgen_engine.training.resume import check_resume_config
 
     eng = _engine(5)
     _step(eng, torch.randn(4, 7))
@@ -225,7 +225,7 @@ def test_corrupt_checkpoint_files_are_resume_errors_naming_them(dist_info, tmp_p
 
 
 def test_check_fresh_start_refuses_a_folder_that_holds_a_run(tmp_path):
-    from pgen_engine.training.checkpoints import ResumeError, check_fresh_start
+    from pgen_engine.training.resume import ResumeError, check_fresh_start
 
     check_fresh_start(tmp_path / "new")  # nothing there: a fresh start is fine
     (tmp_path / "checkpoints" / ".tmp-step00000004").mkdir(parents=True)  # incomplete: not a run yet
@@ -398,7 +398,7 @@ def test_a_checkpoints_folder_that_refuses_new_folders_is_one_line(dist_info, tm
 
 
 def test_resume_path_may_name_a_run_folder_its_checkpoints_folder_or_one_checkpoint(dist_info, tmp_path):
-    from pgen_engine.training.checkpoints import resolve_resume
+    from pgen_engine.training.resume import resolve_resume
 
     eng = _engine(4)
     _step(eng, torch.randn(4, 7))
@@ -414,7 +414,7 @@ def test_resume_path_may_name_a_run_folder_its_checkpoints_folder_or_one_checkpo
 
 
 def test_resume_allows_memory_switches_and_one_path_spelt_two_ways(tmp_path, monkeypatch):
-    from pgen_engine.training.checkpoints import config_changes
+    from pgen_engine.training.resume import config_changes
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()

@@ -48,7 +48,7 @@ def test_resume_auto_in_a_finished_run_without_checkpoints_is_refused(tmp_path):
         run_stage(cfg, resume="auto")
     assert not (tmp_path / "d").exists() and (out / "final" / "config.json").read_text() == "{}"
     run_stage_ok = tmp_path / "empty"  # an empty folder still starts fresh under --resume auto (pgen demo)
-    from pgen_engine.training.checkpoints import check_fresh_start
+    from pgen_engine.training.resume import check_fresh_start
     check_fresh_start(run_stage_ok, resume_auto=True)
 
 
@@ -213,7 +213,8 @@ def test_resuming_a_checkpoint_of_the_other_stage_names_the_stages(tmp_path):
     import json
 
     from pgen_engine.config import config_to_dict, load_config
-    from pgen_engine.training.checkpoints import META, check_resume_config
+    from pgen_engine.training.checkpoints import META
+    from pgen_engine.training.resume import check_resume_config
 
     sft = config_to_dict(load_config(REPO / "configs" / "demo_sft.yaml"))
     rl = config_to_dict(load_config(REPO / "configs" / "demo_rl.yaml", [f"model.checkpoint={tmp_path}"]))
@@ -521,3 +522,46 @@ def test_a_model_init_transformers_cannot_build_is_refused_before_data_preparati
     monkeypatch.setattr(trainer_mod, "prepare_sft_data", no_data)
     with pytest.raises(ConfigError, match=f"^model.init: .*{says}"):
         run_stage(_tiny(tmp_path, *overrides))
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path, capsys):
+    # resuming step 2 while step 4 existed in the same folder left step 4 in the rotation: it
+    # counted against train.keep_checkpoints (the new run's step 2 was deleted first, leaving the
+    # abandoned trajectory's step 4 as the 'newest' checkpoint beside the new step 3)
+    from pgen_engine.training.checkpoints import META, complete_checkpoints, latest_checkpoint
+    from pgen_engine.training.stages import run_stage
+
+    steps = ["train.save_every=2", "train.keep_checkpoints=2"]
+    run_stage(_tiny(tmp_path, "train.max_steps=4", *steps))
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in complete_checkpoints(root)] == ["step00000002", "step00000004"]
+    capsys.readouterr()
+    summary = run_stage(_tiny(tmp_path, "train.max_steps=3", *steps), resume=str(root / "step00000002"))
+    assert summary["resumed_from"] == 2
+    assert [p.name for p in complete_checkpoints(root)] == ["step00000002", "step00000003"]
+    assert latest_checkpoint(root).name == "step00000003"
+    assert (root / "abandoned" / "step00000004" / META).is_file()
+    err = capsys.readouterr().err
+    assert "step00000004" in err and str(root / "abandoned" / "step00000004") in err
+
+
+def test_set_aside_newer_keeps_both_when_a_step_was_abandoned_twice(tmp_path):
+    from pgen_engine.training.checkpoints import LATEST, META, latest_checkpoint
+    from pgen_engine.training.resume import set_aside_newer
+
+    def make(name, mark):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / META).write_text("{}")
+        (tmp_path / name / "mark").write_text(mark)
+
+    make("step00000001", "kept")
+    make("step00000003", "first")
+    (tmp_path / LATEST).write_text("step00000003\n")
+    assert set_aside_newer(tmp_path / "step00000001") == [tmp_path / "abandoned" / "step00000003"]
+    make("step00000002", "older, kept")
+    make("step00000003", "second")
+    assert set_aside_newer(tmp_path / "step00000002") == [tmp_path / "abandoned" / "step00000003-2"]
+    assert (tmp_path / "abandoned" / "step00000003" / "mark").read_text() == "first"
+    assert (tmp_path / "abandoned" / "step00000003-2" / "mark").read_text() == "second"
+    assert latest_checkpoint(tmp_path).name == "step00000002" and (tmp_path / "step00000001").is_dir()
+    assert set_aside_newer(tmp_path / "step00000002") == []  # nothing newer: nothing moves

@@ -17,7 +17,7 @@ from pgen_engine.training.checkpoints import META
 from pgen_engine.training.engine import parameter_group, set_trainable
 from pgen_engine.training.init import init_model_for_tokenizer, tokenizer_geometry
 from pgen_engine.training.metrics import MetricsLogger, read_metrics
-from pgen_engine.training.checkpoints import ResumeError, resolve_resume
+from pgen_engine.training.resume import ResumeError, resolve_resume
 from pgen_engine.training.engine import ObjectiveModule
 from pgen_engine.training.sft import sft_loss
 
