@@ -39,6 +39,7 @@ import tempfile
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -160,7 +161,16 @@ def record(reference: bool = False) -> Path:
     return folder
 
 
-def _diff(name: str, want: list[dict], got: list[dict]) -> list[str]:
+Tolerance = Callable[[str, int, str], "tuple[float, float] | None"]
+
+
+def _exact(name: str, step: int, key: str) -> tuple[float, float]:
+    return TOL, TOL
+
+
+def _diff(name: str, want: list[dict], got: list[dict], tolerance: Tolerance = _exact) -> list[str]:
+    """Differences between recorded and new rows: steps, keys, and each value within
+    ``tolerance(name, step, key)`` = (relative, absolute), or not compared where it is None."""
     problems = []
     if [r["step"] for r in want] != [r["step"] for r in got]:
         return [f"{name}: steps {[r['step'] for r in got]} != recorded {[r['step'] for r in want]}"]
@@ -170,10 +180,13 @@ def _diff(name: str, want: list[dict], got: list[dict]) -> list[str]:
                             f"new {sorted(set(g) - set(w))}")
             continue
         for k, v in w.items():
-            x = g[k]
+            tol, x = tolerance(name, w["step"], k), g[k]
+            if tol is None:
+                continue
             if isinstance(v, (int, float)) and isinstance(x, (int, float)):
-                if not (math.isclose(v, x, rel_tol=TOL, abs_tol=TOL) or (math.isnan(v) and math.isnan(x))):
-                    problems.append(f"{name} step {w['step']} {k}: recorded {v!r}, got {x!r}")
+                if not (math.isclose(v, x, rel_tol=tol[0], abs_tol=tol[1]) or (math.isnan(v) and math.isnan(x))):
+                    problems.append(f"{name} step {w['step']} {k}: recorded {v!r}, got {x!r}"
+                                    + ("" if tolerance is _exact else " (cross-CPU tolerance)"))
             elif v != x:
                 problems.append(f"{name} step {w['step']} {k}: recorded {v!r}, got {x!r}")
     return problems
@@ -186,30 +199,21 @@ CROSS_CPU_TOL = 1e-3
 RL_PRE_UPDATE = ("reward", "eval/reward", "lr")
 
 
+def _cross_cpu(name: str, step: int, key: str) -> tuple[float, float] | None:
+    """SFT values within CROSS_CPU_TOL relative; RL's learning rate at every step exactly (a
+    schedule) and its rewards up to step 1 within CROSS_CPU_TOL relative or absolute; nothing
+    else of RL (later rollouts sample from weights that differ in the last bits, and one flipped
+    code changes the rest of an image)."""
+    if key == "lr":
+        return TOL, TOL
+    if name != "rl":
+        return CROSS_CPU_TOL, 1e-6
+    return (CROSS_CPU_TOL, CROSS_CPU_TOL) if step <= 1 and key.startswith(RL_PRE_UPDATE) else None
+
+
 def _diff_tolerant(name: str, want: list[dict], got: list[dict]) -> list[str]:
-    """The cross-CPU comparison: same steps and keys; SFT values within CROSS_CPU_TOL relative;
-    RL's learning rate at every step (TOL: a schedule) and its rewards up to step 1 (CROSS_CPU_TOL
-    relative or absolute) (later rollouts sample from
-    weights that differ in the last bits, and one flipped code changes the rest of an image)."""
-    problems = []
-    if [r["step"] for r in want] != [r["step"] for r in got]:
-        return [f"{name}: steps {[r['step'] for r in got]} != recorded {[r['step'] for r in want]}"]
-    for w, g in zip(want, got):
-        if set(w) != set(g):
-            problems.append(f"{name} step {w['step']}: keys differ: missing {sorted(set(w) - set(g))}, "
-                            f"new {sorted(set(g) - set(w))}")
-            continue
-        for k, v in w.items():
-            if name == "rl" and not (k == "lr" or (w["step"] <= 1 and k.startswith(RL_PRE_UPDATE))):
-                continue
-            x = g[k]
-            if isinstance(v, (int, float)) and isinstance(x, (int, float)):
-                rel_tol, abs_tol = ((TOL, TOL) if k == "lr" else (CROSS_CPU_TOL, CROSS_CPU_TOL if name == "rl" else 1e-6))
-                if not (math.isclose(v, x, rel_tol=rel_tol, abs_tol=abs_tol) or (math.isnan(v) and math.isnan(x))):
-                    problems.append(f"{name} step {w['step']} {k}: recorded {v!r}, got {x!r} (cross-CPU tolerance)")
-            elif v != x:
-                problems.append(f"{name} step {w['step']} {k}: recorded {v!r}, got {x!r}")
-    return problems
+    """The cross-CPU comparison (:func:`_cross_cpu`)."""
+    return _diff(name, want, got, _cross_cpu)
 
 
 def _records() -> dict[str, Path]:
