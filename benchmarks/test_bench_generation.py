@@ -17,11 +17,11 @@ Besides images/s the module measures this machine's float32 GEMM peak with a lar
 ``torch.mm`` before and after every case of the run (the best of them: a single short
 measurement during a load spike read half the peak) and prints pgen's decode FLOP/s as a fraction of it
 (``decode_gemm_fraction``; ``decode_gemm_fraction_best`` divides by the faster of torch.mm and the C++
-decode's own packed GEMM on the same shape, which on some CPUs is the faster one) (decode
+decode's own packed GEMM on the same shape, which on some CPUs is the faster one). Decode
 FLOPs: 2 per ``nn.Linear`` weight per row — decoder layers and generation head for every row,
 CFG rows included, the code aligner for the conditional rows, whose partners embed the same
-codes — plus the attention's 4 * context * heads * head_dim per row and layer), and the
-Generator's ``kv_bytes_peak``.
+codes — plus the attention's 4 * context * heads * head_dim per row and layer. It also prints
+the Generator's ``kv_bytes_peak``.
 
 It also measures this machine's read rate for a working set the size of the wave's K/V
 (``torch.sum`` over a warm tensor of ``kv_bytes_peak`` bytes, after each case, the best of the
@@ -112,16 +112,21 @@ def gemm_peak_flops(n: int = 2048, reps: int = 3, measure: bool = False) -> floa
     ``measure`` (or no measurement yet) times ``reps`` more first, now."""
     if measure or not _PEAK:
         a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
-        torch.mm(a, b)  # warm-up (BLAS threads, packing buffers)
-        best = float("inf")
-        for _ in range(reps):
-            _sync()
-            t = time.perf_counter()
-            torch.mm(a, b)
-            _sync()
-            best = min(best, time.perf_counter() - t)
-        _PEAK.append(2 * n ** 3 / best)
+        _PEAK.append(2 * n ** 3 / _best_seconds(lambda: torch.mm(a, b), reps))  # warm-up: BLAS threads, buffers
     return max(_PEAK)
+
+
+def _best_seconds(fn, reps: int) -> float:
+    """The fastest of ``reps`` timed calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        _sync()
+        t = time.perf_counter()
+        fn()
+        _sync()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 _PACKED: list[float] = []
@@ -133,7 +138,7 @@ def packed_gemm_flops(n: int = 2048, reps: int = 3, measure: bool = False) -> fl
     (no AVX-512, no extension, a GPU).
 
     Why beside ``torch.mm``: the BLAS torch uses is not this CPU's best fp32 GEMM everywhere (on an
-    AMD EPYC VM MKL's torch.mm on 2 threads read 174-200 GFLOP/s, this kernel 194-197 on one thread,
+    AMD EPYC VM MKL's torch.mm on 2 threads read 174-200 GFLOP/s, this kernel 177-197 on one thread,
     and 337-357 on two threads with the decode's own rows, ``benchmarks/gemm_rows_cpu.cpp``), and a
     bound built on a slower GEMM than the decode's own is no bound (roofline fractions above 1).
     ``packed_mm_cpu`` runs on the calling thread; the decode gives each thread its own rows, so
@@ -146,20 +151,14 @@ def packed_gemm_flops(n: int = 2048, reps: int = 3, measure: bool = False) -> fl
         return None
     if measure or not _PACKED:
         a, w = torch.randn(n, n), torch.randn(n, n)
-        _C.packed_mm_cpu(a, w)  # warm-up; each call packs w, ~1 % of the product's time at n = 2048
-        best = float("inf")
-        for _ in range(reps):
-            t = time.perf_counter()
-            _C.packed_mm_cpu(a, w)
-            best = min(best, time.perf_counter() - t)
-        _PACKED.append(2 * n ** 3 / best * torch.get_num_threads())
+        # each call packs w: ~1 % of the product's time at n = 2048
+        _PACKED.append(2 * n ** 3 / _best_seconds(lambda: _C.packed_mm_cpu(a, w), reps) * torch.get_num_threads())
     return max(_PACKED)
 
 
 def best_gemm_flops() -> float:
     """This run's fastest fp32 GEMM: the better of torch.mm and the packed kernel (the roofline's peak)."""
-    packed = packed_gemm_flops() if _PACKED else None
-    return max(gemm_peak_flops(), packed or 0.0)
+    return max(gemm_peak_flops(), max(_PACKED, default=0.0))
 
 
 _BW: dict[int, list[float]] = {}

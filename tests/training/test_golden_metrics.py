@@ -35,8 +35,8 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -137,10 +137,6 @@ def numerics_fingerprint() -> str:
     return p.stdout.strip()
 
 
-def machine_dir(fingerprint: str) -> Path:
-    return GOLDEN / "machines" / fingerprint
-
-
 def _write(folder: Path, runs: dict[str, list[dict]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in runs.items():
@@ -156,7 +152,7 @@ def record(reference: bool = False) -> Path:
         shutil.rmtree(GOLDEN / "machines", ignore_errors=True)
         _write(GOLDEN, runs)
         return GOLDEN
-    folder = machine_dir(numerics_fingerprint())
+    folder = GOLDEN / "machines" / numerics_fingerprint()
     _write(folder, runs)
     return folder
 
@@ -196,7 +192,7 @@ def _diff(name: str, want: list[dict], got: list[dict], tolerance: Tolerance = _
 #: other sampled codes: 3e-4 relative on a mean, 5e-5 absolute on a group's min / max diversity (~0.03)
 CROSS_CPU_TOL = 1e-3
 #: RL keys compared across CPUs, up to the first update (step 1): sampled from the SFT weights
-RL_PRE_UPDATE = ("reward", "eval/reward", "lr")
+RL_PRE_UPDATE = ("reward", "eval/reward")
 
 
 def _cross_cpu(name: str, step: int, key: str) -> tuple[float, float] | None:
@@ -224,12 +220,12 @@ def _records() -> dict[str, Path]:
     return found
 
 
-def _problems(folder: Path, got: dict[str, list[dict]], diff=None) -> list[str]:
+def _problems(folder: Path, got: dict[str, list[dict]], diff: Callable[..., list[str]] = _diff) -> list[str]:
     problems = []
     for name in ("sft", "rl"):
         want = _rows(folder / f"{name}.jsonl")
         assert len(want) >= STEPS, f"{folder}/{name}.jsonl has {len(want)} rows"
-        problems += (diff or _diff)(name, want, got[name])
+        problems += diff(name, want, got[name])
     return problems
 
 
